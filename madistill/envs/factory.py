@@ -1,0 +1,91 @@
+"""Build any PettingZoo environment from a config entry (``target`` import path + kwargs)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+from pettingzoo import AECEnv, ParallelEnv
+from pettingzoo.utils.conversions import aec_to_parallel
+
+from madistill.errors import MadistillError
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What is needed to rebuild an environment: an import path and its keyword arguments.
+
+    ``target`` names a callable returning a PettingZoo env (``mpe2.simple_spread_v3.parallel_env``),
+    or a module exposing ``parallel_env``/``env`` (``mpe2.simple_spread_v3``).
+    """
+
+    target: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def id(self) -> str:
+        """A short name: the config name, else the module of the factory (``simple_spread_v3``)."""
+        if self.name:
+            return self.name
+        path = re.sub(r"\.(parallel_env|env|raw_env)$", "", self.target)
+        return path.rsplit(".", 1)[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "kwargs": dict(self.kwargs), "name": self.id}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> EnvSpec:
+        return EnvSpec(target=d["target"], kwargs=dict(d.get("kwargs") or {}), name=d.get("name", ""))
+
+
+def _resolve(target: str) -> Any:
+    module_name, _, attr = target.rpartition(".")
+    candidates = [(target, None)] + ([(module_name, attr)] if module_name else [])
+    for mod, att in candidates:
+        try:
+            obj = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and not (mod == e.name or mod.startswith(e.name + ".")):
+                raise MadistillError(f"env {target!r} needs the missing package {e.name!r}: pip install {e.name}") from e
+            continue
+        if att is None:
+            return obj
+        if hasattr(obj, att):
+            return getattr(obj, att)
+        raise MadistillError(f"env target {target!r}: module {mod!r} has no {att!r}; check the spelling of env.target")
+    raise MadistillError(
+        f"cannot import env target {target!r}: give env.target as an import path such as "
+        "mpe2.simple_spread_v3.parallel_env, or pick a config with env=<name>"
+    )
+
+
+def make_env(spec: EnvSpec, render_mode: str | None = None) -> ParallelEnv:
+    """Instantiate the env as a PettingZoo ParallelEnv (AEC envs are converted when parallelizable)."""
+    obj = _resolve(spec.target)
+    if isinstance(obj, types.ModuleType):
+        factory = getattr(obj, "parallel_env", None) or getattr(obj, "env", None)
+        if factory is None:
+            raise MadistillError(f"module {spec.target!r} has no parallel_env() or env(); point env.target at the factory")
+    else:
+        factory = obj
+    kwargs = dict(spec.kwargs)
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    try:
+        env = factory(**kwargs)
+    except TypeError as e:
+        raise MadistillError(f"env {spec.id!r} rejected its arguments ({e}); fix env.kwargs") from e
+    if isinstance(env, AECEnv):
+        try:
+            env = aec_to_parallel(env)
+        except AssertionError as e:
+            raise MadistillError(
+                f"AEC env {spec.id!r} cannot be run in parallel ({e}); use an env whose agents act simultaneously"
+            ) from e
+    if not isinstance(env, ParallelEnv) and not hasattr(env, "possible_agents"):
+        raise MadistillError(f"env target {spec.target!r} returned {type(env).__name__}, not a PettingZoo env")
+    return env

@@ -1,0 +1,312 @@
+"""N copies of a PettingZoo env stepped together, with per-group batched arrays in and out.
+
+Layout: for group ``g`` with ``n_g`` agents, observations are ``[num_envs, n_g, obs_dim]`` float32,
+rewards/flags ``[num_envs, n_g]``. Agents that are gone (terminated early, or absent) sit in an absorbing
+zero observation with ``active=False``; rollouts mask them out of losses and statistics. Copies reset
+themselves when their episode ends; copy ``i`` plays episode seeds ``seed + i + k * num_envs`` (k = 0, 1,
+...) so every run of the same seed sees the same episodes, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from madistill.envs.episodes import EpisodeRecord
+from madistill.envs.factory import EnvSpec, make_env
+from madistill.envs.groups import AgentGroup, flatten_obs, group_agents
+from madistill.errors import MadistillError
+
+GroupArrays = dict[str, np.ndarray]
+
+
+@dataclass
+class VecStep:
+    """What one step of all copies returns. All dicts are keyed by group name."""
+
+    obs: GroupArrays  # [N, n_g, d] observation the agents act on next (after auto-reset)
+    rewards: GroupArrays  # [N, n_g]
+    terminated: GroupArrays  # [N, n_g] the agent's episode ended by termination (no bootstrap)
+    truncated: GroupArrays  # [N, n_g] ended by a time limit (bootstrap from final_obs)
+    final_obs: GroupArrays  # [N, n_g, d] observation at which an agent's episode ended, zeros elsewhere
+    active: GroupArrays  # [N, n_g] agent is alive in ``obs`` and will act on it
+    episodes: list[EpisodeRecord]  # episodes that finished during this step
+
+    @property
+    def dones(self) -> GroupArrays:
+        return {g: self.terminated[g] | self.truncated[g] for g in self.terminated}
+
+
+class _Copies:
+    """Env copies owned by one process; does the per-copy bookkeeping for both backends."""
+
+    def __init__(
+        self,
+        spec: EnvSpec,
+        grouping: str,
+        copy_ids: Sequence[int],
+        num_envs: int,
+        render_mode: str | None = None,
+        nan_policy: str = "error",
+    ):
+        self.nan_policy = nan_policy
+        self.envs = [make_env(spec, render_mode=render_mode) for _ in copy_ids]
+        self.copy_ids = list(copy_ids)
+        self.num_envs = num_envs
+        self.env_id = spec.id
+        self.groups = group_agents(self.envs[0], grouping) if self.envs else []
+        self.slot = {a: (g.name, j) for g in self.groups for j, a in enumerate(g.agents)}
+        self.obs_space = {a: self.envs[0].observation_space(a) for a in self.slot} if self.envs else {}
+        n = len(self.envs)
+        self.episode_idx = np.zeros(n, dtype=np.int64)
+        self.ep_len = np.zeros(n, dtype=np.int64)
+        self.ep_ret = [dict.fromkeys(self.slot, 0.0) for _ in range(n)]
+        self.seed = 0
+
+    def _empty(self, extra: tuple[int, ...] = (), dtype: Any = np.float32) -> GroupArrays:
+        n = len(self.envs)
+        return {g.name: np.zeros((n, g.n_agents, *extra), dtype=dtype) for g in self.groups}
+
+    def _obs_arrays(self) -> tuple[GroupArrays, GroupArrays]:
+        return self._empty((max(g.obs_dim for g in self.groups),)), self._empty(dtype=bool)
+
+    def _write_obs(self, out: GroupArrays, i: int, agent: str, obs: Any, step: int) -> None:
+        flat = flatten_obs(self.obs_space[agent], obs)
+        if not np.all(np.isfinite(flat)):
+            if self.nan_policy == "error":
+                raise MadistillError(
+                    f"env {self.env_id!r} returned a NaN/inf observation for {agent!r} at step {step}: "
+                    "fix the env, or set env.nan_policy=zero to replace non-finite values with 0"
+                )
+            flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+        g, j = self.slot[agent]
+        out[g][i, j, : flat.shape[0]] = flat
+
+    def _reset_copy(self, i: int, obs_out: GroupArrays, active_out: GroupArrays) -> None:
+        seed = self.seed + self.copy_ids[i] + int(self.episode_idx[i]) * self.num_envs
+        obs, _ = self.envs[i].reset(seed=seed)
+        for agent in self.envs[i].agents:
+            self._write_obs(obs_out, i, agent, obs[agent], 0)
+            g, j = self.slot[agent]
+            active_out[g][i, j] = True
+        self.ep_len[i] = 0
+        self.ep_ret[i] = dict.fromkeys(self.slot, 0.0)
+
+    def reset(self, seed: int) -> tuple[GroupArrays, GroupArrays]:
+        self.seed = seed
+        self.episode_idx[:] = 0
+        obs, active = self._obs_arrays()
+        for i in range(len(self.envs)):
+            self._reset_copy(i, obs, active)
+        return self._trim(obs), active
+
+    def _trim(self, arrays: GroupArrays) -> GroupArrays:
+        dims = {g.name: g.obs_dim for g in self.groups}
+        return {g: a[..., : dims[g]] for g, a in arrays.items()}
+
+    def step(self, actions: GroupArrays) -> tuple:
+        obs_out, active = self._obs_arrays()
+        final_obs, _ = self._obs_arrays()
+        rew, term, trunc = self._empty(), self._empty(dtype=bool), self._empty(dtype=bool)
+        episodes: list[EpisodeRecord] = []
+        for i, env in enumerate(self.envs):
+            acting = list(env.agents)
+            act = {}
+            for agent in acting:
+                g, j = self.slot[agent]
+                act[agent] = actions[g][i, j]
+            obs, r, te, tr, _ = env.step(act)
+            self.ep_len[i] += 1
+            for agent in acting:
+                g, j = self.slot[agent]
+                rew[g][i, j] = r.get(agent, 0.0)
+                self.ep_ret[i][agent] += float(rew[g][i, j])
+                term[g][i, j] = bool(te.get(agent, False))
+                trunc[g][i, j] = bool(tr.get(agent, False)) and not term[g][i, j]
+            alive = [a for a in env.agents if not (te.get(a, False) or tr.get(a, False))]
+            if not alive:
+                # Whole episode over: agents still acting were cut by the episode end, not terminated.
+                for agent in acting:
+                    g, j = self.slot[agent]
+                    if not term[g][i, j]:
+                        trunc[g][i, j] = True
+                    if agent in obs:
+                        self._write_obs(final_obs, i, agent, obs[agent], int(self.ep_len[i]))
+                seed = self.seed + self.copy_ids[i] + int(self.episode_idx[i]) * self.num_envs
+                episodes.append(EpisodeRecord(seed=seed, length=int(self.ep_len[i]), agent_returns=dict(self.ep_ret[i])))
+                self.episode_idx[i] += 1
+                self._reset_copy(i, obs_out, active)
+                continue
+            for agent in acting:
+                g, j = self.slot[agent]
+                if agent in alive:
+                    self._write_obs(obs_out, i, agent, obs[agent], int(self.ep_len[i]))
+                    active[g][i, j] = True
+                elif agent in obs:
+                    self._write_obs(final_obs, i, agent, obs[agent], int(self.ep_len[i]))
+        return self._trim(obs_out), rew, term, trunc, self._trim(final_obs), active, episodes
+
+    def render(self, i: int) -> Any:
+        return self.envs[i].render()
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _worker(conn: Connection, spec: EnvSpec, grouping: str, copy_ids: list[int], num_envs: int, nan_policy: str) -> None:
+    try:
+        copies = _Copies(spec, grouping, copy_ids, num_envs, nan_policy=nan_policy)
+        conn.send(("ok", None))
+    except BaseException as e:  # report construction errors to the parent instead of dying silently
+        conn.send(("error", (isinstance(e, MadistillError), str(e) or traceback.format_exc())))
+        return
+    while True:
+        cmd, arg = conn.recv()
+        try:
+            if cmd == "close":
+                copies.close()
+                conn.send(("ok", None))
+                return
+            result = getattr(copies, cmd)(arg)
+            conn.send(("ok", result))
+        except KeyboardInterrupt:
+            return  # the parent handles Ctrl-C
+        except BaseException as e:
+            conn.send(("error", (isinstance(e, MadistillError), str(e) if isinstance(e, MadistillError) else traceback.format_exc())))
+
+
+class MultiAgentVecEnv:
+    """``num_envs`` copies of one PettingZoo env, grouped by agent spaces, stepped in lock-step.
+
+    ``num_workers=0`` steps every copy in this process (simplest, used for rendering and tests);
+    ``num_workers=W`` splits the copies over W worker processes so env stepping uses several cores.
+    """
+
+    def __init__(
+        self,
+        spec: EnvSpec,
+        num_envs: int,
+        num_workers: int = 0,
+        grouping: str = "auto",
+        render_mode: str | None = None,
+        nan_policy: str = "error",
+        start_method: str = "fork",
+    ):
+        if num_envs < 1:
+            raise MadistillError(f"env.num_envs must be >= 1, got {num_envs}")
+        if nan_policy not in ("error", "zero"):
+            raise MadistillError(f"env.nan_policy must be 'error' or 'zero', got {nan_policy!r}")
+        self.spec = spec
+        self.num_envs = num_envs
+        num_workers = min(num_workers, num_envs)
+        self._local: _Copies | None = None
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        probe = make_env(spec)
+        self.groups: list[AgentGroup] = group_agents(probe, grouping)
+        self.possible_agents: list[str] = list(probe.possible_agents)
+        self.feature_names: dict[str, list[str] | None] = _feature_names(probe, self.groups)
+        probe.close()
+        if render_mode is not None and num_workers > 0:
+            raise MadistillError("rendering needs env.num_workers=0")
+        if num_workers == 0:
+            self._local = _Copies(spec, grouping, range(num_envs), num_envs, render_mode, nan_policy)
+        else:
+            ctx = mp.get_context(start_method)
+            splits = np.array_split(np.arange(num_envs), num_workers)
+            for ids in splits:
+                parent, child = ctx.Pipe()
+                p = ctx.Process(
+                    target=_worker, args=(child, spec, grouping, ids.tolist(), num_envs, nan_policy), daemon=True
+                )
+                p.start()
+                child.close()
+                self._conns.append(parent)
+                self._procs.append(p)
+            for conn in self._conns:
+                self._recv(conn)
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def _recv(self, conn: Connection) -> Any:
+        status, payload = conn.recv()
+        if status == "error":
+            user_error, msg = payload
+            self.close()
+            raise MadistillError(msg) if user_error else RuntimeError(f"env worker failed:\n{msg}")
+        return payload
+
+    def _call(self, cmd: str, args: list[Any]) -> list[Any]:
+        for conn, a in zip(self._conns, args):
+            conn.send((cmd, a))
+        return [self._recv(conn) for conn in self._conns]
+
+    def reset(self, seed: int = 0) -> tuple[GroupArrays, GroupArrays]:
+        """Reset every copy (copy i to episode seed ``seed + i``); returns (obs, active)."""
+        if self._local is not None:
+            return self._local.reset(seed)
+        parts = self._call("reset", [seed] * len(self._conns))
+        return _cat([p[0] for p in parts]), _cat([p[1] for p in parts])
+
+    def step(self, actions: GroupArrays) -> VecStep:
+        """Apply one action per agent slot (``[N, n_g]`` ints or ``[N, n_g, a]`` floats per group)."""
+        if self._local is not None:
+            return VecStep(*self._local.step(actions))
+        bounds = np.cumsum([0] + [len(s) for s in np.array_split(np.arange(self.num_envs), len(self._conns))])
+        chunks = [{g: a[lo:hi] for g, a in actions.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
+        parts = self._call("step", chunks)
+        fields = [_cat([p[k] for p in parts]) for k in range(6)]
+        return VecStep(*fields, episodes=[e for p in parts for e in p[6]])
+
+    def render(self, i: int = 0) -> Any:
+        if self._local is None:
+            raise MadistillError("rendering needs env.num_workers=0")
+        return self._local.render(i)
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        for conn in self._conns:
+            try:
+                conn.send(("close", None))
+                conn.recv()
+            except (BrokenPipeError, EOFError, OSError):
+                pass
+        for p in self._procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.terminate()
+        self._conns, self._procs = [], []
+
+    def __enter__(self) -> MultiAgentVecEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cat(parts: list[GroupArrays]) -> GroupArrays:
+    return {g: np.concatenate([p[g] for p in parts], axis=0) for g in parts[0]}
+
+
+def _feature_names(env: Any, groups: list[AgentGroup]) -> dict[str, list[str] | None]:
+    """Feature names per group where the env provides ``feature_names(agent)`` (e.g. envs.relay)."""
+    fn = getattr(env, "feature_names", None) or getattr(getattr(env, "unwrapped", None), "feature_names", None)
+    out: dict[str, list[str] | None] = {}
+    for g in groups:
+        try:
+            names = list(fn(g.agents[0])) if callable(fn) else None
+        except Exception:  # an env's optional helper must not break env construction
+            names = None
+        out[g.name] = names if names is not None and len(names) == g.obs_dim else None
+    return out

@@ -1,0 +1,92 @@
+"""The one policy interface every stage is written against, and the team that maps agents to it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+from torch.distributions import Categorical, Distribution, Normal
+
+from madistill.envs.groups import AgentGroup
+from madistill.normalize import ObsNormalizer
+
+
+class Policy(nn.Module, ABC):
+    """A group's policy: normalised observations ``[B, obs_dim]`` in, an action distribution out.
+
+    ``forward`` returns the differentiable action-head output (logits for Discrete actions, the mean for
+    Box actions), so attacks and saliency can take gradients with respect to the observation.
+    """
+
+    group: AgentGroup
+
+    @abstractmethod
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, n]`` (Discrete) or mean ``[B, a]`` (Box)."""
+
+    def log_std(self) -> torch.Tensor | None:
+        """State-independent log standard deviation for Box actions; None for Discrete."""
+        return None
+
+    def dist(self, obs: torch.Tensor) -> Distribution:
+        """The action distribution: Categorical (Discrete) or diagonal Normal (Box)."""
+        head = self(obs)
+        if self.group.discrete:
+            return Categorical(logits=head)
+        log_std = self.log_std()
+        assert log_std is not None, "Box-action policies must define log_std()"
+        return Normal(head, log_std.exp().expand_as(head))
+
+    def act(
+        self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Sampled (or greedy/mean) actions for a batch."""
+        if deterministic:
+            head = self(obs)
+            return head.argmax(-1) if self.group.discrete else head
+        return sample(self.dist(obs), generator)
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor | None:
+        """State value ``[B]`` where the policy has a critic (teachers), else None."""
+        return None
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def log_prob(dist: Distribution, actions: torch.Tensor) -> torch.Tensor:
+    """Log-probability per sample (summed over Box action components)."""
+    lp = dist.log_prob(actions)
+    return lp.sum(-1) if isinstance(dist, Normal) else lp
+
+
+class TeamPolicy(nn.Module):
+    """Maps agent -> group -> Policy, with each group's observation normaliser."""
+
+    def __init__(self, groups: list[AgentGroup], policies: dict[str, Policy], normalizers: dict[str, ObsNormalizer]):
+        super().__init__()
+        self.groups = list(groups)
+        self.policies = nn.ModuleDict(policies)
+        self.normalizers = dict(normalizers)
+        self.group_of = {a: g.name for g in groups for a in g.agents}
+
+    def __getitem__(self, group: str) -> Policy:
+        return self.policies[group]  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def sample(dist: Distribution, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw from a Categorical or Normal with an explicit generator (torch's ``sample`` takes none),
+    so a rollout's randomness depends only on its seed."""
+    if isinstance(dist, Categorical):
+        flat = dist.probs.reshape(-1, dist.probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).reshape(dist.probs.shape[:-1])
+    if isinstance(dist, Normal):
+        noise = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
+        return dist.mean + dist.stddev * noise
+    return dist.sample()

@@ -1,0 +1,181 @@
+"""Policy store: a directory with ``manifest.json`` and one ``<group>.safetensors`` per group.
+
+Loading reads JSON and safetensors only, so a policy file can never execute code. Directory writes are
+atomic: everything is written into a sibling temp directory that replaces the target in one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import madistill
+from madistill.envs.factory import EnvSpec
+from madistill.envs.groups import AgentGroup, space_to_dict
+from madistill.errors import MadistillError
+from madistill.normalize import ObsNormalizer
+from madistill.policies import POLICY_CLASSES
+from madistill.policies.base import TeamPolicy
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _arch_of(policy: Any) -> dict[str, Any]:
+    return {"class": policy.kind, **policy.arch}
+
+
+def save_team(
+    path: str | Path,
+    team: TeamPolicy,
+    env: EnvSpec,
+    role: str,
+    config: dict[str, Any] | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``team`` to directory ``path`` (replacing it atomically); returns the path.
+
+    ``role`` is a free label such as ``teacher`` or ``student``. ``extra_files`` maps file names to
+    callables ``f(path)`` that write side files (e.g. SB3's ``.zip`` for SB3 users).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        networks = {}
+        for g in team.groups:
+            policy = team[g.name]
+            state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+            save_file(state, str(tmp / f"{g.name}.safetensors"))
+            networks[g.name] = {**_arch_of(policy), "num_parameters": policy.num_parameters}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "madistill_version": madistill.__version__,
+            "role": role,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "env": env.to_dict(),
+            "groups": [g.to_dict() for g in team.groups],
+            "networks": networks,
+            "normalizers": {g: n.state_dict() for g, n in team.normalizers.items()},
+            "config": config or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    # A directory cannot be os.replace'd over a non-empty one: move the old one aside first, so at every
+    # instant either the old or the new complete policy is at dst.
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_policy_dir(path: str | Path, name: str | None = None) -> Path:
+    """Accept a policy directory, or a run directory holding ``policies/<name>/``."""
+    p = Path(path)
+    if not p.exists():
+        raise MadistillError(f"no such policy or run directory: {p}; pass the path printed at the end of a run")
+    if (p / MANIFEST).is_file():
+        return p
+    store = p / "policies"
+    if store.is_dir():
+        found = sorted(d.name for d in store.iterdir() if (d / MANIFEST).is_file())
+        if name is not None:
+            if name in found:
+                return store / name
+            raise MadistillError(f"run {p} has no policy {name!r}; available: {found}")
+        if len(found) == 1:
+            return store / found[0]
+        if found:
+            raise MadistillError(f"run {p} holds several policies {found}: pick one with policy=<name>")
+    raise MadistillError(f"{p} holds no {MANIFEST}: pass a policy directory or a run directory with policies/")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise MadistillError(f"missing {p}: the policy was not saved completely; re-run its stage") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MadistillError(f"corrupt manifest {p} ({e}): re-save the policy or use another run") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise MadistillError(
+            f"{p} is not a madistill policy manifest of format {FORMAT_VERSION}; re-save it with this version"
+        )
+    return manifest
+
+
+def load_team(
+    path: str | Path, groups: list[AgentGroup] | None = None, device: str | torch.device = "cpu"
+) -> tuple[TeamPolicy, dict[str, Any]]:
+    """Rebuild a TeamPolicy from a policy (or run) directory; returns (team, manifest).
+
+    With ``groups`` (from the env it will act in), checks that every group's spaces match.
+    """
+    pdir = find_policy_dir(path)
+    manifest = read_manifest(pdir)
+    try:
+        saved = [AgentGroup.from_dict(d) for d in manifest["groups"]]
+        if groups is not None:
+            check_compatible(saved, groups, manifest["env"].get("name", "?"), pdir)
+        policies, normalizers = {}, {}
+        for g in saved:
+            arch = dict(manifest["networks"][g.name])
+            cls = POLICY_CLASSES.get(arch.pop("class"))
+            if cls is None:
+                raise MadistillError(f"{pdir}: unknown network class in manifest; upgrade madistill")
+            arch.pop("num_parameters", None)
+            policy = cls.from_arch(g, arch)
+            state = load_file(str(pdir / f"{g.name}.safetensors"))
+            policy.load_state_dict(state)
+            policies[g.name] = policy
+            normalizers[g.name] = ObsNormalizer.from_state_dict(manifest["normalizers"][g.name])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MadistillError(f"corrupt policy {pdir} ({type(e).__name__}: {e}); re-save it or use another run") from e
+    except (SafetensorError, FileNotFoundError, RuntimeError) as e:
+        raise MadistillError(f"unreadable weights in {pdir} ({e}); re-save the policy or use another run") from e
+    return TeamPolicy(saved, policies, normalizers).to(device), manifest
+
+
+def check_compatible(saved: list[AgentGroup], env_groups: list[AgentGroup], saved_env: str, where: Path) -> None:
+    """Raise a MadistillError naming the fix when a saved team cannot act in an env."""
+    by_agent = {a: g for g in env_groups for a in g.agents}
+    for g in saved:
+        for agent in g.agents:
+            eg = by_agent.get(agent)
+            if eg is None:
+                raise MadistillError(
+                    f"policy {where} (env {saved_env}) controls agent {agent!r}, which this env lacks: "
+                    f"evaluate it with env={saved_env}"
+                )
+            if eg.observation_space != g.observation_space or eg.action_space != g.action_space:
+                raise MadistillError(
+                    f"policy {where} was saved for env {saved_env} and its spaces for {agent!r} differ from this env's "
+                    f"({space_to_dict(g.observation_space)} vs {space_to_dict(eg.observation_space)}): "
+                    f"evaluate it with env={saved_env} and the same env kwargs"
+                )
+    missing = set(by_agent) - {a for g in saved for a in g.agents}
+    if missing:
+        raise MadistillError(f"policy {where} has no policy for agents {sorted(missing)}; use a policy for this env")

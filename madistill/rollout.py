@@ -1,0 +1,135 @@
+"""The one rollout loop: env -> normalise -> transform chain -> policies -> env. Every stage uses it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.distributions import Distribution
+from tqdm.auto import tqdm
+
+from madistill.envs.episodes import EpisodeRecord
+from madistill.envs.vector import GroupArrays, MultiAgentVecEnv, VecStep
+from madistill.policies.base import TeamPolicy, sample
+from madistill.transforms import GroupTensors, ObsTransform, StepContext, apply_chain, normalize
+
+
+@dataclass
+class Transition:
+    """One step of all env copies, as seen by a stage's ``on_step`` hook."""
+
+    raw_obs: GroupArrays  # observations as the env produced them [N, n_g, d]
+    obs: GroupTensors  # what the policies saw: normalised, then transformed [N, n_g, d]
+    active: GroupTensors  # [N, n_g] bool: agents that acted (others are absorbing padding)
+    dists: dict[str, Distribution]  # each group's action distribution over its flat batch [N * n_g]
+    actions: GroupTensors  # [N, n_g] (Discrete) or [N, n_g, a] (Box), before clipping to bounds
+    result: VecStep  # what the env returned
+
+
+class Rollout:
+    """Steps a team of policies in a vector env, continuing episodes across ``run`` calls."""
+
+    def __init__(
+        self,
+        venv: MultiAgentVecEnv,
+        team: TeamPolicy,
+        transforms: Sequence[ObsTransform] = (),
+        deterministic: bool = False,
+        seed: int = 0,
+    ):
+        self.venv = venv
+        self.team = team
+        self.transforms = list(transforms)
+        self.deterministic = deterministic
+        self.generator = torch.Generator(device=team.device)
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        """Restart every copy at episode seed ``seed + i`` and reseed action sampling."""
+        self.seed = seed
+        self.generator.manual_seed(seed)
+        self.raw_obs, active = self.venv.reset(seed)
+        self.active = {g: torch.as_tensor(a, device=self.team.device) for g, a in active.items()}
+        self.episode_step = np.zeros(self.venv.num_envs, dtype=np.int64)
+        self.steps = 0
+        for t in self.transforms:
+            t.reset()
+
+    def _actions(self, obs: GroupTensors) -> tuple[dict[str, Distribution], GroupTensors]:
+        dists, actions = {}, {}
+        for g in self.team.groups:
+            x = obs[g.name]
+            n, k = x.shape[:2]
+            policy = self.team[g.name]
+            d = policy.dist(x.reshape(n * k, -1))
+            if self.deterministic:
+                a = d.probs.argmax(-1) if g.discrete else d.mean
+            else:
+                a = sample(d, self.generator)
+            dists[g.name] = d
+            actions[g.name] = a.reshape(n, k, *a.shape[1:])
+        return dists, actions
+
+    def _to_env(self, actions: GroupTensors) -> GroupArrays:
+        out = {}
+        for g in self.team.groups:
+            a = actions[g.name].detach().cpu().numpy()
+            if not g.discrete:  # Gaussian samples can leave the box; the env only accepts the box
+                a = np.clip(a, g.action_space.low, g.action_space.high).astype(np.float32)
+            out[g.name] = a
+        return out
+
+    def step(self) -> Transition:
+        """Advance every copy by one env step."""
+        ctx = StepContext(self.team, self.steps, self.episode_step, self.active, self.generator)
+        obs = apply_chain(self.transforms, normalize(self.team, self.raw_obs), ctx)
+        with torch.no_grad():
+            dists, actions = self._actions(obs)
+        result = self.venv.step(self._to_env(actions))
+        tr = Transition(self.raw_obs, obs, self.active, dists, actions, result)
+        self.raw_obs = result.obs
+        self.active = {g: torch.as_tensor(a, device=self.team.device) for g, a in result.active.items()}
+        self.steps += 1
+        self.episode_step += 1
+        for e in result.episodes:
+            self.episode_step[(e.seed - self.seed) % self.venv.num_envs] = 0
+        return tr
+
+    def run(
+        self,
+        steps: int | None = None,
+        episodes: int | None = None,
+        on_step: Callable[[Transition], None] | None = None,
+        progress: str | None = None,
+    ) -> list[EpisodeRecord]:
+        """Run ``steps`` more vector steps, or until the episodes with seeds ``seed .. seed+episodes-1`` finish.
+
+        Returns the finished episodes (for ``episodes=n``: exactly those n, ordered by seed).
+        ``progress`` is a label for a progress bar (None: no bar).
+        """
+        if (steps is None) == (episodes is None):
+            raise ValueError("give exactly one of steps= or episodes=")
+        done: list[EpisodeRecord] = []
+        wanted = set(range(self.seed, self.seed + episodes)) if episodes is not None else set()
+        bar = tqdm(total=steps or episodes, desc=progress, unit="step" if steps else "ep", disable=progress is None)
+        taken = 0
+        with bar:
+            while True:
+                tr = self.step()
+                if on_step is not None:
+                    on_step(tr)
+                new = [e for e in tr.result.episodes if episodes is None or e.seed in wanted]
+                done.extend(new)
+                taken += 1
+                if steps is not None:
+                    bar.update(1)
+                    if taken >= steps:
+                        break
+                else:
+                    bar.update(len(new))
+                    wanted.difference_update(e.seed for e in new)
+                    if not wanted:
+                        break
+        return sorted(done, key=lambda e: e.seed) if episodes is not None else done
