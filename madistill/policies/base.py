@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
-from torch.distributions import Categorical, Distribution, Normal
+from torch.distributions import Categorical, Distribution, Independent, Normal, Uniform
 
 from madistill.envs.groups import AgentGroup
 from madistill.normalize import ObsNormalizer
@@ -89,4 +89,7 @@ def sample(dist: Distribution, generator: torch.Generator | None) -> torch.Tenso
     if isinstance(dist, Normal):
         noise = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
         return dist.mean + dist.stddev * noise
+    if isinstance(dist, Independent) and isinstance(dist.base_dist, Uniform):
+        u = dist.base_dist
+        return u.low + (u.high - u.low) * torch.rand(u.low.shape, generator=generator, device=u.low.device)
     return dist.sample()

@@ -1,0 +1,5 @@
+import sys
+
+from madistill.cli import main
+
+sys.exit(main())

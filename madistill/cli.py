@@ -1,0 +1,96 @@
+"""``madistill <stage> [Hydra overrides]``: one Hydra app, the stage picks what runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from madistill.errors import MadistillError
+
+STAGES = {
+    "train": "train teachers with SB3 PPO for every agent group",
+    "evaluate": "evaluate saved policies (eval.policy=<run, policy or sweep dir>)",
+    "pipeline": "the main job: train teachers, then evaluate them next to a random team",
+}
+
+USAGE = """usage: madistill <stage> [overrides ...] [-m] [--cfg job] [--help]
+
+stages:
+{stages}
+
+Overrides are Hydra's: `madistill train env=simple_spread_v3 teacher.total_agent_steps=2e6 seed=1`.
+Sweeps: `madistill train -m seed=0,1,2 +launcher=local` (joblib, local cores; +launcher=slurm / ray for clusters).
+Any PettingZoo env without a config file: `env=custom env.target=<module>.parallel_env env.name=<id>`.
+`madistill <stage> --help` shows the config groups and the composed config.
+"""
+
+
+def config_dir() -> str:
+    """conf/ from the installed wheel, or the source tree's top-level conf/ (editable installs)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return str(packaged if packaged.is_dir() else here.parent / "conf")
+
+
+def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
+    """The Hydra task: dispatch on the job name, which the CLI sets to the stage."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from madistill import stages
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    return getattr(stages, hc.job.name)(cfg, run_dir)
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf messages span several lines; keep the part that says what and where."""
+    text = str(exc)
+    missing = re.search(r"Could not find '([\w/]+)/([^']+)'.*?Available options in '[\w/]+':\s*(.*?)(?:\n\n|$)", text, re.S)
+    if missing:
+        group, name, opts = missing.group(1), missing.group(2), " ".join(missing.group(3).split())
+        hint = " (or env=custom env.target=<module>.parallel_env)" if group == "env" else ""
+        return f"unknown {group} {name!r}: use {group}=<one of: {opts}>{hint}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("full_key", "object_type", "reference_type"))]
+    return "; ".join(lines[:2]) + " (fix the override; `--help` lists the config groups)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE.format(stages="\n".join(f"  {k:<10} {v}" for k, v in STAGES.items())))
+        return 0
+    stage, rest = args[0], args[1:]
+    if stage not in STAGES:
+        print(f"madistill: error: unknown stage {stage!r}: use one of {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from madistill.config import register_configs
+
+    register_configs()
+    # Let Hydra's composition errors reach us so we can print one line (instead of its multi-line report).
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.argv = [f"madistill-{stage}", f"hydra.job.name={stage}", *rest]
+    app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
+    try:
+        app()
+    except MadistillError as e:
+        print(f"madistill {stage}: error: {e}", file=sys.stderr)
+        return 2
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"madistill {stage}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"madistill {stage}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Typed config schemas (Hydra ConfigStore). YAML files in ``conf/`` fill them; a wrong key or type fails
+at startup with Hydra's validation message instead of deep inside a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class EnvConfig:
+    name: str = MISSING  # short id used in run paths and reports, e.g. simple_spread_v3
+    target: str = MISSING  # import path of a PettingZoo env factory or module
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    num_envs: int = 16  # env copies stepped together
+    num_workers: int = 1  # worker processes stepping the copies (0: in this process)
+    grouping: str = "auto"  # auto: agents with equal spaces share a policy; per_agent: one each
+    nan_policy: str = "error"  # error | zero: what to do with NaN/inf observations
+
+
+@dataclass
+class PPOConfig:
+    """Passed to stable_baselines3.PPO for every group (n_steps is per env copy and agent)."""
+
+    learning_rate: float = 3e-4
+    n_steps: int = 128
+    batch_size: int = 1024
+    n_epochs: int = 10
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: Optional[float] = None
+
+
+@dataclass
+class TeacherConfig:
+    total_agent_steps: int = 1_000_000  # summed over agents and env copies
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    activation: str = "tanh"
+    normalize_obs: bool = True
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    checkpoint_every: int = 0  # agent steps between checkpoints (0: only at the end and on Ctrl-C)
+    resume: Optional[str] = None  # checkpoint directory to continue from
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    progress: bool = True  # progress bars with rate and ETA
+    figures: bool = True  # PNG figures in reports/ (and images in TensorBoard)
+
+
+@dataclass
+class EvalConfig:
+    policy: Optional[str] = None  # run or policy directory (evaluate stage); pipeline fills it
+    names: list[str] = field(default_factory=list)  # which policies of a run dir (empty: all)
+    episodes: int = 100
+    seed: int = 10_000  # episode seeds seed..seed+episodes-1, disjoint from training seeds
+    deterministic: bool = True
+    random_baseline: bool = True  # also evaluate a uniform-random team for reference
+    n_boot: int = 2000  # bootstrap resamples for the 95% CIs
+    video: bool = False  # save a GIF of one episode from the env's rgb_array render
+    video_format: str = "gif"  # gif | mp4 (mp4 needs imageio[ffmpeg])
+
+
+@dataclass
+class Config:
+    env: EnvConfig = MISSING
+    teacher: TeacherConfig = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    torch_threads: int = 1  # small MLPs run fastest single-threaded; the env workers use the other cores
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="env", name="base_env", node=EnvConfig)
+    cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)

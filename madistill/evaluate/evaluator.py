@@ -1,0 +1,114 @@
+"""Evaluate saved policies: seeded episodes through the shared rollout loop, statistics, reports, figures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from madistill.envs.episodes import EpisodeRecord
+from madistill.envs.factory import EnvSpec
+from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
+from madistill.normalize import ObsNormalizer
+from madistill.policies.base import TeamPolicy
+from madistill.policies.store import MANIFEST, read_manifest
+from madistill.policies.uniform import UniformPolicy
+from madistill.rollout import Rollout
+from madistill.transforms import ObsTransform
+
+
+def run_episodes(
+    venv: MultiAgentVecEnv,
+    team: TeamPolicy,
+    episodes: int,
+    seed: int,
+    deterministic: bool = True,
+    transforms: Sequence[ObsTransform] = (),
+    progress: str | None = None,
+) -> list[EpisodeRecord]:
+    """Play episodes with seeds ``seed .. seed+episodes-1``; same inputs give the same records."""
+    rollout = Rollout(venv, team, transforms=transforms, deterministic=deterministic, seed=seed)
+    return rollout.run(episodes=episodes, progress=progress)
+
+
+def uniform_team(venv: MultiAgentVecEnv, device: torch.device | str = "cpu") -> TeamPolicy:
+    """A uniform-random team for the env: the "random policy" reference of every report."""
+    return TeamPolicy(
+        venv.groups,
+        {g.name: UniformPolicy(g) for g in venv.groups},
+        {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups},
+    ).to(device)
+
+
+@dataclass
+class PolicyRef:
+    """A saved policy found on disk: ``name`` (its directory name) inside run ``run``."""
+
+    name: str
+    path: Path
+    run: str
+
+
+def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[PolicyRef]:
+    """All policy directories under ``path``: a policy dir, a run dir (``policies/*``) or a sweep dir
+    (``*/policies/*``, one run per sweep job). Training checkpoints are skipped."""
+    root = Path(path)
+    if not root.exists():
+        raise MadistillError(f"no such policy or run directory: {root}; pass the path printed at the end of a run")
+    if (root / MANIFEST).is_file():
+        found = [PolicyRef(root.name, root, root.parent.parent.name if root.parent.name == "policies" else root.name)]
+    else:
+        found = [
+            PolicyRef(m.parent.name, m.parent, str(m.parent.parent.parent.relative_to(root)))
+            for m in sorted(root.glob("**/policies/*/" + MANIFEST))
+        ]
+    if names:
+        unknown = set(names) - {f.name for f in found}
+        if unknown:
+            raise MadistillError(f"no policies named {sorted(unknown)} under {root}; found {sorted({f.name for f in found})}")
+        found = [f for f in found if f.name in names]
+    if not found:
+        raise MadistillError(f"{root} holds no saved policy ({MANIFEST}): pass a run or policy directory")
+    return found
+
+
+def saved_env(refs: Sequence[PolicyRef]) -> EnvSpec:
+    """The env the policies were saved for (they must agree)."""
+    specs = {json.dumps(read_manifest(r.path)["env"], sort_keys=True) for r in refs}
+    if len(specs) > 1:
+        raise MadistillError("the policies were saved for different envs: evaluate one env's runs at a time")
+    return EnvSpec.from_dict(json.loads(specs.pop()))
+
+
+def record_video(spec: EnvSpec, team: TeamPolicy, path: Path, seed: int, deterministic: bool, fmt: str) -> Path:
+    """Render one episode (seed ``seed``) from the env's ``rgb_array`` render into a GIF or MP4."""
+    import imageio.v3 as iio
+
+    with MultiAgentVecEnv(spec, 1, num_workers=0, render_mode="rgb_array") as venv:
+        rollout = Rollout(venv, team, deterministic=deterministic, seed=seed)
+        frames = [venv.render(0)]
+
+        def grab(tr: Any) -> None:
+            if not tr.result.episodes:  # after the last step the copy has already reset
+                frames.append(venv.render(0))
+
+        rollout.run(episodes=1, on_step=grab)
+    frames = [np.asarray(f) for f in frames if f is not None]
+    if not frames:
+        raise MadistillError(f"env {spec.id!r} rendered no rgb_array frames: set eval.video=false for this env")
+    out = path.with_suffix("." + fmt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if fmt == "gif":
+            iio.imwrite(out, np.stack(frames), duration=100, loop=0)
+        else:
+            iio.imwrite(out, np.stack(frames), fps=10)
+    except Exception as e:  # missing video backend: say which extra to install
+        raise MadistillError(f"could not write {out} ({e}): use eval.video_format=gif or pip install 'madistill[video]'") from e
+    return out

@@ -1,0 +1,51 @@
+"""Turning config into live objects: device, threads, seeds, env spec and vector env."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from madistill.envs.factory import EnvSpec
+from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise MadistillError(f"unknown device {name!r}: use device=cpu, device=cuda or device=auto") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MadistillError("device=cuda was asked for but torch sees no CUDA GPU: use device=cpu or device=auto")
+    return device
+
+
+def seed_everything(seed: int, torch_threads: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+
+
+def env_spec(env_cfg: DictConfig) -> EnvSpec:
+    kwargs = OmegaConf.to_container(env_cfg.kwargs, resolve=True) if env_cfg.kwargs is not None else {}
+    return EnvSpec(target=env_cfg.target, kwargs=dict(kwargs), name=env_cfg.name)
+
+
+def make_vec_env(env_cfg: DictConfig, spec: EnvSpec | None = None, **overrides: object) -> MultiAgentVecEnv:
+    """The configured vector env (``overrides`` replace config fields, e.g. ``num_envs=1``)."""
+    opts = {
+        "num_envs": env_cfg.num_envs,
+        "num_workers": env_cfg.num_workers,
+        "grouping": env_cfg.grouping,
+        "nan_policy": env_cfg.nan_policy,
+    }
+    opts.update(overrides)
+    return MultiAgentVecEnv(spec or env_spec(env_cfg), **opts)  # type: ignore[arg-type]

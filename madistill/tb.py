@@ -1,0 +1,67 @@
+"""TensorBoard logging and figures (each figure saved as PNG and logged as an image)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are written to files and TensorBoard, never shown
+import matplotlib.pyplot as plt  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from torch.utils.tensorboard.summary import hparams  # noqa: E402
+
+
+class TBLogger:
+    """A SummaryWriter for one run directory, plus PNG figures under ``figure_dir``."""
+
+    def __init__(self, log_dir: str | Path, figure_dir: str | Path | None = None, enabled: bool = True):
+        self.log_dir = Path(log_dir)
+        self.figure_dir = Path(figure_dir) if figure_dir is not None else None
+        self.writer = SummaryWriter(str(self.log_dir)) if enabled else None
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def histogram(self, tag: str, values: Any, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values, step)
+
+    def figure(self, tag: str, fig: plt.Figure, step: int = 0) -> Path | None:
+        """Save ``fig`` as ``<figure_dir>/<tag>.png`` and log it; closes the figure."""
+        path = None
+        if self.figure_dir is not None:
+            path = self.figure_dir / f"{tag.replace('/', '_')}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+        if self.writer is not None:
+            self.writer.add_figure(tag, fig, step, close=False)
+        plt.close(fig)
+        return path
+
+    def hparams(self, hparam_dict: dict[str, Any], metric_dict: dict[str, float]) -> None:
+        """Write hparams into *this* run (not a timestamped sub-run, as ``add_hparams`` would), so sweeps
+        compare side by side in TensorBoard's HParams tab."""
+        if self.writer is None or not metric_dict:
+            return
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparam_dict.items()}
+        exp, ssi, sei = hparams(clean, metric_dict)
+        fw = self.writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            fw.add_summary(summary)
+        for k, v in metric_dict.items():
+            self.writer.add_scalar(k, v, 0)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
