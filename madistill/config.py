@@ -16,7 +16,7 @@ class EnvConfig:
     target: str = MISSING  # import path of a PettingZoo env factory or module
     kwargs: dict[str, Any] = field(default_factory=dict)
     num_envs: int = 16  # env copies stepped together
-    num_workers: int = 1  # worker processes stepping the copies (0: in this process)
+    num_workers: int = 2  # worker processes stepping the copies (0: in this process)
     grouping: str = "auto"  # auto: agents with equal spaces share a policy; per_agent: one each
     nan_policy: str = "error"  # error | zero: what to do with NaN/inf observations
 

@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec, make_env
@@ -62,7 +63,7 @@ class _Copies:
         self.env_id = spec.id
         self.groups = group_agents(self.envs[0], grouping) if self.envs else []
         self.slot = {a: (g.name, j) for g in self.groups for j, a in enumerate(g.agents)}
-        self.obs_space = {a: self.envs[0].observation_space(a) for a in self.slot} if self.envs else {}
+        self.flatten = {a: _flattener(self.envs[0].observation_space(a)) for a in self.slot} if self.envs else {}
         n = len(self.envs)
         self.episode_idx = np.zeros(n, dtype=np.int64)
         self.ep_len = np.zeros(n, dtype=np.int64)
@@ -76,23 +77,30 @@ class _Copies:
     def _obs_arrays(self) -> tuple[GroupArrays, GroupArrays]:
         return self._empty((max(g.obs_dim for g in self.groups),)), self._empty(dtype=bool)
 
-    def _write_obs(self, out: GroupArrays, i: int, agent: str, obs: Any, step: int) -> None:
-        flat = flatten_obs(self.obs_space[agent], obs)
-        if not np.all(np.isfinite(flat)):
-            if self.nan_policy == "error":
-                raise MadistillError(
-                    f"env {self.env_id!r} returned a NaN/inf observation for {agent!r} at step {step}: "
-                    "fix the env, or set env.nan_policy=zero to replace non-finite values with 0"
-                )
-            flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    def _write_obs(self, out: GroupArrays, i: int, agent: str, obs: Any) -> None:
         g, j = self.slot[agent]
+        flat = self.flatten[agent](obs)
         out[g][i, j, : flat.shape[0]] = flat
+
+    def _check_finite(self, arrays: GroupArrays, step: int) -> None:
+        """One vectorised check per step; NaN/inf either stops the run or becomes 0 (env.nan_policy)."""
+        for g, a in arrays.items():
+            bad = ~np.isfinite(a)
+            if bad.any():
+                if self.nan_policy == "error":
+                    i, j = np.argwhere(bad)[0][:2]
+                    agent = next(ag for ag, (gg, jj) in self.slot.items() if gg == g and jj == j)
+                    raise MadistillError(
+                        f"env {self.env_id!r} returned a NaN/inf observation for {agent!r} (copy {i}, step {step}): "
+                        "fix the env, or set env.nan_policy=zero to replace non-finite values with 0"
+                    )
+                a[bad] = 0.0
 
     def _reset_copy(self, i: int, obs_out: GroupArrays, active_out: GroupArrays) -> None:
         seed = self.seed + self.copy_ids[i] + int(self.episode_idx[i]) * self.num_envs
         obs, _ = self.envs[i].reset(seed=seed)
         for agent in self.envs[i].agents:
-            self._write_obs(obs_out, i, agent, obs[agent], 0)
+            self._write_obs(obs_out, i, agent, obs[agent])
             g, j = self.slot[agent]
             active_out[g][i, j] = True
         self.ep_len[i] = 0
@@ -104,6 +112,7 @@ class _Copies:
         obs, active = self._obs_arrays()
         for i in range(len(self.envs)):
             self._reset_copy(i, obs, active)
+        self._check_finite(obs, 0)
         return self._trim(obs), active
 
     def _trim(self, arrays: GroupArrays) -> GroupArrays:
@@ -137,7 +146,7 @@ class _Copies:
                     if not term[g][i, j]:
                         trunc[g][i, j] = True
                     if agent in obs:
-                        self._write_obs(final_obs, i, agent, obs[agent], int(self.ep_len[i]))
+                        self._write_obs(final_obs, i, agent, obs[agent])
                 seed = self.seed + self.copy_ids[i] + int(self.episode_idx[i]) * self.num_envs
                 episodes.append(EpisodeRecord(seed=seed, length=int(self.ep_len[i]), agent_returns=dict(self.ep_ret[i])))
                 self.episode_idx[i] += 1
@@ -146,10 +155,12 @@ class _Copies:
             for agent in acting:
                 g, j = self.slot[agent]
                 if agent in alive:
-                    self._write_obs(obs_out, i, agent, obs[agent], int(self.ep_len[i]))
+                    self._write_obs(obs_out, i, agent, obs[agent])
                     active[g][i, j] = True
                 elif agent in obs:
-                    self._write_obs(final_obs, i, agent, obs[agent], int(self.ep_len[i]))
+                    self._write_obs(final_obs, i, agent, obs[agent])
+        self._check_finite(obs_out, int(self.ep_len.max()))
+        self._check_finite(final_obs, int(self.ep_len.max()))
         return self._trim(obs_out), rew, term, trunc, self._trim(final_obs), active, episodes
 
     def render(self, i: int) -> Any:
@@ -293,6 +304,13 @@ class MultiAgentVecEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _flattener(space: Any) -> Any:
+    """Per-agent observation flattening; Box gets a fast path (gymnasium's generic flatten is slow)."""
+    if isinstance(space, spaces.Box):
+        return lambda o: np.asarray(o, dtype=np.float32).reshape(-1)
+    return lambda o: flatten_obs(space, o)
 
 
 def _cat(parts: list[GroupArrays]) -> GroupArrays:
