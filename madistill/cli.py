@@ -40,21 +40,67 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
 
     from madistill import stages
 
+    from hydra.types import RunMode
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    return getattr(stages, hc.job.name)(cfg, run_dir)
+    try:
+        return getattr(stages, hc.job.name)(cfg, run_dir)
+    except MadistillError as e:
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # Hydra marks the sweep job failed and reports it
+        # A single run: report in one line from main() rather than Hydra's "Error executing job" preamble.
+        _FAILED.append(str(e))
+        return None
+
+
+_FAILED: list[str] = []
 
 
 def _one_line(exc: BaseException) -> str:
     """Hydra/OmegaConf messages span several lines; keep the part that says what and where."""
     text = str(exc)
-    missing = re.search(r"Could not find '([\w/]+)/([^']+)'.*?Available options in '[\w/]+':\s*(.*?)(?:\n\n|$)", text, re.S)
+    missing = re.search(
+        r"Could not find '([\w/]+)/([^']+)'.*?Available options in '[\w/]+':\s*(.*?)(?:\n\s*\n|\nConfig search path|$)",
+        text,
+        re.S,
+    )
     if missing:
-        group, name, opts = missing.group(1), missing.group(2), " ".join(missing.group(3).split())
+        group, name = missing.group(1), missing.group(2)
+        opts = " ".join(o for o in missing.group(3).split() if not o.startswith("base_"))
         hint = " (or env=custom env.target=<module>.parallel_env)" if group == "env" else ""
         return f"unknown {group} {name!r}: use {group}=<one of: {opts}>{hint}"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("full_key", "object_type", "reference_type"))]
-    return "; ".join(lines[:2]) + " (fix the override; `--help` lists the config groups)"
+    skip = ("full_key", "object_type", "reference_type", "Set the environment variable")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    if exc.__cause__ is not None:  # OmegaConf's reason ("could not be converted to Float") sits in the cause
+        lines += [ln.strip() for ln in str(exc.__cause__).splitlines()[:1] if ln.strip()]
+    return "; ".join(lines[:3]) + " (fix the override; `--help` lists the config groups)"
+
+
+# Hydra flags that take a value as the next argument.
+_MODE_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc"}
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--info", "--experimental-rerun"}
+
+
+def _with_job_name(args: list[str], stage: str) -> list[str]:
+    """Overrides first (argparse wants them contiguous), then the stage as job name, then Hydra's flags."""
+    overrides: list[str] = []
+    flags: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-"):
+            takes_value = a in _VALUE_FLAGS and i + 1 < len(args)
+            flags.extend(args[i : i + 2] if takes_value else [a])
+            i += 2 if takes_value else 1
+        else:
+            overrides.append(a)
+            i += 1
+    modes = [f for f in flags if f in _MODE_FLAGS]
+    if len(modes) > 1:
+        raise MadistillError(f"{' and '.join(modes)} cannot be combined: pass only one of them")
+    return [*overrides, f"hydra.job.name={stage}", *flags]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"madistill: error: unknown stage {stage!r}: use one of {', '.join(STAGES)}", file=sys.stderr)
         return 2
+    try:
+        hydra_args = _with_job_name(rest, stage)
+    except MadistillError as e:
+        print(f"madistill {stage}: error: {e}", file=sys.stderr)
+        return 2
 
     import hydra
     from hydra.errors import HydraException
@@ -76,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     register_configs()
     # Let Hydra's composition errors reach us so we can print one line (instead of its multi-line report).
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    sys.argv = [f"madistill-{stage}", f"hydra.job.name={stage}", *rest]
+    sys.argv = [f"madistill-{stage}", *hydra_args]
+    _FAILED.clear()
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
     try:
         app()
@@ -89,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"madistill {stage}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    for msg in _FAILED:
+        print(f"madistill {stage}: error: {msg}", file=sys.stderr)
+    return 2 if _FAILED else 0
 
 
 if __name__ == "__main__":

@@ -99,10 +99,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, policy_path: str | Path | None = No
         for ref in refs:
             team, _ = load_team(ref.path, venv.groups, device=device)
             label = f"{ref.name} ({ref.run})" if len({r.run for r in refs}) > 1 else ref.name
-            recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=f"eval {label}")
+            recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=f"eval {label}" if cfg.logger.progress else None)
             results[ref.name].append((ref.run, recs))
         if ec.random_baseline:
-            recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, progress="eval random")
+            recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, progress="eval random" if cfg.logger.progress else None)
             results["random"].append(("random", recs))
     reports = run_dir / "reports"
     summaries = {}

@@ -106,7 +106,7 @@ def group_agents(env: Any, mode: str = "auto") -> list[AgentGroup]:
     groups, used = [], set()
     for o, a, members in buckets:
         stems = {_base_name(m) for m in members}
-        name = stems.pop() if len(stems) == 1 else members[0]
+        name = stems.pop() if mode == "auto" and len(stems) == 1 else members[0]
         if name in used:  # two groups with the same stem but different spaces
             name = members[0]
         used.add(name)

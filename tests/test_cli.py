@@ -1,0 +1,366 @@
+"""The command line: stages, pipeline outputs, determinism of evaluate, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, call_cli, tiny
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from madistill.policies.store import read_manifest
+
+SL_TINY = tiny("env=simple_speaker_listener_v4", "teacher.total_agent_steps=200", "teacher.ppo.n_steps=50")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """``madistill pipeline`` on simple_speaker_listener_v4 with a tiny budget (run once for the module)."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = call_cli(["pipeline", *SL_TINY, f"hydra.run.dir={run_dir}"], mp)
+    assert rc == 0, err.getvalue()
+    return run_dir, out.getvalue()
+
+
+def _err_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.strip()]
+
+
+def _madistill_error(err: str, stage: str) -> str:
+    lines = [ln for ln in _err_lines(err) if ln.startswith(f"madistill {stage}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ help and stages
+@pytest.mark.parametrize("args", [["--help"], ["-h"], []])
+def test_help_lists_the_stages(cli, args):
+    rc, out, _ = cli(*args)
+    assert rc == 0
+    for stage in ("train", "evaluate", "pipeline"):
+        assert f"  {stage} " in out
+    assert "usage: madistill <stage>" in out
+
+
+def test_unknown_stage_exits_2(cli):
+    rc, out, err = cli("distil", "env=relay")
+    assert rc == 2 and out == ""
+    assert _err_lines(err) == [
+        "madistill: error: unknown stage 'distil': use one of train, evaluate, pipeline"
+    ]
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "madistill", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "pipeline" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "madistill", "nope"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and "unknown stage 'nope'" in proc.stderr
+
+
+# ------------------------------------------------------------------ pipeline
+def test_pipeline_writes_reports(pipeline_run):
+    run_dir, _ = pipeline_run
+    reports = run_dir / "reports"
+    md = (reports / "eval.md").read_text()
+    assert md.startswith("# Evaluation on simple_speaker_listener_v4")
+    rows = [ln.split("|")[1].strip() for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert rows == ["Policy", "teacher", "random"]
+    assert "4 episodes per run, seeds 10000..10003" in md
+
+    ev = json.loads((reports / "eval_teacher.json").read_text())
+    assert ev["meta"]["policy"] == "teacher" and ev["meta"]["env"]["name"] == "simple_speaker_listener_v4"
+    assert [e["seed"] for e in ev["episodes"]] == [10000, 10001, 10002, 10003]
+    assert ev["summary"]["n_episodes"] == 4 and ev["summary"]["n_boot"] == 200
+    assert set(ev["summary"]["agents"]) == {"speaker_0", "listener_0"}
+    rnd = json.loads((reports / "eval_random.json").read_text())
+    assert rnd["meta"]["deterministic"] is False and ev["meta"]["deterministic"] is True
+
+    marl = json.loads((reports / "marl_eval.json").read_text())
+    algos = marl["pettingzoo"]["simple_speaker_listener_v4"]
+    assert set(algos) == {"teacher", "random"}
+    for runs in algos.values():
+        (run,) = runs.values()
+        assert len(run["absolute_metrics"]["episode_return"]) == 4
+        assert len(run["step_0"]["listener_0_return"]) == 4
+    teacher_returns = [e["team_return"] for e in ev["episodes"]]
+    assert next(iter(algos["teacher"].values()))["absolute_metrics"]["episode_return"] == pytest.approx(
+        teacher_returns
+    )
+
+    teacher = run_dir / "policies" / "teacher"
+    assert {p.name for p in teacher.iterdir()} >= {"manifest.json", "speaker.safetensors", "listener.zip"}
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_pipeline_prints_where_things_are(pipeline_run):
+    run_dir, out = pipeline_run
+    assert f"tensorboard --logdir {run_dir / 'tb'}" in out
+    assert f"madistill evaluate eval.policy={run_dir}" in out
+    assert "teacher    team return IQM" in out and "random     team return IQM" in out
+
+
+def test_pipeline_writes_hparams_and_eval_scalars(pipeline_run):
+    run_dir, _ = pipeline_run
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    hp = ea.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in hp and "_hparams_/session_start_info" in hp
+    scalars = set(ea.Tags()["scalars"])
+    assert {
+        "hparam/teacher_team_return",
+        "hparam/random_team_return",
+        "eval/teacher/team_return_iqm",
+        "charts/episodic_return",
+        "losses/listener/value_loss",
+    } <= scalars
+    start = hp["_hparams_/session_start_info"].decode("latin-1")
+    assert "teacher.ppo.learning_rate" in start and "env.name" in start
+
+
+def test_evaluate_twice_gives_identical_results(pipeline_run, cli, tmp_path):
+    run_dir, _ = pipeline_run
+    results = []
+    for i in range(2):
+        # a different copy/worker layout than the pipeline used: greedy episodes must not depend on it
+        rc, _, err = cli(
+            "evaluate",
+            f"eval.policy={run_dir}",
+            f"hydra.run.dir={tmp_path / str(i)}",
+            "logger=quiet",
+            "eval.episodes=4",
+            "eval.n_boot=200",
+            "env.num_envs=3",
+            "env.num_workers=2",
+        )
+        assert rc == 0, err
+        results.append(json.loads((tmp_path / str(i) / "reports" / "eval_teacher.json").read_text()))
+        rnd = json.loads((tmp_path / str(i) / "reports" / "eval_random.json").read_text())
+        results.append(rnd)
+    assert results[0] == results[2] and results[1] == results[3]
+    piped = json.loads((run_dir / "reports" / "eval_teacher.json").read_text())
+    assert results[0]["episodes"] == piped["episodes"] and results[0]["summary"] == piped["summary"]
+    assert (tmp_path / "0" / "reports" / "eval.md").read_text() == (
+        tmp_path / "1" / "reports" / "eval.md"
+    ).read_text()
+
+
+# ------------------------------------------------------------------ errors: exit 2, one line
+def test_evaluate_in_the_wrong_env_exits_2(pipeline_run, cli, tmp_path):
+    run_dir, _ = pipeline_run
+    rc, _, err = cli(
+        "evaluate",
+        f"eval.policy={run_dir}",
+        "env=simple_spread_v3",
+        f"hydra.run.dir={tmp_path}",
+        "logger=quiet",
+        "eval.episodes=2",
+    )
+    assert rc == 2
+    line = _madistill_error(err, "evaluate")
+    assert "simple_speaker_listener_v4" in line and "env=simple_speaker_listener_v4" in line
+
+
+def test_errors_inside_a_stage_are_exactly_one_line(pipeline_run, cli, tmp_path):
+    run_dir, _ = pipeline_run
+    rc, _, err = cli(
+        "evaluate",
+        f"eval.policy={run_dir}",
+        "env=simple_spread_v3",
+        f"hydra.run.dir={tmp_path}",
+        "logger=quiet",
+        "eval.episodes=2",
+    )
+    assert rc == 2
+    assert len(_err_lines(err)) == 1, err
+
+
+def test_unknown_env_lists_available_envs(cli, tmp_path):
+    rc, out, err = cli("train", "env=nope", f"hydra.run.dir={tmp_path}")
+    assert rc == 2 and out == ""
+    assert len(_err_lines(err)) == 1
+    line = _madistill_error(err, "train")
+    assert "unknown env 'nope'" in line
+    for name in ("custom", "relay", "simple_adversary_v3", "simple_speaker_listener_v4", "simple_spread_v3"):
+        assert name in line
+    assert not (tmp_path / "tb").exists()
+
+
+def test_unknown_env_message_lists_only_envs(cli, tmp_path):
+    _, _, err = cli("train", "env=nope", f"hydra.run.dir={tmp_path}")
+    line = _madistill_error(err, "train")
+    assert "base_env" not in line and "provider=" not in line and "search path" not in line
+
+
+def test_wrong_type_exits_2_with_one_line(cli, tmp_path):
+    rc, out, err = cli("train", "teacher.ppo.learning_rate=abc", f"hydra.run.dir={tmp_path}")
+    assert rc == 2 and out == ""
+    assert len(_err_lines(err)) == 1
+    assert "teacher.ppo.learning_rate=abc" in _madistill_error(err, "train")
+
+
+def test_wrong_type_message_says_what_type_is_expected(cli, tmp_path):
+    _, _, err = cli("train", "teacher.ppo.learning_rate=abc", f"hydra.run.dir={tmp_path}")
+    assert "float" in _madistill_error(err, "train").lower()
+
+
+def test_unknown_key_exits_2(cli, tmp_path):
+    rc, _, err = cli("train", "teacher.no_such_key=1", f"hydra.run.dir={tmp_path}")
+    assert rc == 2 and "no_such_key" in _madistill_error(err, "train")
+
+
+def test_missing_policy_path_exits_2(cli, tmp_path):
+    rc, _, err = cli(
+        "evaluate", f"eval.policy={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'out'}", "logger=quiet"
+    )
+    assert rc == 2
+    assert "no such policy or run directory" in _madistill_error(err, "evaluate")
+
+
+def test_no_policy_given_exits_2(cli, tmp_path):
+    rc, _, err = cli("evaluate", f"hydra.run.dir={tmp_path}", "logger=quiet")
+    assert rc == 2 and "eval.policy" in _madistill_error(err, "evaluate")
+
+
+@pytest.mark.parametrize("damage", ["manifest", "weights"])
+def test_corrupt_policy_exits_2(pipeline_run, cli, tmp_path, damage):
+    run_dir, _ = pipeline_run
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir / "policies" / "teacher", bad)
+    if damage == "manifest":
+        (bad / "manifest.json").write_text("{ not json")
+    else:
+        data = (bad / "listener.safetensors").read_bytes()
+        (bad / "listener.safetensors").write_bytes(data[:40])
+    rc, _, err = cli(
+        "evaluate",
+        f"eval.policy={bad}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        "logger=quiet",
+        "eval.episodes=2",
+    )
+    assert rc == 2
+    line = _madistill_error(err, "evaluate")
+    assert str(bad) in line
+    assert ("corrupt manifest" if damage == "manifest" else "unreadable weights") in line
+
+
+def test_quiet_logger_shows_no_progress_bars(pipeline_run, cli, tmp_path):
+    run_dir, _ = pipeline_run
+    rc, _, err = cli(
+        "evaluate",
+        f"eval.policy={run_dir}",
+        f"hydra.run.dir={tmp_path}",
+        "logger=quiet",
+        "eval.episodes=2",
+        "env.num_workers=0",
+    )
+    assert rc == 0
+    assert "eval teacher" not in err and "eval random" not in err
+
+
+# ------------------------------------------------------------------ custom env
+def test_custom_env_from_the_command_line(cli, tmp_path):
+    rc, out, err = cli(
+        "train",
+        "env=custom",
+        "env.target=envs.relay.parallel_env",
+        "env.name=myrelay",
+        *tiny("teacher.total_agent_steps=200"),
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert rc == 0, err
+    m = read_manifest(tmp_path / "policies" / "teacher")
+    assert m["env"] == {"target": "envs.relay.parallel_env", "kwargs": {}, "name": "myrelay"}
+    assert [g["agents"] for g in m["groups"]] == [["agent_0", "agent_1", "agent_2", "agent_3"]]
+    assert f"teacher saved to {tmp_path / 'policies' / 'teacher'}" in out + err
+
+
+def test_custom_env_without_target_exits_2(cli, tmp_path):
+    rc, _, err = cli("train", "env=custom", f"hydra.run.dir={tmp_path}", "logger=quiet")
+    assert rc == 2 and "env.target" in _madistill_error(err, "train")
+
+
+# ------------------------------------------------------------------ sweeps
+def test_joblib_sweep_trains_one_teacher_per_seed(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [
+        sys.executable,
+        "-m",
+        "madistill",
+        "train",
+        "-m",
+        "seed=0,1",
+        "+launcher=local",
+        f"hydra.sweep.dir={sweep}",
+        "env=relay",
+        *tiny("teacher.total_agent_steps=200"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    seeds = []
+    for job in ("0", "1"):
+        m = read_manifest(sweep / job / "policies" / "teacher")
+        assert m["role"] == "teacher" and m["env"]["name"] == "relay"
+        seeds.append(m["config"]["seed"])
+        assert any((sweep / job / "tb").iterdir())
+    assert seeds == [0, 1]
+    w0 = (sweep / "0" / "policies" / "teacher" / "agent.safetensors").read_bytes()
+    w1 = (sweep / "1" / "policies" / "teacher" / "agent.safetensors").read_bytes()
+    assert w0 != w1  # different seeds train different teachers
+    assert (sweep / "multirun.yaml").is_file()
+    assert (
+        not (tmp_path / "multirun").exists() and not (tmp_path / "runs").exists()
+    )  # nothing outside the sweep dir
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["train", "env=relay", "--cfg", "job"], ["train", "--cfg", "job", "env=relay", "seed=5"]],
+    ids=["flag-last", "flag-first"],
+)
+def test_cfg_job_prints_the_composed_config(cli, args):
+    rc, out, err = cli(*args)
+    assert rc == 0, err
+    assert "name: relay" in out and "target: envs.relay.parallel_env" in out
+    assert ("seed: 5" in out) == ("seed=5" in args)
+
+
+def test_conflicting_hydra_flags_exit_2(cli):
+    rc, _, err = cli("train", "env=relay", "-m", "--cfg", "job")
+    assert rc == 2 and len(_err_lines(err)) == 1
+
+
+def test_ctrl_c_during_train_exits_130_with_a_checkpoint(cli, tmp_path, monkeypatch):
+    from madistill.rollout import Rollout
+
+    calls = {"n": 0}
+    orig_step = Rollout.step
+
+    def step_then_interrupt(self):
+        calls["n"] += 1
+        if calls["n"] == 30:  # second rollout of 25 steps
+            raise KeyboardInterrupt
+        return orig_step(self)
+
+    monkeypatch.setattr(Rollout, "step", step_then_interrupt)
+    rc, out, err = cli(
+        "train", "env=relay", *tiny("teacher.total_agent_steps=2000"), f"hydra.run.dir={tmp_path}"
+    )
+    assert rc == 130
+    assert "madistill train: interrupted" in err
+    assert f"teacher.resume={tmp_path / 'checkpoint'}" in out + err
+    assert read_manifest(tmp_path / "checkpoint")["role"] == "checkpoint"

@@ -1,0 +1,425 @@
+"""Env layer: factory, grouping, the vector env (shapes, workers, seeds, early termination, NaN policy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+
+from envs import relay
+from madistill.envs import EnvSpec, MultiAgentVecEnv, group_agents, make_env
+from madistill.envs.groups import flatten_obs
+from madistill.errors import MadistillError
+from madistill.normalize import ObsNormalizer
+from madistill.policies import MLPPolicy, TeamPolicy
+from madistill.rollout import Rollout
+from madistill.teacher import MaskedRolloutBuffer, TeacherTrainer
+
+SPREAD = "mpe2.simple_spread_v3.parallel_env"
+SPEAKER = "mpe2.simple_speaker_listener_v4.parallel_env"
+ADVERSARY = "mpe2.simple_adversary_v3.parallel_env"
+
+
+# ------------------------------------------------------------------ a tiny custom env
+class ToyEnv(ParallelEnv):
+    """Two agents; ``walker_0`` terminates at step ``term_at`` and ``walker_1`` is truncated at ``trunc_at``.
+
+    Observation of agent k at step t: ``arange(size) + 1 + 10 k + 100 t`` in the given shape (never zero,
+    so absorbing zero padding is recognisable). Rewards: 1.0 for walker_0, 0.5 for walker_1 per step.
+    ``nan_at=t`` puts a NaN into walker_0's observation at step t.
+    """
+
+    metadata = {"name": "toy_v0", "is_parallelizable": True, "render_modes": []}
+
+    def __init__(self, term_at: int = 2, trunc_at: int = 5, obs_shape=(2,), nan_at: int | None = None):
+        self.possible_agents = ["walker_0", "walker_1"]
+        self.agents: list[str] = []
+        self.term_at = {"walker_0": term_at, "walker_1": None}
+        self.trunc_at = trunc_at
+        self.obs_shape = tuple(obs_shape)
+        self.nan_at = nan_at
+        self.rewards = {"walker_0": 1.0, "walker_1": 0.5}
+        self._obs_space = spaces.Box(-np.inf, np.inf, shape=self.obs_shape, dtype=np.float32)
+        self._act_space = spaces.Discrete(2)
+        self.t = 0
+
+    def observation_space(self, agent):
+        return self._obs_space
+
+    def action_space(self, agent):
+        return self._act_space
+
+    def obs_of(self, agent: str, t: int) -> np.ndarray:
+        k = self.possible_agents.index(agent)
+        size = int(np.prod(self.obs_shape))
+        o = (np.arange(size, dtype=np.float32) + 1 + 10 * k + 100 * t).reshape(self.obs_shape)
+        if self.nan_at is not None and t == self.nan_at and k == 0:
+            o.flat[0] = np.nan
+        return o
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        self.agents = list(self.possible_agents)
+        return {a: self.obs_of(a, 0) for a in self.agents}, {a: {} for a in self.agents}
+
+    def step(self, actions):
+        assert set(actions) == set(self.agents), (actions, self.agents)
+        self.t += 1
+        rew = {a: self.rewards[a] for a in self.agents}
+        term = {a: self.term_at[a] == self.t for a in self.agents}
+        trunc = {a: self.t >= self.trunc_at and not term[a] for a in self.agents}
+        obs = {a: self.obs_of(a, self.t) for a in self.agents}
+        infos = {a: {} for a in self.agents}
+        self.agents = [a for a in self.agents if not (term[a] or trunc[a])]
+        return obs, rew, term, trunc, infos
+
+
+TOY = f"{__name__}.ToyEnv"
+
+
+def _zeros(venv: MultiAgentVecEnv) -> dict[str, np.ndarray]:
+    return {g.name: np.zeros((venv.num_envs, g.n_agents), dtype=np.int64) for g in venv.groups}
+
+
+# ------------------------------------------------------------------ factory and groups
+@pytest.mark.parametrize(
+    "target, kwargs, expected",
+    [
+        (SPREAD, {"N": 3}, [("agent", ("agent_0", "agent_1", "agent_2"), 18, 5)]),
+        (SPEAKER, {}, [("speaker", ("speaker_0",), 3, 3), ("listener", ("listener_0",), 11, 5)]),
+        (
+            ADVERSARY,
+            {"N": 2},
+            [("adversary", ("adversary_0",), 8, 5), ("agent", ("agent_0", "agent_1"), 10, 5)],
+        ),
+        (
+            "envs.relay.parallel_env",
+            {"n_agents": 4},
+            [("agent", ("agent_0", "agent_1", "agent_2", "agent_3"), 3, 3)],
+        ),
+        # an AEC factory is converted to a parallel env
+        ("mpe2.simple_spread_v3.env", {"N": 3}, [("agent", ("agent_0", "agent_1", "agent_2"), 18, 5)]),
+        # a module exposing parallel_env()
+        ("mpe2.simple_spread_v3", {"N": 3}, [("agent", ("agent_0", "agent_1", "agent_2"), 18, 5)]),
+    ],
+)
+def test_make_env_and_auto_groups(target, kwargs, expected):
+    spec = EnvSpec(target, kwargs)
+    env = make_env(spec)
+    assert isinstance(env, ParallelEnv)
+    groups = group_agents(env)
+    got = [(g.name, g.agents, g.obs_dim, g.action_space.n) for g in groups]
+    assert got == expected
+    assert all(g.discrete for g in groups)
+    env.close()
+
+
+def test_env_spec_id_and_round_trip():
+    assert EnvSpec(SPREAD).id == "simple_spread_v3"
+    assert EnvSpec("mpe2.simple_spread_v3.env").id == "simple_spread_v3"
+    assert EnvSpec(SPREAD, name="mine").id == "mine"
+    spec = EnvSpec(SPEAKER, {"max_cycles": 7})
+    back = EnvSpec.from_dict(spec.to_dict())
+    assert (
+        back.target == SPEAKER
+        and back.kwargs == {"max_cycles": 7}
+        and back.id == "simple_speaker_listener_v4"
+    )
+
+
+def test_aec_target_steps_like_the_parallel_env():
+    """``mpe2.simple_spread_v3.env`` (AEC) converted to parallel gives the same trajectories."""
+    rng = np.random.default_rng(0)
+    with (
+        MultiAgentVecEnv(EnvSpec("mpe2.simple_spread_v3.env", {"N": 3, "max_cycles": 6}), 2) as a,
+        MultiAgentVecEnv(EnvSpec(SPREAD, {"N": 3, "max_cycles": 6}), 2) as p,
+    ):
+        oa, _ = a.reset(seed=3)
+        op, _ = p.reset(seed=3)
+        np.testing.assert_array_equal(oa["agent"], op["agent"])
+        for _ in range(8):
+            act = {"agent": rng.integers(0, 5, size=(2, 3))}
+            ra, rp = a.step(act), p.step(act)
+            np.testing.assert_array_equal(ra.obs["agent"], rp.obs["agent"])
+            np.testing.assert_array_equal(ra.rewards["agent"], rp.rewards["agent"])
+            assert ra.episodes == rp.episodes
+
+
+def test_make_env_errors_name_the_fix():
+    with pytest.raises(MadistillError, match="env.target"):
+        make_env(EnvSpec("mpe2.simple_spread_v3.no_such_factory"))
+    with pytest.raises(MadistillError, match="cannot import env target"):
+        make_env(EnvSpec("no_such_module_xyz.parallel_env"))
+    with pytest.raises(MadistillError, match="rejected its arguments"):
+        make_env(EnvSpec(SPREAD, {"not_a_kwarg": 1}))
+
+
+def test_per_agent_grouping():
+    env = make_env(EnvSpec(SPREAD, {"N": 3}))
+    groups = group_agents(env, "per_agent")
+    assert [g.agents for g in groups] == [("agent_0",), ("agent_1",), ("agent_2",)]
+    assert len({g.name for g in groups}) == 3
+    with MultiAgentVecEnv(EnvSpec(SPREAD, {"N": 3}), 2, grouping="per_agent") as venv:
+        obs, active = venv.reset(seed=0)
+        assert len(obs) == 3 and venv.group_names == [g.name for g in groups]
+        assert all(o.shape == (2, 1, 18) for o in obs.values())
+        assert all(a.shape == (2, 1) and a.all() for a in active.values())
+    with pytest.raises(MadistillError, match="grouping"):
+        group_agents(env, "by_colour")
+
+
+def test_per_agent_group_names_are_agent_ids():
+    groups = group_agents(make_env(EnvSpec(SPREAD, {"N": 3})), "per_agent")
+    assert [g.name for g in groups] == ["agent_0", "agent_1", "agent_2"]
+
+
+@pytest.mark.parametrize(
+    "target, kwargs, shapes",
+    [
+        (SPEAKER, {}, {"speaker": (1, 3), "listener": (1, 11)}),
+        (SPREAD, {"N": 3}, {"agent": (3, 18)}),
+        (ADVERSARY, {"N": 2}, {"adversary": (1, 8), "agent": (2, 10)}),
+    ],
+)
+def test_vec_env_shapes(target, kwargs, shapes):
+    n = 3
+    with MultiAgentVecEnv(EnvSpec(target, kwargs), n) as venv:
+        assert venv.group_names == list(shapes)
+        obs, active = venv.reset(seed=0)
+        for g, (k, d) in shapes.items():
+            assert obs[g].shape == (n, k, d) and obs[g].dtype == np.float32
+            assert active[g].shape == (n, k) and active[g].dtype == bool and active[g].all()
+        res = venv.step(_zeros(venv))
+        for g, (k, d) in shapes.items():
+            assert res.obs[g].shape == res.final_obs[g].shape == (n, k, d)
+            for arr in (res.rewards, res.terminated, res.truncated, res.active, res.dones):
+                assert arr[g].shape == (n, k)
+            assert not res.final_obs[g].any()  # nobody's episode ended
+        # copies differ (different episode seeds), the first observation is the env's own
+        first = next(iter(shapes))
+        assert not np.array_equal(obs[first][0], obs[first][1])
+
+
+def test_workers_match_in_process_stepping():
+    """num_workers=0 and num_workers=2 (uneven split 2+1) give identical results for the same seed/actions."""
+    spec = EnvSpec(SPEAKER, {"max_cycles": 10})
+    rng = np.random.default_rng(1)
+    actions = [
+        {"speaker": rng.integers(0, 3, size=(3, 1)), "listener": rng.integers(0, 5, size=(3, 1))}
+        for _ in range(25)
+    ]
+    with (
+        MultiAgentVecEnv(spec, 3, num_workers=0) as local,
+        MultiAgentVecEnv(spec, 3, num_workers=2) as workers,
+    ):
+        assert len(workers._procs) == 2  # really uses worker processes
+        ol, al = local.reset(seed=5)
+        ow, aw = workers.reset(seed=5)
+        for g in ol:
+            np.testing.assert_array_equal(ol[g], ow[g])
+            np.testing.assert_array_equal(al[g], aw[g])
+        n_episodes = 0
+        for act in actions:
+            rl, rw = local.step(act), workers.step(act)
+            for field in ("obs", "rewards", "terminated", "truncated", "final_obs", "active"):
+                for g in ol:
+                    np.testing.assert_array_equal(getattr(rl, field)[g], getattr(rw, field)[g], err_msg=field)
+            assert sorted(rl.episodes, key=lambda e: e.seed) == sorted(rw.episodes, key=lambda e: e.seed)
+            n_episodes += len(rl.episodes)
+        assert n_episodes == 6  # two resets of each of the three copies in 25 steps of 10-step episodes
+
+
+def test_episode_seeds_are_seed_plus_copy_plus_k_times_n():
+    n, seed, cycles = 3, 7, 4
+    kwargs = {"n_agents": 3, "n_symbols": 8, "max_cycles": cycles, "switch_prob": 0.0}
+    expected_obs = {}
+    for s in range(seed, seed + 3 * n):
+        o, _ = relay.parallel_env(**kwargs).reset(seed=s)
+        expected_obs[s] = o["agent_0"]  # the source sees the seed-dependent target
+    assert len({tuple(v) for v in expected_obs.values()}) > 2  # the check below can tell seeds apart
+
+    with MultiAgentVecEnv(EnvSpec("envs.relay.parallel_env", kwargs), n, num_workers=2) as venv:
+        obs, _ = venv.reset(seed=seed)
+        for i in range(n):
+            np.testing.assert_array_equal(obs["agent"][i, 0], expected_obs[seed + i])
+        seeds_seen = []
+        for step in range(1, 2 * cycles + 1):
+            res = venv.step(_zeros(venv))
+            if step % cycles:
+                assert res.episodes == []
+                continue
+            k = step // cycles
+            got = sorted(e.seed for e in res.episodes)
+            assert got == [seed + i + (k - 1) * n for i in range(n)]
+            assert all(e.length == cycles for e in res.episodes)
+            seeds_seen += got
+            for i in range(n):  # after the auto-reset copy i plays episode seed + i + k * n
+                np.testing.assert_array_equal(res.obs["agent"][i, 0], expected_obs[seed + i + k * n])
+        assert seeds_seen == list(range(seed, seed + 2 * n))
+
+
+# ------------------------------------------------------------------ early termination
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_early_termination_absorbing_obs_and_flags(num_workers):
+    toy = ToyEnv()
+    with MultiAgentVecEnv(EnvSpec(TOY), 2, num_workers=num_workers) as venv:
+        assert venv.group_names == ["walker"]
+        obs, active = venv.reset(seed=0)
+        np.testing.assert_array_equal(obs["walker"][:, 0], np.stack([toy.obs_of("walker_0", 0)] * 2))
+        assert active["walker"].all()
+        act = _zeros(venv)
+
+        r1 = venv.step(act)
+        np.testing.assert_array_equal(r1.rewards["walker"], [[1.0, 0.5]] * 2)
+        assert not r1.terminated["walker"].any() and r1.active["walker"].all()
+
+        r2 = venv.step(act)  # walker_0 terminates here
+        np.testing.assert_array_equal(r2.terminated["walker"], [[True, False]] * 2)
+        assert not r2.truncated["walker"].any()
+        np.testing.assert_array_equal(r2.active["walker"], [[False, True]] * 2)
+        assert not r2.obs["walker"][:, 0].any()  # absorbing zero observation
+        np.testing.assert_array_equal(r2.obs["walker"][:, 1], np.stack([toy.obs_of("walker_1", 2)] * 2))
+        np.testing.assert_array_equal(r2.final_obs["walker"][:, 0], np.stack([toy.obs_of("walker_0", 2)] * 2))
+        assert not r2.final_obs["walker"][:, 1].any()
+        assert r2.episodes == []
+
+        for _ in (3, 4):
+            r = venv.step(act)
+            np.testing.assert_array_equal(r.rewards["walker"], [[0.0, 0.5]] * 2)
+            np.testing.assert_array_equal(r.active["walker"], [[False, True]] * 2)
+            assert not r.terminated["walker"].any() and not r.truncated["walker"].any()
+            assert not r.obs["walker"][:, 0].any()
+
+        r5 = venv.step(act)  # walker_1 hits the time limit: the episode ends and the copies reset
+        np.testing.assert_array_equal(r5.truncated["walker"], [[False, True]] * 2)
+        assert not r5.terminated["walker"].any()
+        np.testing.assert_array_equal(r5.final_obs["walker"][:, 1], np.stack([toy.obs_of("walker_1", 5)] * 2))
+        assert r5.active["walker"].all()
+        np.testing.assert_array_equal(r5.obs["walker"][:, 0], np.stack([toy.obs_of("walker_0", 0)] * 2))
+        recs = sorted(r5.episodes, key=lambda e: e.seed)
+        assert [e.seed for e in recs] == [0, 1]
+        for e in recs:
+            assert e.length == 5
+            assert e.agent_returns == {"walker_0": 2.0, "walker_1": 2.5}
+            assert e.team_return == pytest.approx(2.25)
+
+
+def test_teacher_buffer_masks_steps_of_terminated_agents(make_cfg, monkeypatch, tmp_path):
+    """PPO never trains on the absorbing padding of an agent that terminated early."""
+    cfg = make_cfg(
+        "env=custom",
+        f"env.target={TOY}",
+        "env.name=toy",
+        "teacher.normalize_obs=false",
+        "teacher.ppo.n_steps=10",
+        "teacher.ppo.batch_size=8",
+        "teacher.ppo.n_epochs=1",
+        "teacher.total_agent_steps=40",
+        "logger.tensorboard=false",
+    )
+    seen: dict[str, list] = {"valid": [], "obs": []}
+    orig_get = MaskedRolloutBuffer.get
+
+    def spy(self, batch_size=None):
+        seen["valid"].append(self.valid.copy())
+        for batch in orig_get(self, batch_size):
+            seen["obs"].append(batch.observations.detach().cpu().numpy())
+            yield batch
+
+    monkeypatch.setattr(MaskedRolloutBuffer, "get", spy)
+    from madistill.runtime import env_spec, make_vec_env
+
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv:
+        trainer = TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)
+        trainer.train(tmp_path)
+    assert trainer.agent_steps == 40  # 10 steps x 2 copies x 2 agents
+    assert len(seen["valid"]) == 1
+    valid = seen["valid"][0]
+    # columns: copy i, agent j -> i * 2 + j; walker_0 acts on steps 0, 1 of each 5-step episode
+    t = np.arange(10)
+    expected = np.stack([t % 5 < 2, np.ones(10, bool), t % 5 < 2, np.ones(10, bool)], axis=1)
+    np.testing.assert_array_equal(valid, expected)
+    sampled = np.concatenate(seen["obs"])
+    assert sampled.shape == (28, 2)  # exactly the 2 copies x 2 episodes x (2 + 5) live agent-steps
+    assert (np.abs(sampled).sum(1) > 0).all()  # no absorbing zero observation reaches PPO
+
+
+# ------------------------------------------------------------------ spaces and observations
+def test_box_observation_2x3_is_flattened_to_6():
+    toy = ToyEnv(obs_shape=(2, 3))
+    env_groups = group_agents(toy)
+    assert env_groups[0].obs_dim == 6
+    with MultiAgentVecEnv(EnvSpec(TOY, {"obs_shape": [2, 3]}), 2) as venv:
+        obs, _ = venv.reset(seed=0)
+        assert obs["walker"].shape == (2, 2, 6)
+        np.testing.assert_array_equal(obs["walker"][1, 1], toy.obs_of("walker_1", 0).reshape(-1))
+        res = venv.step(_zeros(venv))
+        np.testing.assert_array_equal(res.obs["walker"][0, 0], toy.obs_of("walker_0", 1).reshape(-1))
+    np.testing.assert_array_equal(
+        flatten_obs(toy.observation_space("walker_0"), toy.obs_of("walker_0", 3)),
+        toy.obs_of("walker_0", 3).reshape(-1),
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_nan_observation_is_an_error_naming_nan_policy(num_workers):
+    with MultiAgentVecEnv(EnvSpec(TOY, {"nan_at": 2}), 2, num_workers=num_workers) as venv:
+        venv.reset(seed=0)
+        venv.step(_zeros(venv))
+        with pytest.raises(MadistillError, match="nan_policy") as info:
+            venv.step(_zeros(venv))
+        assert "walker_0" in str(info.value)
+    with (
+        MultiAgentVecEnv(EnvSpec(TOY, {"nan_at": 0}), 1) as venv,
+        pytest.raises(MadistillError, match="nan_policy"),
+    ):
+        venv.reset(seed=0)
+
+
+def test_nan_policy_zero_replaces_non_finite_values():
+    toy = ToyEnv(nan_at=2)
+    with MultiAgentVecEnv(EnvSpec(TOY, {"nan_at": 2}), 2, nan_policy="zero") as venv:
+        venv.reset(seed=0)
+        venv.step(_zeros(venv))
+        res = venv.step(_zeros(venv))  # walker_0 terminates with a NaN in its final observation
+        expected = toy.obs_of("walker_0", 2)
+        expected[0] = 0.0
+        assert np.isfinite(res.final_obs["walker"]).all()
+        np.testing.assert_array_equal(res.final_obs["walker"][:, 0], np.stack([expected] * 2))
+    with MultiAgentVecEnv(EnvSpec(TOY, {"nan_at": 0}), 1, nan_policy="zero") as venv:
+        obs, _ = venv.reset(seed=0)
+        np.testing.assert_array_equal(obs["walker"][0, 0], [0.0, 2.0])
+    with pytest.raises(MadistillError, match="nan_policy"):
+        MultiAgentVecEnv(EnvSpec(TOY), 1, nan_policy="ignore")
+
+
+def test_continuous_actions_are_clipped_into_the_box():
+    spec = EnvSpec(SPREAD, {"N": 3, "continuous_actions": True, "max_cycles": 10})
+    with MultiAgentVecEnv(spec, 2) as venv:
+        (g,) = venv.groups
+        assert isinstance(g.action_space, spaces.Box) and g.act_dim == 5 and not g.discrete
+        torch.manual_seed(0)
+        policy = MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"})
+        with torch.no_grad():
+            policy._log_std.fill_(2.0)  # std ~7: samples far outside [0, 1]
+        team = TeamPolicy(venv.groups, {g.name: policy}, {g.name: ObsNormalizer(g.obs_dim, enabled=False)})
+        sent = []
+        orig_step = venv.step
+        venv.step = lambda actions: (sent.append(actions), orig_step(actions))[1]
+        rollout = Rollout(venv, team, seed=0)
+        pre = [rollout.step().actions["agent"].numpy() for _ in range(5)]
+    pre_all = np.stack(pre)
+    env_all = np.stack([a["agent"] for a in sent])
+    assert pre_all.shape == env_all.shape == (5, 2, 3, 5)
+    assert (pre_all < 0).any() and (pre_all > 1).any()
+    assert env_all.dtype == np.float32
+    assert env_all.min() >= 0.0 and env_all.max() <= 1.0
+    np.testing.assert_allclose(env_all, np.clip(pre_all, 0.0, 1.0))
+
+
+def test_vec_env_rejects_bad_arguments():
+    with pytest.raises(MadistillError, match="num_envs"):
+        MultiAgentVecEnv(EnvSpec(TOY), 0)

@@ -1,0 +1,211 @@
+"""Teacher training (SB3 PPO per group): learning, saved files, TensorBoard, checkpoints, resume, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, tiny
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from madistill import stages
+from madistill.evaluate.evaluator import run_episodes, uniform_team
+from madistill.policies.store import load_team, read_manifest
+from madistill.rollout import Rollout
+from madistill.runtime import env_spec, make_vec_env
+from madistill.tb import TBLogger
+from madistill.teacher import TeacherTrainer
+
+# relay (chain of 4, 3 symbols): one shared policy must learn to copy what it sees.
+RELAY = (
+    "env=relay",
+    "env.num_envs=4",
+    "teacher.ppo.n_epochs=4",
+    "teacher.ppo.batch_size=50",
+    "teacher.ppo.learning_rate=1e-2",
+    "teacher.ppo.ent_coef=0.0",
+    "teacher.total_agent_steps=12000",
+)
+PER_ITER = 25 * 2 * 4  # n_steps x num_envs x agents with env.num_envs=2
+
+
+def _scalars(tb_dir: Path) -> EventAccumulator:
+    ea = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path / "trainer_state.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def relay_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("relay_run")
+    cfg = compose_config(tiny(*RELAY))
+    path = stages.train(cfg, run_dir)
+    return cfg, run_dir, path
+
+
+def test_relay_teacher_beats_random(relay_run):
+    cfg, _, path = relay_run
+    with make_vec_env(cfg.env, num_workers=0) as venv:
+        team, manifest = load_team(path, venv.groups)
+        teacher = np.mean(
+            [r.team_return for r in run_episodes(venv, team, 16, seed=1000, deterministic=True)]
+        )
+        rand = np.mean(
+            [
+                r.team_return
+                for r in run_episodes(venv, uniform_team(venv), 16, seed=1000, deterministic=False)
+            ]
+        )
+    # random: 1/3 of 25 steps matched ~ 8.3; copying the neighbour's symbol gets most steps right
+    assert rand == pytest.approx(25 / 3, abs=1.5)
+    assert teacher > rand + 6.0
+    assert manifest["role"] == "teacher"
+    assert manifest["config"]["teacher"]["total_agent_steps"] == 12000
+    assert team.normalizers["agent"].count > 0  # normaliser statistics were collected and saved
+
+
+def test_saved_teacher_files(relay_run):
+    _, run_dir, path = relay_run
+    assert path == run_dir / "policies" / "teacher"
+    assert sorted(p.name for p in path.iterdir()) == ["agent.safetensors", "agent.zip", "manifest.json"]
+    m = read_manifest(path)
+    assert m["env"]["name"] == "relay" and m["env"]["target"] == "envs.relay.parallel_env"
+    assert m["networks"]["agent"]["hidden_sizes"] == [16]
+    assert not (run_dir / "checkpoint").exists()  # checkpoint_every=0 and no interrupt
+
+
+def test_tensorboard_scalars_show_learning(relay_run):
+    _, run_dir, _ = relay_run
+    ea = _scalars(run_dir / "tb")
+    tags = ea.Tags()["scalars"]
+    for tag in (
+        "charts/episodic_return",
+        "charts/episodic_length",
+        "charts/SPS",
+        "losses/agent/value_loss",
+        "losses/agent/policy_loss",
+        "losses/agent/entropy_loss",
+        "charts/episodic_return/agent_3",
+    ):
+        assert tag in tags, tag
+    ret = ea.Scalars("charts/episodic_return")
+    steps = [e.step for e in ret]
+    assert steps == sorted(steps) and steps[-1] == 12000
+    assert all(e.value == 25 for e in ea.Scalars("charts/episodic_length"))
+    values = np.array([e.value for e in ret])
+    assert values[-3:].mean() > values[:3].mean() + 5.0  # team return improves during training
+    assert len(ea.Scalars("losses/agent/value_loss")) == 30  # one per iteration (12000 / 400)
+
+
+def test_checkpoint_and_resume_continue_agent_steps(tmp_path):
+    run1 = tmp_path / "run1"
+    cfg = compose_config(
+        tiny(
+            "env=relay",
+            f"teacher.checkpoint_every={2 * PER_ITER}",
+            f"teacher.total_agent_steps={3 * PER_ITER}",
+        )
+    )
+    stages.train(cfg, run1)
+    ckpt = run1 / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "agent.safetensors",
+        "manifest.json",
+        "trainer_state.pt",
+    ]
+    assert read_manifest(ckpt)["role"] == "checkpoint"
+    state = _state(ckpt)
+    assert state["agent_steps"] == 2 * PER_ITER and state["iteration"] == 2  # written after iteration 2 only
+    assert state["optimizers"]["agent"]["state"]  # Adam moments were saved
+    ckpt_weights = load_file(str(ckpt / "agent.safetensors"))
+    final_weights = load_file(str(run1 / "policies" / "teacher" / "agent.safetensors"))
+    assert any(not torch.equal(ckpt_weights[k], final_weights[k]) for k in ckpt_weights)
+
+    cfg2 = compose_config(
+        tiny("env=relay", f"teacher.resume={ckpt}", f"teacher.total_agent_steps={5 * PER_ITER}")
+    )
+    spec = env_spec(cfg2.env)
+    tb = TBLogger(tmp_path / "run2" / "tb")
+    with make_vec_env(cfg2.env, spec) as venv:
+        trainer = TeacherTrainer(cfg2, venv, spec, torch.device("cpu"), tb)
+        assert trainer.agent_steps == 2 * PER_ITER and trainer.iteration == 2
+        model = trainer.learners["agent"].model
+        opt = model.policy.optimizer.state_dict()
+        assert opt["state"], "optimizer state was not restored"
+        for k, saved in state["optimizers"]["agent"]["state"].items():
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(opt["state"][k][name], saved[name], rtol=0, atol=0)
+        restored = trainer.team["agent"].state_dict()
+        for k, v in ckpt_weights.items():
+            torch.testing.assert_close(restored[k], v, rtol=0, atol=0)
+        saved_norm = read_manifest(ckpt)["normalizers"]["agent"]
+        np.testing.assert_allclose(trainer.team.normalizers["agent"].mean, saved_norm["mean"])
+        assert trainer.team.normalizers["agent"].count == saved_norm["count"] > 0
+        assert model._n_updates == state["n_updates"]["agent"] > 0
+        trainer.train(tmp_path / "run2")
+    tb.close()
+    assert trainer.agent_steps == 5 * PER_ITER and trainer.iteration == 5
+    logged = [e.step for e in _scalars(tmp_path / "run2" / "tb").Scalars("charts/SPS")]
+    assert logged == [3 * PER_ITER, 4 * PER_ITER, 5 * PER_ITER]  # three more iterations, not five
+
+
+def test_resume_from_a_non_checkpoint_is_a_user_error(relay_run, tmp_path):
+    from madistill.errors import MadistillError
+
+    _, _, teacher_path = relay_run
+    cfg = compose_config(tiny(*RELAY, f"teacher.resume={teacher_path}"))
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match="checkpoint"):
+        TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_reraises(tmp_path, monkeypatch):
+    cfg = compose_config(tiny("env=relay", f"teacher.total_agent_steps={10 * PER_ITER}"))
+    calls = {"n": 0}
+    orig_step = Rollout.step
+
+    def step_then_interrupt(self):
+        calls["n"] += 1
+        if calls["n"] == 25 + 10:  # in the middle of the second rollout
+            raise KeyboardInterrupt
+        return orig_step(self)
+
+    monkeypatch.setattr(Rollout, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        stages.train(cfg, tmp_path)
+    ckpt = tmp_path / "checkpoint"
+    assert (ckpt / "manifest.json").is_file() and (ckpt / "agent.safetensors").is_file()
+    assert _state(ckpt)["agent_steps"] == PER_ITER  # the one finished iteration
+    assert not (tmp_path / "policies").exists()  # no final teacher for an interrupted run
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    monkeypatch.setattr(Rollout, "step", orig_step)
+    cfg2 = compose_config(tiny("env=relay", f"teacher.resume={ckpt}"))
+    spec = env_spec(cfg2.env)
+    with make_vec_env(cfg2.env, spec) as venv:
+        assert TeacherTrainer(cfg2, venv, spec, torch.device("cpu"), None).agent_steps == PER_ITER
+
+
+def test_two_groups_train_together_and_save_one_file_each(tmp_path):
+    cfg = compose_config(
+        tiny("env=simple_speaker_listener_v4", "teacher.total_agent_steps=200", "teacher.ppo.n_steps=50")
+    )
+    path = stages.train(cfg, tmp_path)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "listener.safetensors",
+        "listener.zip",
+        "manifest.json",
+        "speaker.safetensors",
+        "speaker.zip",
+    ]
+    ea = _scalars(tmp_path / "tb")
+    assert {"losses/speaker/value_loss", "losses/listener/value_loss"} <= set(ea.Tags()["scalars"])
+    m = json.loads((path / "manifest.json").read_text())
+    assert [g["name"] for g in m["groups"]] == ["speaker", "listener"]
