@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ENV_KWARGS = {"N": 3, "max_cycles": 25, "continuous_actions": False}

@@ -37,10 +37,9 @@ def config_dir() -> str:
 def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     """The Hydra task: dispatch on the job name, which the CLI sets to the stage."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from madistill import stages
-
-    from hydra.types import RunMode
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

@@ -4,7 +4,7 @@ at startup with Hydra's validation message instead of deep inside a run."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -35,7 +35,7 @@ class PPOConfig:
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
-    target_kl: Optional[float] = None
+    target_kl: float | None = None
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TeacherConfig:
     normalize_obs: bool = True
     ppo: PPOConfig = field(default_factory=PPOConfig)
     checkpoint_every: int = 0  # agent steps between checkpoints (0: only at the end and on Ctrl-C)
-    resume: Optional[str] = None  # checkpoint directory to continue from
+    resume: str | None = None  # checkpoint directory to continue from
 
 
 @dataclass
@@ -58,7 +58,7 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    policy: Optional[str] = None  # run or policy directory (evaluate stage); pipeline fills it
+    policy: str | None = None  # run or policy directory (evaluate stage); pipeline fills it
     names: list[str] = field(default_factory=list)  # which policies of a run dir (empty: all)
     episodes: int = 100
     seed: int = 10_000  # episode seeds seed..seed+episodes-1, disjoint from training seeds

@@ -36,7 +36,7 @@ class ObsTransform(ABC):
     @abstractmethod
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors: ...
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - optional hook; stateless transforms need not override it
         """Forget per-episode state (called when a rollout is reset)."""
 
 
