@@ -25,14 +25,14 @@ class EnvConfig:
 class PPOConfig:
     """Passed to stable_baselines3.PPO for every group (n_steps is per env copy and agent)."""
 
-    learning_rate: float = 3e-4
-    n_steps: int = 128
-    batch_size: int = 1024
-    n_epochs: int = 10
+    learning_rate: float = 7e-4
+    n_steps: int = 100
+    batch_size: int = 1600
+    n_epochs: int = 15
     gamma: float = 0.99
     gae_lambda: float = 0.95
     clip_range: float = 0.2
-    ent_coef: float = 0.01
+    ent_coef: float = 0.001
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     target_kl: float | None = None
