@@ -49,21 +49,25 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in out.items() if not k.startswith(("eval.policy", "teacher.resume"))}
 
 
-def train(cfg: DictConfig, run_dir: Path, tb: TBLogger | None = None) -> Path:
-    """Train teachers for every group; save them to ``<run>/policies/teacher``."""
+def train(cfg: DictConfig, run_dir: Path) -> Path:
+    """Stage: train teachers for every group; save them to ``<run>/policies/teacher``."""
+    with _tb(cfg, run_dir) as tb:
+        path = train_teachers(cfg, run_dir, tb)
+        tb.hparams(_flat_hparams(cfg), {"hparam/train_team_return": tb.last("charts/episodic_return")})
+    print(f"teachers: {path}\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}\n"
+          f"evaluate: madistill evaluate eval.policy={run_dir}")
+    return path
+
+
+def train_teachers(cfg: DictConfig, run_dir: Path, tb: TBLogger) -> Path:
+    """Train teachers for every group in one vector env; save them to ``<run>/policies/teacher``."""
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
-    own_tb = tb is None
-    tb = tb or _tb(cfg, run_dir)
     spec = env_spec(cfg.env)
     with make_vec_env(cfg.env, spec) as venv:
         trainer = TeacherTrainer(cfg, venv, spec, device, tb)
         trainer.train(run_dir)
-        path = trainer.save(run_dir / "policies" / "teacher", config=OmegaConf.to_container(cfg, resolve=True))
-    if own_tb:
-        tb.close()
-    tqdm.write(f"teacher saved to {path}")
-    return path
+        return trainer.save(run_dir / "policies" / "teacher", config=OmegaConf.to_container(cfg, resolve=True))
 
 
 def _override_names() -> list[str]:
@@ -75,14 +79,21 @@ def _override_names() -> list[str]:
         return []
 
 
-def evaluate(cfg: DictConfig, run_dir: Path, policy_path: str | Path | None = None, tb: TBLogger | None = None) -> dict:
-    """Evaluate every saved policy under ``eval.policy`` (a policy, run or sweep directory).
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+    """Stage: evaluate every saved policy under ``eval.policy`` and say where the results are."""
+    with _tb(cfg, run_dir) as tb:
+        summaries = evaluate_policies(cfg, run_dir, cfg.eval.policy, tb)
+    _print_results(run_dir, summaries)
+    return summaries
+
+
+def evaluate_policies(cfg: DictConfig, run_dir: Path, path: str | Path | None, tb: TBLogger) -> dict:
+    """Evaluate every saved policy under ``path`` (a policy, run or sweep directory).
 
     The env is the one the policies were saved for, unless the command line names ``env=...``/``env.*``,
     in which case the policies are checked against that env. Writes ``reports/eval_<name>.json``,
     ``reports/marl_eval.json``, ``reports/eval.md``, a figure, and TensorBoard scalars.
     """
-    path = policy_path or cfg.eval.policy
     if not path:
         from madistill.errors import MadistillError
 
@@ -91,8 +102,6 @@ def evaluate(cfg: DictConfig, run_dir: Path, policy_path: str | Path | None = No
     device = resolve_device(cfg.device)
     refs = discover_policies(path, list(cfg.eval.names))
     spec = env_spec(cfg.env) if any(n.startswith("env") for n in _override_names()) else saved_env(refs)
-    own_tb = tb is None
-    tb = tb or _tb(cfg, run_dir)
     ec = cfg.eval
     results: dict[str, list[tuple[str, list[EpisodeRecord]]]] = defaultdict(list)
     with make_vec_env(cfg.env, spec) as venv:
@@ -136,8 +145,6 @@ def evaluate(cfg: DictConfig, run_dir: Path, policy_path: str | Path | None = No
         team, _ = load_team(first.path, device=device)
         out = record_video(spec, team, reports / f"episode_{first.name}", ec.seed, ec.deterministic, ec.video_format)
         tqdm.write(f"video: {out}")
-    if own_tb:
-        tb.close()
     return summaries
 
 
@@ -155,24 +162,23 @@ def _return_figure(summaries: dict[str, dict], env_id: str) -> plt.Figure:
 
 def pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     """The main job: train teachers, evaluate them next to a random team, log hparams."""
-    tb = _tb(cfg, run_dir)
-    teacher = train(cfg, run_dir, tb)
-    summaries = evaluate(cfg, run_dir, policy_path=run_dir, tb=tb)
-    metrics = {f"hparam/{name}_team_return": s["team"]["iqm"] for name, s in summaries.items()}
-    tb.hparams(_flat_hparams(cfg), metrics)
-    tb.close()
-    _print_where(run_dir, teacher, summaries)
+    with _tb(cfg, run_dir) as tb:
+        train_teachers(cfg, run_dir, tb)
+        summaries = evaluate_policies(cfg, run_dir, run_dir, tb)
+        metrics = {f"hparam/{name}_team_return": s["team"]["iqm"] for name, s in summaries.items()}
+        tb.hparams(_flat_hparams(cfg), metrics)
+    _print_results(run_dir, summaries)
     return summaries
 
 
-def _print_where(run_dir: Path, teacher: Path, summaries: dict[str, dict]) -> None:
+def _print_results(run_dir: Path, summaries: dict[str, dict]) -> None:
     lines = ["", "Results"]
     for name, s in summaries.items():
         t = s["team"]
         lines.append(f"  {name:<10} team return IQM {t['iqm']:.2f} [{t['iqm_ci'][0]:.2f}, {t['iqm_ci'][1]:.2f}]")
     lines += [
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
-        f"  policies:    {teacher}",
+        f"  policies:    {run_dir / 'policies'}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)",
         f"  re-evaluate: madistill evaluate eval.policy={run_dir}",
     ]

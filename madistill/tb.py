@@ -20,10 +20,16 @@ class TBLogger:
         self.log_dir = Path(log_dir)
         self.figure_dir = Path(figure_dir) if figure_dir is not None else None
         self.writer = SummaryWriter(str(self.log_dir)) if enabled else None
+        self._last: dict[str, float] = {}
 
     def scalar(self, tag: str, value: float, step: int) -> None:
+        self._last[tag] = float(value)
         if self.writer is not None:
             self.writer.add_scalar(tag, float(value), step)
+
+    def last(self, tag: str) -> float:
+        """The last value logged under ``tag`` in this process (NaN if none)."""
+        return self._last.get(tag, float("nan"))
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer is not None:
@@ -65,3 +71,9 @@ class TBLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+    def __enter__(self) -> TBLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -284,7 +284,7 @@ def test_custom_env_from_the_command_line(cli, tmp_path):
     m = read_manifest(tmp_path / "policies" / "teacher")
     assert m["env"] == {"target": "envs.relay.parallel_env", "kwargs": {}, "name": "myrelay"}
     assert [g["agents"] for g in m["groups"]] == [["agent_0", "agent_1", "agent_2", "agent_3"]]
-    assert f"teacher saved to {tmp_path / 'policies' / 'teacher'}" in out + err
+    assert f"teachers: {tmp_path / 'policies' / 'teacher'}" in out + err
 
 
 def test_custom_env_without_target_exits_2(cli, tmp_path):
