@@ -67,6 +67,22 @@ def madistill_curve(run: Path) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in ea.Scalars("charts/episodic_return")]
 
 
+def plot_curves(curves: dict[str, list[tuple[int, float]]], random_mean: float, title: str) -> plt.Figure:
+    """Training curves smoothed by a moving average (valid part only, so the ends carry no artefacts)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, curve in curves.items():
+        x, y = np.array(curve).T
+        k = max(1, len(y) // 25)
+        ax.plot(x[k - 1 :], np.convolve(y, np.ones(k) / k, mode="valid"), label=label)
+    ax.axhline(random_mean, color="grey", ls="--", label="uniform random")
+    ax.set_xlabel("agent-steps")
+    ax.set_ylabel("training episodic team return")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a madistill run directory (pipeline or train)")
@@ -94,17 +110,8 @@ def main() -> None:
     for name, s in out.items():
         print(f"  {name:<10} IQM {s['iqm']:7.2f} [{s['iqm_ci'][0]:.2f}, {s['iqm_ci'][1]:.2f}]"
               f"   mean {s['mean']:7.2f} [{s['mean_ci'][0]:.2f}, {s['mean_ci'][1]:.2f}]")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, curve in (("madistill", madistill_curve(args.run)), ("tutorial SB3+SuperSuit", base_curve)):
-        x, y = np.array(curve).T
-        k = max(1, len(y) // 50)
-        ax.plot(x, np.convolve(y, np.ones(k) / k, mode="same"), label=label)
-    ax.axhline(out["random"]["mean"], color="grey", ls="--", label="uniform random")
-    ax.set_xlabel("agent-steps")
-    ax.set_ylabel("training episodic team return")
-    ax.set_title(spec.id)
-    ax.legend()
-    fig.tight_layout()
+    curves = {"madistill": madistill_curve(args.run), "tutorial SB3+SuperSuit": base_curve}
+    fig = plot_curves(curves, out["random"]["mean"], spec.id)
     dest = Path(__file__).parent / "results"
     dest.mkdir(exist_ok=True)
     fig.savefig(dest / f"teacher_quality_{spec.id}.png", dpi=120)
