@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import GroupArrays, MultiAgentVecEnv, VecStep
-from madistill.policies.base import TeamPolicy, sample
+from madistill.policies.base import TeamPolicy, choose
 from madistill.transforms import GroupTensors, ObsTransform, StepContext, apply_chain, normalize
 
 
@@ -64,10 +64,7 @@ class Rollout:
             n, k = x.shape[:2]
             policy = self.team[g.name]
             d = policy.dist(x.reshape(n * k, -1))
-            if self.deterministic:
-                a = d.probs.argmax(-1) if g.discrete else d.mean
-            else:
-                a = sample(d, self.generator)
+            a = choose(d, self.deterministic, self.generator)
             dists[g.name] = d
             actions[g.name] = a.reshape(n, k, *a.shape[1:])
         return dists, actions

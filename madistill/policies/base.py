@@ -42,10 +42,7 @@ class Policy(nn.Module, ABC):
         self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Sampled (or greedy/mean) actions for a batch."""
-        if deterministic:
-            head = self(obs)
-            return head.argmax(-1) if self.group.discrete else head
-        return sample(self.dist(obs), generator)
+        return choose(self.dist(obs), deterministic, generator)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor | None:
         """State value ``[B]`` where the policy has a critic (teachers), else None."""
@@ -78,6 +75,13 @@ class TeamPolicy(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def choose(dist: Distribution, deterministic: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """The greedy action (argmax / mean) or a seeded sample: the one place actions are picked."""
+    if not deterministic:
+        return sample(dist, generator)
+    return dist.probs.argmax(-1) if isinstance(dist, Categorical) else dist.mean
 
 
 def sample(dist: Distribution, generator: torch.Generator | None) -> torch.Tensor:
