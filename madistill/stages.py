@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 import madistill
 from madistill.envs.episodes import EpisodeRecord
+from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import (
     discover_policies,
     record_video,
@@ -95,8 +96,6 @@ def evaluate_policies(cfg: DictConfig, run_dir: Path, path: str | Path | None, t
     ``reports/marl_eval.json``, ``reports/eval.md``, a figure, and TensorBoard scalars.
     """
     if not path:
-        from madistill.errors import MadistillError
-
         raise MadistillError("no policy to evaluate: pass eval.policy=<run or policy directory>")
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
@@ -104,14 +103,19 @@ def evaluate_policies(cfg: DictConfig, run_dir: Path, path: str | Path | None, t
     spec = env_spec(cfg.env) if any(n.startswith("env") for n in _override_names()) else saved_env(refs)
     ec = cfg.eval
     results: dict[str, list[tuple[str, list[EpisodeRecord]]]] = defaultdict(list)
+    several_runs = len({r.run for r in refs}) > 1
+
+    def bar(label: str) -> str | None:
+        return f"eval {label}" if cfg.logger.progress else None
+
     with make_vec_env(cfg.env, spec) as venv:
-        for ref in refs:
-            team, _ = load_team(ref.path, venv.groups, device=device)
-            label = f"{ref.name} ({ref.run})" if len({r.run for r in refs}) > 1 else ref.name
-            recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=f"eval {label}" if cfg.logger.progress else None)
+        teams = [load_team(ref.path, venv.groups, device=device)[0] for ref in refs]
+        for ref, team in zip(refs, teams):
+            label = f"{ref.name} ({ref.run})" if several_runs else ref.name
+            recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=bar(label))
             results[ref.name].append((ref.run, recs))
         if ec.random_baseline:
-            recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, progress="eval random" if cfg.logger.progress else None)
+            recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, progress=bar("random"))
             results["random"].append(("random", recs))
     reports = run_dir / "reports"
     summaries = {}
@@ -141,9 +145,7 @@ def evaluate_policies(cfg: DictConfig, run_dir: Path, path: str | Path | None, t
     if cfg.logger.figures:
         tb.figure("eval/team_return", _return_figure(summaries, spec.id))
     if ec.video:
-        first = refs[0]
-        team, _ = load_team(first.path, device=device)
-        out = record_video(spec, team, reports / f"episode_{first.name}", ec.seed, ec.deterministic, ec.video_format)
+        out = record_video(spec, teams[0], reports / f"episode_{refs[0].name}", ec.seed, ec.deterministic, ec.video_format)
         tqdm.write(f"video: {out}")
     return summaries
 

@@ -95,7 +95,7 @@ class TeacherTrainer:
         self.cfg, self.venv, self.spec, self.device, self.tb = cfg, venv, spec, device, tb
         tc = cfg.teacher
         self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation}
-        ppo_kwargs = {k: v for k, v in dict(tc.ppo).items()}
+        ppo_kwargs = dict(tc.ppo)
         self.n_steps = int(ppo_kwargs["n_steps"])
         self.learners: dict[str, _GroupLearner] = {}
         normalizers = {}

@@ -96,9 +96,12 @@ class _Copies:
                     )
                 a[bad] = 0.0
 
+    def _episode_seed(self, i: int) -> int:
+        """Copy i's k-th episode has seed ``seed + copy_id + k * num_envs``."""
+        return self.seed + self.copy_ids[i] + int(self.episode_idx[i]) * self.num_envs
+
     def _reset_copy(self, i: int, obs_out: GroupArrays, active_out: GroupArrays) -> None:
-        seed = self.seed + self.copy_ids[i] + int(self.episode_idx[i]) * self.num_envs
-        obs, _ = self.envs[i].reset(seed=seed)
+        obs, _ = self.envs[i].reset(seed=self._episode_seed(i))
         for agent in self.envs[i].agents:
             self._write_obs(obs_out, i, agent, obs[agent])
             g, j = self.slot[agent]
@@ -147,8 +150,7 @@ class _Copies:
                         trunc[g][i, j] = True
                     if agent in obs:
                         self._write_obs(final_obs, i, agent, obs[agent])
-                seed = self.seed + self.copy_ids[i] + int(self.episode_idx[i]) * self.num_envs
-                episodes.append(EpisodeRecord(seed=seed, length=int(self.ep_len[i]), agent_returns=dict(self.ep_ret[i])))
+                episodes.append(EpisodeRecord(seed=self._episode_seed(i), length=int(self.ep_len[i]), agent_returns=dict(self.ep_ret[i])))
                 self.episode_idx[i] += 1
                 self._reset_copy(i, obs_out, active)
                 continue

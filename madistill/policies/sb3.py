@@ -11,14 +11,13 @@ from stable_baselines3.common.policies import ActorCriticPolicy, BaseFeaturesExt
 from torch import nn
 
 from madistill.envs.groups import AgentGroup
+from madistill.errors import MadistillError
 from madistill.policies.base import Policy
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
 
 def activation(name: str) -> type[nn.Module]:
-    from madistill.errors import MadistillError
-
     if name not in ACTIVATIONS:
         raise MadistillError(f"unknown activation {name!r}: use one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
