@@ -84,7 +84,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Stage: evaluate every saved policy under ``eval.policy`` and say where the results are."""
     with _tb(cfg, run_dir) as tb:
         summaries = evaluate_policies(cfg, run_dir, cfg.eval.policy, tb)
-    _print_results(run_dir, summaries)
+    _print_results(run_dir, summaries, Path(cfg.eval.policy))
     return summaries
 
 
@@ -169,19 +169,20 @@ def pipeline(cfg: DictConfig, run_dir: Path) -> dict:
         summaries = evaluate_policies(cfg, run_dir, run_dir, tb)
         metrics = {f"hparam/{name}_team_return": s["team"]["iqm"] for name, s in summaries.items()}
         tb.hparams(_flat_hparams(cfg), metrics)
-    _print_results(run_dir, summaries)
+    _print_results(run_dir, summaries, run_dir)
     return summaries
 
 
-def _print_results(run_dir: Path, summaries: dict[str, dict]) -> None:
+def _print_results(run_dir: Path, summaries: dict[str, dict], policies: Path) -> None:
+    """Where the results are; ``policies`` is the run (or policy) directory that was evaluated."""
     lines = ["", "Results"]
     for name, s in summaries.items():
         t = s["team"]
         lines.append(f"  {name:<10} team return IQM {t['iqm']:.2f} [{t['iqm_ci'][0]:.2f}, {t['iqm_ci'][1]:.2f}]")
     lines += [
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
-        f"  policies:    {run_dir / 'policies'}",
+        f"  policies:    {policies}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)",
-        f"  re-evaluate: madistill evaluate eval.policy={run_dir}",
+        f"  re-evaluate: madistill evaluate eval.policy={policies}",
     ]
     print("\n".join(lines))
