@@ -12,7 +12,9 @@ from madistill.errors import MadistillError
 STAGES = {
     "train": "train teachers with SB3 PPO for every agent group",
     "evaluate": "evaluate saved policies (eval.policy=<run, policy or sweep dir>)",
-    "pipeline": "the main job: train teachers, then evaluate them next to a random team",
+    "distill": "distil a teacher (distill.teacher=<run or policy dir>) into compact DIGR students",
+    "saliency": "saliency maps and figures for saved policies (saliency.policy=<run or policy dir>)",
+    "pipeline": "the main job: train teachers, distil them into students, evaluate both next to a random team",
 }
 
 USAGE = """usage: madistill <stage> [overrides ...] [-m] [--cfg job] [--help]

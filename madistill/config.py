@@ -19,6 +19,9 @@ class EnvConfig:
     num_workers: int = 2  # worker processes stepping the copies (0: in this process)
     grouping: str = "auto"  # auto: agents with equal spaces share a policy; per_agent: one each
     nan_policy: str = "error"  # error | zero: what to do with NaN/inf observations
+    # Named feature groups per agent group for saliency, e.g. {listener: {landmark_0: [2, 3]}}; features
+    # left out stay single (named by the env where it names them).
+    features: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +53,48 @@ class TeacherConfig:
 
 
 @dataclass
+class StudentConfig:
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
+    activation: str = "tanh"
+
+
+@dataclass
+class DistillConfig:
+    """DAgger collection + DIGR loss. lambda_igr = 0 is plain policy distillation."""
+
+    teacher: str | None = None  # teacher run or policy directory (pipeline fills it)
+    rounds: int = 4  # DAgger rounds; round 0 is the teacher alone
+    agent_steps_per_round: int = 40_000  # live agent-steps collected per round
+    beta_start: float = 0.5  # probability the teacher acts (per agent and step) in round 1
+    beta_decay: float = 0.5  # ... multiplied by this every later round
+    deterministic: bool = False  # collect with greedy instead of sampled actions
+    updates_per_round: int = 1000  # minibatch steps per group after each round, on all data so far
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+    max_grad_norm: float = 1.0
+    divergence: str = "kl"  # kl | reverse_kl | prob_l2 | logit_mse | nll
+    temperature: float = 1.0  # teacher softmax temperature (Box: scales the teacher's variance)
+    lambda_igr: float = 0.1  # weight of the selective input-gradient penalty
+    mask: str = "soft"  # soft | topk | threshold: how teacher saliency becomes feature relevance
+    topk: int = 3  # groups kept relevant by mask=topk
+    threshold: float = 0.1  # saliency at or above which a group is relevant (mask=threshold)
+    target: str = "log_prob"  # f_S whose input gradient is regularised: log_prob | logit
+    heldout_fraction: float = 0.1  # share of visited observations kept for agreement metrics
+
+
+@dataclass
+class SaliencyConfig:
+    baseline: str = "mean"  # perturbation baseline: mean (normaliser mean) | marginal (other observations)
+    baseline_samples: int = 4  # draws per observation for the marginal baseline
+    target: str = "log_prob"  # what gradient saliency explains: log_prob | logit of the chosen action
+    topk: int = 3  # k of the top-k overlap metric
+    policy: str | None = None  # saliency stage: run or policy directory
+    obs: str | None = None  # saliency stage: .npz of raw observations per group (default: roll out the policy)
+    episodes: int = 20  # saliency stage: episodes rolled out when no observations are given
+    rows: int = 50  # observations shown in the per-observation heatmap
+
+
+@dataclass
 class LoggerConfig:
     tensorboard: bool = True
     progress: bool = True  # progress bars with rate and ETA
@@ -74,6 +119,9 @@ class Config:
     env: EnvConfig = MISSING
     teacher: TeacherConfig = MISSING
     logger: LoggerConfig = MISSING
+    student: StudentConfig = MISSING
+    distill: DistillConfig = MISSING
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
@@ -86,3 +134,5 @@ def register_configs() -> None:
     cs.store(group="env", name="base_env", node=EnvConfig)
     cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
+    cs.store(group="student", name="base_student", node=StudentConfig)
+    cs.store(group="distill", name="base_distill", node=DistillConfig)

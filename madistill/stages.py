@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import madistill
+from madistill.distill.dataset import SaliencyLabeller, collect_round
+from madistill.distill.trainer import DistillTrainer, student_team
 from madistill.envs.episodes import EpisodeRecord
+from madistill.envs.factory import EnvSpec
+from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import (
+    PolicyRef,
     discover_policies,
     record_video,
     run_episodes,
     saved_env,
     uniform_team,
 )
-from madistill.evaluate.report import markdown_table, write_json, write_markdown, write_marl_eval_json
+from madistill.evaluate.report import (
+    atomic_write_text,
+    markdown_table,
+    write_json,
+    write_markdown,
+    write_marl_eval_json,
+)
 from madistill.evaluate.stats import summarize
-from madistill.policies.store import load_team
+from madistill.explain.report import (
+    agreement_table,
+    mean_heatmap,
+    mean_saliency,
+    per_observation_heatmaps,
+    saliency_maps,
+    save_arrays,
+)
+from madistill.explain.saliency import feature_layouts
+from madistill.policies.store import find_policy_dir, load_team, read_manifest, save_team
 from madistill.runtime import env_spec, make_vec_env, resolve_device, seed_everything
 from madistill.tb import TBLogger
 from madistill.teacher import TeacherTrainer
@@ -31,6 +54,10 @@ from madistill.teacher import TeacherTrainer
 
 def _tb(cfg: DictConfig, run_dir: Path) -> TBLogger:
     return TBLogger(run_dir / "tb", run_dir / "reports" if cfg.logger.figures else None, enabled=cfg.logger.tensorboard)
+
+
+# Paths and layouts: where things are, not settings to compare runs by.
+_NOT_HPARAMS = ("eval.policy", "teacher.resume", "distill.teacher", "saliency.policy", "saliency.obs", "env.features")
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -47,7 +74,7 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
             out[prefix[:-1]] = node
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return {k: v for k, v in out.items() if not k.startswith(("eval.policy", "teacher.resume"))}
+    return {k: v for k, v in out.items() if not k.startswith(_NOT_HPARAMS)}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> Path:
@@ -80,6 +107,11 @@ def _override_names() -> list[str]:
         return []
 
 
+def _env_for(cfg: DictConfig, refs: list[PolicyRef]) -> EnvSpec:
+    """The env the policies were saved for, unless the command line names ``env=...``/``env.*``."""
+    return env_spec(cfg.env) if any(n.startswith("env") for n in _override_names()) else saved_env(refs)
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Stage: evaluate every saved policy under ``eval.policy`` and say where the results are."""
     with _tb(cfg, run_dir) as tb:
@@ -88,8 +120,10 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     return summaries
 
 
-def evaluate_policies(cfg: DictConfig, run_dir: Path, path: str | Path | None, tb: TBLogger) -> dict:
-    """Evaluate every saved policy under ``path`` (a policy, run or sweep directory).
+def evaluate_policies(
+    cfg: DictConfig, run_dir: Path, path: str | Path | Sequence[str | Path] | None, tb: TBLogger
+) -> dict:
+    """Evaluate every saved policy under ``path`` (a policy, run or sweep directory, or a list of them).
 
     The env is the one the policies were saved for, unless the command line names ``env=...``/``env.*``,
     in which case the policies are checked against that env. Writes ``reports/eval_<name>.json``,
@@ -99,8 +133,9 @@ def evaluate_policies(cfg: DictConfig, run_dir: Path, path: str | Path | None, t
         raise MadistillError("no policy to evaluate: pass eval.policy=<run or policy directory>")
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
-    refs = discover_policies(path, list(cfg.eval.names))
-    spec = env_spec(cfg.env) if any(n.startswith("env") for n in _override_names()) else saved_env(refs)
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    refs = [ref for p in paths for ref in discover_policies(p, list(cfg.eval.names))]
+    spec = _env_for(cfg, refs)
     ec = cfg.eval
     results: dict[str, list[tuple[str, list[EpisodeRecord]]]] = defaultdict(list)
     several_runs = len({r.run for r in refs}) > 1
@@ -162,13 +197,161 @@ def _return_figure(summaries: dict[str, dict], env_id: str) -> plt.Figure:
     return fig
 
 
-def pipeline(cfg: DictConfig, run_dir: Path) -> dict:
-    """The main job: train teachers, evaluate them next to a random team, log hparams."""
+def distill(cfg: DictConfig, run_dir: Path) -> dict:
+    """Stage: distil the teacher at ``distill.teacher`` into students; evaluate them next to it."""
     with _tb(cfg, run_dir) as tb:
-        train_teachers(cfg, run_dir, tb)
+        teacher, history = distill_students(cfg, run_dir, cfg.distill.teacher, tb)
+        summaries = evaluate_policies(cfg, run_dir, [teacher, run_dir], tb)
+        tb.hparams(_flat_hparams(cfg), _run_metrics(summaries, history))
+    _print_results(run_dir, summaries, run_dir)
+    return summaries
+
+
+def distill_students(
+    cfg: DictConfig, run_dir: Path, teacher_path: str | Path | None, tb: TBLogger
+) -> tuple[Path, list[dict[str, float]]]:
+    """DAgger + DIGR students for every group of the teacher at ``teacher_path`` (a run or policy dir),
+    saved to ``<run>/policies/student``; returns the teacher's policy dir and the per-round log."""
+    if not teacher_path:
+        raise MadistillError("no teacher to distil: pass distill.teacher=<teacher run or policy directory>")
+    seed_everything(cfg.seed, cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    tdir = teacher_dir(teacher_path)
+    spec = _env_for(cfg, [PolicyRef(tdir.name, tdir, "teacher")])
+    with make_vec_env(cfg.env, spec) as venv:
+        teacher, _ = load_team(tdir, venv.groups, device=device)
+        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
+        student = student_team(teacher, {"hidden_sizes": list(cfg.student.hidden_sizes), "activation": cfg.student.activation})
+        trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb)
+        trainer.train()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["distill"]["teacher"] = str(tdir)
+    config["features"] = {g: dict(zip(lay.names, map(list, lay.indices))) for g, lay in layouts.items()}
+    save_team(run_dir / "policies" / "student", student, spec, "student", config=config)
+    return tdir, trainer.history
+
+
+def teacher_dir(path: str | Path) -> Path:
+    """A teacher policy dir, or the ``teacher`` policy of a run dir."""
+    p = Path(path)
+    return find_policy_dir(p, "teacher") if (p / "policies" / "teacher").is_dir() else find_policy_dir(p)
+
+
+def _configured_features(cfg: DictConfig, spec: EnvSpec) -> dict:
+    """``env.features`` when the config's env is the one the teacher acts in (feature groups are per env)."""
+    if cfg.env.name != spec.name:
+        return {}
+    return OmegaConf.to_container(cfg.env.features, resolve=True) or {}
+
+
+def _run_metrics(summaries: dict[str, dict], history: list[dict[str, float]] | None = None) -> dict[str, float]:
+    """HParams-tab metrics: team return IQM per policy, the student's retention, final distillation metrics."""
+    metrics = {f"hparam/{name}_team_return": s["team"]["iqm"] for name, s in summaries.items()}
+    if {"teacher", "student", "random"} <= set(summaries):
+        metrics["hparam/retention"] = retention(summaries)
+    for k, v in (history[-1] if history else {}).items():
+        if k.endswith(("agreement", "saliency_spearman", "saliency_topk")) and np.isfinite(v):
+            metrics[f"hparam/{k}"] = v
+    return metrics
+
+
+def retention(summaries: dict[str, dict]) -> float:
+    """The student's share of the teacher's gain over random (team-return means)."""
+    s, t, r = (summaries[n]["team"]["mean"] for n in ("student", "teacher", "random"))
+    return float((s - r) / (t - r)) if t != r else float("nan")
+
+
+def saliency(cfg: DictConfig, run_dir: Path) -> dict:
+    """Stage: perturbation and gradient saliency of every saved policy under ``saliency.policy``, on
+    observations from ``saliency.obs`` (.npz) or from greedy episodes of the teacher (else the first policy).
+
+    Writes ``reports/saliency.json`` (mean saliency per feature group, agreement with the teacher),
+    ``reports/saliency.npz`` (observations and maps) and heatmaps (PNG and TensorBoard).
+    """
+    sc = cfg.saliency
+    if not sc.policy:
+        raise MadistillError("no policy to explain: pass saliency.policy=<run or policy directory>")
+    seed_everything(cfg.seed, cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    refs = with_teachers(discover_policies(sc.policy, list(cfg.eval.names)))
+    spec = _env_for(cfg, refs)
+    with make_vec_env(cfg.env, spec) as venv:
+        teams = {ref.name: load_team(ref.path, venv.groups, device=device)[0] for ref in refs}
+        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
+        reference = "teacher" if "teacher" in teams else refs[0].name
+        if sc.obs:
+            raw = load_observations(sc.obs, venv.groups)
+        else:
+            bar = "observations" if cfg.logger.progress else None
+            raw, _ = collect_round(venv, teams[reference], cfg.eval.seed, True, episodes=sc.episodes, progress=bar)
+    labeller = SaliencyLabeller(layouts, sc.baseline, sc.baseline_samples)
+    labeller.generator.manual_seed(cfg.seed)
+    maps = saliency_maps(teams, raw, layouts, labeller, sc.target)
+    table = agreement_table(maps, reference, sc.topk)
+    reports = run_dir / "reports"
+    result = {
+        "meta": {"policies": {r.name: str(r.path) for r in refs}, "reference": reference, "env": spec.to_dict(),
+                 "observations": {g: len(x) for g, x in raw.items()}, "saliency": OmegaConf.to_container(sc)},
+        "agreement_with_reference_perturbation": table,
+        "mean_saliency": mean_saliency(maps, layouts),
+    }
+    atomic_write_text(reports / "saliency.json", json.dumps(result, indent=2))
+    save_arrays(reports / "saliency.npz", maps, raw)
+    lines = [f"| policy | group | Spearman | top-{sc.topk} | Gini |", "|---|---|---|---|---|"]
+    for name, groups in table.items():
+        for g, a in groups.items():
+            lines.append(f"| {name} | {g} | {a['spearman']:.3f} | {a['topk']:.3f} | {a['gini']:.3f} |")
+    text = "\n".join(lines)
+    with _tb(cfg, run_dir) as tb:
+        tb.text("saliency/agreement", text)
+        if cfg.logger.figures:
+            for g, layout in layouts.items():
+                tb.figure(f"saliency/{g}", mean_heatmap(maps, g, layout, f"{spec.id}: {g}"))
+                tb.figure(f"saliency/{g}_per_obs", per_observation_heatmaps(maps, g, layout, sc.rows))
+    print(f"\nGradient saliency vs {reference}'s perturbation saliency (per observation, averaged):\n{text}\n"
+          f"  maps:    {reports / 'saliency.npz'}\n  summary: {reports / 'saliency.json'}\n"
+          f"  figures: {reports}/saliency_<group>.png\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    return result
+
+
+def with_teachers(refs: list[PolicyRef]) -> list[PolicyRef]:
+    """Add the teacher a student was distilled from (recorded in its manifest) when it is not listed."""
+    if any(r.name == "teacher" for r in refs):
+        return refs
+    for r in refs:
+        path = read_manifest(r.path).get("config", {}).get("distill", {}).get("teacher")
+        if read_manifest(r.path).get("role") == "student" and path and Path(path).is_dir():
+            return [PolicyRef("teacher", Path(path), "teacher"), *refs]
+    return refs
+
+
+def load_observations(path: str | Path, groups: Sequence[AgentGroup]) -> dict[str, torch.Tensor]:
+    """Raw observations per group from an ``.npz`` (keys ``<group>`` or ``obs/<group>``, arrays ``[M, d]``)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k.removeprefix("obs/"): f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise MadistillError(f"cannot read observations {path} ({e}): pass an .npz with one [M, d] array per group") from e
+    out = {}
+    for g in groups:
+        if g.name not in arrays:
+            raise MadistillError(f"{path} has no observations for group {g.name!r}: add an array named {g.name!r}")
+        x = np.asarray(arrays[g.name], dtype=np.float32).reshape(len(arrays[g.name]), -1)
+        if x.shape[1] != g.obs_dim:
+            raise MadistillError(f"{path}: {g.name!r} observations have {x.shape[1]} features, the env gives {g.obs_dim}")
+        if not np.isfinite(x).all():
+            raise MadistillError(f"{path}: {g.name!r} observations contain NaN or inf: clean the file")
+        out[g.name] = torch.as_tensor(x)
+    return out
+
+
+def pipeline(cfg: DictConfig, run_dir: Path) -> dict:
+    """The main job: train teachers, distil them into students, evaluate both next to a random team."""
+    with _tb(cfg, run_dir) as tb:
+        teacher = train_teachers(cfg, run_dir, tb)
+        _, history = distill_students(cfg, run_dir, teacher, tb)
         summaries = evaluate_policies(cfg, run_dir, run_dir, tb)
-        metrics = {f"hparam/{name}_team_return": s["team"]["iqm"] for name, s in summaries.items()}
-        tb.hparams(_flat_hparams(cfg), metrics)
+        tb.hparams(_flat_hparams(cfg), _run_metrics(summaries, history))
     _print_results(run_dir, summaries, run_dir)
     return summaries
 
@@ -179,6 +362,8 @@ def _print_results(run_dir: Path, summaries: dict[str, dict], policies: Path) ->
     for name, s in summaries.items():
         t = s["team"]
         lines.append(f"  {name:<10} team return IQM {t['iqm']:.2f} [{t['iqm_ci'][0]:.2f}, {t['iqm_ci'][1]:.2f}]")
+    if {"teacher", "student", "random"} <= set(summaries):
+        lines.append(f"  the student keeps {100 * retention(summaries):.1f}% of the teacher's gain over random")
     lines += [
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
         f"  policies:    {policies}",

@@ -31,7 +31,10 @@ class Policy(nn.Module, ABC):
 
     def dist(self, obs: torch.Tensor) -> Distribution:
         """The action distribution: Categorical (Discrete) or diagonal Normal (Box)."""
-        head = self(obs)
+        return self.dist_from_head(self(obs))
+
+    def dist_from_head(self, head: torch.Tensor) -> Distribution:
+        """The distribution for an already computed ``forward`` output (saves a second forward pass)."""
         if self.group.discrete:
             return Categorical(logits=head)
         log_std = self.log_std()

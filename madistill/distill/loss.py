@@ -1,0 +1,60 @@
+"""The distillation loss: divergence(teacher || student) + lambda_igr * selective input-gradient penalty.
+
+With ``lambda_igr = 0`` this is plain policy distillation (the penalty's double backward is skipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from madistill.distill.dataset import GroupData
+from madistill.distill.digr import igr_penalty, relevance_mask
+from madistill.distill.divergences import divergence
+from madistill.explain.saliency import FeatureLayout
+from madistill.policies.base import Policy
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """Loss settings (from ``cfg.distill``)."""
+
+    divergence: str = "kl"
+    temperature: float = 1.0
+    lambda_igr: float = 0.0
+    mask: str = "soft"
+    topk: int = 3
+    threshold: float = 0.1
+    target: str = "log_prob"
+
+    @staticmethod
+    def from_config(dc: Any) -> DistillLoss:
+        return DistillLoss(
+            dc.divergence, dc.temperature, dc.lambda_igr, dc.mask, dc.topk, dc.threshold, dc.target
+        )
+
+    def __call__(
+        self, student: Policy, batch: GroupData, layout: FeatureLayout, teacher_log_std: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for one minibatch: ``divergence``, ``igr`` (when lambda > 0) and ``total``."""
+        obs = batch.obs.detach().requires_grad_(self.lambda_igr > 0)
+        head = student(obs)
+        div = divergence(
+            self.divergence, batch.teacher_head, head,
+            discrete=student.group.discrete, temperature=self.temperature,
+            teacher_log_std=teacher_log_std, student_log_std=student.log_std(),
+        ).mean()
+        terms = {"divergence": div, "total": div}
+        if self.lambda_igr > 0:
+            relevance = relevance_mask(batch.saliency, layout, self.mask, self.topk, self.threshold)
+            actions = teacher_actions(student, batch.teacher_head)
+            terms["igr"] = igr_penalty(student, obs, head, actions, relevance, self.target)
+            terms["total"] = div + self.lambda_igr * terms["igr"]
+        return terms
+
+
+def teacher_actions(policy: Policy, teacher_head: torch.Tensor) -> torch.Tensor:
+    """The teacher's greedy actions from its stored head (argmax logits / Gaussian mean)."""
+    return teacher_head.argmax(-1) if policy.group.discrete else teacher_head

@@ -1,0 +1,146 @@
+"""DistillTrainer: DAgger rounds of collection and teacher labelling, then student updates on the
+aggregated data, one compact student per teacher group."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from madistill.distill.dataset import (
+    GroupData,
+    SaliencyLabeller,
+    collect_round,
+    label,
+    mixed_team,
+    rounds_beta,
+    team_returns,
+)
+from madistill.distill.divergences import divergence
+from madistill.distill.loss import DistillLoss, teacher_actions
+from madistill.envs.vector import MultiAgentVecEnv
+from madistill.explain.metrics import agreement
+from madistill.explain.saliency import FeatureLayout, gradient_saliency
+from madistill.policies.base import TeamPolicy
+from madistill.policies.mlp import MLPPolicy
+from madistill.tb import TBLogger
+
+
+def student_team(teacher: TeamPolicy, arch: dict[str, Any]) -> TeamPolicy:
+    """Fresh students for every teacher group; they share the teacher's normalisers (same input units)."""
+    students = {g.name: MLPPolicy(g, arch) for g in teacher.groups}
+    return TeamPolicy(teacher.groups, students, teacher.normalizers).to(teacher.device)
+
+
+def round_seed(seed: int, r: int) -> int:
+    """Episode seeds of DAgger round ``r``: far from evaluation seeds (10000+) and from other rounds."""
+    return 1_000_000 * (1 + seed) + 100_000 * r
+
+
+class DistillTrainer:
+    """Distils ``teacher`` into ``student`` (both TeamPolicies over the same groups) in ``venv``."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        venv: MultiAgentVecEnv,
+        teacher: TeamPolicy,
+        student: TeamPolicy,
+        layouts: Mapping[str, FeatureLayout],
+        tb: TBLogger | None = None,
+    ):
+        self.cfg, self.venv, self.teacher, self.student, self.layouts, self.tb = cfg, venv, teacher, student, layouts, tb
+        dc = cfg.distill
+        self.dc = dc
+        self.loss = DistillLoss.from_config(dc)
+        self.optimizers = {
+            g.name: torch.optim.Adam(student[g.name].parameters(), lr=dc.learning_rate) for g in teacher.groups
+        }
+        sc = cfg.saliency
+        self.labeller = SaliencyLabeller(layouts, sc.baseline, sc.baseline_samples)
+        self.labeller.generator.manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.data: dict[str, GroupData] = {}
+        self.history: list[dict[str, float]] = []
+
+    def train(self) -> TeamPolicy:
+        """All DAgger rounds; returns the trained student team (also logged round by round)."""
+        dc = self.dc
+        betas = rounds_beta(dc.rounds, dc.beta_start, dc.beta_decay)
+        show = self.cfg.logger.progress
+        bar = tqdm(total=dc.rounds * dc.updates_per_round, desc="distil", unit="upd", disable=not show)
+        with bar:
+            for r, beta in enumerate(betas):
+                acting = mixed_team(self.teacher, self.student, beta, round_seed(self.cfg.seed, r))
+                obs, episodes = collect_round(
+                    self.venv, acting, round_seed(self.cfg.seed, r), dc.deterministic, agent_steps=dc.agent_steps_per_round
+                )
+                new = label(self.teacher, obs, self.labeller, r, dc.heldout_fraction, self.generator)
+                self.data = {g: self.data[g].cat(d) if g in self.data else d for g, d in new.items()}
+                losses = self._update(dc.updates_per_round, bar)
+                row = {"round": r, "beta": beta, "round_team_return": team_returns(episodes), **losses}
+                row.update(self.evaluate_heldout())
+                self._log(row, r)
+                bar.set_postfix(ret=f"{row['round_team_return']:.2f}", beta=f"{beta:.2f}")
+        return self.student
+
+    def _update(self, n: int, bar: tqdm) -> dict[str, float]:
+        """``n`` minibatch steps for every group on its aggregated training data; mean loss terms."""
+        sums: dict[str, float] = {}
+        train = {name: d.select(~d.heldout) for name, d in self.data.items()}
+        for _ in range(n):
+            for name, d in train.items():
+                if len(d) == 0:
+                    continue
+                idx = torch.randint(len(d), (min(self.dc.batch_size, len(d)),), generator=self.generator)
+                terms = self.loss(self.student[name], d.select(idx.to(d.obs.device)), self.layouts[name], self._t_log_std(name))
+                opt = self.optimizers[name]
+                opt.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                torch.nn.utils.clip_grad_norm_(self.student[name].parameters(), self.dc.max_grad_norm)
+                opt.step()
+                for k, v in terms.items():
+                    sums[f"{name}/loss_{k}"] = sums.get(f"{name}/loss_{k}", 0.0) + float(v.detach()) / n
+            bar.update(1)
+        return sums
+
+    def _t_log_std(self, name: str) -> torch.Tensor | None:
+        return self.teacher[name].log_std()
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        """Teacher-student action agreement, KL(teacher || student) and saliency agreement on held-out data."""
+        out: dict[str, float] = {}
+        for name, d in self.data.items():
+            held = d.select(d.heldout)
+            if len(held) == 0:
+                continue
+            policy = self.student[name]
+            with torch.no_grad():
+                head = policy(held.obs)
+                kl = divergence("kl", held.teacher_head, head, discrete=policy.group.discrete,
+                                teacher_log_std=self._t_log_std(name), student_log_std=policy.log_std())
+            out[f"{name}/kl"] = float(kl.mean())
+            if policy.group.discrete:
+                out[f"{name}/agreement"] = float((head.argmax(-1) == held.teacher_head.argmax(-1)).float().mean())
+            else:
+                out[f"{name}/mean_mse"] = float((head - held.teacher_head).pow(2).mean())
+            sal = gradient_saliency(
+                policy, held.obs, teacher_actions(policy, held.teacher_head), self.cfg.saliency.target, self.layouts[name]
+            )
+            for k, v in agreement(sal, held.saliency, self.cfg.saliency.topk).items():
+                out[f"{name}/saliency_{k}"] = v
+        return out
+
+    def _log(self, row: dict[str, float], r: int) -> None:
+        self.history.append(row)
+        if self.tb is None:
+            return
+        for k, v in row.items():
+            if k != "round" and np.isfinite(v):
+                self.tb.scalar(f"distill/{k}", v, r)
+        self.tb.flush()

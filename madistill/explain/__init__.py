@@ -1,0 +1,1 @@
+"""Explainability: saliency methods and explanation-quality metrics."""

@@ -1,0 +1,162 @@
+"""Saliency of a policy's decision w.r.t. its (normalised) observation features.
+
+Two methods, both written against the Policy interface:
+
+- **perturbation saliency** (the teacher's labels in DIGR): feature group i matters as much as the policy's
+  head moves when i is replaced by an in-distribution baseline, ``1/2 ||f(x) - f(x with x_i := b_i)||^2``;
+  all perturbed copies go through one forward pass.
+- **gradient saliency** (cheap, what a DIGR student is trained to make faithful): ``|d f_S(x) / d x|`` from
+  one backward pass, where ``f_S`` is the log-probability of an action (or its logit / Gaussian mean).
+
+Scores are aggregated to *feature groups* (e.g. an (x, y) pair) and normalised to [0, 1] per observation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from madistill.envs.groups import AgentGroup
+from madistill.errors import MadistillError
+from madistill.policies.base import Policy, choose, log_prob
+
+TARGETS = ("log_prob", "logit")
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Named groups of observation features, e.g. ``landmark_0 = [2, 3]``; every feature in exactly one."""
+
+    names: tuple[str, ...]
+    indices: tuple[tuple[int, ...], ...]
+    obs_dim: int
+
+    @staticmethod
+    def build(
+        obs_dim: int, groups: Mapping[str, Sequence[int]] | None = None, feature_names: Sequence[str] | None = None
+    ) -> FeatureLayout:
+        """Groups from config (name -> feature indices); features no group names stay single, named by
+        ``feature_names`` where the env gives them, else ``f<i>``."""
+        groups = dict(groups or {})
+        seen: dict[int, str] = {}
+        for name, idx in groups.items():
+            for i in idx:
+                if not 0 <= int(i) < obs_dim:
+                    raise MadistillError(
+                        f"feature group {name!r} names feature {i}, but observations have {obs_dim} features: "
+                        "fix env.features"
+                    )
+                if int(i) in seen:
+                    raise MadistillError(f"feature {i} is in groups {seen[int(i)]!r} and {name!r}: fix env.features")
+                seen[int(i)] = name
+        first = {name: min(int(i) for i in idx) for name, idx in groups.items() if len(idx)}
+        entries = [(pos, name, tuple(sorted(int(i) for i in groups[name]))) for name, pos in first.items()]
+        for i in range(obs_dim):
+            if i not in seen:
+                label = feature_names[i] if feature_names is not None and i < len(feature_names) else f"f{i}"
+                entries.append((i, label, (i,)))
+        entries.sort()
+        return FeatureLayout(tuple(e[1] for e in entries), tuple(e[2] for e in entries), obs_dim)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def membership(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[G, d]`` 0/1 matrix: row g marks the features of group g."""
+        m = torch.zeros(len(self), self.obs_dim, device=device)
+        for g, idx in enumerate(self.indices):
+            m[g, list(idx)] = 1.0
+        return m
+
+
+def feature_layouts(
+    groups: Sequence[AgentGroup],
+    configured: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+    feature_names: Mapping[str, Sequence[str] | None] | None = None,
+) -> dict[str, FeatureLayout]:
+    """One FeatureLayout per agent group, from ``env.features`` and the env's own feature names."""
+    configured = configured or {}
+    unknown = set(configured) - {g.name for g in groups}
+    if unknown:
+        raise MadistillError(
+            f"env.features names groups {sorted(unknown)} this env lacks; its groups are {[g.name for g in groups]}"
+        )
+    names = feature_names or {}
+    return {g.name: FeatureLayout.build(g.obs_dim, configured.get(g.name), names.get(g.name)) for g in groups}
+
+
+def normalise_rows(s: torch.Tensor) -> torch.Tensor:
+    """Scale each row to max 1 (rows that are all zero stay zero)."""
+    return s / s.amax(-1, keepdim=True).clamp_min(1e-12)
+
+
+def perturbation_saliency(
+    policy: Policy, obs: torch.Tensor, layout: FeatureLayout, baselines: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-group perturbation saliency ``[B, G]`` in [0, 1] for normalised observations ``obs [B, d]``.
+
+    ``baselines``: replacement values, ``[d]`` (one baseline, e.g. the normaliser mean, which is 0 in
+    normalised units: the default), or ``[K, B, d]`` (K draws per observation, e.g. other observations from
+    the data: the marginal baseline); scores are averaged over the K draws.
+    """
+    b, d = obs.shape
+    if baselines is None:
+        baselines = torch.zeros(d, device=obs.device)
+    draws = baselines.expand(1, b, d) if baselines.dim() == 1 else baselines
+    k, g = draws.shape[0], len(layout)
+    member = layout.membership(obs.device).bool()  # [G, d]
+    # copies[k, b, g] = obs[b] with group g's features replaced by draw k: one forward over all of them
+    copies = torch.where(member[None, None], draws[:, :, None, :], obs[None, :, None, :])
+    with torch.no_grad():
+        heads = policy(torch.cat([obs, copies.reshape(-1, d)]))
+    clean, perturbed = heads[:b], heads[b:].reshape(k, b, g, -1)
+    scores = 0.5 * (perturbed - clean[None, :, None, :]).pow(2).sum(-1).mean(0)
+    return normalise_rows(scores)
+
+
+def gradient_saliency(
+    policy: Policy,
+    obs: torch.Tensor,
+    actions: torch.Tensor | None = None,
+    target: str = "log_prob",
+    layout: FeatureLayout | None = None,
+) -> torch.Tensor:
+    """``|d f(x) / d x|`` for a batch in one backward pass: ``[B, d]``, or ``[B, G]`` per feature group
+    (the gradient's L2 norm over the group) when ``layout`` is given; normalised to [0, 1] per row.
+
+    ``f`` is the log-probability (``target="log_prob"``) or the logit / mean component (``"logit"``) of
+    ``actions``; by default the policy's own greedy actions, i.e. "why does it do what it does".
+    """
+    x = obs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        head = policy(x)
+        if actions is None:
+            actions = choose(policy.dist_from_head(head.detach()), deterministic=True, generator=None)
+        f = decision_value(policy, head, actions, target)
+        (grad,) = torch.autograd.grad(f.sum(), x)
+    return normalise_rows(group_norms(grad, layout))
+
+
+def decision_value(policy: Policy, head: torch.Tensor, actions: torch.Tensor, target: str) -> torch.Tensor:
+    """``f(x)`` per sample whose input gradient is explained: log pi(a|x), or the logit / mean of ``a``.
+
+    Samples are independent, so ``grad(f.sum(), x)`` gives every sample's own input gradient at once.
+    """
+    if target not in TARGETS:
+        raise MadistillError(f"unknown saliency target {target!r}: use one of {TARGETS}")
+    if policy.group.discrete:
+        if target == "logit":
+            return head.gather(-1, actions.long().reshape(-1, 1)).squeeze(-1)
+        return torch.log_softmax(head, -1).gather(-1, actions.long().reshape(-1, 1)).squeeze(-1)
+    if target == "logit":  # Box: the mean itself, summed over action components
+        return head.sum(-1)
+    return log_prob(policy.dist_from_head(head), actions)
+
+
+def group_norms(per_feature: torch.Tensor, layout: FeatureLayout | None) -> torch.Tensor:
+    """Aggregate per-feature gradients ``[B, d]`` to per-group L2 norms ``[B, G]`` (abs when no layout)."""
+    if layout is None:
+        return per_feature.abs()
+    return (per_feature.pow(2) @ layout.membership(per_feature.device).T).sqrt()
