@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -111,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stage, rest = args[0], args[1:]
     if stage not in STAGES:
-        print(f"madistill: error: unknown stage {stage!r}: use one of {', '.join(STAGES)}", file=sys.stderr)
+        close = difflib.get_close_matches(stage, STAGES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        print(f"madistill: error: unknown stage {stage!r}: {hint}use one of {', '.join(STAGES)}", file=sys.stderr)
         return 2
     try:
         hydra_args = _with_job_name(rest, stage)

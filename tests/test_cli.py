@@ -45,7 +45,7 @@ def _madistill_error(err: str, stage: str) -> str:
 def test_help_lists_the_stages(cli, args):
     rc, out, _ = cli(*args)
     assert rc == 0
-    for stage in ("train", "evaluate", "pipeline"):
+    for stage in ("train", "evaluate", "distill", "saliency", "pipeline"):
         assert f"  {stage} " in out
     assert "usage: madistill <stage>" in out
 
@@ -54,7 +54,8 @@ def test_unknown_stage_exits_2(cli):
     rc, out, err = cli("distil", "env=relay")
     assert rc == 2 and out == ""
     assert _err_lines(err) == [
-        "madistill: error: unknown stage 'distil': use one of train, evaluate, pipeline"
+        "madistill: error: unknown stage 'distil': did you mean 'distill'? "
+        "use one of train, evaluate, distill, saliency, pipeline"
     ]
 
 
@@ -76,7 +77,7 @@ def test_pipeline_writes_reports(pipeline_run):
     md = (reports / "eval.md").read_text()
     assert md.startswith("# Evaluation on simple_speaker_listener_v4")
     rows = [ln.split("|")[1].strip() for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln]
-    assert rows == ["Policy", "teacher", "random"]
+    assert rows == ["Policy", "teacher", "student", "random"]
     assert "4 episodes per run, seeds 10000..10003" in md
 
     ev = json.loads((reports / "eval_teacher.json").read_text())
@@ -89,7 +90,7 @@ def test_pipeline_writes_reports(pipeline_run):
 
     marl = json.loads((reports / "marl_eval.json").read_text())
     algos = marl["pettingzoo"]["simple_speaker_listener_v4"]
-    assert set(algos) == {"teacher", "random"}
+    assert set(algos) == {"teacher", "student", "random"}
     for runs in algos.values():
         (run,) = runs.values()
         assert len(run["absolute_metrics"]["episode_return"]) == 4
@@ -109,6 +110,7 @@ def test_pipeline_prints_where_things_are(pipeline_run):
     assert f"tensorboard --logdir {run_dir / 'tb'}" in out
     assert f"madistill evaluate eval.policy={run_dir}" in out
     assert "teacher    team return IQM" in out and "random     team return IQM" in out
+    assert "student    team return IQM" in out and "of the teacher's gain over random" in out
 
 
 def test_pipeline_writes_hparams_and_eval_scalars(pipeline_run):

@@ -11,6 +11,7 @@ import torch
 
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
 from madistill.explain.saliency import FeatureLayout, perturbation_saliency
 from madistill.policies.base import Policy, TeamPolicy
 from madistill.rollout import Rollout, Transition
@@ -77,6 +78,10 @@ class SaliencyLabeller:
     samples: int = 4  # marginal draws per observation
     chunk: int = 4096  # observations per batched forward (bounds memory: chunk * (G + 1) * samples rows)
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def __post_init__(self) -> None:
+        if self.baseline not in ("mean", "marginal"):
+            raise MadistillError(f"unknown saliency.baseline {self.baseline!r}: use saliency.baseline=mean or marginal")
 
     def __call__(self, policy: Policy, group: str, obs: torch.Tensor, pool: torch.Tensor | None = None) -> torch.Tensor:
         """Saliency ``[M, G]`` of ``policy`` on ``obs``; marginal draws come from ``pool`` (default ``obs``)."""

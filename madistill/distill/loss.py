@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from madistill.distill.dataset import GroupData
-from madistill.distill.digr import igr_penalty, relevance_mask
-from madistill.distill.divergences import divergence
-from madistill.explain.saliency import FeatureLayout
+from madistill.distill.digr import MASKS, igr_penalty, relevance_mask
+from madistill.distill.divergences import DIVERGENCES, divergence
+from madistill.errors import MadistillError
+from madistill.explain.saliency import TARGETS, FeatureLayout
 from madistill.policies.base import Policy
 
 
@@ -28,6 +29,16 @@ class DistillLoss:
     topk: int = 3
     threshold: float = 0.1
     target: str = "log_prob"
+
+    def __post_init__(self) -> None:
+        # Fail at startup with the field to fix, not at the first minibatch.
+        for key, value, allowed in (
+            ("divergence", self.divergence, DIVERGENCES), ("mask", self.mask, MASKS), ("target", self.target, TARGETS)
+        ):
+            if value not in allowed:
+                raise MadistillError(f"unknown distill.{key} {value!r}: use distill.{key}=<one of {', '.join(allowed)}>")
+        if self.temperature <= 0 or self.lambda_igr < 0:
+            raise MadistillError("distill.temperature must be > 0 and distill.lambda_igr >= 0")
 
     @staticmethod
     def from_config(dc: Any) -> DistillLoss:

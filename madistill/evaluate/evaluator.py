@@ -66,7 +66,7 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
     else:
         found = [
             PolicyRef(m.parent.name, m.parent, str(m.parent.parent.parent.relative_to(root)))
-            for m in sorted(root.glob("**/policies/*/" + MANIFEST))
+            for m in sorted(root.glob("**/policies/*/" + MANIFEST), key=_policy_order)
         ]
     if names:
         unknown = set(names) - {f.name for f in found}
@@ -76,6 +76,12 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
     if not found:
         raise MadistillError(f"{root} holds no saved policy ({MANIFEST}): pass a run or policy directory")
     return found
+
+
+def _policy_order(manifest: Path) -> tuple[str, int, str]:
+    """Runs in path order; within a run the teacher first, then its student, then the rest by name."""
+    name = manifest.parent.name
+    return str(manifest.parent.parent.parent), {"teacher": 0, "student": 1}.get(name, 2), name
 
 
 def saved_env(refs: Sequence[PolicyRef]) -> EnvSpec:

@@ -55,6 +55,11 @@ class Policy(nn.Module, ABC):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def acting_parameters(self) -> int:
+        """Parameters needed to act (a teacher's critic excluded): what a student's size is compared to."""
+        return self.num_parameters
+
 
 def log_prob(dist: Distribution, actions: torch.Tensor) -> torch.Tensor:
     """Log-probability per sample (summed over Box action components)."""

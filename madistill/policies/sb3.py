@@ -66,6 +66,12 @@ class SB3Policy(Policy):
     def log_std(self) -> torch.Tensor | None:
         return None if self.group.discrete else self.sb3.log_std
 
+    @property
+    def acting_parameters(self) -> int:
+        parts = [self.sb3.pi_features_extractor, self.sb3.mlp_extractor.policy_net, self.sb3.action_net]
+        n = sum(p.numel() for m in parts for p in m.parameters())
+        return n + (0 if self.group.discrete else self.sb3.log_std.numel())
+
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.sb3.predict_values(obs).squeeze(-1)
 

@@ -56,7 +56,9 @@ def save_team(
             policy = team[g.name]
             state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
             save_file(state, str(tmp / f"{g.name}.safetensors"))
-            networks[g.name] = {**_arch_of(policy), "num_parameters": policy.num_parameters}
+            networks[g.name] = {
+                **_arch_of(policy), "num_parameters": policy.num_parameters, "acting_parameters": policy.acting_parameters
+            }
         manifest = {
             "format_version": FORMAT_VERSION,
             "madistill_version": madistill.__version__,
@@ -147,6 +149,7 @@ def load_team(
             if cls is None:
                 raise MadistillError(f"{pdir}: unknown network class in manifest; upgrade madistill")
             arch.pop("num_parameters", None)
+            arch.pop("acting_parameters", None)
             policy = cls.from_arch(g, arch)
             state = load_file(str(pdir / f"{g.name}.safetensors"))
             policy.load_state_dict(state)

@@ -1,0 +1,228 @@
+"""Distillation end to end: DAgger data, students, the DIGR effect on input gradients, the distill and
+saliency commands, sweeps over the distillation fields."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from safetensors.torch import load_file
+from test_envs import TOY
+from torch import nn
+
+from madistill.distill.dataset import GroupData, MixedPolicy, collect_round, mixed_team, rounds_beta
+from madistill.distill.loss import DistillLoss
+from madistill.envs.factory import EnvSpec
+from madistill.envs.groups import AgentGroup
+from madistill.envs.vector import MultiAgentVecEnv
+from madistill.evaluate.evaluator import uniform_team
+from madistill.explain.saliency import FeatureLayout, perturbation_saliency
+from madistill.policies.base import Policy
+from madistill.policies.mlp import MLPPolicy
+from madistill.policies.store import load_team, read_manifest
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A tiny speaker-listener teacher, trained once for this module."""
+    from conftest import compose_config, tiny
+
+    from madistill import stages
+    from madistill.tb import TBLogger
+
+    run = tmp_path_factory.mktemp("teacher")
+    cfg = compose_config(tiny("teacher.total_agent_steps=3000", "teacher.hidden_sizes=[32]"))
+    stages.train_teachers(cfg, run, TBLogger(run / "tb", enabled=False))
+    return run
+
+
+# ---------------------------------------------------------------- DAgger data
+def test_beta_schedule():
+    assert rounds_beta(4, 0.5, 0.5) == [1.0, 0.5, 0.25, 0.125]
+    assert rounds_beta(1, 0.5, 0.5) == [1.0]
+
+
+def test_mixed_policy_switches_per_sample_with_probability_beta():
+    g = AgentGroup("g", ("a",), spaces.Box(-1, 1, (2,), np.float32), spaces.Discrete(3))
+
+    class Const(Policy):
+        def __init__(self, k: int):
+            super().__init__()
+            self.group, self.k = g, k
+            self.p = nn.Parameter(torch.zeros(0))
+
+        def forward(self, obs):
+            return torch.nn.functional.one_hot(torch.full((len(obs),), self.k), 3).float() * 10
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(20_000, 2)
+    picked = MixedPolicy(Const(0), Const(2), 0.3, gen)(x).argmax(-1)
+    assert set(picked.tolist()) == {0, 2}
+    assert float((picked == 0).float().mean()) == pytest.approx(0.3, abs=0.015)
+    assert torch.all(MixedPolicy(Const(0), Const(2), 0.0, gen)(x).argmax(-1) == 2)
+
+
+def test_collection_skips_dead_agents_and_mixed_team_beta_one_is_the_teacher():
+    with MultiAgentVecEnv(EnvSpec(TOY), 2, num_workers=0) as venv:
+        team = uniform_team(venv)
+        assert mixed_team(team, team, 1.0, 0) is team
+        obs, episodes = collect_round(venv, team, seed=0, deterministic=False, episodes=2)
+    x = obs["walker"].numpy()
+    # walker_0 terminates at step 2 of each 5-step episode: 2 + 5 live observations per episode, no padding
+    assert len(episodes) == 2 and len(x) == 2 * (2 + 5)
+    assert np.all(x != 0)
+
+
+def test_group_data_select_and_cat():
+    d = GroupData(torch.arange(6.0).reshape(3, 2), torch.zeros(3, 2), torch.ones(3, 1), torch.zeros(3), torch.tensor([True, False, False]))
+    both = d.cat(d.select(~d.heldout))
+    assert len(both) == 5 and both.heldout.sum() == 1
+
+
+# ---------------------------------------------------------------- the DIGR effect
+def test_large_lambda_suppresses_input_gradients_on_irrelevant_features():
+    """The teacher reads feature 0 only; feature 1 is a copy of it. A plain student uses both copies; a DIGR
+    student whose mask marks feature 1 irrelevant moves all of its input gradient onto feature 0."""
+    torch.manual_seed(0)
+    g = AgentGroup("g", ("a",), spaces.Box(-np.inf, np.inf, (4,), np.float32), spaces.Discrete(2))
+    teacher = MLPPolicy(g, {"hidden_sizes": [], "activation": "tanh"})
+    with torch.no_grad():
+        teacher.net[0].weight.copy_(torch.tensor([[3.0, 0, 0, 0], [-3.0, 0, 0, 0]]))
+        teacher.net[0].bias.zero_()
+    x = torch.randn(2048, 4)
+    x[:, 1] = x[:, 0]
+    layout = FeatureLayout.build(4)
+    sal = perturbation_saliency(teacher, x, layout)
+    # perturbation saliency sees feature 0 only (the teacher ignores the copy)
+    assert torch.all(sal[:, 1:] == 0)
+    data = GroupData(x, teacher(x).detach(), sal, torch.zeros(len(x)), torch.zeros(len(x), dtype=torch.bool))
+
+    def train(lam: float) -> torch.Tensor:
+        torch.manual_seed(1)
+        student = MLPPolicy(g, {"hidden_sizes": [16], "activation": "tanh"})
+        opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+        loss = DistillLoss(lambda_igr=lam, mask="threshold", threshold=0.5)
+        for _ in range(300):
+            terms = loss(student, data, layout)
+            opt.zero_grad()
+            terms["total"].backward()
+            opt.step()
+        agree = float((student(x).argmax(-1) == teacher(x).argmax(-1)).float().mean())
+        assert agree > 0.97
+        x_req = x.clone().requires_grad_(True)
+        f = torch.log_softmax(student(x_req), -1).gather(1, teacher(x).argmax(-1, keepdim=True)).sum()
+        (grad,) = torch.autograd.grad(f, x_req)
+        return grad.abs().mean(0)
+
+    plain, digr = train(0.0), train(10.0)
+    assert plain[1] > 0.3 * plain[0]  # the plain student leans on the copy
+    assert digr[1] < 0.02 * digr[0]  # the DIGR student does not
+    assert digr[2:].max() < 0.02 * digr[0]
+
+
+# ---------------------------------------------------------------- commands
+def test_distill_command_saves_a_compact_student_and_evaluates_it_next_to_the_teacher(cli, teacher_run, tmp_path):
+    from conftest import tiny
+
+    run = tmp_path / "distill"
+    rc, out, err = cli("distill", *tiny(f"distill.teacher={teacher_run}", "logger=default", "logger.progress=false",
+                                        "student.hidden_sizes=[4]"), f"hydra.run.dir={run}")
+    assert rc == 0, err
+    manifest = read_manifest(run / "policies" / "student")
+    t_manifest = read_manifest(teacher_run / "policies" / "teacher")
+    assert manifest["role"] == "student" and manifest["config"]["distill"]["teacher"] == str(teacher_run / "policies" / "teacher")
+    assert manifest["normalizers"] == t_manifest["normalizers"]  # students read the teacher's units
+    for group in ("speaker", "listener"):
+        assert manifest["networks"][group]["class"] == "mlp"
+        assert manifest["networks"][group]["num_parameters"] < t_manifest["networks"][group]["acting_parameters"] / 4
+        assert set(load_file(str(run / "policies" / "student" / f"{group}.safetensors"))) == {
+            "net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    assert manifest["config"]["features"]["listener"]["message"] == [8, 9, 10]
+    md = (run / "reports" / "eval.md").read_text()
+    assert "| teacher |" in md and "| student |" in md and "| random |" in md
+    assert "of the teacher's gain over random" in out
+    # TensorBoard: per-round distillation scalars, the hparams entry with retention
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in ("distill/listener/loss_divergence", "distill/listener/loss_igr", "distill/listener/loss_total",
+                "distill/listener/agreement", "distill/listener/kl", "distill/listener/saliency_spearman",
+                "distill/round_team_return", "hparam/retention"):
+        assert tag in tags, tag
+    assert [s.step for s in ea.Scalars("distill/round_team_return")] == [0, 1]
+    # the student is a drop-in policy for the evaluate command
+    rc, out, err = cli("evaluate", *tiny(f"eval.policy={run}", f"hydra.run.dir={tmp_path / 'ev'}"))
+    assert rc == 0, err and "student" in out
+
+
+def test_distill_is_deterministic_and_lambda_zero_is_plain_distillation(make_cfg, teacher_run, tmp_path):
+    from madistill import stages
+    from madistill.tb import TBLogger
+
+    def run(name: str, *extra: str) -> dict:
+        cfg = make_cfg(f"distill.teacher={teacher_run}", *extra)
+        stages.distill_students(cfg, tmp_path / name, cfg.distill.teacher, TBLogger(tmp_path / name, enabled=False))
+        return load_team(tmp_path / name)[0].state_dict()
+
+    a, b = run("a"), run("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = run("plain", "distill=plain")
+    assert any(not torch.equal(a[k], plain[k]) for k in a)
+
+
+def test_saliency_command_writes_maps_figures_and_agreement(cli, teacher_run, tmp_path):
+    from conftest import tiny
+
+    run = tmp_path / "sal"
+    rc, out, err = cli("saliency", *tiny(f"saliency.policy={teacher_run}", "saliency.episodes=2", "logger=default",
+                                         "logger.progress=false"), f"hydra.run.dir={run}")
+    assert rc == 0, err
+    reports = run / "reports"
+    result = json.loads((reports / "saliency.json").read_text())
+    mean = result["mean_saliency"]["teacher"]["listener"]
+    assert list(mean["perturbation"]) == ["self_vel", "landmark_0", "landmark_1", "landmark_2", "message"]
+    arrays = np.load(reports / "saliency.npz")
+    m = arrays["teacher/listener/gradient"]
+    assert m.shape == (len(arrays["obs/listener"]), 5) and np.allclose(m.max(1), 1.0)
+    assert (reports / "saliency_listener.png").is_file() and (reports / "saliency_speaker_per_obs.png").is_file()
+    assert "| teacher | listener |" in out
+    # the written observations can be fed back; results are reproducible
+    rc, _, err = cli("saliency", *tiny(f"saliency.policy={teacher_run}", f"saliency.obs={reports / 'saliency.npz'}"),
+                     f"hydra.run.dir={tmp_path / 'again'}")
+    assert rc == 0, err
+    again = np.load(tmp_path / "again" / "reports" / "saliency.npz")
+    np.testing.assert_array_equal(again["teacher/listener/perturbation"], arrays["teacher/listener/perturbation"])
+
+
+def test_saliency_and_distill_errors_are_one_line(cli, teacher_run, tmp_path):
+    from conftest import tiny
+
+    rc, _, err = cli("distill", *tiny())
+    assert rc == 2 and "pass distill.teacher=" in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, speaker=np.zeros((3, 3)), listener=np.zeros((3, 7)))
+    rc, _, err = cli("saliency", *tiny(f"saliency.policy={teacher_run}", f"saliency.obs={bad}"),
+                     f"hydra.run.dir={tmp_path / 's'}")
+    assert rc == 2 and "'listener' observations have 7 features, the env gives 11" in err
+    rc, _, err = cli("distill", *tiny(f"distill.teacher={teacher_run}", "distill.divergence=js"),
+                     f"hydra.run.dir={tmp_path / 'd'}")
+    assert rc == 2 and "distill.divergence" in err
+
+
+def test_distillation_fields_sweep(cli, teacher_run, tmp_path):
+    from conftest import tiny
+
+    rc, _, err = cli("distill", *tiny(f"distill.teacher={teacher_run}", "distill.rounds=1", "distill.updates_per_round=5",
+                                      "eval.random_baseline=false", f"hydra.sweep.dir={tmp_path}"),
+                     "-m", "distill.lambda_igr=0,1", "distill.divergence=kl,prob_l2")
+    assert rc == 0, err
+    cfgs = sorted(p.read_text() for p in tmp_path.glob("*/.hydra/overrides.yaml"))
+    assert len(cfgs) == 4 and all((p / "policies" / "student" / "manifest.json").is_file() for p in tmp_path.glob("[0-9]"))
+    teams = {read_manifest(p / "policies" / "student")["config"]["distill"]["divergence"] for p in tmp_path.glob("[0-9]")}
+    assert teams == {"kl", "prob_l2"}
+
