@@ -74,10 +74,10 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     divergence: str = "kl"  # kl | reverse_kl | prob_l2 | logit_mse | nll
     temperature: float = 1.0  # teacher softmax temperature (Box: scales the teacher's variance)
-    lambda_igr: float = 0.1  # weight of the selective input-gradient penalty
-    mask: str = "soft"  # soft | topk | threshold: how teacher saliency becomes feature relevance
+    lambda_igr: float = 1.0  # weight of the selective input-gradient penalty
+    mask: str = "threshold"  # soft | topk | threshold: how teacher saliency becomes feature relevance
     topk: int = 3  # groups kept relevant by mask=topk
-    threshold: float = 0.1  # saliency at or above which a group is relevant (mask=threshold)
+    threshold: float = 0.2  # saliency at or above which a group is relevant (mask=threshold)
     target: str = "log_prob"  # f_S whose input gradient is regularised: log_prob | logit
     heldout_fraction: float = 0.1  # share of visited observations kept for agreement metrics
 
