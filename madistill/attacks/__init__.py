@@ -1,0 +1,1 @@
+"""Adversarial observation perturbations: budgets, attack methods, the attack transform, masking checks."""

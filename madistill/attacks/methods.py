@@ -1,0 +1,119 @@
+"""Observation attacks against any Policy, batched: ``x_adv = attack(policy, x, budget, generator)``.
+
+Every attack works in normalised units inside a Budget and returns a point of the budget's ball.
+Objectives (maximised):
+
+- ``kl``: KL(pi(x) || pi(x + delta)), the policy-divergence objective of SA-PPO/MAD (Zhang et al. 2020);
+  for Gaussian policies the closed-form Gaussian KL.
+- ``ce``: cross-entropy of the clean greedy action, -log pi(a*(x) | x + delta) (Huang et al. 2017).
+- ``value``: minus a critic's value V(x + delta) (the critic attack; the critic is any Policy with ``value``).
+
+Methods: ``random`` (uniform in the ball), ``fgsm`` (one signed-gradient step of size eps), ``pgd`` (k signed
+steps with random start and restarts, the best restart kept per sample), ``spsa`` (the same steps on a
+gradient estimated from function values only: gradient-free, so it cannot be fooled by masked gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from madistill.attacks.budget import Budget
+from madistill.distill.divergences import divergence
+from madistill.errors import MadistillError
+from madistill.policies.base import Policy, choose, log_prob
+
+METHODS = ("random", "fgsm", "pgd", "spsa")
+OBJECTIVES = ("kl", "ce", "value")
+
+
+@dataclass(frozen=True)
+class Attack:
+    """An attack method with its settings; call it on a policy and a batch of normalised observations."""
+
+    method: str = "pgd"
+    objective: str = "kl"
+    steps: int = 10  # pgd / spsa iterations
+    restarts: int = 1  # pgd / spsa random restarts (the best per sample is kept)
+    step_size: float = 2.5  # per-step size in units of radius / steps (Madry et al.'s 2.5 eps / k)
+    spsa_samples: int = 32  # random directions per spsa gradient estimate (each costs two forwards)
+    spsa_delta: float = 0.3  # spsa finite-difference scale, in units of the radius (Uesato et al. 2018: ~eps/3)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise MadistillError(f"unknown attack method {self.method!r}: use one of {METHODS}")
+        if self.objective not in OBJECTIVES:
+            raise MadistillError(f"unknown attack objective {self.objective!r}: use one of {OBJECTIVES}")
+        if self.steps < 1 or self.restarts < 1:
+            raise MadistillError("attack steps and restarts must be at least 1")
+
+    def __call__(
+        self,
+        policy: Policy,
+        x: torch.Tensor,
+        budget: Budget,
+        generator: torch.Generator | None = None,
+        critic: Policy | None = None,
+    ) -> torch.Tensor:
+        x = x.detach()
+        if len(x) == 0 or float(budget.radius.max()) == 0.0:
+            return x
+        if self.method == "random":
+            return budget.sample(x, generator)
+        goal = Objective(self.objective, policy, x, critic)
+        if self.method == "fgsm":
+            return budget.project(x + budget.radius * goal.gradient(x).sign(), x)
+        best, best_val = x, goal(x)
+        for _ in range(self.restarts):
+            x_adv = budget.sample(x, generator)
+            alpha = self.step_size * budget.radius / self.steps
+            for _ in range(self.steps):
+                g = goal.gradient(x_adv) if self.method == "pgd" else self._spsa_gradient(goal, x_adv, budget, generator)
+                x_adv = budget.project(x_adv + alpha * g.sign(), x)
+            val = goal(x_adv)
+            better = val > best_val
+            best = torch.where(better[:, None], x_adv, best)
+            best_val = torch.where(better, val, best_val)
+        return best
+
+    def _spsa_gradient(self, goal: Objective, x: torch.Tensor, budget: Budget, gen: torch.Generator | None) -> torch.Tensor:
+        """Simultaneous-perturbation estimate: mean over random +-1 directions u of
+        (f(x + c u) - f(x - c u)) / (2 c) u, all directions in one batched forward."""
+        n, (b, d) = self.spsa_samples, x.shape
+        u = torch.randint(0, 2, (n, b, d), generator=gen, device=x.device).to(x.dtype) * 2 - 1
+        c = self.spsa_delta * budget.radius.clamp_min(1e-6)
+        pts = torch.cat([x[None] + c * u, x[None] - c * u]).reshape(2 * n * b, d)
+        vals = goal(pts, repeat=2 * n).reshape(2, n, b)
+        return (((vals[0] - vals[1])[..., None] / (2 * c)) * u).mean(0)
+
+
+class Objective:
+    """The attack objective for clean observations ``x`` (per sample, to maximise)."""
+
+    def __init__(self, name: str, policy: Policy, x: torch.Tensor, critic: Policy | None):
+        if name == "value" and (critic is None or critic.value(x[:1]) is None):
+            raise MadistillError("the critic attack needs a policy with a value head: set attack.critic=<teacher run>")
+        self.name, self.policy, self.critic = name, policy, critic
+        with torch.no_grad():
+            self.clean_head = policy(x)
+            self.clean_action = choose(policy.dist_from_head(self.clean_head), True, None)
+
+    def __call__(self, x_adv: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """Objective at ``x_adv``; ``repeat`` > 1 when ``x_adv`` stacks that many copies of the batch."""
+        if self.name == "value":
+            return -self.critic.value(x_adv)  # type: ignore[union-attr]
+        head = self.policy(x_adv)
+        clean = self.clean_head.repeat(repeat, *([1] * (self.clean_head.dim() - 1)))
+        if self.name == "kl":
+            log_std = self.policy.log_std()
+            return divergence("kl", clean, head, discrete=self.policy.group.discrete,
+                              teacher_log_std=log_std, student_log_std=log_std)
+        action = self.clean_action.repeat(repeat, *([1] * (self.clean_action.dim() - 1)))
+        return -log_prob(self.policy.dist_from_head(head), action)
+
+    def gradient(self, x_adv: torch.Tensor) -> torch.Tensor:
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self(x_adv).sum(), x_adv)
+        return g

@@ -1,0 +1,84 @@
+"""Attacks as an ObsTransform: who is attacked (victim agents), when (every step or a fraction of steps),
+and against which policy the perturbation is crafted (the victim's own: white-box; another: transfer)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from madistill.attacks.budget import Budget
+from madistill.attacks.methods import Attack
+from madistill.errors import MadistillError
+from madistill.policies.base import TeamPolicy
+from madistill.transforms import GroupTensors, ObsTransform, StepContext
+
+
+class AttackTransform(ObsTransform):
+    """Perturbs the normalised observations of ``victims`` before their policies act.
+
+    ``surrogate``: craft on this team instead of the acting one (a transfer attack; it must share the acting
+    team's observation normalisation, as a student and its teacher do). ``critic``: the team whose value
+    heads the ``value`` objective uses. ``frequency``: the chance that a copy is attacked at a step (sparse
+    timing draws from the rollout's generator, so it is reproducible with the seed).
+    """
+
+    def __init__(
+        self,
+        attack: Attack,
+        victims: Sequence[str],
+        budgets: Mapping[str, Budget],
+        frequency: float = 1.0,
+        surrogate: TeamPolicy | None = None,
+        critic: TeamPolicy | None = None,
+    ):
+        if not 0.0 <= frequency <= 1.0:
+            raise MadistillError(f"attack.frequency must be in [0, 1], got {frequency}")
+        self.attack, self.victims, self.budgets = attack, list(victims), dict(budgets)
+        self.frequency, self.surrogate, self.critic = frequency, surrogate, critic
+
+    def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
+        team = ctx.team
+        unknown = set(self.victims) - set(team.group_of)
+        if unknown:
+            raise MadistillError(f"attack victims {sorted(unknown)} are not agents of this env: {sorted(team.group_of)}")
+        n = next(iter(obs.values())).shape[0]
+        now = torch.ones(n, dtype=torch.bool, device=team.device)
+        if self.frequency < 1.0:
+            now = torch.rand(n, generator=ctx.generator, device=team.device) < self.frequency
+        out = dict(obs)
+        for g in team.groups:
+            slots = [i for i, a in enumerate(g.agents) if a in self.victims]
+            if not slots:
+                continue
+            mask = torch.zeros_like(ctx.active[g.name])
+            mask[:, slots] = True
+            mask &= ctx.active[g.name] & now[:, None]
+            if not mask.any():
+                continue
+            crafted_on = (self.surrogate or team)[g.name]
+            critic = self.critic[g.name] if self.critic is not None else None
+            x = obs[g.name]
+            adv = self.attack(crafted_on, x[mask], self.budgets[g.name], ctx.generator, critic)
+            x = x.clone()
+            x[mask] = adv.to(x.dtype)
+            out[g.name] = x
+        return out
+
+
+def victim_sets(spec: Sequence[str], agents: Sequence[str]) -> dict[str, list[str]]:
+    """Named victim sets from config: ``all`` (every agent at once), ``each`` (every agent alone), an agent
+    id, or several ids joined with ``+``."""
+    out: dict[str, list[str]] = {}
+    for item in spec:
+        if item == "all":
+            out["all"] = list(agents)
+        elif item == "each":
+            out.update({a: [a] for a in agents})
+        else:
+            names = item.split("+")
+            unknown = [a for a in names if a not in agents]
+            if unknown:
+                raise MadistillError(f"attack.victims names {unknown}: use all, each, or agents of {list(agents)}")
+            out[item] = names
+    return out
