@@ -117,7 +117,7 @@ def main() -> None:
             ret = (returns[-1].mean() - r_ret.mean()) / (t_ret.mean() - r_ret.mean())
             print(f"  {name} seed {seed}: student {returns[-1].mean():.2f}, retention {ret:.4f}", flush=True)
 
-        def retention(idx: list[np.ndarray] | None = None) -> float:
+        def retention(idx: list[np.ndarray] | None = None, returns: list[np.ndarray] = returns) -> float:
             # All policies played the same episode seeds, so one resample of episode indices serves all
             # (a paired bootstrap).
             i = idx[0] if idx else np.arange(args.episodes)

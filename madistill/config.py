@@ -22,6 +22,7 @@ class EnvConfig:
     # Named feature groups per agent group for saliency, e.g. {listener: {landmark_0: [2, 3]}}; features
     # left out stay single (named by the env where it names them).
     features: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    lambda_igr: float = 1.0  # the DIGR weight tuned for this env (distill=digr reads it; plain sets 0)
 
 
 @dataclass
@@ -95,6 +96,31 @@ class SaliencyConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Robustness evaluation (``madistill attack``) and the attack settings robust distillation uses."""
+
+    policy: str | None = None  # run, policy or sweep directory to attack
+    methods: list[str] = field(default_factory=lambda: ["random", "fgsm", "pgd", "critic", "spsa", "transfer"])
+    eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
+    victims: list[str] = field(default_factory=lambda: ["all", "each"])  # all | each | <agent> | <a>+<b>
+    frequency: float = 1.0  # share of steps attacked (per env copy)
+    exclude: dict[str, list[str]] = field(default_factory=dict)  # group -> features never perturbed (index or name)
+    steps: int = 10  # PGD / SPSA iterations
+    restarts: int = 1
+    step_size: float = 2.5  # PGD step = step_size * eps / steps
+    spsa_samples: int = 32
+    spsa_delta: float = 0.3  # SPSA finite-difference scale, relative to eps
+    critic: str | None = None  # policy whose value heads the critic attack uses (default: the teacher)
+    transfer_from: str | None = None  # surrogate for the transfer attack (default: the teacher <-> its student)
+    episodes: int = 50
+    seed: int = 20_000  # episode seeds, disjoint from training and clean-evaluation seeds
+    checks: bool = True  # gradient-masking checks (adds strong PGD at the middle eps and a collapse run)
+    collapse_eps: float = 3.0  # PGD here on all agents should leave under half the gain over random
+    masking_tolerance: float = 0.1  # return differences below this share of the clean gain are not flagged
+    probe_observations: int = 512  # observations for the objective-level checks
+
+
+@dataclass
 class LoggerConfig:
     tensorboard: bool = True
     progress: bool = True  # progress bars with rate and ETA
@@ -122,6 +148,7 @@ class Config:
     student: StudentConfig = MISSING
     distill: DistillConfig = MISSING
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto

@@ -1,0 +1,199 @@
+"""Robustness evaluation of saved policies: team and per-agent return under every attack, budget and victim
+set, the worst case over attacks, and the gradient-masking checks; report, curves and TensorBoard."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from madistill.attacks.budget import Budget, group_budgets
+from madistill.attacks.checks import Flag, probe, return_checks
+from madistill.attacks.methods import Attack
+from madistill.attacks.transform import AttackTransform, victim_sets
+from madistill.distill.dataset import collect_round
+from madistill.envs.episodes import EpisodeRecord
+from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
+from madistill.evaluate.evaluator import run_episodes
+from madistill.explain.saliency import FeatureLayout
+from madistill.policies.base import TeamPolicy
+
+# The attack suite by name: "critic" is PGD on minus a critic's value, "transfer" is PGD crafted on a
+# surrogate policy; "pgd_strong" (2x steps, 3+ restarts) runs for the masking checks.
+SUITE = ("random", "fgsm", "pgd", "critic", "spsa", "transfer")
+
+
+def suite_attack(name: str, ac: Any) -> Attack:
+    """The Attack behind a suite name, from the ``attack`` config."""
+    base = Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta)
+    return {
+        "random": Attack("random", "kl"),
+        "fgsm": Attack("fgsm", "ce"),
+        "pgd": base,
+        "pgd_strong": Attack("pgd", "kl", 2 * ac.steps, max(3, ac.restarts), ac.step_size),
+        "critic": Attack("pgd", "value", ac.steps, ac.restarts, ac.step_size),
+        "spsa": Attack("spsa", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta),
+        "transfer": base,
+    }[name]
+
+
+@dataclass
+class RobustnessResult:
+    """Mean returns of one policy: ``returns[victims][attack][eps]`` (team) and per agent, plus flags."""
+
+    clean: float
+    random: float
+    clean_agents: dict[str, float]
+    returns: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)
+    agent_returns: dict[str, dict[str, dict[float, dict[str, float]]]] = field(default_factory=dict)
+    ci: dict[str, dict[str, dict[float, tuple[float, float]]]] = field(default_factory=dict)
+    flags: dict[str, list[Flag]] = field(default_factory=dict)
+    probes: dict[str, dict[str, float]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def worst(self, victims: str, eps: float) -> tuple[str, float]:
+        """The attack with the lowest team return at ``eps``, and that return."""
+        rows = {a: r[eps] for a, r in self.returns[victims].items() if eps in r}
+        name = min(rows, key=rows.get)  # type: ignore[arg-type]
+        return name, rows[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        eps_key = lambda d: {str(e): v for e, v in d.items()}  # noqa: E731 - JSON keys are strings
+        return {
+            "clean": self.clean, "random": self.random, "clean_agents": self.clean_agents,
+            "returns": {v: {a: eps_key(r) for a, r in t.items()} for v, t in self.returns.items()},
+            "ci": {v: {a: eps_key(r) for a, r in t.items()} for v, t in self.ci.items()},
+            "agent_returns": {v: {a: eps_key(r) for a, r in t.items()} for v, t in self.agent_returns.items()},
+            "worst_case": {v: {str(e): self.worst(v, e) for e in sorted({e for r in t.values() for e in r})}
+                           for v, t in self.returns.items()},
+            "flags": {v: [f.__dict__ for f in fl] for v, fl in self.flags.items()},
+            "probes": self.probes, "skipped": self.skipped,
+        }
+
+
+def _mean_ci(records: list[EpisodeRecord], seed: int, n_boot: int = 1000) -> tuple[float, tuple[float, float]]:
+    r = np.array([e.team_return for e in records])
+    rng = np.random.default_rng(seed)
+    boots = r[rng.integers(0, len(r), (n_boot, len(r)))].mean(1)
+    return float(r.mean()), (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)))
+
+
+def _agents(records: list[EpisodeRecord]) -> dict[str, float]:
+    return {a: float(np.mean([e.agent_returns[a] for e in records])) for a in records[0].agent_returns}
+
+
+def evaluate_robustness(
+    venv: MultiAgentVecEnv,
+    team: TeamPolicy,
+    layouts: Mapping[str, FeatureLayout],
+    ac: Any,
+    random_return: float,
+    seed: int,
+    surrogate: TeamPolicy | None = None,
+    critic: TeamPolicy | None = None,
+    progress: Any = None,
+) -> RobustnessResult:
+    """Every configured attack x eps x victim set on ``team`` (episodes with seeds ``seed...``), plus the
+    strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe."""
+    clean_recs = run_episodes(venv, team, ac.episodes, seed)
+    clean, _ = _mean_ci(clean_recs, seed)
+    res = RobustnessResult(clean, random_return, _agents(clean_recs))
+    exclude = {g: list(v) for g, v in (ac.exclude or {}).items()}
+    budgets = {float(e): group_budgets(float(e), layouts, exclude, team.device) for e in ac.eps}
+    mid = sorted(budgets)[len(budgets) // 2]
+    methods = list(ac.methods)
+    for name in methods:
+        if name not in SUITE:
+            raise MadistillError(f"unknown attack {name!r}: use attack.methods=[{', '.join(SUITE)}]")
+    if "transfer" in methods and surrogate is None:
+        methods.remove("transfer")
+        res.skipped.append("transfer: no surrogate policy (set attack.transfer_from=<policy>)")
+    if "critic" in methods and critic is None:
+        methods.remove("critic")
+        res.skipped.append("critic: no policy with a value head (set attack.critic=<teacher run>)")
+    extra = [("pgd_strong", mid)] if ac.checks else []
+    if ac.checks and ac.collapse_eps:
+        budgets[float(ac.collapse_eps)] = group_budgets(float(ac.collapse_eps), layouts, exclude, team.device)
+        extra.append(("pgd", float(ac.collapse_eps)))
+    runs = [(m, e) for m in methods for e in sorted(float(x) for x in ac.eps)] + extra
+    agents = [a for g in team.groups for a in g.agents]
+    sets = victim_sets(list(ac.victims), agents)
+    for vname, victims in sets.items():
+        res.returns[vname], res.agent_returns[vname], res.ci[vname] = {}, {}, {}
+        for method, eps in runs:
+            transform = AttackTransform(
+                suite_attack(method, ac), victims, budgets[eps], ac.frequency,
+                surrogate=surrogate if method == "transfer" else None, critic=critic,
+            )
+            recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
+            mean, ci = _mean_ci(recs, seed)
+            res.returns[vname].setdefault(method, {})[eps] = mean
+            res.ci[vname].setdefault(method, {})[eps] = ci
+            res.agent_returns[vname].setdefault(method, {})[eps] = _agents(recs)
+            if progress is not None:
+                progress.update(1)
+        collapse = float(ac.collapse_eps) if ac.checks and ac.collapse_eps and vname == "all" else None
+        if ac.checks:
+            res.flags[vname] = return_checks(res.returns[vname], clean, random_return, ac.masking_tolerance, collapse)
+    if ac.checks:
+        _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
+    return res
+
+
+def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budget], ac: Any, seed: int,
+           surrogate: TeamPolicy | None, res: RobustnessResult) -> None:
+    """Objective-level checks per group on observations from clean greedy episodes."""
+    raw, _ = collect_round(venv, team, seed, True, episodes=max(2, venv.num_envs))
+    gen = torch.Generator(device=team.device).manual_seed(seed)
+    for g in team.groups:
+        x = team.normalizers[g.name].normalize(raw[g.name][: ac.probe_observations].to(team.device))
+        reached, flags = probe(team[g.name], x, budgets[g.name], suite_attack("pgd", ac), gen,
+                               surrogate=surrogate[g.name] if surrogate is not None else None)
+        res.probes[g.name] = reached
+        res.flags.setdefault(f"probe:{g.name}", []).extend(flags)
+
+
+def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: str) -> plt.Figure:
+    """Team return vs eps, one panel per policy, one line per attack (clean and random as references)."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False, sharey=True)
+    for ax, (name, res) in zip(axes[0], results.items()):
+        for attack, by_eps in res.returns.get(victims, {}).items():
+            eps = sorted(by_eps)
+            ax.plot(eps, [by_eps[e] for e in eps], marker="o", label=attack)
+        ax.axhline(res.clean, color="k", lw=1, label="clean")
+        ax.axhline(res.random, color="gray", ls="--", lw=1, label="random policy")
+        ax.set_title(f"{name} (victims: {victims})", fontsize=9)
+        ax.set_xlabel("eps (normalised units)")
+    axes[0][0].set_ylabel("team return")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episodes: int) -> str:
+    """Tables per victim set: clean, each attack at each eps, worst case; then the masking flags."""
+    lines = [f"# Robustness on {env_id}", "", f"{episodes} episodes per cell (same seeds everywhere), greedy actions, "
+             "mean team return; eps in normalised units (standard deviations).", ""]
+    for name, res in results.items():
+        lines += [f"## {name}: clean {res.clean:.2f}, random policy {res.random:.2f}", ""]
+        for vname, table in res.returns.items():
+            eps_all = sorted({e for r in table.values() for e in r})
+            lines += [f"victims: **{vname}**", "", "| attack | " + " | ".join(f"eps {e:g}" for e in eps_all) + " |",
+                      "|---|" + "---|" * len(eps_all)]
+            for attack, by_eps in table.items():
+                lines.append(f"| {attack} | " + " | ".join(f"{by_eps[e]:.2f}" if e in by_eps else "" for e in eps_all) + " |")
+            worst = [res.worst(vname, e) for e in eps_all]
+            lines.append("| **worst case** | " + " | ".join(f"{r:.2f} ({a})" for a, r in worst) + " |")
+            lines.append("")
+        flagged = [(k, f) for k, fl in res.flags.items() for f in fl]
+        lines.append("Gradient-masking checks: " + ("none fired" if not flagged else ""))
+        lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in flagged]
+        lines += [f"- skipped {s}" for s in res.skipped]
+        lines.append("")
+    return "\n".join(lines)
