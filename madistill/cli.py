@@ -15,6 +15,7 @@ STAGES = {
     "evaluate": "evaluate saved policies (eval.policy=<run, policy or sweep dir>)",
     "distill": "distil a teacher (distill.teacher=<run or policy dir>) into compact DIGR students",
     "saliency": "saliency maps and figures for saved policies (saliency.policy=<run or policy dir>)",
+    "attack": "robustness of saved policies to observation attacks (attack.policy=<run or policy dir>)",
     "pipeline": "the main job: train teachers, distil them into students, evaluate both next to a random team",
 }
 

@@ -104,9 +104,10 @@ class AttackConfig:
     eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
     victims: list[str] = field(default_factory=lambda: ["all", "each"])  # all | each | <agent> | <a>+<b>
     frequency: float = 1.0  # share of steps attacked (per env copy)
-    exclude: dict[str, list[str]] = field(default_factory=dict)  # group -> features never perturbed (index or name)
+    # group -> features never perturbed (index or feature-group name): +attack.exclude.speaker=[goal_0]
+    exclude: dict[str, list[str]] = field(default_factory=dict)
     steps: int = 10  # PGD / SPSA iterations
-    restarts: int = 1
+    restarts: int = 3  # KL is flat at delta = 0, so PGD relies on random starts: one restart is weak
     step_size: float = 2.5  # PGD step = step_size * eps / steps
     spsa_samples: int = 32
     spsa_delta: float = 0.3  # SPSA finite-difference scale, relative to eps

@@ -15,6 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import madistill
+from madistill.attacks.robustness import curves_figure, evaluate_robustness
+from madistill.attacks.robustness import markdown_report as robustness_markdown
+from madistill.attacks.transform import victim_sets
 from madistill.distill.dataset import SaliencyLabeller, collect_round
 from madistill.distill.trainer import DistillTrainer, student_team
 from madistill.envs.episodes import EpisodeRecord
@@ -46,6 +49,7 @@ from madistill.explain.report import (
     save_arrays,
 )
 from madistill.explain.saliency import feature_layouts
+from madistill.policies.base import TeamPolicy
 from madistill.policies.store import find_policy_dir, load_team, read_manifest, save_team
 from madistill.runtime import env_spec, make_vec_env, resolve_device, seed_everything
 from madistill.tb import TBLogger
@@ -225,7 +229,7 @@ def distill_students(
         trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb)
         trainer.train()
     config = OmegaConf.to_container(cfg, resolve=True)
-    config["distill"]["teacher"] = str(tdir)
+    config["distill"]["teacher"] = str(tdir.resolve())
     config["features"] = {g: dict(zip(lay.names, map(list, lay.indices))) for g, lay in layouts.items()}
     save_team(run_dir / "policies" / "student", student, spec, "student", config=config)
     return tdir, trainer.history
@@ -343,6 +347,75 @@ def load_observations(path: str | Path, groups: Sequence[AgentGroup]) -> dict[st
             raise MadistillError(f"{path}: {g.name!r} observations contain NaN or inf: clean the file")
         out[g.name] = torch.as_tensor(x)
     return out
+
+
+def attack(cfg: DictConfig, run_dir: Path) -> dict:
+    """Stage: robustness of every saved policy under ``attack.policy`` against the attack suite, with the
+    gradient-masking checks. Writes ``reports/robustness.{json,md}``, return-vs-eps curves (PNG and
+    TensorBoard) and TensorBoard scalars ``attack/<policy>/<victims>/<attack>`` over eps (x100)."""
+    ac = cfg.attack
+    if not ac.policy:
+        raise MadistillError("no policy to attack: pass attack.policy=<run, policy or sweep directory>")
+    seed_everything(cfg.seed, cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    refs = with_teachers(discover_policies(ac.policy, list(cfg.eval.names)))
+    spec = _env_for(cfg, refs)
+    results = {}
+    with make_vec_env(cfg.env, spec) as venv:
+        teams = {ref.name: load_team(ref.path, venv.groups, device=device)[0] for ref in refs}
+        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
+        random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)
+        random_return = float(np.mean([r.team_return for r in random_recs]))
+        extra = {k: load_team(getattr(ac, k), venv.groups, device=device)[0] for k in ("critic", "transfer_from") if getattr(ac, k)}
+        n_sets = len(victim_sets(list(ac.victims), [a for g in venv.groups for a in g.agents]))
+        per_policy = n_sets * (len(ac.methods) * len(ac.eps) + (2 if ac.checks else 0))
+        with tqdm(total=len(teams) * per_policy, desc="attack", unit="eval", disable=not cfg.logger.progress) as bar:
+            for name, team in teams.items():
+                critic = extra.get("critic") or (team if _has_value(team) else teams.get("teacher"))
+                other = "student" if name == "teacher" else "teacher"
+                surrogate = extra.get("transfer_from") or teams.get(other)
+                bar.set_postfix(policy=name)
+                results[name] = evaluate_robustness(
+                    venv, team, layouts, ac, random_return, ac.seed, surrogate=surrogate, critic=critic, progress=bar
+                )
+    reports = run_dir / "reports"
+    payload = {
+        "meta": {"env": spec.to_dict(), "policies": {r.name: str(r.path) for r in refs}, "episodes": ac.episodes,
+                 "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True)},
+        "results": {n: r.to_dict() for n, r in results.items()},
+    }
+    atomic_write_text(reports / "robustness.json", json.dumps(payload, indent=2))
+    text = robustness_markdown(results, spec.id, ac.episodes)
+    write_markdown(reports / "robustness.md", text)
+    victims = list(next(iter(results.values())).returns)
+    with _tb(cfg, run_dir) as tb:
+        tb.text("attack/report", text)
+        for name, res in results.items():
+            for vname, table in res.returns.items():
+                for method, by_eps in table.items():
+                    for eps, value in sorted(by_eps.items()):
+                        tb.scalar(f"attack/{name}/{vname}/{method}", value, int(round(100 * eps)))
+        if cfg.logger.figures:
+            for vname in victims:
+                tb.figure(f"attack/curves_{vname}", curves_figure(results, vname, spec.id))
+    flags = sum(len(f) for r in results.values() for f in r.flags.values())
+    lines = ["", f"Robustness on {spec.id} (team return; worst case over the suite at each eps):"]
+    for name, res in results.items():
+        for vname in res.returns:
+            eps = sorted(float(e) for e in ac.eps)
+            worst = ", ".join(f"eps {e:g}: {res.worst(vname, e)[1]:.2f} ({res.worst(vname, e)[0]})" for e in eps)
+            lines.append(f"  {name:<8} clean {res.clean:.2f} | victims {vname}: {worst}")
+    lines += [
+        f"  gradient-masking flags: {flags}" + (" (see the report)" if flags else ""),
+        f"  report:      {reports / 'robustness.md'}",
+        f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
+    ]
+    print("\n".join(lines))
+    return payload
+
+
+def _has_value(team: TeamPolicy) -> bool:
+    return all(team[g.name].value(torch.zeros(1, g.obs_dim, device=team.device)) is not None for g in team.groups)
 
 
 def pipeline(cfg: DictConfig, run_dir: Path) -> dict:

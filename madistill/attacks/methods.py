@@ -35,7 +35,7 @@ class Attack:
     method: str = "pgd"
     objective: str = "kl"
     steps: int = 10  # pgd / spsa iterations
-    restarts: int = 1  # pgd / spsa random restarts (the best per sample is kept)
+    restarts: int = 3  # pgd / spsa random restarts (the best per sample is kept)
     step_size: float = 2.5  # per-step size in units of radius / steps (Madry et al.'s 2.5 eps / k)
     spsa_samples: int = 32  # random directions per spsa gradient estimate (each costs two forwards)
     spsa_delta: float = 0.3  # spsa finite-difference scale, in units of the radius (Uesato et al. 2018: ~eps/3)

@@ -24,7 +24,7 @@ from madistill.explain.saliency import FeatureLayout
 from madistill.policies.base import TeamPolicy
 
 # The attack suite by name: "critic" is PGD on minus a critic's value, "transfer" is PGD crafted on a
-# surrogate policy; "pgd_strong" (2x steps, 3+ restarts) runs for the masking checks.
+# surrogate policy; "pgd_strong" (2x steps, 2x restarts) runs for the masking checks.
 SUITE = ("random", "fgsm", "pgd", "critic", "spsa", "transfer")
 
 
@@ -35,7 +35,7 @@ def suite_attack(name: str, ac: Any) -> Attack:
         "random": Attack("random", "kl"),
         "fgsm": Attack("fgsm", "ce"),
         "pgd": base,
-        "pgd_strong": Attack("pgd", "kl", 2 * ac.steps, max(3, ac.restarts), ac.step_size),
+        "pgd_strong": Attack("pgd", "kl", 2 * ac.steps, 2 * ac.restarts, ac.step_size),
         "critic": Attack("pgd", "value", ac.steps, ac.restarts, ac.step_size),
         "spsa": Attack("spsa", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta),
         "transfer": base,
@@ -50,6 +50,7 @@ class RobustnessResult:
     random: float
     clean_agents: dict[str, float]
     returns: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)
+    episodes: dict[str, dict[str, dict[float, np.ndarray]]] = field(default_factory=dict)  # per-episode team returns
     agent_returns: dict[str, dict[str, dict[float, dict[str, float]]]] = field(default_factory=dict)
     ci: dict[str, dict[str, dict[float, tuple[float, float]]]] = field(default_factory=dict)
     flags: dict[str, list[Flag]] = field(default_factory=dict)
@@ -124,7 +125,7 @@ def evaluate_robustness(
     agents = [a for g in team.groups for a in g.agents]
     sets = victim_sets(list(ac.victims), agents)
     for vname, victims in sets.items():
-        res.returns[vname], res.agent_returns[vname], res.ci[vname] = {}, {}, {}
+        res.returns[vname], res.agent_returns[vname], res.ci[vname], res.episodes[vname] = {}, {}, {}, {}
         for method, eps in runs:
             transform = AttackTransform(
                 suite_attack(method, ac), victims, budgets[eps], ac.frequency,
@@ -135,11 +136,12 @@ def evaluate_robustness(
             res.returns[vname].setdefault(method, {})[eps] = mean
             res.ci[vname].setdefault(method, {})[eps] = ci
             res.agent_returns[vname].setdefault(method, {})[eps] = _agents(recs)
+            res.episodes[vname].setdefault(method, {})[eps] = np.array([r.team_return for r in recs])
             if progress is not None:
                 progress.update(1)
         collapse = float(ac.collapse_eps) if ac.checks and ac.collapse_eps and vname == "all" else None
         if ac.checks:
-            res.flags[vname] = return_checks(res.returns[vname], clean, random_return, ac.masking_tolerance, collapse)
+            res.flags[vname] = return_checks(res.episodes[vname], clean, random_return, ac.masking_tolerance, collapse, seed)
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res

@@ -1,0 +1,165 @@
+"""Attacks: budgets and excluded features, objective strength, the attack transform (victims, timing),
+gradient-masking checks on a masking policy and a plain one, and the attack command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from madistill.attacks.budget import Budget, excluded_features, group_budgets
+from madistill.attacks.checks import probe, return_checks
+from madistill.attacks.methods import Attack, Objective
+from madistill.attacks.transform import AttackTransform, victim_sets
+from madistill.envs.groups import AgentGroup
+from madistill.errors import MadistillError
+from madistill.explain.saliency import FeatureLayout
+from madistill.normalize import ObsNormalizer
+from madistill.policies.base import TeamPolicy
+from madistill.policies.mlp import MLPPolicy
+from madistill.transforms import StepContext
+
+D = 8
+GROUP = AgentGroup("g", ("a_0", "a_1"), spaces.Box(-np.inf, np.inf, (D,), np.float32), spaces.Discrete(5))
+
+
+def _mlp(scale: float = 3.0, seed: int = 0) -> MLPPolicy:
+    torch.manual_seed(seed)
+    p = MLPPolicy(GROUP, {"hidden_sizes": [32, 32], "activation": "tanh"})
+    with torch.no_grad():
+        for w in p.parameters():
+            w.mul_(scale)  # sharper than at init, like a trained policy
+    return p
+
+
+class Quantised(MLPPolicy):
+    """Rounds its input to a grid first: gradients are zero almost everywhere (masked), the policy is not robust."""
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.round(obs * 2) / 2)
+
+
+def _quantised() -> Quantised:
+    q = Quantised(GROUP, {"hidden_sizes": [32, 32], "activation": "tanh"})
+    q.load_state_dict(_mlp().state_dict())
+    return q
+
+
+X = torch.randn(256, D, generator=torch.Generator().manual_seed(1)) * 2
+
+
+@pytest.mark.parametrize("method,objective", [("random", "kl"), ("fgsm", "ce"), ("pgd", "kl"), ("pgd", "ce"), ("spsa", "kl")])
+def test_attacks_stay_in_budget_and_leave_excluded_features(method, objective):
+    eps = torch.linspace(0.1, 0.8, D)
+    budget = Budget.build(eps.tolist(), D, excluded=[0, 5])
+    x_adv = Attack(method, objective, steps=5)(_mlp(), X, budget, torch.Generator().manual_seed(0))
+    delta = (x_adv - X).abs()
+    assert torch.all(delta <= budget.radius + 1e-6)
+    assert torch.all(delta[:, [0, 5]] == 0)
+    assert delta.max() > 0.5 * 0.8  # it does move (random: uniformly; others: to the boundary)
+
+
+def test_critic_attack_lowers_the_value():
+    from madistill.policies.sb3 import SB3Policy
+
+    torch.manual_seed(0)
+    critic = SB3Policy.from_arch(GROUP, {"hidden_sizes": [32], "activation": "tanh"})
+    budget = Budget.build(0.5, D)
+    x_adv = Attack("pgd", "value", steps=10)(critic, X, budget, torch.Generator().manual_seed(0), critic=critic)
+    with torch.no_grad():
+        assert float(critic.value(x_adv).mean()) < float(critic.value(X).mean()) - 0.01
+    with pytest.raises(MadistillError, match="attack.critic"):
+        Attack("pgd", "value")(_mlp(), X, budget, None, critic=_mlp())
+
+
+def test_pgd_reaches_a_higher_divergence_than_fgsm_and_random():
+    policy, budget, gen = _mlp(), Budget.build(0.3, D), torch.Generator().manual_seed(0)
+    kl = Objective("kl", policy, X, None)
+    reached = {m: float(kl(Attack(m, "ce" if m == "fgsm" else "kl")(policy, X, budget, gen)).mean().detach())
+               for m in ("random", "fgsm", "pgd")}
+    assert reached["pgd"] > reached["fgsm"] > reached["random"] > 0
+
+
+def test_budgets_from_config():
+    layout = FeatureLayout.build(4, {"goal": [2, 3]})
+    assert excluded_features(["goal", "0"], layout) == [0, 2, 3]
+    b = group_budgets(0.5, {"g": layout}, {"g": ["goal"]})["g"]
+    torch.testing.assert_close(b.radius, torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    with pytest.raises(MadistillError, match="attack.exclude"):
+        excluded_features(["nope"], layout)
+    with pytest.raises(MadistillError, match="needs 4 values"):
+        Budget.build([0.1, 0.2], 4)
+
+
+def test_transform_attacks_only_live_victims_on_chosen_steps():
+    team = TeamPolicy([GROUP], {"g": _mlp()}, {"g": ObsNormalizer(D, enabled=False)})
+    obs = {"g": torch.randn(64, 2, D)}
+    active = torch.ones(64, 2, dtype=torch.bool)
+    active[:8, 0] = False  # a dead victim is never perturbed
+    ctx = StepContext(team, 0, np.zeros(64), {"g": active}, torch.Generator().manual_seed(0))
+    budget = {"g": Budget.build(0.5, D)}
+    out = AttackTransform(Attack("random"), ["a_0"], budget)(obs, ctx)["g"]
+    changed = (out != obs["g"]).any(-1)
+    assert not changed[:, 1].any() and not changed[:8, 0].any() and changed[8:, 0].all()
+    half = AttackTransform(Attack("random"), ["a_0", "a_1"], budget, frequency=0.5)(obs, ctx)["g"]
+    share = float((half != obs["g"]).any(-1).all(-1)[8:].float().mean())
+    assert 0.3 < share < 0.7
+    with pytest.raises(MadistillError, match="not agents"):
+        AttackTransform(Attack("random"), ["ghost"], budget)(obs, ctx)
+    assert victim_sets(["all", "each", "a_0+a_1"], ["a_0", "a_1"]) == {
+        "all": ["a_0", "a_1"], "a_0": ["a_0"], "a_1": ["a_1"], "a_0+a_1": ["a_0", "a_1"]}
+
+
+def test_masking_checks_fire_on_a_quantising_policy_and_stay_silent_on_a_plain_mlp():
+    budget, pgd = Budget.build(0.5, D), Attack()
+    _, plain_flags = probe(_mlp(), X, budget, pgd, torch.Generator().manual_seed(0))
+    reached, q_flags = probe(_quantised(), X, budget, pgd, torch.Generator().manual_seed(0))
+    assert plain_flags == []
+    names = {f.name for f in q_flags}
+    assert {"zero_gradients", "gradient_free_stronger"} <= names
+    assert reached["fgsm"] == 0.0 and reached["zero_gradient_share"] == 1.0
+
+
+def test_return_level_checks():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 0.3, 100)
+    sound = {"fgsm": {0.5: -20 + base}, "pgd": {0.1: -12 + base, 0.5: -25 + base, 3.0: -45 + base},
+             "pgd_strong": {0.5: -25.2 + base}, "spsa": {0.5: -21 + base}, "transfer": {0.5: -18 + base}}
+    assert return_checks(sound, clean=-10, random=-40, collapse_eps=3.0) == []
+    masked = {"fgsm": {0.5: -20 + base}, "pgd": {0.1: -11 + base, 0.5: -12 + base, 3.0: -11 + base},
+              "pgd_strong": {0.5: -19 + base}, "spsa": {0.5: -30 + base}, "transfer": {0.5: -16 + base}}
+    names = {f.name for f in return_checks(masked, clean=-10, random=-40, collapse_eps=3.0)}
+    assert names == {"pgd_weaker_than_fgsm", "pgd_not_converged", "gradient_free_stronger", "transfer_stronger", "no_collapse"}
+    noisy = {"fgsm": {0.5: -12 + rng.normal(0, 20, 100)}, "pgd": {0.5: -12 + base}}
+    assert return_checks(noisy, clean=-10, random=-40) == []  # noise alone never flags
+
+
+def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
+    from conftest import tiny
+
+    teacher = tmp_path / "t"
+    rc, _, err = cli("train", *tiny("teacher.total_agent_steps=1000"), f"hydra.run.dir={teacher}")
+    assert rc == 0, err
+    run = tmp_path / "a"
+    rc, out, err = cli("attack", *tiny(f"attack.policy={teacher}", "attack.episodes=4", "attack.eps=[0.2,1.0]",
+                                       "attack.victims=[all,speaker_0]", "attack.steps=3", "attack.restarts=1",
+                                       "attack.spsa_samples=4", "attack.probe_observations=64",
+                                       "+attack.exclude.speaker=[goal_0]", "logger=default", "logger.progress=false"),
+                       f"hydra.run.dir={run}")
+    assert rc == 0, err
+    data = json.loads((run / "reports" / "robustness.json").read_text())
+    res = data["results"]["teacher"]
+    assert set(res["returns"]) == {"all", "speaker_0"}
+    assert set(res["returns"]["all"]) == {"random", "fgsm", "pgd", "critic", "spsa", "pgd_strong"}
+    assert set(res["returns"]["all"]["pgd"]) == {"0.2", "1.0", "3.0"}  # 3.0: the collapse check
+    assert any("transfer" in s for s in res["skipped"])  # no student to transfer from
+    worst = res["worst_case"]["all"]["1.0"]
+    assert worst[1] == min(v["1.0"] for v in res["returns"]["all"].values() if "1.0" in v)
+    assert "Gradient-masking checks" in (run / "reports" / "robustness.md").read_text()
+    assert (run / "reports" / "attack_curves_all.png").is_file()
+    assert "worst case over the suite" in out
+    rc, _, err = cli("attack", *tiny(f"attack.policy={teacher}", "attack.methods=[pgd,deepfool]"), f"hydra.run.dir={tmp_path / 'b'}")
+    assert rc == 2 and "unknown attack 'deepfool'" in err
