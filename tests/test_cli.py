@@ -45,7 +45,7 @@ def _madistill_error(err: str, stage: str) -> str:
 def test_help_lists_the_stages(cli, args):
     rc, out, _ = cli(*args)
     assert rc == 0
-    for stage in ("train", "evaluate", "distill", "saliency", "pipeline"):
+    for stage in ("train", "evaluate", "distill", "saliency", "attack", "pipeline"):
         assert f"  {stage} " in out
     assert "usage: madistill <stage>" in out
 
@@ -55,7 +55,7 @@ def test_unknown_stage_exits_2(cli):
     assert rc == 2 and out == ""
     assert _err_lines(err) == [
         "madistill: error: unknown stage 'distil': did you mean 'distill'? "
-        "use one of train, evaluate, distill, saliency, pipeline"
+        "use one of train, evaluate, distill, saliency, attack, pipeline"
     ]
 
 
