@@ -81,6 +81,13 @@ class DistillConfig:
     threshold: float = 0.2  # saliency at or above which a group is relevant (mask=threshold)
     target: str = "log_prob"  # f_S whose input gradient is regularised: log_prob | logit
     heldout_fraction: float = 0.1  # share of visited observations kept for agreement metrics
+    # Robust distillation (adversarial term): PGD on the student within adv_eps (normalised units, features in
+    # attack.exclude kept), eps ramped linearly from 0 over the first adv_ramp share of the updates.
+    adv_weight: float = 0.0  # weight of divergence(teacher(x) || student(x + delta))
+    smooth_weight: float = 0.0  # weight of KL(student(x) || student(x + delta))
+    adv_eps: float = 0.3
+    adv_steps: int = 3
+    adv_ramp: float = 0.5
 
 
 @dataclass

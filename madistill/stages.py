@@ -361,8 +361,9 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
     refs = with_teachers(discover_policies(ac.policy, list(cfg.eval.names)))
     spec = _env_for(cfg, refs)
     results = {}
+    several = len({r.run for r in refs}) > 1
     with make_vec_env(cfg.env, spec) as venv:
-        teams = {ref.name: load_team(ref.path, venv.groups, device=device)[0] for ref in refs}
+        teams = {f"{r.name}@{r.run}" if several else r.name: load_team(r.path, venv.groups, device=device)[0] for r in refs}
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
         random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)
         random_return = float(np.mean([r.team_return for r in random_recs]))
@@ -370,12 +371,13 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
         n_sets = len(victim_sets(list(ac.victims), [a for g in venv.groups for a in g.agents]))
         per_policy = n_sets * (len(ac.methods) * len(ac.eps) + (2 if ac.checks else 0))
         with tqdm(total=len(teams) * per_policy, desc="attack", unit="eval", disable=not cfg.logger.progress) as bar:
-            for name, team in teams.items():
-                critic = extra.get("critic") or (team if _has_value(team) else teams.get("teacher"))
-                other = "student" if name == "teacher" else "teacher"
-                surrogate = extra.get("transfer_from") or teams.get(other)
-                bar.set_postfix(policy=name)
-                results[name] = evaluate_robustness(
+            for label, team in teams.items():
+                name = label.split("@")[0]
+                by_role = {k.split("@")[0]: t for k, t in reversed(list(teams.items()))}  # first of each name
+                critic = extra.get("critic") or (team if _has_value(team) else by_role.get("teacher"))
+                surrogate = extra.get("transfer_from") or by_role.get("student" if name == "teacher" else "teacher")
+                bar.set_postfix(policy=label)
+                results[label] = evaluate_robustness(
                     venv, team, layouts, ac, random_return, ac.seed, surrogate=surrogate, critic=critic, progress=bar
                 )
     reports = run_dir / "reports"
@@ -405,6 +407,10 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
             eps = sorted(float(e) for e in ac.eps)
             worst = ", ".join(f"eps {e:g}: {res.worst(vname, e)[1]:.2f} ({res.worst(vname, e)[0]})" for e in eps)
             lines.append(f"  {name:<8} clean {res.clean:.2f} | victims {vname}: {worst}")
+    for name, res in results.items():
+        if "pgd" in res.seconds:
+            lines.append(f"  {name:<8} evaluation wall time: clean {res.seconds['clean']:.2f} s, under PGD-{ac.steps} "
+                         f"({ac.restarts} restarts) {res.seconds['pgd']:.2f} s ({res.seconds['pgd'] / res.seconds['clean']:.1f}x)")
     lines += [
         f"  gradient-masking flags: {flags}" + (" (see the report)" if flags else ""),
         f"  report:      {reports / 'robustness.md'}",

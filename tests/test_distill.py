@@ -226,3 +226,35 @@ def test_distillation_fields_sweep(cli, teacher_run, tmp_path):
     teams = {read_manifest(p / "policies" / "student")["config"]["distill"]["divergence"] for p in tmp_path.glob("[0-9]")}
     assert teams == {"kl", "prob_l2"}
 
+
+
+def test_adversarial_term_makes_the_student_harder_to_move():
+    """Robust distillation: with the adversarial and smoothness terms, PGD moves the student's action
+    distribution less (same budget, same PGD) than after plain distillation."""
+    from madistill.attacks.budget import Budget
+    from madistill.attacks.methods import Attack, Objective
+
+    torch.manual_seed(0)
+    g = AgentGroup("g", ("a",), spaces.Box(-np.inf, np.inf, (6,), np.float32), spaces.Discrete(4))
+    teacher = MLPPolicy(g, {"hidden_sizes": [64], "activation": "tanh"})
+    x = torch.randn(2048, 6)
+    data = GroupData(x, teacher(x).detach(), torch.ones(2048, 6), torch.zeros(2048), torch.zeros(2048, dtype=torch.bool))
+    layout, budget = FeatureLayout.build(6), Budget.build(0.3, 6)
+
+    def pgd_kl(adv: float, smooth: float) -> tuple[float, set[str]]:
+        torch.manual_seed(1)
+        student = MLPPolicy(g, {"hidden_sizes": [32], "activation": "tanh"})
+        opt = torch.optim.Adam(student.parameters(), 1e-2)
+        loss, gen = DistillLoss(adv_weight=adv, smooth_weight=smooth), torch.Generator().manual_seed(0)
+        for _ in range(200):
+            terms = loss(student, data, layout, None, budget, gen)
+            opt.zero_grad()
+            terms["total"].backward()
+            opt.step()
+        x_adv = Attack()(student, x, budget, torch.Generator().manual_seed(2))
+        return float(Objective("kl", student, x, None)(x_adv).mean().detach()), set(terms)
+
+    plain, plain_terms = pgd_kl(0.0, 0.0)
+    robust, robust_terms = pgd_kl(1.0, 0.5)
+    assert plain_terms == {"divergence", "total"} and robust_terms == {"divergence", "adversarial", "smoothness", "total"}
+    assert robust < 0.8 * plain

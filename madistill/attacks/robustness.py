@@ -3,6 +3,7 @@ set, the worst case over attacks, and the gradient-masking checks; report, curve
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,7 @@ class RobustnessResult:
     flags: dict[str, list[Flag]] = field(default_factory=dict)
     probes: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of one evaluation: clean, and per attack
 
     def worst(self, victims: str, eps: float) -> tuple[str, float]:
         """The attack with the lowest team return at ``eps``, and that return."""
@@ -73,7 +75,7 @@ class RobustnessResult:
             "worst_case": {v: {str(e): self.worst(v, e) for e in sorted({e for r in t.values() for e in r})}
                            for v, t in self.returns.items()},
             "flags": {v: [f.__dict__ for f in fl] for v, fl in self.flags.items()},
-            "probes": self.probes, "skipped": self.skipped,
+            "probes": self.probes, "skipped": self.skipped, "seconds_per_evaluation": self.seconds,
         }
 
 
@@ -101,9 +103,11 @@ def evaluate_robustness(
 ) -> RobustnessResult:
     """Every configured attack x eps x victim set on ``team`` (episodes with seeds ``seed...``), plus the
     strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe."""
+    start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed)
     clean, _ = _mean_ci(clean_recs, seed)
     res = RobustnessResult(clean, random_return, _agents(clean_recs))
+    res.seconds["clean"] = time.perf_counter() - start
     exclude = {g: list(v) for g, v in (ac.exclude or {}).items()}
     budgets = {float(e): group_budgets(float(e), layouts, exclude, team.device) for e in ac.eps}
     mid = sorted(budgets)[len(budgets) // 2]
@@ -131,7 +135,9 @@ def evaluate_robustness(
                 suite_attack(method, ac), victims, budgets[eps], ac.frequency,
                 surrogate=surrogate if method == "transfer" else None, critic=critic,
             )
+            start = time.perf_counter()
             recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
+            res.seconds[method] = res.seconds.get(method, 0.0) + (time.perf_counter() - start) / len(sets) / len(ac.eps)
             mean, ci = _mean_ci(recs, seed)
             res.returns[vname].setdefault(method, {})[eps] = mean
             res.ci[vname].setdefault(method, {})[eps] = ci

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from madistill.attacks.budget import Budget
+from madistill.attacks.methods import Attack
 from madistill.distill.dataset import GroupData
 from madistill.distill.digr import MASKS, igr_penalty, relevance_mask
 from madistill.distill.divergences import DIVERGENCES, divergence
@@ -29,6 +31,9 @@ class DistillLoss:
     topk: int = 3
     threshold: float = 0.1
     target: str = "log_prob"
+    adv_weight: float = 0.0  # divergence(teacher(x) || student(x + delta)), delta = PGD on the student
+    smooth_weight: float = 0.0  # KL(pi_S(x) || pi_S(x + delta)): the student's own smoothness (SA-PPO style)
+    adv_steps: int = 3  # PGD steps crafting delta during training
 
     def __post_init__(self) -> None:
         # Fail at startup with the field to fix, not at the first minibatch.
@@ -43,13 +48,25 @@ class DistillLoss:
     @staticmethod
     def from_config(dc: Any) -> DistillLoss:
         return DistillLoss(
-            dc.divergence, dc.temperature, dc.lambda_igr, dc.mask, dc.topk, dc.threshold, dc.target
+            dc.divergence, dc.temperature, dc.lambda_igr, dc.mask, dc.topk, dc.threshold, dc.target,
+            dc.adv_weight, dc.smooth_weight, dc.adv_steps,
         )
 
+    @property
+    def adversarial(self) -> bool:
+        return self.adv_weight > 0 or self.smooth_weight > 0
+
     def __call__(
-        self, student: Policy, batch: GroupData, layout: FeatureLayout, teacher_log_std: torch.Tensor | None = None
+        self,
+        student: Policy,
+        batch: GroupData,
+        layout: FeatureLayout,
+        teacher_log_std: torch.Tensor | None = None,
+        budget: Budget | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms for one minibatch: ``divergence``, ``igr`` (when lambda > 0) and ``total``."""
+        """Loss terms for one minibatch: ``divergence``, ``igr`` (lambda > 0), ``adversarial`` and
+        ``smoothness`` (with a ``budget`` and their weights > 0), and ``total``."""
         obs = batch.obs.detach().requires_grad_(self.lambda_igr > 0)
         head = student(obs)
         div = divergence(
@@ -63,6 +80,17 @@ class DistillLoss:
             actions = teacher_actions(student, batch.teacher_head)
             terms["igr"] = igr_penalty(student, obs, head, actions, relevance, self.target)
             terms["total"] = div + self.lambda_igr * terms["igr"]
+        if self.adversarial and budget is not None and float(budget.radius.max()) > 0:
+            x_adv = Attack("pgd", "kl", steps=self.adv_steps, restarts=1)(student, batch.obs, budget, generator)
+            head_adv = student(x_adv)
+            kw = {"discrete": student.group.discrete, "teacher_log_std": teacher_log_std, "student_log_std": student.log_std()}
+            if self.adv_weight > 0:
+                terms["adversarial"] = divergence(self.divergence, batch.teacher_head, head_adv, temperature=self.temperature, **kw).mean()
+                terms["total"] = terms["total"] + self.adv_weight * terms["adversarial"]
+            if self.smooth_weight > 0:
+                kw["teacher_log_std"] = student.log_std()
+                terms["smoothness"] = divergence("kl", head.detach(), head_adv, **kw).mean()
+                terms["total"] = terms["total"] + self.smooth_weight * terms["smoothness"]
         return terms
 
 

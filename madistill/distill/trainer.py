@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from madistill.attacks.budget import group_budgets
 from madistill.distill.dataset import (
     GroupData,
     SaliencyLabeller,
@@ -65,6 +66,11 @@ class DistillTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         for p in teacher.parameters():
             p.requires_grad_(False)
+        # unit-radius budgets (attack.exclude respected), scaled by the ramped eps at every update
+        exclude = {g: list(v) for g, v in (cfg.attack.exclude or {}).items()}
+        self.unit_budgets = group_budgets(1.0, layouts, exclude, teacher.device)
+        self.total_updates = dc.rounds * dc.updates_per_round
+        self.updates_done = 0
         self.data: dict[str, GroupData] = {}
         self.history: list[dict[str, float]] = []
 
@@ -98,7 +104,9 @@ class DistillTrainer:
                 if len(d) == 0:
                     continue
                 idx = torch.randint(len(d), (min(self.dc.batch_size, len(d)),), generator=self.generator)
-                terms = self.loss(self.student[name], d.select(idx.to(d.obs.device)), self.layouts[name], self._t_log_std(name))
+                budget = self.unit_budgets[name].scaled(self.adv_eps()) if self.loss.adversarial else None
+                terms = self.loss(self.student[name], d.select(idx.to(d.obs.device)), self.layouts[name],
+                                  self._t_log_std(name), budget, self.generator)
                 opt = self.optimizers[name]
                 opt.zero_grad(set_to_none=True)
                 terms["total"].backward()
@@ -106,8 +114,16 @@ class DistillTrainer:
                 opt.step()
                 for k, v in terms.items():
                     sums[f"{name}/loss_{k}"] = sums.get(f"{name}/loss_{k}", 0.0) + float(v.detach()) / n
+            self.updates_done += 1
             bar.update(1)
+        if self.loss.adversarial:
+            sums["adv_eps"] = self.adv_eps()
         return sums
+
+    def adv_eps(self) -> float:
+        """The adversarial budget now: linear from 0 to ``adv_eps`` over the first ``adv_ramp`` of the updates."""
+        ramp = self.dc.adv_ramp * self.total_updates
+        return float(self.dc.adv_eps) * (1.0 if ramp <= 0 else min(1.0, self.updates_done / ramp))
 
     def _t_log_std(self, name: str) -> torch.Tensor | None:
         return self.teacher[name].log_std()
