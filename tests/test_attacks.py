@@ -163,3 +163,48 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     assert "worst case over the suite" in out
     rc, _, err = cli("attack", *tiny(f"attack.policy={teacher}", "attack.methods=[pgd,deepfool]"), f"hydra.run.dir={tmp_path / 'b'}")
     assert rc == 2 and "unknown attack 'deepfool'" in err
+
+
+def test_learned_adversary_env_rewards_minus_team_reward_and_transform_respects_budget(tmp_path):
+    from madistill.attacks.learned import AdversaryEnv, LearnedAdversary, train_adversary
+    from madistill.envs.factory import EnvSpec
+    from madistill.envs.vector import MultiAgentVecEnv
+
+    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 5}, name="sl")
+    with MultiAgentVecEnv(spec, 4, num_workers=0) as venv:
+        groups = venv.groups
+        team = TeamPolicy(groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"}) for g in groups},
+                          {g.name: ObsNormalizer(g.obs_dim) for g in groups})
+        budgets = {g.name: Budget.build(0.5, g.obs_dim) for g in groups}
+        env = AdversaryEnv(spec, team, ["listener_0"], budgets)
+        obs, _ = env.reset(seed=3)
+        assert obs.shape == (11,) and env.action_space.shape == (11,)
+        _, r, *_ = env.step(np.zeros(11, np.float32))  # zero action: the team acts on clean observations
+        from madistill.envs.factory import make_env
+        from madistill.envs.groups import flatten_obs
+
+        twin = make_env(spec)
+        raw, _ = twin.reset(seed=3)
+        acts = {}
+        for agent, o in raw.items():
+            g = team.group_of[agent]
+            x = team.normalizers[g].normalize(torch.as_tensor(flatten_obs(twin.observation_space(agent), o))[None])
+            acts[agent] = int(team[g](x).argmax(-1))
+        _, rewards, *_ = twin.step(acts)
+        assert r == pytest.approx(-np.mean(list(rewards.values())))
+        model = train_adversary(spec, team, ["listener_0"], budgets, steps=256, n_envs=2, ppo_kwargs={"n_steps": 64, "batch_size": 64})
+        seen = []
+
+        class Spy(LearnedAdversary):
+            def __call__(self, o, ctx):
+                out = super().__call__(o, ctx)
+                seen.append((o, out))
+                return out
+
+        from madistill.evaluate.evaluator import run_episodes
+
+        run_episodes(venv, team, 4, 0, transforms=[Spy(model, ["listener_0"], budgets)])
+    for before, after in seen:
+        assert torch.equal(before["speaker"], after["speaker"])  # not a victim
+        assert torch.all((after["listener"] - before["listener"]).abs() <= 0.5 + 1e-6)
+    assert any((after["listener"] != before["listener"]).any() for before, after in seen)

@@ -14,6 +14,7 @@ import torch
 
 from madistill.attacks.budget import Budget, group_budgets
 from madistill.attacks.checks import Flag, probe, return_checks
+from madistill.attacks.learned import LearnedAdversary, train_adversary
 from madistill.attacks.methods import Attack
 from madistill.attacks.transform import AttackTransform, victim_sets
 from madistill.distill.dataset import collect_round
@@ -23,15 +24,19 @@ from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
 from madistill.explain.saliency import FeatureLayout
 from madistill.policies.base import TeamPolicy
+from madistill.transforms import ObsTransform
 
 # The attack suite by name: "critic" is PGD on minus a critic's value, "transfer" is PGD crafted on a
-# surrogate policy; "pgd_strong" (2x steps, 2x restarts) runs for the masking checks.
-SUITE = ("random", "fgsm", "pgd", "critic", "spsa", "transfer")
+# surrogate policy; "learned" trains a PPO adversary per victim set and eps (attack.learned_steps);
+# "pgd_strong" (2x steps, 2x restarts) runs for the masking checks.
+SUITE = ("random", "fgsm", "pgd", "critic", "spsa", "transfer", "learned")
 
 
 def suite_attack(name: str, ac: Any) -> Attack:
     """The Attack behind a suite name, from the ``attack`` config."""
     base = Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta)
+    if name == "learned":
+        raise MadistillError("the learned adversary is trained, not a gradient attack: see attacks/learned.py")
     return {
         "random": Attack("random", "kl"),
         "fgsm": Attack("fgsm", "ce"),
@@ -131,10 +136,14 @@ def evaluate_robustness(
     for vname, victims in sets.items():
         res.returns[vname], res.agent_returns[vname], res.ci[vname], res.episodes[vname] = {}, {}, {}, {}
         for method, eps in runs:
-            transform = AttackTransform(
-                suite_attack(method, ac), victims, budgets[eps], ac.frequency,
-                surrogate=surrogate if method == "transfer" else None, critic=critic,
-            )
+            if method == "learned":
+                model = train_adversary(venv.spec, team, victims, budgets[eps], ac.learned_steps, seed)
+                transform: ObsTransform = LearnedAdversary(model, victims, budgets[eps])
+            else:
+                transform = AttackTransform(
+                    suite_attack(method, ac), victims, budgets[eps], ac.frequency,
+                    surrogate=surrogate if method == "transfer" else None, critic=critic,
+                )
             start = time.perf_counter()
             recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
             res.seconds[method] = res.seconds.get(method, 0.0) + (time.perf_counter() - start) / len(sets) / len(ac.eps)

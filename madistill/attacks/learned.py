@@ -1,0 +1,127 @@
+"""The learned adversary ("optimal attack" of SA-RL / ATLA, Zhang et al. 2021): an SB3 PPO agent whose action
+is the victims' observation perturbation within the budget, trained against the frozen team to minimise the
+team return. It needs no gradients of the victims, only their actions.
+
+Training sees the team through a single-agent gymnasium env (:class:`AdversaryEnv`), so SB3 does all the
+learning; evaluation applies the trained adversary as an ObsTransform (:class:`LearnedAdversary`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from madistill.attacks.budget import Budget
+from madistill.envs.factory import EnvSpec, make_env
+from madistill.envs.groups import flatten_obs
+from madistill.policies.base import TeamPolicy, choose
+from madistill.transforms import GroupTensors, ObsTransform, StepContext
+
+
+def _slots(team: TeamPolicy, victims: Sequence[str]) -> list[tuple[str, int, str]]:
+    """(group, slot in group, agent) for each victim, in the team's group order."""
+    return [(g.name, i, a) for g in team.groups for i, a in enumerate(g.agents) if a in victims]
+
+
+class AdversaryEnv(gym.Env):
+    """One env copy with the frozen team acting greedily; the agent here perturbs the victims' normalised
+    observations (action in [-1, 1] per feature, scaled by the budget radius) and is rewarded with minus the
+    team reward (the mean over agents of their rewards)."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self, spec: EnvSpec, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget]):
+        super().__init__()
+        self.env = make_env(spec)
+        self.team = team.to("cpu")
+        self.slots = _slots(self.team, victims)
+        self.radius = torch.cat([budgets[g].radius.cpu() for g, _, _ in self.slots])
+        self.spaces = {a: self.env.observation_space(a) for a in self.env.possible_agents}
+        dim = int(self.radius.numel())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
+        self._obs: dict[str, np.ndarray] = {}
+
+    def _normalised(self, agent: str) -> torch.Tensor:
+        group = self.team.group_of[agent]
+        d = self.team[group].group.obs_dim
+        raw = self._obs.get(agent)
+        x = torch.zeros(1, d) if raw is None else torch.as_tensor(raw)[None]
+        return self.team.normalizers[group].normalize(x)[0] if raw is not None else x[0]
+
+    def _adversary_obs(self) -> np.ndarray:
+        return torch.cat([self._normalised(a) for _, _, a in self.slots]).numpy().astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        obs, _ = self.env.reset(seed=seed)
+        self._obs = {a: flatten_obs(self.spaces[a], o) for a, o in obs.items()}
+        return self._adversary_obs(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        delta = torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32) * self.radius
+        perturbed, start = {}, 0
+        for _, _, agent in self.slots:
+            x = self._normalised(agent)
+            perturbed[agent] = x + delta[start : start + len(x)]
+            start += len(x)
+        actions = {}
+        with torch.no_grad():
+            for agent in self.env.agents:
+                group = self.team.group_of[agent]
+                x = perturbed.get(agent, self._normalised(agent))
+                a = choose(self.team[group].dist(x[None]), True, None)[0].numpy()
+                space = self.env.action_space(agent)
+                actions[agent] = int(a) if isinstance(space, gym.spaces.Discrete) else np.clip(a, space.low, space.high)
+        obs, rewards, terms, truncs, _ = self.env.step(actions)
+        self._obs = {a: flatten_obs(self.spaces[a], o) for a, o in obs.items()}
+        reward = -float(np.mean(list(rewards.values()))) if rewards else 0.0
+        done = not self.env.agents
+        truncated = done and all(truncs.values()) and not any(terms.values())
+        return self._adversary_obs(), reward, done and not truncated, truncated, {}
+
+
+def train_adversary(
+    spec: EnvSpec,
+    team: TeamPolicy,
+    victims: Sequence[str],
+    budgets: Mapping[str, Budget],
+    steps: int,
+    seed: int = 0,
+    n_envs: int = 4,
+    ppo_kwargs: Mapping[str, Any] | None = None,
+) -> PPO:
+    """Train a PPO adversary for ``steps`` env steps against the frozen ``team``."""
+    venv = DummyVecEnv([lambda: AdversaryEnv(spec, team, victims, budgets) for _ in range(n_envs)])
+    venv.seed(seed)
+    kwargs = {"n_steps": 128, "batch_size": 256, "learning_rate": 3e-4, "ent_coef": 0.0, **(ppo_kwargs or {})}
+    model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **kwargs)
+    model.learn(total_timesteps=steps)
+    return model
+
+
+class LearnedAdversary(ObsTransform):
+    """Applies a trained adversary's deterministic perturbation to the victims (white-box free)."""
+
+    def __init__(self, model: PPO, victims: Sequence[str], budgets: Mapping[str, Budget]):
+        self.model, self.victims, self.budgets = model, list(victims), dict(budgets)
+
+    def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
+        slots = _slots(ctx.team, self.victims)
+        x = torch.cat([obs[g][:, i] * ctx.active[g][:, i, None] for g, i, _ in slots], dim=-1)
+        action, _ = self.model.predict(x.detach().cpu().numpy(), deterministic=True)
+        delta = torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32, device=x.device)
+        out = {g: t.clone() for g, t in obs.items()}
+        start = 0
+        for g, i, _ in slots:
+            r = self.budgets[g].radius.to(x.device)
+            live = ctx.active[g][:, i, None]
+            out[g][:, i] = torch.where(live, obs[g][:, i] + delta[:, start : start + len(r)] * r, obs[g][:, i])
+            start += len(r)
+        return out
