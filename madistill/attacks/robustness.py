@@ -22,6 +22,7 @@ from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
+from madistill.evaluate.stats import bootstrap_ci
 from madistill.explain.saliency import FeatureLayout
 from madistill.policies.base import TeamPolicy
 from madistill.transforms import ObsTransform
@@ -50,19 +51,24 @@ def suite_attack(name: str, ac: Any) -> Attack:
 
 @dataclass
 class RobustnessResult:
-    """Mean returns of one policy: ``returns[victims][attack][eps]`` (team) and per agent, plus flags."""
+    """One policy's per-episode team returns ``episodes[victims][attack][eps]`` (every cell on the same
+    episode seeds), mean per-agent returns, and the masking flags; means and CIs derive from the episodes."""
 
     clean: float
     random: float
     clean_agents: dict[str, float]
-    returns: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)
-    episodes: dict[str, dict[str, dict[float, np.ndarray]]] = field(default_factory=dict)  # per-episode team returns
+    seed: int = 0  # bootstrap seed of the CIs
+    episodes: dict[str, dict[str, dict[float, np.ndarray]]] = field(default_factory=dict)
     agent_returns: dict[str, dict[str, dict[float, dict[str, float]]]] = field(default_factory=dict)
-    ci: dict[str, dict[str, dict[float, tuple[float, float]]]] = field(default_factory=dict)
     flags: dict[str, list[Flag]] = field(default_factory=dict)
     probes: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of one evaluation: clean, and per attack
+
+    @property
+    def returns(self) -> dict[str, dict[str, dict[float, float]]]:
+        """Mean team return per victim set, attack and eps."""
+        return {v: {a: {e: float(x.mean()) for e, x in r.items()} for a, r in t.items()} for v, t in self.episodes.items()}
 
     def worst(self, victims: str, eps: float) -> tuple[str, float]:
         """The attack with the lowest team return at ``eps``, and that return."""
@@ -72,23 +78,19 @@ class RobustnessResult:
 
     def to_dict(self) -> dict[str, Any]:
         eps_key = lambda d: {str(e): v for e, v in d.items()}  # noqa: E731 - JSON keys are strings
+        ci = {v: {a: {e: bootstrap_ci(x, np.mean, n_boot=1000, seed=self.seed) for e, x in r.items()} for a, r in t.items()}
+              for v, t in self.episodes.items()}
+        returns = self.returns
         return {
             "clean": self.clean, "random": self.random, "clean_agents": self.clean_agents,
-            "returns": {v: {a: eps_key(r) for a, r in t.items()} for v, t in self.returns.items()},
-            "ci": {v: {a: eps_key(r) for a, r in t.items()} for v, t in self.ci.items()},
+            "returns": {v: {a: eps_key(r) for a, r in t.items()} for v, t in returns.items()},
+            "ci": {v: {a: eps_key(r) for a, r in t.items()} for v, t in ci.items()},
             "agent_returns": {v: {a: eps_key(r) for a, r in t.items()} for v, t in self.agent_returns.items()},
             "worst_case": {v: {str(e): self.worst(v, e) for e in sorted({e for r in t.values() for e in r})}
-                           for v, t in self.returns.items()},
+                           for v, t in returns.items()},
             "flags": {v: [f.__dict__ for f in fl] for v, fl in self.flags.items()},
             "probes": self.probes, "skipped": self.skipped, "seconds_per_evaluation": self.seconds,
         }
-
-
-def _mean_ci(records: list[EpisodeRecord], seed: int, n_boot: int = 1000) -> tuple[float, tuple[float, float]]:
-    r = np.array([e.team_return for e in records])
-    rng = np.random.default_rng(seed)
-    boots = r[rng.integers(0, len(r), (n_boot, len(r)))].mean(1)
-    return float(r.mean()), (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)))
 
 
 def _agents(records: list[EpisodeRecord]) -> dict[str, float]:
@@ -110,9 +112,10 @@ def evaluate_robustness(
     strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe."""
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed)
-    clean, _ = _mean_ci(clean_recs, seed)
-    res = RobustnessResult(clean, random_return, _agents(clean_recs))
+    clean = float(np.mean([r.team_return for r in clean_recs]))
+    res = RobustnessResult(clean, random_return, _agents(clean_recs), seed)
     res.seconds["clean"] = time.perf_counter() - start
+    runs_of: dict[str, int] = {}
     exclude = {g: list(v) for g, v in (ac.exclude or {}).items()}
     budgets = {float(e): group_budgets(float(e), layouts, exclude, team.device) for e in ac.eps}
     mid = sorted(budgets)[len(budgets) // 2]
@@ -134,7 +137,7 @@ def evaluate_robustness(
     agents = [a for g in team.groups for a in g.agents]
     sets = victim_sets(list(ac.victims), agents)
     for vname, victims in sets.items():
-        res.returns[vname], res.agent_returns[vname], res.ci[vname], res.episodes[vname] = {}, {}, {}, {}
+        res.agent_returns[vname], res.episodes[vname] = {}, {}
         for method, eps in runs:
             if method == "learned":
                 model = train_adversary(venv.spec, team, victims, budgets[eps], ac.learned_steps, seed)
@@ -146,10 +149,10 @@ def evaluate_robustness(
                 )
             start = time.perf_counter()
             recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
-            res.seconds[method] = res.seconds.get(method, 0.0) + (time.perf_counter() - start) / len(sets) / len(ac.eps)
-            mean, ci = _mean_ci(recs, seed)
-            res.returns[vname].setdefault(method, {})[eps] = mean
-            res.ci[vname].setdefault(method, {})[eps] = ci
+            # running mean over every evaluation of this attack (all eps, victim sets and check runs)
+            runs_of[method] = runs_of.get(method, 0) + 1
+            elapsed = time.perf_counter() - start
+            res.seconds[method] = res.seconds.get(method, 0.0) + (elapsed - res.seconds.get(method, 0.0)) / runs_of[method]
             res.agent_returns[vname].setdefault(method, {})[eps] = _agents(recs)
             res.episodes[vname].setdefault(method, {})[eps] = np.array([r.team_return for r in recs])
             if progress is not None:
