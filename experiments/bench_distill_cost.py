@@ -28,7 +28,8 @@ from madistill.distill.trainer import student_team
 from madistill.envs.factory import EnvSpec
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.explain.saliency import FeatureLayout, gradient_saliency
-from madistill.policies.store import find_policy_dir, load_team, read_manifest
+from madistill.policies.store import load_team, read_manifest
+from madistill.stages import teacher_dir
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
-    tdir = find_policy_dir(args.teacher, "teacher") if (Path(args.teacher) / "policies").is_dir() else find_policy_dir(args.teacher)
+    tdir = teacher_dir(args.teacher)
     spec = EnvSpec.from_dict(read_manifest(tdir)["env"])
     with MultiAgentVecEnv(spec, 1, num_workers=0) as venv:
         teacher, _ = load_team(tdir, venv.groups)

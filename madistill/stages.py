@@ -273,12 +273,9 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
     ``reports/saliency.npz`` (observations and maps) and heatmaps (PNG and TensorBoard).
     """
     sc = cfg.saliency
-    if not sc.policy:
-        raise MadistillError("no policy to explain: pass saliency.policy=<run or policy directory>")
-    seed_everything(cfg.seed, cfg.torch_threads)
-    device = resolve_device(cfg.device)
-    refs = with_teachers(discover_policies(sc.policy, list(cfg.eval.names)))
-    spec = _env_for(cfg, refs)
+    device, refs, spec = _studied_policies(
+        cfg, sc.policy, "no policy to explain: pass saliency.policy=<run or policy directory>"
+    )
     with make_vec_env(cfg.env, spec) as venv:
         teams = {ref.name: load_team(ref.path, venv.groups, device=device)[0] for ref in refs}
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
@@ -318,13 +315,26 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
     return result
 
 
+def _studied_policies(
+    cfg: DictConfig, path: str | None, missing: str
+) -> tuple[torch.device, list[PolicyRef], EnvSpec]:
+    """Seeded set-up shared by the stages that study saved policies: the device, the policies under ``path``
+    (with a student's teacher added) and the env they act in. ``missing``: the error when no path is given."""
+    if not path:
+        raise MadistillError(missing)
+    seed_everything(cfg.seed, cfg.torch_threads)
+    refs = with_teachers(discover_policies(path, list(cfg.eval.names)))
+    return resolve_device(cfg.device), refs, _env_for(cfg, refs)
+
+
 def with_teachers(refs: list[PolicyRef]) -> list[PolicyRef]:
     """Add the teacher a student was distilled from (recorded in its manifest) when it is not listed."""
     if any(r.name == "teacher" for r in refs):
         return refs
     for r in refs:
-        path = read_manifest(r.path).get("config", {}).get("distill", {}).get("teacher")
-        if read_manifest(r.path).get("role") == "student" and path and Path(path).is_dir():
+        manifest = read_manifest(r.path)
+        path = manifest.get("config", {}).get("distill", {}).get("teacher")
+        if manifest.get("role") == "student" and path and Path(path).is_dir():
             return [PolicyRef("teacher", Path(path), "teacher"), *refs]
     return refs
 
@@ -354,12 +364,9 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
     gradient-masking checks. Writes ``reports/robustness.{json,md}``, return-vs-eps curves (PNG and
     TensorBoard) and TensorBoard scalars ``attack/<policy>/<victims>/<attack>`` over eps (x100)."""
     ac = cfg.attack
-    if not ac.policy:
-        raise MadistillError("no policy to attack: pass attack.policy=<run, policy or sweep directory>")
-    seed_everything(cfg.seed, cfg.torch_threads)
-    device = resolve_device(cfg.device)
-    refs = with_teachers(discover_policies(ac.policy, list(cfg.eval.names)))
-    spec = _env_for(cfg, refs)
+    device, refs, spec = _studied_policies(
+        cfg, ac.policy, "no policy to attack: pass attack.policy=<run, policy or sweep directory>"
+    )
     results = {}
     several = len({r.run for r in refs}) > 1
     with make_vec_env(cfg.env, spec) as venv:

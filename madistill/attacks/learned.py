@@ -49,11 +49,12 @@ class AdversaryEnv(gym.Env):
         self._obs: dict[str, np.ndarray] = {}
 
     def _normalised(self, agent: str) -> torch.Tensor:
+        """The agent's normalised observation; zeros (the absorbing padding) once it is done."""
         group = self.team.group_of[agent]
-        d = self.team[group].group.obs_dim
         raw = self._obs.get(agent)
-        x = torch.zeros(1, d) if raw is None else torch.as_tensor(raw)[None]
-        return self.team.normalizers[group].normalize(x)[0] if raw is not None else x[0]
+        if raw is None:
+            return torch.zeros(self.team[group].group.obs_dim)
+        return self.team.normalizers[group].normalize(torch.as_tensor(raw)[None])[0]
 
     def _adversary_obs(self) -> np.ndarray:
         return torch.cat([self._normalised(a) for _, _, a in self.slots]).numpy().astype(np.float32)
