@@ -2,7 +2,8 @@
 
 Baseline (PettingZoo tutorial): SuperSuit ``pettingzoo_env_to_vec_env_v1`` + ``concat_vec_envs_v1`` and one
 SB3 PPO over all agents, timed in ``learn()``. madistill: ``TeacherTrainer`` (SB3 PPO fed by madistill's
-rollout, env copies in worker processes), timed in ``train()``. Same env, copies, PPO settings, network and
+rollout, env copies in worker processes), timed in ``train()``, with the PPO update after each rollout and with
+it overlapped with the next rollout (``teacher.overlap_update``). Same env, copies, PPO settings, network and
 agent-step budget; construction is excluded from both. Also reports the share of wall time spent waiting for
 the environments' ``step``.
 
@@ -61,7 +62,7 @@ def baseline(copies: int, steps: int, num_cpus: int, seed: int) -> tuple[float, 
     return done / wall, timer.total / wall
 
 
-def madistill_run(copies: int, steps: int, workers: int, seed: int) -> tuple[float, float]:
+def madistill_run(copies: int, steps: int, workers: int, seed: int, overlap: bool) -> tuple[float, float]:
     from hydra import compose, initialize_config_dir
 
     from madistill.cli import config_dir
@@ -73,7 +74,7 @@ def madistill_run(copies: int, steps: int, workers: int, seed: int) -> tuple[flo
     overrides = [
         "env=simple_spread_v3", f"env.num_envs={copies}", f"env.num_workers={workers}", f"seed={seed}",
         f"teacher.total_agent_steps={steps}", f"teacher.hidden_sizes={HIDDEN}", "teacher.normalize_obs=false",
-        "logger=quiet",
+        "logger=quiet", f"teacher.overlap_update={overlap}",
     ] + [f"teacher.ppo.{k}={v}" for k, v in PPO_SETTINGS.items()]
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -101,7 +102,9 @@ def main() -> None:
     for r in range(args.repeats):  # interleaved, so drifts in machine load hit every variant alike
         for cpus in (1, 2):
             rows.setdefault(f"tutorial SB3+SuperSuit num_cpus={cpus}", []).append(baseline(args.copies, args.steps, cpus, r))
-        rows.setdefault("madistill num_workers=2", []).append(madistill_run(args.copies, args.steps, 2, r))
+        for overlap in (False, True):
+            name = f"madistill num_workers=2{' overlap_update' if overlap else ''}"
+            rows.setdefault(name, []).append(madistill_run(args.copies, args.steps, 2, r, overlap))
     print(f"simple_spread_v3 N=3, {args.copies} copies, {args.steps} agent-steps per run, {args.repeats} repeats,"
           f" PPO {PPO_SETTINGS}, net {HIDDEN}")
     print(f"{'variant':<42} {'agent-steps/s (median [min, max])':>36} {'env step share':>15}")
@@ -112,7 +115,8 @@ def main() -> None:
         med[name] = statistics.median(sps)
         print(f"{name:<42} {med[name]:>14.0f} [{min(sps):.0f}, {max(sps):.0f}]{'':>6} {share:>14.0%}")
     best_base = max(v for k, v in med.items() if k.startswith("tutorial"))
-    print(f"speed-up of madistill over the faster tutorial variant: {med['madistill num_workers=2'] / best_base:.2f}x")
+    for name in (k for k in med if k.startswith("madistill")):
+        print(f"speed-up of {name} over the faster tutorial variant: {med[name] / best_base:.2f}x")
 
 
 if __name__ == "__main__":

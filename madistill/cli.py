@@ -106,6 +106,30 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
     return [*overrides, f"hydra.job.name={stage}", *flags]
 
 
+# The saved policy each stage starts from; its env's config file applies unless the command line names an env.
+_POLICY_OVERRIDES = {"evaluate": "eval.policy", "distill": "distill.teacher", "saliency": "saliency.policy",
+                     "attack": "attack.policy"}
+
+
+def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
+    """Prepend ``env=<id>`` of the policy a stage reads, so its env file's settings (``lambda_igr``, feature
+    groups, budgets, the run directory's name) follow the policy instead of the default env's."""
+    key = _POLICY_OVERRIDES.get(stage)
+    if key is None or any(re.match(r"[+~]*env[.=]", o) for o in overrides):
+        return overrides
+    value = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), "")
+    first = value.strip("[]").split(",")[0].strip().strip("'\"")
+    if not first:
+        return overrides
+    from madistill.evaluate.evaluator import discover_policies, saved_env
+
+    try:
+        env_id = saved_env(discover_policies(first)[:1]).id
+    except (MadistillError, OSError, ValueError, KeyError):
+        return overrides  # the stage itself reports a missing or corrupt policy, in one line
+    return [f"env={env_id}", *overrides] if (Path(config_dir()) / "env" / f"{env_id}.yaml").is_file() else overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -119,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         hydra_args = _with_job_name(rest, stage)
+        hydra_args = _with_saved_env(hydra_args, stage)
     except MadistillError as e:
         print(f"madistill {stage}: error: {e}", file=sys.stderr)
         return 2

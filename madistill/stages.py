@@ -102,18 +102,22 @@ def train_teachers(cfg: DictConfig, run_dir: Path, tb: TBLogger) -> Path:
         return trainer.save(run_dir / "policies" / "teacher", config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def _override_names() -> list[str]:
+def _overrides() -> list[str]:
+    """The command line's overrides (``key=value``), without ``+``/``~`` prefixes."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+        return [o.lstrip("+~") for o in HydraConfig.get().overrides.task]
     except ValueError:  # not running under Hydra (tests, library use)
         return []
 
 
 def _env_for(cfg: DictConfig, refs: list[PolicyRef]) -> EnvSpec:
-    """The env the policies were saved for, unless the command line names ``env=...``/``env.*``."""
-    return env_spec(cfg.env) if any(n.startswith("env") for n in _override_names()) else saved_env(refs)
+    """The env the policies were saved for, unless the command line changes it (``env.*``, or an ``env=``
+    naming another env than the saved one, which the CLI adds itself to pick the env's config file)."""
+    saved = saved_env(refs)
+    named = [n for n in _overrides() if n.startswith("env")]
+    return env_spec(cfg.env) if any(n != f"env={saved.id}" for n in named) else saved
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:

@@ -3,11 +3,18 @@
 Each group gets one ``stable_baselines3.PPO`` whose "environments" are the group's agent slots in all env
 copies (parameter sharing within the group). All groups act in the same envs through the shared rollout
 loop; after each rollout every group's PPO runs its own ``train()`` (its losses, optimiser, clipping).
+
+With ``teacher.overlap_update`` the groups act through copies of their policies, and each ``train()`` runs
+in a background thread on one of two rollout buffers while the next rollout fills the other: the
+environments (worker processes) and the update share the cores instead of taking turns. PyTorch and the
+env pipes release the GIL, so the thread runs while the collector waits.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +71,8 @@ class MaskedRolloutBuffer(RolloutBuffer):
     stored but never reach PPO's losses.
     """
 
+    rng: np.random.Generator | None = None  # minibatch order; its own stream so a collector thread can't shift it
+
     def reset(self) -> None:
         super().reset()
         self.valid = np.zeros((self.buffer_size, self.n_envs), dtype=bool)
@@ -75,7 +84,7 @@ class MaskedRolloutBuffer(RolloutBuffer):
                 self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])
             self.valid_idx = np.flatnonzero(self.swap_and_flatten(self.valid).ravel())
             self.generator_ready = True
-        indices = np.random.permutation(self.valid_idx)
+        indices = (self.rng or np.random).permutation(self.valid_idx)
         batch_size = batch_size or len(indices)
         for start in range(0, len(indices), batch_size):
             yield self._get_samples(indices[start : start + batch_size])
@@ -85,7 +94,18 @@ class MaskedRolloutBuffer(RolloutBuffer):
 class _GroupLearner:
     group: AgentGroup
     model: PPO
+    actor: SB3Policy  # what acts in the envs: the learner's own policy, or a copy of it (overlap_update)
+    buffers: list[MaskedRolloutBuffer]  # one, or two that the collector and the update swap (overlap_update)
     episode_starts: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def collecting(self) -> MaskedRolloutBuffer:
+        return self.buffers[0]
+
+    def hand_over(self) -> None:
+        """Give the filled buffer to PPO's ``train()``; the collector takes the other one."""
+        self.model.rollout_buffer = self.buffers[0]
+        self.buffers.reverse()
 
 
 class TeacherTrainer:
@@ -97,9 +117,10 @@ class TeacherTrainer:
         self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation}
         ppo_kwargs = dict(tc.ppo)
         self.n_steps = int(ppo_kwargs["n_steps"])
+        self.overlap = bool(tc.overlap_update)
         self.learners: dict[str, _GroupLearner] = {}
         normalizers = {}
-        for g in venv.groups:
+        for gi, g in enumerate(venv.groups):
             width = venv.num_envs * g.n_agents
             if width * self.n_steps < 2:
                 raise MadistillError("teacher.ppo.n_steps * env.num_envs must be at least 2")
@@ -113,15 +134,20 @@ class TeacherTrainer:
                 **ppo_kwargs,
             )
             model.set_logger(Logger(folder=None, output_formats=[]))
-            self.learners[g.name] = _GroupLearner(g, model, np.ones(width, dtype=np.float32))
+            buffers = [model.rollout_buffer]
+            if self.overlap:
+                buffers.append(copy.deepcopy(model.rollout_buffer))
+            rng = np.random.default_rng([int(cfg.seed), gi])
+            for b in buffers:
+                b.rng = rng
+            policy = copy.deepcopy(model.policy) if self.overlap else model.policy
+            actor = SB3Policy(g, policy, self.arch)
+            self.learners[g.name] = _GroupLearner(g, model, actor, buffers, np.ones(width, dtype=np.float32))
             normalizers[g.name] = ObsNormalizer(g.obs_dim, enabled=tc.normalize_obs)
-        self.team = TeamPolicy(
-            venv.groups,
-            {n: SB3Policy(lr.group, lr.model.policy, self.arch) for n, lr in self.learners.items()},
-            normalizers,
-        )
+        self.team = TeamPolicy(venv.groups, {n: lr.actor for n, lr in self.learners.items()}, normalizers)
         self.agent_steps = 0
         self.iteration = 0
+        self._pending: Future | None = None  # the update running in the background (overlap_update)
         if tc.resume:
             self._restore(Path(tc.resume))
 
@@ -144,7 +170,7 @@ class TeacherTrainer:
                 with torch.no_grad():
                     v_final = policy.value(self.team.normalizers[name].normalize(final)).cpu().numpy()
                 rewards[trunc] += model.gamma * v_final
-            buf: MaskedRolloutBuffer = model.rollout_buffer  # type: ignore[assignment]
+            buf = lr.collecting
             buf.valid[buf.pos] = active
             buf.add(obs.cpu().numpy(), actions.cpu().numpy(), rewards, lr.episode_starts, values, logp)
             next_active = res.active[name].reshape(-1)
@@ -156,7 +182,7 @@ class TeacherTrainer:
             raw = torch.as_tensor(rollout.raw_obs[name].reshape(-1, lr.group.obs_dim), device=self.device)
             with torch.no_grad():
                 last_values = self.team[name].value(self.team.normalizers[name].normalize(raw))
-            lr.model.rollout_buffer.compute_returns_and_advantage(last_values=last_values, dones=lr.episode_starts)
+            lr.collecting.compute_returns_and_advantage(last_values=last_values, dones=lr.episode_starts)
 
     # ---- training ----------------------------------------------------------------------------
     def train(self, run_dir: Path) -> TeamPolicy:
@@ -170,16 +196,22 @@ class TeacherTrainer:
             disable=not self.cfg.logger.progress,
         )
         try:
-            with bar:
+            with bar, ThreadPoolExecutor(max_workers=1) as background:
                 while self.agent_steps < total:
                     t0 = time.perf_counter()
                     for lr in self.learners.values():
-                        lr.model.rollout_buffer.reset()
-                        lr.model.policy.set_training_mode(False)
+                        lr.collecting.reset()
+                        lr.actor.sb3.set_training_mode(False)  # SB3's train() leaves its policy in training mode
                     episodes = rollout.run(steps=self.n_steps, on_step=self._on_step)
                     self._finish_rollout(rollout)
                     t_collect = time.perf_counter() - t0
-                    losses = self._update(total)
+                    losses = self._sync()  # the previous update (overlap) must finish before this one starts
+                    for lr in self.learners.values():
+                        lr.hand_over()
+                    if self.overlap:
+                        self._pending = background.submit(self._update, total, self.agent_steps)
+                    else:
+                        losses = self._update(total, self.agent_steps)
                     self.agent_steps += per_iter
                     self.iteration += 1
                     dt = time.perf_counter() - t0
@@ -193,17 +225,28 @@ class TeacherTrainer:
             path = self.save_checkpoint(run_dir / "checkpoint")
             tqdm.write(f"interrupted: checkpoint saved to {path}; resume with teacher.resume={path}")
             raise
+        self._sync()
         return self.team
 
-    def _update(self, total: int) -> dict[str, dict[str, float]]:
+    def _update(self, total: int, agent_steps: int) -> dict[str, dict[str, float]]:
+        """One PPO ``train()`` per group on its handed-over buffer; returns SB3's logged losses."""
         losses = {}
         for name, lr in self.learners.items():
             model = lr.model
-            model.num_timesteps = self.agent_steps
-            model._current_progress_remaining = max(0.0, 1.0 - self.agent_steps / total)
+            model.num_timesteps = agent_steps
+            model._current_progress_remaining = max(0.0, 1.0 - agent_steps / total)
             model.train()
             losses[name] = dict(model.logger.name_to_value)
-            model.logger.dump(self.agent_steps)  # clears the values; the logger has no outputs
+            model.logger.dump(agent_steps)  # clears the values; the logger has no outputs
+        return losses
+
+    def _sync(self) -> dict[str, dict[str, float]]:
+        """Wait for the background update, if any, and let the acting copies take its weights."""
+        if self._pending is None:
+            return {}
+        losses, self._pending = self._pending.result(), None
+        for lr in self.learners.values():
+            lr.actor.sb3.load_state_dict(lr.model.policy.state_dict())
         return losses
 
     def _log(self, episodes: list[EpisodeRecord], losses: dict[str, dict[str, float]], sps: float, collect_share: float) -> None:
@@ -235,6 +278,7 @@ class TeacherTrainer:
         return save_team(path, self.team, self.spec, role, config=config, extra_files=extra)
 
     def save_checkpoint(self, path: Path) -> Path:
+        self._sync()  # a checkpoint holds every update of the data counted in agent_steps
         state = {
             "agent_steps": self.agent_steps,
             "iteration": self.iteration,
@@ -255,6 +299,7 @@ class TeacherTrainer:
             raise MadistillError(f"corrupt checkpoint state {state_file} ({e}); resume from another checkpoint") from e
         for name, lr in self.learners.items():
             lr.model.policy.load_state_dict(team[name].sb3.state_dict())
+            lr.actor.sb3.load_state_dict(team[name].sb3.state_dict())
             lr.model.policy.optimizer.load_state_dict(state["optimizers"][name])
             lr.model._n_updates = int(state["n_updates"][name])
             self.team.normalizers[name] = team.normalizers[name]

@@ -353,3 +353,17 @@ def test_ctrl_c_during_train_exits_130_with_a_checkpoint(cli, tmp_path, monkeypa
     assert "madistill train: interrupted" in err
     assert f"teacher.resume={tmp_path / 'checkpoint'}" in out + err
     assert read_manifest(tmp_path / "checkpoint")["role"] == "checkpoint"
+
+
+@pytest.mark.parametrize("stage,key", [("distill", "distill.teacher"), ("evaluate", "eval.policy"),
+                                       ("attack", "attack.policy"), ("saliency", "saliency.policy")])
+def test_stages_take_the_env_config_of_the_policy_they_read(cli, tmp_path, stage, key):
+    """A relay teacher read without env=...: the relay env file applies, not the default env's."""
+    run = tmp_path / "relay"
+    rc, _, err = cli("train", *tiny("env=relay", "teacher.total_agent_steps=200"), f"hydra.run.dir={run}")
+    assert rc == 0, err
+    rc, out, err = cli(stage, f"{key}={run}", "--cfg", "job")
+    assert rc == 0, err
+    assert "name: relay" in out and "simple_speaker_listener" not in out
+    rc, out, _ = cli(stage, f"{key}={run}", "env=simple_spread_v3", "--cfg", "job")
+    assert "name: simple_spread_v3" in out  # an env the user names still wins

@@ -209,3 +209,48 @@ def test_two_groups_train_together_and_save_one_file_each(tmp_path):
     assert {"losses/speaker/value_loss", "losses/listener/value_loss"} <= set(ea.Tags()["scalars"])
     m = json.loads((path / "manifest.json").read_text())
     assert [g["name"] for g in m["groups"]] == ["speaker", "listener"]
+
+
+def _acting_weights_per_rollout(cfg, monkeypatch) -> list[torch.Tensor]:
+    """Trains ``cfg`` and returns the acting policy's first weight matrix at the start of every rollout."""
+    seen = []
+    orig_run = Rollout.run
+
+    def run_and_record(self, *a, **k):
+        seen.append(next(iter(self.team["agent"].state_dict().values())).clone())
+        return orig_run(self, *a, **k)
+
+    monkeypatch.setattr(Rollout, "run", run_and_record)
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv:
+        trainer = TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)
+        trainer.train(Path("unused"))
+    monkeypatch.setattr(Rollout, "run", orig_run)
+    learner = next(iter(trainer.learners["agent"].model.policy.state_dict().values()))
+    seen.append(next(iter(trainer.team["agent"].state_dict().values())).clone())
+    return seen, learner
+
+
+def test_overlapped_update_acts_one_update_behind_and_ends_in_sync(monkeypatch):
+    steps = f"teacher.total_agent_steps={4 * PER_ITER}"
+    sync, _ = _acting_weights_per_rollout(compose_config(tiny("env=relay", steps)), monkeypatch)
+    lagged, learner = _acting_weights_per_rollout(
+        compose_config(tiny("env=relay", steps, "teacher.overlap_update=true")), monkeypatch
+    )
+    assert len(sync) == len(lagged) == 5  # four rollouts, then the final team
+    assert not torch.equal(sync[0], sync[1])  # on-policy: each rollout follows an update
+    assert torch.equal(lagged[0], lagged[1])  # rollout 1 is collected while update 0 runs
+    assert not torch.equal(lagged[1], lagged[2]) and not torch.equal(lagged[3], lagged[4])
+    torch.testing.assert_close(lagged[-1], learner, rtol=0, atol=0)  # the saved team has every update
+
+
+def test_overlapped_update_learns_and_is_deterministic(tmp_path):
+    cfg = compose_config(tiny(*RELAY, "teacher.overlap_update=true"))
+    paths = [stages.train(cfg, tmp_path / f"run{i}") for i in range(2)]
+    weights = [load_file(str(p / "agent.safetensors")) for p in paths]
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0)
+    with make_vec_env(cfg.env, num_workers=0) as venv:
+        team, _ = load_team(paths[0], venv.groups)
+        ret = np.mean([r.team_return for r in run_episodes(venv, team, 16, seed=1000, deterministic=True)])
+    assert ret > 25 / 3 + 6.0  # as the on-policy relay teacher: far above random (~8.3)
