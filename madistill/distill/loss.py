@@ -34,11 +34,13 @@ class DistillLoss:
     adv_weight: float = 0.0  # divergence(teacher(x) || student(x + delta)), delta = PGD on the student
     smooth_weight: float = 0.0  # KL(pi_S(x) || pi_S(x + delta)): the student's own smoothness (SA-PPO style)
     adv_steps: int = 3  # PGD steps crafting delta during training
+    adv_objective: str = "kl"  # what that PGD maximises: kl (policy divergence) | ce (flip the greedy action)
 
     def __post_init__(self) -> None:
         # Fail at startup with the field to fix, not at the first minibatch.
         for key, value, allowed in (
-            ("divergence", self.divergence, DIVERGENCES), ("mask", self.mask, MASKS), ("target", self.target, TARGETS)
+            ("divergence", self.divergence, DIVERGENCES), ("mask", self.mask, MASKS), ("target", self.target, TARGETS),
+            ("adv_objective", self.adv_objective, ("kl", "ce")),
         ):
             if value not in allowed:
                 raise MadistillError(f"unknown distill.{key} {value!r}: use distill.{key}=<one of {', '.join(allowed)}>")
@@ -49,7 +51,7 @@ class DistillLoss:
     def from_config(dc: Any) -> DistillLoss:
         return DistillLoss(
             dc.divergence, dc.temperature, dc.lambda_igr, dc.mask, dc.topk, dc.threshold, dc.target,
-            dc.adv_weight, dc.smooth_weight, dc.adv_steps,
+            dc.adv_weight, dc.smooth_weight, dc.adv_steps, dc.adv_objective,
         )
 
     @property
@@ -81,7 +83,7 @@ class DistillLoss:
             terms["igr"] = igr_penalty(student, obs, head, actions, relevance, self.target)
             terms["total"] = div + self.lambda_igr * terms["igr"]
         if self.adversarial and budget is not None and float(budget.radius.max()) > 0:
-            x_adv = Attack("pgd", "kl", steps=self.adv_steps, restarts=1)(student, batch.obs, budget, generator)
+            x_adv = Attack("pgd", self.adv_objective, steps=self.adv_steps, restarts=1)(student, batch.obs, budget, generator)
             head_adv = student(x_adv)
             kw = {"discrete": student.group.discrete, "teacher_log_std": teacher_log_std, "student_log_std": student.log_std()}
             if self.adv_weight > 0:
