@@ -88,7 +88,7 @@ def summarise(report: dict, variants: list[str], seeds: list[int], eps: list[flo
             "clean": t_interval([r["clean"] for r in runs]),
             "retention": t_interval([(r["clean"] - random) / gain for r in runs]),
             "worst": {}, "recovery": {}, "worst_attacks": {},
-            "flags": {f"s{s}": r["flags"] for s, r in zip(seeds, runs, strict=True) if r["flags"]},
+            "flags": {f"s{s}": r["flags"] for s, r in zip(seeds, runs, strict=True) if any(r["flags"].values())},
         }
         for v in victims:
             row["worst"][v], row["recovery"][v], row["worst_attacks"][v] = {}, {}, {}
@@ -132,8 +132,9 @@ def markdown(summary: dict, env: str, seeds: list[int], eps: list[float], victim
                          + " | ".join(fmt(row["recovery"][v][str(e)], True) for e in eps) + " |")
         lines.append("")
     lines += ["## Gradient-masking flags", ""]
-    flagged = [(n, s, fl) for n, r in summary.items() for s, fl in ([("", r["flags"])] if n == "teacher" else r["flags"].items()) if fl]
-    lines += [f"- {LABELS[n]} {s}: " + "; ".join(f"{f['name']} ({vict}): {f['detail']}" for vict, fs in fl.items() for f in fs)
+    flagged = [(n, s, fl) for n, r in summary.items()
+               for s, fl in ([("", r["flags"])] if n == "teacher" else r["flags"].items()) if any(fl.values())]
+    lines += [f"- {LABELS[n]} {s}: " + "; ".join(f"{f['name']} ({v}): {f['detail']}" for v, fs in fl.items() for f in fs)
               for n, s, fl in flagged] or ["- none"]
     if learned:
         lines += ["", "## Learned adversary (SB3 PPO, no victim gradients) vs PGD, middle eps", "",

@@ -71,7 +71,7 @@ class MaskedRolloutBuffer(RolloutBuffer):
     stored but never reach PPO's losses.
     """
 
-    rng: np.random.Generator | None = None  # minibatch order; its own stream so a collector thread can't shift it
+    rng: np.random.Generator | None = None  # minibatch order (None: numpy's global stream, as SB3's own buffer)
 
     def reset(self) -> None:
         super().reset()
@@ -137,9 +137,10 @@ class TeacherTrainer:
             buffers = [model.rollout_buffer]
             if self.overlap:
                 buffers.append(copy.deepcopy(model.rollout_buffer))
-            rng = np.random.default_rng([int(cfg.seed), gi])
-            for b in buffers:
-                b.rng = rng
+            if self.overlap:  # the collector thread must not shift the update's minibatch order
+                rng = np.random.default_rng([int(cfg.seed), gi])
+                for b in buffers:
+                    b.rng = rng
             policy = copy.deepcopy(model.policy) if self.overlap else model.policy
             actor = SB3Policy(g, policy, self.arch)
             self.learners[g.name] = _GroupLearner(g, model, actor, buffers, np.ones(width, dtype=np.float32))
