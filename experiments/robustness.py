@@ -163,11 +163,13 @@ def figure(summary: dict, eps: list[float], victims: list[str], env: str) -> plt
     return fig
 
 
-def learned_vs_pgd(out: Path, teacher: Path, robust: Path, eps: float, victims: list[str], episodes: int, steps: int) -> dict:
+def learned_vs_pgd(out: Path, teacher: Path, robust: Path, eps: float, victims: list[str], episodes: int, steps: int,
+                   reuse: bool) -> dict:
     root = candidates(out / "learned_candidates", {"teacher": teacher, "robust_s0": robust})
-    madistill("attack", f"attack.policy={root}", "attack.methods=[pgd,learned]", f"attack.eps=[{eps}]",
-              f"attack.victims=[{','.join(victims)}]", f"attack.episodes={episodes}", f"attack.learned_steps={steps}",
-              "attack.checks=false", f"hydra.run.dir={out / 'learned_eval'}")
+    if not (reuse and (out / "learned_eval" / "reports" / "robustness.json").is_file()):
+        madistill("attack", f"attack.policy={root}", "attack.methods=[pgd,learned]", f"attack.eps=[{eps}]",
+                  f"attack.victims=[{','.join(victims)}]", f"attack.episodes={episodes}", f"attack.learned_steps={steps}",
+                  "attack.checks=false", f"hydra.run.dir={out / 'learned_eval'}")
     res = json.loads((out / "learned_eval" / "reports" / "robustness.json").read_text())["results"]
     return {name: {v: {"clean": r["clean"], "pgd": r["returns"][v]["pgd"][str(eps)], "learned": r["returns"][v]["learned"][str(eps)]}
                    for v in victims} for name, r in res.items()}
@@ -183,6 +185,7 @@ def main() -> None:
     ap.add_argument("--robust", nargs="*", default=[], help="extra overrides for the robust student")
     ap.add_argument("--learned-steps", type=int, default=0, help="train the learned adversary this long (0: skip)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="summarise the attack reports already in --out again")
     args = ap.parse_args()
 
     teacher_dir = args.teacher / "policies" / "teacher" if (args.teacher / "policies").is_dir() else args.teacher
@@ -192,14 +195,16 @@ def main() -> None:
                 for s in args.seeds for v in VARIANTS}
     root = candidates(out / "candidates", {"teacher": teacher_dir, **students})
     victims = ["all", args.victim]
-    madistill("attack", f"attack.policy={root}", f"attack.eps=[{','.join(map(str, args.eps))}]",
-              f"attack.victims=[{','.join(victims)}]", f"attack.episodes={args.episodes}", f"hydra.run.dir={out / 'eval'}")
+    if not (args.reuse and (out / "eval" / "reports" / "robustness.json").is_file()):
+        madistill("attack", f"attack.policy={root}", f"attack.eps=[{','.join(map(str, args.eps))}]",
+                  f"attack.victims=[{','.join(victims)}]", f"attack.episodes={args.episodes}", f"hydra.run.dir={out / 'eval'}")
     report = json.loads((out / "eval" / "reports" / "robustness.json").read_text())
     summary = summarise(report, list(VARIANTS), args.seeds, args.eps, victims)
     learned = None
     if args.learned_steps:
         mid = args.eps[len(args.eps) // 2]
-        learned = learned_vs_pgd(out, teacher_dir, students["robust_s0"], mid, victims, args.episodes, args.learned_steps)
+        learned = learned_vs_pgd(out, teacher_dir, students["robust_s0"], mid, victims, args.episodes, args.learned_steps,
+                                 args.reuse)
 
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"robustness_{env}"
