@@ -46,9 +46,11 @@ def madistill(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def distil(teacher: Path, out: Path, variant: str, seed: int, extra: list[str]) -> Path:
+def distil(teacher: Path, out: Path, variant: str, seed: int, extra: list[str], env: str) -> Path:
     run = out / f"{variant}_s{seed}"
-    if not (run / "policies" / "student" / "manifest.json").is_file():
+    manifest = run / "policies" / "student" / "manifest.json"
+    # reuse a student only if it was distilled with this env's config (not, say, the default env's DIGR weight)
+    if not (manifest.is_file() and read_manifest(manifest.parent)["config"]["env"]["name"] == env):
         madistill("distill", *VARIANTS[variant], *extra, f"distill.teacher={teacher}", f"seed={seed}",
                   "eval.episodes=100", f"hydra.run.dir={run}")
     return run / "policies" / "student"
@@ -191,7 +193,7 @@ def main() -> None:
     teacher_dir = args.teacher / "policies" / "teacher" if (args.teacher / "policies").is_dir() else args.teacher
     env = read_manifest(teacher_dir)["env"]["name"]
     out = args.out or Path("runs/experiments/robustness") / env
-    students = {f"{v}_s{s}": distil(args.teacher, out, v, s, args.robust if v == "robust" else [])
+    students = {f"{v}_s{s}": distil(args.teacher, out, v, s, args.robust if v == "robust" else [], env)
                 for s in args.seeds for v in VARIANTS}
     root = candidates(out / "candidates", {"teacher": teacher_dir, **students})
     victims = ["all", args.victim]
