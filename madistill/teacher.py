@@ -134,14 +134,12 @@ class TeacherTrainer:
                 **ppo_kwargs,
             )
             model.set_logger(Logger(folder=None, output_formats=[]))
-            buffers = [model.rollout_buffer]
+            buffers, policy = [model.rollout_buffer], model.policy
             if self.overlap:
                 buffers.append(copy.deepcopy(model.rollout_buffer))
-            if self.overlap:  # the collector thread must not shift the update's minibatch order
-                rng = np.random.default_rng([int(cfg.seed), gi])
-                for b in buffers:
-                    b.rng = rng
-            policy = copy.deepcopy(model.policy) if self.overlap else model.policy
+                # its own minibatch-order stream, so the collector thread cannot shift the update's order
+                model.rollout_buffer.rng = buffers[1].rng = np.random.default_rng([int(cfg.seed), gi])
+                policy = copy.deepcopy(model.policy)
             actor = SB3Policy(g, policy, self.arch)
             self.learners[g.name] = _GroupLearner(g, model, actor, buffers, np.ones(width, dtype=np.float32))
             normalizers[g.name] = ObsNormalizer(g.obs_dim, enabled=tc.normalize_obs)
@@ -246,9 +244,14 @@ class TeacherTrainer:
         if self._pending is None:
             return {}
         losses, self._pending = self._pending.result(), None
-        for lr in self.learners.values():
-            lr.actor.sb3.load_state_dict(lr.model.policy.state_dict())
+        self._copy_to_actors()
         return losses
+
+    def _copy_to_actors(self) -> None:
+        """The acting copies (overlap_update) take the learners' weights; without copies they are the same."""
+        if self.overlap:
+            for lr in self.learners.values():
+                lr.actor.sb3.load_state_dict(lr.model.policy.state_dict())
 
     def _log(self, episodes: list[EpisodeRecord], losses: dict[str, dict[str, float]], sps: float, collect_share: float) -> None:
         if self.tb is None:
@@ -300,9 +303,9 @@ class TeacherTrainer:
             raise MadistillError(f"corrupt checkpoint state {state_file} ({e}); resume from another checkpoint") from e
         for name, lr in self.learners.items():
             lr.model.policy.load_state_dict(team[name].sb3.state_dict())
-            lr.actor.sb3.load_state_dict(team[name].sb3.state_dict())
             lr.model.policy.optimizer.load_state_dict(state["optimizers"][name])
             lr.model._n_updates = int(state["n_updates"][name])
             self.team.normalizers[name] = team.normalizers[name]
+        self._copy_to_actors()
         self.agent_steps = int(state["agent_steps"])
         self.iteration = int(state["iteration"])
