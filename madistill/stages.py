@@ -289,8 +289,7 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
         else:
             bar = "observations" if cfg.logger.progress else None
             raw, _ = collect_round(venv, teams[reference], cfg.eval.seed, True, episodes=sc.episodes, progress=bar)
-    labeller = SaliencyLabeller(layouts, sc.baseline, sc.baseline_samples)
-    labeller.generator.manual_seed(cfg.seed)
+    labeller = SaliencyLabeller.from_config(sc, layouts, cfg.seed)
     maps = saliency_maps(teams, raw, layouts, labeller, sc.target)
     table = agreement_table(maps, reference, sc.topk)
     reports = run_dir / "reports"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,19 +84,34 @@ class SaliencyLabeller:
         if self.baseline not in ("mean", "marginal"):
             raise MadistillError(f"unknown saliency.baseline {self.baseline!r}: use saliency.baseline=mean or marginal")
 
+    @staticmethod
+    def from_config(sc: Any, layouts: Mapping[str, FeatureLayout], seed: int) -> SaliencyLabeller:
+        """From ``cfg.saliency``, its marginal draws seeded with the run's seed."""
+        return SaliencyLabeller(layouts, sc.baseline, sc.baseline_samples, generator=torch.Generator().manual_seed(seed))
+
     def __call__(self, policy: Policy, group: str, obs: torch.Tensor, pool: torch.Tensor | None = None) -> torch.Tensor:
         """Saliency ``[M, G]`` of ``policy`` on ``obs``; marginal draws come from ``pool`` (default ``obs``)."""
+        return self.heads_and_saliency(policy, group, obs, pool)[1]
+
+    def heads_and_saliency(
+        self, policy: Policy, group: str, obs: torch.Tensor, pool: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's heads ``[M, act_dim]`` on ``obs`` and their saliency ``[M, G]``: one clean forward each."""
         layout = self.layouts[group]
         pool = obs if pool is None else pool
-        out = []
+        heads, scores = [], []
         for start in range(0, len(obs), self.chunk):
             x = obs[start : start + self.chunk]
             base = None
             if self.baseline == "marginal":
                 idx = torch.randint(len(pool), (self.samples, len(x)), generator=self.generator)
                 base = pool[idx.to(pool.device)]
-            out.append(perturbation_saliency(policy, x, layout, base))
-        return torch.cat(out) if out else torch.zeros(0, len(layout), device=obs.device)
+            with torch.no_grad():
+                heads.append(policy(x))
+            scores.append(perturbation_saliency(policy, x, layout, base, clean=heads[-1]))
+        if not heads:
+            return obs.new_zeros(0, policy.group.act_dim), obs.new_zeros(0, len(layout))
+        return torch.cat(heads), torch.cat(scores)
 
 
 def collect_round(
@@ -139,10 +155,10 @@ def label(
         for name, raw in obs.items():
             policy = teacher[name]
             x = teacher.normalizers[name].normalize(raw)
-            head = torch.cat([policy(c) for c in x.split(labeller.chunk)]) if len(x) else x.new_zeros(0, policy.group.act_dim)
+            head, saliency = labeller.heads_and_saliency(policy, name, x)
             held = torch.rand(len(x), generator=generator) < heldout_fraction
             out[name] = GroupData(
-                x, head, labeller(policy, name, x), torch.full((len(x),), round_index), held.to(x.device)
+                x, head, saliency, torch.full((len(x),), round_index, device=x.device), held.to(x.device)
             )
     return out
 

@@ -60,9 +60,7 @@ class DistillTrainer:
         self.optimizers = {
             g.name: torch.optim.Adam(student[g.name].parameters(), lr=dc.learning_rate) for g in teacher.groups
         }
-        sc = cfg.saliency
-        self.labeller = SaliencyLabeller(layouts, sc.baseline, sc.baseline_samples)
-        self.labeller.generator.manual_seed(cfg.seed)
+        self.labeller = SaliencyLabeller.from_config(cfg.saliency, layouts, cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         for p in teacher.parameters():
             p.requires_grad_(False)

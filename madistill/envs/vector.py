@@ -234,6 +234,7 @@ class MultiAgentVecEnv:
         else:
             ctx = mp.get_context(start_method)
             splits = np.array_split(np.arange(num_envs), num_workers)
+            self._bounds = np.cumsum([0] + [len(s) for s in splits])  # each worker's slice of the copies
             for ids in splits:
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
@@ -274,8 +275,7 @@ class MultiAgentVecEnv:
         """Apply one action per agent slot (``[N, n_g]`` ints or ``[N, n_g, a]`` floats per group)."""
         if self._local is not None:
             return VecStep(*self._local.step(actions))
-        bounds = np.cumsum([0] + [len(s) for s in np.array_split(np.arange(self.num_envs), len(self._conns))])
-        chunks = [{g: a[lo:hi] for g, a in actions.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
+        chunks = [{g: a[lo:hi] for g, a in actions.items()} for lo, hi in zip(self._bounds[:-1], self._bounds[1:])]
         parts = self._call("step", chunks)
         fields = [_cat([p[k] for p in parts]) for k in range(6)]
         return VecStep(*fields, episodes=[e for p in parts for e in p[6]])

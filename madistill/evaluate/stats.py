@@ -136,14 +136,19 @@ def bootstrap_ci(
         percentiles of the bootstrap distribution. With a single score (or
         only constant strata) the interval collapses to the point value.
     """
+    return _percentile_ci(_apply_statistic(statistic, _replicates(scores, n_boot, seed, strata)), confidence)
+
+
+def _replicates(
+    scores: np.ndarray | Sequence[float], n_boot: int, seed: int, strata: np.ndarray | Sequence[Any] | None
+) -> np.ndarray:
+    """The ``(n_boot, n)`` matrix of (stratified) bootstrap resamples of ``scores``."""
     x = np.asarray(scores, dtype=np.float64).ravel()
     n = x.size
     if n == 0:
         raise ValueError("bootstrap_ci needs at least one score")
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     n_boot = int(n_boot)
     rng = np.random.default_rng(seed)
 
@@ -160,8 +165,12 @@ def bootstrap_ci(
             members = np.flatnonzero(inverse == k)
             draws = rng.integers(0, members.size, size=(n_boot, members.size))
             idx[:, members] = members[draws]
+    return x[idx]
 
-    boot = _apply_statistic(statistic, x[idx])
+
+def _percentile_ci(boot: np.ndarray, confidence: float) -> tuple[float, float]:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     alpha = 1.0 - confidence
     lo, hi = np.percentile(boot, [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)])
     return float(lo), float(hi)
@@ -189,8 +198,9 @@ def summarize_scores(
         mean_ci = (mean, mean)
         iqm_ci = (point_iqm, point_iqm)
     else:
-        mean_ci = bootstrap_ci(x, np.mean, n_boot, confidence, seed, strata)
-        iqm_ci = bootstrap_ci(x, iqm, n_boot, confidence, seed, strata)
+        samples = _replicates(x, n_boot, seed, strata)  # one draw serves both statistics (same seed as two calls)
+        mean_ci = _percentile_ci(_apply_statistic(np.mean, samples), confidence)
+        iqm_ci = _percentile_ci(_apply_statistic(iqm, samples), confidence)
     return {
         "mean": mean,
         "iqm": point_iqm,

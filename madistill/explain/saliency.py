@@ -13,6 +13,7 @@ Scores are aggregated to *feature groups* (e.g. an (x, y) pair) and normalised t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -64,11 +65,17 @@ class FeatureLayout:
         return len(self.names)
 
     def membership(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``[G, d]`` 0/1 matrix: row g marks the features of group g."""
-        m = torch.zeros(len(self), self.obs_dim, device=device)
-        for g, idx in enumerate(self.indices):
-            m[g, list(idx)] = 1.0
-        return m
+        """``[G, d]`` 0/1 matrix: row g marks the features of group g. Built once per layout and device
+        (every DIGR minibatch asks for it); shared, so callers must not modify it in place."""
+        return _membership(self, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _membership(layout: FeatureLayout, device: torch.device) -> torch.Tensor:
+    m = torch.zeros(len(layout), layout.obs_dim)
+    for g, idx in enumerate(layout.indices):
+        m[g, list(idx)] = 1.0
+    return m.to(device)
 
 
 def feature_layouts(
@@ -93,13 +100,18 @@ def normalise_rows(s: torch.Tensor) -> torch.Tensor:
 
 
 def perturbation_saliency(
-    policy: Policy, obs: torch.Tensor, layout: FeatureLayout, baselines: torch.Tensor | None = None
+    policy: Policy,
+    obs: torch.Tensor,
+    layout: FeatureLayout,
+    baselines: torch.Tensor | None = None,
+    clean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-group perturbation saliency ``[B, G]`` in [0, 1] for normalised observations ``obs [B, d]``.
 
     ``baselines``: replacement values, ``[d]`` (one baseline, e.g. the normaliser mean, which is 0 in
     normalised units: the default), or ``[K, B, d]`` (K draws per observation, e.g. other observations from
-    the data: the marginal baseline); scores are averaged over the K draws.
+    the data: the marginal baseline); scores are averaged over the K draws. ``clean``: the policy's head on
+    ``obs`` when the caller already has it (only the perturbed copies are then run).
     """
     b, d = obs.shape
     if baselines is None:
@@ -110,8 +122,12 @@ def perturbation_saliency(
     # copies[k, b, g] = obs[b] with group g's features replaced by draw k: one forward over all of them
     copies = torch.where(member[None, None], draws[:, :, None, :], obs[None, :, None, :])
     with torch.no_grad():
-        heads = policy(torch.cat([obs, copies.reshape(-1, d)]))
-    clean, perturbed = heads[:b], heads[b:].reshape(k, b, g, -1)
+        if clean is None:
+            heads = policy(torch.cat([obs, copies.reshape(-1, d)]))
+            clean, perturbed = heads[:b], heads[b:]
+        else:
+            perturbed = policy(copies.reshape(-1, d))
+    perturbed = perturbed.reshape(k, b, g, -1)
     scores = 0.5 * (perturbed - clean[None, :, None, :]).pow(2).sum(-1).mean(0)
     return normalise_rows(scores)
 
