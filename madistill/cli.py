@@ -112,22 +112,27 @@ _POLICY_OVERRIDES = {"evaluate": "eval.policy", "distill": "distill.teacher", "s
 
 
 def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
-    """Prepend ``env=<id>`` of the policy a stage reads, so its env file's settings (``lambda_igr``, feature
-    groups, budgets, the run directory's name) follow the policy instead of the default env's."""
+    """Prepend ``env=<id>`` of the policies a stage reads, so their env file's settings (``lambda_igr``,
+    feature groups, budgets, the run directory's name) follow them instead of the default env's. Only when
+    every listed or swept policy path names the same env that has a config file."""
+    from madistill.config import changes_env
+
     key = _POLICY_OVERRIDES.get(stage)
-    if key is None or any(re.match(r"[+~]*env[.=]", o) for o in overrides):
+    if key is None or changes_env(overrides):
         return overrides
     value = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), "")
-    first = value.strip("[]").split(",")[0].strip().strip("'\"")
-    if not first:
+    paths = [p.strip().strip("'\"") for p in value.strip("[]").split(",") if p.strip()]
+    if not paths:
         return overrides
     from madistill.evaluate.evaluator import discover_policies, saved_env
 
     try:
-        env_id = saved_env(discover_policies(first)[:1]).id
+        ids = {saved_env(discover_policies(p)[:1]).id for p in paths}
     except (MadistillError, OSError, ValueError, KeyError):
         return overrides  # the stage itself reports a missing or corrupt policy, in one line
-    return [f"env={env_id}", *overrides] if (Path(config_dir()) / "env" / f"{env_id}.yaml").is_file() else overrides
+    if len(ids) != 1 or not (Path(config_dir()) / "env" / f"{next(iter(ids))}.yaml").is_file():
+        return overrides
+    return [f"env={ids.pop()}", *overrides]
 
 
 def main(argv: list[str] | None = None) -> int:

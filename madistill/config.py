@@ -3,6 +3,7 @@ at startup with Hydra's validation message instead of deep inside a run."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,16 @@ class EnvConfig:
     # left out stay single (named by the env where it names them).
     features: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     lambda_igr: float = 1.0  # the DIGR weight tuned for this env (distill=digr reads it; plain sets 0)
+
+
+def changes_env(overrides: Sequence[str], saved_id: str | None = None) -> bool:
+    """Whether command-line ``overrides`` pick another env than a saved policy's (id ``saved_id``):
+    ``env=<another id>``, or a new ``env.name``/``env.target``/``env.kwargs``. Settings of how the env is
+    stepped (``env.num_workers``, ``env.num_envs``, ...) keep the saved env."""
+    for o in (o.lstrip("+~") for o in overrides):
+        if o.startswith(("env.name", "env.target", "env.kwargs")) or (o.startswith("env=") and o != f"env={saved_id}"):
+            return True
+    return False
 
 
 @dataclass

@@ -18,6 +18,7 @@ import madistill
 from madistill.attacks.robustness import curves_figure, evaluate_robustness
 from madistill.attacks.robustness import markdown_report as robustness_markdown
 from madistill.attacks.transform import victim_sets
+from madistill.config import changes_env
 from madistill.distill.dataset import SaliencyLabeller, collect_round
 from madistill.distill.trainer import DistillTrainer, student_team
 from madistill.envs.episodes import EpisodeRecord
@@ -103,21 +104,20 @@ def train_teachers(cfg: DictConfig, run_dir: Path, tb: TBLogger) -> Path:
 
 
 def _overrides() -> list[str]:
-    """The command line's overrides (``key=value``), without ``+``/``~`` prefixes."""
+    """The command line's overrides (``key=value``)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return [o.lstrip("+~") for o in HydraConfig.get().overrides.task]
+        return list(HydraConfig.get().overrides.task)
     except ValueError:  # not running under Hydra (tests, library use)
         return []
 
 
 def _env_for(cfg: DictConfig, refs: list[PolicyRef]) -> EnvSpec:
-    """The env the policies were saved for, unless the command line changes it (``env.*``, or an ``env=``
-    naming another env than the saved one, which the CLI adds itself to pick the env's config file)."""
+    """The env the policies were saved for, unless the command line picks another (``changes_env``; the CLI
+    itself adds ``env=<saved id>`` to pick the saved env's config file)."""
     saved = saved_env(refs)
-    named = [n for n in _overrides() if n.startswith("env")]
-    return env_spec(cfg.env) if any(n != f"env={saved.id}" for n in named) else saved
+    return env_spec(cfg.env) if changes_env(_overrides(), saved.id) else saved
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:

@@ -367,3 +367,20 @@ def test_stages_take_the_env_config_of_the_policy_they_read(cli, tmp_path, stage
     assert "name: relay" in out and "simple_speaker_listener" not in out
     rc, out, _ = cli(stage, f"{key}={run}", "env=simple_spread_v3", "--cfg", "job")
     assert "name: simple_spread_v3" in out  # an env the user names still wins
+    rc, out, _ = cli(stage, f"{key}={run}", "env.num_workers=0", "--cfg", "job")
+    assert "name: relay" in out and "num_workers: 0" in out  # how the env is stepped keeps the saved env
+
+
+def test_saved_env_is_added_only_when_all_swept_policies_agree(cli, tmp_path):
+    from madistill.cli import _with_saved_env
+
+    runs = {}
+    for env in ("relay", "simple_speaker_listener_v4"):
+        runs[env] = tmp_path / env
+        rc, _, err = cli("train", *tiny(f"env={env}", "teacher.total_agent_steps=200", "teacher.ppo.n_steps=50"),
+                         f"hydra.run.dir={runs[env]}")
+        assert rc == 0, err
+    relay, sl = runs["relay"], runs["simple_speaker_listener_v4"]
+    assert _with_saved_env([f"eval.policy={relay},{relay}"], "evaluate")[0] == "env=relay"
+    assert _with_saved_env([f"eval.policy=[{relay},{sl}]"], "evaluate") == [f"eval.policy=[{relay},{sl}]"]
+    assert _with_saved_env([f"eval.policy={relay}", "env.kwargs.n=5"], "evaluate") == [f"eval.policy={relay}", "env.kwargs.n=5"]
