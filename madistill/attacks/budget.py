@@ -69,8 +69,8 @@ def group_budgets(
     exclude: Mapping[str, Sequence[int | str]] | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, Budget]:
-    """One Budget per agent group."""
-    exclude = exclude or {}
+    """One Budget per agent group; ``exclude`` may be a config node (its lists are read as plain lists)."""
+    exclude = {g: list(v) for g, v in (exclude or {}).items()}
     unknown = set(exclude) - set(layouts)
     if unknown:
         raise MadistillError(f"attack.exclude names groups {sorted(unknown)}; this env's groups are {sorted(layouts)}")

@@ -16,13 +16,13 @@ materially); ``no_collapse`` (the return does not fall as eps grows, or stays hi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from madistill.attacks.budget import Budget
-from madistill.attacks.methods import Attack, Objective
+from madistill.attacks.methods import Attack, Objective, variants
 from madistill.policies.base import Policy
 
 
@@ -48,12 +48,8 @@ def probe(
     non-concave (it is flat at delta = 0), so restarts of a sound PGD already gain tens of percent.
     """
     kl = Objective("kl", policy, x, None)
-    attacks = {
-        "fgsm": replace(pgd, method="fgsm", objective="ce"),
-        "pgd": pgd,
-        "pgd_strong": replace(pgd, steps=2 * pgd.steps, restarts=2 * pgd.restarts),
-        "spsa": replace(pgd, method="spsa", objective="kl"),
-    }
+    suite = variants(pgd)
+    attacks = {name: suite[name] for name in ("fgsm", "pgd", "pgd_strong", "spsa")}
     reached = {}
     for name, attack in attacks.items():
         reached[name] = float(kl(attack(policy, x, budget, generator)).mean().detach())

@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from madistill.attacks.budget import Budget
 from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import flatten_obs
-from madistill.policies.base import TeamPolicy, choose
+from madistill.policies.base import TeamPolicy
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
 
@@ -46,15 +46,20 @@ class AdversaryEnv(gym.Env):
         dim = int(self.radius.numel())
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
-        self._obs: dict[str, np.ndarray] = {}
+        self._obs: dict[str, torch.Tensor] = {}  # normalised observations of the live agents
+
+    def _observe(self, obs: dict[str, Any]) -> None:
+        """Flatten and normalise the env's observations once per step (the adversary and the team read them)."""
+        self._obs = {}
+        for a, o in obs.items():
+            group = self.team.group_of[a]
+            raw = torch.as_tensor(flatten_obs(self.spaces[a], o))[None]
+            self._obs[a] = self.team.normalizers[group].normalize(raw)[0]
 
     def _normalised(self, agent: str) -> torch.Tensor:
         """The agent's normalised observation; zeros (the absorbing padding) once it is done."""
-        group = self.team.group_of[agent]
-        raw = self._obs.get(agent)
-        if raw is None:
-            return torch.zeros(self.team[group].group.obs_dim)
-        return self.team.normalizers[group].normalize(torch.as_tensor(raw)[None])[0]
+        x = self._obs.get(agent)
+        return torch.zeros(self.team[self.team.group_of[agent]].group.obs_dim) if x is None else x
 
     def _adversary_obs(self) -> np.ndarray:
         return torch.cat([self._normalised(a) for _, _, a in self.slots]).numpy().astype(np.float32)
@@ -62,7 +67,7 @@ class AdversaryEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         obs, _ = self.env.reset(seed=seed)
-        self._obs = {a: flatten_obs(self.spaces[a], o) for a, o in obs.items()}
+        self._observe(obs)
         return self._adversary_obs(), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -76,12 +81,12 @@ class AdversaryEnv(gym.Env):
         with torch.no_grad():
             for agent in self.env.agents:
                 group = self.team.group_of[agent]
-                x = perturbed.get(agent, self._normalised(agent))
-                a = choose(self.team[group].dist(x[None]), True, None)[0].numpy()
+                x = perturbed[agent] if agent in perturbed else self._normalised(agent)
+                a = self.team[group].act(x[None], deterministic=True)[0].numpy()
                 space = self.env.action_space(agent)
                 actions[agent] = int(a) if isinstance(space, gym.spaces.Discrete) else np.clip(a, space.low, space.high)
         obs, rewards, terms, truncs, _ = self.env.step(actions)
-        self._obs = {a: flatten_obs(self.spaces[a], o) for a, o in obs.items()}
+        self._observe(obs)
         reward = -float(np.mean(list(rewards.values()))) if rewards else 0.0
         done = not self.env.agents
         truncated = done and all(truncs.values()) and not any(terms.values())

@@ -15,7 +15,7 @@ gradient estimated from function values only: gradient-free, so it cannot be foo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -117,3 +117,19 @@ class Objective:
         with torch.enable_grad():
             (g,) = torch.autograd.grad(self(x_adv).sum(), x_adv)
         return g
+
+
+def variants(pgd: Attack) -> dict[str, Attack]:
+    """The gradient and sampling attacks of the suite, all derived from one PGD's settings: ``pgd_strong``
+    (2x steps and restarts, for the masking checks), ``critic`` (PGD on a critic's value), ``transfer`` (the
+    same PGD, crafted on a surrogate by the caller), ``spsa`` (its steps on estimated gradients), ``fgsm`` and
+    ``random``."""
+    return {
+        "random": replace(pgd, method="random"),
+        "fgsm": replace(pgd, method="fgsm", objective="ce"),
+        "pgd": pgd,
+        "pgd_strong": replace(pgd, steps=2 * pgd.steps, restarts=2 * pgd.restarts),
+        "critic": replace(pgd, objective="value"),
+        "spsa": replace(pgd, method="spsa"),
+        "transfer": pgd,
+    }

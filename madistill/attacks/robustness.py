@@ -15,7 +15,7 @@ import torch
 from madistill.attacks.budget import Budget, group_budgets
 from madistill.attacks.checks import Flag, probe, return_checks
 from madistill.attacks.learned import LearnedAdversary, train_adversary
-from madistill.attacks.methods import Attack
+from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, victim_sets
 from madistill.distill.dataset import collect_round
 from madistill.envs.episodes import EpisodeRecord
@@ -35,18 +35,9 @@ SUITE = ("random", "fgsm", "pgd", "critic", "spsa", "transfer", "learned")
 
 def suite_attack(name: str, ac: Any) -> Attack:
     """The Attack behind a suite name, from the ``attack`` config."""
-    base = Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta)
     if name == "learned":
         raise MadistillError("the learned adversary is trained, not a gradient attack: see attacks/learned.py")
-    return {
-        "random": Attack("random", "kl"),
-        "fgsm": Attack("fgsm", "ce"),
-        "pgd": base,
-        "pgd_strong": Attack("pgd", "kl", 2 * ac.steps, 2 * ac.restarts, ac.step_size),
-        "critic": Attack("pgd", "value", ac.steps, ac.restarts, ac.step_size),
-        "spsa": Attack("spsa", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta),
-        "transfer": base,
-    }[name]
+    return variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta))[name]
 
 
 @dataclass
@@ -116,8 +107,7 @@ def evaluate_robustness(
     res = RobustnessResult(clean, random_return, _agents(clean_recs), seed)
     res.seconds["clean"] = time.perf_counter() - start
     runs_of: dict[str, int] = {}
-    exclude = {g: list(v) for g, v in (ac.exclude or {}).items()}
-    budgets = {float(e): group_budgets(float(e), layouts, exclude, team.device) for e in ac.eps}
+    budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device) for e in ac.eps}
     mid = sorted(budgets)[len(budgets) // 2]
     methods = list(ac.methods)
     for name in methods:
@@ -131,7 +121,7 @@ def evaluate_robustness(
         res.skipped.append("critic: no policy with a value head (set attack.critic=<teacher run>)")
     extra = [("pgd_strong", mid)] if ac.checks else []
     if ac.checks and ac.collapse_eps:
-        budgets[float(ac.collapse_eps)] = group_budgets(float(ac.collapse_eps), layouts, exclude, team.device)
+        budgets[float(ac.collapse_eps)] = group_budgets(float(ac.collapse_eps), layouts, ac.exclude, team.device)
         extra.append(("pgd", float(ac.collapse_eps)))
     runs = [(m, e) for m in methods for e in sorted(float(x) for x in ac.eps)] + extra
     agents = [a for g in team.groups for a in g.agents]

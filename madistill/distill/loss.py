@@ -71,11 +71,8 @@ class DistillLoss:
         ``smoothness`` (with a ``budget`` and their weights > 0), and ``total``."""
         obs = batch.obs.detach().requires_grad_(self.lambda_igr > 0)
         head = student(obs)
-        div = divergence(
-            self.divergence, batch.teacher_head, head,
-            discrete=student.group.discrete, temperature=self.temperature,
-            teacher_log_std=teacher_log_std, student_log_std=student.log_std(),
-        ).mean()
+        kw = {"discrete": student.group.discrete, "teacher_log_std": teacher_log_std, "student_log_std": student.log_std()}
+        div = divergence(self.divergence, batch.teacher_head, head, temperature=self.temperature, **kw).mean()
         terms = {"divergence": div, "total": div}
         if self.lambda_igr > 0:
             relevance = relevance_mask(batch.saliency, layout, self.mask, self.topk, self.threshold)
@@ -85,13 +82,12 @@ class DistillLoss:
         if self.adversarial and budget is not None and float(budget.radius.max()) > 0:
             x_adv = Attack("pgd", self.adv_objective, steps=self.adv_steps, restarts=1)(student, batch.obs, budget, generator)
             head_adv = student(x_adv)
-            kw = {"discrete": student.group.discrete, "teacher_log_std": teacher_log_std, "student_log_std": student.log_std()}
             if self.adv_weight > 0:
                 terms["adversarial"] = divergence(self.divergence, batch.teacher_head, head_adv, temperature=self.temperature, **kw).mean()
                 terms["total"] = terms["total"] + self.adv_weight * terms["adversarial"]
             if self.smooth_weight > 0:
-                kw["teacher_log_std"] = student.log_std()
-                terms["smoothness"] = divergence("kl", head.detach(), head_adv, **kw).mean()
+                own = {**kw, "teacher_log_std": kw["student_log_std"]}  # the student is its own reference here
+                terms["smoothness"] = divergence("kl", head.detach(), head_adv, **own).mean()
                 terms["total"] = terms["total"] + self.smooth_weight * terms["smoothness"]
         return terms
 

@@ -65,8 +65,7 @@ class DistillTrainer:
         for p in teacher.parameters():
             p.requires_grad_(False)
         # unit-radius budgets (attack.exclude respected), scaled by the ramped eps at every update
-        exclude = {g: list(v) for g, v in (cfg.attack.exclude or {}).items()}
-        self.unit_budgets = group_budgets(1.0, layouts, exclude, teacher.device)
+        self.unit_budgets = group_budgets(1.0, layouts, cfg.attack.exclude, teacher.device)
         self.total_updates = dc.rounds * dc.updates_per_round
         self.updates_done = 0
         self.data: dict[str, GroupData] = {}
@@ -77,7 +76,7 @@ class DistillTrainer:
         dc = self.dc
         betas = rounds_beta(dc.rounds, dc.beta_start, dc.beta_decay)
         show = self.cfg.logger.progress
-        bar = tqdm(total=dc.rounds * dc.updates_per_round, desc="distil", unit="upd", disable=not show)
+        bar = tqdm(total=self.total_updates, desc="distil", unit="upd", disable=not show)
         with bar:
             for r, beta in enumerate(betas):
                 acting = mixed_team(self.teacher, self.student, beta, round_seed(self.cfg.seed, r))
@@ -98,13 +97,14 @@ class DistillTrainer:
         sums: dict[str, float] = {}
         train = {name: d.select(~d.heldout) for name, d in self.data.items()}
         for _ in range(n):
+            eps = self.adv_eps() if self.loss.adversarial else None
             for name, d in train.items():
                 if len(d) == 0:
                     continue
                 idx = torch.randint(len(d), (min(self.dc.batch_size, len(d)),), generator=self.generator)
-                budget = self.unit_budgets[name].scaled(self.adv_eps()) if self.loss.adversarial else None
+                budget = None if eps is None else self.unit_budgets[name].scaled(eps)
                 terms = self.loss(self.student[name], d.select(idx.to(d.obs.device)), self.layouts[name],
-                                  self._t_log_std(name), budget, self.generator)
+                                  self.teacher[name].log_std(), budget, self.generator)
                 opt = self.optimizers[name]
                 opt.zero_grad(set_to_none=True)
                 terms["total"].backward()
@@ -123,9 +123,6 @@ class DistillTrainer:
         ramp = self.dc.adv_ramp * self.total_updates
         return float(self.dc.adv_eps) * (1.0 if ramp <= 0 else min(1.0, self.updates_done / ramp))
 
-    def _t_log_std(self, name: str) -> torch.Tensor | None:
-        return self.teacher[name].log_std()
-
     def evaluate_heldout(self) -> dict[str, float]:
         """Teacher-student action agreement, KL(teacher || student) and saliency agreement on held-out data."""
         out: dict[str, float] = {}
@@ -137,7 +134,7 @@ class DistillTrainer:
             with torch.no_grad():
                 head = policy(held.obs)
                 kl = divergence("kl", held.teacher_head, head, discrete=policy.group.discrete,
-                                teacher_log_std=self._t_log_std(name), student_log_std=policy.log_std())
+                                teacher_log_std=self.teacher[name].log_std(), student_log_std=policy.log_std())
             out[f"{name}/kl"] = float(kl.mean())
             if policy.group.discrete:
                 out[f"{name}/agreement"] = float((head.argmax(-1) == held.teacher_head.argmax(-1)).float().mean())
