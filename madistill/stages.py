@@ -133,17 +133,13 @@ def evaluate_policies(
 ) -> dict:
     """Evaluate every saved policy under ``path`` (a policy, run or sweep directory, or a list of them).
 
-    The env is the one the policies were saved for, unless the command line names ``env=...``/``env.*``,
-    in which case the policies are checked against that env. Writes ``reports/eval_<name>.json``,
+    The env is the one the policies were saved for, unless the command line picks another
+    (``config.changes_env``), in which case the policies are checked against that env. Writes ``reports/eval_<name>.json``,
     ``reports/marl_eval.json``, ``reports/eval.md``, a figure, and TensorBoard scalars.
     """
-    if not path:
-        raise MadistillError("no policy to evaluate: pass eval.policy=<run or policy directory>")
-    seed_everything(cfg.seed, cfg.torch_threads)
-    device = resolve_device(cfg.device)
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
-    refs = [ref for p in paths for ref in discover_policies(p, list(cfg.eval.names))]
-    spec = _env_for(cfg, refs)
+    device, refs, spec = _studied_policies(
+        cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=False
+    )
     ec = cfg.eval
     results: dict[str, list[tuple[str, list[EpisodeRecord]]]] = defaultdict(list)
     several_runs = len({r.run for r in refs}) > 1
@@ -319,15 +315,19 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _studied_policies(
-    cfg: DictConfig, path: str | None, missing: str
+    cfg: DictConfig, path: str | Path | Sequence[str | Path] | None, missing: str, add_teachers: bool = True
 ) -> tuple[torch.device, list[PolicyRef], EnvSpec]:
     """Seeded set-up shared by the stages that study saved policies: the device, the policies under ``path``
-    (with a student's teacher added) and the env they act in. ``missing``: the error when no path is given."""
+    (one directory or a list; with a student's teacher added unless ``add_teachers`` is off) and the env they
+    act in. ``missing``: the error when no path is given."""
     if not path:
         raise MadistillError(missing)
     seed_everything(cfg.seed, cfg.torch_threads)
-    refs = with_teachers(discover_policies(path, list(cfg.eval.names)))
-    return resolve_device(cfg.device), refs, _env_for(cfg, refs)
+    device = resolve_device(cfg.device)
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    refs = [ref for p in paths for ref in discover_policies(p, list(cfg.eval.names))]
+    refs = with_teachers(refs) if add_teachers else refs
+    return device, refs, _env_for(cfg, refs)
 
 
 def with_teachers(refs: list[PolicyRef]) -> list[PolicyRef]:
@@ -380,10 +380,10 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
         extra = {k: load_team(getattr(ac, k), venv.groups, device=device)[0] for k in ("critic", "transfer_from") if getattr(ac, k)}
         n_sets = len(victim_sets(list(ac.victims), [a for g in venv.groups for a in g.agents]))
         per_policy = n_sets * (len(ac.methods) * len(ac.eps) + (2 if ac.checks else 0))
+        by_role = {k.split("@")[0]: t for k, t in reversed(list(teams.items()))}  # first of each name
         with tqdm(total=len(teams) * per_policy, desc="attack", unit="eval", disable=not cfg.logger.progress) as bar:
             for label, team in teams.items():
                 name = label.split("@")[0]
-                by_role = {k.split("@")[0]: t for k, t in reversed(list(teams.items()))}  # first of each name
                 critic = extra.get("critic") or (team if _has_value(team) else by_role.get("teacher"))
                 surrogate = extra.get("transfer_from") or by_role.get("student" if name == "teacher" else "teacher")
                 bar.set_postfix(policy=label)
@@ -412,10 +412,10 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
                 tb.figure(f"attack/curves_{vname}", curves_figure(results, vname, spec.id))
     flags = sum(len(f) for r in results.values() for f in r.flags.values())
     lines = ["", f"Robustness on {spec.id} (team return; worst case over the suite at each eps):"]
+    eps = sorted(float(e) for e in ac.eps)
     for name, res in results.items():
         for vname in res.returns:
-            eps = sorted(float(e) for e in ac.eps)
-            worst = ", ".join(f"eps {e:g}: {res.worst(vname, e)[1]:.2f} ({res.worst(vname, e)[0]})" for e in eps)
+            worst = ", ".join(f"eps {e:g}: {value:.2f} ({attack})" for e in eps for attack, value in [res.worst(vname, e)])
             lines.append(f"  {name:<8} clean {res.clean:.2f} | victims {vname}: {worst}")
     for name, res in results.items():
         if "pgd" in res.seconds:
