@@ -30,9 +30,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from madistill.policies.store import read_manifest  # noqa: E402
+from madistill.stages import teacher_dir  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"plain": ["distill=plain"], "digr": ["distill=digr"], "robust": ["distill=robust"]}
@@ -48,12 +50,21 @@ def madistill(*args: str) -> None:
 
 def distil(teacher: Path, out: Path, variant: str, seed: int, extra: list[str], env: str) -> Path:
     run = out / f"{variant}_s{seed}"
-    manifest = run / "policies" / "student" / "manifest.json"
-    # reuse a student only if it was distilled with this env's config (not, say, the default env's DIGR weight)
-    if not (manifest.is_file() and read_manifest(manifest.parent)["config"]["env"]["name"] == env):
-        madistill("distill", *VARIANTS[variant], *extra, f"distill.teacher={teacher}", f"seed={seed}",
-                  "eval.episodes=100", f"hydra.run.dir={run}")
-    return run / "policies" / "student"
+    overrides = [*VARIANTS[variant], *extra, f"distill.teacher={teacher}", f"seed={seed}", "eval.episodes=100"]
+    student = run / "policies" / "student"
+    if not _made_with(run, student, overrides, env):
+        madistill("distill", *overrides, f"hydra.run.dir={run}")
+    return student
+
+
+def _made_with(run: Path, student: Path, overrides: list[str], env: str) -> bool:
+    """Whether ``run`` already holds a student distilled with these overrides (Hydra records them) in this
+    env's config (the manifest records it: the CLI once fell back to the default env's DIGR weight)."""
+    recorded = run / ".hydra" / "overrides.yaml"
+    if not ((student / "manifest.json").is_file() and recorded.is_file()):
+        return False
+    given = set(OmegaConf.load(recorded)) - {f"env={env}", "logger.progress=false"}  # the CLI and madistill() add these
+    return given == set(overrides) and read_manifest(student)["config"]["env"]["name"] == env
 
 
 def candidates(root: Path, policies: dict[str, Path]) -> Path:
@@ -78,11 +89,13 @@ def summarise(report: dict, variants: list[str], seeds: list[int], eps: list[flo
     teacher = res["teacher@teacher"]
     random = teacher["random"]
     out: dict = {"teacher": {"clean": teacher["clean"], "random": random, "worst": {}, "flags": teacher["flags"]}}
+    teacher_loss: dict[tuple[str, float], float] = {}
     for v in victims:
         out["teacher"]["worst"][v] = {}
         for e in eps:
             name, value = teacher["worst_case"][v][str(e)]
             out["teacher"]["worst"][v][str(e)] = {"attack": name, "mean": value, "ci": teacher["ci"][v][name][str(e)]}
+            teacher_loss[v, e] = teacher["clean"] - value
     gain = teacher["clean"] - random
     for variant in variants:
         runs = [res[f"student@{variant}_s{s}"] for s in seeds]
@@ -96,10 +109,10 @@ def summarise(report: dict, variants: list[str], seeds: list[int], eps: list[flo
             row["worst"][v], row["recovery"][v], row["worst_attacks"][v] = {}, {}, {}
             for e in eps:
                 worst = [r["worst_case"][v][str(e)] for r in runs]
-                loss_t = teacher["clean"] - teacher["worst_case"][v][str(e)][1]
                 row["worst"][v][str(e)] = t_interval([w[1] for w in worst])
                 # recovery = 1 - (student's own loss) / (teacher's loss): 1 = untouched, 0 = as fragile as the teacher
-                row["recovery"][v][str(e)] = t_interval([1 - (r["clean"] - w[1]) / loss_t for r, w in zip(runs, worst, strict=True)])
+                row["recovery"][v][str(e)] = t_interval([1 - (r["clean"] - w[1]) / teacher_loss[v, e]
+                                                      for r, w in zip(runs, worst, strict=True)])
                 row["worst_attacks"][v][str(e)] = [w[0] for w in worst]
         out[variant] = row
     return out
@@ -165,11 +178,12 @@ def figure(summary: dict, eps: list[float], victims: list[str], env: str) -> plt
     return fig
 
 
-def learned_vs_pgd(out: Path, teacher: Path, robust: Path, eps: float, victims: list[str], episodes: int, steps: int,
+def learned_vs_pgd(out: Path, robust: Path, eps: float, victims: list[str], episodes: int, steps: int,
                    reuse: bool) -> dict:
-    root = candidates(out / "learned_candidates", {"teacher": teacher, "robust_s0": robust})
+    """PGD vs the learned adversary at ``eps`` on the ``robust`` student and its teacher (the attack stage adds
+    the teacher recorded in the student's manifest)."""
     if not (reuse and (out / "learned_eval" / "reports" / "robustness.json").is_file()):
-        madistill("attack", f"attack.policy={root}", "attack.methods=[pgd,learned]", f"attack.eps=[{eps}]",
+        madistill("attack", f"attack.policy={robust}", "attack.methods=[pgd,learned]", f"attack.eps=[{eps}]",
                   f"attack.victims=[{','.join(victims)}]", f"attack.episodes={episodes}", f"attack.learned_steps={steps}",
                   "attack.checks=false", f"hydra.run.dir={out / 'learned_eval'}")
     res = json.loads((out / "learned_eval" / "reports" / "robustness.json").read_text())["results"]
@@ -190,14 +204,14 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="summarise the attack reports already in --out again")
     args = ap.parse_args()
 
-    teacher_dir = args.teacher / "policies" / "teacher" if (args.teacher / "policies").is_dir() else args.teacher
-    env = read_manifest(teacher_dir)["env"]["name"]
+    tdir = teacher_dir(args.teacher)
+    env = read_manifest(tdir)["env"]["name"]
     out = args.out or Path("runs/experiments/robustness") / env
     students = {f"{v}_s{s}": distil(args.teacher, out, v, s, args.robust if v == "robust" else [], env)
                 for s in args.seeds for v in VARIANTS}
-    root = candidates(out / "candidates", {"teacher": teacher_dir, **students})
     victims = ["all", args.victim]
     if not (args.reuse and (out / "eval" / "reports" / "robustness.json").is_file()):
+        root = candidates(out / "candidates", {"teacher": tdir, **students})
         madistill("attack", f"attack.policy={root}", f"attack.eps=[{','.join(map(str, args.eps))}]",
                   f"attack.victims=[{','.join(victims)}]", f"attack.episodes={args.episodes}", f"hydra.run.dir={out / 'eval'}")
     report = json.loads((out / "eval" / "reports" / "robustness.json").read_text())
@@ -205,7 +219,7 @@ def main() -> None:
     learned = None
     if args.learned_steps:
         mid = args.eps[len(args.eps) // 2]
-        learned = learned_vs_pgd(out, teacher_dir, students["robust_s0"], mid, victims, args.episodes, args.learned_steps,
+        learned = learned_vs_pgd(out, students["robust_s0"], mid, victims, args.episodes, args.learned_steps,
                                  args.reuse)
 
     RESULTS.mkdir(exist_ok=True)
