@@ -7,12 +7,10 @@
 set -euo pipefail
 T=runs/teachers/simple_spread_v3
 R=runs/experiments/robust_tradeoff
-run() {  # name, overrides...
+run() {  # name, overrides...: one run per student under candidates/, which the attack stage reads as a sweep
   local name=$1; shift
   madistill distill distill=robust distill.teacher=$T seed=0 eval.episodes=500 logger.progress=false \
-    hydra.run.dir=$R/students/$name/run "$@" | grep -E "keeps"
-  rm -rf $R/candidates/$name; mkdir -p $R/candidates/$name/policies
-  cp -r $R/students/$name/run/policies/student $R/candidates/$name/policies/
+    hydra.run.dir=$R/candidates/$name "$@" | grep -E "keeps"
 }
 run digr_only distill.adv_weight=0 distill.smooth_weight=0
 run robust                                   # adv_weight 1, smooth_weight 0.5, adv_eps 0.3 (conf/distill/robust.yaml)
@@ -24,7 +22,6 @@ run adv1_smooth0_eps0.2 distill.smooth_weight=0 distill.adv_eps=0.2
 run adv0_smooth0.5 distill.adv_weight=0
 run ce_eps0.2 distill.adv_objective=ce distill.adv_eps=0.2
 run width112_eps0.2 "student.hidden_sizes=[112,112]" distill.adv_eps=0.2
-mkdir -p $R/candidates/teacher/policies; rm -rf $R/candidates/teacher/policies/teacher
-cp -r $T/policies/teacher $R/candidates/teacher/policies/
+# the attack stage adds the students' teacher (recorded in their manifests)
 madistill attack attack.policy=$R/candidates "attack.methods=[fgsm,pgd]" "attack.eps=[0.1,0.2,0.3]" \
   "attack.victims=[all]" attack.episodes=200 attack.checks=false logger.progress=false hydra.run.dir=$R/eval
