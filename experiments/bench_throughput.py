@@ -63,21 +63,16 @@ def baseline(copies: int, steps: int, num_cpus: int, seed: int) -> tuple[float, 
 
 
 def madistill_run(copies: int, steps: int, workers: int, seed: int, overlap: bool) -> tuple[float, float]:
-    from hydra import compose, initialize_config_dir
-
-    from madistill.cli import config_dir
-    from madistill.config import register_configs
+    from madistill.cli import compose_config
     from madistill.runtime import env_spec, make_vec_env, seed_everything
     from madistill.teacher import TeacherTrainer
 
-    register_configs()
     overrides = [
         "env=simple_spread_v3", f"env.num_envs={copies}", f"env.num_workers={workers}", f"seed={seed}",
         f"teacher.total_agent_steps={steps}", f"teacher.hidden_sizes={HIDDEN}", "teacher.normalize_obs=false",
         "logger=quiet", f"teacher.overlap_update={overlap}",
     ] + [f"teacher.ppo.{k}={v}" for k, v in PPO_SETTINGS.items()]
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     seed_everything(cfg.seed, cfg.torch_threads)
     spec = env_spec(cfg.env)
     with make_vec_env(cfg.env, spec) as venv, tempfile.TemporaryDirectory() as tmp:

@@ -30,15 +30,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from madistill import stages  # noqa: E402
-from madistill.cli import config_dir  # noqa: E402
-from madistill.config import register_configs  # noqa: E402
+from madistill.cli import compose_config  # noqa: E402
 from madistill.distill.dataset import SaliencyLabeller, collect_round  # noqa: E402
 from madistill.evaluate.evaluator import run_episodes, uniform_team  # noqa: E402
+from madistill.evaluate.stats import bootstrap_ci  # noqa: E402
 from madistill.explain.metrics import gini, spearman, topk_overlap  # noqa: E402
 from madistill.explain.saliency import feature_layouts, gradient_saliency  # noqa: E402
 from madistill.policies.store import load_team, read_manifest  # noqa: E402
@@ -46,21 +44,6 @@ from madistill.runtime import make_vec_env  # noqa: E402
 from madistill.tb import TBLogger  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def compose_cfg(overrides: list[str]):
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
-def bootstrap(fn, strata: list[np.ndarray], n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile CI of ``fn(resampled strata)``, resampling indices within each stratum."""
-    rng = np.random.default_rng(seed)
-    stats = [fn([rng.integers(0, len(s), len(s)) for s in strata]) for _ in range(n)]
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def main() -> None:
@@ -78,7 +61,7 @@ def main() -> None:
     env_name = read_manifest(tdir)["env"]["name"]
     base = [f"env={env_name}", "logger.progress=false", *args.overrides]
     variants = {v.split("=", 1)[0]: [o for o in v.split("=", 1)[1].split("+") if o] for v in args.variants}
-    cfg = compose_cfg(base)
+    cfg = compose_config(base)
     torch.set_num_threads(1)
     eval_seed, k = cfg.eval.seed, cfg.saliency.topk
 
@@ -102,7 +85,7 @@ def main() -> None:
         returns, sal_rows = [], {g: {"spearman": [], "topk": [], "gini": []} for g in x}
         for seed in args.seeds:
             run = Path(args.out) / env_name / f"{name}_s{seed}"
-            cfg = compose_cfg([*base, *overrides, f"seed={seed}"])
+            cfg = compose_config([*base, *overrides, f"seed={seed}"])
             stages.distill_students(cfg, run, tdir, TBLogger(run / "tb", enabled=False))
             with make_vec_env(cfg.env) as venv:
                 student, _ = load_team(run / "policies" / "student", venv.groups)
@@ -117,20 +100,19 @@ def main() -> None:
             ret = (returns[-1].mean() - r_ret.mean()) / (t_ret.mean() - r_ret.mean())
             print(f"  {name} seed {seed}: student {returns[-1].mean():.2f}, retention {ret:.4f}", flush=True)
 
-        def retention(idx: list[np.ndarray] | None = None, returns: list[np.ndarray] = returns) -> float:
+        def retention(i: np.ndarray | None = None, returns: list[np.ndarray] = returns) -> float:
             # All policies played the same episode seeds, so one resample of episode indices serves all
             # (a paired bootstrap).
-            i = idx[0] if idx else np.arange(args.episodes)
+            i = np.arange(args.episodes) if i is None else i.astype(int)
             s = np.mean([r[i].mean() for r in returns])
             return float((s - r_ret[i].mean()) / (t_ret[i].mean() - r_ret[i].mean()))
 
-        strata = [np.arange(args.episodes)]
         entry = {
             "overrides": overrides,
             "student_return": [float(r.mean()) for r in returns],
             "retention": retention(),
             "retention_per_seed": [float((r.mean() - r_ret.mean()) / (t_ret.mean() - r_ret.mean())) for r in returns],
-            "retention_ci": bootstrap(retention, strata),
+            "retention_ci": bootstrap_ci(np.arange(args.episodes), retention),
             "saliency": {},
         }
         for g, rows in sal_rows.items():
@@ -142,7 +124,7 @@ def main() -> None:
                 pooled = pooled[np.isfinite(pooled)]
                 entry["saliency"][g][metric] = {
                     "mean": float(pooled.mean()),
-                    "ci": bootstrap(lambda i, p=pooled: float(p[i[0]].mean()), [np.arange(len(pooled))]),
+                    "ci": bootstrap_ci(pooled, np.mean),
                     "per_seed": [float(np.nanmean(v)) for v in per_seed],
                 }
         results["variants"][name] = entry

@@ -89,13 +89,13 @@ def summarise(report: dict, variants: list[str], seeds: list[int], eps: list[flo
     teacher = res["teacher@teacher"]
     random = teacher["random"]
     out: dict = {"teacher": {"clean": teacher["clean"], "random": random, "worst": {}, "flags": teacher["flags"]}}
-    teacher_loss: dict[tuple[str, float], float] = {}
+    t_worst: dict[tuple[str, float], float] = {}
     for v in victims:
         out["teacher"]["worst"][v] = {}
         for e in eps:
             name, value = teacher["worst_case"][v][str(e)]
             out["teacher"]["worst"][v][str(e)] = {"attack": name, "mean": value, "ci": teacher["ci"][v][name][str(e)]}
-            teacher_loss[v, e] = teacher["clean"] - value
+            t_worst[v, e] = value
     gain = teacher["clean"] - random
     for variant in variants:
         runs = [res[f"student@{variant}_s{s}"] for s in seeds]
@@ -110,9 +110,11 @@ def summarise(report: dict, variants: list[str], seeds: list[int], eps: list[flo
             for e in eps:
                 worst = [r["worst_case"][v][str(e)] for r in runs]
                 row["worst"][v][str(e)] = t_interval([w[1] for w in worst])
-                # recovery = 1 - (student's own loss) / (teacher's loss): 1 = untouched, 0 = as fragile as the teacher
-                row["recovery"][v][str(e)] = t_interval([1 - (r["clean"] - w[1]) / teacher_loss[v, e]
-                                                      for r, w in zip(runs, worst, strict=True)])
+                # recovery: the share of the teacher's loss that the student's worst-case return gets back,
+                # (W_student - W_teacher) / (C_teacher - W_teacher); 1 = the teacher's clean return under attack.
+                # Measured from the teacher's clean return, so a student cannot buy it with a worse clean return.
+                row["recovery"][v][str(e)] = t_interval([(w[1] - t_worst[v, e]) / (teacher["clean"] - t_worst[v, e])
+                                                      for w in worst])
                 row["worst_attacks"][v][str(e)] = [w[0] for w in worst]
         out[variant] = row
     return out
@@ -130,7 +132,7 @@ def markdown(summary: dict, env: str, seeds: list[int], eps: list[float], victim
              f"Students distilled with seeds {seeds}; {episodes} episodes per cell (same seeds everywhere), greedy "
              f"actions; eps in normalised units (standard deviations). Worst case over the attack suite; students: "
              f"mean over seeds [95% t-interval over seeds]; teacher: mean [95% bootstrap CI over episodes]. "
-             f"Random policy: {t['random']:.2f}. Recovery = 1 - (student's loss from its own clean return) / (teacher's loss).", ""]
+             f"Random policy: {t['random']:.2f}. Recovery = (student's worst case - teacher's worst case) / (teacher's clean - teacher's worst case): the share of the teacher's loss the student's worst-case return gets back.", ""]
     for v in victims:
         lines += [f"## victims: {v}", "",
                   "| policy | clean | retention | " + " | ".join(f"worst, eps {e:g}" for e in eps) + " | "

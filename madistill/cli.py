@@ -6,9 +6,14 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from madistill.errors import MadistillError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 STAGES = {
     "train": "train teachers with SB3 PPO for every agent group",
@@ -36,6 +41,20 @@ def config_dir() -> str:
     here = Path(__file__).resolve().parent
     packaged = here / "conf"
     return str(packaged if packaged.is_dir() else here.parent / "conf")
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``madistill <stage> <overrides>`` would see, without Hydra's runtime section (for scripts
+    and tests that call the stages directly)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from madistill.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig

@@ -104,6 +104,7 @@ class DistillConfig:
     adv_steps: int = 3
     adv_objective: str = "kl"  # kl (policy divergence) | ce (flip the greedy action, FGSM's objective)
     adv_ramp: float = 0.5
+    adv_collect: float = 0.0  # chance per env copy and step that DAgger collection runs under that PGD
 
 
 @dataclass

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from madistill.cli import config_dir, main
-from madistill.config import TeacherConfig, register_configs
+from madistill.cli import compose_config, main
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _optional_overrides() -> list[str]:
-    # The lead engineer is tuning the teacher's threading; if the knob exists, pin it to one thread
-    # (on a 2-core machine more threads for 16-unit MLPs only add synchronisation).
-    names = {f.name for f in dataclasses.fields(TeacherConfig)}
-    return ["teacher.update_threads=1"] if "update_threads" in names else []
 
 
 # Tiny budgets for every test that trains or evaluates (a few seconds each on 2 cores).
@@ -42,7 +32,6 @@ TINY: list[str] = [
     "distill.batch_size=64",
     "eval.episodes=4",
     "eval.n_boot=200",
-    *_optional_overrides(),
 ]
 
 
@@ -54,14 +43,6 @@ def tiny(*extra: str) -> list[str]:
 def _clear_hydra() -> None:
     GlobalHydra.instance().clear()
     HydraConfig.instance().cfg = None  # type: ignore[assignment]
-
-
-def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The config a CLI call with these overrides would see (without Hydra's runtime section)."""
-    register_configs()
-    _clear_hydra()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from madistill.distill.loss import DistillLoss
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import uniform_team
 from madistill.explain.saliency import FeatureLayout, perturbation_saliency
 from madistill.policies.base import Policy
@@ -263,3 +264,31 @@ def test_adversarial_term_makes_the_student_harder_to_move(objective):
     robust, robust_terms = attacked(1.0, 0.5)
     assert plain_terms == {"divergence", "total"} and robust_terms == {"divergence", "adversarial", "smoothness", "total"}
     assert robust < 0.8 * plain
+
+
+def test_collection_under_attack_records_clean_observations_of_the_drifted_states(make_cfg, teacher_run):
+    """``distill.adv_collect``: the student's DAgger rounds run under PGD, so the team visits other states,
+    but what is stored (and labelled by the teacher) is what the env emitted, never the perturbed input."""
+    from madistill.attacks.transform import AttackTransform
+    from madistill.distill.trainer import DistillTrainer, student_team
+    from madistill.explain.saliency import feature_layouts
+
+    cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_collect=1.0", "distill.adv_eps=1.0")
+    teacher = load_team(teacher_run / "policies" / "teacher")[0]
+    spec = EnvSpec.from_dict(read_manifest(teacher_run / "policies" / "teacher")["env"])
+    with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
+        layouts = feature_layouts(venv.groups, None, venv.feature_names)
+        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
+        assert trainer._collection_attack(1.0) == []  # round 0: the teacher alone, clean
+        trainer.updates_done = trainer.total_updates  # eps fully ramped
+        (attack,) = trainer._collection_attack(0.5)
+        assert isinstance(attack, AttackTransform) and attack.surrogate is trainer.student and attack.frequency == 1.0
+        clean, _ = collect_round(venv, teacher, seed=3, deterministic=True, episodes=2)
+        attacked, _ = collect_round(venv, teacher, seed=3, deterministic=True, episodes=2, transforms=[attack])
+    assert torch.equal(clean["listener"][:2], attacked["listener"][:2])  # the first step: same env seeds
+    assert not torch.equal(clean["listener"], attacked["listener"])  # then the attacked team drifts elsewhere
+    # the speaker only ever sees one of the three goal colours: nothing perturbed was recorded
+    assert len(torch.unique(attacked["speaker"], dim=0)) <= 3
+    cfg.distill.adv_collect = 1.5
+    with pytest.raises(MadistillError, match="adv_collect"):
+        DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)

@@ -3,7 +3,7 @@ observation labelled by the teacher (its action-head output and its perturbation
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from madistill.errors import MadistillError
 from madistill.explain.saliency import FeatureLayout, perturbation_saliency
 from madistill.policies.base import Policy, TeamPolicy
 from madistill.rollout import Rollout, Transition
+from madistill.transforms import ObsTransform
 
 
 class MixedPolicy(Policy):
@@ -122,9 +123,11 @@ def collect_round(
     agent_steps: int | None = None,
     episodes: int | None = None,
     progress: str | None = None,
+    transforms: Sequence[ObsTransform] = (),
 ) -> tuple[dict[str, torch.Tensor], list[EpisodeRecord]]:
-    """Run ``acting`` for at least ``agent_steps`` live agent-steps (or ``episodes`` episodes); returns each
-    group's visited *raw* observations ``[M, d]`` (alive agents only) and the finished episodes."""
+    """Run ``acting`` for at least ``agent_steps`` live agent-steps (or ``episodes`` episodes), its
+    observations passed through ``transforms``; returns each group's visited *raw* (untransformed)
+    observations ``[M, d]`` (alive agents only) and the finished episodes."""
     visited: dict[str, list[torch.Tensor]] = {g.name: [] for g in venv.groups}
 
     def record(tr: Transition) -> None:
@@ -132,7 +135,7 @@ def collect_round(
             active = tr.active[g.name].reshape(-1).cpu().numpy()
             visited[g.name].append(torch.as_tensor(tr.raw_obs[g.name].reshape(-1, g.obs_dim)[active]))
 
-    rollout = Rollout(venv, acting, deterministic=deterministic, seed=seed)
+    rollout = Rollout(venv, acting, transforms, deterministic=deterministic, seed=seed)
     steps = None
     if agent_steps is not None:
         steps = -(-agent_steps // (venv.num_envs * sum(g.n_agents for g in venv.groups)))

@@ -11,6 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from madistill.attacks.budget import group_budgets
+from madistill.attacks.methods import Attack
+from madistill.attacks.transform import AttackTransform
 from madistill.distill.dataset import (
     GroupData,
     SaliencyLabeller,
@@ -23,6 +25,7 @@ from madistill.distill.dataset import (
 from madistill.distill.divergences import divergence
 from madistill.distill.loss import DistillLoss, teacher_actions
 from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
 from madistill.explain.metrics import agreement
 from madistill.explain.saliency import FeatureLayout, gradient_saliency
 from madistill.policies.base import TeamPolicy
@@ -57,6 +60,8 @@ class DistillTrainer:
         dc = cfg.distill
         self.dc = dc
         self.loss = DistillLoss.from_config(dc)
+        if not 0.0 <= dc.adv_collect <= 1.0:
+            raise MadistillError(f"distill.adv_collect must be in [0, 1], got {dc.adv_collect}")
         self.optimizers = {
             g.name: torch.optim.Adam(student[g.name].parameters(), lr=dc.learning_rate) for g in teacher.groups
         }
@@ -81,7 +86,8 @@ class DistillTrainer:
             for r, beta in enumerate(betas):
                 acting = mixed_team(self.teacher, self.student, beta, round_seed(self.cfg.seed, r))
                 obs, episodes = collect_round(
-                    self.venv, acting, round_seed(self.cfg.seed, r), dc.deterministic, agent_steps=dc.agent_steps_per_round
+                    self.venv, acting, round_seed(self.cfg.seed, r), dc.deterministic,
+                    agent_steps=dc.agent_steps_per_round, transforms=self._collection_attack(beta),
                 )
                 new = label(self.teacher, obs, self.labeller, r, dc.heldout_fraction, self.generator)
                 self.data = {g: self.data[g].cat(d) if g in self.data else d for g, d in new.items()}
@@ -117,6 +123,17 @@ class DistillTrainer:
         if self.loss.adversarial:
             sums["adv_eps"] = self.adv_eps()
         return sums
+
+    def _collection_attack(self, beta: float) -> list[AttackTransform]:
+        """With ``adv_collect`` > 0, the rounds in which the student acts are collected partly under attack
+        (PGD on the student, every agent a victim, the current ramped eps): the student then also learns the
+        teacher's actions in the states an attacked team drifts into, which clean rollouts never visit."""
+        if self.dc.adv_collect <= 0 or not self.loss.adversarial or beta >= 1 or self.adv_eps() <= 0:
+            return []
+        attack = Attack("pgd", self.dc.adv_objective, steps=self.dc.adv_steps, restarts=1)
+        budgets = {name: b.scaled(self.adv_eps()) for name, b in self.unit_budgets.items()}
+        agents = [a for g in self.teacher.groups for a in g.agents]
+        return [AttackTransform(attack, agents, budgets, frequency=self.dc.adv_collect, surrogate=self.student)]
 
     def adv_eps(self) -> float:
         """The adversarial budget now: linear from 0 to ``adv_eps`` over the first ``adv_ramp`` of the updates."""
