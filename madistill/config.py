@@ -102,7 +102,7 @@ class DistillConfig:
     smooth_weight: float = 0.0  # weight of KL(student(x) || student(x + delta))
     adv_eps: float = 0.3
     adv_steps: int = 3
-    adv_objective: str = "kl"  # kl (policy divergence) | ce (flip the greedy action, FGSM's objective)
+    adv_objective: str = "kl"  # kl (policy divergence) | ce (flip the greedy action, FGSM's objective) | both (per sample the worse)
     adv_ramp: float = 0.5
     adv_collect: float = 0.0  # chance per env copy and step that DAgger collection runs under that PGD
 

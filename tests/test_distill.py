@@ -229,11 +229,11 @@ def test_distillation_fields_sweep(cli, teacher_run, tmp_path):
 
 
 
-@pytest.mark.parametrize("objective", ["kl", "ce"])
+@pytest.mark.parametrize("objective", ["kl", "ce", "both"])
 def test_adversarial_term_makes_the_student_harder_to_move(objective):
-    """Robust distillation: with the adversarial and smoothness terms, PGD on the same objective as in training
-    (policy divergence, or the greedy action's cross-entropy) moves the student less, at the same budget, than
-    after plain distillation."""
+    """Robust distillation: with the adversarial and smoothness terms, PGD on the objective used in training
+    (policy divergence, the greedy action's cross-entropy, or per sample the worse of the two) moves the
+    student less, at the same budget, than after plain distillation (by at least 15%)."""
     from madistill.attacks.budget import Budget
     from madistill.attacks.methods import Attack, Objective
 
@@ -244,7 +244,14 @@ def test_adversarial_term_makes_the_student_harder_to_move(objective):
     data = GroupData(x, teacher(x).detach(), torch.ones(2048, 6), torch.zeros(2048), torch.zeros(2048, dtype=torch.bool))
     layout, budget = FeatureLayout.build(6), Budget.build(0.3, 6)
 
-    def attacked(adv: float, smooth: float) -> tuple[float, set[str]]:
+    def moved(student: MLPPolicy, attack_objective: str) -> float:
+        """KL moved by the kl attack; share of greedy actions flipped by the ce attack."""
+        x_adv = Attack("pgd", attack_objective)(student, x, budget, torch.Generator().manual_seed(2))
+        if attack_objective == "ce":
+            return float((student(x_adv).argmax(-1) != student(x).argmax(-1)).float().mean())
+        return float(Objective("kl", student, x, None)(x_adv).mean().detach())
+
+    def trained(adv: float, smooth: float) -> tuple[MLPPolicy, set[str]]:
         torch.manual_seed(1)
         student = MLPPolicy(g, {"hidden_sizes": [32], "activation": "tanh"})
         opt = torch.optim.Adam(student.parameters(), 1e-2)
@@ -255,15 +262,13 @@ def test_adversarial_term_makes_the_student_harder_to_move(objective):
             opt.zero_grad()
             terms["total"].backward()
             opt.step()
-        x_adv = Attack("pgd", objective)(student, x, budget, torch.Generator().manual_seed(2))
-        if objective == "ce":  # share of greedy actions the attack flips
-            return float((student(x_adv).argmax(-1) != student(x).argmax(-1)).float().mean()), set(terms)
-        return float(Objective("kl", student, x, None)(x_adv).mean().detach()), set(terms)
+        return student, set(terms)
 
-    plain, plain_terms = attacked(0.0, 0.0)
-    robust, robust_terms = attacked(1.0, 0.5)
+    plain, plain_terms = trained(0.0, 0.0)
+    robust, robust_terms = trained(1.0, 0.5)
     assert plain_terms == {"divergence", "total"} and robust_terms == {"divergence", "adversarial", "smoothness", "total"}
-    assert robust < 0.8 * plain
+    for attack_objective in ("kl", "ce") if objective == "both" else (objective,):
+        assert moved(robust, attack_objective) < 0.85 * moved(plain, attack_objective)
 
 
 def test_collection_under_attack_records_clean_observations_of_the_drifted_states(make_cfg, teacher_run):

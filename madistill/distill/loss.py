@@ -19,6 +19,8 @@ from madistill.errors import MadistillError
 from madistill.explain.saliency import TARGETS, FeatureLayout
 from madistill.policies.base import Policy
 
+ADV_OBJECTIVES = ("kl", "ce", "both")
+
 
 @dataclass(frozen=True)
 class DistillLoss:
@@ -34,13 +36,13 @@ class DistillLoss:
     adv_weight: float = 0.0  # divergence(teacher(x) || student(x + delta)), delta = PGD on the student
     smooth_weight: float = 0.0  # KL(pi_S(x) || pi_S(x + delta)): the student's own smoothness (SA-PPO style)
     adv_steps: int = 3  # PGD steps crafting delta during training
-    adv_objective: str = "kl"  # what that PGD maximises: kl (policy divergence) | ce (flip the greedy action)
+    adv_objective: str = "kl"  # what that PGD maximises: kl (policy divergence) | ce (flip the greedy action) | both
 
     def __post_init__(self) -> None:
         # Fail at startup with the field to fix, not at the first minibatch.
         for key, value, allowed in (
             ("divergence", self.divergence, DIVERGENCES), ("mask", self.mask, MASKS), ("target", self.target, TARGETS),
-            ("adv_objective", self.adv_objective, ("kl", "ce")),
+            ("adv_objective", self.adv_objective, ADV_OBJECTIVES),
         ):
             if value not in allowed:
                 raise MadistillError(f"unknown distill.{key} {value!r}: use distill.{key}=<one of {', '.join(allowed)}>")
@@ -80,7 +82,7 @@ class DistillLoss:
             terms["igr"] = igr_penalty(student, obs, head, actions, relevance, self.target)
             terms["total"] = div + self.lambda_igr * terms["igr"]
         if self.adversarial and budget is not None and float(budget.radius.max()) > 0:
-            x_adv = Attack("pgd", self.adv_objective, steps=self.adv_steps, restarts=1)(student, batch.obs, budget, generator)
+            x_adv = self._perturbed(student, batch, budget, generator, kw)
             head_adv = student(x_adv)
             if self.adv_weight > 0:
                 terms["adversarial"] = divergence(self.divergence, batch.teacher_head, head_adv, temperature=self.temperature, **kw).mean()
@@ -90,6 +92,22 @@ class DistillLoss:
                 terms["smoothness"] = divergence("kl", head.detach(), head_adv, **own).mean()
                 terms["total"] = terms["total"] + self.smooth_weight * terms["smoothness"]
         return terms
+
+    def _perturbed(
+        self, student: Policy, batch: GroupData, budget: Budget, generator: torch.Generator | None, kw: dict
+    ) -> torch.Tensor:
+        """PGD on the student; with ``adv_objective=both``, per sample the worse (for the distillation target)
+        of the policy-divergence and the greedy-action attack: each finds perturbations the other misses
+        (a student trained on one alone stays fragile to the other)."""
+        objectives = ("kl", "ce") if self.adv_objective == "both" else (self.adv_objective,)
+        found = torch.stack([Attack("pgd", o, steps=self.adv_steps, restarts=1)(student, batch.obs, budget, generator)
+                             for o in objectives])
+        if len(found) == 1:
+            return found[0]
+        with torch.no_grad():
+            harm = torch.stack([divergence(self.divergence, batch.teacher_head, student(x), temperature=self.temperature, **kw)
+                                for x in found])
+        return found[harm.argmax(0), torch.arange(found.shape[1], device=found.device)]
 
 
 def teacher_actions(policy: Policy, teacher_head: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,9 @@ class DistillTrainer:
         teacher's actions in the states an attacked team drifts into, which clean rollouts never visit."""
         if self.dc.adv_collect <= 0 or not self.loss.adversarial or beta >= 1 or self.adv_eps() <= 0:
             return []
-        attack = Attack("pgd", self.dc.adv_objective, steps=self.dc.adv_steps, restarts=1)
+        # an acting team is thrown off course by flipped greedy actions, so "both" collects under the ce attack
+        objective = "ce" if self.dc.adv_objective == "both" else self.dc.adv_objective
+        attack = Attack("pgd", objective, steps=self.dc.adv_steps, restarts=1)
         budgets = {name: b.scaled(self.adv_eps()) for name, b in self.unit_budgets.items()}
         agents = [a for g in self.teacher.groups for a in g.agents]
         return [AttackTransform(attack, agents, budgets, frequency=self.dc.adv_collect, surrogate=self.student)]
