@@ -10,7 +10,7 @@ adversary (SB3 PPO, no victim gradients) against the teacher and the seed-0 robu
 
     python experiments/robustness.py runs/teachers/simple_speaker_listener_v4 --victim listener_0 --seeds 0 1 2
     python experiments/robustness.py runs/teachers/simple_spread_v3 --victim agent_0 --seeds 0 1 2 \\
-        --eps 0.05 0.15 0.5 --robust distill.adv_eps=0.15
+        --eps 0.1 0.2 0.3 --robust distill.rounds=8
 
 Students already distilled (``<out>/<variant>_s<seed>/policies/student``) are reused. Writes
 ``experiments/results/robustness_<env>.{json,md,png}`` and keeps the attack stage's full report beside them.
