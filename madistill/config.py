@@ -124,7 +124,8 @@ class AttackConfig:
     """Robustness evaluation (``madistill attack``) and the attack settings robust distillation uses."""
 
     policy: str | None = None  # run, policy or sweep directory to attack
-    # add "learned" for the PPO adversary (trained per victim set and eps: attack.learned_steps each)
+    # add "learned" for the PPO adversary (trained per victim set and eps: attack.learned_steps each) and
+    # "offsets" for the constant-offset search (attack.offset_candidates replays of every episode)
     methods: list[str] = field(default_factory=lambda: ["random", "fgsm", "pgd", "critic", "spsa", "transfer"])
     eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
     victims: list[str] = field(default_factory=lambda: ["all", "each"])  # all | each | <agent> | <a>+<b>
@@ -139,6 +140,7 @@ class AttackConfig:
     critic: str | None = None  # policy whose value heads the critic attack uses (default: the teacher)
     transfer_from: str | None = None  # surrogate for the transfer attack (default: the teacher <-> its student)
     learned_steps: int = 200_000  # env steps of PPO training for each learned adversary
+    offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
     episodes: int = 50
     seed: int = 20_000  # episode seeds, disjoint from training and clean-evaluation seeds
     checks: bool = True  # gradient-masking checks (adds strong PGD at the middle eps and a collapse run)

@@ -13,7 +13,7 @@ from gymnasium import spaces
 from madistill.attacks.budget import Budget, excluded_features, group_budgets
 from madistill.attacks.checks import probe, return_checks
 from madistill.attacks.methods import Attack, Objective
-from madistill.attacks.transform import AttackTransform, victim_sets
+from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.explain.saliency import FeatureLayout
@@ -113,6 +113,38 @@ def test_transform_attacks_only_live_victims_on_chosen_steps():
         "all": ["a_0", "a_1"], "a_0": ["a_0"], "a_1": ["a_1"], "a_0+a_1": ["a_0", "a_1"]}
 
 
+def test_constant_offset_is_one_budget_corner_held_over_steps_on_victims_only(monkeypatch):
+    team = TeamPolicy([GROUP], {"g": _mlp()}, {"g": ObsNormalizer(D, enabled=False)})
+    budget = {"g": Budget.build(torch.linspace(0.1, 0.8, D).tolist(), D, excluded=[3])}
+    offset = ConstantOffset(["a_1"], budget, seed=0)
+    ctx = StepContext(team, 0, np.zeros(16), {"g": torch.ones(16, 2, dtype=torch.bool)}, torch.Generator())
+    deltas = []
+    for _ in range(3):
+        obs = {"g": torch.randn(16, 2, D)}
+        deltas.append(offset(obs, ctx)["g"] - obs["g"])
+    assert torch.all(deltas[0][:, 0] == 0)  # a_0 is not a victim
+    assert torch.allclose(deltas[0][:, 1].abs(), budget["g"].radius.expand(16, D))  # a corner: every feature at +-eps
+    assert torch.all(deltas[0][:, 1, 3] == 0)  # excluded feature
+    assert all(torch.allclose(d, deltas[0]) for d in deltas)  # the same offset at every step and in every copy
+    other = ConstantOffset(["a_1"], budget, seed=1)(obs, ctx)["g"] - obs["g"]
+    assert not torch.allclose(other, deltas[0])  # another candidate, another corner
+
+    # the "offsets" attack: per episode seed, the worst candidate
+    from types import SimpleNamespace
+
+    from madistill.attacks import robustness
+    from madistill.envs.episodes import EpisodeRecord
+
+    def fake_run(venv, team, episodes, seed, transforms=()):
+        k = transforms[0].generator.initial_seed() - seed  # candidate index
+        return [EpisodeRecord(seed + i, 5, {"a_0": float((i * 7 + k * 3) % 5)}) for i in reversed(range(episodes))]
+
+    monkeypatch.setattr(robustness, "run_episodes", fake_run)
+    recs = robustness._worst_offsets(None, team, ["a_1"], budget, SimpleNamespace(episodes=4, offset_candidates=3), 100)
+    assert [r.seed for r in recs] == [100, 101, 102, 103]
+    assert [r.team_return for r in recs] == [min((i * 7 + k * 3) % 5 for k in range(3)) for i in range(4)]
+
+
 def test_masking_checks_fire_on_a_quantising_policy_and_stay_silent_on_a_plain_mlp():
     budget, pgd = Budget.build(0.5, D), Attack()
     _, plain_flags = probe(_mlp(), X, budget, pgd, torch.Generator().manual_seed(0))
@@ -145,6 +177,8 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     assert rc == 0, err
     run = tmp_path / "a"
     rc, out, err = cli("attack", *tiny(f"attack.policy={teacher}", "attack.episodes=4", "attack.eps=[0.2,1.0]",
+                                       "attack.methods=[random,fgsm,pgd,critic,spsa,transfer,offsets]",
+                                       "attack.offset_candidates=3",
                                        "attack.victims=[all,speaker_0]", "attack.steps=3", "attack.restarts=1",
                                        "attack.spsa_samples=4", "attack.probe_observations=64",
                                        "+attack.exclude.speaker=[goal_0]", "logger=default", "logger.progress=false"),
@@ -153,7 +187,7 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     data = json.loads((run / "reports" / "robustness.json").read_text())
     res = data["results"]["teacher"]
     assert set(res["returns"]) == {"all", "speaker_0"}
-    assert set(res["returns"]["all"]) == {"random", "fgsm", "pgd", "critic", "spsa", "pgd_strong"}
+    assert set(res["returns"]["all"]) == {"random", "fgsm", "pgd", "critic", "spsa", "offsets", "pgd_strong"}
     assert set(res["returns"]["all"]["pgd"]) == {"0.2", "1.0", "3.0"}  # 3.0: the collapse check
     assert any("transfer" in s for s in res["skipped"])  # no student to transfer from
     worst = res["worst_case"]["all"]["1.0"]

@@ -16,7 +16,7 @@ from madistill.attacks.budget import Budget, group_budgets
 from madistill.attacks.checks import Flag, probe, return_checks
 from madistill.attacks.learned import LearnedAdversary, train_adversary
 from madistill.attacks.methods import Attack, variants
-from madistill.attacks.transform import AttackTransform, victim_sets
+from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
 from madistill.distill.dataset import collect_round
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import MultiAgentVecEnv
@@ -29,14 +29,15 @@ from madistill.transforms import ObsTransform
 
 # The attack suite by name: "critic" is PGD on minus a critic's value, "transfer" is PGD crafted on a
 # surrogate policy; "learned" trains a PPO adversary per victim set and eps (attack.learned_steps);
+# "offsets" keeps, per episode, the worst of attack.offset_candidates constant corner offsets (ConstantOffset);
 # "pgd_strong" (2x steps, 2x restarts) runs for the masking checks.
-SUITE = ("random", "fgsm", "pgd", "critic", "spsa", "transfer", "learned")
+SUITE = ("random", "fgsm", "pgd", "critic", "spsa", "transfer", "offsets", "learned")
 
 
 def suite_attack(name: str, ac: Any) -> Attack:
     """The Attack behind a suite name, from the ``attack`` config."""
-    if name == "learned":
-        raise MadistillError("the learned adversary is trained, not a gradient attack: see attacks/learned.py")
+    if name in ("learned", "offsets"):
+        raise MadistillError(f"{name!r} is not a per-step attack: evaluate_robustness runs it")
     return variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta))[name]
 
 
@@ -129,16 +130,19 @@ def evaluate_robustness(
     for vname, victims in sets.items():
         res.agent_returns[vname], res.episodes[vname] = {}, {}
         for method, eps in runs:
-            if method == "learned":
-                model = train_adversary(venv.spec, team, victims, budgets[eps], ac.learned_steps, seed)
-                transform: ObsTransform = LearnedAdversary(model, victims, budgets[eps])
-            else:
-                transform = AttackTransform(
-                    suite_attack(method, ac), victims, budgets[eps], ac.frequency,
-                    surrogate=surrogate if method == "transfer" else None, critic=critic,
-                )
             start = time.perf_counter()
-            recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
+            if method == "offsets":
+                recs = _worst_offsets(venv, team, victims, budgets[eps], ac, seed)
+            else:
+                if method == "learned":
+                    model = train_adversary(venv.spec, team, victims, budgets[eps], ac.learned_steps, seed)
+                    transform: ObsTransform = LearnedAdversary(model, victims, budgets[eps])
+                else:
+                    transform = AttackTransform(
+                        suite_attack(method, ac), victims, budgets[eps], ac.frequency,
+                        surrogate=surrogate if method == "transfer" else None, critic=critic,
+                    )
+                recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
             # running mean over every evaluation of this attack (all eps, victim sets and check runs)
             runs_of[method] = runs_of.get(method, 0) + 1
             elapsed = time.perf_counter() - start
@@ -153,6 +157,19 @@ def evaluate_robustness(
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
+
+
+def _worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
+                   ac: Any, seed: int) -> list[EpisodeRecord]:
+    """Per episode seed, the record of the constant offset (of ``ac.offset_candidates``) with the lowest team
+    return: every candidate replays the same episodes, as an attacker with a simulator could."""
+    if ac.offset_candidates < 1:
+        raise MadistillError("attack.offset_candidates must be at least 1")
+    by_seed: dict[int, list[EpisodeRecord]] = {}
+    for k in range(ac.offset_candidates):
+        for r in run_episodes(venv, team, ac.episodes, seed, transforms=[ConstantOffset(victims, budgets, seed + k)]):
+            by_seed.setdefault(r.seed, []).append(r)
+    return [min(same, key=lambda r: r.team_return) for _, same in sorted(by_seed.items())]
 
 
 def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budget], ac: Any, seed: int,

@@ -82,3 +82,33 @@ def victim_sets(spec: Sequence[str], agents: Sequence[str]) -> dict[str, list[st
                 raise MadistillError(f"attack.victims names {unknown}: use all, each, or agents of {list(agents)}")
             out[item] = names
     return out
+
+
+class ConstantOffset(ObsTransform):
+    """Adds one fixed perturbation, a random corner of the budget per victim agent, at every step.
+
+    Held for whole episodes, offsets of positions look like a different but plausible world, so a policy
+    cannot tell them from clean inputs by their consistency over time; per-step attacks (PGD, FGSM) change
+    from step to step. The suite's ``offsets`` attack plays several of these on the same episode seeds and
+    keeps the worst per episode: a search attack that needs episode replays (a simulator), no gradients.
+    """
+
+    def __init__(self, victims: Sequence[str], budgets: Mapping[str, Budget], seed: int):
+        self.victims, self.budgets = list(victims), dict(budgets)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.deltas: dict[str, torch.Tensor] = {}  # group -> [n_agents, d], drawn at first use
+
+    def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
+        out = dict(obs)
+        for g in ctx.team.groups:
+            slots = [i for i, a in enumerate(g.agents) if a in self.victims]
+            if not slots:
+                continue
+            x = obs[g.name]
+            if g.name not in self.deltas:
+                signs = torch.randint(0, 2, x.shape[1:], generator=self.generator).to(x) * 2 - 1
+                self.deltas[g.name] = signs * self.budgets[g.name].radius.to(x)
+            x = x.clone()
+            x[:, slots] += self.deltas[g.name][slots]
+            out[g.name] = x
+        return out
