@@ -233,7 +233,8 @@ def test_distillation_fields_sweep(cli, teacher_run, tmp_path):
 def test_adversarial_term_makes_the_student_harder_to_move(objective):
     """Robust distillation: with the adversarial and smoothness terms, PGD on the objective used in training
     (policy divergence, the greedy action's cross-entropy, or per sample the worse of the two) moves the
-    student less, at the same budget, than after plain distillation (by at least 15%)."""
+    student less, at the same budget, than after plain distillation: by at least 20% (15% against each of the
+    two attacks when training took the worse of them per sample)."""
     from madistill.attacks.budget import Budget
     from madistill.attacks.methods import Attack, Objective
 
@@ -268,7 +269,7 @@ def test_adversarial_term_makes_the_student_harder_to_move(objective):
     robust, robust_terms = trained(1.0, 0.5)
     assert plain_terms == {"divergence", "total"} and robust_terms == {"divergence", "adversarial", "smoothness", "total"}
     for attack_objective in ("kl", "ce") if objective == "both" else (objective,):
-        assert moved(robust, attack_objective) < 0.85 * moved(plain, attack_objective)
+        assert moved(robust, attack_objective) < (0.85 if objective == "both" else 0.8) * moved(plain, attack_objective)
 
 
 def test_collection_under_attack_records_clean_observations_of_the_drifted_states(make_cfg, teacher_run):

@@ -134,14 +134,7 @@ def evaluate_robustness(
             if method == "offsets":
                 recs = _worst_offsets(venv, team, victims, budgets[eps], ac, seed)
             else:
-                if method == "learned":
-                    model = train_adversary(venv.spec, team, victims, budgets[eps], ac.learned_steps, seed)
-                    transform: ObsTransform = LearnedAdversary(model, victims, budgets[eps])
-                else:
-                    transform = AttackTransform(
-                        suite_attack(method, ac), victims, budgets[eps], ac.frequency,
-                        surrogate=surrogate if method == "transfer" else None, critic=critic,
-                    )
+                transform = _transform(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic)
                 recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
             # running mean over every evaluation of this attack (all eps, victim sets and check runs)
             runs_of[method] = runs_of.get(method, 0) + 1
@@ -157,6 +150,15 @@ def evaluate_robustness(
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
+
+
+def _transform(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
+               ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None) -> ObsTransform:
+    """The ObsTransform of a per-step suite attack (the learned adversary is trained here first)."""
+    if method == "learned":
+        return LearnedAdversary(train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed), victims, budgets)
+    return AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
+                           surrogate=surrogate if method == "transfer" else None, critic=critic)
 
 
 def _worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],

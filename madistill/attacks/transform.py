@@ -9,6 +9,7 @@ import torch
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
+from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
@@ -48,7 +49,7 @@ class AttackTransform(ObsTransform):
             now = torch.rand(n, generator=ctx.generator, device=team.device) < self.frequency
         out = dict(obs)
         for g in team.groups:
-            slots = [i for i, a in enumerate(g.agents) if a in self.victims]
+            slots = victim_slots(g, self.victims)
             if not slots:
                 continue
             mask = torch.zeros_like(ctx.active[g.name])
@@ -64,6 +65,11 @@ class AttackTransform(ObsTransform):
             x[mask] = adv.to(x.dtype)
             out[g.name] = x
         return out
+
+
+def victim_slots(group: AgentGroup, victims: Sequence[str]) -> list[int]:
+    """Positions of the victims among the group's agents."""
+    return [i for i, a in enumerate(group.agents) if a in victims]
 
 
 def victim_sets(spec: Sequence[str], agents: Sequence[str]) -> dict[str, list[str]]:
@@ -101,7 +107,7 @@ class ConstantOffset(ObsTransform):
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
         out = dict(obs)
         for g in ctx.team.groups:
-            slots = [i for i, a in enumerate(g.agents) if a in self.victims]
+            slots = victim_slots(g, self.victims)
             if not slots:
                 continue
             x = obs[g.name]

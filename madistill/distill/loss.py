@@ -93,15 +93,17 @@ class DistillLoss:
                 terms["total"] = terms["total"] + self.smooth_weight * terms["smoothness"]
         return terms
 
+    def training_pgd(self, objective: str) -> Attack:
+        """The PGD that crafts training perturbations on one objective (one restart: it runs every update)."""
+        return Attack("pgd", objective, steps=self.adv_steps, restarts=1)
+
     def _perturbed(
         self, student: Policy, batch: GroupData, budget: Budget, generator: torch.Generator | None, kw: dict
     ) -> torch.Tensor:
         """PGD on the student; with ``adv_objective=both``, per sample the worse (for the distillation target)
-        of the policy-divergence and the greedy-action attack: each finds perturbations the other misses
-        (a student trained on one alone stays fragile to the other)."""
+        of the policy-divergence and the greedy-action attack: each finds perturbations the other misses."""
         objectives = ("kl", "ce") if self.adv_objective == "both" else (self.adv_objective,)
-        found = torch.stack([Attack("pgd", o, steps=self.adv_steps, restarts=1)(student, batch.obs, budget, generator)
-                             for o in objectives])
+        found = torch.stack([self.training_pgd(o)(student, batch.obs, budget, generator) for o in objectives])
         if len(found) == 1:
             return found[0]
         with torch.no_grad():

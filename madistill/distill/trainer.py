@@ -11,7 +11,6 @@ import torch
 from tqdm.auto import tqdm
 
 from madistill.attacks.budget import group_budgets
-from madistill.attacks.methods import Attack
 from madistill.attacks.transform import AttackTransform
 from madistill.distill.dataset import (
     GroupData,
@@ -132,7 +131,7 @@ class DistillTrainer:
             return []
         # an acting team is thrown off course by flipped greedy actions, so "both" collects under the ce attack
         objective = "ce" if self.dc.adv_objective == "both" else self.dc.adv_objective
-        attack = Attack("pgd", objective, steps=self.dc.adv_steps, restarts=1)
+        attack = self.loss.training_pgd(objective)
         budgets = {name: b.scaled(self.adv_eps()) for name, b in self.unit_budgets.items()}
         agents = [a for g in self.teacher.groups for a in g.agents]
         return [AttackTransform(attack, agents, budgets, frequency=self.dc.adv_collect, surrogate=self.student)]
