@@ -11,9 +11,9 @@ like the teacher on clean inputs, and
 
 bounds what robust distillation can achieve at that eps. Two offset families: ``translation``, the same raw
 shift for every named feature (|c_x| <= eps * the smallest std among the x features, likewise y; worst of
-the four diagonals), and ``offsets``, per episode the worst of those and ``--corners`` random corners of the
-budget on the named features (the attacker may simulate each episode, as a worst case over a fixed set of
-perturbations). 100 episodes with the attack stage's seeds (those of ``experiments/robustness.py``); greedy
+the four diagonals), and ``offsets``, per episode the worst of those and of the suite's ``offsets`` attack
+(``attacks.robustness.worst_offsets``: ``--corners`` random corners of the budget per agent, here on the named
+features only; the attacker may simulate each episode, as a worst case over a fixed set of perturbations). 100 episodes with the attack stage's seeds (those of ``experiments/robustness.py``); greedy
 actions. The bound is heuristic: a robust policy need not act like the teacher in every plausible world.
 
     python experiments/translation_bound.py runs/teachers/simple_spread_v3 --features landmark_0 landmark_1 landmark_2 \\
@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from madistill.attacks.budget import group_budgets
+from madistill.attacks.robustness import worst_offsets
 from madistill.cli import compose_config
 from madistill.envs.factory import EnvSpec
 from madistill.evaluate.evaluator import run_episodes
@@ -67,20 +69,19 @@ def translation(team: TeamPolicy, dims: dict[str, tuple[list[int], list[int]]], 
     return out
 
 
-def corner(team: TeamPolicy, dims: dict[str, tuple[list[int], list[int]]], eps: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """A random corner of the budget on the named features (each coordinate +-eps normalised units)."""
-    out = {}
-    for g, (xs, ys) in dims.items():
-        off = torch.zeros(len(team.normalizers[g].std))
-        idx = xs + ys
-        off[idx] = eps * (torch.randint(0, 2, (len(idx),), generator=gen).float() * 2 - 1)
-        out[g] = off.to(team.device)
-    return out
-
-
 def returns_under(venv, team: TeamPolicy, offsets: dict[str, torch.Tensor] | None, episodes: int, seed: int) -> np.ndarray:
     transforms = [] if offsets is None else [Translation(offsets)]
-    return np.array([r.team_return for r in run_episodes(venv, team, episodes, seed, transforms=transforms)])
+    return team_returns(run_episodes(venv, team, episodes, seed, transforms=transforms))
+
+
+def team_returns(records: list) -> np.ndarray:
+    return np.array([r.team_return for r in records])
+
+
+def position_budgets(layouts: dict, features: list[str], eps: float, device: torch.device) -> dict:
+    """Budgets of radius eps on the named features only (other features, and groups without them, fixed)."""
+    exclude = {g: [n for n in lay.names if n not in features] for g, lay in layouts.items()}
+    return group_budgets(eps, layouts, exclude, device)
 
 
 def loss_row(clean: np.ndarray, attacked: np.ndarray) -> dict:
@@ -95,7 +96,7 @@ def main() -> None:
     ap.add_argument("--students", nargs="*", type=Path, default=[], help="run or policy dirs evaluated the same way")
     ap.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--episodes", type=int, default=100)
-    ap.add_argument("--corners", type=int, default=16, help="random budget corners tried per episode")
+    ap.add_argument("--corners", type=int, default=20, help="random budget corners tried per episode (attack.offset_candidates)")
     args = ap.parse_args()
 
     tdir = teacher_dir(args.teacher)
@@ -115,19 +116,20 @@ def main() -> None:
                 continue  # groups without these positions (e.g. speaker-listener's speaker) see them unshifted
             idx = [lay.indices[lay.names.index(f)] for f in args.features]
             dims[g] = ([i[0] for i in idx], [i[1] for i in idx])
+        agents = [a for g in venv.groups for a in g.agents]
         policies = {"teacher": load_team(tdir, venv.groups)[0]}
         policies.update({p.name: load_team(p, venv.groups)[0] for p in args.students})
         for name, team in tqdm(policies.items(), desc="policies"):
             clean = returns_under(venv, team, None, args.episodes, seed)
             row: dict = {"clean": float(clean.mean()), "translation": {}, "offsets": {}}
             for eps in args.eps:
-                gen = torch.Generator().manual_seed(0)  # the same corners for every policy
                 shifted = np.stack([returns_under(venv, team, translation(team, dims, eps, sign), args.episodes, seed)
                                     for sign in ((1, 1), (1, -1), (-1, 1), (-1, -1))])
-                corners = np.stack([returns_under(venv, team, corner(team, dims, eps, gen), args.episodes, seed)
-                                    for _ in range(args.corners)])
+                # the same corners for every policy: ConstantOffset seeds depend on the suite seed only
+                corners = team_returns(worst_offsets(venv, team, agents, position_budgets(layouts, args.features, eps, team.device),
+                                                     args.corners, args.episodes, seed))
                 row["translation"][str(eps)] = loss_row(clean, shifted[shifted.mean(1).argmin()])
-                row["offsets"][str(eps)] = loss_row(clean, np.concatenate([shifted, corners]).min(0))
+                row["offsets"][str(eps)] = loss_row(clean, np.minimum(shifted.min(0), corners))
             results["policies"][name] = row
 
     t = results["policies"]["teacher"]

@@ -130,8 +130,6 @@ def test_constant_offset_is_one_budget_corner_held_over_steps_on_victims_only(mo
     assert not torch.allclose(other, deltas[0])  # another candidate, another corner
 
     # the "offsets" attack: per episode seed, the worst candidate
-    from types import SimpleNamespace
-
     from madistill.attacks import robustness
     from madistill.envs.episodes import EpisodeRecord
 
@@ -140,7 +138,7 @@ def test_constant_offset_is_one_budget_corner_held_over_steps_on_victims_only(mo
         return [EpisodeRecord(seed + i, 5, {"a_0": float((i * 7 + k * 3) % 5)}) for i in reversed(range(episodes))]
 
     monkeypatch.setattr(robustness, "run_episodes", fake_run)
-    recs = robustness._worst_offsets(None, team, ["a_1"], budget, SimpleNamespace(episodes=4, offset_candidates=3), 100)
+    recs = robustness.worst_offsets(None, team, ["a_1"], budget, 3, 4, 100)
     assert [r.seed for r in recs] == [100, 101, 102, 103]
     assert [r.team_return for r in recs] == [min((i * 7 + k * 3) % 5 for k in range(3)) for i in range(4)]
 

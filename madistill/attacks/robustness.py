@@ -132,7 +132,7 @@ def evaluate_robustness(
         for method, eps in runs:
             start = time.perf_counter()
             if method == "offsets":
-                recs = _worst_offsets(venv, team, victims, budgets[eps], ac, seed)
+                recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed)
             else:
                 transform = _transform(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic)
                 recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
@@ -161,15 +161,16 @@ def _transform(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: l
                            surrogate=surrogate if method == "transfer" else None, critic=critic)
 
 
-def _worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
-                   ac: Any, seed: int) -> list[EpisodeRecord]:
-    """Per episode seed, the record of the constant offset (of ``ac.offset_candidates``) with the lowest team
-    return: every candidate replays the same episodes, as an attacker with a simulator could."""
-    if ac.offset_candidates < 1:
+def worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
+                  candidates: int, episodes: int, seed: int) -> list[EpisodeRecord]:
+    """Per episode seed, the record of the constant offset (of ``candidates``, ConstantOffset seeds ``seed..``)
+    with the lowest team return: every candidate replays the same episodes, as an attacker with a simulator
+    could."""
+    if candidates < 1:
         raise MadistillError("attack.offset_candidates must be at least 1")
     by_seed: dict[int, list[EpisodeRecord]] = {}
-    for k in range(ac.offset_candidates):
-        for r in run_episodes(venv, team, ac.episodes, seed, transforms=[ConstantOffset(victims, budgets, seed + k)]):
+    for k in range(candidates):
+        for r in run_episodes(venv, team, episodes, seed, transforms=[ConstantOffset(victims, budgets, seed + k)]):
             by_seed.setdefault(r.seed, []).append(r)
     return [min(same, key=lambda r: r.team_return) for _, same in sorted(by_seed.items())]
 
