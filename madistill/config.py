@@ -103,6 +103,7 @@ class DistillConfig:
     adv_eps: float = 0.3
     adv_steps: int = 3
     adv_objective: str = "kl"  # kl (policy divergence) | ce (flip the greedy action, FGSM's objective) | both (per sample the worse)
+    adv_fgsm: bool = False  # per sample, the worse of that PGD's point and FGSM's (one full signed step on ce)
     adv_ramp: float = 0.5
     adv_collect: float = 0.0  # chance per env copy and step that DAgger collection runs under that PGD
 

@@ -37,6 +37,7 @@ class DistillLoss:
     smooth_weight: float = 0.0  # KL(pi_S(x) || pi_S(x + delta)): the student's own smoothness (SA-PPO style)
     adv_steps: int = 3  # PGD steps crafting delta during training
     adv_objective: str = "kl"  # what that PGD maximises: kl (policy divergence) | ce (flip the greedy action) | both
+    adv_fgsm: bool = False  # per sample, also FGSM's point when it hurts more than the PGD's
 
     def __post_init__(self) -> None:
         # Fail at startup with the field to fix, not at the first minibatch.
@@ -53,7 +54,7 @@ class DistillLoss:
     def from_config(dc: Any) -> DistillLoss:
         return DistillLoss(
             dc.divergence, dc.temperature, dc.lambda_igr, dc.mask, dc.topk, dc.threshold, dc.target,
-            dc.adv_weight, dc.smooth_weight, dc.adv_steps, dc.adv_objective,
+            dc.adv_weight, dc.smooth_weight, dc.adv_steps, dc.adv_objective, dc.adv_fgsm,
         )
 
     @property
@@ -100,10 +101,12 @@ class DistillLoss:
     def _perturbed(
         self, student: Policy, batch: GroupData, budget: Budget, generator: torch.Generator | None, kw: dict
     ) -> torch.Tensor:
-        """PGD on the student; with ``adv_objective=both``, per sample the worse (for the distillation target)
-        of the policy-divergence and the greedy-action attack: each finds perturbations the other misses."""
+        """PGD on the student; with ``adv_objective=both`` (and ``adv_fgsm``), per sample the worst (for the
+        distillation target) of the policy-divergence PGD, the greedy-action PGD (and FGSM's one full step):
+        each finds perturbations the others miss, and students trained against PGD alone fall to FGSM."""
         objectives = ("kl", "ce") if self.adv_objective == "both" else (self.adv_objective,)
-        found = torch.stack([self.training_pgd(o)(student, batch.obs, budget, generator) for o in objectives])
+        attacks = [self.training_pgd(o) for o in objectives] + ([Attack("fgsm", "ce")] if self.adv_fgsm else [])
+        found = torch.stack([a(student, batch.obs, budget, generator) for a in attacks])
         if len(found) == 1:
             return found[0]
         with torch.no_grad():
