@@ -2,10 +2,11 @@
 
 Baseline (PettingZoo tutorial): SuperSuit ``pettingzoo_env_to_vec_env_v1`` + ``concat_vec_envs_v1`` and one
 SB3 PPO over all agents, timed in ``learn()``. madistill: ``TeacherTrainer`` (SB3 PPO fed by madistill's
-rollout, env copies in worker processes), timed in ``train()``, with the PPO update after each rollout and with
-it overlapped with the next rollout (``teacher.overlap_update``). Same env, copies, PPO settings, network and
-agent-step budget; construction is excluded from both. Also reports the share of wall time spent waiting for
-the environments' ``step``.
+rollout, env copies in worker processes), timed in ``train()``, with the PPO update after each rollout
+(``teacher.update_mode=inline``) and overlapped with the next rollout in a thread or a learner process
+(``thread``, ``process``). Same env, copies, PPO settings, network and agent-step budget; construction (env
+workers, learner process) is excluded from both. Also reports the share of wall time spent waiting for the
+environments' ``step``.
 
     python experiments/bench_throughput.py [--steps 92160] [--repeats 3]
 """
@@ -62,7 +63,7 @@ def baseline(copies: int, steps: int, num_cpus: int, seed: int) -> tuple[float, 
     return done / wall, timer.total / wall
 
 
-def madistill_run(copies: int, steps: int, workers: int, seed: int, overlap: bool) -> tuple[float, float]:
+def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode: str) -> tuple[float, float]:
     from madistill.cli import compose_config
     from madistill.runtime import env_spec, make_vec_env, seed_everything
     from madistill.teacher import TeacherTrainer
@@ -70,13 +71,13 @@ def madistill_run(copies: int, steps: int, workers: int, seed: int, overlap: boo
     overrides = [
         "env=simple_spread_v3", f"env.num_envs={copies}", f"env.num_workers={workers}", f"seed={seed}",
         f"teacher.total_agent_steps={steps}", f"teacher.hidden_sizes={HIDDEN}", "teacher.normalize_obs=false",
-        "logger=quiet", f"teacher.overlap_update={overlap}",
+        "logger=quiet", f"teacher.update_mode={update_mode}",
     ] + [f"teacher.ppo.{k}={v}" for k, v in PPO_SETTINGS.items()]
     cfg = compose_config(overrides)
     seed_everything(cfg.seed, cfg.torch_threads)
     spec = env_spec(cfg.env)
-    with make_vec_env(cfg.env, spec) as venv, tempfile.TemporaryDirectory() as tmp:
-        trainer = TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)
+    with (make_vec_env(cfg.env, spec) as venv, tempfile.TemporaryDirectory() as tmp,
+          TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None) as trainer):
         timer = _Timed(venv, "step")
         t0 = time.perf_counter()
         trainer.train(Path(tmp))
@@ -97,18 +98,18 @@ def main() -> None:
     for r in range(args.repeats):  # interleaved, so drifts in machine load hit every variant alike
         for cpus in (1, 2):
             rows.setdefault(f"tutorial SB3+SuperSuit num_cpus={cpus}", []).append(baseline(args.copies, args.steps, cpus, r))
-        for overlap in (False, True):
-            name = f"madistill num_workers=2{' overlap_update' if overlap else ''}"
-            rows.setdefault(name, []).append(madistill_run(args.copies, args.steps, 2, r, overlap))
+        for mode in ("inline", "thread", "process"):
+            rows.setdefault(f"madistill num_workers=2 update_mode={mode}", []).append(
+                madistill_run(args.copies, args.steps, 2, r, mode))
     print(f"simple_spread_v3 N=3, {args.copies} copies, {args.steps} agent-steps per run, {args.repeats} repeats,"
           f" PPO {PPO_SETTINGS}, net {HIDDEN}")
-    print(f"{'variant':<42} {'agent-steps/s (median [min, max])':>36} {'env step share':>15}")
+    print(f"{'variant':<46} {'agent-steps/s (median [min, max])':>36} {'env step share':>15}")
     med = {}
     for name, vals in rows.items():
         sps = [v[0] for v in vals]
         share = statistics.median(v[1] for v in vals)
         med[name] = statistics.median(sps)
-        print(f"{name:<42} {med[name]:>14.0f} [{min(sps):.0f}, {max(sps):.0f}]{'':>6} {share:>14.0%}")
+        print(f"{name:<46} {med[name]:>14.0f} [{min(sps):.0f}, {max(sps):.0f}]{'':>6} {share:>14.0%}")
     best_base = max(v for k, v in med.items() if k.startswith("tutorial"))
     for name in (k for k in med if k.startswith("madistill")):
         print(f"speed-up of {name} over the faster tutorial variant: {med[name] / best_base:.2f}x")

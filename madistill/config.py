@@ -62,10 +62,10 @@ class TeacherConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     checkpoint_every: int = 0  # agent steps between checkpoints (0: only at the end and on Ctrl-C)
     resume: str | None = None  # checkpoint directory to continue from
-    # Run each PPO update in a background thread while the next rollout is collected with the weights from
-    # before that update (one update of policy lag, as in asynchronous PPO). Faster on 2+ cores; off keeps SB3's
-    # strictly on-policy schedule.
-    overlap_update: bool = False
+    # When each PPO update runs: "inline" after each rollout (SB3's strictly on-policy schedule), or overlapped
+    # with the next rollout, which is collected with the weights from before that update (one update of policy
+    # lag, as in asynchronous PPO), in a background "thread" or a learner "process" (faster on 2+ cores).
+    update_mode: str = "inline"
 
 
 @dataclass

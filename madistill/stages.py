@@ -98,8 +98,8 @@ def train_teachers(cfg: DictConfig, run_dir: Path, tb: TBLogger) -> Path:
     device = resolve_device(cfg.device)
     spec = env_spec(cfg.env)
     with make_vec_env(cfg.env, spec) as venv:
-        trainer = TeacherTrainer(cfg, venv, spec, device, tb)
-        trainer.train(run_dir)
+        with TeacherTrainer(cfg, venv, spec, device, tb) as trainer:
+            trainer.train(run_dir)
         return trainer.save(run_dir / "policies" / "teacher", config=OmegaConf.to_container(cfg, resolve=True))
 
 

@@ -4,20 +4,29 @@ Each group gets one ``stable_baselines3.PPO`` whose "environments" are the group
 copies (parameter sharing within the group). All groups act in the same envs through the shared rollout
 loop; after each rollout every group's PPO runs its own ``train()`` (its losses, optimiser, clipping).
 
-With ``teacher.overlap_update`` the groups act through copies of their policies, and each ``train()`` runs
-in a background thread on one of two rollout buffers while the next rollout fills the other: the
-environments (worker processes) and the update share the cores instead of taking turns. PyTorch and the
-env pipes release the GIL, so the thread runs while the collector waits.
+With ``teacher.update_mode=thread`` or ``process`` the groups act through copies of their policies, and each
+``train()`` runs in the background on one of two rollout buffers while the next rollout fills the other: the
+environments (worker processes) and the update share the cores instead of taking turns. A thread shares the
+collector's interpreter lock (PyTorch and the env pipes release it, so the thread runs while the collector
+waits); a learner process does not: it holds replicas of the PPO models and receives each filled buffer with
+the weights and optimiser state, and sends back the updated ones, so the models here stay the ones that
+checkpoints and saves read.
 """
 
 from __future__ import annotations
 
 import copy
+import multiprocessing as mp
+import pickle
+import signal
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -41,6 +50,7 @@ from madistill.rollout import Rollout, Transition
 from madistill.tb import TBLogger
 
 STATE_FILE = "trainer_state.pt"
+UPDATE_MODES = ("inline", "thread", "process")
 
 
 class _SpacesOnlyVecEnv(VecEnv):
@@ -90,6 +100,40 @@ class MaskedRolloutBuffer(RolloutBuffer):
             yield self._get_samples(indices[start : start + batch_size])
 
 
+def build_model(group: AgentGroup, num_envs: int, n_steps: int, arch: dict[str, Any], ppo_kwargs: dict[str, Any],
+                seed: int, device: torch.device | str) -> PPO:
+    """The group's SB3 PPO, sized for its agent slots in ``num_envs`` copies, with a silent logger."""
+    width = num_envs * group.n_agents
+    if width * n_steps < 2:
+        raise MadistillError("teacher.ppo.n_steps * env.num_envs must be at least 2")
+    model = PPO(
+        "MlpPolicy",
+        _SpacesOnlyVecEnv(width, sb3_observation_space(group), group.action_space),
+        rollout_buffer_class=MaskedRolloutBuffer,
+        policy_kwargs=policy_kwargs(arch),
+        seed=seed,
+        device=device,
+        **ppo_kwargs,
+    )
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
+def minibatch_rng(seed: int, group_index: int) -> np.random.Generator:
+    """The minibatch-order stream of a background update: its own, so the collector cannot shift the order."""
+    return np.random.default_rng([int(seed), group_index])
+
+
+def train_model(model: PPO, total: int, agent_steps: int) -> dict[str, float]:
+    """One PPO ``train()`` on the model's rollout buffer at ``agent_steps`` of ``total``; SB3's logged losses."""
+    model.num_timesteps = agent_steps
+    model._current_progress_remaining = max(0.0, 1.0 - agent_steps / total)
+    model.train()
+    losses = dict(model.logger.name_to_value)
+    model.logger.dump(agent_steps)  # clears the values; the logger has no outputs
+    return losses
+
+
 @dataclass
 class _GroupLearner:
     group: AgentGroup
@@ -109,7 +153,8 @@ class _GroupLearner:
 
 
 class TeacherTrainer:
-    """Trains one PPO per group together in one vector env; checkpointable and resumable."""
+    """Trains one PPO per group together in one vector env; checkpointable and resumable. A context manager:
+    with ``teacher.update_mode=process`` it owns a learner process until ``close()``."""
 
     def __init__(self, cfg: Any, venv: MultiAgentVecEnv, spec: EnvSpec, device: torch.device, tb: TBLogger | None):
         self.cfg, self.venv, self.spec, self.device, self.tb = cfg, venv, spec, device, tb
@@ -117,38 +162,34 @@ class TeacherTrainer:
         self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation}
         ppo_kwargs = dict(tc.ppo)
         self.n_steps = int(ppo_kwargs["n_steps"])
-        self.overlap = bool(tc.overlap_update)
+        if tc.update_mode not in UPDATE_MODES:
+            raise MadistillError(f"unknown teacher.update_mode {tc.update_mode!r}: use teacher.update_mode=<one of {', '.join(UPDATE_MODES)}>")
+        self.update_mode = str(tc.update_mode)
+        self.overlap = self.update_mode != "inline"
         self.learners: dict[str, _GroupLearner] = {}
         normalizers = {}
         for gi, g in enumerate(venv.groups):
-            width = venv.num_envs * g.n_agents
-            if width * self.n_steps < 2:
-                raise MadistillError("teacher.ppo.n_steps * env.num_envs must be at least 2")
-            model = PPO(
-                "MlpPolicy",
-                _SpacesOnlyVecEnv(width, sb3_observation_space(g), g.action_space),
-                rollout_buffer_class=MaskedRolloutBuffer,
-                policy_kwargs=policy_kwargs(self.arch),
-                seed=cfg.seed,
-                device=device,
-                **ppo_kwargs,
-            )
-            model.set_logger(Logger(folder=None, output_formats=[]))
+            model = build_model(g, venv.num_envs, self.n_steps, self.arch, ppo_kwargs, cfg.seed, device)
             buffers, policy = [model.rollout_buffer], model.policy
             if self.overlap:
                 buffers.append(copy.deepcopy(model.rollout_buffer))
-                # its own minibatch-order stream, so the collector thread cannot shift the update's order
-                model.rollout_buffer.rng = buffers[1].rng = np.random.default_rng([int(cfg.seed), gi])
+                model.rollout_buffer.rng = buffers[1].rng = minibatch_rng(cfg.seed, gi)
                 policy = copy.deepcopy(model.policy)
             actor = SB3Policy(g, policy, self.arch)
+            width = venv.num_envs * g.n_agents
             self.learners[g.name] = _GroupLearner(g, model, actor, buffers, np.ones(width, dtype=np.float32))
             normalizers[g.name] = ObsNormalizer(g.obs_dim, enabled=tc.normalize_obs)
         self.team = TeamPolicy(venv.groups, {n: lr.actor for n, lr in self.learners.items()}, normalizers)
         self.agent_steps = 0
         self.iteration = 0
-        self._pending: Future | None = None  # the update running in the background (overlap_update)
+        self._pending: Future | _PendingUpdate | None = None  # the update running in the background
         if tc.resume:
             self._restore(Path(tc.resume))
+        self._learner: _LearnerProcess | None = None
+        if self.update_mode == "process":  # started here, as env workers are: its start-up is not training time
+            build = {n: (lr.group, venv.num_envs, self.n_steps, self.arch, ppo_kwargs, cfg.seed, str(device))
+                     for n, lr in self.learners.items()}
+            self._learner = _LearnerProcess(build)
 
     # ---- collection -------------------------------------------------------------------------
     def _on_step(self, tr: Transition) -> None:
@@ -194,8 +235,8 @@ class TeacherTrainer:
             total=total, initial=self.agent_steps, desc="train", unit="agent-step", unit_scale=True,
             disable=not self.cfg.logger.progress,
         )
-        try:
-            with bar, ThreadPoolExecutor(max_workers=1) as background:
+        with bar, self._background() as start_update:
+            try:
                 while self.agent_steps < total:
                     t0 = time.perf_counter()
                     for lr in self.learners.values():
@@ -208,7 +249,7 @@ class TeacherTrainer:
                     for lr in self.learners.values():
                         lr.hand_over()
                     if self.overlap:
-                        self._pending = background.submit(self._update, total, self.agent_steps)
+                        self._pending = start_update(total, self.agent_steps)
                     else:
                         losses = self._update(total, self.agent_steps)
                     self.agent_steps += per_iter
@@ -220,24 +261,38 @@ class TeacherTrainer:
                     self._log(episodes, losses, per_iter / dt, t_collect / dt)
                     if every and self.agent_steps // every != (self.agent_steps - per_iter) // every:
                         self.save_checkpoint(run_dir / "checkpoint")
-        except KeyboardInterrupt:
-            path = self.save_checkpoint(run_dir / "checkpoint")
-            tqdm.write(f"interrupted: checkpoint saved to {path}; resume with teacher.resume={path}")
-            raise
-        self._sync()
+            except KeyboardInterrupt:
+                path = self.save_checkpoint(run_dir / "checkpoint")  # takes the pending update first
+                tqdm.write(f"interrupted: checkpoint saved to {path}; resume with teacher.resume={path}")
+                raise
+            self._sync()
         return self.team
+
+    @contextmanager
+    def _background(self) -> Iterator[Callable[[int, int], Any]]:
+        """``start_update(total, agent_steps)`` for overlapped updates, returning a future of the losses: on a
+        thread, or in the learner process."""
+        if self._learner is not None:
+            yield lambda total, steps: self._learner.submit(self.learners, total, steps)  # type: ignore[union-attr]
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            yield lambda total, steps: pool.submit(self._update, total, steps)
+
+    def close(self) -> None:
+        """Stop the learner process (``update_mode=process``); the trainer can still save afterwards."""
+        if self._learner is not None:
+            self._learner.close()
+            self._learner = None
+
+    def __enter__(self) -> TeacherTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _update(self, total: int, agent_steps: int) -> dict[str, dict[str, float]]:
         """One PPO ``train()`` per group on its handed-over buffer; returns SB3's logged losses."""
-        losses = {}
-        for name, lr in self.learners.items():
-            model = lr.model
-            model.num_timesteps = agent_steps
-            model._current_progress_remaining = max(0.0, 1.0 - agent_steps / total)
-            model.train()
-            losses[name] = dict(model.logger.name_to_value)
-            model.logger.dump(agent_steps)  # clears the values; the logger has no outputs
-        return losses
+        return {name: train_model(lr.model, total, agent_steps) for name, lr in self.learners.items()}
 
     def _sync(self) -> dict[str, dict[str, float]]:
         """Wait for the background update, if any, and let the acting copies take its weights."""
@@ -248,7 +303,7 @@ class TeacherTrainer:
         return losses
 
     def _copy_to_actors(self) -> None:
-        """The acting copies (overlap_update) take the learners' weights; without copies they are the same."""
+        """The acting copies (overlapped updates) take the learners' weights; without copies they are the same."""
         if self.overlap:
             for lr in self.learners.values():
                 lr.actor.sb3.load_state_dict(lr.model.policy.state_dict())
@@ -309,3 +364,95 @@ class TeacherTrainer:
         self._copy_to_actors()
         self.agent_steps = int(state["agent_steps"])
         self.iteration = int(state["iteration"])
+
+
+class _LearnerProcess:
+    """A child process that runs the groups' PPO ``train()`` (``teacher.update_mode=process``).
+
+    Each update ships every group's weights, optimiser state, update count and filled rollout buffer, and
+    returns the updated ones. The child keeps only PPO skeletons and the minibatch-order streams, so its
+    updates are the ones a background thread would make, bit for bit. Spawned, not forked: a fork of a process
+    whose OpenMP pool has run can hang in the child's first parallel region, and CUDA cannot be forked.
+    """
+
+    def __init__(self, build: dict[str, tuple]):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_learner_main, args=(child, build, torch.get_num_threads()), daemon=True,
+                                 name="madistill-learner")
+        self._proc.start()
+        child.close()
+
+    def submit(self, learners: dict[str, _GroupLearner], total: int, agent_steps: int) -> _PendingUpdate:
+        payload = {n: (lr.model.policy.state_dict(), lr.model.policy.optimizer.state_dict(), lr.model._n_updates,
+                       lr.model.rollout_buffer) for n, lr in learners.items()}
+        try:
+            self._conn.send_bytes(pickle.dumps((payload, total, agent_steps), protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            self._died()
+        return _PendingUpdate(self, learners)
+
+    def _died(self) -> NoReturn:
+        self._proc.join(timeout=5)
+        raise MadistillError(f"the learner process died (exit code {self._proc.exitcode}; a script that starts "
+                             "training needs an `if __name__ == '__main__':` guard): or use teacher.update_mode=thread")
+
+    def receive(self, learners: dict[str, _GroupLearner]) -> dict[str, dict[str, float]]:
+        """Wait for the update and load its weights and optimiser state into ``learners``; its losses."""
+        try:
+            status, reply = pickle.loads(self._conn.recv_bytes())
+        except EOFError:
+            self._died()
+        if status == "error":
+            raise MadistillError(f"the PPO update failed in the learner process:\n{reply}")
+        for n, (policy_state, optimizer_state, n_updates, _) in reply.items():
+            model = learners[n].model
+            model.policy.load_state_dict(policy_state)
+            model.policy.optimizer.load_state_dict(optimizer_state)
+            model._n_updates = n_updates
+        return {n: r[3] for n, r in reply.items()}
+
+    def close(self) -> None:
+        try:
+            self._conn.send_bytes(pickle.dumps(None))
+        except OSError:  # already gone
+            pass
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._conn.close()
+
+
+@dataclass
+class _PendingUpdate:
+    """The learner process's update in flight; ``result()`` takes it (once) into the learners."""
+
+    learner: _LearnerProcess
+    learners: dict[str, _GroupLearner]
+
+    def result(self) -> dict[str, dict[str, float]]:
+        return self.learner.receive(self.learners)
+
+
+def _learner_main(conn: Any, build: dict[str, tuple], threads: int) -> None:
+    """The learner process: PPO skeletons built as the trainer's; one update per message until ``None``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the collector's: it checkpoints after taking this update
+    torch.set_num_threads(threads)
+    models = {n: build_model(*args) for n, args in build.items()}
+    rngs = {n: minibatch_rng(args[5], gi) for gi, (n, args) in enumerate(build.items())}
+    while (msg := pickle.loads(conn.recv_bytes())) is not None:
+        payload, total, agent_steps = msg
+        try:
+            reply = {}
+            for n, (policy_state, optimizer_state, n_updates, buffer) in payload.items():
+                model = models[n]
+                model.policy.load_state_dict(policy_state)
+                model.policy.optimizer.load_state_dict(optimizer_state)
+                model._n_updates = n_updates
+                buffer.rng = rngs[n]
+                model.rollout_buffer = buffer
+                losses = train_model(model, total, agent_steps)
+                reply[n] = (model.policy.state_dict(), model.policy.optimizer.state_dict(), model._n_updates, losses)
+            conn.send_bytes(pickle.dumps(("ok", reply), protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception:
+            conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))

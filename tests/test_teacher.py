@@ -167,8 +167,9 @@ def test_resume_from_a_non_checkpoint_is_a_user_error(relay_run, tmp_path):
         TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_reraises(tmp_path, monkeypatch):
-    cfg = compose_config(tiny("env=relay", f"teacher.total_agent_steps={10 * PER_ITER}"))
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_ctrl_c_saves_a_checkpoint_and_reraises(tmp_path, monkeypatch, mode):
+    cfg = compose_config(tiny("env=relay", f"teacher.total_agent_steps={10 * PER_ITER}", f"teacher.update_mode={mode}"))
     calls = {"n": 0}
     orig_step = Rollout.step
 
@@ -183,7 +184,8 @@ def test_ctrl_c_saves_a_checkpoint_and_reraises(tmp_path, monkeypatch):
         stages.train(cfg, tmp_path)
     ckpt = tmp_path / "checkpoint"
     assert (ckpt / "manifest.json").is_file() and (ckpt / "agent.safetensors").is_file()
-    assert _state(ckpt)["agent_steps"] == PER_ITER  # the one finished iteration
+    assert _state(ckpt)["agent_steps"] == PER_ITER  # the one finished iteration ...
+    assert _state(ckpt)["n_updates"]["agent"] > 0  # ... with its update (the learner process's, when pending)
     assert not (tmp_path / "policies").exists()  # no final teacher for an interrupted run
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     monkeypatch.setattr(Rollout, "step", orig_step)
@@ -222,8 +224,7 @@ def _acting_weights_per_rollout(cfg, monkeypatch) -> list[torch.Tensor]:
 
     monkeypatch.setattr(Rollout, "run", run_and_record)
     spec = env_spec(cfg.env)
-    with make_vec_env(cfg.env, spec) as venv:
-        trainer = TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)
+    with make_vec_env(cfg.env, spec) as venv, TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None) as trainer:
         trainer.train(Path("unused"))
     monkeypatch.setattr(Rollout, "run", orig_run)
     learner = next(iter(trainer.learners["agent"].model.policy.state_dict().values()))
@@ -231,11 +232,12 @@ def _acting_weights_per_rollout(cfg, monkeypatch) -> list[torch.Tensor]:
     return seen, learner
 
 
-def test_overlapped_update_acts_one_update_behind_and_ends_in_sync(monkeypatch):
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_overlapped_update_acts_one_update_behind_and_ends_in_sync(monkeypatch, where):
     steps = f"teacher.total_agent_steps={4 * PER_ITER}"
     sync, _ = _acting_weights_per_rollout(compose_config(tiny("env=relay", steps)), monkeypatch)
     lagged, learner = _acting_weights_per_rollout(
-        compose_config(tiny("env=relay", steps, "teacher.overlap_update=true")), monkeypatch
+        compose_config(tiny("env=relay", steps, f"teacher.update_mode={where}")), monkeypatch
     )
     assert len(sync) == len(lagged) == 5  # four rollouts, then the final team
     assert not torch.equal(sync[0], sync[1])  # on-policy: each rollout follows an update
@@ -244,12 +246,14 @@ def test_overlapped_update_acts_one_update_behind_and_ends_in_sync(monkeypatch):
     torch.testing.assert_close(lagged[-1], learner, rtol=0, atol=0)  # the saved team has every update
 
 
-def test_overlapped_update_learns_and_is_deterministic(tmp_path):
-    cfg = compose_config(tiny(*RELAY, "teacher.overlap_update=true"))
-    paths = [stages.train(cfg, tmp_path / f"run{i}") for i in range(2)]
+def test_overlapped_update_learns_and_is_deterministic_in_a_thread_or_a_learner_process(tmp_path):
+    cfgs = [compose_config(tiny(*RELAY, f"teacher.update_mode={where}")) for where in ("thread", "thread", "process")]
+    paths = [stages.train(cfg, tmp_path / f"run{i}") for i, cfg in enumerate(cfgs)]
     weights = [load_file(str(p / "agent.safetensors")) for p in paths]
-    for k in weights[0]:
-        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0)
+    for k in weights[0]:  # the learner process makes the thread's updates, bit for bit
+        for w in weights[1:]:
+            torch.testing.assert_close(weights[0][k], w[k], rtol=0, atol=0)
+    cfg = cfgs[0]
     with make_vec_env(cfg.env, num_workers=0) as venv:
         team, _ = load_team(paths[0], venv.groups)
         ret = np.mean([r.team_return for r in run_episodes(venv, team, 16, seed=1000, deterministic=True)])
