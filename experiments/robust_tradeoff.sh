@@ -27,7 +27,7 @@ madistill attack attack.policy=$R/candidates "attack.methods=[fgsm,pgd]" "attack
   "attack.victims=[all]" attack.episodes=200 attack.checks=false logger.progress=false hydra.run.dir=$R/eval
 
 # Second round: more DAgger data (rounds), more updates on the same data, collection under attack
-# (distill.adv_collect), the greedy-action and combined training objectives. Same teacher, seed 0, retention
+# (distill.adv_collect), the greedy-action and combined training objectives, FGSM's point in training (adv_fgsm). Same teacher, seed 0, retention
 # over 500 episodes; each student then alone against FGSM and PGD-10 (3 restarts) at eps 0.2, victims all,
 # 200 episodes (the teacher is evaluated beside each): runs/experiments/tradeoff2/eval_<name>/reports/.
 R2=runs/experiments/tradeoff2
@@ -47,3 +47,5 @@ run2 long8_eps0.4 distill.rounds=8 distill.adv_eps=0.4
 run2 long8_collect0.5 distill.rounds=8 distill.adv_collect=0.5
 run2 long8_ce_eps0.2 distill.rounds=8 distill.adv_objective=ce distill.adv_eps=0.2
 run2 long8_both distill.rounds=8 distill.adv_objective=both
+run2 long8_fgsm distill.rounds=8 distill.adv_fgsm=true
+run2 long8_both_fgsm distill.rounds=8 distill.adv_fgsm=true distill.adv_objective=both

@@ -138,8 +138,8 @@ def train_model(model: PPO, total: int, agent_steps: int) -> dict[str, float]:
 class _GroupLearner:
     group: AgentGroup
     model: PPO
-    actor: SB3Policy  # what acts in the envs: the learner's own policy, or a copy of it (overlap_update)
-    buffers: list[MaskedRolloutBuffer]  # one, or two that the collector and the update swap (overlap_update)
+    actor: SB3Policy  # what acts in the envs: the learner's own policy, or a copy of it (overlapped updates)
+    buffers: list[MaskedRolloutBuffer]  # one, or two that the collector and the update swap (overlapped updates)
     episode_starts: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property

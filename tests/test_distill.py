@@ -272,6 +272,32 @@ def test_adversarial_term_makes_the_student_harder_to_move(objective):
         assert moved(robust, attack_objective) < (0.85 if objective == "both" else 0.8) * moved(plain, attack_objective)
 
 
+def test_adv_fgsm_keeps_per_sample_the_worse_of_the_pgd_and_fgsm_points():
+    """``distill.adv_fgsm``: FGSM's point joins the training PGD's; per sample the one further from the
+    teacher's target is used, so no sample gets a milder perturbation than PGD alone gave it."""
+    from madistill.attacks.budget import Budget
+    from madistill.attacks.methods import Attack
+    from madistill.distill.divergences import divergence
+
+    torch.manual_seed(0)
+    g = AgentGroup("g", ("a",), spaces.Box(-np.inf, np.inf, (6,), np.float32), spaces.Discrete(4))
+    teacher, student = (MLPPolicy(g, {"hidden_sizes": [32], "activation": "tanh"}) for _ in range(2))
+    x = torch.randn(512, 6)
+    data = GroupData(x, teacher(x).detach(), torch.ones(512, 6), torch.zeros(512), torch.zeros(512, dtype=torch.bool))
+    budget = Budget.build(0.3, 6)
+    kw = {"discrete": True, "teacher_log_std": None, "student_log_std": None}
+
+    def harm(x_adv: torch.Tensor) -> torch.Tensor:
+        return divergence("kl", data.teacher_head, student(x_adv), **kw).detach()
+
+    pgd_only = DistillLoss(adv_weight=1.0)._perturbed(student, data, budget, torch.Generator().manual_seed(3), kw)
+    with_fgsm = DistillLoss(adv_weight=1.0, adv_fgsm=True)._perturbed(student, data, budget, torch.Generator().manual_seed(3), kw)
+    fgsm = Attack("fgsm", "ce")(student, x, budget)
+    torch.testing.assert_close(harm(with_fgsm), torch.maximum(harm(pgd_only), harm(fgsm)))
+    assert (harm(fgsm) > harm(pgd_only)).any() and (harm(fgsm) < harm(pgd_only)).any()  # each wins somewhere
+    assert float((with_fgsm - x).abs().max()) <= 0.3 + 1e-6
+
+
 def test_collection_under_attack_records_clean_observations_of_the_drifted_states(make_cfg, teacher_run):
     """``distill.adv_collect``: the student's DAgger rounds run under PGD, so the team visits other states,
     but what is stored (and labelled by the teacher) is what the env emitted, never the perturbed input."""
