@@ -182,7 +182,8 @@ class TeacherTrainer:
         self.team = TeamPolicy(venv.groups, {n: lr.actor for n, lr in self.learners.items()}, normalizers)
         self.agent_steps = 0
         self.iteration = 0
-        self._pending: Future | _PendingUpdate | None = None  # the update running in the background
+        self._pending: Future | _PendingUpdate | None = None  # the update running in the background ...
+        self._pending_step = 0  # ... and the agent step its losses are logged at
         if tc.resume:
             self._restore(Path(tc.resume))
         self._learner: _LearnerProcess | None = None
@@ -245,20 +246,21 @@ class TeacherTrainer:
                     episodes = rollout.run(steps=self.n_steps, on_step=self._on_step)
                     self._finish_rollout(rollout)
                     t_collect = time.perf_counter() - t0
-                    losses = self._sync()  # the previous update (overlap) must finish before this one starts
+                    self._sync()  # the previous update (overlap) must finish before this one starts
                     for lr in self.learners.values():
                         lr.hand_over()
                     if self.overlap:
                         self._pending = start_update(total, self.agent_steps)
+                        self._pending_step = self.agent_steps + per_iter
                     else:
-                        losses = self._update(total, self.agent_steps)
+                        self._log_losses(self._update(total, self.agent_steps), self.agent_steps + per_iter)
                     self.agent_steps += per_iter
                     self.iteration += 1
                     dt = time.perf_counter() - t0
                     bar.update(per_iter)
                     if episodes:
                         bar.set_postfix(team_return=f"{np.mean([e.team_return for e in episodes]):.2f}")
-                    self._log(episodes, losses, per_iter / dt, t_collect / dt)
+                    self._log(episodes, per_iter / dt, t_collect / dt)
                     if every and self.agent_steps // every != (self.agent_steps - per_iter) // every:
                         self.save_checkpoint(run_dir / "checkpoint")
             except KeyboardInterrupt:
@@ -294,13 +296,14 @@ class TeacherTrainer:
         """One PPO ``train()`` per group on its handed-over buffer; returns SB3's logged losses."""
         return {name: train_model(lr.model, total, agent_steps) for name, lr in self.learners.items()}
 
-    def _sync(self) -> dict[str, dict[str, float]]:
-        """Wait for the background update, if any, and let the acting copies take its weights."""
+    def _sync(self) -> None:
+        """Wait for the background update, if any, let the acting copies take its weights, and log its losses
+        at the step of the data it learned from (wherever it is taken: the loop, a checkpoint, the end)."""
         if self._pending is None:
-            return {}
+            return
         losses, self._pending = self._pending.result(), None
         self._copy_to_actors()
-        return losses
+        self._log_losses(losses, self._pending_step)
 
     def _copy_to_actors(self) -> None:
         """The acting copies (overlapped updates) take the learners' weights; without copies they are the same."""
@@ -308,7 +311,7 @@ class TeacherTrainer:
             for lr in self.learners.values():
                 lr.actor.sb3.load_state_dict(lr.model.policy.state_dict())
 
-    def _log(self, episodes: list[EpisodeRecord], losses: dict[str, dict[str, float]], sps: float, collect_share: float) -> None:
+    def _log(self, episodes: list[EpisodeRecord], sps: float, collect_share: float) -> None:
         if self.tb is None:
             return
         step = self.agent_steps
@@ -319,6 +322,11 @@ class TeacherTrainer:
                 self.tb.scalar(f"charts/episodic_return/{agent}", np.mean([e.agent_returns[agent] for e in episodes]), step)
         self.tb.scalar("charts/SPS", sps, step)
         self.tb.scalar("charts/collect_time_share", collect_share, step)
+
+    def _log_losses(self, losses: dict[str, dict[str, float]], step: int) -> None:
+        """SB3's logged values of one update per group, under CleanRL-style tags."""
+        if self.tb is None:
+            return
         names = {
             "train/value_loss": "value_loss", "train/policy_gradient_loss": "policy_loss",
             "train/entropy_loss": "entropy_loss", "train/approx_kl": "approx_kl",

@@ -246,6 +246,16 @@ def test_overlapped_update_acts_one_update_behind_and_ends_in_sync(monkeypatch, 
     torch.testing.assert_close(lagged[-1], learner, rtol=0, atol=0)  # the saved team has every update
 
 
+@pytest.mark.parametrize("mode", ["inline", "thread"])
+def test_every_update_logs_its_losses_once_at_the_step_of_its_data(tmp_path, mode):
+    """Overlapped updates are taken by the loop, by checkpoints and at the end; each logs wherever taken."""
+    cfg = compose_config(tiny("env=relay", f"teacher.total_agent_steps={4 * PER_ITER}",
+                              f"teacher.checkpoint_every={2 * PER_ITER}", f"teacher.update_mode={mode}"))
+    stages.train(cfg, tmp_path)
+    steps = [e.step for e in _scalars(tmp_path / "tb").Scalars("losses/agent/value_loss")]
+    assert steps == [PER_ITER, 2 * PER_ITER, 3 * PER_ITER, 4 * PER_ITER]
+
+
 def test_overlapped_update_learns_and_is_deterministic_in_a_thread_or_a_learner_process(tmp_path):
     cfgs = [compose_config(tiny(*RELAY, f"teacher.update_mode={where}")) for where in ("thread", "thread", "process")]
     paths = [stages.train(cfg, tmp_path / f"run{i}") for i, cfg in enumerate(cfgs)]
