@@ -328,6 +328,14 @@ def test_cfg_job_prints_the_composed_config(cli, args):
     assert ("seed: 5" in out) == ("seed=5" in args)
 
 
+def test_longer_speaker_listener_budget_is_a_config_file():
+    from madistill.cli import compose_config
+
+    cfg = compose_config(["+experiment=sl_long"])
+    assert cfg.env.name == "simple_speaker_listener_v4" and cfg.teacher.total_agent_steps == 4_000_000
+    assert compose_config([]).teacher.total_agent_steps == 1_500_000  # the main job's default budget
+
+
 def test_conflicting_hydra_flags_exit_2(cli):
     rc, _, err = cli("train", "env=relay", "-m", "--cfg", "job")
     assert rc == 2 and len(_err_lines(err)) == 1
