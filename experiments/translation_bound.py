@@ -13,8 +13,8 @@ bounds what robust distillation can achieve at that eps. Two offset families: ``
 shift for every named feature (|c_x| <= eps * the smallest std among the x features, likewise y; worst of
 the four diagonals), and ``offsets``, per episode the worst of those and of the suite's ``offsets`` attack
 (``attacks.robustness.worst_offsets``: ``--corners`` random corners of the budget per agent, here on the named
-features only; the attacker may simulate each episode, as a worst case over a fixed set of perturbations). 100 episodes with the attack stage's seeds (those of ``experiments/robustness.py``); greedy
-actions. The bound is heuristic: a robust policy need not act like the teacher in every plausible world.
+features only; the attacker may simulate each episode, as a worst case over a fixed set of perturbations).
+100 episodes with the attack stage's seeds (those of ``experiments/robustness.py``); greedy actions. The bound is heuristic: a robust policy need not act like the teacher in every plausible world.
 
     python experiments/translation_bound.py runs/teachers/simple_spread_v3 --features landmark_0 landmark_1 landmark_2 \\
         --students runs/experiments/robustness/simple_spread_v3/robust_s{0,1,2}

@@ -100,11 +100,11 @@ class MaskedRolloutBuffer(RolloutBuffer):
             yield self._get_samples(indices[start : start + batch_size])
 
 
-def build_model(group: AgentGroup, num_envs: int, n_steps: int, arch: dict[str, Any], ppo_kwargs: dict[str, Any],
+def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwargs: dict[str, Any],
                 seed: int, device: torch.device | str) -> PPO:
     """The group's SB3 PPO, sized for its agent slots in ``num_envs`` copies, with a silent logger."""
     width = num_envs * group.n_agents
-    if width * n_steps < 2:
+    if width * int(ppo_kwargs["n_steps"]) < 2:
         raise MadistillError("teacher.ppo.n_steps * env.num_envs must be at least 2")
     model = PPO(
         "MlpPolicy",
@@ -122,6 +122,18 @@ def build_model(group: AgentGroup, num_envs: int, n_steps: int, arch: dict[str, 
 def minibatch_rng(seed: int, group_index: int) -> np.random.Generator:
     """The minibatch-order stream of a background update: its own, so the collector cannot shift the order."""
     return np.random.default_rng([int(seed), group_index])
+
+
+def model_state(model: PPO) -> tuple[dict, dict, int]:
+    """What an update changes: the policy's weights, its optimiser's state and SB3's update count."""
+    return model.policy.state_dict(), model.policy.optimizer.state_dict(), model._n_updates
+
+
+def load_model_state(model: PPO, state: tuple[dict, dict, int]) -> None:
+    policy_state, optimizer_state, n_updates = state
+    model.policy.load_state_dict(policy_state)
+    model.policy.optimizer.load_state_dict(optimizer_state)
+    model._n_updates = int(n_updates)
 
 
 def train_model(model: PPO, total: int, agent_steps: int) -> dict[str, float]:
@@ -169,7 +181,7 @@ class TeacherTrainer:
         self.learners: dict[str, _GroupLearner] = {}
         normalizers = {}
         for gi, g in enumerate(venv.groups):
-            model = build_model(g, venv.num_envs, self.n_steps, self.arch, ppo_kwargs, cfg.seed, device)
+            model = build_model(g, venv.num_envs, self.arch, ppo_kwargs, cfg.seed, device)
             buffers, policy = [model.rollout_buffer], model.policy
             if self.overlap:
                 buffers.append(copy.deepcopy(model.rollout_buffer))
@@ -188,9 +200,7 @@ class TeacherTrainer:
             self._restore(Path(tc.resume))
         self._learner: _LearnerProcess | None = None
         if self.update_mode == "process":  # started here, as env workers are: its start-up is not training time
-            build = {n: (lr.group, venv.num_envs, self.n_steps, self.arch, ppo_kwargs, cfg.seed, str(device))
-                     for n, lr in self.learners.items()}
-            self._learner = _LearnerProcess(build)
+            self._learner = _LearnerProcess(venv.groups, venv.num_envs, self.arch, ppo_kwargs, cfg.seed, device)
 
     # ---- collection -------------------------------------------------------------------------
     def _on_step(self, tr: Transition) -> None:
@@ -365,9 +375,7 @@ class TeacherTrainer:
         except Exception as e:
             raise MadistillError(f"corrupt checkpoint state {state_file} ({e}); resume from another checkpoint") from e
         for name, lr in self.learners.items():
-            lr.model.policy.load_state_dict(team[name].sb3.state_dict())
-            lr.model.policy.optimizer.load_state_dict(state["optimizers"][name])
-            lr.model._n_updates = int(state["n_updates"][name])
+            load_model_state(lr.model, (team[name].sb3.state_dict(), state["optimizers"][name], state["n_updates"][name]))
             self.team.normalizers[name] = team.normalizers[name]
         self._copy_to_actors()
         self.agent_steps = int(state["agent_steps"])
@@ -383,17 +391,18 @@ class _LearnerProcess:
     whose OpenMP pool has run can hang in the child's first parallel region, and CUDA cannot be forked.
     """
 
-    def __init__(self, build: dict[str, tuple]):
+    def __init__(self, groups: list[AgentGroup], num_envs: int, arch: dict[str, Any], ppo_kwargs: dict[str, Any],
+                 seed: int, device: torch.device):
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
+        build = (list(groups), num_envs, arch, ppo_kwargs, seed, str(device))
         self._proc = ctx.Process(target=_learner_main, args=(child, build, torch.get_num_threads()), daemon=True,
                                  name="madistill-learner")
         self._proc.start()
         child.close()
 
     def submit(self, learners: dict[str, _GroupLearner], total: int, agent_steps: int) -> _PendingUpdate:
-        payload = {n: (lr.model.policy.state_dict(), lr.model.policy.optimizer.state_dict(), lr.model._n_updates,
-                       lr.model.rollout_buffer) for n, lr in learners.items()}
+        payload = {n: (model_state(lr.model), lr.model.rollout_buffer) for n, lr in learners.items()}
         try:
             self._conn.send_bytes(pickle.dumps((payload, total, agent_steps), protocol=pickle.HIGHEST_PROTOCOL))
         except OSError:
@@ -413,12 +422,9 @@ class _LearnerProcess:
             self._died()
         if status == "error":
             raise MadistillError(f"the PPO update failed in the learner process:\n{reply}")
-        for n, (policy_state, optimizer_state, n_updates, _) in reply.items():
-            model = learners[n].model
-            model.policy.load_state_dict(policy_state)
-            model.policy.optimizer.load_state_dict(optimizer_state)
-            model._n_updates = n_updates
-        return {n: r[3] for n, r in reply.items()}
+        for n, (state, _) in reply.items():
+            load_model_state(learners[n].model, state)
+        return {n: losses for n, (_, losses) in reply.items()}
 
     def close(self) -> None:
         try:
@@ -442,25 +448,24 @@ class _PendingUpdate:
         return self.learner.receive(self.learners)
 
 
-def _learner_main(conn: Any, build: dict[str, tuple], threads: int) -> None:
+def _learner_main(conn: Any, build: tuple, threads: int) -> None:
     """The learner process: PPO skeletons built as the trainer's; one update per message until ``None``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the collector's: it checkpoints after taking this update
     torch.set_num_threads(threads)
-    models = {n: build_model(*args) for n, args in build.items()}
-    rngs = {n: minibatch_rng(args[5], gi) for gi, (n, args) in enumerate(build.items())}
+    groups, num_envs, arch, ppo_kwargs, seed, device = build
+    models = {g.name: build_model(g, num_envs, arch, ppo_kwargs, seed, device) for g in groups}
+    rngs = {g.name: minibatch_rng(seed, gi) for gi, g in enumerate(groups)}  # as the trainer's, group by group
     while (msg := pickle.loads(conn.recv_bytes())) is not None:
         payload, total, agent_steps = msg
         try:
             reply = {}
-            for n, (policy_state, optimizer_state, n_updates, buffer) in payload.items():
+            for n, (state, buffer) in payload.items():
                 model = models[n]
-                model.policy.load_state_dict(policy_state)
-                model.policy.optimizer.load_state_dict(optimizer_state)
-                model._n_updates = n_updates
+                load_model_state(model, state)
                 buffer.rng = rngs[n]
                 model.rollout_buffer = buffer
                 losses = train_model(model, total, agent_steps)
-                reply[n] = (model.policy.state_dict(), model.policy.optimizer.state_dict(), model._n_updates, losses)
+                reply[n] = (model_state(model), losses)
             conn.send_bytes(pickle.dumps(("ok", reply), protocol=pickle.HIGHEST_PROTOCOL))
         except Exception:
             conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
