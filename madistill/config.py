@@ -54,6 +54,16 @@ class PPOConfig:
 
 
 @dataclass
+class AnnealConfig:
+    """Linear annealing of PPO settings over training: each one's value at the end as a fraction of its
+    teacher.ppo (or group_ppo) value; None keeps it constant. teacher.anneal.learning_rate=0 is CleanRL's anneal_lr."""
+
+    learning_rate: float | None = None
+    clip_range: float | None = None
+    ent_coef: float | None = None
+
+
+@dataclass
 class TeacherConfig:
     total_agent_steps: int = 1_000_000  # summed over agents and env copies
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
@@ -66,6 +76,10 @@ class TeacherConfig:
     # with the next rollout, which is collected with the weights from before that update (one update of policy
     # lag, as in asynchronous PPO), in a background "thread" or a learner "process" (faster on 2+ cores).
     update_mode: str = "inline"
+    # Per-group PPO settings over teacher.ppo, by group name (heterogeneous groups often need their own), e.g.
+    # +teacher.group_ppo.speaker.ent_coef=0.01. n_steps is shared: every group acts in the same rollouts.
+    group_ppo: dict[str, dict[str, Any]] = field(default_factory=dict)
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
 
 
 @dataclass

@@ -31,9 +31,13 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from gymnasium import spaces
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.type_aliases import Schedule
+from stable_baselines3.common.utils import ConstantSchedule, LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
@@ -100,13 +104,51 @@ class MaskedRolloutBuffer(RolloutBuffer):
             yield self._get_samples(indices[start : start + batch_size])
 
 
+class _PPO(PPO):
+    """SB3's PPO whose entropy coefficient may be a schedule of the remaining progress, as SB3 already allows
+    for the learning rate and the clip range (``teacher.anneal``)."""
+
+    def __init__(self, *args: Any, ent_coef: float | Schedule = 0.0, **kwargs: Any):
+        self.ent_coef_schedule = ent_coef if callable(ent_coef) else ConstantSchedule(float(ent_coef))
+        super().__init__(*args, ent_coef=self.ent_coef_schedule(1.0), **kwargs)
+
+    def train(self) -> None:
+        self.ent_coef = float(self.ent_coef_schedule(self._current_progress_remaining))
+        self.logger.record("train/ent_coef", self.ent_coef)
+        super().train()
+
+
+def group_ppo_settings(teacher_cfg: Any, group_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each group's SB3 PPO keyword arguments: ``teacher.ppo``, then the group's ``teacher.group_ppo``
+    overrides, with the ``teacher.anneal`` settings as linear schedules from their value to that fraction of it."""
+    tc = teacher_cfg
+    unknown = sorted(set(tc.group_ppo) - set(group_names))
+    if unknown:
+        raise MadistillError(f"teacher.group_ppo names unknown group(s) {unknown}: this env's groups are {group_names}")
+    out = {}
+    for name in group_names:
+        try:  # merged into the typed teacher.ppo node, so a wrong key or type fails as a bad override does
+            settings = OmegaConf.to_container(OmegaConf.merge(tc.ppo, tc.group_ppo.get(name, {})))
+        except OmegaConfBaseException as e:
+            raise MadistillError(f"teacher.group_ppo.{name}: {str(e).splitlines()[0]} (the keys are teacher.ppo's)") from e
+        if settings["n_steps"] != tc.ppo.n_steps:
+            raise MadistillError("teacher.group_ppo cannot set n_steps (every group acts in the same rollouts): set teacher.ppo.n_steps")
+        for key, fraction in tc.anneal.items():
+            if fraction is None:
+                continue
+            start = float(settings[key])
+            settings[key] = LinearSchedule(start, start * float(fraction), 1.0)
+        out[name] = settings
+    return out
+
+
 def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwargs: dict[str, Any],
                 seed: int, device: torch.device | str) -> PPO:
     """The group's SB3 PPO, sized for its agent slots in ``num_envs`` copies, with a silent logger."""
     width = num_envs * group.n_agents
     if width * int(ppo_kwargs["n_steps"]) < 2:
         raise MadistillError("teacher.ppo.n_steps * env.num_envs must be at least 2")
-    model = PPO(
+    model = _PPO(
         "MlpPolicy",
         _SpacesOnlyVecEnv(width, sb3_observation_space(group), group.action_space),
         rollout_buffer_class=MaskedRolloutBuffer,
@@ -172,8 +214,8 @@ class TeacherTrainer:
         self.cfg, self.venv, self.spec, self.device, self.tb = cfg, venv, spec, device, tb
         tc = cfg.teacher
         self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation}
-        ppo_kwargs = dict(tc.ppo)
-        self.n_steps = int(ppo_kwargs["n_steps"])
+        ppo_settings = group_ppo_settings(tc, venv.group_names)
+        self.n_steps = int(tc.ppo.n_steps)
         if tc.update_mode not in UPDATE_MODES:
             raise MadistillError(f"unknown teacher.update_mode {tc.update_mode!r}: use teacher.update_mode=<one of {', '.join(UPDATE_MODES)}>")
         self.update_mode = str(tc.update_mode)
@@ -181,7 +223,7 @@ class TeacherTrainer:
         self.learners: dict[str, _GroupLearner] = {}
         normalizers = {}
         for gi, g in enumerate(venv.groups):
-            model = build_model(g, venv.num_envs, self.arch, ppo_kwargs, cfg.seed, device)
+            model = build_model(g, venv.num_envs, self.arch, ppo_settings[g.name], cfg.seed, device)
             buffers, policy = [model.rollout_buffer], model.policy
             if self.overlap:
                 buffers.append(copy.deepcopy(model.rollout_buffer))
@@ -200,7 +242,7 @@ class TeacherTrainer:
             self._restore(Path(tc.resume))
         self._learner: _LearnerProcess | None = None
         if self.update_mode == "process":  # started here, as env workers are: its start-up is not training time
-            self._learner = _LearnerProcess(venv.groups, venv.num_envs, self.arch, ppo_kwargs, cfg.seed, device)
+            self._learner = _LearnerProcess(venv.groups, venv.num_envs, self.arch, ppo_settings, cfg.seed, device)
 
     # ---- collection -------------------------------------------------------------------------
     def _on_step(self, tr: Transition) -> None:
@@ -342,6 +384,7 @@ class TeacherTrainer:
             "train/entropy_loss": "entropy_loss", "train/approx_kl": "approx_kl",
             "train/clip_fraction": "clipfrac", "train/explained_variance": "explained_variance",
             "train/loss": "loss", "train/learning_rate": "learning_rate", "train/std": "action_std",
+            "train/ent_coef": "ent_coef", "train/clip_range": "clip_range",
         }
         for group, values in losses.items():
             for key, tag in names.items():
@@ -391,11 +434,11 @@ class _LearnerProcess:
     whose OpenMP pool has run can hang in the child's first parallel region, and CUDA cannot be forked.
     """
 
-    def __init__(self, groups: list[AgentGroup], num_envs: int, arch: dict[str, Any], ppo_kwargs: dict[str, Any],
-                 seed: int, device: torch.device):
+    def __init__(self, groups: list[AgentGroup], num_envs: int, arch: dict[str, Any],
+                 ppo_settings: dict[str, dict[str, Any]], seed: int, device: torch.device):
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        build = (list(groups), num_envs, arch, ppo_kwargs, seed, str(device))
+        build = (list(groups), num_envs, arch, ppo_settings, seed, str(device))
         self._proc = ctx.Process(target=_learner_main, args=(child, build, torch.get_num_threads()), daemon=True,
                                  name="madistill-learner")
         self._proc.start()
@@ -452,8 +495,8 @@ def _learner_main(conn: Any, build: tuple, threads: int) -> None:
     """The learner process: PPO skeletons built as the trainer's; one update per message until ``None``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the collector's: it checkpoints after taking this update
     torch.set_num_threads(threads)
-    groups, num_envs, arch, ppo_kwargs, seed, device = build
-    models = {g.name: build_model(g, num_envs, arch, ppo_kwargs, seed, device) for g in groups}
+    groups, num_envs, arch, ppo_settings, seed, device = build
+    models = {g.name: build_model(g, num_envs, arch, ppo_settings[g.name], seed, device) for g in groups}
     rngs = {g.name: minibatch_rng(seed, gi) for gi, g in enumerate(groups)}  # as the trainer's, group by group
     while (msg := pickle.loads(conn.recv_bytes())) is not None:
         payload, total, agent_steps = msg

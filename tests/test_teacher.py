@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from madistill import stages
+from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes, uniform_team
 from madistill.policies.store import load_team, read_manifest
 from madistill.rollout import Rollout
@@ -268,3 +269,30 @@ def test_overlapped_update_learns_and_is_deterministic_in_a_thread_or_a_learner_
         team, _ = load_team(paths[0], venv.groups)
         ret = np.mean([r.team_return for r in run_episodes(venv, team, 16, seed=1000, deterministic=True)])
     assert ret > 25 / 3 + 6.0  # as the on-policy relay teacher: far above random (~8.3)
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_group_settings_and_annealing_reach_each_groups_ppo_update(tmp_path, mode):
+    """The speaker's own entropy bonus, and linear annealing of it and of the learning rate, as each update sees them."""
+    per_iter = 50 * 2 * 2  # n_steps x num_envs x agents
+    cfg = compose_config(tiny(
+        "env=simple_speaker_listener_v4", "env.num_envs=2", "teacher.ppo.n_steps=50", "teacher.ppo.batch_size=100",
+        f"teacher.total_agent_steps={4 * per_iter}", "teacher.ppo.ent_coef=0.001", "teacher.ppo.learning_rate=1e-3",
+        "+teacher.group_ppo.speaker.ent_coef=0.01", "teacher.anneal.ent_coef=0.5", "teacher.anneal.learning_rate=0",
+        f"teacher.update_mode={mode}",
+    ))
+    stages.train(cfg, tmp_path)
+    ea = _scalars(tmp_path / "tb")
+    done = np.array([0.0, 0.25, 0.5, 0.75])  # share of training behind each update
+    for group, start in (("speaker", 0.01), ("listener", 0.001)):
+        ent = [e.value for e in ea.Scalars(f"losses/{group}/ent_coef")]
+        np.testing.assert_allclose(ent, start * (1 - 0.5 * done), rtol=1e-6)
+        lr = [e.value for e in ea.Scalars(f"losses/{group}/learning_rate")]
+        np.testing.assert_allclose(lr, 1e-3 * (1 - done), rtol=1e-6)
+
+
+def test_group_settings_for_a_group_the_env_does_not_have_are_a_user_error():
+    cfg = compose_config(tiny("env=simple_speaker_listener_v4", "+teacher.group_ppo.speakr.ent_coef=0.01"))
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match=r"unknown group.*speakr.*\['speaker', 'listener'\]"):
+        TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)
