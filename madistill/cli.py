@@ -133,7 +133,8 @@ _POLICY_OVERRIDES = {"evaluate": "eval.policy", "distill": "distill.teacher", "s
 def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
     """Prepend ``env=<id>`` of the policies a stage reads, so their env file's settings (``lambda_igr``,
     feature groups, budgets, the run directory's name) follow them instead of the default env's. Only when
-    every listed or swept policy path names the same env that has a config file."""
+    every listed or swept policy path names the same env that has a config file. Their ``env.grouping``
+    follows them too, as their groups are the grouping's."""
     from madistill.config import changes_env
 
     key = _POLICY_OVERRIDES.get(stage)
@@ -144,14 +145,19 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
     if not paths:
         return overrides
     from madistill.evaluate.evaluator import discover_policies, saved_env
+    from madistill.policies.store import read_manifest
 
     try:
-        ids = {saved_env(discover_policies(p)[:1]).id for p in paths}
-    except (MadistillError, OSError, ValueError, KeyError):
+        refs = [discover_policies(p)[0] for p in paths]
+        ids = {saved_env([r]).id for r in refs}
+        groupings = {read_manifest(r.path).get("config", {}).get("env", {}).get("grouping", "auto") for r in refs}
+    except (MadistillError, OSError, ValueError, KeyError, IndexError, AttributeError):
         return overrides  # the stage itself reports a missing or corrupt policy, in one line
     if len(ids) != 1 or not (Path(config_dir()) / "env" / f"{next(iter(ids))}.yaml").is_file():
         return overrides
-    return [f"env={ids.pop()}", *overrides]
+    grouping = [f"env.grouping={g}" for g in groupings if len(groupings) == 1 and g != "auto"
+                and not any(o.lstrip("+").startswith("env.grouping=") for o in overrides)]
+    return [f"env={ids.pop()}", *grouping, *overrides]
 
 
 def main(argv: list[str] | None = None) -> int:

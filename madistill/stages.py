@@ -88,7 +88,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         path = train_teachers(cfg, run_dir, tb)
         tb.hparams(_flat_hparams(cfg), {"hparam/train_team_return": tb.last("charts/episodic_return")})
     print(f"teachers: {path}\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}\n"
-          f"evaluate: madistill evaluate eval.policy={run_dir}")
+          f"evaluate: madistill evaluate eval.policy={run_dir}\n"
+          f"continue: madistill train teacher.resume={run_dir / 'checkpoint'} teacher.total_agent_steps=<more>")
     return path
 
 
@@ -100,6 +101,7 @@ def train_teachers(cfg: DictConfig, run_dir: Path, tb: TBLogger) -> Path:
     with make_vec_env(cfg.env, spec) as venv:
         with TeacherTrainer(cfg, venv, spec, device, tb) as trainer:
             trainer.train(run_dir)
+        trainer.save_checkpoint(run_dir / "checkpoint")  # so a finished run can be continued to a longer budget
         return trainer.save(run_dir / "policies" / "teacher", config=OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -184,7 +186,8 @@ def evaluate_policies(
     if cfg.logger.figures:
         tb.figure("eval/team_return", _return_figure(summaries, spec.id))
     if ec.video:
-        out = record_video(spec, teams[0], reports / f"episode_{refs[0].name}", ec.seed, ec.deterministic, ec.video_format)
+        out = record_video(spec, teams[0], reports / f"episode_{refs[0].name}", ec.seed, ec.deterministic, ec.video_format,
+                           cfg.env.grouping)
         tqdm.write(f"video: {out}")
     return summaries
 

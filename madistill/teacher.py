@@ -223,7 +223,10 @@ class TeacherTrainer:
         self.learners: dict[str, _GroupLearner] = {}
         normalizers = {}
         for gi, g in enumerate(venv.groups):
-            model = build_model(g, venv.num_envs, self.arch, ppo_settings[g.name], cfg.seed, device)
+            # Groups with equal spaces (env.grouping=per_agent) would start from equal weights under one seed.
+            twins = sum(h.observation_space == g.observation_space and h.action_space == g.action_space
+                        for h in venv.groups[:gi])
+            model = build_model(g, venv.num_envs, self.arch, ppo_settings[g.name], cfg.seed + twins, device)
             buffers, policy = [model.rollout_buffer], model.policy
             if self.overlap:
                 buffers.append(copy.deepcopy(model.rollout_buffer))
@@ -236,6 +239,7 @@ class TeacherTrainer:
         self.team = TeamPolicy(venv.groups, {n: lr.actor for n, lr in self.learners.items()}, normalizers)
         self.agent_steps = 0
         self.iteration = 0
+        self.episode_seed = cfg.seed  # the first copy's next fresh episode seed (resuming must not replay any)
         self._pending: Future | _PendingUpdate | None = None  # the update running in the background ...
         self._pending_step = 0  # ... and the agent step its losses are logged at
         if tc.resume:
@@ -283,7 +287,7 @@ class TeacherTrainer:
         total = int(self.cfg.teacher.total_agent_steps)
         per_iter = self.n_steps * self.venv.num_envs * len(self.venv.possible_agents)
         every = int(self.cfg.teacher.checkpoint_every)
-        rollout = Rollout(self.venv, self.team, seed=self.cfg.seed + self.iteration * self.venv.num_envs)
+        rollout = Rollout(self.venv, self.team, seed=self.episode_seed)
         bar = tqdm(
             total=total, initial=self.agent_steps, desc="train", unit="agent-step", unit_scale=True,
             disable=not self.cfg.logger.progress,
@@ -308,6 +312,8 @@ class TeacherTrainer:
                         self._log_losses(self._update(total, self.agent_steps), self.agent_steps + per_iter)
                     self.agent_steps += per_iter
                     self.iteration += 1
+                    if episodes:  # a copy's unfinished episode has seed <= the largest finished one + num_envs
+                        self.episode_seed = max(self.episode_seed, max(e.seed for e in episodes) + self.venv.num_envs + 1)
                     dt = time.perf_counter() - t0
                     bar.update(per_iter)
                     if episodes:
@@ -402,6 +408,7 @@ class TeacherTrainer:
         state = {
             "agent_steps": self.agent_steps,
             "iteration": self.iteration,
+            "episode_seed": self.episode_seed,
             "optimizers": {n: lr.model.policy.optimizer.state_dict() for n, lr in self.learners.items()},
             "n_updates": {n: lr.model._n_updates for n, lr in self.learners.items()},
         }
@@ -409,20 +416,27 @@ class TeacherTrainer:
         return save_team(path, self.team, self.spec, "checkpoint", extra_files=extra)
 
     def _restore(self, path: Path) -> None:
-        team, _ = load_team(path, self.venv.groups, device=self.device)
+        team, manifest = load_team(path, self.venv.groups, device=self.device)
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise MadistillError(f"{path} is not a training checkpoint (no {STATE_FILE}): resume from <run>/checkpoint")
+        for name, net in manifest["networks"].items():
+            saved = {k: net.get(k) for k in self.arch}
+            if saved != self.arch:
+                raise MadistillError(f"checkpoint {path} has a {name} network with {saved}, not {self.arch}: resume with "
+                                     f"teacher.hidden_sizes={saved['hidden_sizes']} teacher.activation={saved['activation']}")
         try:
             state = torch.load(state_file, map_location=self.device, weights_only=True)
         except Exception as e:
-            raise MadistillError(f"corrupt checkpoint state {state_file} ({e}); resume from another checkpoint") from e
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise MadistillError(f"corrupt checkpoint state {state_file} ({why}); resume from another checkpoint") from e
         for name, lr in self.learners.items():
             load_model_state(lr.model, (team[name].sb3.state_dict(), state["optimizers"][name], state["n_updates"][name]))
             self.team.normalizers[name] = team.normalizers[name]
         self._copy_to_actors()
         self.agent_steps = int(state["agent_steps"])
         self.iteration = int(state["iteration"])
+        self.episode_seed = int(state.get("episode_seed", self.cfg.seed + self.iteration * self.venv.num_envs))
 
 
 class _LearnerProcess:

@@ -392,3 +392,19 @@ def test_saved_env_is_added_only_when_all_swept_policies_agree(cli, tmp_path):
     assert _with_saved_env([f"eval.policy={relay},{relay}"], "evaluate")[0] == "env=relay"
     assert _with_saved_env([f"eval.policy=[{relay},{sl}]"], "evaluate") == [f"eval.policy=[{relay},{sl}]"]
     assert _with_saved_env([f"eval.policy={relay}", "env.kwargs.n=5"], "evaluate") == [f"eval.policy={relay}", "env.kwargs.n=5"]
+
+
+def test_per_agent_policies_are_evaluated_with_their_grouping_or_get_a_one_line_fix(cli, tmp_path):
+    """Agents trained one policy each keep that grouping when read back; an env grouped otherwise is refused."""
+    run = tmp_path / "per_agent"
+    rc, _, err = cli("train", *tiny("env=relay", "env.grouping=per_agent", "teacher.total_agent_steps=200"),
+                     f"hydra.run.dir={run}")
+    assert rc == 0, err
+    assert [g["name"] for g in read_manifest(run / "policies" / "teacher")["groups"]] == [f"agent_{i}" for i in range(4)]
+    rc, out, err = cli("evaluate", f"eval.policy={run}", "eval.episodes=2", "logger=quiet",
+                       f"hydra.run.dir={tmp_path / 'eval'}")
+    assert rc == 0, err
+    rc, _, err = cli("evaluate", f"eval.policy={run}", "env.grouping=auto", "eval.episodes=2", "logger=quiet",
+                     f"hydra.run.dir={tmp_path / 'eval_auto'}")
+    assert rc == 2 and len(_err_lines(err)) == 1, err
+    assert "env.grouping=per_agent" in _madistill_error(err, "evaluate")

@@ -80,7 +80,7 @@ def test_saved_teacher_files(relay_run):
     m = read_manifest(path)
     assert m["env"]["name"] == "relay" and m["env"]["target"] == "envs.relay.parallel_env"
     assert m["networks"]["agent"]["hidden_sizes"] == [16]
-    assert not (run_dir / "checkpoint").exists()  # checkpoint_every=0 and no interrupt
+    assert read_manifest(run_dir / "checkpoint")["role"] == "checkpoint"  # the end's, to continue the run from
 
 
 def test_tensorboard_scalars_show_learning(relay_run):
@@ -106,7 +106,7 @@ def test_tensorboard_scalars_show_learning(relay_run):
     assert len(ea.Scalars("losses/agent/value_loss")) == 30  # one per iteration (12000 / 400)
 
 
-def test_checkpoint_and_resume_continue_agent_steps(tmp_path):
+def test_checkpoint_and_resume_continue_agent_steps(tmp_path, monkeypatch):
     run1 = tmp_path / "run1"
     cfg = compose_config(
         tiny(
@@ -115,7 +115,10 @@ def test_checkpoint_and_resume_continue_agent_steps(tmp_path):
             f"teacher.total_agent_steps={3 * PER_ITER}",
         )
     )
+    saved_at, save = [], TeacherTrainer.save_checkpoint
+    monkeypatch.setattr(TeacherTrainer, "save_checkpoint", lambda self, p: saved_at.append(self.agent_steps) or save(self, p))
     stages.train(cfg, run1)
+    assert saved_at == [2 * PER_ITER, 3 * PER_ITER]  # every 2 iterations, and at the end
     ckpt = run1 / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "agent.safetensors",
@@ -124,11 +127,11 @@ def test_checkpoint_and_resume_continue_agent_steps(tmp_path):
     ]
     assert read_manifest(ckpt)["role"] == "checkpoint"
     state = _state(ckpt)
-    assert state["agent_steps"] == 2 * PER_ITER and state["iteration"] == 2  # written after iteration 2 only
+    assert state["agent_steps"] == 3 * PER_ITER and state["iteration"] == 3  # the end's
     assert state["optimizers"]["agent"]["state"]  # Adam moments were saved
     ckpt_weights = load_file(str(ckpt / "agent.safetensors"))
     final_weights = load_file(str(run1 / "policies" / "teacher" / "agent.safetensors"))
-    assert any(not torch.equal(ckpt_weights[k], final_weights[k]) for k in ckpt_weights)
+    assert all(torch.equal(ckpt_weights[k], final_weights[k]) for k in ckpt_weights)
 
     cfg2 = compose_config(
         tiny("env=relay", f"teacher.resume={ckpt}", f"teacher.total_agent_steps={5 * PER_ITER}")
@@ -137,7 +140,7 @@ def test_checkpoint_and_resume_continue_agent_steps(tmp_path):
     tb = TBLogger(tmp_path / "run2" / "tb")
     with make_vec_env(cfg2.env, spec) as venv:
         trainer = TeacherTrainer(cfg2, venv, spec, torch.device("cpu"), tb)
-        assert trainer.agent_steps == 2 * PER_ITER and trainer.iteration == 2
+        assert trainer.agent_steps == 3 * PER_ITER and trainer.iteration == 3
         model = trainer.learners["agent"].model
         opt = model.policy.optimizer.state_dict()
         assert opt["state"], "optimizer state was not restored"
@@ -155,7 +158,7 @@ def test_checkpoint_and_resume_continue_agent_steps(tmp_path):
     tb.close()
     assert trainer.agent_steps == 5 * PER_ITER and trainer.iteration == 5
     logged = [e.step for e in _scalars(tmp_path / "run2" / "tb").Scalars("charts/SPS")]
-    assert logged == [3 * PER_ITER, 4 * PER_ITER, 5 * PER_ITER]  # three more iterations, not five
+    assert logged == [4 * PER_ITER, 5 * PER_ITER]  # two more iterations, not five
 
 
 def test_resume_from_a_non_checkpoint_is_a_user_error(relay_run, tmp_path):
@@ -296,3 +299,59 @@ def test_group_settings_for_a_group_the_env_does_not_have_are_a_user_error():
     spec = env_spec(cfg.env)
     with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match=r"unknown group.*speakr.*\['speaker', 'listener'\]"):
         TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)
+
+
+def test_agents_with_a_policy_each_start_from_different_weights():
+    cfg = compose_config(tiny("env=relay", "env.grouping=per_agent"))
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv, TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None) as trainer:
+        first = [next(lr.model.policy.parameters()).detach() for lr in trainer.learners.values()]
+    assert len(first) == 4
+    assert all(not torch.equal(first[0], w) for w in first[1:])
+
+
+def _played_seeds(monkeypatch) -> list[int]:
+    seeds: list[int] = []
+    run = Rollout.run
+
+    def record(self, *a, **k):
+        episodes = run(self, *a, **k)
+        seeds.extend(e.seed for e in episodes)
+        return episodes
+
+    monkeypatch.setattr(Rollout, "run", record)
+    return seeds
+
+
+def test_a_resumed_run_plays_only_episodes_it_has_not_played(tmp_path, monkeypatch):
+    """Two episodes per copy and iteration: resuming at the iteration count alone would replay half of them."""
+    per_iter = 50 * 2 * 4
+    seeds = _played_seeds(monkeypatch)
+    cfg = compose_config(tiny("env=relay", "teacher.ppo.n_steps=50", f"teacher.total_agent_steps={2 * per_iter}"))
+    stages.train(cfg, tmp_path / "run1")
+    before = list(seeds)
+    assert len(before) == 2 * 2 * 2  # iterations x copies x episodes per copy
+    seeds.clear()
+    cfg2 = compose_config(tiny("env=relay", "teacher.ppo.n_steps=50", f"teacher.total_agent_steps={4 * per_iter}",
+                               f"teacher.resume={tmp_path / 'run1' / 'checkpoint'}"))
+    stages.train(cfg2, tmp_path / "run2")
+    assert len(seeds) == 8 and not set(seeds) & set(before)
+
+
+@pytest.mark.parametrize("damage", ["architecture", "state", "missing"])
+def test_resume_from_a_bad_checkpoint_is_a_one_line_user_error(tmp_path, damage):
+    cfg = compose_config(tiny("env=relay", f"teacher.total_agent_steps={PER_ITER}"))
+    stages.train(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint"
+    extra, match = ["teacher.hidden_sizes=[32]"], r"teacher.hidden_sizes=\[16\]"
+    if damage == "state":
+        (ckpt / "trainer_state.pt").write_bytes(b"not a torch file")
+        extra, match = [], "corrupt checkpoint state"
+    elif damage == "missing":
+        ckpt = tmp_path / "nowhere"
+        extra, match = [], "no such policy or run directory"
+    cfg2 = compose_config(tiny("env=relay", f"teacher.resume={ckpt}", *extra))
+    spec = env_spec(cfg2.env)
+    with make_vec_env(cfg2.env, spec) as venv, pytest.raises(MadistillError, match=match) as err:
+        TeacherTrainer(cfg2, venv, spec, torch.device("cpu"), None)
+    assert "\n" not in str(err.value)

@@ -66,6 +66,11 @@ class DistillTrainer:
         }
         self.labeller = SaliencyLabeller.from_config(cfg.saliency, layouts, cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        # The training attacks draw on the data's device, which a CPU generator cannot do on CUDA; on CPU they
+        # keep drawing from the one stream, so CPU runs stay what they were.
+        device = teacher.device
+        self.attack_generator = (self.generator if device.type == "cpu"
+                                 else torch.Generator(device=device).manual_seed(cfg.seed))
         for p in teacher.parameters():
             p.requires_grad_(False)
         # unit-radius budgets (attack.exclude respected), scaled by the ramped eps at every update
@@ -109,7 +114,7 @@ class DistillTrainer:
                 idx = torch.randint(len(d), (min(self.dc.batch_size, len(d)),), generator=self.generator)
                 budget = None if eps is None else self.unit_budgets[name].scaled(eps)
                 terms = self.loss(self.student[name], d.select(idx.to(d.obs.device)), self.layouts[name],
-                                  self.teacher[name].log_std(), budget, self.generator)
+                                  self.teacher[name].log_std(), budget, self.attack_generator)
                 opt = self.optimizers[name]
                 opt.zero_grad(set_to_none=True)
                 terms["total"].backward()

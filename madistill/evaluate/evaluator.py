@@ -92,11 +92,12 @@ def saved_env(refs: Sequence[PolicyRef]) -> EnvSpec:
     return EnvSpec.from_dict(json.loads(specs.pop()))
 
 
-def record_video(spec: EnvSpec, team: TeamPolicy, path: Path, seed: int, deterministic: bool, fmt: str) -> Path:
+def record_video(spec: EnvSpec, team: TeamPolicy, path: Path, seed: int, deterministic: bool, fmt: str,
+                 grouping: str = "auto") -> Path:
     """Render one episode (seed ``seed``) from the env's ``rgb_array`` render into a GIF or MP4."""
     import imageio.v3 as iio
 
-    with MultiAgentVecEnv(spec, 1, num_workers=0, render_mode="rgb_array") as venv:
+    with MultiAgentVecEnv(spec, 1, num_workers=0, grouping=grouping, render_mode="rgb_array") as venv:
         rollout = Rollout(venv, team, deterministic=deterministic, seed=seed)
         frames = [venv.render(0)]
 

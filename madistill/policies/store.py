@@ -182,3 +182,8 @@ def check_compatible(saved: list[AgentGroup], env_groups: list[AgentGroup], save
     missing = set(by_agent) - {a for g in saved for a in g.agents}
     if missing:
         raise MadistillError(f"policy {where} has no policy for agents {sorted(missing)}; use a policy for this env")
+    partition = {g.name: list(g.agents) for g in saved}
+    if partition != {g.name: list(g.agents) for g in env_groups}:
+        mode = "per_agent" if all(len(g.agents) == 1 and g.name == g.agents[0] for g in saved) else "auto"
+        raise MadistillError(f"policy {where} groups its agents as {partition}, unlike this env's env.grouping: "
+                             f"pass env.grouping={mode} as when it was trained")
