@@ -279,10 +279,17 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
     device, refs, spec = _studied_policies(
         cfg, sc.policy, "no policy to explain: pass saliency.policy=<run or policy directory>"
     )
+    several = len({r.run for r in refs}) > 1
+    labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
     with make_vec_env(cfg.env, spec) as venv:
-        teams = {ref.name: load_team(ref.path, venv.groups, device=device)[0] for ref in refs}
+        teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
-        reference = "teacher" if "teacher" in teams else refs[0].name
+        first_teacher = paired_policy(refs[0], "teacher", refs) if refs[0].name != "teacher" else 0
+        reference = labels[first_teacher if first_teacher is not None else 0]  # whose episodes give the observations
+        own_reference = {}
+        for label, ref in zip(labels, refs):
+            i = None if ref.name == "teacher" else paired_policy(ref, "teacher", refs)
+            own_reference[label] = label if i is None else labels[i]
         if sc.obs:
             raw = load_observations(sc.obs, venv.groups)
         else:
@@ -290,10 +297,11 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
             raw, _ = collect_round(venv, teams[reference], cfg.eval.seed, True, episodes=sc.episodes, progress=bar)
     labeller = SaliencyLabeller.from_config(sc, layouts, cfg.seed)
     maps = saliency_maps(teams, raw, layouts, labeller, sc.target)
-    table = agreement_table(maps, reference, sc.topk)
+    table = agreement_table(maps, own_reference, sc.topk)
     reports = run_dir / "reports"
     result = {
-        "meta": {"policies": {r.name: str(r.path) for r in refs}, "reference": reference, "env": spec.to_dict(),
+        "meta": {"policies": {label: str(r.path) for label, r in zip(labels, refs)}, "references": own_reference,
+                 "observations_from": reference, "env": spec.to_dict(),
                  "observations": {g: len(x) for g, x in raw.items()}, "saliency": OmegaConf.to_container(sc)},
         "agreement_with_reference_perturbation": table,
         "mean_saliency": mean_saliency(maps, layouts),
@@ -311,7 +319,7 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
             for g, layout in layouts.items():
                 tb.figure(f"saliency/{g}", mean_heatmap(maps, g, layout, f"{spec.id}: {g}"))
                 tb.figure(f"saliency/{g}_per_obs", per_observation_heatmaps(maps, g, layout, sc.rows))
-    print(f"\nGradient saliency vs {reference}'s perturbation saliency (per observation, averaged):\n{text}\n"
+    print(f"\nGradient saliency vs its teacher's perturbation saliency (per observation, averaged):\n{text}\n"
           f"  maps:    {reports / 'saliency.npz'}\n  summary: {reports / 'saliency.json'}\n"
           f"  figures: {reports}/saliency_<group>.png\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return result
@@ -333,15 +341,34 @@ def _studied_policies(
     return device, refs, _env_for(cfg, refs)
 
 
+def paired_policy(ref: PolicyRef, role: str, refs: Sequence[PolicyRef]) -> int | None:
+    """Index in ``refs`` of the ``role`` policy that belongs with ``ref`` (a transfer surrogate, a critic): the
+    one in the same run, else the teacher a student was distilled from (or that teacher's student), else the
+    first of that role. In a sweep, each run's student is thus paired with its own teacher."""
+    found = [i for i, r in enumerate(refs) if r.name == role and r.path != ref.path]
+    same_run = [i for i in found if refs[i].run == ref.run]
+    if role == "teacher":
+        linked = [i for i in found if refs[i].path.resolve() == _distilled_from(ref)]
+    else:
+        linked = [i for i in found if _distilled_from(refs[i]) == ref.path.resolve()]
+    return (same_run or linked or found or [None])[0]
+
+
+def _distilled_from(ref: PolicyRef) -> Path | None:
+    """The teacher directory a student's manifest records (None for other policies)."""
+    manifest = read_manifest(ref.path)
+    path = manifest.get("config", {}).get("distill", {}).get("teacher")
+    return Path(path).resolve() if manifest.get("role") == "student" and path else None
+
+
 def with_teachers(refs: list[PolicyRef]) -> list[PolicyRef]:
     """Add the teacher a student was distilled from (recorded in its manifest) when it is not listed."""
     if any(r.name == "teacher" for r in refs):
         return refs
     for r in refs:
-        manifest = read_manifest(r.path)
-        path = manifest.get("config", {}).get("distill", {}).get("teacher")
-        if manifest.get("role") == "student" and path and Path(path).is_dir():
-            return [PolicyRef("teacher", Path(path), "teacher"), *refs]
+        path = _distilled_from(r)
+        if path is not None and path.is_dir():
+            return [PolicyRef("teacher", path, "teacher"), *refs]
     return refs
 
 
@@ -376,19 +403,23 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
     results = {}
     several = len({r.run for r in refs}) > 1
     with make_vec_env(cfg.env, spec) as venv:
-        teams = {f"{r.name}@{r.run}" if several else r.name: load_team(r.path, venv.groups, device=device)[0] for r in refs}
+        loaded = [load_team(r.path, venv.groups, device=device)[0] for r in refs]
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
         random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)
         random_return = float(np.mean([r.team_return for r in random_recs]))
         extra = {k: load_team(getattr(ac, k), venv.groups, device=device)[0] for k in ("critic", "transfer_from") if getattr(ac, k)}
         n_sets = len(victim_sets(list(ac.victims), [a for g in venv.groups for a in g.agents]))
         per_policy = n_sets * (len(ac.methods) * len(ac.eps) + (2 if ac.checks else 0))
-        by_role = {k.split("@")[0]: t for k, t in reversed(list(teams.items()))}  # first of each name
-        with tqdm(total=len(teams) * per_policy, desc="attack", unit="eval", disable=not cfg.logger.progress) as bar:
-            for label, team in teams.items():
-                name = label.split("@")[0]
-                critic = extra.get("critic") or (team if _has_value(team) else by_role.get("teacher"))
-                surrogate = extra.get("transfer_from") or by_role.get("student" if name == "teacher" else "teacher")
+
+        def partner(ref: PolicyRef, role: str) -> TeamPolicy | None:
+            i = paired_policy(ref, role, refs)
+            return None if i is None else loaded[i]
+
+        with tqdm(total=len(refs) * per_policy, desc="attack", unit="eval", disable=not cfg.logger.progress) as bar:
+            for ref, team in zip(refs, loaded):
+                label = f"{ref.name}@{ref.run}" if several else ref.name
+                critic = extra.get("critic") or (team if _has_value(team) else partner(ref, "teacher"))
+                surrogate = extra.get("transfer_from") or partner(ref, "student" if ref.name == "teacher" else "teacher")
                 bar.set_postfix(policy=label)
                 results[label] = evaluate_robustness(
                     venv, team, layouts, ac, random_return, ac.seed, surrogate=surrogate, critic=critic, progress=bar

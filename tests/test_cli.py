@@ -408,3 +408,26 @@ def test_per_agent_policies_are_evaluated_with_their_grouping_or_get_a_one_line_
                      f"hydra.run.dir={tmp_path / 'eval_auto'}")
     assert rc == 2 and len(_err_lines(err)) == 1, err
     assert "env.grouping=per_agent" in _madistill_error(err, "evaluate")
+
+
+def test_each_policy_of_a_sweep_is_paired_with_its_own_teacher_and_student(tmp_path):
+    """Transfer surrogates, critics and saliency references come from the same run, else from the manifest."""
+    from madistill.evaluate.evaluator import PolicyRef
+    from madistill.policies.store import FORMAT_VERSION, MANIFEST
+    from madistill.stages import paired_policy
+
+    def policy(run: str, role: str, teacher: str | None = None) -> PolicyRef:
+        path = tmp_path / run / "policies" / role
+        path.mkdir(parents=True)
+        config = {"distill": {"teacher": str(tmp_path / teacher)}} if teacher else {}
+        (path / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "role": role, "config": config}))
+        return PolicyRef(role, path, run)
+
+    refs = [policy("0", "teacher"), policy("0", "student"), policy("1", "teacher"), policy("1", "student")]
+    assert [paired_policy(r, "student" if r.name == "teacher" else "teacher", refs) for r in refs] == [1, 0, 3, 2]
+    # students of a distill sweep whose teachers are listed from elsewhere: linked through their manifests
+    shared = [policy("t0", "teacher"), policy("t1", "teacher"),
+              policy("d0", "student", "t1/policies/teacher"), policy("d1", "student", "t0/policies/teacher")]
+    assert [paired_policy(r, "teacher", shared) for r in shared[2:]] == [1, 0]
+    assert [paired_policy(r, "student", shared) for r in shared[:2]] == [3, 2]
+    assert paired_policy(refs[0], "critic", refs) is None

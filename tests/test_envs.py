@@ -371,7 +371,7 @@ def test_nan_observation_is_an_error_naming_nan_policy(num_workers):
         venv.step(_zeros(venv))
         with pytest.raises(MadistillError, match="nan_policy") as info:
             venv.step(_zeros(venv))
-        assert "walker_0" in str(info.value)
+        assert "walker_0" in str(info.value) and "episode step 2" in str(info.value)
     with (
         MultiAgentVecEnv(EnvSpec(TOY, {"nan_at": 0}), 1) as venv,
         pytest.raises(MadistillError, match="nan_policy"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,16 @@ def test_run_directory_is_accepted(tmp_path):
     assert find_policy_dir(tmp_path / "run") == tmp_path / "run" / "policies" / "student"
     loaded, _ = load_team(tmp_path / "run")
     assert isinstance(loaded["speaker"], MLPPolicy)
+
+
+def test_a_save_in_progress_or_left_by_a_crash_is_not_a_policy(tmp_path):
+    from madistill.evaluate.evaluator import discover_policies
+
+    team = _team("mlp", SPEAKER)
+    save_team(tmp_path / "run" / "policies" / "student", team, SPEAKER, "student")
+    shutil.copytree(tmp_path / "run" / "policies" / "student", tmp_path / "run" / "policies" / ".student.old-123")
+    assert find_policy_dir(tmp_path / "run") == tmp_path / "run" / "policies" / "student"
+    assert [r.name for r in discover_policies(tmp_path)] == ["student"]
 
 
 # ------------------------------------------------------------------ failures

@@ -82,7 +82,7 @@ class _Copies:
         flat = self.flatten[agent](obs)
         out[g][i, j, : flat.shape[0]] = flat
 
-    def _check_finite(self, arrays: GroupArrays, step: int) -> None:
+    def _check_finite(self, arrays: GroupArrays) -> None:
         """One vectorised check per step; NaN/inf either stops the run or becomes 0 (env.nan_policy)."""
         for g, a in arrays.items():
             bad = ~np.isfinite(a)
@@ -91,7 +91,8 @@ class _Copies:
                     i, j = np.argwhere(bad)[0][:2]
                     agent = next(ag for ag, (gg, jj) in self.slot.items() if gg == g and jj == j)
                     raise MadistillError(
-                        f"env {self.env_id!r} returned a NaN/inf observation for {agent!r} (copy {i}, step {step}): "
+                        f"env {self.env_id!r} returned a NaN/inf observation for {agent!r} (copy {self.copy_ids[i]}, "
+                        f"episode step {self.ep_len[i]}): "
                         "fix the env, or set env.nan_policy=zero to replace non-finite values with 0"
                     )
                 a[bad] = 0.0
@@ -115,7 +116,7 @@ class _Copies:
         obs, active = self._obs_arrays()
         for i in range(len(self.envs)):
             self._reset_copy(i, obs, active)
-        self._check_finite(obs, 0)
+        self._check_finite(obs)
         return self._trim(obs), active
 
     def _trim(self, arrays: GroupArrays) -> GroupArrays:
@@ -161,8 +162,8 @@ class _Copies:
                     active[g][i, j] = True
                 elif agent in obs:
                     self._write_obs(final_obs, i, agent, obs[agent])
-        self._check_finite(obs_out, int(self.ep_len.max()))
-        self._check_finite(final_obs, int(self.ep_len.max()))
+        self._check_finite(obs_out)
+        self._check_finite(final_obs)
         return self._trim(obs_out), rew, term, trunc, self._trim(final_obs), active, episodes
 
     def render(self, i: int) -> Any:

@@ -67,6 +67,7 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
         found = [
             PolicyRef(m.parent.name, m.parent, str(m.parent.parent.parent.relative_to(root)))
             for m in sorted(root.glob("**/policies/*/" + MANIFEST), key=_policy_order)
+            if not m.parent.name.startswith(".")  # a save in progress, or one a crash left behind
         ]
     if names:
         unknown = set(names) - {f.name for f in found}

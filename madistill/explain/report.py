@@ -45,12 +45,16 @@ def saliency_maps(
     return maps
 
 
-def agreement_table(maps: SaliencyMaps, reference: str, k: int) -> dict[str, dict[str, dict[str, float]]]:
+def agreement_table(
+    maps: SaliencyMaps, reference: str | Mapping[str, str], k: int
+) -> dict[str, dict[str, dict[str, float]]]:
     """Agreement of each policy's gradient saliency with the ``reference`` policy's perturbation saliency
-    (for a student: with its teacher's, which is what DIGR trains for), per group."""
+    (for a student: with its teacher's, which is what DIGR trains for), per group. ``reference``: one policy
+    for all, or each policy's own (a sweep's students, each with its teacher)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, groups in maps.items():
-        out[name] = {g: agreement(m["gradient"], maps[reference][g]["perturbation"], k) for g, m in groups.items()}
+        ref = reference if isinstance(reference, str) else reference[name]
+        out[name] = {g: agreement(m["gradient"], maps[ref][g]["perturbation"], k) for g, m in groups.items()}
     return out
 
 

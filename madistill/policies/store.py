@@ -102,7 +102,8 @@ def find_policy_dir(path: str | Path, name: str | None = None) -> Path:
         return p
     store = p / "policies"
     if store.is_dir():
-        found = sorted(d.name for d in store.iterdir() if (d / MANIFEST).is_file())
+        # dot-directories are saves in progress (or left by a crash), never policies
+        found = sorted(d.name for d in store.iterdir() if (d / MANIFEST).is_file() and not d.name.startswith("."))
         if name is not None:
             if name in found:
                 return store / name
