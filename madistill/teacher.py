@@ -478,7 +478,8 @@ class _LearnerProcess:
         except EOFError:
             self._died()
         if status == "error":
-            raise MadistillError(f"the PPO update failed in the learner process:\n{reply}")
+            raise MadistillError(f"the PPO update failed in the learner process ({reply}; its traceback is printed "
+                                 "above): run with teacher.update_mode=thread to debug it in this process")
         for n, (state, _) in reply.items():
             load_model_state(learners[n].model, state)
         return {n: losses for n, (_, losses) in reply.items()}
@@ -524,5 +525,6 @@ def _learner_main(conn: Any, build: tuple, threads: int) -> None:
                 losses = train_model(model, total, agent_steps)
                 reply[n] = (model_state(model), losses)
             conn.send_bytes(pickle.dumps(("ok", reply), protocol=pickle.HIGHEST_PROTOCOL))
-        except Exception:
-            conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+        except Exception as e:
+            traceback.print_exc()  # the whole story on stderr; the collector raises a one-line error
+            conn.send_bytes(pickle.dumps(("error", f"{type(e).__name__}: {e}".splitlines()[0])))

@@ -431,3 +431,18 @@ def test_each_policy_of_a_sweep_is_paired_with_its_own_teacher_and_student(tmp_p
     assert [paired_policy(r, "teacher", shared) for r in shared[2:]] == [1, 0]
     assert [paired_policy(r, "student", shared) for r in shared[:2]] == [3, 2]
     assert paired_policy(refs[0], "critic", refs) is None
+
+
+def test_evaluate_saves_a_gif_of_one_episode(pipeline_run, cli, tmp_path):
+    import imageio.v3 as iio
+    import numpy as np
+
+    run_dir, _ = pipeline_run
+    rc, out, err = cli("evaluate", f"eval.policy={run_dir}", "eval.names=[teacher]", "eval.episodes=2", "eval.video=true",
+                       "logger=quiet", f"hydra.run.dir={tmp_path}")
+    assert rc == 0, err
+    gif = tmp_path / "reports" / "episode_teacher.gif"
+    assert f"video: {gif}" in out + err
+    frames = iio.imread(gif, index=None)
+    assert frames.shape[0] == 25 and frames.shape[1] > 100 and frames.shape[-1] in (3, 4)  # max_cycles=25: 25 states shown
+    assert not np.array_equal(frames[0], frames[-1])  # the agents moved

@@ -324,3 +324,37 @@ def test_collection_under_attack_records_clean_observations_of_the_drifted_state
     cfg.distill.adv_collect = 1.5
     with pytest.raises(MadistillError, match="adv_collect"):
         DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
+
+
+def test_robust_distillation_ramps_eps_keeps_excluded_features_and_combines_with_digr(make_cfg, teacher_run, monkeypatch):
+    """``distill=robust`` through the trainer: every loss term of DIGR + adversarial + smoothness is trained,
+    eps ramps over ``adv_ramp`` of the updates, and the training attack never moves an ``attack.exclude`` feature."""
+    from madistill.distill.loss import DistillLoss
+    from madistill.distill.trainer import DistillTrainer, student_team
+    from madistill.explain.saliency import feature_layouts
+
+    cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_ramp=1.0", "distill.adv_eps=0.4",
+                   "+attack.exclude.listener=[8,9,10]")  # the message
+    moved: dict[str, list[torch.Tensor]] = {"speaker": [], "listener": []}
+    perturbed = DistillLoss._perturbed
+
+    def spy(self, student, batch, budget, generator, kw):
+        x_adv = perturbed(self, student, batch, budget, generator, kw)
+        moved[student.group.name].append((x_adv - batch.obs).abs().amax(0))
+        return x_adv
+
+    monkeypatch.setattr(DistillLoss, "_perturbed", spy)
+    teacher = load_team(teacher_run / "policies" / "teacher")[0]
+    spec = EnvSpec.from_dict(read_manifest(teacher_run / "policies" / "teacher")["env"])
+    with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
+        layouts = feature_layouts(venv.groups, None, venv.feature_names)
+        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
+        trainer.train()
+    rows = trainer.history
+    assert [r["adv_eps"] for r in rows] == pytest.approx([0.2, 0.4])  # half-way after round 0, full after round 1
+    for r in rows:
+        for g in ("speaker", "listener"):
+            assert r[f"{g}/loss_adversarial"] > 0 and r[f"{g}/loss_smoothness"] > 0 and f"{g}/loss_igr" in r
+    listener = torch.stack(moved["listener"]).amax(0)
+    assert torch.all(listener[[8, 9, 10]] == 0) and torch.all(listener[:8] > 0)  # the message is never perturbed
+    assert torch.all(torch.stack(moved["speaker"]).amax(0) > 0)

@@ -355,3 +355,13 @@ def test_resume_from_a_bad_checkpoint_is_a_one_line_user_error(tmp_path, damage)
     with make_vec_env(cfg2.env, spec) as venv, pytest.raises(MadistillError, match=match) as err:
         TeacherTrainer(cfg2, venv, spec, torch.device("cpu"), None)
     assert "\n" not in str(err.value)
+
+
+def test_a_dead_or_failing_learner_process_is_a_one_line_error(monkeypatch):
+    cfg = compose_config(tiny("env=relay", f"teacher.total_agent_steps={4 * PER_ITER}", "teacher.update_mode=process"))
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv, TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None) as trainer:
+        trainer._learner._proc.kill()
+        with pytest.raises(MadistillError, match="learner process died") as err:
+            trainer.train(Path("unused"))
+    assert "\n" not in str(err.value) and "update_mode=thread" in str(err.value)
