@@ -14,7 +14,9 @@ from madistill.attacks.budget import Budget, excluded_features, group_budgets
 from madistill.attacks.checks import probe, return_checks
 from madistill.attacks.methods import Attack, Objective
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
+from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
+from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.explain.saliency import FeatureLayout
 from madistill.normalize import ObsNormalizer
@@ -197,17 +199,23 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     assert rc == 2 and "unknown attack 'deepfool'" in err
 
 
+SL_SPEC = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 5}, name="sl")
+
+
+def _sl_team(venv: MultiAgentVecEnv) -> TeamPolicy:
+    """A small untrained speaker-listener team."""
+    groups = venv.groups
+    return TeamPolicy(groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"}) for g in groups},
+                      {g.name: ObsNormalizer(g.obs_dim) for g in groups})
+
+
 def test_learned_adversary_env_rewards_minus_team_reward_and_transform_respects_budget(tmp_path):
     from madistill.attacks.learned import AdversaryEnv, LearnedAdversary, train_adversary
-    from madistill.envs.factory import EnvSpec
-    from madistill.envs.vector import MultiAgentVecEnv
 
-    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 5}, name="sl")
+    spec = SL_SPEC
     with MultiAgentVecEnv(spec, 4, num_workers=0) as venv:
-        groups = venv.groups
-        team = TeamPolicy(groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"}) for g in groups},
-                          {g.name: ObsNormalizer(g.obs_dim) for g in groups})
-        budgets = {g.name: Budget.build(0.5, g.obs_dim) for g in groups}
+        team = _sl_team(venv)
+        budgets = {g.name: Budget.build(0.5, g.obs_dim) for g in team.groups}
         env = AdversaryEnv(spec, team, ["listener_0"], budgets)
         obs, _ = env.reset(seed=3)
         assert obs.shape == (11,) and env.action_space.shape == (11,)
@@ -240,3 +248,35 @@ def test_learned_adversary_env_rewards_minus_team_reward_and_transform_respects_
         assert torch.equal(before["speaker"], after["speaker"])  # not a victim
         assert torch.all((after["listener"] - before["listener"]).abs() <= 0.5 + 1e-6)
     assert any((after["listener"] != before["listener"]).any() for before, after in seen)
+
+
+def _device_and_tensors(team: TeamPolicy) -> list[tuple[torch.Tensor, torch.device, torch.Tensor]]:
+    return [(p, p.device, p.detach().clone()) for p in team.parameters()]
+
+
+def test_learned_adversary_trains_on_a_copy_and_leaves_the_callers_team_alone():
+    from madistill.attacks.learned import AdversaryEnv, train_adversary
+
+    with MultiAgentVecEnv(SL_SPEC, 1, num_workers=0) as venv:
+        team = _sl_team(venv)
+    budgets = {g.name: Budget.build(0.5, g.obs_dim) for g in team.groups}
+    before = _device_and_tensors(team)
+    env = AdversaryEnv(SL_SPEC, team, ["listener_0"], budgets)
+    assert env.team is not team
+    assert not any(p is q for p in env.team.parameters() for q in team.parameters())
+    train_adversary(SL_SPEC, team, ["listener_0"], budgets, steps=64, n_envs=1, ppo_kwargs={"n_steps": 32, "batch_size": 32})
+    after = list(team.parameters())
+    assert len(after) == len(before)
+    for p, (q, device, value) in zip(after, before):
+        assert p is q and p.device == device and torch.equal(p.detach(), value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_learned_adversary_leaves_a_cuda_team_on_cuda():
+    from madistill.attacks.learned import train_adversary
+
+    with MultiAgentVecEnv(SL_SPEC, 1, num_workers=0) as venv:
+        team = _sl_team(venv).to("cuda")
+    budgets = {g.name: Budget.build(0.5, g.obs_dim, device="cuda") for g in team.groups}
+    train_adversary(SL_SPEC, team, ["listener_0"], budgets, steps=64, n_envs=1, ppo_kwargs={"n_steps": 32, "batch_size": 32})
+    assert all(p.is_cuda for p in team.parameters())

@@ -8,6 +8,7 @@ learning; evaluation applies the trained adversary as an ObsTransform (:class:`L
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +40,8 @@ class AdversaryEnv(gym.Env):
     def __init__(self, spec: EnvSpec, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget]):
         super().__init__()
         self.env = make_env(spec)
-        self.team = team.to("cpu")
+        # a copy: Module.to moves in place, and the caller keeps attacking its team on its own device
+        self.team = copy.deepcopy(team).to("cpu")
         self.slots = _slots(self.team, victims)
         self.radius = torch.cat([budgets[g].radius.cpu() for g, _, _ in self.slots])
         self.spaces = {a: self.env.observation_space(a) for a in self.env.possible_agents}
