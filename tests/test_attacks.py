@@ -209,13 +209,23 @@ def _sl_team(venv: MultiAgentVecEnv) -> TeamPolicy:
                       {g.name: ObsNormalizer(g.obs_dim) for g in groups})
 
 
-def test_learned_adversary_env_rewards_minus_team_reward_and_transform_respects_budget(tmp_path):
+LISTENER_EXCLUDED = [0, 3]
+
+
+def _sl_budgets(team: TeamPolicy) -> dict[str, Budget]:
+    """eps 0.5 everywhere but on the listener's excluded features."""
+    return {g.name: Budget.build(0.5, g.obs_dim, excluded=LISTENER_EXCLUDED if g.name == "listener" else ())
+            for g in team.groups}
+
+
+def test_learned_adversary_env_rewards_minus_team_reward_and_transform_respects_budget_and_timing(tmp_path):
     from madistill.attacks.learned import AdversaryEnv, LearnedAdversary, train_adversary
+    from madistill.evaluate.evaluator import run_episodes
 
     spec = SL_SPEC
     with MultiAgentVecEnv(spec, 4, num_workers=0) as venv:
         team = _sl_team(venv)
-        budgets = {g.name: Budget.build(0.5, g.obs_dim) for g in team.groups}
+        budgets = _sl_budgets(team)
         env = AdversaryEnv(spec, team, ["listener_0"], budgets)
         obs, _ = env.reset(seed=3)
         assert obs.shape == (11,) and env.action_space.shape == (11,)
@@ -233,21 +243,74 @@ def test_learned_adversary_env_rewards_minus_team_reward_and_transform_respects_
         _, rewards, *_ = twin.step(acts)
         assert r == pytest.approx(-np.mean(list(rewards.values())))
         model = train_adversary(spec, team, ["listener_0"], budgets, steps=256, n_envs=2, ppo_kwargs={"n_steps": 64, "batch_size": 64})
-        seen = []
 
-        class Spy(LearnedAdversary):
-            def __call__(self, o, ctx):
-                out = super().__call__(o, ctx)
-                seen.append((o, out))
-                return out
+        def spied(frequency: float) -> list[tuple[dict, dict]]:
+            """(observations in, observations out) of every step of 16 episodes under the adversary."""
+            seen = []
 
-        from madistill.evaluate.evaluator import run_episodes
+            class Spy(LearnedAdversary):
+                def __call__(self, o, ctx):
+                    out = super().__call__(o, ctx)
+                    seen.append((o, out))
+                    return out
 
-        run_episodes(venv, team, 4, 0, transforms=[Spy(model, ["listener_0"], budgets)])
-    for before, after in seen:
+            run_episodes(venv, team, 16, 0, transforms=[Spy(model, ["listener_0"], budgets, frequency)])
+            return seen
+
+        every, half = spied(1.0), spied(0.5)
+    for before, after in every + half:
         assert torch.equal(before["speaker"], after["speaker"])  # not a victim
         assert torch.all((after["listener"] - before["listener"]).abs() <= 0.5 + 1e-6)
-    assert any((after["listener"] != before["listener"]).any() for before, after in seen)
+        assert torch.equal(before["listener"][..., LISTENER_EXCLUDED], after["listener"][..., LISTENER_EXCLUDED])
+
+    def attacked_share(seen: list[tuple[dict, dict]]) -> float:
+        return float(torch.cat([(a["listener"] != b["listener"]).any(-1).flatten() for b, a in seen]).float().mean())
+
+    assert attacked_share(every) > 0.9  # every live step (a finished copy's padding is left alone)
+    assert 0.3 < attacked_share(half) / attacked_share(every) < 0.7  # attack.frequency=0.5: about half of them
+
+
+def test_adversary_env_applies_the_perturbation_at_the_configured_share_of_steps():
+    from madistill.attacks.learned import AdversaryEnv
+
+    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 25}, name="sl")
+    with MultiAgentVecEnv(spec, 1, num_workers=0) as venv:
+        team = _sl_team(venv)
+    budgets = _sl_budgets(team)
+
+    def attacked_share(frequency: float) -> float:
+        env = AdversaryEnv(spec, team, ["listener_0"], budgets, frequency)
+        listener = env.team["listener"]
+        acted_on: list[torch.Tensor] = []
+        act = listener.act
+
+        def recording_act(x: torch.Tensor, **kw) -> torch.Tensor:
+            acted_on.append(x[0].clone())
+            return act(x, **kw)
+
+        listener.act = recording_act  # the observation the listener really acts on
+        clean, _ = env.reset(seed=0)  # the adversary observes the victim's clean normalised observation
+        perturbed = []
+        for _ in range(100):
+            obs, _, term, trunc, _ = env.step(np.ones(11, np.float32))
+            perturbed.append(not torch.equal(acted_on[-1], torch.as_tensor(clean)))
+            clean = env.reset()[0] if term or trunc else obs
+        return float(np.mean(perturbed))
+
+    assert attacked_share(1.0) == 1.0
+    assert attacked_share(0.0) == 0.0
+    assert 0.35 < attacked_share(0.5) < 0.65
+
+
+def test_offsets_refuse_sparse_timing_before_any_episode():
+    from madistill.attacks.robustness import evaluate_robustness
+    from madistill.config import AttackConfig
+
+    ac = AttackConfig(methods=["pgd", "offsets"], frequency=0.5)
+    with pytest.raises(MadistillError, match="set attack.frequency=1"):
+        evaluate_robustness(None, None, {}, ac, 0.0, 0)  # no env or team: it must stop before using them
+    with pytest.raises(MadistillError, match=r"attack.frequency must be in \[0, 1\]"):
+        AttackTransform(Attack("random"), ["a_0"], {}, frequency=1.5)
 
 
 def _device_and_tensors(team: TeamPolicy) -> list[tuple[torch.Tensor, torch.device, torch.Tensor]]:
@@ -259,7 +322,7 @@ def test_learned_adversary_trains_on_a_copy_and_leaves_the_callers_team_alone():
 
     with MultiAgentVecEnv(SL_SPEC, 1, num_workers=0) as venv:
         team = _sl_team(venv)
-    budgets = {g.name: Budget.build(0.5, g.obs_dim) for g in team.groups}
+    budgets = _sl_budgets(team)
     before = _device_and_tensors(team)
     env = AdversaryEnv(SL_SPEC, team, ["listener_0"], budgets)
     assert env.team is not team

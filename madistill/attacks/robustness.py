@@ -89,6 +89,16 @@ def _agents(records: list[EpisodeRecord]) -> dict[str, float]:
     return {a: float(np.mean([e.agent_returns[a] for e in records])) for a in records[0].agent_returns}
 
 
+def check_methods(ac: Any) -> None:
+    """Refuse, before any episode runs, attack names outside the suite and settings an attack cannot honour."""
+    for name in ac.methods:
+        if name not in SUITE:
+            raise MadistillError(f"unknown attack {name!r}: use attack.methods=[{', '.join(SUITE)}]")
+    if "offsets" in ac.methods and ac.frequency < 1.0:
+        raise MadistillError("the offsets attack holds one offset for whole episodes, so attack.frequency < 1 does "
+                             "not apply to it: drop offsets from attack.methods or set attack.frequency=1")
+
+
 def evaluate_robustness(
     venv: MultiAgentVecEnv,
     team: TeamPolicy,
@@ -102,6 +112,7 @@ def evaluate_robustness(
 ) -> RobustnessResult:
     """Every configured attack x eps x victim set on ``team`` (episodes with seeds ``seed...``), plus the
     strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe."""
+    check_methods(ac)
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed)
     clean = float(np.mean([r.team_return for r in clean_recs]))
@@ -111,9 +122,6 @@ def evaluate_robustness(
     budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device) for e in ac.eps}
     mid = sorted(budgets)[len(budgets) // 2]
     methods = list(ac.methods)
-    for name in methods:
-        if name not in SUITE:
-            raise MadistillError(f"unknown attack {name!r}: use attack.methods=[{', '.join(SUITE)}]")
     if "transfer" in methods and surrogate is None:
         methods.remove("transfer")
         res.skipped.append("transfer: no surrogate policy (set attack.transfer_from=<policy>)")
@@ -156,7 +164,8 @@ def _transform(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: l
                ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None) -> ObsTransform:
     """The ObsTransform of a per-step suite attack (the learned adversary is trained here first)."""
     if method == "learned":
-        return LearnedAdversary(train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed), victims, budgets)
+        model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, frequency=ac.frequency)
+        return LearnedAdversary(model, victims, budgets, ac.frequency)
     return AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
                            surrogate=surrogate if method == "transfer" else None, critic=critic)
 
