@@ -169,6 +169,39 @@ def test_return_level_checks():
     assert return_checks(noisy, clean=-10, random=-40) == []  # noise alone never flags
 
 
+def _agent_rows(report: str, agents: list[str]) -> dict[tuple[str, str], tuple[str, list[str]]]:
+    """The report's per-agent table: (victims, eps) -> (worst attack, per-agent returns as printed)."""
+    lines = report.splitlines()
+    start = lines.index("| victims | eps | attack | " + " | ".join(agents) + " |") + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        victims, eps, attack, *values = (c.strip() for c in line.strip("|").split("|"))
+        rows[victims, eps] = (attack, values)
+    return rows
+
+
+def test_report_and_figure_show_per_agent_returns_under_the_worst_case():
+    from madistill.attacks.robustness import RobustnessResult, curves_figure, markdown_report
+
+    res = RobustnessResult(-10.0, -40.0, {"a_0": -4.0, "a_1": -6.0})
+    res.episodes = {"all": {"pgd": {0.1: np.array([-20.0, -22.0]), 1.0: np.array([-30.0, -32.0])},
+                            "fgsm": {0.1: np.array([-15.0, -15.0]), 1.0: np.array([-35.0, -35.0])}}}
+    res.agent_returns = {"all": {"pgd": {0.1: {"a_0": -12.347, "a_1": -8.652}, 1.0: {"a_0": -1.0, "a_1": -30.0}},
+                                 "fgsm": {0.1: {"a_0": -7.0, "a_1": -8.0}, 1.0: {"a_0": -20.004, "a_1": -14.996}}}}
+    rows = _agent_rows(markdown_report({"teacher": res}, "env", 2), ["a_0", "a_1"])
+    assert rows == {("clean", ""): ("", ["-4.00", "-6.00"]), ("all", "0.1"): ("pgd", ["-12.35", "-8.65"]),
+                    ("all", "1"): ("fgsm", ["-20.00", "-15.00"])}
+    agents = res.to_dict()["agent_returns"]["all"]
+    assert agents["pgd"]["0.1"] == {"a_0": -12.347, "a_1": -8.652} and agents["fgsm"]["1.0"]["a_1"] == -14.996
+    fig = curves_figure({"teacher": res}, "all", "env")
+    lines = {ln.get_label(): ln for ln in fig.axes[1].lines}  # bottom row: one line per agent
+    assert list(lines["a_0"].get_xdata()) == [0.0, 0.1, 1.0]
+    assert list(lines["a_0"].get_ydata()) == [-4.0, -12.347, -20.004]
+    assert list(lines["a_1"].get_ydata()) == [-6.0, -8.652, -14.996]
+
+
 def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     from conftest import tiny
 
@@ -192,7 +225,15 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     assert any("transfer" in s for s in res["skipped"])  # no student to transfer from
     worst = res["worst_case"]["all"]["1.0"]
     assert worst[1] == min(v["1.0"] for v in res["returns"]["all"].values() if "1.0" in v)
-    assert "Gradient-masking checks" in (run / "reports" / "robustness.md").read_text()
+    report = (run / "reports" / "robustness.md").read_text()
+    assert "Gradient-masking checks" in report
+    rows = _agent_rows(report, list(res["clean_agents"]))
+    assert rows.pop(("clean", "")) == ("", [f"{res['clean_agents'][a]:.2f}" for a in res["clean_agents"]])
+    assert set(rows) == {(v, e) for v in ("all", "speaker_0") for e in ("0.2", "1", "3")}
+    for (v, e), (attack, values) in rows.items():
+        key = str(float(e))
+        assert attack == res["worst_case"][v][key][0]
+        assert values == [f"{res['agent_returns'][v][attack][key][a]:.2f}" for a in res["clean_agents"]]
     assert (run / "reports" / "attack_curves_all.png").is_file()
     assert "worst case over the suite" in out
     rc, _, err = cli("attack", *tiny(f"attack.policy={teacher}", "attack.methods=[pgd,deepfool]"), f"hydra.run.dir={tmp_path / 'b'}")
