@@ -64,6 +64,37 @@ def test_attacks_stay_in_budget_and_leave_excluded_features(method, objective):
     assert delta.max() > 0.5 * 0.8  # it does move (random: uniformly; others: to the boundary)
 
 
+@pytest.mark.parametrize("name", ["transfer", "critic"])
+def test_suite_transfer_and_critic_attacks_stay_in_budget_and_leave_excluded_features(name):
+    from madistill.attacks.methods import variants
+    from madistill.policies.sb3 import SB3Policy
+
+    def team_of(policy):
+        return TeamPolicy([GROUP], {"g": policy}, {"g": ObsNormalizer(D, enabled=False)})
+
+    torch.manual_seed(0)
+    victim, surrogate = _mlp(seed=0), _mlp(seed=1)
+    critic = SB3Policy.from_arch(GROUP, {"hidden_sizes": [32], "activation": "tanh"})
+    budget = Budget.build(torch.linspace(0.1, 0.8, D).tolist(), D, excluded=[0, 5])
+    suite = variants(Attack(steps=5))
+    transform = AttackTransform(suite[name], ["a_0", "a_1"], {"g": budget},
+                                surrogate=team_of(surrogate) if name == "transfer" else None, critic=team_of(critic))
+    ctx = StepContext(team_of(victim), 0, np.zeros(len(X) // 2), {"g": torch.ones(len(X) // 2, 2, dtype=torch.bool)},
+                      torch.Generator().manual_seed(0))
+    x_adv = transform({"g": X.reshape(-1, 2, D)}, ctx)["g"].reshape(-1, D)
+    delta = (x_adv - X).abs()
+    assert torch.all(delta <= budget.radius + 1e-6)
+    assert torch.all(delta[:, [0, 5]] == 0)
+    assert delta.max() > 0.5 * 0.8
+    if name == "transfer":  # crafted on the surrogate: exactly its PGD point, not the victim's
+        on_surrogate = suite["pgd"](surrogate, X, budget, torch.Generator().manual_seed(0))
+        on_victim = suite["pgd"](victim, X, budget, torch.Generator().manual_seed(0))
+        assert torch.equal(x_adv, on_surrogate) and not torch.equal(x_adv, on_victim)
+    else:  # it lowers the critic's value
+        with torch.no_grad():
+            assert float(critic.value(x_adv).mean()) < float(critic.value(X).mean()) - 0.01
+
+
 def test_critic_attack_lowers_the_value():
     from madistill.policies.sb3 import SB3Policy
 
@@ -384,3 +415,28 @@ def test_learned_adversary_leaves_a_cuda_team_on_cuda():
     budgets = {g.name: Budget.build(0.5, g.obs_dim, device="cuda") for g in team.groups}
     train_adversary(SL_SPEC, team, ["listener_0"], budgets, steps=64, n_envs=1, ppo_kwargs={"n_steps": 32, "batch_size": 32})
     assert all(p.is_cuda for p in team.parameters())
+
+
+def test_attack_command_runs_the_transfer_attack_between_a_teacher_and_its_student(cli, tmp_path):
+    from conftest import tiny
+
+    run = tmp_path / "t"
+    rc, _, err = cli("train", *tiny("teacher.total_agent_steps=1000"), f"hydra.run.dir={run}")
+    assert rc == 0, err
+    rc, _, err = cli("distill", *tiny(f"distill.teacher={run}", "distill.rounds=1", "distill.updates_per_round=5"),
+                     f"hydra.run.dir={run}")
+    assert rc == 0, err
+    out = tmp_path / "a"
+    rc, _, err = cli("attack", *tiny(f"attack.policy={run}", "attack.episodes=4", "attack.eps=[1.0]",
+                                     "attack.methods=[pgd,transfer]", "attack.victims=[all]", "attack.steps=3",
+                                     "attack.restarts=1", "attack.checks=false"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    results = json.loads((out / "reports" / "robustness.json").read_text())["results"]
+    assert set(results) == {"teacher", "student"}
+    for res in results.values():  # each is the other's surrogate
+        assert res["skipped"] == []
+        returns = res["returns"]["all"]
+        assert set(returns) == {"pgd", "transfer"}
+        assert returns["transfer"]["1.0"] != pytest.approx(res["clean"], abs=0.1)
+        # the same PGD on the same episodes: only the policy it is crafted on differs
+        assert returns["transfer"]["1.0"] != pytest.approx(returns["pgd"]["1.0"], abs=0.1)
