@@ -14,7 +14,9 @@ from madistill.attacks.budget import Budget, excluded_features, group_budgets
 from madistill.attacks.checks import probe, return_checks
 from madistill.attacks.methods import Attack, Objective
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
+from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
+from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.explain.saliency import FeatureLayout
 from madistill.normalize import ObsNormalizer
@@ -60,6 +62,37 @@ def test_attacks_stay_in_budget_and_leave_excluded_features(method, objective):
     assert torch.all(delta <= budget.radius + 1e-6)
     assert torch.all(delta[:, [0, 5]] == 0)
     assert delta.max() > 0.5 * 0.8  # it does move (random: uniformly; others: to the boundary)
+
+
+@pytest.mark.parametrize("name", ["transfer", "critic"])
+def test_suite_transfer_and_critic_attacks_stay_in_budget_and_leave_excluded_features(name):
+    from madistill.attacks.methods import variants
+    from madistill.policies.sb3 import SB3Policy
+
+    def team_of(policy):
+        return TeamPolicy([GROUP], {"g": policy}, {"g": ObsNormalizer(D, enabled=False)})
+
+    torch.manual_seed(0)
+    victim, surrogate = _mlp(seed=0), _mlp(seed=1)
+    critic = SB3Policy.from_arch(GROUP, {"hidden_sizes": [32], "activation": "tanh"})
+    budget = Budget.build(torch.linspace(0.1, 0.8, D).tolist(), D, excluded=[0, 5])
+    suite = variants(Attack(steps=5))
+    transform = AttackTransform(suite[name], ["a_0", "a_1"], {"g": budget},
+                                surrogate=team_of(surrogate) if name == "transfer" else None, critic=team_of(critic))
+    ctx = StepContext(team_of(victim), 0, np.zeros(len(X) // 2), {"g": torch.ones(len(X) // 2, 2, dtype=torch.bool)},
+                      torch.Generator().manual_seed(0))
+    x_adv = transform({"g": X.reshape(-1, 2, D)}, ctx)["g"].reshape(-1, D)
+    delta = (x_adv - X).abs()
+    assert torch.all(delta <= budget.radius + 1e-6)
+    assert torch.all(delta[:, [0, 5]] == 0)
+    assert delta.max() > 0.5 * 0.8
+    if name == "transfer":  # crafted on the surrogate: exactly its PGD point, not the victim's
+        on_surrogate = suite["pgd"](surrogate, X, budget, torch.Generator().manual_seed(0))
+        on_victim = suite["pgd"](victim, X, budget, torch.Generator().manual_seed(0))
+        assert torch.equal(x_adv, on_surrogate) and not torch.equal(x_adv, on_victim)
+    else:  # it lowers the critic's value
+        with torch.no_grad():
+            assert float(critic.value(x_adv).mean()) < float(critic.value(X).mean()) - 0.01
 
 
 def test_critic_attack_lowers_the_value():
@@ -167,6 +200,39 @@ def test_return_level_checks():
     assert return_checks(noisy, clean=-10, random=-40) == []  # noise alone never flags
 
 
+def _agent_rows(report: str, agents: list[str]) -> dict[tuple[str, str], tuple[str, list[str]]]:
+    """The report's per-agent table: (victims, eps) -> (worst attack, per-agent returns as printed)."""
+    lines = report.splitlines()
+    start = lines.index("| victims | eps | attack | " + " | ".join(agents) + " |") + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        victims, eps, attack, *values = (c.strip() for c in line.strip("|").split("|"))
+        rows[victims, eps] = (attack, values)
+    return rows
+
+
+def test_report_and_figure_show_per_agent_returns_under_the_worst_case():
+    from madistill.attacks.robustness import RobustnessResult, curves_figure, markdown_report
+
+    res = RobustnessResult(-10.0, -40.0, {"a_0": -4.0, "a_1": -6.0})
+    res.episodes = {"all": {"pgd": {0.1: np.array([-20.0, -22.0]), 1.0: np.array([-30.0, -32.0])},
+                            "fgsm": {0.1: np.array([-15.0, -15.0]), 1.0: np.array([-35.0, -35.0])}}}
+    res.agent_returns = {"all": {"pgd": {0.1: {"a_0": -12.347, "a_1": -8.652}, 1.0: {"a_0": -1.0, "a_1": -30.0}},
+                                 "fgsm": {0.1: {"a_0": -7.0, "a_1": -8.0}, 1.0: {"a_0": -20.004, "a_1": -14.996}}}}
+    rows = _agent_rows(markdown_report({"teacher": res}, "env", 2), ["a_0", "a_1"])
+    assert rows == {("clean", ""): ("", ["-4.00", "-6.00"]), ("all", "0.1"): ("pgd", ["-12.35", "-8.65"]),
+                    ("all", "1"): ("fgsm", ["-20.00", "-15.00"])}
+    agents = res.to_dict()["agent_returns"]["all"]
+    assert agents["pgd"]["0.1"] == {"a_0": -12.347, "a_1": -8.652} and agents["fgsm"]["1.0"]["a_1"] == -14.996
+    fig = curves_figure({"teacher": res}, "all", "env")
+    lines = {ln.get_label(): ln for ln in fig.axes[1].lines}  # bottom row: one line per agent
+    assert list(lines["a_0"].get_xdata()) == [0.0, 0.1, 1.0]
+    assert list(lines["a_0"].get_ydata()) == [-4.0, -12.347, -20.004]
+    assert list(lines["a_1"].get_ydata()) == [-6.0, -8.652, -14.996]
+
+
 def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     from conftest import tiny
 
@@ -190,24 +256,48 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     assert any("transfer" in s for s in res["skipped"])  # no student to transfer from
     worst = res["worst_case"]["all"]["1.0"]
     assert worst[1] == min(v["1.0"] for v in res["returns"]["all"].values() if "1.0" in v)
-    assert "Gradient-masking checks" in (run / "reports" / "robustness.md").read_text()
+    report = (run / "reports" / "robustness.md").read_text()
+    assert "Gradient-masking checks" in report
+    rows = _agent_rows(report, list(res["clean_agents"]))
+    assert rows.pop(("clean", "")) == ("", [f"{res['clean_agents'][a]:.2f}" for a in res["clean_agents"]])
+    assert set(rows) == {(v, e) for v in ("all", "speaker_0") for e in ("0.2", "1", "3")}
+    for (v, e), (attack, values) in rows.items():
+        key = str(float(e))
+        assert attack == res["worst_case"][v][key][0]
+        assert values == [f"{res['agent_returns'][v][attack][key][a]:.2f}" for a in res["clean_agents"]]
     assert (run / "reports" / "attack_curves_all.png").is_file()
     assert "worst case over the suite" in out
     rc, _, err = cli("attack", *tiny(f"attack.policy={teacher}", "attack.methods=[pgd,deepfool]"), f"hydra.run.dir={tmp_path / 'b'}")
     assert rc == 2 and "unknown attack 'deepfool'" in err
 
 
-def test_learned_adversary_env_rewards_minus_team_reward_and_transform_respects_budget(tmp_path):
-    from madistill.attacks.learned import AdversaryEnv, LearnedAdversary, train_adversary
-    from madistill.envs.factory import EnvSpec
-    from madistill.envs.vector import MultiAgentVecEnv
+SL_SPEC = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 5}, name="sl")
 
-    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 5}, name="sl")
+
+def _sl_team(venv: MultiAgentVecEnv) -> TeamPolicy:
+    """A small untrained speaker-listener team."""
+    groups = venv.groups
+    return TeamPolicy(groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"}) for g in groups},
+                      {g.name: ObsNormalizer(g.obs_dim) for g in groups})
+
+
+LISTENER_EXCLUDED = [0, 3]
+
+
+def _sl_budgets(team: TeamPolicy) -> dict[str, Budget]:
+    """eps 0.5 everywhere but on the listener's excluded features."""
+    return {g.name: Budget.build(0.5, g.obs_dim, excluded=LISTENER_EXCLUDED if g.name == "listener" else ())
+            for g in team.groups}
+
+
+def test_learned_adversary_env_rewards_minus_team_reward_and_transform_respects_budget_and_timing(tmp_path):
+    from madistill.attacks.learned import AdversaryEnv, LearnedAdversary, train_adversary
+    from madistill.evaluate.evaluator import run_episodes
+
+    spec = SL_SPEC
     with MultiAgentVecEnv(spec, 4, num_workers=0) as venv:
-        groups = venv.groups
-        team = TeamPolicy(groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"}) for g in groups},
-                          {g.name: ObsNormalizer(g.obs_dim) for g in groups})
-        budgets = {g.name: Budget.build(0.5, g.obs_dim) for g in groups}
+        team = _sl_team(venv)
+        budgets = _sl_budgets(team)
         env = AdversaryEnv(spec, team, ["listener_0"], budgets)
         obs, _ = env.reset(seed=3)
         assert obs.shape == (11,) and env.action_space.shape == (11,)
@@ -225,18 +315,128 @@ def test_learned_adversary_env_rewards_minus_team_reward_and_transform_respects_
         _, rewards, *_ = twin.step(acts)
         assert r == pytest.approx(-np.mean(list(rewards.values())))
         model = train_adversary(spec, team, ["listener_0"], budgets, steps=256, n_envs=2, ppo_kwargs={"n_steps": 64, "batch_size": 64})
-        seen = []
 
-        class Spy(LearnedAdversary):
-            def __call__(self, o, ctx):
-                out = super().__call__(o, ctx)
-                seen.append((o, out))
-                return out
+        def spied(frequency: float) -> list[tuple[dict, dict]]:
+            """(observations in, observations out) of every step of 16 episodes under the adversary."""
+            seen = []
 
-        from madistill.evaluate.evaluator import run_episodes
+            class Spy(LearnedAdversary):
+                def __call__(self, o, ctx):
+                    out = super().__call__(o, ctx)
+                    seen.append((o, out))
+                    return out
 
-        run_episodes(venv, team, 4, 0, transforms=[Spy(model, ["listener_0"], budgets)])
-    for before, after in seen:
+            run_episodes(venv, team, 16, 0, transforms=[Spy(model, ["listener_0"], budgets, frequency)])
+            return seen
+
+        every, half = spied(1.0), spied(0.5)
+    for before, after in every + half:
         assert torch.equal(before["speaker"], after["speaker"])  # not a victim
         assert torch.all((after["listener"] - before["listener"]).abs() <= 0.5 + 1e-6)
-    assert any((after["listener"] != before["listener"]).any() for before, after in seen)
+        assert torch.equal(before["listener"][..., LISTENER_EXCLUDED], after["listener"][..., LISTENER_EXCLUDED])
+
+    def attacked_share(seen: list[tuple[dict, dict]]) -> float:
+        return float(torch.cat([(a["listener"] != b["listener"]).any(-1).flatten() for b, a in seen]).float().mean())
+
+    assert attacked_share(every) > 0.9  # every live step (a finished copy's padding is left alone)
+    assert 0.3 < attacked_share(half) / attacked_share(every) < 0.7  # attack.frequency=0.5: about half of them
+
+
+def test_adversary_env_applies_the_perturbation_at_the_configured_share_of_steps():
+    from madistill.attacks.learned import AdversaryEnv
+
+    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 25}, name="sl")
+    with MultiAgentVecEnv(spec, 1, num_workers=0) as venv:
+        team = _sl_team(venv)
+    budgets = _sl_budgets(team)
+
+    def attacked_share(frequency: float) -> float:
+        env = AdversaryEnv(spec, team, ["listener_0"], budgets, frequency)
+        listener = env.team["listener"]
+        acted_on: list[torch.Tensor] = []
+        act = listener.act
+
+        def recording_act(x: torch.Tensor, **kw) -> torch.Tensor:
+            acted_on.append(x[0].clone())
+            return act(x, **kw)
+
+        listener.act = recording_act  # the observation the listener really acts on
+        clean, _ = env.reset(seed=0)  # the adversary observes the victim's clean normalised observation
+        perturbed = []
+        for _ in range(100):
+            obs, _, term, trunc, _ = env.step(np.ones(11, np.float32))
+            perturbed.append(not torch.equal(acted_on[-1], torch.as_tensor(clean)))
+            clean = env.reset()[0] if term or trunc else obs
+        return float(np.mean(perturbed))
+
+    assert attacked_share(1.0) == 1.0
+    assert attacked_share(0.0) == 0.0
+    assert 0.35 < attacked_share(0.5) < 0.65
+
+
+def test_offsets_refuse_sparse_timing_before_any_episode():
+    from madistill.attacks.robustness import evaluate_robustness
+    from madistill.config import AttackConfig
+
+    ac = AttackConfig(methods=["pgd", "offsets"], frequency=0.5)
+    with pytest.raises(MadistillError, match="set attack.frequency=1"):
+        evaluate_robustness(None, None, {}, ac, 0.0, 0)  # no env or team: it must stop before using them
+    with pytest.raises(MadistillError, match=r"attack.frequency must be in \[0, 1\]"):
+        AttackTransform(Attack("random"), ["a_0"], {}, frequency=1.5)
+
+
+def _device_and_tensors(team: TeamPolicy) -> list[tuple[torch.Tensor, torch.device, torch.Tensor]]:
+    return [(p, p.device, p.detach().clone()) for p in team.parameters()]
+
+
+def test_learned_adversary_trains_on_a_copy_and_leaves_the_callers_team_alone():
+    from madistill.attacks.learned import AdversaryEnv, train_adversary
+
+    with MultiAgentVecEnv(SL_SPEC, 1, num_workers=0) as venv:
+        team = _sl_team(venv)
+    budgets = _sl_budgets(team)
+    before = _device_and_tensors(team)
+    env = AdversaryEnv(SL_SPEC, team, ["listener_0"], budgets)
+    assert env.team is not team
+    assert not any(p is q for p in env.team.parameters() for q in team.parameters())
+    train_adversary(SL_SPEC, team, ["listener_0"], budgets, steps=64, n_envs=1, ppo_kwargs={"n_steps": 32, "batch_size": 32})
+    after = list(team.parameters())
+    assert len(after) == len(before)
+    for p, (q, device, value) in zip(after, before):
+        assert p is q and p.device == device and torch.equal(p.detach(), value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_learned_adversary_leaves_a_cuda_team_on_cuda():
+    from madistill.attacks.learned import train_adversary
+
+    with MultiAgentVecEnv(SL_SPEC, 1, num_workers=0) as venv:
+        team = _sl_team(venv).to("cuda")
+    budgets = {g.name: Budget.build(0.5, g.obs_dim, device="cuda") for g in team.groups}
+    train_adversary(SL_SPEC, team, ["listener_0"], budgets, steps=64, n_envs=1, ppo_kwargs={"n_steps": 32, "batch_size": 32})
+    assert all(p.is_cuda for p in team.parameters())
+
+
+def test_attack_command_runs_the_transfer_attack_between_a_teacher_and_its_student(cli, tmp_path):
+    from conftest import tiny
+
+    run = tmp_path / "t"
+    rc, _, err = cli("train", *tiny("teacher.total_agent_steps=1000"), f"hydra.run.dir={run}")
+    assert rc == 0, err
+    rc, _, err = cli("distill", *tiny(f"distill.teacher={run}", "distill.rounds=1", "distill.updates_per_round=5"),
+                     f"hydra.run.dir={run}")
+    assert rc == 0, err
+    out = tmp_path / "a"
+    rc, _, err = cli("attack", *tiny(f"attack.policy={run}", "attack.episodes=4", "attack.eps=[1.0]",
+                                     "attack.methods=[pgd,transfer]", "attack.victims=[all]", "attack.steps=3",
+                                     "attack.restarts=1", "attack.checks=false"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    results = json.loads((out / "reports" / "robustness.json").read_text())["results"]
+    assert set(results) == {"teacher", "student"}
+    for res in results.values():  # each is the other's surrogate
+        assert res["skipped"] == []
+        returns = res["returns"]["all"]
+        assert set(returns) == {"pgd", "transfer"}
+        assert returns["transfer"]["1.0"] != pytest.approx(res["clean"], abs=0.1)
+        # the same PGD on the same episodes: only the policy it is crafted on differs
+        assert returns["transfer"]["1.0"] != pytest.approx(returns["pgd"]["1.0"], abs=0.1)

@@ -3,11 +3,14 @@ is the victims' observation perturbation within the budget, trained against the 
 team return. It needs no gradients of the victims, only their actions.
 
 Training sees the team through a single-agent gymnasium env (:class:`AdversaryEnv`), so SB3 does all the
-learning; evaluation applies the trained adversary as an ObsTransform (:class:`LearnedAdversary`).
+learning; evaluation applies the trained adversary as an ObsTransform (:class:`LearnedAdversary`). Under sparse
+timing (``attack.frequency`` < 1) the perturbation lands on a random share of steps, in training as in
+evaluation, so the adversary learns the attack it is evaluated with.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +21,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from madistill.attacks.budget import Budget
+from madistill.attacks.transform import attacked_copies, checked_frequency
 from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import flatten_obs
 from madistill.policies.base import TeamPolicy
@@ -32,14 +36,18 @@ def _slots(team: TeamPolicy, victims: Sequence[str]) -> list[tuple[str, int, str
 class AdversaryEnv(gym.Env):
     """One env copy with the frozen team acting greedily; the agent here perturbs the victims' normalised
     observations (action in [-1, 1] per feature, scaled by the budget radius) and is rewarded with minus the
-    team reward (the mean over agents of their rewards)."""
+    team reward (the mean over agents of their rewards). ``frequency``: the chance that the perturbation is
+    applied at a step (drawn from the env's seeded generator; the adversary acts at every step regardless)."""
 
     metadata: dict[str, Any] = {"render_modes": []}
 
-    def __init__(self, spec: EnvSpec, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget]):
+    def __init__(self, spec: EnvSpec, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget],
+                 frequency: float = 1.0):
         super().__init__()
+        self.frequency = checked_frequency(frequency)
         self.env = make_env(spec)
-        self.team = team.to("cpu")
+        # a copy: Module.to moves in place, and the caller keeps attacking its team on its own device
+        self.team = copy.deepcopy(team).to("cpu")
         self.slots = _slots(self.team, victims)
         self.radius = torch.cat([budgets[g].radius.cpu() for g, _, _ in self.slots])
         self.spaces = {a: self.env.observation_space(a) for a in self.env.possible_agents}
@@ -72,6 +80,8 @@ class AdversaryEnv(gym.Env):
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         delta = torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32) * self.radius
+        if self.frequency < 1.0 and self.np_random.random() >= self.frequency:
+            delta = torch.zeros_like(delta)
         perturbed, start = {}, 0
         for _, _, agent in self.slots:
             x = self._normalised(agent)
@@ -102,9 +112,11 @@ def train_adversary(
     seed: int = 0,
     n_envs: int = 4,
     ppo_kwargs: Mapping[str, Any] | None = None,
+    frequency: float = 1.0,
 ) -> PPO:
-    """Train a PPO adversary for ``steps`` env steps against the frozen ``team``."""
-    venv = DummyVecEnv([lambda: AdversaryEnv(spec, team, victims, budgets) for _ in range(n_envs)])
+    """Train a PPO adversary for ``steps`` env steps against the frozen ``team``, its perturbation applied
+    at a ``frequency`` share of steps."""
+    venv = DummyVecEnv([lambda: AdversaryEnv(spec, team, victims, budgets, frequency) for _ in range(n_envs)])
     venv.seed(seed)
     kwargs = {"n_steps": 128, "batch_size": 256, "learning_rate": 3e-4, "ent_coef": 0.0, **(ppo_kwargs or {})}
     model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **kwargs)
@@ -113,21 +125,24 @@ def train_adversary(
 
 
 class LearnedAdversary(ObsTransform):
-    """Applies a trained adversary's deterministic perturbation to the victims (white-box free)."""
+    """Applies a trained adversary's deterministic perturbation to the live victims (white-box free), in each
+    env copy with chance ``frequency`` per step (drawn from the rollout's generator, like AttackTransform)."""
 
-    def __init__(self, model: PPO, victims: Sequence[str], budgets: Mapping[str, Budget]):
+    def __init__(self, model: PPO, victims: Sequence[str], budgets: Mapping[str, Budget], frequency: float = 1.0):
         self.model, self.victims, self.budgets = model, list(victims), dict(budgets)
+        self.frequency = checked_frequency(frequency)
 
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
         slots = _slots(ctx.team, self.victims)
         x = torch.cat([obs[g][:, i] * ctx.active[g][:, i, None] for g, i, _ in slots], dim=-1)
         action, _ = self.model.predict(x.detach().cpu().numpy(), deterministic=True)
         delta = torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32, device=x.device)
+        now = attacked_copies(len(x), self.frequency, ctx.generator, x.device)
         out = {g: t.clone() for g, t in obs.items()}
         start = 0
         for g, i, _ in slots:
             r = self.budgets[g].radius.to(x.device)
-            live = ctx.active[g][:, i, None]
+            live = ctx.active[g][:, i, None] & now[:, None]
             out[g][:, i] = torch.where(live, obs[g][:, i] + delta[:, start : start + len(r)] * r, obs[g][:, i])
             start += len(r)
         return out

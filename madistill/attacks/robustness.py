@@ -68,6 +68,11 @@ class RobustnessResult:
         name = min(rows, key=rows.get)  # type: ignore[arg-type]
         return name, rows[name]
 
+    def worst_agents(self, victims: str, eps: float) -> tuple[str, dict[str, float]]:
+        """The attack with the lowest team return at ``eps``, and the mean per-agent returns under it."""
+        name, _ = self.worst(victims, eps)
+        return name, self.agent_returns[victims][name][eps]
+
     def to_dict(self) -> dict[str, Any]:
         eps_key = lambda d: {str(e): v for e, v in d.items()}  # noqa: E731 - JSON keys are strings
         ci = {v: {a: {e: bootstrap_ci(x, np.mean, n_boot=1000, seed=self.seed) for e, x in r.items()} for a, r in t.items()}
@@ -89,6 +94,16 @@ def _agents(records: list[EpisodeRecord]) -> dict[str, float]:
     return {a: float(np.mean([e.agent_returns[a] for e in records])) for a in records[0].agent_returns}
 
 
+def check_methods(ac: Any) -> None:
+    """Refuse, before any episode runs, attack names outside the suite and settings an attack cannot honour."""
+    for name in ac.methods:
+        if name not in SUITE:
+            raise MadistillError(f"unknown attack {name!r}: use attack.methods=[{', '.join(SUITE)}]")
+    if "offsets" in ac.methods and ac.frequency < 1.0:
+        raise MadistillError("the offsets attack holds one offset for whole episodes, so attack.frequency < 1 does "
+                             "not apply to it: drop offsets from attack.methods or set attack.frequency=1")
+
+
 def evaluate_robustness(
     venv: MultiAgentVecEnv,
     team: TeamPolicy,
@@ -102,6 +117,7 @@ def evaluate_robustness(
 ) -> RobustnessResult:
     """Every configured attack x eps x victim set on ``team`` (episodes with seeds ``seed...``), plus the
     strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe."""
+    check_methods(ac)
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed)
     clean = float(np.mean([r.team_return for r in clean_recs]))
@@ -111,9 +127,6 @@ def evaluate_robustness(
     budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device) for e in ac.eps}
     mid = sorted(budgets)[len(budgets) // 2]
     methods = list(ac.methods)
-    for name in methods:
-        if name not in SUITE:
-            raise MadistillError(f"unknown attack {name!r}: use attack.methods=[{', '.join(SUITE)}]")
     if "transfer" in methods and surrogate is None:
         methods.remove("transfer")
         res.skipped.append("transfer: no surrogate policy (set attack.transfer_from=<policy>)")
@@ -156,7 +169,8 @@ def _transform(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: l
                ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None) -> ObsTransform:
     """The ObsTransform of a per-step suite attack (the learned adversary is trained here first)."""
     if method == "learned":
-        return LearnedAdversary(train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed), victims, budgets)
+        model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, frequency=ac.frequency)
+        return LearnedAdversary(model, victims, budgets, ac.frequency)
     return AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
                            surrogate=surrogate if method == "transfer" else None, critic=critic)
 
@@ -189,25 +203,34 @@ def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budge
 
 
 def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: str) -> plt.Figure:
-    """Team return vs eps, one panel per policy, one line per attack (clean and random as references)."""
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False, sharey=True)
-    for ax, (name, res) in zip(axes[0], results.items()):
+    """Per policy (columns): team return vs eps, one line per attack, clean and random as references (top);
+    each agent's return under the worst-case attack at each eps, from its clean return at eps 0 (bottom)."""
+    fig, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 6.4), squeeze=False, sharey="row")
+    for col, (name, res) in enumerate(results.items()):
+        team_ax, agent_ax = axes[0][col], axes[1][col]
         for attack, by_eps in res.returns.get(victims, {}).items():
             eps = sorted(by_eps)
-            ax.plot(eps, [by_eps[e] for e in eps], marker="o", label=attack)
-        ax.axhline(res.clean, color="k", lw=1, label="clean")
-        ax.axhline(res.random, color="gray", ls="--", lw=1, label="random policy")
-        ax.set_title(f"{name} (victims: {victims})", fontsize=9)
-        ax.set_xlabel("eps (normalised units)")
+            team_ax.plot(eps, [by_eps[e] for e in eps], marker="o", label=attack)
+        team_ax.axhline(res.clean, color="k", lw=1, label="clean")
+        team_ax.axhline(res.random, color="gray", ls="--", lw=1, label="random policy")
+        team_ax.set_title(f"{name} (victims: {victims})", fontsize=9)
+        eps = sorted({e for r in res.returns.get(victims, {}).values() for e in r})
+        worst = [res.worst_agents(victims, e)[1] for e in eps]
+        for agent, clean in res.clean_agents.items():
+            agent_ax.plot([0.0, *eps], [clean, *(w[agent] for w in worst)], marker="o", label=agent)
+        agent_ax.set_xlabel("eps (normalised units)")
     axes[0][0].set_ylabel("team return")
+    axes[1][0].set_ylabel("agent return, worst-case attack")
     axes[0][-1].legend(fontsize=7)
+    axes[1][-1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
 def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episodes: int) -> str:
-    """Tables per victim set: clean, each attack at each eps, worst case; then the masking flags."""
+    """Tables per victim set: clean, each attack at each eps, worst case; each agent's return under the worst
+    case; then the masking flags."""
     lines = [f"# Robustness on {env_id}", "", f"{episodes} episodes per cell (same seeds everywhere), greedy actions, "
              "mean team return; eps in normalised units (standard deviations).", ""]
     for name, res in results.items():
@@ -221,9 +244,24 @@ def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episod
             worst = [res.worst(vname, e) for e in eps_all]
             lines.append("| **worst case** | " + " | ".join(f"{r:.2f} ({a})" for a, r in worst) + " |")
             lines.append("")
+        lines += _agent_table(res)
         flagged = [(k, f) for k, fl in res.flags.items() for f in fl]
         lines.append("Gradient-masking checks: " + ("none fired" if not flagged else ""))
         lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in flagged]
         lines += [f"- skipped {s}" for s in res.skipped]
         lines.append("")
     return "\n".join(lines)
+
+
+def _agent_table(res: RobustnessResult) -> list[str]:
+    """Markdown lines: each agent's mean return, clean and under the worst-case attack of every victim set
+    and eps (which agent pays for an attack on another is what the team return hides)."""
+    agents = list(res.clean_agents)
+    lines = ["Per-agent mean return under the worst-case attack (every attack's: `agent_returns` in the JSON):", "",
+             "| victims | eps | attack | " + " | ".join(agents) + " |", "|---|---|---|" + "---|" * len(agents),
+             "| clean | | | " + " | ".join(f"{res.clean_agents[a]:.2f}" for a in agents) + " |"]
+    for vname, table in res.returns.items():
+        for e in sorted({e for r in table.values() for e in r}):
+            attack, by_agent = res.worst_agents(vname, e)
+            lines.append(f"| {vname} | {e:g} | {attack} | " + " | ".join(f"{by_agent[a]:.2f}" for a in agents) + " |")
+    return [*lines, ""]

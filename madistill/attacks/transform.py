@@ -33,20 +33,15 @@ class AttackTransform(ObsTransform):
         surrogate: TeamPolicy | None = None,
         critic: TeamPolicy | None = None,
     ):
-        if not 0.0 <= frequency <= 1.0:
-            raise MadistillError(f"attack.frequency must be in [0, 1], got {frequency}")
         self.attack, self.victims, self.budgets = attack, list(victims), dict(budgets)
-        self.frequency, self.surrogate, self.critic = frequency, surrogate, critic
+        self.frequency, self.surrogate, self.critic = checked_frequency(frequency), surrogate, critic
 
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
         team = ctx.team
         unknown = set(self.victims) - set(team.group_of)
         if unknown:
             raise MadistillError(f"attack victims {sorted(unknown)} are not agents of this env: {sorted(team.group_of)}")
-        n = next(iter(obs.values())).shape[0]
-        now = torch.ones(n, dtype=torch.bool, device=team.device)
-        if self.frequency < 1.0:
-            now = torch.rand(n, generator=ctx.generator, device=team.device) < self.frequency
+        now = attacked_copies(next(iter(obs.values())).shape[0], self.frequency, ctx.generator, team.device)
         out = dict(obs)
         for g in team.groups:
             slots = victim_slots(g, self.victims)
@@ -65,6 +60,24 @@ class AttackTransform(ObsTransform):
             x[mask] = adv.to(x.dtype)
             out[g.name] = x
         return out
+
+
+def checked_frequency(frequency: float) -> float:
+    """``attack.frequency``, the chance that an env copy is attacked at a step, once checked to be in [0, 1]."""
+    if not 0.0 <= frequency <= 1.0:
+        raise MadistillError(f"attack.frequency must be in [0, 1], got {frequency}")
+    return frequency
+
+
+def attacked_copies(n: int, frequency: float, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """``[n]`` bool: which of ``n`` env copies are attacked at this step, each with chance ``frequency``.
+
+    Drawn from the rollout's generator so sparse timing is reproducible with the seed; nothing is drawn at
+    frequency 1, so attacking every step leaves the generator as it was for the attack itself.
+    """
+    if frequency >= 1.0:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    return torch.rand(n, generator=generator, device=device) < frequency
 
 
 def victim_slots(group: AgentGroup, victims: Sequence[str]) -> list[int]:
