@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import madistill
-from madistill.attacks.robustness import curves_figure, evaluate_robustness
+from madistill.attacks.robustness import check_methods, curves_figure, evaluate_robustness
 from madistill.attacks.robustness import markdown_report as robustness_markdown
 from madistill.attacks.transform import victim_sets
 from madistill.config import changes_env
@@ -397,6 +397,7 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
     gradient-masking checks. Writes ``reports/robustness.{json,md}``, return-vs-eps curves (PNG and
     TensorBoard) and TensorBoard scalars ``attack/<policy>/<victims>/<attack>`` over eps (x100)."""
     ac = cfg.attack
+    check_methods(ac)  # a wrong attack name fails before any policy is loaded or episode run
     device, refs, spec = _studied_policies(
         cfg, ac.policy, "no policy to attack: pass attack.policy=<run, policy or sweep directory>"
     )
