@@ -5,11 +5,13 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import madistill
 from madistill.errors import MadistillError
 
 if TYPE_CHECKING:
@@ -29,11 +31,14 @@ USAGE = """usage: madistill <stage> [overrides ...] [-m] [--cfg job] [--help]
 stages:
 {stages}
 
-Overrides are Hydra's: `madistill train env=simple_spread_v3 teacher.total_agent_steps=2e6 seed=1`.
+Overrides are Hydra's: `madistill train env=simple_spread_v3 teacher.total_agent_steps=2000000 seed=1`.
 Sweeps: `madistill train -m seed=0,1,2 +launcher=local` (joblib, local cores; +launcher=slurm / ray for clusters).
 Any PettingZoo env without a config file: `env=custom env.target=<module>.parallel_env env.name=<id>`.
 `madistill <stage> --help` shows the config groups and the composed config.
 """
+
+
+_LAUNCHER_EXTRAS = {"submitit_slurm": "slurm", "ray": "ray"}  # Hydra launcher -> the pyproject extra installing it
 
 
 def config_dir() -> str:
@@ -79,6 +84,10 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
 _FAILED: list[str] = []
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _one_line(exc: BaseException) -> str:
     """Hydra/OmegaConf messages span several lines; keep the part that says what and where."""
     text = str(exc)
@@ -91,6 +100,10 @@ def _one_line(exc: BaseException) -> str:
         group, name = missing.group(1), missing.group(2)
         opts = " ".join(o for o in missing.group(3).split() if not o.startswith("base_"))
         hint = " (or env=custom env.target=<module>.parallel_env)" if group == "env" else ""
+        if group == "launcher":
+            return f"unknown launcher {name!r}: use +launcher=<one of: {opts}>"
+        if group == "hydra/launcher" and name in _LAUNCHER_EXTRAS:
+            return f"the {name} launcher is not installed: pip install -e '.[{_LAUNCHER_EXTRAS[name]}]'"
         return f"unknown {group} {name!r}: use {group}=<one of: {opts}>{hint}"
     skip = ("full_key", "object_type", "reference_type", "Set the environment variable")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
@@ -164,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE.format(stages="\n".join(f"  {k:<10} {v}" for k, v in STAGES.items())))
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"madistill {madistill.__version__}")
         return 0
     stage, rest = args[0], args[1:]
     if stage not in STAGES:
@@ -189,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     sys.argv = [f"madistill-{stage}", *hydra_args]
     _FAILED.clear()
+    # A cluster's SIGTERM (time limit, scancel) takes the Ctrl-C path: the training stages checkpoint first.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
     try:
         app()

@@ -44,7 +44,7 @@ def _madistill_error(err: str, stage: str) -> str:
 @pytest.mark.parametrize("args", [["--help"], ["-h"], []])
 def test_help_lists_the_stages(cli, args):
     rc, out, _ = cli(*args)
-    assert rc == 0
+    assert rc == (0 if args else 2)  # no stage given is a usage error
     for stage in ("train", "evaluate", "distill", "saliency", "attack", "pipeline"):
         assert f"  {stage} " in out
     assert "usage: madistill <stage>" in out
@@ -446,3 +446,39 @@ def test_evaluate_saves_a_gif_of_one_episode(pipeline_run, cli, tmp_path):
     frames = iio.imread(gif, index=None)
     assert frames.shape[0] == 25 and frames.shape[1] > 100 and frames.shape[-1] in (3, 4)  # max_cycles=25: 25 states shown
     assert not np.array_equal(frames[0], frames[-1])  # the agents moved
+
+
+def test_sigterm_checkpoints_like_ctrl_c_and_env_workers_stay_quiet(tmp_path):
+    """A cluster's time limit (SIGTERM to the whole job) saves a checkpoint; the env workers print nothing."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "madistill", "train", *tiny("env=relay", "env.num_workers=2", "teacher.total_agent_steps=10000000",
+                                                           "logger.progress=true"), f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "tb").glob("events*")):
+        time.sleep(0.5)
+    time.sleep(3)  # well into training
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: every process of the job
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert read_manifest(tmp_path / "checkpoint")["role"] == "checkpoint"
+    assert "Traceback" not in err and "madistill train: interrupted" in err
+
+
+def test_env_workers_exit_when_their_parent_is_killed(tmp_path):
+    import time
+
+    script = ("import os, signal\nfrom madistill.envs.factory import EnvSpec\nfrom madistill.envs.vector import MultiAgentVecEnv\n"
+              "v = MultiAgentVecEnv(EnvSpec('envs.relay.parallel_env', {}, 'relay'), 2, num_workers=2)\n"
+              "print(*[p.pid for p in v._procs], flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids)

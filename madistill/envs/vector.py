@@ -10,6 +10,8 @@ themselves when their episode ends; copy ``i`` plays episode seeds ``seed + i + 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from madistill.envs.groups import AgentGroup, flatten_obs, group_agents
 from madistill.errors import MadistillError
 
 GroupArrays = dict[str, np.ndarray]
+_PARENT_CHECK_S = 1.0  # how often an idle env worker checks that its parent is still alive
 
 
 @dataclass
@@ -175,6 +178,11 @@ class _Copies:
 
 
 def _worker(conn: Connection, spec: EnvSpec, grouping: str, copy_ids: list[int], num_envs: int, nan_policy: str) -> None:
+    # Signals are the parent's to handle (Ctrl-C and a cluster's SIGTERM checkpoint there, then close us); a
+    # worker only outlives a parent killed outright, so it watches for that instead of lingering.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
     try:
         copies = _Copies(spec, grouping, copy_ids, num_envs, nan_policy=nan_policy)
         conn.send(("ok", None))
@@ -182,6 +190,10 @@ def _worker(conn: Connection, spec: EnvSpec, grouping: str, copy_ids: list[int],
         conn.send(("error", (isinstance(e, MadistillError), str(e) or traceback.format_exc())))
         return
     while True:
+        if not conn.poll(_PARENT_CHECK_S):
+            if os.getppid() != parent:
+                return
+            continue
         cmd, arg = conn.recv()
         try:
             if cmd == "close":
@@ -190,8 +202,6 @@ def _worker(conn: Connection, spec: EnvSpec, grouping: str, copy_ids: list[int],
                 return
             result = getattr(copies, cmd)(arg)
             conn.send(("ok", result))
-        except KeyboardInterrupt:
-            return  # the parent handles Ctrl-C
         except BaseException as e:
             conn.send(("error", (isinstance(e, MadistillError), str(e) if isinstance(e, MadistillError) else traceback.format_exc())))
 
