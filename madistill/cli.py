@@ -68,10 +68,12 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     from hydra.types import RunMode
 
     from madistill import stages
+    from madistill.config import validate
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
+        validate(cfg)
         return getattr(stages, hc.job.name)(cfg, run_dir)
     except MadistillError as e:
         if hc.mode == RunMode.MULTIRUN:

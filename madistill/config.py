@@ -207,3 +207,20 @@ def register_configs() -> None:
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
     cs.store(group="student", name="base_student", node=StudentConfig)
     cs.store(group="distill", name="base_distill", node=DistillConfig)
+
+
+# Counts that must be positive: a zero or negative value would save an untrained policy or summarise nothing.
+POSITIVE = ("teacher.total_agent_steps", "eval.episodes", "attack.episodes", "saliency.episodes", "distill.rounds",
+            "distill.agent_steps_per_round", "distill.updates_per_round", "distill.batch_size")
+
+
+def validate(cfg: Any) -> None:
+    """Refuse settings no stage can use, in one line naming the key, before any work starts."""
+    from omegaconf import OmegaConf
+
+    from madistill.errors import MadistillError
+
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise MadistillError(f"{key} must be at least 1, got {value}")

@@ -263,9 +263,10 @@ def _run_metrics(summaries: dict[str, dict], history: list[dict[str, float]] | N
 
 
 def retention(summaries: dict[str, dict]) -> float:
-    """The student's share of the teacher's gain over random (team-return means)."""
+    """The student's share of the teacher's gain over random (team-return means); NaN when the teacher is no
+    better than random, where a share of its gain means nothing."""
     s, t, r = (summaries[n]["team"]["mean"] for n in ("student", "teacher", "random"))
-    return float((s - r) / (t - r)) if t != r else float("nan")
+    return float((s - r) / (t - r)) if t > r else float("nan")
 
 
 def saliency(cfg: DictConfig, run_dir: Path) -> dict:
@@ -487,7 +488,9 @@ def _print_results(run_dir: Path, summaries: dict[str, dict], policies: Path) ->
         t = s["team"]
         lines.append(f"  {name:<10} team return IQM {t['iqm']:.2f} [{t['iqm_ci'][0]:.2f}, {t['iqm_ci'][1]:.2f}]")
     if {"teacher", "student", "random"} <= set(summaries):
-        lines.append(f"  the student keeps {100 * retention(summaries):.1f}% of the teacher's gain over random")
+        kept = retention(summaries)
+        lines.append(f"  the student keeps {100 * kept:.1f}% of the teacher's gain over random (team-return means)"
+                     if kept == kept else "  retention: n/a (the teacher is no better than random: train it longer)")
     lines += [
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
         f"  policies:    {policies}",

@@ -436,6 +436,9 @@ class TeacherTrainer:
         self._copy_to_actors()
         self.agent_steps = int(state["agent_steps"])
         self.iteration = int(state["iteration"])
+        if self.agent_steps >= int(self.cfg.teacher.total_agent_steps):
+            raise MadistillError(f"checkpoint {path} is already at {self.agent_steps} agent-steps: raise "
+                                 f"teacher.total_agent_steps above that to continue training")
         self.episode_seed = int(state.get("episode_seed", self.cfg.seed + self.iteration * self.venv.num_envs))
 
 

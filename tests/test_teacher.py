@@ -365,3 +365,11 @@ def test_a_dead_or_failing_learner_process_is_a_one_line_error(monkeypatch):
         with pytest.raises(MadistillError, match="learner process died") as err:
             trainer.train(Path("unused"))
     assert "\n" not in str(err.value) and "update_mode=thread" in str(err.value)
+
+
+def test_resuming_a_checkpoint_already_at_the_budget_says_to_raise_it(relay_run, tmp_path):
+    _, run_dir, _ = relay_run
+    cfg = compose_config(tiny(*RELAY, f"teacher.resume={run_dir / 'checkpoint'}"))  # the same budget it finished
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match="raise teacher.total_agent_steps"):
+        TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import pkgutil
 import re
 import types
 from dataclasses import dataclass, field
@@ -58,9 +60,25 @@ def _resolve(target: str) -> Any:
             return getattr(obj, att)
         raise MadistillError(f"env target {target!r}: module {mod!r} has no {att!r}; check the spelling of env.target")
     raise MadistillError(
-        f"cannot import env target {target!r}: give env.target as an import path such as "
+        f"cannot import env target {target!r}{_nearest_modules(target)}: give env.target as an import path such as "
         "mpe2.simple_spread_v3.parallel_env, or pick a config with env=<name>"
     )
+
+
+def _nearest_modules(target: str) -> str:
+    """`` (package 'p' has no 'x'; did you mean ...)`` for the deepest importable package on the path: env
+    versions move (``cooperative_pong_v5`` -> ``_v6``), and the package's own list says where."""
+    parts = target.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        package, missing = ".".join(parts[:depth]), parts[depth]
+        try:
+            found = importlib.import_module(package)
+        except ImportError:
+            continue
+        names = [m.name for m in pkgutil.iter_modules(getattr(found, "__path__", []))]
+        close = difflib.get_close_matches(missing, names, n=3, cutoff=0.6)
+        return f" (package {package!r} has no {missing!r}" + (f"; did you mean {', '.join(close)}?)" if close else ")")
+    return ""
 
 
 def make_env(spec: EnvSpec, render_mode: str | None = None) -> ParallelEnv:
