@@ -4,10 +4,14 @@ Trains the tutorial baseline (SuperSuit ``pettingzoo_env_to_vec_env_v1`` + ``con
 ``PPO("MlpPolicy", lr=1e-3, batch_size=256)``, SB3 defaults otherwise) for as many agent-steps as a madistill
 run, then evaluates both (and a uniform-random team) with madistill's evaluator: greedy actions, 100 episodes
 with the same seeds, IQM and mean with 95% bootstrap CIs. Plots both training curves (episodic team return vs
-agent-steps). Homogeneous envs only (the tutorial shares one policy across all agents).
+agent-steps). The tutorial shares one policy across all agents; for agents with different spaces it pads
+them to the widest with SuperSuit (``pad_observations_v0``, ``pad_action_space_v0``), as PettingZoo's SB3
+tutorials do.
 
     madistill pipeline env=simple_spread_v3 teacher.total_agent_steps=3000000 hydra.run.dir=runs/spread_3m
     python experiments/teacher_quality.py runs/spread_3m
+    madistill train seed=0 hydra.run.dir=runs/sl_s0      # speaker-listener at the default budget
+    python experiments/teacher_quality.py runs/sl_s0 --seed 0
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from madistill.envs.factory import EnvSpec, make_env  # noqa: E402
+from madistill.envs.groups import AgentGroup  # noqa: E402
 from madistill.envs.vector import MultiAgentVecEnv  # noqa: E402
 from madistill.evaluate.evaluator import run_episodes, uniform_team  # noqa: E402
 from madistill.evaluate.stats import summarize  # noqa: E402
 from madistill.normalize import ObsNormalizer  # noqa: E402
-from madistill.policies.base import TeamPolicy  # noqa: E402
-from madistill.policies.sb3 import SB3Policy  # noqa: E402
+from madistill.policies.base import Policy, TeamPolicy  # noqa: E402
 from madistill.policies.store import load_team, read_manifest  # noqa: E402
 
 
@@ -39,7 +44,7 @@ def train_tutorial(spec: EnvSpec, steps: int, seed: int) -> tuple[object, list[t
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecMonitor
 
-    env = ss.pettingzoo_env_to_vec_env_v1(make_env(spec))
+    env = ss.pettingzoo_env_to_vec_env_v1(ss.pad_action_space_v0(ss.pad_observations_v0(make_env(spec))))
     env = ss.concat_vec_envs_v1(env, 8, num_cpus=1, base_class="stable_baselines3")
     env.seed = lambda seed=None: [None] * env.num_envs  # SuperSuit's vec env lacks seed(); SB3 calls it
     env = VecMonitor(env)
@@ -59,6 +64,24 @@ def train_tutorial(spec: EnvSpec, steps: int, seed: int) -> tuple[object, list[t
     model.learn(total_timesteps=steps, callback=Curve())
     env.close()
     return model, curve
+
+
+class PaddedSharedPolicy(Policy):
+    """The tutorial's one policy over padded spaces, as one group's policy. Observations are zero-padded to the
+    widest; a padded action beyond the group's own means action 0, as SuperSuit's ``pad_action_space`` plays
+    it, so the greedy action here is the one the tutorial's ``predict(deterministic=True)`` takes."""
+
+    def __init__(self, group: AgentGroup, sb3_policy: torch.nn.Module, obs_width: int):
+        super().__init__()
+        self.group, self.sb3, self.width = group, sb3_policy, obs_width
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = F.pad(obs, (0, self.width - obs.shape[-1]))
+        logits = self.sb3.action_net(self.sb3.mlp_extractor.forward_actor(self.sb3.pi_features_extractor(x)))
+        n = int(self.group.action_space.n)
+        head = logits[:, :n].clone()
+        head[:, 0] = logits[:, [0, *range(n, logits.shape[1])]].max(1).values
+        return head
 
 
 def madistill_curve(run: Path) -> list[tuple[int, float]]:
@@ -98,10 +121,9 @@ def main() -> None:
     model, base_curve = train_tutorial(spec, steps, args.seed)
     out: dict[str, dict] = {}
     with MultiAgentVecEnv(spec, 10, num_workers=0) as venv:
-        if len(venv.groups) != 1:
-            raise SystemExit("the tutorial recipe shares one policy over all agents: use a homogeneous env")
-        g = venv.groups[0]
-        tutorial = TeamPolicy([g], {g.name: SB3Policy(g, model.policy, {})}, {g.name: ObsNormalizer(g.obs_dim, enabled=False)})
+        width = max(g.obs_dim for g in venv.groups)
+        tutorial = TeamPolicy(venv.groups, {g.name: PaddedSharedPolicy(g, model.policy, width) for g in venv.groups},
+                              {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
         teams = {"madistill": load_team(teacher_dir, venv.groups)[0], "tutorial": tutorial, "random": uniform_team(venv)}
         for name, team in teams.items():
             recs = run_episodes(venv, team, args.episodes, args.eval_seed, deterministic=name != "random")
@@ -114,9 +136,10 @@ def main() -> None:
     fig = plot_curves(curves, out["random"]["mean"], spec.id)
     dest = Path(__file__).parent / "results"
     dest.mkdir(exist_ok=True)
-    fig.savefig(dest / f"teacher_quality_{spec.id}.png", dpi=120)
-    (dest / f"teacher_quality_{spec.id}.json").write_text(json.dumps({"steps": steps, "eval": out, "tutorial_curve": base_curve}, indent=1))
-    print(f"figure: {dest / f'teacher_quality_{spec.id}.png'}")
+    stem = f"teacher_quality_{spec.id}" + (f"_seed{args.seed}" if args.seed else "")
+    fig.savefig(dest / f"{stem}.png", dpi=120)
+    (dest / f"{stem}.json").write_text(json.dumps({"steps": steps, "seed": args.seed, "eval": out, "tutorial_curve": base_curve}, indent=1))
+    print(f"figure: {dest / f'{stem}.png'}")
 
 
 if __name__ == "__main__":
