@@ -8,7 +8,7 @@ same machine load, and the medians and their ratio are reported.
 
 The env and how it is stepped (copies, worker processes) come from the policy's manifest; the PGD settings
 other than ``--steps`` (restarts, step size) and the episode seed are the ``attack`` config's defaults.
-Writes ``experiments/results/attack_cost_<env>.json``.
+Writes ``experiments/results/attack_cost_<env>_<policy>.json``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
           f"({1e3 * median['pgd'] / args.episodes:.1f} ms/episode), team return {returns['pgd']:.2f}")
     print(f"  ratio  {result['ratio']:.1f}x")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"attack_cost_{spec.id}.json"
+    out = RESULTS / f"attack_cost_{spec.id}_{pdir.name}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"  written: {out}")
 
