@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,19 @@ def _tb(cfg: DictConfig, run_dir: Path) -> TBLogger:
 
 # Paths and layouts: where things are, not settings to compare runs by.
 _NOT_HPARAMS = ("eval.policy", "teacher.resume", "distill.teacher", "saliency.policy", "saliency.obs", "env.features")
+
+
+def _setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
+    """Each policy's row in an evaluation: its name, plus the settings that set its run apart from the other
+    runs' policies of that name (``student [distill.lambda_igr=3]``). Seeds and paths aside, so a seed sweep
+    pools into one row per policy (CIs stratified by run) while a sweep over settings keeps them apart."""
+    configs = [_flat_hparams(OmegaConf.create(read_manifest(r.path).get("config", {}))) for r in refs]
+    rows = []
+    for ref, config in zip(refs, configs):
+        peers = [c for r, c in zip(refs, configs) if r.name == ref.name]
+        differ = sorted(k for k in set().union(*peers) if k != "seed" and len({str(c.get(k)) for c in peers}) > 1)
+        rows.append(ref.name + (f" [{', '.join(f'{k}={config.get(k)}' for k in differ)}]" if differ else ""))
+    return rows
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -149,12 +163,13 @@ def evaluate_policies(
     def bar(label: str) -> str | None:
         return f"eval {label}" if cfg.logger.progress else None
 
+    rows = _setting_rows(refs)
     with make_vec_env(cfg.env, spec) as venv:
         teams = [load_team(ref.path, venv.groups, device=device)[0] for ref in refs]
-        for ref, team in zip(refs, teams):
+        for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
             recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=bar(label))
-            results[ref.name].append((ref.run, recs))
+            results[row].append((ref.run, recs))
         if ec.random_baseline:
             recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, progress=bar("random"))
             results["random"].append(("random", recs))
@@ -169,7 +184,8 @@ def evaluate_policies(
             "seed": ec.seed, "deterministic": ec.deterministic if name != "random" else False,
             "madistill_version": madistill.__version__,
         }
-        write_json(reports / f"eval_{name}.json", summaries[name], records, meta)
+        stem = re.sub(r"[^\w.=-]+", "_", name).strip("_")  # a row label as a file name
+        write_json(reports / f"eval_{stem}.json", summaries[name], records, meta)
         for run, recs in runs:
             write_marl_eval_json(reports / "marl_eval.json", recs, "pettingzoo", spec.id, name, run)
         team_stats = summaries[name]["team"]

@@ -503,3 +503,21 @@ def test_counts_below_one_are_refused_before_any_work(cli, tmp_path, stage, over
     rc, _, err = cli(stage, override, f"hydra.run.dir={tmp_path}")
     assert rc == 2 and "must be at least 1" in _madistill_error(err, stage)
     assert not (tmp_path / "policies").exists()
+
+
+def test_evaluating_a_sweep_pools_seeds_but_keeps_other_settings_apart(cli, tmp_path):
+    sweeps = {"seeds": {"0": ["seed=0"], "1": ["seed=1"]},
+              "widths": {"0": ["seed=0"], "1": ["seed=0", "teacher.hidden_sizes=[24]"]}}
+    for sweep, jobs in sweeps.items():
+        for job, extra in jobs.items():
+            rc, _, err = cli("train", *tiny("env=relay", "teacher.total_agent_steps=200", *extra),
+                             f"hydra.run.dir={tmp_path / sweep / job}")
+            assert rc == 0, err
+        rc, _, err = cli("evaluate", f"eval.policy={tmp_path / sweep}", "eval.episodes=2", "logger=quiet",
+                         f"hydra.run.dir={tmp_path / ('eval_' + sweep)}")
+        assert rc == 0, err
+    reports = tmp_path / "eval_seeds" / "reports"
+    assert sorted(p.name for p in reports.glob("eval_*.json")) == ["eval_random.json", "eval_teacher.json"]
+    assert json.loads((reports / "eval_teacher.json").read_text())["meta"]["runs"] == ["0", "1"]
+    md = (tmp_path / "eval_widths" / "reports" / "eval.md").read_text()
+    assert "teacher [teacher.hidden_sizes=[16]]" in md and "teacher [teacher.hidden_sizes=[24]]" in md
