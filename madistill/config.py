@@ -147,6 +147,9 @@ class AttackConfig:
     frequency: float = 1.0  # share of steps attacked (per env copy)
     # group -> features never perturbed (index or feature-group name): +attack.exclude.speaker=[goal_0]
     exclude: dict[str, list[str]] = field(default_factory=dict)
+    # group -> feature (index or feature-group name) -> its radius as a multiple of eps (a per-feature eps):
+    # +attack.scale.listener.message=0.5. Training attacks (distill=robust) use it too.
+    scale: dict[str, dict[str, float]] = field(default_factory=dict)
     steps: int = 10  # PGD / SPSA iterations
     restarts: int = 3  # KL is flat at delta = 0, so PGD relies on random starts: one restart is weak
     step_size: float = 2.5  # PGD step = step_size * eps / steps

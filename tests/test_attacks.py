@@ -125,6 +125,13 @@ def test_budgets_from_config():
         excluded_features(["nope"], layout)
     with pytest.raises(MadistillError, match="needs 4 values"):
         Budget.build([0.1, 0.2], 4)
+    # a per-feature eps from config: the goal at a quarter of eps, feature 1 at twice, feature 0 excluded
+    b = group_budgets(0.4, {"g": layout}, {"g": ["0"]}, scale={"g": {"goal": 0.25, "1": 2.0}})["g"]
+    torch.testing.assert_close(b.radius, torch.tensor([0.0, 0.8, 0.1, 0.1]))
+    with pytest.raises(MadistillError, match="attack.scale names 'nope'"):
+        group_budgets(0.4, {"g": layout}, scale={"g": {"nope": 2.0}})
+    with pytest.raises(MadistillError, match="attack.scale names groups"):
+        group_budgets(0.4, {"g": layout}, scale={"h": {"goal": 2.0}})
 
 
 def test_transform_attacks_only_live_victims_on_chosen_steps():

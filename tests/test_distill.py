@@ -328,13 +328,14 @@ def test_collection_under_attack_records_clean_observations_of_the_drifted_state
 
 def test_robust_distillation_ramps_eps_keeps_excluded_features_and_combines_with_digr(make_cfg, teacher_run, monkeypatch):
     """``distill=robust`` through the trainer: every loss term of DIGR + adversarial + smoothness is trained,
-    eps ramps over ``adv_ramp`` of the updates, and the training attack never moves an ``attack.exclude`` feature."""
+    eps ramps over ``adv_ramp`` of the updates, and the training attack keeps ``attack.exclude`` and ``attack.scale``."""
     from madistill.distill.loss import DistillLoss
     from madistill.distill.trainer import DistillTrainer, student_team
     from madistill.explain.saliency import feature_layouts
 
     cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_ramp=1.0", "distill.adv_eps=0.4",
-                   "+attack.exclude.listener=[8,9,10]")  # the message
+                   "+attack.exclude.listener=[8,9,10]",  # the message
+                   "+attack.scale.speaker.0=0")  # a per-feature eps of 0
     moved: dict[str, list[torch.Tensor]] = {"speaker": [], "listener": []}
     perturbed = DistillLoss._perturbed
 
@@ -357,4 +358,5 @@ def test_robust_distillation_ramps_eps_keeps_excluded_features_and_combines_with
             assert r[f"{g}/loss_adversarial"] > 0 and r[f"{g}/loss_smoothness"] > 0 and f"{g}/loss_igr" in r
     listener = torch.stack(moved["listener"]).amax(0)
     assert torch.all(listener[[8, 9, 10]] == 0) and torch.all(listener[:8] > 0)  # the message is never perturbed
-    assert torch.all(torch.stack(moved["speaker"]).amax(0) > 0)
+    speaker = torch.stack(moved["speaker"]).amax(0)
+    assert speaker[0] == 0 and torch.all(speaker[1:] > 0)

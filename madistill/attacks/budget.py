@@ -47,33 +47,42 @@ class Budget:
         return x + (2 * u - 1) * self.radius
 
 
-def excluded_features(spec: Sequence[int | str], layout: FeatureLayout) -> list[int]:
-    """Feature indices from a config list of indices and/or feature-group names (e.g. ``message``)."""
+def excluded_features(spec: Sequence[int | str], layout: FeatureLayout, key: str = "attack.exclude") -> list[int]:
+    """Feature indices from a config list of indices and/or feature-group names (e.g. ``message``); ``key``
+    names the setting in errors."""
     out: list[int] = []
     for item in spec:
         if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
             i = int(item)
             if not 0 <= i < layout.obs_dim:
-                raise MadistillError(f"attack.exclude names feature {i}, observations have {layout.obs_dim}")
+                raise MadistillError(f"{key} names feature {i}, observations have {layout.obs_dim}")
             out.append(i)
         elif item in layout.names:
             out.extend(layout.indices[layout.names.index(item)])
         else:
-            raise MadistillError(f"attack.exclude names {item!r}: use feature indices or one of {list(layout.names)}")
+            raise MadistillError(f"{key} names {item!r}: use feature indices or one of {list(layout.names)}")
     return sorted(set(out))
 
 
 def group_budgets(
-    eps: float | Sequence[float],
+    eps: float,
     layouts: Mapping[str, FeatureLayout],
     exclude: Mapping[str, Sequence[int | str]] | None = None,
     device: torch.device | str = "cpu",
+    scale: Mapping[str, Mapping[int | str, float]] | None = None,
 ) -> dict[str, Budget]:
-    """One Budget per agent group; ``exclude`` may be a config node (its lists are read as plain lists)."""
+    """One Budget per agent group: radius ``eps`` on every feature, times ``scale[group][feature]`` where given
+    (a per-feature eps), 0 on ``exclude[group]``. Both may be config nodes."""
     exclude = {g: list(v) for g, v in (exclude or {}).items()}
-    unknown = set(exclude) - set(layouts)
-    if unknown:
-        raise MadistillError(f"attack.exclude names groups {sorted(unknown)}; this env's groups are {sorted(layouts)}")
-    return {
-        g: Budget.build(eps, lay.obs_dim, excluded_features(exclude.get(g, ()), lay), device) for g, lay in layouts.items()
-    }
+    scale = {g: dict(v) for g, v in (scale or {}).items()}
+    for key, named in (("attack.exclude", exclude), ("attack.scale", scale)):
+        unknown = set(named) - set(layouts)
+        if unknown:
+            raise MadistillError(f"{key} names groups {sorted(unknown)}; this env's groups are {sorted(layouts)}")
+    budgets = {}
+    for g, lay in layouts.items():
+        radius = torch.full((lay.obs_dim,), float(eps))
+        for feature, factor in scale.get(g, {}).items():
+            radius[excluded_features([feature], lay, "attack.scale")] *= float(factor)
+        budgets[g] = Budget.build(radius.tolist(), lay.obs_dim, excluded_features(exclude.get(g, ()), lay), device)
+    return budgets

@@ -124,7 +124,7 @@ def evaluate_robustness(
     res = RobustnessResult(clean, random_return, _agents(clean_recs), seed)
     res.seconds["clean"] = time.perf_counter() - start
     runs_of: dict[str, int] = {}
-    budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device) for e in ac.eps}
+    budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device, ac.scale) for e in ac.eps}
     mid = sorted(budgets)[len(budgets) // 2]
     methods = list(ac.methods)
     if "transfer" in methods and surrogate is None:
@@ -135,7 +135,7 @@ def evaluate_robustness(
         res.skipped.append("critic: no policy with a value head (set attack.critic=<teacher run>)")
     extra = [("pgd_strong", mid)] if ac.checks else []
     if ac.checks and ac.collapse_eps:
-        budgets[float(ac.collapse_eps)] = group_budgets(float(ac.collapse_eps), layouts, ac.exclude, team.device)
+        budgets[float(ac.collapse_eps)] = group_budgets(float(ac.collapse_eps), layouts, ac.exclude, team.device, ac.scale)
         extra.append(("pgd", float(ac.collapse_eps)))
     runs = [(m, e) for m in methods for e in sorted(float(x) for x in ac.eps)] + extra
     agents = [a for g in team.groups for a in g.agents]

@@ -73,8 +73,8 @@ class DistillTrainer:
                                  else torch.Generator(device=device).manual_seed(cfg.seed))
         for p in teacher.parameters():
             p.requires_grad_(False)
-        # unit-radius budgets (attack.exclude respected), scaled by the ramped eps at every update
-        self.unit_budgets = group_budgets(1.0, layouts, cfg.attack.exclude, teacher.device)
+        # unit-radius budgets (attack.exclude and attack.scale respected), scaled by the ramped eps at every update
+        self.unit_budgets = group_budgets(1.0, layouts, cfg.attack.exclude, teacher.device, cfg.attack.scale)
         self.total_updates = dc.rounds * dc.updates_per_round
         self.updates_done = 0
         self.data: dict[str, GroupData] = {}
