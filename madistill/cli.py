@@ -176,6 +176,7 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``madistill <stage> [overrides]``: run one stage; returns the exit code (0, 2 for a user error, 130 when interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE.format(stages="\n".join(f"  {k:<10} {v}" for k, v in STAGES.items())))

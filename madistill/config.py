@@ -203,6 +203,7 @@ class Config:
 
 
 def register_configs() -> None:
+    """Register the typed schemas with Hydra's ConfigStore, so a bad override fails at composition."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="env", name="base_env", node=EnvConfig)

@@ -56,12 +56,6 @@ class ObsNormalizer:
         mean, std = self._stats(x.device)
         return torch.clamp((x - mean) / std, -self.clip, self.clip)
 
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return z
-        mean, std = self._stats(z.device)
-        return z * std + mean
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "mean": self.mean.tolist(),

@@ -27,6 +27,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int, torch_threads: int = 0) -> None:
+    """Seed Python, NumPy and torch; ``torch_threads`` > 0 also fixes torch's CPU thread count."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -35,6 +36,7 @@ def seed_everything(seed: int, torch_threads: int = 0) -> None:
 
 
 def env_spec(env_cfg: DictConfig) -> EnvSpec:
+    """The env spec (import path, kwargs, name) of an ``env`` config node."""
     kwargs = OmegaConf.to_container(env_cfg.kwargs, resolve=True) if env_cfg.kwargs is not None else {}
     return EnvSpec(target=env_cfg.target, kwargs=dict(kwargs), name=env_cfg.name)
 

@@ -172,6 +172,7 @@ def model_state(model: PPO) -> tuple[dict, dict, int]:
 
 
 def load_model_state(model: PPO, state: tuple[dict, dict, int]) -> None:
+    """Put what ``model_state`` took (weights, optimiser state, update count) into ``model``."""
     policy_state, optimizer_state, n_updates = state
     model.policy.load_state_dict(policy_state)
     model.policy.optimizer.load_state_dict(optimizer_state)
@@ -404,6 +405,7 @@ class TeacherTrainer:
         return save_team(path, self.team, self.spec, role, config=config, extra_files=extra)
 
     def save_checkpoint(self, path: Path) -> Path:
+        """Save a resumable checkpoint (weights, normalisers, optimiser state, counters) to ``path``."""
         self._sync()  # a checkpoint holds every update of the data counted in agent_steps
         state = {
             "agent_steps": self.agent_steps,

@@ -47,6 +47,7 @@ def normalize(team: TeamPolicy, raw: dict[str, np.ndarray]) -> GroupTensors:
 
 
 def apply_chain(chain: Sequence[ObsTransform], obs: GroupTensors, ctx: StepContext) -> GroupTensors:
+    """Apply the transforms in order (each sees the previous one's output)."""
     for t in chain:
         obs = t(obs, ctx)
     return obs

@@ -267,8 +267,6 @@ def test_obs_normalizer_batches_equal_concatenation():
     z = n.normalize(torch.as_tensor(full, dtype=torch.float32)).numpy()
     np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)
     np.testing.assert_allclose(z.std(0), 1.0, atol=1e-4)
-    back = n.denormalize(torch.as_tensor(z)).numpy()
-    np.testing.assert_allclose(back, full, rtol=1e-5, atol=1e-4)
 
 
 def test_obs_normalizer_constant_feature_and_disabled():

@@ -172,4 +172,5 @@ def rounds_beta(rounds: int, beta_start: float, beta_decay: float) -> list[float
 
 
 def team_returns(episodes: list[EpisodeRecord]) -> float:
+    """Mean team return of ``episodes`` (NaN when none finished)."""
     return float(np.mean([e.team_return for e in episodes])) if episodes else float("nan")

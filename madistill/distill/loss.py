@@ -12,6 +12,7 @@ import torch
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
+from madistill.config import DistillConfig
 from madistill.distill.dataset import GroupData
 from madistill.distill.digr import MASKS, igr_penalty, relevance_mask
 from madistill.distill.divergences import DIVERGENCES, divergence
@@ -26,18 +27,19 @@ ADV_OBJECTIVES = ("kl", "ce", "both")
 class DistillLoss:
     """Loss settings (from ``cfg.distill``)."""
 
-    divergence: str = "kl"
-    temperature: float = 1.0
+    # Defaults are the config's (one source), except lambda_igr: a loss built by hand is plain distillation.
+    divergence: str = DistillConfig.divergence
+    temperature: float = DistillConfig.temperature
     lambda_igr: float = 0.0
-    mask: str = "soft"
-    topk: int = 3
-    threshold: float = 0.1
-    target: str = "log_prob"
+    mask: str = DistillConfig.mask
+    topk: int = DistillConfig.topk
+    threshold: float = DistillConfig.threshold
+    target: str = DistillConfig.target
     adv_weight: float = 0.0  # divergence(teacher(x) || student(x + delta)), delta = PGD on the student
     smooth_weight: float = 0.0  # KL(pi_S(x) || pi_S(x + delta)): the student's own smoothness (SA-PPO style)
-    adv_steps: int = 3  # PGD steps crafting delta during training
-    adv_objective: str = "kl"  # what that PGD maximises: kl (policy divergence) | ce (flip the greedy action) | both
-    adv_fgsm: bool = False  # per sample, also FGSM's point when it hurts more than the PGD's
+    adv_steps: int = DistillConfig.adv_steps  # PGD steps crafting delta during training
+    adv_objective: str = DistillConfig.adv_objective  # kl (policy divergence) | ce (flip the greedy action) | both
+    adv_fgsm: bool = DistillConfig.adv_fgsm  # per sample, also FGSM's point when it hurts more than the PGD's
 
     def __post_init__(self) -> None:
         # Fail at startup with the field to fix, not at the first minibatch.

@@ -18,7 +18,7 @@ class AgentGroup:
     """Agents that share a policy.
 
     ``observation_space`` is the env's space for these agents; policies see it flattened
-    (``obs_dim`` features, float32), see :func:`flat_obs_space`.
+    (``obs_dim`` features, float32; Discrete as one-hot), see :func:`flatten_obs`.
     """
 
     name: str
@@ -153,6 +153,7 @@ def space_to_dict(space: gym.Space) -> dict[str, Any]:
 
 
 def space_from_dict(d: dict[str, Any]) -> gym.Space:
+    """Rebuild a gymnasium space from its manifest form (the inverse of ``space_to_dict``)."""
     kind = d.get("type")
     if kind == "Discrete":
         return spaces.Discrete(d["n"], start=d.get("start", 0))

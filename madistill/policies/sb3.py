@@ -18,6 +18,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "el
 
 
 def activation(name: str) -> type[nn.Module]:
+    """The torch activation class for a config name (``tanh``, ``relu``, ...)."""
     if name not in ACTIVATIONS:
         raise MadistillError(f"unknown activation {name!r}: use one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
@@ -39,9 +40,10 @@ def build_sb3_policy(group: AgentGroup, arch: dict[str, Any]) -> ActorCriticPoli
 
 
 def policy_kwargs(arch: dict[str, Any]) -> dict[str, Any]:
+    """SB3 ``policy_kwargs`` for a madistill architecture (actor and critic of the same hidden sizes)."""
     hidden = list(arch["hidden_sizes"])
     return {
-        "net_arch": {"pi": hidden, "vf": list(arch.get("critic_sizes") or hidden)},
+        "net_arch": {"pi": hidden, "vf": hidden},
         "activation_fn": activation(arch["activation"]),
         "ortho_init": True,
     }

@@ -116,6 +116,7 @@ def find_policy_dir(path: str | Path, name: str | None = None) -> Path:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a policy directory, checked to be JSON of this format version (one-line errors)."""
     p = Path(path) / MANIFEST
     try:
         manifest = json.loads(p.read_text())
