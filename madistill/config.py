@@ -158,6 +158,10 @@ class AttackConfig:
     critic: str | None = None  # policy whose value heads the critic attack uses (default: the teacher)
     transfer_from: str | None = None  # surrogate for the transfer attack (default: the teacher <-> its student)
     learned_steps: int = 200_000  # env steps of PPO training for each learned adversary
+    learned_envs: int = 4  # env copies the learned adversary trains in
+    # SB3 PPO arguments of the learned adversary
+    learned_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 128, "batch_size": 256,
+                                                                 "learning_rate": 3e-4, "ent_coef": 0.0})
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
     episodes: int = 50
     seed: int = 20_000  # episode seeds, disjoint from training and clean-evaluation seeds
@@ -165,6 +169,8 @@ class AttackConfig:
     collapse_eps: float = 3.0  # PGD here on all agents should leave under half the gain over random
     masking_tolerance: float = 0.1  # return differences below this share of the clean gain are not flagged
     probe_observations: int = 512  # observations for the objective-level checks
+    probe_tolerance: float = 0.5  # an objective-level flag needs one attack to reach (1 + this) x the other's KL
+    n_boot: int = 1000  # bootstrap resamples for the report's CIs and the masking checks
 
 
 @dataclass

@@ -82,6 +82,7 @@ def return_checks(
     tolerance: float = 0.1,
     collapse_eps: float | None = None,
     seed: int = 0,
+    n_boot: int = 1000,
 ) -> list[Flag]:
     """Flags from per-episode team returns ``returns[attack][eps]`` (every cell played the same episode
     seeds; attacks named as in the suite: ``fgsm``, ``pgd``, ``pgd_strong``, ``spsa``, ``transfer``).
@@ -96,7 +97,7 @@ def return_checks(
     def worse(a: np.ndarray, b: np.ndarray) -> bool:
         """True when return ``a`` is materially below ``b`` (paired by episode)."""
         d = b - a
-        boots = d[rng.integers(0, len(d), (1000, len(d)))].mean(1)
+        boots = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
         return bool(d.mean() > tol and np.percentile(boots, 2.5) > 0)
 
     flags = []

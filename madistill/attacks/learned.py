@@ -22,6 +22,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.transform import attacked_copies, checked_frequency
+from madistill.config import AttackConfig
 from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import flatten_obs
 from madistill.policies.base import TeamPolicy
@@ -110,7 +111,7 @@ def train_adversary(
     budgets: Mapping[str, Budget],
     steps: int,
     seed: int = 0,
-    n_envs: int = 4,
+    n_envs: int = AttackConfig.learned_envs,
     ppo_kwargs: Mapping[str, Any] | None = None,
     frequency: float = 1.0,
 ) -> PPO:
@@ -118,7 +119,7 @@ def train_adversary(
     at a ``frequency`` share of steps."""
     venv = DummyVecEnv([lambda: AdversaryEnv(spec, team, victims, budgets, frequency) for _ in range(n_envs)])
     venv.seed(seed)
-    kwargs = {"n_steps": 128, "batch_size": 256, "learning_rate": 3e-4, "ent_coef": 0.0, **(ppo_kwargs or {})}
+    kwargs = {**AttackConfig().learned_ppo, **(ppo_kwargs or {})}  # the config's defaults, one source
     model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **kwargs)
     model.learn(total_timesteps=steps)
     return model

@@ -50,6 +50,7 @@ class RobustnessResult:
     random: float
     clean_agents: dict[str, float]
     seed: int = 0  # bootstrap seed of the CIs
+    n_boot: int = 1000  # bootstrap resamples of the CIs
     episodes: dict[str, dict[str, dict[float, np.ndarray]]] = field(default_factory=dict)
     agent_returns: dict[str, dict[str, dict[float, dict[str, float]]]] = field(default_factory=dict)
     flags: dict[str, list[Flag]] = field(default_factory=dict)
@@ -75,7 +76,7 @@ class RobustnessResult:
 
     def to_dict(self) -> dict[str, Any]:
         eps_key = lambda d: {str(e): v for e, v in d.items()}  # noqa: E731 - JSON keys are strings
-        ci = {v: {a: {e: bootstrap_ci(x, np.mean, n_boot=1000, seed=self.seed) for e, x in r.items()} for a, r in t.items()}
+        ci = {v: {a: {e: bootstrap_ci(x, np.mean, n_boot=self.n_boot, seed=self.seed) for e, x in r.items()} for a, r in t.items()}
               for v, t in self.episodes.items()}
         returns = self.returns
         return {
@@ -121,7 +122,7 @@ def evaluate_robustness(
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed)
     clean = float(np.mean([r.team_return for r in clean_recs]))
-    res = RobustnessResult(clean, random_return, _agents(clean_recs), seed)
+    res = RobustnessResult(clean, random_return, _agents(clean_recs), seed, ac.n_boot)
     res.seconds["clean"] = time.perf_counter() - start
     runs_of: dict[str, int] = {}
     budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device, ac.scale) for e in ac.eps}
@@ -159,7 +160,8 @@ def evaluate_robustness(
                 progress.update(1)
         collapse = float(ac.collapse_eps) if ac.checks and ac.collapse_eps and vname == "all" else None
         if ac.checks:
-            res.flags[vname] = return_checks(res.episodes[vname], clean, random_return, ac.masking_tolerance, collapse, seed)
+            res.flags[vname] = return_checks(res.episodes[vname], clean, random_return, ac.masking_tolerance, collapse, seed,
+                                              ac.n_boot)
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
@@ -169,7 +171,8 @@ def _transform(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: l
                ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None) -> ObsTransform:
     """The ObsTransform of a per-step suite attack (the learned adversary is trained here first)."""
     if method == "learned":
-        model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, frequency=ac.frequency)
+        model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
+                                ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency)
         return LearnedAdversary(model, victims, budgets, ac.frequency)
     return AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
                            surrogate=surrogate if method == "transfer" else None, critic=critic)
@@ -197,7 +200,8 @@ def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budge
     for g in team.groups:
         x = team.normalizers[g.name].normalize(raw[g.name][: ac.probe_observations].to(team.device))
         reached, flags = probe(team[g.name], x, budgets[g.name], suite_attack("pgd", ac), gen,
-                               surrogate=surrogate[g.name] if surrogate is not None else None)
+                               surrogate=surrogate[g.name] if surrogate is not None else None,
+                               tolerance=ac.probe_tolerance)
         res.probes[g.name] = reached
         res.flags.setdefault(f"probe:{g.name}", []).extend(flags)
 
