@@ -159,13 +159,14 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
     paths = [p.strip().strip("'\"") for p in value.strip("[]").split(",") if p.strip()]
     if not paths:
         return overrides
-    from madistill.evaluate.evaluator import discover_policies, saved_env
+    from madistill.envs.factory import EnvSpec
+    from madistill.evaluate.evaluator import discover_policies
     from madistill.policies.store import read_manifest
 
     try:
-        refs = [discover_policies(p)[0] for p in paths]
-        ids = {saved_env([r]).id for r in refs}
-        groupings = {read_manifest(r.path).get("config", {}).get("env", {}).get("grouping", "auto") for r in refs}
+        manifests = [read_manifest(discover_policies(p)[0].path) for p in paths]
+        ids = {EnvSpec.from_dict(m["env"]).id for m in manifests}
+        groupings = {m.get("config", {}).get("env", {}).get("grouping", "auto") for m in manifests}
     except (MadistillError, OSError, ValueError, KeyError, IndexError, AttributeError):
         return overrides  # the stage itself reports a missing or corrupt policy, in one line
     if len(ids) != 1 or not (Path(config_dir()) / "env" / f"{next(iter(ids))}.yaml").is_file():

@@ -301,12 +301,11 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
     with make_vec_env(cfg.env, spec) as venv:
         teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
-        first_teacher = paired_policy(refs[0], "teacher", refs) if refs[0].name != "teacher" else 0
-        reference = labels[first_teacher if first_teacher is not None else 0]  # whose episodes give the observations
-        own_reference = {}
+        own_reference = {}  # each policy's teacher (a teacher, or a policy without one, is its own)
         for label, ref in zip(labels, refs):
             i = None if ref.name == "teacher" else paired_policy(ref, "teacher", refs)
             own_reference[label] = label if i is None else labels[i]
+        reference = own_reference[labels[0]]  # whose episodes give the observations
         if sc.obs:
             raw = load_observations(sc.obs, venv.groups)
         else:
