@@ -147,6 +147,64 @@ def test_aec_target_steps_like_the_parallel_env():
             assert ra.episodes == rp.episodes
 
 
+def _same_steps(ours: ParallelEnv, theirs: ParallelEnv, episodes: int) -> int:
+    """Step both envs with the same random actions; assert every returned dict is equal. Returns steps run."""
+    def same(x: dict, y: dict) -> bool:
+        return set(x) == set(y) and all(x[k] == y[k] if isinstance(x[k], dict) else np.array_equal(x[k], y[k]) for k in x)
+
+    steps = 0
+    for ep in range(episodes):
+        assert all(same(x, y) for x, y in zip(ours.reset(seed=ep), theirs.reset(seed=ep), strict=True))
+        for a in theirs.possible_agents:
+            theirs.action_space(a).seed(ep)
+        while theirs.agents:
+            act = {a: theirs.action_space(a).sample() for a in theirs.agents}
+            assert all(same(x, y) for x, y in zip(ours.step(act), theirs.step(act), strict=True))
+            assert ours.agents == theirs.agents
+            steps += 1
+    return steps
+
+
+@pytest.mark.parametrize("module", ["simple_spread_v3", "simple_speaker_listener_v4", "simple_adversary_v3"])
+@pytest.mark.parametrize("continuous", [False, True])
+def test_aec_cycle_conversion_matches_pettingzoo(module, continuous):
+    """madistill's AEC->parallel driver returns exactly what PettingZoo's ``aec_to_parallel`` returns, and passes
+    PettingZoo's parallel API test; mpe2's ``parallel_env`` is routed through it."""
+    import importlib
+
+    from pettingzoo.test import parallel_api_test
+    from pettingzoo.utils.conversions import aec_to_parallel
+
+    from madistill.envs.aec_cycle import AECCycleParallelEnv
+
+    mod = importlib.import_module(f"mpe2.{module}")
+    kwargs = {"max_cycles": 7, "continuous_actions": continuous}
+    ours = make_env(EnvSpec(f"mpe2.{module}.parallel_env", kwargs))
+    assert isinstance(ours, AECCycleParallelEnv)
+    assert _same_steps(ours, aec_to_parallel(mod.env(**kwargs)), episodes=3) == 21
+    parallel_api_test(make_env(EnvSpec(f"mpe2.{module}.env", kwargs)), num_cycles=20)
+
+
+def test_aec_cycle_conversion_with_agents_leaving_and_a_stateful_wrapper():
+    """Agents that terminate mid-episode take their dead steps as in PettingZoo's conversion; a wrapper that
+    keeps its own rewards is read through, not skipped."""
+    from pettingzoo.utils.conversions import aec_to_parallel, parallel_to_aec
+    from pettingzoo.utils.wrappers import BaseWrapper
+
+    from madistill.envs.aec_cycle import AECCycleParallelEnv
+
+    assert _same_steps(AECCycleParallelEnv(parallel_to_aec(ToyEnv())), aec_to_parallel(parallel_to_aec(ToyEnv())), 2) == 10
+
+    class DoubleRewards(BaseWrapper):
+        @property
+        def rewards(self):
+            return {a: 2 * r for a, r in self.env.rewards.items()}
+
+    ours = AECCycleParallelEnv(DoubleRewards(parallel_to_aec(ToyEnv())))
+    ours.reset(seed=0)
+    assert ours.step({"walker_0": 0, "walker_1": 0})[1] == {"walker_0": 2.0, "walker_1": 1.0}
+
+
 def test_make_env_errors_name_the_fix():
     with pytest.raises(MadistillError, match="env.target"):
         make_env(EnvSpec("mpe2.simple_spread_v3.no_such_factory"))

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pettingzoo import AECEnv, ParallelEnv
-from pettingzoo.utils.conversions import aec_to_parallel
+from pettingzoo.utils.conversions import aec_to_parallel_wrapper
 
+from madistill.envs.aec_cycle import AECCycleParallelEnv
 from madistill.errors import MadistillError
 
 
@@ -82,7 +83,9 @@ def _nearest_modules(target: str) -> str:
 
 
 def make_env(spec: EnvSpec, render_mode: str | None = None) -> ParallelEnv:
-    """Instantiate the env as a PettingZoo ParallelEnv (AEC envs are converted when parallelizable)."""
+    """Instantiate the env as a PettingZoo ParallelEnv. AEC envs, and parallel envs that PettingZoo built from
+    one (``parallel_wrapper_fn``, as mpe2's are), run through :class:`AECCycleParallelEnv`: same steps, less
+    overhead."""
     obj = _resolve(spec.target)
     if isinstance(obj, types.ModuleType):
         factory = getattr(obj, "parallel_env", None) or getattr(obj, "env", None)
@@ -97,9 +100,11 @@ def make_env(spec: EnvSpec, render_mode: str | None = None) -> ParallelEnv:
         env = factory(**kwargs)
     except TypeError as e:
         raise MadistillError(f"env {spec.id!r} rejected its arguments ({e}); fix env.kwargs") from e
+    if type(env) is aec_to_parallel_wrapper:
+        env = env.aec_env
     if isinstance(env, AECEnv):
         try:
-            env = aec_to_parallel(env)
+            env = AECCycleParallelEnv(env)
         except AssertionError as e:
             raise MadistillError(
                 f"AEC env {spec.id!r} cannot be run in parallel ({e}); use an env whose agents act simultaneously"

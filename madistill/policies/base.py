@@ -36,10 +36,10 @@ class Policy(nn.Module, ABC):
     def dist_from_head(self, head: torch.Tensor) -> Distribution:
         """The distribution for an already computed ``forward`` output (saves a second forward pass)."""
         if self.group.discrete:
-            return Categorical(logits=head)
+            return Categorical(logits=head, validate_args=False)  # our own logits: skip the per-call check
         log_std = self.log_std()
         assert log_std is not None, "Box-action policies must define log_std()"
-        return Normal(head, log_std.exp().expand_as(head))
+        return Normal(head, log_std.exp().expand_as(head), validate_args=False)
 
     def act(
         self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
@@ -76,13 +76,21 @@ class TeamPolicy(nn.Module):
         self.policies = nn.ModuleDict(policies)
         self.normalizers = dict(normalizers)
         self.group_of = {a: g.name for g in groups for a in g.agents}
+        self._device: torch.device | None = None
 
     def __getitem__(self, group: str) -> Policy:
         return self.policies[group]  # type: ignore[return-value]
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        # Cached: rollouts ask every step, and walking the module tree costs ~30 us each time.
+        if self._device is None:
+            self._device = next(self.parameters()).device
+        return self._device
+
+    def _apply(self, fn, *args, **kwargs):  # every .to()/.cuda()/.cpu() comes through here
+        self._device = None
+        return super()._apply(fn, *args, **kwargs)
 
 
 def choose(dist: Distribution, deterministic: bool, generator: torch.Generator | None) -> torch.Tensor:
