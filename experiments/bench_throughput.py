@@ -14,6 +14,7 @@ environments' ``step``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -44,12 +45,19 @@ class _Timed:
         setattr(obj, name, wrapper)
 
 
-def baseline(copies: int, steps: int, num_cpus: int, seed: int) -> tuple[float, float]:
+def baseline(copies: int, steps: int, num_cpus: int, seed: int, aec_driver: bool = False) -> tuple[float, float]:
+    """The tutorial recipe; ``aec_driver=True`` gives it madistill's AEC->parallel driver in place of
+    PettingZoo's, to show how much of the difference is the env conversion alone."""
     import supersuit as ss
     from mpe2 import simple_spread_v3
     from stable_baselines3 import PPO
 
-    env = simple_spread_v3.parallel_env(**ENV_KWARGS)
+    from madistill.envs import EnvSpec, make_env
+
+    if aec_driver:
+        env = make_env(EnvSpec("mpe2.simple_spread_v3.parallel_env", ENV_KWARGS))
+    else:
+        env = simple_spread_v3.parallel_env(**ENV_KWARGS)
     env = ss.pettingzoo_env_to_vec_env_v1(env)
     env = ss.concat_vec_envs_v1(env, copies, num_cpus=num_cpus, base_class="stable_baselines3")
     env.seed = lambda seed=None: [None] * env.num_envs  # SuperSuit's vec env lacks seed(); SB3 calls it
@@ -98,9 +106,12 @@ def main() -> None:
     for r in range(args.repeats):  # interleaved, so drifts in machine load hit every variant alike
         for cpus in (1, 2):
             rows.setdefault(f"tutorial SB3+SuperSuit num_cpus={cpus}", []).append(baseline(args.copies, args.steps, cpus, r))
-        for mode in ("inline", "thread", "process"):
-            rows.setdefault(f"madistill num_workers=2 update_mode={mode}", []).append(
-                madistill_run(args.copies, args.steps, 2, r, mode))
+        rows.setdefault("tutorial num_cpus=2, madistill's AEC driver", []).append(
+            baseline(args.copies, args.steps, 2, r, aec_driver=True))
+        for workers in (2, 1):
+            for mode in ("inline", "thread", "process"):
+                rows.setdefault(f"madistill num_workers={workers} update_mode={mode}", []).append(
+                    madistill_run(args.copies, args.steps, workers, r, mode))
     print(f"simple_spread_v3 N=3, {args.copies} copies, {args.steps} agent-steps per run, {args.repeats} repeats,"
           f" PPO {PPO_SETTINGS}, net {HIDDEN}")
     print(f"{'variant':<46} {'agent-steps/s (median [min, max])':>36} {'env step share':>15}")
@@ -110,9 +121,17 @@ def main() -> None:
         share = statistics.median(v[1] for v in vals)
         med[name] = statistics.median(sps)
         print(f"{name:<46} {med[name]:>14.0f} [{min(sps):.0f}, {max(sps):.0f}]{'':>6} {share:>14.0%}")
-    best_base = max(v for k, v in med.items() if k.startswith("tutorial"))
+    best_base = max(v for k, v in med.items() if k.startswith("tutorial SB3"))
     for name in (k for k in med if k.startswith("madistill")):
         print(f"speed-up of {name} over the faster tutorial variant: {med[name] / best_base:.2f}x")
+    out = Path(__file__).parent / "results" / "throughput_simple_spread_v3.json"
+    out.write_text(json.dumps({
+        "settings": {"copies": args.copies, "steps": args.steps, "repeats": args.repeats, "ppo": PPO_SETTINGS,
+                     "hidden": HIDDEN, "env": ENV_KWARGS},
+        "runs": {k: [{"agent_steps_per_s": v[0], "env_step_share": v[1]} for v in vals] for k, vals in rows.items()},
+        "speedup_over_best_tutorial": {k: med[k] / best_base for k in med if k.startswith("madistill")},
+    }, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
