@@ -201,7 +201,7 @@ class Config:
     student: StudentConfig = MISSING
     distill: DistillConfig = MISSING
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: AttackConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
@@ -217,6 +217,7 @@ def register_configs() -> None:
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
     cs.store(group="student", name="base_student", node=StudentConfig)
     cs.store(group="distill", name="base_distill", node=DistillConfig)
+    cs.store(group="attack", name="base_attack", node=AttackConfig)
 
 
 # Counts that must be positive: a zero or negative value would save an untrained policy or summarise nothing.

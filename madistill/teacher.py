@@ -30,7 +30,6 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
-from torch.distributions import Distribution
 from gymnasium import spaces
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -40,6 +39,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.type_aliases import Schedule
 from stable_baselines3.common.utils import ConstantSchedule, LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv
+from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
 from madistill.envs.episodes import EpisodeRecord

@@ -337,6 +337,21 @@ def test_longer_speaker_listener_budget_is_a_config_file():
     assert compose_config([]).teacher.total_agent_steps == 1_500_000  # the main job's default budget
 
 
+def test_attack_presets_are_a_config_group(cli):
+    """``attack=quick|suite|thorough`` pick the suite; keys still override on top; an unknown preset names them."""
+    from madistill.cli import compose_config
+
+    suite = compose_config([]).attack
+    assert suite.methods == ["random", "fgsm", "pgd", "critic", "spsa", "transfer"] and suite.checks
+    quick = compose_config(["attack=quick", "attack.episodes=5"]).attack
+    assert (quick.methods, quick.eps, quick.victims, quick.episodes, quick.checks) == (
+        ["random", "fgsm", "pgd"], [0.3], ["all"], 5, False)
+    assert quick.restarts == suite.restarts  # the rest comes from the suite
+    assert {"learned", "offsets"} <= set(compose_config(["attack=thorough"]).attack.methods)
+    rc, _, err = cli("attack", "attack=strongest")
+    assert rc != 0 and "attack=<one of: quick suite thorough>" in err
+
+
 def test_conflicting_hydra_flags_exit_2(cli):
     rc, _, err = cli("train", "env=relay", "-m", "--cfg", "job")
     assert rc == 2 and len(_err_lines(err)) == 1
