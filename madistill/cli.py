@@ -26,6 +26,28 @@ STAGES = {
     "pipeline": "the main job: train teachers, distil them into students, evaluate both next to a random team",
 }
 
+# `madistill <stage> --help` prints these before Hydra's list of config groups and the composed config.
+STAGE_HELP = {
+    "train": ("settings: teacher.* (conf/teacher/ppo.yaml), env.*; writes policies/teacher, checkpoint, tb/ in its run dir",
+              ["madistill train env=simple_spread_v3 seed=1",
+               "madistill train env.num_workers=1 teacher.update_mode=thread   # fastest on 2 cores",
+               "madistill train teacher.resume=<run>/checkpoint teacher.total_agent_steps=4000000"]),
+    "evaluate": ("settings: eval.*; writes reports/eval.md, eval_<policy>.json, marl_eval.json, a figure and tb/ in its run dir",
+                 ["madistill evaluate eval.policy=<run> eval.episodes=200",
+                  "madistill evaluate eval.policy=<sweep dir>   # runs that differ only by seed are pooled"]),
+    "distill": ("settings: distill.* (conf/distill/: digr, plain, robust), student.*; writes policies/student in its run dir",
+                ["madistill distill distill.teacher=<run>",
+                 "madistill distill distill=robust distill.teacher=<run> \"attack.eps=[0.3]\""]),
+    "saliency": ("settings: saliency.*; writes reports/saliency.{json,npz} and heatmaps in its run dir",
+                 ["madistill saliency saliency.policy=<run>"]),
+    "attack": ("settings: attack.* (conf/attack/: suite, quick, thorough); writes reports/robustness.{md,json} in its run dir",
+               ["madistill attack attack.policy=<run>",
+                "madistill attack attack=quick attack.policy=<run>",
+                "madistill attack attack.policy=<run> \"attack.victims=[listener_0]\" \"attack.eps=[0.1,0.3]\""]),
+    "pipeline": ("settings: everything above; writes teachers, students, reports and tb/ under one run directory",
+                 ["madistill pipeline", "madistill pipeline -m seed=0,1,2 +launcher=local"]),
+}
+
 USAGE = """usage: madistill <stage> [overrides ...] [-m] [--cfg job] [--help]
 
 stages:
@@ -191,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"did you mean {close[0]!r}? " if close else ""
         print(f"madistill: error: unknown stage {stage!r}: {hint}use one of {', '.join(STAGES)}", file=sys.stderr)
         return 2
+    if "--help" in rest or "-h" in rest:
+        settings, examples = STAGE_HELP[stage]
+        print(f"madistill {stage}: {STAGES[stage]}\n{settings}\nexamples:\n" + "\n".join(f"  {e}" for e in examples) + "\n")
     try:
         hydra_args = _with_job_name(rest, stage)
         hydra_args = _with_saved_env(hydra_args, stage)
@@ -214,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
     try:
         app()
+    except SystemExit as e:  # Hydra's --help / --info end with sys.exit; main() returns codes instead
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except MadistillError as e:
         print(f"madistill {stage}: error: {e}", file=sys.stderr)
         return 2

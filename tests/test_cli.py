@@ -50,6 +50,15 @@ def test_help_lists_the_stages(cli, args):
     assert "usage: madistill <stage>" in out
 
 
+@pytest.mark.parametrize("stage", ["train", "attack"])
+def test_stage_help_says_what_the_stage_reads_and_writes(cli, stage):
+    """``madistill <stage> --help``: the stage, its settings and examples, then Hydra's groups and config."""
+    rc, out, _ = cli(stage, "--help")
+    assert rc == 0
+    assert out.startswith(f"madistill {stage}: ") and "examples:" in out
+    assert "== Configuration groups ==" in out and "attack: base_attack, quick, suite, thorough" in out
+
+
 def test_unknown_stage_exits_2(cli):
     rc, out, err = cli("distil", "env=relay")
     assert rc == 2 and out == ""
