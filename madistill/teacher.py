@@ -16,11 +16,13 @@ checkpoints and saves read.
 from __future__ import annotations
 
 import copy
+import logging
 import multiprocessing as mp
 import pickle
 import signal
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -54,6 +56,7 @@ from madistill.policies.store import load_team, save_team
 from madistill.rollout import Rollout, Transition
 from madistill.tb import TBLogger
 
+log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 UPDATE_MODES = ("inline", "thread", "process")
 
@@ -150,21 +153,35 @@ def group_ppo_settings(teacher_cfg: Any, group_names: list[str]) -> dict[str, di
     return out
 
 
+def _check_batch_size(group: AgentGroup, num_envs: int, ppo_kwargs: dict[str, Any]) -> None:
+    """Say in madistill's terms (SB3's warning counts agent slots as envs) when minibatches do not tile the
+    agent-steps a group collects per update: the last one is short, or the only one is the whole rollout."""
+    size = int(ppo_kwargs["n_steps"]) * num_envs * group.n_agents
+    batch = int(ppo_kwargs["batch_size"])
+    if size % batch:
+        per_update = f"{size // batch} minibatch(es) of {batch} and one of {size % batch}" if size > batch else f"one minibatch of {size}"
+        log.warning(f"group {group.name!r} collects {size} agent-steps per update (teacher.ppo.n_steps x env.num_envs x "
+                    f"{group.n_agents} agents), so teacher.ppo.batch_size={batch} gives {per_update}: "
+                    f"set a batch_size that divides {size} for equal minibatches")
+
+
 def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwargs: dict[str, Any],
                 seed: int, device: torch.device | str) -> PPO:
     """The group's SB3 PPO, sized for its agent slots in ``num_envs`` copies, with a silent logger."""
     width = num_envs * group.n_agents
     if width * int(ppo_kwargs["n_steps"]) < 2:
         raise MadistillError("teacher.ppo.n_steps * env.num_envs must be at least 2")
-    model = _PPO(
-        "MlpPolicy",
-        _SpacesOnlyVecEnv(width, sb3_observation_space(group), group.action_space),
-        rollout_buffer_class=MaskedRolloutBuffer,
-        policy_kwargs={**policy_kwargs(arch), "optimizer_kwargs": {"foreach": True}},
-        seed=seed,
-        device=device,
-        **ppo_kwargs,
-    )
+    with warnings.catch_warnings():  # TeacherTrainer says it in madistill's terms (_check_batch_size)
+        warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
+        model = _PPO(
+            "MlpPolicy",
+            _SpacesOnlyVecEnv(width, sb3_observation_space(group), group.action_space),
+            rollout_buffer_class=MaskedRolloutBuffer,
+            policy_kwargs={**policy_kwargs(arch), "optimizer_kwargs": {"foreach": True}},
+            seed=seed,
+            device=device,
+            **ppo_kwargs,
+        )
     model.set_logger(Logger(folder=None, output_formats=[]))
     return model
 
@@ -235,6 +252,7 @@ class TeacherTrainer:
             # Groups with equal spaces (env.grouping=per_agent) would start from equal weights under one seed.
             twins = sum(h.observation_space == g.observation_space and h.action_space == g.action_space
                         for h in venv.groups[:gi])
+            _check_batch_size(g, venv.num_envs, ppo_settings[g.name])
             model = build_model(g, venv.num_envs, self.arch, ppo_settings[g.name], cfg.seed + twins, device)
             buffers, policy = [model.rollout_buffer], model.policy
             if self.overlap:

@@ -301,6 +301,23 @@ def test_group_settings_for_a_group_the_env_does_not_have_are_a_user_error():
         TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)
 
 
+@pytest.mark.parametrize(("batch", "said"), [(64, None), (48, "1 minibatch(es) of 48 and one of 16"), (100, "one minibatch of 64")])
+def test_minibatches_that_do_not_tile_a_rollout_are_said_in_madistills_terms(caplog, recwarn, batch, said):
+    """relay: 4 agents x 2 copies x 8 steps = 64 agent-steps per update; SB3's own warning (which counts agent
+    slots as envs) is replaced by one line naming teacher.ppo.batch_size."""
+    cfg = compose_config(tiny("env=relay", "env.num_envs=2", "teacher.ppo.n_steps=8", f"teacher.ppo.batch_size={batch}"))
+    spec = env_spec(cfg.env)
+    with caplog.at_level("WARNING", logger="madistill.teacher"), make_vec_env(cfg.env, spec) as venv, \
+            TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None):
+        pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [w for w in recwarn if "mini-batch size" in str(w.message)]
+    if said is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and said in lines[0] and "teacher.ppo.batch_size" in lines[0] and "divides 64" in lines[0]
+
+
 def test_agents_with_a_policy_each_start_from_different_weights():
     cfg = compose_config(tiny("env=relay", "env.grouping=per_agent"))
     spec = env_spec(cfg.env)
