@@ -177,7 +177,9 @@ def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwar
             "MlpPolicy",
             _SpacesOnlyVecEnv(width, sb3_observation_space(group), group.action_space),
             rollout_buffer_class=MaskedRolloutBuffer,
-            policy_kwargs={**policy_kwargs(arch), "optimizer_kwargs": {"foreach": True}},
+            # foreach: one Adam kernel for all parameters (the same arithmetic); eps: SB3 sets 1e-5 only when
+            # it is given no optimizer_kwargs at all, so it is restated here
+            policy_kwargs={**policy_kwargs(arch), "optimizer_kwargs": {"eps": 1e-5, "foreach": True}},
             seed=seed,
             device=device,
             **ppo_kwargs,

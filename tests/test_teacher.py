@@ -318,6 +318,16 @@ def test_minibatches_that_do_not_tile_a_rollout_are_said_in_madistills_terms(cap
         assert len(lines) == 1 and said in lines[0] and "teacher.ppo.batch_size" in lines[0] and "divides 64" in lines[0]
 
 
+def test_teacher_optimiser_is_sb3_ppos_adam():
+    """Adam with SB3 PPO's eps of 1e-5 (SB3 only sets it when given no optimizer_kwargs), run as foreach."""
+    cfg = compose_config(tiny("env=relay"))
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv, TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None) as trainer:
+        opt = next(iter(trainer.learners.values())).model.policy.optimizer
+    assert isinstance(opt, torch.optim.Adam)
+    assert opt.param_groups[0]["eps"] == 1e-5 and opt.param_groups[0]["foreach"] is True
+
+
 def test_agents_with_a_policy_each_start_from_different_weights():
     cfg = compose_config(tiny("env=relay", "env.grouping=per_agent"))
     spec = env_spec(cfg.env)
