@@ -8,7 +8,7 @@ rollout, env copies in worker processes), timed in ``train()``, with the PPO upd
 workers, learner process) is excluded from both. Also reports the share of wall time spent waiting for the
 environments' ``step``.
 
-    python experiments/bench_throughput.py [--steps 92160] [--repeats 3]
+    python experiments/bench_throughput.py [--steps 92160] [--repeats 3] [--append]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ENV_KWARGS = {"N": 3, "max_cycles": 25, "continuous_actions": False}
@@ -93,11 +94,29 @@ def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode:
     return trainer.agent_steps / wall, timer.total / wall
 
 
+def _best_tutorial(med: dict[str, float]) -> float:
+    return max(v for k, v in med.items() if k.startswith("tutorial SB3"))
+
+
+def _speedup_ci(rows: dict[str, list[tuple[float, float]]], name: str, n_boot: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of (median of ``name``) / (median of the faster tutorial variant), resampling
+    each variant's repeats."""
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(n_boot):
+        med = {k: float(np.median(rng.choice([v[0] for v in vals], len(vals)))) for k, vals in rows.items()
+               if k == name or k.startswith("tutorial SB3")}
+        ratios.append(med[name] / _best_tutorial(med))
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3 * 128 * 8 * 3 * 10, help="agent-steps per measurement")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--append", action="store_true", help="pool with the repeats already in the results file")
     args = ap.parse_args()
     # One torch thread for every variant: small MLPs run fastest that way on CPU, and the baseline with
     # torch's default thread count is several times slower on 2 cores (measured), which would flatter us.
@@ -112,24 +131,35 @@ def main() -> None:
             for mode in ("inline", "thread", "process"):
                 rows.setdefault(f"madistill num_workers={workers} update_mode={mode}", []).append(
                     madistill_run(args.copies, args.steps, workers, r, mode))
-    print(f"simple_spread_v3 N=3, {args.copies} copies, {args.steps} agent-steps per run, {args.repeats} repeats,"
-          f" PPO {PPO_SETTINGS}, net {HIDDEN}")
+    out = Path(__file__).parent / "results" / "throughput_simple_spread_v3.json"
+    settings = {"copies": args.copies, "steps": args.steps, "ppo": PPO_SETTINGS, "hidden": HIDDEN, "env": ENV_KWARGS}
+    invocations = 1
+    if args.append and out.exists():  # pool with earlier invocations of the same settings
+        before = json.loads(out.read_text())
+        if before["settings"] != settings:
+            raise SystemExit(f"--append: {out} holds other settings; run without --append to replace it")
+        invocations += before["invocations"]
+        for k, vals in before["runs"].items():
+            rows[k] = [(v["agent_steps_per_s"], v["env_step_share"]) for v in vals] + rows.get(k, [])
+    n = len(next(iter(rows.values())))
+    print(f"simple_spread_v3 N=3, {args.copies} copies, {args.steps} agent-steps per run, {n} repeats over "
+          f"{invocations} invocation(s), PPO {PPO_SETTINGS}, net {HIDDEN}")
     print(f"{'variant':<46} {'agent-steps/s (median [min, max])':>36} {'env step share':>15}")
-    med = {}
+    med = {k: statistics.median(v[0] for v in vals) for k, vals in rows.items()}
     for name, vals in rows.items():
         sps = [v[0] for v in vals]
         share = statistics.median(v[1] for v in vals)
-        med[name] = statistics.median(sps)
         print(f"{name:<46} {med[name]:>14.0f} [{min(sps):.0f}, {max(sps):.0f}]{'':>6} {share:>14.0%}")
-    best_base = max(v for k, v in med.items() if k.startswith("tutorial SB3"))
+    speedups = {}
     for name in (k for k in med if k.startswith("madistill")):
-        print(f"speed-up of {name} over the faster tutorial variant: {med[name] / best_base:.2f}x")
-    out = Path(__file__).parent / "results" / "throughput_simple_spread_v3.json"
+        lo, hi = _speedup_ci(rows, name)
+        speedups[name] = {"median_ratio": med[name] / _best_tutorial(med), "ci95": [lo, hi]}
+        print(f"speed-up of {name} over the faster tutorial variant: {speedups[name]['median_ratio']:.2f}x "
+              f"[95% bootstrap CI {lo:.2f}, {hi:.2f}]")
     out.write_text(json.dumps({
-        "settings": {"copies": args.copies, "steps": args.steps, "repeats": args.repeats, "ppo": PPO_SETTINGS,
-                     "hidden": HIDDEN, "env": ENV_KWARGS},
+        "settings": settings, "invocations": invocations,
         "runs": {k: [{"agent_steps_per_s": v[0], "env_step_share": v[1]} for v in vals] for k, vals in rows.items()},
-        "speedup_over_best_tutorial": {k: med[k] / best_base for k in med if k.startswith("madistill")},
+        "speedup_over_best_tutorial": speedups,
     }, indent=2))
     print(f"wrote {out}")
 
