@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app()
     except SystemExit as e:  # Hydra's --help / --info end with sys.exit; main() returns codes instead
+        if isinstance(e.code, str):
+            print(f"madistill {stage}: error: {e.code}", file=sys.stderr)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except MadistillError as e:
         print(f"madistill {stage}: error: {e}", file=sys.stderr)

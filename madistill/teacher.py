@@ -158,11 +158,14 @@ def _check_batch_size(group: AgentGroup, num_envs: int, ppo_kwargs: dict[str, An
     agent-steps a group collects per update: the last one is short, or the only one is the whole rollout."""
     size = int(ppo_kwargs["n_steps"]) * num_envs * group.n_agents
     batch = int(ppo_kwargs["batch_size"])
+    if batch < 1:
+        raise MadistillError(f"group {group.name!r}: teacher.ppo.batch_size must be at least 1, got {batch}")
     if size % batch:
         per_update = f"{size // batch} minibatch(es) of {batch} and one of {size % batch}" if size > batch else f"one minibatch of {size}"
         log.warning(f"group {group.name!r} collects {size} agent-steps per update (teacher.ppo.n_steps x env.num_envs x "
-                    f"{group.n_agents} agents), so teacher.ppo.batch_size={batch} gives {per_update}: "
-                    f"set a batch_size that divides {size} for equal minibatches")
+                    f"{group.n_agents} agents; fewer where agents leave early), so batch_size={batch} gives "
+                    f"{per_update}: set teacher.ppo.batch_size (or teacher.group_ppo.{group.name}.batch_size) to a "
+                    f"divisor of {size} for equal minibatches")
 
 
 def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwargs: dict[str, Any],
@@ -203,6 +206,8 @@ def load_model_state(model: PPO, state: tuple[dict, dict, int]) -> None:
     policy_state, optimizer_state, n_updates = state
     model.policy.load_state_dict(policy_state)
     model.policy.optimizer.load_state_dict(optimizer_state)
+    for group in model.policy.optimizer.param_groups:  # checkpoints from before foreach keep theirs (None: slower)
+        group["foreach"] = True
     model._n_updates = int(n_updates)
 
 

@@ -185,6 +185,12 @@ def test_aec_cycle_conversion_matches_pettingzoo(module, continuous):
     parallel_api_test(make_env(EnvSpec(f"mpe2.{module}.env", kwargs)), num_cycles=20)
 
 
+def test_an_aec_env_built_from_a_parallel_one_is_used_as_that_parallel_env():
+    """``envs.relay.env`` is PettingZoo's parallel_to_aec around the relay env: unwrapped, as PettingZoo's own
+    conversion does, instead of converted there and back."""
+    assert isinstance(make_env(EnvSpec("envs.relay.env")), relay.RelayEnv)
+
+
 def test_aec_cycle_conversion_with_agents_leaving_and_a_stateful_wrapper():
     """Agents that terminate mid-episode take their dead steps as in PettingZoo's conversion; a wrapper that
     keeps its own rewards is read through, not skipped."""

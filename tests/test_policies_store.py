@@ -175,11 +175,15 @@ def test_manifest_missing_fields_or_wrong_format(saved):
         load_team(path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "wrong_shapes"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "wrong_shapes", "nan"])
 def test_damaged_weights(saved, damage):
     path, _ = saved
     f = path / "listener.safetensors"
-    if damage == "truncate":
+    if damage == "nan":  # a diverged training run: a valid file of NaN weights
+        from safetensors.torch import load_file, save_file
+
+        save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(f)).items()}, str(f))
+    elif damage == "truncate":
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
@@ -190,6 +194,16 @@ def test_damaged_weights(saved, damage):
         (path / "speaker.safetensors").replace(f)
     with pytest.raises(MadistillError, match=str(path)):
         load_team(path)
+
+
+def test_nan_outputs_are_an_error_not_a_greedy_action_0():
+    """Greedy argmax over NaN logits would pick action 0 for everyone; the policy refuses instead."""
+    (group,) = [g for g in _groups(SPEAKER) if g.name == "listener"]
+    policy = MLPPolicy(group, ARCH)
+    with torch.no_grad():
+        next(policy.parameters()).fill_(float("nan"))
+    with pytest.raises(MadistillError, match="'listener' policy returned NaN/inf"):
+        policy.act(torch.zeros(3, group.obs_dim), deterministic=True)
 
 
 def test_missing_directory(tmp_path):

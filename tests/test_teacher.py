@@ -315,7 +315,7 @@ def test_minibatches_that_do_not_tile_a_rollout_are_said_in_madistills_terms(cap
     if said is None:
         assert lines == []
     else:
-        assert len(lines) == 1 and said in lines[0] and "teacher.ppo.batch_size" in lines[0] and "divides 64" in lines[0]
+        assert len(lines) == 1 and said in lines[0] and "teacher.ppo.batch_size" in lines[0] and "divisor of 64" in lines[0]
 
 
 def test_teacher_optimiser_is_sb3_ppos_adam():

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pettingzoo import AECEnv, ParallelEnv
-from pettingzoo.utils.conversions import aec_to_parallel_wrapper
+from pettingzoo.utils.conversions import aec_to_parallel_wrapper, parallel_to_aec_wrapper
+from pettingzoo.utils.wrappers import OrderEnforcingWrapper
 
 from madistill.envs.aec_cycle import AECCycleParallelEnv
 from madistill.errors import MadistillError
@@ -102,6 +103,10 @@ def make_env(spec: EnvSpec, render_mode: str | None = None) -> ParallelEnv:
         raise MadistillError(f"env {spec.id!r} rejected its arguments ({e}); fix env.kwargs") from e
     if type(env) is aec_to_parallel_wrapper:
         env = env.aec_env
+    # An AEC env that PettingZoo built from a parallel one (``raw_env = parallel_to_aec(...)``): use the
+    # parallel env itself, as PettingZoo's own conversion does, rather than converting there and back.
+    if isinstance(env, OrderEnforcingWrapper) and isinstance(env.env, parallel_to_aec_wrapper):
+        env = env.env.env
     if isinstance(env, AECEnv):
         try:
             env = AECCycleParallelEnv(env)

@@ -154,6 +154,10 @@ def load_team(
             arch.pop("acting_parameters", None)
             policy = cls.from_arch(g, arch)
             state = load_file(str(pdir / f"{g.name}.safetensors"))
+            bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise MadistillError(f"{pdir}: {g.name}.safetensors holds NaN/inf weights ({bad[0]}): its training "
+                                     "diverged; use another run")
             policy.load_state_dict(state)
             policies[g.name] = policy
             normalizers[g.name] = ObsNormalizer.from_state_dict(manifest["normalizers"][g.name])
