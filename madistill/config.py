@@ -187,6 +187,9 @@ class EvalConfig:
     episodes: int = 100
     seed: int = 10_000  # episode seeds seed..seed+episodes-1, disjoint from training seeds
     deterministic: bool = True
+    # sampled actions (deterministic=false, the random team) from one stream per episode, so they do not
+    # depend on env.num_envs; off by default so far, as the README's sampled numbers came from one shared stream
+    episode_streams: bool = False
     random_baseline: bool = True  # also evaluate a uniform-random team for reference
     n_boot: int = 2000  # bootstrap resamples for the 95% CIs
     video: bool = False  # save a GIF of one episode from the env's rgb_array render

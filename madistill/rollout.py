@@ -38,18 +38,26 @@ class Rollout:
         transforms: Sequence[ObsTransform] = (),
         deterministic: bool = False,
         seed: int = 0,
+        episode_streams: bool = False,
     ):
+        """``episode_streams``: sample each episode's actions from a stream seeded by its episode seed, so
+        sampled evaluations do not depend on how many copies play them (costs one draw per copy and step)."""
         self.venv = venv
         self.team = team
         self.transforms = list(transforms)
         self.deterministic = deterministic
         self.generator = torch.Generator(device=team.device)
+        self.copy_streams = (
+            [torch.Generator(device=team.device) for _ in range(venv.num_envs)] if episode_streams else None
+        )
         self.reset(seed)
 
     def reset(self, seed: int) -> None:
         """Restart every copy at episode seed ``seed + i`` and reseed action sampling."""
         self.seed = seed
         self.generator.manual_seed(seed)
+        for i, stream in enumerate(self.copy_streams or []):
+            stream.manual_seed(seed + i)  # copy i plays episode seed + i first
         self.raw_obs, active = self.venv.reset(seed)
         self.active = {g: torch.as_tensor(a, device=self.team.device) for g, a in active.items()}
         self.episode_step = np.zeros(self.venv.num_envs, dtype=np.int64)
@@ -64,7 +72,7 @@ class Rollout:
             n, k = x.shape[:2]
             policy = self.team[g.name]
             d = policy.dist(x.reshape(n * k, -1))
-            a = choose(d, self.deterministic, self.generator)
+            a = choose(d, self.deterministic, self.copy_streams or self.generator)
             dists[g.name] = d
             actions[g.name] = a.reshape(n, k, *a.shape[1:])
         return dists, actions
@@ -91,7 +99,10 @@ class Rollout:
         self.steps += 1
         self.episode_step += 1
         for e in result.episodes:
-            self.episode_step[(e.seed - self.seed) % self.venv.num_envs] = 0
+            copy = (e.seed - self.seed) % self.venv.num_envs
+            self.episode_step[copy] = 0
+            if self.copy_streams is not None:  # the copy's next episode has seed e.seed + num_envs
+                self.copy_streams[copy].manual_seed(e.seed + self.venv.num_envs)
         return tr
 
     def run(

@@ -168,10 +168,12 @@ def evaluate_policies(
         teams = [load_team(ref.path, venv.groups, device=device)[0] for ref in refs]
         for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
-            recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=bar(label))
+            recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=bar(label),
+                                episode_streams=ec.episode_streams)
             results[row].append((ref.run, recs))
         if ec.random_baseline:
-            recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, progress=bar("random"))
+            recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, progress=bar("random"),
+                                episode_streams=ec.episode_streams)
             results["random"].append(("random", recs))
     reports = run_dir / "reports"
     summaries = {}

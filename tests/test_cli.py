@@ -168,6 +168,21 @@ def test_evaluate_twice_gives_identical_results(pipeline_run, cli, tmp_path):
     ).read_text()
 
 
+def test_sampled_evaluation_with_episode_streams_does_not_depend_on_the_copies(pipeline_run, cli, tmp_path):
+    """``eval.episode_streams=true``: sampled episodes (teacher and random team) are the same with 1 or 3 copies."""
+    run_dir, _ = pipeline_run
+    results = []
+    for copies in (1, 3):
+        out = tmp_path / str(copies)
+        rc, _, err = cli("evaluate", f"eval.policy={run_dir}", f"hydra.run.dir={out}", "logger=quiet",
+                         "eval.episodes=4", "eval.n_boot=200", "eval.deterministic=false", "eval.episode_streams=true",
+                         f"env.num_envs={copies}", "env.num_workers=0")
+        assert rc == 0, err
+        results.append([json.loads((out / "reports" / f"eval_{n}.json").read_text())["episodes"]
+                        for n in ("teacher", "random")])
+    assert results[0] == results[1]
+
+
 # ------------------------------------------------------------------ errors: exit 2, one line
 def test_evaluate_in_the_wrong_env_exits_2_with_one_line(pipeline_run, cli, tmp_path):
     run_dir, _ = pipeline_run

@@ -78,6 +78,25 @@ def test_records_do_not_depend_on_workers():
     assert a == b
 
 
+@pytest.mark.parametrize("continuous", [False, True])
+def test_sampled_evaluation_does_not_depend_on_the_number_of_copies(continuous):
+    """Each episode samples from its own stream (seeded by its episode seed): 1, 2 or 5 copies play the same
+    episodes; the random team too. Discrete and Box actions."""
+    spec = EnvSpec(SPREAD.target, {**SPREAD.kwargs, "max_cycles": 10, "continuous_actions": continuous})
+    records = []
+    for n in (1, 2, 5):
+        with MultiAgentVecEnv(spec, n) as venv:
+            team = _sb3_team(venv)
+            records.append((run_episodes(venv, team, 5, seed=7, deterministic=False, episode_streams=True),
+                            run_episodes(venv, uniform_team(venv), 5, seed=7, deterministic=False, episode_streams=True)))
+    def returns(recs):
+        return [x for team_recs in recs for r in team_recs for x in (r.seed, r.length, r.team_return)]
+
+    for other in records[1:]:  # Box actions: batched float32 matmuls differ in the last bits across batch sizes
+        assert returns(other) == pytest.approx(returns(records[0]), rel=1e-5) if continuous else other == records[0]
+    assert records[0][0] != records[0][1]  # the two teams do play differently
+
+
 def test_uniform_team_on_spread_is_in_the_random_range(spread):
     recs = run_episodes(spread, uniform_team(spread), 20, seed=0, deterministic=False)
     team_returns = np.array(_returns(recs))

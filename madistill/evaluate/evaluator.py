@@ -31,9 +31,13 @@ def run_episodes(
     deterministic: bool = True,
     transforms: Sequence[ObsTransform] = (),
     progress: str | None = None,
+    episode_streams: bool = False,
 ) -> list[EpisodeRecord]:
-    """Play episodes with seeds ``seed .. seed+episodes-1``; same inputs give the same records."""
-    rollout = Rollout(venv, team, transforms=transforms, deterministic=deterministic, seed=seed)
+    """Play episodes with seeds ``seed .. seed+episodes-1``; same inputs give the same records.
+    ``episode_streams``: sampled actions come from one stream per episode, so they do not depend on
+    ``venv.num_envs`` either (see ``Rollout``)."""
+    rollout = Rollout(venv, team, transforms=transforms, deterministic=deterministic, seed=seed,
+                      episode_streams=episode_streams)
     return rollout.run(episodes=episodes, progress=progress)
 
 

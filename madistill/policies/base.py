@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -101,16 +102,23 @@ class TeamPolicy(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
-def choose(dist: Distribution, deterministic: bool, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def choose(dist: Distribution, deterministic: bool, generator: Generators) -> torch.Tensor:
     """The greedy action (argmax / mean) or a seeded sample: the one place actions are picked."""
     if not deterministic:
         return sample(dist, generator)
     return dist.probs.argmax(-1) if isinstance(dist, Categorical) else dist.mean
 
 
-def sample(dist: Distribution, generator: torch.Generator | None) -> torch.Tensor:
+def sample(dist: Distribution, generator: Generators) -> torch.Tensor:
     """Draw from a Categorical or Normal with an explicit generator (torch's ``sample`` takes none),
-    so a rollout's randomness depends only on its seed."""
+    so a rollout's randomness depends only on its seed. A sequence of generators splits the batch into
+    as many equal consecutive chunks (one env copy's agents each), each drawn from its own stream."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        chunks = zip(_batch_chunks(dist, len(generator)), generator, strict=True)
+        return torch.cat([sample(d, g) for d, g in chunks])
     if isinstance(dist, Categorical):
         flat = dist.probs.reshape(-1, dist.probs.shape[-1])
         return torch.multinomial(flat, 1, generator=generator).reshape(dist.probs.shape[:-1])
@@ -121,3 +129,17 @@ def sample(dist: Distribution, generator: torch.Generator | None) -> torch.Tenso
         u = dist.base_dist
         return u.low + (u.high - u.low) * torch.rand(u.low.shape, generator=generator, device=u.low.device)
     return dist.sample()
+
+
+def _batch_chunks(dist: Distribution, n: int) -> list[Distribution]:
+    """``dist`` (batch ``[B, ...]``) as ``n`` distributions over consecutive rows ``B / n`` each."""
+    rows = dist.batch_shape[0] // n
+    parts = [slice(i * rows, (i + 1) * rows) for i in range(n)]
+    if isinstance(dist, Categorical):
+        return [Categorical(logits=dist.logits[p], validate_args=False) for p in parts]
+    if isinstance(dist, Normal):
+        return [Normal(dist.mean[p], dist.stddev[p], validate_args=False) for p in parts]
+    if isinstance(dist, Independent) and isinstance(dist.base_dist, Uniform):
+        u = dist.base_dist
+        return [Independent(Uniform(u.low[p], u.high[p], validate_args=False), dist.reinterpreted_batch_ndims) for p in parts]
+    raise TypeError(f"per-copy sampling streams do not support {type(dist).__name__}")
