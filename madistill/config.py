@@ -69,6 +69,10 @@ class TeacherConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     activation: str = "tanh"
     normalize_obs: bool = True
+    # "local": each agent's critic sees its own observation (independent PPO); "central": it sees the whole
+    # team's observations of its env copy too (centralised training, decentralised execution, as in MAPPO).
+    # The actor always sees only its own observation, so saved teachers act alike either way.
+    critic: str = "local"
     ppo: PPOConfig = field(default_factory=PPOConfig)
     checkpoint_every: int = 0  # agent steps between checkpoints (0: only at the end and on Ctrl-C)
     resume: str | None = None  # checkpoint directory to continue from

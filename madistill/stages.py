@@ -437,7 +437,9 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
         with tqdm(total=len(refs) * per_policy, desc="attack", unit="eval", disable=not cfg.logger.progress) as bar:
             for ref, team in zip(refs, loaded):
                 label = f"{ref.name}@{ref.run}" if several else ref.name
-                critic = extra.get("critic") or (team if _has_value(team) else partner(ref, "teacher"))
+                # the critic attack needs a value from one agent's observation: a centralised critic has none
+                critic = extra.get("critic") or next(
+                    (c for c in (team, partner(ref, "teacher")) if c is not None and _has_value(c)), None)
                 surrogate = extra.get("transfer_from") or partner(ref, "student" if ref.name == "teacher" else "teacher")
                 bar.set_postfix(policy=label)
                 results[label] = evaluate_robustness(

@@ -51,13 +51,15 @@ from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies.base import TeamPolicy, log_prob
-from madistill.policies.sb3 import SB3Policy, policy_kwargs, sb3_observation_space
+from madistill.policies.sb3 import SB3Policy, policy_kwargs, sb3_observation_space, sb3_policy_class
 from madistill.policies.store import load_team, save_team
 from madistill.rollout import Rollout, Transition
 from madistill.tb import TBLogger
+from madistill.transforms import GroupTensors, normalize
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+CRITICS = ("local", "central")
 UPDATE_MODES = ("inline", "thread", "process")
 
 
@@ -177,12 +179,12 @@ def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwar
     with warnings.catch_warnings():  # TeacherTrainer says it in madistill's terms (_check_batch_size)
         warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
         model = _PPO(
-            "MlpPolicy",
-            _SpacesOnlyVecEnv(width, sb3_observation_space(group), group.action_space),
+            sb3_policy_class(arch),
+            _SpacesOnlyVecEnv(width, sb3_observation_space(group, arch), group.action_space),
             rollout_buffer_class=MaskedRolloutBuffer,
             # foreach: one Adam kernel for all parameters (the same arithmetic); eps: SB3 sets 1e-5 only when
             # it is given no optimizer_kwargs at all, so it is restated here
-            policy_kwargs={**policy_kwargs(arch), "optimizer_kwargs": {"eps": 1e-5, "foreach": True}},
+            policy_kwargs={**policy_kwargs(group, arch), "optimizer_kwargs": {"eps": 1e-5, "foreach": True}},
             seed=seed,
             device=device,
             **ppo_kwargs,
@@ -246,7 +248,11 @@ class TeacherTrainer:
     def __init__(self, cfg: Any, venv: MultiAgentVecEnv, spec: EnvSpec, device: torch.device, tb: TBLogger | None):
         self.cfg, self.venv, self.spec, self.device, self.tb = cfg, venv, spec, device, tb
         tc = cfg.teacher
-        self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation}
+        if tc.critic not in CRITICS:
+            raise MadistillError(f"unknown teacher.critic {tc.critic!r}: use teacher.critic=<one of {', '.join(CRITICS)}>")
+        # a centralised critic reads every agent's observation of the env copy after the agent's own
+        self.team_state_dim = sum(g.n_agents * g.obs_dim for g in venv.groups) if tc.critic == "central" else 0
+        self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": self.team_state_dim}
         ppo_settings = group_ppo_settings(tc, venv.group_names)
         self.n_steps = int(tc.ppo.n_steps)
         if tc.update_mode not in UPDATE_MODES:
@@ -283,23 +289,37 @@ class TeacherTrainer:
             self._learner = _LearnerProcess(venv.groups, venv.num_envs, self.arch, ppo_settings, cfg.seed, device)
 
     # ---- collection -------------------------------------------------------------------------
+    def _critic_inputs(self, obs: GroupTensors) -> GroupTensors:
+        """Each group's critic (and buffer) input ``[N * n_g, D]`` from normalised observations ``[N, n_g, d]``:
+        the agent's own observation, then, for a centralised critic, every agent's of the same env copy."""
+        own = {g.name: obs[g.name].reshape(-1, g.obs_dim) for g in self.venv.groups}
+        if not self.team_state_dim:
+            return own
+        n = next(iter(obs.values())).shape[0]
+        state = torch.cat([obs[g.name].reshape(n, -1) for g in self.venv.groups], dim=1)
+        return {g.name: torch.cat([obs[g.name], state.unsqueeze(1).expand(n, g.n_agents, -1)], dim=2).reshape(n * g.n_agents, -1)
+                for g in self.venv.groups}
+
     def _on_step(self, tr: Transition) -> None:
+        res = tr.result
+        critic_in = self._critic_inputs(tr.obs)
+        final_in = None
         for name, lr in self.learners.items():
             g, model = lr.group, lr.model
-            obs = tr.obs[name].reshape(-1, g.obs_dim)
+            obs = critic_in[name]
             actions = tr.actions[name].reshape(obs.shape[0], *tr.actions[name].shape[2:])
             active = tr.active[name].reshape(-1).cpu().numpy()
             policy = self.team[name]
             with torch.no_grad():
-                values = policy.value(obs)
+                values = policy.critic_value(obs)
                 logp = log_prob(tr.dists[name], actions)
-            res = tr.result
             rewards = res.rewards[name].reshape(-1).astype(np.float32).copy()
             trunc = res.truncated[name].reshape(-1)
             if trunc.any():  # time-limit ends are not real ends: bootstrap from the final observation
-                final = torch.as_tensor(res.final_obs[name].reshape(-1, g.obs_dim)[trunc], device=self.device)
+                if final_in is None:
+                    final_in = self._critic_inputs(normalize(self.team, res.final_obs))
                 with torch.no_grad():
-                    v_final = policy.value(self.team.normalizers[name].normalize(final)).cpu().numpy()
+                    v_final = policy.critic_value(final_in[name][torch.as_tensor(trunc, device=self.device)]).cpu().numpy()
                 rewards[trunc] += model.gamma * v_final
             buf = lr.collecting
             buf.valid[buf.pos] = active
@@ -309,10 +329,10 @@ class TeacherTrainer:
             self.team.normalizers[name].update(tr.raw_obs[name].reshape(-1, g.obs_dim)[active])
 
     def _finish_rollout(self, rollout: Rollout) -> None:
+        last_in = self._critic_inputs(normalize(self.team, rollout.raw_obs))
         for name, lr in self.learners.items():
-            raw = torch.as_tensor(rollout.raw_obs[name].reshape(-1, lr.group.obs_dim), device=self.device)
             with torch.no_grad():
-                last_values = self.team[name].value(self.team.normalizers[name].normalize(raw))
+                last_values = self.team[name].critic_value(last_in[name])
             lr.collecting.compute_returns_and_advantage(last_values=last_values, dones=lr.episode_starts)
 
     # ---- training ----------------------------------------------------------------------------
@@ -456,10 +476,12 @@ class TeacherTrainer:
         if not state_file.is_file():
             raise MadistillError(f"{path} is not a training checkpoint (no {STATE_FILE}): resume from <run>/checkpoint")
         for name, net in manifest["networks"].items():
-            saved = {k: net.get(k) for k in self.arch}
+            saved = {k: net.get(k, 0 if k == "team_state_dim" else None) for k in self.arch}  # 0: saved before critic=central
             if saved != self.arch:
+                critic = "central" if saved["team_state_dim"] else "local"
                 raise MadistillError(f"checkpoint {path} has a {name} network with {saved}, not {self.arch}: resume with "
-                                     f"teacher.hidden_sizes={saved['hidden_sizes']} teacher.activation={saved['activation']}")
+                                     f"teacher.hidden_sizes={saved['hidden_sizes']} teacher.activation={saved['activation']} "
+                                     f"teacher.critic={critic}")
         try:
             state = torch.load(state_file, map_location=self.device, weights_only=True)
         except Exception as e:

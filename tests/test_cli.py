@@ -361,6 +361,21 @@ def test_longer_speaker_listener_budget_is_a_config_file():
     assert compose_config([]).teacher.total_agent_steps == 1_500_000  # the main job's default budget
 
 
+def test_attacking_a_teacher_with_a_central_critic_skips_the_critic_attack(cli, tmp_path):
+    """A centralised critic has no value from one agent's observation: the critic attack is skipped and said
+    so in the report; the rest of the suite runs."""
+    base = ["env=relay", "logger=quiet", "env.num_envs=2", "env.num_workers=0", "teacher.hidden_sizes=[16]",
+            "teacher.ppo.n_steps=25", "teacher.ppo.batch_size=100", "teacher.ppo.n_epochs=2"]
+    rc, _, err = cli("train", *base, "teacher.critic=central", "teacher.total_agent_steps=400", f"hydra.run.dir={tmp_path / 't'}")
+    assert rc == 0, err
+    rc, _, err = cli("attack", *base, f"attack.policy={tmp_path / 't'}", "attack.methods=[critic,fgsm]", "attack.eps=[0.3]",
+                     "attack.victims=[all]", "attack.episodes=2", "attack.checks=false", f"hydra.run.dir={tmp_path / 'a'}")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "a" / "reports" / "robustness.json").read_text())["results"]["teacher"]
+    assert any(s.startswith("critic: no policy with a value head on one agent's observation") for s in report["skipped"])
+    assert "fgsm" in report["returns"]["all"]
+
+
 def test_attack_presets_are_a_config_group(cli):
     """``attack=quick|suite|thorough`` pick the suite; keys still override on top; an unknown preset names them."""
     from madistill.cli import compose_config

@@ -217,6 +217,43 @@ def test_two_groups_train_together_and_save_one_file_each(tmp_path):
     assert [g["name"] for g in m["groups"]] == ["speaker", "listener"]
 
 
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_a_central_critic_sees_the_team_and_the_saved_actor_acts_on_its_own(tmp_path, mode):
+    """teacher.critic=central (MAPPO-style): each group's critic input is its own observation followed by every
+    agent's observation of the same env copy; the actor reads only its own, so the saved teacher acts,
+    distils and is attacked like any other; it has no decentralised value."""
+    cfg = compose_config(tiny("env=simple_speaker_listener_v4", "teacher.critic=central", "teacher.total_agent_steps=200",
+                              "teacher.ppo.n_steps=50", f"teacher.update_mode={mode}"))
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv, TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None) as trainer:
+        trainer.train(tmp_path)
+        (speaker, listener), state_dim = venv.groups, 3 + 11
+        obs = {g.name: trainer.learners[g.name].model.rollout_buffer.observations for g in venv.groups}
+        path = trainer.save_checkpoint(tmp_path / "checkpoint")
+    assert obs["speaker"].shape[-1] == speaker.obs_dim + state_dim and obs["listener"].shape[-1] == listener.obs_dim + state_dim
+    for g in (speaker, listener):  # [step, copy, :] = own | the speaker's | the listener's
+        state = obs[g.name][..., g.obs_dim :]
+        np.testing.assert_array_equal(state[..., :3], obs["speaker"][..., :3])
+        np.testing.assert_array_equal(state[..., 3:], obs["listener"][..., :11])
+    assert np.abs(obs["listener"]).sum() > 0
+    team, manifest = load_team(path)
+    assert {n["team_state_dim"] for n in manifest["networks"].values()} == {state_dim}
+    x = torch.zeros(4, listener.obs_dim)
+    assert team["listener"](x).shape == (4, 5) and team["listener"].value(x) is None
+    assert team["listener"].critic_value(torch.zeros(4, listener.obs_dim + state_dim)).shape == (4,)
+
+
+def test_resuming_with_another_critic_or_an_unknown_one_is_a_one_line_error(relay_run):
+    _, run_dir, _ = relay_run
+    cfg = compose_config(tiny(*RELAY, "teacher.critic=central", f"teacher.resume={run_dir / 'checkpoint'}"))
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match="teacher.critic=local"):
+        TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)
+    cfg = compose_config(tiny(*RELAY, "teacher.critic=mappo"))
+    with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match=r"teacher.critic=<one of local, central>"):
+        TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)
+
+
 def _acting_weights_per_rollout(cfg, monkeypatch) -> list[torch.Tensor]:
     """Trains ``cfg`` and returns the acting policy's first weight matrix at the start of every rollout."""
     seen = []

@@ -133,7 +133,8 @@ def evaluate_robustness(
         res.skipped.append("transfer: no surrogate policy (set attack.transfer_from=<policy>)")
     if "critic" in methods and critic is None:
         methods.remove("critic")
-        res.skipped.append("critic: no policy with a value head (set attack.critic=<teacher run>)")
+        res.skipped.append("critic: no policy with a value head on one agent's observation (set attack.critic=<run of a "
+                           "teacher trained with teacher.critic=local>)")
     extra = [("pgd_strong", mid)] if ac.checks else []
     if ac.checks and ac.collapse_eps:
         budgets[float(ac.collapse_eps)] = group_budgets(float(ac.collapse_eps), layouts, ac.exclude, team.device, ac.scale)

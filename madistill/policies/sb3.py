@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy, BaseFeaturesExtractor
+from stable_baselines3.common.torch_layers import MlpExtractor
 from torch import nn
 
 from madistill.envs.groups import AgentGroup
@@ -24,29 +25,74 @@ def activation(name: str) -> type[nn.Module]:
     return ACTIVATIONS[name]
 
 
-def sb3_observation_space(group: AgentGroup) -> spaces.Box:
-    """SB3 sees the flattened, normalised observation: an unbounded float32 Box."""
-    return spaces.Box(-np.inf, np.inf, shape=(group.obs_dim,), dtype=np.float32)
+def sb3_observation_space(group: AgentGroup, arch: dict[str, Any]) -> spaces.Box:
+    """What SB3 sees: the flattened, normalised observation (an unbounded float32 Box), followed by the
+    team's observations when the critic is centralised (``arch["team_state_dim"]`` > 0)."""
+    dim = group.obs_dim + int(arch.get("team_state_dim", 0))
+    return spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
 
 
 def build_sb3_policy(group: AgentGroup, arch: dict[str, Any]) -> ActorCriticPolicy:
-    """A fresh SB3 ActorCriticPolicy with separate actor and critic MLPs of the given widths."""
-    return ActorCriticPolicy(
-        sb3_observation_space(group),
+    """A fresh SB3 actor-critic with separate actor and critic MLPs of the given widths."""
+    return sb3_policy_class(arch)(
+        sb3_observation_space(group, arch),
         group.action_space,
         lr_schedule=lambda _: 0.0,  # optimiser unused here: SB3's PPO rebuilds it when it trains
-        **policy_kwargs(arch),
+        **policy_kwargs(group, arch),
     )
 
 
-def policy_kwargs(arch: dict[str, Any]) -> dict[str, Any]:
+def sb3_policy_class(arch: dict[str, Any]) -> type[ActorCriticPolicy]:
+    """SB3's ActorCriticPolicy, or the centralised-critic one (``teacher.critic=central``)."""
+    return CentralCriticPolicy if int(arch.get("team_state_dim", 0)) else ActorCriticPolicy
+
+
+def policy_kwargs(group: AgentGroup, arch: dict[str, Any]) -> dict[str, Any]:
     """SB3 ``policy_kwargs`` for a madistill architecture (actor and critic of the same hidden sizes)."""
     hidden = list(arch["hidden_sizes"])
-    return {
-        "net_arch": {"pi": hidden, "vf": hidden},
-        "activation_fn": activation(arch["activation"]),
-        "ortho_init": True,
-    }
+    kwargs = {"net_arch": {"pi": hidden, "vf": hidden}, "activation_fn": activation(arch["activation"]), "ortho_init": True}
+    if int(arch.get("team_state_dim", 0)):
+        kwargs["actor_dim"] = group.obs_dim
+    return kwargs
+
+
+class _SplitMlp(nn.Module):
+    """SB3's ``mlp_extractor`` interface with an actor that reads the first ``actor_dim`` features (the agent's
+    own observation) and a critic that reads them all (its own observation and the team's)."""
+
+    def __init__(self, actor_dim: int, full_dim: int, net_arch: dict[str, list[int]], activation_fn: type[nn.Module],
+                 device: torch.device | str):
+        super().__init__()
+        self.actor_dim = actor_dim
+        actor = MlpExtractor(actor_dim, net_arch={"pi": net_arch["pi"], "vf": []}, activation_fn=activation_fn, device=device)
+        critic = MlpExtractor(full_dim, net_arch={"pi": [], "vf": net_arch["vf"]}, activation_fn=activation_fn, device=device)
+        self.policy_net, self.value_net = actor.policy_net, critic.value_net
+        self.latent_dim_pi, self.latent_dim_vf = actor.latent_dim_pi, critic.latent_dim_vf
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_actor(features), self.forward_critic(features)
+
+    def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
+        # an actor input of the own observation alone (acting, distillation, attacks) passes unchanged
+        return self.policy_net(features[..., : self.actor_dim])
+
+    def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
+        return self.value_net(features)
+
+
+class CentralCriticPolicy(ActorCriticPolicy):
+    """SB3 actor-critic for centralised training with decentralised execution (as in MAPPO): the critic sees
+    the whole team's observations, the actor only its agent's, so the saved actor acts on its own."""
+
+    def __init__(self, *args: Any, actor_dim: int, **kwargs: Any):
+        self.actor_dim = actor_dim
+        super().__init__(*args, **kwargs)
+
+    def _build_mlp_extractor(self) -> None:
+        self.mlp_extractor = _SplitMlp(self.actor_dim, self.features_dim, self.net_arch, self.activation_fn, self.device)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return {**super()._get_constructor_parameters(), "actor_dim": self.actor_dim}
 
 
 class SB3Policy(Policy):
@@ -74,8 +120,16 @@ class SB3Policy(Policy):
         n = sum(p.numel() for m in parts for p in m.parameters())
         return n + (0 if self.group.discrete else self.sb3.log_std.numel())
 
-    def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.sb3.predict_values(obs).squeeze(-1)
+    def value(self, obs: torch.Tensor) -> torch.Tensor | None:
+        """The state value from the agent's own observation; None for a centralised critic, which needs
+        the team's observations too (see ``critic_value``)."""
+        if isinstance(self.sb3, CentralCriticPolicy):
+            return None
+        return self.critic_value(obs)
+
+    def critic_value(self, critic_obs: torch.Tensor) -> torch.Tensor:
+        """The critic on its full input: the own observation, then the team's (centralised critic)."""
+        return self.sb3.predict_values(critic_obs).squeeze(-1)
 
     @classmethod
     def from_arch(cls, group: AgentGroup, arch: dict[str, Any]) -> SB3Policy:
