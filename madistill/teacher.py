@@ -51,7 +51,13 @@ from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies.base import TeamPolicy, log_prob
-from madistill.policies.sb3 import SB3Policy, policy_kwargs, sb3_observation_space, sb3_policy_class
+from madistill.policies.sb3 import (
+    SB3Policy,
+    policy_kwargs,
+    sb3_observation_space,
+    sb3_policy_class,
+    team_state_dim,
+)
 from madistill.policies.store import load_team, save_team
 from madistill.rollout import Rollout, Transition
 from madistill.tb import TBLogger
@@ -251,8 +257,8 @@ class TeacherTrainer:
         if tc.critic not in CRITICS:
             raise MadistillError(f"unknown teacher.critic {tc.critic!r}: use teacher.critic=<one of {', '.join(CRITICS)}>")
         # a centralised critic reads every agent's observation of the env copy after the agent's own
-        self.team_state_dim = sum(g.n_agents * g.obs_dim for g in venv.groups) if tc.critic == "central" else 0
-        self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": self.team_state_dim}
+        state_dim = sum(g.n_agents * g.obs_dim for g in venv.groups) if tc.critic == "central" else 0
+        self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": state_dim}
         ppo_settings = group_ppo_settings(tc, venv.group_names)
         self.n_steps = int(tc.ppo.n_steps)
         if tc.update_mode not in UPDATE_MODES:
@@ -293,7 +299,7 @@ class TeacherTrainer:
         """Each group's critic (and buffer) input ``[N * n_g, D]`` from normalised observations ``[N, n_g, d]``:
         the agent's own observation, then, for a centralised critic, every agent's of the same env copy."""
         own = {g.name: obs[g.name].reshape(-1, g.obs_dim) for g in self.venv.groups}
-        if not self.team_state_dim:
+        if not team_state_dim(self.arch):
             return own
         n = next(iter(obs.values())).shape[0]
         state = torch.cat([obs[g.name].reshape(n, -1) for g in self.venv.groups], dim=1)
@@ -476,7 +482,7 @@ class TeacherTrainer:
         if not state_file.is_file():
             raise MadistillError(f"{path} is not a training checkpoint (no {STATE_FILE}): resume from <run>/checkpoint")
         for name, net in manifest["networks"].items():
-            saved = {k: net.get(k, 0 if k == "team_state_dim" else None) for k in self.arch}  # 0: saved before critic=central
+            saved = {**{k: net.get(k) for k in self.arch}, "team_state_dim": team_state_dim(net)}
             if saved != self.arch:
                 critic = "central" if saved["team_state_dim"] else "local"
                 raise MadistillError(f"checkpoint {path} has a {name} network with {saved}, not {self.arch}: resume with "

@@ -25,10 +25,16 @@ def activation(name: str) -> type[nn.Module]:
     return ACTIVATIONS[name]
 
 
+def team_state_dim(arch: dict[str, Any]) -> int:
+    """Width of the team's observations a centralised critic reads after the agent's own: 0 for a local
+    critic, and for architectures saved before ``teacher.critic`` existed."""
+    return int(arch.get("team_state_dim", 0))
+
+
 def sb3_observation_space(group: AgentGroup, arch: dict[str, Any]) -> spaces.Box:
     """What SB3 sees: the flattened, normalised observation (an unbounded float32 Box), followed by the
-    team's observations when the critic is centralised (``arch["team_state_dim"]`` > 0)."""
-    dim = group.obs_dim + int(arch.get("team_state_dim", 0))
+    team's observations when the critic is centralised."""
+    dim = group.obs_dim + team_state_dim(arch)
     return spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
 
 
@@ -44,14 +50,14 @@ def build_sb3_policy(group: AgentGroup, arch: dict[str, Any]) -> ActorCriticPoli
 
 def sb3_policy_class(arch: dict[str, Any]) -> type[ActorCriticPolicy]:
     """SB3's ActorCriticPolicy, or the centralised-critic one (``teacher.critic=central``)."""
-    return CentralCriticPolicy if int(arch.get("team_state_dim", 0)) else ActorCriticPolicy
+    return CentralCriticPolicy if team_state_dim(arch) else ActorCriticPolicy
 
 
 def policy_kwargs(group: AgentGroup, arch: dict[str, Any]) -> dict[str, Any]:
     """SB3 ``policy_kwargs`` for a madistill architecture (actor and critic of the same hidden sizes)."""
     hidden = list(arch["hidden_sizes"])
     kwargs = {"net_arch": {"pi": hidden, "vf": hidden}, "activation_fn": activation(arch["activation"]), "ortho_init": True}
-    if int(arch.get("team_state_dim", 0)):
+    if team_state_dim(arch):
         kwargs["actor_dim"] = group.obs_dim
     return kwargs
 
