@@ -44,6 +44,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
+from madistill.bonus import MarginalEntropyBonus
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
@@ -158,6 +159,23 @@ def group_ppo_settings(teacher_cfg: Any, group_names: list[str]) -> dict[str, di
             start = float(settings[key])
             settings[key] = LinearSchedule(start, start * float(fraction), 1.0)
         out[name] = settings
+    return out
+
+
+def message_bonuses(teacher_cfg: Any, groups: list[AgentGroup]) -> dict[str, MarginalEntropyBonus]:
+    """The ``teacher.message_bonus`` of each group that has one (group name -> coefficient; 0 adds none)."""
+    by_name = {g.name: g for g in groups}
+    unknown = sorted(set(teacher_cfg.message_bonus) - set(by_name))
+    if unknown:
+        raise MadistillError(f"teacher.message_bonus names unknown group(s) {unknown}: this env's groups are {sorted(by_name)}")
+    out = {}
+    for name, coef in teacher_cfg.message_bonus.items():
+        action_space = by_name[name].action_space
+        if not isinstance(action_space, spaces.Discrete):
+            raise MadistillError(f"teacher.message_bonus.{name}: group {name!r} acts in {action_space}, and the bonus "
+                                 f"needs a Discrete action space: remove teacher.message_bonus.{name}")
+        if coef:
+            out[name] = MarginalEntropyBonus(coef, int(action_space.n), horizon=int(teacher_cfg.ppo.n_steps))
     return out
 
 
@@ -283,6 +301,7 @@ class TeacherTrainer:
             self.learners[g.name] = _GroupLearner(g, model, actor, buffers, np.ones(width, dtype=np.float32))
             normalizers[g.name] = ObsNormalizer(g.obs_dim, enabled=tc.normalize_obs)
         self.team = TeamPolicy(venv.groups, {n: lr.actor for n, lr in self.learners.items()}, normalizers)
+        self.bonuses = message_bonuses(tc, venv.groups)
         self.agent_steps = 0
         self.iteration = 0
         self.episode_seed = cfg.seed  # the first copy's next fresh episode seed (resuming must not replay any)
@@ -320,6 +339,8 @@ class TeacherTrainer:
                 values = policy.critic_value(obs)
                 logp = log_prob(tr.dists[name], actions)
             rewards = res.rewards[name].reshape(-1).astype(np.float32).copy()
+            if name in self.bonuses:
+                rewards += self.bonuses[name](tr.dists[name], actions, tr.active[name]).numpy()
             trunc = res.truncated[name].reshape(-1)
             if trunc.any():  # time-limit ends are not real ends: bootstrap from the final observation
                 if final_in is None:
@@ -438,6 +459,8 @@ class TeacherTrainer:
             self.tb.scalar("charts/episodic_length", np.mean([e.length for e in episodes]), step)
             for agent in self.venv.possible_agents:
                 self.tb.scalar(f"charts/episodic_return/{agent}", np.mean([e.agent_returns[agent] for e in episodes]), step)
+        for name, bonus in self.bonuses.items():
+            self.tb.scalar(f"charts/marginal_action_entropy/{name}", bonus.entropy(), step)
         self.tb.scalar("charts/SPS", sps, step)
         self.tb.scalar("charts/collect_time_share", collect_share, step)
 
@@ -472,6 +495,7 @@ class TeacherTrainer:
             "episode_seed": self.episode_seed,
             "optimizers": {n: lr.model.policy.optimizer.state_dict() for n, lr in self.learners.items()},
             "n_updates": {n: lr.model._n_updates for n, lr in self.learners.items()},
+            "bonuses": {n: b.state_dict() for n, b in self.bonuses.items()},
         }
         extra = {STATE_FILE: lambda p: torch.save(state, p)}
         return save_team(path, self.team, self.spec, "checkpoint", extra_files=extra)
@@ -497,6 +521,9 @@ class TeacherTrainer:
             load_model_state(lr.model, (team[name].sb3.state_dict(), state["optimizers"][name], state["n_updates"][name]))
             self.team.normalizers[name] = team.normalizers[name]
         self._copy_to_actors()
+        for name, bonus in self.bonuses.items():
+            if name in state.get("bonuses", {}):
+                bonus.load_state_dict(state["bonuses"][name])
         self.agent_steps = int(state["agent_steps"])
         self.iteration = int(state["iteration"])
         if self.agent_steps >= int(self.cfg.teacher.total_agent_steps):
