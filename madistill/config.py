@@ -83,8 +83,8 @@ class TeacherConfig:
     # Per-group PPO settings over teacher.ppo, by group name (heterogeneous groups often need their own), e.g.
     # +teacher.group_ppo.speaker.ent_coef=0.01. n_steps is shared: every group acts in the same rollouts.
     group_ppo: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Reward for using rarely used actions, by group name (madistill/bonus.py), e.g. +teacher.message_bonus.speaker=0.05:
-    # a bias toward using every message, against a speaker that sends one message for two meanings.
+    # Reward for actions that say what the agent observes (their pointwise mutual information; madistill/bonus.py),
+    # by group name, e.g. +teacher.message_bonus.speaker=0.05: against a speaker that sends one message for two meanings.
     message_bonus: dict[str, float] = field(default_factory=dict)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
 

@@ -44,7 +44,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
-from madistill.bonus import MarginalEntropyBonus
+from madistill.bonus import MutualInformationBonus
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
@@ -162,7 +162,7 @@ def group_ppo_settings(teacher_cfg: Any, group_names: list[str]) -> dict[str, di
     return out
 
 
-def message_bonuses(teacher_cfg: Any, groups: list[AgentGroup]) -> dict[str, MarginalEntropyBonus]:
+def message_bonuses(teacher_cfg: Any, groups: list[AgentGroup]) -> dict[str, MutualInformationBonus]:
     """The ``teacher.message_bonus`` of each group that has one (group name -> coefficient; 0 adds none)."""
     by_name = {g.name: g for g in groups}
     unknown = sorted(set(teacher_cfg.message_bonus) - set(by_name))
@@ -175,8 +175,20 @@ def message_bonuses(teacher_cfg: Any, groups: list[AgentGroup]) -> dict[str, Mar
             raise MadistillError(f"teacher.message_bonus.{name}: group {name!r} acts in {action_space}, and the bonus "
                                  f"needs a Discrete action space: remove teacher.message_bonus.{name}")
         if coef:
-            out[name] = MarginalEntropyBonus(coef, int(action_space.n), horizon=int(teacher_cfg.ppo.n_steps))
+            out[name] = MutualInformationBonus(coef, int(action_space.n), horizon=int(teacher_cfg.ppo.n_steps))
     return out
+
+
+def bootstrap_obs(tr: Transition) -> dict[str, np.ndarray]:
+    """Every agent's raw observation at the end of ``tr``'s step, the state a truncated agent's value is
+    bootstrapped from: the final observation of an agent whose episode ended (in a copy whose episode ended, of
+    every agent, zeros for those gone before), the next observation of an agent that plays on. A centralised
+    critic reads its teammates' part of it, so an agent cut off by a time limit while they play on sees them as
+    they are, not gone."""
+    res = tr.result
+    gone = [res.dones[n] | ~tr.active[n].cpu().numpy() for n in res.obs]
+    copy_over = np.concatenate(gone, axis=1).all(axis=1)  # the copy reset: res.obs is its next episode's
+    return {n: np.where((res.dones[n] | copy_over[:, None])[..., None], res.final_obs[n], res.obs[n]) for n in res.obs}
 
 
 def _check_batch_size(group: AgentGroup, num_envs: int, ppo_kwargs: dict[str, Any]) -> None:
@@ -344,7 +356,7 @@ class TeacherTrainer:
             trunc = res.truncated[name].reshape(-1)
             if trunc.any():  # time-limit ends are not real ends: bootstrap from the final observation
                 if final_in is None:
-                    final_in = self._critic_inputs(normalize(self.team, res.final_obs))
+                    final_in = self._critic_inputs(normalize(self.team, bootstrap_obs(tr)))
                 with torch.no_grad():
                     v_final = policy.critic_value(final_in[name][torch.as_tensor(trunc, device=self.device)]).cpu().numpy()
                 rewards[trunc] += model.gamma * v_final
@@ -521,9 +533,15 @@ class TeacherTrainer:
             load_model_state(lr.model, (team[name].sb3.state_dict(), state["optimizers"][name], state["n_updates"][name]))
             self.team.normalizers[name] = team.normalizers[name]
         self._copy_to_actors()
+        saved_bonuses = state.get("bonuses", {})  # checkpoints from before teacher.message_bonus have none
+        saved = {n: float(b["coef"]) for n, b in saved_bonuses.items()}
+        if saved != {n: b.coef for n, b in self.bonuses.items()}:
+            was = " ".join(f"+teacher.message_bonus.{n}={c}" for n, c in saved.items()) or "no teacher.message_bonus"
+            log.warning(f"checkpoint {path} was trained with {was}; the resumed run changes the message bonus "
+                        f"to {dict(OmegaConf.to_container(self.cfg.teacher.message_bonus))} from here on")
         for name, bonus in self.bonuses.items():
-            if name in state.get("bonuses", {}):
-                bonus.load_state_dict(state["bonuses"][name])
+            if name in saved_bonuses:
+                bonus.load_state_dict(saved_bonuses[name])
         self.agent_steps = int(state["agent_steps"])
         self.iteration = int(state["iteration"])
         if self.agent_steps >= int(self.cfg.teacher.total_agent_steps):

@@ -1,4 +1,4 @@
-"""The message bonus (teacher.message_bonus): its numbers, and that it reaches only its group's PPO rewards."""
+"""The message bonus (teacher.message_bonus): its numbers, that it reaches only its group's PPO rewards, resume."""
 
 from __future__ import annotations
 
@@ -11,40 +11,45 @@ from conftest import compose_config, tiny
 from torch.distributions import Categorical, Normal
 
 from madistill import stages
-from madistill.bonus import MarginalEntropyBonus
+from madistill.bonus import MutualInformationBonus
 from madistill.errors import MadistillError
 from madistill.runtime import env_spec, make_vec_env
 from madistill.teacher import TeacherTrainer
 
 
-def test_the_bonus_pays_rare_actions_charges_common_ones_and_averages_zero():
-    bonus = MarginalEntropyBonus(coef=0.5, n_actions=3, horizon=1)  # horizon 1: pbar is this step's mean policy
-    probs = torch.tensor([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1]])
-    b = bonus(Categorical(probs=probs), torch.tensor([0, 2]), torch.tensor([True, True]))
-    entropy = -sum(p * math.log(p) for p in (0.6, 0.3, 0.1))
-    np.testing.assert_allclose(b.numpy(), [0.5 * (-math.log(0.6) - entropy), 0.5 * (-math.log(0.1) - entropy)], rtol=1e-5)
-    assert b[0] < 0 < b[1]
-    # its mean under pbar is zero: a group using every action as often as its policy says gains nothing on average
-    every = bonus(Categorical(probs=probs[:1].expand(3, 3)), torch.arange(3), torch.ones(3, dtype=torch.bool))
-    assert abs(float((every * probs[0]).sum())) < 1e-6
-    assert bonus.entropy() == pytest.approx(entropy, rel=1e-5)
+def test_the_bonus_is_each_actions_pointwise_mutual_information_with_the_observation():
+    bonus = MutualInformationBonus(coef=0.5, n_actions=3, horizon=1)  # horizon 1: pbar is this step's mean policy
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]])  # two observations, each with its own message
+    pbar = [0.45, 0.45, 0.1]
+    b = bonus(Categorical(probs=probs), torch.tensor([0, 0]), torch.tensor([True, True]))
+    np.testing.assert_allclose(b.numpy(), [0.5 * math.log(0.8 / 0.45), 0.5 * math.log(0.1 / 0.45)], rtol=1e-5)
+    assert b[1] < 0 < b[0]  # a message pays where it says something about what the agent sees
+    # its mean under the policy is the mutual information I(S; A): zero for a speaker that ignores what it sees
+    mi = np.mean([sum(p * math.log(p / q) for p, q in zip(row, pbar, strict=True)) for row in probs.tolist()])
+    everyone = torch.ones(2, dtype=torch.bool)
+    mean_bonus = np.mean(sum((bonus(Categorical(probs=probs), torch.full((2,), a), everyone) * probs[:, a]).numpy()
+                             for a in range(3)))  # over observations, of the policy's expected bonus
+    assert mean_bonus == pytest.approx(0.5 * mi, rel=1e-4)
+    same = torch.tensor([[0.6, 0.3, 0.1]] * 2)
+    mute = MutualInformationBonus(coef=0.5, n_actions=3, horizon=1)
+    assert torch.allclose(mute(Categorical(probs=same), torch.tensor([0, 2]), torch.ones(2, dtype=torch.bool)), torch.zeros(2), atol=1e-6)
+    assert mute.entropy() == pytest.approx(-sum(p * math.log(p) for p in (0.6, 0.3, 0.1)), rel=1e-5)
 
 
 def test_the_running_average_follows_active_agents_only_and_inactive_ones_get_nothing():
-    bonus = MarginalEntropyBonus(coef=1.0, n_actions=2, horizon=4)  # each step moves pbar a quarter of the way
-    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bonus = MutualInformationBonus(coef=1.0, n_actions=2, horizon=4)  # each step moves pbar a quarter of the way
+    probs = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
     b = bonus(Categorical(probs=probs), torch.tensor([0, 1]), torch.tensor([True, False]))
-    torch.testing.assert_close(bonus.marginal, torch.tensor([0.5 + 0.25 * 0.5, 0.5 - 0.25 * 0.5]))
-    assert b[1] == 0 and b[0] < 0  # action 0 is now the common one
-    state = bonus.state_dict()
-    fresh = MarginalEntropyBonus(coef=1.0, n_actions=2, horizon=4)
-    fresh.load_state_dict(state)
+    torch.testing.assert_close(bonus.marginal, torch.tensor([0.5 + 0.25 * 0.4, 0.5 - 0.25 * 0.4]))
+    assert b[1] == 0 and b[0] == pytest.approx(math.log(0.9 / 0.6), rel=1e-5)
+    fresh = MutualInformationBonus(coef=1.0, n_actions=2, horizon=4)
+    fresh.load_state_dict(bonus.state_dict())
     torch.testing.assert_close(fresh.marginal, bonus.marginal)
 
 
 def test_the_bonus_needs_a_discrete_action_space():
     with pytest.raises(TypeError, match="Discrete"):
-        MarginalEntropyBonus(1.0, 2, 4)(Normal(torch.zeros(2, 2), 1.0), torch.zeros(2, 2), torch.ones(2, dtype=torch.bool))
+        MutualInformationBonus(1.0, 2, 4)(Normal(torch.zeros(2, 2), 1.0), torch.zeros(2, 2), torch.ones(2, dtype=torch.bool))
 
 
 def _rewards(tmp_path, coef: float) -> dict[str, np.ndarray]:
@@ -80,3 +85,23 @@ def test_a_bonus_for_a_continuous_action_group_names_the_fix(tmp_path):
                               "+teacher.message_bonus.speaker=0.05"))
     with pytest.raises(MadistillError, match=r"Discrete action space: remove teacher.message_bonus.speaker"):
         stages.train(cfg, tmp_path)
+
+
+def test_resume_restores_the_running_average_and_says_when_the_bonus_changes(tmp_path, caplog):
+    base = ("env=simple_speaker_listener_v4", "env.num_envs=2", "teacher.ppo.n_steps=50", "teacher.ppo.batch_size=100")
+    cfg = compose_config(tiny(*base, "teacher.total_agent_steps=200", "+teacher.message_bonus.speaker=5.0"))
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec, num_workers=0) as venv:
+        trainer = TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)
+        trainer.train(tmp_path / "run")
+        ckpt = trainer.save_checkpoint(tmp_path / "run" / "checkpoint")
+        marginal = trainer.bonuses["speaker"].marginal
+        for coef, warned in ((5.0, False), (1.0, True), (None, True)):
+            caplog.clear()
+            extra = (f"+teacher.message_bonus.speaker={coef}",) if coef else ()
+            again = compose_config(tiny(*base, "teacher.total_agent_steps=400", f"teacher.resume={ckpt}", *extra))
+            resumed = TeacherTrainer(again, venv, spec, torch.device("cpu"), tb=None)
+            assert ("changes the message bonus" in caplog.text) == warned
+            if coef:
+                torch.testing.assert_close(resumed.bonuses["speaker"].marginal, marginal)
+                assert resumed.bonuses["speaker"].coef == coef

@@ -24,7 +24,8 @@ ADVERSARY = "mpe2.simple_adversary_v3.parallel_env"
 
 # ------------------------------------------------------------------ a tiny custom env
 class ToyEnv(ParallelEnv):
-    """Two agents; ``walker_0`` terminates at step ``term_at`` and ``walker_1`` is truncated at ``trunc_at``.
+    """Two agents; ``walker_0`` terminates at step ``term_at`` (or is truncated there, ``early_end="truncated"``)
+    and ``walker_1`` is truncated at ``trunc_at``.
 
     Observation of agent k at step t: ``arange(size) + 1 + 10 k + 100 t`` in the given shape (never zero,
     so absorbing zero padding is recognisable). Rewards: 1.0 for walker_0, 0.5 for walker_1 per step.
@@ -33,13 +34,15 @@ class ToyEnv(ParallelEnv):
 
     metadata = {"name": "toy_v0", "is_parallelizable": True, "render_modes": []}
 
-    def __init__(self, term_at: int = 2, trunc_at: int = 5, obs_shape=(2,), nan_at: int | None = None):
+    def __init__(self, term_at: int = 2, trunc_at: int = 5, obs_shape=(2,), nan_at: int | None = None,
+                 early_end: str = "terminated"):
         self.possible_agents = ["walker_0", "walker_1"]
         self.agents: list[str] = []
         self.term_at = {"walker_0": term_at, "walker_1": None}
         self.trunc_at = trunc_at
         self.obs_shape = tuple(obs_shape)
         self.nan_at = nan_at
+        self.early_end = early_end
         self.rewards = {"walker_0": 1.0, "walker_1": 0.5}
         self._obs_space = spaces.Box(-np.inf, np.inf, shape=self.obs_shape, dtype=np.float32)
         self._act_space = spaces.Discrete(2)
@@ -68,8 +71,9 @@ class ToyEnv(ParallelEnv):
         assert set(actions) == set(self.agents), (actions, self.agents)
         self.t += 1
         rew = {a: self.rewards[a] for a in self.agents}
-        term = {a: self.term_at[a] == self.t for a in self.agents}
-        trunc = {a: self.t >= self.trunc_at and not term[a] for a in self.agents}
+        ends = {a: self.term_at[a] == self.t for a in self.agents}
+        term = {a: ends[a] and self.early_end == "terminated" for a in self.agents}
+        trunc = {a: (self.t >= self.trunc_at or ends[a]) and not term[a] for a in self.agents}
         obs = {a: self.obs_of(a, self.t) for a in self.agents}
         infos = {a: {} for a in self.agents}
         self.agents = [a for a in self.agents if not (term[a] or trunc[a])]

@@ -11,15 +11,18 @@ import torch
 from conftest import compose_config, tiny
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_envs import TOY, ToyEnv
 
 from madistill import stages
+from madistill.envs.factory import EnvSpec
+from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes, uniform_team
 from madistill.policies.store import load_team, read_manifest
 from madistill.rollout import Rollout
 from madistill.runtime import env_spec, make_vec_env
 from madistill.tb import TBLogger
-from madistill.teacher import TeacherTrainer
+from madistill.teacher import TeacherTrainer, bootstrap_obs
 
 # relay (chain of 4, 3 symbols): one shared policy must learn to copy what it sees.
 RELAY = (
@@ -241,6 +244,22 @@ def test_a_central_critic_sees_the_team_and_the_saved_actor_acts_on_its_own(tmp_
     x = torch.zeros(4, listener.obs_dim)
     assert team["listener"](x).shape == (4, 5) and team["listener"].value(x) is None
     assert team["listener"].critic_value(torch.zeros(4, listener.obs_dim + state_dim)).shape == (4,)
+
+
+def test_a_truncated_agent_bootstraps_from_the_team_as_it_is_at_that_step():
+    """walker_0 is cut off by a time limit at step 2 while walker_1 plays on to step 5: the state its value is
+    bootstrapped from has walker_1's live observation; at the episode's end, walker_1's has walker_0 gone (zeros),
+    not its next episode's first observation."""
+    toy = ToyEnv(early_end="truncated")
+    seen = []
+    with MultiAgentVecEnv(EnvSpec(TOY, {"early_end": "truncated"}, "toy"), 2, num_workers=0) as venv:
+        Rollout(venv, uniform_team(venv)).run(steps=5, on_step=lambda tr: seen.append((tr.result, bootstrap_obs(tr))))
+    (r2, at2), (r5, at5) = seen[1], seen[4]
+    assert r2.truncated["walker"][:, 0].all() and not r2.dones["walker"][:, 1].any()
+    np.testing.assert_array_equal(at2["walker"], np.stack([[toy.obs_of("walker_0", 2), toy.obs_of("walker_1", 2)]] * 2))
+    assert r5.truncated["walker"][:, 1].all()
+    np.testing.assert_array_equal(at5["walker"][:, 1], np.stack([toy.obs_of("walker_1", 5)] * 2))
+    np.testing.assert_array_equal(at5["walker"][:, 0], 0)
 
 
 def test_resuming_with_another_critic_or_an_unknown_one_is_a_one_line_error(relay_run):

@@ -93,7 +93,8 @@ class Objective:
 
     def __init__(self, name: str, policy: Policy, x: torch.Tensor, critic: Policy | None):
         if name == "value" and (critic is None or critic.value(x[:1]) is None):
-            raise MadistillError("the critic attack needs a policy with a value head: set attack.critic=<teacher run>")
+            raise MadistillError("the critic attack needs a policy with a decentralised value head: set attack.critic=<a "
+                                 "teacher run trained with teacher.critic=local>, or leave value out of attack.methods")
         self.name, self.policy, self.critic = name, policy, critic
         with torch.no_grad():
             self.clean_head = policy(x)
