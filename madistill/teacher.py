@@ -138,13 +138,18 @@ class _PPO(PPO):
             Distribution.set_default_validate_args(validate)
 
 
+def _check_group_names(setting: str, named: Any, group_names: list[str]) -> None:
+    """A per-group setting that names a group this env does not have is a user error (a typo, another env)."""
+    unknown = sorted(set(named) - set(group_names))
+    if unknown:
+        raise MadistillError(f"{setting} names unknown group(s) {unknown}: this env's groups are {group_names}")
+
+
 def group_ppo_settings(teacher_cfg: Any, group_names: list[str]) -> dict[str, dict[str, Any]]:
     """Each group's SB3 PPO keyword arguments: ``teacher.ppo``, then the group's ``teacher.group_ppo``
     overrides, with the ``teacher.anneal`` settings as linear schedules from their value to that fraction of it."""
     tc = teacher_cfg
-    unknown = sorted(set(tc.group_ppo) - set(group_names))
-    if unknown:
-        raise MadistillError(f"teacher.group_ppo names unknown group(s) {unknown}: this env's groups are {group_names}")
+    _check_group_names("teacher.group_ppo", tc.group_ppo, group_names)
     out = {}
     for name in group_names:
         try:  # merged into the typed teacher.ppo node, so a wrong key or type fails as a bad override does
@@ -165,9 +170,7 @@ def group_ppo_settings(teacher_cfg: Any, group_names: list[str]) -> dict[str, di
 def message_bonuses(teacher_cfg: Any, groups: list[AgentGroup]) -> dict[str, MutualInformationBonus]:
     """The ``teacher.message_bonus`` of each group that has one (group name -> coefficient; 0 adds none)."""
     by_name = {g.name: g for g in groups}
-    unknown = sorted(set(teacher_cfg.message_bonus) - set(by_name))
-    if unknown:
-        raise MadistillError(f"teacher.message_bonus names unknown group(s) {unknown}: this env's groups are {sorted(by_name)}")
+    _check_group_names("teacher.message_bonus", teacher_cfg.message_bonus, list(by_name))
     out = {}
     for name, coef in teacher_cfg.message_bonus.items():
         action_space = by_name[name].action_space
