@@ -299,6 +299,24 @@ def test_workers_match_in_process_stepping():
         assert n_episodes == 6  # two resets of each of the three copies in 25 steps of 10-step episodes
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_kept_results_survive_later_steps(workers):
+    """Steps exchange data through one reused (shared) buffer; what a caller keeps must not change under it."""
+    spec = EnvSpec(SPREAD, {"N": 3, "max_cycles": 5})
+    with MultiAgentVecEnv(spec, 2, num_workers=workers) as venv:
+        obs, active = venv.reset(seed=0)
+        kept_obs, kept_active = obs["agent"].copy(), active["agent"].copy()
+        first = venv.step({"agent": np.full((2, 3), 1)})
+        snapshot = {f: getattr(first, f)["agent"].copy() for f in ("obs", "rewards", "active", "truncated")}
+        for k in range(9):  # crosses an episode end: resets and final observations overwrite the buffer
+            venv.step({"agent": np.full((2, 3), k % 5)})
+        np.testing.assert_array_equal(obs["agent"], kept_obs)
+        np.testing.assert_array_equal(active["agent"], kept_active)
+        for f, before in snapshot.items():
+            np.testing.assert_array_equal(getattr(first, f)["agent"], before, err_msg=f)
+        assert not np.array_equal(first.obs["agent"], venv.step({"agent": np.zeros((2, 3), int)}).obs["agent"])
+
+
 def test_episode_seeds_are_seed_plus_copy_plus_k_times_n():
     n, seed, cycles = 3, 7, 4
     kwargs = {"n_agents": 3, "n_symbols": 8, "max_cycles": cycles, "switch_prob": 0.0}
