@@ -56,14 +56,20 @@ class Rollout:
         """Restart every copy at episode seed ``seed + i`` and reseed action sampling."""
         self.seed = seed
         self.generator.manual_seed(seed)
-        for i, stream in enumerate(self.copy_streams or []):
-            stream.manual_seed(seed + i)  # copy i plays episode seed + i first
         self.raw_obs, active = self.venv.reset(seed)
         self.active = {g: torch.as_tensor(a, device=self.team.device) for g, a in active.items()}
         self.episode_step = np.zeros(self.venv.num_envs, dtype=np.int64)
+        self._start_episodes(np.arange(self.venv.num_envs))
         self.steps = 0
         for t in self.transforms:
             t.reset()
+
+    def _start_episodes(self, copies: np.ndarray) -> None:
+        """These copies have just begun an episode (``venv.episode_seeds`` gives which)."""
+        self.playing = self.venv.episode_seeds.copy()
+        self.episode_step[copies] = 0
+        for i in copies if self.copy_streams is not None else ():
+            self.copy_streams[i].manual_seed(int(self.playing[i]))
 
     def _actions(self, obs: GroupTensors) -> tuple[dict[str, Distribution], GroupTensors]:
         dists, actions = {}, {}
@@ -98,11 +104,7 @@ class Rollout:
         self.active = {g: torch.as_tensor(a, device=self.team.device) for g, a in result.active.items()}
         self.steps += 1
         self.episode_step += 1
-        for e in result.episodes:
-            copy = (e.seed - self.seed) % self.venv.num_envs
-            self.episode_step[copy] = 0
-            if self.copy_streams is not None:  # the copy's next episode has seed e.seed + num_envs
-                self.copy_streams[copy].manual_seed(e.seed + self.venv.num_envs)
+        self._start_episodes(np.flatnonzero(self.venv.episode_seeds != self.playing))
         return tr
 
     def run(

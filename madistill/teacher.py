@@ -410,9 +410,8 @@ class TeacherTrainer:
                     self.iteration += 1
                     dt = time.perf_counter() - t0
                     bar.update(per_iter)
+                    self.episode_seed = int(self.venv.episode_seeds.max()) + 1  # past every episode begun so far
                     if episodes:
-                        # a copy's unfinished episode has seed <= the largest finished one + num_envs
-                        self.episode_seed = max(self.episode_seed, max(e.seed for e in episodes) + self.venv.num_envs + 1)
                         bar.set_postfix(team_return=f"{np.mean([e.team_return for e in episodes]):.2f}")
                     self._log(episodes, per_iter / dt, t_collect / dt)
                     if every and self.agent_steps // every != (self.agent_steps - per_iter) // every:

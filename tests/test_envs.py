@@ -330,9 +330,11 @@ def test_episode_seeds_are_seed_plus_copy_plus_k_times_n():
         obs, _ = venv.reset(seed=seed)
         for i in range(n):
             np.testing.assert_array_equal(obs["agent"][i, 0], expected_obs[seed + i])
+        assert venv.episode_seeds.tolist() == [seed + i for i in range(n)]
         seeds_seen = []
         for step in range(1, 2 * cycles + 1):
             res = venv.step(_zeros(venv))
+            assert venv.episode_seeds.tolist() == [seed + i + step // cycles * n for i in range(n)]
             if step % cycles:
                 assert res.episodes == []
                 continue

@@ -168,17 +168,23 @@ class _Copies:
         self.ep_len[i] = 0
         self.ep_ret[i] = dict.fromkeys(self.slot, 0.0)
 
-    def reset(self, seed: int) -> None:
-        """Reset every copy; writes ``obs`` and ``active``."""
+    def playing(self) -> list[int]:
+        """The seed of the episode each copy is playing."""
+        return [self._episode_seed(i) for i in range(len(self.envs))]
+
+    def reset(self, seed: int) -> list[int]:
+        """Reset every copy; writes ``obs`` and ``active``, returns ``playing()``."""
         self.seed = seed
         self.episode_idx[:] = 0
         self._clear()
         for i in range(len(self.envs)):
             self._reset_copy(i)
         self._check_finite(self.io["obs"])
+        return self.playing()
 
-    def step(self, _: None = None) -> list[EpisodeRecord]:
-        """Step every copy with the actions in ``io["actions"]``; writes the outputs, returns finished episodes."""
+    def step(self, _: None = None) -> tuple[list[EpisodeRecord], list[int]]:
+        """Step every copy with the actions in ``io["actions"]``; writes the outputs, returns the finished
+        episodes and ``playing()``."""
         self._clear()
         io = self.io
         obs_out, final_obs, active, actions = io["obs"], io["final_obs"], io["active"], io["actions"]
@@ -220,7 +226,7 @@ class _Copies:
                     self._write_obs(final_obs, i, agent, obs[agent])
         self._check_finite(obs_out)
         self._check_finite(final_obs)
-        return episodes
+        return episodes, self.playing()
 
     def render(self, i: int) -> Any:
         return self.envs[i].render()
@@ -316,6 +322,10 @@ class MultiAgentVecEnv:
             for conn in self._conns:
                 self._recv(conn)
 
+    episode_seeds: np.ndarray
+    """``[num_envs]``: the seed of the episode each copy plays in the latest observations (set by ``reset``
+    and ``step``)."""
+
     @property
     def group_names(self) -> list[str]:
         return [g.name for g in self.groups]
@@ -336,9 +346,9 @@ class MultiAgentVecEnv:
     def reset(self, seed: int = 0) -> tuple[GroupArrays, GroupArrays]:
         """Reset every copy (copy i to episode seed ``seed + i``); returns (obs, active)."""
         if self._local is not None:
-            self._local.reset(seed)
+            self.episode_seeds = np.array(self._local.reset(seed))
         else:
-            self._call("reset", [seed] * len(self._conns))
+            self.episode_seeds = np.concatenate(self._call("reset", [seed] * len(self._conns)))
         res = self._arrays.result([])
         return res.obs, res.active
 
@@ -346,11 +356,9 @@ class MultiAgentVecEnv:
         """Apply one action per agent slot (``[N, n_g]`` ints or ``[N, n_g, a]`` floats per group)."""
         for g, a in self._arrays.fields["actions"].items():
             a[...] = actions[g]
-        if self._local is not None:
-            episodes = self._local.step()
-        else:
-            episodes = [e for part in self._call("step", [None] * len(self._conns)) for e in part]
-        return self._arrays.result(episodes)
+        parts = [self._local.step()] if self._local is not None else self._call("step", [None] * len(self._conns))
+        self.episode_seeds = np.concatenate([seeds for _, seeds in parts])
+        return self._arrays.result([e for episodes, _ in parts for e in episodes])
 
     def render(self, i: int = 0) -> Any:
         if self._local is None:
