@@ -10,7 +10,7 @@ from pettingzoo import ParallelEnv
 
 from envs import relay
 from madistill.envs import EnvSpec, MultiAgentVecEnv, group_agents, make_env
-from madistill.envs.groups import flatten_obs
+from madistill.envs.groups import check_supported, flatten_obs
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies import MLPPolicy, TeamPolicy
@@ -81,6 +81,43 @@ class ToyEnv(ParallelEnv):
 
 
 TOY = f"{__name__}.ToyEnv"
+
+
+class EchoEnv(ParallelEnv):
+    """Box actions; each agent observes the action it was given one step before, read from the reference
+    the env kept (as envs with action-rate penalties do). ``echo_1`` joins the episode at step ``join_at``."""
+
+    metadata = {"name": "echo_v0", "is_parallelizable": True, "render_modes": []}
+
+    def __init__(self, join_at: int = 0, max_cycles: int = 6):
+        self.possible_agents = ["echo_0", "echo_1"]
+        self.join_at, self.max_cycles = join_at, max_cycles
+        self._space = spaces.Box(-10, 10, shape=(2,), dtype=np.float32)
+
+    def observation_space(self, agent):
+        return self._space
+
+    def action_space(self, agent):
+        return self._space
+
+    def _present(self) -> list[str]:
+        return [a for a in self.possible_agents if a == "echo_0" or self.t >= self.join_at]
+
+    def reset(self, seed=None, options=None):
+        self.t, self.kept = 0, {}
+        self.agents = self._present()
+        return {a: np.full(2, -1, np.float32) for a in self.agents}, {a: {} for a in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        end = self.t >= self.max_cycles
+        self.agents = self._present()
+        obs = {a: np.asarray(self.kept.get(a, np.full(2, -1)), np.float32).copy() for a in self.agents}
+        self.kept.update(actions)  # keeps the arrays it was given, not copies
+        flags = {a: False for a in self.agents}
+        if end:
+            self.agents = []
+        return obs, {a: 0.0 for a in obs}, flags, {a: end for a in obs}, {a: {} for a in obs}
 
 
 def _zeros(venv: MultiAgentVecEnv) -> dict[str, np.ndarray]:
@@ -315,6 +352,51 @@ def test_kept_results_survive_later_steps(workers):
         for f, before in snapshot.items():
             np.testing.assert_array_equal(getattr(first, f)["agent"], before, err_msg=f)
         assert not np.array_equal(first.obs["agent"], venv.step({"agent": np.zeros((2, 3), int)}).obs["agent"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_env_that_keeps_its_actions_keeps_them_unchanged(workers):
+    with MultiAgentVecEnv(EnvSpec(f"{__name__}.EchoEnv"), 2, num_workers=workers) as venv:
+        venv.reset(seed=0)
+        for k in range(1, 4):
+            res = venv.step({"echo": np.full((2, 2, 2), float(k))})
+            np.testing.assert_array_equal(res.obs["echo"], np.full((2, 2, 2), float(k - 1) if k > 1 else -1.0))
+
+
+def test_an_agent_joining_mid_episode_is_observed_and_active_from_its_first_step():
+    with MultiAgentVecEnv(EnvSpec(f"{__name__}.EchoEnv", {"join_at": 2}), 1) as venv:
+        _, active = venv.reset(seed=0)
+        assert active["echo"].tolist() == [[True, False]]
+        res = venv.step({"echo": np.zeros((1, 2, 2))})
+        assert res.active["echo"].tolist() == [[True, False]]
+        res = venv.step({"echo": np.ones((1, 2, 2))})  # echo_1 joins here
+        assert res.active["echo"].tolist() == [[True, True]]
+        np.testing.assert_array_equal(res.obs["echo"][0, 1], [-1, -1])  # its own first observation
+
+
+@pytest.mark.parametrize("actions, match", [
+    (np.zeros((3, 1), np.int64), r"'speaker' needs actions of shape \(2, 1\)"),
+    (np.zeros((2, 1, 1), np.int64), r"'speaker' needs actions of shape \(2, 1\)"),
+    (np.full((2, 1), 0.7), "'speaker' has Discrete actions: give integers"),
+    (np.full((2, 1), 3), r"'speaker': actions must be in 0..2, got 3..3"),
+    (None, "'speaker' needs actions .* got no actions"),
+])
+def test_malformed_actions_are_a_one_line_error_naming_the_group(actions, match):
+    with MultiAgentVecEnv(EnvSpec(SPEAKER), 2) as venv:
+        venv.reset(seed=0)
+        step = {"listener": np.zeros((2, 1), np.int64)} | ({} if actions is None else {"speaker": actions})
+        with pytest.raises(MadistillError, match=match):
+            venv.step(step)
+
+
+@pytest.mark.parametrize("obs_space, act_space, match", [
+    (spaces.Dict({"x": spaces.Discrete(2)}), spaces.Discrete(2), "cannot flatten"),
+    (spaces.Box(0, 1, (2,)), spaces.MultiDiscrete([2, 2]), "supports Discrete and Box actions"),
+    (spaces.Box(0, 1, (2,)), spaces.Discrete(3, start=1), "Discrete actions start at 0"),
+])
+def test_unsupported_spaces_fail_early_naming_the_fix(obs_space, act_space, match):
+    with pytest.raises(MadistillError, match=match):
+        check_supported("a_0", obs_space, act_space)
 
 
 def test_episode_seeds_are_seed_plus_copy_plus_k_times_n():

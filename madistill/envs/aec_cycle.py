@@ -24,9 +24,10 @@ from pettingzoo.utils.wrappers import (
 # Wrappers that keep no state dicts of their own: reading ``agents``, ``rewards``, ... past them is exact.
 _FORWARDING_WRAPPERS = (OrderEnforcingWrapper, AssertOutOfBoundsWrapper, ClipOutOfBoundsWrapper, CaptureStdoutWrapper)
 # Wrappers whose step and observe only check the call (reset first, action in its space) and change
-# nothing; the cycle below keeps the order itself, and rollouts hand over only in-space actions (sampled
-# from the group's distribution, or clipped to the box), so their checks cost about a tenth of an mpe2 step
-# for nothing. Clipping changes actions, so it is not among them.
+# nothing. The cycle below keeps the order itself; the vector env checks every action's shape and type,
+# and Discrete actions' range, before they get here (MultiAgentVecEnv.step), and rollouts clip Box actions
+# to their bounds; so these checks would cost about a tenth of an mpe2 step for nothing. Clipping changes
+# actions, so it is not among them.
 _CHECKING_WRAPPERS = (OrderEnforcingWrapper, AssertOutOfBoundsWrapper, CaptureStdoutWrapper)
 
 

@@ -75,6 +75,11 @@ def check_supported(agent: str, obs_space: gym.Space, act_space: gym.Space) -> N
             f"agent {agent!r} has action space {act_space}; madistill supports Discrete and Box actions: "
             "wrap the env to expose one of them"
         )
+    if isinstance(act_space, spaces.Discrete) and int(act_space.start) != 0:
+        raise MadistillError(
+            f"agent {agent!r} has action space {act_space}; policies emit actions 0..n-1: wrap the env so its "
+            "Discrete actions start at 0"
+        )
 
 
 def _base_name(agent: str) -> str:

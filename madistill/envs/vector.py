@@ -13,7 +13,7 @@ import multiprocessing as mp
 import os
 import signal
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -111,18 +111,19 @@ class _Copies:
         grouping: str,
         copy_ids: Sequence[int],
         num_envs: int,
-        arrays: Callable[[list[AgentGroup]], dict[str, GroupArrays]],
+        io: dict[str, GroupArrays],
         render_mode: str | None = None,
         nan_policy: str = "error",
     ):
-        """``arrays(groups)``: the views to exchange data through, given the groups this process found."""
+        """``io``: this process's slice of the ``_StepArrays`` (laid out by the parent's groups, which
+        ``group_agents`` finds again here from the same env and grouping)."""
         self.nan_policy = nan_policy
         self.envs = [make_env(spec, render_mode=render_mode) for _ in copy_ids]
         self.copy_ids = list(copy_ids)
         self.num_envs = num_envs
         self.env_id = spec.id
         self.groups = group_agents(self.envs[0], grouping)
-        self.io = arrays(self.groups)
+        self.io = io
         self.slot = {a: (g.name, j) for g in self.groups for j, a in enumerate(g.agents)}
         self.flatten = {a: _flattener(self.envs[0].observation_space(a)) for a in self.slot}
         n = len(self.envs)
@@ -187,7 +188,9 @@ class _Copies:
         episodes and ``playing()``."""
         self._clear()
         io = self.io
-        obs_out, final_obs, active, actions = io["obs"], io["final_obs"], io["active"], io["actions"]
+        obs_out, final_obs, active = io["obs"], io["final_obs"], io["active"]
+        # the buffer is overwritten next step, and an env may keep the (Box) action it was given
+        actions = {g: a.copy() for g, a in io["actions"].items()}
         rew, term, trunc = io["rewards"], io["terminated"], io["truncated"]
         episodes: list[EpisodeRecord] = []
         for i, env in enumerate(self.envs):
@@ -217,12 +220,12 @@ class _Copies:
                 self.episode_idx[i] += 1
                 self._reset_copy(i)
                 continue
-            for agent in acting:
+            for agent in alive:  # agents joining mid-episode included
                 g, j = self.slot[agent]
-                if agent in alive:
-                    self._write_obs(obs_out, i, agent, obs[agent])
-                    active[g][i, j] = True
-                elif agent in obs:
+                self._write_obs(obs_out, i, agent, obs[agent])
+                active[g][i, j] = True
+            for agent in acting:
+                if agent not in alive and agent in obs:
                     self._write_obs(final_obs, i, agent, obs[agent])
         self._check_finite(obs_out)
         self._check_finite(final_obs)
@@ -237,7 +240,7 @@ class _Copies:
 
 
 def _worker(conn: Connection, spec: EnvSpec, grouping: str, copy_ids: list[int], num_envs: int, nan_policy: str,
-            memory: Any) -> None:
+            groups: list[AgentGroup], memory: Any) -> None:
     # Signals are the parent's to handle (Ctrl-C and a cluster's SIGTERM checkpoint there, then close us); a
     # worker only outlives a parent killed outright, so it watches for that instead of lingering.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -245,8 +248,8 @@ def _worker(conn: Connection, spec: EnvSpec, grouping: str, copy_ids: list[int],
     parent = os.getppid()
     lo, hi = copy_ids[0], copy_ids[-1] + 1
     try:
-        copies = _Copies(spec, grouping, copy_ids, num_envs,
-                         lambda groups: _StepArrays(groups, num_envs, memory).copies(lo, hi), nan_policy=nan_policy)
+        copies = _Copies(spec, grouping, copy_ids, num_envs, _StepArrays(groups, num_envs, memory).copies(lo, hi),
+                         nan_policy=nan_policy)
         conn.send(("ok", None))
     except BaseException as e:  # report construction errors to the parent instead of dying silently
         conn.send(("error", (isinstance(e, MadistillError), str(e) or traceback.format_exc())))
@@ -300,11 +303,12 @@ class MultiAgentVecEnv:
         self.possible_agents: list[str] = list(probe.possible_agents)
         self.feature_names: dict[str, list[str] | None] = _feature_names(probe, self.groups)
         probe.close()
+        self.episode_seeds = np.zeros(0, dtype=np.int64)
         if render_mode is not None and num_workers > 0:
             raise MadistillError("rendering needs env.num_workers=0")
         if num_workers == 0:
             self._arrays = _StepArrays(self.groups, num_envs)
-            self._local = _Copies(spec, grouping, range(num_envs), num_envs, lambda _: self._arrays.copies(0, num_envs),
+            self._local = _Copies(spec, grouping, range(num_envs), num_envs, self._arrays.copies(0, num_envs),
                                   render_mode, nan_policy)
         else:
             ctx = mp.get_context(start_method)
@@ -312,7 +316,8 @@ class MultiAgentVecEnv:
             for ids in np.array_split(np.arange(num_envs), num_workers):
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
-                    target=_worker, args=(child, spec, grouping, ids.tolist(), num_envs, nan_policy, self._arrays.memory),
+                    target=_worker,
+                    args=(child, spec, grouping, ids.tolist(), num_envs, nan_policy, self.groups, self._arrays.memory),
                     daemon=True,
                 )
                 p.start()
@@ -324,7 +329,7 @@ class MultiAgentVecEnv:
 
     episode_seeds: np.ndarray
     """``[num_envs]``: the seed of the episode each copy plays in the latest observations (set by ``reset``
-    and ``step``)."""
+    and ``step``; empty before the first ``reset``)."""
 
     @property
     def group_names(self) -> list[str]:
@@ -353,9 +358,10 @@ class MultiAgentVecEnv:
         return res.obs, res.active
 
     def step(self, actions: GroupArrays) -> VecStep:
-        """Apply one action per agent slot (``[N, n_g]`` ints or ``[N, n_g, a]`` floats per group)."""
-        for g, a in self._arrays.fields["actions"].items():
-            a[...] = actions[g]
+        """Apply one action per agent slot: per group ``[N, n_g]`` integers (Discrete) or ``[N, n_g, *shape]``
+        numbers (Box, cast to the space's dtype); a wrong shape, type or range is a MadistillError."""
+        for g in self.groups:
+            self._arrays.fields["actions"][g.name][...] = _checked_actions(g, actions.get(g.name), self.num_envs)
         parts = [self._local.step()] if self._local is not None else self._call("step", [None] * len(self._conns))
         self.episode_seeds = np.concatenate([seeds for _, seeds in parts])
         return self._arrays.result([e for episodes, _ in parts for e in episodes])
@@ -386,6 +392,25 @@ class MultiAgentVecEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _checked_actions(group: AgentGroup, actions: Any, num_envs: int) -> np.ndarray:
+    """A group's actions as the env may take them, or a one-line error naming what is wrong: the env's own
+    wrappers that check actions are skipped (``aec_cycle``), so the check is here, for every backend."""
+    shape = (num_envs, group.n_agents, *group.action_space.shape)
+    a = np.asarray(actions)
+    if actions is None or a.shape != shape:
+        got = "no actions" if actions is None else f"shape {a.shape}"
+        raise MadistillError(f"group {group.name!r} needs actions of shape {shape} (copies, agents, action), got {got}")
+    if group.discrete:
+        if a.dtype.kind not in "iu":
+            raise MadistillError(f"group {group.name!r} has Discrete actions: give integers, got {a.dtype}")
+        if a.size and (a.min() < 0 or a.max() >= group.action_space.n):
+            raise MadistillError(f"group {group.name!r}: actions must be in 0..{group.action_space.n - 1}, got "
+                                 f"{a.min()}..{a.max()}")
+    elif not np.isfinite(a).all():
+        raise MadistillError(f"group {group.name!r}: NaN/inf actions")
+    return a
 
 
 def _flattener(space: Any) -> Any:
