@@ -103,7 +103,7 @@ def _action_dtype(group: AgentGroup) -> Any:
 
 class _Copies:
     """Env copies owned by one process; does the per-copy bookkeeping for both backends, writing each
-    step's outputs into ``arrays`` (its copies' slice of a ``_StepArrays``) and reading the actions there."""
+    step's outputs into ``io`` (its copies' slice of a ``_StepArrays``) and reading the actions there."""
 
     def __init__(
         self,
