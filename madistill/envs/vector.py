@@ -58,9 +58,9 @@ class _StepArrays:
     def __init__(self, groups: Sequence[AgentGroup], num_envs: int, memory: Any = None):
         """``memory``: a buffer of ``nbytes(groups, num_envs)`` bytes to lay the arrays over (shared memory
         from ``multiprocessing``); None allocates private memory."""
-        layout = self._layout(groups, num_envs)
+        layout, nbytes = self._layout(groups, num_envs)
         if memory is None:
-            memory = np.zeros(self.nbytes(groups, num_envs), dtype=np.uint8)
+            memory = np.zeros(nbytes, dtype=np.uint8)
         self.memory = memory
         raw = np.frombuffer(memory, dtype=np.uint8)
         self.fields: dict[str, GroupArrays] = {}
@@ -69,8 +69,8 @@ class _StepArrays:
             self.fields.setdefault(field, {})[group] = raw[offset: offset + size].view(dtype).reshape(shape)
 
     @staticmethod
-    def _layout(groups: Sequence[AgentGroup], n: int) -> list[tuple[str, str, Any, tuple[int, ...], int]]:
-        """(field, group, dtype, shape, byte offset) of every array, 8-byte aligned."""
+    def _layout(groups: Sequence[AgentGroup], n: int) -> tuple[list[tuple[str, str, Any, tuple[int, ...], int]], int]:
+        """(field, group, dtype, shape, byte offset) of every array, 8-byte aligned, and the bytes they take."""
         layout, offset = [], 0
         for g in groups:
             flags = (n, g.n_agents)
@@ -81,12 +81,12 @@ class _StepArrays:
             ):
                 layout.append((field, g.name, dtype, shape, offset))
                 offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 8) * 8
-        return layout
+        return layout, offset
 
     @staticmethod
     def nbytes(groups: Sequence[AgentGroup], num_envs: int) -> int:
-        _, _, dtype, shape, offset = _StepArrays._layout(groups, num_envs)[-1]
-        return offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        """The size of the memory to lay a ``_StepArrays`` over."""
+        return _StepArrays._layout(groups, num_envs)[1]
 
     def copies(self, lo: int, hi: int) -> dict[str, GroupArrays]:
         """Views of copies ``lo:hi`` of every field (what one worker writes)."""
