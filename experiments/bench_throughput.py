@@ -9,6 +9,7 @@ workers, learner process) is excluded from both. Also reports the share of wall 
 environments' ``step``.
 
     python experiments/bench_throughput.py [--steps 92160] [--repeats 3] [--append]
+    python experiments/bench_throughput.py --env-steps   # only the per-step env costs behind the table
 """
 
 from __future__ import annotations
@@ -94,6 +95,41 @@ def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode:
     return trainer.agent_steps / wall, timer.total / wall
 
 
+def env_step_costs(copies: int, steps: int = 3000, repeats: int = 3) -> None:
+    """Prints the per-step costs the README explains the table with (best of ``repeats``, random actions):
+    one spread env through PettingZoo's ``parallel_env`` and through madistill's AEC driver, and ``copies``
+    copies stepped in-process and through one env worker."""
+    from mpe2 import simple_spread_v3
+
+    from madistill.envs import EnvSpec, MultiAgentVecEnv, make_env
+
+    spec = EnvSpec("mpe2.simple_spread_v3.parallel_env", ENV_KWARGS)
+    rng = np.random.default_rng(0)
+    for name, env in (("PettingZoo parallel_env", simple_spread_v3.parallel_env(**ENV_KWARGS)),
+                      ("madistill AEC driver", make_env(spec))):
+        best = np.inf
+        for _ in range(repeats):
+            env.reset(seed=0)
+            t = time.perf_counter()
+            for k in range(steps):
+                if not env.agents:
+                    env.reset(seed=k)
+                env.step({a: int(rng.integers(5)) for a in env.agents})
+            best = min(best, (time.perf_counter() - t) / steps)
+        print(f"one env, {name:<24} {1e6 * best:7.0f} us/step")
+    for workers in (0, 1):
+        with MultiAgentVecEnv(spec, copies, num_workers=workers) as venv:
+            venv.reset(0)
+            actions = [{g.name: rng.integers(0, 5, (copies, g.n_agents)) for g in venv.groups} for _ in range(steps)]
+            best = np.inf
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for a in actions:
+                    venv.step(a)
+                best = min(best, (time.perf_counter() - t) / steps)
+        print(f"{copies} copies, {'in-process' if workers == 0 else 'one env worker':<22} {1e3 * best:7.2f} ms/step")
+
+
 def _best_tutorial(med: dict[str, float]) -> float:
     return max(v for k, v in med.items() if k.startswith("tutorial SB3"))
 
@@ -117,7 +153,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3 * 128 * 8 * 3 * 10, help="agent-steps per measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--append", action="store_true", help="pool with the repeats already in the results file")
+    ap.add_argument("--env-steps", action="store_true", help="only print the per-step env costs")
     args = ap.parse_args()
+    if args.env_steps:
+        env_step_costs(args.copies)
+        return
     # One torch thread for every variant: small MLPs run fastest that way on CPU, and the baseline with
     # torch's default thread count is several times slower on 2 cores (measured), which would flatter us.
     torch.set_num_threads(1)
