@@ -360,3 +360,41 @@ def test_robust_distillation_ramps_eps_keeps_excluded_features_and_combines_with
     assert torch.all(listener[[8, 9, 10]] == 0) and torch.all(listener[:8] > 0)  # the message is never perturbed
     speaker = torch.stack(moved["speaker"]).amax(0)
     assert speaker[0] == 0 and torch.all(speaker[1:] > 0)
+
+
+def test_learning_rate_anneals_to_lr_final_and_the_saved_student_is_the_weight_average(make_cfg, teacher_run):
+    """``distill.lr_final``: cosine from ``learning_rate`` to that share at the last update (1 keeps it
+    constant). ``distill.weight_average``: the returned student is the exponential moving average of the live
+    weights after every update, not the last live weights."""
+    from madistill.distill.trainer import DistillTrainer, student_team
+    from madistill.explain.saliency import feature_layouts
+
+    cfg = make_cfg(f"distill.teacher={teacher_run}", "distill.rounds=2", "distill.updates_per_round=5",
+                   "distill.lr_final=0.1", "distill.weight_average=0.5")
+    teacher = load_team(teacher_run / "policies" / "teacher")[0]
+    spec = EnvSpec.from_dict(read_manifest(teacher_run / "policies" / "teacher")["env"])
+    live: list[torch.Tensor] = []
+    with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
+        layouts = feature_layouts(venv.groups, None, venv.feature_names)
+        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
+        assert [trainer.lr_factor(u) for u in (0, 5, 10)] == pytest.approx([1.0, 0.55, 0.1])
+        average = trainer.averages["listener"]
+        update = average.update_parameters
+
+        def spy(model):  # called with the live student after every optimiser step
+            live.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+            update(model)
+
+        average.update_parameters = spy
+        student = trainer.train()
+    lr = cfg.distill.learning_rate
+    assert trainer.optimizers["speaker"].param_groups[0]["lr"] == pytest.approx(0.1 * lr)
+    expected = live[0]  # AveragedModel's EMA starts at the first update's weights
+    for w in live[1:]:
+        expected = 0.5 * expected + 0.5 * w
+    final = torch.nn.utils.parameters_to_vector(student["listener"].parameters()).detach()
+    assert len(live) == 10 and torch.allclose(final, expected) and not torch.allclose(final, live[-1])
+    for key, value in (("lr_final", 0.0), ("weight_average", 1.0)):
+        bad = make_cfg(f"distill.teacher={teacher_run}", f"distill.{key}={value}")
+        with pytest.raises(MadistillError, match=f"distill.{key}"):
+            DistillTrainer(bad, venv, teacher, student_team(teacher, bad.student), layouts)

@@ -61,6 +61,8 @@ class DistillTrainer:
         self.loss = DistillLoss.from_config(dc)
         if not 0.0 <= dc.adv_collect <= 1.0:
             raise MadistillError(f"distill.adv_collect must be in [0, 1], got {dc.adv_collect}")
+        if not 0.0 < dc.lr_final <= 1.0:
+            raise MadistillError(f"distill.lr_final must be in (0, 1], got {dc.lr_final}")
         self.optimizers = {
             g.name: torch.optim.Adam(student[g.name].parameters(), lr=dc.learning_rate) for g in teacher.groups
         }
@@ -76,6 +78,12 @@ class DistillTrainer:
         # unit-radius budgets (attack.exclude and attack.scale respected), scaled by the ramped eps at every update
         self.unit_budgets = group_budgets(1.0, layouts, cfg.attack.exclude, teacher.device, cfg.attack.scale)
         self.total_updates = dc.rounds * dc.updates_per_round
+        if not 0.0 <= dc.weight_average < 1.0:
+            raise MadistillError(f"distill.weight_average must be in [0, 1), got {dc.weight_average}")
+        self.averages = {g.name: torch.optim.swa_utils.AveragedModel(
+            student[g.name], multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(dc.weight_average))
+            for g in teacher.groups} if dc.weight_average > 0 else {}
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor) for opt in self.optimizers.values()]
         self.updates_done = 0
         self.data: dict[str, GroupData] = {}
         self.history: list[dict[str, float]] = []
@@ -100,6 +108,8 @@ class DistillTrainer:
                 row.update(self.evaluate_heldout())
                 self._log(row, r)
                 bar.set_postfix(ret=f"{row['round_team_return']:.2f}", beta=f"{beta:.2f}")
+        for name, average in self.averages.items():
+            self.student[name].load_state_dict(average.module.state_dict())
         return self.student
 
     def _update(self, n: int, bar: tqdm) -> dict[str, float]:
@@ -120,9 +130,13 @@ class DistillTrainer:
                 terms["total"].backward()
                 torch.nn.utils.clip_grad_norm_(self.student[name].parameters(), self.dc.max_grad_norm)
                 opt.step()
+                if self.averages:
+                    self.averages[name].update_parameters(self.student[name])
                 for k, v in terms.items():
                     sums[f"{name}/loss_{k}"] = sums.get(f"{name}/loss_{k}", 0.0) + float(v.detach()) / n
             self.updates_done += 1
+            for scheduler in self.schedulers:
+                scheduler.step()
             bar.update(1)
         if self.loss.adversarial:
             sums["adv_eps"] = self.adv_eps()
@@ -140,6 +154,11 @@ class DistillTrainer:
         budgets = {name: b.scaled(self.adv_eps()) for name, b in self.unit_budgets.items()}
         agents = [a for g in self.teacher.groups for a in g.agents]
         return [AttackTransform(attack, agents, budgets, frequency=self.dc.adv_collect, surrogate=self.student)]
+
+    def lr_factor(self, update: int) -> float:
+        """Share of ``learning_rate`` at ``update``: cosine from 1 down to ``lr_final`` over all updates."""
+        progress = min(1.0, update / max(1, self.total_updates))
+        return self.dc.lr_final + (1.0 - self.dc.lr_final) * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
 
     def adv_eps(self) -> float:
         """The adversarial budget now: linear from 0 to ``adv_eps`` over the first ``adv_ramp`` of the updates."""
