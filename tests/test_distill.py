@@ -389,6 +389,7 @@ def test_learning_rate_anneals_to_lr_final_and_the_saved_student_is_the_weight_a
         student = trainer.train()
     lr = cfg.distill.learning_rate
     assert trainer.optimizers["speaker"].param_groups[0]["lr"] == pytest.approx(0.1 * lr)
+    assert [r["learning_rate"] for r in trainer.history] == pytest.approx([0.55 * lr, 0.1 * lr])  # logged per round
     expected = live[0]  # AveragedModel's EMA starts at the first update's weights
     for w in live[1:]:
         expected = 0.5 * expected + 0.5 * w

@@ -63,6 +63,8 @@ class DistillTrainer:
             raise MadistillError(f"distill.adv_collect must be in [0, 1], got {dc.adv_collect}")
         if not 0.0 < dc.lr_final <= 1.0:
             raise MadistillError(f"distill.lr_final must be in (0, 1], got {dc.lr_final}")
+        if not 0.0 <= dc.weight_average < 1.0:
+            raise MadistillError(f"distill.weight_average must be in [0, 1), got {dc.weight_average}")
         self.optimizers = {
             g.name: torch.optim.Adam(student[g.name].parameters(), lr=dc.learning_rate) for g in teacher.groups
         }
@@ -78,8 +80,7 @@ class DistillTrainer:
         # unit-radius budgets (attack.exclude and attack.scale respected), scaled by the ramped eps at every update
         self.unit_budgets = group_budgets(1.0, layouts, cfg.attack.exclude, teacher.device, cfg.attack.scale)
         self.total_updates = dc.rounds * dc.updates_per_round
-        if not 0.0 <= dc.weight_average < 1.0:
-            raise MadistillError(f"distill.weight_average must be in [0, 1), got {dc.weight_average}")
+        # the average only becomes the student at the end: DAgger rounds and held-out metrics use the live weights
         self.averages = {g.name: torch.optim.swa_utils.AveragedModel(
             student[g.name], multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(dc.weight_average))
             for g in teacher.groups} if dc.weight_average > 0 else {}
@@ -138,6 +139,7 @@ class DistillTrainer:
             for scheduler in self.schedulers:
                 scheduler.step()
             bar.update(1)
+        sums["learning_rate"] = self.dc.learning_rate * self.lr_factor(self.updates_done)
         if self.loss.adversarial:
             sums["adv_eps"] = self.adv_eps()
         return sums
