@@ -361,6 +361,15 @@ def test_longer_speaker_listener_budget_is_a_config_file():
     assert compose_config([]).teacher.total_agent_steps == 1_500_000  # the main job's default budget
 
 
+def test_spread_robust_preset_is_robust_distillation_with_8_rounds_on_spread():
+    from madistill.cli import compose_config
+
+    cfg = compose_config(["+experiment=spread_robust"])
+    assert cfg.env.name == "simple_spread_v3" and cfg.distill.lambda_igr == 0.01  # spread's DIGR weight
+    assert cfg.distill.rounds == 8 and cfg.distill.adv_weight == 1.0 and cfg.distill.smooth_weight == 0.5
+    assert list(cfg.attack.eps) == [0.1, 0.2, 0.3]
+
+
 def test_attacking_a_teacher_with_a_central_critic_skips_the_critic_attack(cli, tmp_path):
     """A centralised critic has no value from one agent's observation: the critic attack is skipped and said
     so in the report; the rest of the suite runs."""
