@@ -100,3 +100,8 @@ suite r8 distill.rounds=8
 suite r16 distill.rounds=16
 suite r8_80k distill.rounds=8 distill.agent_steps_per_round=80000
 python experiments/tradeoff_summary.py $R3 --prefix suite_
+
+# The constant-offset search (opt-in attack, README "Why spread resists") on the seed-0 8-round student
+madistill attack attack.policy=$R3/candidates/r8_s0 "attack.methods=[offsets]" "attack.eps=[0.2]" \
+  "attack.victims=[all,agent_0]" attack.episodes=100 attack.checks=false logger.progress=false env.num_workers=0 \
+  hydra.run.dir=$R3/offsets_r8_s0 | grep -E "clean .*victims"

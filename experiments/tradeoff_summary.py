@@ -1,8 +1,8 @@
 """Seed-pooled table of a robust-recipe sweep (the third round of ``experiments/robust_tradeoff.sh``).
 
 Reads ``<root>/candidates/<recipe>_s<seed>`` (distill runs: clean retention over their evaluation episodes)
-and ``<root>/<prefix><recipe>_s<seed>`` (attack runs of one eps: worst case over their attacks, and the
-teacher's clean return and worst case on the same episodes), and prints one markdown row per recipe and victim
+and ``<root>/<prefix><recipe>_s<seed>`` (attack runs of one eps: clean retention and worst case over their
+attacks, and the teacher's clean return and worst case on the same episodes), and prints one markdown row per recipe and victim
 set: mean over seeds [95% t-interval].
 
     python experiments/tradeoff_summary.py runs/experiments/tradeoff3                  # FGSM + PGD runs
@@ -37,7 +37,7 @@ def seed_rows(run: Path, attacked: Path) -> dict[str, dict[str, float]]:
     for victims, by_eps in t["worst_case"].items():
         t_worst, s_worst = by_eps[eps][1], s["worst_case"][victims][eps][1]
         rows[victims] = {"retention": (team_mean(reports, "student") - random) / (teacher - random),
-                         "worst": s_worst, "recovery": (s_worst - t_worst) / (t["clean"] - t_worst),
+                         "retention_here": (s["clean"] - s["random"]) / (t["clean"] - s["random"]), "worst": s_worst, "recovery": (s_worst - t_worst) / (t["clean"] - t_worst),
                          "eps": float(eps), "teacher_worst": t_worst}
     return rows
 
@@ -54,12 +54,14 @@ def main() -> None:
         if match and (attacked / "reports" / "robustness.json").exists():
             for victims, row in seed_rows(run, attacked).items():
                 recipes[match[1], victims].append(row)
-    print("| recipe | victims | seeds | clean retention | eps | teacher's worst | worst | recovery |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| recipe | victims | seeds | clean retention (distill run) | clean retention (attack run) | eps | "
+          "teacher's worst | worst | recovery |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for (name, victims), rows in recipes.items():
-        cols = [t_interval([r[k] for r in rows]) for k in ("retention", "worst", "recovery")]
-        print(f"| {name} | {victims} | {len(rows)} | {fmt(cols[0], pct=True)} | {rows[0]['eps']:g} | "
-              f"{rows[0]['teacher_worst']:.2f} | {fmt(cols[1])} | {fmt(cols[2], pct=True)} |")
+        ret, here, worst, rec = (t_interval([r[k] for r in rows])
+                                 for k in ("retention", "retention_here", "worst", "recovery"))
+        print(f"| {name} | {victims} | {len(rows)} | {fmt(ret, pct=True)} | {fmt(here, pct=True)} | {rows[0]['eps']:g} | "
+              f"{rows[0]['teacher_worst']:.2f} | {fmt(worst)} | {fmt(rec, pct=True)} |")
 
 
 if __name__ == "__main__":
