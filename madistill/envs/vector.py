@@ -108,21 +108,20 @@ class _Copies:
     def __init__(
         self,
         spec: EnvSpec,
-        grouping: str,
+        groups: list[AgentGroup],
         copy_ids: Sequence[int],
         num_envs: int,
         io: dict[str, GroupArrays],
         render_mode: str | None = None,
         nan_policy: str = "error",
     ):
-        """``io``: this process's slice of the ``_StepArrays`` (laid out by the parent's groups, which
-        ``group_agents`` finds again here from the same env and grouping)."""
+        """``groups``: the parent's, which ``io`` (this process's slice of the ``_StepArrays``) is laid out by."""
         self.nan_policy = nan_policy
         self.envs = [make_env(spec, render_mode=render_mode) for _ in copy_ids]
         self.copy_ids = list(copy_ids)
         self.num_envs = num_envs
         self.env_id = spec.id
-        self.groups = group_agents(self.envs[0], grouping)
+        self.groups = groups
         self.io = io
         self.slot = {a: (g.name, j) for g in self.groups for j, a in enumerate(g.agents)}
         self.flatten = {a: _flattener(self.envs[0].observation_space(a)) for a in self.slot}
@@ -239,8 +238,8 @@ class _Copies:
             env.close()
 
 
-def _worker(conn: Connection, spec: EnvSpec, grouping: str, copy_ids: list[int], num_envs: int, nan_policy: str,
-            groups: list[AgentGroup], memory: Any) -> None:
+def _worker(conn: Connection, spec: EnvSpec, groups: list[AgentGroup], copy_ids: list[int], num_envs: int,
+            nan_policy: str, memory: Any) -> None:
     # Signals are the parent's to handle (Ctrl-C and a cluster's SIGTERM checkpoint there, then close us); a
     # worker only outlives a parent killed outright, so it watches for that instead of lingering.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -248,7 +247,7 @@ def _worker(conn: Connection, spec: EnvSpec, grouping: str, copy_ids: list[int],
     parent = os.getppid()
     lo, hi = copy_ids[0], copy_ids[-1] + 1
     try:
-        copies = _Copies(spec, grouping, copy_ids, num_envs, _StepArrays(groups, num_envs, memory).copies(lo, hi),
+        copies = _Copies(spec, groups, copy_ids, num_envs, _StepArrays(groups, num_envs, memory).copies(lo, hi),
                          nan_policy=nan_policy)
         conn.send(("ok", None))
     except BaseException as e:  # report construction errors to the parent instead of dying silently
@@ -308,7 +307,7 @@ class MultiAgentVecEnv:
             raise MadistillError("rendering needs env.num_workers=0")
         if num_workers == 0:
             self._arrays = _StepArrays(self.groups, num_envs)
-            self._local = _Copies(spec, grouping, range(num_envs), num_envs, self._arrays.copies(0, num_envs),
+            self._local = _Copies(spec, self.groups, range(num_envs), num_envs, self._arrays.copies(0, num_envs),
                                   render_mode, nan_policy)
         else:
             ctx = mp.get_context(start_method)
@@ -317,7 +316,7 @@ class MultiAgentVecEnv:
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
                     target=_worker,
-                    args=(child, spec, grouping, ids.tolist(), num_envs, nan_policy, self.groups, self._arrays.memory),
+                    args=(child, spec, self.groups, ids.tolist(), num_envs, nan_policy, self._arrays.memory),
                     daemon=True,
                 )
                 p.start()
