@@ -6,11 +6,20 @@
 # runs/teachers/simple_spread_v3 (madistill train env=simple_spread_v3 hydra.run.dir=runs/teachers/simple_spread_v3).
 set -euo pipefail
 T=runs/teachers/simple_spread_v3
+distil() {  # run dir, seed, overrides...: one robust student of the spread teacher (retention over 500 episodes)
+  local dir=$1 seed=$2; shift 2
+  madistill distill distill=robust distill.teacher=$T seed=$seed eval.episodes=500 logger.progress=false \
+    hydra.run.dir=$dir "$@" | grep -E "keeps"
+}
+fgsm_pgd() {  # policy, attack run dir, eps list, overrides...: FGSM and PGD-10 (3 restarts), victims all, 200 episodes
+  local policy=$1 dir=$2 eps=$3; shift 3
+  madistill attack attack.policy=$policy "attack.methods=[fgsm,pgd]" "attack.eps=[$eps]" "attack.victims=[all]" \
+    attack.episodes=200 attack.checks=false logger.progress=false hydra.run.dir=$dir "$@" | grep -E "clean .*victims"
+}
 R=runs/experiments/robust_tradeoff
 run() {  # name, overrides...: one run per student under candidates/, which the attack stage reads as a sweep
   local name=$1; shift
-  madistill distill distill=robust distill.teacher=$T seed=0 eval.episodes=500 logger.progress=false \
-    hydra.run.dir=$R/candidates/$name "$@" | grep -E "keeps"
+  distil $R/candidates/$name 0 "$@"
 }
 run digr_only distill.adv_weight=0 distill.smooth_weight=0
 run robust                                   # adv_weight 1, smooth_weight 0.5, adv_eps 0.3 (conf/distill/robust.yaml)
@@ -23,8 +32,7 @@ run adv0_smooth0.5 distill.adv_weight=0
 run ce_eps0.2 distill.adv_objective=ce distill.adv_eps=0.2
 run width112_eps0.2 "student.hidden_sizes=[112,112]" distill.adv_eps=0.2
 # the attack stage adds the students' teacher (recorded in their manifests)
-madistill attack attack.policy=$R/candidates "attack.methods=[fgsm,pgd]" "attack.eps=[0.1,0.2,0.3]" \
-  "attack.victims=[all]" attack.episodes=200 attack.checks=false logger.progress=false hydra.run.dir=$R/eval
+fgsm_pgd $R/candidates $R/eval 0.1,0.2,0.3
 
 # Second round: more DAgger data (rounds), more updates on the same data, collection under attack
 # (distill.adv_collect), the greedy-action and combined training objectives, FGSM's point in training (adv_fgsm). Same teacher, seed 0, retention
@@ -33,11 +41,8 @@ madistill attack attack.policy=$R/candidates "attack.methods=[fgsm,pgd]" "attack
 R2=runs/experiments/tradeoff2
 run2() {
   local name=$1; shift
-  madistill distill distill=robust distill.teacher=$T seed=0 eval.episodes=500 logger.progress=false \
-    hydra.run.dir=$R2/candidates/$name "$@" | grep -E "keeps"
-  madistill attack attack.policy=$R2/candidates/$name "attack.methods=[fgsm,pgd]" "attack.eps=[0.2]" \
-    "attack.victims=[all]" attack.episodes=200 attack.checks=false logger.progress=false \
-    hydra.run.dir=$R2/eval_$name | grep -E "clean .*victims"
+  distil $R2/candidates/$name 0 "$@"
+  fgsm_pgd $R2/candidates/$name $R2/eval_$name 0.2
 }
 run2 long8x1000 distill.rounds=8
 run2 rounds12 distill.rounds=12
@@ -59,11 +64,8 @@ R3=runs/experiments/tradeoff3
 run3() {
   local name=$1; shift
   for s in 0 1 2; do
-    madistill distill distill=robust distill.teacher=$T seed=$s eval.episodes=500 logger.progress=false \
-      env.num_workers=0 hydra.run.dir=$R3/candidates/${name}_s$s "$@" | grep -E "keeps"
-    madistill attack attack.policy=$R3/candidates/${name}_s$s "attack.methods=[fgsm,pgd]" "attack.eps=[0.2]" \
-      "attack.victims=[all]" attack.episodes=200 attack.checks=false logger.progress=false env.num_workers=0 \
-      hydra.run.dir=$R3/eval_${name}_s$s | grep -E "student.*clean .*victims"
+    distil $R3/candidates/${name}_s$s $s env.num_workers=0 "$@"
+    fgsm_pgd $R3/candidates/${name}_s$s $R3/eval_${name}_s$s 0.2 env.num_workers=0
   done
 }
 run3 r8 distill.rounds=8
@@ -78,9 +80,7 @@ python experiments/tradeoff_summary.py $R3
 # on the teacher and the seed-0 student of r8 (the attack stage adds the teacher)
 for spec in "landmarks:[0,1,2,3,10,11,12,13,14,15,16,17]" "others:[0,1,2,3,4,5,6,7,8,9,14,15,16,17]" \
             "self:[4,5,6,7,8,9,10,11,12,13,14,15,16,17]"; do
-  madistill attack attack.policy=$R3/candidates/r8_s0 "attack.methods=[fgsm,pgd]" "attack.eps=[0.2]" \
-    "attack.victims=[all]" attack.episodes=200 attack.checks=false logger.progress=false env.num_workers=0 \
-    "+attack.exclude.agent=${spec#*:}" hydra.run.dir=$R3/features_${spec%%:*} | grep -E "clean .*victims"
+  fgsm_pgd $R3/candidates/r8_s0 $R3/features_${spec%%:*} 0.2 env.num_workers=0 "+attack.exclude.agent=${spec#*:}"
 done
 
 # The closest recipe against the whole suite (as experiments/robustness.py runs it: eps 0.2, victims all and
@@ -89,8 +89,7 @@ done
 suite() {
   local name=$1; shift
   for s in 0 1 2; do
-    [ -d $R3/candidates/${name}_s$s/policies ] || madistill distill distill=robust distill.teacher=$T seed=$s \
-      eval.episodes=500 logger.progress=false env.num_workers=0 hydra.run.dir=$R3/candidates/${name}_s$s "$@" | grep -E "keeps"
+    [ -d $R3/candidates/${name}_s$s/policies ] || distil $R3/candidates/${name}_s$s $s env.num_workers=0 "$@"
     madistill attack attack.policy=$R3/candidates/${name}_s$s "attack.eps=[0.2]" "attack.victims=[all,agent_0]" \
       attack.episodes=100 logger.progress=false env.num_workers=0 hydra.run.dir=$R3/suite_${name}_s$s \
       | grep -E "student.*clean .*victims"

@@ -33,12 +33,13 @@ def seed_rows(run: Path, attacked: Path) -> dict[str, dict[str, float]]:
     results = report["results"]
     t = results.pop("teacher@teacher")
     (s,) = results.values()
+    clean = {"retention": (team_mean(reports, "student") - random) / (teacher - random),
+             "retention_here": (s["clean"] - s["random"]) / (t["clean"] - s["random"]), "eps": float(eps)}
     rows = {}
     for victims, by_eps in t["worst_case"].items():
         t_worst, s_worst = by_eps[eps][1], s["worst_case"][victims][eps][1]
-        rows[victims] = {"retention": (team_mean(reports, "student") - random) / (teacher - random),
-                         "retention_here": (s["clean"] - s["random"]) / (t["clean"] - s["random"]), "worst": s_worst, "recovery": (s_worst - t_worst) / (t["clean"] - t_worst),
-                         "eps": float(eps), "teacher_worst": t_worst}
+        rows[victims] = {**clean, "worst": s_worst, "recovery": (s_worst - t_worst) / (t["clean"] - t_worst),
+                         "teacher_worst": t_worst}
     return rows
 
 
