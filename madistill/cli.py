@@ -21,6 +21,7 @@ STAGES = {
     "train": "train teachers with SB3 PPO for every agent group",
     "evaluate": "evaluate saved policies (eval.policy=<run, policy or sweep dir>)",
     "distill": "distil a teacher (distill.teacher=<run or policy dir>) into compact DIGR students",
+    "finetune": "robust RL fine-tuning (SA-PPO) of a distilled student (finetune.policy=<distill run>)",
     "saliency": "saliency maps and figures for saved policies (saliency.policy=<run or policy dir>)",
     "attack": "robustness of saved policies to observation attacks (attack.policy=<run or policy dir>)",
     "pipeline": "the main job: train teachers, distil them into students, evaluate both next to a random team",
@@ -38,6 +39,9 @@ STAGE_HELP = {
     "distill": ("settings: distill.* (conf/distill/: digr, plain, robust), student.*; writes policies/student in its run dir",
                 ["madistill distill distill.teacher=<run>",
                  "madistill distill distill=robust distill.teacher=<run> \"attack.eps=[0.3]\""]),
+    "finetune": ("settings: finetune.* (conf/finetune/sappo.yaml), teacher.ppo.*; writes policies/student in its run dir",
+                 ["madistill finetune finetune.policy=<distill run>",
+                  "madistill finetune finetune.policy=<distill run> finetune.eps=0.3 finetune.total_agent_steps=1000000"]),
     "saliency": ("settings: saliency.*; writes reports/saliency.{json,npz} and heatmaps in its run dir",
                  ["madistill saliency saliency.policy=<run>"]),
     "attack": ("settings: attack.* (conf/attack/: suite, quick, thorough); writes reports/robustness.{md,json} in its run dir",
@@ -163,8 +167,8 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
 
 
 # The saved policy each stage starts from; its env's config file applies unless the command line names an env.
-_POLICY_OVERRIDES = {"evaluate": "eval.policy", "distill": "distill.teacher", "saliency": "saliency.policy",
-                     "attack": "attack.policy"}
+_POLICY_OVERRIDES = {"evaluate": "eval.policy", "distill": "distill.teacher", "finetune": "finetune.policy",
+                     "saliency": "saliency.policy", "attack": "attack.policy"}
 
 
 def _with_saved_env(overrides: list[str], stage: str) -> list[str]:

@@ -135,6 +135,23 @@ class DistillConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Robust RL fine-tuning of a distilled student (``madistill finetune``, SA-PPO): PPO on the env's return,
+    from the student's actor and its teacher's critic, with a smoothness regulariser in every minibatch step.
+    The other PPO settings are teacher.ppo's; the budget respects attack.exclude and attack.scale."""
+
+    policy: str | None = None  # the student's run or policy directory
+    total_agent_steps: int = 400_000  # summed over agents and env copies
+    learning_rate: float = 1e-4  # lower than a fresh teacher's: the actor starts trained
+    smooth_weight: float = 0.03  # weight of KL(pi(x) || pi(x + delta)), delta PGD's maximiser within the budget
+    eps: float = 0.2  # the l_inf radius of the regulariser and the collection attack (normalised units)
+    steps: int = 3  # PGD steps of the inner maximisation
+    ramp: float = 0.2  # share of training over which the regulariser's eps grows linearly from 0
+    attack_fraction: float = 0.5  # share of env copies and steps played under PGD on the acting team (radius eps)
+    attack_objective: str = "ce"  # what that PGD maximises: ce (flip the greedy action) | kl
+
+
+@dataclass
 class SaliencyConfig:
     baseline: str = "mean"  # perturbation baseline: mean (normaliser mean) | marginal (other observations)
     baseline_samples: int = 4  # draws per observation for the marginal baseline
@@ -215,6 +232,7 @@ class Config:
     logger: LoggerConfig = MISSING
     student: StudentConfig = MISSING
     distill: DistillConfig = MISSING
+    finetune: FinetuneConfig = MISSING
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     attack: AttackConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -232,12 +250,14 @@ def register_configs() -> None:
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
     cs.store(group="student", name="base_student", node=StudentConfig)
     cs.store(group="distill", name="base_distill", node=DistillConfig)
+    cs.store(group="finetune", name="base_finetune", node=FinetuneConfig)
     cs.store(group="attack", name="base_attack", node=AttackConfig)
 
 
 # Counts that must be positive: a zero or negative value would save an untrained policy or summarise nothing.
 POSITIVE = ("teacher.total_agent_steps", "eval.episodes", "attack.episodes", "saliency.episodes", "distill.rounds",
-            "distill.agent_steps_per_round", "distill.updates_per_round", "distill.batch_size")
+            "distill.agent_steps_per_round", "distill.updates_per_round", "distill.batch_size",
+            "finetune.total_agent_steps", "finetune.steps")
 
 
 def validate(cfg: Any) -> None:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import madistill
+from madistill.attacks.budget import group_budgets
 from madistill.attacks.robustness import check_methods, curves_figure, evaluate_robustness
 from madistill.attacks.robustness import markdown_report as robustness_markdown
 from madistill.attacks.transform import victim_sets
@@ -51,6 +52,7 @@ from madistill.explain.report import (
     save_arrays,
 )
 from madistill.explain.saliency import feature_layouts
+from madistill.finetune import actor_critic_team, attach_regularisers, collection_attack, student_from_actor
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import find_policy_dir, load_team, read_manifest, save_team
 from madistill.runtime import env_spec, make_vec_env, resolve_device, seed_everything
@@ -254,6 +256,64 @@ def distill_students(
     config["features"] = {g: dict(zip(lay.names, map(list, lay.indices))) for g, lay in layouts.items()}
     save_team(run_dir / "policies" / "student", student, spec, "student", config=config)
     return tdir, trainer.history
+
+
+def finetune(cfg: DictConfig, run_dir: Path) -> dict:
+    """Stage: robust RL fine-tuning (SA-PPO) of the student at ``finetune.policy``; evaluate it next to its teacher."""
+    with _tb(cfg, run_dir) as tb:
+        teacher = finetune_students(cfg, run_dir, cfg.finetune.policy, tb)
+        summaries = evaluate_policies(cfg, run_dir, [teacher, run_dir], tb)
+        tb.hparams(_flat_hparams(cfg), _run_metrics(summaries))
+    _print_results(run_dir, summaries, run_dir)
+    return summaries
+
+
+def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path | None, tb: TBLogger) -> Path:
+    """PPO with SA-PPO's smoothness regulariser on the students at ``student_path`` (a distill run or student
+    policy dir), from their actors and their teacher's critics; saves ``<run>/policies/student`` with the same
+    teacher link and returns the teacher's policy dir."""
+    if not student_path:
+        raise MadistillError("no student to fine-tune: pass finetune.policy=<distill run or student policy directory>")
+    if cfg.teacher.update_mode == "process":
+        raise MadistillError("finetune adds its regulariser to the PPO updates in this process: use "
+                             "teacher.update_mode=inline or thread")
+    seed_everything(cfg.seed, cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    p = Path(student_path)
+    sdir = find_policy_dir(p, "student") if (p / "policies" / "student").is_dir() else find_policy_dir(p)
+    ref = PolicyRef("student", sdir, "student")
+    tdir = _distilled_from(ref)
+    if tdir is None or not tdir.is_dir():
+        raise MadistillError(f"{sdir} records no teacher it was distilled from (or it is gone): fine-tune a student "
+                             "saved by `madistill distill`, with its teacher in place")
+    spec = _env_for(cfg, [ref])
+    fc = cfg.finetune
+    ppo_cfg = cfg.copy()  # the teacher trainer's loop, on the fine-tuning budget and learning rate
+    ppo_cfg.teacher.ppo.learning_rate, ppo_cfg.teacher.total_agent_steps = fc.learning_rate, fc.total_agent_steps
+    ppo_cfg.teacher.resume = None
+    with make_vec_env(cfg.env, spec) as venv:
+        student, manifest = load_team(sdir, venv.groups, device=device)
+        teacher, _ = load_team(tdir, venv.groups, device=device)
+        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
+        budgets = group_budgets(1.0, layouts, cfg.attack.exclude, device, cfg.attack.scale)
+        attack = collection_attack(venv.groups, budgets, fc)
+        with TeacherTrainer(ppo_cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack) as trainer:
+            trainer.episode_seed = finetune_episode_seed(cfg.seed)
+            attach_regularisers(trainer.learners, budgets, fc, cfg.seed)
+            trainer.train(run_dir)
+        tuned = student_from_actor(trainer.team, student)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    saved = manifest.get("config", {})
+    config["distill"] = {**saved.get("distill", {}), "teacher": str(tdir)}  # how the student was distilled, and from what
+    config["features"] = saved.get("features", {})
+    config["finetune"]["policy"] = str(sdir.resolve())
+    save_team(run_dir / "policies" / "student", tuned, spec, "student", config=config)
+    return tdir
+
+
+def finetune_episode_seed(seed: int) -> int:
+    """The first episode seed of fine-tuning: away from the teacher's (from ``seed``), DAgger's and evaluation's."""
+    return 10_000_000 * (1 + int(seed))
 
 
 def teacher_dir(path: str | Path) -> Path:

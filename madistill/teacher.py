@@ -23,7 +23,7 @@ import signal
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,7 +62,7 @@ from madistill.policies.sb3 import (
 from madistill.policies.store import load_team, save_team
 from madistill.rollout import Rollout, Transition
 from madistill.tb import TBLogger
-from madistill.transforms import GroupTensors, normalize
+from madistill.transforms import GroupTensors, ObsTransform, normalize
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -284,14 +284,26 @@ class TeacherTrainer:
     """Trains one PPO per group together in one vector env; checkpointable and resumable. A context manager:
     with ``teacher.update_mode=process`` it owns a learner process until ``close()``."""
 
-    def __init__(self, cfg: Any, venv: MultiAgentVecEnv, spec: EnvSpec, device: torch.device, tb: TBLogger | None):
+    def __init__(self, cfg: Any, venv: MultiAgentVecEnv, spec: EnvSpec, device: torch.device, tb: TBLogger | None,
+                 start: TeamPolicy | None = None, transforms: Sequence[ObsTransform] = ()):
+        """``start``: SB3 policies (one architecture for all groups) to continue from instead of fresh ones, with
+        their normalisers kept fixed (robust fine-tuning starts from a student's actor and its teacher's critic);
+        its architecture replaces ``teacher.hidden_sizes``, ``activation`` and ``critic``. ``transforms``: what
+        the rollouts apply to the normalised observations (an attack, for training under it); PPO learns from the
+        observations the policies saw."""
         self.cfg, self.venv, self.spec, self.device, self.tb = cfg, venv, spec, device, tb
+        self.transforms = list(transforms)
         tc = cfg.teacher
-        if tc.critic not in CRITICS:
+        if start is not None:
+            self.arch = _start_arch(start)
+        elif tc.critic not in CRITICS:
             raise MadistillError(f"unknown teacher.critic {tc.critic!r}: use teacher.critic=<one of {', '.join(CRITICS)}>")
-        # a centralised critic reads every agent's observation of the env copy after the agent's own
-        state_dim = sum(g.n_agents * g.obs_dim for g in venv.groups) if tc.critic == "central" else 0
-        self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": state_dim}
+        else:
+            # a centralised critic reads every agent's observation of the env copy after the agent's own
+            state_dim = sum(g.n_agents * g.obs_dim for g in venv.groups) if tc.critic == "central" else 0
+            self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": state_dim}
+        # inputs keep the units the start policies were trained in; fresh teachers learn theirs as they go
+        self.update_normalizers = start is None
         ppo_settings = group_ppo_settings(tc, venv.group_names)
         self.n_steps = int(tc.ppo.n_steps)
         if tc.update_mode not in UPDATE_MODES:
@@ -322,7 +334,12 @@ class TeacherTrainer:
         self.episode_seed = cfg.seed  # the first copy's next fresh episode seed (resuming must not replay any)
         self._pending: Future | _PendingUpdate | None = None  # the update running in the background ...
         self._pending_step = 0  # ... and the agent step its losses are logged at
-        if tc.resume:
+        if start is not None:
+            for name, lr in self.learners.items():
+                lr.model.policy.load_state_dict(start[name].sb3.state_dict())
+                self.team.normalizers[name] = start.normalizers[name]
+            self._copy_to_actors()
+        elif tc.resume:
             self._restore(Path(tc.resume))
         self._learner: _LearnerProcess | None = None
         if self.update_mode == "process":  # started here, as env workers are: its start-up is not training time
@@ -368,7 +385,8 @@ class TeacherTrainer:
             buf.add(obs.cpu().numpy(), actions.cpu().numpy(), rewards, lr.episode_starts, values, logp)
             next_active = res.active[name].reshape(-1)
             lr.episode_starts = (res.dones[name].reshape(-1) | ~next_active).astype(np.float32)
-            self.team.normalizers[name].update(tr.raw_obs[name].reshape(-1, g.obs_dim)[active])
+            if self.update_normalizers:
+                self.team.normalizers[name].update(tr.raw_obs[name].reshape(-1, g.obs_dim)[active])
 
     def _finish_rollout(self, rollout: Rollout) -> None:
         last_in = self._critic_inputs(normalize(self.team, rollout.raw_obs))
@@ -383,7 +401,7 @@ class TeacherTrainer:
         total = int(self.cfg.teacher.total_agent_steps)
         per_iter = self.n_steps * self.venv.num_envs * len(self.venv.possible_agents)
         every = int(self.cfg.teacher.checkpoint_every)
-        rollout = Rollout(self.venv, self.team, seed=self.episode_seed)
+        rollout = Rollout(self.venv, self.team, self.transforms, seed=self.episode_seed)
         bar = tqdm(
             total=total, initial=self.agent_steps, desc="train", unit="agent-step", unit_scale=True,
             disable=not self.cfg.logger.progress,
@@ -488,6 +506,7 @@ class TeacherTrainer:
             "train/clip_fraction": "clipfrac", "train/explained_variance": "explained_variance",
             "train/loss": "loss", "train/learning_rate": "learning_rate", "train/std": "action_std",
             "train/ent_coef": "ent_coef", "train/clip_range": "clip_range",
+            "train/smoothness": "smoothness", "train/smooth_eps": "smooth_eps",  # robust fine-tuning's regulariser
         }
         for group, values in losses.items():
             for key, tag in names.items():
@@ -550,6 +569,14 @@ class TeacherTrainer:
             raise MadistillError(f"checkpoint {path} is already at {self.agent_steps} agent-steps: raise "
                                  f"teacher.total_agent_steps above that to continue training")
         self.episode_seed = int(state.get("episode_seed", self.cfg.seed + self.iteration * self.venv.num_envs))
+
+
+def _start_arch(start: TeamPolicy) -> dict[str, Any]:
+    """The one SB3 architecture of ``start``'s policies (the trainer builds every group's PPO alike)."""
+    archs = [getattr(start[g.name], "arch", None) for g in start.groups]
+    if not all(isinstance(start[g.name], SB3Policy) for g in start.groups) or any(a != archs[0] for a in archs):
+        raise MadistillError("training can only continue from SB3 actor-critics of one architecture for every group")
+    return dict(archs[0])
 
 
 class _LearnerProcess:

@@ -54,9 +54,11 @@ def sb3_policy_class(arch: dict[str, Any]) -> type[ActorCriticPolicy]:
 
 
 def policy_kwargs(group: AgentGroup, arch: dict[str, Any]) -> dict[str, Any]:
-    """SB3 ``policy_kwargs`` for a madistill architecture (actor and critic of the same hidden sizes)."""
+    """SB3 ``policy_kwargs`` for a madistill architecture: critic (and actor) of ``hidden_sizes``, or an actor of
+    ``actor_hidden_sizes`` where given (a student's actor with its teacher's critic, for robust fine-tuning)."""
     hidden = list(arch["hidden_sizes"])
-    kwargs = {"net_arch": {"pi": hidden, "vf": hidden}, "activation_fn": activation(arch["activation"]), "ortho_init": True}
+    actor = list(arch.get("actor_hidden_sizes") or hidden)
+    kwargs = {"net_arch": {"pi": actor, "vf": hidden}, "activation_fn": activation(arch["activation"]), "ortho_init": True}
     if team_state_dim(arch):
         kwargs["actor_dim"] = group.obs_dim
     return kwargs

@@ -1,0 +1,168 @@
+"""Robust RL fine-tuning (madistill finetune): weight transfer, the SA-PPO regulariser, the stage end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from madistill.attacks.budget import Budget
+from madistill.attacks.methods import Attack
+from madistill.distill.divergences import divergence
+from madistill.envs import EnvSpec, group_agents, make_env
+from madistill.finetune import SmoothnessRegulariser, actor_critic_team, student_from_actor
+from madistill.normalize import ObsNormalizer
+from madistill.policies import MLPPolicy, SB3Policy, TeamPolicy
+from madistill.policies.store import load_team, read_manifest
+from madistill.teacher import build_model
+
+
+def _teams(continuous: bool, critic_dim: int = 0) -> tuple[TeamPolicy, TeamPolicy]:
+    spec = EnvSpec("mpe2.simple_spread_v3.parallel_env", {"N": 3, "continuous_actions": continuous})
+    env = make_env(spec)
+    groups = group_agents(env)
+    env.close()
+    torch.manual_seed(0)
+    norm = {g.name: ObsNormalizer(g.obs_dim) for g in groups}
+    teacher = TeamPolicy(groups, {g.name: SB3Policy.from_arch(g, {"hidden_sizes": [16, 16], "activation": "tanh",
+                                                                   "team_state_dim": critic_dim}) for g in groups}, norm)
+    student = TeamPolicy(groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8, 8], "activation": "tanh"}) for g in groups}, norm)
+    for p in student.parameters():  # not the zero log-std of a fresh student: the transfer must carry it
+        torch.nn.init.normal_(p)
+    return teacher, student
+
+
+@pytest.mark.parametrize("continuous,critic_dim", [(False, 0), (True, 0), (False, 54)])
+def test_actor_critic_acts_as_the_student_judges_as_the_teacher_and_converts_back(continuous, critic_dim):
+    teacher, student = _teams(continuous, critic_dim)
+    ac = actor_critic_team(student, teacher)
+    g = teacher.groups[0]
+    x = torch.randn(32, g.obs_dim)
+    full = torch.randn(32, g.obs_dim + critic_dim)
+    assert torch.equal(ac[g.name](x), student[g.name](x))
+    assert torch.equal(ac[g.name].critic_value(full), teacher[g.name].critic_value(full))
+    if continuous:
+        assert torch.equal(ac[g.name].log_std(), student[g.name].log_std())
+    assert ac[g.name].acting_parameters == student[g.name].num_parameters
+    with torch.no_grad():  # a fine-tuned actor comes back as a student with its weights
+        ac[g.name].sb3.action_net.bias += 1.0
+    back = student_from_actor(ac, student)
+    assert torch.allclose(back[g.name](x), ac[g.name](x))
+    assert not torch.equal(back[g.name](x), student[g.name](x))
+
+
+def test_smoothness_regulariser_makes_the_actor_harder_to_move_and_leaves_the_critic():
+    teacher, student = _teams(False)
+    g = teacher.groups[0]
+    ac = actor_critic_team(student, teacher)
+    model = build_model(g, 2, ac[g.name].arch, {"n_steps": 64, "batch_size": 64, "learning_rate": 3e-3}, 0, "cpu")
+    model.policy.load_state_dict(ac[g.name].sb3.state_dict())
+    buf = model.rollout_buffer
+    buf.observations[:] = np.random.default_rng(0).normal(size=buf.observations.shape)
+    buf.valid_idx = np.arange(64 * 2 * g.n_agents)
+    buf.observations = buf.observations.reshape(-1, g.obs_dim)  # as train() leaves it: flattened
+    model._current_progress_remaining = 0.5  # past the ramp: the full radius
+    settings = OmegaConf.create({"smooth_weight": 1.0, "eps": 0.3, "steps": 3, "ramp": 0.2})
+    budget = Budget.build(1.0, g.obs_dim, excluded=[0, 1])
+    reg = SmoothnessRegulariser(model, SB3Policy(g, model.policy, ac[g.name].arch), budget, settings,
+                                torch.Generator().manual_seed(0))
+    assert reg.current_eps() == pytest.approx(0.3)
+    x = torch.as_tensor(buf.observations[:256])
+    strong = Attack("pgd", "kl", steps=10, restarts=3)
+
+    def moved() -> float:
+        actor = SB3Policy(g, model.policy, ac[g.name].arch)
+        with torch.no_grad():
+            x_adv = strong(actor, x, budget.scaled(0.3), torch.Generator().manual_seed(1))
+            return float(divergence("kl", actor(x), actor(x_adv), discrete=True).mean())
+
+    critic = {k: v.clone() for k, v in model.policy.state_dict().items() if "value" in k}
+    before = moved()
+    for _ in range(200):  # steps on the regulariser alone: the hook adds its gradient before each
+        model.policy.optimizer.zero_grad()
+        model.policy.optimizer.step()
+    assert moved() < 0.5 * before
+    assert all(torch.equal(v, model.policy.state_dict()[k]) for k, v in critic.items())
+    assert model.logger.name_to_value["train/smooth_eps"] == pytest.approx(0.3)
+
+
+@pytest.fixture(scope="module")
+def student_run(tmp_path_factory):
+    """A tiny spread teacher and its student, made once for this module."""
+    from conftest import compose_config, tiny
+
+    from madistill import stages
+    from madistill.tb import TBLogger
+
+    root = tmp_path_factory.mktemp("finetune")
+    cfg = compose_config(tiny("env=simple_spread_v3", "teacher.total_agent_steps=3000"))
+    stages.train_teachers(cfg, root / "teacher", TBLogger(root / "tb", enabled=False))
+    cfg = compose_config(tiny("env=simple_spread_v3", f"distill.teacher={root / 'teacher'}"))
+    stages.distill_students(cfg, root / "student", cfg.distill.teacher, TBLogger(root / "tb", enabled=False))
+    return root
+
+
+def test_finetune_command_saves_a_drop_in_student_linked_to_its_teacher(cli, student_run, tmp_path):
+    from conftest import tiny
+
+    run = tmp_path / "ft"
+    rc, out, err = cli("finetune", *tiny(f"finetune.policy={student_run / 'student'}", "finetune.total_agent_steps=600",
+                                         "finetune.eps=0.2", "logger.progress=false"), f"hydra.run.dir={run}")
+    assert rc == 0, err
+    manifest = read_manifest(run / "policies" / "student")
+    original = read_manifest(student_run / "student" / "policies" / "student")
+    assert manifest["role"] == "student" and manifest["networks"] == original["networks"]
+    assert manifest["config"]["distill"]["teacher"] == original["config"]["distill"]["teacher"]
+    assert manifest["config"]["distill"]["rounds"] == original["config"]["distill"]["rounds"]  # how it was distilled
+    assert manifest["config"]["finetune"]["policy"] == str(student_run / "student" / "policies" / "student")
+    assert manifest["normalizers"] == original["normalizers"]  # fine-tuning keeps the input units
+    tuned, before = load_team(run)[0], load_team(student_run / "student")[0]
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), before.parameters()))
+    md = (run / "reports" / "eval.md").read_text()
+    assert "| teacher |" in md and "| student |" in md and "student    team return IQM" in out
+
+
+def test_finetune_errors_are_one_line(cli, student_run, tmp_path):
+    from conftest import tiny
+
+    for args, needle in [
+        ((), "pass finetune.policy="),
+        ((f"finetune.policy={student_run / 'teacher'}",), "records no teacher"),
+        ((f"finetune.policy={student_run / 'student'}", "teacher.update_mode=process"), "teacher.update_mode=inline"),
+        ((f"finetune.policy={student_run / 'student'}", "finetune.ramp=2"), "finetune.ramp"),
+    ]:
+        rc, out, err = cli("finetune", *tiny(*args), f"hydra.run.dir={tmp_path / 'e'}")
+        assert rc == 2 and needle in err and "Traceback" not in err, (args, err)
+
+
+def test_ppo_learns_from_the_attacked_observations_when_collecting_under_attack(make_cfg):
+    from madistill.attacks.budget import group_budgets
+    from madistill.explain.saliency import feature_layouts
+    from madistill.finetune import collection_attack
+    from madistill.rollout import Rollout
+    from madistill.runtime import env_spec, make_vec_env
+    from madistill.teacher import TeacherTrainer
+    from madistill.transforms import normalize
+
+    cfg = make_cfg("env=simple_spread_v3", "finetune.attack_fraction=1", "finetune.eps=0.2")
+    assert collection_attack([], {}, OmegaConf.merge(cfg.finetune, {"attack_fraction": 0.0})) == []
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv:
+        layouts = feature_layouts(venv.groups, {}, venv.feature_names)
+        budgets = group_budgets(1.0, layouts, {"agent": [0, 1]})
+        (attack,) = collection_attack(venv.groups, budgets, cfg.finetune)
+        assert attack.attack.objective == "ce" and attack.victims == ["agent_0", "agent_1", "agent_2"]
+        with TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None, transforms=[attack]) as trainer:
+            seen = []
+
+            def on_step(tr):  # the trainer's own step, recording what it was given
+                seen.append((normalize(trainer.team, tr.raw_obs), tr.obs))
+                trainer._on_step(tr)
+
+            Rollout(venv, trainer.team, trainer.transforms, seed=0).run(steps=5, on_step=on_step)
+    clean, attacked = seen[-1][0]["agent"], seen[-1][1]["agent"]
+    delta = (attacked - clean).abs()
+    assert float(delta[..., 2:].max()) == pytest.approx(0.2, abs=1e-5) and float(delta[..., :2].max()) == 0.0
+    stored = torch.as_tensor(trainer.learners["agent"].collecting.observations[4]).reshape(attacked.shape)
+    assert torch.allclose(stored, attacked)  # the buffer holds what the policy saw
