@@ -304,6 +304,7 @@ class TeacherTrainer:
             self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": state_dim}
         # inputs keep the units the start policies were trained in; fresh teachers learn theirs as they go
         self.update_normalizers = start is None
+        self.resumable = start is None  # teacher.resume rebuilds teachers; a run from start policies does not resume
         ppo_settings = group_ppo_settings(tc, venv.group_names)
         self.n_steps = int(tc.ppo.n_steps)
         if tc.update_mode not in UPDATE_MODES:
@@ -436,7 +437,8 @@ class TeacherTrainer:
                         self.save_checkpoint(run_dir / "checkpoint")
             except KeyboardInterrupt:
                 path = self.save_checkpoint(run_dir / "checkpoint")  # takes the pending update first
-                tqdm.write(f"interrupted: checkpoint saved to {path}; resume with teacher.resume={path}")
+                resume = f"resume with teacher.resume={path}" if self.resumable else "a fine-tune starts afresh"
+                tqdm.write(f"interrupted: checkpoint saved to {path}; {resume}")
                 raise
             self._sync()
         return self.team
