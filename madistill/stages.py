@@ -279,8 +279,7 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
                              "teacher.update_mode=inline or thread")
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
-    p = Path(student_path)
-    sdir = find_policy_dir(p, "student") if (p / "policies" / "student").is_dir() else find_policy_dir(p)
+    sdir = run_policy_dir(student_path, "student")
     ref = PolicyRef("student", sdir, "student")
     tdir = _distilled_from(ref)
     if tdir is None or not tdir.is_dir():
@@ -318,8 +317,13 @@ def finetune_episode_seed(seed: int) -> int:
 
 def teacher_dir(path: str | Path) -> Path:
     """A teacher policy dir, or the ``teacher`` policy of a run dir."""
+    return run_policy_dir(path, "teacher")
+
+
+def run_policy_dir(path: str | Path, name: str) -> Path:
+    """The ``name`` policy of a run dir that has one, else the policy dir ``path`` (or a run's only policy)."""
     p = Path(path)
-    return find_policy_dir(p, "teacher") if (p / "policies" / "teacher").is_dir() else find_policy_dir(p)
+    return find_policy_dir(p, name) if (p / "policies" / name).is_dir() else find_policy_dir(p)
 
 
 def _configured_features(cfg: DictConfig, spec: EnvSpec) -> dict:

@@ -302,9 +302,9 @@ class TeacherTrainer:
             # a centralised critic reads every agent's observation of the env copy after the agent's own
             state_dim = sum(g.n_agents * g.obs_dim for g in venv.groups) if tc.critic == "central" else 0
             self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": state_dim}
-        # inputs keep the units the start policies were trained in; fresh teachers learn theirs as they go
-        self.update_normalizers = start is None
-        self.resumable = start is None  # teacher.resume rebuilds teachers; a run from start policies does not resume
+        # From start policies, inputs keep the units those were trained in (fresh teachers learn theirs as they
+        # go), and the run does not resume (teacher.resume rebuilds fresh teachers).
+        self.from_start = start is not None
         ppo_settings = group_ppo_settings(tc, venv.group_names)
         self.n_steps = int(tc.ppo.n_steps)
         if tc.update_mode not in UPDATE_MODES:
@@ -386,7 +386,7 @@ class TeacherTrainer:
             buf.add(obs.cpu().numpy(), actions.cpu().numpy(), rewards, lr.episode_starts, values, logp)
             next_active = res.active[name].reshape(-1)
             lr.episode_starts = (res.dones[name].reshape(-1) | ~next_active).astype(np.float32)
-            if self.update_normalizers:
+            if not self.from_start:
                 self.team.normalizers[name].update(tr.raw_obs[name].reshape(-1, g.obs_dim)[active])
 
     def _finish_rollout(self, rollout: Rollout) -> None:
@@ -437,7 +437,7 @@ class TeacherTrainer:
                         self.save_checkpoint(run_dir / "checkpoint")
             except KeyboardInterrupt:
                 path = self.save_checkpoint(run_dir / "checkpoint")  # takes the pending update first
-                resume = f"resume with teacher.resume={path}" if self.resumable else "a fine-tune starts afresh"
+                resume = f"resume with teacher.resume={path}" if not self.from_start else "a fine-tune starts afresh"
                 tqdm.write(f"interrupted: checkpoint saved to {path}; {resume}")
                 raise
             self._sync()
