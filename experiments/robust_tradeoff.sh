@@ -125,7 +125,7 @@ madistill attack attack.policy=$R3/candidates/r8_s0 "attack.methods=[offsets]" "
 
 # Robust RL fine-tuning (madistill finetune) of the 8-round students: PPO on the env's return for 400k
 # agent-steps, half the env steps played under PGD on the greedy action (eps 0.2), SA-PPO's smoothness
-# regulariser at weight 0.03; against the same whole suite:
+# regulariser at weight 0.03, with and without checkpoint selection; against the same whole suite:
 # python experiments/tradeoff_summary.py runs/experiments/finetune --prefix suite_
 RF=runs/experiments/finetune
 finetune_suite() {  # recipe, overrides...: fine-tunes the r8 student of each seed in ${SEEDS:-0 1 2}
@@ -142,8 +142,8 @@ finetune_suite() {  # recipe, overrides...: fine-tunes the r8 student of each se
 finetune_explore() {  # name, agent-steps, overrides...
   local name=$1 steps=$2; shift 2
   [ -d $RF/explore/$name/policies ] || madistill finetune finetune.policy=$R3/candidates/r8_s0 \
-    finetune.total_agent_steps=$steps eval.episodes=100 logger.progress=false env.num_workers=0 \
-    hydra.run.dir=$RF/explore/$name "$@" > /dev/null
+    finetune.total_agent_steps=$steps finetune.select_every=0 eval.episodes=100 logger.progress=false \
+    env.num_workers=0 hydra.run.dir=$RF/explore/$name "$@" > /dev/null
   madistill attack attack.policy=$RF/explore/$name "attack.methods=[fgsm,pgd]" "attack.eps=[0.2]" \
     "attack.victims=[all]" attack.episodes=100 attack.checks=false logger.progress=false env.num_workers=0 \
     hydra.run.dir=$RF/explore/attack_$name | grep -E "clean .*victims" | sed "s/^/$name /"
@@ -153,5 +153,9 @@ finetune_explore reg0.03 200000 finetune.smooth_weight=0.03 finetune.eps=0.3 fin
 finetune_explore reg0.1 200000 finetune.smooth_weight=0.1 finetune.eps=0.3 finetune.attack_fraction=0
 finetune_explore attack 400000 finetune.smooth_weight=0 finetune.attack_fraction=0.5
 finetune_explore attack_reg0.03 400000
-finetune_suite ft_adv  # the defaults: 400k agent-steps, half under attack, regulariser 0.03, eps 0.2
+# 400k agent-steps, half under attack, regulariser 0.03, eps 0.2, the last policy saved
+finetune_suite ft_adv finetune.select_every=0
+# the same with checkpoint selection on held-out episodes (the defaults), and 1M agent-steps with it
+finetune_suite ft_sel
+finetune_suite ft_sel1m finetune.total_agent_steps=1000000
 python experiments/tradeoff_summary.py $RF --prefix suite_

@@ -149,6 +149,11 @@ class FinetuneConfig:
     ramp: float = 0.2  # share of training over which the regulariser's eps grows linearly from 0
     attack_fraction: float = 0.5  # share of env copies and steps played under PGD on the acting team (radius eps)
     attack_objective: str = "ce"  # what that PGD maximises: ce (flip the greedy action) | kl
+    # checkpoint selection: the saved student is the best-scoring of the start and every select_every steps
+    select_every: int = 50_000  # agent-steps between validations (0: save the last policy, validate nothing)
+    select_episodes: int = 50  # validation episodes per candidate and attack (the same seeds for every candidate)
+    select_attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])  # every agent a victim, radius eps
+    select_robust_weight: float = 0.5  # score = (1 - w) * clean + w * worst validation team return
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from madistill.finetune import actor_critic_team, attach_regularisers, collectio
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import find_policy_dir, load_team, read_manifest, save_team
 from madistill.runtime import env_spec, make_vec_env, resolve_device, seed_everything
+from madistill.selection import BestPolicy
 from madistill.tb import TBLogger
 from madistill.teacher import TeacherTrainer
 
@@ -296,11 +298,23 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
         budgets = group_budgets(1.0, layouts, cfg.attack.exclude, device, cfg.attack.scale)
         attack = collection_attack(venv.groups, budgets, fc)
-        with TeacherTrainer(ppo_cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack) as trainer:
+        with TeacherTrainer(ppo_cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack) as trainer, \
+                ExitStack() as stack:
             trainer.episode_seed = finetune_episode_seed(cfg.seed)
             attach_regularisers(trainer.learners, budgets, fc, cfg.seed)
-            trainer.train(run_dir)
-        tuned = student_from_actor(trainer.team, student)
+            if fc.select_every > 0:  # validation plays its own episodes: the trainer's env copies are mid-episode
+                best = BestPolicy(stack.enter_context(make_vec_env(cfg.env, spec)), budgets, cfg.attack,
+                                  list(fc.select_attacks), fc.eps, fc.select_episodes, fc.select_robust_weight,
+                                  finetune_validation_seed(cfg.seed), tb)
+                best.offer(0, student)
+                trainer.train(run_dir, lambda step, team: best.offer(step, student_from_actor(team, student)),
+                              fc.select_every)
+                best.save(run_dir / "reports" / "selection.json")
+                tuned = best.team
+                tqdm.write(f"selected the student of step {best.best.step} of {trainer.agent_steps}: validation "
+                           f"clean {best.best.clean:.2f}, worst {best.best.worst:.2f} (reports/selection.json)")
+            else:
+                tuned = student_from_actor(trainer.train(run_dir), student)
     config = OmegaConf.to_container(cfg, resolve=True)
     saved = manifest.get("config", {})
     config["distill"] = {**saved.get("distill", {}), "teacher": str(tdir)}  # how the student was distilled, and from what
@@ -313,6 +327,11 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
 def finetune_episode_seed(seed: int) -> int:
     """The first episode seed of fine-tuning: away from the teacher's (from ``seed``), DAgger's and evaluation's."""
     return 10_000_000 * (1 + int(seed))
+
+
+def finetune_validation_seed(seed: int) -> int:
+    """The first validation episode seed of fine-tuning's checkpoint selection: 5M episodes past its own."""
+    return finetune_episode_seed(seed) + 5_000_000
 
 
 def teacher_dir(path: str | Path) -> Path:

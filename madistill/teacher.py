@@ -397,9 +397,14 @@ class TeacherTrainer:
             lr.collecting.compute_returns_and_advantage(last_values=last_values, dones=lr.episode_starts)
 
     # ---- training ----------------------------------------------------------------------------
-    def train(self, run_dir: Path) -> TeamPolicy:
-        """Train until ``teacher.total_agent_steps``; Ctrl-C saves a checkpoint and re-raises."""
+    def train(self, run_dir: Path, validate: Callable[[int, TeamPolicy], Any] | None = None,
+              validate_every: int = 0) -> TeamPolicy:
+        """Train until ``teacher.total_agent_steps``; Ctrl-C saves a checkpoint and re-raises.
+
+        ``validate(agent_steps, team)`` is called with the up-to-date team every ``validate_every`` agent-steps
+        and at the end (checkpoint selection: a caller that keeps the best team it was shown)."""
         total = int(self.cfg.teacher.total_agent_steps)
+        validated = -1
         per_iter = self.n_steps * self.venv.num_envs * len(self.venv.possible_agents)
         every = int(self.cfg.teacher.checkpoint_every)
         rollout = Rollout(self.venv, self.team, self.transforms, seed=self.episode_seed)
@@ -433,14 +438,20 @@ class TeacherTrainer:
                     if episodes:
                         bar.set_postfix(team_return=f"{np.mean([e.team_return for e in episodes]):.2f}")
                     self._log(episodes, per_iter / dt, t_collect / dt)
-                    if every and self.agent_steps // every != (self.agent_steps - per_iter) // every:
+                    if _crossed(every, self.agent_steps, per_iter):
                         self.save_checkpoint(run_dir / "checkpoint")
+                    if validate is not None and _crossed(validate_every, self.agent_steps, per_iter):
+                        self._sync()
+                        validate(self.agent_steps, self.team)
+                        validated = self.agent_steps
             except KeyboardInterrupt:
                 path = self.save_checkpoint(run_dir / "checkpoint")  # takes the pending update first
                 resume = f"resume with teacher.resume={path}" if not self.from_start else "a fine-tune starts afresh"
                 tqdm.write(f"interrupted: checkpoint saved to {path}; {resume}")
                 raise
             self._sync()
+            if validate is not None and validated != self.agent_steps:
+                validate(self.agent_steps, self.team)
         return self.team
 
     @contextmanager
@@ -571,6 +582,11 @@ class TeacherTrainer:
             raise MadistillError(f"checkpoint {path} is already at {self.agent_steps} agent-steps: raise "
                                  f"teacher.total_agent_steps above that to continue training")
         self.episode_seed = int(state.get("episode_seed", self.cfg.seed + self.iteration * self.venv.num_envs))
+
+
+def _crossed(every: int, steps: int, per_iter: int) -> bool:
+    """Whether the iteration that brought the count to ``steps`` crossed a multiple of ``every`` (0: never)."""
+    return every > 0 and steps // every != (steps - per_iter) // every
 
 
 def _start_arch(start: TeamPolicy) -> dict[str, Any]:

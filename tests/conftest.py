@@ -32,6 +32,7 @@ TINY: list[str] = [
     "distill.batch_size=64",
     "eval.episodes=4",
     "eval.n_boot=200",
+    "finetune.select_episodes=4",
 ]
 
 

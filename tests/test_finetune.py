@@ -108,7 +108,8 @@ def test_finetune_command_saves_a_drop_in_student_linked_to_its_teacher(cli, stu
 
     run = tmp_path / "ft"
     rc, out, err = cli("finetune", *tiny(f"finetune.policy={student_run / 'student'}", "finetune.total_agent_steps=600",
-                                         "finetune.eps=0.2", "logger.progress=false"), f"hydra.run.dir={run}")
+                                         "finetune.eps=0.2", "finetune.select_every=0", "logger.progress=false"),
+                       f"hydra.run.dir={run}")
     assert rc == 0, err
     manifest = read_manifest(run / "policies" / "student")
     original = read_manifest(student_run / "student" / "policies" / "student")
@@ -131,6 +132,8 @@ def test_finetune_errors_are_one_line(cli, student_run, tmp_path):
         ((f"finetune.policy={student_run / 'teacher'}",), "records no teacher"),
         ((f"finetune.policy={student_run / 'student'}", "teacher.update_mode=process"), "teacher.update_mode=inline"),
         ((f"finetune.policy={student_run / 'student'}", "finetune.ramp=2"), "finetune.ramp"),
+        ((f"finetune.policy={student_run / 'student'}", "finetune.select_attacks=[transfer]"), "finetune.select_attacks=["),
+        ((f"finetune.policy={student_run / 'student'}", "finetune.select_robust_weight=2"), "finetune.select_robust_weight"),
     ]:
         rc, out, err = cli("finetune", *tiny(*args), f"hydra.run.dir={tmp_path / 'e'}")
         assert rc == 2 and needle in err and "Traceback" not in err, (args, err)
@@ -166,3 +169,69 @@ def test_ppo_learns_from_the_attacked_observations_when_collecting_under_attack(
     assert float(delta[..., 2:].max()) == pytest.approx(0.2, abs=1e-5) and float(delta[..., :2].max()) == 0.0
     stored = torch.as_tensor(trainer.learners["agent"].collecting.observations[4]).reshape(attacked.shape)
     assert torch.allclose(stored, attacked)  # the buffer holds what the policy saw
+
+
+def test_best_policy_keeps_a_copy_of_the_best_on_paired_validation_episodes(make_cfg):
+    from madistill.attacks.budget import group_budgets
+    from madistill.errors import MadistillError
+    from madistill.explain.saliency import feature_layouts
+    from madistill.runtime import env_spec, make_vec_env
+    from madistill.selection import BestPolicy
+
+    cfg = make_cfg("env=simple_spread_v3")
+    with make_vec_env(cfg.env, env_spec(cfg.env)) as venv:
+        budgets = group_budgets(1.0, feature_layouts(venv.groups, {}, venv.feature_names), {})
+        a, b = (_teams(False)[1] for _ in range(2))
+        for p in b.parameters():  # a different team: other weights
+            torch.nn.init.normal_(p, std=2.0)
+        best = BestPolicy(venv, budgets, cfg.attack, ["fgsm", "pgd"], 0.5, 6, 0.5, seed=123)
+        first, second, again = best.offer(0, a), best.offer(1, b), best.offer(2, a)
+        assert (again.clean, again.worst) == (first.clean, first.worst)  # the same episodes for every candidate
+        assert first.clean != second.clean
+        assert best.best == max(first, second, key=lambda v: v.score)  # a tie (again) keeps the earlier
+        assert first.score == pytest.approx(0.5 * first.clean + 0.5 * first.worst)
+        kept = best.team
+        for p in (a if best.best.step == 0 else b).parameters():  # what was offered changes; the kept copy does not
+            p.data.add_(1.0)
+        assert best.offer(3, kept).clean == best.best.clean
+        clean_only = BestPolicy(venv, budgets, cfg.attack, ["fgsm"], 0.0, 6, 1.0, seed=123)
+        v = clean_only.offer(0, a)
+        assert v.worst == v.clean == v.score  # no budget: the worst case is the clean return
+        with pytest.raises(MadistillError, match="select_attacks"):
+            BestPolicy(venv, budgets, cfg.attack, ["transfer"], 0.5, 6, 0.5, seed=0)
+
+
+def test_finetune_saves_the_best_validated_candidate(cli, student_run, tmp_path):
+    import json
+
+    from conftest import tiny
+
+    from madistill.attacks.budget import group_budgets
+    from madistill.cli import compose_config
+    from madistill.explain.saliency import feature_layouts
+    from madistill.runtime import env_spec, make_vec_env
+    from madistill.selection import BestPolicy
+    from madistill.stages import finetune_validation_seed
+
+    run = tmp_path / "ft"
+    overrides = tiny("env=simple_spread_v3", f"finetune.policy={student_run / 'student'}", "finetune.total_agent_steps=600",
+                     "finetune.select_every=300", "finetune.learning_rate=0.01", "seed=3")
+    rc, out, err = cli("finetune", *overrides, f"hydra.run.dir={run}")
+    assert rc == 0, err
+    report = json.loads((run / "reports" / "selection.json").read_text())
+    history = report["history"]
+    assert [v["step"] for v in history] == [0, 300, 600]  # the start, every 300 agent-steps (150 per iteration)
+    assert report["chosen"] == max(history, key=lambda v: v["score"])
+    assert f"selected the student of step {report['chosen']['step']} of 600" in out
+    # the saved student is the chosen candidate: validated again on the same episodes, it scores the same
+    cfg = compose_config(overrides)
+    tuned, start = load_team(run)[0], load_team(student_run / "student")[0]
+    with make_vec_env(cfg.env, env_spec(cfg.env)) as venv:
+        layouts = feature_layouts(venv.groups, OmegaConf.to_container(cfg.env.features), venv.feature_names)
+        budgets = group_budgets(1.0, layouts, cfg.attack.exclude, "cpu", cfg.attack.scale)
+        again = BestPolicy(venv, budgets, cfg.attack, list(cfg.finetune.select_attacks), cfg.finetune.eps,
+                           cfg.finetune.select_episodes, cfg.finetune.select_robust_weight,
+                           finetune_validation_seed(3)).offer(0, tuned)
+    assert (again.clean, again.worst) == (report["chosen"]["clean"], report["chosen"]["worst"])
+    same_as_start = all(torch.equal(x, y) for x, y in zip(tuned.parameters(), start.parameters()))
+    assert same_as_start == (report["chosen"]["step"] == 0)

@@ -1,0 +1,99 @@
+"""Checkpoint selection on held-out episodes: of the policies a training run passes through, keep the one
+with the best validation score, a mix of its clean and its attacked team return.
+
+Robust training overfits and RL fine-tuning drifts: Rice et al. (2020) find that stopping adversarial
+training where a held-out adversarial metric peaks recovers most of what later epochs lose, and PPO from a
+distilled student can lose clean return on one seed while gaining on another (README, Results). Every
+candidate plays the same validation episodes (seeds away from training and evaluation), so candidates are
+compared on paired episodes and the choice never sees the evaluation's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from madistill.attacks.budget import Budget
+from madistill.attacks.robustness import suite_attack
+from madistill.attacks.transform import AttackTransform
+from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
+from madistill.evaluate.evaluator import run_episodes
+from madistill.policies.base import TeamPolicy
+from madistill.tb import TBLogger
+
+# per-step attacks that need nothing but the candidate itself (no surrogate, critic or training)
+VALIDATION_ATTACKS = ("random", "fgsm", "pgd", "spsa")
+
+
+@dataclass
+class Validation:
+    """One candidate's validation: mean team return clean, the lowest over the attacks, and the score."""
+
+    step: int
+    clean: float
+    worst: float
+    score: float
+
+
+class BestPolicy:
+    """Validates candidates and keeps a copy of the best-scoring one.
+
+    ``score = (1 - robust_weight) * clean + robust_weight * worst``, where ``worst`` is the lowest mean team
+    return over ``attacks`` (names of the suite, settings from the ``attack`` config) with every agent a victim
+    at radius ``eps``; ties keep the earlier candidate. ``settings``: the config prefix of these settings, for
+    error messages.
+    """
+
+    def __init__(self, venv: MultiAgentVecEnv, unit_budgets: Mapping[str, Budget], ac: Any, attacks: list[str],
+                 eps: float, episodes: int, robust_weight: float, seed: int, tb: TBLogger | None = None,
+                 settings: str = "finetune.select_"):
+        unknown = [a for a in attacks if a not in VALIDATION_ATTACKS]
+        if unknown:
+            raise MadistillError(f"cannot validate with {unknown}: use {settings}attacks=[{', '.join(VALIDATION_ATTACKS)}] "
+                                 "(any of them, or [] for clean returns only)")
+        if not 0.0 <= robust_weight <= 1.0 or episodes < 1:
+            raise MadistillError(f"{settings}robust_weight must be in [0, 1] and {settings}episodes at least 1")
+        agents = [a for g in venv.groups for a in g.agents]
+        budgets = {name: b.scaled(float(eps)) for name, b in unit_budgets.items()}
+        self.attacks = {a: AttackTransform(suite_attack(a, ac), agents, budgets) for a in attacks if eps > 0}
+        self.venv, self.episodes, self.weight, self.seed, self.tb = venv, int(episodes), float(robust_weight), int(seed), tb
+        self.history: list[Validation] = []
+        self.best: Validation | None = None
+        self.team: TeamPolicy | None = None
+
+    def _mean_return(self, team: TeamPolicy, attack: AttackTransform | None) -> float:
+        recs = run_episodes(self.venv, team, self.episodes, self.seed, transforms=[attack] if attack else [])
+        return float(np.mean([r.team_return for r in recs]))
+
+    def offer(self, step: int, team: TeamPolicy) -> Validation:
+        """Validate ``team`` (a candidate at training step ``step``); keep a copy if it beats the best so far."""
+        clean = self._mean_return(team, None)
+        worst = min([self._mean_return(team, a) for a in self.attacks.values()], default=clean)
+        v = Validation(int(step), clean, worst, (1.0 - self.weight) * clean + self.weight * worst)
+        self.history.append(v)
+        if self.best is None or v.score > self.best.score:
+            self.best, self.team = v, copy.deepcopy(team)
+        if self.tb is not None:
+            for key in ("clean", "worst", "score"):
+                self.tb.scalar(f"select/{key}", getattr(v, key), v.step)
+            self.tb.scalar("select/best_step", self.best.step, v.step)
+            self.tb.flush()
+        return v
+
+    def save(self, path: Path) -> Path:
+        """The validations and the choice as JSON (``reports/selection.json`` of a run)."""
+        if self.best is None:
+            raise MadistillError("no candidate was validated")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "chosen": asdict(self.best), "history": [asdict(v) for v in self.history],
+            "episodes": self.episodes, "seed": self.seed, "robust_weight": self.weight, "attacks": list(self.attacks),
+        }, indent=2))
+        return path
