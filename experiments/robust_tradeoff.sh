@@ -154,8 +154,26 @@ finetune_explore reg0.1 200000 finetune.smooth_weight=0.1 finetune.eps=0.3 finet
 finetune_explore attack 400000 finetune.smooth_weight=0 finetune.attack_fraction=0.5
 finetune_explore attack_reg0.03 400000
 # 400k agent-steps, half under attack, regulariser 0.03, eps 0.2, the last policy saved
-finetune_suite ft_adv finetune.select_every=0
-# the same with checkpoint selection on held-out episodes (the defaults), and 1M agent-steps with it
-finetune_suite ft_sel
-finetune_suite ft_sel1m finetune.total_agent_steps=1000000
+finetune_suite ft_adv finetune.total_agent_steps=400000 finetune.select_every=0
+# the same with checkpoint selection on held-out episodes, and 1M agent-steps with it (the defaults)
+finetune_suite ft_sel finetune.total_agent_steps=400000
+finetune_suite ft_sel1m
+# three more seeds of the whole recipe (8-round students, then fine-tuned): the README's seeds 0-5
+SEEDS="3 4 5" suite r8 distill.rounds=8
+SEEDS="3 4 5" finetune_suite ft_sel1m
+# The 1M students of seeds 0-2 at three budgets (one run each, as experiments/robustness.py runs them:
+# python experiments/tradeoff_summary.py runs/experiments/finetune --prefix budgets_), against the
+# constant-offset search, and their saliency against the teacher's, beside the 8-round students'
+for s in 0 1 2; do
+  madistill attack attack.policy=$RF/candidates/ft_sel1m_s$s "attack.eps=[0.1,0.2,0.3]" "attack.victims=[all,agent_0]" \
+    attack.episodes=100 logger.progress=false env.num_workers=0 hydra.run.dir=$RF/budgets_ft_sel1m_s$s \
+    | grep -E "student.*clean .*victims"
+  madistill attack attack.policy=$RF/candidates/ft_sel1m_s$s "attack.methods=[offsets]" "attack.eps=[0.2]" \
+    "attack.victims=[all,agent_0]" attack.episodes=100 attack.checks=false logger.progress=false env.num_workers=0 \
+    hydra.run.dir=$RF/offsets_ft_sel1m_s$s | grep -E "clean .*victims"
+  for student in $R3/candidates/r8_s$s $RF/candidates/ft_sel1m_s$s; do
+    madistill saliency saliency.policy=$student logger.progress=false env.num_workers=0 \
+      hydra.run.dir=$RF/saliency/$(basename $student) | grep "student@" | sed "s|^|$(basename $student) |"
+  done
+done
 python experiments/tradeoff_summary.py $RF --prefix suite_

@@ -141,7 +141,7 @@ class FinetuneConfig:
     The other PPO settings are teacher.ppo's; the budget respects attack.exclude and attack.scale."""
 
     policy: str | None = None  # the student's run or policy directory
-    total_agent_steps: int = 400_000  # summed over agents and env copies
+    total_agent_steps: int = 1_000_000  # summed over agents and env copies
     learning_rate: float = 1e-4  # lower than a fresh teacher's: the actor starts trained
     smooth_weight: float = 0.03  # weight of KL(pi(x) || pi(x + delta)), delta PGD's maximiser within the budget
     eps: float = 0.2  # the l_inf radius of the regulariser and the collection attack (normalised units)
