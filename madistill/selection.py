@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from madistill.attacks.budget import Budget
 from madistill.attacks.robustness import suite_attack
 from madistill.attacks.transform import AttackTransform
+from madistill.distill.dataset import team_returns
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
@@ -69,8 +68,7 @@ class BestPolicy:
         self.team: TeamPolicy | None = None
 
     def _mean_return(self, team: TeamPolicy, attack: AttackTransform | None) -> float:
-        recs = run_episodes(self.venv, team, self.episodes, self.seed, transforms=[attack] if attack else [])
-        return float(np.mean([r.team_return for r in recs]))
+        return team_returns(run_episodes(self.venv, team, self.episodes, self.seed, transforms=[attack] if attack else []))
 
     def offer(self, step: int, team: TeamPolicy) -> Validation:
         """Validate ``team`` (a candidate at training step ``step``); keep a copy if it beats the best so far."""

@@ -22,7 +22,7 @@ from madistill.attacks.robustness import check_methods, curves_figure, evaluate_
 from madistill.attacks.robustness import markdown_report as robustness_markdown
 from madistill.attacks.transform import victim_sets
 from madistill.config import changes_env
-from madistill.distill.dataset import SaliencyLabeller, collect_round
+from madistill.distill.dataset import SaliencyLabeller, collect_round, team_returns
 from madistill.distill.trainer import DistillTrainer, student_team
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
@@ -508,7 +508,7 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
         loaded = [load_team(r.path, venv.groups, device=device)[0] for r in refs]
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
         random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)
-        random_return = float(np.mean([r.team_return for r in random_recs]))
+        random_return = team_returns(random_recs)
         extra = {k: load_team(getattr(ac, k), venv.groups, device=device)[0] for k in ("critic", "transfer_from") if getattr(ac, k)}
         n_sets = len(victim_sets(list(ac.victims), [a for g in venv.groups for a in g.agents]))
         per_policy = n_sets * (len(ac.methods) * len(ac.eps) + (2 if ac.checks else 0))

@@ -17,7 +17,7 @@ from madistill.attacks.checks import Flag, probe, return_checks
 from madistill.attacks.learned import LearnedAdversary, train_adversary
 from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
-from madistill.distill.dataset import collect_round
+from madistill.distill.dataset import collect_round, team_returns
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
@@ -121,7 +121,7 @@ def evaluate_robustness(
     check_methods(ac)
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed)
-    clean = float(np.mean([r.team_return for r in clean_recs]))
+    clean = team_returns(clean_recs)
     res = RobustnessResult(clean, random_return, _agents(clean_recs), seed, ac.n_boot)
     res.seconds["clean"] = time.perf_counter() - start
     runs_of: dict[str, int] = {}
