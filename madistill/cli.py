@@ -278,11 +278,8 @@ def _print_stage_help(stage: str, args: list[str]) -> int:
     overrides = [a for a in args if not a.startswith("-")]
     try:
         text = stage_help(stage, compose_config(_with_saved_env(overrides, stage)))
-    except MadistillError as e:
-        print(f"madistill {stage}: error: {e}", file=sys.stderr)
-        return 2
-    except (HydraException, OmegaConfBaseException) as e:
-        print(f"madistill {stage}: error: {_one_line(e)}", file=sys.stderr)
+    except (MadistillError, HydraException, OmegaConfBaseException) as e:
+        print(f"madistill {stage}: error: {e if isinstance(e, MadistillError) else _one_line(e)}", file=sys.stderr)
         return 2
     try:
         sys.stdout.write(text)

@@ -11,7 +11,7 @@ import tokenize
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -195,7 +195,7 @@ class AttackConfig:
     steps: int = 10  # PGD / SPSA iterations
     restarts: int = 3  # KL is flat at delta = 0, so PGD relies on random starts: one restart is weak
     step_size: float = 2.5  # PGD step = step_size * eps / steps
-    spsa_samples: int = 32  # SPSA's random directions per iteration
+    spsa_samples: int = 32  # random directions per SPSA gradient estimate
     spsa_delta: float = 0.3  # SPSA finite-difference scale, relative to eps
     critic: str | None = None  # policy whose value heads the critic attack uses (default: the teacher)
     transfer_from: str | None = None  # surrogate for the transfer attack (default: the teacher <-> its student)
@@ -249,7 +249,7 @@ class Config:
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     attack: AttackConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0  # seeds training, collection and the env copies' episodes
+    seed: int = 0  # seeds initial weights, action sampling and training episodes (eval.seed: evaluation's)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     torch_threads: int = 1  # small MLPs run fastest single-threaded; the env workers use the other cores
 
@@ -283,15 +283,11 @@ def validate(cfg: Any) -> None:
             raise MadistillError(f"{key} must be at least 1, got {value}")
 
 
+@functools.cache
 def _field_types(schema: type) -> dict[str, Any]:
     """A schema's fields and their resolved types, in declaration order."""
     hints = get_type_hints(schema)
     return {f.name: hints[f.name] for f in fields(schema)}
-
-
-def _is_open(tp: Any) -> bool:
-    """Dict-typed settings are keyed by the user (groups, features, env arguments): any key is legitimate."""
-    return get_origin(tp) is dict or tp is dict
 
 
 def check_overrides(overrides: Sequence[str], groups: Collection[str]) -> None:
@@ -315,8 +311,8 @@ def check_overrides(overrides: Sequence[str], groups: Collection[str]) -> None:
             if part not in types:
                 raise MadistillError(_unknown_setting(key.split(".")[: depth + 1], list(types), written != key))
             schema = types[part]
-            if _is_open(schema) or not is_dataclass(schema):
-                break
+            if not is_dataclass(schema):  # below a dict-typed setting any key is legitimate; below a scalar
+                break  # Hydra reports the override
 
 
 def _unknown_setting(path: list[str], siblings: list[str], added: bool) -> str:
@@ -358,13 +354,11 @@ def _descriptions() -> dict[tuple[str, str], str]:
 def settings(section: str) -> list[tuple[str, str]]:
     """(dotted key, one-line description) of every setting under ``section`` (``"teacher"``, ``"teacher.ppo"``;
     ``""``: the top-level settings outside any section), in declaration order, nested schemas expanded."""
-    schema: Any = Config
-    for part in filter(None, section.split(".")):
-        schema = _field_types(schema)[part]
+    schema = _schema(section)
     prefix = f"{section}." if section else ""
     out: list[tuple[str, str]] = []
     for name, tp in _field_types(schema).items():
-        if is_dataclass(tp) and not _is_open(tp):
+        if is_dataclass(tp):
             if section:
                 out += settings(prefix + name)
         else:
@@ -374,7 +368,12 @@ def settings(section: str) -> list[tuple[str, str]]:
 
 def section_description(section: str) -> str:
     """The first paragraph of the docstring of the schema behind ``section`` (empty where it has none)."""
+    return _descriptions()[(_schema(section).__name__, "")]
+
+
+def _schema(section: str) -> Any:
+    """The schema class behind a dotted section (``"teacher.ppo"``; ``""``: Config)."""
     schema: Any = Config
-    for part in section.split("."):
+    for part in filter(None, section.split(".")):
         schema = _field_types(schema)[part]
-    return _descriptions()[(schema.__name__, "")]
+    return schema
