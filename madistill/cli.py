@@ -270,13 +270,16 @@ def _shown(values: object, key: str) -> str:
 
 
 def _print_stage_help(stage: str, args: list[str]) -> int:
-    """``madistill <stage> --help [overrides]``: print the stage's help with the overrides applied; returns
-    the exit code (2 and one line for an override that does not compose)."""
+    """``madistill <stage> --help [overrides]``: print the stage's help with the overrides applied (swept ones,
+    ``-m key=a,b``, keep their defaults); returns the exit code (2 and one line for an override that does not
+    compose)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = [a for a in args if not a.startswith("-")]
     try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
         text = stage_help(stage, compose_config(_with_saved_env(overrides, stage)))
     except (MadistillError, HydraException, OmegaConfBaseException) as e:
         print(f"madistill {stage}: error: {e if isinstance(e, MadistillError) else _one_line(e)}", file=sys.stderr)

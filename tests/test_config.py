@@ -113,9 +113,10 @@ def test_stage_help_shows_its_own_settings_with_values_and_descriptions(cli, sta
 
 
 def test_stage_help_applies_the_overrides(cli):
-    rc, out, _ = cli("train", "env=relay", "teacher.ppo.n_epochs=3", "--help")
+    rc, out, _ = cli("train", "-m", "env=relay", "teacher.ppo.n_epochs=3", "seed=4,5", "--help")
     assert rc == 0
     rows = {ln.split(" = ")[0].strip(): ln.split(" = ", 1)[1] for ln in out.splitlines() if " = " in ln}
+    assert rows["seed"].startswith("0 ")  # a swept setting keeps its default
     assert rows["teacher.ppo.n_epochs"].split() == ["3", "passes", "over", "each", "rollout", "per", "update"]
     assert rows["env.kwargs"].startswith("{n_agents: 4, n_symbols: 3, topology: chain")
     assert rows["teacher.total_agent_steps"].startswith("500000 ")  # relay's budget from conf/env/relay.yaml
