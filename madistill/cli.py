@@ -8,49 +8,61 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import madistill
+from madistill.config import check_overrides
 from madistill.errors import MadistillError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-STAGES = {
-    "train": "train teachers with SB3 PPO for every agent group",
-    "evaluate": "evaluate saved policies (eval.policy=<run, policy or sweep dir>)",
-    "distill": "distil a teacher (distill.teacher=<run or policy dir>) into compact DIGR students",
-    "finetune": "robust RL fine-tuning (SA-PPO) of a distilled student (finetune.policy=<distill run>)",
-    "saliency": "saliency maps and figures for saved policies (saliency.policy=<run or policy dir>)",
-    "attack": "robustness of saved policies to observation attacks (attack.policy=<run or policy dir>)",
-    "pipeline": "the main job: train teachers, distil them into students, evaluate both next to a random team",
-}
+@dataclass(frozen=True)
+class StageHelp:
+    """What ``madistill --help`` and ``madistill <stage> --help`` say about a stage."""
 
-# `madistill <stage> --help` prints these before Hydra's list of config groups and the composed config.
+    summary: str  # its line in the list of stages
+    sections: tuple[str, ...]  # the config sections it reads, shown setting by setting with their descriptions
+    writes: str  # what it writes in its run directory
+    examples: tuple[str, ...]
+
+
 STAGE_HELP = {
-    "train": ("settings: teacher.* (conf/teacher/ppo.yaml), env.*; writes policies/teacher, checkpoint, tb/ in its run dir",
-              ["madistill train env=simple_spread_v3 seed=1",
-               "madistill train env.num_workers=1 teacher.update_mode=thread   # fastest on 2 cores",
-               "madistill train teacher.resume=<run>/checkpoint teacher.total_agent_steps=4000000"]),
-    "evaluate": ("settings: eval.*; writes reports/eval.md, eval_<policy>.json, marl_eval.json, a figure and tb/ in its run dir",
-                 ["madistill evaluate eval.policy=<run> eval.episodes=200",
-                  "madistill evaluate eval.policy=<sweep dir>   # runs that differ only by seed are pooled"]),
-    "distill": ("settings: distill.* (conf/distill/: digr, plain, robust), student.*; writes policies/student in its run dir",
-                ["madistill distill distill.teacher=<run>",
-                 "madistill distill distill=robust distill.teacher=<run> \"attack.eps=[0.3]\""]),
-    "finetune": ("settings: finetune.* (conf/finetune/sappo.yaml), teacher.ppo.*; writes policies/student in its run dir",
-                 ["madistill finetune finetune.policy=<distill run>",
-                  "madistill finetune finetune.policy=<distill run> finetune.eps=0.3 finetune.total_agent_steps=1000000"]),
-    "saliency": ("settings: saliency.*; writes reports/saliency.{json,npz} and heatmaps in its run dir",
-                 ["madistill saliency saliency.policy=<run>"]),
-    "attack": ("settings: attack.* (conf/attack/: suite, quick, thorough); writes reports/robustness.{md,json} in its run dir",
-               ["madistill attack attack.policy=<run>",
-                "madistill attack attack=quick attack.policy=<run>",
-                "madistill attack attack.policy=<run> \"attack.victims=[listener_0]\" \"attack.eps=[0.1,0.3]\""]),
-    "pipeline": ("settings: everything above; writes teachers, students, reports and tb/ under one run directory",
-                 ["madistill pipeline", "madistill pipeline -m seed=0,1,2 +launcher=local"]),
+    "train": StageHelp("train teachers with SB3 PPO for every agent group", ("env", "teacher"),
+                       "policies/teacher, checkpoint, tb/",
+                       ("madistill train env=simple_spread_v3 seed=1",
+                        "madistill train env.num_workers=1 teacher.update_mode=thread   # fastest on 2 cores",
+                        "madistill train teacher.resume=<run>/checkpoint teacher.total_agent_steps=4000000")),
+    "evaluate": StageHelp("evaluate saved policies (eval.policy=<run, policy or sweep dir>)", ("eval",),
+                          "reports/eval.md, eval_<policy>.json, marl_eval.json, a figure and tb/",
+                          ("madistill evaluate eval.policy=<run> eval.episodes=200",
+                           "madistill evaluate eval.policy=<sweep dir>   # runs that differ only by seed are pooled")),
+    "distill": StageHelp("distil a teacher (distill.teacher=<run or policy dir>) into compact DIGR students",
+                         ("distill", "student"), "policies/student",
+                         ("madistill distill distill.teacher=<run>",
+                          "madistill distill distill=robust distill.teacher=<run> \"attack.eps=[0.3]\"")),
+    "finetune": StageHelp("robust RL fine-tuning (SA-PPO) of a distilled student (finetune.policy=<distill run>)",
+                          ("finetune", "teacher.ppo"), "policies/student",
+                          ("madistill finetune finetune.policy=<distill run>",
+                           "madistill finetune finetune.policy=<distill run> finetune.eps=0.3 "
+                           "finetune.total_agent_steps=1000000")),
+    "saliency": StageHelp("saliency maps and figures for saved policies (saliency.policy=<run or policy dir>)",
+                          ("saliency",), "reports/saliency.{json,npz} and heatmaps",
+                          ("madistill saliency saliency.policy=<run>",)),
+    "attack": StageHelp("robustness of saved policies to observation attacks (attack.policy=<run or policy dir>)",
+                        ("attack",), "reports/robustness.{md,json}",
+                        ("madistill attack attack.policy=<run>",
+                         "madistill attack attack=quick attack.policy=<run>",
+                         "madistill attack attack.policy=<run> \"attack.victims=[listener_0]\" \"attack.eps=[0.1,0.3]\"")),
+    "pipeline": StageHelp("the main job: train teachers, distil them into students, evaluate both next to a random team",
+                          ("env", "teacher", "student", "distill", "eval"), "teachers, students, reports and tb/",
+                          ("madistill pipeline", "madistill pipeline -m seed=0,1,2 +launcher=local")),
 }
+STAGES = {name: h.summary for name, h in STAGE_HELP.items()}
+# Settings every stage reads besides its own sections: the top-level ones ("") and logger.*.
+COMMON_SECTIONS = ("", "logger")
 
 USAGE = """usage: madistill <stage> [overrides ...] [-m] [--cfg job] [--help]
 
@@ -60,7 +72,7 @@ stages:
 Overrides are Hydra's: `madistill train env=simple_spread_v3 teacher.total_agent_steps=2000000 seed=1`.
 Sweeps: `madistill train -m seed=0,1,2 +launcher=local` (joblib, local cores; +launcher=slurm / ray for clusters).
 Any PettingZoo env without a config file: `env=custom env.target=<module>.parallel_env env.name=<id>`.
-`madistill <stage> --help` shows the config groups and the composed config.
+`madistill <stage> --help [overrides]` lists the stage's settings with their values and meanings.
 """
 
 
@@ -74,14 +86,20 @@ def config_dir() -> str:
     return str(packaged if packaged.is_dir() else here.parent / "conf")
 
 
+def config_groups() -> set[str]:
+    """The config groups (``env``, ``attack``, ``experiment``, ...): directories of conf/, and Hydra's own."""
+    return {p.name for p in Path(config_dir()).iterdir() if p.is_dir()} | {"hydra"}
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``madistill <stage> <overrides>`` would see, without Hydra's runtime section (for scripts
     and tests that call the stages directly)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from madistill.config import register_configs
+    from madistill.config import check_overrides, register_configs
 
+    check_overrides(overrides, config_groups())
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -133,11 +151,14 @@ def _one_line(exc: BaseException) -> str:
         if group == "hydra/launcher" and name in _LAUNCHER_EXTRAS:
             return f"the {name} launcher is not installed: pip install -e '.[{_LAUNCHER_EXTRAS[name]}]'"
         return f"unknown {group} {name!r}: use {group}=<one of: {opts}>{hint}"
+    added = re.search(r"An item is already at '([^']+)'", text)
+    if added:  # Hydra's `+key=value` on a key the config already has
+        return f"{added.group(1)} is already set: drop the + ({added.group(1)}=<value> replaces it)"
     skip = ("full_key", "object_type", "reference_type", "Set the environment variable")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
     if exc.__cause__ is not None:  # OmegaConf's reason ("could not be converted to Float") sits in the cause
         lines += [ln.strip() for ln in str(exc.__cause__).splitlines()[:1] if ln.strip()]
-    return "; ".join(lines[:3]) + " (fix the override; `--help` lists the config groups)"
+    return "; ".join(lines[:3]) + " (fix the override; `madistill <stage> --help` lists the settings)"
 
 
 # Hydra flags that take a value as the next argument.
@@ -202,6 +223,75 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
     return [f"env={ids.pop()}", *grouping, *overrides]
 
 
+def stage_help(stage: str, cfg: DictConfig) -> str:
+    """``madistill <stage> --help``: the settings the stage reads, each with its value in ``cfg`` and the
+    first sentence of its description in madistill/config.py, then where the other settings are."""
+    from omegaconf import OmegaConf
+
+    from madistill.config import section_description, settings
+
+    h = STAGE_HELP[stage]
+    values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    groups = {g: sorted(p.stem for p in (Path(config_dir()) / g).glob("*.yaml")) for g in config_groups() - {"hydra"}}
+    out = [f"madistill {stage}: {h.summary}", f"writes {h.writes} in its run directory", ""]
+    for section in (*h.sections, *COMMON_SECTIONS):
+        if section:
+            about = _first_sentence(section_description(section)).replace("``", "`")
+            preset = f"  [{section}=<{', '.join(groups[section])}> in conf/{section}/]" if section in groups else ""
+            out.append(f"{section}.*{': ' + about if about else ''}{preset}")
+        else:
+            out.append("every stage:")
+        rows = [(f"  {key} = {_shown(values, key)}", _first_sentence(text)) for key, text in settings(section)]
+        width = min(max(len(r) for r, _ in rows), 56)
+        out += [f"{r:<{width}}  {text}".rstrip() for r, text in rows]
+        out.append("")
+    where = [(f"madistill {stage} --cfg job [overrides]", "prints the whole config this command would run with"),
+             ("conf/", "the defaults: config.yaml and one directory per config group"),
+             ("madistill/config.py", "every setting's type and description"),
+             ("madistill <stage> --help", "another stage's settings (`madistill --help` lists the stages)"),
+             (", ".join(f"+{g}=<{', '.join(groups[g])}>" for g in ("experiment", "launcher") if g in groups), "presets")]
+    width = max(len(w) for w, _ in where[:-1])
+    out += ["examples:", *(f"  {e}" for e in h.examples), "", "other settings:",
+            *(f"  {w:<{width}}  {text}" for w, text in where)]
+    return "\n".join(out) + "\n"
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0]
+
+
+def _shown(values: object, key: str) -> str:
+    """The value at dotted ``key`` of a config container, written as an override would write it."""
+    import yaml
+
+    for part in key.split("."):
+        values = values[part]  # type: ignore[index]
+    return yaml.safe_dump(values, default_flow_style=True, width=1 << 30, sort_keys=False).removesuffix("...\n").strip()
+
+
+def _print_stage_help(stage: str, args: list[str]) -> int:
+    """``madistill <stage> --help [overrides]``: print the stage's help with the overrides applied (swept ones,
+    ``-m key=a,b``, keep their defaults); returns the exit code (2 and one line for an override that does not
+    compose)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
+        text = stage_help(stage, compose_config(_with_saved_env(overrides, stage)))
+    except (MadistillError, HydraException, OmegaConfBaseException) as e:
+        print(f"madistill {stage}: error: {e if isinstance(e, MadistillError) else _one_line(e)}", file=sys.stderr)
+        return 2
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head`): fine, but Python's flush at exit would fail too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``madistill <stage> [overrides]``: run one stage; returns the exit code (0, 2 for a user error, 130 when interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -218,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"madistill: error: unknown stage {stage!r}: {hint}use one of {', '.join(STAGES)}", file=sys.stderr)
         return 2
     if "--help" in rest or "-h" in rest:
-        settings, examples = STAGE_HELP[stage]
-        print(f"madistill {stage}: {STAGES[stage]}\n{settings}\nexamples:\n" + "\n".join(f"  {e}" for e in examples) + "\n")
+        return _print_stage_help(stage, rest)
     try:
         hydra_args = _with_job_name(rest, stage)
+        check_overrides(hydra_args, config_groups())
         hydra_args = _with_saved_env(hydra_args, stage)
     except MadistillError as e:
         print(f"madistill {stage}: error: {e}", file=sys.stderr)

@@ -3,19 +3,27 @@ at startup with Hydra's validation message instead of deep inside a run."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import ast
+import difflib
+import functools
+import io
+import tokenize
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from madistill.errors import MadistillError
 
 
 @dataclass
 class EnvConfig:
     name: str = MISSING  # short id used in run paths and reports, e.g. simple_spread_v3
     target: str = MISSING  # import path of a PettingZoo env factory or module
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the env factory
     num_envs: int = 16  # env copies stepped together
     num_workers: int = 2  # worker processes stepping the copies (0: in this process)
     grouping: str = "auto"  # auto: agents with equal spaces share a policy; per_agent: one each
@@ -40,17 +48,17 @@ def changes_env(overrides: Sequence[str], saved_id: str | None = None) -> bool:
 class PPOConfig:
     """Passed to stable_baselines3.PPO for every group (n_steps is per env copy and agent)."""
 
-    learning_rate: float = 7e-4
-    n_steps: int = 100
-    batch_size: int = 1600
-    n_epochs: int = 15
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_range: float = 0.2
-    ent_coef: float = 0.001
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    target_kl: float | None = None
+    learning_rate: float = 7e-4  # Adam step size
+    n_steps: int = 100  # rollout steps per env copy and agent between updates
+    batch_size: int = 1600  # agent-steps per minibatch
+    n_epochs: int = 15  # passes over each rollout per update
+    gamma: float = 0.99  # discount factor
+    gae_lambda: float = 0.95  # GAE's bias-variance trade-off
+    clip_range: float = 0.2  # PPO's clipping of the probability ratio
+    ent_coef: float = 0.001  # weight of the entropy bonus
+    vf_coef: float = 0.5  # weight of the value loss
+    max_grad_norm: float = 0.5  # gradient norm clip
+    target_kl: float | None = None  # stop an update's epochs early beyond this KL (null: never)
 
 
 @dataclass
@@ -58,17 +66,17 @@ class AnnealConfig:
     """Linear annealing of PPO settings over training: each one's value at the end as a fraction of its
     teacher.ppo (or group_ppo) value; None keeps it constant. teacher.anneal.learning_rate=0 is CleanRL's anneal_lr."""
 
-    learning_rate: float | None = None
-    clip_range: float | None = None
-    ent_coef: float | None = None
+    learning_rate: float | None = None  # end value as a fraction of the start value (null: constant)
+    clip_range: float | None = None  # end value as a fraction of the start value (null: constant)
+    ent_coef: float | None = None  # end value as a fraction of the start value (null: constant)
 
 
 @dataclass
 class TeacherConfig:
     total_agent_steps: int = 1_000_000  # summed over agents and env copies
-    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
-    activation: str = "tanh"
-    normalize_obs: bool = True
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])  # actor and critic MLP layer widths
+    activation: str = "tanh"  # tanh | relu | elu | gelu: the MLPs' activation
+    normalize_obs: bool = True  # normalise observations by running mean and std (policies act in these units)
     # "local": each agent's critic sees its own observation (independent PPO); "central": it sees the whole
     # team's observations of its env copy too (centralised training, decentralised execution, as in MAPPO).
     # The actor always sees only its own observation, so saved teachers act alike either way.
@@ -91,8 +99,8 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
-    activation: str = "tanh"
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # the student MLP's layer widths
+    activation: str = "tanh"  # tanh | relu | elu | gelu: the student MLP's activation
 
 
 @dataclass
@@ -106,14 +114,14 @@ class DistillConfig:
     beta_decay: float = 0.5  # ... multiplied by this every later round
     deterministic: bool = False  # collect with greedy instead of sampled actions
     updates_per_round: int = 1000  # minibatch steps per group after each round, on all data so far
-    batch_size: int = 512
-    learning_rate: float = 1e-3
+    batch_size: int = 512  # observations per minibatch step
+    learning_rate: float = 1e-3  # Adam step size of the student
     # learning rate at the last update, as a share of learning_rate (cosine decay over all rounds' updates;
     # 1 keeps it constant). Adversarial training gains clean and robust accuracy when the rate anneals.
     lr_final: float = 1.0
     # decay of an exponential moving average of the student's weights, which becomes the saved student (0: off)
     weight_average: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient norm clip
     divergence: str = "kl"  # kl | reverse_kl | prob_l2 | logit_mse | nll
     temperature: float = 1.0  # teacher softmax temperature (Box: scales the teacher's variance)
     lambda_igr: float = 1.0  # weight of the selective input-gradient penalty
@@ -126,11 +134,11 @@ class DistillConfig:
     # attack.exclude kept), eps ramped linearly from 0 over the first adv_ramp share of the updates.
     adv_weight: float = 0.0  # weight of divergence(teacher(x) || student(x + delta))
     smooth_weight: float = 0.0  # weight of KL(student(x) || student(x + delta))
-    adv_eps: float = 0.3
-    adv_steps: int = 3
+    adv_eps: float = 0.3  # radius of the PGD perturbation (normalised units)
+    adv_steps: int = 3  # PGD steps of the adversarial term
     adv_objective: str = "kl"  # kl (policy divergence) | ce (flip the greedy action, FGSM's objective) | both (per sample the worse)
     adv_fgsm: bool = False  # per sample, the worse of that PGD's point and FGSM's (one full signed step on ce)
-    adv_ramp: float = 0.5
+    adv_ramp: float = 0.5  # share of the updates over which adv_eps grows from 0
     adv_collect: float = 0.0  # chance per env copy and step that DAgger collection runs under that PGD
 
 
@@ -152,7 +160,7 @@ class FinetuneConfig:
     # checkpoint selection: the saved student is the best-scoring of the start and every select_every steps
     select_every: int = 50_000  # agent-steps between validations (0: save the last policy, validate nothing)
     select_episodes: int = 50  # validation episodes per candidate and attack (the same seeds for every candidate)
-    select_attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])  # every agent a victim, radius eps
+    select_attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])  # validation attacks (all agents victims, radius eps)
     select_robust_weight: float = 0.5  # score = (1 - w) * clean + w * worst validation team return
 
 
@@ -187,7 +195,7 @@ class AttackConfig:
     steps: int = 10  # PGD / SPSA iterations
     restarts: int = 3  # KL is flat at delta = 0, so PGD relies on random starts: one restart is weak
     step_size: float = 2.5  # PGD step = step_size * eps / steps
-    spsa_samples: int = 32
+    spsa_samples: int = 32  # random directions per SPSA gradient estimate
     spsa_delta: float = 0.3  # SPSA finite-difference scale, relative to eps
     critic: str | None = None  # policy whose value heads the critic attack uses (default: the teacher)
     transfer_from: str | None = None  # surrogate for the transfer attack (default: the teacher <-> its student)
@@ -197,7 +205,7 @@ class AttackConfig:
     learned_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 128, "batch_size": 256,
                                                                  "learning_rate": 3e-4, "ent_coef": 0.0})
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
-    episodes: int = 50
+    episodes: int = 50  # episodes per attack, victim set and eps
     seed: int = 20_000  # episode seeds, disjoint from training and clean-evaluation seeds
     checks: bool = True  # gradient-masking checks (adds strong PGD at the middle eps and a collapse run)
     collapse_eps: float = 3.0  # PGD here on all agents should leave under half the gain over random
@@ -209,7 +217,7 @@ class AttackConfig:
 
 @dataclass
 class LoggerConfig:
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard event files in the run's tb/
     progress: bool = True  # progress bars with rate and ETA
     figures: bool = True  # PNG figures in reports/ (and images in TensorBoard)
 
@@ -218,9 +226,9 @@ class LoggerConfig:
 class EvalConfig:
     policy: str | None = None  # run or policy directory (evaluate stage); pipeline fills it
     names: list[str] = field(default_factory=list)  # which policies of a run dir (empty: all)
-    episodes: int = 100
+    episodes: int = 100  # episodes per policy
     seed: int = 10_000  # episode seeds seed..seed+episodes-1, disjoint from training seeds
-    deterministic: bool = True
+    deterministic: bool = True  # greedy actions (false: sampled)
     # sampled actions (deterministic=false, the random team) from one stream per episode, so they do not
     # depend on env.num_envs; off by default so far, as the README's sampled numbers came from one shared stream
     episode_streams: bool = False
@@ -241,7 +249,7 @@ class Config:
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     attack: AttackConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = 0  # seeds initial weights, action sampling and training episodes (eval.seed: evaluation's)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     torch_threads: int = 1  # small MLPs run fastest single-threaded; the env workers use the other cores
 
@@ -269,9 +277,103 @@ def validate(cfg: Any) -> None:
     """Refuse settings no stage can use, in one line naming the key, before any work starts."""
     from omegaconf import OmegaConf
 
-    from madistill.errors import MadistillError
-
     for key in POSITIVE:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 1:
             raise MadistillError(f"{key} must be at least 1, got {value}")
+
+
+@functools.cache
+def _field_types(schema: type) -> dict[str, Any]:
+    """A schema's fields and their resolved types, in declaration order."""
+    hints = get_type_hints(schema)
+    return {f.name: hints[f.name] for f in fields(schema)}
+
+
+def check_overrides(overrides: Sequence[str], groups: Collection[str]) -> None:
+    """Refuse an override of a setting no schema has, with or without ``+``, naming the closest one.
+
+    Hydra refuses ``teacher.totl_agent_steps=1`` but suggests ``+teacher.totl_agent_steps=1``, which it
+    accepts: the misspelt key is added and ignored, and the run starts with the default. Keys below a
+    dict-typed setting (``env.kwargs``, ``teacher.group_ppo``, ...) are free; their stages check them.
+    ``groups``: the config groups (``env``, ``experiment``, ...), whose ``group=option`` overrides are Hydra's
+    to check; flags and overrides without ``=`` are Hydra's too."""
+    for override in overrides:
+        if override.startswith(("-", "~")) or "=" not in override:
+            continue
+        written = override.split("=", 1)[0]
+        key = written.lstrip("+")
+        if "@" in key or "/" in key or key.split(".")[0] == "hydra" or ("." not in key and key in groups):
+            continue
+        schema: Any = Config
+        for depth, part in enumerate(key.split(".")):
+            types = _field_types(schema)
+            if part not in types:
+                raise MadistillError(_unknown_setting(key.split(".")[: depth + 1], list(types), written != key))
+            schema = types[part]
+            if not is_dataclass(schema):  # below a dict-typed setting any key is legitimate; below a scalar
+                break  # Hydra reports the override
+
+
+def _unknown_setting(path: list[str], siblings: list[str], added: bool) -> str:
+    """The one-line error for setting ``path``, whose last part is none of ``siblings`` (``added``: it was
+    given with a leading ``+``)."""
+    section = ".".join(path[:-1])
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(path[-1], siblings, n=1)
+    fix = f"did you mean {prefix}{close[0]}?" if close else f"{section or 'the config'} has {', '.join(siblings)}"
+    plus = " (a + adds keys only under dict settings such as env.kwargs)" if added else ""
+    return f"unknown setting {'.'.join(path)!r}{plus}: {fix}"
+
+
+@functools.cache
+def _descriptions() -> dict[tuple[str, str], str]:
+    """(schema class, field) -> the field's comment in this file, on one line: the comment after the field,
+    else the comment lines right above it. Read once from the source, so the comments stay the only text."""
+    source = Path(__file__).read_text()
+    lines = source.splitlines()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    out: dict[tuple[str, str], str] = {}
+    for cls in ast.parse(source).body:
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        out[(cls.name, "")] = (ast.get_docstring(cls) or "").split("\n\n")[0].replace("\n", " ")
+        for stmt in cls.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            after = [comments[n] for n in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1) if n in comments]
+            above, n = [], stmt.lineno - 1
+            while n in comments and lines[n - 1].lstrip().startswith("#"):
+                above.insert(0, comments[n])
+                n -= 1
+            out[(cls.name, stmt.target.id)] = " ".join(after or above)
+    return out
+
+
+def settings(section: str) -> list[tuple[str, str]]:
+    """(dotted key, one-line description) of every setting under ``section`` (``"teacher"``, ``"teacher.ppo"``;
+    ``""``: the top-level settings outside any section), in declaration order, nested schemas expanded."""
+    schema = _schema(section)
+    prefix = f"{section}." if section else ""
+    out: list[tuple[str, str]] = []
+    for name, tp in _field_types(schema).items():
+        if is_dataclass(tp):
+            if section:
+                out += settings(prefix + name)
+        else:
+            out.append((prefix + name, _descriptions()[(schema.__name__, name)]))
+    return out
+
+
+def section_description(section: str) -> str:
+    """The first paragraph of the docstring of the schema behind ``section`` (empty where it has none)."""
+    return _descriptions()[(_schema(section).__name__, "")]
+
+
+def _schema(section: str) -> Any:
+    """The schema class behind a dotted section (``"teacher.ppo"``; ``""``: Config)."""
+    schema: Any = Config
+    for part in filter(None, section.split(".")):
+        schema = _field_types(schema)[part]
+    return schema

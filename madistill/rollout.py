@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import GroupArrays, MultiAgentVecEnv, VecStep
-from madistill.policies.base import TeamPolicy, choose
+from madistill.policies.base import Generators, TeamPolicy, choose
 from madistill.transforms import GroupTensors, ObsTransform, StepContext, apply_chain, normalize
 
 
@@ -26,6 +26,35 @@ class Transition:
     dists: dict[str, Distribution]  # each group's action distribution over its flat batch [N * n_g]
     actions: GroupTensors  # [N, n_g] (Discrete) or [N, n_g, a] (Box), before clipping to bounds
     result: VecStep  # what the env returned
+
+
+def team_actions(
+    team: TeamPolicy, obs: GroupTensors, deterministic: bool, generator: Generators
+) -> tuple[dict[str, Distribution], GroupTensors]:
+    """Each group's action distribution over its flat batch and its chosen actions ``[N, n_g, ...]``, for
+    policy-ready (normalised, transformed) observations ``[N, n_g, d]`` of the groups in ``obs``: the one
+    place a team acts."""
+    dists, actions = {}, {}
+    for g in (g for g in team.groups if g.name in obs):
+        x = obs[g.name]
+        n, k = x.shape[:2]
+        d = team[g.name].dist(x.reshape(n * k, -1))
+        a = choose(d, deterministic, generator)
+        dists[g.name] = d
+        actions[g.name] = a.reshape(n, k, *a.shape[1:])
+    return dists, actions
+
+
+def env_actions(team: TeamPolicy, actions: GroupTensors) -> GroupArrays:
+    """Chosen actions (of the groups in ``actions``) as the arrays an env takes: on the CPU, Box actions
+    clipped to their bounds."""
+    out = {}
+    for g in (g for g in team.groups if g.name in actions):
+        a = actions[g.name].detach().cpu().numpy()
+        if not g.discrete:  # Gaussian samples can leave the box; the env only accepts the box
+            a = np.clip(a, g.action_space.low, g.action_space.high).astype(np.float32)
+        out[g.name] = a
+    return out
 
 
 class Rollout:
@@ -71,34 +100,13 @@ class Rollout:
         for i in copies if self.copy_streams is not None else ():
             self.copy_streams[i].manual_seed(int(self.playing[i]))
 
-    def _actions(self, obs: GroupTensors) -> tuple[dict[str, Distribution], GroupTensors]:
-        dists, actions = {}, {}
-        for g in self.team.groups:
-            x = obs[g.name]
-            n, k = x.shape[:2]
-            policy = self.team[g.name]
-            d = policy.dist(x.reshape(n * k, -1))
-            a = choose(d, self.deterministic, self.copy_streams or self.generator)
-            dists[g.name] = d
-            actions[g.name] = a.reshape(n, k, *a.shape[1:])
-        return dists, actions
-
-    def _to_env(self, actions: GroupTensors) -> GroupArrays:
-        out = {}
-        for g in self.team.groups:
-            a = actions[g.name].detach().cpu().numpy()
-            if not g.discrete:  # Gaussian samples can leave the box; the env only accepts the box
-                a = np.clip(a, g.action_space.low, g.action_space.high).astype(np.float32)
-            out[g.name] = a
-        return out
-
     def step(self) -> Transition:
         """Advance every copy by one env step."""
         ctx = StepContext(self.team, self.steps, self.episode_step, self.active, self.generator)
         obs = apply_chain(self.transforms, normalize(self.team, self.raw_obs), ctx)
         with torch.no_grad():
-            dists, actions = self._actions(obs)
-        result = self.venv.step(self._to_env(actions))
+            dists, actions = team_actions(self.team, obs, self.deterministic, self.copy_streams or self.generator)
+        result = self.venv.step(env_actions(self.team, actions))
         tr = Transition(self.raw_obs, obs, self.active, dists, actions, result)
         self.raw_obs = result.obs
         self.active = {g: torch.as_tensor(a, device=self.team.device) for g, a in result.active.items()}

@@ -52,11 +52,13 @@ def test_help_lists_the_stages(cli, args):
 
 @pytest.mark.parametrize("stage", ["train", "attack"])
 def test_stage_help_says_what_the_stage_reads_and_writes(cli, stage):
-    """``madistill <stage> --help``: the stage, its settings and examples, then Hydra's groups and config."""
+    """``madistill <stage> --help``: the stage, what it writes, its settings with their presets, examples."""
     rc, out, _ = cli(stage, "--help")
     assert rc == 0
-    assert out.startswith(f"madistill {stage}: ") and "examples:" in out
-    assert "== Configuration groups ==" in out and "attack: base_attack, quick, suite, thorough" in out
+    assert out.startswith(f"madistill {stage}: ") and "examples:" in out and "in its run directory" in out
+    presets = {"train": "teacher.*  [teacher=<ppo> in conf/teacher/]",
+               "attack": "[attack=<quick, suite, thorough> in conf/attack/]"}
+    assert presets[stage] in out
 
 
 def test_unknown_stage_exits_2(cli):
