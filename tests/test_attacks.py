@@ -135,6 +135,14 @@ def test_fgsm_on_a_linear_gaussian_policy_reaches_the_exact_maximum_of_the_kl():
         torch.testing.assert_close(reached.detach(), torch.full((64,), 0.5 * (eps * 3.5) ** 2))
 
 
+def test_fgsm_on_a_discrete_policy_steps_along_the_clean_gradient_without_a_random_draw():
+    policy, budget, gen = _mlp(), Budget.build(0.3, D), torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    x_adv = Attack("fgsm", "ce")(policy, X, budget, gen)
+    assert torch.equal(gen.get_state(), state)
+    assert torch.equal(x_adv, X + 0.3 * Objective("ce", policy, X, None).gradient(X).sign())
+
+
 def _moved(policy: MLPPolicy, name: str, attack: Attack, eps: float) -> torch.Tensor:
     """KL(pi(x) || pi(x_adv)) per observation of X under ``attack`` (``name``: transfer crafts on another
     policy, critic uses a value head)."""
