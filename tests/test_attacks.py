@@ -556,3 +556,27 @@ def test_attack_command_runs_the_transfer_attack_between_a_teacher_and_its_stude
         assert returns["transfer"]["1.0"] != pytest.approx(res["clean"], abs=0.1)
         # the same PGD on the same episodes: only the policy it is crafted on differs
         assert returns["transfer"]["1.0"] != pytest.approx(returns["pgd"]["1.0"], abs=0.1)
+
+
+def test_every_suite_attack_changes_the_episodes_of_a_box_team(make_cfg):
+    """On speaker-listener with continuous actions, every per-step attack of the suite (FGSM included) changes
+    the team's episodes, and the masking checks neither report a degenerate attack nor flag a sound one."""
+    from madistill.attacks.robustness import evaluate_robustness
+    from madistill.evaluate.evaluator import run_episodes
+    from madistill.explain.saliency import feature_layouts
+
+    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 10, "continuous_actions": True}, name="sl")
+    ac = make_cfg("attack.methods=[random,fgsm,pgd,spsa]", "attack.eps=[0.3]", "attack.victims=[all]", "attack.episodes=4",
+                  "attack.steps=3", "attack.restarts=1", "attack.spsa_samples=4", "attack.probe_observations=64",
+                  "attack.collapse_eps=0").attack
+    with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
+        torch.manual_seed(0)
+        team = TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [16], "activation": "tanh"}) for g in venv.groups},
+                          {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
+        assert not any(g.discrete for g in team.groups)
+        res = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, random_return=-100.0, seed=0)
+        clean = np.array([r.team_return for r in run_episodes(venv, team, 4, 0)])
+    for attack, by_eps in res.episodes["all"].items():
+        assert not np.array_equal(by_eps[0.3], clean), attack
+    assert all(p["fgsm"] > 0.5 * p["pgd"] for p in res.probes.values()), res.probes
+    assert not any(res.degenerate.values()) and not any(res.flags.values()), (res.degenerate, res.flags)
