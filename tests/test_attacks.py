@@ -1,5 +1,6 @@
-"""Attacks: budgets and excluded features, objective strength, the attack transform (victims, timing),
-gradient-masking checks on a masking policy and a plain one, and the attack command."""
+"""Attacks: budgets and excluded features, objective strength on Discrete and Box policies, the attack
+transform (victims, timing), gradient-masking checks on a masking policy, a plain one and degenerate attacks,
+and the attack command."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from gymnasium import spaces
 
 from madistill.attacks.budget import Budget, excluded_features, group_budgets
-from madistill.attacks.checks import probe, return_checks
-from madistill.attacks.methods import Attack, Objective
+from madistill.attacks.checks import DEGENERATE, probe, return_checks
+from madistill.attacks.methods import Attack, Objective, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
@@ -26,11 +27,12 @@ from madistill.transforms import StepContext
 
 D = 8
 GROUP = AgentGroup("g", ("a_0", "a_1"), spaces.Box(-np.inf, np.inf, (D,), np.float32), spaces.Discrete(5))
+BOX_GROUP = AgentGroup("g", ("a_0", "a_1"), spaces.Box(-np.inf, np.inf, (D,), np.float32), spaces.Box(-1, 1, (2,), np.float32))
 
 
-def _mlp(scale: float = 3.0, seed: int = 0) -> MLPPolicy:
+def _mlp(scale: float = 3.0, seed: int = 0, group: AgentGroup = GROUP) -> MLPPolicy:
     torch.manual_seed(seed)
-    p = MLPPolicy(GROUP, {"hidden_sizes": [32, 32], "activation": "tanh"})
+    p = MLPPolicy(group, {"hidden_sizes": [32, 32], "activation": "tanh"})
     with torch.no_grad():
         for w in p.parameters():
             w.mul_(scale)  # sharper than at init, like a trained policy
@@ -66,7 +68,6 @@ def test_attacks_stay_in_budget_and_leave_excluded_features(method, objective):
 
 @pytest.mark.parametrize("name", ["transfer", "critic"])
 def test_suite_transfer_and_critic_attacks_stay_in_budget_and_leave_excluded_features(name):
-    from madistill.attacks.methods import variants
     from madistill.policies.sb3 import SB3Policy
 
     def team_of(policy):
@@ -114,6 +115,74 @@ def test_pgd_reaches_a_higher_divergence_than_fgsm_and_random():
     reached = {m: float(kl(Attack(m, "ce" if m == "fgsm" else "kl")(policy, X, budget, gen)).mean().detach())
                for m in ("random", "fgsm", "pgd")}
     assert reached["pgd"] > reached["fgsm"] > reached["random"] > 0
+
+
+def test_fgsm_on_a_linear_gaussian_policy_reaches_the_exact_maximum_of_the_kl():
+    """Worked example: mean w.x, one action, sigma 1. The KL (and the cross-entropy of the clean mean, the
+    same plus a constant) is (w.delta)^2 / 2, flat at delta = 0; over the l_inf ball of radius eps its maximum
+    is (eps ||w||_1)^2 / 2 at delta = +-eps sign(w), and the gradient at any random point r, (w.r) w, has
+    exactly that sign: FGSM reaches the maximum on every sample."""
+    group = AgentGroup("g", ("a_0",), spaces.Box(-np.inf, np.inf, (3,), np.float32), spaces.Box(-1, 1, (1,), np.float32))
+    policy = MLPPolicy(group, {"hidden_sizes": [], "activation": "tanh"})
+    w = torch.tensor([[2.0, -1.0, 0.5]])
+    with torch.no_grad():
+        policy.net[0].weight.copy_(w)
+        policy.net[0].bias.zero_()
+    x, eps = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)), 0.2
+    kl = Objective("kl", policy, x, None)
+    for objective in ("ce", "kl"):
+        reached = kl(Attack("fgsm", objective)(policy, x, Budget.build(eps, 3), torch.Generator().manual_seed(0)))
+        torch.testing.assert_close(reached.detach(), torch.full((64,), 0.5 * (eps * 3.5) ** 2))
+
+
+def test_fgsm_on_a_discrete_policy_steps_along_the_clean_gradient_without_a_random_draw():
+    policy, budget, gen = _mlp(), Budget.build(0.3, D), torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    x_adv = Attack("fgsm", "ce")(policy, X, budget, gen)
+    assert torch.equal(gen.get_state(), state)
+    assert torch.equal(x_adv, X + 0.3 * Objective("ce", policy, X, None).gradient(X).sign())
+
+
+def _moved(policy: MLPPolicy, name: str, attack: Attack, eps: float) -> torch.Tensor:
+    """KL(pi(x) || pi(x_adv)) per observation of X under ``attack`` (``name``: transfer crafts on another
+    policy, critic uses a value head)."""
+    from madistill.policies.sb3 import SB3Policy
+
+    torch.manual_seed(2)
+    critic = SB3Policy.from_arch(policy.group, {"hidden_sizes": [32], "activation": "tanh"})
+    crafted_on = _mlp(seed=1, group=policy.group) if name == "transfer" else policy
+    x_adv = attack(crafted_on, X, Budget.build(eps, D), torch.Generator().manual_seed(0), critic=critic)
+    with torch.no_grad():
+        return Objective("kl", policy, X, None)(x_adv)
+
+
+def _training_attacks() -> dict[str, Attack]:
+    """The attacks robust distillation and fine-tuning train against, by where they come from."""
+    from types import SimpleNamespace
+
+    from madistill.distill.loss import DistillLoss
+    from madistill.finetune import collection_attack
+
+    out = {f"distill_{i}": a for i, a in enumerate(DistillLoss(adv_objective="both", adv_fgsm=True).training_attacks())}
+    for objective in ("ce", "kl"):
+        settings = SimpleNamespace(attack_fraction=0.5, eps=1.0, attack_objective=objective, steps=5)
+        out[f"finetune_{objective}"] = collection_attack([GROUP], {"g": Budget.build(1.0, D)}, settings)[0].attack
+    return out
+
+
+@pytest.mark.parametrize("name,attack", [*((n, a) for n, a in variants(Attack(steps=5)).items() if n != "pgd_strong"),
+                                         *_training_attacks().items()])
+def test_every_attack_moves_a_box_policy_as_it_moves_a_discrete_one(name, attack):
+    """At a budget where an attack moves a Discrete policy's action distribution on every observation, by
+    at least twice a random perturbation's mean KL, it does so for a Box (Gaussian) policy too."""
+    eps = 0.1
+    for group in (GROUP, BOX_GROUP):
+        policy = _mlp(group=group)
+        moved, noise = _moved(policy, name, attack, eps), _moved(policy, "random", variants(Attack())["random"], eps)
+        assert bool((noise > 0).all())
+        assert bool((moved > 0).all()), (name, group.action_space)
+        if name != "random":
+            assert float(moved.mean()) > 2 * float(noise.mean()), (name, group.action_space)
 
 
 def test_budgets_from_config():
@@ -193,18 +262,58 @@ def test_masking_checks_fire_on_a_quantising_policy_and_stay_silent_on_a_plain_m
     assert reached["fgsm"] == 0.0 and reached["zero_gradient_share"] == 1.0
 
 
+def test_probe_on_a_box_policy_uses_fgsm_and_raises_no_flag():
+    reached, flags = probe(_mlp(group=BOX_GROUP), X, Budget.build(0.3, D), Attack(), torch.Generator().manual_seed(0))
+    assert flags == []
+    assert reached["pgd"] >= reached["fgsm"] > 0.5 * reached["pgd"]
+
+
+class Squared(MLPPolicy):
+    """Reads its observation squared: at x = 0 every input gradient is zero, a step away they are not."""
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return super().forward(obs.pow(2))
+
+
+def test_probe_reports_an_attack_that_leaves_the_actions_unchanged_as_degenerate():
+    """FGSM on the cross-entropy of a Discrete policy steps along the clean gradient; where the policy is
+    stationary at the observations (not masked: PGD's random starts find gradients) it changes nothing, and
+    the probe reports that attack instead of comparing it."""
+    policy = Squared(GROUP, {"hidden_sizes": [32], "activation": "tanh"})
+    reached, flags = probe(policy, torch.zeros(64, D), Budget.build(0.5, D), Attack(), torch.Generator().manual_seed(0))
+    assert reached["fgsm"] == 0.0 and reached["pgd"] > 0 and reached["zero_gradient_share"] == 0.0
+    assert [(f.name, f.detail.split()[0]) for f in flags] == [(DEGENERATE, "fgsm")]
+
+
+def test_return_checks_do_not_rest_a_flag_on_an_attack_that_changed_nothing():
+    """FGSM left every episode as it was clean while PGD raised the return: no evidence that PGD is weaker
+    than FGSM; the check reports FGSM as degenerate, and the robustness result keeps it apart from flags."""
+    from madistill.attacks.robustness import RobustnessResult
+
+    clean = -20 + np.random.default_rng(0).normal(0, 0.3, 50)
+    returns = {"fgsm": {0.5: clean.copy()}, "pgd": {0.5: clean + 5}}
+    flags = return_checks(returns, clean=clean, random=-40)
+    assert [f.name for f in flags] == [DEGENERATE] and "fgsm" in flags[0].detail
+    returns["fgsm"][0.5][0] -= 1e-3  # FGSM changed one episode: it is evidence again
+    assert [f.name for f in return_checks(returns, clean=clean, random=-40)] == ["pgd_weaker_than_fgsm"]
+    res = RobustnessResult(float(clean.mean()), -40.0, {})
+    res.add_checks("all", flags)
+    assert res.flags == {"all": []} and res.degenerate == {"all": flags}
+
+
 def test_return_level_checks():
     rng = np.random.default_rng(0)
     base = rng.normal(0, 0.3, 100)
     sound = {"fgsm": {0.5: -20 + base}, "pgd": {0.1: -12 + base, 0.5: -25 + base, 3.0: -45 + base},
              "pgd_strong": {0.5: -25.2 + base}, "spsa": {0.5: -21 + base}, "transfer": {0.5: -18 + base}}
-    assert return_checks(sound, clean=-10, random=-40, collapse_eps=3.0) == []
+    clean = -10 + base
+    assert return_checks(sound, clean=clean, random=-40, collapse_eps=3.0) == []
     masked = {"fgsm": {0.5: -20 + base}, "pgd": {0.1: -11 + base, 0.5: -12 + base, 3.0: -11 + base},
               "pgd_strong": {0.5: -19 + base}, "spsa": {0.5: -30 + base}, "transfer": {0.5: -16 + base}}
-    names = {f.name for f in return_checks(masked, clean=-10, random=-40, collapse_eps=3.0)}
+    names = {f.name for f in return_checks(masked, clean=clean, random=-40, collapse_eps=3.0)}
     assert names == {"pgd_weaker_than_fgsm", "pgd_not_converged", "gradient_free_stronger", "transfer_stronger", "no_collapse"}
     noisy = {"fgsm": {0.5: -12 + rng.normal(0, 20, 100)}, "pgd": {0.5: -12 + base}}
-    assert return_checks(noisy, clean=-10, random=-40) == []  # noise alone never flags
+    assert return_checks(noisy, clean=clean, random=-40) == []  # noise alone never flags
 
 
 def _agent_rows(report: str, agents: list[str]) -> dict[tuple[str, str], tuple[str, list[str]]]:
@@ -447,3 +556,27 @@ def test_attack_command_runs_the_transfer_attack_between_a_teacher_and_its_stude
         assert returns["transfer"]["1.0"] != pytest.approx(res["clean"], abs=0.1)
         # the same PGD on the same episodes: only the policy it is crafted on differs
         assert returns["transfer"]["1.0"] != pytest.approx(returns["pgd"]["1.0"], abs=0.1)
+
+
+def test_every_suite_attack_changes_the_episodes_of_a_box_team(make_cfg):
+    """On speaker-listener with continuous actions, every per-step attack of the suite (FGSM included) changes
+    the team's episodes, and the masking checks neither report a degenerate attack nor flag a sound one."""
+    from madistill.attacks.robustness import evaluate_robustness
+    from madistill.evaluate.evaluator import run_episodes
+    from madistill.explain.saliency import feature_layouts
+
+    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 10, "continuous_actions": True}, name="sl")
+    ac = make_cfg("attack.methods=[random,fgsm,pgd,spsa]", "attack.eps=[0.3]", "attack.victims=[all]", "attack.episodes=4",
+                  "attack.steps=3", "attack.restarts=1", "attack.spsa_samples=4", "attack.probe_observations=64",
+                  "attack.collapse_eps=0").attack
+    with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
+        torch.manual_seed(0)
+        team = TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [16], "activation": "tanh"}) for g in venv.groups},
+                          {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
+        assert not any(g.discrete for g in team.groups)
+        res = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, random_return=-100.0, seed=0)
+        clean = np.array([r.team_return for r in run_episodes(venv, team, 4, 0)])
+    for attack, by_eps in res.episodes["all"].items():
+        assert not np.array_equal(by_eps[0.3], clean), attack
+    assert all(p["fgsm"] > 0.5 * p["pgd"] for p in res.probes.values()), res.probes
+    assert not any(res.degenerate.values()) and not any(res.flags.values()), (res.degenerate, res.flags)

@@ -11,6 +11,9 @@ Flags: ``pgd_weaker_than_fgsm``; ``pgd_not_converged`` (more steps and restarts 
 materially); ``no_collapse`` (the return does not fall as eps grows, or stays high at a very large eps);
 ``gradient_free_stronger`` / ``transfer_stronger`` (attacks without the victim's gradients beat white-box PGD);
 ``zero_gradients`` (most observations have an exactly zero input gradient).
+
+A check compares attacks, so an attack that changed nothing is no evidence: such an attack is reported as
+``degenerate_attack`` (its own failing, not the policy's) and the comparisons it would decide are not made.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack, Objective, variants
 from madistill.policies.base import Policy
+
+DEGENERATE = "degenerate_attack"  # the name of a Flag that reports an attack, not the policy
 
 
 @dataclass(frozen=True)
@@ -46,21 +51,31 @@ def probe(
 
     A flag needs one attack to reach ``1 + tolerance`` times the other's divergence: the KL landscape is
     non-concave (it is flat at delta = 0), so restarts of a sound PGD already gain tens of percent.
+
+    An attack that leaves the action distribution exactly unchanged on most observations while the policy's
+    input gradients are not zero there is degenerate (the attack, not the policy, failed): it is reported as
+    a ``degenerate_attack`` Flag and takes part in no comparison. Where the gradients are zero, the same
+    failure is the policy's masking and is flagged as ``zero_gradients``.
     """
     kl = Objective("kl", policy, x, None)
     suite = variants(pgd)
-    attacks = {name: suite[name] for name in ("fgsm", "pgd", "pgd_strong", "spsa")}
-    reached = {}
-    for name, attack in attacks.items():
-        reached[name] = float(kl(attack(policy, x, budget, generator)).mean().detach())
+    crafted = {name: suite[name](policy, x, budget, generator) for name in ("fgsm", "pgd", "pgd_strong", "spsa")}
     if surrogate is not None:
-        reached["transfer"] = float(kl(pgd(surrogate, x, budget, generator)).mean().detach())
+        crafted["transfer"] = pgd(surrogate, x, budget, generator)
+    with torch.no_grad():
+        divergences = {name: kl(x_adv) for name, x_adv in crafted.items()}
+    reached = {name: float(d.mean()) for name, d in divergences.items()}
     grad = Objective("ce", policy, x, None).gradient(budget.sample(x, generator))
     reached["zero_gradient_share"] = float((grad.abs().amax(-1) == 0).float().mean())
-    def beats(a: str, b: str) -> bool:
-        return reached[a] > (1 + tolerance) * reached[b] + 1e-9
+    unchanged = {name: float((d == 0).float().mean()) for name, d in divergences.items()}
+    degenerate = {name for name, share in unchanged.items() if share > 0.5 and reached["zero_gradient_share"] <= 0.5}
+    flags = [Flag(DEGENERATE, f"{name} leaves the action distribution unchanged on {100 * unchanged[name]:.0f}% of "
+                  "observations although the policy has input gradients there: not used as evidence")
+             for name in sorted(degenerate)]
 
-    flags = []
+    def beats(a: str, b: str) -> bool:
+        return not {a, b} & degenerate and reached[a] > (1 + tolerance) * reached[b] + 1e-9
+
     white_box = "pgd_strong" if reached["pgd_strong"] >= reached["pgd"] else "pgd"
     if beats("fgsm", "pgd"):
         flags.append(Flag("pgd_weaker_than_fgsm", f"KL reached: PGD {reached['pgd']:.4f} < FGSM {reached['fgsm']:.4f}"))
@@ -77,21 +92,24 @@ def probe(
 
 def return_checks(
     returns: Mapping[str, Mapping[float, np.ndarray]],
-    clean: float,
+    clean: np.ndarray,
     random: float,
     tolerance: float = 0.1,
     collapse_eps: float | None = None,
     seed: int = 0,
     n_boot: int = 1000,
 ) -> list[Flag]:
-    """Flags from per-episode team returns ``returns[attack][eps]`` (every cell played the same episode
-    seeds; attacks named as in the suite: ``fgsm``, ``pgd``, ``pgd_strong``, ``spsa``, ``transfer``).
+    """Flags from per-episode team returns ``returns[attack][eps]`` and ``clean`` (every cell played the same
+    episode seeds; attacks named as in the suite: ``fgsm``, ``pgd``, ``pgd_strong``, ``spsa``, ``transfer``).
 
     A difference is material when its mean exceeds ``tolerance`` times the clean gain over random and its
     paired-bootstrap 95% CI excludes zero, so episode noise alone never raises a flag. ``collapse_eps``: a
-    budget at which PGD on all agents should leave less than half of the gain.
+    budget at which PGD on all agents should leave less than half of the gain. An attack with the clean
+    return on every episode changed nothing, so PGD's return above it is no evidence against PGD: that
+    comparison is reported as a ``degenerate_attack`` Flag instead.
     """
-    tol = tolerance * abs(clean - random)
+    gain = float(np.mean(clean)) - random
+    tol = tolerance * abs(gain)
     rng = np.random.default_rng(seed)
 
     def worse(a: np.ndarray, b: np.ndarray) -> bool:
@@ -102,19 +120,23 @@ def return_checks(
 
     flags = []
     pgd = dict(returns.get("pgd", {}))
+    stronger = (("fgsm", "pgd_weaker_than_fgsm"), ("pgd_strong", "pgd_not_converged"), ("spsa", "gradient_free_stronger"),
+                ("transfer", "transfer_stronger"))
     for eps, r in sorted(pgd.items()):
-        if eps in returns.get("fgsm", {}) and worse(returns["fgsm"][eps], r):
-            flags.append(Flag("pgd_weaker_than_fgsm", f"eps {eps:g}: PGD return {r.mean():.2f} > FGSM {returns['fgsm'][eps].mean():.2f}"))
-        if eps in returns.get("pgd_strong", {}) and worse(returns["pgd_strong"][eps], r):
-            flags.append(Flag("pgd_not_converged", f"eps {eps:g}: PGD {r.mean():.2f}, 2x steps and restarts {returns['pgd_strong'][eps].mean():.2f}"))
-        for other, name in (("spsa", "gradient_free_stronger"), ("transfer", "transfer_stronger")):
-            if eps in returns.get(other, {}) and worse(returns[other][eps], r):
-                flags.append(Flag(name, f"eps {eps:g}: {other} return {returns[other][eps].mean():.2f} < PGD {r.mean():.2f}"))
+        for other, name in stronger:
+            if eps not in returns.get(other, {}) or not worse(returns[other][eps], r):
+                continue
+            o = returns[other][eps]
+            if np.array_equal(o, clean):
+                flags.append(Flag(DEGENERATE, f"eps {eps:g}: {other} left every episode's return as it was clean "
+                                  f"({o.mean():.2f}), so PGD's {r.mean():.2f} above it is no evidence of {name}"))
+            else:
+                flags.append(Flag(name, f"eps {eps:g}: {other} return {o.mean():.2f} < PGD {r.mean():.2f}"))
     ordered = [e for e in sorted(pgd) if e != collapse_eps]
     rising = [(a, b) for a, b in zip(ordered, ordered[1:]) if worse(pgd[a], pgd[b])]
     if rising:
         flags.append(Flag("no_collapse", "PGD return rises with eps: " + ", ".join(
             f"{pgd[a].mean():.2f} at eps {a:g} -> {pgd[b].mean():.2f} at {b:g}" for a, b in rising)))
-    if collapse_eps is not None and collapse_eps in pgd and pgd[collapse_eps].mean() - random > 0.5 * (clean - random):
+    if collapse_eps is not None and collapse_eps in pgd and pgd[collapse_eps].mean() - random > 0.5 * gain:
         flags.append(Flag("no_collapse", f"eps {collapse_eps:g}: PGD leaves {pgd[collapse_eps].mean():.2f}, over half the gain over random {random:.2f}"))
     return flags

@@ -4,13 +4,17 @@ Every attack works in normalised units inside a Budget and returns a point of th
 Objectives (maximised):
 
 - ``kl``: KL(pi(x) || pi(x + delta)), the policy-divergence objective of SA-PPO/MAD (Zhang et al. 2020);
-  for Gaussian policies the closed-form Gaussian KL.
-- ``ce``: cross-entropy of the clean greedy action, -log pi(a*(x) | x + delta) (Huang et al. 2017).
+  for Gaussian policies the closed-form Gaussian KL, 0.5 ||(mu(x + delta) - mu(x)) / sigma||^2.
+- ``ce``: cross-entropy of the clean greedy action, -log pi(a*(x) | x + delta) (Huang et al. 2017); for
+  Gaussian policies a* is the clean mean, so this is the same squared shift of the mean in std units plus a
+  constant.
 - ``value``: minus a critic's value V(x + delta) (the critic attack; the critic is any Policy with ``value``).
 
-Methods: ``random`` (uniform in the ball), ``fgsm`` (one signed-gradient step of size eps), ``pgd`` (k signed
-steps with random start and restarts, the best restart kept per sample), ``spsa`` (the same steps on a
-gradient estimated from function values only: gradient-free, so it cannot be fooled by masked gradients).
+Methods: ``random`` (uniform in the ball), ``fgsm`` (one signed-gradient step of size eps; from a stationary
+objective's clean minimum, along the gradient at a random point of the ball), ``pgd`` (k signed steps with
+random start and restarts, the best restart kept per sample), ``spsa`` (the same steps on a gradient
+estimated from function values only: gradient-free, so it cannot be fooled by masked gradients).
+docs/attacks.md says what each attack maximises for Discrete and for Box policies.
 """
 
 from __future__ import annotations
@@ -63,7 +67,12 @@ class Attack:
             return budget.sample(x, generator)
         goal = Objective(self.objective, policy, x, critic)
         if self.method == "fgsm":
-            return budget.project(x + budget.radius * goal.gradient(x).sign(), x)
+            # A stationary objective's gradient at the clean point is exactly zero (its minimum), so a step
+            # along it would return x. Near that minimum f(x + r) ~ r^T H r / 2, whose gradient at a random
+            # point r of the ball is H r: one power-iteration step toward the direction of greatest curvature
+            # (the virtual adversarial direction of Miyato et al. 2018). FGSM steps from x along its sign.
+            at = budget.sample(x, generator) if goal.stationary else x
+            return budget.project(x + budget.radius * goal.gradient(at).sign(), x)
         best, best_val = x, goal(x)
         for _ in range(self.restarts):
             x_adv = budget.sample(x, generator)
@@ -89,13 +98,19 @@ class Attack:
 
 
 class Objective:
-    """The attack objective for clean observations ``x`` (per sample, to maximise)."""
+    """The attack objective for clean observations ``x`` (per sample, to maximise).
+
+    ``stationary``: the clean point is the objective's minimum, so its gradient there is exactly zero. True for
+    ``kl`` (a divergence from the clean distribution) and for ``ce`` on Box actions (the Gaussian's clean
+    mean is its most likely action); ``ce`` on Discrete actions and ``value`` have gradients at the clean point.
+    """
 
     def __init__(self, name: str, policy: Policy, x: torch.Tensor, critic: Policy | None):
         if name == "value" and (critic is None or critic.value(x[:1]) is None):
             raise MadistillError("the critic attack needs a policy with a decentralised value head: set attack.critic=<a "
                                  "teacher run trained with teacher.critic=local>, or leave value out of attack.methods")
         self.name, self.policy, self.critic = name, policy, critic
+        self.stationary = name == "kl" or (name == "ce" and not policy.group.discrete)
         with torch.no_grad():
             self.clean_head = policy(x)
             self.clean_action = choose(policy.dist_from_head(self.clean_head), True, None)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from madistill.attacks.budget import Budget, group_budgets
-from madistill.attacks.checks import Flag, probe, return_checks
+from madistill.attacks.checks import DEGENERATE, Flag, probe, return_checks
 from madistill.attacks.learned import LearnedAdversary, train_adversary
 from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
@@ -44,7 +44,8 @@ def suite_attack(name: str, ac: Any) -> Attack:
 @dataclass
 class RobustnessResult:
     """One policy's per-episode team returns ``episodes[victims][attack][eps]`` (every cell on the same
-    episode seeds), mean per-agent returns, and the masking flags; means and CIs derive from the episodes."""
+    episode seeds), mean per-agent returns, the masking flags, and the attacks the checks found degenerate
+    (they changed nothing, so no flag rests on them); means and CIs derive from the episodes."""
 
     clean: float
     random: float
@@ -54,6 +55,7 @@ class RobustnessResult:
     episodes: dict[str, dict[str, dict[float, np.ndarray]]] = field(default_factory=dict)
     agent_returns: dict[str, dict[str, dict[float, dict[str, float]]]] = field(default_factory=dict)
     flags: dict[str, list[Flag]] = field(default_factory=dict)
+    degenerate: dict[str, list[Flag]] = field(default_factory=dict)
     probes: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of one evaluation: clean, and per attack
@@ -74,6 +76,12 @@ class RobustnessResult:
         name, _ = self.worst(victims, eps)
         return name, self.agent_returns[victims][name][eps]
 
+    def add_checks(self, key: str, flags: list[Flag]) -> None:
+        """Record the checks' findings under ``key`` (a victim set, or ``probe:<group>``): masking flags apart
+        from degenerate-attack reports, so a count of flags counts only evidence about the policy."""
+        self.flags.setdefault(key, []).extend(f for f in flags if f.name != DEGENERATE)
+        self.degenerate.setdefault(key, []).extend(f for f in flags if f.name == DEGENERATE)
+
     def to_dict(self) -> dict[str, Any]:
         eps_key = lambda d: {str(e): v for e, v in d.items()}  # noqa: E731 - JSON keys are strings
         ci = {v: {a: {e: bootstrap_ci(x, np.mean, n_boot=self.n_boot, seed=self.seed) for e, x in r.items()} for a, r in t.items()}
@@ -87,6 +95,7 @@ class RobustnessResult:
             "worst_case": {v: {str(e): self.worst(v, e) for e in sorted({e for r in t.values() for e in r})}
                            for v, t in returns.items()},
             "flags": {v: [f.__dict__ for f in fl] for v, fl in self.flags.items()},
+            "degenerate_attacks": {v: [f.__dict__ for f in fl] for v, fl in self.degenerate.items()},
             "probes": self.probes, "skipped": self.skipped, "seconds_per_evaluation": self.seconds,
         }
 
@@ -161,8 +170,8 @@ def evaluate_robustness(
                 progress.update(1)
         collapse = float(ac.collapse_eps) if ac.checks and ac.collapse_eps and vname == "all" else None
         if ac.checks:
-            res.flags[vname] = return_checks(res.episodes[vname], clean, random_return, ac.masking_tolerance, collapse, seed,
-                                              ac.n_boot)
+            res.add_checks(vname, return_checks(res.episodes[vname], np.array([r.team_return for r in clean_recs]),
+                                                random_return, ac.masking_tolerance, collapse, seed, ac.n_boot))
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
@@ -204,7 +213,7 @@ def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budge
                                surrogate=surrogate[g.name] if surrogate is not None else None,
                                tolerance=ac.probe_tolerance)
         res.probes[g.name] = reached
-        res.flags.setdefault(f"probe:{g.name}", []).extend(flags)
+        res.add_checks(f"probe:{g.name}", flags)
 
 
 def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: str) -> plt.Figure:
@@ -254,6 +263,7 @@ def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episod
         lines.append("Gradient-masking checks: " + ("none fired" if not flagged else ""))
         lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in flagged]
         lines += [f"- skipped {s}" for s in res.skipped]
+        lines += [f"- degenerate attack ({k}): {f.detail}" for k, fl in res.degenerate.items() for f in fl]
         lines.append("")
     return "\n".join(lines)
 

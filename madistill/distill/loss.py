@@ -100,15 +100,19 @@ class DistillLoss:
         """The PGD that crafts training perturbations on one objective (one restart: it runs every update)."""
         return Attack("pgd", objective, steps=self.adv_steps, restarts=1)
 
+    def training_attacks(self) -> list[Attack]:
+        """The attacks whose per-sample worst point the student trains against: the training PGD on
+        ``adv_objective`` (``both``: on kl and on ce) and, with ``adv_fgsm``, FGSM."""
+        objectives = ("kl", "ce") if self.adv_objective == "both" else (self.adv_objective,)
+        return [self.training_pgd(o) for o in objectives] + ([Attack("fgsm", "ce")] if self.adv_fgsm else [])
+
     def _perturbed(
         self, student: Policy, batch: GroupData, budget: Budget, generator: torch.Generator | None, kw: dict
     ) -> torch.Tensor:
         """PGD on the student; with ``adv_objective=both`` (and ``adv_fgsm``), per sample the worst (for the
         distillation target) of the policy-divergence PGD, the greedy-action PGD (and FGSM's one full step):
         each finds perturbations the others miss, and students trained against PGD alone fall to FGSM."""
-        objectives = ("kl", "ce") if self.adv_objective == "both" else (self.adv_objective,)
-        attacks = [self.training_pgd(o) for o in objectives] + ([Attack("fgsm", "ce")] if self.adv_fgsm else [])
-        found = torch.stack([a(student, batch.obs, budget, generator) for a in attacks])
+        found = torch.stack([a(student, batch.obs, budget, generator) for a in self.training_attacks()])
         if len(found) == 1:
             return found[0]
         with torch.no_grad():
