@@ -315,7 +315,9 @@ class TeacherTrainer:
         normalizers = {}
         for gi, g in enumerate(venv.groups):
             # Groups with equal spaces (env.grouping=per_agent) would start from equal weights under one seed.
-            twins = sum(h.observation_space == g.observation_space and h.action_space == g.action_space
+            # bool(): gymnasium's Discrete compares to a numpy bool, and SB3 passes the seed to random.seed,
+            # which takes Python ints only.
+            twins = sum(bool(h.observation_space == g.observation_space and h.action_space == g.action_space)
                         for h in venv.groups[:gi])
             _check_batch_size(g, venv.num_envs, ppo_settings[g.name])
             model = build_model(g, venv.num_envs, self.arch, ppo_settings[g.name], cfg.seed + twins, device)
