@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
+import logging
 import os
 import re
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import madistill
 from madistill.errors import MadistillError
@@ -92,24 +96,83 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     """The Hydra task: dispatch on the job name, which the CLI sets to the stage."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
 
     from madistill import stages
     from madistill.config import validate
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    _STARTED.append(str(run_dir))
+    before = set(run_dir.rglob("*"))  # Hydra's record of this job is in it already
     try:
-        validate(cfg)
-        return getattr(stages, hc.job.name)(cfg, run_dir)
-    except MadistillError as e:
+        with _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
+            validate(cfg)
+            return getattr(stages, hc.job.name)(cfg, run_dir)
+    except (MadistillError, OmegaConfBaseException) as e:
+        _drop_failed_start(run_dir, before, run_dir / hc.output_subdir if hc.output_subdir else None,
+                           run_dir / f"{hc.job.name}.log")
         if hc.mode == RunMode.MULTIRUN:
             raise  # Hydra marks the sweep job failed and reports it
         # A single run: report in one line from main() rather than Hydra's "Error executing job" preamble.
-        _FAILED.append(str(e))
+        _FAILED.append(str(e) if isinstance(e, MadistillError) else _one_line(e))
         return None
 
 
+class _LogTee(io.TextIOBase):
+    """Standard output that also copies each printed line into the job's log file (Hydra's ``<stage>.log``
+    in the run directory), so the log holds the stage's progress lines and results next to its log records."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self.out.write(text)
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._log(line)
+        return len(text)
+
+    def _log(self, line: str) -> None:
+        if line.strip():
+            record = logging.LogRecord("madistill", logging.INFO, __file__, 0, line, None, None)
+            for handler in self.files:
+                handler.handle(record)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        self._log(self._partial)
+        self._partial = ""
+        self.flush()  # stays open: it is only a view of the real standard output
+
+
+def _drop_failed_start(run_dir: Path, before: set[Path], record: Path | None, log_file: Path) -> None:
+    """After a user error, leave no half-written run behind: unless the stage saved a policy, checkpoint or
+    report, remove what this job added to ``run_dir``, and the directory itself when it held only Hydra's
+    record (``record``, this job's ``.hydra`` folder) and its log. A resumed run's directory keeps its files."""
+    saved = [p for d in ("policies", "checkpoint", "reports") for p in (run_dir / d).rglob("*") if p not in before]
+    if saved:
+        return
+    hydra_own = {record, log_file} | ({p for p in before if record in p.parents} if record else set())
+    if before <= hydra_own:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    if record is not None and record.parent != run_dir:  # a nested record: the resumed run's own
+        shutil.rmtree(record, ignore_errors=True)
+    for p in sorted(set(run_dir.rglob("*")) - before - {log_file}, reverse=True):  # files before their folders
+        if p.is_dir():
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
+
+
 _FAILED: list[str] = []
+_STARTED: list[str] = []  # the run directories whose stage began
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -205,6 +268,17 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """``madistill <stage> [overrides]``: run one stage; returns the exit code (0, 2 for a user error, 130 when interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(args)
+    except BrokenPipeError:  # `madistill train --help | head`: the reader left; say so once, where it can be seen
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not fail again
+        who = f"madistill {args[0]}" if args and args[0] in STAGES else "madistill"
+        print(f"{who}: error: the output pipe closed before madistill finished writing: "
+              "pipe into `less` to read all of it", file=sys.stderr)
+        return 2
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE.format(stages="\n".join(f"  {k:<10} {v}" for k, v in STAGES.items())))
         return 0 if args else 2
@@ -238,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     sys.argv = [f"madistill-{stage}", *hydra_args]
     _FAILED.clear()
+    _STARTED.clear()
     # A cluster's SIGTERM (time limit, scancel) takes the Ctrl-C path: the training stages checkpoint first.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
@@ -256,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"madistill {stage}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if _STARTED or isinstance(e, BrokenPipeError):  # the stage itself failed (not a user error), or the
+            raise  # reader left (main says so)
+        print(f"madistill {stage}: error: cannot create the run directory {e.filename} ({e.strerror}): "
+              "pass hydra.run.dir=<a writable directory> (hydra.sweep.dir=... with -m)", file=sys.stderr)
+        return 2
     for msg in _FAILED:
         print(f"madistill {stage}: error: {msg}", file=sys.stderr)
     return 2 if _FAILED else 0
