@@ -3,16 +3,20 @@ mislead, and resuming a run into its own directory."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import tiny
+from conftest import call_cli, tiny
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
+from madistill.envs.episodes import EpisodeRecord
+from madistill.evaluate.stats import summarize
 from madistill.policies.store import read_manifest
+from madistill.stages import _print_results, eval_report
 
 
 class LeadEnv(ParallelEnv):
@@ -98,3 +102,50 @@ def test_a_failed_start_leaves_no_run_directory_behind(cli, tmp_path, override):
     assert rc == 2
     _one_error_line(err, "train")  # a missing value is one line too, without Hydra's "Error executing job"
     assert not run_dir.exists()
+
+
+# ------------------------------------------------------------------ output that says what happened
+@pytest.fixture(scope="module")
+def relay_teacher(tmp_path_factory):
+    """A tiny relay teacher trained by ``madistill train`` (once for the module)."""
+    run_dir = tmp_path_factory.mktemp("relay") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        rc = call_cli(["train", "env=relay", *tiny("teacher.total_agent_steps=200"), f"hydra.run.dir={run_dir}"], mp)
+    assert rc == 0
+    return run_dir
+
+
+def test_attack_without_the_masking_checks_says_they_did_not_run(cli, relay_teacher, tmp_path):
+    rc, out, err = cli("attack", "attack=quick", f"attack.policy={relay_teacher}", "attack.episodes=2",
+                       "attack.steps=2", "logger=quiet", f"hydra.run.dir={tmp_path}")
+    assert rc == 0, err
+    assert "gradient-masking checks: not run (attack.checks=false)" in out and "flags: 0" not in out
+    report = (tmp_path / "reports" / "robustness.md").read_text()
+    assert "Gradient-masking checks: not run (attack.checks=false)" in report and "none fired" not in report
+    saved = json.loads((tmp_path / "reports" / "robustness.json").read_text())
+    assert saved["results"]["teacher"]["checks_run"] is False
+
+
+def _summaries(**team_returns: list[float]) -> dict[str, dict]:
+    """Evaluation summaries of two-agent episodes whose agents both earn the given team returns."""
+    return {name: summarize([EpisodeRecord(i, 5, {"a_0": r, "a_1": r}) for i, r in enumerate(rets)], n_boot=50)
+            for name, rets in team_returns.items()}
+
+
+def test_eval_report_defines_its_measures_and_says_the_random_team_samples(make_cfg):
+    ec = make_cfg("eval.deterministic=true").eval
+    text = eval_report(_summaries(teacher=[3.0, 4.0], random=[0.0, 1.0]), "relay", ec)
+    assert "greedy actions (the random team samples uniformly)" in text
+    assert "Team return: an episode's undiscounted return averaged over the agents" in text
+    assert "IQM (interquartile mean): the mean of the middle 50% of the episodes' team returns" in text
+
+
+def test_a_student_worse_than_random_is_warned_about_at_the_end_and_in_the_report(make_cfg, capsys, tmp_path):
+    summaries = _summaries(teacher=[3.0, 4.0], student=[-2.0, -1.0], random=[0.0, 1.0])
+    _print_results(tmp_path, summaries, tmp_path)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("warning: student's mean team return -1.50 is below the random team's 0.50: ")
+    assert last in eval_report(summaries, "relay", make_cfg().eval)
+    fine = _summaries(teacher=[3.0, 4.0], student=[1.0, 2.0], random=[0.0, 1.0])
+    _print_results(tmp_path, fine, tmp_path)
+    assert "warning" not in capsys.readouterr().out and "warning" not in eval_report(fine, "relay", make_cfg().eval)
