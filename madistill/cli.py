@@ -258,11 +258,41 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
         groupings = {m.get("config", {}).get("env", {}).get("grouping", "auto") for m in manifests}
     except (MadistillError, OSError, ValueError, KeyError, IndexError, AttributeError):
         return overrides  # the stage itself reports a missing or corrupt policy, in one line
-    if len(ids) != 1 or not (Path(config_dir()) / "env" / f"{next(iter(ids))}.yaml").is_file():
+    if len(ids) != 1:
         return overrides
+    if not (Path(config_dir()) / "env" / f"{next(iter(ids))}.yaml").is_file():
+        return [*_run_dirs_named(ids.pop(), overrides), *overrides]
     grouping = [f"env.grouping={g}" for g in groupings if len(groupings) == 1 and g != "auto"
                 and not any(o.lstrip("+").startswith("env.grouping=") for o in overrides)]
     return [f"env={ids.pop()}", *grouping, *overrides]
+
+
+def _run_dirs_named(env_id: str, overrides: list[str]) -> list[str]:
+    """``hydra.run.dir`` and ``hydra.sweep.dir`` as conf/config.yaml names them, with ``env_id`` for the env's
+    name: runs of policies saved for an env without a config file are filed under that env, not the default
+    one (unless the command line names the directories)."""
+    from omegaconf import OmegaConf
+
+    dirs = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "config.yaml").hydra, resolve=False)
+    return [f"hydra.{mode}.dir={dirs[mode]['dir'].replace('${env.name}', env_id)}" for mode in ("run", "sweep")
+            if not any(o.startswith(f"hydra.{mode}.dir=") for o in overrides)]
+
+
+# The stages that train teachers, so continue a run from teacher.resume=<run>/checkpoint.
+_RESUMING = ("train", "pipeline")
+
+
+def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
+    """``teacher.resume=<run>/checkpoint`` continues that run in its own directory (one TensorBoard curve, its
+    policies replaced at the end), unless the command line names another ``hydra.run.dir``. Hydra's record of
+    the resumed job goes to ``.hydra/resumed_<time>/`` so the run's original ``.hydra/`` stays as it was."""
+    resume = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("teacher.resume=")), "")
+    ckpt = Path(resume.strip("'\""))
+    if (stage not in _RESUMING or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir()
+            or any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for o in overrides)):
+        return overrides
+    return [f"hydra.run.dir={ckpt.resolve().parent}", "hydra.output_subdir=.hydra/resumed_${now:%Y-%m-%d_%H-%M-%S}",
+            *overrides]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +327,7 @@ def _main(args: list[str]) -> int:
     try:
         hydra_args = _with_job_name(rest, stage)
         hydra_args = _with_saved_env(hydra_args, stage)
+        hydra_args = _resume_in_place(hydra_args, stage)
     except MadistillError as e:
         print(f"madistill {stage}: error: {e}", file=sys.stderr)
         return 2
