@@ -3,6 +3,8 @@ mislead, and resuming a run into its own directory."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -12,11 +14,11 @@ import pytest
 from conftest import call_cli, tiny
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from madistill.envs.episodes import EpisodeRecord
 from madistill.evaluate.stats import summarize
 from madistill.policies.store import read_manifest
-from madistill.stages import _print_results, eval_report
 
 
 class LeadEnv(ParallelEnv):
@@ -133,6 +135,8 @@ def _summaries(**team_returns: list[float]) -> dict[str, dict]:
 
 
 def test_eval_report_defines_its_measures_and_says_the_random_team_samples(make_cfg):
+    from madistill.stages import eval_report
+
     ec = make_cfg("eval.deterministic=true").eval
     text = eval_report(_summaries(teacher=[3.0, 4.0], random=[0.0, 1.0]), "relay", ec)
     assert "greedy actions (the random team samples uniformly)" in text
@@ -141,6 +145,8 @@ def test_eval_report_defines_its_measures_and_says_the_random_team_samples(make_
 
 
 def test_a_student_worse_than_random_is_warned_about_at_the_end_and_in_the_report(make_cfg, capsys, tmp_path):
+    from madistill.stages import _print_results, eval_report
+
     summaries = _summaries(teacher=[3.0, 4.0], student=[-2.0, -1.0], random=[0.0, 1.0])
     _print_results(tmp_path, summaries, tmp_path)
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -149,3 +155,93 @@ def test_a_student_worse_than_random_is_warned_about_at_the_end_and_in_the_repor
     fine = _summaries(teacher=[3.0, 4.0], student=[1.0, 2.0], random=[0.0, 1.0])
     _print_results(tmp_path, fine, tmp_path)
     assert "warning" not in capsys.readouterr().out and "warning" not in eval_report(fine, "relay", make_cfg().eval)
+
+
+@pytest.fixture(scope="module")
+def lead_teacher(tmp_path_factory):
+    """A LeadEnv teacher trained by ``madistill train`` on a budget between two rollouts of 150 agent-steps
+    (25 steps x 2 copies x 3 agents); its run directory and standard output."""
+    run_dir = tmp_path_factory.mktemp("lead") / "run"
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        rc = call_cli(["train", *LEAD, *tiny("teacher.total_agent_steps=200"), f"hydra.run.dir={run_dir}"], mp)
+    assert rc == 0
+    return run_dir, out.getvalue()
+
+
+def test_a_budget_between_rollouts_is_rounded_up_and_said_once(lead_teacher):
+    run_dir, out = lead_teacher
+    said = "training 300 agent-steps: the budget of 200 rounded up to whole rollouts of 150"
+    assert out.count(said) == 1
+    for saved in ("policies/teacher", "checkpoint"):
+        assert read_manifest(run_dir / saved)["training"] == {"agent_steps": 300, "iterations": 2}
+
+
+def test_the_job_log_holds_what_the_stage_printed(lead_teacher):
+    run_dir, out = lead_teacher
+    log = (run_dir / "train.log").read_text()
+    assert "training 300 agent-steps" in log
+    assert f"teachers: {run_dir / 'policies' / 'teacher'}" in log and out.count("teachers: ") == 1
+
+
+def test_runs_of_a_custom_envs_policies_are_filed_under_that_env(cli, lead_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli("evaluate", f"eval.policy={lead_teacher[0]}", "logger=quiet", "eval.episodes=2", "eval.n_boot=20")
+    assert rc == 0, err
+    assert [p.parent.name for p in (tmp_path / "runs" / "evaluate").glob("*/*")] == ["lead"]
+
+
+# ------------------------------------------------------------------ interrupted and resumed runs
+PER_ITER = 25 * 2 * 4  # relay: n_steps x copies x agents
+
+
+@pytest.fixture
+def crashed_run(cli, tmp_path, monkeypatch):
+    """A relay run that crashed in its fourth rollout, its last checkpoint at rollout 2, events up to rollout 3."""
+    from madistill.rollout import Rollout
+
+    calls, step = {"n": 0}, Rollout.step
+
+    def crash_in_rollout_4(self):
+        calls["n"] += 1
+        if calls["n"] == 3 * 25 + 5:
+            raise RuntimeError("simulated crash")
+        return step(self)
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        mp.setattr(Rollout, "step", crash_in_rollout_4)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            cli("train", "env=relay", *tiny(f"teacher.total_agent_steps={5 * PER_ITER}",
+                                            f"teacher.checkpoint_every={2 * PER_ITER}"), f"hydra.run.dir={run_dir}")
+    assert not (run_dir / "policies").exists() and (run_dir / "checkpoint" / "trainer_state.pt").is_file()
+    return run_dir
+
+
+def test_evaluating_an_interrupted_run_points_to_its_checkpoint(cli, crashed_run):
+    rc, _, err = cli("evaluate", f"eval.policy={crashed_run}", "logger=quiet")
+    assert rc == 2
+    line = _one_error_line(err, "evaluate")
+    assert f"pass its checkpoint {crashed_run / 'checkpoint'} instead" in line
+    assert f"madistill train teacher.resume={crashed_run / 'checkpoint'}" in line
+
+
+def test_resuming_continues_the_same_run_directory_and_curve(cli, crashed_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    original_record = (crashed_run / ".hydra" / "config.yaml").read_text()
+    resume = f"teacher.resume={crashed_run / 'checkpoint'}"
+    rc, _, err = cli("train", "env=relay", *tiny(f"teacher.total_agent_steps={2 * PER_ITER}"), resume)
+    assert rc == 2 and "already at" in _one_error_line(err, "train")  # a failed resume leaves the run as it was
+    assert not list((crashed_run / ".hydra").glob("resumed_*")) and (crashed_run / "checkpoint").is_dir()
+
+    rc, out, err = cli("train", "env=relay", *tiny(f"teacher.total_agent_steps={5 * PER_ITER}"), resume)
+    assert rc == 0, err
+    assert not (tmp_path / "runs").exists() and f"teachers: {crashed_run / 'policies' / 'teacher'}" in out
+    assert read_manifest(crashed_run / "policies" / "teacher")["training"]["agent_steps"] == 5 * PER_ITER
+    assert (crashed_run / ".hydra" / "config.yaml").read_text() == original_record
+    (record,) = (crashed_run / ".hydra").glob("resumed_*")
+    assert resume in (record / "overrides.yaml").read_text()
+    ea = EventAccumulator(str(crashed_run / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    # one curve: rollout 3 that the crash logged is replaced by the resumed run's, not drawn twice
+    assert [e.step for e in ea.Scalars("charts/SPS")] == [k * PER_ITER for k in range(1, 6)]
