@@ -144,6 +144,12 @@ class _LogTee(io.TextIOBase):
     def flush(self) -> None:
         self.out.flush()
 
+    def fileno(self) -> int:  # for code that hands standard output on to a child process or a terminal query
+        return self.out.fileno()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
+
     def __exit__(self, *exc: object) -> None:
         self._log(self._partial)
         self._partial = ""
@@ -289,7 +295,8 @@ def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
     resume = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("teacher.resume=")), "")
     ckpt = Path(resume.strip("'\""))
     if (stage not in _RESUMING or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir()
-            or any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for o in overrides)):
+            or any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in ("-m", "--multirun")
+                   for o in overrides)):
         return overrides
     return [f"hydra.run.dir={ckpt.resolve().parent}", "hydra.output_subdir=.hydra/resumed_${now:%Y-%m-%d_%H-%M-%S}",
             *overrides]
@@ -363,8 +370,10 @@ def _main(args: list[str]) -> int:
         print(f"madistill {stage}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        if _STARTED or isinstance(e, BrokenPipeError):  # the stage itself failed (not a user error), or the
-            raise  # reader left (main says so)
+        # Past Hydra's creation of the run directory, an OSError is the stage's (not a user error: keep the whole
+        # story); a closed pipe is main()'s to report.
+        if _STARTED or e.filename is None or isinstance(e, BrokenPipeError):
+            raise
         print(f"madistill {stage}: error: cannot create the run directory {e.filename} ({e.strerror}): "
               "pass hydra.run.dir=<a writable directory> (hydra.sweep.dir=... with -m)", file=sys.stderr)
         return 2
