@@ -581,7 +581,7 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
             lines.append(f"  {name:<8} evaluation wall time: clean {res.seconds['clean']:.2f} s, under PGD-{ac.steps} "
                          f"({ac.restarts} restarts) {res.seconds['pgd']:.2f} s ({res.seconds['pgd'] / res.seconds['clean']:.1f}x)")
     lines += [
-        f"  gradient-masking flags: {flags}" + (" (see the report)" if flags else "") if ac.checks
+        (f"  gradient-masking flags: {flags}" + (" (see the report)" if flags else "")) if ac.checks
         else f"  gradient-masking checks: {CHECKS_NOT_RUN}",
         f"  report:      {reports / 'robustness.md'}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}",

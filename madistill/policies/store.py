@@ -47,7 +47,7 @@ def save_team(
 
     ``role`` is a free label such as ``teacher`` or ``student``. ``extra_files`` maps file names to
     callables ``f(path)`` that write side files (e.g. SB3's ``.zip`` for SB3 users). ``training``: how much
-    training the policies had (the manifest's ``training``, e.g. ``{"agent_steps": 22400}``), when it is known.
+    training the policies had (the manifest's ``training``, e.g. ``{"agent_steps": 300, "iterations": 2}``), when it is known.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
