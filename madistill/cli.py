@@ -11,7 +11,7 @@ import re
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -129,7 +129,7 @@ class _LogTee(io.TextIOBase):
         self._partial = ""
 
     def write(self, text: str) -> int:
-        self.out.write(text)
+        self._to_out(self.out.write, text)
         *lines, self._partial = (self._partial + text).split("\n")
         for line in lines:
             self._log(line)
@@ -142,7 +142,14 @@ class _LogTee(io.TextIOBase):
                 handler.handle(record)
 
     def flush(self) -> None:
-        self.out.flush()
+        self._to_out(self.out.flush)
+
+    @staticmethod
+    def _to_out(write: Callable[..., object], *args: str) -> None:
+        try:
+            write(*args)
+        except BrokenPipeError:  # the reader left (`madistill train | head`): the stage goes on, its lines still
+            _drop_stdout()  # reach the log, and its exit code is its own
 
     def fileno(self) -> int:  # for code that hands standard output on to a child process or a terminal query
         return self.out.fileno()
@@ -154,6 +161,12 @@ class _LogTee(io.TextIOBase):
         self._log(self._partial)
         self._partial = ""
         self.flush()  # stays open: it is only a view of the real standard output
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null once its reader is gone, so later writes and Python's flush at exit
+    do not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
 
 
 def _drop_failed_start(run_dir: Path, before: set[Path], record: Path | None, log_file: Path) -> None:
@@ -308,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except BrokenPipeError:  # `madistill train --help | head`: the reader left; say so once, where it can be seen
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not fail again
+        _drop_stdout()
         who = f"madistill {args[0]}" if args and args[0] in STAGES else "madistill"
         print(f"{who}: error: the output pipe closed before madistill finished writing: "
               "pipe into `less` to read all of it", file=sys.stderr)

@@ -96,6 +96,18 @@ def test_help_into_a_closed_pipe_is_one_line_and_exit_2():
     assert "output pipe closed" in _one_error_line(err, "train")
 
 
+def test_a_stage_whose_reader_left_finishes_its_work_and_logs_its_lines(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "madistill", "train", "env=relay",
+                             *tiny("teacher.total_agent_steps=200"), f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # `madistill train ... | head -1`, the reader gone at once
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and err == ""
+    assert read_manifest(run_dir / "policies" / "teacher")["role"] == "teacher"
+    assert f"teachers: {run_dir / 'policies' / 'teacher'}" in (run_dir / "train.log").read_text()
+
+
 @pytest.mark.parametrize("override", ["env.num_envs=0", "env.target=???"])
 def test_a_failed_start_leaves_no_run_directory_behind(cli, tmp_path, override):
     run_dir = tmp_path / "run"
