@@ -311,8 +311,12 @@ def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
             or any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in ("-m", "--multirun")
                    for o in overrides)):
         return overrides
-    return [f"hydra.run.dir={ckpt.resolve().parent}", "hydra.output_subdir=.hydra/resumed_${now:%Y-%m-%d_%H-%M-%S}",
-            *overrides]
+    run_dir = ckpt.resolve().parent
+    if stage == "train" and (run_dir / "policies" / "student").is_dir():
+        raise MadistillError(f"{run_dir} holds a student distilled from the teacher that resuming there would replace: "
+                             f"resume it with `madistill pipeline teacher.resume={ckpt}`, or train into another "
+                             "directory with hydra.run.dir=<dir>")
+    return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=.hydra/resumed_${now:%Y-%m-%d_%H-%M-%S}", *overrides]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,3 +257,13 @@ def test_resuming_continues_the_same_run_directory_and_curve(cli, crashed_run, t
     ea.Reload()
     # one curve: rollout 3 that the crash logged is replaced by the resumed run's, not drawn twice
     assert [e.step for e in ea.Scalars("charts/SPS")] == [k * PER_ITER for k in range(1, 6)]
+
+
+def test_resuming_a_pipelines_teacher_with_train_would_orphan_its_student_and_is_refused(cli, tmp_path):
+    for d in ("checkpoint", "policies/student"):
+        (tmp_path / "run" / d).mkdir(parents=True)
+    ckpt = tmp_path / "run" / "checkpoint"
+    rc, _, err = cli("train", "env=relay", "logger=quiet", f"teacher.resume={ckpt}")
+    assert rc == 2
+    assert f"resume it with `madistill pipeline teacher.resume={ckpt}`" in _one_error_line(err, "train")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "policies"]
