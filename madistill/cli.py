@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
+import logging
 import os
 import re
+import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import madistill
 from madistill.config import check_overrides
@@ -110,24 +114,102 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     """The Hydra task: dispatch on the job name, which the CLI sets to the stage."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
 
     from madistill import stages
     from madistill.config import validate
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    _STARTED.append(str(run_dir))
+    before = set(run_dir.rglob("*"))  # Hydra's record of this job is in it already
     try:
-        validate(cfg)
-        return getattr(stages, hc.job.name)(cfg, run_dir)
-    except MadistillError as e:
+        with _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
+            validate(cfg)
+            return getattr(stages, hc.job.name)(cfg, run_dir)
+    except (MadistillError, OmegaConfBaseException) as e:
+        _drop_failed_start(run_dir, before, run_dir / hc.output_subdir if hc.output_subdir else None,
+                           run_dir / f"{hc.job.name}.log")
         if hc.mode == RunMode.MULTIRUN:
             raise  # Hydra marks the sweep job failed and reports it
         # A single run: report in one line from main() rather than Hydra's "Error executing job" preamble.
-        _FAILED.append(str(e))
+        _FAILED.append(str(e) if isinstance(e, MadistillError) else _one_line(e))
         return None
 
 
+class _LogTee(io.TextIOBase):
+    """Standard output that also copies each printed line into the job's log file (Hydra's ``<stage>.log``
+    in the run directory), so the log holds the stage's progress lines and results next to its log records."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._to_out(self.out.write, text)
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._log(line)
+        return len(text)
+
+    def _log(self, line: str) -> None:
+        if line.strip():
+            record = logging.LogRecord("madistill", logging.INFO, __file__, 0, line, None, None)
+            for handler in self.files:
+                handler.handle(record)
+
+    def flush(self) -> None:
+        self._to_out(self.out.flush)
+
+    @staticmethod
+    def _to_out(write: Callable[..., object], *args: str) -> None:
+        try:
+            write(*args)
+        except BrokenPipeError:  # the reader left (`madistill train | head`): the stage goes on, its lines still
+            _drop_stdout()  # reach the log, and its exit code is its own
+
+    def fileno(self) -> int:  # for code that hands standard output on to a child process or a terminal query
+        return self.out.fileno()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
+
+    def __exit__(self, *exc: object) -> None:
+        self._log(self._partial)
+        self._partial = ""
+        self.flush()  # stays open: it is only a view of the real standard output
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null once its reader is gone, so later writes and Python's flush at exit
+    do not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+
+
+def _drop_failed_start(run_dir: Path, before: set[Path], record: Path | None, log_file: Path) -> None:
+    """After a user error, leave no half-written run behind: unless the stage saved a policy, checkpoint or
+    report, remove what this job added to ``run_dir``, and the directory itself when it held only Hydra's
+    record (``record``, this job's ``.hydra`` folder) and its log. A resumed run's directory keeps its files."""
+    saved = [p for d in ("policies", "checkpoint", "reports") for p in (run_dir / d).rglob("*") if p not in before]
+    if saved:
+        return
+    hydra_own = {record, log_file} | ({p for p in before if record in p.parents} if record else set())
+    if before <= hydra_own:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    if record is not None and record.parent != run_dir:  # a nested record: the resumed run's own
+        shutil.rmtree(record, ignore_errors=True)
+    for p in sorted(set(run_dir.rglob("*")) - before - {log_file}, reverse=True):  # files before their folders
+        if p.is_dir():
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
+
+
 _FAILED: list[str] = []
+_STARTED: list[str] = []  # the run directories whose stage began
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -216,8 +298,10 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
         groupings = {m.get("config", {}).get("env", {}).get("grouping", "auto") for m in manifests}
     except (MadistillError, OSError, ValueError, KeyError, IndexError, AttributeError):
         return overrides  # the stage itself reports a missing or corrupt policy, in one line
-    if len(ids) != 1 or not (Path(config_dir()) / "env" / f"{next(iter(ids))}.yaml").is_file():
+    if len(ids) != 1:
         return overrides
+    if not (Path(config_dir()) / "env" / f"{next(iter(ids))}.yaml").is_file():
+        return [*_run_dirs_named(ids.pop(), overrides), *overrides]
     grouping = [f"env.grouping={g}" for g in groupings if len(groupings) == 1 and g != "auto"
                 and not any(o.lstrip("+").startswith("env.grouping=") for o in overrides)]
     return [f"env={ids.pop()}", *grouping, *overrides]
@@ -284,17 +368,58 @@ def _print_stage_help(stage: str, args: list[str]) -> int:
     except (MadistillError, HydraException, OmegaConfBaseException) as e:
         print(f"madistill {stage}: error: {e if isinstance(e, MadistillError) else _one_line(e)}", file=sys.stderr)
         return 2
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader stopped early (`| head`): fine, but Python's flush at exit would fail too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.stdout.write(text)
+    sys.stdout.flush()  # a closed pipe (`--help | head`) raises here, for main() to report in one line
     return 0
+
+
+def _run_dirs_named(env_id: str, overrides: list[str]) -> list[str]:
+    """``hydra.run.dir`` and ``hydra.sweep.dir`` as conf/config.yaml names them, with ``env_id`` for the env's
+    name: runs of policies saved for an env without a config file are filed under that env, not the default
+    one (unless the command line names the directories)."""
+    from omegaconf import OmegaConf
+
+    dirs = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "config.yaml").hydra, resolve=False)
+    return [f"hydra.{mode}.dir={dirs[mode]['dir'].replace('${env.name}', env_id)}" for mode in ("run", "sweep")
+            if not any(o.startswith(f"hydra.{mode}.dir=") for o in overrides)]
+
+
+# The stages that train teachers, so continue a run from teacher.resume=<run>/checkpoint.
+_RESUMING = ("train", "pipeline")
+
+
+def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
+    """``teacher.resume=<run>/checkpoint`` continues that run in its own directory (one TensorBoard curve, its
+    policies replaced at the end), unless the command line names another ``hydra.run.dir``. Hydra's record of
+    the resumed job goes to ``.hydra/resumed_<time>/`` so the run's original ``.hydra/`` stays as it was."""
+    resume = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("teacher.resume=")), "")
+    ckpt = Path(resume.strip("'\""))
+    if (stage not in _RESUMING or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir()
+            or any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in ("-m", "--multirun")
+                   for o in overrides)):
+        return overrides
+    run_dir = ckpt.resolve().parent
+    if stage == "train" and (run_dir / "policies" / "student").is_dir():
+        raise MadistillError(f"{run_dir} holds a student distilled from the teacher that resuming there would replace: "
+                             f"resume it with `madistill pipeline teacher.resume={ckpt}`, or train into another "
+                             "directory with hydra.run.dir=<dir>")
+    return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=.hydra/resumed_${now:%Y-%m-%d_%H-%M-%S}", *overrides]
 
 
 def main(argv: list[str] | None = None) -> int:
     """``madistill <stage> [overrides]``: run one stage; returns the exit code (0, 2 for a user error, 130 when interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(args)
+    except BrokenPipeError:  # `madistill train --help | head`: the reader left; say so once, where it can be seen
+        _drop_stdout()
+        who = f"madistill {args[0]}" if args and args[0] in STAGES else "madistill"
+        print(f"{who}: error: the output pipe closed before madistill finished writing: "
+              "pipe into `less` to read all of it", file=sys.stderr)
+        return 2
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE.format(stages="\n".join(f"  {k:<10} {v}" for k, v in STAGES.items())))
         return 0 if args else 2
@@ -313,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         hydra_args = _with_job_name(rest, stage)
         check_overrides(hydra_args, config_groups())
         hydra_args = _with_saved_env(hydra_args, stage)
+        hydra_args = _resume_in_place(hydra_args, stage)
     except MadistillError as e:
         print(f"madistill {stage}: error: {e}", file=sys.stderr)
         return 2
@@ -328,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     sys.argv = [f"madistill-{stage}", *hydra_args]
     _FAILED.clear()
+    _STARTED.clear()
     # A cluster's SIGTERM (time limit, scancel) takes the Ctrl-C path: the training stages checkpoint first.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
@@ -346,6 +473,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"madistill {stage}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # Past Hydra's creation of the run directory, an OSError is the stage's (not a user error: keep the whole
+        # story); a closed pipe is main()'s to report.
+        if _STARTED or e.filename is None or isinstance(e, BrokenPipeError):
+            raise
+        print(f"madistill {stage}: error: cannot create the run directory {e.filename} ({e.strerror}): "
+              "pass hydra.run.dir=<a writable directory> (hydra.sweep.dir=... with -m)", file=sys.stderr)
+        return 2
     for msg in _FAILED:
         print(f"madistill {stage}: error: {msg}", file=sys.stderr)
     return 2 if _FAILED else 0

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 import madistill
 from madistill.attacks.budget import group_budgets
-from madistill.attacks.robustness import check_methods, curves_figure, evaluate_robustness
+from madistill.attacks.robustness import CHECKS_NOT_RUN, check_methods, curves_figure, evaluate_robustness
 from madistill.attacks.robustness import markdown_report as robustness_markdown
 from madistill.attacks.transform import victim_sets
 from madistill.config import changes_env
@@ -201,9 +201,7 @@ def evaluate_policies(
             tb.scalar(f"eval/{name}/return/{agent}", st["mean"], 0)
         tb.histogram(f"eval/{name}/team_return", np.array([r.team_return for r in records]), 0)
     table = markdown_table(summaries)
-    header = f"# Evaluation on {spec.id}\n\n{ec.episodes} episodes per run, seeds {ec.seed}..{ec.seed + ec.episodes - 1}, "
-    header += f"{'greedy' if ec.deterministic else 'sampled'} actions; 95% stratified-bootstrap CIs.\n\n"
-    write_markdown(reports / "eval.md", header + table + "\n")
+    write_markdown(reports / "eval.md", eval_report(summaries, spec.id, ec))
     tb.text("eval/table", table)
     if cfg.logger.figures:
         tb.figure("eval/team_return", _return_figure(summaries, spec.id))
@@ -212,6 +210,29 @@ def evaluate_policies(
                            cfg.env.grouping)
         tqdm.write(f"video: {out}")
     return summaries
+
+
+def eval_report(summaries: dict[str, dict], env_id: str, ec: DictConfig) -> str:
+    """``reports/eval.md``: what was played and what the columns mean, the table, and a warning for each
+    student that does worse than the random team."""
+    acting = f"{'greedy' if ec.deterministic else 'sampled'} actions" + (
+        " (the random team samples uniformly)" if "random" in summaries and ec.deterministic else "")
+    header = (f"# Evaluation on {env_id}\n\n{ec.episodes} episodes per run, seeds {ec.seed}..{ec.seed + ec.episodes - 1}, "
+              f"{acting}; 95% stratified-bootstrap CIs.\n\n"
+              "Team return: an episode's undiscounted return averaged over the agents. IQM (interquartile mean): the "
+              "mean of the middle 50% of the episodes' team returns, less swayed by outlier episodes than the mean.\n\n")
+    warnings = "".join(f"\n**{w}**\n" for w in worse_than_random(summaries))
+    return header + markdown_table(summaries) + "\n" + warnings
+
+
+def worse_than_random(summaries: dict[str, dict]) -> list[str]:
+    """A warning for each student (row ``student...``) whose mean team return is below the random team's."""
+    if "random" not in summaries:
+        return []
+    rnd = summaries["random"]["team"]["mean"]
+    return [f"warning: {name}'s mean team return {s['team']['mean']:.2f} is below the random team's {rnd:.2f}: "
+            "check that its teacher beats random, then distil longer (distill.rounds, distill.agent_steps_per_round)"
+            for name, s in summaries.items() if name.startswith("student") and s["team"]["mean"] < rnd]
 
 
 def _return_figure(summaries: dict[str, dict], env_id: str) -> plt.Figure:
@@ -560,7 +581,8 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
             lines.append(f"  {name:<8} evaluation wall time: clean {res.seconds['clean']:.2f} s, under PGD-{ac.steps} "
                          f"({ac.restarts} restarts) {res.seconds['pgd']:.2f} s ({res.seconds['pgd'] / res.seconds['clean']:.1f}x)")
     lines += [
-        f"  gradient-masking flags: {flags}" + (" (see the report)" if flags else ""),
+        (f"  gradient-masking flags: {flags}" + (" (see the report)" if flags else "")) if ac.checks
+        else f"  gradient-masking checks: {CHECKS_NOT_RUN}",
         f"  report:      {reports / 'robustness.md'}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
     ]
@@ -598,5 +620,6 @@ def _print_results(run_dir: Path, summaries: dict[str, dict], policies: Path) ->
         f"  policies:    {policies}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)",
         f"  re-evaluate: madistill evaluate eval.policy={policies}",
+        *worse_than_random(summaries),  # last, where it is seen
     ]
     print("\n".join(lines))

@@ -19,8 +19,24 @@ class TBLogger:
     def __init__(self, log_dir: str | Path, figure_dir: str | Path | None = None, enabled: bool = True):
         self.log_dir = Path(log_dir)
         self.figure_dir = Path(figure_dir) if figure_dir is not None else None
-        self.writer = SummaryWriter(str(self.log_dir)) if enabled else None
+        self.enabled = enabled
+        self._writer: SummaryWriter | None = None
+        self._purge_step: int | None = None
         self._last: dict[str, float] = {}
+
+    @property
+    def writer(self) -> SummaryWriter | None:
+        """The SummaryWriter (None when disabled), opened at the first event: a run that stops before logging
+        anything leaves no event file."""
+        if self.enabled and self._writer is None:
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step)
+        return self._writer
+
+    def continue_from(self, step: int) -> None:
+        """Continue the curves of a run resumed at ``step`` in this log dir: TensorBoard drops the events an
+        earlier process logged after ``step`` (past the checkpoint it resumes from), so each tag stays one
+        curve. Call it before logging anything."""
+        self._purge_step = step + 1
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self._last[tag] = float(value)
@@ -65,12 +81,12 @@ class TBLogger:
             self.writer.add_scalar(k, v, 0)
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
     def __enter__(self) -> TBLogger:
         return self

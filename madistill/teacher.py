@@ -315,7 +315,9 @@ class TeacherTrainer:
         normalizers = {}
         for gi, g in enumerate(venv.groups):
             # Groups with equal spaces (env.grouping=per_agent) would start from equal weights under one seed.
-            twins = sum(h.observation_space == g.observation_space and h.action_space == g.action_space
+            # bool(): gymnasium's Discrete compares to a numpy bool, and SB3 passes the seed to random.seed,
+            # which takes Python ints only.
+            twins = sum(bool(h.observation_space == g.observation_space and h.action_space == g.action_space)
                         for h in venv.groups[:gi])
             _check_batch_size(g, venv.num_envs, ppo_settings[g.name])
             model = build_model(g, venv.num_envs, self.arch, ppo_settings[g.name], cfg.seed + twins, device)
@@ -406,6 +408,12 @@ class TeacherTrainer:
         total = int(self.cfg.teacher.total_agent_steps)
         validated = -1
         per_iter = self.n_steps * self.venv.num_envs * len(self.venv.possible_agents)
+        # PPO updates on whole rollouts (SB3's learn() also ends on the first rollout that reaches the budget), so a
+        # budget between two rollouts is rounded up to the next one rather than the last rollout cut short.
+        end = self.agent_steps + -(-(total - self.agent_steps) // per_iter) * per_iter
+        if end != total:
+            tqdm.write(f"training {end} agent-steps: the budget of {total} rounded up to whole rollouts of {per_iter} "
+                       f"(teacher.ppo.n_steps x env.num_envs x {len(self.venv.possible_agents)} agents)")
         every = int(self.cfg.teacher.checkpoint_every)
         rollout = Rollout(self.venv, self.team, self.transforms, seed=self.episode_seed)
         bar = tqdm(
@@ -530,7 +538,11 @@ class TeacherTrainer:
     def save(self, path: Path, role: str = "teacher", config: dict[str, Any] | None = None) -> Path:
         """Save the team to a policy directory, with SB3's own ``.zip`` per group beside the safetensors."""
         extra = {f"{n}.zip": (lambda p, m=lr.model: m.save(p)) for n, lr in self.learners.items()}
-        return save_team(path, self.team, self.spec, role, config=config, extra_files=extra)
+        return save_team(path, self.team, self.spec, role, config=config, extra_files=extra, training=self._progress())
+
+    def _progress(self) -> dict[str, int]:
+        """What the saved policies were trained on: agent-steps (whole rollouts) and PPO iterations so far."""
+        return {"agent_steps": self.agent_steps, "iterations": self.iteration}
 
     def save_checkpoint(self, path: Path) -> Path:
         """Save a resumable checkpoint (weights, normalisers, optimiser state, counters) to ``path``."""
@@ -544,7 +556,7 @@ class TeacherTrainer:
             "bonuses": {n: b.state_dict() for n, b in self.bonuses.items()},
         }
         extra = {STATE_FILE: lambda p: torch.save(state, p)}
-        return save_team(path, self.team, self.spec, "checkpoint", extra_files=extra)
+        return save_team(path, self.team, self.spec, "checkpoint", extra_files=extra, training=self._progress())
 
     def _restore(self, path: Path) -> None:
         team, manifest = load_team(path, self.venv.groups, device=self.device)
@@ -582,6 +594,8 @@ class TeacherTrainer:
             raise MadistillError(f"checkpoint {path} is already at {self.agent_steps} agent-steps: raise "
                                  f"teacher.total_agent_steps above that to continue training")
         self.episode_seed = int(state.get("episode_seed", self.cfg.seed + self.iteration * self.venv.num_envs))
+        if self.tb is not None:
+            self.tb.continue_from(self.agent_steps)
 
 
 def _crossed(every: int, steps: int, per_iter: int) -> bool:

@@ -41,6 +41,9 @@ def suite_attack(name: str, ac: Any) -> Attack:
     return variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta))[name]
 
 
+CHECKS_NOT_RUN = "not run (attack.checks=false): gradient attacks alone can be masked; attack=suite runs the checks"
+
+
 @dataclass
 class RobustnessResult:
     """One policy's per-episode team returns ``episodes[victims][attack][eps]`` (every cell on the same
@@ -59,6 +62,7 @@ class RobustnessResult:
     probes: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of one evaluation: clean, and per attack
+    checked: bool = True  # whether the gradient-masking checks ran (attack.checks): no flags means nothing otherwise
 
     @property
     def returns(self) -> dict[str, dict[str, dict[float, float]]]:
@@ -97,6 +101,7 @@ class RobustnessResult:
             "flags": {v: [f.__dict__ for f in fl] for v, fl in self.flags.items()},
             "degenerate_attacks": {v: [f.__dict__ for f in fl] for v, fl in self.degenerate.items()},
             "probes": self.probes, "skipped": self.skipped, "seconds_per_evaluation": self.seconds,
+            "checks_run": self.checked,
         }
 
 
@@ -131,7 +136,7 @@ def evaluate_robustness(
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed)
     clean = team_returns(clean_recs)
-    res = RobustnessResult(clean, random_return, _agents(clean_recs), seed, ac.n_boot)
+    res = RobustnessResult(clean, random_return, _agents(clean_recs), seed, ac.n_boot, checked=bool(ac.checks))
     res.seconds["clean"] = time.perf_counter() - start
     runs_of: dict[str, int] = {}
     budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device, ac.scale) for e in ac.eps}
@@ -260,7 +265,10 @@ def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episod
             lines.append("")
         lines += _agent_table(res)
         flagged = [(k, f) for k, fl in res.flags.items() for f in fl]
-        lines.append("Gradient-masking checks: " + ("none fired" if not flagged else ""))
+        if not res.checked:
+            lines.append(f"Gradient-masking checks: {CHECKS_NOT_RUN}")
+        else:
+            lines.append("Gradient-masking checks: " + ("none fired" if not flagged else ""))
         lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in flagged]
         lines += [f"- skipped {s}" for s in res.skipped]
         lines += [f"- degenerate attack ({k}): {f.detail}" for k, fl in res.degenerate.items() for f in fl]

@@ -17,7 +17,7 @@ from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies.base import TeamPolicy
-from madistill.policies.store import MANIFEST, read_manifest
+from madistill.policies.store import MANIFEST, interrupted_hint, read_manifest
 from madistill.policies.uniform import UniformPolicy
 from madistill.rollout import Rollout
 from madistill.transforms import ObsTransform
@@ -79,7 +79,8 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
             raise MadistillError(f"no policies named {sorted(unknown)} under {root}; found {sorted({f.name for f in found})}")
         found = [f for f in found if f.name in names]
     if not found:
-        raise MadistillError(f"{root} holds no saved policy ({MANIFEST}): pass a run or policy directory")
+        raise MadistillError(f"{root} holds no saved policy ({MANIFEST}): pass a run or policy directory"
+                             + interrupted_hint(root))
     return found
 
 

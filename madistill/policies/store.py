@@ -41,11 +41,13 @@ def save_team(
     role: str,
     config: dict[str, Any] | None = None,
     extra_files: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``team`` to directory ``path`` (replacing it atomically); returns the path.
 
     ``role`` is a free label such as ``teacher`` or ``student``. ``extra_files`` maps file names to
-    callables ``f(path)`` that write side files (e.g. SB3's ``.zip`` for SB3 users).
+    callables ``f(path)`` that write side files (e.g. SB3's ``.zip`` for SB3 users). ``training``: how much
+    training the policies had (the manifest's ``training``, e.g. ``{"agent_steps": 300, "iterations": 2}``), when it is known.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +71,7 @@ def save_team(
             "networks": networks,
             "normalizers": {g: n.state_dict() for g, n in team.normalizers.items()},
             "config": config or {},
+            **({"training": training} if training else {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for name, writer in (extra_files or {}).items():
@@ -112,7 +115,18 @@ def find_policy_dir(path: str | Path, name: str | None = None) -> Path:
             return store / found[0]
         if found:
             raise MadistillError(f"run {p} holds several policies {found}: pick one with policy=<name>")
-    raise MadistillError(f"{p} holds no {MANIFEST}: pass a policy directory or a run directory with policies/")
+    raise MadistillError(f"{p} holds no {MANIFEST}: pass a policy directory or a run directory with policies/"
+                         + interrupted_hint(p))
+
+
+def interrupted_hint(run_dir: Path) -> str:
+    """For a run directory without policies but with a training checkpoint (its training was interrupted): how
+    to use that checkpoint, or finish the run; else an empty string."""
+    ckpt = run_dir / "checkpoint"
+    if not (ckpt / MANIFEST).is_file():
+        return ""
+    return (f" (its training was interrupted before saving policies: pass its checkpoint {ckpt} instead, or finish "
+            f"the run with `madistill train teacher.resume={ckpt}`)")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

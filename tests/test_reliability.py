@@ -1,0 +1,269 @@
+"""Reliability: envs that used to crash training, errors that used to be tracebacks, output that used to
+mislead, and resuming a run into its own directory."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import call_cli, tiny
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from madistill.envs.episodes import EpisodeRecord
+from madistill.evaluate.stats import summarize
+from madistill.policies.store import read_manifest
+
+
+class LeadEnv(ParallelEnv):
+    """A lead agent with 20 actions and two teammates with 5, all observing the same 34 features: two groups
+    with equal observation spaces and different Discrete action counts. Each agent earns 1 per step for
+    action 0; episodes are truncated after ``max_cycles`` steps."""
+
+    metadata = {"name": "lead_v0", "is_parallelizable": True, "render_modes": []}
+
+    def __init__(self, max_cycles: int = 10):
+        self.possible_agents = ["lead_0", "mate_0", "mate_1"]
+        self.agents: list[str] = []
+        self.max_cycles = max_cycles
+        self.t = 0
+        self._obs_space = spaces.Box(-1.0, 1.0, shape=(34,), dtype=np.float32)
+        self._act_spaces = {"lead_0": spaces.Discrete(20), "mate_0": spaces.Discrete(5), "mate_1": spaces.Discrete(5)}
+
+    def observation_space(self, agent):
+        return self._obs_space
+
+    def action_space(self, agent):
+        return self._act_spaces[agent]
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {a: np.full(34, self.t / self.max_cycles, dtype=np.float32) for a in self.agents}
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        self.agents = list(self.possible_agents)
+        return self._obs(), {a: {} for a in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        rewards = {a: float(actions[a] == 0) for a in self.agents}
+        done = self.t >= self.max_cycles
+        obs, infos = self._obs(), {a: {} for a in self.agents}
+        terminated = {a: False for a in self.agents}
+        truncated = {a: done for a in self.agents}
+        if done:
+            self.agents = []
+        return obs, rewards, terminated, truncated, infos
+
+
+LEAD = ("env=custom", "env.target=test_reliability.LeadEnv", "env.name=lead")
+
+
+def test_groups_with_equal_observations_and_different_action_counts_train(cli, tmp_path):
+    rc, out, err = cli("train", *LEAD, *tiny("teacher.total_agent_steps=150"), f"hydra.run.dir={tmp_path}")
+    assert rc == 0, err
+    m = read_manifest(tmp_path / "policies" / "teacher")
+    assert [(g["name"], g["action_space"]["n"]) for g in m["groups"]] == [("lead", 20), ("mate", 5)]
+
+
+# ------------------------------------------------------------------ errors: one line, exit code 2
+def _one_error_line(err: str, stage: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"madistill {stage}: error: "), err
+    return lines[0]
+
+
+def test_a_run_directory_that_cannot_be_created_is_one_line_naming_the_setting(cli, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    rc, _, err = cli("train", "env=relay", "logger=quiet", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}")
+    assert rc == 2
+    line = _one_error_line(err, "train")
+    assert f"cannot create the run directory {tmp_path / 'a_file' / 'run'}" in line and "hydra.run.dir=" in line
+
+
+def test_help_into_a_closed_pipe_is_one_line_and_exit_2():
+    proc = subprocess.Popen([sys.executable, "-m", "madistill", "train", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line, as `| head` is after its lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 2
+    assert "output pipe closed" in _one_error_line(err, "train")
+
+
+def test_a_stage_whose_reader_left_finishes_its_work_and_logs_its_lines(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "madistill", "train", "env=relay",
+                             *tiny("teacher.total_agent_steps=200"), f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # `madistill train ... | head -1`, the reader gone at once
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and err == ""
+    assert read_manifest(run_dir / "policies" / "teacher")["role"] == "teacher"
+    assert f"teachers: {run_dir / 'policies' / 'teacher'}" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.parametrize("override", ["env.num_envs=0", "env.target=???"])
+def test_a_failed_start_leaves_no_run_directory_behind(cli, tmp_path, override):
+    run_dir = tmp_path / "run"
+    extra = ["env=custom"] if override.startswith("env.target") else ["env=relay"]
+    rc, _, err = cli("train", *extra, "logger=quiet", override, f"hydra.run.dir={run_dir}")
+    assert rc == 2
+    _one_error_line(err, "train")  # a missing value is one line too, without Hydra's "Error executing job"
+    assert not run_dir.exists()
+
+
+# ------------------------------------------------------------------ output that says what happened
+@pytest.fixture(scope="module")
+def relay_teacher(tmp_path_factory):
+    """A tiny relay teacher trained by ``madistill train`` (once for the module)."""
+    run_dir = tmp_path_factory.mktemp("relay") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        rc = call_cli(["train", "env=relay", *tiny("teacher.total_agent_steps=200"), f"hydra.run.dir={run_dir}"], mp)
+    assert rc == 0
+    return run_dir
+
+
+def test_attack_without_the_masking_checks_says_they_did_not_run(cli, relay_teacher, tmp_path):
+    rc, out, err = cli("attack", "attack=quick", f"attack.policy={relay_teacher}", "attack.episodes=2",
+                       "attack.steps=2", "logger=quiet", f"hydra.run.dir={tmp_path}")
+    assert rc == 0, err
+    assert "gradient-masking checks: not run (attack.checks=false)" in out and "flags: 0" not in out
+    report = (tmp_path / "reports" / "robustness.md").read_text()
+    assert "Gradient-masking checks: not run (attack.checks=false)" in report and "none fired" not in report
+    saved = json.loads((tmp_path / "reports" / "robustness.json").read_text())
+    assert saved["results"]["teacher"]["checks_run"] is False
+
+
+def _summaries(**team_returns: list[float]) -> dict[str, dict]:
+    """Evaluation summaries of two-agent episodes whose agents both earn the given team returns."""
+    return {name: summarize([EpisodeRecord(i, 5, {"a_0": r, "a_1": r}) for i, r in enumerate(rets)], n_boot=50)
+            for name, rets in team_returns.items()}
+
+
+def test_eval_report_defines_its_measures_and_says_the_random_team_samples(make_cfg):
+    from madistill.stages import eval_report
+
+    ec = make_cfg("eval.deterministic=true").eval
+    text = eval_report(_summaries(teacher=[3.0, 4.0], random=[0.0, 1.0]), "relay", ec)
+    assert "greedy actions (the random team samples uniformly)" in text
+    assert "Team return: an episode's undiscounted return averaged over the agents" in text
+    assert "IQM (interquartile mean): the mean of the middle 50% of the episodes' team returns" in text
+
+
+def test_a_student_worse_than_random_is_warned_about_at_the_end_and_in_the_report(make_cfg, capsys, tmp_path):
+    from madistill.stages import _print_results, eval_report
+
+    summaries = _summaries(teacher=[3.0, 4.0], student=[-2.0, -1.0], random=[0.0, 1.0])
+    _print_results(tmp_path, summaries, tmp_path)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("warning: student's mean team return -1.50 is below the random team's 0.50: ")
+    assert last in eval_report(summaries, "relay", make_cfg().eval)
+    fine = _summaries(teacher=[3.0, 4.0], student=[1.0, 2.0], random=[0.0, 1.0])
+    _print_results(tmp_path, fine, tmp_path)
+    assert "warning" not in capsys.readouterr().out and "warning" not in eval_report(fine, "relay", make_cfg().eval)
+
+
+@pytest.fixture(scope="module")
+def lead_teacher(tmp_path_factory):
+    """A LeadEnv teacher trained by ``madistill train`` on a budget between two rollouts of 150 agent-steps
+    (25 steps x 2 copies x 3 agents); its run directory and standard output."""
+    run_dir = tmp_path_factory.mktemp("lead") / "run"
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        rc = call_cli(["train", *LEAD, *tiny("teacher.total_agent_steps=200"), f"hydra.run.dir={run_dir}"], mp)
+    assert rc == 0
+    return run_dir, out.getvalue()
+
+
+def test_a_budget_between_rollouts_is_rounded_up_and_said_once(lead_teacher):
+    run_dir, out = lead_teacher
+    said = "training 300 agent-steps: the budget of 200 rounded up to whole rollouts of 150"
+    assert out.count(said) == 1
+    for saved in ("policies/teacher", "checkpoint"):
+        assert read_manifest(run_dir / saved)["training"] == {"agent_steps": 300, "iterations": 2}
+
+
+def test_the_job_log_holds_what_the_stage_printed(lead_teacher):
+    run_dir, out = lead_teacher
+    log = (run_dir / "train.log").read_text()
+    assert "training 300 agent-steps" in log
+    assert f"teachers: {run_dir / 'policies' / 'teacher'}" in log and out.count("teachers: ") == 1
+
+
+def test_runs_of_a_custom_envs_policies_are_filed_under_that_env(cli, lead_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli("evaluate", f"eval.policy={lead_teacher[0]}", "logger=quiet", "eval.episodes=2", "eval.n_boot=20")
+    assert rc == 0, err
+    assert [p.parent.name for p in (tmp_path / "runs" / "evaluate").glob("*/*")] == ["lead"]
+
+
+# ------------------------------------------------------------------ interrupted and resumed runs
+PER_ITER = 25 * 2 * 4  # relay: n_steps x copies x agents
+
+
+@pytest.fixture
+def crashed_run(cli, tmp_path, monkeypatch):
+    """A relay run that crashed in its fourth rollout, its last checkpoint at rollout 2, events up to rollout 3."""
+    from madistill.rollout import Rollout
+
+    calls, step = {"n": 0}, Rollout.step
+
+    def crash_in_rollout_4(self):
+        calls["n"] += 1
+        if calls["n"] == 3 * 25 + 5:
+            raise RuntimeError("simulated crash")
+        return step(self)
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        mp.setattr(Rollout, "step", crash_in_rollout_4)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            cli("train", "env=relay", *tiny(f"teacher.total_agent_steps={5 * PER_ITER}",
+                                            f"teacher.checkpoint_every={2 * PER_ITER}"), f"hydra.run.dir={run_dir}")
+    assert not (run_dir / "policies").exists() and (run_dir / "checkpoint" / "trainer_state.pt").is_file()
+    return run_dir
+
+
+def test_evaluating_an_interrupted_run_points_to_its_checkpoint(cli, crashed_run):
+    rc, _, err = cli("evaluate", f"eval.policy={crashed_run}", "logger=quiet")
+    assert rc == 2
+    line = _one_error_line(err, "evaluate")
+    assert f"pass its checkpoint {crashed_run / 'checkpoint'} instead" in line
+    assert f"madistill train teacher.resume={crashed_run / 'checkpoint'}" in line
+
+
+def test_resuming_continues_the_same_run_directory_and_curve(cli, crashed_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    original_record = (crashed_run / ".hydra" / "config.yaml").read_text()
+    resume = f"teacher.resume={crashed_run / 'checkpoint'}"
+    rc, _, err = cli("train", "env=relay", *tiny(f"teacher.total_agent_steps={2 * PER_ITER}"), resume)
+    assert rc == 2 and "already at" in _one_error_line(err, "train")  # a failed resume leaves the run as it was
+    assert not list((crashed_run / ".hydra").glob("resumed_*")) and (crashed_run / "checkpoint").is_dir()
+
+    rc, out, err = cli("train", "env=relay", *tiny(f"teacher.total_agent_steps={5 * PER_ITER}"), resume)
+    assert rc == 0, err
+    assert not (tmp_path / "runs").exists() and f"teachers: {crashed_run / 'policies' / 'teacher'}" in out
+    assert read_manifest(crashed_run / "policies" / "teacher")["training"]["agent_steps"] == 5 * PER_ITER
+    assert (crashed_run / ".hydra" / "config.yaml").read_text() == original_record
+    (record,) = (crashed_run / ".hydra").glob("resumed_*")
+    assert resume in (record / "overrides.yaml").read_text()
+    ea = EventAccumulator(str(crashed_run / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    # one curve: rollout 3 that the crash logged is replaced by the resumed run's, not drawn twice
+    assert [e.step for e in ea.Scalars("charts/SPS")] == [k * PER_ITER for k in range(1, 6)]
+
+
+def test_resuming_a_pipelines_teacher_with_train_would_orphan_its_student_and_is_refused(cli, tmp_path):
+    for d in ("checkpoint", "policies/student"):
+        (tmp_path / "run" / d).mkdir(parents=True)
+    ckpt = tmp_path / "run" / "checkpoint"
+    rc, _, err = cli("train", "env=relay", "logger=quiet", f"teacher.resume={ckpt}")
+    assert rc == 2
+    assert f"resume it with `madistill pipeline teacher.resume={ckpt}`" in _one_error_line(err, "train")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "policies"]
