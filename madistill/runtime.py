@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from madistill.envs.factory import EnvSpec
+from madistill.envs.teams import Teams, resolve_teams
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 
@@ -51,3 +52,9 @@ def make_vec_env(env_cfg: DictConfig, spec: EnvSpec | None = None, **overrides: 
     }
     opts.update(overrides)
     return MultiAgentVecEnv(spec or env_spec(env_cfg), **opts)  # type: ignore[arg-type]
+
+
+def env_teams(env_cfg: DictConfig, venv: MultiAgentVecEnv) -> Teams:
+    """The teams of the env ``venv`` steps: ``env.teams`` when set, else inferred from its agent names."""
+    spec = OmegaConf.to_container(env_cfg.teams, resolve=True) if env_cfg.get("teams") else None
+    return resolve_teams(spec, venv.possible_agents)  # type: ignore[arg-type]
