@@ -4,21 +4,27 @@ retention and robustness per team, victims by team; a cooperative env keeps its 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from mpe2 import simple_adversary_v3, simple_spread_v3, simple_tag_v3, simple_world_comm_v3
 
 from envs import duel
-from madistill.attacks.robustness import RobustnessResult, markdown_report
+from madistill.attacks.budget import Budget
+from madistill.attacks.learned import AdversaryEnv
+from madistill.attacks.robustness import RobustnessResult, _return_flags, markdown_report
 from madistill.attacks.transform import victim_sets
-from madistill.envs import EnvSpec, MultiAgentVecEnv
+from madistill.envs import EnvSpec, MultiAgentVecEnv, group_agents, make_env
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.teams import resolve_teams
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes, uniform_team
 from madistill.evaluate.report import markdown_table
 from madistill.evaluate.stats import summarize
+from madistill.normalize import ObsNormalizer
+from madistill.policies import MLPPolicy, TeamPolicy
 from madistill.stages import retentions
 
 DUEL = ("adversary_0", "adversary_1", "agent_0", "agent_1")
@@ -138,6 +144,11 @@ def test_robustness_gives_the_worst_case_per_team():
     assert "### team good: clean 2.00, random policy 0.00" in report
     assert report.count("| **worst case** | 1.00 (fgsm) |") == 1 and report.count("| **worst case** | -3.00 (pgd) |") == 1
     assert "| all | 0.5 | good | fgsm | -1.00 | -1.00 | 1.00 | 1.00 |" in report
+    # masking checks read each attacked team's return: PGD leaves the good team far more than FGSM does
+    ac = SimpleNamespace(masking_tolerance=0.1, n_boot=200)
+    flags = _return_flags(res, "all", DUEL, ac, None)
+    assert [(f.name, f.detail.split(":")[0]) for f in flags] == [("pgd_weaker_than_fgsm", "team good")]
+    assert _return_flags(res, "all", ["adversary_0"], ac, None) == []  # the adversaries' PGD is the stronger
 
 
 def test_duel_env_has_opposite_team_returns():
@@ -198,3 +209,41 @@ def test_pipeline_and_attack_on_a_two_team_env_report_each_team(cli, tmp_path):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and "env.teams.blue names 'ghost'" in lines[0] and "'agent_1'" in lines[0]
     assert not (tmp_path / "e" / "reports").exists()
+
+
+def test_search_attacks_lower_the_return_of_the_victims_team(monkeypatch):
+    from madistill.attacks import robustness
+
+    def fake_run(venv, team, episodes, seed, transforms=()):
+        k = transforms[0].generator.initial_seed() - seed  # candidate index
+        return [EpisodeRecord(seed + i, 5, {"adversary_0": -g, "agent_0": g})
+                for i in range(episodes) for g in [float((i * 7 + k * 3) % 5)]]
+
+    monkeypatch.setattr(robustness, "run_episodes", fake_run)
+    budget = {"adversary": Budget.build(0.1, 1), "agent": Budget.build(0.1, 2)}
+    recs = robustness.worst_offsets(None, None, ["agent_0"], budget, 3, 4, 100, target=("agent_0",))
+    assert [r.agent_returns["agent_0"] for r in recs] == [min((i * 7 + k * 3) % 5 for k in range(3)) for i in range(4)]
+    # the all-agent mean is 0 for every candidate, so without a target the first candidate is kept
+    recs = robustness.worst_offsets(None, None, ["agent_0"], budget, 3, 4, 100)
+    assert [r.agent_returns["agent_0"] for r in recs] == [(i * 7) % 5 for i in range(4)]
+
+    # the learned adversary's reward is minus its target team's reward, not minus the (zero) all-agent mean
+    spec = EnvSpec("envs.duel.parallel_env", {"n": 1, "max_cycles": 8}, name="duel")
+    groups = group_agents(make_env(spec))
+    policies = {g.name: MLPPolicy(g, {"hidden_sizes": [], "activation": "tanh"}) for g in groups}
+    with torch.no_grad():  # good agents play the bit they see, the adversary always plays 0
+        policies["agent"].net[0].weight.copy_(torch.eye(2))
+        policies["agent"].net[0].bias.zero_()
+        policies["adversary"].net[0].weight.zero_()
+        policies["adversary"].net[0].bias.copy_(torch.tensor([1.0, 0.0]))
+    team = TeamPolicy(groups, policies, {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in groups})
+
+    def rewards(target):
+        env = AdversaryEnv(spec, team, ["agent_0"], {"agent": Budget.build(0.01, 2)}, target=target)
+        env.reset(seed=3)
+        return [env.step(np.zeros(2, dtype=np.float32))[1] for _ in range(8)]
+
+    good = rewards(("agent_0",))
+    assert set(good) == {0.0, -1.0}  # minus the good agent's reward: 1 - [bit == 0]
+    assert rewards(("adversary_0",)) == [-r for r in good]
+    assert rewards(None) == [0.0] * 8

@@ -19,7 +19,7 @@ from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
 from madistill.distill.dataset import collect_round, team_returns
 from madistill.envs.episodes import EpisodeRecord
-from madistill.envs.teams import several_teams, team_arrays, team_means, teams_line
+from madistill.envs.teams import several_teams, team_arrays, team_means, team_return, teams_line
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
@@ -195,15 +195,16 @@ def evaluate_robustness(
     agents = [a for g in team.groups for a in g.agents]
     sets = victim_sets(list(ac.victims), agents, teams)
     for vname, victims in sets.items():
+        target = _victims_team(res, victims)
         res.agent_returns[vname], res.episodes[vname] = {}, {}
         for side in res.teams:
             res.team_episodes.setdefault(side, {})[vname] = {}
         for method, eps in runs:
             start = time.perf_counter()
             if method == "offsets":
-                recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed)
+                recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target)
             else:
-                transform = _transform(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic)
+                transform = _transform(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
                 recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
             # running mean over every evaluation of this attack (all eps, victim sets and check runs)
             runs_of[method] = runs_of.get(method, 0) + 1
@@ -217,36 +218,59 @@ def evaluate_robustness(
                 progress.update(1)
         collapse = float(ac.collapse_eps) if ac.checks and ac.collapse_eps and vname == "all" else None
         if ac.checks:
-            res.flags[vname] = return_checks(res.episodes[vname], clean, random_return, ac.masking_tolerance, collapse, seed,
-                                              ac.n_boot)
+            res.flags[vname] = _return_flags(res, vname, victims, ac, collapse)
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
 
 
+def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac: Any,
+                  collapse: float | None) -> list[Flag]:
+    """The return-level masking checks of one victim set, on the team return of every agent, or with several
+    teams on the return of each team with a victim (an attack on it should lower its own team's return; the
+    mean over opposing sides can stay put), each flag naming its team."""
+    sides = [t for t, agents in res.teams.items() if set(agents) & set(victims)]
+    if not sides:
+        return return_checks(res.episodes[vname], res.clean, res.random, ac.masking_tolerance, collapse, res.seed,
+                             ac.n_boot)
+    return [Flag(f.name, f"team {team}: {f.detail}") for team in sides
+            for f in return_checks(res.team_episodes[team][vname], res.team_clean[team], res.team_random[team],
+                                   ac.masking_tolerance, collapse, res.seed, ac.n_boot)]
+
+
+def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, ...] | None:
+    """The agents of the one team all ``victims`` play for, whose return the search attacks (offsets,
+    learned) lower; None (the team return of every agent) with one team or victims on several teams."""
+    sides = [agents for agents in res.teams.values() if set(agents) & set(victims)]
+    return sides[0] if len(sides) == 1 else None
+
+
 def _transform(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
-               ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None) -> ObsTransform:
-    """The ObsTransform of a per-step suite attack (the learned adversary is trained here first)."""
+               ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
+               target: Sequence[str] | None = None) -> ObsTransform:
+    """The ObsTransform of a per-step suite attack (the learned adversary is trained here first, to lower the
+    mean return of ``target``; None: of every agent)."""
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
-                                ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency)
+                                ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
         return LearnedAdversary(model, victims, budgets, ac.frequency)
     return AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
                            surrogate=surrogate if method == "transfer" else None, critic=critic)
 
 
 def worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
-                  candidates: int, episodes: int, seed: int) -> list[EpisodeRecord]:
+                  candidates: int, episodes: int, seed: int, target: Sequence[str] | None = None) -> list[EpisodeRecord]:
     """Per episode seed, the record of the constant offset (of ``candidates``, ConstantOffset seeds ``seed..``)
-    with the lowest team return: every candidate replays the same episodes, as an attacker with a simulator
-    could."""
+    with the lowest team return (mean return of the ``target`` agents when given): every candidate replays the
+    same episodes, as an attacker with a simulator could."""
     if candidates < 1:
         raise MadistillError("attack.offset_candidates must be at least 1")
     by_seed: dict[int, list[EpisodeRecord]] = {}
     for k in range(candidates):
         for r in run_episodes(venv, team, episodes, seed, transforms=[ConstantOffset(victims, budgets, seed + k)]):
             by_seed.setdefault(r.seed, []).append(r)
-    return [min(same, key=lambda r: r.team_return) for _, same in sorted(by_seed.items())]
+    score = (lambda r: r.team_return) if target is None else (lambda r: team_return(r, target))
+    return [min(same, key=score) for _, same in sorted(by_seed.items())]
 
 
 def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budget], ac: Any, seed: int,
