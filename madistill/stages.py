@@ -27,7 +27,8 @@ from madistill.distill.trainer import DistillTrainer, student_team
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
-from madistill.envs.teams import several_teams, team_means, teams_line
+from madistill.envs.teams import Teams, several_teams, team_means, teams_line
+from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import (
     PolicyRef,
@@ -143,6 +144,17 @@ def _env_for(cfg: DictConfig, refs: list[PolicyRef]) -> EnvSpec:
     return env_spec(cfg.env) if changes_env(_overrides(), saved.id) else saved
 
 
+def _teams(cfg: DictConfig, venv: MultiAgentVecEnv, refs: Sequence[PolicyRef]) -> Teams:
+    """The teams of the env the policies act in: ``env.teams`` (command line or env file), else, in the env
+    they were saved for, the teams they were trained with (a custom env's ``+env.teams`` lives only in their
+    manifests), else inferred from the agent names."""
+    saved = None
+    if not changes_env(_overrides(), saved_env(refs).id):
+        saved = next((t for r in refs if (t := read_manifest(r.path).get("config", {}).get("env", {}).get("teams"))),
+                     None)
+    return env_teams(cfg.env, venv, saved)
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Stage: evaluate every saved policy under ``eval.policy`` and say where the results are."""
     with _tb(cfg, run_dir) as tb:
@@ -172,7 +184,7 @@ def evaluate_policies(
 
     rows = _setting_rows(refs)
     with make_vec_env(cfg.env, spec) as venv:
-        sides = env_teams(cfg.env, venv)
+        sides = _teams(cfg, venv, refs)
         teams = [load_team(ref.path, venv.groups, device=device)[0] for ref in refs]
         for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
@@ -535,7 +547,7 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
     with make_vec_env(cfg.env, spec) as venv:
         loaded = [load_team(r.path, venv.groups, device=device)[0] for r in refs]
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
-        sides = env_teams(cfg.env, venv)
+        sides = _teams(cfg, venv, refs)
         random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)
         random_return = team_returns(random_recs)
         extra = {k: load_team(getattr(ac, k), venv.groups, device=device)[0] for k in ("critic", "transfer_from") if getattr(ac, k)}

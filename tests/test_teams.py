@@ -247,3 +247,21 @@ def test_search_attacks_lower_the_return_of_the_victims_team(monkeypatch):
     assert set(good) == {0.0, -1.0}  # minus the good agent's reward: 1 - [bit == 0]
     assert rewards(("adversary_0",)) == [-r for r in good]
     assert rewards(None) == [0.0] * 8
+
+
+def test_teams_set_at_training_follow_the_policies_unless_the_command_line_sets_them(cli, tmp_path):
+    from conftest import tiny
+
+    mixed = "+env.teams={left: [adversary_0, agent_0], right: [adversary_1, agent_1]}"
+    rc, _, err = cli("train", *tiny("env=duel", "teacher.total_agent_steps=400", mixed), f"hydra.run.dir={tmp_path / 't'}")
+    assert rc == 0, err
+
+    def teams_of(run: str, *extra: str) -> dict:
+        rc, _, err = cli("evaluate", *tiny(f"eval.policy={tmp_path / 't'}", "eval.random_baseline=false", *extra),
+                         f"hydra.run.dir={tmp_path / run}")
+        assert rc == 0, err
+        return json.loads((tmp_path / run / "reports" / "eval_teacher.json").read_text())["meta"]["teams"]
+
+    assert teams_of("e1") == {"left": ["adversary_0", "agent_0"], "right": ["adversary_1", "agent_1"]}
+    assert teams_of("e2", "+env.teams={a: [adversary], g: [agent]}") == {
+        "a": ["adversary_0", "adversary_1"], "g": ["agent_0", "agent_1"]}
