@@ -145,10 +145,13 @@ def test_robustness_gives_the_worst_case_per_team():
     assert report.count("| **worst case** | 1.00 (fgsm) |") == 1 and report.count("| **worst case** | -3.00 (pgd) |") == 1
     assert "| all | 0.5 | good | fgsm | -1.00 | -1.00 | 1.00 | 1.00 |" in report
     # masking checks read each attacked team's return: PGD leaves the good team far more than FGSM does
-    ac = SimpleNamespace(masking_tolerance=0.1, n_boot=200)
-    flags = _return_flags(res, "all", DUEL, ac, None)
+    ac = SimpleNamespace(masking_tolerance=0.1, n_boot=200, collapse_eps=None)
+    flags = _return_flags(res, "all", ["agent_0"], ac)
     assert [(f.name, f.detail.split(":")[0]) for f in flags] == [("pgd_weaker_than_fgsm", "team good")]
-    assert _return_flags(res, "all", ["adversary_0"], ac, None) == []  # the adversaries' PGD is the stronger
+    # victims on both teams: an attack lowers one team's return and raises the other's, nothing to check
+    assert _return_flags(res, "all", DUEL, ac) == [] and "victims all: they play on several teams" in res.skipped[-1]
+    # the adversaries' teacher is worse than random: no gain to lose
+    assert _return_flags(res, "all", ["adversary_0"], ac) == [] and "no better than random" in res.skipped[-1]
 
 
 def test_duel_env_has_opposite_team_returns():

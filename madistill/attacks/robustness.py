@@ -216,26 +216,36 @@ def evaluate_robustness(
                 res.team_episodes[side][vname].setdefault(method, {})[eps] = team_arrays(recs, members)
             if progress is not None:
                 progress.update(1)
-        collapse = float(ac.collapse_eps) if ac.checks and ac.collapse_eps and vname == "all" else None
         if ac.checks:
-            res.flags[vname] = _return_flags(res, vname, victims, ac, collapse)
+            res.flags[vname] = _return_flags(res, vname, victims, ac)
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
 
 
-def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac: Any,
-                  collapse: float | None) -> list[Flag]:
-    """The return-level masking checks of one victim set, on the team return of every agent, or with several
-    teams on the return of each team with a victim (an attack on it should lower its own team's return; the
-    mean over opposing sides can stay put), each flag naming its team."""
+def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac: Any) -> list[Flag]:
+    """The return-level masking checks of one victim set, on the team return of every agent (the collapse
+    check on victims ``all``). With several teams they read the return of the victims' team (the collapse
+    check when the whole team is attacked) and each flag names it; they are skipped, with a note in
+    ``res.skipped``, when the victims play on several teams (an attack moves opposing teams' returns in
+    opposite directions) or their team's clean return is no better than random (no gain to lose)."""
+    collapse = float(ac.collapse_eps) if ac.collapse_eps else None
+    if not res.teams:
+        return return_checks(res.episodes[vname], res.clean, res.random, ac.masking_tolerance,
+                             collapse if vname == "all" else None, res.seed, ac.n_boot)
     sides = [t for t, agents in res.teams.items() if set(agents) & set(victims)]
-    if not sides:
-        return return_checks(res.episodes[vname], res.clean, res.random, ac.masking_tolerance, collapse, res.seed,
-                             ac.n_boot)
-    return [Flag(f.name, f"team {team}: {f.detail}") for team in sides
+    if len(sides) != 1:
+        res.skipped.append(f"return-level masking checks on victims {vname}: they play on several teams")
+        return []
+    team = sides[0]
+    if res.team_clean[team] <= res.team_random[team]:
+        res.skipped.append(f"return-level masking checks on victims {vname}: team {team}'s clean return is no "
+                           "better than random")
+        return []
+    whole = set(res.teams[team]) <= set(victims)
+    return [Flag(f.name, f"team {team}: {f.detail}")
             for f in return_checks(res.team_episodes[team][vname], res.team_clean[team], res.team_random[team],
-                                   ac.masking_tolerance, collapse, res.seed, ac.n_boot)]
+                                   ac.masking_tolerance, collapse if whole else None, res.seed, ac.n_boot)]
 
 
 def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, ...] | None:
