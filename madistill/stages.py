@@ -642,7 +642,7 @@ def _print_results(run_dir: Path, summaries: dict[str, dict], policies: Path) ->
                          f"[{t['iqm_ci'][0]:.2f}, {t['iqm_ci'][1]:.2f}]")
     if {"teacher", "student", "random"} <= set(summaries):
         for side, kept in retentions(summaries).items():
-            whose = "team-return means" if side is None else f"team {side}'s return means"
+            whose = "team-return means" if side is None else f"return means of team {side}"
             lines.append(f"  the student keeps {100 * kept:.1f}% of the teacher's gain over random ({whose})"
                          if kept == kept else f"  retention{'' if side is None else ' of ' + side}: n/a (the "
                          "teacher is no better than random: train it longer)")

@@ -189,7 +189,7 @@ def test_pipeline_and_attack_on_a_two_team_env_report_each_team(cli, tmp_path):
     for team in ("adversaries", "good"):
         assert f"teacher    team {team} return IQM" in out
         kept = retentions(summaries)[team]
-        assert (f"keeps {100 * kept:.1f}% of the teacher's gain over random (team {team}'s return means)" in out
+        assert (f"keeps {100 * kept:.1f}% of the teacher's gain over random (return means of team {team})" in out
                 if kept == kept else f"retention of {team}: n/a" in out)
     assert "team-return means" not in out  # no retention of the mean over opposing sides
 

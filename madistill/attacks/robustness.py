@@ -239,8 +239,8 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
         return []
     team = sides[0]
     if res.team_clean[team] <= res.team_random[team]:
-        res.skipped.append(f"return-level masking checks on victims {vname}: team {team}'s clean return is no "
-                           "better than random")
+        res.skipped.append(f"return-level masking checks on victims {vname}: the clean return of team {team} is "
+                           "no better than random")
         return []
     whole = set(res.teams[team]) <= set(victims)
     return [Flag(f.name, f"team {team}: {f.detail}")
