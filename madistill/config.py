@@ -32,6 +32,9 @@ class EnvConfig:
     # left out stay single (named by the env where it names them).
     features: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     lambda_igr: float = 1.0  # the DIGR weight tuned for this env (distill=digr reads it; plain sets 0)
+    # Teams (sides) for the reports: team name -> agent ids or agent-name prefixes, every agent in exactly one,
+    # e.g. +env.teams={adversaries: [adversary], good: [agent]}. Empty: inferred from the agent names (docs/teams.md).
+    teams: dict[str, list[str]] = field(default_factory=dict)
 
 
 def changes_env(overrides: Sequence[str], saved_id: str | None = None) -> bool:
@@ -185,7 +188,7 @@ class AttackConfig:
     # "offsets" for the constant-offset search (attack.offset_candidates replays of every episode)
     methods: list[str] = field(default_factory=lambda: ["random", "fgsm", "pgd", "critic", "spsa", "transfer"])
     eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
-    victims: list[str] = field(default_factory=lambda: ["all", "each"])  # all | each | <agent> | <a>+<b>
+    victims: list[str] = field(default_factory=lambda: ["all", "each"])  # all | each | <agent> | team:<name> | <a>+<b>
     frequency: float = 1.0  # share of steps attacked (per env copy)
     # group -> features never perturbed (index or feature-group name): +attack.exclude.speaker=[goal_0]
     exclude: dict[str, list[str]] = field(default_factory=dict)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from madistill.envs.factory import EnvSpec
+from madistill.envs.teams import Teams, resolve_teams
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 
@@ -51,3 +53,10 @@ def make_vec_env(env_cfg: DictConfig, spec: EnvSpec | None = None, **overrides: 
     }
     opts.update(overrides)
     return MultiAgentVecEnv(spec or env_spec(env_cfg), **opts)  # type: ignore[arg-type]
+
+
+def env_teams(env_cfg: DictConfig, venv: MultiAgentVecEnv, saved: Mapping[str, Sequence[str]] | None = None) -> Teams:
+    """The teams of the env ``venv`` steps: ``env.teams`` when set, else ``saved`` (the teams saved policies
+    were trained with), else inferred from its agent names."""
+    spec = OmegaConf.to_container(env_cfg.teams, resolve=True) if env_cfg.get("teams") else saved
+    return resolve_teams(spec, venv.possible_agents)  # type: ignore[arg-type]

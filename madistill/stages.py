@@ -27,6 +27,8 @@ from madistill.distill.trainer import DistillTrainer, student_team
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
+from madistill.envs.teams import Teams, several_teams, team_means, teams_line
+from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import (
     PolicyRef,
@@ -39,6 +41,8 @@ from madistill.evaluate.evaluator import (
 from madistill.evaluate.report import (
     atomic_write_text,
     markdown_table,
+    side_stats,
+    sides_of,
     write_json,
     write_markdown,
     write_marl_eval_json,
@@ -56,7 +60,7 @@ from madistill.explain.saliency import feature_layouts
 from madistill.finetune import actor_critic_team, attach_regularisers, collection_attack, student_from_actor
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import find_policy_dir, load_team, read_manifest, save_team
-from madistill.runtime import env_spec, make_vec_env, resolve_device, seed_everything
+from madistill.runtime import env_spec, env_teams, make_vec_env, resolve_device, seed_everything
 from madistill.selection import BestPolicy
 from madistill.tb import TBLogger
 from madistill.teacher import TeacherTrainer
@@ -140,6 +144,17 @@ def _env_for(cfg: DictConfig, refs: list[PolicyRef]) -> EnvSpec:
     return env_spec(cfg.env) if changes_env(_overrides(), saved.id) else saved
 
 
+def _teams(cfg: DictConfig, venv: MultiAgentVecEnv, refs: Sequence[PolicyRef]) -> Teams:
+    """The teams of the env the policies act in: ``env.teams`` (command line or env file), else, in the env
+    they were saved for, the teams they were trained with (a custom env's ``+env.teams`` lives only in their
+    manifests), else inferred from the agent names."""
+    saved = None
+    if not changes_env(_overrides(), saved_env(refs).id):
+        saved = next((t for r in refs if (t := read_manifest(r.path).get("config", {}).get("env", {}).get("teams"))),
+                     None)
+    return env_teams(cfg.env, venv, saved)
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Stage: evaluate every saved policy under ``eval.policy`` and say where the results are."""
     with _tb(cfg, run_dir) as tb:
@@ -169,6 +184,7 @@ def evaluate_policies(
 
     rows = _setting_rows(refs)
     with make_vec_env(cfg.env, spec) as venv:
+        sides = _teams(cfg, venv, refs)
         teams = [load_team(ref.path, venv.groups, device=device)[0] for ref in refs]
         for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
@@ -184,24 +200,26 @@ def evaluate_policies(
     for name, runs in results.items():
         records = [r for _, recs in runs for r in recs]
         strata = np.repeat(np.arange(len(runs)), [len(recs) for _, recs in runs])
-        summaries[name] = summarize(records, n_boot=ec.n_boot, seed=cfg.seed, strata=strata)
+        summaries[name] = summarize(records, n_boot=ec.n_boot, seed=cfg.seed, strata=strata, teams=sides)
         meta = {
             "policy": name, "runs": [run for run, _ in runs], "env": spec.to_dict(), "episodes": ec.episodes,
             "seed": ec.seed, "deterministic": ec.deterministic if name != "random" else False,
             "madistill_version": madistill.__version__,
         }
+        if several_teams(sides):
+            meta["teams"] = {team: list(agents) for team, agents in sides.items()}
         stem = re.sub(r"[^\w.=-]+", "_", name).strip("_")  # a row label as a file name
         write_json(reports / f"eval_{stem}.json", summaries[name], records, meta)
         for run, recs in runs:
-            write_marl_eval_json(reports / "marl_eval.json", recs, "pettingzoo", spec.id, name, run)
-        team_stats = summaries[name]["team"]
-        for key in ("mean", "iqm"):
-            tb.scalar(f"eval/{name}/team_return_{key}", team_stats[key], 0)
+            write_marl_eval_json(reports / "marl_eval.json", recs, "pettingzoo", spec.id, name, run, teams=sides)
+        for side in sides_of({name: summaries[name]}):
+            for key in ("mean", "iqm"):
+                tb.scalar(f"eval/{name}/{_side_tag(side)}team_return_{key}", side_stats(summaries[name], side)[key], 0)
         for agent, st in summaries[name]["agents"].items():
             tb.scalar(f"eval/{name}/return/{agent}", st["mean"], 0)
         tb.histogram(f"eval/{name}/team_return", np.array([r.team_return for r in records]), 0)
     table = markdown_table(summaries)
-    write_markdown(reports / "eval.md", eval_report(summaries, spec.id, ec))
+    write_markdown(reports / "eval.md", eval_report(summaries, spec.id, ec, sides))
     tb.text("eval/table", table)
     if cfg.logger.figures:
         tb.figure("eval/team_return", _return_figure(summaries, spec.id))
@@ -212,35 +230,51 @@ def evaluate_policies(
     return summaries
 
 
-def eval_report(summaries: dict[str, dict], env_id: str, ec: DictConfig) -> str:
-    """``reports/eval.md``: what was played and what the columns mean, the table, and a warning for each
-    student that does worse than the random team."""
+def eval_report(summaries: dict[str, dict], env_id: str, ec: DictConfig, teams: Teams | None = None) -> str:
+    """``reports/eval.md``: what was played and what the columns mean (who plays on which team, where there
+    are several), the table, and a warning for each student that does worse than the random team."""
     acting = f"{'greedy' if ec.deterministic else 'sampled'} actions" + (
         " (the random team samples uniformly)" if "random" in summaries and ec.deterministic else "")
     header = (f"# Evaluation on {env_id}\n\n{ec.episodes} episodes per run, seeds {ec.seed}..{ec.seed + ec.episodes - 1}, "
               f"{acting}; 95% stratified-bootstrap CIs.\n\n"
               "Team return: an episode's undiscounted return averaged over the agents. IQM (interquartile mean): the "
               "mean of the middle 50% of the episodes' team returns, less swayed by outlier episodes than the mean.\n\n")
+    if several_teams(teams):
+        header += teams_line(teams) + "\n\n"  # type: ignore[arg-type]
     warnings = "".join(f"\n**{w}**\n" for w in worse_than_random(summaries))
     return header + markdown_table(summaries) + "\n" + warnings
 
 
 def worse_than_random(summaries: dict[str, dict]) -> list[str]:
-    """A warning for each student (row ``student...``) whose mean team return is below the random team's."""
+    """A warning for each student (row ``student...``) whose mean return is below the random team's: the team
+    of every agent, or with several teams each team's own."""
     if "random" not in summaries:
         return []
-    rnd = summaries["random"]["team"]["mean"]
-    return [f"warning: {name}'s mean team return {s['team']['mean']:.2f} is below the random team's {rnd:.2f}: "
-            "check that its teacher beats random, then distil longer (distill.rounds, distill.agent_steps_per_round)"
-            for name, s in summaries.items() if name.startswith("student") and s["team"]["mean"] < rnd]
+    out = []
+    for side in sides_of(summaries):
+        rnd = side_stats(summaries["random"], side).get("mean")
+        whose = "team return" if side is None else f"return for team {side}"
+        out += [f"warning: {name}'s mean {whose} {side_stats(s, side)['mean']:.2f} is below the random team's "
+                f"{rnd:.2f}: check that its teacher beats random, then distil longer (distill.rounds, "
+                "distill.agent_steps_per_round)"
+                for name, s in summaries.items()
+                if rnd is not None and name.startswith("student") and side_stats(s, side).get("mean", rnd) < rnd]
+    return out
 
 
 def _return_figure(summaries: dict[str, dict], env_id: str) -> plt.Figure:
-    names = list(summaries)
-    iqm = np.array([summaries[n]["team"]["iqm"] for n in names])
-    ci = np.array([summaries[n]["team"]["iqm_ci"] for n in names])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.2))
-    ax.bar(names, iqm, yerr=np.abs(ci.T - iqm), capsize=4, color="tab:blue", alpha=0.8)
+    """Team return IQM per policy; with several teams, one bar per team side by side."""
+    names, sides = list(summaries), sides_of(summaries)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names) * len(sides), 3.2))
+    width, x = 0.8 / len(sides), np.arange(len(names))
+    for k, side in enumerate(sides):
+        iqm = np.array([side_stats(summaries[n], side)["iqm"] for n in names])
+        ci = np.array([side_stats(summaries[n], side)["iqm_ci"] for n in names])
+        ax.bar(x + (k - (len(sides) - 1) / 2) * width, iqm, width, yerr=np.abs(ci.T - iqm), capsize=4, alpha=0.8,
+               label=side)
+    ax.set_xticks(x, names)
+    if sides != [None]:
+        ax.legend(fontsize=8)
     ax.set_ylabel("team return (IQM, 95% CI)")
     ax.set_title(env_id)
     fig.tight_layout()
@@ -375,20 +409,33 @@ def _configured_features(cfg: DictConfig, spec: EnvSpec) -> dict:
 
 def _run_metrics(summaries: dict[str, dict], history: list[dict[str, float]] | None = None) -> dict[str, float]:
     """HParams-tab metrics: team return IQM per policy, the student's retention, final distillation metrics."""
-    metrics = {f"hparam/{name}_team_return": s["team"]["iqm"] for name, s in summaries.items()}
+    metrics = {f"hparam/{name}_{_side_tag(side)}team_return": side_stats(s, side)["iqm"]
+               for name, s in summaries.items() for side in sides_of({name: s})}
     if {"teacher", "student", "random"} <= set(summaries):
-        metrics["hparam/retention"] = retention(summaries)
+        for side, kept in retentions(summaries).items():
+            metrics["hparam/retention" if side is None else f"hparam/retention_{side}"] = kept
     for k, v in (history[-1] if history else {}).items():
         if k.endswith(("agreement", "saliency_spearman", "saliency_topk")) and np.isfinite(v):
             metrics[f"hparam/{k}"] = v
     return metrics
 
 
-def retention(summaries: dict[str, dict]) -> float:
-    """The student's share of the teacher's gain over random (team-return means); NaN when the teacher is no
-    better than random, where a share of its gain means nothing."""
-    s, t, r = (summaries[n]["team"]["mean"] for n in ("student", "teacher", "random"))
+def _side_tag(side: str | None) -> str:
+    """Prefix of a side's scalar names: none for the team of every agent, ``<team>_`` for one of several teams."""
+    return "" if side is None else f"{side}_"
+
+
+def retention(summaries: dict[str, dict], team: str | None = None) -> float:
+    """The student's share of the teacher's gain over random (mean returns of ``team``; None: of every agent);
+    NaN when the teacher is no better than random, where a share of its gain means nothing."""
+    s, t, r = (side_stats(summaries[n], team)["mean"] for n in ("student", "teacher", "random"))
     return float((s - r) / (t - r)) if t > r else float("nan")
+
+
+def retentions(summaries: dict[str, dict]) -> dict[str | None, float]:
+    """Retention of every side (``sides_of``): of the one team of every agent, or of each of several teams,
+    never of the mean over opposing sides."""
+    return {side: retention(summaries, side) for side in sides_of(summaries)}
 
 
 def saliency(cfg: DictConfig, run_dir: Path) -> dict:
@@ -528,10 +575,11 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
     with make_vec_env(cfg.env, spec) as venv:
         loaded = [load_team(r.path, venv.groups, device=device)[0] for r in refs]
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
+        sides = _teams(cfg, venv, refs)
         random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)
         random_return = team_returns(random_recs)
         extra = {k: load_team(getattr(ac, k), venv.groups, device=device)[0] for k in ("critic", "transfer_from") if getattr(ac, k)}
-        n_sets = len(victim_sets(list(ac.victims), [a for g in venv.groups for a in g.agents]))
+        n_sets = len(victim_sets(list(ac.victims), [a for g in venv.groups for a in g.agents], sides))
         per_policy = n_sets * (len(ac.methods) * len(ac.eps) + (2 if ac.checks else 0))
 
         def partner(ref: PolicyRef, role: str) -> TeamPolicy | None:
@@ -547,7 +595,8 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
                 surrogate = extra.get("transfer_from") or partner(ref, "student" if ref.name == "teacher" else "teacher")
                 bar.set_postfix(policy=label)
                 results[label] = evaluate_robustness(
-                    venv, team, layouts, ac, random_return, ac.seed, surrogate=surrogate, critic=critic, progress=bar
+                    venv, team, layouts, ac, random_return, ac.seed, surrogate=surrogate, critic=critic, progress=bar,
+                    teams=sides, random_teams=team_means(random_recs, sides),
                 )
     reports = run_dir / "reports"
     payload = {
@@ -562,20 +611,26 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
     with _tb(cfg, run_dir) as tb:
         tb.text("attack/report", text)
         for name, res in results.items():
-            for vname, table in res.returns.items():
-                for method, by_eps in table.items():
-                    for eps, value in sorted(by_eps.items()):
-                        tb.scalar(f"attack/{name}/{vname}/{method}", value, int(round(100 * eps)))
+            for side in [None, *res.teams]:
+                for vname, table in res.returns_of(side).items():
+                    for method, by_eps in table.items():
+                        for eps, value in sorted(by_eps.items()):
+                            tb.scalar(f"attack/{name}/{_side_tag(side)}{vname}/{method}", value, int(round(100 * eps)))
         if cfg.logger.figures:
             for vname in victims:
                 tb.figure(f"attack/curves_{vname}", curves_figure(results, vname, spec.id))
     flags = sum(len(f) for r in results.values() for f in r.flags.values())
-    lines = ["", f"Robustness on {spec.id} (team return; worst case over the suite at each eps):"]
+    whose = "each team's return" if several_teams(sides) else "team return"
+    lines = ["", f"Robustness on {spec.id} ({whose}; worst case over the suite at each eps):"]
     eps = sorted(float(e) for e in ac.eps)
     for name, res in results.items():
-        for vname in res.returns:
-            worst = ", ".join(f"eps {e:g}: {value:.2f} ({attack})" for e in eps for attack, value in [res.worst(vname, e)])
-            lines.append(f"  {name:<8} clean {res.clean:.2f} | victims {vname}: {worst}")
+        for side in list(res.teams) or [None]:
+            clean = res.clean if side is None else res.team_clean[side]
+            for vname in res.returns:
+                worst = ", ".join(f"eps {e:g}: {value:.2f} ({attack})" for e in eps
+                                  for attack, value in [res.worst(vname, e, side)])
+                lines.append(f"  {name:<8} {'' if side is None else f'team {side} '}clean {clean:.2f} | victims "
+                             f"{vname}: {worst}")
     for name, res in results.items():
         if "pgd" in res.seconds:
             lines.append(f"  {name:<8} evaluation wall time: clean {res.seconds['clean']:.2f} s, under PGD-{ac.steps} "
@@ -608,13 +663,18 @@ def pipeline(cfg: DictConfig, run_dir: Path) -> dict:
 def _print_results(run_dir: Path, summaries: dict[str, dict], policies: Path) -> None:
     """Where the results are; ``policies`` is the run (or policy) directory that was evaluated."""
     lines = ["", "Results"]
+    sides = sides_of(summaries)
     for name, s in summaries.items():
-        t = s["team"]
-        lines.append(f"  {name:<10} team return IQM {t['iqm']:.2f} [{t['iqm_ci'][0]:.2f}, {t['iqm_ci'][1]:.2f}]")
+        for side in sides:
+            t = side_stats(s, side)
+            lines.append(f"  {name:<10} team {'' if side is None else side + ' '}return IQM {t['iqm']:.2f} "
+                         f"[{t['iqm_ci'][0]:.2f}, {t['iqm_ci'][1]:.2f}]")
     if {"teacher", "student", "random"} <= set(summaries):
-        kept = retention(summaries)
-        lines.append(f"  the student keeps {100 * kept:.1f}% of the teacher's gain over random (team-return means)"
-                     if kept == kept else "  retention: n/a (the teacher is no better than random: train it longer)")
+        for side, kept in retentions(summaries).items():
+            whose = "team-return means" if side is None else f"return means of team {side}"
+            lines.append(f"  the student keeps {100 * kept:.1f}% of the teacher's gain over random ({whose})"
+                         if kept == kept else f"  retention{'' if side is None else ' of ' + side}: n/a (the "
+                         "teacher is no better than random: train it longer)")
     lines += [
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
         f"  policies:    {policies}",

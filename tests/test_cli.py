@@ -96,6 +96,7 @@ def test_pipeline_writes_reports(pipeline_run):
     assert [e["seed"] for e in ev["episodes"]] == [10000, 10001, 10002, 10003]
     assert ev["summary"]["n_episodes"] == 4 and ev["summary"]["n_boot"] == 200
     assert set(ev["summary"]["agents"]) == {"speaker_0", "listener_0"}
+    assert "teams" not in ev["summary"] and "teams" not in ev["meta"]  # cooperative: one team, as before
     rnd = json.loads((reports / "eval_random.json").read_text())
     assert rnd["meta"]["deterministic"] is False and ev["meta"]["deterministic"] is True
 

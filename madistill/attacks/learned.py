@@ -37,15 +37,17 @@ def _slots(team: TeamPolicy, victims: Sequence[str]) -> list[tuple[str, int, str
 class AdversaryEnv(gym.Env):
     """One env copy with the frozen team acting greedily; the agent here perturbs the victims' normalised
     observations (action in [-1, 1] per feature, scaled by the budget radius) and is rewarded with minus the
-    team reward (the mean over agents of their rewards). ``frequency``: the chance that the perturbation is
+    team reward (the mean over agents of their rewards; over the ``target`` agents only when given, e.g. the
+    victims' team where teams oppose each other). ``frequency``: the chance that the perturbation is
     applied at a step (drawn from the env's seeded generator; the adversary acts at every step regardless)."""
 
     metadata: dict[str, Any] = {"render_modes": []}
 
     def __init__(self, spec: EnvSpec, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget],
-                 frequency: float = 1.0):
+                 frequency: float = 1.0, target: Sequence[str] | None = None):
         super().__init__()
         self.frequency = checked_frequency(frequency)
+        self.target = None if target is None else set(target)
         self.env = make_env(spec)
         # a copy: Module.to moves in place, and the caller keeps attacking its team on its own device
         self.team = copy.deepcopy(team).to("cpu")
@@ -98,7 +100,8 @@ class AdversaryEnv(gym.Env):
                 actions[agent] = int(a) if isinstance(space, gym.spaces.Discrete) else np.clip(a, space.low, space.high)
         obs, rewards, terms, truncs, _ = self.env.step(actions)
         self._observe(obs)
-        reward = -float(np.mean(list(rewards.values()))) if rewards else 0.0
+        scored = [r for a, r in rewards.items() if self.target is None or a in self.target]
+        reward = -float(np.mean(scored)) if scored else 0.0
         done = not self.env.agents
         truncated = done and all(truncs.values()) and not any(terms.values())
         return self._adversary_obs(), reward, done and not truncated, truncated, {}
@@ -114,10 +117,11 @@ def train_adversary(
     n_envs: int = AttackConfig.learned_envs,
     ppo_kwargs: Mapping[str, Any] | None = None,
     frequency: float = 1.0,
+    target: Sequence[str] | None = None,
 ) -> PPO:
     """Train a PPO adversary for ``steps`` env steps against the frozen ``team``, its perturbation applied
-    at a ``frequency`` share of steps."""
-    venv = DummyVecEnv([lambda: AdversaryEnv(spec, team, victims, budgets, frequency) for _ in range(n_envs)])
+    at a ``frequency`` share of steps, to lower the mean reward of ``target`` (None: of every agent)."""
+    venv = DummyVecEnv([lambda: AdversaryEnv(spec, team, victims, budgets, frequency, target) for _ in range(n_envs)])
     venv.seed(seed)
     kwargs = {**AttackConfig().learned_ppo, **(ppo_kwargs or {})}  # the config's defaults, one source
     model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **kwargs)

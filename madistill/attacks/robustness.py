@@ -4,7 +4,7 @@ set, the worst case over attacks, and the gradient-masking checks; report, curve
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
 from madistill.distill.dataset import collect_round, team_returns
 from madistill.envs.episodes import EpisodeRecord
+from madistill.envs.teams import several_teams, team_arrays, team_means, team_return, teams_line
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
@@ -43,12 +44,18 @@ def suite_attack(name: str, ac: Any) -> Attack:
 
 CHECKS_NOT_RUN = "not run (attack.checks=false): gradient attacks alone can be masked; attack=suite runs the checks"
 
+Cells = dict[str, dict[str, dict[float, np.ndarray]]]  # per-episode returns [victims][attack][eps]
+
 
 @dataclass
 class RobustnessResult:
     """One policy's per-episode team returns ``episodes[victims][attack][eps]`` (every cell on the same
     episode seeds), mean per-agent returns, the masking flags, and the attacks the checks found degenerate
-    (they changed nothing, so no flag rests on them); means and CIs derive from the episodes."""
+    (they changed nothing, so no flag rests on them); means and CIs derive from the episodes.
+
+    With several teams (``teams``: team -> agents; empty with one team) each team's clean and random return
+    and per-episode returns ``team_episodes[team][victims][attack][eps]`` too, and every method taking a
+    ``team`` reads that team's returns instead of the mean over all agents (``team=None``)."""
 
     clean: float
     random: float
@@ -63,21 +70,32 @@ class RobustnessResult:
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of one evaluation: clean, and per attack
     checked: bool = True  # whether the gradient-masking checks ran (attack.checks): no flags means nothing otherwise
+    teams: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    team_clean: dict[str, float] = field(default_factory=dict)
+    team_random: dict[str, float] = field(default_factory=dict)
+    team_episodes: dict[str, Cells] = field(default_factory=dict)
 
     @property
     def returns(self) -> dict[str, dict[str, dict[float, float]]]:
         """Mean team return per victim set, attack and eps."""
-        return {v: {a: {e: float(x.mean()) for e, x in r.items()} for a, r in t.items()} for v, t in self.episodes.items()}
+        return self.returns_of(None)
 
-    def worst(self, victims: str, eps: float) -> tuple[str, float]:
-        """The attack with the lowest team return at ``eps``, and that return."""
-        rows = {a: r[eps] for a, r in self.returns[victims].items() if eps in r}
+    def returns_of(self, team: str | None) -> dict[str, dict[str, dict[float, float]]]:
+        """Mean return of ``team`` (None: of every agent) per victim set, attack and eps."""
+        cells = self.episodes if team is None else self.team_episodes[team]
+        return {v: {a: {e: float(np.nanmean(x)) for e, x in r.items()} for a, r in t.items()} for v, t in cells.items()}
+
+    def worst(self, victims: str, eps: float, team: str | None = None) -> tuple[str, float]:
+        """The attack with the lowest return of ``team`` (None: team return of every agent) at ``eps``, and
+        that return."""
+        rows = {a: r[eps] for a, r in self.returns_of(team)[victims].items() if eps in r}
         name = min(rows, key=rows.get)  # type: ignore[arg-type]
         return name, rows[name]
 
-    def worst_agents(self, victims: str, eps: float) -> tuple[str, dict[str, float]]:
-        """The attack with the lowest team return at ``eps``, and the mean per-agent returns under it."""
-        name, _ = self.worst(victims, eps)
+    def worst_agents(self, victims: str, eps: float, team: str | None = None) -> tuple[str, dict[str, float]]:
+        """The attack with the lowest return of ``team`` (None: of every agent) at ``eps``, and the mean
+        per-agent returns under it."""
+        name, _ = self.worst(victims, eps, team)
         return name, self.agent_returns[victims][name][eps]
 
     def add_checks(self, key: str, flags: list[Flag]) -> None:
@@ -86,23 +104,46 @@ class RobustnessResult:
         self.flags.setdefault(key, []).extend(f for f in flags if f.name != DEGENERATE)
         self.degenerate.setdefault(key, []).extend(f for f in flags if f.name == DEGENERATE)
 
+    def team_of(self, agent: str) -> str | None:
+        """The team ``agent`` plays for (None with one team)."""
+        return next((team for team, agents in self.teams.items() if agent in agents), None)
+
     def to_dict(self) -> dict[str, Any]:
-        eps_key = lambda d: {str(e): v for e, v in d.items()}  # noqa: E731 - JSON keys are strings
-        ci = {v: {a: {e: bootstrap_ci(x, np.mean, n_boot=self.n_boot, seed=self.seed) for e, x in r.items()} for a, r in t.items()}
-              for v, t in self.episodes.items()}
-        returns = self.returns
-        return {
+        cells = self._cells_dict(None)
+        out = {
             "clean": self.clean, "random": self.random, "clean_agents": self.clean_agents,
-            "returns": {v: {a: eps_key(r) for a, r in t.items()} for v, t in returns.items()},
-            "ci": {v: {a: eps_key(r) for a, r in t.items()} for v, t in ci.items()},
-            "agent_returns": {v: {a: eps_key(r) for a, r in t.items()} for v, t in self.agent_returns.items()},
-            "worst_case": {v: {str(e): self.worst(v, e) for e in sorted({e for r in t.values() for e in r})}
-                           for v, t in returns.items()},
+            "returns": cells["returns"], "ci": cells["ci"],
+            "agent_returns": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in self.agent_returns.items()},
+            "worst_case": cells["worst_case"],
             "flags": {v: [f.__dict__ for f in fl] for v, fl in self.flags.items()},
             "degenerate_attacks": {v: [f.__dict__ for f in fl] for v, fl in self.degenerate.items()},
             "probes": self.probes, "skipped": self.skipped, "seconds_per_evaluation": self.seconds,
             "checks_run": self.checked,
         }
+        if self.teams:
+            out["teams"] = {team: {"agents": list(agents), "clean": self.team_clean[team],
+                                   "random": self.team_random[team], **self._cells_dict(team)}
+                            for team, agents in self.teams.items()}
+        return out
+
+    def _cells_dict(self, team: str | None) -> dict[str, Any]:
+        """JSON of ``team``'s returns (None: of every agent): means, bootstrap CIs and the worst case per
+        victim set and eps."""
+        cells = self.episodes if team is None else self.team_episodes[team]
+        returns = self.returns_of(team)
+        ci = {v: {a: {e: bootstrap_ci(x[~np.isnan(x)], np.mean, n_boot=self.n_boot, seed=self.seed)
+                      for e, x in r.items()} for a, r in t.items()} for v, t in cells.items()}
+        return {
+            "returns": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in returns.items()},
+            "ci": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in ci.items()},
+            "worst_case": {v: {str(e): self.worst(v, e, team) for e in sorted({e for r in t.values() for e in r})}
+                           for v, t in returns.items()},
+        }
+
+
+def _eps_key(by_eps: Mapping[float, Any]) -> dict[str, Any]:
+    """``by_eps`` with string keys, as JSON needs."""
+    return {str(e): v for e, v in by_eps.items()}
 
 
 def _agents(records: list[EpisodeRecord]) -> dict[str, float]:
@@ -129,14 +170,24 @@ def evaluate_robustness(
     surrogate: TeamPolicy | None = None,
     critic: TeamPolicy | None = None,
     progress: Any = None,
+    teams: Mapping[str, Sequence[str]] | None = None,
+    random_teams: Mapping[str, float] | None = None,
 ) -> RobustnessResult:
     """Every configured attack x eps x victim set on ``team`` (episodes with seeds ``seed...``), plus the
-    strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe."""
+    strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe.
+
+    ``teams`` (team -> agents) name the victim sets ``team:<name>``; with several teams, each team's returns
+    are kept too, next to its random-policy return from ``random_teams``."""
     check_methods(ac)
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed)
     clean = team_returns(clean_recs)
     res = RobustnessResult(clean, random_return, _agents(clean_recs), seed, ac.n_boot, checked=bool(ac.checks))
+    if several_teams(teams):
+        if random_teams is None:
+            raise ValueError("several teams need each team's random-policy return (random_teams)")
+        res.teams = {t: tuple(agents) for t, agents in teams.items()}  # type: ignore[union-attr]
+        res.team_clean, res.team_random = team_means(clean_recs, res.teams), dict(random_teams)
     res.seconds["clean"] = time.perf_counter() - start
     runs_of: dict[str, int] = {}
     budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device, ac.scale) for e in ac.eps}
@@ -155,15 +206,18 @@ def evaluate_robustness(
         extra.append(("pgd", float(ac.collapse_eps)))
     runs = [(m, e) for m in methods for e in sorted(float(x) for x in ac.eps)] + extra
     agents = [a for g in team.groups for a in g.agents]
-    sets = victim_sets(list(ac.victims), agents)
+    sets = victim_sets(list(ac.victims), agents, teams)
     for vname, victims in sets.items():
+        target = _victims_team(res, victims)
         res.agent_returns[vname], res.episodes[vname] = {}, {}
+        for side in res.teams:
+            res.team_episodes.setdefault(side, {})[vname] = {}
         for method, eps in runs:
             start = time.perf_counter()
             if method == "offsets":
-                recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed)
+                recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target)
             else:
-                transform = _transform(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic)
+                transform = _transform(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
                 recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
             # running mean over every evaluation of this attack (all eps, victim sets and check runs)
             runs_of[method] = runs_of.get(method, 0) + 1
@@ -171,40 +225,79 @@ def evaluate_robustness(
             res.seconds[method] = res.seconds.get(method, 0.0) + (elapsed - res.seconds.get(method, 0.0)) / runs_of[method]
             res.agent_returns[vname].setdefault(method, {})[eps] = _agents(recs)
             res.episodes[vname].setdefault(method, {})[eps] = np.array([r.team_return for r in recs])
+            for side, members in res.teams.items():
+                res.team_episodes[side][vname].setdefault(method, {})[eps] = team_arrays(recs, members)
             if progress is not None:
                 progress.update(1)
-        collapse = float(ac.collapse_eps) if ac.checks and ac.collapse_eps and vname == "all" else None
         if ac.checks:
-            res.add_checks(vname, return_checks(res.episodes[vname], np.array([r.team_return for r in clean_recs]),
-                                                random_return, ac.masking_tolerance, collapse, seed, ac.n_boot))
+            res.add_checks(vname, _return_flags(res, vname, victims, ac, clean_recs))
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
 
 
+def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac: Any,
+                  clean_recs: Sequence[EpisodeRecord]) -> list[Flag]:
+    """The return-level masking checks of one victim set against the clean episodes ``clean_recs``, on the
+    team return of every agent (the collapse
+    check on victims ``all``). With several teams they read the return of the victims' team (the collapse
+    check when the whole team is attacked) and each flag names it; they are skipped, with a note in
+    ``res.skipped``, when the victims play on several teams (an attack moves opposing teams' returns in
+    opposite directions) or their team's clean return is no better than random (no gain to lose)."""
+    collapse = float(ac.collapse_eps) if ac.collapse_eps else None
+    if not res.teams:
+        return return_checks(res.episodes[vname], np.array([r.team_return for r in clean_recs]), res.random,
+                             ac.masking_tolerance,
+                             collapse if vname == "all" else None, res.seed, ac.n_boot)
+    sides = [t for t, agents in res.teams.items() if set(agents) & set(victims)]
+    if len(sides) != 1:
+        res.skipped.append(f"return-level masking checks on victims {vname}: they play on several teams")
+        return []
+    team = sides[0]
+    if res.team_clean[team] <= res.team_random[team]:
+        res.skipped.append(f"return-level masking checks on victims {vname}: the clean return of team {team} is "
+                           "no better than random")
+        return []
+    whole = set(res.teams[team]) <= set(victims)
+    return [Flag(f.name, f"team {team}: {f.detail}")
+            for f in return_checks(res.team_episodes[team][vname], team_arrays(clean_recs, res.teams[team]),
+                                   res.team_random[team],
+                                   ac.masking_tolerance, collapse if whole else None, res.seed, ac.n_boot)]
+
+
+def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, ...] | None:
+    """The agents of the one team all ``victims`` play for, whose return the search attacks (offsets,
+    learned) lower; None (the team return of every agent) with one team or victims on several teams."""
+    sides = [agents for agents in res.teams.values() if set(agents) & set(victims)]
+    return sides[0] if len(sides) == 1 else None
+
+
 def _transform(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
-               ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None) -> ObsTransform:
-    """The ObsTransform of a per-step suite attack (the learned adversary is trained here first)."""
+               ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
+               target: Sequence[str] | None = None) -> ObsTransform:
+    """The ObsTransform of a per-step suite attack (the learned adversary is trained here first, to lower the
+    mean return of ``target``; None: of every agent)."""
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
-                                ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency)
+                                ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
         return LearnedAdversary(model, victims, budgets, ac.frequency)
     return AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
                            surrogate=surrogate if method == "transfer" else None, critic=critic)
 
 
 def worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
-                  candidates: int, episodes: int, seed: int) -> list[EpisodeRecord]:
+                  candidates: int, episodes: int, seed: int, target: Sequence[str] | None = None) -> list[EpisodeRecord]:
     """Per episode seed, the record of the constant offset (of ``candidates``, ConstantOffset seeds ``seed..``)
-    with the lowest team return: every candidate replays the same episodes, as an attacker with a simulator
-    could."""
+    with the lowest team return (mean return of the ``target`` agents when given): every candidate replays the
+    same episodes, as an attacker with a simulator could."""
     if candidates < 1:
         raise MadistillError("attack.offset_candidates must be at least 1")
     by_seed: dict[int, list[EpisodeRecord]] = {}
     for k in range(candidates):
         for r in run_episodes(venv, team, episodes, seed, transforms=[ConstantOffset(victims, budgets, seed + k)]):
             by_seed.setdefault(r.seed, []).append(r)
-    return [min(same, key=lambda r: r.team_return) for _, same in sorted(by_seed.items())]
+    score = (lambda r: r.team_return) if target is None else (lambda r: team_return(r, target))
+    return [min(same, key=score) for _, same in sorted(by_seed.items())]
 
 
 def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budget], ac: Any, seed: int,
@@ -222,21 +315,28 @@ def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budge
 
 
 def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: str) -> plt.Figure:
-    """Per policy (columns): team return vs eps, one line per attack, clean and random as references (top);
-    each agent's return under the worst-case attack at each eps, from its clean return at eps 0 (bottom)."""
+    """Per policy (columns): team return vs eps, one line per attack, clean and random as references (top;
+    with several teams, each team's worst case from its clean return at eps 0, its random return dashed);
+    each agent's return under the worst-case attack (for its team) at each eps, from its clean return (bottom)."""
     fig, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 6.4), squeeze=False, sharey="row")
     for col, (name, res) in enumerate(results.items()):
         team_ax, agent_ax = axes[0][col], axes[1][col]
-        for attack, by_eps in res.returns.get(victims, {}).items():
-            eps = sorted(by_eps)
-            team_ax.plot(eps, [by_eps[e] for e in eps], marker="o", label=attack)
-        team_ax.axhline(res.clean, color="k", lw=1, label="clean")
-        team_ax.axhline(res.random, color="gray", ls="--", lw=1, label="random policy")
-        team_ax.set_title(f"{name} (victims: {victims})", fontsize=9)
         eps = sorted({e for r in res.returns.get(victims, {}).values() for e in r})
-        worst = [res.worst_agents(victims, e)[1] for e in eps]
+        if res.teams:
+            for team in res.teams:
+                worst_team = [res.worst(victims, e, team)[1] for e in eps]
+                (line,) = team_ax.plot([0.0, *eps], [res.team_clean[team], *worst_team], marker="o",
+                                       label=f"{team}: worst case")
+                team_ax.axhline(res.team_random[team], color=line.get_color(), ls="--", lw=1, label=f"{team}: random")
+        else:
+            for attack, by_eps in res.returns.get(victims, {}).items():
+                team_ax.plot(sorted(by_eps), [by_eps[e] for e in sorted(by_eps)], marker="o", label=attack)
+            team_ax.axhline(res.clean, color="k", lw=1, label="clean")
+            team_ax.axhline(res.random, color="gray", ls="--", lw=1, label="random policy")
+        team_ax.set_title(f"{name} (victims: {victims})", fontsize=9)
+        worst = {team: [res.worst_agents(victims, e, team)[1] for e in eps] for team in [*res.teams, None]}
         for agent, clean in res.clean_agents.items():
-            agent_ax.plot([0.0, *eps], [clean, *(w[agent] for w in worst)], marker="o", label=agent)
+            agent_ax.plot([0.0, *eps], [clean, *(w[agent] for w in worst[res.team_of(agent)])], marker="o", label=agent)
         agent_ax.set_xlabel("eps (normalised units)")
     axes[0][0].set_ylabel("team return")
     axes[1][0].set_ylabel("agent return, worst-case attack")
@@ -248,21 +348,23 @@ def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: 
 
 
 def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episodes: int) -> str:
-    """Tables per victim set: clean, each attack at each eps, worst case; each agent's return under the worst
-    case; then the masking flags."""
+    """Tables per victim set: clean, each attack at each eps, worst case (with several teams, one table per
+    team and victim set: the team's return and its own worst case); each agent's return under the worst case;
+    then the masking flags."""
+    teams = any(res.teams for res in results.values())
+    whose = "mean return of each team (over its agents)" if teams else "mean team return"
     lines = [f"# Robustness on {env_id}", "", f"{episodes} episodes per cell (same seeds everywhere), greedy actions, "
-             "mean team return; eps in normalised units (standard deviations).", ""]
+             f"{whose}; eps in normalised units (standard deviations).", ""]
     for name, res in results.items():
-        lines += [f"## {name}: clean {res.clean:.2f}, random policy {res.random:.2f}", ""]
-        for vname, table in res.returns.items():
-            eps_all = sorted({e for r in table.values() for e in r})
-            lines += [f"victims: **{vname}**", "", "| attack | " + " | ".join(f"eps {e:g}" for e in eps_all) + " |",
-                      "|---|" + "---|" * len(eps_all)]
-            for attack, by_eps in table.items():
-                lines.append(f"| {attack} | " + " | ".join(f"{by_eps[e]:.2f}" if e in by_eps else "" for e in eps_all) + " |")
-            worst = [res.worst(vname, e) for e in eps_all]
-            lines.append("| **worst case** | " + " | ".join(f"{r:.2f} ({a})" for a, r in worst) + " |")
-            lines.append("")
+        if res.teams:
+            lines += [f"## {name}", "", teams_line(res.teams), ""]
+            for team in res.teams:
+                lines += [f"### team {team}: clean {res.team_clean[team]:.2f}, random policy "
+                          f"{res.team_random[team]:.2f}", ""]
+                lines += _victim_tables(res, team)
+        else:
+            lines += [f"## {name}: clean {res.clean:.2f}, random policy {res.random:.2f}", ""]
+            lines += _victim_tables(res, None)
         lines += _agent_table(res)
         flagged = [(k, f) for k, fl in res.flags.items() for f in fl]
         if not res.checked:
@@ -276,15 +378,38 @@ def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episod
     return "\n".join(lines)
 
 
+def _victim_tables(res: RobustnessResult, team: str | None) -> list[str]:
+    """Markdown lines: per victim set, the return of ``team`` (None: of every agent) under each attack at
+    each eps, and the worst case for it."""
+    lines = []
+    for vname, table in res.returns_of(team).items():
+        eps_all = sorted({e for r in table.values() for e in r})
+        lines += [f"victims: **{vname}**", "", "| attack | " + " | ".join(f"eps {e:g}" for e in eps_all) + " |",
+                  "|---|" + "---|" * len(eps_all)]
+        for attack, by_eps in table.items():
+            lines.append(f"| {attack} | " + " | ".join(f"{by_eps[e]:.2f}" if e in by_eps else "" for e in eps_all) + " |")
+        worst = [res.worst(vname, e, team) for e in eps_all]
+        lines.append("| **worst case** | " + " | ".join(f"{r:.2f} ({a})" for a, r in worst) + " |")
+        lines.append("")
+    return lines
+
+
 def _agent_table(res: RobustnessResult) -> list[str]:
     """Markdown lines: each agent's mean return, clean and under the worst-case attack of every victim set
-    and eps (which agent pays for an attack on another is what the team return hides)."""
+    and eps (which agent pays for an attack on another is what the team return hides); with several teams,
+    under each team's worst case (column ``worst for``)."""
     agents = list(res.clean_agents)
+    sides: list[str | None] = list(res.teams) or [None]
+    side_col = ["worst for"] if res.teams else []
     lines = ["Per-agent mean return under the worst-case attack (every attack's: `agent_returns` in the JSON):", "",
-             "| victims | eps | attack | " + " | ".join(agents) + " |", "|---|---|---|" + "---|" * len(agents),
-             "| clean | | | " + " | ".join(f"{res.clean_agents[a]:.2f}" for a in agents) + " |"]
+             "| " + " | ".join(["victims", "eps", *side_col, "attack", *agents]) + " |",
+             "|---|---|---|" + "---|" * (len(agents) + len(side_col)),
+             "| clean | " + "| " * (1 + len(side_col)) + "| " + " | ".join(f"{res.clean_agents[a]:.2f}" for a in agents)
+             + " |"]
     for vname, table in res.returns.items():
         for e in sorted({e for r in table.values() for e in r}):
-            attack, by_agent = res.worst_agents(vname, e)
-            lines.append(f"| {vname} | {e:g} | {attack} | " + " | ".join(f"{by_agent[a]:.2f}" for a in agents) + " |")
+            for side in sides:
+                attack, by_agent = res.worst_agents(vname, e, side)
+                lines.append("| " + " | ".join([vname, f"{e:g}", *([side] if side else []), attack,
+                                                *(f"{by_agent[a]:.2f}" for a in agents)]) + " |")
     return [*lines, ""]

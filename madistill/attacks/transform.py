@@ -85,9 +85,15 @@ def victim_slots(group: AgentGroup, victims: Sequence[str]) -> list[int]:
     return [i for i, a in enumerate(group.agents) if a in victims]
 
 
-def victim_sets(spec: Sequence[str], agents: Sequence[str]) -> dict[str, list[str]]:
+TEAM_PREFIX = "team:"
+
+
+def victim_sets(
+    spec: Sequence[str], agents: Sequence[str], teams: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, list[str]]:
     """Named victim sets from config: ``all`` (every agent at once), ``each`` (every agent alone), an agent
-    id, or several ids joined with ``+``."""
+    id, ``team:<name>`` (every agent of one of ``teams``), or several of these joined with ``+``."""
+    teams = teams or {}
     out: dict[str, list[str]] = {}
     for item in spec:
         if item == "all":
@@ -95,10 +101,19 @@ def victim_sets(spec: Sequence[str], agents: Sequence[str]) -> dict[str, list[st
         elif item == "each":
             out.update({a: [a] for a in agents})
         else:
-            names = item.split("+")
-            unknown = [a for a in names if a not in agents]
-            if unknown:
-                raise MadistillError(f"attack.victims names {unknown}: use all, each, or agents of {list(agents)}")
+            names: list[str] = []
+            for part in item.split("+"):
+                if part.startswith(TEAM_PREFIX):
+                    if part.removeprefix(TEAM_PREFIX) not in teams:
+                        raise MadistillError(f"attack.victims names {part!r}, but the env's teams are {list(teams)}:"
+                                             " use team:<one of them> (or set env.teams)")
+                    members = teams[part.removeprefix(TEAM_PREFIX)]
+                elif part in agents:
+                    members = [part]
+                else:
+                    raise MadistillError(f"attack.victims names {[part]}: use all, each, team:<name> or agents of "
+                                         f"{list(agents)}")
+                names += [a for a in members if a not in names]
             out[item] = names
     return out
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from madistill.envs.teams import several_teams, team_arrays
 from madistill.errors import MadistillError
 from madistill.evaluate.stats import EpisodeRecord, record_from_dict, record_to_dict
 
@@ -22,6 +23,8 @@ __all__ = [
     "atomic_write_text",
     "markdown_table",
     "read_json",
+    "side_stats",
+    "sides_of",
     "write_json",
     "write_markdown",
     "write_marl_eval_json",
@@ -104,9 +107,12 @@ def read_json(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, A
 
 
 def _marl_eval_metrics(
-    records: Sequence[EpisodeRecord], include_agent_returns: bool
+    records: Sequence[EpisodeRecord], include_agent_returns: bool, teams: Mapping[str, Sequence[str]] | None = None
 ) -> dict[str, list[float]]:
     metrics: dict[str, list[float]] = {"episode_return": [r.team_return for r in records]}
+    if several_teams(teams):
+        for team, members in teams.items():  # type: ignore[union-attr]
+            metrics[f"{team}_team_return"] = team_arrays(records, members).tolist()
     if include_agent_returns:
         agent_ids: list[str] = []
         for r in records:
@@ -134,6 +140,7 @@ def write_marl_eval_json(
     *,
     step_count: int | None = None,
     include_agent_returns: bool = True,
+    teams: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write (or merge into) a raw-data JSON file readable by InstaDeep's ``marl-eval``.
 
@@ -163,7 +170,9 @@ def write_marl_eval_json(
 
     Metrics written here: ``episode_return`` (team return of every episode,
     i.e. the mean over agents) and, unless ``include_agent_returns=False``,
-    ``<agent_id>_return`` for each agent. Every metric is a list of floats, one
+    ``<agent_id>_return`` for each agent; with several ``teams`` (team name ->
+    agent ids) also ``<team>_team_return``, the mean over the team's agents
+    (NaN in an episode without them). Every metric is a list of floats, one
     per episode. marl-eval requires every run/algorithm/task of an environment
     to have the same number of runs, steps and episodes; that is up to the
     caller. Pass ``metrics_to_normalize=["episode_return"]`` to marl-eval to
@@ -187,6 +196,7 @@ def write_marl_eval_json(
         step_count: Value of ``"step_count"`` (training env steps at logging
             time); defaults to ``step``.
         include_agent_returns: Also write per-agent ``<agent_id>_return`` lists.
+        teams: Team name -> agent ids; with several teams, per-team returns are written too.
     """
     records = list(records)
     if not records:
@@ -194,7 +204,7 @@ def write_marl_eval_json(
     if int(step) < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     step = int(step)
-    metrics = _marl_eval_metrics(records, include_agent_returns)
+    metrics = _marl_eval_metrics(records, include_agent_returns, teams)
 
     dest = Path(path)
     data: dict[str, Any] = {}
@@ -253,7 +263,9 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     order. Columns: team IQM [CI], team mean [CI], one mean column per agent
     id (union over all summaries, in order of first appearance; ``–`` where a
     summary lacks that agent), episode length ``mean ± std`` and the number of
-    episodes. Numbers have 2 decimals. The CI level in the header is taken from
+    episodes. With several teams (summaries with ``teams``) each team's IQM and
+    mean [CI] replace the team columns: the mean over opposing sides means little.
+    Numbers have 2 decimals. The CI level in the header is taken from
     the summaries' ``confidence`` (95% if absent or if they disagree, the
     header says just "CI").
     """
@@ -266,8 +278,10 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
             if aid not in agent_ids:
                 agent_ids.append(aid)
 
+    sides = sides_of(summaries)
     header = (
-        ["Policy", f"Team IQM [{ci_label}]", f"Team mean [{ci_label}]"]
+        ["Policy"]
+        + [f"{side or 'Team'} {point} [{ci_label}]" for side in sides for point in ("IQM", "mean")]
         + [f"{aid} mean" for aid in agent_ids]
         + ["Episode length", "Episodes"]
     )
@@ -281,14 +295,29 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         length = s.get("episode_length", {})
         row = [
             _cell(name),
-            _fmt_ci(team, "iqm"),
-            _fmt_ci(team, "mean"),
+            *(_fmt_ci(side_stats(s, side), point) for side in sides for point in ("iqm", "mean")),
             *(_fmt(agents[aid].get("mean")) if aid in agents else "–" for aid in agent_ids),
             f"{_fmt(length.get('mean'))} ± {_fmt(length.get('std'))}",
             str(s.get("n_episodes", team.get("n", "–"))),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def sides_of(summaries: Mapping[str, Mapping[str, Any]]) -> list[str | None]:
+    """Whose returns every report shows: None (the team of every agent) or, when the summaries have several
+    teams, each team in order of first appearance."""
+    teams: list[str | None] = []
+    for s in summaries.values():
+        for team in s.get("teams", {}):
+            if team not in teams:
+                teams.append(team)
+    return teams or [None]
+
+
+def side_stats(summary: Mapping[str, Any], side: str | None) -> Mapping[str, Any]:
+    """The return statistics of ``side`` (see :func:`sides_of`) in ``summary`` (empty where it has none)."""
+    return summary.get("team", {}) if side is None else summary.get("teams", {}).get(side, {})
 
 
 def write_markdown(path: str | os.PathLike[str], text: str) -> Path:

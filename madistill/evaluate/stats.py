@@ -26,6 +26,7 @@ import numpy as np
 from scipy import stats as _sps
 
 from madistill.envs.episodes import EpisodeRecord
+from madistill.envs.teams import several_teams, team_arrays
 
 __all__ = [
     "EpisodeRecord",
@@ -219,6 +220,7 @@ def summarize(
     seed: int = 0,
     strata: np.ndarray | Sequence[Any] | None = None,
     confidence: float = 0.95,
+    teams: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Summarise a batch of evaluation episodes.
 
@@ -229,6 +231,8 @@ def summarize(
         strata: Optional label per record (e.g. the training seed of the
             policy that produced it) for a stratified bootstrap.
         confidence: Coverage of the confidence intervals.
+        teams: Team name -> agent ids (:mod:`madistill.envs.teams`). With several teams the summary also
+            has ``"teams"``: each team's return (mean over its agents) summarised like ``team``.
 
     Returns:
         A JSON-serialisable dict::
@@ -239,6 +243,7 @@ def summarize(
               "team": {mean, iqm, std, min, max, mean_ci, iqm_ci, n},
               "agents": {agent_id: {mean, iqm, std, min, max, mean_ci, iqm_ci, n}, ...},
               "episode_length": {"mean": float, "std": float, "min": int, "max": int},
+              "teams": {team: {mean, iqm, ...}, ...},  # only with several teams
             }
 
         ``team`` uses :attr:`EpisodeRecord.team_return`. Agents appear in order
@@ -272,7 +277,7 @@ def summarize(
         )
 
     lengths = np.array([r.length for r in records], dtype=np.float64)
-    return {
+    out = {
         "n_episodes": n_ep,
         "confidence": float(confidence),
         "n_boot": int(n_boot),
@@ -285,3 +290,12 @@ def summarize(
             "max": int(np.max(lengths)),
         },
     }
+    if several_teams(teams):
+        out["teams"] = {}
+        for team, members in teams.items():  # type: ignore[union-attr]
+            vals = team_arrays(records, members)
+            present = ~np.isnan(vals)
+            out["teams"][team] = summarize_scores(
+                vals[present], n_boot, confidence, seed, None if labels is None else labels[present]
+            )
+    return out
