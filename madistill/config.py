@@ -265,6 +265,8 @@ class Config:
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     torch_threads: int = 1  # small MLPs run fastest single-threaded; the env workers use the other cores
+    # teachers and students with more parameters than this get a one-line warning (cause and fix) before training
+    warn_parameters: int = 10_000_000
 
 
 def register_configs() -> None:

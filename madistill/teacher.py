@@ -51,7 +51,7 @@ from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
-from madistill.policies.base import TeamPolicy, log_prob
+from madistill.policies.base import TeamPolicy, log_prob, warn_if_large
 from madistill.policies.sb3 import (
     SB3Policy,
     policy_kwargs,
@@ -330,6 +330,8 @@ class TeacherTrainer:
             width = venv.num_envs * g.n_agents
             self.learners[g.name] = _GroupLearner(g, model, actor, buffers, np.ones(width, dtype=np.float32))
             normalizers[g.name] = ObsNormalizer.for_group(g, enabled=tc.normalize_obs)
+            if start is None:
+                warn_if_large(actor, "teacher", int(cfg.warn_parameters))
         self.team = TeamPolicy(venv.groups, {n: lr.actor for n, lr in self.learners.items()}, normalizers)
         self.bonuses = message_bonuses(tc, venv.groups)
         self.agent_steps = 0
