@@ -37,7 +37,7 @@ class ObsNormalizer:
         if group.image_shape is None:
             return ObsNormalizer(group.obs_dim, enabled=enabled)
         n = ObsNormalizer(group.obs_dim, fixed=True)
-        n.var = np.full(group.obs_dim, 255.0**2 - n.eps)  # std = 255 exactly
+        n.var = np.full(group.obs_dim, 255.0**2 - n.eps)  # so that std = sqrt(var + eps) = 255
         return n
 
     @property

@@ -94,13 +94,33 @@ def test_teacher_and_student_encode_images_with_cnns_and_the_teacher_stays_small
     assert teacher(torch.zeros(1, big.obs_dim)).shape == (1, 5)
 
 
+def test_groups_without_images_ignore_and_do_not_record_the_cnn_settings():
+    vector = AgentGroup("speaker", ("speaker_0",), spaces.Box(-np.inf, np.inf, (3,), np.float32), spaces.Discrete(3))
+    student = MLPPolicy(vector, _arch("student"))
+    assert student.encoder is None and "cnn" not in student.arch and student.net[0].in_features == 3
+    teacher = SB3Policy.from_arch(vector, _arch("teacher"))
+    assert not isinstance(teacher.sb3.features_extractor, ImageFeatures)
+
+
+def test_cnn_settings_that_build_no_network_name_the_fix():
+    cnn = _arch("student")["cnn"]
+    for bad in ({"kernels": [8]}, {"strides": [4, 0]}, {"channels": []}, {"max_grid": 0}):
+        with pytest.raises(MadistillError, match=r"student.cnn.channels, kernels and strides must be non-empty"):
+            ImageEncoder(_image_group((36, 36, 3)), {**cnn, **bad}, "student.cnn")
+
+
 def test_the_cnn_reads_each_pixel_value_where_the_image_has_it():
     """The flat (H, W, C) row becomes the (C, H, W) image: a kernel as large as the image weighs every pixel
     value of every channel with its own weight."""
     g = _image_group((12, 12, 3))
     enc = ImageEncoder(g, {"channels": [1], "kernels": [12], "strides": [1], "max_grid": 1, "features_dim": 1}, "x")
+    torch.manual_seed(0)
     img = torch.rand(12, 12, 3)
     conv = enc.cnn[0]
+    with torch.no_grad():  # every ReLU passes its input on
+        conv.bias.fill_(10.0)
+        enc.linear[0].weight.fill_(1.0)
+        enc.linear[0].bias.zero_()
     expected = torch.relu((conv.weight[0] * img.permute(2, 0, 1)).sum() + conv.bias[0])
     assert torch.allclose(enc(img.reshape(1, -1)), enc.linear(expected.reshape(1, 1)), atol=1e-5)
     shuffled = img.flip(0).reshape(1, -1)  # the same values elsewhere give another feature

@@ -23,8 +23,6 @@ from torch import nn
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 
-CNN_KEYS = ("channels", "kernels", "strides", "max_grid", "features_dim")
-
 
 class ImageEncoder(nn.Module):
     """Flat image observations ``[B, obs_dim]`` (normalised to [0, 1]) to features ``[B, features_dim]``.
@@ -38,13 +36,12 @@ class ImageEncoder(nn.Module):
         if group.image_shape is None:
             raise MadistillError(f"group {group.name!r} does not observe images ({group.observation_space}): "
                                  f"{setting} applies to uint8 Box observations of three dimensions in 0..255")
-        missing = [k for k in CNN_KEYS if k not in cnn]
-        if missing:
-            raise MadistillError(f"{setting} lacks {missing}: give every one of {list(CNN_KEYS)}")
-        convs = list(zip(cnn["channels"], cnn["kernels"], cnn["strides"]))
-        if not convs or not len(cnn["channels"]) == len(cnn["kernels"]) == len(cnn["strides"]):
-            raise MadistillError(f"{setting}.channels, kernels and strides must be non-empty lists of equal length, got "
-                                 f"{list(cnn['channels'])}, {list(cnn['kernels'])}, {list(cnn['strides'])}")
+        convs = [(int(o), int(k), int(s)) for o, k, s in zip(cnn["channels"], cnn["kernels"], cnn["strides"])]
+        equal = len(cnn["channels"]) == len(cnn["kernels"]) == len(cnn["strides"])
+        if not convs or not equal or min(min(c) for c in convs) < 1 or min(cnn["max_grid"], cnn["features_dim"]) < 1:
+            raise MadistillError(f"{setting}.channels, kernels and strides must be non-empty lists of equal length and "
+                                 f"max_grid and features_dim positive, got {list(cnn['channels'])}, {list(cnn['kernels'])}, "
+                                 f"{list(cnn['strides'])}, {cnn['max_grid']}, {cnn['features_dim']}")
         self.channels_first = group.channels_first
         self.image_shape = group.image_shape
         c, h, w = group.image_shape
@@ -54,8 +51,8 @@ class ImageEncoder(nn.Module):
                 raise MadistillError(
                     f"group {group.name!r}: its {group.image_shape[1]}x{group.image_shape[2]} images shrink to {h}x{w} "
                     f"before convolution {i} of {setting} ({k}x{k} kernel): lower {setting}.kernels or {setting}.strides")
-            layers += [nn.Conv2d(c, int(out), int(k), int(s)), nn.ReLU()]
-            c, h, w = int(out), (h - k) // s + 1, (w - k) // s + 1
+            layers += [nn.Conv2d(c, out, k, s), nn.ReLU()]
+            c, h, w = out, (h - k) // s + 1, (w - k) // s + 1
         grid = (min(h, int(cnn["max_grid"])), min(w, int(cnn["max_grid"])))
         if grid != (h, w):
             layers.append(nn.AdaptiveAvgPool2d(grid))

@@ -27,8 +27,9 @@ class MLPPolicy(Policy):
         super().__init__()
         self.group = group
         self.arch = dict(arch)
-        cnn = self.arch.pop("cnn", None) if group.image_shape is None else self.arch.get("cnn")
-        self.encoder = ImageEncoder(group, cnn, "student.cnn") if cnn else None
+        if group.image_shape is None:
+            self.arch.pop("cnn", None)
+        self.encoder = ImageEncoder(group, self.arch["cnn"], "student.cnn") if self.arch.get("cnn") else None
         act = activation(arch["activation"])
         layers: list[nn.Module] = []
         width = group.obs_dim if self.encoder is None else self.encoder.features_dim
