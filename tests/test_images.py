@@ -164,6 +164,19 @@ def test_train_and_distill_on_images_give_a_cnn_teacher_and_a_compact_cnn_studen
     assert student.normalizers["looker"].fixed
     # saliency and DIGR see 6x6-pixel patches of all channels (saliency.image_patch), not 3888 single values
     assert len(manifest["config"]["features"]["looker"]) == 36
+    # attacks and saliency treat the flattened pixels as features: not image-aware, but they run
+    rc, out, err = cli("attack", *tiny(f"attack.policy={tmp_path}/distill", "attack.methods=[random,fgsm,pgd,spsa]",
+                                       "attack.eps=[0.1]", "attack.victims=[all]", "attack.episodes=2",
+                                       "attack.checks=false", "attack.restarts=1", "attack.steps=2", "attack.n_boot=50",
+                                       f"hydra.run.dir={tmp_path}/attack"))
+    assert rc == 0, err
+    clean = [ln.split()[0].split("@")[0] for ln in out.splitlines() if " clean " in ln and "eps 0.1" in ln]
+    assert clean == ["teacher", "student"], out
+    rc, out, err = cli("saliency", *tiny(f"saliency.policy={tmp_path}/distill", "saliency.episodes=1",
+                                         f"hydra.run.dir={tmp_path}/saliency"))
+    assert rc == 0, err
+    maps = np.load(tmp_path / "saliency" / "reports" / "saliency.npz")
+    assert any(v.shape[-1] == 36 for v in maps.values())  # one score per patch
 
 
 def test_image_patches_group_every_channel_of_square_pixel_blocks():
