@@ -1,8 +1,9 @@
 """Environments for madistill.
 
-``envs.relay`` provides the ``relay_v0`` PettingZoo ParallelEnv.
+``envs.relay`` provides the ``relay_v0`` PettingZoo ParallelEnv, ``envs.pixels`` the ``pixels_v0`` one (image
+observations).
 """
 
-from envs import relay
+from envs import pixels, relay
 
-__all__ = ["relay"]
+__all__ = ["pixels", "relay"]

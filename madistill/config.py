@@ -75,6 +75,19 @@ class AnnealConfig:
 
 
 @dataclass
+class CNNConfig:
+    """The CNN encoder of image observations (uint8 Box (H, W, C) or (C, H, W) in 0..255; docs/image_observations.md):
+    unpadded convolutions (one entry per layer in each list) with ReLU, the last feature map average-pooled to at
+    most max_grid x max_grid cells, then a linear layer to features_dim with ReLU. The defaults are SB3's NatureCNN."""
+
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # output channels of each convolution
+    kernels: list[int] = field(default_factory=lambda: [8, 4, 3])  # square kernel size of each convolution
+    strides: list[int] = field(default_factory=lambda: [4, 2, 1])  # stride of each convolution
+    max_grid: int = 8  # bounds the linear layer's input at channels[-1] * max_grid^2, whatever the image size
+    features_dim: int = 512  # width of the encoder's output (the features the MLP layers read)
+
+
+@dataclass
 class TeacherConfig:
     total_agent_steps: int = 1_000_000  # summed over agents and env copies
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])  # actor and critic MLP layer widths
@@ -84,6 +97,7 @@ class TeacherConfig:
     # team's observations of its env copy too (centralised training, decentralised execution, as in MAPPO).
     # The actor always sees only its own observation, so saved teachers act alike either way.
     critic: str = "local"
+    cnn: CNNConfig = field(default_factory=CNNConfig)  # encoder of image observations, before hidden_sizes
     ppo: PPOConfig = field(default_factory=PPOConfig)
     checkpoint_every: int = 0  # agent steps between checkpoints (0: only at the end and on Ctrl-C)
     resume: str | None = None  # checkpoint directory to continue from
@@ -104,6 +118,10 @@ class TeacherConfig:
 class StudentConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # the student MLP's layer widths
     activation: str = "tanh"  # tanh | relu | elu | gelu: the student MLP's activation
+    # encoder of image observations, before hidden_sizes: compact (with hidden_sizes=[64, 64], 38k parameters on
+    # 36x36x3 images, 1/8 of the default teacher's acting network)
+    cnn: CNNConfig = field(default_factory=lambda: CNNConfig(channels=[16, 32], kernels=[8, 4], strides=[4, 2],
+                                                             max_grid=4, features_dim=64))
 
 
 @dataclass
@@ -177,6 +195,9 @@ class SaliencyConfig:
     obs: str | None = None  # saliency stage: .npz of raw observations per group (default: roll out the policy)
     episodes: int = 20  # saliency stage: episodes rolled out when no observations are given
     rows: int = 50  # observations shown in the per-observation heatmap
+    # image groups: pixels are grouped into square patches of this side (all channels) for saliency, DIGR and
+    # attack.exclude names (patch_<row>_<col>); 1 keeps every flattened pixel value its own feature
+    image_patch: int = 6
 
 
 @dataclass
@@ -255,6 +276,8 @@ class Config:
     seed: int = 0  # seeds initial weights, action sampling and training episodes (eval.seed: evaluation's)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     torch_threads: int = 1  # small MLPs run fastest single-threaded; the env workers use the other cores
+    # teachers and students with more parameters than this get a one-line warning (cause and fix) before training
+    warn_parameters: int = 10_000_000
 
 
 def register_configs() -> None:

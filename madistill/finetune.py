@@ -57,6 +57,9 @@ def actor_critic_team(student: TeamPolicy, teacher: TeamPolicy) -> TeamPolicy:
         s, t = student[g.name], teacher[g.name]
         if not isinstance(s, MLPPolicy) or not isinstance(t, SB3Policy):
             raise MadistillError("finetune.policy must be a student (MLP) distilled from an SB3 teacher: pass a distill run")
+        if s.encoder is not None:
+            raise MadistillError(f"the {g.name!r} student encodes image observations with a CNN, which fine-tuning "
+                                 "does not support: use the distilled student as it is")
         if s.arch["activation"] != t.arch["activation"]:
             raise MadistillError(f"the {g.name!r} student uses {s.arch['activation']} and its teacher "
                                  f"{t.arch['activation']}: SB3 gives actor and critic one activation, so fine-tuning "

@@ -7,22 +7,38 @@ from typing import Any
 import numpy as np
 import torch
 
+from madistill.envs.groups import AgentGroup
+
 
 class ObsNormalizer:
     """Running mean/variance of one group's observations (parallel Welford), frozen after training.
 
     ``normalize(x) = clip((x - mean) / sqrt(var + eps), -clip, clip)``. Features that never vary keep
-    ``var = 0`` and map to 0, so a constant one-hot id cannot blow up.
+    ``var = 0`` and map to 0, so a constant one-hot id cannot blow up. A ``fixed`` normaliser keeps the
+    statistics it was given (``update`` ignores data): image groups scale every pixel by the same 255.
     """
 
-    def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8, enabled: bool = True):
+    def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8, enabled: bool = True, fixed: bool = False):
         self.mean = np.zeros(dim, dtype=np.float64)
         self.var = np.ones(dim, dtype=np.float64)
         self.count = 0.0
         self.clip = float(clip)
         self.eps = float(eps)
         self.enabled = enabled
+        self.fixed = fixed
         self._cache: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def for_group(group: AgentGroup, enabled: bool = True) -> ObsNormalizer:
+        """A fresh normaliser for ``group``: running statistics (``enabled``: ``teacher.normalize_obs``), or for
+        image observations the fixed map of pixel values 0..255 to [0, 1] that CNNs expect (SB3's
+        ``preprocess_obs``), whatever ``enabled`` says: per-pixel statistics would make a constant background
+        pixel 0 and amplify its noise, and an attack budget would mean a different intensity on every pixel."""
+        if group.image_shape is None:
+            return ObsNormalizer(group.obs_dim, enabled=enabled)
+        n = ObsNormalizer(group.obs_dim, fixed=True)
+        n.var = np.full(group.obs_dim, 255.0**2 - n.eps)  # so that std = sqrt(var + eps) = 255
+        return n
 
     @property
     def std(self) -> np.ndarray:
@@ -31,7 +47,7 @@ class ObsNormalizer:
 
     def update(self, x: np.ndarray) -> None:
         """Fold a batch ``[B, dim]`` into the statistics (Chan et al. parallel variance)."""
-        if not self.enabled or len(x) == 0:
+        if not self.enabled or self.fixed or len(x) == 0:
             return
         x = np.asarray(x, dtype=np.float64)
         b_mean, b_var, b = x.mean(0), x.var(0), float(len(x))
@@ -64,11 +80,12 @@ class ObsNormalizer:
             "clip": self.clip,
             "eps": self.eps,
             "enabled": self.enabled,
+            "fixed": self.fixed,
         }
 
     @staticmethod
     def from_state_dict(d: dict[str, Any]) -> ObsNormalizer:
-        n = ObsNormalizer(len(d["mean"]), clip=d["clip"], eps=d["eps"], enabled=d["enabled"])
+        n = ObsNormalizer(len(d["mean"]), clip=d["clip"], eps=d["eps"], enabled=d["enabled"], fixed=d.get("fixed", False))
         n.mean = np.asarray(d["mean"], dtype=np.float64)
         n.var = np.asarray(d["var"], dtype=np.float64)
         n.count = float(d["count"])

@@ -304,8 +304,10 @@ def distill_students(
     spec = _env_for(cfg, [PolicyRef(tdir.name, tdir, "teacher")])
     with make_vec_env(cfg.env, spec) as venv:
         teacher, _ = load_team(tdir, venv.groups, device=device)
-        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
-        student = student_team(teacher, {"hidden_sizes": list(cfg.student.hidden_sizes), "activation": cfg.student.activation})
+        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+        arch = {"hidden_sizes": list(cfg.student.hidden_sizes), "activation": cfg.student.activation,
+                "cnn": OmegaConf.to_container(cfg.student.cnn)}
+        student = student_team(teacher, arch)
         trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb)
         trainer.train()
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -350,7 +352,7 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
     with make_vec_env(cfg.env, spec) as venv:
         student, manifest = load_team(sdir, venv.groups, device=device)
         teacher, _ = load_team(tdir, venv.groups, device=device)
-        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
+        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         budgets = group_budgets(1.0, layouts, cfg.attack.exclude, device, cfg.attack.scale)
         attack = collection_attack(venv.groups, budgets, fc)
         with TeacherTrainer(ppo_cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack) as trainer, \
@@ -453,7 +455,7 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
     labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
     with make_vec_env(cfg.env, spec) as venv:
         teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
-        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
+        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         own_reference = {}  # each policy's teacher (a teacher, or a policy without one, is its own)
         for label, ref in zip(labels, refs):
             i = None if ref.name == "teacher" else paired_policy(ref, "teacher", refs)
@@ -574,7 +576,7 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
     several = len({r.run for r in refs}) > 1
     with make_vec_env(cfg.env, spec) as venv:
         loaded = [load_team(r.path, venv.groups, device=device)[0] for r in refs]
-        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names)
+        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         sides = _teams(cfg, venv, refs)
         random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)
         random_return = team_returns(random_recs)

@@ -51,7 +51,7 @@ from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
-from madistill.policies.base import TeamPolicy, log_prob
+from madistill.policies.base import TeamPolicy, log_prob, warn_if_large
 from madistill.policies.sb3 import (
     SB3Policy,
     policy_kwargs,
@@ -302,6 +302,8 @@ class TeacherTrainer:
             # a centralised critic reads every agent's observation of the env copy after the agent's own
             state_dim = sum(g.n_agents * g.obs_dim for g in venv.groups) if tc.critic == "central" else 0
             self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": state_dim}
+            if any(g.image_shape is not None for g in venv.groups):
+                self.arch["cnn"] = OmegaConf.to_container(tc.cnn)
         # From start policies, inputs keep the units those were trained in (fresh teachers learn theirs as they
         # go), and the run does not resume (teacher.resume rebuilds fresh teachers).
         self.from_start = start is not None
@@ -329,7 +331,9 @@ class TeacherTrainer:
             actor = SB3Policy(g, policy, self.arch)
             width = venv.num_envs * g.n_agents
             self.learners[g.name] = _GroupLearner(g, model, actor, buffers, np.ones(width, dtype=np.float32))
-            normalizers[g.name] = ObsNormalizer(g.obs_dim, enabled=tc.normalize_obs)
+            normalizers[g.name] = ObsNormalizer.for_group(g, enabled=tc.normalize_obs)
+            if start is None:
+                warn_if_large(actor, "teacher", int(cfg.warn_parameters))
         self.team = TeamPolicy(venv.groups, {n: lr.actor for n, lr in self.learners.items()}, normalizers)
         self.bonuses = message_bonuses(tc, venv.groups)
         self.agent_steps = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny
+from conftest import REPO, tiny
 
 from madistill.cli import STAGE_HELP, compose_config
 from madistill.config import Config, settings
@@ -116,7 +116,8 @@ def test_stage_help_applies_the_overrides(cli):
     assert rows["teacher.ppo.n_epochs"].split() == ["3", "passes", "over", "each", "rollout", "per", "update"]
     assert rows["env.kwargs"].startswith("{n_agents: 4, n_symbols: 3, topology: chain")
     assert rows["teacher.total_agent_steps"].startswith("500000 ")  # relay's budget from conf/env/relay.yaml
-    assert "env.*  [env=<custom, relay," in out and "attack.eps" not in out
+    envs = ", ".join(sorted(p.stem for p in (REPO / "conf" / "env").glob("*.yaml")))
+    assert f"env.*  [env=<{envs}> in conf/env/]" in out and "attack.eps" not in out
 
 
 def test_stage_help_with_a_bad_override_exits_2_in_one_line(cli):

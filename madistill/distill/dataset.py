@@ -78,7 +78,8 @@ class SaliencyLabeller:
     layouts: Mapping[str, FeatureLayout]
     baseline: str = "mean"  # mean: the normaliser mean (0 in normalised units); marginal: other observations
     samples: int = 4  # marginal draws per observation
-    chunk: int = 4096  # observations per batched forward (bounds memory: chunk * (G + 1) * samples rows)
+    chunk: int = 4096  # observations per batched forward (bounds memory: chunk * (G + 1) * samples rows) ...
+    max_values: int = 2**25  # ... and fewer where their perturbed copies would hold more values (image groups)
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     def __post_init__(self) -> None:
@@ -101,8 +102,10 @@ class SaliencyLabeller:
         layout = self.layouts[group]
         pool = obs if pool is None else pool
         heads, scores = [], []
-        for start in range(0, len(obs), self.chunk):
-            x = obs[start : start + self.chunk]
+        copies = (self.samples if self.baseline == "marginal" else 1) * len(layout) * layout.obs_dim
+        chunk = max(1, min(self.chunk, self.max_values // copies))
+        for start in range(0, len(obs), chunk):
+            x = obs[start : start + chunk]
             base = None
             if self.baseline == "marginal":
                 idx = torch.randint(len(pool), (self.samples, len(x)), generator=self.generator)

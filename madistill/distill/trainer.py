@@ -27,7 +27,7 @@ from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.explain.metrics import agreement
 from madistill.explain.saliency import FeatureLayout, gradient_saliency
-from madistill.policies.base import TeamPolicy
+from madistill.policies.base import TeamPolicy, warn_if_large
 from madistill.policies.mlp import MLPPolicy
 from madistill.tb import TBLogger
 
@@ -77,6 +77,8 @@ class DistillTrainer:
                                  else torch.Generator(device=device).manual_seed(cfg.seed))
         for p in teacher.parameters():
             p.requires_grad_(False)
+        for g in teacher.groups:
+            warn_if_large(student[g.name], "student", int(cfg.warn_parameters))
         # unit-radius budgets (attack.exclude and attack.scale respected), scaled by the ramped eps at every update
         self.unit_budgets = group_budgets(1.0, layouts, cfg.attack.exclude, teacher.device, cfg.attack.scale)
         self.total_updates = dc.rounds * dc.updates_per_round

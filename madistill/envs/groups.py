@@ -9,6 +9,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
 
 from madistill.errors import MadistillError
 
@@ -18,7 +19,8 @@ class AgentGroup:
     """Agents that share a policy.
 
     ``observation_space`` is the env's space for these agents; policies see it flattened
-    (``obs_dim`` features, float32; Discrete as one-hot), see :func:`flatten_obs`.
+    (``obs_dim`` features, float32; Discrete as one-hot), see :func:`flatten_obs`. Image observations
+    (see :attr:`image_shape`) are flattened too and reshaped into images by the policies' CNN encoders.
     """
 
     name: str
@@ -29,6 +31,25 @@ class AgentGroup:
     @property
     def obs_dim(self) -> int:
         return int(spaces.flatdim(self.observation_space))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """``(channels, height, width)`` when the observations are images by SB3's convention (a uint8 Box of
+        three dimensions with bounds 0 and 255, channels last or, when that axis is the smallest, first);
+        None otherwise."""
+        space = self.observation_space
+        if not is_image_space(space, check_channels=False):
+            return None
+        if is_image_space_channels_first(space):
+            c, h, w = space.shape
+        else:
+            h, w, c = space.shape
+        return int(c), int(h), int(w)
+
+    @property
+    def channels_first(self) -> bool:
+        """Whether an image group's flattened observations are in (C, H, W) order rather than (H, W, C)."""
+        return self.image_shape is not None and is_image_space_channels_first(self.observation_space)
 
     @property
     def n_agents(self) -> int:

@@ -17,6 +17,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from madistill.envs.groups import AgentGroup
@@ -78,12 +79,29 @@ def _membership(layout: FeatureLayout, device: torch.device) -> torch.Tensor:
     return m.to(device)
 
 
+def image_patches(group: AgentGroup, patch: int) -> dict[str, list[int]]:
+    """Feature groups of an image group's flattened observations: squares of ``patch`` pixels (fewer at the
+    right and bottom edges) with all their channels, named ``patch_<row>_<col>``; empty for other groups."""
+    if group.image_shape is None:
+        return {}
+    if patch < 1:
+        raise MadistillError(f"saliency.image_patch must be at least 1, got {patch}")
+    c, h, w = group.image_shape
+    index = np.arange(group.obs_dim)
+    # flat position of each (y, x, channel): the observation is flattened from (H, W, C), or (C, H, W)
+    pixels = index.reshape(c, h, w).transpose(1, 2, 0) if group.channels_first else index.reshape(h, w, c)
+    return {f"patch_{r}_{q}": sorted(pixels[y : y + patch, x : x + patch].ravel().tolist())
+            for r, y in enumerate(range(0, h, patch)) for q, x in enumerate(range(0, w, patch))}
+
+
 def feature_layouts(
     groups: Sequence[AgentGroup],
     configured: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
     feature_names: Mapping[str, Sequence[str] | None] | None = None,
+    image_patch: int = 1,
 ) -> dict[str, FeatureLayout]:
-    """One FeatureLayout per agent group, from ``env.features`` and the env's own feature names."""
+    """One FeatureLayout per agent group, from ``env.features`` and the env's own feature names; image groups
+    that ``env.features`` leaves out are grouped into patches of ``image_patch`` pixels (``saliency.image_patch``)."""
     configured = configured or {}
     unknown = set(configured) - {g.name for g in groups}
     if unknown:
@@ -91,7 +109,8 @@ def feature_layouts(
             f"env.features names groups {sorted(unknown)} this env lacks; its groups are {[g.name for g in groups]}"
         )
     names = feature_names or {}
-    return {g.name: FeatureLayout.build(g.obs_dim, configured.get(g.name), names.get(g.name)) for g in groups}
+    return {g.name: FeatureLayout.build(g.obs_dim, configured.get(g.name) or image_patches(g, image_patch),
+                                        names.get(g.name)) for g in groups}
 
 
 def normalise_rows(s: torch.Tensor) -> torch.Tensor:

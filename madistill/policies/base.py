@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -12,6 +13,9 @@ from torch.distributions import Categorical, Distribution, Independent, Normal, 
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
+from madistill.policies.cnn import ImageEncoder
+
+log = logging.getLogger(__name__)
 
 
 class Policy(nn.Module, ABC):
@@ -68,6 +72,30 @@ class Policy(nn.Module, ABC):
     def acting_parameters(self) -> int:
         """Parameters needed to act (a teacher's critic excluded): what a student's size is compared to."""
         return self.num_parameters
+
+
+def warn_if_large(policy: Policy, role: str, limit: int) -> None:
+    """Before training: one warning line when ``policy`` has more than ``limit`` parameters (``warn_parameters``),
+    naming the count, the layer that holds most of them and the ``role`` setting (``teacher``, ``student``) that
+    shrinks it. Such a network trains slowly and writes a checkpoint of 4 bytes a parameter."""
+    n = policy.num_parameters
+    linears = [m for m in policy.modules() if isinstance(m, nn.Linear)]
+    if n <= limit or not linears:
+        return
+    widest = max(linears, key=lambda m: m.weight.numel())
+    g = policy.group
+    if any(widest is e.linear[0] for e in policy.modules() if isinstance(e, ImageEncoder)):
+        cause = f"its CNN's linear layer reads {widest.in_features:,} values of the pooled feature map"
+        fix = f"lower {role}.cnn.max_grid, {role}.cnn.channels[-1] or {role}.cnn.features_dim"
+    elif widest.in_features == g.obs_dim:
+        cause = f"its first layer reads a flattened observation of {g.obs_dim:,} features"
+        fix = (f"lower {role}.hidden_sizes, or give the env image observations (a uint8 Box (H, W, C) in 0..255) "
+               "so that a CNN encodes them")
+    else:
+        cause = f"its largest layer maps {widest.in_features:,} to {widest.out_features:,} features"
+        fix = f"lower {role}.hidden_sizes"
+    log.warning(f"the {role} network of group {g.name!r} has {n:,} parameters ({policy.acting_parameters:,} to act): "
+                f"{cause}; {fix} (warn_parameters={limit:,} sets this warning's threshold)")
 
 
 def log_prob(dist: Distribution, actions: torch.Tensor) -> torch.Tensor:

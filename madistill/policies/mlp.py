@@ -1,4 +1,5 @@
-"""Students: compact MLP policies (no critic), trained by distillation."""
+"""Students: compact MLP policies (no critic), trained by distillation; over a small CNN encoder where their
+group observes images."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from torch import nn
 
 from madistill.envs.groups import AgentGroup
 from madistill.policies.base import Policy
+from madistill.policies.cnn import ImageEncoder
 from madistill.policies.sb3 import activation
 
 
 class MLPPolicy(Policy):
-    """An MLP from normalised observation to logits (Discrete) or mean (Box, with a learned log-std)."""
+    """An MLP from normalised observation to logits (Discrete) or mean (Box, with a learned log-std).
+
+    For a group observing images, ``arch["cnn"]`` (``student.cnn``) puts an :class:`ImageEncoder` before the
+    MLP; other groups ignore it (and do not record it), so one arch serves every group of a team.
+    """
 
     kind = "mlp"
 
@@ -21,9 +27,12 @@ class MLPPolicy(Policy):
         super().__init__()
         self.group = group
         self.arch = dict(arch)
+        if group.image_shape is None:
+            self.arch.pop("cnn", None)
+        self.encoder = ImageEncoder(group, self.arch["cnn"], "student.cnn") if self.arch.get("cnn") else None
         act = activation(arch["activation"])
         layers: list[nn.Module] = []
-        width = group.obs_dim
+        width = group.obs_dim if self.encoder is None else self.encoder.features_dim
         for h in arch["hidden_sizes"]:
             layers += [nn.Linear(width, h), act()]
             width = h
@@ -32,7 +41,7 @@ class MLPPolicy(Policy):
         self._log_std = None if group.discrete else nn.Parameter(torch.zeros(group.act_dim))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)
+        return self.net(obs if self.encoder is None else self.encoder(obs))
 
     def log_std(self) -> torch.Tensor | None:
         return self._log_std

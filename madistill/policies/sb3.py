@@ -14,6 +14,7 @@ from torch import nn
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy
+from madistill.policies.cnn import ImageFeatures
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
@@ -55,12 +56,20 @@ def sb3_policy_class(arch: dict[str, Any]) -> type[ActorCriticPolicy]:
 
 def policy_kwargs(group: AgentGroup, arch: dict[str, Any]) -> dict[str, Any]:
     """SB3 ``policy_kwargs`` for a madistill architecture: critic (and actor) of ``hidden_sizes``, or an actor of
-    ``actor_hidden_sizes`` where given (a student's actor with its teacher's critic, for robust fine-tuning)."""
+    ``actor_hidden_sizes`` where given (a student's actor with its teacher's critic, for robust fine-tuning);
+    for a group observing images, the CNN encoder of ``cnn`` (``teacher.cnn``) before them, shared by actor and
+    critic as in SB3's ``CnnPolicy``."""
     hidden = list(arch["hidden_sizes"])
     actor = list(arch.get("actor_hidden_sizes") or hidden)
     kwargs = {"net_arch": {"pi": actor, "vf": hidden}, "activation_fn": activation(arch["activation"]), "ortho_init": True}
     if team_state_dim(arch):
         kwargs["actor_dim"] = group.obs_dim
+    if group.image_shape is not None and arch.get("cnn"):  # architectures from before teacher.cnn have none
+        if team_state_dim(arch):
+            raise MadistillError(f"group {group.name!r} observes images, which teacher.critic=central cannot join to "
+                                 "the team's observations: use teacher.critic=local")
+        kwargs["features_extractor_class"] = ImageFeatures
+        kwargs["features_extractor_kwargs"] = {"group": group, "cnn": dict(arch["cnn"])}
     return kwargs
 
 

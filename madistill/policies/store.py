@@ -34,6 +34,26 @@ def _arch_of(policy: Any) -> dict[str, Any]:
     return {"class": policy.kind, **policy.arch}
 
 
+def _aliases(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The names of ``state`` grouped by the tensor they hold: SB3 keeps a features extractor that actor and
+    critic share (a teacher's CNN) under three names, and safetensors stores each tensor once."""
+    by_tensor: dict[Any, list[str]] = {}
+    for name, v in state.items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else name  # empty ones share no data
+        by_tensor.setdefault(key, []).append(name)
+    return list(by_tensor.values())
+
+
+def _restore_aliases(policy: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as saved (one name per shared tensor) with every other name ``policy`` has for it filled in."""
+    full = dict(state)
+    for names in _aliases(policy.state_dict()):
+        saved = [n for n in names if n in state]
+        if saved:
+            full.update({n: state[saved[0]] for n in names})
+    return full
+
+
 def save_team(
     path: str | Path,
     team: TeamPolicy,
@@ -56,8 +76,9 @@ def save_team(
         networks = {}
         for g in team.groups:
             policy = team[g.name]
-            state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
-            save_file(state, str(tmp / f"{g.name}.safetensors"))
+            state = policy.state_dict()
+            unique = {names[0]: state[names[0]].detach().cpu().contiguous() for names in _aliases(state)}
+            save_file(unique, str(tmp / f"{g.name}.safetensors"))
             networks[g.name] = {
                 **_arch_of(policy), "num_parameters": policy.num_parameters, "acting_parameters": policy.acting_parameters
             }
@@ -172,7 +193,7 @@ def load_team(
             if bad:
                 raise MadistillError(f"{pdir}: {g.name}.safetensors holds NaN/inf weights ({bad[0]}): its training "
                                      "diverged; use another run")
-            policy.load_state_dict(state)
+            policy.load_state_dict(_restore_aliases(policy, state))
             policies[g.name] = policy
             normalizers[g.name] = ObsNormalizer.from_state_dict(manifest["normalizers"][g.name])
     except (KeyError, TypeError, ValueError) as e:
