@@ -1,0 +1,100 @@
+"""The batched backend's env copies: one ``BatchedScenario`` steps all of a process's copies at once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from madistill.envs.batched import port_for
+from madistill.envs.episodes import EpisodeRecord
+from madistill.envs.factory import EnvSpec
+from madistill.envs.groups import AgentGroup
+from madistill.envs.vector import CopyBook, GroupArrays
+
+
+class BatchedCopies(CopyBook):
+    """Env copies of a ported mpe2 env, with the PettingZoo backend's contract (``_Copies``): the same
+    observations, rewards, flags, final observations, auto-resets, episode seeds and episode records."""
+
+    def __init__(
+        self,
+        spec: EnvSpec,
+        groups: list[AgentGroup],
+        copy_ids: Sequence[int],
+        num_envs: int,
+        io: dict[str, GroupArrays],
+        render_mode: str | None = None,
+        nan_policy: str = "error",
+    ):
+        """``render_mode`` must be None: ``choose_backend`` sends rendering to the PettingZoo backend."""
+        super().__init__(spec, groups, copy_ids, num_envs, io, nan_policy)
+        port = port_for(spec)
+        if port is None or render_mode is not None:
+            raise ValueError(f"no batched backend for {spec.id!r} with render_mode={render_mode!r}")
+        self.scenario = port(len(self.copy_ids), **spec.kwargs)
+        # agent k of the scenario reads and writes slot (group, j)
+        self.slots = [self.slot[a] for a in self.scenario.agents]
+        self._return_order = [self.scenario.agents.index(a) for a in self.slot]  # agent_returns keys as _Copies
+        self.t = np.zeros(len(self.copy_ids), dtype=np.int64)  # steps into each copy's episode
+        self.ep_ret = np.zeros((len(self.copy_ids), len(self.slots)))
+
+    def _reset_copies(self, idx: np.ndarray) -> None:
+        """Start the next episode of copies ``idx``; writes their ``obs`` and ``active``."""
+        for i in idx:
+            self.scenario.reset_copy(int(i), self._episode_seed(int(i)))
+        self.t[idx] = 0
+        self.ep_len[idx] = 0
+        self.ep_ret[idx] = 0.0
+        for (g, j), o in zip(self.slots, self.scenario.observations(idx)):
+            self.io["obs"][g][idx, j] = o
+            self.io["active"][g][idx, j] = True
+
+    def reset(self, seed: int) -> np.ndarray:
+        """Reset every copy; writes ``obs`` and ``active``, returns ``playing()``."""
+        self.seed = seed
+        self.episode_idx[:] = 0
+        self._clear()
+        self._reset_copies(np.arange(len(self.copy_ids)))
+        self._check_finite(self.io["obs"])
+        return self.playing()
+
+    def step(self, _: None = None) -> tuple[list[EpisodeRecord], np.ndarray]:
+        """Step every copy with the actions in ``io["actions"]``; writes the outputs, returns the finished
+        episodes and ``playing()``."""
+        self._clear()
+        io = self.io
+        rewards = self.scenario.step([io["actions"][g][:, j] for g, j in self.slots])
+        self.t += 1
+        self.ep_len += 1
+        # mpe2 checks the time limit first: an episode ending both ways is truncated
+        truncated = self.t >= self.scenario.max_cycles
+        terminated = ~truncated & self.scenario.terminal()
+        for k, ((g, j), o) in enumerate(zip(self.slots, self.scenario.observations(slice(None)))):
+            io["obs"][g][:, j] = o
+            io["rewards"][g][:, j] = rewards[:, k]
+            io["terminated"][g][:, j] = terminated
+            io["truncated"][g][:, j] = truncated
+            io["active"][g][:, j] = True
+            # returns add up the float32 rewards the step reports, as the PettingZoo backend's do
+            self.ep_ret[:, k] += io["rewards"][g][:, j]
+        done = np.flatnonzero(truncated | terminated)
+        episodes = [
+            EpisodeRecord(seed=self._episode_seed(int(i)), length=int(self.ep_len[i]),
+                          agent_returns={a: float(self.ep_ret[i, k]) for a, k in zip(self.slot, self._return_order)})
+            for i in done
+        ]
+        if done.size:
+            for g, j in self.slots:
+                io["final_obs"][g][done, j] = io["obs"][g][done, j]
+            self.episode_idx[done] += 1
+            self._reset_copies(done)
+        self._check_finite(io["obs"])
+        self._check_finite(io["final_obs"])
+        return episodes, self.playing()
+
+    def render(self, i: int) -> None:
+        raise ValueError("the batched backend does not render; choose_backend picks pettingzoo for rendering")
+
+    def close(self) -> None:
+        """Nothing to release: the copies are arrays."""
