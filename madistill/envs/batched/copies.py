@@ -35,7 +35,8 @@ class BatchedCopies(CopyBook):
         self.scenario = port(len(self.copy_ids), **spec.kwargs)
         # agent k of the scenario reads and writes slot (group, j)
         self.slots = [self.slot[a] for a in self.scenario.agents]
-        self._return_order = [self.scenario.agents.index(a) for a in self.slot]  # agent_returns keys as _Copies
+        # agent_returns lists the agents in slot order, as _Copies does
+        self._return_order = [self.scenario.agents.index(a) for a in self.slot]
         self.t = np.zeros(len(self.copy_ids), dtype=np.int64)  # steps into each copy's episode
         self.ep_ret = np.zeros((len(self.copy_ids), len(self.slots)))
 
@@ -79,11 +80,10 @@ class BatchedCopies(CopyBook):
             # returns add up the float32 rewards the step reports, as the PettingZoo backend's do
             self.ep_ret[:, k] += io["rewards"][g][:, j]
         done = np.flatnonzero(truncated | terminated)
-        episodes = [
-            EpisodeRecord(seed=self._episode_seed(int(i)), length=int(self.ep_len[i]),
-                          agent_returns={a: float(self.ep_ret[i, k]) for a, k in zip(self.slot, self._return_order)})
-            for i in done
-        ]
+        names = list(self.slot)
+        episodes = [EpisodeRecord(seed=int(seed), length=int(length), agent_returns=dict(zip(names, returns)))
+                    for seed, length, returns in zip(self.playing()[done], self.ep_len[done],
+                                                     self.ep_ret[done][:, self._return_order].tolist())]
         if done.size:
             for g, j in self.slots:
                 io["final_obs"][g][done, j] = io["obs"][g][done, j]

@@ -15,6 +15,7 @@ import numpy as np
 DIM_P = 2  # mpe2's position dimensionality
 MOVE_ACTIONS = DIM_P * 2 + 1  # no-op, -x, +x, -y, +y
 SENSITIVITY = 5.0  # mpe2's action scale for agents without their own ``accel``
+_SOFTPLUS_ZERO = -800.0  # logaddexp(0, x) == 0.0 exactly for every x below this (exp(x) underflows to 0)
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,23 @@ class BatchedWorld:
     """Positions, velocities and utterances of ``n_copies`` worlds of one layout, stepped together."""
 
     def __init__(self, layout: WorldLayout, n_copies: int):
+        if any(layout.movable[layout.n_agents:]):
+            raise ValueError("movable landmarks are not modelled: only agents move in the ported scenarios")
         self.layout = layout
         self.pos = np.zeros((n_copies, layout.n_entities, DIM_P))
         self.vel = np.zeros((n_copies, layout.n_entities, DIM_P))
         self.c = np.zeros((n_copies, layout.n_agents, layout.dim_c))  # the utterances agents observe
         self.u = np.zeros((n_copies, layout.n_agents, DIM_P))  # this step's physical actions
         self.said = np.zeros((n_copies, layout.n_agents, layout.dim_c))  # this step's communication actions
-        self._colliders = [i for i in range(layout.n_entities) if layout.collide[i]]
-        self._moving = [i for i in range(layout.n_entities) if layout.movable[i]]
+        self._moving = np.flatnonzero(layout.movable)
+        self._colliders = np.flatnonzero(layout.collide)
+        # movers that collide, and each one's position among the movers
+        self._pushed = np.array([e for e in self._moving if layout.collide[e]], dtype=np.int64)
+        self._pushed_at = np.searchsorted(self._moving, self._pushed)
+        sizes = np.asarray(layout.sizes)
+        self._dist_min = sizes[self._pushed][:, None] + sizes[self._colliders][None, :]
+        self._self_pair = self._pushed[:, None] == self._colliders[None, :]
+        self._rows = np.arange(n_copies)
 
     def reset_copy(self, i: int, pos: np.ndarray) -> None:
         """Copy ``i`` starts at entity positions ``pos`` [entities, 2], at rest and silent."""
@@ -74,7 +84,6 @@ class BatchedWorld:
         lay = self.layout
         self.u.fill(0.0)
         self.said.fill(0.0)
-        rows = np.arange(self.u.shape[0])
         for i, a in enumerate(actions):
             if continuous:
                 # mpe2 clips Box actions to [0, 1] (ClipOutOfBoundsWrapper) and subtracts in the action's dtype
@@ -87,52 +96,56 @@ class BatchedWorld:
                     self.said[:, i] = a
             else:
                 if lay.movable[i]:
-                    move = a % MOVE_ACTIONS
-                    for k, (axis, sign) in enumerate(((0, -1.0), (0, 1.0), (1, -1.0), (1, 1.0)), start=1):
-                        self.u[move == k, i, axis] = sign
+                    self.u[:, i] = _MOVES[a % MOVE_ACTIONS]
                     a = a // MOVE_ACTIONS
                 if not lay.silent[i]:
-                    self.said[rows, i, a] = 1.0
+                    self.said[self._rows, i, a] = 1.0
         self.u *= SENSITIVITY
 
     def step(self) -> None:
-        """One ``World.step``: forces, integration, then communication."""
-        lay = self.layout
-        force = self._collision_forces()
-        for e in self._moving:
-            self.pos[:, e] += self.vel[:, e] * lay.dt
-            self.vel[:, e] = self.vel[:, e] * (1 - lay.damping)
-            if e in force:
-                self.vel[:, e] += (force[e] / lay.mass) * lay.dt
-        for i in range(lay.n_agents):
-            # mpe2 adds the (absent) communication noise as 0.0; a silent agent's utterance is zeros
-            self.c[:, i] = 0.0 if lay.silent[i] else self.said[:, i] + 0.0
+        """One ``World.step``: forces, integration of the movers, then communication (a silent agent's
+        ``said`` stays zeros, its utterance in mpe2; others get mpe2's absent noise added as 0.0)."""
+        lay, m = self.layout, self._moving
+        force = self._forces()
+        self.pos[:, m] = self.pos[:, m] + self.vel[:, m] * lay.dt
+        velocity = self.vel[:, m] * (1 - lay.damping)
+        self.vel[:, m] = velocity + (force / lay.mass) * lay.dt
+        self.c[...] = self.said + 0.0
 
-    def _collision_forces(self) -> dict[int, np.ndarray]:
-        """Each movable entity's force ``[copies, 2]``: its action (agents; mpe2 adds the absent motor noise
-        as 0.0), then the contact force of every other colliding entity in ascending entity order, which is
-        the order mpe2's ``a < b`` pair loop adds them in. ``F(e, o) = -F(o, e)`` bit for bit, since the
-        relative position only changes sign."""
+    def _forces(self) -> np.ndarray:
+        """``[copies, movers, 2]``: each mover's action (mpe2 adds the absent motor noise as 0.0), then the
+        contact force of every other colliding entity in ascending entity order, the order mpe2's ``a < b``
+        pair loop adds them in (``F(e, o) = -F(o, e)`` bit for bit: the relative position only changes sign).
+        A mover's pair with itself adds +0.0, which changes no sum: a sum that starts at +0.0 never becomes -0.0."""
         lay = self.layout
-        force = {e: self.u[:, e] + 0.0 for e in self._moving if e < lay.n_agents}
+        force = self.u[:, self._moving] + 0.0
+        if len(self._pushed) == 0 or len(self._colliders) < 2:
+            return force
+        # one [copies, pushed, colliders] array per coordinate: numpy is slow on a trailing axis of 2
+        delta = [p[:, self._pushed, None] - p[:, None, self._colliders] for p in (self.pos[..., 0], self.pos[..., 1])]
+        dist = np.sqrt(np.square(delta[0]) + np.square(delta[1]))
         k = lay.contact_margin
-        for e in self._moving:
-            if not lay.collide[e]:
-                continue
-            for o in self._colliders:
-                if o == e:
-                    continue
-                delta = self.pos[:, e] - self.pos[:, o]
-                sq = np.square(delta)
-                dist = np.sqrt(sq[:, 0] + sq[:, 1])
-                dist_min = lay.sizes[e] + lay.sizes[o]
-                penetration = np.logaddexp(0, -(dist - dist_min) / k) * k
-                f = lay.contact_force * delta / dist[:, None] * penetration[:, None]
-                force[e] = f + force.get(e, 0.0)
+        x = -(dist - self._dist_min) / k
+        # mpe2's softplus penetration ``logaddexp(0, x)`` is exactly 0.0 where exp(x) underflows to 0 (x below
+        # about -745), as between entities more than 0.75 apart; only the others take its (slow) scalar loop
+        softplus = np.zeros_like(x)
+        near = x > _SOFTPLUS_ZERO
+        softplus[near] = np.logaddexp(0, x[near])
+        penetration = softplus * k
+        with np.errstate(invalid="ignore", divide="ignore"):  # self pairs: 0 / 0, replaced below
+            f = [lay.contact_force * d / dist * penetration for d in delta]
+        for axis, fa in enumerate(f):
+            fa[:, self._self_pair] = 0.0
+            for o in range(len(self._colliders)):
+                force[:, self._pushed_at, axis] = fa[:, :, o] + force[:, self._pushed_at, axis]
         return force
 
-    def distances(self, a: int, b: int) -> np.ndarray:
-        """``[copies]`` distance between entities ``a`` and ``b`` as mpe2 computes it,
+    def distances(self, a: np.ndarray | slice, b: np.ndarray | slice) -> np.ndarray:
+        """``[copies, len(a), len(b)]`` distances between entities ``a`` and ``b`` as mpe2 computes each,
         ``sqrt(sum(square(pos_a - pos_b)))``."""
-        sq = np.square(self.pos[:, a] - self.pos[:, b])
-        return np.sqrt(sq[:, 0] + sq[:, 1])
+        dx, dy = (p[:, a, None] - p[:, None, b] for p in (self.pos[..., 0], self.pos[..., 1]))
+        return np.sqrt(np.square(dx) + np.square(dy))
+
+
+# Discrete movement actions (no-op, -x, +x, -y, +y) as unit directions, scaled by SENSITIVITY after
+_MOVES = np.array([[0.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])

@@ -32,6 +32,8 @@ class SimpleSpread(BatchedScenario):
         self.local_ratio = local_ratio
         self.collision_penalty = not curriculum
         self.terminate_on_success = terminate_on_success
+        self._others = np.array([[o for o in range(N) if o != i] for i in range(N)]).reshape(N, N - 1)
+        self._obs_dim = 4 + 2 * N + 2 * (N - 1) + 2 * (N - 1)  # vel, pos, landmarks, others, others' comm
         self._make_world(WorldLayout(
             n_agents=N, sizes=(AGENT_SIZE,) * N + (LANDMARK_SIZE,) * N, movable=(True,) * N + (False,) * N,
             collide=(True,) * N + (False,) * N, silent=(True,) * N, dim_c=2,
@@ -39,22 +41,19 @@ class SimpleSpread(BatchedScenario):
 
     def _min_landmark_distances(self) -> np.ndarray:
         """``[copies, landmarks]``: each landmark's distance to its closest agent."""
-        w, n = self.world, self.n
-        return np.stack([np.min([w.distances(a, n + m) for a in range(n)], axis=0) for m in range(n)], axis=1)
+        n = self.n
+        return self.world.distances(slice(0, n), slice(n, 2 * n)).min(axis=1)
 
     def rewards(self) -> np.ndarray:
-        w, n = self.world, self.n
+        n = self.n
         global_reward = np.zeros(self.n_copies)
         for d in self._min_landmark_distances().T:  # mpe2 subtracts landmark by landmark
             global_reward -= d
         collisions = np.zeros((self.n_copies, n))
         if self.collision_penalty:
-            dist_min = AGENT_SIZE + AGENT_SIZE
-            for a in range(n):
-                for b in range(a + 1, n):
-                    hit = w.distances(a, b) < dist_min
-                    collisions[:, a] -= hit
-                    collisions[:, b] -= hit
+            hit = self.world.distances(slice(0, n), slice(0, n)) < AGENT_SIZE + AGENT_SIZE
+            hit[:, np.arange(n), np.arange(n)] = False  # an agent does not collide with itself
+            collisions = 0.0 - hit.sum(axis=2)  # mpe2 counts down from 0: no collision is +0.0
         return self.blend(global_reward, collisions, self.local_ratio)
 
     def terminal(self) -> np.ndarray:
@@ -65,12 +64,17 @@ class SimpleSpread(BatchedScenario):
     def observations(self, idx: np.ndarray | slice) -> list[np.ndarray]:
         """``[self_vel, self_pos, landmark_rel_positions, other_agent_rel_positions, other_agents' comm]``."""
         w, n = self.world, self.n
-        pos, vel, c = w.pos[idx], w.vel[idx], w.c[idx]
-        out = []
+        pos = w.pos[idx]
+        b = len(pos)
+        obs = np.empty((b, n, self._obs_dim), dtype=np.float32)  # float32, as mpe2 returns them
+        obs[:, :, 0:2] = w.vel[idx, :n]
+        obs[:, :, 2:4] = pos[:, :n]
+        for m in range(n):  # landmarks relative to every agent
+            obs[:, :, 4 + 2 * m: 6 + 2 * m] = pos[:, n + m: n + m + 1] - pos[:, :n]
+        for i in range(n):  # the other agents relative to agent i, in agent order
+            for slot, o in enumerate(self._others[i]):
+                obs[:, i, 4 + 2 * n + 2 * slot: 6 + 2 * n + 2 * slot] = pos[:, o] - pos[:, i]
+        comm = 4 + 4 * n - 2
         for i in range(n):
-            rel = pos - pos[:, i: i + 1]  # every entity relative to agent i
-            others = [o for o in range(n) if o != i]
-            out.append(np.concatenate(
-                [vel[:, i], pos[:, i], rel[:, n:].reshape(len(pos), -1), rel[:, others].reshape(len(pos), -1),
-                 c[:, others].reshape(len(pos), -1)], axis=1))
-        return out
+            obs[:, i, comm:] = w.c[idx][:, self._others[i]].reshape(b, -1)
+        return list(obs.transpose(1, 0, 2))
