@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -95,7 +96,9 @@ def main() -> None:
     args = p.parse_args()
     defaults = EnvConfig()
     kwargs = {"continuous_actions": args.continuous}
-    results = {"machine": platform.processor() or platform.machine(), "continuous_actions": args.continuous,
+    # wall-clock rates: the load average says how much other work shared the cores
+    results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+               "load_average_start": os.getloadavg()[0], "continuous_actions": args.continuous,
                "seconds": args.seconds, "repeats": args.repeats, "scenarios": {}}
     for name in args.scenarios:
         module = f"mpe2.{name}"
@@ -111,6 +114,7 @@ def main() -> None:
             print(f"{row:<46} {rate:>12,.0f} {rate / base:>8.1f}")
         results["scenarios"][name] = {row: {"env_steps_per_s": rate, "ratio_to_mpe2": rate / base}
                                       for row, rate in rows.items()}
+    results["load_average_end"] = os.getloadavg()[0]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")

@@ -275,3 +275,42 @@ def test_a_saved_policy_evaluates_to_the_same_numbers_under_both_backends(cli, t
     # the numbers are real episodes: spread's returns are negative and differ between episodes
     returns = [e["team_return"] for e in reports["batched", "greedy"][0]["episodes"]]
     assert max(returns) < 0 and len(set(returns)) > 1
+
+
+# ------------------------------------------------------------------ seeded reset draws for many seeds at once
+def test_batched_seeding_reproduces_numpys_generator():
+    from madistill.envs.batched.seeding import bounded, pcg64_outputs, uniform
+
+    seeds = [0, 1, 7, 12345, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 7, 2**63 - 1, 2**63, 2**64 - 1]
+    seeds += np.random.default_rng(0).integers(0, 2**62, 200).tolist()
+    out = pcg64_outputs(np.array(seeds, dtype=np.uint64), 11)
+    for seed, o in zip(seeds, out):
+        bits = np.random.PCG64(np.random.SeedSequence(seed))
+        assert np.array_equal(o, [bits.random_raw() for _ in range(11)]), seed
+        g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+        first = [int(g.integers(3)), int(g.integers(3))]  # the two 32-bit halves of output 0
+        halves = np.array([[o[0] & 0xFFFFFFFF, o[0] >> 32]], dtype=np.uint64)
+        values, rejected = bounded(halves, 3)
+        assert values[0].tolist() == first and not rejected.any()
+        assert np.array_equal(uniform(o[1:], -1, 1), g.uniform(-1, 1, 10)), seed
+    # Lemire's method rejects a product whose low word is below (2**32 - n) % n: numpy would draw again
+    assert bounded(np.array([0, 1], dtype=np.uint64), 3)[1].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("module", ["mpe2.simple_reference_v3", "mpe2.simple_speaker_listener_v4"])
+def test_copies_whose_draws_are_left_to_numpy_start_the_same_episodes(module, monkeypatch):
+    """Copies whose bounded goal draw is rejected take numpy's own generator: the same starts as mpe2."""
+    import madistill.envs.batched.scenario as scenario
+
+    spec = EnvSpec(f"{module}.parallel_env", {})
+    with MultiAgentVecEnv(spec, 6, backend="batched") as venv:
+        fast = venv.reset(40)[0]
+    monkeypatch.setattr(scenario, "pcg64_outputs", lambda seeds, n: np.zeros((len(seeds), n), dtype=np.uint64))
+    monkeypatch.setattr(scenario, "bounded", lambda words, n: (np.zeros(words.shape, dtype=np.int64),
+                                                               np.ones(words.shape, dtype=bool)))
+    with MultiAgentVecEnv(spec, 6, backend="batched") as venv:
+        slow = venv.reset(40)[0]
+    with MultiAgentVecEnv(spec, 6, backend="pettingzoo") as venv:
+        ref = venv.reset(40)[0]
+    for g in ref:
+        assert np.array_equal(slow[g], ref[g]) and np.array_equal(fast[g], ref[g])

@@ -42,8 +42,7 @@ class BatchedCopies(CopyBook):
 
     def _reset_copies(self, idx: np.ndarray) -> None:
         """Start the next episode of copies ``idx``; writes their ``obs`` and ``active``."""
-        for i in idx:
-            self.scenario.reset_copy(int(i), self._episode_seed(int(i)))
+        self.scenario.reset_copies(idx, self.playing()[idx])
         self.t[idx] = 0
         self.ep_len[idx] = 0
         self.ep_ret[idx] = 0.0

@@ -72,11 +72,11 @@ class BatchedWorld:
         self._self_pair = self._pushed[:, None] == self._colliders[None, :]
         self._rows = np.arange(n_copies)
 
-    def reset_copy(self, i: int, pos: np.ndarray) -> None:
-        """Copy ``i`` starts at entity positions ``pos`` [entities, 2], at rest and silent."""
-        self.pos[i] = pos
-        self.vel[i] = 0.0
-        self.c[i] = 0.0
+    def reset_copies(self, idx: np.ndarray, pos: np.ndarray) -> None:
+        """Copies ``idx`` start at entity positions ``pos`` [copies, entities, 2], at rest and silent."""
+        self.pos[idx] = pos
+        self.vel[idx] = 0.0
+        self.c[idx] = 0.0
 
     def set_actions(self, actions: list[np.ndarray], continuous: bool) -> None:
         """Decode each agent's actions (``[copies]`` integers, or ``[copies, n]`` values in the Box) into

@@ -8,6 +8,7 @@ import numpy as np
 from gymnasium.utils import seeding
 
 from madistill.envs.batched.physics import BatchedWorld, WorldLayout
+from madistill.envs.batched.seeding import bounded, pcg64_outputs, uniform
 
 
 class BatchedScenario:
@@ -22,6 +23,8 @@ class BatchedScenario:
     # Constructor arguments the port models at any value; the others it takes only as None, mpe2's default
     # for each of them (``render_mode`` included: rendering uses the PettingZoo backend).
     modelled: tuple[str, ...] = ()
+    n_goals = 0  # goals reset_world draws (integers(goal_choices) each) before the positions
+    goal_choices = 1
 
     def __init__(self, n_copies: int, max_cycles: int = 25, continuous_actions: bool = False):
         self.n_copies = n_copies
@@ -37,16 +40,39 @@ class BatchedScenario:
     def _make_world(self, layout: WorldLayout) -> None:
         self.world = BatchedWorld(layout, self.n_copies)
 
-    def reset_copy(self, i: int, seed: int) -> None:
-        """Start copy ``i``'s episode of seed ``seed``, drawing from a generator seeded as mpe2's
-        ``reset(seed=...)`` seeds its ``np_random``, in the order of the scenario's ``reset_world``."""
-        rng, _ = seeding.np_random(seed)
-        self._draw(i, rng)
+    def reset_copies(self, idx: np.ndarray, seeds: np.ndarray) -> None:
+        """Start copies ``idx``' episodes of ``seeds`` with mpe2's ``reset_world`` draws: first ``n_goals``
+        ``integers(goal_choices)``, then ``uniform(-1, 1, 2)`` per entity, from the generator mpe2's
+        ``reset(seed=...)`` seeds. Drawn for all seeds at once (``seeding``); copies whose draws that does not
+        reproduce (a negative seed, a rejected bounded draw) get their own numpy generator."""
+        seeds = np.asarray(seeds, dtype=np.int64)
+        idx = np.asarray(idx)
+        fast = seeds >= 0
+        out = pcg64_outputs(seeds[fast].astype(np.uint64), int(self.n_goals > 0) + 2 * self.world.layout.n_entities)
+        if self.n_goals:
+            # integers() takes 32-bit draws: both halves of the first output; the doubles start after it
+            halves = [out[:, 0] & np.uint64(0xFFFFFFFF), out[:, 0] >> np.uint64(32)][: self.n_goals]
+            goals, rejected = bounded(np.stack(halves, axis=1), self.goal_choices)
+            fast[fast] = ~rejected.any(axis=1)
+            out, goals = out[~rejected.any(axis=1)], goals[~rejected.any(axis=1)]
+            doubles = out[:, 1:]
+        else:
+            goals, doubles = np.zeros((len(out), 0), dtype=np.int64), out
+        self._place(idx[fast], goals, uniform(doubles, -1, +1).reshape(len(out), self.world.layout.n_entities, 2))
+        for i, seed in zip(idx[~fast], seeds[~fast]):
+            self._draw(int(i), seeding.np_random(int(seed))[0])
 
     def _draw(self, i: int, rng: np.random.Generator) -> None:
-        """The scenario's ``reset_world`` draws for copy ``i``. Consecutive ``uniform(-1, 1, 2)`` calls
-        draw the same numbers as one ``uniform(-1, 1, (n, 2))``."""
-        self.world.reset_copy(i, rng.uniform(-1, +1, (self.world.layout.n_entities, 2)))
+        """Copy ``i``'s ``reset_world`` draws from numpy's generator ``rng``. Consecutive ``uniform(-1, 1, 2)``
+        calls draw the same numbers as one ``uniform(-1, 1, (n, 2))``."""
+        goals = [int(rng.integers(self.goal_choices)) for _ in range(self.n_goals)]
+        pos = rng.uniform(-1, +1, (self.world.layout.n_entities, 2))
+        self._place(np.array([i]), np.array([goals], dtype=np.int64).reshape(1, self.n_goals), pos[None])
+
+    def _place(self, idx: np.ndarray, goals: np.ndarray, pos: np.ndarray) -> None:
+        """Copies ``idx`` start with goals ``goals`` [copies, n_goals] and entity positions ``pos``
+        [copies, entities, 2], at rest and silent."""
+        self.world.reset_copies(idx, pos)
 
     def step(self, actions: list[np.ndarray]) -> np.ndarray:
         """Apply every agent's actions (agent order), step the worlds; ``[copies, agents]`` float64 rewards."""

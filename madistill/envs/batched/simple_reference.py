@@ -18,6 +18,7 @@ class SimpleReference(BatchedScenario):
 
     modelled = ("local_ratio", "max_cycles", "continuous_actions", "dynamic_rescaling", "benchmark_data")
     agents = ("agent_0", "agent_1")
+    n_goals, goal_choices = 2, N_LANDMARKS  # both agents' goals: the landmark its partner must reach
 
     def __init__(self, n_copies: int, local_ratio: float = 0.5, max_cycles: int = 25,
                  continuous_actions: bool = False, **_render_only: object):
@@ -30,10 +31,9 @@ class SimpleReference(BatchedScenario):
             collide=(False,) * (2 + N_LANDMARKS), silent=(False, False), dim_c=10,
         ))
 
-    def _draw(self, i: int, rng: np.random.Generator) -> None:
-        self.goal[i, 0] = int(rng.integers(N_LANDMARKS))  # mpe2 draws both goals before the positions
-        self.goal[i, 1] = int(rng.integers(N_LANDMARKS))
-        super()._draw(i, rng)
+    def _place(self, idx: np.ndarray, goals: np.ndarray, pos: np.ndarray) -> None:
+        self.goal[idx] = goals
+        super()._place(idx, goals, pos)
 
     def rewards(self) -> np.ndarray:
         pos, rows = self.world.pos, np.arange(self.n_copies)

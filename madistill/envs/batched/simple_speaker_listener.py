@@ -18,6 +18,7 @@ class SimpleSpeakerListener(BatchedScenario):
 
     modelled = ("max_cycles", "continuous_actions", "dynamic_rescaling", "benchmark_data")
     agents = ("speaker_0", "listener_0")
+    n_goals, goal_choices = 1, N_LANDMARKS  # the landmark the listener must reach
 
     def __init__(self, n_copies: int, max_cycles: int = 25, continuous_actions: bool = False,
                  **_render_only: object):
@@ -29,9 +30,9 @@ class SimpleSpeakerListener(BatchedScenario):
             collide=(False,) * (2 + N_LANDMARKS), silent=(False, True), dim_c=3,
         ))
 
-    def _draw(self, i: int, rng: np.random.Generator) -> None:
-        self.goal[i] = int(rng.integers(N_LANDMARKS))  # mpe2 draws the goal before the positions
-        super()._draw(i, rng)
+    def _place(self, idx: np.ndarray, goals: np.ndarray, pos: np.ndarray) -> None:
+        self.goal[idx] = goals[:, 0]
+        super()._place(idx, goals, pos)
 
     def rewards(self) -> np.ndarray:
         pos = self.world.pos
