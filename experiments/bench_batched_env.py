@@ -5,14 +5,17 @@ Random actions, every copy auto-resetting at its episode's end. Rows per scenari
 - ``mpe2 parallel_env``: one env from mpe2's ``parallel_env``, stepped in a Python loop (the reference);
 - ``pettingzoo vector env``: ``MultiAgentVecEnv(backend="pettingzoo")`` with env.num_envs / env.num_workers at
   their config defaults;
-- ``batched, N copies``: ``MultiAgentVecEnv(backend="batched")`` in this process, for each N in ``--copies``.
+- ``batched, N copies``: ``MultiAgentVecEnv(backend="batched")`` in this process, for each N in ``--copies``
+  (and ``batched, N copies, W workers`` split over W worker processes, for each W > 0 in ``--workers``).
 
 Each row is env-steps/s (one env-step = one step of one copy, all its agents acting), the best of
 ``--repeats`` timings of about ``--seconds`` each, taken round robin over the rows, and its ratio to the
 mpe2 row. Writes ``experiments/results/bench_batched_env.json`` (``bench_batched_env_continuous.json``
-with ``--continuous``).
+with ``--continuous``), or ``--out``.
 
     python experiments/bench_batched_env.py [--scenarios simple_spread_v3 ...] [--copies 64 1024 4096]
+    python experiments/bench_batched_env.py --scenarios simple_spread_v3 --copies 16 1024 --workers 0 2 \
+        --out experiments/results/bench_batched_env_workers.json
 """
 
 from __future__ import annotations
@@ -99,7 +102,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenarios", nargs="+", default=[m.rsplit(".", 1)[-1] for m in PORTS])
     p.add_argument("--copies", nargs="+", type=int, default=[64, 1024, 4096])
+    p.add_argument("--workers", nargs="+", type=int, default=[0], help="env worker processes of the batched rows")
     p.add_argument("--continuous", action="store_true", help="Box actions (default: Discrete)")
+    p.add_argument("--out", type=Path, default=None, help="results file (default: by action type)")
     p.add_argument("--seconds", type=float, default=2.0, help="length of one timing")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
@@ -108,7 +113,7 @@ def main() -> None:
     # wall-clock rates: the load average says how much other work shared the cores
     results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                "load_average_start": os.getloadavg()[0], "continuous_actions": args.continuous,
-               "seconds": args.seconds, "repeats": args.repeats, "scenarios": {}}
+               "seconds": args.seconds, "repeats": args.repeats, "workers": args.workers, "scenarios": {}}
     for name in args.scenarios:
         module = f"mpe2.{name}"
         with ExitStack() as stack:
@@ -116,7 +121,9 @@ def main() -> None:
             runners[f"pettingzoo vector env, {defaults.num_envs} copies, {defaults.num_workers} workers"] = vector(
                 stack, module, kwargs, defaults.num_envs, defaults.num_workers, "pettingzoo", args.seconds)
             for n in args.copies:
-                runners[f"batched, {n} copies"] = vector(stack, module, kwargs, n, 0, "batched", args.seconds)
+                for w in args.workers:
+                    row = f"batched, {n} copies" + (f", {w} workers" if w else "")
+                    runners[row] = vector(stack, module, kwargs, n, w, "batched", args.seconds)
             for _ in range(args.repeats):  # round robin, so a burst of load on the shared cores hits every row
                 for runner in runners.values():
                     runner.time()
@@ -129,7 +136,7 @@ def main() -> None:
         results["scenarios"][name] = {row: {"env_steps_per_s": rate, "ratio_to_mpe2": rate / base}
                                       for row, rate in rows.items()}
     results["load_average_end"] = os.getloadavg()[0]
-    path = RESULTS_DIR / f"bench_batched_env{'_continuous' if args.continuous else ''}.json"
+    path = args.out or RESULTS_DIR / f"bench_batched_env{'_continuous' if args.continuous else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {path}")
