@@ -103,12 +103,22 @@ def _action_dtype(group: AgentGroup) -> Any:
 
 
 class CopyBook:
-    """The bookkeeping every backend's env copies share: which slot each agent writes, whose episode each copy
-    plays, clearing the outputs and the NaN check. A backend's class takes ``_Copies``'s constructor arguments
-    and provides ``reset(seed)``, ``step()``, ``render(i)`` and ``close()`` with its meanings."""
+    """Env copies owned by one process, writing each step's outputs into ``io`` (its copies' slice of a
+    ``_StepArrays``) and reading the actions there. This base does the bookkeeping every backend shares:
+    which slot each agent writes, whose episode each copy plays, clearing the outputs and the NaN check. A
+    backend implements ``_build``, ``_reset_all``, ``step()``, ``render(i)`` and ``close()``."""
 
-    def __init__(self, spec: EnvSpec, groups: list[AgentGroup], copy_ids: Sequence[int], num_envs: int,
-                 io: dict[str, GroupArrays], nan_policy: str):
+    def __init__(
+        self,
+        spec: EnvSpec,
+        groups: list[AgentGroup],
+        copy_ids: Sequence[int],
+        num_envs: int,
+        io: dict[str, GroupArrays],
+        render_mode: str | None = None,
+        nan_policy: str = "error",
+    ):
+        """``groups``: the parent's, which ``io`` (this process's slice of the ``_StepArrays``) is laid out by."""
         self.nan_policy = nan_policy
         self.copy_ids = np.asarray(copy_ids, dtype=np.int64)
         self.num_envs = num_envs
@@ -119,6 +129,24 @@ class CopyBook:
         self.episode_idx = np.zeros(len(self.copy_ids), dtype=np.int64)
         self.ep_len = np.zeros(len(self.copy_ids), dtype=np.int64)
         self.seed = 0
+        self._build(spec, render_mode)
+
+    def _build(self, spec: EnvSpec, render_mode: str | None) -> None:
+        """Create the backend's copies of ``spec``."""
+        raise NotImplementedError
+
+    def _reset_all(self) -> None:
+        """Start every copy's first episode (``playing()`` gives the seeds); write ``obs`` and ``active``."""
+        raise NotImplementedError
+
+    def reset(self, seed: int) -> np.ndarray:
+        """Reset every copy; writes ``obs`` and ``active``, returns ``playing()``."""
+        self.seed = seed
+        self.episode_idx[:] = 0
+        self._clear()
+        self._reset_all()
+        self._check_finite(self.io["obs"])
+        return self.playing()
 
     def _clear(self) -> None:
         for field in _StepArrays.OUT:
@@ -150,22 +178,10 @@ class CopyBook:
 
 
 class _Copies(CopyBook):
-    """PettingZoo env copies owned by one process, writing each step's outputs into ``io`` (its copies'
-    slice of a ``_StepArrays``) and reading the actions there."""
+    """PettingZoo env copies: one env per copy, stepped one after another."""
 
-    def __init__(
-        self,
-        spec: EnvSpec,
-        groups: list[AgentGroup],
-        copy_ids: Sequence[int],
-        num_envs: int,
-        io: dict[str, GroupArrays],
-        render_mode: str | None = None,
-        nan_policy: str = "error",
-    ):
-        """``groups``: the parent's, which ``io`` (this process's slice of the ``_StepArrays``) is laid out by."""
-        super().__init__(spec, groups, copy_ids, num_envs, io, nan_policy)
-        self.envs = [make_env(spec, render_mode=render_mode) for _ in copy_ids]
+    def _build(self, spec: EnvSpec, render_mode: str | None) -> None:
+        self.envs = [make_env(spec, render_mode=render_mode) for _ in self.copy_ids]
         self.flatten = {a: _flattener(self.envs[0].observation_space(a)) for a in self.slot}
         self.ep_ret = [dict.fromkeys(self.slot, 0.0) for _ in range(len(self.envs))]
 
@@ -182,15 +198,9 @@ class _Copies(CopyBook):
         self.ep_len[i] = 0
         self.ep_ret[i] = dict.fromkeys(self.slot, 0.0)
 
-    def reset(self, seed: int) -> np.ndarray:
-        """Reset every copy; writes ``obs`` and ``active``, returns ``playing()``."""
-        self.seed = seed
-        self.episode_idx[:] = 0
-        self._clear()
+    def _reset_all(self) -> None:
         for i in range(len(self.envs)):
             self._reset_copy(i)
-        self._check_finite(self.io["obs"])
-        return self.playing()
 
     def step(self, _: None = None) -> tuple[list[EpisodeRecord], np.ndarray]:
         """Step every copy with the actions in ``io["actions"]``; writes the outputs, returns the finished

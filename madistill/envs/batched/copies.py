@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from madistill.envs.batched import port_for
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
-from madistill.envs.groups import AgentGroup
-from madistill.envs.vector import CopyBook, GroupArrays
+from madistill.envs.vector import CopyBook
 
 
 class BatchedCopies(CopyBook):
     """Env copies of a ported mpe2 env, with the PettingZoo backend's contract (``_Copies``): the same
     observations, rewards, flags, final observations, auto-resets, episode seeds and episode records."""
 
-    def __init__(
-        self,
-        spec: EnvSpec,
-        groups: list[AgentGroup],
-        copy_ids: Sequence[int],
-        num_envs: int,
-        io: dict[str, GroupArrays],
-        render_mode: str | None = None,
-        nan_policy: str = "error",
-    ):
+    def _build(self, spec: EnvSpec, render_mode: str | None) -> None:
         """``render_mode`` must be None: ``choose_backend`` sends rendering to the PettingZoo backend."""
-        super().__init__(spec, groups, copy_ids, num_envs, io, nan_policy)
         port = port_for(spec)
         if port is None or render_mode is not None:
             raise ValueError(f"no batched backend for {spec.id!r} with render_mode={render_mode!r}")
@@ -37,27 +24,19 @@ class BatchedCopies(CopyBook):
         self.slots = [self.slot[a] for a in self.scenario.agents]
         # agent_returns lists the agents in slot order, as _Copies does
         self._return_order = [self.scenario.agents.index(a) for a in self.slot]
-        self.t = np.zeros(len(self.copy_ids), dtype=np.int64)  # steps into each copy's episode
         self.ep_ret = np.zeros((len(self.copy_ids), len(self.slots)))
 
     def _reset_copies(self, idx: np.ndarray) -> None:
         """Start the next episode of copies ``idx``; writes their ``obs`` and ``active``."""
         self.scenario.reset_copies(idx, self.playing()[idx])
-        self.t[idx] = 0
         self.ep_len[idx] = 0
         self.ep_ret[idx] = 0.0
         for (g, j), o in zip(self.slots, self.scenario.observations(idx)):
             self.io["obs"][g][idx, j] = o
             self.io["active"][g][idx, j] = True
 
-    def reset(self, seed: int) -> np.ndarray:
-        """Reset every copy; writes ``obs`` and ``active``, returns ``playing()``."""
-        self.seed = seed
-        self.episode_idx[:] = 0
-        self._clear()
+    def _reset_all(self) -> None:
         self._reset_copies(np.arange(len(self.copy_ids)))
-        self._check_finite(self.io["obs"])
-        return self.playing()
 
     def step(self, _: None = None) -> tuple[list[EpisodeRecord], np.ndarray]:
         """Step every copy with the actions in ``io["actions"]``; writes the outputs, returns the finished
@@ -65,10 +44,9 @@ class BatchedCopies(CopyBook):
         self._clear()
         io = self.io
         rewards = self.scenario.step([io["actions"][g][:, j] for g, j in self.slots])
-        self.t += 1
         self.ep_len += 1
         # mpe2 checks the time limit first: an episode ending both ways is truncated
-        truncated = self.t >= self.scenario.max_cycles
+        truncated = self.ep_len >= self.scenario.max_cycles
         terminated = ~truncated & self.scenario.terminal()
         for k, ((g, j), o) in enumerate(zip(self.slots, self.scenario.observations(slice(None)))):
             io["obs"][g][:, j] = o
