@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import tiny
+from mpe2._mpe_utils.core import Landmark
 
 from madistill.envs import EnvSpec, MultiAgentVecEnv
 from madistill.envs.batched import PORTS, choose_backend
@@ -30,6 +31,8 @@ CASES = [
     ("mpe2.simple_speaker_listener_v4", {"max_cycles": 7, "dynamic_rescaling": False, "benchmark_data": True}),
     ("mpe2.simple_reference_v3", {}),
     ("mpe2.simple_reference_v3", {"local_ratio": 0.9, "max_cycles": 11}),
+    ("mpe2.simple_adversary_v3", {}),
+    ("mpe2.simple_adversary_v3", {"N": 3, "max_cycles": 9}),
 ]
 COPIES = 4
 STEPS = 70
@@ -71,17 +74,18 @@ def chase_policy(env: Any, rng: np.random.Generator, continuous: bool) -> dict[s
 
 
 def seek_policy(env: Any, rng: np.random.Generator, continuous: bool) -> dict[str, Any]:
-    """Every mover heads for a landmark (spread: agent i to landmark i; otherwise its goal), so spread's
-    terminate_on_success ends episodes early."""
+    """Every mover heads for a landmark: the scenario's goal where it has one, else (spread) agent i for
+    landmark i, so spread's terminate_on_success ends episodes early."""
     world = env.unwrapped.world
     out = {}
     for i, agent in enumerate(world.agents):
         if not agent.movable:
             out[agent.name] = random_policy(env, rng, continuous)[agent.name]
             continue
-        goal = getattr(world.agents[0], "_goal_b", None) if len(world.agents) == 2 else None
-        target = (goal or world.landmarks[i % len(world.landmarks)]).state.p_pos
-        out[agent.name] = _toward(world, agent, target, continuous, rng)
+        goal = getattr(world.agents[0], "_goal_b", None) or getattr(agent, "_goal_a", None)
+        if not isinstance(goal, Landmark):
+            goal = world.landmarks[i % len(world.landmarks)]
+        out[agent.name] = _toward(world, agent, goal.state.p_pos, continuous, rng)
     return out
 
 
@@ -225,7 +229,7 @@ def test_auto_picks_the_port_where_one_models_the_env_and_pettingzoo_otherwise()
     assert choose_backend(EnvSpec("mpe2.simple_spread_v3", {"num_agent_neighbors": 1}), "auto") == "pettingzoo"
     assert choose_backend(EnvSpec("mpe2.simple_spread_v3", {"num_agent_neighbors": None}), "auto") == "batched"
     assert choose_backend(EnvSpec("mpe2.simple_spread_v3.raw_env", {}), "auto") == "pettingzoo"  # no clipping
-    assert choose_backend(EnvSpec("mpe2.simple_adversary_v3.parallel_env", {}), "auto") == "pettingzoo"
+    assert choose_backend(EnvSpec("mpe2.simple_world_comm_v3.parallel_env", {}), "auto") == "pettingzoo"
     assert choose_backend(EnvSpec("envs.relay.parallel_env", {}), "auto") == "pettingzoo"
 
 
@@ -297,7 +301,7 @@ def test_batched_seeding_reproduces_numpys_generator():
     assert bounded(np.array([0, 1], dtype=np.uint64), 3)[1].tolist() == [True, False]
 
 
-@pytest.mark.parametrize("module", ["mpe2.simple_reference_v3", "mpe2.simple_speaker_listener_v4"])
+@pytest.mark.parametrize("module", ["mpe2.simple_adversary_v3", "mpe2.simple_reference_v3", "mpe2.simple_speaker_listener_v4"])
 def test_copies_whose_draws_are_left_to_numpy_start_the_same_episodes(module, monkeypatch):
     """Copies whose bounded goal draw is rejected take numpy's own generator: the same starts as mpe2."""
     import madistill.envs.batched.scenario as scenario

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from madistill.envs.batched.scenario import BatchedScenario
+from madistill.envs.batched.simple_adversary import SimpleAdversary
 from madistill.envs.batched.simple_reference import SimpleReference
 from madistill.envs.batched.simple_speaker_listener import SimpleSpeakerListener
 from madistill.envs.batched.simple_spread import SimpleSpread
@@ -20,6 +21,7 @@ from madistill.errors import MadistillError
 # mpe2 module -> its port. ``parallel_env`` and ``env`` are the same env (the vector env drives ``env`` as
 # parallel); ``raw_env`` is not ported, since it skips the clipping of Box actions the other two do.
 PORTS: dict[str, type[BatchedScenario]] = {
+    "mpe2.simple_adversary_v3": SimpleAdversary,
     "mpe2.simple_spread_v3": SimpleSpread,
     "mpe2.simple_speaker_listener_v4": SimpleSpeakerListener,
     "mpe2.simple_reference_v3": SimpleReference,
