@@ -43,8 +43,8 @@ class BatchedScenario:
     def reset_copies(self, idx: np.ndarray, seeds: np.ndarray) -> None:
         """Start copies ``idx``' episodes of ``seeds`` with mpe2's ``reset_world`` draws: first ``n_goals``
         ``integers(goal_choices)``, then ``uniform(-1, 1, 2)`` per entity, from the generator mpe2's
-        ``reset(seed=...)`` seeds. Drawn for all seeds at once (``seeding``); copies whose draws that does not
-        reproduce (a negative seed, a rejected bounded draw) get their own numpy generator."""
+        ``reset(seed=...)`` seeds. Drawn for all seeds at once (``seeding``), except for copies that cannot be
+        drawn that way (a negative seed, a bounded draw numpy would reject): those get numpy's generator."""
         seeds = np.asarray(seeds, dtype=np.int64)
         idx = np.asarray(idx)
         fast = seeds >= 0
@@ -53,8 +53,9 @@ class BatchedScenario:
             # integers() takes 32-bit draws: both halves of the first output; the doubles start after it
             halves = [out[:, 0] & np.uint64(0xFFFFFFFF), out[:, 0] >> np.uint64(32)][: self.n_goals]
             goals, rejected = bounded(np.stack(halves, axis=1), self.goal_choices)
-            fast[fast] = ~rejected.any(axis=1)
-            out, goals = out[~rejected.any(axis=1)], goals[~rejected.any(axis=1)]
+            keep = ~rejected.any(axis=1)
+            fast[fast] = keep
+            out, goals = out[keep], goals[keep]
             doubles = out[:, 1:]
         else:
             goals, doubles = np.zeros((len(out), 0), dtype=np.int64), out
@@ -85,7 +86,8 @@ class BatchedScenario:
         raise NotImplementedError
 
     def observations(self, idx: np.ndarray | slice) -> list[np.ndarray]:
-        """Each agent's ``[len(idx), obs_dim]`` float64 observation in copies ``idx``."""
+        """Each agent's ``[len(idx), obs_dim]`` observation in copies ``idx``, computed in float64 as mpe2 does
+        (and returned as float64 or already as float32, mpe2's type for observations)."""
         raise NotImplementedError
 
     def terminal(self) -> np.ndarray:

@@ -4,8 +4,8 @@ mpe2's ``reset(seed=s)`` draws from ``Generator(PCG64(SeedSequence(s)))`` (gymna
 Building that generator costs microseconds per episode, the largest per-copy cost of a batched reset, so
 here numpy's SeedSequence hashing, PCG64 seeding and its first outputs are computed for all seeds at once,
 following numpy's C code (``bit_generator.pyx``, ``pcg64.h``, ``distributions.c``). Seeds outside
-``[0, 2**64)`` and the (2**-32 likely) rejected bounded draws are left to numpy's own generator
-(``episode_draws`` marks them).
+``[0, 2**64)`` and bounded draws numpy would reject (probability about 2**-32 each) are left to numpy's own
+generator (``bounded`` marks the rejected ones).
 """
 
 from __future__ import annotations
