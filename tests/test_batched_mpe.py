@@ -318,3 +318,16 @@ def test_copies_whose_draws_are_left_to_numpy_start_the_same_episodes(module, mo
         ref = venv.reset(40)[0]
     for g in ref:
         assert np.array_equal(slow[g], ref[g]) and np.array_equal(fast[g], ref[g])
+
+
+def test_training_with_either_backend_gives_the_same_teachers(cli, tmp_path):
+    """Same env numbers, so the same PPO updates: the saved weights are equal byte for byte."""
+    weights = {}
+    for backend in ("pettingzoo", "batched"):
+        out = tmp_path / backend
+        rc, _, err = cli("train", "env=simple_speaker_listener_v4", f"hydra.run.dir={out}",
+                         *tiny("teacher.total_agent_steps=600", f"env.backend={backend}"))
+        assert rc == 0, err
+        weights[backend] = {p.name: p.read_bytes() for p in (out / "policies" / "teacher").glob("*.safetensors")}
+    assert sorted(weights["batched"]) == ["listener.safetensors", "speaker.safetensors"]
+    assert weights["batched"] == weights["pettingzoo"]
