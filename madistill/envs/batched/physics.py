@@ -34,20 +34,12 @@ class WorldLayout:
     contact_force: float = 1e2
     contact_margin: float = 1e-3
     mass: float = 1.0
+    accel: tuple[float | None, ...] = ()  # per agent (empty: none has its own); None scales by SENSITIVITY
+    max_speed: tuple[float | None, ...] = ()  # per agent (empty: no limits); None: no limit
 
     @property
     def n_entities(self) -> int:
         return len(self.sizes)
-
-    def action_dims(self, continuous: bool) -> list[int]:
-        """Each agent's action space size: ``Box(0, 1, (n,))`` or ``Discrete(n)``, as mpe2's SimpleEnv sets it."""
-        dims = []
-        for i in range(self.n_agents):
-            n = MOVE_ACTIONS if self.movable[i] else (0 if continuous else 1)
-            if not self.silent[i]:
-                n = n + self.dim_c if continuous else n * self.dim_c
-            dims.append(n)
-        return dims
 
 
 class BatchedWorld:
@@ -71,6 +63,11 @@ class BatchedWorld:
         self._dist_min = sizes[self._pushed][:, None] + sizes[self._colliders][None, :]
         self._self_pair = self._pushed[:, None] == self._colliders[None, :]
         self._rows = np.arange(n_copies)
+        accel = layout.accel or (None,) * layout.n_agents
+        self._sensitivity = np.array([SENSITIVITY if a is None else a for a in accel])[:, None]
+        limits = layout.max_speed or (None,) * layout.n_agents
+        self._limited = np.array([i for i, m in enumerate(self._moving) if limits[m] is not None], dtype=np.int64)
+        self._max_speed = np.array([limits[self._moving[i]] for i in self._limited], dtype=np.float64)
 
     def reset_copies(self, idx: np.ndarray, pos: np.ndarray) -> None:
         """Copies ``idx`` start at entity positions ``pos`` [copies, entities, 2], at rest and silent."""
@@ -100,7 +97,7 @@ class BatchedWorld:
                     a = a // MOVE_ACTIONS
                 if not lay.silent[i]:
                     self.said[self._rows, i, a] = 1.0
-        self.u *= SENSITIVITY
+        self.u *= self._sensitivity
 
     def step(self) -> None:
         """One ``World.step``: forces, integration of the movers, then communication (a silent agent's
@@ -109,7 +106,16 @@ class BatchedWorld:
         force = self._forces()
         self.pos[:, m] = self.pos[:, m] + self.vel[:, m] * lay.dt
         velocity = self.vel[:, m] * (1 - lay.damping)
-        self.vel[:, m] = velocity + (force / lay.mass) * lay.dt
+        velocity = velocity + (force / lay.mass) * lay.dt
+        if len(self._limited):
+            # mpe2 rescales a velocity above the agent's max_speed to it: v / |v| * max_speed
+            v = velocity[:, self._limited]
+            speed = np.sqrt(np.square(v[..., 0]) + np.square(v[..., 1]))
+            over = speed > self._max_speed
+            with np.errstate(invalid="ignore", divide="ignore"):  # agents at rest: not over, so v is kept
+                scaled = v / speed[..., None] * self._max_speed[:, None]
+            velocity[:, self._limited] = np.where(over[..., None], scaled, v)
+        self.vel[:, m] = velocity
         self.c[...] = self.said + 0.0
 
     def _forces(self) -> np.ndarray:
@@ -147,5 +153,5 @@ class BatchedWorld:
         return np.sqrt(np.square(dx) + np.square(dy))
 
 
-# Discrete movement actions (no-op, -x, +x, -y, +y) as unit directions, scaled by SENSITIVITY after
+# Discrete movement actions (no-op, -x, +x, -y, +y) as unit directions, scaled by each agent's sensitivity after
 _MOVES = np.array([[0.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])

@@ -40,15 +40,22 @@ class BatchedScenario:
     def _make_world(self, layout: WorldLayout) -> None:
         self.world = BatchedWorld(layout, self.n_copies)
 
+    def position_draws(self) -> list[tuple[np.ndarray, float, float]]:
+        """``(entities, low, high)`` of ``reset_world``'s successive ``uniform(low, high, 2)`` draws per entity,
+        in order; an entity drawn again takes the later draw. Most scenarios draw every entity in [-1, 1]."""
+        return [(np.arange(self.world.layout.n_entities), -1.0, 1.0)]
+
     def reset_copies(self, idx: np.ndarray, seeds: np.ndarray) -> None:
         """Start copies ``idx``' episodes of ``seeds`` with mpe2's ``reset_world`` draws: first ``n_goals``
-        ``integers(goal_choices)``, then ``uniform(-1, 1, 2)`` per entity, from the generator mpe2's
-        ``reset(seed=...)`` seeds. Drawn for all seeds at once (``seeding``), except for copies that cannot be
-        drawn that way (a negative seed, a bounded draw numpy would reject): those get numpy's generator."""
+        ``integers(goal_choices)``, then the ``position_draws``, from the generator mpe2's ``reset(seed=...)``
+        seeds. Drawn for all seeds at once (``seeding``), except for copies that cannot be drawn that way (a
+        negative seed, a bounded draw numpy would reject): those get numpy's generator."""
         seeds = np.asarray(seeds, dtype=np.int64)
         idx = np.asarray(idx)
         fast = seeds >= 0
-        out = pcg64_outputs(seeds[fast].astype(np.uint64), int(self.n_goals > 0) + 2 * self.world.layout.n_entities)
+        draws = self.position_draws()
+        n_doubles = sum(2 * len(entities) for entities, _, _ in draws)
+        out = pcg64_outputs(seeds[fast].astype(np.uint64), int(self.n_goals > 0) + n_doubles)
         if self.n_goals:
             # integers() takes 32-bit draws: both halves of the first output; the doubles start after it
             halves = [out[:, 0] & np.uint64(0xFFFFFFFF), out[:, 0] >> np.uint64(32)][: self.n_goals]
@@ -59,15 +66,22 @@ class BatchedScenario:
             doubles = out[:, 1:]
         else:
             goals, doubles = np.zeros((len(out), 0), dtype=np.int64), out
-        self._place(idx[fast], goals, uniform(doubles, -1, +1).reshape(len(out), self.world.layout.n_entities, 2))
+        pos = np.empty((len(out), self.world.layout.n_entities, 2))
+        k = 0
+        for entities, low, high in draws:
+            pos[:, entities] = uniform(doubles[:, k: k + 2 * len(entities)], low, high).reshape(len(out), len(entities), 2)
+            k += 2 * len(entities)
+        self._place(idx[fast], goals, pos)
         for i, seed in zip(idx[~fast], seeds[~fast]):
             self._draw(int(i), seeding.np_random(int(seed))[0])
 
     def _draw(self, i: int, rng: np.random.Generator) -> None:
-        """Copy ``i``'s ``reset_world`` draws from numpy's generator ``rng``. Consecutive ``uniform(-1, 1, 2)``
-        calls draw the same numbers as one ``uniform(-1, 1, (n, 2))``."""
+        """Copy ``i``'s ``reset_world`` draws from numpy's generator ``rng``. Consecutive ``uniform(low, high, 2)``
+        calls draw the same numbers as one ``uniform(low, high, (n, 2))``."""
         goals = [int(rng.integers(self.goal_choices)) for _ in range(self.n_goals)]
-        pos = rng.uniform(-1, +1, (self.world.layout.n_entities, 2))
+        pos = np.empty((self.world.layout.n_entities, 2))
+        for entities, low, high in self.position_draws():
+            pos[entities] = rng.uniform(low, high, (len(entities), 2))
         self._place(np.array([i]), np.array([goals], dtype=np.int64).reshape(1, self.n_goals), pos[None])
 
     def _place(self, idx: np.ndarray, goals: np.ndarray, pos: np.ndarray) -> None:
