@@ -33,6 +33,9 @@ CASES = [
     ("mpe2.simple_reference_v3", {"local_ratio": 0.9, "max_cycles": 11}),
     ("mpe2.simple_adversary_v3", {}),
     ("mpe2.simple_adversary_v3", {"N": 3, "max_cycles": 9}),
+    ("mpe2.simple_world_comm_v3", {}),
+    ("mpe2.simple_world_comm_v3", {"num_good": 3, "num_adversaries": 2, "num_obstacles": 2, "num_food": 3,
+                                   "num_forests": 1, "max_cycles": 13}),
 ]
 COPIES = 4
 STEPS = 70
@@ -190,7 +193,7 @@ def test_batched_backend_matches_mpe2_bit_for_bit(case, policy, continuous):
         episodes, terminated, collisions = _assert_same(venv, Reference(module, kwargs, seed), POLICIES[policy],
                                                         continuous, seed)
     assert episodes >= COPIES  # every copy auto-reset at least once
-    if policy == "chase" and "spread" in module:
+    if policy == "chase" and ("spread" in module or "world_comm" in module):
         assert collisions > 0  # the contact forces and collision penalties were exercised
     if policy == "seek" and kwargs.get("terminate_on_success"):
         assert terminated > 0  # episodes ended by termination, not only by the time limit
@@ -229,7 +232,7 @@ def test_auto_picks_the_port_where_one_models_the_env_and_pettingzoo_otherwise()
     assert choose_backend(EnvSpec("mpe2.simple_spread_v3", {"num_agent_neighbors": 1}), "auto") == "pettingzoo"
     assert choose_backend(EnvSpec("mpe2.simple_spread_v3", {"num_agent_neighbors": None}), "auto") == "batched"
     assert choose_backend(EnvSpec("mpe2.simple_spread_v3.raw_env", {}), "auto") == "pettingzoo"  # no clipping
-    assert choose_backend(EnvSpec("mpe2.simple_world_comm_v3.parallel_env", {}), "auto") == "pettingzoo"
+    assert choose_backend(EnvSpec("mpe2.simple_tag_v3.parallel_env", {}), "auto") == "pettingzoo"
     assert choose_backend(EnvSpec("envs.relay.parallel_env", {}), "auto") == "pettingzoo"
 
 

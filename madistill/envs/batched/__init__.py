@@ -15,6 +15,7 @@ from madistill.envs.batched.simple_adversary import SimpleAdversary
 from madistill.envs.batched.simple_reference import SimpleReference
 from madistill.envs.batched.simple_speaker_listener import SimpleSpeakerListener
 from madistill.envs.batched.simple_spread import SimpleSpread
+from madistill.envs.batched.simple_world_comm import SimpleWorldComm
 from madistill.envs.factory import EnvSpec
 from madistill.errors import MadistillError
 
@@ -25,6 +26,7 @@ PORTS: dict[str, type[BatchedScenario]] = {
     "mpe2.simple_spread_v3": SimpleSpread,
     "mpe2.simple_speaker_listener_v4": SimpleSpeakerListener,
     "mpe2.simple_reference_v3": SimpleReference,
+    "mpe2.simple_world_comm_v3": SimpleWorldComm,
 }
 BACKENDS = ("auto", "batched", "pettingzoo")
 
