@@ -28,6 +28,9 @@ class EnvConfig:
     num_workers: int = 2  # worker processes stepping the copies (0: in this process)
     grouping: str = "auto"  # auto: agents with equal spaces share a policy; per_agent: one each
     nan_policy: str = "error"  # error | zero: what to do with NaN/inf observations
+    # auto | batched | pettingzoo: batched steps all copies of an mpe2 env with a numpy port at once
+    # (madistill/envs/batched, same numbers as mpe2); auto picks it where a port exists, else pettingzoo
+    backend: str = "auto"
     # Named feature groups per agent group for saliency, e.g. {listener: {landmark_0: [2, 3]}}; features
     # left out stay single (named by the env where it names them).
     features: dict[str, dict[str, list[int]]] = field(default_factory=dict)
@@ -307,6 +310,11 @@ def validate(cfg: Any) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 1:
             raise MadistillError(f"{key} must be at least 1, got {value}")
+    if OmegaConf.select(cfg, "env.target") is not None:
+        from madistill.envs.batched import choose_backend
+        from madistill.runtime import env_spec
+
+        choose_backend(env_spec(cfg.env), cfg.env.backend)
 
 
 @functools.cache

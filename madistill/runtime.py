@@ -50,6 +50,7 @@ def make_vec_env(env_cfg: DictConfig, spec: EnvSpec | None = None, **overrides: 
         "num_workers": env_cfg.num_workers,
         "grouping": env_cfg.grouping,
         "nan_policy": env_cfg.nan_policy,
+        "backend": env_cfg.backend,
     }
     opts.update(overrides)
     return MultiAgentVecEnv(spec or env_spec(env_cfg), **opts)  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
+from madistill.envs.batched import batched_copies, choose_backend
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import AgentGroup, flatten_obs, group_agents
@@ -101,9 +102,11 @@ def _action_dtype(group: AgentGroup) -> Any:
     return np.int64 if group.discrete else group.action_space.dtype
 
 
-class _Copies:
-    """Env copies owned by one process; does the per-copy bookkeeping for both backends, writing each
-    step's outputs into ``io`` (its copies' slice of a ``_StepArrays``) and reading the actions there."""
+class CopyBook:
+    """Env copies owned by one process, writing each step's outputs into ``io`` (its copies' slice of a
+    ``_StepArrays``) and reading the actions there. This base does the bookkeeping every backend shares:
+    which slot each agent writes, whose episode each copy plays, clearing the outputs and the NaN check. A
+    backend implements ``_build``, ``_reset_all``, ``step()``, ``render(i)`` and ``close()``."""
 
     def __init__(
         self,
@@ -117,28 +120,38 @@ class _Copies:
     ):
         """``groups``: the parent's, which ``io`` (this process's slice of the ``_StepArrays``) is laid out by."""
         self.nan_policy = nan_policy
-        self.envs = [make_env(spec, render_mode=render_mode) for _ in copy_ids]
-        self.copy_ids = list(copy_ids)
+        self.copy_ids = np.asarray(copy_ids, dtype=np.int64)
         self.num_envs = num_envs
         self.env_id = spec.id
         self.groups = groups
         self.io = io
         self.slot = {a: (g.name, j) for g in self.groups for j, a in enumerate(g.agents)}
-        self.flatten = {a: _flattener(self.envs[0].observation_space(a)) for a in self.slot}
-        n = len(self.envs)
-        self.episode_idx = np.zeros(n, dtype=np.int64)
-        self.ep_len = np.zeros(n, dtype=np.int64)
-        self.ep_ret = [dict.fromkeys(self.slot, 0.0) for _ in range(n)]
+        self.episode_idx = np.zeros(len(self.copy_ids), dtype=np.int64)
+        self.ep_len = np.zeros(len(self.copy_ids), dtype=np.int64)
         self.seed = 0
+        self._build(spec, render_mode)
+
+    def _build(self, spec: EnvSpec, render_mode: str | None) -> None:
+        """Create the backend's copies of ``spec``."""
+        raise NotImplementedError
+
+    def _reset_all(self) -> None:
+        """Start every copy's first episode (``playing()`` gives the seeds); write ``obs`` and ``active``."""
+        raise NotImplementedError
+
+    def reset(self, seed: int) -> np.ndarray:
+        """Reset every copy; writes ``obs`` and ``active``, returns ``playing()``."""
+        self.seed = seed
+        self.episode_idx[:] = 0
+        self._clear()
+        self._reset_all()
+        self._check_finite(self.io["obs"])
+        return self.playing()
 
     def _clear(self) -> None:
         for field in _StepArrays.OUT:
             for a in self.io[field].values():
                 a.fill(0)
-
-    def _write_obs(self, out: GroupArrays, i: int, agent: str, obs: Any) -> None:
-        g, j = self.slot[agent]
-        out[g][i, j] = self.flatten[agent](obs)
 
     def _check_finite(self, arrays: GroupArrays) -> None:
         """One vectorised check per step; NaN/inf either stops the run or becomes 0 (env.nan_policy)."""
@@ -157,7 +170,24 @@ class _Copies:
 
     def _episode_seed(self, i: int) -> int:
         """Copy i's k-th episode has seed ``seed + copy_id + k * num_envs``."""
-        return self.seed + self.copy_ids[i] + int(self.episode_idx[i]) * self.num_envs
+        return self.seed + int(self.copy_ids[i]) + int(self.episode_idx[i]) * self.num_envs
+
+    def playing(self) -> np.ndarray:
+        """The seed of the episode each copy is playing."""
+        return self.seed + self.copy_ids + self.episode_idx * self.num_envs
+
+
+class _Copies(CopyBook):
+    """PettingZoo env copies: one env per copy, stepped one after another."""
+
+    def _build(self, spec: EnvSpec, render_mode: str | None) -> None:
+        self.envs = [make_env(spec, render_mode=render_mode) for _ in self.copy_ids]
+        self.flatten = {a: _flattener(self.envs[0].observation_space(a)) for a in self.slot}
+        self.ep_ret = [dict.fromkeys(self.slot, 0.0) for _ in range(len(self.envs))]
+
+    def _write_obs(self, out: GroupArrays, i: int, agent: str, obs: Any) -> None:
+        g, j = self.slot[agent]
+        out[g][i, j] = self.flatten[agent](obs)
 
     def _reset_copy(self, i: int) -> None:
         obs, _ = self.envs[i].reset(seed=self._episode_seed(i))
@@ -168,21 +198,11 @@ class _Copies:
         self.ep_len[i] = 0
         self.ep_ret[i] = dict.fromkeys(self.slot, 0.0)
 
-    def playing(self) -> list[int]:
-        """The seed of the episode each copy is playing."""
-        return [self._episode_seed(i) for i in range(len(self.envs))]
-
-    def reset(self, seed: int) -> list[int]:
-        """Reset every copy; writes ``obs`` and ``active``, returns ``playing()``."""
-        self.seed = seed
-        self.episode_idx[:] = 0
-        self._clear()
+    def _reset_all(self) -> None:
         for i in range(len(self.envs)):
             self._reset_copy(i)
-        self._check_finite(self.io["obs"])
-        return self.playing()
 
-    def step(self, _: None = None) -> tuple[list[EpisodeRecord], list[int]]:
+    def step(self, _: None = None) -> tuple[list[EpisodeRecord], np.ndarray]:
         """Step every copy with the actions in ``io["actions"]``; writes the outputs, returns the finished
         episodes and ``playing()``."""
         self._clear()
@@ -238,8 +258,13 @@ class _Copies:
             env.close()
 
 
+def _copies_class(backend: str) -> type[CopyBook]:
+    """The class that steps a process's copies for a chosen backend (``batched`` or ``pettingzoo``)."""
+    return batched_copies() if backend == "batched" else _Copies
+
+
 def _worker(conn: Connection, spec: EnvSpec, groups: list[AgentGroup], copy_ids: list[int], num_envs: int,
-            nan_policy: str, memory: Any) -> None:
+            nan_policy: str, memory: Any, backend: str) -> None:
     # Signals are the parent's to handle (Ctrl-C and a cluster's SIGTERM checkpoint there, then close us); a
     # worker only outlives a parent killed outright, so it watches for that instead of lingering.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -247,8 +272,8 @@ def _worker(conn: Connection, spec: EnvSpec, groups: list[AgentGroup], copy_ids:
     parent = os.getppid()
     lo, hi = copy_ids[0], copy_ids[-1] + 1
     try:
-        copies = _Copies(spec, groups, copy_ids, num_envs, _StepArrays(groups, num_envs, memory).copies(lo, hi),
-                         nan_policy=nan_policy)
+        copies = _copies_class(backend)(spec, groups, copy_ids, num_envs,
+                                        _StepArrays(groups, num_envs, memory).copies(lo, hi), nan_policy=nan_policy)
         conn.send(("ok", None))
     except BaseException as e:  # report construction errors to the parent instead of dying silently
         conn.send(("error", (isinstance(e, MadistillError), str(e) or traceback.format_exc())))
@@ -275,6 +300,8 @@ class MultiAgentVecEnv:
 
     ``num_workers=0`` steps every copy in this process (simplest, used for rendering and tests);
     ``num_workers=W`` splits the copies over W worker processes so env stepping uses several cores.
+    ``backend`` (env.backend): ``pettingzoo`` steps one PettingZoo env per copy, ``batched`` a batched port of
+    an mpe2 env (``madistill.envs.batched``) all copies at once, ``auto`` the port where there is one.
     """
 
     def __init__(
@@ -286,6 +313,7 @@ class MultiAgentVecEnv:
         render_mode: str | None = None,
         nan_policy: str = "error",
         start_method: str = "fork",
+        backend: str = "auto",
     ):
         if num_envs < 1:
             raise MadistillError(f"env.num_envs must be >= 1, got {num_envs}")
@@ -293,8 +321,10 @@ class MultiAgentVecEnv:
             raise MadistillError(f"env.nan_policy must be 'error' or 'zero', got {nan_policy!r}")
         self.spec = spec
         self.num_envs = num_envs
+        self.backend = choose_backend(spec, backend, render_mode)
+        copies = _copies_class(self.backend)
         num_workers = min(num_workers, num_envs)
-        self._local: _Copies | None = None
+        self._local: CopyBook | None = None
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         probe = make_env(spec)
@@ -307,8 +337,8 @@ class MultiAgentVecEnv:
             raise MadistillError("rendering needs env.num_workers=0")
         if num_workers == 0:
             self._arrays = _StepArrays(self.groups, num_envs)
-            self._local = _Copies(spec, self.groups, range(num_envs), num_envs, self._arrays.copies(0, num_envs),
-                                  render_mode, nan_policy)
+            self._local = copies(spec, self.groups, range(num_envs), num_envs, self._arrays.copies(0, num_envs),
+                                 render_mode, nan_policy)
         else:
             ctx = mp.get_context(start_method)
             self._arrays = _StepArrays(self.groups, num_envs, ctx.RawArray("B", _StepArrays.nbytes(self.groups, num_envs)))
@@ -316,7 +346,7 @@ class MultiAgentVecEnv:
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
                     target=_worker,
-                    args=(child, spec, self.groups, ids.tolist(), num_envs, nan_policy, self._arrays.memory),
+                    args=(child, spec, self.groups, ids.tolist(), num_envs, nan_policy, self._arrays.memory, self.backend),
                     daemon=True,
                 )
                 p.start()
