@@ -10,6 +10,10 @@ environments' ``step``.
 
     python experiments/bench_throughput.py [--steps 92160] [--repeats 3] [--append]
     python experiments/bench_throughput.py --env-steps   # only the per-step env costs behind the table
+    python experiments/bench_throughput.py --backend batched   # madistill on the batched mpe2 port
+
+madistill steps the PettingZoo env copies by default here (``--backend pettingzoo``), the path the tutorial
+recipe is compared with; ``--backend batched`` writes its own results file.
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ def baseline(copies: int, steps: int, num_cpus: int, seed: int, aec_driver: bool
     return done / wall, timer.total / wall
 
 
-def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode: str) -> tuple[float, float]:
+def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode: str,
+                  backend: str) -> tuple[float, float]:
     from madistill.cli import compose_config
     from madistill.runtime import env_spec, make_vec_env, seed_everything
     from madistill.teacher import TeacherTrainer
@@ -81,7 +86,7 @@ def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode:
     overrides = [
         "env=simple_spread_v3", f"env.num_envs={copies}", f"env.num_workers={workers}", f"seed={seed}",
         f"teacher.total_agent_steps={steps}", f"teacher.hidden_sizes={HIDDEN}", "teacher.normalize_obs=false",
-        "logger=quiet", f"teacher.update_mode={update_mode}",
+        "logger=quiet", f"teacher.update_mode={update_mode}", f"env.backend={backend}",
     ] + [f"teacher.ppo.{k}={v}" for k, v in PPO_SETTINGS.items()]
     cfg = compose_config(overrides)
     seed_everything(cfg.seed, cfg.torch_threads)
@@ -95,7 +100,7 @@ def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode:
     return trainer.agent_steps / wall, timer.total / wall
 
 
-def env_step_costs(copies: int, steps: int = 3000, repeats: int = 3) -> None:
+def env_step_costs(copies: int, backend: str, steps: int = 3000, repeats: int = 3) -> None:
     """Prints the per-step costs the README explains the table with (best of ``repeats``, random actions):
     one spread env through PettingZoo's ``parallel_env`` and through madistill's AEC driver, and ``copies``
     copies stepped in-process and through one env worker."""
@@ -118,7 +123,7 @@ def env_step_costs(copies: int, steps: int = 3000, repeats: int = 3) -> None:
             best = min(best, (time.perf_counter() - t) / steps)
         print(f"one env, {name:<24} {1e6 * best:7.0f} us/step")
     for workers in (0, 1):
-        with MultiAgentVecEnv(spec, copies, num_workers=workers) as venv:
+        with MultiAgentVecEnv(spec, copies, num_workers=workers, backend=backend) as venv:
             venv.reset(0)
             actions = [{g.name: rng.integers(0, 5, (copies, g.n_agents)) for g in venv.groups} for _ in range(steps)]
             best = np.inf
@@ -154,9 +159,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--append", action="store_true", help="pool with the repeats already in the results file")
     ap.add_argument("--env-steps", action="store_true", help="only print the per-step env costs")
+    ap.add_argument("--backend", choices=["pettingzoo", "batched"], default="pettingzoo",
+                    help="how madistill steps the env copies (env.backend)")
     args = ap.parse_args()
     if args.env_steps:
-        env_step_costs(args.copies)
+        env_step_costs(args.copies, args.backend)
         return
     # One torch thread for every variant: small MLPs run fastest that way on CPU, and the baseline with
     # torch's default thread count is several times slower on 2 cores (measured), which would flatter us.
@@ -170,8 +177,9 @@ def main() -> None:
         for workers in (2, 1):
             for mode in ("inline", "thread", "process"):
                 rows.setdefault(f"madistill num_workers={workers} update_mode={mode}", []).append(
-                    madistill_run(args.copies, args.steps, workers, r, mode))
-    out = Path(__file__).parent / "results" / "throughput_simple_spread_v3.json"
+                    madistill_run(args.copies, args.steps, workers, r, mode, args.backend))
+    suffix = "" if args.backend == "pettingzoo" else f"_{args.backend}"
+    out = Path(__file__).parent / "results" / f"throughput_simple_spread_v3{suffix}.json"
     settings = {"copies": args.copies, "steps": args.steps, "ppo": PPO_SETTINGS, "hidden": HIDDEN, "env": ENV_KWARGS}
     invocations = 1
     if args.append and out.exists():  # pool with earlier invocations of the same settings
