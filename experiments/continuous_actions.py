@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3.common.vec_env import VecEnvWrapper
-from teacher_quality import plot_curves
+from teacher_quality import TeamReturnCurve, plot_curves
 
 from madistill.cli import compose_config
 from madistill.evaluate.evaluator import run_episodes, uniform_team
@@ -104,7 +104,6 @@ def train_sb3(cfg: DictConfig) -> tuple[TeamPolicy, Curve]:
     """SB3 PPO through SuperSuit with ``cfg``'s settings, as a madistill team (its policy and normaliser)."""
     import supersuit as ss
     from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
     from madistill.envs.factory import make_env
@@ -125,25 +124,14 @@ def train_sb3(cfg: DictConfig) -> tuple[TeamPolicy, Curve]:
     arch = {"hidden_sizes": list(cfg.teacher.hidden_sizes), "activation": cfg.teacher.activation}
     ppo = OmegaConf.to_container(cfg.teacher.ppo)
     model = PPO("MlpPolicy", env, policy_kwargs=policy_kwargs(group, arch), seed=cfg.seed, device="cpu", **ppo)
-    curve: Curve = []
-
-    class _Curve(BaseCallback):
-        def _on_rollout_end(self) -> None:
-            # VecMonitor's "episodes" are single agents'; the mean over its window (the last 100, all from this
-            # rollout: each rollout ends more) is the team return (mean over agents), as madistill logs it
-            if self.model.ep_info_buffer:
-                curve.append((self.num_timesteps, float(np.mean([e["r"] for e in self.model.ep_info_buffer]))))
-
-        def _on_step(self) -> bool:
-            return True
-
-    model.learn(total_timesteps=int(cfg.teacher.total_agent_steps), callback=_Curve())
+    curve = TeamReturnCurve()  # SB3's window of 100 agent-episodes: all from the last rollout, which ends more
+    model.learn(total_timesteps=int(cfg.teacher.total_agent_steps), callback=curve)
     normalizer = ObsNormalizer(group.obs_dim, enabled=normalize)
     if normalize:
         normalizer.mean, normalizer.var = env.obs_rms.mean.astype(np.float64), env.obs_rms.var.astype(np.float64)
     env.close()
     team = TeamPolicy([group], {group.name: SB3Policy(group, model.policy, arch)}, {group.name: normalizer})
-    return team, curve
+    return team, curve.curve
 
 
 def evaluate(cfg: DictConfig, team: TeamPolicy, episodes: int, seed: int, greedy: bool = True) -> dict[str, Any]:
