@@ -72,7 +72,7 @@ class TeacherConfig:
     # Whether an agent cut off by the episode's time limit (truncated, not terminated) gets the critic's value of
     # its final observation as reward: right where the limit only shortens an endless task, and where the
     # observation tells the time left. Off, the limit ends the return as a termination does (PettingZoo's
-    # SuperSuit recipe for SB3 sees every end so); continuous-action spread learns only so (docs/continuous_actions.md).
+    # SuperSuit recipe for SB3 sees every end so); continuous-action spread gets worse with it (docs/continuous_actions.md).
     bootstrap_truncated: bool = True
     # "local": each agent's critic sees its own observation (independent PPO); "central": it sees the whole
     # team's observations of its env copy too (centralised training, decentralised execution, as in MAPPO).
