@@ -70,8 +70,8 @@ class TeacherConfig:
     activation: str = "tanh"
     normalize_obs: bool = True
     # Whether an agent cut off by the episode's time limit (truncated, not terminated) gets the critic's value of
-    # its final observation as reward: right where the limit only shortens an endless task, and where the
-    # observation tells the time left. Off, the limit ends the return as a termination does (PettingZoo's
+    # its final observation as reward: right where the limit only cuts short an endless task or the observation
+    # tells the time left. Off, the limit ends the return as a termination does (PettingZoo's
     # SuperSuit recipe for SB3 sees every end so); continuous-action spread gets worse with it (docs/continuous_actions.md).
     bootstrap_truncated: bool = True
     # "local": each agent's critic sees its own observation (independent PPO); "central": it sees the whole
