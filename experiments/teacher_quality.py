@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from madistill.envs.factory import EnvSpec, make_env  # noqa: E402
@@ -49,21 +50,27 @@ def train_tutorial(spec: EnvSpec, steps: int, seed: int) -> tuple[object, list[t
     env.seed = lambda seed=None: [None] * env.num_envs  # SuperSuit's vec env lacks seed(); SB3 calls it
     env = VecMonitor(env)
     model = PPO("MlpPolicy", env, learning_rate=1e-3, batch_size=256, seed=seed, device="cpu", verbose=0)
-    curve: list[tuple[int, float]] = []
-    from stable_baselines3.common.callbacks import BaseCallback
-
-    class Curve(BaseCallback):
-        def _on_rollout_end(self) -> None:
-            if self.model.ep_info_buffer:
-                # each "episode" is one agent's; their mean is the team return (mean over agents)
-                curve.append((self.num_timesteps, float(np.mean([e["r"] for e in self.model.ep_info_buffer]))))
-
-        def _on_step(self) -> bool:
-            return True
-
-    model.learn(total_timesteps=steps, callback=Curve())
+    curve = TeamReturnCurve()
+    model.learn(total_timesteps=steps, callback=curve)
     env.close()
-    return model, curve
+    return model, curve.curve
+
+
+class TeamReturnCurve(BaseCallback):
+    """The training curve of SB3 on a SuperSuit vec env under ``VecMonitor``: after each rollout, the mean return
+    of the episodes in SB3's window (the last 100). Each "episode" is one agent's, so their mean is the team
+    return (mean over agents), as madistill logs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.curve: list[tuple[int, float]] = []
+
+    def _on_rollout_end(self) -> None:
+        if self.model.ep_info_buffer:
+            self.curve.append((self.num_timesteps, float(np.mean([e["r"] for e in self.model.ep_info_buffer]))))
+
+    def _on_step(self) -> bool:
+        return True
 
 
 class PaddedSharedPolicy(Policy):

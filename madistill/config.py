@@ -96,6 +96,11 @@ class TeacherConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])  # actor and critic MLP layer widths
     activation: str = "tanh"  # tanh | relu | elu | gelu: the MLPs' activation
     normalize_obs: bool = True  # normalise observations by running mean and std (policies act in these units)
+    # Whether an agent cut off by the episode's time limit (truncated, not terminated) gets the critic's value of
+    # its final observation as reward: right where the limit only cuts short an endless task or the observation
+    # tells the time left. Off, the limit ends the return as a termination does (PettingZoo's
+    # SuperSuit recipe for SB3 sees every end so; docs/continuous_actions.md).
+    bootstrap_truncated: bool = True
     # "local": each agent's critic sees its own observation (independent PPO); "central": it sees the whole
     # team's observations of its env copy too (centralised training, decentralised execution, as in MAPPO).
     # The actor always sees only its own observation, so saved teachers act alike either way.

@@ -309,6 +309,7 @@ class TeacherTrainer:
         self.from_start = start is not None
         ppo_settings = group_ppo_settings(tc, venv.group_names)
         self.n_steps = int(tc.ppo.n_steps)
+        self.bootstrap_truncated = bool(tc.bootstrap_truncated)
         if tc.update_mode not in UPDATE_MODES:
             raise MadistillError(f"unknown teacher.update_mode {tc.update_mode!r}: use teacher.update_mode=<one of {', '.join(UPDATE_MODES)}>")
         self.update_mode = str(tc.update_mode)
@@ -380,8 +381,8 @@ class TeacherTrainer:
             rewards = res.rewards[name].reshape(-1).astype(np.float32).copy()
             if name in self.bonuses:
                 rewards += self.bonuses[name](tr.dists[name], actions, tr.active[name]).numpy()
-            trunc = res.truncated[name].reshape(-1)
-            if trunc.any():  # time-limit ends are not real ends: bootstrap from the final observation
+            trunc = res.truncated[name].reshape(-1) & self.bootstrap_truncated
+            if trunc.any():  # time-limit ends that are not real ends: bootstrap from the final observation
                 if final_in is None:
                     final_in = self._critic_inputs(normalize(self.team, bootstrap_obs(tr)))
                 with torch.no_grad():

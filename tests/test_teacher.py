@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_envs import TOY, ToyEnv
 
 from madistill import stages
+from madistill import teacher as teacher_module
 from madistill.envs.factory import EnvSpec
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
@@ -260,6 +262,34 @@ def test_a_truncated_agent_bootstraps_from_the_team_as_it_is_at_that_step():
     assert r5.truncated["walker"][:, 1].all()
     np.testing.assert_array_equal(at5["walker"][:, 1], np.stack([toy.obs_of("walker_1", 5)] * 2))
     np.testing.assert_array_equal(at5["walker"][:, 0], 0)
+
+
+@pytest.mark.parametrize("bootstrap", [True, False])
+def test_a_time_limit_adds_the_critics_value_of_the_final_observation_only_when_asked(tmp_path, monkeypatch, bootstrap):
+    """teacher.bootstrap_truncated: a Box-action agent cut off by the time limit (EchoEnv: reward 0, truncated at
+    step 6) gets gamma * V(its final observation) as reward when on; off, its return ends there as at a
+    termination, so every Monte Carlo return is the env's 0 (what continuous spread needs, docs/continuous_actions.md)."""
+    cfg = compose_config(tiny("env=custom", "env.target=test_envs.EchoEnv", "env.name=echo", "teacher.normalize_obs=false",
+                              "teacher.ppo.n_steps=6", "teacher.ppo.batch_size=24", "teacher.total_agent_steps=24",
+                              "teacher.ppo.gae_lambda=1.0", f"teacher.bootstrap_truncated={bootstrap}"))
+    finals = []
+    monkeypatch.setattr(teacher_module, "bootstrap_obs", lambda tr: finals.append(bootstrap_obs(tr)) or finals[-1])
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv, TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None) as trainer:
+        critic = copy.deepcopy(trainer.team["echo"])  # the critic the rollout bootstraps with, before the update
+        trainer.train(tmp_path)
+        buf = trainer.learners["echo"].model.rollout_buffer
+    np.testing.assert_array_equal(buf.rewards[:-1], 0)
+    if bootstrap:
+        (final,) = finals  # one time limit, at the rollout's last step
+        with torch.no_grad():
+            expected = cfg.teacher.ppo.gamma * critic.critic_value(torch.as_tensor(final["echo"]).reshape(4, 2))
+        np.testing.assert_allclose(buf.rewards[-1], expected.numpy(), rtol=1e-5)
+        assert np.abs(buf.rewards[-1]).min() > 1e-4
+    else:
+        assert finals == []
+        np.testing.assert_array_equal(buf.rewards[-1], 0)
+        np.testing.assert_allclose(buf.returns, 0, atol=1e-6)  # Monte Carlo (gae_lambda=1) returns of zero rewards
 
 
 def test_resuming_with_another_critic_or_an_unknown_one_is_a_one_line_error(relay_run):
