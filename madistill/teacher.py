@@ -48,6 +48,7 @@ from madistill.bonus import MutualInformationBonus
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
+from madistill.envs.teams import several_teams, team_means
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
@@ -61,6 +62,7 @@ from madistill.policies.sb3 import (
 )
 from madistill.policies.store import load_team, save_team
 from madistill.rollout import Rollout, Transition
+from madistill.runtime import env_teams
 from madistill.tb import TBLogger
 from madistill.transforms import GroupTensors, ObsTransform, normalize
 
@@ -310,6 +312,9 @@ class TeacherTrainer:
         ppo_settings = group_ppo_settings(tc, venv.group_names)
         self.n_steps = int(tc.ppo.n_steps)
         self.bootstrap_truncated = bool(tc.bootstrap_truncated)
+        # opposing sides: the mean over every agent hides how each side does, so progress shows each team's
+        teams = env_teams(cfg.env, venv)
+        self.teams = teams if several_teams(teams) else {}
         if tc.update_mode not in UPDATE_MODES:
             raise MadistillError(f"unknown teacher.update_mode {tc.update_mode!r}: use teacher.update_mode=<one of {', '.join(UPDATE_MODES)}>")
         self.update_mode = str(tc.update_mode)
@@ -449,7 +454,7 @@ class TeacherTrainer:
                     bar.update(per_iter)
                     self.episode_seed = int(self.venv.episode_seeds.max()) + 1  # past every episode begun so far
                     if episodes:
-                        bar.set_postfix(team_return=f"{np.mean([e.team_return for e in episodes]):.2f}")
+                        bar.set_postfix(self._returns(episodes))
                     self._log(episodes, per_iter / dt, t_collect / dt)
                     if _crossed(every, self.agent_steps, per_iter):
                         self.save_checkpoint(run_dir / "checkpoint")
@@ -517,10 +522,18 @@ class TeacherTrainer:
             self.tb.scalar("charts/episodic_length", np.mean([e.length for e in episodes]), step)
             for agent in self.venv.possible_agents:
                 self.tb.scalar(f"charts/episodic_return/{agent}", np.mean([e.agent_returns[agent] for e in episodes]), step)
+            for team, mean in team_means(episodes, self.teams).items():
+                self.tb.scalar(f"charts/team_return/{team}", mean, step)
         for name, bonus in self.bonuses.items():
             self.tb.scalar(f"charts/marginal_action_entropy/{name}", bonus.entropy(), step)
         self.tb.scalar("charts/SPS", sps, step)
         self.tb.scalar("charts/collect_time_share", collect_share, step)
+
+    def _returns(self, episodes: list[EpisodeRecord]) -> dict[str, str]:
+        """The progress bar's returns of ``episodes``: the team return, or each team's where there are several."""
+        if self.teams:
+            return {team: f"{mean:.2f}" for team, mean in team_means(episodes, self.teams).items()}
+        return {"team_return": f"{np.mean([e.team_return for e in episodes]):.2f}"}
 
     def _log_losses(self, losses: dict[str, dict[str, float]], step: int) -> None:
         """SB3's logged values of one update per group, under CleanRL-style tags."""

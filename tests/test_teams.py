@@ -194,6 +194,13 @@ def test_pipeline_and_attack_on_a_two_team_env_report_each_team(cli, tmp_path):
         assert (f"keeps {100 * kept:.1f}% of the teacher's gain over random (return means of team {team})" in out
                 if kept == kept else f"retention of {team}: n/a" in out)
     assert "team-return means" not in out  # no retention of the mean over opposing sides
+    # training curves per team: zero-sum, so the two sides' curves mirror each other
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    curves = {t: [e.value for e in ea.Scalars(f"charts/team_return/{t}")] for t in ("adversaries", "good")}
+    assert len(curves["good"]) > 0 and curves["adversaries"] == pytest.approx([-v for v in curves["good"]])
 
     rc, out, err = cli("attack", *tiny(f"attack.policy={run}", "attack.episodes=4", "attack.eps=[0.5]",
                                        "attack.methods=[random,fgsm]", "attack.checks=false",
