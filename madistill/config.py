@@ -238,7 +238,7 @@ class AttackConfig:
     learned_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 128, "batch_size": 256,
                                                                  "learning_rate": 3e-4, "ent_coef": 0.0})
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
-    target_candidates: int = 2  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
+    target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     episodes: int = 50  # episodes per attack, victim set and eps
     seed: int = 20_000  # episode seeds, disjoint from training and clean-evaluation seeds
     checks: bool = True  # gradient-masking checks (adds strong PGD at the middle eps and a collapse run)

@@ -14,7 +14,13 @@ from gymnasium import spaces
 from madistill.attacks.budget import Budget
 from madistill.attacks.checks import OBJECTIVE_MISSES, return_checks
 from madistill.attacks.methods import Attack, targets, variants
-from madistill.attacks.robustness import SUITE, RobustnessResult, check_methods, markdown_report
+from madistill.attacks.robustness import (
+    SUITE,
+    THREAT_MODELS,
+    RobustnessResult,
+    check_methods,
+    markdown_report,
+)
 from madistill.config import AttackConfig
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
@@ -117,7 +123,7 @@ def test_box_targets_are_the_far_corner_and_pgd_moves_the_mean_towards_it():
 
 
 def test_targeted_settings_are_checked():
-    with pytest.raises(MadistillError, match="only it, maximises the target"):
+    with pytest.raises(MadistillError, match="'pgd' with objective 'target': the target objective needs the targeted method"):
         Attack("pgd", "target")
     with pytest.raises(MadistillError, match="unknown attack target choice"):
         Attack("targeted", "target", target="best")
@@ -129,6 +135,7 @@ def test_targeted_attacks_are_opt_in_suite_members():
     assert {"targeted_random", "targeted_lowest"} <= set(SUITE)
     check_methods(AttackConfig(methods=["pgd", "targeted_random", "targeted_lowest"]))
     assert not any(m.startswith("targeted") for m in AttackConfig().methods)
+    assert set(THREAT_MODELS) == {*SUITE, "pgd_strong"}  # the report names every attack's threat model
 
 
 def _result(cells: dict[str, dict[str, float]], members: dict[str, tuple[str, ...]]) -> RobustnessResult:

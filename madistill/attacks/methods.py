@@ -59,7 +59,8 @@ class Attack:
         if self.steps < 1 or self.restarts < 1:
             raise MadistillError("attack steps and restarts must be at least 1")
         if (self.method == "targeted") != (self.objective == "target"):
-            raise MadistillError("the targeted method, and only it, maximises the target objective")
+            raise MadistillError(f"attack method {self.method!r} with objective {self.objective!r}: the target objective "
+                                 "needs the targeted method (targeted_random, targeted_lowest), the others take kl, ce or value")
         if self.target not in TARGETS:
             raise MadistillError(f"unknown attack target choice {self.target!r}: use one of {TARGETS}")
         if self.candidates < 1:
@@ -127,7 +128,7 @@ class Attack:
         with torch.no_grad():
             head = policy(adv)
             reached = head.argmax(-1) == flat if policy.group.discrete else torch.zeros_like(head[:, 0], dtype=torch.bool)
-            reached, val = reached.reshape(k, b), Objective("target", policy, adv, None, target=flat)(adv).reshape(k, b)
+            reached, val = reached.reshape(k, b), log_prob(policy.dist_from_head(head), flat).reshape(k, b)
         # argmax of a bool tensor gives its first True: the most preferred reached candidate
         pick = torch.where(reached.any(0), reached.to(torch.int8).argmax(0), val.argmax(0))
         return adv.reshape(k, b, -1)[pick, torch.arange(b, device=x.device)]
