@@ -105,7 +105,7 @@ def test_targeted_attacks_stay_in_budget_and_leave_excluded_features(name, discr
 
 
 def test_box_targets_are_the_far_corner_and_pgd_moves_the_mean_towards_it():
-    group = AgentGroup("g", ("a_0",), OBS, spaces.Box(np.array([-1.0, 0.0]), np.array([1.0, 2.0]), dtype=np.float32))
+    group = AgentGroup("g", ("a_0",), OBS, spaces.Box(np.array([-1.0, 0.0], np.float32), np.array([1.0, 2.0], np.float32)))
     policy = Linear(group, [[1.0, 2.0], [0.5, 0.0]], [0.0, 1.0])  # means (x0 + 2 x1, 0.5 x0 + 1)
     x = torch.tensor([[0.1, 0.0], [-0.1, 0.0]])
     assert targets("lowest", policy, x).tolist() == [[[-1.0, 0.0], [1.0, 2.0]]]
