@@ -214,7 +214,8 @@ class AttackConfig:
 
     policy: str | None = None  # run, policy or sweep directory to attack
     # add "learned" for the PPO adversary (trained per victim set and eps: attack.learned_steps each) and
-    # "offsets" for the constant-offset search (attack.offset_candidates replays of every episode)
+    # "offsets" for the constant-offset search (attack.offset_candidates replays of every episode), and
+    # "targeted_random" / "targeted_lowest" for PGD that forces a chosen action (docs/attacks.md)
     methods: list[str] = field(default_factory=lambda: ["random", "fgsm", "pgd", "critic", "spsa", "transfer"])
     eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
     victims: list[str] = field(default_factory=lambda: ["all", "each"])  # all | each | <agent> | team:<name> | <a>+<b>
@@ -237,6 +238,7 @@ class AttackConfig:
     learned_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 128, "batch_size": 256,
                                                                  "learning_rate": 3e-4, "ent_coef": 0.0})
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
+    target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     episodes: int = 50  # episodes per attack, victim set and eps
     seed: int = 20_000  # episode seeds, disjoint from training and clean-evaluation seeds
     checks: bool = True  # gradient-masking checks (adds strong PGD at the middle eps and a collapse run)

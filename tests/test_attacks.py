@@ -370,8 +370,9 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     assert set(res["returns"]["all"]) == {"random", "fgsm", "pgd", "critic", "spsa", "offsets", "pgd_strong"}
     assert set(res["returns"]["all"]["pgd"]) == {"0.2", "1.0", "3.0"}  # 3.0: the collapse check
     assert any("transfer" in s for s in res["skipped"])  # no student to transfer from
-    worst = res["worst_case"]["all"]["1.0"]
-    assert worst[1] == min(v["1.0"] for v in res["returns"]["all"].values() if "1.0" in v)
+    worst = res["worst_case"]["all"]["1.0"]  # over the attacks on all and on its subset speaker_0
+    assert worst[1] == min(v["1.0"] for s in ("all", "speaker_0") for v in res["returns"][s].values() if "1.0" in v)
+    assert res["worst_case_from"]["all"]["1.0"] in ("all", "speaker_0")
     report = (run / "reports" / "robustness.md").read_text()
     assert "Gradient-masking checks" in report
     rows = _agent_rows(report, list(res["clean_agents"]))
@@ -380,7 +381,9 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     for (v, e), (attack, values) in rows.items():
         key = str(float(e))
         assert attack == res["worst_case"][v][key][0]
-        assert values == [f"{res['agent_returns'][v][attack][key][a]:.2f}" for a in res["clean_agents"]]
+        subset = res["worst_case_from"][v][key]
+        assert values == [f"{res['agent_returns'][subset][attack.removesuffix(f' on {subset}')][key][a]:.2f}"
+                          for a in res["clean_agents"]]
     assert (run / "reports" / "attack_curves_all.png").is_file()
     assert "worst case over the suite" in out
     rc, _, err = cli("attack", *tiny(f"attack.policy={teacher}", "attack.methods=[pgd,deepfool]"), f"hydra.run.dir={tmp_path / 'b'}")

@@ -14,6 +14,10 @@ materially); ``no_collapse`` (the return does not fall as eps grows, or stays hi
 
 A check compares attacks, so an attack that changed nothing is no evidence: such an attack is reported as
 ``degenerate_attack`` (its own failing, not the policy's) and the comparisons it would decide are not made.
+
+One return-level flag is about the attack suite, not about masking: ``objective_misses_return`` (a targeted
+attack, which forces a chosen action, lowers the return materially more than every untargeted one, whose
+objectives only push the action away from its clean choice).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from madistill.attacks.methods import Attack, Objective, variants
 from madistill.policies.base import Policy
 
 DEGENERATE = "degenerate_attack"  # the name of a Flag that reports an attack, not the policy
+OBJECTIVE_MISSES = "objective_misses_return"  # the name of a Flag that reports the suite's objectives, not masking
+# the attacks that maximise a surrogate objective without choosing the action they cause
+UNTARGETED = ("fgsm", "pgd", "pgd_strong", "critic", "spsa", "transfer")
+TARGETED_PREFIX = "targeted_"
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,8 @@ def return_checks(
     paired-bootstrap 95% CI excludes zero, so episode noise alone never raises a flag. ``collapse_eps``: a
     budget at which PGD on all agents should leave less than half of the gain. An attack with the clean
     return on every episode changed nothing, so PGD's return above it is no evidence against PGD: that
-    comparison is reported as a ``degenerate_attack`` Flag instead.
+    comparison is reported as a ``degenerate_attack`` Flag instead. At each eps, the strongest targeted attack
+    (``targeted_*``) materially below the strongest of :data:`UNTARGETED` raises ``objective_misses_return``.
     """
     gain = float(np.mean(clean)) - random
     tol = tolerance * abs(gain)
@@ -139,4 +148,14 @@ def return_checks(
             f"{pgd[a].mean():.2f} at eps {a:g} -> {pgd[b].mean():.2f} at {b:g}" for a, b in rising)))
     if collapse_eps is not None and collapse_eps in pgd and pgd[collapse_eps].mean() - random > 0.5 * gain:
         flags.append(Flag("no_collapse", f"eps {collapse_eps:g}: PGD leaves {pgd[collapse_eps].mean():.2f}, over half the gain over random {random:.2f}"))
+    for eps in sorted({e for r in returns.values() for e in r}):
+        targeted, untargeted = ({a: r[eps] for a, r in returns.items() if eps in r and keep(a)}
+                                for keep in (lambda a: a.startswith(TARGETED_PREFIX), lambda a: a in UNTARGETED))
+        if not targeted or not untargeted:
+            continue
+        t, u = (min(side, key=lambda a, side=side: side[a].mean()) for side in (targeted, untargeted))
+        if worse(targeted[t], untargeted[u]):
+            flags.append(Flag(OBJECTIVE_MISSES, f"eps {eps:g}: {t} return {targeted[t].mean():.2f} < {u} "
+                              f"{untargeted[u].mean():.2f}, the strongest untargeted attack: its objective misses "
+                              "what lowers the return"))
     return flags

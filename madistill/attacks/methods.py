@@ -9,11 +9,15 @@ Objectives (maximised):
   Gaussian policies a* is the clean mean, so this is the same squared shift of the mean in std units plus a
   constant.
 - ``value``: minus a critic's value V(x + delta) (the critic attack; the critic is any Policy with ``value``).
+- ``target``: log pi(target | x + delta) of a chosen target action; for Gaussian policies log N(target;
+  mu(x + delta), sigma), i.e. minus half the squared distance of the mean to the target point in std units.
 
 Methods: ``random`` (uniform in the ball), ``fgsm`` (one signed-gradient step of size eps; from a stationary
 objective's clean minimum, along the gradient at a random point of the ball), ``pgd`` (k signed steps with
 random start and restarts, the best restart kept per sample), ``spsa`` (the same steps on a gradient
-estimated from function values only: gradient-free, so it cannot be fooled by masked gradients).
+estimated from function values only: gradient-free, so it cannot be fooled by masked gradients),
+``targeted`` (PGD on ``target`` towards targets picked by ``Attack.target``, see :func:`targets`: every
+candidate target of the batch in one expanded batch, the most preferred candidate the budget reaches kept).
 docs/attacks.md says what each attack maximises for Discrete and for Box policies.
 """
 
@@ -28,8 +32,9 @@ from madistill.distill.divergences import divergence
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy, choose, log_prob
 
-METHODS = ("random", "fgsm", "pgd", "spsa")
-OBJECTIVES = ("kl", "ce", "value")
+METHODS = ("random", "fgsm", "pgd", "spsa", "targeted")
+OBJECTIVES = ("kl", "ce", "value", "target")
+TARGETS = ("random", "lowest")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class Attack:
     step_size: float = 2.5  # per-step size in units of radius / steps (Madry et al.'s 2.5 eps / k)
     spsa_samples: int = 32  # random directions per spsa gradient estimate (each costs two forwards)
     spsa_delta: float = 0.3  # spsa finite-difference scale, in units of the radius (Uesato et al. 2018: ~eps/3)
+    target: str = "random"  # targeted: how targets are chosen (see targets())
+    candidates: int = 1  # targeted, target lowest on Discrete actions: lowest-ranked actions tried per sample
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +58,13 @@ class Attack:
             raise MadistillError(f"unknown attack objective {self.objective!r}: use one of {OBJECTIVES}")
         if self.steps < 1 or self.restarts < 1:
             raise MadistillError("attack steps and restarts must be at least 1")
+        if (self.method == "targeted") != (self.objective == "target"):
+            raise MadistillError(f"attack method {self.method!r} with objective {self.objective!r}: the target objective "
+                                 "needs the targeted method (targeted_random, targeted_lowest), the others take kl, ce or value")
+        if self.target not in TARGETS:
+            raise MadistillError(f"unknown attack target choice {self.target!r}: use one of {TARGETS}")
+        if self.candidates < 1:
+            raise MadistillError("attack.target_candidates must be at least 1")
 
     def __call__(
         self,
@@ -65,6 +79,8 @@ class Attack:
             return x
         if self.method == "random":
             return budget.sample(x, generator)
+        if self.method == "targeted":
+            return self._targeted(policy, x, budget, generator)
         goal = Objective(self.objective, policy, x, critic)
         if self.method == "fgsm":
             # A stationary objective's gradient at the clean point is exactly zero (its minimum), so a step
@@ -73,18 +89,49 @@ class Attack:
             # (the virtual adversarial direction of Miyato et al. 2018). FGSM steps from x along its sign.
             at = budget.sample(x, generator) if goal.stationary else x
             return budget.project(x + budget.radius * goal.gradient(at).sign(), x)
+        return self._search(goal, x, budget, generator)
+
+    def _search(self, goal: Objective, x: torch.Tensor, budget: Budget, generator: torch.Generator | None) -> torch.Tensor:
+        """PGD (SPSA: estimated-gradient) steps on ``goal`` from ``restarts`` random starts; per sample the best point, or ``x``
+        where no restart beats it."""
         best, best_val = x, goal(x)
         for _ in range(self.restarts):
             x_adv = budget.sample(x, generator)
             alpha = self.step_size * budget.radius / self.steps
             for _ in range(self.steps):
-                g = goal.gradient(x_adv) if self.method == "pgd" else self._spsa_gradient(goal, x_adv, budget, generator)
+                g = self._spsa_gradient(goal, x_adv, budget, generator) if self.method == "spsa" else goal.gradient(x_adv)
                 x_adv = budget.project(x_adv + alpha * g.sign(), x)
             val = goal(x_adv)
             better = val > best_val
             best = torch.where(better[:, None], x_adv, best)
             best_val = torch.where(better, val, best_val)
         return best
+
+    def force(self, policy: Policy, x: torch.Tensor, target: torch.Tensor, budget: Budget,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """PGD (this attack's steps and restarts) inside ``budget`` towards a given ``target`` per sample: an
+        action ``[B]`` (Discrete) or a point of the action box ``[B, a]`` (Box). Any target choice realises
+        its targets through here."""
+        x = x.detach()
+        if len(x) == 0 or float(budget.radius.max()) == 0.0:
+            return x
+        return self._search(Objective("target", policy, x, None, target=target), x, budget, generator)
+
+    def _targeted(self, policy: Policy, x: torch.Tensor, budget: Budget, generator: torch.Generator | None) -> torch.Tensor:
+        """PGD towards each sample's candidate targets, all ``K`` candidates in one batch of ``K * B`` rows; per
+        sample, the first candidate (in order of preference) whose target becomes the greedy action, else the
+        candidate whose target is most likely (closest, for Box) at the end."""
+        cand = targets(self.target, policy, x, self.candidates, generator)  # [K, B] or [K, B, a]
+        k, b = cand.shape[:2]
+        flat = cand.reshape(k * b, *cand.shape[2:])
+        adv = self.force(policy, x.repeat(k, 1), flat, budget, generator)
+        with torch.no_grad():
+            head = policy(adv)
+            reached = head.argmax(-1) == flat if policy.group.discrete else torch.zeros_like(head[:, 0], dtype=torch.bool)
+            reached, val = reached.reshape(k, b), log_prob(policy.dist_from_head(head), flat).reshape(k, b)
+        # argmax of a bool tensor gives its first True: the most preferred reached candidate
+        pick = torch.where(reached.any(0), reached.to(torch.int8).argmax(0), val.argmax(0))
+        return adv.reshape(k, b, -1)[pick, torch.arange(b, device=x.device)]
 
     def _spsa_gradient(self, goal: Objective, x: torch.Tensor, budget: Budget, gen: torch.Generator | None) -> torch.Tensor:
         """Simultaneous-perturbation estimate: mean over random +-1 directions u of
@@ -102,14 +149,19 @@ class Objective:
 
     ``stationary``: the clean point is the objective's minimum, so its gradient there is exactly zero. True for
     ``kl`` (a divergence from the clean distribution) and for ``ce`` on Box actions (the Gaussian's clean
-    mean is its most likely action); ``ce`` on Discrete actions and ``value`` have gradients at the clean point.
+    mean is its most likely action); ``ce`` on Discrete actions, ``value`` and ``target`` have gradients at the
+    clean point. ``target``: per sample, the action (Discrete ``[B]``) or point (Box ``[B, a]``) the ``target``
+    objective pulls the policy towards.
     """
 
-    def __init__(self, name: str, policy: Policy, x: torch.Tensor, critic: Policy | None):
+    def __init__(self, name: str, policy: Policy, x: torch.Tensor, critic: Policy | None,
+                 target: torch.Tensor | None = None):
         if name == "value" and (critic is None or critic.value(x[:1]) is None):
             raise MadistillError("the critic attack needs a policy with a decentralised value head: set attack.critic=<a "
                                  "teacher run trained with teacher.critic=local>, or leave value out of attack.methods")
-        self.name, self.policy, self.critic = name, policy, critic
+        if (name == "target") != (target is not None):
+            raise ValueError("the target objective, and only it, needs a target per sample")
+        self.name, self.policy, self.critic, self.target = name, policy, critic, target
         self.stationary = name == "kl" or (name == "ce" and not policy.group.discrete)
         with torch.no_grad():
             self.clean_head = policy(x)
@@ -125,6 +177,10 @@ class Objective:
             log_std = self.policy.log_std()
             return divergence("kl", clean, head, discrete=self.policy.group.discrete,
                               teacher_log_std=log_std, student_log_std=log_std)
+        if self.name == "target":
+            # log N(target; mu, sigma) for Box: minus half the squared distance in std units, plus a constant
+            target = self.target.repeat(repeat, *([1] * (self.target.dim() - 1)))  # type: ignore[union-attr]
+            return log_prob(self.policy.dist_from_head(head), target)
         action = self.clean_action.repeat(repeat, *([1] * (self.clean_action.dim() - 1)))
         return -log_prob(self.policy.dist_from_head(head), action)
 
@@ -135,11 +191,42 @@ class Objective:
         return g
 
 
+def targets(choice: str, policy: Policy, x: torch.Tensor, candidates: int = 1,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Candidate targets for the clean observations ``x``, most preferred first: ``[K, B]`` actions (Discrete)
+    or ``[K, B, a]`` points (Box). Both choices need only the victim's observation and its policy.
+
+    - ``random``: one uniformly random action (Box: a uniform point of the action box) per sample, the floor
+      of any target choice.
+    - ``lowest``: Discrete, the ``candidates`` actions the clean policy ranks lowest (never its greedy one),
+      lowest first: what the victim's own policy rates worst, its estimate of the action with the least
+      advantage. Box: the corner of the action box farthest from the clean mean (per component, the bound
+      on the other side of the box's midpoint).
+    """
+    group = policy.group
+    with torch.no_grad():
+        head = policy(x)
+    if group.discrete:
+        n = int(group.action_space.n)  # type: ignore[attr-defined]
+        if choice == "random":
+            return torch.randint(0, n, (1, len(x)), generator=generator, device=x.device)
+        return head.argsort(-1)[:, : min(candidates, n - 1)].T
+    low, high = (torch.as_tensor(b, dtype=head.dtype, device=x.device)
+                 for b in (group.action_space.low, group.action_space.high))  # type: ignore[attr-defined]
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise MadistillError(f"targeted attacks need a bounded action box, group {group.name!r} has an unbounded one: "
+                             "leave targeted_* out of attack.methods")
+    if choice == "random":
+        u = torch.rand(head.shape, generator=generator, device=x.device, dtype=head.dtype)
+        return (low + u * (high - low))[None]
+    return torch.where(head > (low + high) / 2, low, high)[None]
+
+
 def variants(pgd: Attack) -> dict[str, Attack]:
     """The gradient and sampling attacks of the suite, all derived from one PGD's settings: ``pgd_strong``
     (2x steps and restarts, for the masking checks), ``critic`` (PGD on a critic's value), ``transfer`` (the
-    same PGD, crafted on a surrogate by the caller), ``spsa`` (its steps on estimated gradients), ``fgsm`` and
-    ``random``."""
+    same PGD, crafted on a surrogate by the caller), ``spsa`` (its steps on estimated gradients), ``fgsm``,
+    ``random``, and the targeted PGDs ``targeted_random`` and ``targeted_lowest`` (see :func:`targets`)."""
     return {
         "random": replace(pgd, method="random"),
         "fgsm": replace(pgd, method="fgsm", objective="ce"),
@@ -148,4 +235,6 @@ def variants(pgd: Attack) -> dict[str, Attack]:
         "critic": replace(pgd, objective="value"),
         "spsa": replace(pgd, method="spsa"),
         "transfer": pgd,
+        "targeted_random": replace(pgd, method="targeted", objective="target", target="random"),
+        "targeted_lowest": replace(pgd, method="targeted", objective="target", target="lowest"),
     }

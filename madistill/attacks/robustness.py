@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from madistill.attacks.budget import Budget, group_budgets
-from madistill.attacks.checks import DEGENERATE, Flag, probe, return_checks
+from madistill.attacks.checks import DEGENERATE, OBJECTIVE_MISSES, TARGETED_PREFIX, Flag, probe, return_checks
 from madistill.attacks.learned import LearnedAdversary, train_adversary
 from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
@@ -31,15 +31,36 @@ from madistill.transforms import ObsTransform
 # The attack suite by name: "critic" is PGD on minus a critic's value, "transfer" is PGD crafted on a
 # surrogate policy; "learned" trains a PPO adversary per victim set and eps (attack.learned_steps);
 # "offsets" keeps, per episode, the worst of attack.offset_candidates constant corner offsets (ConstantOffset);
-# "pgd_strong" (2x steps, 2x restarts) runs for the masking checks.
-SUITE = ("random", "fgsm", "pgd", "critic", "spsa", "transfer", "offsets", "learned")
+# "pgd_strong" (2x steps, 2x restarts) runs for the masking checks; "targeted_random" and "targeted_lowest" are
+# PGD towards a chosen action (methods.targets), opt-in: the default suite lists do not name them.
+SUITE = ("random", "fgsm", "pgd", "critic", "spsa", "transfer", "offsets", "learned", "targeted_random",
+         "targeted_lowest")
+
+# What each attacker knows and can do, per step and per victim, inside the same l_inf budget: the report and
+# the JSON name it for every attack they show.
+THREAT_MODELS = {
+    "random": "no knowledge: a uniform draw from the budget",
+    "fgsm": "white-box victim policy: one gradient step away from its clean greedy action",
+    "pgd": "white-box victim policy: PGD away from its clean action distribution (KL)",
+    "pgd_strong": "white-box victim policy: PGD on KL with 2x steps and restarts (masking checks)",
+    "critic": "white-box victim critic V(s) on the victim's observation: PGD lowering the value it reads",
+    "spsa": "black-box victim policy (its outputs only): PGD on KL with estimated gradients",
+    "transfer": "white-box surrogate policy, no access to the victim: PGD on KL crafted on the surrogate",
+    "offsets": "a simulator replaying whole episodes: the worst of constant corner offsets, no gradients",
+    "learned": "a simulator to train in: a PPO adversary trained to lower the return, seeing the victims' observations",
+    "targeted_random": "white-box victim policy: PGD forcing a uniformly random target action (the targeted floor)",
+    "targeted_lowest": "white-box victim policy: PGD forcing the action its clean policy ranks lowest (the lowest-ranked "
+                       "one the budget reaches, of attack.target_candidates; Box: the far corner of the action box); "
+                       "the victim's observation only, no env branching",
+}
 
 
 def suite_attack(name: str, ac: Any) -> Attack:
     """The Attack behind a suite name, from the ``attack`` config."""
     if name in ("learned", "offsets"):
         raise MadistillError(f"{name!r} is not a per-step attack: evaluate_robustness runs it")
-    return variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta))[name]
+    return variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta,
+                           candidates=ac.target_candidates))[name]
 
 
 CHECKS_NOT_RUN = "not run (attack.checks=false): gradient attacks alone can be masked; attack=suite runs the checks"
@@ -74,6 +95,8 @@ class RobustnessResult:
     team_clean: dict[str, float] = field(default_factory=dict)
     team_random: dict[str, float] = field(default_factory=dict)
     team_episodes: dict[str, Cells] = field(default_factory=dict)
+    victim_members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # victim set -> its agents
+    objective: dict[str, list[Flag]] = field(default_factory=dict)  # objective_misses_return flags per victim set
 
     @property
     def returns(self) -> dict[str, dict[str, dict[float, float]]]:
@@ -85,24 +108,36 @@ class RobustnessResult:
         cells = self.episodes if team is None else self.team_episodes[team]
         return {v: {a: {e: float(np.nanmean(x)) for e, x in r.items()} for a, r in t.items()} for v, t in cells.items()}
 
+    def worst_from(self, victims: str, eps: float, team: str | None = None) -> tuple[str, str, float]:
+        """The victim set, attack and return of the lowest return of ``team`` (None: team return of every
+        agent) at ``eps`` over the attacks on ``victims`` and on every evaluated subset of them: an attacker
+        of a set may leave any of its members alone, so a set is never less harmful than its subsets."""
+        members = set(self.victim_members.get(victims, ()))
+        sets = [victims, *(v for v, m in self.victim_members.items() if v != victims and members and set(m) <= members)]
+        returns = self.returns_of(team)
+        rows = {(v, a): r[eps] for v in sets for a, r in returns[v].items() if eps in r}
+        where = min(rows, key=rows.get)  # type: ignore[arg-type]
+        return *where, rows[where]
+
     def worst(self, victims: str, eps: float, team: str | None = None) -> tuple[str, float]:
-        """The attack with the lowest return of ``team`` (None: team return of every agent) at ``eps``, and
-        that return."""
-        rows = {a: r[eps] for a, r in self.returns_of(team)[victims].items() if eps in r}
-        name = min(rows, key=rows.get)  # type: ignore[arg-type]
-        return name, rows[name]
+        """The worst case of :meth:`worst_from`: the attack (``<attack> on <subset>`` when it came from a
+        subset of ``victims``) and its return."""
+        subset, name, value = self.worst_from(victims, eps, team)
+        return (name if subset == victims else f"{name} on {subset}"), value
 
     def worst_agents(self, victims: str, eps: float, team: str | None = None) -> tuple[str, dict[str, float]]:
-        """The attack with the lowest return of ``team`` (None: of every agent) at ``eps``, and the mean
-        per-agent returns under it."""
-        name, _ = self.worst(victims, eps, team)
-        return name, self.agent_returns[victims][name][eps]
+        """The worst case of ``team`` (None: of every agent) at ``eps`` as :meth:`worst` names it, and the
+        mean per-agent returns under it."""
+        subset, name, _ = self.worst_from(victims, eps, team)
+        return self.worst(victims, eps, team)[0], self.agent_returns[subset][name][eps]
 
     def add_checks(self, key: str, flags: list[Flag]) -> None:
         """Record the checks' findings under ``key`` (a victim set, or ``probe:<group>``): masking flags apart
-        from degenerate-attack reports, so a count of flags counts only evidence about the policy."""
-        self.flags.setdefault(key, []).extend(f for f in flags if f.name != DEGENERATE)
+        from degenerate-attack reports and objective_misses_return (evidence about the suite), so a count of
+        flags counts only evidence about the policy."""
+        self.flags.setdefault(key, []).extend(f for f in flags if f.name not in (DEGENERATE, OBJECTIVE_MISSES))
         self.degenerate.setdefault(key, []).extend(f for f in flags if f.name == DEGENERATE)
+        self.objective.setdefault(key, []).extend(f for f in flags if f.name == OBJECTIVE_MISSES)
 
     def team_of(self, agent: str) -> str | None:
         """The team ``agent`` plays for (None with one team)."""
@@ -114,9 +149,12 @@ class RobustnessResult:
             "clean": self.clean, "random": self.random, "clean_agents": self.clean_agents,
             "returns": cells["returns"], "ci": cells["ci"],
             "agent_returns": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in self.agent_returns.items()},
-            "worst_case": cells["worst_case"],
+            "worst_case": cells["worst_case"], "worst_case_from": cells["worst_case_from"],
             "flags": {v: [f.__dict__ for f in fl] for v, fl in self.flags.items()},
             "degenerate_attacks": {v: [f.__dict__ for f in fl] for v, fl in self.degenerate.items()},
+            "objective_checks": {v: [f.__dict__ for f in fl] for v, fl in self.objective.items()},
+            "threat_models": {a: THREAT_MODELS[a] for a in self.attacks()},
+            "victim_sets": {v: list(m) for v, m in self.victim_members.items()},
             "probes": self.probes, "skipped": self.skipped, "seconds_per_evaluation": self.seconds,
             "checks_run": self.checked,
         }
@@ -133,12 +171,18 @@ class RobustnessResult:
         returns = self.returns_of(team)
         ci = {v: {a: {e: bootstrap_ci(x[~np.isnan(x)], np.mean, n_boot=self.n_boot, seed=self.seed)
                       for e, x in r.items()} for a, r in t.items()} for v, t in cells.items()}
+        eps = {v: sorted({e for r in t.values() for e in r}) for v, t in returns.items()}
         return {
             "returns": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in returns.items()},
             "ci": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in ci.items()},
-            "worst_case": {v: {str(e): self.worst(v, e, team) for e in sorted({e for r in t.values() for e in r})}
-                           for v, t in returns.items()},
+            "worst_case": {v: {str(e): self.worst(v, e, team) for e in eps[v]} for v in returns},
+            # the victim set each worst case came from: the set itself or one of its evaluated subsets
+            "worst_case_from": {v: {str(e): self.worst_from(v, e, team)[0] for e in eps[v]} for v in returns},
         }
+
+    def attacks(self) -> list[str]:
+        """Every attack evaluated on some victim set, in the order first evaluated."""
+        return list(dict.fromkeys(a for t in self.episodes.values() for a in t))
 
 
 def _eps_key(by_eps: Mapping[float, Any]) -> dict[str, Any]:
@@ -207,6 +251,7 @@ def evaluate_robustness(
     runs = [(m, e) for m in methods for e in sorted(float(x) for x in ac.eps)] + extra
     agents = [a for g in team.groups for a in g.agents]
     sets = victim_sets(list(ac.victims), agents, teams)
+    res.victim_members = {v: tuple(members) for v, members in sets.items()}
     for vname, victims in sets.items():
         target = _victims_team(res, victims)
         res.agent_returns[vname], res.episodes[vname] = {}, {}
@@ -374,6 +419,11 @@ def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episod
         lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in flagged]
         lines += [f"- skipped {s}" for s in res.skipped]
         lines += [f"- degenerate attack ({k}): {f.detail}" for k, fl in res.degenerate.items() for f in fl]
+        if any(a.startswith(TARGETED_PREFIX) for a in res.attacks()):
+            missed = [(k, f) for k, fl in res.objective.items() for f in fl]
+            lines.append("Objective check (targeted vs untargeted attacks): " + ("none fired" if not missed else ""))
+            lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in missed]
+        lines += ["", "Threat models:", *(f"- `{a}`: {THREAT_MODELS[a]}" for a in res.attacks())]
         lines.append("")
     return "\n".join(lines)
 
