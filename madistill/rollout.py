@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import GroupArrays, MultiAgentVecEnv, VecStep
-from madistill.policies.base import UNIT_BOX, Generators, TeamPolicy, choose, unit_rescalable
+from madistill.policies.base import Generators, TeamPolicy, choose
 from madistill.transforms import GroupTensors, ObsTransform, StepContext, apply_chain, normalize
 
 
@@ -46,17 +46,13 @@ def team_actions(
 
 
 def env_actions(team: TeamPolicy, actions: GroupTensors) -> GroupArrays:
-    """Chosen actions (of the groups in ``actions``) as the arrays an env takes: on the CPU; Box actions of a
-    ``UNIT_BOX`` policy clipped to [-1, 1] and rescaled affinely to the box's bounds, the others clipped to the
-    bounds. Every policy's actions reach an env through here."""
+    """Chosen actions (of the groups in ``actions``) as the arrays an env takes: on the CPU, Box actions
+    clipped to their bounds."""
     out = {}
     for g in (g for g in team.groups if g.name in actions):
         a = actions[g.name].detach().cpu().numpy()
         if not g.discrete:  # Gaussian samples can leave the box; the env only accepts the box
-            low, high = g.action_space.low, g.action_space.high
-            if team[g.name].box_actions == UNIT_BOX and unit_rescalable(g):
-                a = low + (np.clip(a, -1.0, 1.0) + 1.0) * (0.5 * (high - low))
-            a = np.clip(a, low, high).astype(np.float32)  # also catches the rescaling's rounding
+            a = np.clip(a, g.action_space.low, g.action_space.high).astype(np.float32)
         out[g.name] = a
     return out
 

@@ -51,11 +51,10 @@ from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
-from madistill.policies.base import UNIT_BOX, TeamPolicy, log_prob, warn_if_large
+from madistill.policies.base import TeamPolicy, log_prob, warn_if_large
 from madistill.policies.sb3 import (
     SB3Policy,
     policy_kwargs,
-    sb3_action_space,
     sb3_observation_space,
     sb3_policy_class,
     team_state_dim,
@@ -220,7 +219,7 @@ def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwar
         warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
         model = _PPO(
             sb3_policy_class(arch),
-            _SpacesOnlyVecEnv(width, sb3_observation_space(group, arch), sb3_action_space(group, arch)),
+            _SpacesOnlyVecEnv(width, sb3_observation_space(group, arch), group.action_space),
             rollout_buffer_class=MaskedRolloutBuffer,
             # foreach: one Adam kernel for all parameters (the same arithmetic); eps: SB3 sets 1e-5 only when
             # it is given no optimizer_kwargs at all, so it is restated here
@@ -302,8 +301,7 @@ class TeacherTrainer:
         else:
             # a centralised critic reads every agent's observation of the env copy after the agent's own
             state_dim = sum(g.n_agents * g.obs_dim for g in venv.groups) if tc.critic == "central" else 0
-            self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": state_dim,
-                         "box_actions": UNIT_BOX}
+            self.arch = {"hidden_sizes": list(tc.hidden_sizes), "activation": tc.activation, "team_state_dim": state_dim}
             if any(g.image_shape is not None for g in venv.groups):
                 self.arch["cnn"] = OmegaConf.to_container(tc.cnn)
         # From start policies, inputs keep the units those were trained in (fresh teachers learn theirs as they
@@ -571,18 +569,12 @@ class TeacherTrainer:
         if not state_file.is_file():
             raise MadistillError(f"{path} is not a training checkpoint (no {STATE_FILE}): resume from <run>/checkpoint")
         for name, net in manifest["networks"].items():
-            # Discrete groups ignore the Box-action convention; Box groups are checked below
-            saved = {**{k: net.get(k) for k in self.arch}, "team_state_dim": team_state_dim(net),
-                     "box_actions": self.arch.get("box_actions")}
+            saved = {**{k: net.get(k) for k in self.arch}, "team_state_dim": team_state_dim(net)}
             if saved != self.arch:
                 critic = "central" if saved["team_state_dim"] else "local"
                 raise MadistillError(f"checkpoint {path} has a {name} network with {saved}, not {self.arch}: resume with "
                                      f"teacher.hidden_sizes={saved['hidden_sizes']} teacher.activation={saved['activation']} "
                                      f"teacher.critic={critic}")
-        for g in self.venv.groups:
-            if not g.discrete and team[g.name].box_actions != self.team[g.name].box_actions:
-                raise MadistillError(f"checkpoint {path} acts in {team[g.name].box_actions!r} Box units, this madistill's "
-                                     f"teachers in {self.team[g.name].box_actions!r} ones: start a new run instead")
         try:
             state = torch.load(state_file, map_location=self.device, weights_only=True)
         except Exception as e:

@@ -14,8 +14,7 @@ from madistill.envs.groups import check_supported, flatten_obs
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies import MLPPolicy, TeamPolicy
-from madistill.policies.base import RAW_BOX, UNIT_BOX
-from madistill.rollout import Rollout, env_actions
+from madistill.rollout import Rollout
 from madistill.teacher import MaskedRolloutBuffer, TeacherTrainer
 
 SPREAD = "mpe2.simple_spread_v3.parallel_env"
@@ -589,47 +588,6 @@ def test_continuous_actions_are_clipped_into_the_box():
     assert env_all.dtype == np.float32
     assert env_all.min() >= 0.0 and env_all.max() <= 1.0
     np.testing.assert_allclose(env_all, np.clip(pre_all, 0.0, 1.0))
-
-
-def test_unit_box_actions_are_clipped_to_minus_one_one_and_rescaled_to_the_box():
-    """A ``box_actions: unit`` policy acts in [-1, 1]: its mean 0 reaches the env as the box's centre, and its
-    samples are clipped to [-1, 1] before the affine map, so the env gets the same box as before."""
-    spec = EnvSpec(SPREAD, {"N": 3, "continuous_actions": True, "max_cycles": 10})
-    with MultiAgentVecEnv(spec, 2) as venv:
-        (g,) = venv.groups
-        torch.manual_seed(0)
-        policy = MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh", "box_actions": UNIT_BOX})
-        with torch.no_grad():
-            policy._log_std.fill_(1.0)  # std ~2.7: samples beyond [-1, 1] on both sides
-            policy.net[-1].weight.zero_()
-            policy.net[-1].bias.zero_()  # mean 0
-        team = TeamPolicy(venv.groups, {g.name: policy}, {g.name: ObsNormalizer(g.obs_dim, enabled=False)})
-        greedy = env_actions(team, {g.name: torch.zeros(2, 3, 5)})[g.name]
-        np.testing.assert_array_equal(greedy, np.full((2, 3, 5), 0.5, np.float32))
-        edges = env_actions(team, {g.name: torch.tensor([-3.0, -1.0, -0.5, 1.0, 3.0]).expand(2, 3, 5)})[g.name]
-        np.testing.assert_array_equal(edges[0, 0], np.array([0.0, 0.0, 0.25, 1.0, 1.0], np.float32))
-        sent = []
-        orig_step = venv.step
-        venv.step = lambda actions: (sent.append(actions), orig_step(actions))[1]
-        rollout = Rollout(venv, team, seed=0)
-        pre = np.stack([rollout.step().actions["agent"].numpy() for _ in range(5)])
-    env_all = np.stack([a["agent"] for a in sent])
-    assert (pre < -1).any() and (pre > 1).any() and env_all.dtype == np.float32
-    np.testing.assert_allclose(env_all, (np.clip(pre, -1.0, 1.0) + 1.0) / 2.0, atol=1e-7)
-
-
-def test_discrete_actions_ignore_the_box_convention():
-    """Discrete groups reach the env unchanged whatever the policy's ``box_actions`` says."""
-    with MultiAgentVecEnv(EnvSpec(SPREAD, {"N": 3, "max_cycles": 10}), 2) as venv:
-        (g,) = venv.groups
-        chosen = {g.name: torch.randint(0, 5, (2, 3), generator=torch.Generator().manual_seed(0))}
-        sent = []
-        for box_actions in (RAW_BOX, UNIT_BOX):
-            policy = MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh", "box_actions": box_actions})
-            team = TeamPolicy(venv.groups, {g.name: policy}, {g.name: ObsNormalizer(g.obs_dim, enabled=False)})
-            sent.append(env_actions(team, chosen)[g.name])
-    np.testing.assert_array_equal(sent[0], chosen[g.name].numpy())
-    np.testing.assert_array_equal(sent[1], sent[0])
 
 
 def test_vec_env_rejects_bad_arguments():

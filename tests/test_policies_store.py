@@ -16,9 +16,7 @@ from madistill.envs import AgentGroup, EnvSpec, group_agents, make_env
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies import MLPPolicy, SB3Policy, TeamPolicy, UniformPolicy
-from madistill.policies.base import RAW_BOX, UNIT_BOX
 from madistill.policies.store import MANIFEST, find_policy_dir, load_team, read_manifest, save_team
-from madistill.rollout import env_actions
 
 SPEAKER = EnvSpec(
     "mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 25}, name="simple_speaker_listener_v4"
@@ -300,53 +298,3 @@ def test_obs_normalizer_constant_feature_and_disabled():
     torch.testing.assert_close(
         state.normalize(torch.tensor([[2.0, 1.0]])), n.normalize(torch.tensor([[2.0, 1.0]]))
     )
-
-
-# ------------------------------------------------------------------ Box-action convention
-def _env_actions_of(team: TeamPolicy, x: torch.Tensor, deterministic: bool) -> np.ndarray:
-    (g,) = team.groups
-    a = team[g.name].act(x, deterministic, torch.Generator().manual_seed(5))
-    return env_actions(team, {g.name: a[:, None]})[g.name][:, 0]
-
-
-@pytest.mark.parametrize("kind", ["sb3", "mlp"])
-def test_a_manifest_without_box_actions_loads_as_raw_and_acts_as_before(tmp_path, kind):
-    """Policies saved before ``box_actions`` existed acted in the env's own units, clipped to the box: they
-    still do, greedy and sampled."""
-    team = _team(kind, SPREAD_BOX)
-    path = save_team(tmp_path / "old", team, SPREAD_BOX, "teacher")
-    manifest = json.loads((path / MANIFEST).read_text())
-    assert all("box_actions" not in net for net in manifest["networks"].values())  # ARCH has none: as saved before
-    loaded, _ = load_team(path, _groups(SPREAD_BOX))
-    (g,) = loaded.groups
-    assert loaded[g.name].box_actions == RAW_BOX
-    x = _obs_batch(g)
-    for deterministic in (True, False):
-        head = team[g.name].act(x, deterministic, torch.Generator().manual_seed(5)).detach().numpy()
-        np.testing.assert_array_equal(_env_actions_of(loaded, x, deterministic), np.clip(head, 0.0, 1.0))
-
-
-@pytest.mark.parametrize("kind", ["sb3", "mlp"])
-def test_a_unit_policy_says_so_in_its_manifest_and_acts_the_same_after_loading(tmp_path, kind):
-    team = _team(kind, SPREAD_BOX)
-    (g,) = team.groups
-    team[g.name].arch["box_actions"] = UNIT_BOX
-    path = save_team(tmp_path / "unit", team, SPREAD_BOX, "teacher")
-    assert read_manifest(path)["networks"][g.name]["box_actions"] == UNIT_BOX
-    loaded, _ = load_team(path, _groups(SPREAD_BOX))
-    assert loaded[g.name].box_actions == UNIT_BOX
-    x = _obs_batch(g)
-    head = team[g.name].act(x, True).detach().numpy()
-    np.testing.assert_allclose(_env_actions_of(loaded, x, True), (np.clip(head, -1, 1) + 1) / 2, atol=1e-7)
-    np.testing.assert_array_equal(_env_actions_of(loaded, x, True), _env_actions_of(team, x, True))
-
-
-def test_the_uniform_team_samples_uniformly_over_the_envs_box():
-    team = _team("uniform", SPREAD_BOX)
-    (g,) = team.groups
-    x = torch.zeros(20_000, g.obs_dim)
-    a = _env_actions_of(team, x, deterministic=False)
-    assert a.min() >= 0.0 and a.max() <= 1.0
-    np.testing.assert_allclose(a.mean(0), 0.5, atol=0.01)
-    np.testing.assert_allclose((a < 0.1).mean(0), 0.1, atol=0.01)  # no mass piled on a bound
-    np.testing.assert_allclose((a > 0.9).mean(0), 0.1, atol=0.01)

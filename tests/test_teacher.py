@@ -10,19 +10,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, tiny
-from gymnasium import spaces
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_envs import TOY, ToyEnv
 
 from madistill import stages
 from madistill import teacher as teacher_module
-from madistill.distill.trainer import student_team
 from madistill.envs.factory import EnvSpec
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes, uniform_team
-from madistill.policies.base import UNIT_BOX
 from madistill.policies.store import load_team, read_manifest
 from madistill.rollout import Rollout
 from madistill.runtime import env_spec, make_vec_env
@@ -489,27 +486,3 @@ def test_resuming_a_checkpoint_already_at_the_budget_says_to_raise_it(relay_run,
     spec = env_spec(cfg.env)
     with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match="raise teacher.total_agent_steps"):
         TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)
-
-
-def test_a_box_teacher_acts_in_unit_units_its_students_too_and_an_older_checkpoint_is_not_resumed(tmp_path):
-    """Fresh teachers of a bounded Box group act in [-1, 1] rescaled to the box (``box_actions: unit``, in the
-    manifest; SB3's own ``.zip`` is built for [-1, 1] so its ``predict`` clips there); students distilled from
-    them inherit the convention, and a checkpoint in the env's raw units cannot be resumed under it."""
-    cfg = compose_config(tiny("env=simple_spread_v3", "env.kwargs.continuous_actions=true", "env.kwargs.max_cycles=5",
-                              "teacher.total_agent_steps=150", "teacher.ppo.batch_size=150"))
-    spec = env_spec(cfg.env)
-    with make_vec_env(cfg.env, spec) as venv, TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None) as trainer:
-        trainer.train(tmp_path)
-        ckpt = trainer.save_checkpoint(tmp_path / "checkpoint")
-        assert trainer.learners["agent"].model.action_space == spaces.Box(-1.0, 1.0, (5,), np.float32)
-        team = trainer.team
-    assert read_manifest(ckpt)["networks"]["agent"]["box_actions"] == UNIT_BOX
-    student = student_team(team, {"hidden_sizes": [8], "activation": "tanh"})
-    assert team["agent"].box_actions == student["agent"].box_actions == UNIT_BOX
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    del manifest["networks"]["agent"]["box_actions"]  # as saved before the field existed
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    cfg = compose_config(tiny("env=simple_spread_v3", "env.kwargs.continuous_actions=true", "env.kwargs.max_cycles=5",
-                              "teacher.total_agent_steps=300", "teacher.ppo.batch_size=150", f"teacher.resume={ckpt}"))
-    with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match="'raw' Box units.*start a new run"):
-        TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)

@@ -26,7 +26,6 @@ from madistill.config import AttackConfig
 from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import flatten_obs
 from madistill.policies.base import TeamPolicy
-from madistill.rollout import env_actions
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
 
@@ -96,8 +95,9 @@ class AdversaryEnv(gym.Env):
             for agent in self.env.agents:
                 group = self.team.group_of[agent]
                 x = perturbed[agent] if agent in perturbed else self._normalised(agent)
-                a = env_actions(self.team, {group: self.team[group].act(x[None], deterministic=True)})[group][0]
-                actions[agent] = int(a) if self.team[group].group.discrete else a
+                a = self.team[group].act(x[None], deterministic=True)[0].numpy()
+                space = self.env.action_space(agent)
+                actions[agent] = int(a) if isinstance(space, gym.spaces.Discrete) else np.clip(a, space.low, space.high)
         obs, rewards, terms, truncs, _ = self.env.step(actions)
         self._observe(obs)
         scored = [r for a, r in rewards.items() if self.target is None or a in self.target]

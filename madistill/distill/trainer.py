@@ -33,9 +33,8 @@ from madistill.tb import TBLogger
 
 
 def student_team(teacher: TeamPolicy, arch: dict[str, Any]) -> TeamPolicy:
-    """Fresh students for every teacher group; they share the teacher's normalisers (same input units) and its
-    Box-action convention (they learn its action distribution, in its units)."""
-    students = {g.name: MLPPolicy(g, {**arch, "box_actions": teacher[g.name].box_actions}) for g in teacher.groups}
+    """Fresh students for every teacher group; they share the teacher's normalisers (same input units)."""
+    students = {g.name: MLPPolicy(g, arch) for g in teacher.groups}
     return TeamPolicy(teacher.groups, students, teacher.normalizers).to(teacher.device)
 
 

@@ -6,7 +6,6 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, Normal, Uniform
@@ -17,18 +16,6 @@ from madistill.normalize import ObsNormalizer
 from madistill.policies.cnn import ImageEncoder
 
 log = logging.getLogger(__name__)
-
-# Box-action conventions, a policy's ``arch["box_actions"]`` (saved in its manifest): "unit" policies act in
-# [-1, 1] per dimension, rescaled affinely to the env's bounds (where all of them are finite), so a Gaussian that
-# starts at mean 0 starts at the box's centre; "raw" policies act in the env's own units (policies saved before
-# the field existed). Discrete groups ignore it.
-RAW_BOX, UNIT_BOX = "raw", "unit"
-
-
-def unit_rescalable(group: AgentGroup) -> bool:
-    """Whether ``group``'s Box can be reached from [-1, 1] by an affine map: all its bounds are finite."""
-    space = group.action_space
-    return bool(np.isfinite(space.low).all() and np.isfinite(space.high).all())
 
 
 class Policy(nn.Module, ABC):
@@ -76,11 +63,6 @@ class Policy(nn.Module, ABC):
     def value(self, obs: torch.Tensor) -> torch.Tensor | None:
         """State value ``[B]`` where the policy has a critic (teachers), else None."""
         return None
-
-    @property
-    def box_actions(self) -> str:
-        """The policy's Box-action convention (``UNIT_BOX`` or ``RAW_BOX``), from its architecture."""
-        return str(getattr(self, "arch", {}).get("box_actions", RAW_BOX))
 
     @property
     def num_parameters(self) -> int:

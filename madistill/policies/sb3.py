@@ -13,7 +13,7 @@ from torch import nn
 
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
-from madistill.policies.base import RAW_BOX, UNIT_BOX, Policy, unit_rescalable
+from madistill.policies.base import Policy
 from madistill.policies.cnn import ImageFeatures
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
@@ -39,20 +39,11 @@ def sb3_observation_space(group: AgentGroup, arch: dict[str, Any]) -> spaces.Box
     return spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
 
 
-def sb3_action_space(group: AgentGroup, arch: dict[str, Any]) -> spaces.Space:
-    """The action space SB3 is built with: the env's, or [-1, 1] per dimension for a Box the policy acts in
-    rescaled (``box_actions: unit``), so that SB3's own ``predict`` (the saved ``.zip``) clips where madistill does."""
-    space = group.action_space
-    if group.discrete or arch.get("box_actions", RAW_BOX) != UNIT_BOX or not unit_rescalable(group):
-        return space
-    return spaces.Box(-1.0, 1.0, shape=space.shape, dtype=np.float32)
-
-
 def build_sb3_policy(group: AgentGroup, arch: dict[str, Any]) -> ActorCriticPolicy:
     """A fresh SB3 actor-critic with separate actor and critic MLPs of the given widths."""
     return sb3_policy_class(arch)(
         sb3_observation_space(group, arch),
-        sb3_action_space(group, arch),
+        group.action_space,
         lr_schedule=lambda _: 0.0,  # optimiser unused here: SB3's PPO rebuilds it when it trains
         **policy_kwargs(group, arch),
     )
