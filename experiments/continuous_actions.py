@@ -15,7 +15,7 @@ uniform-random team is the reference. Runs go one after the other (the machine i
 
 Variants: ``madistill`` (the given settings), ``madistill-no-bootstrap`` (and ``teacher.bootstrap_truncated=false``),
 ``sb3-bootstrap`` (SB3 with madistill's time-limit bootstrap), ``sb3`` (without: PettingZoo's SuperSuit recipe, acting
-in the raw box) and ``sb3-unit`` (``sb3`` acting in [-1, 1] rescaled to the box, as madistill's teachers do).
+in the raw box) and ``sb3-unit`` (``sb3`` acting in [-1, 1] rescaled affinely to the box, as SB3's docs advise).
 Writes ``experiments/results/continuous_actions[_TAG].json`` and ``.png`` (every run's training curve).
 """
 
@@ -41,7 +41,7 @@ from madistill.cli import compose_config
 from madistill.evaluate.evaluator import run_episodes, uniform_team
 from madistill.evaluate.stats import summarize, summarize_scores
 from madistill.normalize import ObsNormalizer
-from madistill.policies.base import RAW_BOX, UNIT_BOX, TeamPolicy
+from madistill.policies.base import Policy, TeamPolicy
 from madistill.policies.sb3 import SB3Policy, policy_kwargs
 from madistill.runtime import env_spec, make_vec_env, seed_everything
 from madistill.tb import TBLogger
@@ -123,6 +123,25 @@ class _UnitActions(VecEnvWrapper):
         return self.venv.step_wait()
 
 
+class _InBoxUnits(Policy):
+    """A policy acting in [-1, 1] (``_UnitActions``) as one acting in the box's units, for madistill's evaluator: its
+    Gaussian under the same affine map, which takes clipping to [-1, 1] onto the evaluator's clipping to the box,
+    so greedy and sampled actions reach the env as they did in training."""
+
+    def __init__(self, inner: Policy):
+        super().__init__()
+        self.group, self.inner = inner.group, inner
+        space = inner.group.action_space
+        self.register_buffer("low", torch.as_tensor(space.low, dtype=torch.float32))
+        self.register_buffer("half_width", torch.as_tensor((space.high - space.low) / 2, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.low + (self.inner(obs) + 1.0) * self.half_width
+
+    def log_std(self) -> torch.Tensor | None:
+        return self.inner.log_std() + self.half_width.log()
+
+
 def train_sb3(cfg: DictConfig, unit: bool = False) -> tuple[TeamPolicy, Curve]:
     """SB3 PPO through SuperSuit with ``cfg``'s settings, as a madistill team (its policy and normaliser);
     ``unit``: acting in [-1, 1] rescaled to the box (``_UnitActions``), else in the env's raw box."""
@@ -147,8 +166,7 @@ def train_sb3(cfg: DictConfig, unit: bool = False) -> tuple[TeamPolicy, Curve]:
     normalize = bool(cfg.teacher.normalize_obs)
     if normalize:
         env = VecNormalize(env, norm_obs=True, norm_reward=False, clip_obs=10.0, epsilon=1e-8, gamma=cfg.teacher.ppo.gamma)
-    arch = {"hidden_sizes": list(cfg.teacher.hidden_sizes), "activation": cfg.teacher.activation,
-            "box_actions": UNIT_BOX if unit else RAW_BOX}
+    arch = {"hidden_sizes": list(cfg.teacher.hidden_sizes), "activation": cfg.teacher.activation}
     ppo = OmegaConf.to_container(cfg.teacher.ppo)
     model = PPO("MlpPolicy", env, policy_kwargs=policy_kwargs(group, arch), seed=cfg.seed, device="cpu", **ppo)
     curve = TeamReturnCurve()  # SB3's window of 100 agent-episodes: all from the last rollout, which ends more
@@ -157,7 +175,8 @@ def train_sb3(cfg: DictConfig, unit: bool = False) -> tuple[TeamPolicy, Curve]:
     if normalize:
         normalizer.mean, normalizer.var = env.obs_rms.mean.astype(np.float64), env.obs_rms.var.astype(np.float64)
     env.close()
-    team = TeamPolicy([group], {group.name: SB3Policy(group, model.policy, arch)}, {group.name: normalizer})
+    policy: Policy = SB3Policy(group, model.policy, arch)
+    team = TeamPolicy([group], {group.name: _InBoxUnits(policy) if unit else policy}, {group.name: normalizer})
     return team, curve.curve
 
 
