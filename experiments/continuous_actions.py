@@ -7,14 +7,15 @@ composed madistill config: the SB3 side gets the same PPO settings, network (``p
 formula), and the same ``teacher.bootstrap_truncated``: SuperSuit reports every episode end as done with no
 ``TimeLimit.truncated``, so SB3 bootstraps only where a wrapper here marks the ends at ``max_cycles`` as time limits.
 Each trained policy is evaluated the same way, through madistill's evaluator: greedy actions (the Gaussian's
-mean, clipped to the box) and sampled ones, 100 episodes of seeds 10000+, mean with a 95% bootstrap CI; a
+mean, sent as every policy's actions are: ``madistill.rollout.env_actions``) and sampled ones, 100 episodes of seeds 10000+, mean with a 95% bootstrap CI; a
 uniform-random team is the reference. Runs go one after the other (the machine is shared).
 
     nice python experiments/continuous_actions.py --steps 100000 --seeds 0 1 2
     nice python experiments/continuous_actions.py --variants madistill-no-bootstrap --tag ls -- teacher.ppo.ent_coef=0
 
 Variants: ``madistill`` (the given settings), ``madistill-no-bootstrap`` (and ``teacher.bootstrap_truncated=false``),
-``sb3-bootstrap`` (SB3 with madistill's time-limit bootstrap) and ``sb3`` (without: PettingZoo's SuperSuit recipe).
+``sb3-bootstrap`` (SB3 with madistill's time-limit bootstrap), ``sb3`` (without: PettingZoo's SuperSuit recipe, acting
+in the raw box) and ``sb3-unit`` (``sb3`` acting in [-1, 1] rescaled affinely to the box, as SB3's docs advise).
 Writes ``experiments/results/continuous_actions[_TAG].json`` and ``.png`` (every run's training curve).
 """
 
@@ -25,9 +26,11 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +41,7 @@ from madistill.cli import compose_config
 from madistill.evaluate.evaluator import run_episodes, uniform_team
 from madistill.evaluate.stats import summarize, summarize_scores
 from madistill.normalize import ObsNormalizer
-from madistill.policies.base import TeamPolicy
+from madistill.policies.base import Policy, TeamPolicy
 from madistill.policies.sb3 import SB3Policy, policy_kwargs
 from madistill.runtime import env_spec, make_vec_env, seed_everything
 from madistill.tb import TBLogger
@@ -51,6 +54,7 @@ VARIANTS = {  # name: (trainer, overrides after the command line's)
     "madistill-no-bootstrap": ("madistill", ["teacher.bootstrap_truncated=false"]),
     "sb3-bootstrap": ("sb3", ["teacher.bootstrap_truncated=true"]),
     "sb3": ("sb3", ["teacher.bootstrap_truncated=false"]),
+    "sb3-unit": ("sb3-unit", ["teacher.bootstrap_truncated=false"]),
 }
 
 
@@ -100,8 +104,47 @@ class _TimeLimitFlags(VecEnvWrapper):
         return obs, rewards, dones, infos
 
 
-def train_sb3(cfg: DictConfig) -> tuple[TeamPolicy, Curve]:
-    """SB3 PPO through SuperSuit with ``cfg``'s settings, as a madistill team (its policy and normaliser)."""
+class _UnitActions(VecEnvWrapper):
+    """Presents the env's Box actions as [-1, 1] per dimension and sends them rescaled affinely to the box, as
+    madistill's ``box_actions: unit`` convention does (SB3 clips its samples to this [-1, 1] space first)."""
+
+    def __init__(self, venv: Any):
+        self.low, self.high = venv.action_space.low, venv.action_space.high
+        unit = gym.spaces.Box(-1.0, 1.0, venv.action_space.shape, np.float32)
+        super().__init__(venv, action_space=unit)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self.venv.step_async(self.low + (np.clip(actions, -1.0, 1.0) + 1.0) * (0.5 * (self.high - self.low)))
+
+    def reset(self) -> Any:
+        return self.venv.reset()
+
+    def step_wait(self) -> Any:
+        return self.venv.step_wait()
+
+
+class _InBoxUnits(Policy):
+    """A policy acting in [-1, 1] (``_UnitActions``) as one acting in the box's units, for madistill's evaluator: its
+    Gaussian under the same affine map, which takes clipping to [-1, 1] onto the evaluator's clipping to the box,
+    so greedy and sampled actions reach the env as they did in training."""
+
+    def __init__(self, inner: Policy):
+        super().__init__()
+        self.group, self.inner = inner.group, inner
+        space = inner.group.action_space
+        self.register_buffer("low", torch.as_tensor(space.low, dtype=torch.float32))
+        self.register_buffer("half_width", torch.as_tensor((space.high - space.low) / 2, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.low + (self.inner(obs) + 1.0) * self.half_width
+
+    def log_std(self) -> torch.Tensor | None:
+        return self.inner.log_std() + self.half_width.log()
+
+
+def train_sb3(cfg: DictConfig, unit: bool = False) -> tuple[TeamPolicy, Curve]:
+    """SB3 PPO through SuperSuit with ``cfg``'s settings, as a madistill team (its policy and normaliser);
+    ``unit``: acting in [-1, 1] rescaled to the box (``_UnitActions``), else in the env's raw box."""
     import supersuit as ss
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
@@ -115,6 +158,8 @@ def train_sb3(cfg: DictConfig) -> tuple[TeamPolicy, Curve]:
     env = ss.pettingzoo_env_to_vec_env_v1(make_env(spec))
     env = ss.concat_vec_envs_v1(env, int(cfg.env.num_envs), num_cpus=1, base_class="stable_baselines3")
     env.seed = lambda seed=None: [None] * env.num_envs  # SuperSuit's vec env lacks seed(); SB3 calls it
+    if unit:
+        env = _UnitActions(env)
     if cfg.teacher.bootstrap_truncated:
         env = _TimeLimitFlags(env, int(cfg.env.kwargs.max_cycles))
     env = VecMonitor(env)
@@ -130,7 +175,8 @@ def train_sb3(cfg: DictConfig) -> tuple[TeamPolicy, Curve]:
     if normalize:
         normalizer.mean, normalizer.var = env.obs_rms.mean.astype(np.float64), env.obs_rms.var.astype(np.float64)
     env.close()
-    team = TeamPolicy([group], {group.name: SB3Policy(group, model.policy, arch)}, {group.name: normalizer})
+    policy: Policy = SB3Policy(group, model.policy, arch)
+    team = TeamPolicy([group], {group.name: _InBoxUnits(policy) if unit else policy}, {group.name: normalizer})
     return team, curve.curve
 
 
@@ -183,7 +229,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results: dict[str, Any] = {"steps": args.steps, "overrides": args.overrides, "command": " ".join(sys.argv),
                                "settings": {}, "runs": {}}
-    trainers = {"madistill": train_madistill, "sb3": train_sb3}
+    trainers = {"madistill": train_madistill, "sb3": train_sb3, "sb3-unit": partial(train_sb3, unit=True)}
     for seed in args.seeds:
         for name in args.variants:
             trainer, extra = VARIANTS[name]
