@@ -284,16 +284,14 @@ def evaluate_robustness(
 def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac: Any,
                   clean_recs: Sequence[EpisodeRecord]) -> list[Flag]:
     """The return-level masking checks of one victim set against the clean episodes ``clean_recs``, on the
-    team return of every agent (the collapse
-    check on victims ``all``). With several teams they read the return of the victims' team (the collapse
+    team return of every agent (the collapse check on victims ``all``). With several teams they read the return of the victims' team (the collapse
     check when the whole team is attacked) and each flag names it; they are skipped, with a note in
     ``res.skipped``, when the victims play on several teams (an attack moves opposing teams' returns in
     opposite directions) or their team's clean return is no better than random (no gain to lose)."""
     collapse = float(ac.collapse_eps) if ac.collapse_eps else None
     if not res.teams:
         return return_checks(res.episodes[vname], np.array([r.team_return for r in clean_recs]), res.random,
-                             ac.masking_tolerance,
-                             collapse if vname == "all" else None, res.seed, ac.n_boot)
+                             ac.masking_tolerance, collapse if vname == "all" else None, res.seed, ac.n_boot)
     sides = [t for t, agents in res.teams.items() if set(agents) & set(victims)]
     if len(sides) != 1:
         res.skipped.append(f"return-level masking checks on victims {vname}: they play on several teams")
@@ -306,8 +304,8 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
     whole = set(res.teams[team]) <= set(victims)
     return [Flag(f.name, f"team {team}: {f.detail}")
             for f in return_checks(res.team_episodes[team][vname], team_arrays(clean_recs, res.teams[team]),
-                                   res.team_random[team],
-                                   ac.masking_tolerance, collapse if whole else None, res.seed, ac.n_boot)]
+                                   res.team_random[team], ac.masking_tolerance, collapse if whole else None,
+                                   res.seed, ac.n_boot)]
 
 
 def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, ...] | None:
