@@ -247,12 +247,16 @@ def eval_report(summaries: dict[str, dict], env_id: str, ec: DictConfig, teams: 
 
 def worse_than_random(summaries: dict[str, dict]) -> list[str]:
     """A warning for each student (row ``student...``) whose mean return is below the random team's: the team
-    of every agent, or with several teams each team's own."""
+    of every agent, or with several teams each team's own where the teacher's beats random (an opposing side
+    whose teacher loses to the other side's is below random by the game, which retention already reports)."""
     if "random" not in summaries:
         return []
     out = []
     for side in sides_of(summaries):
         rnd = side_stats(summaries["random"], side).get("mean")
+        teacher = side_stats(summaries.get("teacher", {}), side).get("mean")
+        if side is not None and rnd is not None and teacher is not None and teacher <= rnd:
+            continue
         whose = "team return" if side is None else f"return for team {side}"
         out += [f"warning: {name}'s mean {whose} {side_stats(s, side)['mean']:.2f} is below the random team's "
                 f"{rnd:.2f}: check that its teacher beats random, then distil longer (distill.rounds, "

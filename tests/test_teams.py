@@ -277,3 +277,18 @@ def test_teams_set_at_training_follow_the_policies_unless_the_command_line_sets_
     assert teams_of("e1") == {"left": ["adversary_0", "agent_0"], "right": ["adversary_1", "agent_1"]}
     assert teams_of("e2", "+env.teams={a: [adversary], g: [agent]}") == {
         "a": ["adversary_0", "adversary_1"], "g": ["agent_0", "agent_1"]}
+
+
+def test_a_student_below_random_is_warned_about_only_on_sides_whose_teacher_beats_random():
+    from madistill.stages import worse_than_random
+
+    def summary(adversaries: float, good: float) -> dict:
+        return {"team": {"mean": 0.0}, "teams": {"adversaries": {"mean": adversaries}, "good": {"mean": good}}}
+
+    # zero-sum self-play: the trained adversaries lose to the trained good agents, so both the teacher's and the
+    # student's adversaries are below random by the game; the good student lost what its teacher had
+    summaries = {"teacher": summary(-2.7, 2.7), "student": summary(-2.7, -0.5), "random": summary(-0.2, 0.2)}
+    (warning,) = worse_than_random(summaries)
+    assert warning.startswith("warning: student's mean return for team good -0.50 is below the random team's 0.20")
+    summaries["student"] = summary(-2.7, 2.7)
+    assert worse_than_random(summaries) == []
