@@ -292,3 +292,17 @@ def test_a_student_below_random_is_warned_about_only_on_sides_whose_teacher_beat
     assert warning.startswith("warning: student's mean return for team good -0.50 is below the random team's 0.20")
     summaries["student"] = summary(-2.7, 2.7)
     assert worse_than_random(summaries) == []
+
+
+def test_team_checks_compare_the_episodes_where_the_team_took_part():
+    teams = resolve_teams(None, DUEL)
+    res = RobustnessResult(0.0, 0.0, {a: 0.0 for a in DUEL}, teams=teams,
+                           team_clean={"adversaries": -2.0, "good": 2.0}, team_random={"adversaries": 0.0, "good": 0.0})
+    # the third episode had no good agent: its team return is NaN, which must not silence the checks
+    res.team_episodes = {"good": {"all": {"fgsm": {0.5: np.array([0.5, 1.5, np.nan])},
+                                          "pgd": {0.5: np.array([3.0, 3.0, np.nan])}}}}
+    clean = [EpisodeRecord(i, 5, {a: (-2.0 if a.startswith("adv") else 2.0) for a in DUEL}) for i in range(2)]
+    clean.append(EpisodeRecord(2, 5, {"adversary_0": -2.0, "adversary_1": -2.0}))
+    ac = SimpleNamespace(masking_tolerance=0.1, n_boot=200, collapse_eps=None)
+    flags = _return_flags(res, "all", ["agent_0"], ac, clean)
+    assert [(f.name, f.detail.split(":")[0]) for f in flags] == [("pgd_weaker_than_fgsm", "team good")]

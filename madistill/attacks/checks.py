@@ -149,11 +149,12 @@ def return_checks(
     if collapse_eps is not None and collapse_eps in pgd and pgd[collapse_eps].mean() - random > 0.5 * gain:
         flags.append(Flag("no_collapse", f"eps {collapse_eps:g}: PGD leaves {pgd[collapse_eps].mean():.2f}, over half the gain over random {random:.2f}"))
     for eps in sorted({e for r in returns.values() for e in r}):
-        targeted, untargeted = ({a: r[eps] for a, r in returns.items() if eps in r and keep(a)}
-                                for keep in (lambda a: a.startswith(TARGETED_PREFIX), lambda a: a in UNTARGETED))
+        targeted = {a: r[eps] for a, r in returns.items() if eps in r and a.startswith(TARGETED_PREFIX)}
+        untargeted = {a: r[eps] for a, r in returns.items() if eps in r and a in UNTARGETED}
         if not targeted or not untargeted:
             continue
-        t, u = (min(side, key=lambda a, side=side: side[a].mean()) for side in (targeted, untargeted))
+        t = min(targeted, key=lambda a: targeted[a].mean())
+        u = min(untargeted, key=lambda a: untargeted[a].mean())
         if worse(targeted[t], untargeted[u]):
             flags.append(Flag(OBJECTIVE_MISSES, f"eps {eps:g}: {t} return {targeted[t].mean():.2f} < {u} "
                               f"{untargeted[u].mean():.2f}, the strongest untargeted attack: its objective misses "

@@ -196,8 +196,8 @@ def targets(choice: str, policy: Policy, x: torch.Tensor, candidates: int = 1,
     """Candidate targets for the clean observations ``x``, most preferred first: ``[K, B]`` actions (Discrete)
     or ``[K, B, a]`` points (Box). Both choices need only the victim's observation and its policy.
 
-    - ``random``: one uniformly random action (Box: a uniform point of the action box) per sample, the floor
-      of any target choice.
+    - ``random``: one uniformly random action other than the greedy one (Box: a uniform point of the action
+      box) per sample, the floor of any target choice.
     - ``lowest``: Discrete, the ``candidates`` actions the clean policy ranks lowest (never its greedy one),
       lowest first: what the victim's own policy rates worst, its estimate of the action with the least
       advantage. Box: the corner of the action box farthest from the clean mean (per component, the bound
@@ -208,8 +208,12 @@ def targets(choice: str, policy: Policy, x: torch.Tensor, candidates: int = 1,
         head = policy(x)
     if group.discrete:
         n = int(group.action_space.n)  # type: ignore[attr-defined]
-        if choice == "random":
-            return torch.randint(0, n, (1, len(x)), generator=generator, device=x.device)
+        if n < 2:
+            raise MadistillError(f"group {group.name!r} has one action, so no other action to force: leave "
+                                 "targeted_* out of attack.methods")
+        if choice == "random":  # one of the other n - 1 actions: forcing the greedy one would attack nothing
+            r = torch.randint(0, n - 1, (1, len(x)), generator=generator, device=x.device)
+            return r + (r >= head.argmax(-1))
         return head.argsort(-1)[:, : min(candidates, n - 1)].T
     low, high = (torch.as_tensor(b, dtype=head.dtype, device=x.device)
                  for b in (group.action_space.low, group.action_space.high))  # type: ignore[attr-defined]

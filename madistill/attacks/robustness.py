@@ -302,10 +302,13 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
                            "no better than random")
         return []
     whole = set(res.teams[team]) <= set(victims)
+    # a team return is NaN in an episode none of its agents took part in: compare the episodes where it is not
+    clean, cells = team_arrays(clean_recs, res.teams[team]), res.team_episodes[team][vname]
+    keep = np.isfinite(clean) & np.all([np.isfinite(x) for r in cells.values() for x in r.values()], axis=0)
+    kept = {a: {e: x[keep] for e, x in r.items()} for a, r in cells.items()}
     return [Flag(f.name, f"team {team}: {f.detail}")
-            for f in return_checks(res.team_episodes[team][vname], team_arrays(clean_recs, res.teams[team]),
-                                   res.team_random[team], ac.masking_tolerance, collapse if whole else None,
-                                   res.seed, ac.n_boot)]
+            for f in return_checks(kept, clean[keep], res.team_random[team], ac.masking_tolerance,
+                                   collapse if whole else None, res.seed, ac.n_boot)]
 
 
 def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, ...] | None:
