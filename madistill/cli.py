@@ -122,7 +122,8 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     _STARTED.append(str(run_dir))
-    before = set(run_dir.rglob("*"))  # Hydra's record of this job is in it already
+    # Hydra's record of this job is in it already; a resumed run's files are there too, with their times
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     try:
         with _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
             validate(cfg)
@@ -187,20 +188,21 @@ def _drop_stdout() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
 
 
-def _drop_failed_start(run_dir: Path, before: set[Path], record: Path | None, log_file: Path) -> None:
+def _drop_failed_start(run_dir: Path, before: dict[Path, int], record: Path | None, log_file: Path) -> None:
     """After a user error, leave no half-written run behind: unless the stage saved a policy, checkpoint or
     report, remove what this job added to ``run_dir``, and the directory itself when it held only Hydra's
     record (``record``, this job's ``.hydra`` folder) and its log. A resumed run's directory keeps its files."""
-    saved = [p for d in ("policies", "checkpoint", "reports") for p in (run_dir / d).rglob("*") if p not in before]
+    saved = [p for d in ("policies", "checkpoint", "reports") for p in (run_dir / d).rglob("*")
+             if before.get(p) != p.stat().st_mtime_ns]  # new, or replaced in place (a resumed run's checkpoint)
     if saved:
         return
     hydra_own = {record, log_file} | ({p for p in before if record in p.parents} if record else set())
-    if before <= hydra_own:
+    if before.keys() <= hydra_own:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
     if record is not None and record.parent != run_dir:  # a nested record: the resumed run's own
         shutil.rmtree(record, ignore_errors=True)
-    for p in sorted(set(run_dir.rglob("*")) - before - {log_file}, reverse=True):  # files before their folders
+    for p in sorted(set(run_dir.rglob("*")) - before.keys() - {log_file}, reverse=True):  # files before their folders
         if p.is_dir():
             with contextlib.suppress(OSError):
                 p.rmdir()
@@ -249,8 +251,8 @@ _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--con
                 "--config-dir", "-cd", "--info", "--experimental-rerun"}
 
 
-def _with_job_name(args: list[str], stage: str) -> list[str]:
-    """Overrides first (argparse wants them contiguous), then the stage as job name, then Hydra's flags."""
+def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """The command line's overrides, and Hydra's flags with the values of those that take one."""
     overrides: list[str] = []
     flags: list[str] = []
     i = 0
@@ -263,6 +265,12 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
         else:
             overrides.append(a)
             i += 1
+    return overrides, flags
+
+
+def _with_job_name(args: list[str], stage: str) -> list[str]:
+    """Overrides first (argparse wants them contiguous), then the stage as job name, then Hydra's flags."""
+    overrides, flags = _split_args(args)
     modes = [f for f in flags if f in _MODE_FLAGS]
     if len(modes) > 1:
         raise MadistillError(f"{' and '.join(modes)} cannot be combined: pass only one of them")
@@ -362,7 +370,7 @@ def _print_stage_help(stage: str, args: list[str]) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        parsed = OverridesParser.create().parse_overrides(_split_args(args)[0])
         overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
         text = stage_help(stage, compose_config(_with_saved_env(overrides, stage)))
     except (MadistillError, HydraException, OmegaConfBaseException) as e:

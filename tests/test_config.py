@@ -124,3 +124,9 @@ def test_stage_help_with_a_bad_override_exits_2_in_one_line(cli):
     rc, out, err = cli("attack", "--help", "attack.epz=[0.1]")
     assert rc == 2 and out == ""
     assert _error_line(err, "attack") == "unknown setting 'attack.epz': did you mean attack.eps?"
+
+
+def test_stage_help_skips_the_values_of_hydra_flags(cli):
+    rc, out, err = cli("train", "--help", "--cfg", "job", "teacher.ppo.n_epochs=3")
+    assert rc == 0 and err == ""
+    assert "teacher.ppo.n_epochs = 3 " in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -267,3 +268,23 @@ def test_resuming_a_pipelines_teacher_with_train_would_orphan_its_student_and_is
     assert rc == 2
     assert f"resume it with `madistill pipeline teacher.resume={ckpt}`" in _one_error_line(err, "train")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "policies"]
+
+
+def test_a_failed_resumed_run_that_replaced_its_checkpoint_keeps_what_it_wrote(tmp_path):
+    from madistill.cli import _drop_failed_start
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "manifest.json").write_text("{}")
+    (run / ".hydra").mkdir()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    os.utime(run / "checkpoint" / "manifest.json", ns=(1, 1))  # replaced in place by the resumed run
+    (run / "tb").mkdir()
+    (run / "tb" / "events").write_text("new curve")
+    _drop_failed_start(run, before, run / ".hydra" / "resumed_x", run / "train.log")
+    assert (run / "tb" / "events").exists()
+    # nothing saved: what the failed attempt added goes, the run's earlier files stay
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    (run / "tb" / "more").write_text("x")
+    _drop_failed_start(run, before, run / ".hydra" / "resumed_y", run / "train.log")
+    assert not (run / "tb" / "more").exists() and (run / "tb" / "events").exists()
