@@ -125,6 +125,8 @@ class Attack:
         k, b = cand.shape[:2]
         flat = cand.reshape(k * b, *cand.shape[2:])
         adv = self.force(policy, x.repeat(k, 1), flat, budget, generator)
+        if k == 1:  # one candidate (random targets, Box corners): nothing to choose between
+            return adv
         with torch.no_grad():
             head = policy(adv)
             reached = head.argmax(-1) == flat if policy.group.discrete else torch.zeros_like(head[:, 0], dtype=torch.bool)
