@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 import madistill
 from madistill.attacks.budget import group_budgets
-from madistill.attacks.robustness import CHECKS_NOT_RUN, check_methods, curves_figure, evaluate_robustness
+from madistill.attacks.robustness import CHECKS_NOT_RUN, curves_figure, evaluate_robustness
 from madistill.attacks.robustness import markdown_report as robustness_markdown
 from madistill.attacks.transform import victim_sets
 from madistill.config import changes_env
@@ -61,6 +61,7 @@ from madistill.finetune import actor_critic_team, attach_regularisers, collectio
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import find_policy_dir, load_team, read_manifest, save_team
 from madistill.runtime import env_spec, env_teams, make_vec_env, resolve_device, seed_everything
+from madistill.seeds import finetune_episode_seed, finetune_validation_seed
 from madistill.selection import BestPolicy
 from madistill.tb import TBLogger
 from madistill.teacher import TeacherTrainer
@@ -100,7 +101,7 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         elif node is not None:
             out[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
     return {k: v for k, v in out.items() if not k.startswith(_NOT_HPARAMS)}
 
 
@@ -385,16 +386,6 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
     return tdir
 
 
-def finetune_episode_seed(seed: int) -> int:
-    """The first episode seed of fine-tuning: away from the teacher's (from ``seed``), DAgger's and evaluation's."""
-    return 10_000_000 * (1 + int(seed))
-
-
-def finetune_validation_seed(seed: int) -> int:
-    """The first validation episode seed of fine-tuning's checkpoint selection: 5M episodes past its own."""
-    return finetune_episode_seed(seed) + 5_000_000
-
-
 def teacher_dir(path: str | Path) -> Path:
     """A teacher policy dir, or the ``teacher`` policy of a run dir."""
     return run_policy_dir(path, "teacher")
@@ -572,7 +563,6 @@ def attack(cfg: DictConfig, run_dir: Path) -> dict:
     gradient-masking checks. Writes ``reports/robustness.{json,md}``, return-vs-eps curves (PNG and
     TensorBoard) and TensorBoard scalars ``attack/<policy>/<victims>/<attack>`` over eps (x100)."""
     ac = cfg.attack
-    check_methods(ac)  # a wrong attack name fails before any policy is loaded or episode run
     device, refs, spec = _studied_policies(
         cfg, ac.policy, "no policy to attack: pass attack.policy=<run, policy or sweep directory>"
     )
