@@ -372,7 +372,8 @@ class AttackConfig:
 
     @staticmethod
     def validate(c: Checks) -> None:
-        c.at_least(1, "episodes", "steps", "restarts", "spsa_samples", "offset_candidates", "target_candidates")
+        c.at_least(1, "episodes", "steps", "restarts", "spsa_samples", "offset_candidates", "target_candidates",
+                   "learned_steps", "learned_envs")
         c.within(0, 1, "frequency")
         c.require(all(e >= 0 for e in c.node.eps), "eps", "a list of radii at least 0")
         c.require(all(m >= 0 for by_feature in c.node.scale.values() for m in by_feature.values()), "scale",

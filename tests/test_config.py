@@ -138,6 +138,7 @@ def test_choices_read_compare_and_save_as_their_plain_names():
     (["attack.methods=[pgd,offsets]", "attack.frequency=0.5"],
      "attack.frequency must be 1 with offsets in attack.methods (or drop offsets), got 0.5"),
     (["attack.target_candidates=0"], "attack.target_candidates must be at least 1, got 0"),
+    (["attack.learned_envs=0"], "attack.learned_envs must be at least 1, got 0"),
     (["eval.episodes=0"], "eval.episodes must be at least 1, got 0"),
 ])
 def test_a_setting_out_of_range_is_refused_at_composition_naming_it(overrides, message):
