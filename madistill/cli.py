@@ -55,18 +55,20 @@ def config_groups() -> set[str]:
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``madistill <stage> <overrides>`` would see, without Hydra's runtime section (for scripts
-    and tests that call the stages directly)."""
+    and tests that call the stages directly), validated as ``run`` validates it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from madistill.config import check_overrides, register_configs
+    from madistill.config import check_overrides, register_configs, validate
 
     stages()  # the sections the stages add are part of the config
     check_overrides(overrides, config_groups())
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        cfg = compose("config", overrides=list(overrides))
+    validate(cfg)
+    return cfg
 
 
 def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
@@ -193,6 +195,12 @@ def _one_line(exc: BaseException) -> str:
         if group == "hydra/launcher" and name in _LAUNCHER_EXTRAS:
             return f"the {name} launcher is not installed: pip install -e '.[{_LAUNCHER_EXTRAS[name]}]'"
         return f"unknown {group} {name!r}: use {group}=<one of: {opts}>{hint}"
+    choice = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]\s*full_key: ([\w.]+)(\[)?",
+                       f"{text}\n{exc.__cause__ or ''}")
+    if choice:  # a choice setting (an enum of madistill/config.py) given another value
+        value, options, key, item = choice.groups()
+        use = f"{key}=[<any of {options}>]" if item else f"{key}=<one of {options}>"
+        return f"{key} cannot be {value!r}: use {use}"
     added = re.search(r"An item is already at '([^']+)'", text)
     if added:  # Hydra's `+key=value` on a key the config already has
         return f"{added.group(1)} is already set: drop the + ({added.group(1)}=<value> replaces it)"
@@ -276,7 +284,7 @@ def stage_help(stage: str, cfg: DictConfig) -> str:
     from madistill.config import section_description, settings
 
     h = stages()[stage]
-    values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True)
     groups = {g: sorted(p.stem for p in (Path(config_dir()) / g).glob("*.yaml")) for g in config_groups() - {"hydra"}}
     out = [f"madistill {stage}: {h.summary}", f"writes {h.writes} in its run directory", ""]
     for section in (*h.sections, *COMMON_SECTIONS):

@@ -11,13 +11,84 @@ import sys
 import tokenize
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from madistill.errors import MadistillError
+from madistill.seeds import ATTACK_SEED, EVAL_SEED
+
+
+class Choice(str, Enum):
+    """The values a choice setting takes. Hydra refuses any other when it composes the config, listing these
+    (OmegaConf reads an enum setting by member name, so every name is its value). Members are strings that
+    print and compare as their value, so code and saved manifests keep the plain names."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    __format__ = str.__format__
+
+
+def _choices(name: str, values: str, doc: str = "") -> Any:
+    """A Choice enum called ``name`` whose members are the space-separated ``values``."""
+    enum = Choice(name, [(v, v) for v in values.split()], module=__name__, qualname=name)
+    enum.__doc__ = doc or f"The values of the {name} settings."
+    return enum
+
+
+Grouping = _choices("Grouping", "auto per_agent")
+NanPolicy = _choices("NanPolicy", "error zero")
+Backend = _choices("Backend", "auto batched pettingzoo")
+Activation = _choices("Activation", "tanh relu elu gelu")
+Critic = _choices("Critic", "local central")
+UpdateMode = _choices("UpdateMode", "inline thread process")
+Divergence = _choices("Divergence", "kl reverse_kl prob_l2 logit_mse nll")
+Mask = _choices("Mask", "soft topk threshold")
+GradientTarget = _choices("GradientTarget", "log_prob logit",
+                          "The policy output whose input gradient DIGR regularises and gradient saliency explains.")
+AdvObjective = _choices("AdvObjective", "kl ce both")
+PGDObjective = _choices("PGDObjective", "ce kl")
+SaliencyBaseline = _choices("SaliencyBaseline", "mean marginal")
+AttackMethod = _choices("AttackMethod", "random fgsm pgd critic spsa transfer offsets learned targeted_random "
+                        "targeted_lowest", "The attack suite by name (madistill/attacks/robustness.py says what "
+                        "each attacker knows).")
+ValidationAttack = _choices("ValidationAttack", "random fgsm pgd spsa", "Per-step attacks that need nothing but "
+                            "the candidate itself (no surrogate, critic or training).")
+VideoFormat = _choices("VideoFormat", "gif mp4")
+
+
+class Checks:
+    """One config section (``path``: its dotted key) with the range checks its schema's ``validate`` runs on
+    it; a failing check raises one line naming the setting, what it must be and the value given."""
+
+    def __init__(self, node: Any, path: str):
+        self.node, self.path = node, path
+
+    def require(self, ok: bool, key: str, must: str) -> None:
+        """Refuse setting ``key`` unless ``ok``; ``must`` says what it must be (``"at least 1"``)."""
+        if not ok:
+            from omegaconf import OmegaConf
+
+            value = self.node[key]
+            shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            raise MadistillError(f"{self.path + '.' if self.path else ''}{key} must be {must}, got {shown}")
+
+    def at_least(self, low: float, *keys: str) -> None:
+        """Each of ``keys`` (unset ones skipped) at least ``low``."""
+        for key in keys:
+            self.require(self.node[key] is None or self.node[key] >= low, key, f"at least {low}")
+
+    def within(self, low: float, high: float, *keys: str, open_low: bool = False, open_high: bool = False) -> None:
+        """Each of ``keys`` (unset ones skipped) in [low, high]; ``open_low`` / ``open_high`` leave that end out."""
+        interval = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        for key in keys:
+            v = self.node[key]
+            self.require(v is None or ((low < v if open_low else low <= v) and (v < high if open_high else v <= high)),
+                         key, interval)
 
 
 @dataclass
@@ -27,11 +98,11 @@ class EnvConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the env factory
     num_envs: int = 16  # env copies stepped together
     num_workers: int = 2  # worker processes stepping the copies (0: in this process)
-    grouping: str = "auto"  # auto: agents with equal spaces share a policy; per_agent: one each
-    nan_policy: str = "error"  # error | zero: what to do with NaN/inf observations
+    grouping: Grouping = Grouping.auto  # auto: agents with equal spaces share a policy; per_agent: one each
+    nan_policy: NanPolicy = NanPolicy.error  # what NaN/inf observations do: error (stop the run) or zero (read as 0)
     # auto | batched | pettingzoo: batched steps all copies of an mpe2 env with a numpy port at once
     # (madistill/envs/batched, same numbers as mpe2); auto picks it where a port exists, else pettingzoo
-    backend: str = "auto"
+    backend: Backend = Backend.auto
     # Named feature groups per agent group for saliency, e.g. {listener: {landmark_0: [2, 3]}}; features
     # left out stay single (named by the env where it names them).
     features: dict[str, dict[str, list[int]]] = field(default_factory=dict)
@@ -39,6 +110,11 @@ class EnvConfig:
     # Teams (sides) for the reports: team name -> agent ids or agent-name prefixes, every agent in exactly one,
     # e.g. +env.teams={adversaries: [adversary], good: [agent]}. Empty: inferred from the agent names (docs/teams.md).
     teams: dict[str, list[str]] = field(default_factory=dict)
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "num_envs")
+        c.at_least(0, "num_workers")
 
 
 def changes_env(overrides: Sequence[str], saved_id: str | None = None) -> bool:
@@ -67,6 +143,10 @@ class PPOConfig:
     max_grad_norm: float = 0.5  # gradient norm clip
     target_kl: float | None = None  # stop an update's epochs early beyond this KL (null: never)
 
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "n_steps", "batch_size", "n_epochs")
+
 
 @dataclass
 class AnnealConfig:
@@ -76,6 +156,10 @@ class AnnealConfig:
     learning_rate: float | None = None  # end value as a fraction of the start value (null: constant)
     clip_range: float | None = None  # end value as a fraction of the start value (null: constant)
     ent_coef: float | None = None  # end value as a fraction of the start value (null: constant)
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(0, "learning_rate", "clip_range", "ent_coef")
 
 
 @dataclass
@@ -90,12 +174,20 @@ class CNNConfig:
     max_grid: int = 8  # bounds the linear layer's input at channels[-1] * max_grid^2, whatever the image size
     features_dim: int = 512  # width of the encoder's output (the features the MLP layers read)
 
+    @staticmethod
+    def validate(c: Checks) -> None:
+        layers = [len(c.node.channels), len(c.node.kernels), len(c.node.strides)]
+        c.require(len(set(layers)) == 1 and layers[0] > 0, "channels", "a non-empty list as long as kernels and strides")
+        for key in ("channels", "kernels", "strides"):
+            c.require(min(c.node[key]) >= 1, key, "positive numbers")
+        c.at_least(1, "max_grid", "features_dim")
+
 
 @dataclass
 class TeacherConfig:
     total_agent_steps: int = 1_000_000  # summed over agents and env copies
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])  # actor and critic MLP layer widths
-    activation: str = "tanh"  # tanh | relu | elu | gelu: the MLPs' activation
+    activation: Activation = Activation.tanh  # the MLPs' activation
     normalize_obs: bool = True  # normalise observations by running mean and std (policies act in these units)
     # Whether an agent cut off by the episode's time limit (truncated, not terminated) gets the critic's value of
     # its final observation as reward: right where the limit only cuts short an endless task or the observation
@@ -105,7 +197,7 @@ class TeacherConfig:
     # "local": each agent's critic sees its own observation (independent PPO); "central": it sees the whole
     # team's observations of its env copy too (centralised training, decentralised execution, as in MAPPO).
     # The actor always sees only its own observation, so saved teachers act alike either way.
-    critic: str = "local"
+    critic: Critic = Critic.local
     cnn: CNNConfig = field(default_factory=CNNConfig)  # encoder of image observations, before hidden_sizes
     ppo: PPOConfig = field(default_factory=PPOConfig)
     checkpoint_every: int = 0  # agent steps between checkpoints (0: only at the end and on Ctrl-C)
@@ -113,7 +205,7 @@ class TeacherConfig:
     # When each PPO update runs: "inline" after each rollout (SB3's strictly on-policy schedule), or overlapped
     # with the next rollout, which is collected with the weights from before that update (one update of policy
     # lag, as in asynchronous PPO), in a background "thread" or a learner "process" (faster on 2+ cores).
-    update_mode: str = "inline"
+    update_mode: UpdateMode = UpdateMode.inline
     # Per-group PPO settings over teacher.ppo, by group name (heterogeneous groups often need their own), e.g.
     # +teacher.group_ppo.speaker.ent_coef=0.01. n_steps is shared: every group acts in the same rollouts.
     group_ppo: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -122,11 +214,16 @@ class TeacherConfig:
     message_bonus: dict[str, float] = field(default_factory=dict)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
 
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "total_agent_steps")
+        c.at_least(0, "checkpoint_every")
+
 
 @dataclass
 class StudentConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # the student MLP's layer widths
-    activation: str = "tanh"  # tanh | relu | elu | gelu: the student MLP's activation
+    activation: Activation = Activation.tanh  # the student MLP's activation
     # encoder of image observations, before hidden_sizes: compact (with hidden_sizes=[64, 64], 38k parameters on
     # 36x36x3 images, 1/8 of the default teacher's acting network)
     cnn: CNNConfig = field(default_factory=lambda: CNNConfig(channels=[16, 32], kernels=[8, 4], strides=[4, 2],
@@ -152,13 +249,13 @@ class DistillConfig:
     # decay of an exponential moving average of the student's weights, which becomes the saved student (0: off)
     weight_average: float = 0.0
     max_grad_norm: float = 1.0  # gradient norm clip
-    divergence: str = "kl"  # kl | reverse_kl | prob_l2 | logit_mse | nll
+    divergence: Divergence = Divergence.kl  # how the student matches the teacher (madistill/distill/divergences.py)
     temperature: float = 1.0  # teacher softmax temperature (Box: scales the teacher's variance)
     lambda_igr: float = 1.0  # weight of the selective input-gradient penalty
-    mask: str = "threshold"  # soft | topk | threshold: how teacher saliency becomes feature relevance
+    mask: Mask = Mask.threshold  # how teacher saliency becomes feature relevance
     topk: int = 3  # groups kept relevant by mask=topk
     threshold: float = 0.2  # saliency at or above which a group is relevant (mask=threshold)
-    target: str = "log_prob"  # f_S whose input gradient is regularised: log_prob | logit
+    target: GradientTarget = GradientTarget.log_prob  # f_S whose input gradient is regularised
     heldout_fraction: float = 0.1  # share of visited observations kept for agreement metrics
     # Robust distillation (adversarial term): PGD on the student within adv_eps (normalised units, features in
     # attack.exclude kept), eps ramped linearly from 0 over the first adv_ramp share of the updates.
@@ -166,10 +263,21 @@ class DistillConfig:
     smooth_weight: float = 0.0  # weight of KL(student(x) || student(x + delta))
     adv_eps: float = 0.3  # radius of the PGD perturbation (normalised units)
     adv_steps: int = 3  # PGD steps of the adversarial term
-    adv_objective: str = "kl"  # kl (policy divergence) | ce (flip the greedy action, FGSM's objective) | both (per sample the worse)
+    # kl (policy divergence), ce (flip the greedy action, FGSM's objective) or both (per sample the worse)
+    adv_objective: AdvObjective = AdvObjective.kl
     adv_fgsm: bool = False  # per sample, the worse of that PGD's point and FGSM's (one full signed step on ce)
     adv_ramp: float = 0.5  # share of the updates over which adv_eps grows from 0
     adv_collect: float = 0.0  # chance per env copy and step that DAgger collection runs under that PGD
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        # zero rounds, steps or updates would save an untrained student
+        c.at_least(1, "rounds", "agent_steps_per_round", "updates_per_round", "batch_size", "adv_steps")
+        c.at_least(0, "lambda_igr", "adv_weight", "smooth_weight", "adv_eps")
+        c.require(c.node.temperature > 0, "temperature", "above 0")
+        c.within(0, 1, "beta_start", "beta_decay", "heldout_fraction", "adv_ramp", "adv_collect")
+        c.within(0, 1, "lr_final", open_low=True)
+        c.within(0, 1, "weight_average", open_high=True)
 
 
 @dataclass
@@ -186,19 +294,28 @@ class FinetuneConfig:
     steps: int = 3  # PGD steps of the inner maximisation
     ramp: float = 0.2  # share of training over which the regulariser's eps grows linearly from 0
     attack_fraction: float = 0.5  # share of env copies and steps played under PGD on the acting team (radius eps)
-    attack_objective: str = "ce"  # what that PGD maximises: ce (flip the greedy action) | kl
+    attack_objective: PGDObjective = PGDObjective.ce  # what that PGD maximises: ce (flip the greedy action) or kl
     # checkpoint selection: the saved student is the best-scoring of the start and every select_every steps
     select_every: int = 50_000  # agent-steps between validations (0: save the last policy, validate nothing)
     select_episodes: int = 50  # validation episodes per candidate and attack (the same seeds for every candidate)
-    select_attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])  # validation attacks (all agents victims, radius eps)
+    select_attacks: list[ValidationAttack] = field(  # validation attacks (all agents victims, radius eps)
+        default_factory=lambda: [ValidationAttack.fgsm, ValidationAttack.pgd])
     select_robust_weight: float = 0.5  # score = (1 - w) * clean + w * worst validation team return
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "total_agent_steps", "steps", "select_episodes")
+        c.at_least(0, "smooth_weight", "eps", "select_every")
+        c.within(0, 1, "ramp", "attack_fraction", "select_robust_weight")
 
 
 @dataclass
 class SaliencyConfig:
-    baseline: str = "mean"  # perturbation baseline: mean (normaliser mean) | marginal (other observations)
+    # perturbation baseline: mean (normaliser mean) or marginal (other observations)
+    baseline: SaliencyBaseline = SaliencyBaseline.mean
     baseline_samples: int = 4  # draws per observation for the marginal baseline
-    target: str = "log_prob"  # what gradient saliency explains: log_prob | logit of the chosen action
+    # what gradient saliency explains: log_prob or logit of the chosen action
+    target: GradientTarget = GradientTarget.log_prob
     topk: int = 3  # k of the top-k overlap metric
     policy: str | None = None  # saliency stage: run or policy directory
     obs: str | None = None  # saliency stage: .npz of raw observations per group (default: roll out the policy)
@@ -207,6 +324,10 @@ class SaliencyConfig:
     # image groups: pixels are grouped into square patches of this side (all channels) for saliency, DIGR and
     # attack.exclude names (patch_<row>_<col>); 1 keeps every flattened pixel value its own feature
     image_patch: int = 6
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "baseline_samples", "topk", "episodes", "rows", "image_patch")
 
 
 @dataclass
@@ -217,7 +338,8 @@ class AttackConfig:
     # add "learned" for the PPO adversary (trained per victim set and eps: attack.learned_steps each) and
     # "offsets" for the constant-offset search (attack.offset_candidates replays of every episode), and
     # "targeted_random" / "targeted_lowest" for PGD that forces a chosen action (docs/attacks.md)
-    methods: list[str] = field(default_factory=lambda: ["random", "fgsm", "pgd", "critic", "spsa", "transfer"])
+    methods: list[AttackMethod] = field(
+        default_factory=lambda: [AttackMethod(m) for m in "random fgsm pgd critic spsa transfer".split()])
     eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
     victims: list[str] = field(default_factory=lambda: ["all", "each"])  # all | each | <agent> | team:<name> | <a>+<b>
     frequency: float = 1.0  # share of steps attacked (per env copy)
@@ -241,13 +363,25 @@ class AttackConfig:
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
     target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     episodes: int = 50  # episodes per attack, victim set and eps
-    seed: int = 20_000  # episode seeds, disjoint from training and clean-evaluation seeds
+    seed: int = ATTACK_SEED  # first episode seed (madistill/seeds.py: the seed namespaces)
     checks: bool = True  # gradient-masking checks (adds strong PGD at the middle eps and a collapse run)
     collapse_eps: float = 3.0  # PGD here on all agents should leave under half the gain over random
     masking_tolerance: float = 0.1  # return differences below this share of the clean gain are not flagged
     probe_observations: int = 512  # observations for the objective-level checks
     probe_tolerance: float = 0.5  # an objective-level flag needs one attack to reach (1 + this) x the other's KL
     n_boot: int = 1000  # bootstrap resamples for the report's CIs and the masking checks
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "episodes", "steps", "restarts", "spsa_samples", "offset_candidates", "target_candidates",
+                   "learned_steps", "learned_envs")
+        c.within(0, 1, "frequency")
+        c.require(all(e >= 0 for e in c.node.eps), "eps", "a list of radii at least 0")
+        c.require(all(m >= 0 for by_feature in c.node.scale.values() for m in by_feature.values()), "scale",
+                  "multiples of eps at least 0")
+        # one offset holds for a whole episode, so it cannot attack only some of its steps
+        c.require("offsets" not in c.node.methods or c.node.frequency == 1, "frequency",
+                  "1 with offsets in attack.methods (or drop offsets)")
 
 
 @dataclass
@@ -262,7 +396,7 @@ class EvalConfig:
     policy: str | None = None  # run or policy directory (evaluate stage); pipeline fills it
     names: list[str] = field(default_factory=list)  # which policies of a run dir (empty: all)
     episodes: int = 100  # episodes per policy
-    seed: int = 10_000  # episode seeds seed..seed+episodes-1, disjoint from training seeds
+    seed: int = EVAL_SEED  # episode seeds seed..seed+episodes-1 (madistill/seeds.py: the seed namespaces)
     deterministic: bool = True  # greedy actions (false: sampled)
     # sampled actions (deterministic=false, the random team) from one stream per episode, so they do not
     # depend on env.num_envs; off by default so far, as the README's sampled numbers came from one shared stream
@@ -270,7 +404,11 @@ class EvalConfig:
     random_baseline: bool = True  # also evaluate a uniform-random team for reference
     n_boot: int = 2000  # bootstrap resamples for the 95% CIs
     video: bool = False  # save a GIF of one episode from the env's rgb_array render
-    video_format: str = "gif"  # gif | mp4 (mp4 needs imageio[ffmpeg])
+    video_format: VideoFormat = VideoFormat.gif  # mp4 needs imageio[ffmpeg]
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "episodes", "n_boot")
 
 
 @dataclass
@@ -353,25 +491,30 @@ def register_configs() -> None:
         cs.store(group=s.name, name=f"base_{s.name}", node=s.schema)
 
 
-# Counts that must be positive: a zero or negative value would save an untrained policy or summarise nothing.
-POSITIVE = ("teacher.total_agent_steps", "eval.episodes", "attack.episodes", "saliency.episodes", "distill.rounds",
-            "distill.agent_steps_per_round", "distill.updates_per_round", "distill.batch_size",
-            "finetune.total_agent_steps", "finetune.steps")
-
-
 def validate(cfg: Any) -> None:
-    """Refuse settings no stage can use, in one line naming the key, before any work starts."""
+    """Refuse settings no stage can use, in one line naming the setting, before any work starts: each schema's
+    ``validate`` on its section, then the checks that read several sections."""
+    _validate_sections(root_schema(), cfg, "")
+    if cfg.teacher.ppo.n_steps * cfg.env.num_envs < 2:  # PPO's advantages need two steps per rollout
+        raise MadistillError(f"teacher.ppo.n_steps * env.num_envs must be at least 2, got "
+                             f"{cfg.teacher.ppo.n_steps} * {cfg.env.num_envs}")
     from omegaconf import OmegaConf
 
-    for key in POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value < 1:
-            raise MadistillError(f"{key} must be at least 1, got {value}")
     if OmegaConf.select(cfg, "env.target") is not None:
         from madistill.envs.batched import choose_backend
         from madistill.runtime import env_spec
 
         choose_backend(env_spec(cfg.env), cfg.env.backend)
+
+
+def _validate_sections(schema: type, node: Any, path: str) -> None:
+    """``validate`` of every schema below ``schema`` on its section of ``node`` (at dotted ``path``)."""
+    for name, tp in _field_types(schema).items():
+        if is_dataclass(tp):
+            section, where = node[name], f"{path}{name}"
+            if hasattr(tp, "validate"):
+                tp.validate(Checks(section, where))
+            _validate_sections(tp, section, where + ".")
 
 
 @functools.cache
@@ -450,7 +593,8 @@ def _descriptions(path: str) -> dict[tuple[str, str], str]:
 
 def settings(section: str) -> list[tuple[str, str]]:
     """(dotted key, one-line description) of every setting under ``section`` (``"teacher"``, ``"teacher.ppo"``;
-    ``""``: the top-level settings outside any section), in declaration order, nested schemas expanded."""
+    ``""``: the top-level settings outside any section), in declaration order, nested schemas expanded. A choice
+    setting's description starts with its values, ``(inline | thread | process)``."""
     schema = _schema(section)
     prefix = f"{section}." if section else ""
     out: list[tuple[str, str]] = []
@@ -458,8 +602,10 @@ def settings(section: str) -> list[tuple[str, str]]:
         if is_dataclass(tp):
             if section:
                 out += settings(prefix + name)
-        else:
-            out.append((prefix + name, _description(schema, name)))
+            continue
+        text = _description(schema, name)
+        choice = next((t for t in (tp, *get_args(tp)) if isinstance(t, type) and issubclass(t, Choice)), None)
+        out.append((prefix + name, f"({' | '.join(choice)}) {text}" if choice else text))
     return out
 
 

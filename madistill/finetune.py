@@ -98,8 +98,6 @@ class SmoothnessRegulariser:
     def __init__(self, model: PPO, actor: SB3Policy, unit_budget: Budget, settings: Any, generator: torch.Generator):
         self.model, self.actor, self.unit_budget, self.generator = model, actor, unit_budget, generator
         self.weight, self.eps, self.ramp = float(settings.smooth_weight), float(settings.eps), float(settings.ramp)
-        if self.weight < 0 or self.eps < 0 or not 0 <= self.ramp <= 1:
-            raise MadistillError("finetune.smooth_weight and finetune.eps must be >= 0 and finetune.ramp in [0, 1]")
         self.attack = Attack("pgd", "kl", steps=int(settings.steps), restarts=1)
         self.parameters = [p for n, p in actor.sb3.named_parameters() if n.startswith(_ACTOR_PREFIXES)]
         self.rows = np.random.default_rng(int(generator.initial_seed()))
@@ -137,8 +135,6 @@ def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, B
     acting on perturbed observations, adversarial training inside the RL loop (Pattanaik et al. 2018), where the
     regulariser alone only asks the actions not to change."""
     fraction = float(settings.attack_fraction)
-    if not 0.0 <= fraction <= 1.0:
-        raise MadistillError(f"finetune.attack_fraction must be in [0, 1], got {fraction}")
     if fraction == 0 or settings.eps == 0:
         return []
     attack = Attack("pgd", str(settings.attack_objective), steps=int(settings.steps), restarts=1)

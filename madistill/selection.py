@@ -27,9 +27,6 @@ from madistill.evaluate.evaluator import run_episodes
 from madistill.policies.base import TeamPolicy
 from madistill.tb import TBLogger
 
-# per-step attacks that need nothing but the candidate itself (no surrogate, critic or training)
-VALIDATION_ATTACKS = ("random", "fgsm", "pgd", "spsa")
-
 
 @dataclass
 class Validation:
@@ -45,20 +42,12 @@ class BestPolicy:
     """Validates candidates and keeps a copy of the best-scoring one.
 
     ``score = (1 - robust_weight) * clean + robust_weight * worst``, where ``worst`` is the lowest mean team
-    return over ``attacks`` (names of the suite, settings from the ``attack`` config) with every agent a victim
-    at radius ``eps``; ties keep the earlier candidate. ``settings``: the config prefix of these settings, for
-    error messages.
+    return over ``attacks`` (config.ValidationAttack names, settings from the ``attack`` config) with every agent a
+    victim at radius ``eps``; ties keep the earlier candidate.
     """
 
     def __init__(self, venv: MultiAgentVecEnv, unit_budgets: Mapping[str, Budget], ac: Any, attacks: list[str],
-                 eps: float, episodes: int, robust_weight: float, seed: int, tb: TBLogger | None = None,
-                 settings: str = "finetune.select_"):
-        unknown = [a for a in attacks if a not in VALIDATION_ATTACKS]
-        if unknown:
-            raise MadistillError(f"cannot validate with {unknown}: use {settings}attacks=[{', '.join(VALIDATION_ATTACKS)}] "
-                                 "(any of them, or [] for clean returns only)")
-        if not 0.0 <= robust_weight <= 1.0 or episodes < 1:
-            raise MadistillError(f"{settings}robust_weight must be in [0, 1] and {settings}episodes at least 1")
+                 eps: float, episodes: int, robust_weight: float, seed: int, tb: TBLogger | None = None):
         agents = [a for g in venv.groups for a in g.agents]
         budgets = {name: b.scaled(float(eps)) for name, b in unit_budgets.items()}
         self.attacks = {a: AttackTransform(suite_attack(a, ac), agents, budgets) for a in attacks if eps > 0}

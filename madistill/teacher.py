@@ -45,6 +45,7 @@ from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
 from madistill.bonus import MutualInformationBonus
+from madistill.config import Checks, PPOConfig
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
@@ -68,8 +69,6 @@ from madistill.transforms import GroupTensors, ObsTransform, normalize
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
-CRITICS = ("local", "central")
-UPDATE_MODES = ("inline", "thread", "process")
 
 
 class _SpacesOnlyVecEnv(VecEnv):
@@ -158,6 +157,7 @@ def group_ppo_settings(teacher_cfg: Any, group_names: list[str]) -> dict[str, di
             settings = OmegaConf.to_container(OmegaConf.merge(tc.ppo, tc.group_ppo.get(name, {})))
         except OmegaConfBaseException as e:
             raise MadistillError(f"teacher.group_ppo.{name}: {str(e).splitlines()[0]} (the keys are teacher.ppo's)") from e
+        PPOConfig.validate(Checks(settings, f"teacher.group_ppo.{name}"))
         if settings["n_steps"] != tc.ppo.n_steps:
             raise MadistillError("teacher.group_ppo cannot set n_steps (every group acts in the same rollouts): set teacher.ppo.n_steps")
         for key, fraction in tc.anneal.items():
@@ -201,8 +201,6 @@ def _check_batch_size(group: AgentGroup, num_envs: int, ppo_kwargs: dict[str, An
     agent-steps a group collects per update: the last one is short, or the only one is the whole rollout."""
     size = int(ppo_kwargs["n_steps"]) * num_envs * group.n_agents
     batch = int(ppo_kwargs["batch_size"])
-    if batch < 1:
-        raise MadistillError(f"group {group.name!r}: teacher.ppo.batch_size must be at least 1, got {batch}")
     if size % batch:
         per_update = f"{size // batch} minibatch(es) of {batch} and one of {size % batch}" if size > batch else f"one minibatch of {size}"
         log.warning(f"group {group.name!r} collects {size} agent-steps per update (teacher.ppo.n_steps x env.num_envs x "
@@ -215,8 +213,6 @@ def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwar
                 seed: int, device: torch.device | str) -> PPO:
     """The group's SB3 PPO, sized for its agent slots in ``num_envs`` copies, with a silent logger."""
     width = num_envs * group.n_agents
-    if width * int(ppo_kwargs["n_steps"]) < 2:
-        raise MadistillError("teacher.ppo.n_steps * env.num_envs must be at least 2")
     with warnings.catch_warnings():  # TeacherTrainer says it in madistill's terms (_check_batch_size)
         warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
         model = _PPO(
@@ -298,8 +294,6 @@ class TeacherTrainer:
         tc = cfg.teacher
         if start is not None:
             self.arch = _start_arch(start)
-        elif tc.critic not in CRITICS:
-            raise MadistillError(f"unknown teacher.critic {tc.critic!r}: use teacher.critic=<one of {', '.join(CRITICS)}>")
         else:
             # a centralised critic reads every agent's observation of the env copy after the agent's own
             state_dim = sum(g.n_agents * g.obs_dim for g in venv.groups) if tc.critic == "central" else 0
@@ -315,8 +309,6 @@ class TeacherTrainer:
         # opposing sides: the mean over every agent hides how each side does, so progress shows each team's
         teams = env_teams(cfg.env, venv)
         self.teams = teams if several_teams(teams) else {}
-        if tc.update_mode not in UPDATE_MODES:
-            raise MadistillError(f"unknown teacher.update_mode {tc.update_mode!r}: use teacher.update_mode=<one of {', '.join(UPDATE_MODES)}>")
         self.update_mode = str(tc.update_mode)
         self.overlap = self.update_mode != "inline"
         self.learners: dict[str, _GroupLearner] = {}

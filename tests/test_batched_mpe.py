@@ -239,7 +239,6 @@ def test_auto_picks_the_port_where_one_models_the_env_and_pettingzoo_otherwise()
 @pytest.mark.parametrize(("spec", "backend", "needle"), [
     (EnvSpec("envs.relay.parallel_env", {}, name="relay"), "batched", "no batched port"),
     (EnvSpec("mpe2.simple_spread_v3", {"num_landmark_neighbors": 2}), "batched", "num_landmark_neighbors"),
-    (EnvSpec("mpe2.simple_spread_v3", {}), "jax", "unknown env.backend"),
 ])
 def test_a_backend_that_cannot_be_honoured_is_a_one_line_error(spec, backend, needle):
     with pytest.raises(MadistillError) as e:

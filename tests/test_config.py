@@ -1,12 +1,20 @@
-"""Config traps (unknown settings with or without +, + on a set key) and per-stage help from the schemas."""
+"""Config traps (unknown settings with or without +, + on a set key, values outside a choice or a range), seed
+namespaces, conf/ files that hold only what differs from the schemas, and per-stage help from the schemas."""
 
 from __future__ import annotations
 
-import pytest
-from conftest import REPO, tiny
+import json
+from dataclasses import fields, is_dataclass
+from typing import Any, get_type_hints
 
+import pytest
+import yaml
+from conftest import REPO, tiny
+from omegaconf import OmegaConf
+
+from madistill import seeds
 from madistill.cli import compose_config
-from madistill.config import Config, settings
+from madistill.config import AttackConfig, Config, DistillConfig, EvalConfig, UpdateMode, settings
 from madistill.errors import MadistillError
 from madistill.stages.registry import stages
 
@@ -77,6 +85,134 @@ def test_plus_on_a_set_key_says_to_drop_the_plus(cli, tmp_path, key):
     assert not (tmp_path / "run").exists()
 
 
+# ------------------------------------------------------------------ choices (enums)
+@pytest.mark.parametrize("stage, override, line", [
+    ("train", "teacher.update_mode=bogus",
+     "teacher.update_mode cannot be 'bogus': use teacher.update_mode=<one of inline, thread, process>"),
+    ("distill", "distill.divergence=jsd",
+     "distill.divergence cannot be 'jsd': use distill.divergence=<one of kl, reverse_kl, prob_l2, logit_mse, nll>"),
+    ("train", "env.backend=jax", "env.backend cannot be 'jax': use env.backend=<one of auto, batched, pettingzoo>"),
+    ("attack", "attack.methods=[pgd,fgsn]",
+     "attack.methods cannot be 'fgsn': use attack.methods=[<any of random, fgsm, pgd, critic, spsa, transfer, offsets, "
+     "learned, targeted_random, targeted_lowest>]"),
+    ("finetune", "finetune.select_attacks=[transfer]",  # validation attacks need no surrogate
+     "finetune.select_attacks cannot be 'transfer': use finetune.select_attacks=[<any of random, fgsm, pgd, spsa>]"),
+])
+def test_a_value_outside_a_choice_is_refused_in_one_line_listing_the_choices(cli, tmp_path, stage, override, line):
+    run = tmp_path / "run"
+    rc, out, err = cli(stage, "env=relay", override, f"hydra.run.dir={run}")
+    assert rc == 2 and out == ""
+    assert _error_line(err, stage) == line
+    assert not run.exists()
+    rc, out, err = cli(stage, "--help", override)
+    assert rc == 2 and out == "" and _error_line(err, stage) == line
+
+
+def test_choices_read_compare_and_save_as_their_plain_names():
+    cfg = compose_config(["env=relay", "teacher.update_mode=thread", "finetune.select_attacks=[pgd,random]"])
+    mode = cfg.teacher.update_mode
+    assert isinstance(mode, UpdateMode) and mode == "thread" and f"{mode}" == str(mode) == "thread"
+    saved = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True)))  # as policy manifests record it
+    assert saved["teacher"]["update_mode"] == "thread" and saved["finetune"]["select_attacks"] == ["pgd", "random"]
+
+
+# ------------------------------------------------------------------ ranges: one validate() per schema
+@pytest.mark.parametrize("overrides, message", [
+    (["env.num_envs=0"], "env.num_envs must be at least 1, got 0"),
+    (["teacher.total_agent_steps=0"], "teacher.total_agent_steps must be at least 1, got 0"),
+    (["teacher.ppo.batch_size=0"], "teacher.ppo.batch_size must be at least 1, got 0"),
+    (["teacher.ppo.n_steps=1", "env.num_envs=1"], "teacher.ppo.n_steps * env.num_envs must be at least 2, got 1 * 1"),
+    (["teacher.anneal.ent_coef=-0.5"], "teacher.anneal.ent_coef must be at least 0, got -0.5"),
+    (["distill.rounds=0"], "distill.rounds must be at least 1, got 0"),
+    (["distill.adv_collect=1.5"], "distill.adv_collect must be in [0, 1], got 1.5"),
+    (["distill.lr_final=0"], "distill.lr_final must be in (0, 1], got 0.0"),
+    (["distill.weight_average=1"], "distill.weight_average must be in [0, 1), got 1.0"),
+    (["distill.temperature=0"], "distill.temperature must be above 0, got 0.0"),
+    (["finetune.ramp=2"], "finetune.ramp must be in [0, 1], got 2.0"),
+    (["finetune.attack_fraction=-0.1"], "finetune.attack_fraction must be in [0, 1], got -0.1"),
+    (["finetune.select_robust_weight=1.5"], "finetune.select_robust_weight must be in [0, 1], got 1.5"),
+    (["finetune.eps=-0.1"], "finetune.eps must be at least 0, got -0.1"),
+    (["saliency.image_patch=0"], "saliency.image_patch must be at least 1, got 0"),
+    (["attack.eps=[0.1,-1]"], "attack.eps must be a list of radii at least 0, got [0.1, -1.0]"),
+    (["+attack.scale.agent.target=-1"], "attack.scale must be multiples of eps at least 0, got {'agent': {'target': -1.0}}"),
+    (["attack.frequency=1.5"], "attack.frequency must be in [0, 1], got 1.5"),
+    (["attack.methods=[pgd,offsets]", "attack.frequency=0.5"],
+     "attack.frequency must be 1 with offsets in attack.methods (or drop offsets), got 0.5"),
+    (["attack.target_candidates=0"], "attack.target_candidates must be at least 1, got 0"),
+    (["attack.learned_envs=0"], "attack.learned_envs must be at least 1, got 0"),
+    (["eval.episodes=0"], "eval.episodes must be at least 1, got 0"),
+])
+def test_a_setting_out_of_range_is_refused_at_composition_naming_it(overrides, message):
+    with pytest.raises(MadistillError) as e:
+        compose_config(["env=relay", *overrides])
+    assert str(e.value) == message
+
+
+def test_a_setting_out_of_range_stops_the_cli_before_any_work(cli, tmp_path):
+    run = tmp_path / "run"
+    rc, out, err = cli("train", *tiny("env=relay", "teacher.total_agent_steps=200"), "distill.adv_collect=2",
+                       f"hydra.run.dir={run}")
+    assert rc == 2 and _error_line(err, "train") == "distill.adv_collect must be in [0, 1], got 2.0"
+    assert not run.exists()
+
+
+def test_per_group_ppo_settings_are_checked_as_teacher_ppo_is(make_cfg):
+    from madistill.teacher import group_ppo_settings
+
+    cfg = make_cfg("env=relay", "+teacher.group_ppo.agent.batch_size=0")
+    with pytest.raises(MadistillError) as e:
+        group_ppo_settings(cfg.teacher, ["agent"])
+    assert str(e.value) == "teacher.group_ppo.agent.batch_size must be at least 1, got 0"
+
+
+# ------------------------------------------------------------------ seed namespaces
+def test_seed_namespaces_keep_their_numbers_and_stay_apart():
+    assert EvalConfig().seed == seeds.EVAL_SEED == 10_000 and AttackConfig().seed == seeds.ATTACK_SEED == 20_000
+    assert [seeds.dagger_round_seed(s, r) for s, r in ((0, 0), (0, 3), (2, 1))] == [1_000_000, 1_300_000, 3_100_000]
+    assert [seeds.finetune_episode_seed(s) for s in (0, 2)] == [10_000_000, 30_000_000]
+    assert seeds.finetune_validation_seed(1) == 25_000_000
+    # run seeds 0..8, each block as long as the gap its namespace leaves before the next one
+    blocks = [(seeds.EVAL_SEED, EvalConfig().episodes), (seeds.ATTACK_SEED, AttackConfig().episodes)]
+    for s in range(9):
+        blocks += [(seeds.dagger_round_seed(s, r), seeds.DAGGER_ROUND) for r in range(DistillConfig().rounds + 1)]
+        blocks += [(seeds.finetune_episode_seed(s), seeds.FINETUNE_VALIDATION),
+                   (seeds.finetune_validation_seed(s), seeds.FINETUNE_VALIDATION)]
+    blocks.sort()
+    assert all(start + length <= later for (start, length), (later, _) in zip(blocks, blocks[1:]))
+
+
+# ------------------------------------------------------------------ conf/ holds only what differs
+def _restated(node: dict[str, Any], schema: type, default: Any, path: str) -> list[str]:
+    """The keys of a conf/ file's ``node`` (a section of ``schema``, whose default is ``default``) that restate it."""
+    out = []
+    hints = get_type_hints(schema)
+    for key, value in node.items():
+        if key == "defaults" or path + key == "hydra":  # the file must name these
+            continue
+        tp, current = hints[key], getattr(default, key)
+        if is_dataclass(tp):
+            section = current if is_dataclass(current) else tp()  # Config leaves sections to the defaults list
+            out += _restated(value, tp, section, f"{path}{key}.")
+        elif value == current:
+            out.append(f"{path}{key}")
+    return out
+
+
+def test_conf_files_hold_only_what_differs_from_the_schema_defaults():
+    """A value in conf/ is a choice (its comment says why); the schema's default lives in madistill/config.py."""
+    restated = {}
+    for path in sorted((REPO / "conf").rglob("*.yaml")):
+        text = path.read_text()
+        node = yaml.safe_load(text) or {}
+        group = path.parent.relative_to(REPO / "conf").as_posix()
+        root = node if group == "." or text.startswith("# @package _global_") else {group: node}
+        found = _restated(root, Config, Config(), "")
+        if found:
+            restated[path.relative_to(REPO).as_posix()] = found
+    assert restated == {}
+    assert {f.name for f in fields(Config)} >= {"env", "teacher", "attack"}
+
+
 # ------------------------------------------------------------------ per-stage help
 def _sections() -> list[str]:
     from dataclasses import fields, is_dataclass
@@ -94,6 +230,9 @@ def test_every_setting_has_a_description_in_its_schema():
     described = dict(keys)
     assert described["teacher.ppo.n_epochs"] == "passes over each rollout per update"
     assert described["env.features"].startswith("Named feature groups per agent group for saliency")
+    # a choice setting lists its values first (they left the comments when the settings became enums)
+    assert described["teacher.update_mode"].startswith("(inline | thread | process) When each PPO update runs")
+    assert described["finetune.select_attacks"] == "(random | fgsm | pgd | spsa) validation attacks (all agents victims, radius eps)"
 
 
 @pytest.mark.parametrize("stage", list(stages()))

@@ -18,7 +18,6 @@ from madistill.distill.loss import DistillLoss
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
-from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import uniform_team
 from madistill.explain.saliency import FeatureLayout, perturbation_saliency
 from madistill.policies.base import Policy
@@ -324,9 +323,6 @@ def test_collection_under_attack_records_clean_observations_of_the_drifted_state
     assert not torch.equal(clean["listener"], attacked["listener"])  # then the attacked team drifts elsewhere
     # the speaker only ever sees one of the three goal colours: nothing perturbed was recorded
     assert len(torch.unique(attacked["speaker"], dim=0)) <= 3
-    cfg.distill.adv_collect = 1.5
-    with pytest.raises(MadistillError, match="adv_collect"):
-        DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
 
 
 def test_robust_distillation_ramps_eps_keeps_excluded_features_and_combines_with_digr(make_cfg, teacher_run, monkeypatch):
@@ -398,7 +394,3 @@ def test_learning_rate_anneals_to_lr_final_and_the_saved_student_is_the_weight_a
         expected = 0.5 * expected + 0.5 * w
     final = torch.nn.utils.parameters_to_vector(student["listener"].parameters()).detach()
     assert len(live) == 10 and torch.allclose(final, expected) and not torch.allclose(final, live[-1])
-    for key, value in (("lr_final", 0.0), ("weight_average", 1.0)):
-        bad = make_cfg(f"distill.teacher={teacher_run}", f"distill.{key}={value}")
-        with pytest.raises(MadistillError, match=f"distill.{key}"):
-            DistillTrainer(bad, venv, teacher, student_team(teacher, bad.student), layouts)

@@ -104,9 +104,21 @@ def test_gaussian_divergences():
     assert float(mse) == pytest.approx(1.0)
 
 
-def test_divergence_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown divergence"):
-        divergence("js", torch.zeros(1, 2), torch.zeros(1, 2), discrete=True)
+@pytest.mark.parametrize("discrete", [True, False])
+def test_divergence_rejects_unknown_names_listing_the_valid_ones(discrete):
+    """Discrete and Box heads alike: a name without its own formula is an error, never another divergence."""
+    zeros = torch.zeros(2)
+    with pytest.raises(MadistillError) as e:
+        divergence("js", torch.zeros(1, 2), torch.zeros(1, 2), discrete=discrete, teacher_log_std=zeros,
+                   student_log_std=zeros)
+    assert str(e.value) == "unknown divergence 'js': use distill.divergence=<one of kl, reverse_kl, prob_l2, logit_mse, nll>"
+
+
+def test_every_divergence_has_a_discrete_and_a_box_form():
+    from madistill.config import Divergence
+    from madistill.distill.divergences import _DISCRETE, _GAUSSIAN
+
+    assert list(_DISCRETE) == list(_GAUSSIAN) == [d.value for d in Divergence]
 
 
 # ---------------------------------------------------------------- saliency

@@ -102,11 +102,17 @@ def test_groups_without_images_ignore_and_do_not_record_the_cnn_settings():
     assert not isinstance(teacher.sb3.features_extractor, ImageFeatures)
 
 
-def test_cnn_settings_that_build_no_network_name_the_fix():
-    cnn = _arch("student")["cnn"]
-    for bad in ({"kernels": [8]}, {"strides": [4, 0]}, {"channels": []}, {"max_grid": 0}):
-        with pytest.raises(MadistillError, match=r"student.cnn.channels, kernels and strides must be non-empty"):
-            ImageEncoder(_image_group((36, 36, 3)), {**cnn, **bad}, "student.cnn")
+@pytest.mark.parametrize("override, message", [
+    ("student.cnn.kernels=[8]", "student.cnn.channels must be a non-empty list as long as kernels and strides, "
+                                "got [16, 32]"),
+    ("teacher.cnn.channels=[]", "teacher.cnn.channels must be a non-empty list as long as kernels and strides, got []"),
+    ("student.cnn.strides=[4,0]", "student.cnn.strides must be positive numbers, got [4, 0]"),
+    ("student.cnn.max_grid=0", "student.cnn.max_grid must be at least 1, got 0"),
+])
+def test_cnn_settings_that_build_no_network_name_the_fix(override, message):
+    with pytest.raises(MadistillError) as e:
+        compose_config(tiny(override))
+    assert str(e.value) == message
 
 
 def test_the_cnn_reads_each_pixel_value_where_the_image_has_it():

@@ -18,7 +18,6 @@ from madistill.attacks.robustness import (
     SUITE,
     THREAT_MODELS,
     RobustnessResult,
-    check_methods,
     markdown_report,
 )
 from madistill.config import AttackConfig
@@ -128,13 +127,10 @@ def test_targeted_settings_are_checked():
         Attack("pgd", "target")
     with pytest.raises(MadistillError, match="unknown attack target choice"):
         Attack("targeted", "target", target="best")
-    with pytest.raises(MadistillError, match="target_candidates must be at least 1"):
-        Attack("targeted", "target", candidates=0)
 
 
 def test_targeted_attacks_are_opt_in_suite_members():
     assert {"targeted_random", "targeted_lowest"} <= set(SUITE)
-    check_methods(AttackConfig(methods=["pgd", "targeted_random", "targeted_lowest"]))
     assert not any(m.startswith("targeted") for m in AttackConfig().methods)
     assert set(THREAT_MODELS) == {*SUITE, "pgd_strong"}  # the report names every attack's threat model
 

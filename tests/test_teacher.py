@@ -292,14 +292,11 @@ def test_a_time_limit_adds_the_critics_value_of_the_final_observation_only_when_
         np.testing.assert_allclose(buf.returns, 0, atol=1e-6)  # Monte Carlo (gae_lambda=1) returns of zero rewards
 
 
-def test_resuming_with_another_critic_or_an_unknown_one_is_a_one_line_error(relay_run):
+def test_resuming_with_another_critic_is_a_one_line_error(relay_run):
     _, run_dir, _ = relay_run
     cfg = compose_config(tiny(*RELAY, "teacher.critic=central", f"teacher.resume={run_dir / 'checkpoint'}"))
     spec = env_spec(cfg.env)
     with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match="teacher.critic=local"):
-        TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)
-    cfg = compose_config(tiny(*RELAY, "teacher.critic=mappo"))
-    with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match=r"teacher.critic=<one of local, central>"):
         TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None)
 
 

@@ -29,8 +29,6 @@ class Budget:
         r = r.expand(obs_dim).clone() if r.dim() == 0 else r.clone()
         if r.shape != (obs_dim,):
             raise MadistillError(f"a per-feature eps needs {obs_dim} values, got {tuple(r.shape)}: fix attack.eps")
-        if (r < 0).any():
-            raise MadistillError("attack eps must be non-negative: fix attack.eps")
         r[list(excluded)] = 0.0
         return Budget(r)
 

@@ -21,7 +21,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from madistill.attacks.budget import Budget
-from madistill.attacks.transform import attacked_copies, checked_frequency
+from madistill.attacks.transform import attacked_copies
 from madistill.config import AttackConfig
 from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import flatten_obs
@@ -46,7 +46,7 @@ class AdversaryEnv(gym.Env):
     def __init__(self, spec: EnvSpec, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget],
                  frequency: float = 1.0, target: Sequence[str] | None = None):
         super().__init__()
-        self.frequency = checked_frequency(frequency)
+        self.frequency = float(frequency)
         self.target = None if target is None else set(target)
         self.env = make_env(spec)
         # a copy: Module.to moves in place, and the caller keeps attacking its team on its own device
@@ -135,7 +135,7 @@ class LearnedAdversary(ObsTransform):
 
     def __init__(self, model: PPO, victims: Sequence[str], budgets: Mapping[str, Budget], frequency: float = 1.0):
         self.model, self.victims, self.budgets = model, list(victims), dict(budgets)
-        self.frequency = checked_frequency(frequency)
+        self.frequency = float(frequency)
 
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
         slots = _slots(ctx.team, self.victims)

@@ -56,15 +56,11 @@ class Attack:
             raise MadistillError(f"unknown attack method {self.method!r}: use one of {METHODS}")
         if self.objective not in OBJECTIVES:
             raise MadistillError(f"unknown attack objective {self.objective!r}: use one of {OBJECTIVES}")
-        if self.steps < 1 or self.restarts < 1:
-            raise MadistillError("attack steps and restarts must be at least 1")
         if (self.method == "targeted") != (self.objective == "target"):
             raise MadistillError(f"attack method {self.method!r} with objective {self.objective!r}: the target objective "
                                  "needs the targeted method (targeted_random, targeted_lowest), the others take kl, ce or value")
         if self.target not in TARGETS:
             raise MadistillError(f"unknown attack target choice {self.target!r}: use one of {TARGETS}")
-        if self.candidates < 1:
-            raise MadistillError("attack.target_candidates must be at least 1")
 
     def __call__(
         self,

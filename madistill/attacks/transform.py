@@ -34,7 +34,7 @@ class AttackTransform(ObsTransform):
         critic: TeamPolicy | None = None,
     ):
         self.attack, self.victims, self.budgets = attack, list(victims), dict(budgets)
-        self.frequency, self.surrogate, self.critic = checked_frequency(frequency), surrogate, critic
+        self.frequency, self.surrogate, self.critic = float(frequency), surrogate, critic
 
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
         team = ctx.team
@@ -60,13 +60,6 @@ class AttackTransform(ObsTransform):
             x[mask] = adv.to(x.dtype)
             out[g.name] = x
         return out
-
-
-def checked_frequency(frequency: float) -> float:
-    """``attack.frequency``, the chance that an env copy is attacked at a step, once checked to be in [0, 1]."""
-    if not 0.0 <= frequency <= 1.0:
-        raise MadistillError(f"attack.frequency must be in [0, 1], got {frequency}")
-    return frequency
 
 
 def attacked_copies(n: int, frequency: float, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:

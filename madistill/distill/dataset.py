@@ -12,7 +12,6 @@ import torch
 
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import MultiAgentVecEnv
-from madistill.errors import MadistillError
 from madistill.explain.saliency import FeatureLayout, perturbation_saliency
 from madistill.policies.base import Policy, TeamPolicy
 from madistill.rollout import Rollout, Transition
@@ -81,10 +80,6 @@ class SaliencyLabeller:
     chunk: int = 4096  # observations per batched forward (bounds memory: chunk * (G + 1) * samples rows) ...
     max_values: int = 2**25  # ... and fewer where their perturbed copies would hold more values (image groups)
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
-
-    def __post_init__(self) -> None:
-        if self.baseline not in ("mean", "marginal"):
-            raise MadistillError(f"unknown saliency.baseline {self.baseline!r}: use saliency.baseline=mean or marginal")
 
     @staticmethod
     def from_config(sc: Any, layouts: Mapping[str, FeatureLayout], seed: int) -> SaliencyLabeller:

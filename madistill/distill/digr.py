@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from madistill.config import Mask
 from madistill.errors import MadistillError
 from madistill.explain.saliency import FeatureLayout, decision_value
 from madistill.policies.base import Policy
 
-MASKS = ("soft", "topk", "threshold")
+MASKS = tuple(Mask)
 
 
 def relevance_mask(

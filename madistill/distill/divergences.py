@@ -12,7 +12,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("kl", "reverse_kl", "prob_l2", "logit_mse", "nll")
+from madistill.config import Divergence
+from madistill.errors import MadistillError
+
+DIVERGENCES = tuple(Divergence)
 
 
 def divergence(
@@ -37,7 +40,7 @@ def divergence(
     error between means, ``nll`` = -log N(mu_T; mu_S, sigma_S).
     """
     if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}: use one of {DIVERGENCES}")
+        raise MadistillError(f"unknown divergence {name!r}: use distill.divergence=<one of {', '.join(DIVERGENCES)}>")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     teacher = teacher.detach()
@@ -46,7 +49,7 @@ def divergence(
     if teacher_log_std is None or student_log_std is None:
         raise ValueError("Box-action divergences need teacher_log_std and student_log_std")
     t_log_std = teacher_log_std.detach() + 0.5 * torch.log(torch.as_tensor(temperature, dtype=teacher.dtype))
-    return _gaussian(name, teacher, t_log_std.expand_as(teacher), student, student_log_std.expand_as(student))
+    return _GAUSSIAN[name](teacher, t_log_std.expand_as(teacher), student, student_log_std.expand_as(student))
 
 
 def _kl_categorical(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -69,11 +72,22 @@ def _gaussian_kl(mu_p: torch.Tensor, ls_p: torch.Tensor, mu_q: torch.Tensor, ls_
     return (ls_q - ls_p + (var_p + (mu_p - mu_q).pow(2)) / (2 * var_q) - 0.5).sum(-1)
 
 
-def _gaussian(name: str, mu_t: torch.Tensor, ls_t: torch.Tensor, mu_s: torch.Tensor, ls_s: torch.Tensor) -> torch.Tensor:
-    if name == "kl":
-        return _gaussian_kl(mu_t, ls_t, mu_s, ls_s)
-    if name == "reverse_kl":
-        return _gaussian_kl(mu_s, ls_s, mu_t, ls_t)
-    if name == "nll":
-        return (ls_s + 0.5 * ((mu_t - mu_s) / ls_s.exp()).pow(2) + 0.5 * torch.log(torch.tensor(2 * torch.pi))).sum(-1)
-    return (mu_s - mu_t).pow(2).mean(-1)  # prob_l2 and logit_mse both reduce to matching the means
+def _gaussian_nll(mu_t: torch.Tensor, mu_s: torch.Tensor, ls_s: torch.Tensor) -> torch.Tensor:
+    """-log N(mu_T; mu_S, sigma_S), summed over the last dimension."""
+    return (ls_s + 0.5 * ((mu_t - mu_s) / ls_s.exp()).pow(2) + 0.5 * torch.log(torch.tensor(2 * torch.pi))).sum(-1)
+
+
+def _mean_squared(mu_t: torch.Tensor, mu_s: torch.Tensor) -> torch.Tensor:
+    return (mu_s - mu_t).pow(2).mean(-1)
+
+
+# Box heads (teacher mean, teacher log-std, student mean, student log-std) -> per sample; one entry per
+# divergence, as in _DISCRETE, so a name without a Box form fails instead of falling back to another.
+_Gaussian = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_GAUSSIAN: dict[str, _Gaussian] = {
+    "kl": lambda mu_t, ls_t, mu_s, ls_s: _gaussian_kl(mu_t, ls_t, mu_s, ls_s),
+    "reverse_kl": lambda mu_t, ls_t, mu_s, ls_s: _gaussian_kl(mu_s, ls_s, mu_t, ls_t),
+    "prob_l2": lambda mu_t, ls_t, mu_s, ls_s: _mean_squared(mu_t, mu_s),  # both reduce to matching the means
+    "logit_mse": lambda mu_t, ls_t, mu_s, ls_s: _mean_squared(mu_t, mu_s),
+    "nll": lambda mu_t, ls_t, mu_s, ls_s: _gaussian_nll(mu_t, mu_s, ls_s),
+}

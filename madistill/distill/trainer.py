@@ -24,11 +24,11 @@ from madistill.distill.dataset import (
 from madistill.distill.divergences import divergence
 from madistill.distill.loss import DistillLoss, teacher_actions
 from madistill.envs.vector import MultiAgentVecEnv
-from madistill.errors import MadistillError
 from madistill.explain.metrics import agreement
 from madistill.explain.saliency import FeatureLayout, gradient_saliency
 from madistill.policies.base import TeamPolicy, warn_if_large
 from madistill.policies.mlp import MLPPolicy
+from madistill.seeds import dagger_round_seed
 from madistill.tb import TBLogger
 
 
@@ -36,11 +36,6 @@ def student_team(teacher: TeamPolicy, arch: dict[str, Any]) -> TeamPolicy:
     """Fresh students for every teacher group; they share the teacher's normalisers (same input units)."""
     students = {g.name: MLPPolicy(g, arch) for g in teacher.groups}
     return TeamPolicy(teacher.groups, students, teacher.normalizers).to(teacher.device)
-
-
-def round_seed(seed: int, r: int) -> int:
-    """Episode seeds of DAgger round ``r``: far from evaluation seeds (10000+) and from other rounds."""
-    return 1_000_000 * (1 + seed) + 100_000 * r
 
 
 class DistillTrainer:
@@ -59,12 +54,6 @@ class DistillTrainer:
         dc = cfg.distill
         self.dc = dc
         self.loss = DistillLoss.from_config(dc)
-        if not 0.0 <= dc.adv_collect <= 1.0:
-            raise MadistillError(f"distill.adv_collect must be in [0, 1], got {dc.adv_collect}")
-        if not 0.0 < dc.lr_final <= 1.0:
-            raise MadistillError(f"distill.lr_final must be in (0, 1], got {dc.lr_final}")
-        if not 0.0 <= dc.weight_average < 1.0:
-            raise MadistillError(f"distill.weight_average must be in [0, 1), got {dc.weight_average}")
         self.optimizers = {
             g.name: torch.optim.Adam(student[g.name].parameters(), lr=dc.learning_rate) for g in teacher.groups
         }
@@ -99,9 +88,9 @@ class DistillTrainer:
         bar = tqdm(total=self.total_updates, desc="distil", unit="upd", disable=not show)
         with bar:
             for r, beta in enumerate(betas):
-                acting = mixed_team(self.teacher, self.student, beta, round_seed(self.cfg.seed, r))
+                acting = mixed_team(self.teacher, self.student, beta, dagger_round_seed(self.cfg.seed, r))
                 obs, episodes = collect_round(
-                    self.venv, acting, round_seed(self.cfg.seed, r), dc.deterministic,
+                    self.venv, acting, dagger_round_seed(self.cfg.seed, r), dc.deterministic,
                     agent_steps=dc.agent_steps_per_round, transforms=self._collection_attack(beta),
                 )
                 new = label(self.teacher, obs, self.labeller, r, dc.heldout_fraction, self.generator)

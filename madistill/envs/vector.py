@@ -315,10 +315,6 @@ class MultiAgentVecEnv:
         start_method: str = "fork",
         backend: str = "auto",
     ):
-        if num_envs < 1:
-            raise MadistillError(f"env.num_envs must be >= 1, got {num_envs}")
-        if nan_policy not in ("error", "zero"):
-            raise MadistillError(f"env.nan_policy must be 'error' or 'zero', got {nan_policy!r}")
         self.spec = spec
         self.num_envs = num_envs
         self.backend = choose_backend(spec, backend, render_mode)

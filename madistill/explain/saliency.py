@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from madistill.config import GradientTarget
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy, choose, log_prob
 
-TARGETS = ("log_prob", "logit")
+TARGETS = tuple(GradientTarget)
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,6 @@ def image_patches(group: AgentGroup, patch: int) -> dict[str, list[int]]:
     right and bottom edges) with all their channels, named ``patch_<row>_<col>``; empty for other groups."""
     if group.image_shape is None:
         return {}
-    if patch < 1:
-        raise MadistillError(f"saliency.image_patch must be at least 1, got {patch}")
     c, h, w = group.image_shape
     index = np.arange(group.obs_dim)
     # flat position of each (y, x, channel): the observation is flattened from (H, W, C), or (C, H, W)

@@ -37,11 +37,6 @@ class ImageEncoder(nn.Module):
             raise MadistillError(f"group {group.name!r} does not observe images ({group.observation_space}): "
                                  f"{setting} applies to uint8 Box observations of three dimensions in 0..255")
         convs = [(int(o), int(k), int(s)) for o, k, s in zip(cnn["channels"], cnn["kernels"], cnn["strides"])]
-        equal = len(cnn["channels"]) == len(cnn["kernels"]) == len(cnn["strides"])
-        if not convs or not equal or min(min(c) for c in convs) < 1 or min(cnn["max_grid"], cnn["features_dim"]) < 1:
-            raise MadistillError(f"{setting}.channels, kernels and strides must be non-empty lists of equal length and "
-                                 f"max_grid and features_dim positive, got {list(cnn['channels'])}, {list(cnn['kernels'])}, "
-                                 f"{list(cnn['strides'])}, {cnn['max_grid']}, {cnn['features_dim']}")
         self.channels_first = group.channels_first
         self.image_shape = group.image_shape
         c, h, w = group.image_shape

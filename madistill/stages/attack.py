@@ -25,7 +25,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from tqdm.auto import tqdm
 
     from madistill.attacks.robustness import (
-        check_methods,
         curves_figure,
         evaluate_robustness,
         markdown_report,
@@ -43,7 +42,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.stages.rundir import open_tb
 
     ac = cfg.attack
-    check_methods(ac)  # a wrong attack name fails before any policy is loaded or episode run
     device, refs, spec = studied_policies(
         cfg, ac.policy, "no policy to attack: pass attack.policy=<run, policy or sweep directory>"
     )

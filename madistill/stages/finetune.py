@@ -48,6 +48,7 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
     )
     from madistill.policies.store import load_team, save_team
     from madistill.runtime import make_vec_env, resolve_device, seed_everything
+    from madistill.seeds import finetune_episode_seed, finetune_validation_seed
     from madistill.selection import BestPolicy
     from madistill.stages.policies import configured_features, distilled_from, env_for, run_policy_dir
     from madistill.teacher import TeacherTrainer
@@ -100,16 +101,6 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
     config["finetune"]["policy"] = str(sdir.resolve())
     save_team(run_dir / "policies" / "student", tuned, spec, "student", config=config)
     return tdir
-
-
-def finetune_episode_seed(seed: int) -> int:
-    """The first episode seed of fine-tuning: away from the teacher's (from ``seed``), DAgger's and evaluation's."""
-    return 10_000_000 * (1 + int(seed))
-
-
-def finetune_validation_seed(seed: int) -> int:
-    """The first validation episode seed of fine-tuning's checkpoint selection: 5M episodes past its own."""
-    return finetune_episode_seed(seed) + 5_000_000
 
 
 STAGE = Stage(

@@ -31,5 +31,5 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         elif node is not None:
             out[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
     return {k: v for k, v in out.items() if not k.startswith(_NOT_HPARAMS)}
