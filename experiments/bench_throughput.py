@@ -101,7 +101,7 @@ def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode:
 
 
 def env_step_costs(copies: int, backend: str, steps: int = 3000, repeats: int = 3) -> None:
-    """Prints the per-step costs the README explains the table with (best of ``repeats``, random actions):
+    """Prints the per-step costs docs/results.md explains the table with (best of ``repeats``, random actions):
     one spread env through PettingZoo's ``parallel_env`` and through madistill's AEC driver, and ``copies``
     copies stepped in-process and through one env worker."""
     from mpe2 import simple_spread_v3

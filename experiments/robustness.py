@@ -35,6 +35,7 @@ from scipy import stats  # noqa: E402
 
 from madistill.policies.store import read_manifest  # noqa: E402
 from madistill.stages.policies import teacher_dir  # noqa: E402
+from madistill.stages.results import recovery  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"plain": ["distill=plain"], "digr": ["distill=digr"], "robust": ["distill=robust"]}
@@ -110,10 +111,7 @@ def summarise(report: dict, variants: list[str], seeds: list[int], eps: list[flo
             for e in eps:
                 worst = [r["worst_case"][v][str(e)] for r in runs]
                 row["worst"][v][str(e)] = t_interval([w[1] for w in worst])
-                # recovery: the share of the teacher's loss that the student's worst-case return gets back,
-                # (W_student - W_teacher) / (C_teacher - W_teacher); 1 = the teacher's clean return under attack.
-                # Measured from the teacher's clean return, so a student cannot buy it with a worse clean return.
-                row["recovery"][v][str(e)] = t_interval([(w[1] - t_worst[v, e]) / (teacher["clean"] - t_worst[v, e])
+                row["recovery"][v][str(e)] = t_interval([recovery(w[1], teacher["clean"], t_worst[v, e])
                                                       for w in worst])
                 row["worst_attacks"][v][str(e)] = [w[0] for w in worst]
         out[variant] = row

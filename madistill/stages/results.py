@@ -22,6 +22,15 @@ def retention(summaries: dict[str, dict], team: str | None = None) -> float:
     return float((s - r) / (t - r)) if t > r else float("nan")
 
 
+def recovery(student_worst: float, teacher_clean: float, teacher_worst: float) -> float:
+    """The share of the teacher's loss under attack that the student's worst-case return gets back:
+    ``(student_worst - teacher_worst) / (teacher_clean - teacher_worst)``. Measured from the teacher's clean
+    return, so a student cannot buy recovery with a worse clean return; NaN when the attack costs the teacher
+    nothing, where a share of its loss means nothing."""
+    loss = teacher_clean - teacher_worst
+    return float((student_worst - teacher_worst) / loss) if loss > 0 else float("nan")
+
+
 def retentions(summaries: dict[str, dict]) -> dict[str | None, float]:
     """Retention of every side (``sides_of``): of the one team of every agent, or of each of several teams,
     never of the mean over opposing sides."""
