@@ -27,7 +27,8 @@ from torch import nn
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
 from madistill.attacks.transform import AttackTransform
-from madistill.distill.divergences import divergence
+from madistill.common.divergences import divergence
+from madistill.common.schedules import linear_ramp
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
@@ -108,7 +109,7 @@ class SmoothnessRegulariser:
     def current_eps(self) -> float:
         """The radius now: linear from 0 to ``eps`` over the first ``ramp`` of training."""
         done = 1.0 - float(self.model._current_progress_remaining)
-        return self.eps * (1.0 if self.ramp <= 0 else min(1.0, done / self.ramp))
+        return linear_ramp(self.eps, done, self.ramp)
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         eps = self.current_eps()

@@ -21,8 +21,10 @@ from madistill.attacks.budget import group_budgets
 from madistill.attacks.robustness import CHECKS_NOT_RUN, check_methods, curves_figure, evaluate_robustness
 from madistill.attacks.robustness import markdown_report as robustness_markdown
 from madistill.attacks.transform import victim_sets
+from madistill.common.collect import collect_round
+from madistill.common.episodes import team_returns
+from madistill.common.io import atomic_write_text
 from madistill.config import changes_env
-from madistill.distill.dataset import SaliencyLabeller, collect_round, team_returns
 from madistill.distill.trainer import DistillTrainer, student_team
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
@@ -39,7 +41,6 @@ from madistill.evaluate.evaluator import (
     uniform_team,
 )
 from madistill.evaluate.report import (
-    atomic_write_text,
     markdown_table,
     side_stats,
     sides_of,
@@ -56,7 +57,7 @@ from madistill.explain.report import (
     saliency_maps,
     save_arrays,
 )
-from madistill.explain.saliency import feature_layouts
+from madistill.explain.saliency import SaliencyLabeller, feature_layouts
 from madistill.finetune import actor_critic_team, attach_regularisers, collection_attack, student_from_actor
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import find_policy_dir, load_team, read_manifest, save_team

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
-from madistill.distill.divergences import divergence
+from madistill.common.divergences import divergence
 from madistill.envs import EnvSpec, group_agents, make_env
 from madistill.finetune import SmoothnessRegulariser, actor_critic_team, student_from_actor
 from madistill.normalize import ObsNormalizer
