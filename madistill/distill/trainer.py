@@ -12,22 +12,16 @@ from tqdm.auto import tqdm
 
 from madistill.attacks.budget import group_budgets
 from madistill.attacks.transform import AttackTransform
+from madistill.common.collect import collect_round
 from madistill.common.divergences import divergence
+from madistill.common.episodes import team_returns
 from madistill.common.schedules import linear_ramp
-from madistill.distill.dataset import (
-    GroupData,
-    SaliencyLabeller,
-    collect_round,
-    label,
-    mixed_team,
-    rounds_beta,
-    team_returns,
-)
+from madistill.distill.dataset import GroupData, label, mixed_team, rounds_beta
 from madistill.distill.loss import DistillLoss, teacher_actions
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.explain.metrics import agreement
-from madistill.explain.saliency import FeatureLayout, gradient_saliency
+from madistill.explain.saliency import FeatureLayout, SaliencyLabeller, gradient_saliency
 from madistill.policies.base import TeamPolicy, warn_if_large
 from madistill.policies.mlp import MLPPolicy
 from madistill.tb import TBLogger
