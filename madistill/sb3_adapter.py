@@ -22,6 +22,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import Schedule
 from stable_baselines3.common.utils import ConstantSchedule
 from stable_baselines3.common.vec_env import VecEnv
+from torch.distributions import Distribution
 
 from madistill.errors import MadistillError
 
@@ -121,7 +122,17 @@ class ScheduledEntropyPPO(PPO):
     def train(self) -> None:
         self.ent_coef = float(self.ent_coef_schedule(self._current_progress_remaining))
         self.logger.record("train/ent_coef", self.ent_coef)
-        super().train()
+        # SB3 builds a torch distribution per minibatch, each checking its logits and actions; they come from this
+        # model and its own buffer, so the checks only cost time (experiments/bench_update_modes.py --update).
+        # torch keeps the switch process-wide, so while an update runs in the background thread other threads'
+        # distributions built with the default skip their checks too; madistill's own policies set theirs
+        # explicitly (validate_args=False), so the collector acts the same either way.
+        validate = Distribution._validate_args
+        Distribution.set_default_validate_args(False)
+        try:
+            super().train()
+        finally:
+            Distribution.set_default_validate_args(validate)
 
 
 def set_progress(model: PPO, agent_steps: int, total: int) -> None:

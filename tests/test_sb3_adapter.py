@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from torch.distributions import Distribution
 
 from madistill.envs import EnvSpec, group_agents, make_env
 from madistill.errors import MadistillError
@@ -67,6 +68,17 @@ def test_progress_reaches_the_schedules_and_the_update_count_and_log_are_sb3s(mo
     assert take_logged(model, 25) == {}, f"{SB3}: Logger.dump no longer clears name_to_value"
     set_update_count(model, 7)
     assert update_count(model) == 7
+
+
+def test_an_update_skips_distribution_checks_and_restores_the_switch(model, monkeypatch):
+    seen = []
+    evaluate = model.policy.evaluate_actions
+    monkeypatch.setattr(model.policy, "evaluate_actions",
+                        lambda *a: seen.append(Distribution._validate_args) or evaluate(*a))
+    _fill(model, np.ones((N_STEPS, N_ENVS * 3), dtype=bool))
+    before = Distribution._validate_args
+    model.train()
+    assert seen and not any(seen) and Distribution._validate_args == before
 
 
 def test_the_masked_buffer_samples_only_live_entries_once_each(model):
