@@ -3,8 +3,8 @@
 Trains teachers on simple_spread_v3 (8 copies, the settings of ``bench_throughput.py``) with every update mode
 the installed madistill offers, one env worker, and with ``--checks`` each mode once more with torch's
 distribution argument checks left on during the PPO update (its distributions then validate their arguments,
-as SB3's do by default). Variants are interleaved per repeat so drifts in machine load hit them alike; construction
-(env workers, any learner process) is not timed.
+as SB3's do by default). Variants are interleaved per repeat so drifts in machine load hit them alike; starting
+the env workers is not timed.
 
     python experiments/bench_update_modes.py [--steps 30720] [--repeats 2] [--checks]
     python experiments/bench_update_modes.py --update [--repeats 2]   # PPO updates alone, checks off and on

@@ -23,6 +23,7 @@ from madistill.evaluate.evaluator import run_episodes, uniform_team
 from madistill.policies.store import load_team, read_manifest
 from madistill.rollout import Rollout
 from madistill.runtime import env_spec, make_vec_env
+from madistill.sb3_adapter import update_count
 from madistill.tb import TBLogger
 from madistill.teacher import TeacherTrainer, bootstrap_obs
 
@@ -158,7 +159,7 @@ def test_checkpoint_and_resume_continue_agent_steps(tmp_path, monkeypatch):
         saved_norm = read_manifest(ckpt)["normalizers"]["agent"]
         np.testing.assert_allclose(trainer.team.normalizers["agent"].mean, saved_norm["mean"])
         assert trainer.team.normalizers["agent"].count == saved_norm["count"] > 0
-        assert model._n_updates == state["n_updates"]["agent"] > 0
+        assert update_count(model) == state["n_updates"]["agent"] > 0
         trainer.train(tmp_path / "run2")
     tb.close()
     assert trainer.agent_steps == 5 * PER_ITER and trainer.iteration == 5
