@@ -342,7 +342,7 @@ class TeacherTrainer:
         for name, loss in (extra_losses or {}).items():
             lr = self.learners[name]
             add_extra_loss(lr.model, lr.group, SB3Policy(lr.group, lr.model.policy, self.arch), loss)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="madistill-update") if self.overlap else None
+        self._pool: ThreadPoolExecutor | None = None  # the update thread (update_mode=thread), from train() to close()
 
     # ---- collection -------------------------------------------------------------------------
     def _critic_inputs(self, obs: GroupTensors) -> GroupTensors:
@@ -416,6 +416,8 @@ class TeacherTrainer:
             total=total, initial=self.agent_steps, desc="train", unit="agent-step", unit_scale=True,
             disable=not self.cfg.logger.progress,
         )
+        if self.overlap and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="madistill-update")
         with bar:
             try:
                 while self.agent_steps < total:
@@ -429,7 +431,7 @@ class TeacherTrainer:
                     self._sync()  # the previous update (overlap) must finish before this one starts
                     for lr in self.learners.values():
                         lr.hand_over()
-                    if self._pool is not None:
+                    if self._pool is not None:  # update_mode=thread
                         self._pending = self._pool.submit(self._update, total, self.agent_steps)
                         self._pending_step = self.agent_steps + per_iter
                     else:
