@@ -34,14 +34,14 @@ from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.sb3 import SB3Policy
-from madistill.sb3_adapter import ACTOR_PREFIXES
+from madistill.sb3_adapter import ACTOR_PREFIXES, actor_linears
 from madistill.teacher import OptimizerStep
 
 
 def actor_pairs(student: MLPPolicy, sb3: ActorCriticPolicy) -> list[tuple[nn.Parameter, nn.Parameter]]:
     """Matching parameters (student's, SB3 actor's) of a student MLP and an SB3 actor of its hidden sizes."""
     mine = [m for m in student.net if isinstance(m, nn.Linear)]
-    theirs = [m for m in sb3.mlp_extractor.policy_net if isinstance(m, nn.Linear)] + [sb3.action_net]
+    theirs = actor_linears(sb3)
     if [m.weight.shape for m in mine] != [m.weight.shape for m in theirs]:
         raise MadistillError("the SB3 actor's layers do not match the student's: rebuild it from the student's arch")
     pairs = [(a.weight, b.weight) for a, b in zip(mine, theirs)] + [(a.bias, b.bias) for a, b in zip(mine, theirs)]

@@ -167,3 +167,8 @@ def take_logged(model: PPO, step: int) -> dict[str, float]:
 def actor_parameters(policy: ActorCriticPolicy) -> list[torch.nn.Parameter]:
     """The actor's parameters of an SB3 actor-critic (not the critic's), in the policy's order."""
     return [p for n, p in policy.named_parameters() if n.startswith(ACTOR_PREFIXES)]
+
+
+def actor_linears(policy: ActorCriticPolicy) -> list[torch.nn.Linear]:
+    """The actor's linear layers of an SB3 actor-critic, input to output: its MLP's, then its action head."""
+    return [m for m in policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)] + [policy.action_net]

@@ -11,6 +11,7 @@ from madistill.envs import EnvSpec, group_agents, make_env
 from madistill.errors import MadistillError
 from madistill.sb3_adapter import (
     SB3_VERSION,
+    actor_linears,
     actor_parameters,
     check_buffer,
     check_model,
@@ -99,3 +100,6 @@ def test_actor_parameters_are_the_actors_and_not_the_critics(model):
     actor = [names[id(p)] for p in actor_parameters(model.policy)]
     assert actor == ["mlp_extractor.policy_net.0.weight", "mlp_extractor.policy_net.0.bias", "action_net.weight",
                      "action_net.bias"], f"{SB3}: ActorCriticPolicy's parameter names changed"
+    layers = actor_linears(model.policy)
+    assert [(m.in_features, m.out_features) for m in layers] == [(18, 8), (8, 5)], f"{SB3}: the actor's layers changed"
+    assert [p for m in layers for p in (m.weight, m.bias)] == actor_parameters(model.policy)
