@@ -45,7 +45,7 @@ NanPolicy = _choices("NanPolicy", "error zero")
 Backend = _choices("Backend", "auto batched pettingzoo")
 Activation = _choices("Activation", "tanh relu elu gelu")
 Critic = _choices("Critic", "local central")
-UpdateMode = _choices("UpdateMode", "inline thread process")
+UpdateMode = _choices("UpdateMode", "inline thread")
 Divergence = _choices("Divergence", "kl reverse_kl prob_l2 logit_mse nll")
 Mask = _choices("Mask", "soft topk threshold")
 GradientTarget = _choices("GradientTarget", "log_prob logit",
@@ -202,9 +202,9 @@ class TeacherConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     checkpoint_every: int = 0  # agent steps between checkpoints (0: only at the end and on Ctrl-C)
     resume: str | None = None  # checkpoint directory to continue from
-    # When each PPO update runs: "inline" after each rollout (SB3's strictly on-policy schedule), or overlapped
-    # with the next rollout, which is collected with the weights from before that update (one update of policy
-    # lag, as in asynchronous PPO), in a background "thread" or a learner "process" (faster on 2+ cores).
+    # When each PPO update runs: "inline" after each rollout (SB3's strictly on-policy schedule), or in a
+    # background "thread" overlapped with the next rollout, which is collected with the weights from before
+    # that update (one update of policy lag, as in asynchronous PPO; docs/architecture.md, "Teacher update modes").
     update_mode: UpdateMode = UpdateMode.inline
     # Per-group PPO settings over teacher.ppo, by group name (heterogeneous groups often need their own), e.g.
     # +teacher.group_ppo.speaker.ent_coef=0.01. n_steps is shared: every group acts in the same rollouts.
@@ -594,7 +594,7 @@ def _descriptions(path: str) -> dict[tuple[str, str], str]:
 def settings(section: str) -> list[tuple[str, str]]:
     """(dotted key, one-line description) of every setting under ``section`` (``"teacher"``, ``"teacher.ppo"``;
     ``""``: the top-level settings outside any section), in declaration order, nested schemas expanded. A choice
-    setting's description starts with its values, ``(inline | thread | process)``."""
+    setting's description starts with its values, ``(inline | thread)``."""
     schema = _schema(section)
     prefix = f"{section}." if section else ""
     out: list[tuple[str, str]] = []

@@ -88,7 +88,7 @@ def test_plus_on_a_set_key_says_to_drop_the_plus(cli, tmp_path, key):
 # ------------------------------------------------------------------ choices (enums)
 @pytest.mark.parametrize("stage, override, line", [
     ("train", "teacher.update_mode=bogus",
-     "teacher.update_mode cannot be 'bogus': use teacher.update_mode=<one of inline, thread, process>"),
+     "teacher.update_mode cannot be 'bogus': use teacher.update_mode=<one of inline, thread>"),
     ("distill", "distill.divergence=jsd",
      "distill.divergence cannot be 'jsd': use distill.divergence=<one of kl, reverse_kl, prob_l2, logit_mse, nll>"),
     ("train", "env.backend=jax", "env.backend cannot be 'jax': use env.backend=<one of auto, batched, pettingzoo>"),
@@ -231,7 +231,7 @@ def test_every_setting_has_a_description_in_its_schema():
     assert described["teacher.ppo.n_epochs"] == "passes over each rollout per update"
     assert described["env.features"].startswith("Named feature groups per agent group for saliency")
     # a choice setting lists its values first (they left the comments when the settings became enums)
-    assert described["teacher.update_mode"].startswith("(inline | thread | process) When each PPO update runs")
+    assert described["teacher.update_mode"].startswith("(inline | thread) When each PPO update runs")
     assert described["finetune.select_attacks"] == "(random | fgsm | pgd | spsa) validation attacks (all agents victims, radius eps)"
 
 

@@ -11,8 +11,8 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from madistill.common.divergences import divergence
 from madistill.distill.digr import igr_penalty, relevance_mask
-from madistill.distill.divergences import divergence
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.explain.metrics import agreement, gini, spearman, topk_overlap
@@ -115,8 +115,9 @@ def test_divergence_rejects_unknown_names_listing_the_valid_ones(discrete):
 
 
 def test_every_divergence_has_a_discrete_and_a_box_form():
-    from madistill.config import Divergence
     from madistill.distill.divergences import _DISCRETE, _GAUSSIAN
+
+    from madistill.config import Divergence
 
     assert list(_DISCRETE) == list(_GAUSSIAN) == [d.value for d in Divergence]
 

@@ -12,10 +12,10 @@ import torch
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
+from madistill.common.divergences import divergence
 from madistill.config import DistillConfig
 from madistill.distill.dataset import GroupData
 from madistill.distill.digr import igr_penalty, relevance_mask
-from madistill.distill.divergences import divergence
 from madistill.explain.saliency import FeatureLayout
 from madistill.policies.base import Policy
 
