@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from robustness import fmt, t_interval
 
-from madistill.evaluate.report import atomic_write_text
+from madistill.common.io import atomic_write_text
 from madistill.stages.results import recovery, retention
 
 # Overrides that name where a run's inputs are, or how it is filed, not what it does: not part of a recipe.

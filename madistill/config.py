@@ -249,7 +249,7 @@ class DistillConfig:
     # decay of an exponential moving average of the student's weights, which becomes the saved student (0: off)
     weight_average: float = 0.0
     max_grad_norm: float = 1.0  # gradient norm clip
-    divergence: Divergence = Divergence.kl  # how the student matches the teacher (madistill/distill/divergences.py)
+    divergence: Divergence = Divergence.kl  # how the student matches the teacher (madistill/common/divergences.py)
     temperature: float = 1.0  # teacher softmax temperature (Box: scales the teacher's variance)
     lambda_igr: float = 1.0  # weight of the selective input-gradient penalty
     mask: Mask = Mask.threshold  # how teacher saliency becomes feature relevance

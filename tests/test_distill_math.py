@@ -115,8 +115,7 @@ def test_divergence_rejects_unknown_names_listing_the_valid_ones(discrete):
 
 
 def test_every_divergence_has_a_discrete_and_a_box_form():
-    from madistill.distill.divergences import _DISCRETE, _GAUSSIAN
-
+    from madistill.common.divergences import _DISCRETE, _GAUSSIAN
     from madistill.config import Divergence
 
     assert list(_DISCRETE) == list(_GAUSSIAN) == [d.value for d in Divergence]

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "madistill"
 # above ``envs`` and ``runtime`` because its validation resolves the env's backend. ``cascade`` and ``repair``
 # (capabilities to come) have their places reserved.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "version"),
+    ("errors", "version", "seeds"),
     ("envs",),
     ("runtime", "config"),
     ("normalize", "policies", "sb3_adapter"),
