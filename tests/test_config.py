@@ -89,6 +89,8 @@ def test_plus_on_a_set_key_says_to_drop_the_plus(cli, tmp_path, key):
 @pytest.mark.parametrize("stage, override, line", [
     ("train", "teacher.update_mode=bogus",
      "teacher.update_mode cannot be 'bogus': use teacher.update_mode=<one of inline, thread>"),
+    ("train", "teacher.update_mode=process",  # the learner process mode is gone (docs/architecture.md)
+     "teacher.update_mode cannot be 'process': use teacher.update_mode=<one of inline, thread>"),
     ("distill", "distill.divergence=jsd",
      "distill.divergence cannot be 'jsd': use distill.divergence=<one of kl, reverse_kl, prob_l2, logit_mse, nll>"),
     ("train", "env.backend=jax", "env.backend cannot be 'jax': use env.backend=<one of auto, batched, pettingzoo>"),

@@ -466,14 +466,6 @@ def test_resume_from_a_bad_checkpoint_is_a_one_line_user_error(tmp_path, damage)
     assert "\n" not in str(err.value)
 
 
-def test_an_update_mode_other_than_inline_or_thread_is_a_one_line_error():
-    cfg = compose_config(tiny("env=relay", "teacher.update_mode=process"))
-    spec = env_spec(cfg.env)
-    with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError) as err:
-        TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)
-    assert str(err.value) == "unknown teacher.update_mode 'process': use teacher.update_mode=<one of inline, thread>"
-
-
 def test_resuming_a_checkpoint_already_at_the_budget_says_to_raise_it(relay_run, tmp_path):
     _, run_dir, _ = relay_run
     cfg = compose_config(tiny(*RELAY, f"teacher.resume={run_dir / 'checkpoint'}"))  # the same budget it finished
