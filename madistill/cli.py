@@ -55,6 +55,10 @@ STAGE_HELP = {
     "saliency": StageHelp("saliency maps and figures for saved policies (saliency.policy=<run or policy dir>)",
                           ("saliency",), "reports/saliency.{json,npz} and heatmaps",
                           ("madistill saliency saliency.policy=<run>",)),
+    "explain": StageHelp("attribution methods and their quality metrics for saved policies (explain.policy=<run or policy dir>)",
+                         ("explain",), "reports/explain.{json,md,npz}, deletion/insertion curves and heatmaps",
+                         ("madistill explain explain.policy=<run>",
+                          "madistill explain explain.policy=<run> \"explain.methods=[gradient,integrated_gradients]\"")),
     "attack": StageHelp("robustness of saved policies to observation attacks (attack.policy=<run or policy dir>)",
                         ("attack",), "reports/robustness.{md,json}",
                         ("madistill attack attack.policy=<run>",
@@ -279,7 +283,7 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
 
 # The saved policy each stage starts from; its env's config file applies unless the command line names an env.
 _POLICY_OVERRIDES = {"evaluate": "eval.policy", "distill": "distill.teacher", "finetune": "finetune.policy",
-                     "saliency": "saliency.policy", "attack": "attack.policy"}
+                     "saliency": "saliency.policy", "attack": "attack.policy", "explain": "explain.policy"}
 
 
 def _with_saved_env(overrides: list[str], stage: str) -> list[str]:

@@ -209,6 +209,39 @@ class SaliencyConfig:
 
 
 @dataclass
+class ExplainConfig:
+    """Attribution methods and their quality metrics (``madistill explain``, docs/explain.md)."""
+
+    policy: str | None = None  # run or policy directory whose policies are explained (a student's teacher added)
+    obs: str | None = None  # .npz of raw observations per group (default: greedy episodes of the teacher)
+    episodes: int = 10  # episodes rolled out when no observations are given
+    max_observations: int = 256  # observations explained per group (evenly spaced over those collected)
+    # attribution methods, any of gradient, input_x_gradient, integrated_gradients, smoothgrad, lrp, kernel_shap,
+    # lime, perturbation
+    methods: list[str] = field(default_factory=lambda: ["gradient", "input_x_gradient", "integrated_gradients",
+                                                        "smoothgrad", "lrp", "kernel_shap", "lime", "perturbation"])
+    target: str = "prob"  # what maps explain: prob | logit of the chosen action (Discrete); Box: the mean either way
+    ig_steps: int = 32  # integration points of integrated gradients
+    smoothgrad_samples: int = 16  # noisy copies per observation for SmoothGrad
+    smoothgrad_sigma: float = 0.3  # SmoothGrad's noise std, in normalised units (feature stds)
+    shap_samples: int = 128  # KernelSHAP coalitions per observation (all 2^G when fewer would do: exact values)
+    lime_samples: int = 128  # LIME random coalitions per observation
+    lime_width: float = 0.75  # LIME kernel width on the cosine distance between a coalition and the full input
+    lrp_epsilon: float = 1.0e-6  # LRP-epsilon stabiliser added to each layer's pre-activations
+    random_orders: int = 8  # random group orders averaged for the deletion/insertion floor
+    ood_k: float = 3.0  # a masked input is out of distribution beyond this many normaliser stds on a feature
+    infidelity_samples: int = 32  # perturbations per observation for infidelity
+    infidelity_sigma: float = 0.3  # std of infidelity's group-wise Gaussian perturbations, in normalised units
+    sensitivity_samples: int = 8  # perturbations per observation for max-sensitivity
+    sensitivity_radius: float = 0.1  # l_inf radius of max-sensitivity's uniform perturbations, in normalised units
+    randomisation: bool = True  # cumulative layer re-initialisation check (MLP policies)
+    # suite attack whose perturbations test the maps' stability at every attack.eps (its settings: attack.*);
+    # null skips the check
+    attack: str | None = "pgd"
+    n_boot: int = 1000  # bootstrap resamples for the CIs
+
+
+@dataclass
 class AttackConfig:
     """Robustness evaluation (``madistill attack``) and the attack settings robust distillation uses."""
 
@@ -281,6 +314,7 @@ class Config:
     distill: DistillConfig = MISSING
     finetune: FinetuneConfig = MISSING
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     attack: AttackConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # seeds initial weights, action sampling and training episodes (eval.seed: evaluation's)
@@ -306,7 +340,7 @@ def register_configs() -> None:
 # Counts that must be positive: a zero or negative value would save an untrained policy or summarise nothing.
 POSITIVE = ("teacher.total_agent_steps", "eval.episodes", "attack.episodes", "saliency.episodes", "distill.rounds",
             "distill.agent_steps_per_round", "distill.updates_per_round", "distill.batch_size",
-            "finetune.total_agent_steps", "finetune.steps")
+            "finetune.total_agent_steps", "finetune.steps", "explain.episodes", "explain.max_observations")
 
 
 def validate(cfg: Any) -> None:

@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 
 import madistill
 from madistill.attacks.budget import group_budgets
-from madistill.attacks.robustness import CHECKS_NOT_RUN, check_methods, curves_figure, evaluate_robustness
+from madistill.attacks.methods import variants
+from madistill.attacks.robustness import (
+    CHECKS_NOT_RUN,
+    check_methods,
+    curves_figure,
+    evaluate_robustness,
+    suite_attack,
+)
 from madistill.attacks.robustness import markdown_report as robustness_markdown
 from madistill.attacks.transform import victim_sets
 from madistill.config import changes_env
@@ -48,6 +55,11 @@ from madistill.evaluate.report import (
     write_marl_eval_json,
 )
 from madistill.evaluate.stats import summarize
+from madistill.explain.attribution import TARGETS as EXPLAIN_TARGETS
+from madistill.explain.attribution import check_methods as check_explain_methods
+from madistill.explain.evaluation import curves_figure as explain_curves
+from madistill.explain.evaluation import display_maps, score_methods, summarise
+from madistill.explain.evaluation import markdown_table as explain_table
 from madistill.explain.report import (
     agreement_table,
     mean_heatmap,
@@ -497,6 +509,80 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
     print(f"\nGradient saliency vs its teacher's perturbation saliency (per observation, averaged):\n{text}\n"
           f"  maps:    {reports / 'saliency.npz'}\n  summary: {reports / 'saliency.json'}\n"
           f"  figures: {reports}/saliency_<group>.png\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    return result
+
+
+def explain(cfg: DictConfig, run_dir: Path) -> dict:
+    """Stage: every attribution method of ``explain.methods`` on every saved policy under ``explain.policy``,
+    scored by the explanation-quality metrics (docs/explain.md), on observations from ``explain.obs`` (.npz) or
+    from greedy episodes of the teacher (else the first policy).
+
+    Writes ``reports/explain.{json,md}``, ``reports/explain.npz`` (observations and maps), deletion/insertion
+    curves and heatmaps (PNG and TensorBoard).
+    """
+    ec = cfg.explain
+    settings = OmegaConf.to_object(ec)
+    methods = check_explain_methods(list(ec.methods))
+    if ec.target not in EXPLAIN_TARGETS:
+        raise MadistillError(f"unknown explain.target {ec.target!r}: use one of {EXPLAIN_TARGETS}")
+    attacks = sorted(set(variants(suite_attack("pgd", cfg.attack))) - {"critic", "transfer"})
+    if ec.attack is not None and ec.attack not in attacks:
+        raise MadistillError(f"explain.attack={ec.attack!r} is not a suite attack that needs no partner policy: "
+                             f"use one of {attacks}, or null to skip the stability check")
+    device, refs, spec = _studied_policies(
+        cfg, ec.policy, "no policy to explain: pass explain.policy=<run or policy directory>"
+    )
+    several = len({r.run for r in refs}) > 1
+    labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
+    with make_vec_env(cfg.env, spec) as venv:
+        teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
+        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+        source = next((label for label, r in zip(labels, refs) if r.name == "teacher"), labels[0])
+        if ec.obs:
+            raw = load_observations(ec.obs, venv.groups)
+        else:
+            bar = "observations" if cfg.logger.progress else None
+            raw, _ = collect_round(venv, teams[source], cfg.eval.seed, True, episodes=ec.episodes, progress=bar)
+    # evenly spaced over the episodes, so that every part of them is explained
+    raw = {g: x[np.unique(np.linspace(0, len(x) - 1, min(len(x), ec.max_observations)).round().astype(int))]
+           for g, x in raw.items()}
+    attack = None if ec.attack is None else suite_attack(ec.attack, cfg.attack)
+    budgets = {eps: group_budgets(eps, layouts, cfg.attack.exclude, device, cfg.attack.scale) for eps in cfg.attack.eps}
+    summaries: dict[str, dict[str, dict]] = {}
+    maps: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    jobs = [(label, g) for label in labels for g in layouts]
+    for label, g in tqdm(jobs, desc="explain", disable=not cfg.logger.progress):
+        team = teams[label]
+        x = team.normalizers[g].normalize(raw[g].to(device))
+        scores, group_maps = score_methods(team[g], x, layouts[g], methods, settings, ec.target, attack,
+                                           {eps: b[g] for eps, b in budgets.items()}, cfg.seed)
+        summaries.setdefault(label, {})[g] = summarise([scores], ec.n_boot, cfg.seed)
+        maps.setdefault(label, {})[g] = display_maps(group_maps)
+    reports = run_dir / "reports"
+    middle = sorted(cfg.attack.eps)[len(cfg.attack.eps) // 2] if attack is not None and len(cfg.attack.eps) else None
+    tables = [f"## {g}\n\n" + explain_table({label: summaries[label][g] for label in labels}, middle) for g in layouts]
+    text = (f"# Explanation quality: {spec.id}\n\nMeans over {', '.join(f'{len(x)} {g}' for g, x in raw.items())} "
+            f"observations with {ec.n_boot}-resample bootstrap 95% CIs; maps explain the {ec.target} of the chosen "
+            f"action, deletion/insertion read its probability; (OOD): share of masked inputs beyond {ec.ood_k} stds."
+            "\n\n" + "\n\n".join(tables) + "\n")
+    result = {
+        "meta": {"policies": {label: str(r.path) for label, r in zip(labels, refs)}, "observations_from": source,
+                 "env": spec.to_dict(), "observations": {g: len(x) for g, x in raw.items()},
+                 "explain": OmegaConf.to_container(ec), "attack_eps": list(cfg.attack.eps)},
+        "results": summaries,
+    }
+    atomic_write_text(reports / "explain.json", json.dumps(result, indent=2))
+    atomic_write_text(reports / "explain.md", text)
+    save_arrays(reports / "explain.npz", maps, raw)
+    with _tb(cfg, run_dir) as tb:
+        tb.text("explain/table", text)
+        if cfg.logger.figures:
+            for g, layout in layouts.items():
+                tb.figure(f"explain/{g}_maps", mean_heatmap(maps, g, layout, f"{spec.id}: {g} (|map|, max 1)", methods))
+                for label in labels:
+                    tb.figure(f"explain/{g}_{label}_curves", explain_curves(summaries[label][g], f"{label}: {g}"))
+    print(f"\n{text}\n  summary: {reports / 'explain.json'}\n  maps:    {reports / 'explain.npz'}\n"
+          f"  figures: {reports}/explain_*.png\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return result
 
 

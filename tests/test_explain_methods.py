@@ -6,11 +6,11 @@ import pytest
 import torch
 from gymnasium import spaces
 
+from madistill.config import ExplainConfig
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.explain.attribution import (
     METHODS,
-    AttributionSettings,
     check_methods,
     greedy_actions,
     lrp_epsilon,
@@ -39,7 +39,7 @@ def test_linear_policy_attributions_in_closed_form(baseline):
     policy = _policy(5, [])
     x = torch.randn(16, 5)
     b = torch.zeros(5) if baseline is None else baseline
-    maps = policy_attributions(policy, x, LAYOUT, list(METHODS), AttributionSettings(smoothgrad_samples=4, lrp_epsilon=1e-9),
+    maps = policy_attributions(policy, x, LAYOUT, list(METHODS), ExplainConfig(smoothgrad_samples=4, lrp_epsilon=1e-9),
                                target="logit", baseline=baseline)
     w = policy.net[0].weight[greedy_actions(policy, x)].detach()  # [B, d]: the chosen action's weights
     member = LAYOUT.membership()
@@ -58,8 +58,8 @@ def test_kernel_shap_sampled_coalitions_approach_exact_values():
     policy = _policy(8, [16])
     layout = FeatureLayout.build(8)
     x = torch.randn(8, 8)
-    exact = policy_attributions(policy, x, layout, ["kernel_shap"], AttributionSettings(shap_samples=254))["kernel_shap"]
-    sampled = policy_attributions(policy, x, layout, ["kernel_shap"], AttributionSettings(shap_samples=64))["kernel_shap"]
+    exact = policy_attributions(policy, x, layout, ["kernel_shap"], ExplainConfig(shap_samples=254))["kernel_shap"]
+    sampled = policy_attributions(policy, x, layout, ["kernel_shap"], ExplainConfig(shap_samples=64))["kernel_shap"]
     assert (sampled - exact).abs().max() < 0.1 * exact.abs().max()
     assert not torch.allclose(sampled, exact)  # 64 < 2^8 - 2: drawn, not enumerated
 

@@ -21,7 +21,7 @@ activations. ``lrp`` and ``perturbation`` need the policy itself (:func:`policy_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import comb
 
 import torch
@@ -29,6 +29,7 @@ from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Salien
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
 
+from madistill.config import ExplainConfig
 from madistill.errors import MadistillError
 from madistill.explain.saliency import FeatureLayout, perturbation_saliency
 from madistill.policies.base import Policy, choose
@@ -37,19 +38,6 @@ from madistill.policies.sb3 import ACTIVATIONS, SB3Policy
 
 Forward = Callable[..., torch.Tensor]
 TARGETS = ("prob", "logit")
-
-
-@dataclass(frozen=True)
-class AttributionSettings:
-    """Settings of the methods (``explain.*`` in the config)."""
-
-    ig_steps: int = 32  # integration points of integrated gradients
-    smoothgrad_samples: int = 16  # noisy copies per observation
-    smoothgrad_sigma: float = 0.3  # their noise std, in normalised units (feature stds)
-    shap_samples: int = 128  # coalitions per observation (all 2^G when fewer would do)
-    lime_samples: int = 128  # random coalitions per observation
-    lime_width: float = 0.75  # kernel width on the cosine distance between a coalition and the full input
-    lrp_epsilon: float = 1e-6  # LRP-epsilon stabiliser added to each layer's pre-activations
 
 
 def chosen_action_objective(policy: Policy, target: str = "prob") -> Forward:
@@ -93,14 +81,15 @@ def _baseline(x: torch.Tensor, baseline: torch.Tensor | None) -> torch.Tensor:
 @dataclass(frozen=True)
 class Problem:
     """What a generic method explains: ``forward(inputs, *args)`` at ``inputs [B, d]`` relative to ``baseline``
-    (``[d]``; None: 0, the normaliser mean in normalised units), grouped by ``layout``."""
+    (``[d]``; None: 0, the normaliser mean in normalised units), grouped by ``layout``; ``settings``: the
+    methods' (``explain.*``)."""
 
     forward: Forward
     inputs: torch.Tensor
     args: tuple[torch.Tensor, ...]
     layout: FeatureLayout
     baseline: torch.Tensor | None = None
-    settings: AttributionSettings = AttributionSettings()
+    settings: ExplainConfig = field(default_factory=ExplainConfig)
     seed: int = 0
 
 
@@ -268,15 +257,17 @@ def policy_attributions(
     x: torch.Tensor,
     layout: FeatureLayout,
     methods: Sequence[str],
-    settings: AttributionSettings = AttributionSettings(),
+    settings: ExplainConfig | None = None,
     target: str = "prob",
     actions: torch.Tensor | None = None,
     baseline: torch.Tensor | None = None,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Every method's map ``[B, G]`` of ``policy`` at normalised observations ``x``, explaining ``actions`` (by
-    default its greedy actions) relative to ``baseline`` (default 0: the normaliser mean)."""
+    default its greedy actions) relative to ``baseline`` (default 0: the normaliser mean); ``settings``: the
+    methods' (``explain.*``, default ExplainConfig's)."""
     actions = greedy_actions(policy, x) if actions is None else actions
+    settings = settings or ExplainConfig()
     problem = Problem(chosen_action_objective(policy, target), x.detach(), (actions,), layout, baseline, settings, seed)
     out = {}
     for name in methods:
