@@ -68,7 +68,7 @@ from madistill.explain.report import (
     saliency_maps,
     save_arrays,
 )
-from madistill.explain.saliency import feature_layouts
+from madistill.explain.saliency import FeatureLayout, feature_layouts
 from madistill.finetune import actor_critic_team, attach_regularisers, collection_attack, student_from_actor
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import find_policy_dir, load_team, read_manifest, save_team
@@ -467,21 +467,14 @@ def saliency(cfg: DictConfig, run_dir: Path) -> dict:
     device, refs, spec = _studied_policies(
         cfg, sc.policy, "no policy to explain: pass saliency.policy=<run or policy directory>"
     )
-    several = len({r.run for r in refs}) > 1
-    labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
     with make_vec_env(cfg.env, spec) as venv:
-        teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
-        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+        labels, teams, layouts = _labelled_teams(cfg, spec, venv, refs, device)
         own_reference = {}  # each policy's teacher (a teacher, or a policy without one, is its own)
         for label, ref in zip(labels, refs):
             i = None if ref.name == "teacher" else paired_policy(ref, "teacher", refs)
             own_reference[label] = label if i is None else labels[i]
         reference = own_reference[labels[0]]  # whose episodes give the observations
-        if sc.obs:
-            raw = load_observations(sc.obs, venv.groups)
-        else:
-            bar = "observations" if cfg.logger.progress else None
-            raw, _ = collect_round(venv, teams[reference], cfg.eval.seed, True, episodes=sc.episodes, progress=bar)
+        raw = _observations(cfg, venv, teams[reference], sc.obs, sc.episodes)
     labeller = SaliencyLabeller.from_config(sc, layouts, cfg.seed)
     maps = saliency_maps(teams, raw, layouts, labeller, sc.target)
     table = agreement_table(maps, own_reference, sc.topk)
@@ -532,17 +525,10 @@ def explain(cfg: DictConfig, run_dir: Path) -> dict:
     device, refs, spec = _studied_policies(
         cfg, ec.policy, "no policy to explain: pass explain.policy=<run or policy directory>"
     )
-    several = len({r.run for r in refs}) > 1
-    labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
     with make_vec_env(cfg.env, spec) as venv:
-        teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
-        layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+        labels, teams, layouts = _labelled_teams(cfg, spec, venv, refs, device)
         source = next((label for label, r in zip(labels, refs) if r.name == "teacher"), labels[0])
-        if ec.obs:
-            raw = load_observations(ec.obs, venv.groups)
-        else:
-            bar = "observations" if cfg.logger.progress else None
-            raw, _ = collect_round(venv, teams[source], cfg.eval.seed, True, episodes=ec.episodes, progress=bar)
+        raw = _observations(cfg, venv, teams[source], ec.obs, ec.episodes)
     # evenly spaced over the episodes, so that every part of them is explained
     raw = {g: x[np.unique(np.linspace(0, len(x) - 1, min(len(x), ec.max_observations)).round().astype(int))]
            for g, x in raw.items()}
@@ -584,6 +570,29 @@ def explain(cfg: DictConfig, run_dir: Path) -> dict:
     print(f"\n{text}\n  summary: {reports / 'explain.json'}\n  maps:    {reports / 'explain.npz'}\n"
           f"  figures: {reports}/explain_*.png\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return result
+
+
+def _labelled_teams(
+    cfg: DictConfig, spec: EnvSpec, venv: MultiAgentVecEnv, refs: Sequence[PolicyRef], device: torch.device
+) -> tuple[list[str], dict[str, TeamPolicy], dict[str, FeatureLayout]]:
+    """The studied policies loaded, labelled by name (``name@run`` where they come from several runs), and the
+    feature layouts their maps are grouped by."""
+    several = len({r.run for r in refs}) > 1
+    labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
+    teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
+    layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+    return labels, teams, layouts
+
+
+def _observations(
+    cfg: DictConfig, venv: MultiAgentVecEnv, team: TeamPolicy, path: str | None, episodes: int
+) -> dict[str, torch.Tensor]:
+    """Raw observations per group to explain: from the ``.npz`` at ``path``, else from ``episodes`` greedy
+    episodes of ``team`` (episode seeds from ``eval.seed``)."""
+    if path:
+        return load_observations(path, venv.groups)
+    bar = "observations" if cfg.logger.progress else None
+    return collect_round(venv, team, cfg.eval.seed, True, episodes=episodes, progress=bar)[0]
 
 
 def _studied_policies(

@@ -210,9 +210,11 @@ def attribute(method: str, problem: Problem) -> torch.Tensor:
     return m.fn(problem).detach()  # type: ignore[misc]
 
 
-def dense_layers(policy: Policy) -> list[nn.Module]:
+def dense_layers(policy: Policy, needed_by: str = "relevance propagation (lrp)",
+                 fix: str = "drop lrp from explain.methods") -> list[nn.Module]:
     """The acting path of an MLP policy as one sequence of Linear and activation layers (input first): a
-    student without a CNN, or an SB3 teacher whose features extractor only flattens."""
+    student without a CNN, or an SB3 teacher whose features extractor only flattens. Other policies get a
+    MadistillError saying that ``needed_by`` needs an MLP policy, and the ``fix``."""
     if isinstance(policy, MLPPolicy) and policy.encoder is None:
         layers = list(policy.net)
     elif isinstance(policy, SB3Policy) and isinstance(policy.sb3.pi_features_extractor, FlattenExtractor):
@@ -221,8 +223,8 @@ def dense_layers(policy: Policy) -> list[nn.Module]:
         layers = []
     allowed = (nn.Linear, *ACTIVATIONS.values())
     if not layers or not all(isinstance(m, allowed) for m in layers):
-        raise MadistillError(f"relevance propagation (lrp) needs an MLP policy; the {policy.group.name!r} policy "
-                             f"({type(policy).__name__}) is not one: drop lrp from explain.methods")
+        raise MadistillError(f"{needed_by} needs an MLP policy; the {policy.group.name!r} policy "
+                             f"({type(policy).__name__}) is not one: {fix}")
     return layers
 
 

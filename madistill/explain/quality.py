@@ -156,7 +156,8 @@ def randomisation_curve(
     policy's map function; every copy explains the original ``actions``."""
     reference = explainer(policy)(x, actions).abs()
     twin = copy.deepcopy(policy)
-    linears = [m for m in dense_layers(twin) if isinstance(m, nn.Linear)][::-1]
+    layers = dense_layers(twin, "the randomisation check", "set explain.randomisation=false")
+    linears = [m for m in layers if isinstance(m, nn.Linear)][::-1]
     out = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
