@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from madistill import stages
 from madistill.attacks.budget import group_budgets
 from madistill.attacks.robustness import suite_attack
 from madistill.cli import compose_config
@@ -40,6 +39,8 @@ from madistill.explain.quality import summary
 from madistill.explain.saliency import feature_layouts
 from madistill.policies.store import load_team
 from madistill.runtime import make_vec_env
+from madistill.stages.distill import distill_students
+from madistill.stages.train import train_teachers
 from madistill.tb import TBLogger
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,13 +52,13 @@ def train(run: Path, base: list[str], seed: int, teacher_steps: int) -> dict[str
     teacher_run = run / "teacher"
     if not (teacher_run / "policies" / "teacher").is_dir():
         cfg = compose_config([*base, f"seed={seed}", f"teacher.total_agent_steps={teacher_steps}"])
-        stages.train_teachers(cfg, teacher_run, TBLogger(teacher_run / "tb", enabled=False))
+        train_teachers(cfg, teacher_run, TBLogger(teacher_run / "tb", enabled=False))
     dirs = {"teacher": teacher_run / "policies" / "teacher"}
     for name, (_, overrides) in list(POLICIES.items())[1:]:
         student_run = run / name
         if not (student_run / "policies" / "student").is_dir():
             cfg = compose_config([*base, *overrides, f"seed={seed}", "eval.random_baseline=false"])
-            stages.distill_students(cfg, student_run, teacher_run, TBLogger(student_run / "tb", enabled=False))
+            distill_students(cfg, student_run, teacher_run, TBLogger(student_run / "tb", enabled=False))
         dirs[name] = student_run / "policies" / "student"
     return dirs
 

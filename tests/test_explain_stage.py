@@ -20,14 +20,15 @@ def student_run(tmp_path_factory):
     """A tiny speaker-listener teacher and its DIGR student in one run, trained once for this module."""
     from conftest import compose_config, tiny
 
-    from madistill import stages
+    from madistill.stages.distill import distill_students
+    from madistill.stages.train import train_teachers
     from madistill.tb import TBLogger
 
     run = tmp_path_factory.mktemp("runs")
     cfg = compose_config(tiny("teacher.total_agent_steps=1500"))
-    stages.train_teachers(cfg, run, TBLogger(run / "tb", enabled=False))
+    train_teachers(cfg, run, TBLogger(run / "tb", enabled=False))
     cfg = compose_config(tiny(f"distill.teacher={run}", "distill.rounds=1", "eval.random_baseline=false"))
-    stages.distill_students(cfg, run, run, TBLogger(run / "tb", enabled=False))  # one run, as the pipeline's
+    distill_students(cfg, run, run, TBLogger(run / "tb", enabled=False))  # one run, as the pipeline's
     return run
 
 
