@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
@@ -12,10 +13,12 @@ from madistill.errors import MadistillError
 from madistill.explain.attribution import (
     METHODS,
     check_methods,
+    chosen_action_objective,
     greedy_actions,
     lrp_epsilon,
     policy_attributions,
 )
+from madistill.explain.quality import order_curves
 from madistill.explain.saliency import FeatureLayout
 from madistill.policies.mlp import MLPPolicy
 
@@ -94,3 +97,19 @@ def test_methods_checked_and_lrp_refuses_cnn_policies():
                                "cnn": {"channels": [4], "kernels": [3], "strides": [1], "features_dim": 8, "max_grid": 4}})
     with pytest.raises(MadistillError, match="drop lrp from explain.methods"):
         lrp_epsilon(policy, torch.zeros(2, group.obs_dim), torch.zeros(2, dtype=torch.long), 1e-6)
+
+
+def test_box_policies_explain_the_mean_and_their_deletion_curves_read_it():
+    torch.manual_seed(0)
+    group = AgentGroup("b", ("b_0",), spaces.Box(-1, 1, (5,)), spaces.Box(-1, 1, (2,)))
+    policy = MLPPolicy(group, {"hidden_sizes": [], "activation": "tanh"})
+    x = torch.randn(6, 5)
+    maps = policy_attributions(policy, x, LAYOUT, ["integrated_gradients", "lrp"], ExplainConfig(lrp_epsilon=1e-9))
+    w = policy.net[0].weight.detach().sum(0)  # the mean summed over the two action components
+    torch.testing.assert_close(maps["integrated_gradients"], (x * w) @ LAYOUT.membership().T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(maps["lrp"], (x * w) @ LAYOUT.membership().T, atol=1e-4, rtol=1e-4)
+    actions = greedy_actions(policy, x)
+    curves = order_curves(chosen_action_objective(policy), x, actions, maps["lrp"], LAYOUT)
+    mean_sum = policy(x).sum(1).detach().numpy()
+    np.testing.assert_allclose(curves["deletion_curve"][:, 0], mean_sum, rtol=1e-5)  # the clean input's mean
+    np.testing.assert_allclose(curves["deletion_curve"][:, -1], policy.net[0].bias.sum().item(), rtol=1e-5)

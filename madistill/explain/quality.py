@@ -76,7 +76,7 @@ def order_curves(
     out: dict[str, np.ndarray] = {}
     for name, inputs in (("deletion", torch.where(masked, base, x)), ("insertion", torch.where(masked, x, base))):
         with torch.no_grad():
-            curve = forward(inputs.reshape(-1, d), actions.repeat(g + 1)).reshape(g + 1, b).T
+            curve = forward(inputs.reshape(-1, d), actions.repeat(g + 1, *[1] * (actions.dim() - 1))).reshape(g + 1, b).T
         out[f"{name}_curve"] = curve.cpu().numpy()
         out[f"{name}_auc"] = torch.trapezoid(curve, dx=1.0 / g, dim=1).cpu().numpy()
         inner = inputs[1:g] if g > 1 else inputs[:0]
@@ -172,7 +172,7 @@ def attack_stability(
 ) -> dict[float, dict[str, np.ndarray]]:
     """Per budget ``eps``: Spearman correlation ``[B]`` between the map at ``x`` and at the attacked ``x'`` (each
     explaining the policy's greedy action there, which is what a user would see) and whether that action
-    differs from the clean one (``flipped``, 0/1)."""
+    differs from the clean one (``flipped``, 0/1; NaN for Box actions, whose mean moves under any attack)."""
     clean_actions = greedy_actions(policy, x)
     clean = explain(x, clean_actions)
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -180,8 +180,9 @@ def attack_stability(
     for eps, budget in budgets.items():
         x_adv = attack(policy, x, budget, gen)
         adv_actions = greedy_actions(policy, x_adv)
+        flipped = (adv_actions != clean_actions).float().cpu().numpy()
         out[eps] = {"spearman": spearman(explain(x_adv, adv_actions), clean),
-                    "flipped": (adv_actions != clean_actions).reshape(len(x), -1).any(-1).float().cpu().numpy()}
+                    "flipped": flipped if policy.group.discrete else np.full(len(x), np.nan)}
     return out
 
 
