@@ -29,9 +29,9 @@ from madistill.attacks.robustness import suite_attack
 from madistill.attacks.transform import AttackTransform
 from madistill.config import AttackConfig, Config, EnvConfig
 from madistill.envs.factory import EnvSpec
+from madistill.envs.features import feature_layouts
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.evaluate.evaluator import run_episodes
-from madistill.explain.saliency import feature_layouts
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import find_policy_dir, load_team, read_manifest
 from madistill.runtime import make_vec_env, resolve_device, seed_everything

@@ -26,8 +26,9 @@ from madistill.distill.dataset import GroupData
 from madistill.distill.loss import DistillLoss
 from madistill.distill.trainer import student_team
 from madistill.envs.factory import EnvSpec
+from madistill.envs.features import FeatureLayout
 from madistill.envs.vector import MultiAgentVecEnv
-from madistill.explain.saliency import FeatureLayout, SaliencyLabeller, gradient_saliency
+from madistill.explain.saliency import SaliencyLabeller, gradient_saliency
 from madistill.policies.store import load_team, read_manifest
 from madistill.stages.policies import teacher_dir
 

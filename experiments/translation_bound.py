@@ -34,9 +34,9 @@ from madistill.attacks.budget import group_budgets
 from madistill.attacks.robustness import worst_offsets
 from madistill.cli import compose_config
 from madistill.envs.factory import EnvSpec
+from madistill.envs.features import feature_layouts
 from madistill.evaluate.evaluator import run_episodes
 from madistill.evaluate.stats import bootstrap_ci
-from madistill.explain.saliency import feature_layouts
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import load_team, read_manifest
 from madistill.runtime import make_vec_env

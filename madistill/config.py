@@ -59,6 +59,9 @@ AttackMethod = _choices("AttackMethod", "random fgsm pgd critic spsa transfer of
 ValidationAttack = _choices("ValidationAttack", "random fgsm pgd spsa", "Per-step attacks that need nothing but "
                             "the candidate itself (no surrogate, critic or training).")
 VideoFormat = _choices("VideoFormat", "gif mp4")
+ExplainMethod = _choices("ExplainMethod", "gradient input_x_gradient integrated_gradients smoothgrad lrp kernel_shap "
+                         "lime perturbation", "Attribution methods (madistill/explain/attribution.py)")
+ExplainTarget = _choices("ExplainTarget", "prob logit")
 
 
 class Checks:
@@ -331,6 +334,44 @@ class SaliencyConfig:
 
 
 @dataclass
+class ExplainConfig:
+    """Attribution methods and their quality metrics (``madistill explain``, docs/explain.md)."""
+
+    policy: str | None = None  # run or policy directory whose policies are explained (a student's teacher added)
+    obs: str | None = None  # .npz of raw observations per group (default: greedy episodes of the teacher)
+    episodes: int = 10  # episodes rolled out when no observations are given
+    max_observations: int = 256  # observations explained per group (evenly spaced over those collected)
+    methods: list[ExplainMethod] = field(default_factory=lambda: list(ExplainMethod))  # attribution methods compared
+    target: ExplainTarget = ExplainTarget.prob  # what maps explain of the chosen action (Discrete); Box: the mean either way
+    ig_steps: int = 32  # integration points of integrated gradients
+    smoothgrad_samples: int = 16  # noisy copies per observation for SmoothGrad
+    smoothgrad_sigma: float = 0.3  # SmoothGrad's noise std, in normalised units (feature stds)
+    shap_samples: int = 128  # KernelSHAP coalitions per observation (all 2^G when fewer would do: exact values)
+    lime_samples: int = 128  # LIME random coalitions per observation
+    lime_width: float = 0.75  # LIME kernel width on the cosine distance between a coalition and the full input
+    lrp_epsilon: float = 1.0e-6  # LRP-epsilon stabiliser added to each layer's pre-activations
+    random_orders: int = 8  # random group orders averaged for the deletion/insertion floor
+    ood_k: float = 3.0  # a masked input is out of distribution beyond this many normaliser stds on a feature
+    infidelity_samples: int = 32  # perturbations per observation for infidelity
+    infidelity_sigma: float = 0.3  # std of infidelity's group-wise Gaussian perturbations, in normalised units
+    sensitivity_samples: int = 8  # perturbations per observation for max-sensitivity
+    sensitivity_radius: float = 0.1  # l_inf radius of max-sensitivity's uniform perturbations, in normalised units
+    randomisation: bool = True  # cumulative layer re-initialisation check (MLP policies)
+    # suite attack whose perturbations test the maps' stability at every attack.eps (its settings: attack.*);
+    # null skips the check
+    attack: ValidationAttack | None = ValidationAttack.pgd
+    n_boot: int = 1000  # bootstrap resamples for the CIs
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "episodes", "max_observations", "ig_steps", "smoothgrad_samples", "shap_samples", "lime_samples",
+                   "random_orders", "infidelity_samples", "sensitivity_samples", "n_boot")
+        c.at_least(0, "smoothgrad_sigma", "lrp_epsilon", "infidelity_sigma", "sensitivity_radius")
+        c.within(0, float("inf"), "lime_width", "ood_k", open_low=True)
+        c.require(len(c.node.methods) > 0, "methods", "a non-empty list")
+
+
+@dataclass
 class AttackConfig:
     """Robustness evaluation (``madistill attack``) and the attack settings robust distillation uses."""
 
@@ -420,6 +461,7 @@ class Config:
     distill: DistillConfig = MISSING
     finetune: FinetuneConfig = MISSING
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     attack: AttackConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # seeds initial weights, action sampling and training episodes (eval.seed: evaluation's)

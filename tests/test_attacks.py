@@ -16,10 +16,10 @@ from madistill.attacks.checks import DEGENERATE, probe, return_checks
 from madistill.attacks.methods import Attack, Objective, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
 from madistill.envs.factory import EnvSpec
+from madistill.envs.features import FeatureLayout
 from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
-from madistill.explain.saliency import FeatureLayout
 from madistill.normalize import ObsNormalizer
 from madistill.policies.base import TeamPolicy
 from madistill.policies.mlp import MLPPolicy
@@ -557,8 +557,8 @@ def test_every_suite_attack_changes_the_episodes_of_a_box_team(make_cfg):
     """On speaker-listener with continuous actions, every per-step attack of the suite (FGSM included) changes
     the team's episodes, and the masking checks neither report a degenerate attack nor flag a sound one."""
     from madistill.attacks.robustness import evaluate_robustness
+    from madistill.envs.features import feature_layouts
     from madistill.evaluate.evaluator import run_episodes
-    from madistill.explain.saliency import feature_layouts
 
     spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 10, "continuous_actions": True}, name="sl")
     ac = make_cfg("attack.methods=[random,fgsm,pgd,spsa]", "attack.eps=[0.3]", "attack.victims=[all]", "attack.episodes=4",

@@ -45,7 +45,7 @@ def _madistill_error(err: str, stage: str) -> str:
 def test_help_lists_the_stages(cli, args):
     rc, out, _ = cli(*args)
     assert rc == (0 if args else 2)  # no stage given is a usage error
-    for stage in ("train", "evaluate", "distill", "saliency", "attack", "pipeline"):
+    for stage in ("train", "evaluate", "distill", "saliency", "explain", "attack", "pipeline"):
         assert f"  {stage} " in out
     assert "usage: madistill <stage>" in out
 
@@ -66,7 +66,7 @@ def test_unknown_stage_exits_2(cli):
     assert rc == 2 and out == ""
     assert _err_lines(err) == [
         "madistill: error: unknown stage 'distil': did you mean 'distill'? "
-        "use one of train, evaluate, distill, finetune, saliency, attack, pipeline"
+        "use one of train, evaluate, distill, finetune, saliency, explain, attack, pipeline"
     ]
 
 

@@ -17,10 +17,11 @@ from madistill.common.collect import collect_round
 from madistill.distill.dataset import GroupData, MixedPolicy, mixed_team, rounds_beta
 from madistill.distill.loss import DistillLoss
 from madistill.envs.factory import EnvSpec
+from madistill.envs.features import FeatureLayout
 from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.evaluate.evaluator import uniform_team
-from madistill.explain.saliency import FeatureLayout, perturbation_saliency
+from madistill.explain.saliency import perturbation_saliency
 from madistill.policies.base import Policy
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.store import load_team, read_manifest
@@ -306,7 +307,7 @@ def test_collection_under_attack_records_clean_observations_of_the_drifted_state
     but what is stored (and labelled by the teacher) is what the env emitted, never the perturbed input."""
     from madistill.attacks.transform import AttackTransform
     from madistill.distill.trainer import DistillTrainer, student_team
-    from madistill.explain.saliency import feature_layouts
+    from madistill.envs.features import feature_layouts
 
     cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_collect=1.0", "distill.adv_eps=1.0")
     teacher = load_team(teacher_run / "policies" / "teacher")[0]
@@ -331,7 +332,7 @@ def test_robust_distillation_ramps_eps_keeps_excluded_features_and_combines_with
     eps ramps over ``adv_ramp`` of the updates, and the training attack keeps ``attack.exclude`` and ``attack.scale``."""
     from madistill.distill.loss import DistillLoss
     from madistill.distill.trainer import DistillTrainer, student_team
-    from madistill.explain.saliency import feature_layouts
+    from madistill.envs.features import feature_layouts
 
     cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_ramp=1.0", "distill.adv_eps=0.4",
                    "+attack.exclude.listener=[8,9,10]",  # the message
@@ -367,7 +368,7 @@ def test_learning_rate_anneals_to_lr_final_and_the_saved_student_is_the_weight_a
     constant). ``distill.weight_average``: the returned student is the exponential moving average of the live
     weights after every update, not the last live weights."""
     from madistill.distill.trainer import DistillTrainer, student_team
-    from madistill.explain.saliency import feature_layouts
+    from madistill.envs.features import feature_layouts
 
     cfg = make_cfg(f"distill.teacher={teacher_run}", "distill.rounds=2", "distill.updates_per_round=5",
                    "distill.lr_final=0.1", "distill.weight_average=0.5")

@@ -13,15 +13,11 @@ from torch import nn
 
 from madistill.common.divergences import divergence
 from madistill.distill.digr import igr_penalty, relevance_mask
+from madistill.envs.features import FeatureLayout, feature_layouts
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.explain.metrics import agreement, gini, spearman, topk_overlap
-from madistill.explain.saliency import (
-    FeatureLayout,
-    feature_layouts,
-    gradient_saliency,
-    perturbation_saliency,
-)
+from madistill.explain.saliency import gradient_saliency, perturbation_saliency
 from madistill.policies.base import Policy
 from madistill.policies.mlp import MLPPolicy
 

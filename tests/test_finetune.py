@@ -143,7 +143,7 @@ def test_finetune_errors_are_one_line(cli, student_run, tmp_path):
 
 def test_ppo_learns_from_the_attacked_observations_when_collecting_under_attack(make_cfg):
     from madistill.attacks.budget import group_budgets
-    from madistill.explain.saliency import feature_layouts
+    from madistill.envs.features import feature_layouts
     from madistill.finetune import collection_attack
     from madistill.rollout import Rollout
     from madistill.runtime import env_spec, make_vec_env
@@ -176,7 +176,7 @@ def test_ppo_learns_from_the_attacked_observations_when_collecting_under_attack(
 @pytest.mark.slow
 def test_best_policy_keeps_a_copy_of_the_best_on_paired_validation_episodes(make_cfg):
     from madistill.attacks.budget import group_budgets
-    from madistill.explain.saliency import feature_layouts
+    from madistill.envs.features import feature_layouts
     from madistill.runtime import env_spec, make_vec_env
     from madistill.selection import BestPolicy
 
@@ -209,7 +209,7 @@ def test_finetune_saves_the_best_validated_candidate(cli, student_run, tmp_path)
 
     from madistill.attacks.budget import group_budgets
     from madistill.cli import compose_config
-    from madistill.explain.saliency import feature_layouts
+    from madistill.envs.features import feature_layouts
     from madistill.runtime import env_spec, make_vec_env
     from madistill.seeds import finetune_validation_seed
     from madistill.selection import BestPolicy

@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 from envs import pixels
 from madistill.distill.trainer import student_team
 from madistill.envs import AgentGroup, EnvSpec, group_agents, make_env
+from madistill.envs.features import feature_layouts, image_patches
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
-from madistill.explain.saliency import SaliencyLabeller, feature_layouts, image_patches
+from madistill.explain.saliency import SaliencyLabeller
 from madistill.finetune import actor_critic_team
 from madistill.normalize import ObsNormalizer
 from madistill.policies import MLPPolicy, SB3Policy

@@ -20,8 +20,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("transforms", "rollout", "bonus", "tb"),
     ("common",),
     ("evaluate", "teacher"),
-    ("explain",),
     ("attacks",),
+    ("explain",),
     ("distill", "cascade"),
     ("finetune", "repair", "selection"),
     ("stages", "api", "cli", "__main__", "__init__"),
@@ -135,6 +135,6 @@ def test_the_checks_find_a_cycle_and_an_upward_import(tmp_path):
         "__init__": set(), "attacks": {"common", "errors"}, "common": {"attacks"}, "errors": {"__init__"}}
     assert cycles(graph) == [["attacks", "common", "attacks"]]
     assert upward_imports(graph, LAYERS) == [
-        "common/bootstrap.py: common (layer 5) imports attacks (layer 8)",
+        "common/bootstrap.py: common (layer 5) imports attacks (layer 7)",
         "errors.py: errors (layer 0) imports __init__ (layer 11)",
     ]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from madistill.envs.features import FeatureLayout
 from madistill.errors import MadistillError
-from madistill.explain.saliency import FeatureLayout
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ from madistill.common.collect import collect_round
 from madistill.common.episodes import team_returns
 from madistill.config import AttackMethod
 from madistill.envs.episodes import EpisodeRecord
+from madistill.envs.features import FeatureLayout
 from madistill.envs.teams import several_teams, team_arrays, team_means, team_return, teams_line
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
 from madistill.evaluate.stats import bootstrap_ci
-from madistill.explain.saliency import FeatureLayout
 from madistill.policies.base import TeamPolicy
 from madistill.transforms import ObsTransform
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from madistill.config import Mask
+from madistill.envs.features import FeatureLayout
 from madistill.errors import MadistillError
-from madistill.explain.saliency import FeatureLayout, decision_value
+from madistill.explain.saliency import decision_value
 from madistill.policies.base import Policy
 
 MASKS = tuple(Mask)

@@ -16,7 +16,7 @@ from madistill.common.divergences import divergence
 from madistill.config import DistillConfig
 from madistill.distill.dataset import GroupData
 from madistill.distill.digr import igr_penalty, relevance_mask
-from madistill.explain.saliency import FeatureLayout
+from madistill.envs.features import FeatureLayout
 from madistill.policies.base import Policy
 
 

@@ -18,9 +18,10 @@ from madistill.common.episodes import team_returns
 from madistill.common.schedules import linear_ramp
 from madistill.distill.dataset import GroupData, label, mixed_team, rounds_beta
 from madistill.distill.loss import DistillLoss, teacher_actions
+from madistill.envs.features import FeatureLayout
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.explain.metrics import agreement
-from madistill.explain.saliency import FeatureLayout, SaliencyLabeller, gradient_saliency
+from madistill.explain.saliency import SaliencyLabeller, gradient_saliency
 from madistill.policies.base import TeamPolicy, warn_if_large
 from madistill.policies.mlp import MLPPolicy
 from madistill.seeds import dagger_round_seed

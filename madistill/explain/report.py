@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from madistill.envs.features import FeatureLayout
 from madistill.explain.metrics import agreement
-from madistill.explain.saliency import FeatureLayout, SaliencyLabeller, gradient_saliency
+from madistill.explain.saliency import SaliencyLabeller, gradient_saliency
 from madistill.policies.base import TeamPolicy
 
 METHODS = ("perturbation", "gradient")
@@ -80,11 +81,14 @@ def save_arrays(path: Path, maps: SaliencyMaps, raw_obs: Mapping[str, torch.Tens
     return path
 
 
-def mean_heatmap(maps: SaliencyMaps, group: str, layout: FeatureLayout, title: str) -> plt.Figure:
-    """Rows: policy x method; columns: feature groups; colour: mean saliency over the observations."""
-    rows = [(n, m) for n in maps for m in METHODS]
+def mean_heatmap(
+    maps: SaliencyMaps, group: str, layout: FeatureLayout, title: str, methods: Sequence[str] = METHODS
+) -> plt.Figure:
+    """Rows: policy x method (of ``methods``); columns: feature groups; colour: mean saliency over the observations."""
+    rows = [(n, m) for n in maps for m in methods]
     values = np.stack([maps[n][group][m].mean(0) for n, m in rows])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(layout), 0.9 + 0.42 * len(rows)))
+    # the width leaves room for the "policy · method" row labels left of the cells
+    fig, ax = plt.subplots(figsize=(3.5 + 0.55 * len(layout), 0.9 + 0.42 * len(rows)))
     im = ax.imshow(values, cmap="viridis", vmin=0, vmax=max(1e-9, values.max()), aspect="auto")
     ax.set_xticks(range(len(layout)), layout.names, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), [f"{n} · {m}" for n, m in rows])

@@ -35,9 +35,9 @@ def distill_students(
     from omegaconf import OmegaConf
 
     from madistill.distill.trainer import DistillTrainer, student_team
+    from madistill.envs.features import feature_layouts
     from madistill.errors import MadistillError
     from madistill.evaluate.evaluator import PolicyRef
-    from madistill.explain.saliency import feature_layouts
     from madistill.policies.store import load_team, save_team
     from madistill.runtime import make_vec_env, resolve_device, seed_everything
     from madistill.stages.policies import configured_features, env_for, teacher_dir

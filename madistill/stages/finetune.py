@@ -37,9 +37,9 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
     from tqdm.auto import tqdm
 
     from madistill.attacks.budget import group_budgets
+    from madistill.envs.features import feature_layouts
     from madistill.errors import MadistillError
     from madistill.evaluate.evaluator import PolicyRef
-    from madistill.explain.saliency import feature_layouts
     from madistill.finetune import (
         actor_critic_team,
         collection_attack,

@@ -1,4 +1,4 @@
-"""Observations a user gives a stage in a file (``saliency.obs``)."""
+"""Observations a stage explains: from a file a user gives (``saliency.obs``, ``explain.obs``) or from episodes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from madistill.envs.groups import AgentGroup
+from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
+from madistill.policies.base import TeamPolicy
 
 
 def load_observations(path: str | Path, groups: Sequence[AgentGroup]) -> dict[str, torch.Tensor]:
@@ -30,3 +33,16 @@ def load_observations(path: str | Path, groups: Sequence[AgentGroup]) -> dict[st
             raise MadistillError(f"{path}: {g.name!r} observations contain NaN or inf: clean the file")
         out[g.name] = torch.as_tensor(x)
     return out
+
+
+def explained_observations(
+    cfg: DictConfig, venv: MultiAgentVecEnv, team: TeamPolicy, path: str | None, episodes: int
+) -> dict[str, torch.Tensor]:
+    """Raw observations per group to explain: from the ``.npz`` at ``path``, else from ``episodes`` greedy
+    episodes of ``team`` (episode seeds from ``eval.seed``)."""
+    if path:
+        return load_observations(path, venv.groups)
+    from madistill.common.collect import collect_round
+
+    bar = "observations" if cfg.logger.progress else None
+    return collect_round(venv, team, cfg.eval.seed, True, episodes=episodes, progress=bar)[0]

@@ -11,11 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from madistill.config import changes_env
 from madistill.envs.factory import EnvSpec
+from madistill.envs.features import FeatureLayout, feature_layouts
 from madistill.envs.teams import Teams
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import PolicyRef, discover_policies, saved_env
-from madistill.policies.store import find_policy_dir, read_manifest
+from madistill.policies.base import TeamPolicy
+from madistill.policies.store import find_policy_dir, load_team, read_manifest
 from madistill.runtime import env_spec, env_teams, resolve_device, seed_everything
 
 
@@ -68,6 +70,18 @@ def studied_policies(
     refs = [ref for p in paths for ref in discover_policies(p, list(cfg.eval.names))]
     refs = with_teachers(refs) if add_teachers else refs
     return device, refs, env_for(cfg, refs)
+
+
+def labelled_teams(
+    cfg: DictConfig, spec: EnvSpec, venv: MultiAgentVecEnv, refs: Sequence[PolicyRef], device: torch.device
+) -> tuple[list[str], dict[str, TeamPolicy], dict[str, FeatureLayout]]:
+    """The studied policies loaded, labelled by name (``name@run`` where they come from several runs), and the
+    feature layouts their maps are grouped by."""
+    several = len({r.run for r in refs}) > 1
+    labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
+    teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
+    layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+    return labels, teams, layouts
 
 
 def paired_policy(ref: PolicyRef, role: str, refs: Sequence[PolicyRef]) -> int | None:

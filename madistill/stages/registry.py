@@ -27,6 +27,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "madistill.stages.distill",
     "madistill.stages.finetune",
     "madistill.stages.saliency",
+    "madistill.stages.explain",
     "madistill.stages.attack",
     "madistill.stages.pipeline",
 )

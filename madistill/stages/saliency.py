@@ -22,7 +22,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     from omegaconf import OmegaConf
 
-    from madistill.common.collect import collect_round
     from madistill.common.io import atomic_write_text
     from madistill.explain.report import (
         agreement_table,
@@ -32,32 +31,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         saliency_maps,
         save_arrays,
     )
-    from madistill.explain.saliency import SaliencyLabeller, feature_layouts
-    from madistill.policies.store import load_team
+    from madistill.explain.saliency import SaliencyLabeller
     from madistill.runtime import make_vec_env
-    from madistill.stages.observations import load_observations
-    from madistill.stages.policies import configured_features, paired_policy, studied_policies
+    from madistill.stages.observations import explained_observations
+    from madistill.stages.policies import labelled_teams, paired_policy, studied_policies
     from madistill.stages.rundir import open_tb
 
     sc = cfg.saliency
     device, refs, spec = studied_policies(
         cfg, sc.policy, "no policy to explain: pass saliency.policy=<run or policy directory>"
     )
-    several = len({r.run for r in refs}) > 1
-    labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
     with make_vec_env(cfg.env, spec) as venv:
-        teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
-        layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+        labels, teams, layouts = labelled_teams(cfg, spec, venv, refs, device)
         own_reference = {}  # each policy's teacher (a teacher, or a policy without one, is its own)
         for label, ref in zip(labels, refs):
             i = None if ref.name == "teacher" else paired_policy(ref, "teacher", refs)
             own_reference[label] = label if i is None else labels[i]
         reference = own_reference[labels[0]]  # whose episodes give the observations
-        if sc.obs:
-            raw = load_observations(sc.obs, venv.groups)
-        else:
-            bar = "observations" if cfg.logger.progress else None
-            raw, _ = collect_round(venv, teams[reference], cfg.eval.seed, True, episodes=sc.episodes, progress=bar)
+        raw = explained_observations(cfg, venv, teams[reference], sc.obs, sc.episodes)
     labeller = SaliencyLabeller.from_config(sc, layouts, cfg.seed)
     maps = saliency_maps(teams, raw, layouts, labeller, sc.target)
     table = agreement_table(maps, own_reference, sc.topk)

@@ -1,0 +1,106 @@
+"""``madistill explain``: attribution methods of saved policies, scored by explanation-quality metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from madistill.stages.registry import Stage
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Every attribution method of ``explain.methods`` on every saved policy under ``explain.policy``,
+    scored by the explanation-quality metrics (docs/explain.md), on observations from ``explain.obs`` (.npz) or
+    from greedy episodes of the teacher (else the first policy).
+
+    Writes ``reports/explain.{json,md}``, ``reports/explain.npz`` (observations and maps), deletion/insertion
+    curves and heatmaps (PNG and TensorBoard).
+    """
+    import json
+
+    import numpy as np
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from madistill.attacks.budget import group_budgets
+    from madistill.attacks.robustness import suite_attack
+    from madistill.common.io import atomic_write_text
+    from madistill.explain.evaluation import (
+        curves_figure,
+        display_maps,
+        markdown_table,
+        score_methods,
+        summarise,
+    )
+    from madistill.explain.report import mean_heatmap, save_arrays
+    from madistill.runtime import make_vec_env
+    from madistill.stages.observations import explained_observations
+    from madistill.stages.policies import labelled_teams, studied_policies
+    from madistill.stages.rundir import open_tb
+
+    ec = cfg.explain
+    settings = OmegaConf.to_object(ec)
+    methods = [str(m) for m in ec.methods]  # the config's enum checked the names
+    device, refs, spec = studied_policies(
+        cfg, ec.policy, "no policy to explain: pass explain.policy=<run or policy directory>"
+    )
+    with make_vec_env(cfg.env, spec) as venv:
+        labels, teams, layouts = labelled_teams(cfg, spec, venv, refs, device)
+        source = next((label for label, r in zip(labels, refs) if r.name == "teacher"), labels[0])
+        raw = explained_observations(cfg, venv, teams[source], ec.obs, ec.episodes)
+    # evenly spaced over the episodes, so that every part of them is explained
+    raw = {g: x[np.unique(np.linspace(0, len(x) - 1, min(len(x), ec.max_observations)).round().astype(int))]
+           for g, x in raw.items()}
+    attack = None if ec.attack is None else suite_attack(ec.attack, cfg.attack)
+    budgets = {eps: group_budgets(eps, layouts, cfg.attack.exclude, device, cfg.attack.scale) for eps in cfg.attack.eps}
+    summaries: dict[str, dict[str, dict]] = {}
+    maps: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    jobs = [(label, g) for label in labels for g in layouts]
+    for label, g in tqdm(jobs, desc="explain", disable=not cfg.logger.progress):
+        team = teams[label]
+        x = team.normalizers[g].normalize(raw[g].to(device))
+        scores, group_maps = score_methods(team[g], x, layouts[g], methods, settings, ec.target, attack,
+                                           {eps: b[g] for eps, b in budgets.items()}, cfg.seed)
+        summaries.setdefault(label, {})[g] = summarise([scores], ec.n_boot, cfg.seed)
+        maps.setdefault(label, {})[g] = display_maps(group_maps)
+    reports = run_dir / "reports"
+    middle = sorted(cfg.attack.eps)[len(cfg.attack.eps) // 2] if attack is not None and len(cfg.attack.eps) else None
+    tables = [f"## {g}\n\n" + markdown_table({label: summaries[label][g] for label in labels}, middle) for g in layouts]
+    text = (f"# Explanation quality: {spec.id}\n\nMeans over {', '.join(f'{len(x)} {g}' for g, x in raw.items())} "
+            f"observations with {ec.n_boot}-resample bootstrap 95% CIs; maps explain the {ec.target} of the chosen "
+            f"action, deletion/insertion read its probability; (OOD): share of masked inputs beyond {ec.ood_k} stds."
+            "\n\n" + "\n\n".join(tables) + "\n")
+    result = {
+        "meta": {"policies": {label: str(r.path) for label, r in zip(labels, refs)}, "observations_from": source,
+                 "env": spec.to_dict(), "observations": {g: len(x) for g, x in raw.items()},
+                 "explain": OmegaConf.to_container(ec), "attack_eps": list(cfg.attack.eps)},
+        "results": summaries,
+    }
+    atomic_write_text(reports / "explain.json", json.dumps(result, indent=2))
+    atomic_write_text(reports / "explain.md", text)
+    save_arrays(reports / "explain.npz", maps, raw)
+    with open_tb(cfg, run_dir) as tb:
+        tb.text("explain/table", text)
+        if cfg.logger.figures:
+            for g, layout in layouts.items():
+                tb.figure(f"explain/{g}_maps", mean_heatmap(maps, g, layout, f"{spec.id}: {g} (|map|, max 1)", methods))
+                for label in labels:
+                    tb.figure(f"explain/{g}_{label}_curves", curves_figure(summaries[label][g], f"{label}: {g}"))
+    print(f"\n{text}\n  summary: {reports / 'explain.json'}\n  maps:    {reports / 'explain.npz'}\n"
+          f"  figures: {reports}/explain_*.png\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    return result
+
+
+STAGE = Stage(
+    name="explain",
+    run=run,
+    summary="attribution methods and their quality metrics for saved policies (explain.policy=<run or policy dir>)",
+    sections=("explain",),
+    writes="reports/explain.{json,md,npz}, deletion/insertion curves and heatmaps",
+    examples=("madistill explain explain.policy=<run>",
+              "madistill explain explain.policy=<run> \"explain.methods=[gradient,integrated_gradients]\" explain.attack=null"),
+    policy_key="explain.policy",
+)
