@@ -66,3 +66,22 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(cli, teacher, tmp_path,
     assert rc == 2 and len(lines) == 1, err
     assert lines[0].startswith("madistill cascade: error: ") and message in lines[0], lines[0]
     assert not out.exists()
+
+
+def test_several_policies_are_compared_on_the_same_faults_and_episodes(cli, teacher, tmp_path):
+    other = teacher.parent / "teacher_s1"
+    rc, _, err = cli("train", *tiny(*CHAIN, "teacher.total_agent_steps=3000", "seed=1"), f"hydra.run.dir={other}")
+    assert rc == 0, err
+    out = tmp_path / "study"
+    rc, _, err = cli("cascade", *tiny(*STUDY, f"cascade.policy={teacher.parent}", "fault=dead",
+                                     "fault.victims=[agent_0]", "fault.duration=null"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    report = json.loads((out / "reports" / "cascade.json").read_text())
+    assert list(report["policies"]) == ["teacher@teacher", "teacher@teacher_s1"]
+    assert report["meta"]["policy"] == "teacher@teacher" and report["first_lag"] == report["policies"]["teacher@teacher"]["first_lag"]
+    for r in report["policies"].values():
+        c = r["faults"]["dead@agent_0"]["cascade"]
+        lo, hi = c["others_return_delta_ci"]
+        assert lo <= c["others_return_delta"] <= hi and c["size_ci"][0] <= c["size_mean"] <= c["size_ci"][1]
+    md = (out / "reports" / "cascade.md").read_text()
+    assert "## Comparison" in md and md.count("| dead@agent_0 | teacher@") == 2

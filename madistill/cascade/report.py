@@ -42,6 +42,20 @@ def markdown(result: dict[str, Any], env_id: str, policy: str, episodes: int) ->
     return "\n".join(lines) + "\n"
 
 
+def comparison(results: dict[str, dict[str, Any]]) -> str:
+    """The policies side by side on the same faults and episodes: cascade size and the non-faulted agents' mean
+    return delta (faulted - clean), each with its 95% CI over episodes."""
+    lines = ["## Comparison (same faults, same episodes)", "",
+             "| fault | policy | cascade size (95% CI) | non-faulted agents' return delta (95% CI) |", "|---|---|---|---|"]
+    for label in next(iter(results.values()))["faults"]:
+        for policy, r in results.items():
+            c = r["faults"][label]["cascade"]
+            lines.append(f"| {label} | {policy} | {c['size_mean']:.2f} [{c['size_ci'][0]:.2f}, {c['size_ci'][1]:.2f}] | "
+                         f"{c['others_return_delta']:+.3f} [{c['others_return_delta_ci'][0]:+.3f}, "
+                         f"{c['others_return_delta_ci'][1]:+.3f}] |")
+    return "\n".join(lines) + "\n"
+
+
 def heatmaps(study: CascadeStudy) -> plt.Figure:
     """The influence matrix (mean TV of dst's action distribution k steps after src's impulse), one panel per lag."""
     inf = study.influence

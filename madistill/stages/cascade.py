@@ -35,7 +35,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     from madistill.cascade.faults import FaultEnv
     from madistill.cascade.monitor import study
-    from madistill.cascade.report import graph, heatmaps, markdown, timeline
+    from madistill.cascade.report import comparison, graph, heatmaps, markdown, timeline
     from madistill.evaluate.report import atomic_write_text, write_markdown
     from madistill.explain.saliency import feature_layouts
     from madistill.policies.store import load_team
@@ -66,7 +66,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                         "seed": cc.seed, "policy": first}, **results[first], "policies": results}
     reports = run_dir / "reports"
     atomic_write_text(reports / "cascade.json", json.dumps(payload, indent=2))
-    text = "\n".join(markdown(r, spec.id, label, int(cc.episodes)) for label, r in results.items())
+    text = "\n".join([*(markdown(r, spec.id, label, int(cc.episodes)) for label, r in results.items()),
+                      *([comparison(results)] if len(results) > 1 else [])])
     write_markdown(reports / "cascade.md", text)
     with open_tb(cfg, run_dir) as tb:
         tb.text("cascade/report", text)
