@@ -68,6 +68,9 @@ class FaultEnv:
     device: torch.device | str = "cpu"
 
 
+_UNARMED = np.random.default_rng(0)  # the stream of copies a fault is not armed on (never drawn from for effects)
+
+
 class Fault(Transform):
     """Shared scope and timing. ``armed`` (``[N]`` bool, None: every copy) restricts the fault to some env
     copies: the paired runner faults one block of copies and leaves their clean twins alone."""
@@ -102,7 +105,10 @@ class Fault(Transform):
         n = int(copies.max()) + 1
         if n > len(self.onset_at):
             self.onset_at = np.concatenate([self.onset_at, np.zeros(n - len(self.onset_at), dtype=np.int64)])
-            self.rngs += [np.random.default_rng() for _ in range(n - len(self.rngs))]
+            self.rngs += [_UNARMED] * (n - len(self.rngs))
+        if self.armed is not None:  # copies the fault never touches need no stream (seeding one costs ~50 us)
+            keep = self.armed[copies]
+            copies, seeds = copies[keep], seeds[keep]
         for i, seed in zip(copies.tolist(), seeds.tolist()):
             rng = np.random.default_rng([self.scope.seed, int(seed)])
             s = self.scope
