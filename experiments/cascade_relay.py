@@ -28,8 +28,8 @@ TOPOLOGIES = {
 
 
 def overrides(kwargs: dict) -> list[str]:
-    """Command-line overrides that set the relay env's kwargs."""
-    return [f"env.kwargs.{k}={json.dumps(v).replace(' ', '')}" for k, v in kwargs.items()]
+    """Command-line overrides that set the relay env's kwargs (`++`: whether or not conf/env/relay.yaml has the key)."""
+    return [f"++env.kwargs.{k}={json.dumps(v).replace(' ', '')}" for k, v in kwargs.items()]
 
 
 def madistill(*args: str) -> None:

@@ -68,6 +68,8 @@ class FaultEnv:
     device: torch.device | str = "cpu"
 
 
+# what a fault puts in place of the hit rows x[mask] of a group's values x: (group, x, mask, ctx) -> [m, ...]
+Change = Callable[[AgentGroup, torch.Tensor, torch.Tensor, StepContext], torch.Tensor]
 _UNARMED = np.random.default_rng(0)  # the stream of copies a fault is not armed on (never drawn from for effects)
 
 
@@ -140,47 +142,27 @@ class Fault(Transform):
             mask[:, slots] = torch.as_tensor(firing, device=active.device)[:, None]
         return mask & active
 
-
-class Held:
-    """Per-slot values a stateful fault holds from a slot's first faulted step to its episode's end (a
-    frozen observation, a stuck action)."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, torch.Tensor] = {}  # group -> [N, n_g, ...] the held value per slot
-        self.holding: dict[str, torch.Tensor] = {}  # group -> [N, n_g] bool: the slot holds one
-
-    def clear(self, copies: np.ndarray | None = None) -> None:
-        """Forget every held value (None) or those of ``copies``."""
-        if copies is None:
-            self.values, self.holding = {}, {}
-        for h in self.holding.values():
-            h[copies[copies < len(h)]] = False
-
-    def take(self, group: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x[mask]`` with each hit slot's value replaced by the one it holds, holding ``x`` where it held none."""
-        if group not in self.values or self.values[group].shape != x.shape:
-            self.values[group], self.holding[group] = torch.zeros_like(x), torch.zeros_like(mask)
-        fresh = mask & ~self.holding[group]
-        self.values[group][fresh] = x[fresh]
-        self.holding[group] |= fresh
-        return self.values[group][mask]
+    def hit(self, values: GroupTensors, ctx: StepContext, change: Change) -> GroupTensors:
+        """``values`` (per group ``[N, n_g, ...]``: observations or actions) with the rows of the slots hit at this
+        step replaced by ``change(group, x, mask, ctx)``."""
+        firing = self.firing(ctx)
+        out = dict(values)
+        if not firing.any():
+            return out
+        for g in ctx.team.groups:
+            mask = self.victim_mask(g, firing, ctx)
+            if g.name in values and mask.any():
+                x = values[g.name].clone()
+                x[mask] = change(g, x, mask, ctx).to(x.dtype)
+                out[g.name] = x
+        return out
 
 
 class ObsFault(Fault, ObsTransform):
     """A fault on what the victims see: ``corrupt`` replaces the hit rows of a group's observations."""
 
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
-        firing = self.firing(ctx)
-        out = dict(obs)
-        if not firing.any():
-            return out
-        for g in ctx.team.groups:
-            mask = self.victim_mask(g, firing, ctx)
-            if g.name in obs and mask.any():
-                x = obs[g.name].clone()
-                x[mask] = self.corrupt(g, x, mask, ctx).to(x.dtype)
-                out[g.name] = x
-        return out
+        return self.hit(obs, ctx, self.corrupt)
 
     def corrupt(self, group: AgentGroup, x: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The observations ``[m, d]`` the hit slots ``x[mask]`` see instead."""
@@ -191,17 +173,7 @@ class ActionFault(Fault, ActionTransform):
     """A fault on what the victims do: ``replace`` gives the executed actions of the hit slots."""
 
     def __call__(self, actions: GroupTensors, dists: dict[str, Distribution], ctx: StepContext) -> GroupTensors:
-        firing = self.firing(ctx)
-        out = dict(actions)
-        if not firing.any():
-            return out
-        for g in ctx.team.groups:
-            mask = self.victim_mask(g, firing, ctx)
-            if g.name in actions and mask.any():
-                a = actions[g.name].clone()
-                a[mask] = self.replace(g, a, mask, ctx).to(a.dtype)
-                out[g.name] = a
-        return out
+        return self.hit(actions, ctx, self.replace)
 
     def replace(self, group: AgentGroup, a: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The actions ``[m, ...]`` the hit slots ``a[mask]`` execute instead."""
@@ -211,6 +183,33 @@ class ActionFault(Fault, ActionTransform):
         """One ``draw`` per hit slot from its copy's stream, in ``a[mask]`` order."""
         rows = [draw(self.rngs[i]) for i, _ in mask.nonzero().tolist()]
         return torch.as_tensor(np.stack(rows), device=mask.device)
+
+
+class Holding(Fault):
+    """A stateful fault: each hit slot holds the value it had at its first faulted step (a frozen observation,
+    a stuck action) to its episode's end; an episode start forgets its copy's values."""
+
+    def __init__(self, scope: Scope):
+        super().__init__(scope)
+        self.values: dict[str, torch.Tensor] = {}  # group -> [N, n_g, ...] the held value per slot
+        self.holding: dict[str, torch.Tensor] = {}  # group -> [N, n_g] bool: the slot holds one
+
+    def reset(self) -> None:
+        super().reset()
+        self.values, self.holding = {}, {}
+
+    def restart(self, copies: np.ndarray) -> None:
+        for h in self.holding.values():
+            h[copies[copies < len(h)]] = False
+
+    def held(self, group: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x[mask]`` with each hit slot's value replaced by the one it holds, holding ``x`` where it held none."""
+        if group not in self.values or self.values[group].shape != x.shape:
+            self.values[group], self.holding[group] = torch.zeros_like(x), torch.zeros_like(mask)
+        fresh = mask & ~self.holding[group]
+        self.values[group][fresh] = x[fresh]
+        self.holding[group] |= fresh
+        return self.values[group][mask]
 
 
 def _feature_indices(spec: Sequence[str], layout: FeatureLayout) -> list[int]:
@@ -263,22 +262,11 @@ class Dropout(ObsFault):
 
 
 @register("frozen")
-class Frozen(ObsFault):
+class Frozen(Holding, ObsFault):
     """A stale observation: from the first faulted step on, the victim sees what it saw then."""
 
-    def __init__(self, scope: Scope):
-        super().__init__(scope)
-        self.held = Held()
-
-    def reset(self) -> None:
-        super().reset()
-        self.held.clear()
-
-    def restart(self, copies: np.ndarray) -> None:
-        self.held.clear(copies)
-
     def corrupt(self, group: AgentGroup, x: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return self.held.take(group.name, x, mask)
+        return self.held(group.name, x, mask)
 
 
 @register("attack")
@@ -325,22 +313,11 @@ class RandomAction(ActionFault):
 
 
 @register("stuck")
-class Stuck(ActionFault):
+class Stuck(Holding, ActionFault):
     """The victim keeps repeating the action it chose at the first faulted step."""
 
-    def __init__(self, scope: Scope):
-        super().__init__(scope)
-        self.held = Held()
-
-    def reset(self) -> None:
-        super().reset()
-        self.held.clear()
-
-    def restart(self, copies: np.ndarray) -> None:
-        self.held.clear(copies)
-
     def replace(self, group: AgentGroup, a: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return self.held.take(group.name, a, mask)
+        return self.held(group.name, a, mask)
 
 
 @register("constant")
