@@ -212,9 +212,11 @@ class Holding(Fault):
         return self.values[group][mask]
 
 
-def _feature_indices(spec: Sequence[str], layout: FeatureLayout) -> list[int]:
-    """Indices of the named features (all of them for an empty list)."""
-    return excluded_features(spec, layout, "fault.features") if spec else list(range(layout.obs_dim))
+def victim_features(fc: Any, env: FaultEnv, scope: Scope) -> dict[str, list[int]]:
+    """Per group holding victims, the indices of the features ``fault.features`` names (all for an empty list):
+    feature-group names are per group (a listener's ``message``), so only the victims' groups must know them."""
+    return {g.name: excluded_features(list(fc.features), env.layouts[g.name], "fault.features") if fc.features
+            else list(range(g.obs_dim)) for g in env.groups if victim_slots(g, scope.victims)}
 
 
 @register("noise")
@@ -229,7 +231,7 @@ class Noise(ObsFault):
 
     @classmethod
     def from_config(cls, scope: Scope, fc: Any, env: FaultEnv) -> Fault:
-        return cls(scope, fc.sigma, {g: _feature_indices(list(fc.features), lay) for g, lay in env.layouts.items()})
+        return cls(scope, fc.sigma, victim_features(fc, env, scope))
 
     def corrupt(self, group: AgentGroup, x: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         hit = x[mask].clone()
@@ -250,7 +252,7 @@ class Dropout(ObsFault):
 
     @classmethod
     def from_config(cls, scope: Scope, fc: Any, env: FaultEnv) -> Fault:
-        return cls(scope, {g: _feature_indices(list(fc.features), lay) for g, lay in env.layouts.items()})
+        return cls(scope, victim_features(fc, env, scope))
 
     def corrupt(self, group: AgentGroup, x: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         norm = ctx.team.normalizers[group.name]
