@@ -119,6 +119,7 @@ def test_foreign_agents_and_observations_are_refused_in_one_line(speaker_team):
     env.close()
 
 
+@pytest.mark.slow
 def test_the_documented_example_runs_verbatim_and_matches_the_evaluate_stage(speaker_team, tmp_path):
     text = (REPO / "docs" / "python_api.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)

@@ -170,6 +170,7 @@ def _training_attacks() -> dict[str, Attack]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,attack", [*((n, a) for n, a in variants(Attack(steps=5)).items() if n != "pgd_strong"),
                                          *_training_attacks().items()])
 def test_every_attack_moves_a_box_policy_as_it_moves_a_discrete_one(name, attack):
@@ -252,6 +253,7 @@ def test_constant_offset_is_one_budget_corner_held_over_steps_on_victims_only(mo
     assert [r.team_return for r in recs] == [min((i * 7 + k * 3) % 5 for k in range(3)) for i in range(4)]
 
 
+@pytest.mark.slow
 def test_masking_checks_fire_on_a_quantising_policy_and_stay_silent_on_a_plain_mlp():
     budget, pgd = Budget.build(0.5, D), Attack()
     _, plain_flags = probe(_mlp(), X, budget, pgd, torch.Generator().manual_seed(0))
@@ -349,6 +351,7 @@ def test_report_and_figure_show_per_agent_returns_under_the_worst_case():
     assert list(lines["a_1"].get_ydata()) == [-6.0, -8.652, -14.996]
 
 
+@pytest.mark.slow
 def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     from conftest import tiny
 

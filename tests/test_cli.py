@@ -310,6 +310,7 @@ def test_custom_env_without_target_exits_2(cli, tmp_path):
 
 
 # ------------------------------------------------------------------ sweeps
+@pytest.mark.slow
 def test_joblib_sweep_trains_one_teacher_per_seed(tmp_path):
     sweep = tmp_path / "sweep"
     args = [
@@ -515,6 +516,7 @@ def test_evaluate_saves_a_gif_of_one_episode(pipeline_run, cli, tmp_path):
     assert not np.array_equal(frames[0], frames[-1])  # the agents moved
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_like_ctrl_c_and_env_workers_stay_quiet(tmp_path):
     """A cluster's time limit (SIGTERM to the whole job) saves a checkpoint; the env workers print nothing."""
     import signal
@@ -536,6 +538,7 @@ def test_sigterm_checkpoints_like_ctrl_c_and_env_workers_stay_quiet(tmp_path):
     assert "Traceback" not in err and "madistill train: interrupted" in err
 
 
+@pytest.mark.slow
 def test_env_workers_exit_when_their_parent_is_killed(tmp_path):
     import time
 
@@ -571,6 +574,7 @@ def test_counts_below_one_are_refused_before_any_work(cli, tmp_path, stage, over
     assert not (tmp_path / "policies").exists()
 
 
+@pytest.mark.slow
 def test_evaluating_a_sweep_pools_seeds_but_keeps_other_settings_apart(cli, tmp_path):
     sweeps = {"seeds": {"0": ["seed=0"], "1": ["seed=1"]},
               "widths": {"0": ["seed=0"], "1": ["seed=0", "teacher.hidden_sizes=[24]"]}}

@@ -172,6 +172,7 @@ def test_ppo_learns_from_the_attacked_observations_when_collecting_under_attack(
     assert torch.allclose(stored, attacked)  # the buffer holds what the policy saw
 
 
+@pytest.mark.slow
 def test_best_policy_keeps_a_copy_of_the_best_on_paired_validation_episodes(make_cfg):
     from madistill.attacks.budget import group_budgets
     from madistill.errors import MadistillError
@@ -202,6 +203,7 @@ def test_best_policy_keeps_a_copy_of_the_best_on_paired_validation_episodes(make
             BestPolicy(venv, budgets, cfg.attack, ["transfer"], 0.5, 6, 0.5, seed=0)
 
 
+@pytest.mark.slow
 def test_finetune_saves_the_best_validated_candidate(cli, student_run, tmp_path):
     import json
 

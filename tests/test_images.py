@@ -150,6 +150,7 @@ def test_trained_image_teacher_round_trips_through_the_store_and_evaluates_the_s
     assert (path / "looker.safetensors").stat().st_size < 4 * 1.05 * loaded["looker"].num_parameters
 
 
+@pytest.mark.slow
 def test_train_and_distill_on_images_give_a_cnn_teacher_and_a_compact_cnn_student(cli, tmp_path):
     rc, _, err = cli("train", *tiny(*PIXELS, f"hydra.run.dir={tmp_path}/train"))
     assert rc == 0, err

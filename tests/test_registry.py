@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -109,4 +108,16 @@ def test_a_section_cannot_be_added_twice():
         use_sections([ConfigSection("attack", Other)])
     with pytest.raises(ValueError, match=r"\['other'\] are added twice"):
         use_sections([ConfigSection("other", Other), ConfigSection("other", Other)])
-    assert Path(cli.config_dir()).name == "conf"
+
+
+def test_a_sections_preset_is_composed_by_default(agents_stage, monkeypatch):
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module("agents_example")
+    brief = ConfigSection("agents", module.AgentsConfig, preset="brief")
+    monkeypatch.setattr(module, "STAGE", dataclasses.replace(module.STAGE, adds=(brief,)))
+    stages.cache_clear()
+    assert cli.compose_config(["env=relay"]).agents.spaces is False
+    assert cli.compose_config(["env=relay", "agents=base_agents"]).agents.spaces is True
+    assert cli.compose_config(["env=relay", "agents.spaces=true"]).agents.spaces is True

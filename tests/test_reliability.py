@@ -97,6 +97,7 @@ def test_help_into_a_closed_pipe_is_one_line_and_exit_2():
     assert "output pipe closed" in _one_error_line(err, "train")
 
 
+@pytest.mark.slow
 def test_a_stage_whose_reader_left_finishes_its_work_and_logs_its_lines(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "madistill", "train", "env=relay",

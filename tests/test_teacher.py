@@ -176,7 +176,7 @@ def test_resume_from_a_non_checkpoint_is_a_user_error(relay_run, tmp_path):
         TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)
 
 
-@pytest.mark.parametrize("mode", ["inline", "process"])
+@pytest.mark.parametrize("mode", ["inline", pytest.param("process", marks=pytest.mark.slow)])
 def test_ctrl_c_saves_a_checkpoint_and_reraises(tmp_path, monkeypatch, mode):
     cfg = compose_config(tiny("env=relay", f"teacher.total_agent_steps={10 * PER_ITER}", f"teacher.update_mode={mode}"))
     calls = {"n": 0}
@@ -222,7 +222,7 @@ def test_two_groups_train_together_and_save_one_file_each(tmp_path):
     assert [g["name"] for g in m["groups"]] == ["speaker", "listener"]
 
 
-@pytest.mark.parametrize("mode", ["inline", "process"])
+@pytest.mark.parametrize("mode", ["inline", pytest.param("process", marks=pytest.mark.slow)])
 def test_a_central_critic_sees_the_team_and_the_saved_actor_acts_on_its_own(tmp_path, mode):
     """teacher.critic=central (MAPPO-style): each group's critic input is its own observation followed by every
     agent's observation of the same env copy; the actor reads only its own, so the saved teacher acts,
@@ -322,7 +322,7 @@ def _acting_weights_per_rollout(cfg, monkeypatch) -> list[torch.Tensor]:
     return seen, learner
 
 
-@pytest.mark.parametrize("where", ["thread", "process"])
+@pytest.mark.parametrize("where", ["thread", pytest.param("process", marks=pytest.mark.slow)])
 def test_overlapped_update_acts_one_update_behind_and_ends_in_sync(monkeypatch, where):
     steps = f"teacher.total_agent_steps={4 * PER_ITER}"
     sync, _ = _acting_weights_per_rollout(compose_config(tiny("env=relay", steps)), monkeypatch)
@@ -346,6 +346,7 @@ def test_every_update_logs_its_losses_once_at_the_step_of_its_data(tmp_path, mod
     assert steps == [PER_ITER, 2 * PER_ITER, 3 * PER_ITER, 4 * PER_ITER]
 
 
+@pytest.mark.slow
 def test_overlapped_update_learns_and_is_deterministic_in_a_thread_or_a_learner_process(tmp_path):
     cfgs = [compose_config(tiny(*RELAY, f"teacher.update_mode={where}")) for where in ("thread", "thread", "process")]
     paths = [train_stage.run(cfg, tmp_path / f"run{i}") for i, cfg in enumerate(cfgs)]
@@ -360,7 +361,7 @@ def test_overlapped_update_learns_and_is_deterministic_in_a_thread_or_a_learner_
     assert ret > 25 / 3 + 6.0  # as the on-policy relay teacher: far above random (~8.3)
 
 
-@pytest.mark.parametrize("mode", ["inline", "process"])
+@pytest.mark.parametrize("mode", ["inline", pytest.param("process", marks=pytest.mark.slow)])
 def test_group_settings_and_annealing_reach_each_groups_ppo_update(tmp_path, mode):
     """The speaker's own entropy bonus, and linear annealing of it and of the learning rate, as each update sees them."""
     per_iter = 50 * 2 * 2  # n_steps x num_envs x agents

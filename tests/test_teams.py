@@ -168,6 +168,7 @@ def test_duel_env_has_opposite_team_returns():
     assert duel.parallel_env().metadata["name"] == "duel_v0"
 
 
+@pytest.mark.slow
 def test_pipeline_and_attack_on_a_two_team_env_report_each_team(cli, tmp_path):
     from conftest import tiny
 
