@@ -155,3 +155,38 @@ def test_a_return_loss_threshold_counts_failures_by_reward_lost_since_the_onset(
     assert (by_return.sizes == np.where(lost >= 0.5, 3, 0)).all() and by_return.sizes.any()
     first = by_return.delays[by_return.failed[:, 0], 0]
     assert (first >= 0).all()
+
+
+def test_box_actions_faults_and_exact_gaussian_tv():
+    """Continuous spread: a constant Box action is executed as given, random ones stay in the box, and the paired
+    TV of Gaussian policies is 2 Phi(d / 2) - 1 (0 before the onset, in (0, 1) after)."""
+    import torch
+
+    from madistill.envs.factory import EnvSpec
+    from madistill.normalize import ObsNormalizer
+    from madistill.policies.base import TeamPolicy
+    from madistill.policies.mlp import MLPPolicy
+    from madistill.rollout import Rollout
+
+    spec = EnvSpec("mpe2.simple_spread_v3.parallel_env", {"N": 2, "max_cycles": 8, "continuous_actions": True},
+                   name="spread")
+    make = venv_maker(spec)
+    torch.manual_seed(0)
+    with make(2, 2) as venv:
+        team = TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"})
+                                        for g in venv.groups},
+                          {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
+        env = FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names))
+        box = venv.groups[0].action_space
+        const = impulse(env, "agent_0", 2, "constant", duration=None, action=[0.0, 1.0, 0.0, 0.5, 0.0])
+        rand = impulse(env, "agent_1", 2, "random", duration=None)
+        rows = []
+        Rollout(venv, team, [const, rand], seed=1).run(steps=6, on_step=lambda tr: rows.append(tr.actions["agent"].clone()))
+    for t, a in enumerate(rows[2:], start=2):
+        assert torch.equal(a[:, 0], torch.tensor([[0.0, 1.0, 0.0, 0.5, 0.0]] * 2)), t
+        assert ((a[:, 1] >= torch.as_tensor(box.low)) & (a[:, 1] <= torch.as_tensor(box.high))).all()
+    with pytest.raises(MadistillError, match="give 1 or 5 values in fault.action"):
+        impulse(env, "agent_0", 2, "constant", action=[0.0, 1.0])
+    run = paired_rollouts(make, team, [impulse(env, "agent_0", 3, "constant", duration=None, action=[1.0])], 4, 0)
+    tv = run.tv[0][..., 1]  # agent_1 sees agent_0 move differently
+    assert np.nansum(tv[:, :4]) == 0 and 0 < np.nanmax(tv[:, 4:]) < 1
