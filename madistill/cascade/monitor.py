@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from madistill.cascade.faults import ActionFault, Fault, FaultEnv, make_fault
+from madistill.cascade.faults import ActionFault, Fault, FaultEnv, Holding, make_fault
 from madistill.cascade.measures import Cascade, Influence, cascade, deviation_summary, influence
 from madistill.cascade.paired import MakeVenv, PairedRun, check_reproducible, paired_rollouts
 from madistill.config import FaultConfig
@@ -82,9 +82,9 @@ def impulse_faults(impulse: Any, onsets: Sequence[int], env: FaultEnv, agents: S
     for a in agents:
         for onset in onsets:
             f = make_fault(fault_config(impulse, victims=[a], onset=int(onset), onset_max=None, duration=1, rate=1.0), env)
-            if not isinstance(f, ActionFault):
-                raise MadistillError(f"cascade.impulse={impulse.name!r} is an observation fault; influence is measured "
-                                     "from action impulses: use random, constant or dead")
+            if not isinstance(f, ActionFault) or isinstance(f, Holding):  # a one-step stuck action is the chosen one
+                raise MadistillError(f"cascade.impulse={impulse.name!r} changes no action in a one-step impulse; "
+                                     "influence is measured from action impulses: use random, constant or dead")
             faults.append(f)
             sources.append(a)
     return faults, sources
