@@ -1,0 +1,196 @@
+"""Online alerts of the cascade monitor: scores, conformal calibration, events, JSON and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+
+from madistill.cascade.alerts import (
+    AlertMonitor,
+    calibrate,
+    calibrated_monitor,
+    conformal_threshold,
+    events_json,
+    first_alerts,
+    monitor_episodes,
+)
+from madistill.envs import EnvSpec, MultiAgentVecEnv
+from madistill.errors import MadistillError
+from madistill.normalize import ObsNormalizer
+from madistill.policies.base import Policy, TeamPolicy
+from madistill.rollout import Rollout
+from madistill.tb import TBLogger
+
+
+class Beacon(ParallelEnv):
+    """Two agents, Discrete(2) actions, ``length`` steps. Each agent observes two features, ``base`` (+ Gaussian
+    noise of std ``noise``, drawn from the episode seed); from step ``shift_at`` on, ``shift`` is added to
+    feature 0 of agent ``shifted`` (an observation fault with a known size)."""
+
+    metadata = {"name": "beacon_v0", "is_parallelizable": True, "render_modes": []}
+    base = np.array([1.0, 2.0], dtype=np.float32)
+
+    def __init__(self, length: int = 6, noise: float = 0.0, shift: float = 0.0, shift_at: int = 0, shifted: int = 0):
+        self.possible_agents = ["beacon_0", "beacon_1"]
+        self.agents: list[str] = []
+        self.length, self.noise, self.shift, self.shift_at, self.shifted = length, noise, shift, shift_at, shifted
+        self._obs_space = spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+        self.rng = np.random.default_rng(0)
+        self.t = 0
+
+    def observation_space(self, agent):
+        return self._obs_space
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        out = {}
+        for k, a in enumerate(self.possible_agents):
+            o = self.base + self.noise * self.rng.standard_normal(2).astype(np.float32)
+            if k == self.shifted and self.t >= self.shift_at:
+                o[0] += self.shift
+            out[a] = o
+        return out
+
+    def reset(self, seed=None, options=None):
+        self.rng = np.random.default_rng(seed)
+        self.t = 0
+        self.agents = list(self.possible_agents)
+        return self._obs(), {a: {} for a in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        done = self.t >= self.length
+        obs = self._obs()
+        if done:
+            self.agents = []
+        return (obs, dict.fromkeys(self.possible_agents, 0.0), dict.fromkeys(self.possible_agents, False),
+                dict.fromkeys(self.possible_agents, done), {a: {} for a in self.possible_agents})
+
+
+BEACON = f"{__name__}.Beacon"
+PROBS = torch.tensor([0.8, 0.2])  # every policy here acts from these fixed probabilities
+
+
+class FixedPolicy(Policy):
+    """Action probabilities ``probs`` whatever the observation."""
+
+    def __init__(self, group, probs: torch.Tensor):
+        super().__init__()
+        self.group = group
+        self.logits = torch.nn.Parameter(probs.log(), requires_grad=False)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(obs.shape[0], -1)
+
+
+def _team(venv: MultiAgentVecEnv, probs: torch.Tensor = PROBS, std: tuple[float, float] = (2.0, 1.0)) -> TeamPolicy:
+    """Fixed-probability policies with a normaliser of mean ``Beacon.base`` and standard deviation ``std``."""
+    norms = {}
+    for g in venv.groups:
+        n = ObsNormalizer(2)
+        n.mean, n.var = Beacon.base.astype(np.float64), np.square(std) - n.eps
+        norms[g.name] = n
+    return TeamPolicy(venv.groups, {g.name: FixedPolicy(g, probs) for g in venv.groups}, norms)
+
+
+def _venv(num_envs: int = 2, **kwargs) -> MultiAgentVecEnv:
+    return MultiAgentVecEnv(EnvSpec(BEACON, kwargs, name="beacon"), num_envs, grouping="per_agent")
+
+
+def test_scores_are_the_z_score_of_a_known_shift_the_surprise_and_the_kl_from_the_reference():
+    # raw shift 6 on a feature of std 2 from step 3: z = 3 there, 0 before; surprise -log 0.8; KL(ref || pi)
+    with _venv(shift=6.0, shift_at=3, shifted=1) as venv:
+        team = _team(venv)
+        reference = _team(venv, probs=torch.tensor([0.5, 0.5]))
+        monitor = AlertMonitor(team, ["obs", "surprise", "disagreement"], reference=reference)
+        rollout = Rollout(venv, team, deterministic=True, seed=0)
+        hook, rows = monitor.hook(rollout), []
+        rollout.run(episodes=2, on_step=lambda tr: (rows.append(monitor.scores(tr)), hook(tr)))
+    s = np.stack(rows)  # [steps, copies, agents, kinds]
+    assert s.shape == (6, 2, 2, 3)
+    assert np.allclose(s[:3, :, 1, 0], 0.0, atol=1e-5) and np.allclose(s[3:, :, 1, 0], 3.0, atol=1e-5)
+    assert np.allclose(s[:, :, 0, 0], 0.0, atol=1e-5)
+    assert np.allclose(s[..., 1], -math.log(0.8), atol=1e-6)  # greedy: the action of probability 0.8
+    kl = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
+    assert np.allclose(s[..., 2], kl, atol=1e-6)
+    assert np.allclose(monitor.maxima([0, 1])[:, 1, 0], 3.0, atol=1e-5)
+
+
+def test_conformal_threshold_is_the_right_order_statistic():
+    maxima = np.random.default_rng(0).permutation(np.arange(1.0, 100.0))[:, None, None]  # 99 episodes, 1..99
+    assert conformal_threshold(maxima, 0.1)[0, 0] == 90.0  # ceil(0.9 * 100) = 90th smallest
+    assert conformal_threshold(maxima, 0.01)[0, 0] == 99.0  # ceil(0.99 * 100) = 99: the largest
+    two = np.concatenate([maxima, 2 * maxima], axis=1)  # two agents share the rate: 0.1 each
+    assert calibrate(two, 0.2)[:, 0].tolist() == [90.0, 180.0]
+    with pytest.raises(MadistillError, match="needs at least 99 calibration episodes, got 98"):
+        conformal_threshold(maxima[:98], 0.01)
+    with pytest.raises(MadistillError, match="alerts.calibration_episodes"):
+        calibrate(two, 0.018)  # 0.009 per agent needs 111 episodes
+
+
+def test_events_carry_agent_kind_episode_step_and_score_once_per_rise(tmp_path):
+    # 3 episodes on 2 copies: copy 0 plays seeds 0 and 2, so the monitor follows a copy into its next episode
+    with _venv(shift=6.0, shift_at=3, shifted=1) as venv:
+        team = _team(venv)
+        thresholds = np.array([[2.5, 1.0], [2.5, 1.0]])  # obs alerts above z = 2.5; surprise (0.22) never
+        tb = TBLogger(tmp_path / "tb")
+        monitor = AlertMonitor(team, ["obs", "surprise"], thresholds, tb=tb)
+        monitor_episodes(venv, monitor, 3, seed=10)
+    rows = [e for e in events_json(monitor.events) if e["seed"] in (10, 11, 12)]
+    assert sorted((r["seed"], r["agent"], r["kind"], r["step"]) for r in rows) == [
+        (s, "beacon_1", "obs", 3) for s in (10, 11, 12)]
+    assert all(abs(r["score"] - 3.0) < 1e-5 and r["threshold"] == 2.5 for r in rows)
+    assert json.loads(json.dumps(rows)) == rows
+    assert abs(tb.last("alerts/beacon_1/obs") - 3.0) < 1e-5 and math.isnan(tb.last("alerts/beacon_0/obs"))
+    tb.close()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert first_alerts(monitor.events, "beacon_1", [10, 11, 12]).tolist() == [3.0, 3.0, 3.0]
+    assert np.isnan(first_alerts(monitor.events, "beacon_1", [10], onset=4)).all()
+    assert np.isnan(first_alerts(monitor.events, "beacon_0", [10, 11, 12])).all()
+
+
+def test_calibrated_thresholds_hold_the_false_alarm_rate_and_a_fault_alerts_from_onset():
+    # noisy observations: rate 0.1 over 2 agents -> 0.05 each; 400 held-out clean episodes
+    rate, held_out = 0.1, 400
+    with _venv(num_envs=8, noise=1.0, length=8) as venv:
+        monitor = calibrated_monitor(venv, _team(venv, std=(1.0, 1.0)), ["obs"], rate, episodes=200, seed=0)
+        monitor_episodes(venv, monitor, held_out, seed=1000)
+    seeds = range(1000, 1000 + held_out)
+    alerted = {e.seed for e in monitor.events if e.seed in seeds}
+    # the bound is <= 0.1 in expectation; the count is Binomial(400, <=0.1): above 60 has chance < 1e-3
+    assert 0 < len(alerted) <= 60
+    # calibrated against the per-episode maximum of |z| over 8 steps x 2 features, far above a single |z|'s 95%
+    assert np.all(monitor.thresholds > 2.5)
+    thresholds = monitor.thresholds
+    with _venv(num_envs=8, noise=1.0, length=8, shift=10.0, shift_at=5, shifted=0) as venv:
+        faulted = AlertMonitor(_team(venv, std=(1.0, 1.0)), ["obs"], thresholds)
+        monitor_episodes(venv, faulted, held_out, seed=1000)
+    first = first_alerts(faulted.events, "beacon_0", seeds, onset=5)
+    # detection at the onset, except where a clean false alarm raised before it is still up (one event per rise)
+    raised_before = {e.seed for e in faulted.events if e.agent == "beacon_0" and e.step < 5}
+    late = {s for s, f in zip(seeds, first, strict=True) if f != 5.0}
+    assert late <= raised_before and len(late) < 10
+    # before the onset and on the other agent the episodes are the clean ones: the same alerts as without fault
+    before = {(e.seed, e.agent, e.step) for e in faulted.events if e.agent == "beacon_1" or e.step < 5}
+    assert before == {(e.seed, e.agent, e.step) for e in monitor.events
+                      if e.seed in seeds and (e.agent == "beacon_1" or e.step < 5)}
+
+
+def test_bad_settings_are_one_line_errors():
+    with _venv() as venv:
+        team = _team(venv)
+        with pytest.raises(MadistillError, match=r"alerts.scores must name distinct scores of \['obs'"):
+            AlertMonitor(team, ["obs", "entropy"])
+        with pytest.raises(MadistillError, match="disagreement score needs a reference policy: set alerts.reference"):
+            AlertMonitor(team, ["disagreement"])
+        other = _team(venv, std=(3.0, 1.0))
+        with pytest.raises(MadistillError, match="normalises group 'beacon_0'"):
+            AlertMonitor(team, ["disagreement"], reference=other)
