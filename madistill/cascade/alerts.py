@@ -127,17 +127,8 @@ class AlertMonitor:
         self.steps += 1
 
     def hook(self, rollout: Rollout) -> Callable[[Transition], None]:
-        """The ``on_step`` hook that scores ``rollout``'s transitions (attach it before the rollout's next step):
-        it tracks which episode and step each copy plays, since ``on_step`` runs after the copies that finished
-        have started their next episode."""
-        seeds, steps = rollout.playing.copy(), rollout.episode_step.copy()
-
-        def on_step(tr: Transition) -> None:
-            nonlocal seeds, steps
-            self.observe(tr, seeds, steps, rollout.playing != seeds)
-            seeds, steps = rollout.playing.copy(), rollout.episode_step.copy()
-
-        return on_step
+        """The ``on_step`` hook that scores ``rollout``'s transitions (attach it before the rollout's next step)."""
+        return track_episodes(rollout, self.observe)
 
     def maxima(self, seeds: Sequence[int]) -> np.ndarray:
         """``[episodes, agents, kinds]`` per-episode maxima of the finished episodes ``seeds``."""
@@ -149,6 +140,22 @@ class AlertMonitor:
     def thresholds_dict(self) -> dict[str, dict[str, float]]:
         """The thresholds as ``{agent: {kind: threshold}}`` (for JSON)."""
         return {a: dict(zip(self.kinds, map(float, row), strict=True)) for a, row in zip(self.agents, self.thresholds, strict=True)}
+
+
+def track_episodes(
+    rollout: Rollout, observe: Callable[[Transition, np.ndarray, np.ndarray, np.ndarray], None]
+) -> Callable[[Transition], None]:
+    """An ``on_step`` hook for ``rollout`` calling ``observe(tr, seeds, steps, ended)``: copy ``i`` played episode
+    ``seeds[i]`` at episode step ``steps[i]`` in ``tr`` and that episode ended there where ``ended[i]``. It keeps
+    them from the step before, since ``on_step`` runs after finished copies have begun their next episode."""
+    seeds, steps = rollout.playing.copy(), rollout.episode_step.copy()
+
+    def on_step(tr: Transition) -> None:
+        nonlocal seeds, steps
+        observe(tr, seeds, steps, rollout.playing != seeds)
+        seeds, steps = rollout.playing.copy(), rollout.episode_step.copy()
+
+    return on_step
 
 
 def checked_kinds(kinds: Sequence[str], reference: TeamPolicy | None) -> list[str]:
