@@ -262,7 +262,7 @@ class AlertConfig:
     false_alarm_rate: float = 0.01
     # clean episodes the thresholds are calibrated on: at least agents x scores / false_alarm_rate - 1
     calibration_episodes: int = 1200
-    calibration_seed: int = 30_000  # their seeds, disjoint from eval.seed's and attack.seed's episodes
+    calibration_seed: int = 40_000  # their seeds, disjoint from eval.seed's, attack.seed's and cascade.seed's episodes
 
 
 @dataclass
@@ -289,6 +289,49 @@ class EvalConfig:
 
 
 @dataclass
+class FaultConfig:
+    """A fault injected into agents (``conf/fault/``, one file per fault; docs/cascade.md): what goes wrong,
+    to whom, from when, for how long."""
+
+    name: str = "random"  # which fault (madistill.cascade.faults.FAULTS): noise | frozen | dropout | attack | random | stuck | constant | dead
+    victims: list[str] = field(default_factory=list)  # faulted agent ids (empty: the cascade stage takes each agent in turn)
+    onset: int = 5  # episode step at which the fault starts
+    # with a value, each episode's onset is drawn uniformly from onset..onset_max by its episode seed (null: fixed)
+    onset_max: int | None = None
+    duration: int | None = 1  # steps the fault lasts: 1 is an impulse, null lasts to the episode's end
+    rate: float = 1.0  # intermittency: the chance that the fault acts at each step of its duration
+    sigma: float = 1.0  # noise: standard deviation of the added Gaussian noise (normalised units)
+    # noise and dropout: the observation features hit, by index or feature-group name (env.features, e.g. a
+    # listener's message: a communication fault); empty: every feature
+    features: list[str] = field(default_factory=list)
+    action: list[float] = field(default_factory=lambda: [0.0])  # constant: the action (Discrete: one index; Box: one value per component or one for all)
+    method: str = "pgd"  # attack: the attack suite's per-step method (random, fgsm, pgd, critic, spsa, targeted_random, targeted_lowest)
+    eps: float = 0.3  # attack: the l_inf budget in normalised units (attack.exclude and attack.scale apply)
+    seed: int = 0  # seeds the fault's own draws (onsets, noise, random actions) together with each episode seed
+
+
+@dataclass
+class CascadeConfig:
+    """The cascade monitor (``madistill cascade``): paired clean and faulted rollouts of the same episodes
+    measure how a fault on one agent propagates to the others (docs/cascade.md)."""
+
+    policy: str | None = None  # run or policy directory to study
+    episodes: int = 20  # paired (clean, faulted) episodes per fault
+    seed: int = 30_000  # episode seeds seed..seed+episodes-1, disjoint from training and evaluation seeds
+    deterministic: bool = False  # greedy actions; false samples them from one stream per episode, the same in both twins
+    lags: int = 5  # K: the influence matrix covers lags 1..K steps after an impulse
+    onsets: list[int] = field(default_factory=lambda: [3, 8])  # episode steps of the influence matrix's impulses
+    impulse: str = "random"  # the action fault (a name in conf/fault/) whose one-step impulses measure influence
+    min_effect: float = 1e-6  # an influence counts as significant when its CI's lower bound exceeds this
+    # a non-faulted agent fails when its action distribution's total variation from its clean twin exceeds this
+    # (raised to the largest deviation seen between clean twins, should the env's replays differ)
+    threshold: float = 0.1
+    replay_episodes: int = 3  # clean episodes played twice before measuring, to refuse non-reproducible envs
+    n_boot: int = 1000  # bootstrap resamples for the CIs
+    confidence: float = 0.95  # two-sided coverage of the CIs
+
+
+@dataclass
 class Config:
     env: EnvConfig = MISSING
     teacher: TeacherConfig = MISSING
@@ -299,6 +342,8 @@ class Config:
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     attack: AttackConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
     seed: int = 0  # seeds initial weights, action sampling and training episodes (eval.seed: evaluation's)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
@@ -318,6 +363,7 @@ def register_configs() -> None:
     cs.store(group="distill", name="base_distill", node=DistillConfig)
     cs.store(group="finetune", name="base_finetune", node=FinetuneConfig)
     cs.store(group="attack", name="base_attack", node=AttackConfig)
+    cs.store(group="fault", name="base_fault", node=FaultConfig)
 
 
 # Counts that must be positive: a zero or negative value would save an untrained policy or summarise nothing.

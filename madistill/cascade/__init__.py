@@ -1,1 +1,1 @@
-"""The cascade monitor: fault injection, how failures propagate between agents, and online alerts."""
+"""The cascade monitor: inject a fault into one agent and measure how it propagates through the others."""
