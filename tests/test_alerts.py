@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from cascade_helpers import copy_team, relay_spec
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
@@ -19,7 +20,9 @@ from madistill.cascade.alerts import (
     events_json,
     first_alerts,
     monitor_episodes,
+    track_episodes,
 )
+from madistill.cascade.faults import Constant, Dead, Scope
 from madistill.envs import EnvSpec, MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
@@ -194,3 +197,58 @@ def test_bad_settings_are_one_line_errors():
         other = _team(venv, std=(3.0, 1.0))
         with pytest.raises(MadistillError, match="normalises group 'beacon_0'"):
             AlertMonitor(team, ["disagreement"], reference=other)
+
+
+def test_surprise_scores_the_executed_action_so_an_action_fault_alerts_from_its_onset():
+    # greedy action 0 (probability 0.8); the constant fault executes action 1 (probability 0.2) from step 3
+    with _venv(num_envs=2) as venv:
+        team = _team(venv)
+        clean = calibrated_monitor(venv, team, ["surprise"], 0.5, episodes=20, seed=0)
+        assert np.allclose(clean.thresholds, -math.log(0.8))
+        fault = Constant(Scope(("beacon_0",), onset=3, duration=None), [1.0])
+        faulted = AlertMonitor(team, ["surprise"], clean.thresholds)
+        monitor_episodes(venv, faulted, 4, seed=100, transforms=[fault])
+        monitor_episodes(venv, clean, 4, seed=100)
+    rows = sorted((e.seed, e.agent, e.step) for e in faulted.events if e.seed < 104)
+    assert rows == [(s, "beacon_0", 3) for s in range(100, 104)]
+    assert all(abs(e.score + math.log(0.2)) < 1e-6 for e in faulted.events)
+    assert [e for e in clean.events if e.seed < 104] == []
+
+
+def _relay_actions(venv: MultiAgentVecEnv, team: TeamPolicy, chain: list, thresholds: np.ndarray,
+                   seeds: list[int]) -> tuple[dict[int, np.ndarray], AlertMonitor]:
+    """Greedy episodes ``seeds`` of a one-group relay team under ``chain``: each episode's actions ``[steps,
+    agents]`` and the monitor (surprise) that watched them."""
+    monitor, rows = AlertMonitor(team, ["surprise"], thresholds), {}
+
+    def record(tr, episode_seeds, steps, ended):
+        for i, s in enumerate(episode_seeds):
+            rows.setdefault(int(s), []).append(tr.actions["agent"][i].tolist())
+
+    rollout = Rollout(venv, team, chain, deterministic=True, seed=seeds[0], episode_streams=True)
+    hooks = [monitor.hook(rollout), track_episodes(rollout, record)]
+    rollout.run(episodes=len(seeds), on_step=lambda tr: [h(tr) for h in hooks])
+    return {s: np.array(rows[s]) for s in seeds}, monitor
+
+
+def test_on_a_relay_chain_the_faulted_agent_alerts_before_its_downstream_agents_deviate():
+    # copying agents, target fixed per episode: a dead agent_1 (action 0) from step 4 is surprising exactly where
+    # the target is not symbol 0, and agent_2 (then agent_3) acts otherwise than in the clean twin one step later
+    onset, seeds = 4, list(range(50, 62))
+    with MultiAgentVecEnv(relay_spec(n_agents=4), 3) as venv:
+        team = copy_team(venv)
+        monitor = calibrated_monitor(venv, team, ["surprise"], 0.4, episodes=40, seed=0)
+        dead = Dead(Scope(("agent_1",), onset=onset, duration=None))
+        (clean, clean_monitor), (dead, dead_monitor) = (_relay_actions(venv, team, chain, monitor.thresholds, seeds)
+                                                        for chain in ([], [dead]))
+    first = first_alerts(dead_monitor.events, "agent_1", seeds, onset)
+    nonzero = [clean[s][0, 0] != 0 for s in seeds]  # agent_0 emits the target from step 0
+    assert 0 < sum(nonzero) < len(seeds)
+    for s, f, hit in zip(seeds, first, nonzero, strict=True):
+        deviates = np.flatnonzero(dead[s][:, 2] != clean[s][:, 2])
+        if hit:
+            assert f == onset and deviates[0] == onset + 1  # the alert comes one step before agent_2 deviates
+        else:
+            assert np.isnan(f) and len(deviates) == 0
+    assert not [e for e in clean_monitor.events if e.seed in seeds]
+    assert not [e for e in dead_monitor.events if e.seed in seeds and e.agent != "agent_1"]

@@ -33,7 +33,7 @@ from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy, log_prob
 from madistill.rollout import Rollout, Transition
 from madistill.tb import TBLogger
-from madistill.transforms import ObsTransform
+from madistill.transforms import ActionTransform, ObsTransform
 
 SCORES = ("obs", "surprise", "disagreement")
 
@@ -204,11 +204,11 @@ def monitor_episodes(
     monitor: AlertMonitor,
     episodes: int,
     seed: int,
-    transforms: Sequence[ObsTransform] = (),
+    transforms: Sequence[ObsTransform | ActionTransform] = (),
     deterministic: bool = True,
 ) -> list[EpisodeRecord]:
-    """Play episodes ``seed .. seed+episodes-1`` of ``monitor.team`` under ``transforms`` with the monitor
-    attached; its events and per-episode maxima accumulate."""
+    """Play episodes ``seed .. seed+episodes-1`` of ``monitor.team`` under ``transforms`` (observation and action
+    faults, attacks) with the monitor attached; its events and per-episode maxima accumulate."""
     rollout = Rollout(venv, monitor.team, transforms=transforms, deterministic=deterministic, seed=seed,
                       episode_streams=True)
     return rollout.run(episodes=episodes, on_step=monitor.hook(rollout))
