@@ -2,18 +2,23 @@
 
 For each saved team: thresholds calibrated on ``alerts.calibration_episodes`` clean episodes (seeds from
 ``alerts.calibration_seed``) to ``alerts.false_alarm_rate``; false alarms counted on held-out clean episodes
-(seeds from 10000); then every fault on every agent alone, from step ``--onset`` to the episode's end, on the
-same held-out seeds with greedy actions, so each faulted episode has a clean twin that differs only by the
-fault. Per fault and victim: the share of episodes where the victim raises an alert at or after the onset
-(detection rate), the steps from the onset to that alert (delay), and, in episodes where another agent fails
-(its greedy action leaves the clean twin's), whether the victim's alert came strictly before the first such
-failure. 95% percentile-bootstrap CIs over episodes.
+(seeds from 10000); then each fault of the registry (madistill/cascade/faults.py) on every agent alone, from
+step ``--onset`` to the episode's end, on the same held-out seeds with greedy actions, so each faulted episode
+has a clean twin that differs only by the fault: observation faults are the attack suite's ``pgd`` and
+``random`` at its middle budget (``attack.eps``), action faults ``random``, ``stuck`` and ``dead``. Per fault and
+victim: the share of episodes where the victim raises an alert at or after the onset (detection rate), the steps
+from the onset to that alert (delay), and, in episodes where another agent fails (the cascade monitor's
+definition: its action distribution's total variation from the clean twin's exceeds ``cascade.threshold``),
+whether the victim's alert came strictly before the first such failure. 95% percentile-bootstrap CIs over
+episodes (pooled over the runs given for one env).
 
-    madistill train env=relay teacher.total_agent_steps=200000 'teacher.hidden_sizes=[64,64]' seed=0 \\
-        hydra.run.dir=runs/alerts/relay_s0
-    madistill train env=simple_speaker_listener_v4 teacher.total_agent_steps=400000 \\
-        'teacher.hidden_sizes=[64,64]' seed=0 hydra.run.dir=runs/alerts/sl_s0
-    python experiments/cascade_alerts.py runs/alerts/relay_s0 runs/alerts/sl_s0
+    for s in 0 1 2; do
+      madistill train env=relay teacher.total_agent_steps=200000 'teacher.hidden_sizes=[64,64]' seed=$s \
+          hydra.run.dir=runs/alerts/relay_s$s
+      madistill train env=simple_speaker_listener_v4 teacher.total_agent_steps=400000 \
+          'teacher.hidden_sizes=[64,64]' seed=$s hydra.run.dir=runs/alerts/sl_s$s
+    done
+    python experiments/cascade_alerts.py runs/alerts/relay_s{0,1,2} runs/alerts/sl_s{0,1,2}
 """
 
 from __future__ import annotations
@@ -21,66 +26,57 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from madistill.attacks.budget import group_budgets
-from madistill.attacks.robustness import suite_attack
-from madistill.attacks.transform import AttackTransform
-from madistill.cascade.alerts import AlertMonitor, calibrated_monitor, first_alerts, monitor_episodes, track_episodes
-from madistill.config import AlertConfig, AttackConfig
+from madistill.cascade.alerts import AlertMonitor, configured_monitor, first_alerts, track_episodes
+from madistill.cascade.faults import FaultEnv, make_fault
+from madistill.config import AlertConfig, AttackConfig, CascadeConfig, FaultConfig
 from madistill.envs.vector import MultiAgentVecEnv
+from madistill.evaluate.evaluator import discover_policies, saved_env
 from madistill.evaluate.report import atomic_write_text
 from madistill.evaluate.stats import bootstrap_ci
-from madistill.evaluate.evaluator import discover_policies, saved_env
 from madistill.explain.saliency import feature_layouts
 from madistill.policies.store import load_team
 from madistill.rollout import Rollout, Transition
-from madistill.transforms import ObsTransform, StepContext
+from madistill.transforms import ActionTransform, ObsTransform
 
 EVAL_SEED = 10_000
 RESULTS = Path(__file__).parent / "results" / "cascade_alerts.json"
+FAULTS = {"obs pgd": {"name": "attack", "method": "pgd"}, "obs random": {"name": "attack", "method": "random"},
+          "act random": {"name": "random"}, "act stuck": {"name": "stuck"}, "act dead": {"name": "dead"}}
 
 
-class FromOnset(ObsTransform):
-    """``inner`` applied from episode step ``onset`` on (the same copies keep their clean observations before)."""
-
-    def __init__(self, inner: ObsTransform, onset: int):
-        self.inner, self.onset = inner, onset
-
-    def __call__(self, obs: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
-        out = self.inner(obs, ctx)
-        late = torch.as_tensor(ctx.episode_step >= self.onset, device=ctx.team.device)
-        return {g: torch.where(late[:, None, None], out[g], obs[g]) for g in obs}
-
-
-def played_actions(venv: MultiAgentVecEnv, monitor: AlertMonitor, episodes: int, seed: int,
-                   transforms: Sequence[ObsTransform] = ()) -> dict[int, np.ndarray]:
-    """Play episodes under the monitor; returns each episode's greedy actions ``[steps, agents]``."""
-    rows: dict[int, list[np.ndarray]] = {}
+def played(venv: MultiAgentVecEnv, monitor: AlertMonitor, episodes: int, seed: int,
+           chain: Sequence[ObsTransform | ActionTransform] = ()) -> dict[int, list[list[np.ndarray]]]:
+    """Greedy episodes ``seed..`` under ``chain``, watched by ``monitor``: per episode and step, each agent's
+    action probabilities (Discrete groups)."""
+    rows: dict[int, list[list[np.ndarray]]] = {}
 
     def record(tr: Transition, seeds: np.ndarray, steps: np.ndarray, ended: np.ndarray) -> None:
-        acts = np.concatenate([tr.actions[g.name].cpu().numpy() for g in monitor.team.groups], axis=1)
+        probs = [tr.dists[g.name].probs.reshape(len(seeds), len(g.agents), -1).cpu().numpy() for g in venv.groups]
         for i, s in enumerate(seeds):
-            rows.setdefault(int(s), []).append(acts[i])
+            rows.setdefault(int(s), []).append([p[i, j] for p in probs for j in range(p.shape[1])])
 
-    rollout = Rollout(venv, monitor.team, transforms=transforms, deterministic=True, seed=seed, episode_streams=True)
+    rollout = Rollout(venv, monitor.team, chain, deterministic=True, seed=seed, episode_streams=True)
     hooks = [monitor.hook(rollout), track_episodes(rollout, record)]
     rollout.run(episodes=episodes, on_step=lambda tr: [h(tr) for h in hooks])
-    return {s: np.stack(rows[s]) for s in range(seed, seed + episodes)}
+    return {s: rows[s] for s in range(seed, seed + episodes)}
 
 
-def first_failures(clean: dict[int, np.ndarray], faulted: dict[int, np.ndarray], others: list[int], onset: int) -> np.ndarray:
-    """Per episode, the first step at or after ``onset`` where an agent of ``others`` acts otherwise than in the
-    clean twin (NaN: none)."""
+def first_failures(clean: dict[int, list[list[np.ndarray]]], faulted: dict[int, list[list[np.ndarray]]],
+                   others: list[int], onset: int, threshold: float) -> np.ndarray:
+    """Per episode, the first step at or after ``onset`` at which an agent of ``others`` fails: the total variation
+    between its faulted and clean action distributions exceeds ``threshold`` (NaN: none)."""
     out = []
-    for s, acts in faulted.items():
-        differ = np.flatnonzero((acts[onset:, others] != clean[s][onset:, others]).any(1))
-        out.append(onset + differ[0] if len(differ) else np.nan)
+    for s, steps in faulted.items():
+        fails = [t for t in range(onset, min(len(steps), len(clean[s])))
+                 if any(0.5 * np.abs(steps[t][j] - clean[s][t][j]).sum() > threshold for j in others)]
+        out.append(fails[0] if fails else np.nan)
     return np.array(out, dtype=np.float64)
 
 
@@ -92,79 +88,98 @@ def mean_ci(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(np.mean(x)), "lo": lo, "hi": hi, "n": int(len(x))}
 
 
-def study(path: str, episodes: int, onset: int, alerts: AlertConfig, attack: AttackConfig, num_envs: int) -> dict:
+def study(path: str, episodes: int, clean_episodes: int, onset: int, alerts: AlertConfig, num_envs: int) -> dict:
+    """Calibration, false alarms on ``clean_episodes`` held-out clean episodes and every fault on every agent in
+    the first ``episodes`` of them, for the teacher saved under ``path``: per-episode outcomes (pooled and
+    summarised by ``summary``)."""
     refs = discover_policies(path, ["teacher"])
     spec = saved_env(refs)
+    attack, threshold = OmegaConf.structured(AttackConfig), CascadeConfig().threshold
     with MultiAgentVecEnv(spec, num_envs) as venv:
         team, _ = load_team(refs[0].path, venv.groups)
         team.eval()
-        start = time.perf_counter()
-        monitor = calibrated_monitor(venv, team, alerts.scores, alerts.false_alarm_rate, alerts.calibration_episodes,
-                                     alerts.calibration_seed)
+        monitor = configured_monitor(alerts, venv, team)
+        clean = played(venv, monitor, max(episodes, clean_episodes), EVAL_SEED)
         seeds = list(range(EVAL_SEED, EVAL_SEED + episodes))
-        clean = played_actions(venv, monitor, episodes, EVAL_SEED)
-        per_episode = np.array([sum(e.seed == s for e in monitor.events) for s in seeds], dtype=np.float64)
-        out = {"env": spec.id, "policy": str(refs[0].path), "agents": monitor.agents, "thresholds": monitor.thresholds_dict(),
-               "clean": {"alerted_episodes": mean_ci((per_episode > 0).astype(float)),
-                         "alerts_per_episode": mean_ci(per_episode)}, "faults": {}}
         eps = sorted(attack.eps)[len(attack.eps) // 2]
-        budgets = group_budgets(eps, feature_layouts(venv.groups), attack.exclude, team.device)
-        for fault in ("pgd", "random"):
+        fenv = FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names), attack, team.device)
+        out = {"env": spec.id, "agents": monitor.agents, "thresholds": monitor.thresholds_dict(), "eps": eps,
+               "clean_alerts": [sum(e.seed == s for e in monitor.events) for s in clean], "faults": {}}
+        for fname, fc in FAULTS.items():
             for a, victim in enumerate(monitor.agents):
-                faulted_monitor = AlertMonitor(team, alerts.scores, monitor.thresholds)
-                transform = FromOnset(AttackTransform(suite_attack(fault, attack), [victim], budgets), onset)
-                faulted = played_actions(venv, faulted_monitor, episodes, EVAL_SEED, [transform])
-                first = first_alerts(faulted_monitor.events, victim, seeds, onset)
-                fail = first_failures(clean, faulted, [b for b in range(len(monitor.agents)) if b != a], onset)
-                failed = np.isfinite(fail)
-                out["faults"][f"obs:{fault}@{eps}/{victim}"] = {
-                    "detected": mean_ci(np.isfinite(first).astype(float)),
-                    "delay": mean_ci(first[np.isfinite(first)] - onset),
-                    "by_score": {k: float(np.isfinite(first_alerts([e for e in faulted_monitor.events if e.kind == k],
-                                                                   victim, seeds, onset)).mean())
-                                 for k in alerts.scores},
-                    "downstream_failed": float(failed.mean()),
-                    "alert_before_failure": mean_ci((first[failed] < fail[failed]).astype(float)),
-                }
-        out["seconds"] = time.perf_counter() - start
+                cfg = OmegaConf.merge(OmegaConf.structured(FaultConfig),
+                                      {**fc, "victims": [victim], "onset": onset, "duration": None, "eps": eps})
+                watch = AlertMonitor(team, alerts.scores, monitor.thresholds)
+                faulted = played(venv, watch, episodes, EVAL_SEED, [make_fault(cfg, fenv)])
+                others = [b for b in range(len(monitor.agents)) if b != a]
+                out["faults"][f"{fname} / {victim}"] = {
+                    "first_alert": first_alerts(watch.events, victim, seeds, onset).tolist(),
+                    "first_by_score": {k: first_alerts([e for e in watch.events if e.kind == k], victim, seeds,
+                                                       onset).tolist() for k in alerts.scores},
+                    "first_failure": first_failures(clean, faulted, others, onset, threshold).tolist()}
     return out
 
 
-def table(result: dict) -> str:
-    """The result of one team as markdown."""
-    c = result["clean"]
+def summary(studies: list[dict], onset: int) -> dict:
+    """Detection rate, delay, downstream failures and alert-before-failure per fault and victim, pooled over the
+    studies of one env, and the clean false alarms."""
+    clean = np.concatenate([s["clean_alerts"] for s in studies]).astype(float)
+    out = {"clean_alerted_episodes": mean_ci((clean > 0).astype(float)), "clean_alerts_per_episode": mean_ci(clean),
+           "faults": {}}
+    for name in studies[0]["faults"]:
+        rows = [s["faults"][name] for s in studies]
+        first = np.concatenate([r["first_alert"] for r in rows])
+        fail = np.concatenate([r["first_failure"] for r in rows])
+        failed = np.isfinite(fail)
+        out["faults"][name] = {
+            "detected": mean_ci(np.isfinite(first).astype(float)),
+            "delay": mean_ci(first[np.isfinite(first)] - onset),
+            "detected_by_score": {k: float(np.isfinite(np.concatenate([r["first_by_score"][k] for r in rows])).mean())
+                                  for k in rows[0]["first_by_score"]},
+            "others_fail": mean_ci(failed.astype(float)),
+            "alert_before_failure": mean_ci((first[failed] < fail[failed]).astype(float)),
+        }
+    return out
 
-    def ci(m: dict[str, float], pct: bool = True) -> str:
-        f = 100.0 if pct else 1.0
-        return f"{f * m['mean']:.1f} [{f * m['lo']:.1f}, {f * m['hi']:.1f}]" if m["n"] else "-"
 
-    lines = [f"### {result['env']} ({result['policy']})", "",
-             f"clean held-out episodes with any alert: {ci(c['alerted_episodes'])}% "
-             f"(alerts per episode {ci(c['alerts_per_episode'], False)})", "",
-             "| fault / victim | detected % | delay (steps) | by score % | others fail % | alert before failure % |",
+def table(env: str, s: dict) -> str:
+    """One env's summary as markdown."""
+
+    def ci(m: dict[str, float], scale: float = 100.0) -> str:
+        return f"{scale * m['mean']:.1f} [{scale * m['lo']:.1f}, {scale * m['hi']:.1f}]" if m["n"] else "-"
+
+    lines = [f"### {env}", "",
+             f"clean held-out episodes with any alert: {ci(s['clean_alerted_episodes'])}% of "
+             f"{s['clean_alerted_episodes']['n']} (alerts per episode {ci(s['clean_alerts_per_episode'], 1.0)})", "",
+             "| fault / victim | detected % | delay (steps) | detected by score % | others fail % | alert first % |",
              "|---|---|---|---|---|---|"]
-    for name, r in result["faults"].items():
-        by = ", ".join(f"{k} {100 * v:.0f}" for k, v in r["by_score"].items())
-        lines.append(f"| {name} | {ci(r['detected'])} | {ci(r['delay'], False)} | {by} | "
-                     f"{100 * r['downstream_failed']:.0f} | {ci(r['alert_before_failure'])} |")
+    for name, r in s["faults"].items():
+        by = ", ".join(f"{k} {100 * v:.0f}" for k, v in r["detected_by_score"].items())
+        lines.append(f"| {name} | {ci(r['detected'])} | {ci(r['delay'], 1.0)} | {by} | {ci(r['others_fail'])} | "
+                     f"{ci(r['alert_before_failure'])} |")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="teacher run directories")
-    p.add_argument("--episodes", type=int, default=200, help="held-out clean and faulted episodes per fault")
+    p.add_argument("--episodes", type=int, default=100, help="faulted episodes per fault and victim")
+    p.add_argument("--clean-episodes", type=int, default=1000, help="held-out clean episodes counting false alarms")
     p.add_argument("--onset", type=int, default=5, help="episode step at which faults begin")
     p.add_argument("--num-envs", type=int, default=16)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    alerts, attack = AlertConfig(), AttackConfig()
-    results = [study(r, args.episodes, args.onset, alerts, attack, args.num_envs) for r in args.runs]
+    alerts = AlertConfig()
+    studies = [study(r, args.episodes, args.clean_episodes, args.onset, alerts, args.num_envs) | {"run": r}
+               for r in args.runs]
+    envs = dict.fromkeys(s["env"] for s in studies)
+    by_env = {env: summary([s for s in studies if s["env"] == env], args.onset) for env in envs}
     meta = {"command": " ".join(["python", *sys.argv]), "alerts": vars(alerts), "onset": args.onset,
-            "episodes": args.episodes, "eval_seed": EVAL_SEED}
-    atomic_write_text(args.out, json.dumps({"meta": meta, "results": results}, indent=2))
-    print("\n\n".join(table(r) for r in results))
+            "episodes": args.episodes, "clean_episodes": args.clean_episodes, "eval_seed": EVAL_SEED,
+            "failure_threshold": CascadeConfig().threshold}
+    atomic_write_text(args.out, json.dumps({"meta": meta, "summary": by_env, "studies": studies}, indent=2))
+    print("\n\n".join(table(env, s) for env, s in by_env.items()))
     print(f"\n{meta['command']}\nresults: {args.out}")
 
 

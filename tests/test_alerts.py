@@ -10,12 +10,14 @@ import pytest
 import torch
 from cascade_helpers import copy_team, relay_spec
 from gymnasium import spaces
+from omegaconf import OmegaConf
 from pettingzoo import ParallelEnv
 
 from madistill.cascade.alerts import (
     AlertMonitor,
     calibrate,
     calibrated_monitor,
+    configured_monitor,
     conformal_threshold,
     events_json,
     first_alerts,
@@ -23,6 +25,7 @@ from madistill.cascade.alerts import (
     track_episodes,
 )
 from madistill.cascade.faults import Constant, Dead, Scope
+from madistill.config import AlertConfig
 from madistill.envs import EnvSpec, MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
@@ -252,3 +255,19 @@ def test_on_a_relay_chain_the_faulted_agent_alerts_before_its_downstream_agents_
             assert np.isnan(f) and len(deviates) == 0
     assert not [e for e in clean_monitor.events if e.seed in seeds]
     assert not [e for e in dead_monitor.events if e.seed in seeds and e.agent != "agent_1"]
+
+
+def test_the_alerts_config_section_builds_a_calibrated_monitor_or_refuses_in_one_line():
+    with _venv() as venv:
+        team = _team(venv)
+        ac = OmegaConf.structured(AlertConfig(scores=["obs", "surprise"], false_alarm_rate=0.5, calibration_episodes=8,
+                                              calibration_seed=0))
+        monitor = configured_monitor(ac, venv, team)
+        assert monitor.kinds == ["obs", "surprise"] and monitor.thresholds_dict()["beacon_1"] == pytest.approx(
+            {"obs": 0.0, "surprise": -math.log(0.8)}, abs=1e-6)
+        ac.false_alarm_rate = 0.01  # 0.0025 per agent and score needs 399 episodes
+        with pytest.raises(MadistillError, match="needs at least 399 calibration episodes, got 8"):
+            configured_monitor(ac, venv, team)
+        ac.scores = ["disagreement"]
+        with pytest.raises(MadistillError, match="set alerts.reference"):
+            configured_monitor(ac, venv, team)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from torch.distributions import kl_divergence
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
+from madistill.policies import store
 from madistill.policies.base import TeamPolicy, log_prob
 from madistill.rollout import Rollout, Transition
 from madistill.tb import TBLogger
@@ -231,6 +233,18 @@ def calibrated_monitor(
     monitor_episodes(venv, probe, episodes, seed, deterministic=deterministic)
     thresholds = calibrate(probe.maxima(range(seed, seed + episodes)), false_alarm_rate)
     return AlertMonitor(team, kinds, thresholds, reference, tb)
+
+
+def configured_monitor(ac: Any, venv: MultiAgentVecEnv, team: TeamPolicy, tb: TBLogger | None = None) -> AlertMonitor:
+    """The monitor the ``alerts`` config section ``ac`` describes, calibrated on its clean episodes (the
+    reference policy loaded from ``ac.reference`` where set)."""
+    reference = None
+    if ac.reference is not None:
+        reference = store.load_team(ac.reference, venv.groups, device=team.device)[0]
+        reference.eval()
+    checked_kinds(ac.scores, reference)  # before the calibration episodes, not after them
+    return calibrated_monitor(venv, team, ac.scores, ac.false_alarm_rate, ac.calibration_episodes,
+                              ac.calibration_seed, reference, tb=tb)
 
 
 def first_alerts(events: Sequence[AlertEvent], agent: str, seeds: Sequence[int], onset: int = 0) -> np.ndarray:
