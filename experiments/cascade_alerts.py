@@ -14,9 +14,9 @@ episodes (pooled over the runs given for one env).
 
     for s in 0 1 2; do
       madistill train env=relay teacher.total_agent_steps=200000 'teacher.hidden_sizes=[64,64]' seed=$s \
-          hydra.run.dir=runs/alerts/relay_s$s
+          env.num_workers=0 hydra.run.dir=runs/alerts/relay_s$s
       madistill train env=simple_speaker_listener_v4 teacher.total_agent_steps=400000 \
-          'teacher.hidden_sizes=[64,64]' seed=$s hydra.run.dir=runs/alerts/sl_s$s
+          'teacher.hidden_sizes=[64,64]' seed=$s env.num_workers=0 hydra.run.dir=runs/alerts/sl_s$s
     done
     python experiments/cascade_alerts.py runs/alerts/relay_s{0,1,2} runs/alerts/sl_s{0,1,2}
 """
