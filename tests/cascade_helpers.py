@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from envs.relay import RelayEnv
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
@@ -35,3 +38,15 @@ def copy_team(venv: MultiAgentVecEnv, scale: float = 3.0) -> TeamPolicy:
     k = int(venv.groups[0].action_space.n)
     return TeamPolicy(venv.groups, {g.name: CopyPolicy(g, k, scale) for g in venv.groups},
                       {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
+
+
+class UnseededRelay(RelayEnv):
+    """A relay env that ignores the reset seed: its episodes cannot be replayed."""
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        return super().reset(seed=None, options=options)
+
+
+def venv_maker(spec: EnvSpec) -> Callable[[int, int], MultiAgentVecEnv]:
+    """The paired runner's vector env factory for ``spec``, copies in this process."""
+    return lambda n, period: MultiAgentVecEnv(spec, n, seed_period=period)

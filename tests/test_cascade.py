@@ -1,0 +1,116 @@
+"""Paired runs, deviation, influence and cascade structure on relay envs with a known dependency graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cascade_helpers import copy_team, relay_spec, venv_maker
+from omegaconf import OmegaConf
+
+from madistill.cascade.faults import FaultEnv, make_fault
+from madistill.cascade.measures import cascade, deviation_summary, influence, precision_recall
+from madistill.cascade.paired import check_reproducible, paired_rollouts
+from madistill.config import FaultConfig
+from madistill.envs.factory import make_env
+from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
+from madistill.explain.saliency import feature_layouts
+
+EPISODES = 12
+
+
+def setup(spec):
+    make = venv_maker(spec)
+    with make(1, 1) as venv:
+        env = FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names))
+        return make, copy_team(venv), env, list(venv.possible_agents)
+
+
+def impulse(env: FaultEnv, victim: str, onset: int, name: str = "random", **kw: object):
+    fc = OmegaConf.merge(OmegaConf.structured(FaultConfig), {"name": name, "victims": [victim], "onset": onset, **kw})
+    return make_fault(fc, env)
+
+
+def test_vector_env_seed_period_pairs_copies():
+    with MultiAgentVecEnv(relay_spec(n_agents=2, max_cycles=3), 4, seed_period=2) as venv:
+        venv.reset(5)
+        assert venv.episode_seeds.tolist() == [5, 6, 5, 6]
+        for _ in range(3):
+            venv.step({"agent": np.zeros((4, 2), dtype=np.int64)})
+        assert venv.episode_seeds.tolist() == [7, 8, 7, 8]
+    with pytest.raises(ValueError, match="seed_period must divide"):
+        MultiAgentVecEnv(relay_spec(n_agents=2), 4, seed_period=3)
+
+
+def test_paired_runs_are_identical_before_the_onset_and_clean_vs_clean_is_null():
+    make, team, env, agents = setup(relay_spec(n_agents=4, switch_prob=0.3))
+    run = paired_rollouts(make, team, [None, impulse(env, "agent_0", 4, "stuck", duration=None)], EPISODES, 50)
+    assert np.nansum(run.tv[0]) == 0 and np.nansum(run.kl[0]) == 0 and np.nansum(run.disagree[0]) == 0
+    assert np.array_equal(run.returns[0], run.returns[1])
+    assert (run.onsets[1] == 4).all()
+    before = run.tv[1][:, :5]  # the stuck action acts from step 5 (at 4 it is the chosen one)
+    assert np.nansum(before) == 0 and np.nansum(run.disagree[1][:, :5]) == 0
+    assert np.nansum(run.tv[1][:, 5:]) > 0
+    clean = influence(paired_rollouts(make, team, [None] * 4, EPISODES, 50), agents, 4, n_boot=100)
+    assert all(k is None for row in clean.first_lag().values() for k in row.values())
+    assert np.nanmax(clean.effect) == 0
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"n_agents": 4, "topology": "chain"},
+    {"n_agents": 4, "topology": "star"},
+    {"n_agents": 5, "topology": "edges", "edges": [[0, 1], [0, 2], [2, 3], [3, 1]]},
+])
+def test_first_lag_recovers_the_relay_influence_lags(kwargs):
+    spec = relay_spec(**kwargs)
+    make, team, env, agents = setup(spec)
+    sources = [a for a in agents for _ in (2, 5)]
+    run = paired_rollouts(make, team, [impulse(env, a, o) for a in agents for o in (2, 5)], EPISODES, 100)
+    inf = influence(run, sources, 4, n_boot=200)
+    truth = make_env(spec).unwrapped.influence_lags()
+    first = inf.first_lag()
+    for s in agents:
+        for d in agents:
+            if s != d:
+                assert first[s][d] == truth.get((s, d)), (s, d)
+    assert precision_recall(first, truth) == {"precision": 1.0, "recall": 1.0, "lag_exact": 1.0}
+    assert sorted(map(tuple, inf.edges())) == sorted((s, d, 1) for (s, d), k in truth.items() if k == 1)
+    unreachable = [(agents.index(s), agents.index(d)) for s in agents for d in agents if s != d and (s, d) not in truth]
+    assert all(np.nanmax(inf.effect[i, j]) == 0 for i, j in unreachable)  # exactly 0, not merely insignificant
+
+
+def test_an_impulse_on_an_agent_without_out_edges_changes_nobody():
+    make, team, env, agents = setup(relay_spec(n_agents=4, topology="chain"))
+    run = paired_rollouts(make, team, [impulse(env, "agent_3", 3, "dead")], EPISODES, 7)
+    others = [agents.index(a) for a in agents if a != "agent_3"]
+    assert np.nansum(run.tv[0][..., others]) == 0 and np.nansum(run.disagree[0][..., others]) == 0
+    c = cascade(run, 0, ["agent_3"], 0.1)
+    assert (c.sizes == 0).all()
+
+
+def test_cascade_structure_on_a_chain_follows_the_hops():
+    make, team, env, agents = setup(relay_spec(n_agents=4, topology="chain"))
+    fc = OmegaConf.merge(OmegaConf.structured(FaultConfig),
+                         {"name": "constant", "victims": ["agent_0"], "onset": 3, "duration": None, "action": [1]})
+    run = paired_rollouts(make, team, [make_fault(fc, env)], EPISODES, 11)
+    edges = [["agent_0", "agent_1", 1], ["agent_1", "agent_2", 1], ["agent_2", "agent_3", 1]]
+    c = cascade(run, 0, ["agent_0"], 0.1, edges)
+    assert c.depth == {"agent_1": 1, "agent_2": 2, "agent_3": 3}
+    hit = c.failed.all(1)  # episodes where the target is not 1: every downstream agent fails, one hop a step
+    assert hit.sum() >= 3
+    assert (c.delays[hit] == [1, 2, 3]).all()
+    assert all(c.order(e) == ["agent_1", "agent_2", "agent_3"] for e in np.flatnonzero(hit))
+    s = c.summary(n_boot=100)
+    assert s["size_histogram"][3] == hit.sum() and s["agents"]["agent_2"]["median_delay"] == 2.0
+    dev = deviation_summary(run, 0, ["agent_0"])
+    assert dev["agents"]["agent_1"]["tv"][3] == 0 and dev["agents"]["agent_1"]["tv"][4] > 0
+
+
+def test_a_non_reproducible_env_is_refused_in_one_line():
+    spec = relay_spec(n_agents=3)
+    make, team, _, _ = setup(spec)
+    check_reproducible(make, team, 3, 0, "relay")  # the relay env is reproducible
+    bad = type(spec)("cascade_helpers.UnseededRelay", spec.kwargs, name="unseeded")
+    with pytest.raises(MadistillError) as err:
+        check_reproducible(venv_maker(bad), team, 3, 0, "unseeded")
+    assert "not reproducible from its seed" in str(err.value) and "\n" not in str(err.value)
