@@ -9,8 +9,9 @@ has a clean twin that differs only by the fault: observation faults are the atta
 victim: the share of episodes where the victim raises an alert at or after the onset (detection rate), the steps
 from the onset to that alert (delay), and, in episodes where another agent fails (the cascade monitor's
 definition: its action distribution's total variation from the clean twin's exceeds ``cascade.threshold``),
-whether the victim's alert came strictly before the first such failure. 95% percentile-bootstrap CIs over
-episodes (pooled over the runs given for one env).
+whether the victim's alert came strictly before the first such failure (failures from the cascade monitor's
+paired runs, ``madistill.cascade.paired``). 95% percentile-bootstrap CIs over episodes (pooled over the runs
+given for one env).
 
     for s in 0 1 2; do
       madistill train env=relay teacher.total_agent_steps=200000 'teacher.hidden_sizes=[64,64]' seed=$s \
@@ -33,8 +34,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from madistill.cascade.alerts import AlertMonitor, configured_monitor, first_alerts, track_episodes
+from madistill.cascade.alerts import AlertMonitor, configured_monitor, first_alerts, monitor_episodes
 from madistill.cascade.faults import FaultEnv, make_fault
+from madistill.cascade.measures import cascade
+from madistill.cascade.paired import paired_rollouts
 from madistill.config import AlertConfig, AttackConfig, CascadeConfig, FaultConfig
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.evaluate.evaluator import discover_policies, saved_env
@@ -42,42 +45,11 @@ from madistill.evaluate.report import atomic_write_text
 from madistill.evaluate.stats import bootstrap_ci
 from madistill.explain.saliency import feature_layouts
 from madistill.policies.store import load_team
-from madistill.rollout import Rollout, Transition
-from madistill.transforms import ActionTransform, ObsTransform
 
 EVAL_SEED = 10_000
 RESULTS = Path(__file__).parent / "results" / "cascade_alerts.json"
 FAULTS = {"obs pgd": {"name": "attack", "method": "pgd"}, "obs random": {"name": "attack", "method": "random"},
           "act random": {"name": "random"}, "act stuck": {"name": "stuck"}, "act dead": {"name": "dead"}}
-
-
-def played(venv: MultiAgentVecEnv, monitor: AlertMonitor, episodes: int, seed: int,
-           chain: Sequence[ObsTransform | ActionTransform] = ()) -> dict[int, list[list[np.ndarray]]]:
-    """Greedy episodes ``seed..`` under ``chain``, watched by ``monitor``: per episode and step, each agent's
-    action probabilities (Discrete groups)."""
-    rows: dict[int, list[list[np.ndarray]]] = {}
-
-    def record(tr: Transition, seeds: np.ndarray, steps: np.ndarray, ended: np.ndarray) -> None:
-        probs = [tr.dists[g.name].probs.reshape(len(seeds), len(g.agents), -1).cpu().numpy() for g in venv.groups]
-        for i, s in enumerate(seeds):
-            rows.setdefault(int(s), []).append([p[i, j] for p in probs for j in range(p.shape[1])])
-
-    rollout = Rollout(venv, monitor.team, chain, deterministic=True, seed=seed, episode_streams=True)
-    hooks = [monitor.hook(rollout), track_episodes(rollout, record)]
-    rollout.run(episodes=episodes, on_step=lambda tr: [h(tr) for h in hooks])
-    return {s: rows[s] for s in range(seed, seed + episodes)}
-
-
-def first_failures(clean: dict[int, list[list[np.ndarray]]], faulted: dict[int, list[list[np.ndarray]]],
-                   others: list[int], onset: int, threshold: float) -> np.ndarray:
-    """Per episode, the first step at or after ``onset`` at which an agent of ``others`` fails: the total variation
-    between its faulted and clean action distributions exceeds ``threshold`` (NaN: none)."""
-    out = []
-    for s, steps in faulted.items():
-        fails = [t for t in range(onset, min(len(steps), len(clean[s])))
-                 if any(0.5 * np.abs(steps[t][j] - clean[s][t][j]).sum() > threshold for j in others)]
-        out.append(fails[0] if fails else np.nan)
-    return np.array(out, dtype=np.float64)
 
 
 def mean_ci(x: np.ndarray) -> dict[str, float]:
@@ -95,28 +67,35 @@ def study(path: str, episodes: int, clean_episodes: int, onset: int, alerts: Ale
     refs = discover_policies(path, ["teacher"])
     spec = saved_env(refs)
     attack, threshold = OmegaConf.structured(AttackConfig), CascadeConfig().threshold
+
+    def make_venv(n: int, period: int) -> MultiAgentVecEnv:
+        return MultiAgentVecEnv(spec, n, seed_period=period)
+
     with MultiAgentVecEnv(spec, num_envs) as venv:
         team, _ = load_team(refs[0].path, venv.groups)
         team.eval()
         monitor = configured_monitor(alerts, venv, team)
-        clean = played(venv, monitor, max(episodes, clean_episodes), EVAL_SEED)
-        seeds = list(range(EVAL_SEED, EVAL_SEED + episodes))
+        monitor_episodes(venv, monitor, clean_episodes, EVAL_SEED)
         eps = sorted(attack.eps)[len(attack.eps) // 2]
         fenv = FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names), attack, team.device)
+        seeds = list(range(EVAL_SEED, EVAL_SEED + episodes))
         out = {"env": spec.id, "agents": monitor.agents, "thresholds": monitor.thresholds_dict(), "eps": eps,
-               "clean_alerts": [sum(e.seed == s for e in monitor.events) for s in clean], "faults": {}}
+               "clean_alerts": [sum(e.seed == s for e in monitor.events) for s in range(EVAL_SEED, EVAL_SEED + clean_episodes)],
+               "faults": {}}
         for fname, fc in FAULTS.items():
-            for a, victim in enumerate(monitor.agents):
+            for victim in monitor.agents:
                 cfg = OmegaConf.merge(OmegaConf.structured(FaultConfig),
                                       {**fc, "victims": [victim], "onset": onset, "duration": None, "eps": eps})
                 watch = AlertMonitor(team, alerts.scores, monitor.thresholds)
-                faulted = played(venv, watch, episodes, EVAL_SEED, [make_fault(cfg, fenv)])
-                others = [b for b in range(len(monitor.agents)) if b != a]
+                monitor_episodes(venv, watch, episodes, EVAL_SEED, [make_fault(cfg, fenv)])
+                run = paired_rollouts(make_venv, team, [make_fault(cfg, fenv)], episodes, EVAL_SEED, deterministic=True)
+                # the first failure of any other agent (NaN where none failed)
+                first_failure = run.onsets[0] + np.fmin.reduce(cascade(run, 0, [victim], threshold).delays, axis=1)
                 out["faults"][f"{fname} / {victim}"] = {
                     "first_alert": first_alerts(watch.events, victim, seeds, onset).tolist(),
                     "first_by_score": {k: first_alerts([e for e in watch.events if e.kind == k], victim, seeds,
                                                        onset).tolist() for k in alerts.scores},
-                    "first_failure": first_failures(clean, faulted, others, onset, threshold).tolist()}
+                    "first_failure": first_failure.tolist()}
     return out
 
 
@@ -145,12 +124,14 @@ def summary(studies: list[dict], onset: int) -> dict:
 def table(env: str, s: dict) -> str:
     """One env's summary as markdown."""
 
-    def ci(m: dict[str, float], scale: float = 100.0) -> str:
-        return f"{scale * m['mean']:.1f} [{scale * m['lo']:.1f}, {scale * m['hi']:.1f}]" if m["n"] else "-"
+    def ci(m: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
+        if not m["n"]:
+            return "-"
+        return f"{scale * m['mean']:.{digits}f} [{scale * m['lo']:.{digits}f}, {scale * m['hi']:.{digits}f}]"
 
     lines = [f"### {env}", "",
              f"clean held-out episodes with any alert: {ci(s['clean_alerted_episodes'])}% of "
-             f"{s['clean_alerted_episodes']['n']} (alerts per episode {ci(s['clean_alerts_per_episode'], 1.0)})", "",
+             f"{s['clean_alerted_episodes']['n']} (alerts per episode {ci(s['clean_alerts_per_episode'], 1.0, 3)})", "",
              "| fault / victim | detected % | delay (steps) | detected by score % | others fail % | alert first % |",
              "|---|---|---|---|---|---|"]
     for name, r in s["faults"].items():
