@@ -93,8 +93,9 @@ def study(path: str, episodes: int, clean_episodes: int, onset: int, alerts: Ale
                 first_failure = run.onsets[0] + np.fmin.reduce(cascade(run, 0, [victim], threshold).delays, axis=1)
                 out["faults"][f"{fname} / {victim}"] = {
                     "first_alert": first_alerts(watch.events, victim, seeds, onset).tolist(),
-                    "first_by_score": {k: first_alerts([e for e in watch.events if e.kind == k], victim, seeds,
-                                                       onset).tolist() for k in alerts.scores},
+                    "detected_by_score": {k: int(np.isfinite(first_alerts([e for e in watch.events if e.kind == k],
+                                                                          victim, seeds, onset)).sum())
+                                          for k in alerts.scores},
                     "first_failure": first_failure.tolist()}
     return out
 
@@ -113,8 +114,8 @@ def summary(studies: list[dict], onset: int) -> dict:
         out["faults"][name] = {
             "detected": mean_ci(np.isfinite(first).astype(float)),
             "delay": mean_ci(first[np.isfinite(first)] - onset),
-            "detected_by_score": {k: float(np.isfinite(np.concatenate([r["first_by_score"][k] for r in rows])).mean())
-                                  for k in rows[0]["first_by_score"]},
+            "detected_by_score": {k: sum(r["detected_by_score"][k] for r in rows) / len(first)
+                                  for k in rows[0]["detected_by_score"]},
             "others_fail": mean_ci(failed.astype(float)),
             "alert_before_failure": mean_ci((first[failed] < fail[failed]).astype(float)),
         }
@@ -159,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     meta = {"command": " ".join(["python", *sys.argv]), "alerts": vars(alerts), "onset": args.onset,
             "episodes": args.episodes, "clean_episodes": args.clean_episodes, "eval_seed": EVAL_SEED,
             "failure_threshold": CascadeConfig().threshold}
-    atomic_write_text(args.out, json.dumps({"meta": meta, "summary": by_env, "studies": studies}, indent=2))
+    # per-episode outcomes without indentation: they make most of the file
+    atomic_write_text(args.out, json.dumps({"meta": meta, "summary": by_env, "studies": studies}))
     print("\n\n".join(table(env, s) for env, s in by_env.items()))
     print(f"\n{meta['command']}\nresults: {args.out}")
 
