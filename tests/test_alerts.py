@@ -35,15 +35,17 @@ from madistill.tb import TBLogger
 
 
 class Beacon(ParallelEnv):
-    """Two agents, Discrete(2) actions, ``length`` steps. Each agent observes two features, ``base`` (+ Gaussian
+    """Two agents, Discrete(2) actions (``box``: Box actions of 2 components), ``length`` steps. Each agent observes two features, ``base`` (+ Gaussian
     noise of std ``noise``, drawn from the episode seed); from step ``shift_at`` on, ``shift`` is added to
     feature 0 of agent ``shifted`` (an observation fault with a known size)."""
 
     metadata = {"name": "beacon_v0", "is_parallelizable": True, "render_modes": []}
     base = np.array([1.0, 2.0], dtype=np.float32)
 
-    def __init__(self, length: int = 6, noise: float = 0.0, shift: float = 0.0, shift_at: int = 0, shifted: int = 0):
+    def __init__(self, length: int = 6, noise: float = 0.0, shift: float = 0.0, shift_at: int = 0, shifted: int = 0,
+                 box: bool = False):
         self.possible_agents = ["beacon_0", "beacon_1"]
+        self._act_space = spaces.Box(-3.0, 3.0, (2,), np.float32) if box else spaces.Discrete(2)
         self.agents: list[str] = []
         self.length, self.noise, self.shift, self.shift_at, self.shifted = length, noise, shift, shift_at, shifted
         self._obs_space = spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
@@ -54,7 +56,7 @@ class Beacon(ParallelEnv):
         return self._obs_space
 
     def action_space(self, agent):
-        return spaces.Discrete(2)
+        return self._act_space
 
     def _obs(self) -> dict[str, np.ndarray]:
         out = {}
@@ -83,6 +85,21 @@ class Beacon(ParallelEnv):
 
 BEACON = f"{__name__}.Beacon"
 PROBS = torch.tensor([0.8, 0.2])  # every policy here acts from these fixed probabilities
+
+
+class FixedGaussian(Policy):
+    """Box actions: a unit Gaussian around ``mean`` whatever the observation."""
+
+    def __init__(self, group, mean: float):
+        super().__init__()
+        self.group = group
+        self.mean = torch.nn.Parameter(torch.full((group.act_dim,), mean), requires_grad=False)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.mean.expand(obs.shape[0], -1)
+
+    def log_std(self) -> torch.Tensor:
+        return torch.zeros_like(self.mean)
 
 
 class FixedPolicy(Policy):
@@ -128,6 +145,16 @@ def test_scores_are_the_z_score_of_a_known_shift_the_surprise_and_the_kl_from_th
     kl = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
     assert np.allclose(s[..., 2], kl, atol=1e-6)
     assert np.allclose(monitor.maxima([0, 1])[:, 1, 0], 3.0, atol=1e-5)
+
+
+def test_box_scores_sum_over_action_components():
+    # greedy = the mean: surprise = -2 log N(0; 0, 1) = log(2 pi); KL(N(1, 1) || N(0, 1)) = 1/2 per component
+    with _venv(box=True) as venv:
+        team, reference = (TeamPolicy(venv.groups, {g.name: FixedGaussian(g, m) for g in venv.groups},
+                                      {g.name: ObsNormalizer(2, enabled=False) for g in venv.groups}) for m in (0.0, 1.0))
+        monitor = AlertMonitor(team, ["surprise", "disagreement"], reference=reference)
+        monitor_episodes(venv, monitor, 2, seed=0)
+    assert np.allclose(monitor.maxima([0, 1]), [math.log(2 * math.pi), 1.0], atol=1e-5)
 
 
 def test_conformal_threshold_is_the_right_order_statistic():
