@@ -29,7 +29,7 @@ from madistill.envs.factory import EnvSpec
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.explain.saliency import FeatureLayout, gradient_saliency
 from madistill.policies.store import load_team, read_manifest
-from madistill.stages import teacher_dir
+from madistill.stages.policies import teacher_dir
 
 RESULTS = Path(__file__).parent / "results"
 

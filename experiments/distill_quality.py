@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from madistill import stages  # noqa: E402
 from madistill.cli import compose_config  # noqa: E402
 from madistill.distill.dataset import SaliencyLabeller, collect_round  # noqa: E402
 from madistill.evaluate.evaluator import run_episodes, uniform_team  # noqa: E402
@@ -41,6 +40,8 @@ from madistill.explain.metrics import gini, spearman, topk_overlap  # noqa: E402
 from madistill.explain.saliency import feature_layouts, gradient_saliency  # noqa: E402
 from madistill.policies.store import load_team, read_manifest  # noqa: E402
 from madistill.runtime import make_vec_env  # noqa: E402
+from madistill.stages.distill import distill_students  # noqa: E402
+from madistill.stages.policies import teacher_dir  # noqa: E402
 from madistill.tb import TBLogger  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. distill.rounds=6)")
     args = ap.parse_args()
 
-    tdir = stages.teacher_dir(args.teacher)
+    tdir = teacher_dir(args.teacher)
     env_name = read_manifest(tdir)["env"]["name"]
     base = [f"env={env_name}", "logger.progress=false", *args.overrides]
     variants = {v.split("=", 1)[0]: [o for o in v.split("=", 1)[1].split("+") if o] for v in args.variants}
@@ -86,7 +87,7 @@ def main() -> None:
         for seed in args.seeds:
             run = Path(args.out) / env_name / f"{name}_s{seed}"
             cfg = compose_config([*base, *overrides, f"seed={seed}"])
-            stages.distill_students(cfg, run, tdir, TBLogger(run / "tb", enabled=False))
+            distill_students(cfg, run, tdir, TBLogger(run / "tb", enabled=False))
             with make_vec_env(cfg.env) as venv:
                 student, _ = load_team(run / "policies" / "student", venv.groups)
                 recs = run_episodes(venv, student, args.episodes, eval_seed)

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from madistill.policies.store import read_manifest  # noqa: E402
-from madistill.stages import teacher_dir  # noqa: E402
+from madistill.stages.policies import teacher_dir  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"plain": ["distill=plain"], "digr": ["distill=digr"], "robust": ["distill=robust"]}

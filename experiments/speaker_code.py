@@ -16,7 +16,7 @@ from madistill.envs.factory import EnvSpec
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.policies.store import load_team, read_manifest
 from madistill.rollout import Rollout, Transition
-from madistill.stages import teacher_dir
+from madistill.stages.policies import teacher_dir
 
 
 def code_book(policy: str, episodes: int, seed: int) -> tuple[np.ndarray, float]:

@@ -40,7 +40,7 @@ from madistill.explain.saliency import feature_layouts
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import load_team, read_manifest
 from madistill.runtime import make_vec_env
-from madistill.stages import teacher_dir
+from madistill.stages.policies import teacher_dir
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
 RESULTS = Path(__file__).parent / "results"

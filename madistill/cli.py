@@ -12,59 +12,17 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import madistill
 from madistill.config import check_overrides
 from madistill.errors import MadistillError
+from madistill.stages.registry import stages
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-@dataclass(frozen=True)
-class StageHelp:
-    """What ``madistill --help`` and ``madistill <stage> --help`` say about a stage."""
-
-    summary: str  # its line in the list of stages
-    sections: tuple[str, ...]  # the config sections it reads, shown setting by setting with their descriptions
-    writes: str  # what it writes in its run directory
-    examples: tuple[str, ...]
-
-
-STAGE_HELP = {
-    "train": StageHelp("train teachers with SB3 PPO for every agent group", ("env", "teacher"),
-                       "policies/teacher, checkpoint, tb/",
-                       ("madistill train env=simple_spread_v3 seed=1",
-                        "madistill train env.num_workers=1 teacher.update_mode=thread   # fastest on 2 cores",
-                        "madistill train teacher.resume=<run>/checkpoint teacher.total_agent_steps=4000000")),
-    "evaluate": StageHelp("evaluate saved policies (eval.policy=<run, policy or sweep dir>)", ("eval",),
-                          "reports/eval.md, eval_<policy>.json, marl_eval.json, a figure and tb/",
-                          ("madistill evaluate eval.policy=<run> eval.episodes=200",
-                           "madistill evaluate eval.policy=<sweep dir>   # runs that differ only by seed are pooled")),
-    "distill": StageHelp("distil a teacher (distill.teacher=<run or policy dir>) into compact DIGR students",
-                         ("distill", "student"), "policies/student",
-                         ("madistill distill distill.teacher=<run>",
-                          "madistill distill distill=robust distill.teacher=<run> \"attack.eps=[0.3]\"")),
-    "finetune": StageHelp("robust RL fine-tuning (SA-PPO) of a distilled student (finetune.policy=<distill run>)",
-                          ("finetune", "teacher.ppo"), "policies/student",
-                          ("madistill finetune finetune.policy=<distill run>",
-                           "madistill finetune finetune.policy=<distill run> finetune.eps=0.3 "
-                           "finetune.total_agent_steps=1000000")),
-    "saliency": StageHelp("saliency maps and figures for saved policies (saliency.policy=<run or policy dir>)",
-                          ("saliency",), "reports/saliency.{json,npz} and heatmaps",
-                          ("madistill saliency saliency.policy=<run>",)),
-    "attack": StageHelp("robustness of saved policies to observation attacks (attack.policy=<run or policy dir>)",
-                        ("attack",), "reports/robustness.{md,json}",
-                        ("madistill attack attack.policy=<run>",
-                         "madistill attack attack=quick attack.policy=<run>",
-                         "madistill attack attack.policy=<run> \"attack.victims=[listener_0]\" \"attack.eps=[0.1,0.3]\"")),
-    "pipeline": StageHelp("the main job: train teachers, distil them into students, evaluate both next to a random team",
-                          ("env", "teacher", "student", "distill", "eval"), "teachers, students, reports and tb/",
-                          ("madistill pipeline", "madistill pipeline -m seed=0,1,2 +launcher=local")),
-}
-STAGES = {name: h.summary for name, h in STAGE_HELP.items()}
 # Settings every stage reads besides its own sections: the top-level ones ("") and logger.*.
 COMMON_SECTIONS = ("", "logger")
 
@@ -103,6 +61,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
     from madistill.config import check_overrides, register_configs
 
+    stages()  # the sections the stages add are part of the config
     check_overrides(overrides, config_groups())
     register_configs()
     GlobalHydra.instance().clear()
@@ -116,7 +75,6 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
-    from madistill import stages
     from madistill.config import validate
 
     hc = HydraConfig.get()
@@ -127,7 +85,7 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     try:
         with _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
             validate(cfg)
-            return getattr(stages, hc.job.name)(cfg, run_dir)
+            return stages()[hc.job.name].run(cfg, run_dir)
     except (MadistillError, OmegaConfBaseException) as e:
         _drop_failed_start(run_dir, before, run_dir / hc.output_subdir if hc.output_subdir else None,
                            run_dir / f"{hc.job.name}.log")
@@ -277,11 +235,6 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
     return [*overrides, f"hydra.job.name={stage}", *flags]
 
 
-# The saved policy each stage starts from; its env's config file applies unless the command line names an env.
-_POLICY_OVERRIDES = {"evaluate": "eval.policy", "distill": "distill.teacher", "finetune": "finetune.policy",
-                     "saliency": "saliency.policy", "attack": "attack.policy"}
-
-
 def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
     """Prepend ``env=<id>`` of the policies a stage reads, so their env file's settings (``lambda_igr``,
     feature groups, budgets, the run directory's name) follow them instead of the default env's. Only when
@@ -289,7 +242,7 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
     follows them too, as their groups are the grouping's."""
     from madistill.config import changes_env
 
-    key = _POLICY_OVERRIDES.get(stage)
+    key = stages()[stage].policy_key
     if key is None or changes_env(overrides):
         return overrides
     value = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), "")
@@ -322,7 +275,7 @@ def stage_help(stage: str, cfg: DictConfig) -> str:
 
     from madistill.config import section_description, settings
 
-    h = STAGE_HELP[stage]
+    h = stages()[stage]
     values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     groups = {g: sorted(p.stem for p in (Path(config_dir()) / g).glob("*.yaml")) for g in config_groups() - {"hydra"}}
     out = [f"madistill {stage}: {h.summary}", f"writes {h.writes} in its run directory", ""]
@@ -392,17 +345,13 @@ def _run_dirs_named(env_id: str, overrides: list[str]) -> list[str]:
             if not any(o.startswith(f"hydra.{mode}.dir=") for o in overrides)]
 
 
-# The stages that train teachers, so continue a run from teacher.resume=<run>/checkpoint.
-_RESUMING = ("train", "pipeline")
-
-
 def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
     """``teacher.resume=<run>/checkpoint`` continues that run in its own directory (one TensorBoard curve, its
     policies replaced at the end), unless the command line names another ``hydra.run.dir``. Hydra's record of
     the resumed job goes to ``.hydra/resumed_<time>/`` so the run's original ``.hydra/`` stays as it was."""
     resume = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("teacher.resume=")), "")
     ckpt = Path(resume.strip("'\""))
-    if (stage not in _RESUMING or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir()
+    if (not stages()[stage].resumes or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir()
             or any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in ("-m", "--multirun")
                    for o in overrides)):
         return overrides
@@ -421,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args)
     except BrokenPipeError:  # `madistill train --help | head`: the reader left; say so once, where it can be seen
         _drop_stdout()
-        who = f"madistill {args[0]}" if args and args[0] in STAGES else "madistill"
+        who = f"madistill {args[0]}" if args and args[0] in stages() else "madistill"
         print(f"{who}: error: the output pipe closed before madistill finished writing: "
               "pipe into `less` to read all of it", file=sys.stderr)
         return 2
@@ -429,16 +378,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE.format(stages="\n".join(f"  {k:<10} {v}" for k, v in STAGES.items())))
+        print(USAGE.format(stages="\n".join(f"  {s.name:<10} {s.summary}" for s in stages().values())))
         return 0 if args else 2
     if args[0] == "--version":
         print(f"madistill {madistill.__version__}")
         return 0
     stage, rest = args[0], args[1:]
-    if stage not in STAGES:
-        close = difflib.get_close_matches(stage, STAGES, n=1)
+    if stage not in stages():
+        close = difflib.get_close_matches(stage, stages(), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        print(f"madistill: error: unknown stage {stage!r}: {hint}use one of {', '.join(STAGES)}", file=sys.stderr)
+        print(f"madistill: error: unknown stage {stage!r}: {hint}use one of {', '.join(stages())}", file=sys.stderr)
         return 2
     if "--help" in rest or "-h" in rest:
         return _print_stage_help(stage, rest)

@@ -7,9 +7,10 @@ import ast
 import difflib
 import functools
 import io
+import sys
 import tokenize
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -352,10 +353,57 @@ class Config:
     warn_parameters: int = 10_000_000
 
 
+@dataclass(frozen=True)
+class ConfigSection:
+    """A config section a stage adds to :class:`Config` (``madistill.stages.registry.Stage.adds``)."""
+
+    name: str  # its key in the config (``cascade``), and its config group's directory conf/<name>/ for presets
+    schema: type  # its dataclass schema; the comments on its fields are their descriptions in the stage's help
+    # the conf/<name>/<preset>.yaml composed by default (None: the schema's defaults, stored as option base_<name>)
+    preset: str | None = None
+
+    @property
+    def default(self) -> str:
+        """The config group option composed unless the command line picks another (``<name>=<option>``)."""
+        return self.preset or f"base_{self.name}"
+
+
+_ADDED: list[ConfigSection] = []  # the sections the registered stages add (use_sections)
+
+
+def use_sections(sections: Sequence[ConfigSection]) -> None:
+    """Make ``sections`` part of the config (schema, overrides, help), replacing those set before."""
+    names = [s.name for s in sections]
+    clash = sorted({n for n in names if n in _field_types(Config) or names.count(n) > 1})
+    if clash:
+        raise ValueError(f"config sections {clash} are added twice (Config or another stage has them)")
+    _ADDED[:] = sections
+
+
+def root_schema() -> type:
+    """:class:`Config` with the sections the registered stages add."""
+    return _root_schema(tuple(_ADDED))
+
+
+@functools.cache
+def _root_schema(sections: tuple[ConfigSection, ...]) -> type:
+    if not sections:
+        return Config
+    root = make_dataclass("Config", [(s.name, s.schema, field(default=MISSING)) for s in sections], bases=(Config,))
+    root.__module__ = __name__  # its own fields' descriptions are Config's, in this file
+    return root
+
+
 def register_configs() -> None:
-    """Register the typed schemas with Hydra's ConfigStore, so a bad override fails at composition."""
+    """Register the typed schemas with Hydra's ConfigStore, so a bad override fails at composition. Each added
+    section is a config group whose default option the root schema's own defaults list composes."""
     cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
+    root = root_schema()
+    if _ADDED:  # Hydra reads a structured config's defaults list from its `defaults` field
+        defaults = ["_self_", *({s.name: s.default} for s in _ADDED)]
+        root = make_dataclass("Config", [("defaults", list[Any], field(default_factory=lambda: defaults))],
+                              bases=(root,))
+    cs.store(name="base_config", node=root)
     cs.store(group="env", name="base_env", node=EnvConfig)
     cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
@@ -364,12 +412,14 @@ def register_configs() -> None:
     cs.store(group="finetune", name="base_finetune", node=FinetuneConfig)
     cs.store(group="attack", name="base_attack", node=AttackConfig)
     cs.store(group="fault", name="base_fault", node=FaultConfig)
+    for s in _ADDED:
+        cs.store(group=s.name, name=f"base_{s.name}", node=s.schema)
 
 
 # Counts that must be positive: a zero or negative value would save an untrained policy or summarise nothing.
 POSITIVE = ("teacher.total_agent_steps", "eval.episodes", "attack.episodes", "saliency.episodes", "distill.rounds",
             "distill.agent_steps_per_round", "distill.updates_per_round", "distill.batch_size",
-            "finetune.total_agent_steps", "finetune.steps")
+            "finetune.total_agent_steps", "finetune.steps", "cascade.episodes", "cascade.lags", "cascade.replay_episodes")
 
 
 def validate(cfg: Any) -> None:
@@ -409,7 +459,7 @@ def check_overrides(overrides: Sequence[str], groups: Collection[str]) -> None:
         key = written.lstrip("+")
         if "@" in key or "/" in key or key.split(".")[0] == "hydra" or ("." not in key and key in groups):
             continue
-        schema: Any = Config
+        schema: Any = root_schema()
         for depth, part in enumerate(key.split(".")):
             types = _field_types(schema)
             if part not in types:
@@ -430,11 +480,17 @@ def _unknown_setting(path: list[str], siblings: list[str], added: bool) -> str:
     return f"unknown setting {'.'.join(path)!r}{plus}: {fix}"
 
 
+def _description(schema: type, name: str) -> str:
+    """The comment on field ``name`` of ``schema`` in its module's source (``""``: the docstring's first paragraph)."""
+    return _descriptions(sys.modules[schema.__module__].__file__ or "").get((schema.__name__, name), "")
+
+
 @functools.cache
-def _descriptions() -> dict[tuple[str, str], str]:
-    """(schema class, field) -> the field's comment in this file, on one line: the comment after the field,
-    else the comment lines right above it. Read once from the source, so the comments stay the only text."""
-    source = Path(__file__).read_text()
+def _descriptions(path: str) -> dict[tuple[str, str], str]:
+    """(schema class, field) -> the field's comment in the source file ``path``, on one line: the comment after
+    the field, else the comment lines right above it. Read once from the source, so the comments stay the only
+    text."""
+    source = Path(path).read_text()
     lines = source.splitlines()
     comments = {t.start[0]: t.string.lstrip("#").strip()
                 for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
@@ -466,18 +522,18 @@ def settings(section: str) -> list[tuple[str, str]]:
             if section:
                 out += settings(prefix + name)
         else:
-            out.append((prefix + name, _descriptions()[(schema.__name__, name)]))
+            out.append((prefix + name, _description(schema, name)))
     return out
 
 
 def section_description(section: str) -> str:
     """The first paragraph of the docstring of the schema behind ``section`` (empty where it has none)."""
-    return _descriptions()[(_schema(section).__name__, "")]
+    return _description(_schema(section), "")
 
 
 def _schema(section: str) -> Any:
     """The schema class behind a dotted section (``"teacher.ppo"``; ``""``: Config)."""
-    schema: Any = Config
+    schema: Any = root_schema()
     for part in filter(None, section.split(".")):
         schema = _field_types(schema)[part]
     return schema

@@ -10,10 +10,10 @@ import torch
 from conftest import compose_config, tiny
 from torch.distributions import Categorical, Normal
 
-from madistill import stages
 from madistill.bonus import MutualInformationBonus
 from madistill.errors import MadistillError
 from madistill.runtime import env_spec, make_vec_env
+from madistill.stages import train as train_stage
 from madistill.teacher import TeacherTrainer
 
 
@@ -84,7 +84,7 @@ def test_a_bonus_for_a_continuous_action_group_names_the_fix(tmp_path):
     cfg = compose_config(tiny("env=simple_speaker_listener_v4", "env.kwargs.continuous_actions=true",
                               "+teacher.message_bonus.speaker=0.05"))
     with pytest.raises(MadistillError, match=r"Discrete action space: remove teacher.message_bonus.speaker"):
-        stages.train(cfg, tmp_path)
+        train_stage.run(cfg, tmp_path)
 
 
 def test_resume_restores_the_running_average_and_says_when_the_bonus_changes(tmp_path, caplog):

@@ -114,3 +114,29 @@ def test_a_non_reproducible_env_is_refused_in_one_line():
     with pytest.raises(MadistillError) as err:
         check_reproducible(venv_maker(bad), team, 3, 0, "unseeded")
     assert "not reproducible from its seed" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_speaker_listener_the_speaker_influences_the_listener_and_never_the_reverse():
+    """The speaker's observation (its goal) never depends on the listener: that effect is exactly 0 at every lag;
+    the listener hears the speaker's message of the step before: lag 1 (random-initialised MLPs, sampled actions)."""
+    import torch
+
+    from madistill.envs.factory import EnvSpec
+    from madistill.normalize import ObsNormalizer
+    from madistill.policies.base import TeamPolicy
+    from madistill.policies.mlp import MLPPolicy
+
+    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 10}, name="sl")
+    make = venv_maker(spec)
+    torch.manual_seed(0)
+    with make(1, 1) as venv:
+        team = TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [16], "activation": "tanh"})
+                                        for g in venv.groups},
+                          {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
+        env = FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names))
+        agents = list(venv.possible_agents)
+    faults = [impulse(env, a, o) for a in agents for o in (2, 5)]
+    inf = influence(paired_rollouts(make, team, faults, 8, 3), [a for a in agents for _ in (2, 5)], 3, n_boot=100)
+    assert inf.first_lag() == {"speaker_0": {"listener_0": 1}, "listener_0": {"speaker_0": None}}
+    s, li = agents.index("speaker_0"), agents.index("listener_0")
+    assert np.nanmax(inf.effect[li, s]) == 0 and inf.samples[li, s].min() > 0

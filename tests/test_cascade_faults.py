@@ -150,3 +150,29 @@ def test_bad_fault_settings_are_one_line_errors(kw, message):
         with pytest.raises(MadistillError) as err:
             make_fault(cfg, fault_env(venv))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_message_fault_silences_only_the_listeners_message():
+    """conf/fault/message.yaml: the listener's message features read the normaliser's mean from the onset on."""
+    from madistill.cli import config_dir
+    from madistill.envs.factory import EnvSpec
+    from madistill.normalize import ObsNormalizer
+    from madistill.policies.base import TeamPolicy
+    from madistill.policies.uniform import UniformPolicy
+
+    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 8}, name="sl")
+    with MultiAgentVecEnv(spec, 2) as venv:
+        norms = {g.name: ObsNormalizer(g.obs_dim) for g in venv.groups}
+        norms["listener"].mean = np.linspace(1, 2, 11)  # a mean that is not 0 in raw units
+        team = TeamPolicy(venv.groups, {g.name: UniformPolicy(g) for g in venv.groups}, norms)
+        layouts = feature_layouts(venv.groups, {"listener": {"message": [8, 9, 10]}}, venv.feature_names)
+        fc = OmegaConf.merge(OmegaConf.structured(FaultConfig), OmegaConf.load(Path(config_dir(), "fault", "message.yaml")),
+                             {"onset": 3})
+        fault = make_fault(fc, FaultEnv(venv.groups, layouts))
+        rows = []
+        Rollout(venv, team, [fault], seed=0).run(steps=8, on_step=lambda tr: rows.append(
+            (tr.obs["listener"][:, 0].clone(), norms["listener"].normalize(torch.as_tensor(tr.raw_obs["listener"][:, 0])),
+             tr.obs["speaker"].clone(), norms["speaker"].normalize(torch.as_tensor(tr.raw_obs["speaker"])))))
+    for t, (seen, clean, speaker_seen, speaker_clean) in enumerate(rows):
+        assert torch.equal(speaker_seen, speaker_clean) and torch.equal(seen[:, :8], clean[:, :8])
+        assert torch.equal(seen[:, 8:], clean[:, 8:]) if t < 3 else torch.allclose(seen[:, 8:], torch.zeros(2, 3))

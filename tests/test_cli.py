@@ -66,7 +66,7 @@ def test_unknown_stage_exits_2(cli):
     assert rc == 2 and out == ""
     assert _err_lines(err) == [
         "madistill: error: unknown stage 'distil': did you mean 'distill'? "
-        "use one of train, evaluate, distill, finetune, saliency, attack, pipeline"
+        "use one of train, evaluate, distill, finetune, saliency, attack, cascade, pipeline"
     ]
 
 
@@ -481,7 +481,7 @@ def test_each_policy_of_a_sweep_is_paired_with_its_own_teacher_and_student(tmp_p
     """Transfer surrogates, critics and saliency references come from the same run, else from the manifest."""
     from madistill.evaluate.evaluator import PolicyRef
     from madistill.policies.store import FORMAT_VERSION, MANIFEST
-    from madistill.stages import paired_policy
+    from madistill.stages.policies import paired_policy
 
     def policy(run: str, role: str, teacher: str | None = None) -> PolicyRef:
         path = tmp_path / run / "policies" / role

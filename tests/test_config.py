@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import REPO, tiny
 
-from madistill.cli import STAGE_HELP, compose_config
+from madistill.cli import compose_config
 from madistill.config import Config, settings
 from madistill.errors import MadistillError
+from madistill.stages.registry import stages
 
 
 def _error_line(err: str, stage: str) -> str:
@@ -95,14 +96,14 @@ def test_every_setting_has_a_description_in_its_schema():
     assert described["env.features"].startswith("Named feature groups per agent group for saliency")
 
 
-@pytest.mark.parametrize("stage", list(STAGE_HELP))
+@pytest.mark.parametrize("stage", list(stages()))
 def test_stage_help_shows_its_own_settings_with_values_and_descriptions(cli, stage):
     rc, out, err = cli(stage, "--help")
     assert rc == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0] == f"madistill {stage}: {STAGE_HELP[stage].summary}"
+    assert lines[0] == f"madistill {stage}: {stages()[stage].summary}"
     shown = {ln.split(" = ")[0].strip() for ln in lines if ln.startswith("  ") and " = " in ln}
-    own = {key for section in (*STAGE_HELP[stage].sections, "", "logger") for key, _ in settings(section)}
+    own = {key for section in (*stages()[stage].sections, "", "logger") for key, _ in settings(section)}
     assert shown == own
     assert f"madistill {stage} --cfg job [overrides]" in out and "madistill/config.py" in out
     assert len(lines) < 140  # the full composed config of every stage is over 200 lines

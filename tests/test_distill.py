@@ -31,12 +31,12 @@ def teacher_run(tmp_path_factory):
     """A tiny speaker-listener teacher, trained once for this module."""
     from conftest import compose_config, tiny
 
-    from madistill import stages
+    from madistill.stages.train import train_teachers
     from madistill.tb import TBLogger
 
     run = tmp_path_factory.mktemp("teacher")
     cfg = compose_config(tiny("teacher.total_agent_steps=3000", "teacher.hidden_sizes=[32]"))
-    stages.train_teachers(cfg, run, TBLogger(run / "tb", enabled=False))
+    train_teachers(cfg, run, TBLogger(run / "tb", enabled=False))
     return run
 
 
@@ -162,12 +162,12 @@ def test_distill_command_saves_a_compact_student_and_evaluates_it_next_to_the_te
 
 
 def test_distill_is_deterministic_and_lambda_zero_is_plain_distillation(make_cfg, teacher_run, tmp_path):
-    from madistill import stages
+    from madistill.stages.distill import distill_students
     from madistill.tb import TBLogger
 
     def run(name: str, *extra: str) -> dict:
         cfg = make_cfg(f"distill.teacher={teacher_run}", *extra)
-        stages.distill_students(cfg, tmp_path / name, cfg.distill.teacher, TBLogger(tmp_path / name, enabled=False))
+        distill_students(cfg, tmp_path / name, cfg.distill.teacher, TBLogger(tmp_path / name, enabled=False))
         return load_team(tmp_path / name)[0].state_dict()
 
     a, b = run("a"), run("b")

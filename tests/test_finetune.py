@@ -92,14 +92,15 @@ def student_run(tmp_path_factory):
     """A tiny spread teacher and its student, made once for this module."""
     from conftest import compose_config, tiny
 
-    from madistill import stages
+    from madistill.stages.distill import distill_students
+    from madistill.stages.train import train_teachers
     from madistill.tb import TBLogger
 
     root = tmp_path_factory.mktemp("finetune")
     cfg = compose_config(tiny("env=simple_spread_v3", "teacher.total_agent_steps=3000"))
-    stages.train_teachers(cfg, root / "teacher", TBLogger(root / "tb", enabled=False))
+    train_teachers(cfg, root / "teacher", TBLogger(root / "tb", enabled=False))
     cfg = compose_config(tiny("env=simple_spread_v3", f"distill.teacher={root / 'teacher'}"))
-    stages.distill_students(cfg, root / "student", cfg.distill.teacher, TBLogger(root / "tb", enabled=False))
+    distill_students(cfg, root / "student", cfg.distill.teacher, TBLogger(root / "tb", enabled=False))
     return root
 
 
@@ -211,7 +212,7 @@ def test_finetune_saves_the_best_validated_candidate(cli, student_run, tmp_path)
     from madistill.explain.saliency import feature_layouts
     from madistill.runtime import env_spec, make_vec_env
     from madistill.selection import BestPolicy
-    from madistill.stages import finetune_validation_seed
+    from madistill.stages.finetune import finetune_validation_seed
 
     run = tmp_path / "ft"
     overrides = tiny("env=simple_spread_v3", f"finetune.policy={student_run / 'student'}", "finetune.total_agent_steps=600",

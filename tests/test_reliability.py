@@ -148,7 +148,7 @@ def _summaries(**team_returns: list[float]) -> dict[str, dict]:
 
 
 def test_eval_report_defines_its_measures_and_says_the_random_team_samples(make_cfg):
-    from madistill.stages import eval_report
+    from madistill.stages.evaluate import eval_report
 
     ec = make_cfg("eval.deterministic=true").eval
     text = eval_report(_summaries(teacher=[3.0, 4.0], random=[0.0, 1.0]), "relay", ec)
@@ -158,15 +158,16 @@ def test_eval_report_defines_its_measures_and_says_the_random_team_samples(make_
 
 
 def test_a_student_worse_than_random_is_warned_about_at_the_end_and_in_the_report(make_cfg, capsys, tmp_path):
-    from madistill.stages import _print_results, eval_report
+    from madistill.stages.evaluate import eval_report
+    from madistill.stages.results import print_results
 
     summaries = _summaries(teacher=[3.0, 4.0], student=[-2.0, -1.0], random=[0.0, 1.0])
-    _print_results(tmp_path, summaries, tmp_path)
+    print_results(tmp_path, summaries, tmp_path)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("warning: student's mean team return -1.50 is below the random team's 0.50: ")
     assert last in eval_report(summaries, "relay", make_cfg().eval)
     fine = _summaries(teacher=[3.0, 4.0], student=[1.0, 2.0], random=[0.0, 1.0])
-    _print_results(tmp_path, fine, tmp_path)
+    print_results(tmp_path, fine, tmp_path)
     assert "warning" not in capsys.readouterr().out and "warning" not in eval_report(fine, "relay", make_cfg().eval)
 
 

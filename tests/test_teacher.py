@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_envs import TOY, ToyEnv
 
-from madistill import stages
 from madistill import teacher as teacher_module
 from madistill.envs.factory import EnvSpec
 from madistill.envs.vector import MultiAgentVecEnv
@@ -23,6 +22,7 @@ from madistill.evaluate.evaluator import run_episodes, uniform_team
 from madistill.policies.store import load_team, read_manifest
 from madistill.rollout import Rollout
 from madistill.runtime import env_spec, make_vec_env
+from madistill.stages import train as train_stage
 from madistill.tb import TBLogger
 from madistill.teacher import TeacherTrainer, bootstrap_obs
 
@@ -53,7 +53,7 @@ def _state(path: Path) -> dict:
 def relay_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("relay_run")
     cfg = compose_config(tiny(*RELAY))
-    path = stages.train(cfg, run_dir)
+    path = train_stage.run(cfg, run_dir)
     return cfg, run_dir, path
 
 
@@ -122,7 +122,7 @@ def test_checkpoint_and_resume_continue_agent_steps(tmp_path, monkeypatch):
     )
     saved_at, save = [], TeacherTrainer.save_checkpoint
     monkeypatch.setattr(TeacherTrainer, "save_checkpoint", lambda self, p: saved_at.append(self.agent_steps) or save(self, p))
-    stages.train(cfg, run1)
+    train_stage.run(cfg, run1)
     assert saved_at == [2 * PER_ITER, 3 * PER_ITER]  # every 2 iterations, and at the end
     ckpt = run1 / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == [
@@ -190,7 +190,7 @@ def test_ctrl_c_saves_a_checkpoint_and_reraises(tmp_path, monkeypatch, mode):
 
     monkeypatch.setattr(Rollout, "step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        stages.train(cfg, tmp_path)
+        train_stage.run(cfg, tmp_path)
     ckpt = tmp_path / "checkpoint"
     assert (ckpt / "manifest.json").is_file() and (ckpt / "agent.safetensors").is_file()
     assert _state(ckpt)["agent_steps"] == PER_ITER  # the one finished iteration ...
@@ -208,7 +208,7 @@ def test_two_groups_train_together_and_save_one_file_each(tmp_path):
     cfg = compose_config(
         tiny("env=simple_speaker_listener_v4", "teacher.total_agent_steps=200", "teacher.ppo.n_steps=50")
     )
-    path = stages.train(cfg, tmp_path)
+    path = train_stage.run(cfg, tmp_path)
     assert sorted(p.name for p in path.iterdir()) == [
         "listener.safetensors",
         "listener.zip",
@@ -341,14 +341,14 @@ def test_every_update_logs_its_losses_once_at_the_step_of_its_data(tmp_path, mod
     """Overlapped updates are taken by the loop, by checkpoints and at the end; each logs wherever taken."""
     cfg = compose_config(tiny("env=relay", f"teacher.total_agent_steps={4 * PER_ITER}",
                               f"teacher.checkpoint_every={2 * PER_ITER}", f"teacher.update_mode={mode}"))
-    stages.train(cfg, tmp_path)
+    train_stage.run(cfg, tmp_path)
     steps = [e.step for e in _scalars(tmp_path / "tb").Scalars("losses/agent/value_loss")]
     assert steps == [PER_ITER, 2 * PER_ITER, 3 * PER_ITER, 4 * PER_ITER]
 
 
 def test_overlapped_update_learns_and_is_deterministic_in_a_thread_or_a_learner_process(tmp_path):
     cfgs = [compose_config(tiny(*RELAY, f"teacher.update_mode={where}")) for where in ("thread", "thread", "process")]
-    paths = [stages.train(cfg, tmp_path / f"run{i}") for i, cfg in enumerate(cfgs)]
+    paths = [train_stage.run(cfg, tmp_path / f"run{i}") for i, cfg in enumerate(cfgs)]
     weights = [load_file(str(p / "agent.safetensors")) for p in paths]
     for k in weights[0]:  # the learner process makes the thread's updates, bit for bit
         for w in weights[1:]:
@@ -370,7 +370,7 @@ def test_group_settings_and_annealing_reach_each_groups_ppo_update(tmp_path, mod
         "+teacher.group_ppo.speaker.ent_coef=0.01", "teacher.anneal.ent_coef=0.5", "teacher.anneal.learning_rate=0",
         f"teacher.update_mode={mode}",
     ))
-    stages.train(cfg, tmp_path)
+    train_stage.run(cfg, tmp_path)
     ea = _scalars(tmp_path / "tb")
     done = np.array([0.0, 0.25, 0.5, 0.75])  # share of training behind each update
     for group, start in (("speaker", 0.01), ("listener", 0.001)):
@@ -441,20 +441,20 @@ def test_a_resumed_run_plays_only_episodes_it_has_not_played(tmp_path, monkeypat
     per_iter = 50 * 2 * 4
     seeds = _played_seeds(monkeypatch)
     cfg = compose_config(tiny("env=relay", "teacher.ppo.n_steps=50", f"teacher.total_agent_steps={2 * per_iter}"))
-    stages.train(cfg, tmp_path / "run1")
+    train_stage.run(cfg, tmp_path / "run1")
     before = list(seeds)
     assert len(before) == 2 * 2 * 2  # iterations x copies x episodes per copy
     seeds.clear()
     cfg2 = compose_config(tiny("env=relay", "teacher.ppo.n_steps=50", f"teacher.total_agent_steps={4 * per_iter}",
                                f"teacher.resume={tmp_path / 'run1' / 'checkpoint'}"))
-    stages.train(cfg2, tmp_path / "run2")
+    train_stage.run(cfg2, tmp_path / "run2")
     assert len(seeds) == 8 and not set(seeds) & set(before)
 
 
 @pytest.mark.parametrize("damage", ["architecture", "state", "missing"])
 def test_resume_from_a_bad_checkpoint_is_a_one_line_user_error(tmp_path, damage):
     cfg = compose_config(tiny("env=relay", f"teacher.total_agent_steps={PER_ITER}"))
-    stages.train(cfg, tmp_path / "run")
+    train_stage.run(cfg, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint"
     extra, match = ["teacher.hidden_sizes=[32]"], r"teacher.hidden_sizes=\[16\]"
     if damage == "state":

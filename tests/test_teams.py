@@ -25,7 +25,7 @@ from madistill.evaluate.report import markdown_table
 from madistill.evaluate.stats import summarize
 from madistill.normalize import ObsNormalizer
 from madistill.policies import MLPPolicy, TeamPolicy
-from madistill.stages import retentions
+from madistill.stages.results import retentions
 
 DUEL = ("adversary_0", "adversary_1", "agent_0", "agent_1")
 
@@ -280,7 +280,7 @@ def test_teams_set_at_training_follow_the_policies_unless_the_command_line_sets_
 
 
 def test_a_student_below_random_is_warned_about_only_on_sides_whose_teacher_beats_random():
-    from madistill.stages import worse_than_random
+    from madistill.stages.results import worse_than_random
 
     def summary(adversaries: float, good: float) -> dict:
         return {"team": {"mean": 0.0}, "teams": {"adversaries": {"mean": adversaries}, "good": {"mean": good}}}

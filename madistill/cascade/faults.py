@@ -68,6 +68,11 @@ class FaultEnv:
     device: torch.device | str = "cpu"
 
 
+# what a fault puts in place of the hit rows x[mask] of a group's values x: (group, x, mask, ctx) -> [m, ...]
+Change = Callable[[AgentGroup, torch.Tensor, torch.Tensor, StepContext], torch.Tensor]
+_UNARMED = np.random.default_rng(0)  # the stream of copies a fault is not armed on (never drawn from for effects)
+
+
 class Fault(Transform):
     """Shared scope and timing. ``armed`` (``[N]`` bool, None: every copy) restricts the fault to some env
     copies: the paired runner faults one block of copies and leaves their clean twins alone."""
@@ -102,7 +107,10 @@ class Fault(Transform):
         n = int(copies.max()) + 1
         if n > len(self.onset_at):
             self.onset_at = np.concatenate([self.onset_at, np.zeros(n - len(self.onset_at), dtype=np.int64)])
-            self.rngs += [np.random.default_rng() for _ in range(n - len(self.rngs))]
+            self.rngs += [_UNARMED] * (n - len(self.rngs))
+        if self.armed is not None:  # copies the fault never touches need no stream (seeding one costs ~50 us)
+            keep = self.armed[copies]
+            copies, seeds = copies[keep], seeds[keep]
         for i, seed in zip(copies.tolist(), seeds.tolist()):
             rng = np.random.default_rng([self.scope.seed, int(seed)])
             s = self.scope
@@ -134,47 +142,27 @@ class Fault(Transform):
             mask[:, slots] = torch.as_tensor(firing, device=active.device)[:, None]
         return mask & active
 
-
-class Held:
-    """Per-slot values a stateful fault holds from a slot's first faulted step to its episode's end (a
-    frozen observation, a stuck action)."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, torch.Tensor] = {}  # group -> [N, n_g, ...] the held value per slot
-        self.holding: dict[str, torch.Tensor] = {}  # group -> [N, n_g] bool: the slot holds one
-
-    def clear(self, copies: np.ndarray | None = None) -> None:
-        """Forget every held value (None) or those of ``copies``."""
-        if copies is None:
-            self.values, self.holding = {}, {}
-        for h in self.holding.values():
-            h[copies[copies < len(h)]] = False
-
-    def take(self, group: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x[mask]`` with each hit slot's value replaced by the one it holds, holding ``x`` where it held none."""
-        if group not in self.values or self.values[group].shape != x.shape:
-            self.values[group], self.holding[group] = torch.zeros_like(x), torch.zeros_like(mask)
-        fresh = mask & ~self.holding[group]
-        self.values[group][fresh] = x[fresh]
-        self.holding[group] |= fresh
-        return self.values[group][mask]
+    def hit(self, values: GroupTensors, ctx: StepContext, change: Change) -> GroupTensors:
+        """``values`` (per group ``[N, n_g, ...]``: observations or actions) with the rows of the slots hit at this
+        step replaced by ``change(group, x, mask, ctx)``."""
+        firing = self.firing(ctx)
+        out = dict(values)
+        if not firing.any():
+            return out
+        for g in ctx.team.groups:
+            mask = self.victim_mask(g, firing, ctx)
+            if g.name in values and mask.any():
+                x = values[g.name].clone()
+                x[mask] = change(g, x, mask, ctx).to(x.dtype)
+                out[g.name] = x
+        return out
 
 
 class ObsFault(Fault, ObsTransform):
     """A fault on what the victims see: ``corrupt`` replaces the hit rows of a group's observations."""
 
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
-        firing = self.firing(ctx)
-        out = dict(obs)
-        if not firing.any():
-            return out
-        for g in ctx.team.groups:
-            mask = self.victim_mask(g, firing, ctx)
-            if g.name in obs and mask.any():
-                x = obs[g.name].clone()
-                x[mask] = self.corrupt(g, x, mask, ctx).to(x.dtype)
-                out[g.name] = x
-        return out
+        return self.hit(obs, ctx, self.corrupt)
 
     def corrupt(self, group: AgentGroup, x: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The observations ``[m, d]`` the hit slots ``x[mask]`` see instead."""
@@ -185,17 +173,7 @@ class ActionFault(Fault, ActionTransform):
     """A fault on what the victims do: ``replace`` gives the executed actions of the hit slots."""
 
     def __call__(self, actions: GroupTensors, dists: dict[str, Distribution], ctx: StepContext) -> GroupTensors:
-        firing = self.firing(ctx)
-        out = dict(actions)
-        if not firing.any():
-            return out
-        for g in ctx.team.groups:
-            mask = self.victim_mask(g, firing, ctx)
-            if g.name in actions and mask.any():
-                a = actions[g.name].clone()
-                a[mask] = self.replace(g, a, mask, ctx).to(a.dtype)
-                out[g.name] = a
-        return out
+        return self.hit(actions, ctx, self.replace)
 
     def replace(self, group: AgentGroup, a: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The actions ``[m, ...]`` the hit slots ``a[mask]`` execute instead."""
@@ -207,9 +185,38 @@ class ActionFault(Fault, ActionTransform):
         return torch.as_tensor(np.stack(rows), device=mask.device)
 
 
-def _feature_indices(spec: Sequence[str], layout: FeatureLayout) -> list[int]:
-    """Indices of the named features (all of them for an empty list)."""
-    return excluded_features(spec, layout, "fault.features") if spec else list(range(layout.obs_dim))
+class Holding(Fault):
+    """A stateful fault: each hit slot holds the value it had at its first faulted step (a frozen observation,
+    a stuck action) to its episode's end; an episode start forgets its copy's values."""
+
+    def __init__(self, scope: Scope):
+        super().__init__(scope)
+        self.values: dict[str, torch.Tensor] = {}  # group -> [N, n_g, ...] the held value per slot
+        self.holding: dict[str, torch.Tensor] = {}  # group -> [N, n_g] bool: the slot holds one
+
+    def reset(self) -> None:
+        super().reset()
+        self.values, self.holding = {}, {}
+
+    def restart(self, copies: np.ndarray) -> None:
+        for h in self.holding.values():
+            h[copies[copies < len(h)]] = False
+
+    def held(self, group: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x[mask]`` with each hit slot's value replaced by the one it holds, holding ``x`` where it held none."""
+        if group not in self.values or self.values[group].shape != x.shape:
+            self.values[group], self.holding[group] = torch.zeros_like(x), torch.zeros_like(mask)
+        fresh = mask & ~self.holding[group]
+        self.values[group][fresh] = x[fresh]
+        self.holding[group] |= fresh
+        return self.values[group][mask]
+
+
+def victim_features(fc: Any, env: FaultEnv, scope: Scope) -> dict[str, list[int]]:
+    """Per group holding victims, the indices of the features ``fault.features`` names (all for an empty list):
+    feature-group names are per group (a listener's ``message``), so only the victims' groups must know them."""
+    return {g.name: excluded_features(list(fc.features), env.layouts[g.name], "fault.features") if fc.features
+            else list(range(g.obs_dim)) for g in env.groups if victim_slots(g, scope.victims)}
 
 
 @register("noise")
@@ -224,7 +231,7 @@ class Noise(ObsFault):
 
     @classmethod
     def from_config(cls, scope: Scope, fc: Any, env: FaultEnv) -> Fault:
-        return cls(scope, fc.sigma, {g: _feature_indices(list(fc.features), lay) for g, lay in env.layouts.items()})
+        return cls(scope, fc.sigma, victim_features(fc, env, scope))
 
     def corrupt(self, group: AgentGroup, x: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         hit = x[mask].clone()
@@ -245,7 +252,7 @@ class Dropout(ObsFault):
 
     @classmethod
     def from_config(cls, scope: Scope, fc: Any, env: FaultEnv) -> Fault:
-        return cls(scope, {g: _feature_indices(list(fc.features), lay) for g, lay in env.layouts.items()})
+        return cls(scope, victim_features(fc, env, scope))
 
     def corrupt(self, group: AgentGroup, x: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         norm = ctx.team.normalizers[group.name]
@@ -257,22 +264,11 @@ class Dropout(ObsFault):
 
 
 @register("frozen")
-class Frozen(ObsFault):
+class Frozen(Holding, ObsFault):
     """A stale observation: from the first faulted step on, the victim sees what it saw then."""
 
-    def __init__(self, scope: Scope):
-        super().__init__(scope)
-        self.held = Held()
-
-    def reset(self) -> None:
-        super().reset()
-        self.held.clear()
-
-    def restart(self, copies: np.ndarray) -> None:
-        self.held.clear(copies)
-
     def corrupt(self, group: AgentGroup, x: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return self.held.take(group.name, x, mask)
+        return self.held(group.name, x, mask)
 
 
 @register("attack")
@@ -319,22 +315,11 @@ class RandomAction(ActionFault):
 
 
 @register("stuck")
-class Stuck(ActionFault):
+class Stuck(Holding, ActionFault):
     """The victim keeps repeating the action it chose at the first faulted step."""
 
-    def __init__(self, scope: Scope):
-        super().__init__(scope)
-        self.held = Held()
-
-    def reset(self) -> None:
-        super().reset()
-        self.held.clear()
-
-    def restart(self, copies: np.ndarray) -> None:
-        self.held.clear(copies)
-
     def replace(self, group: AgentGroup, a: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return self.held.take(group.name, a, mask)
+        return self.held(group.name, a, mask)
 
 
 @register("constant")

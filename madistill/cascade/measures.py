@@ -150,11 +150,14 @@ class Cascade:
                 "return_delta": float(r.mean()),
                 "return_delta_ci": list(bootstrap_ci(r, np.mean, n_boot=n_boot, confidence=confidence)),
             }
+        others = self.return_delta.mean(1)  # per episode: the non-faulted agents' mean return delta
         return {
             "victims": self.victims,
             "threshold": self.threshold,
             "size_mean": float(sizes.mean()),
             "size_ci": list(bootstrap_ci(sizes, np.mean, n_boot=n_boot, confidence=confidence)),
+            "others_return_delta": float(others.mean()),
+            "others_return_delta_ci": list(bootstrap_ci(others, np.mean, n_boot=n_boot, confidence=confidence)),
             "size_histogram": np.bincount(sizes, minlength=len(self.agents) + 1).tolist(),
             "agents": per_agent,
             "representative_episode": self.representative(),

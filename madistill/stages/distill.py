@@ -1,0 +1,75 @@
+"""``madistill distill``: compact DIGR students distilled from a saved teacher by DAgger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from madistill.stages.registry import Stage
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from madistill.tb import TBLogger
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Distil the teacher at ``distill.teacher`` into students; evaluate them next to it."""
+    from madistill.stages.evaluate import evaluate_policies
+    from madistill.stages.results import print_results, run_metrics
+    from madistill.stages.rundir import flat_hparams, open_tb
+
+    with open_tb(cfg, run_dir) as tb:
+        teacher, history = distill_students(cfg, run_dir, cfg.distill.teacher, tb)
+        summaries = evaluate_policies(cfg, run_dir, [teacher, run_dir], tb)
+        tb.hparams(flat_hparams(cfg), run_metrics(summaries, history))
+    print_results(run_dir, summaries, run_dir)
+    return summaries
+
+
+def distill_students(
+    cfg: DictConfig, run_dir: Path, teacher_path: str | Path | None, tb: TBLogger
+) -> tuple[Path, list[dict[str, float]]]:
+    """DAgger + DIGR students for every group of the teacher at ``teacher_path`` (a run or policy dir),
+    saved to ``<run>/policies/student``; returns the teacher's policy dir and the per-round log."""
+    from omegaconf import OmegaConf
+
+    from madistill.distill.trainer import DistillTrainer, student_team
+    from madistill.errors import MadistillError
+    from madistill.evaluate.evaluator import PolicyRef
+    from madistill.explain.saliency import feature_layouts
+    from madistill.policies.store import load_team, save_team
+    from madistill.runtime import make_vec_env, resolve_device, seed_everything
+    from madistill.stages.policies import configured_features, env_for, teacher_dir
+
+    if not teacher_path:
+        raise MadistillError("no teacher to distil: pass distill.teacher=<teacher run or policy directory>")
+    seed_everything(cfg.seed, cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    tdir = teacher_dir(teacher_path)
+    spec = env_for(cfg, [PolicyRef(tdir.name, tdir, "teacher")])
+    with make_vec_env(cfg.env, spec) as venv:
+        teacher, _ = load_team(tdir, venv.groups, device=device)
+        layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+        arch = {"hidden_sizes": list(cfg.student.hidden_sizes), "activation": cfg.student.activation,
+                "cnn": OmegaConf.to_container(cfg.student.cnn)}
+        student = student_team(teacher, arch)
+        trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb)
+        trainer.train()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["distill"]["teacher"] = str(tdir.resolve())
+    config["features"] = {g: dict(zip(lay.names, map(list, lay.indices))) for g, lay in layouts.items()}
+    save_team(run_dir / "policies" / "student", student, spec, "student", config=config)
+    return tdir, trainer.history
+
+
+STAGE = Stage(
+    name="distill",
+    run=run,
+    summary="distil a teacher (distill.teacher=<run or policy dir>) into compact DIGR students",
+    sections=("distill", "student"),
+    writes="policies/student",
+    examples=("madistill distill distill.teacher=<run>",
+              "madistill distill distill=robust distill.teacher=<run> \"attack.eps=[0.3]\""),
+    policy_key="distill.teacher",
+)

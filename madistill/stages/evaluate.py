@@ -1,0 +1,175 @@
+"""``madistill evaluate``: returns of saved policies next to a random team, with bootstrap CIs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from madistill.stages.registry import Stage
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from madistill.envs.episodes import EpisodeRecord
+    from madistill.envs.factory import EnvSpec
+    from madistill.envs.teams import Teams
+    from madistill.evaluate.evaluator import PolicyRef
+    from madistill.tb import TBLogger
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Evaluate every saved policy under ``eval.policy`` and say where the results are."""
+    from madistill.stages.results import print_results
+    from madistill.stages.rundir import open_tb
+
+    with open_tb(cfg, run_dir) as tb:
+        summaries = evaluate_policies(cfg, run_dir, cfg.eval.policy, tb)
+    print_results(run_dir, summaries, Path(cfg.eval.policy))
+    return summaries
+
+
+def evaluate_policies(
+    cfg: DictConfig, run_dir: Path, path: str | Path | Sequence[str | Path] | None, tb: TBLogger
+) -> dict:
+    """Evaluate every saved policy under ``path`` (a policy, run or sweep directory, or a list of them).
+
+    The env is the one the policies were saved for, unless the command line picks another
+    (``config.changes_env``), in which case the policies are checked against that env. Writes ``reports/eval_<name>.json``,
+    ``reports/marl_eval.json``, ``reports/eval.md``, a figure, and TensorBoard scalars.
+    """
+    from collections import defaultdict
+
+    from tqdm.auto import tqdm
+
+    from madistill.evaluate.evaluator import record_video, run_episodes, uniform_team
+    from madistill.evaluate.report import markdown_table, write_markdown
+    from madistill.policies.store import load_team
+    from madistill.runtime import make_vec_env
+    from madistill.stages.figures import return_figure
+    from madistill.stages.policies import studied_policies, teams_for
+
+    device, refs, spec = studied_policies(
+        cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=False
+    )
+    ec = cfg.eval
+    results: dict[str, list[tuple[str, list[EpisodeRecord]]]] = defaultdict(list)
+    several_runs = len({r.run for r in refs}) > 1
+
+    def bar(label: str) -> str | None:
+        return f"eval {label}" if cfg.logger.progress else None
+
+    rows = setting_rows(refs)
+    with make_vec_env(cfg.env, spec) as venv:
+        sides = teams_for(cfg, venv, refs)
+        teams = [load_team(ref.path, venv.groups, device=device)[0] for ref in refs]
+        for ref, team, row in zip(refs, teams, rows):
+            label = f"{ref.name} ({ref.run})" if several_runs else ref.name
+            recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=bar(label),
+                                episode_streams=ec.episode_streams)
+            results[row].append((ref.run, recs))
+        if ec.random_baseline:
+            recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, progress=bar("random"),
+                                episode_streams=ec.episode_streams)
+            results["random"].append(("random", recs))
+    reports = run_dir / "reports"
+    summaries = {name: _summarise(cfg, reports, name, runs, spec, sides, tb) for name, runs in results.items()}
+    table = markdown_table(summaries)
+    write_markdown(reports / "eval.md", eval_report(summaries, spec.id, ec, sides))
+    tb.text("eval/table", table)
+    if cfg.logger.figures:
+        tb.figure("eval/team_return", return_figure(summaries, spec.id))
+    if ec.video:
+        out = record_video(spec, teams[0], reports / f"episode_{refs[0].name}", ec.seed, ec.deterministic, ec.video_format,
+                           cfg.env.grouping)
+        tqdm.write(f"video: {out}")
+    return summaries
+
+
+def _summarise(
+    cfg: DictConfig, reports: Path, name: str, runs: list[tuple[str, list[EpisodeRecord]]], spec: EnvSpec, sides: Teams,
+    tb: TBLogger,
+) -> dict:
+    """The summary of one row's episodes (``runs``: (run, episode records) pairs), written to
+    ``reports/eval_<name>.json`` and ``reports/marl_eval.json`` and logged to TensorBoard."""
+    import re
+
+    import numpy as np
+
+    import madistill
+    from madistill.envs.teams import several_teams
+    from madistill.evaluate.report import side_stats, sides_of, write_json, write_marl_eval_json
+    from madistill.evaluate.stats import summarize
+    from madistill.stages.results import side_tag
+
+    ec = cfg.eval
+    records = [r for _, recs in runs for r in recs]
+    strata = np.repeat(np.arange(len(runs)), [len(recs) for _, recs in runs])
+    summary = summarize(records, n_boot=ec.n_boot, seed=cfg.seed, strata=strata, teams=sides)
+    meta = {
+        "policy": name, "runs": [run for run, _ in runs], "env": spec.to_dict(), "episodes": ec.episodes,
+        "seed": ec.seed, "deterministic": ec.deterministic if name != "random" else False,
+        "madistill_version": madistill.__version__,
+    }
+    if several_teams(sides):
+        meta["teams"] = {team: list(agents) for team, agents in sides.items()}
+    stem = re.sub(r"[^\w.=-]+", "_", name).strip("_")  # a row label as a file name
+    write_json(reports / f"eval_{stem}.json", summary, records, meta)
+    for run, recs in runs:
+        write_marl_eval_json(reports / "marl_eval.json", recs, "pettingzoo", spec.id, name, run, teams=sides)
+    for side in sides_of({name: summary}):
+        for key in ("mean", "iqm"):
+            tb.scalar(f"eval/{name}/{side_tag(side)}team_return_{key}", side_stats(summary, side)[key], 0)
+    for agent, st in summary["agents"].items():
+        tb.scalar(f"eval/{name}/return/{agent}", st["mean"], 0)
+    tb.histogram(f"eval/{name}/team_return", np.array([r.team_return for r in records]), 0)
+    return summary
+
+
+def setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
+    """Each policy's row in an evaluation: its name, plus the settings that set its run apart from the other
+    runs' policies of that name (``student [distill.lambda_igr=3]``). Seeds and paths aside, so a seed sweep
+    pools into one row per policy (CIs stratified by run) while a sweep over settings keeps them apart."""
+    from omegaconf import OmegaConf
+
+    from madistill.policies.store import read_manifest
+    from madistill.stages.rundir import flat_hparams
+
+    configs = [flat_hparams(OmegaConf.create(read_manifest(r.path).get("config", {}))) for r in refs]
+    rows = []
+    for ref, config in zip(refs, configs):
+        peers = [c for r, c in zip(refs, configs) if r.name == ref.name]
+        differ = sorted(k for k in set().union(*peers) if k != "seed" and len({str(c.get(k)) for c in peers}) > 1)
+        rows.append(ref.name + (f" [{', '.join(f'{k}={config.get(k)}' for k in differ)}]" if differ else ""))
+    return rows
+
+
+def eval_report(summaries: dict[str, dict], env_id: str, ec: DictConfig, teams: Teams | None = None) -> str:
+    """``reports/eval.md``: what was played and what the columns mean (who plays on which team, where there
+    are several), the table, and a warning for each student that does worse than the random team."""
+    from madistill.envs.teams import several_teams, teams_line
+    from madistill.evaluate.report import markdown_table
+    from madistill.stages.results import worse_than_random
+
+    acting = f"{'greedy' if ec.deterministic else 'sampled'} actions" + (
+        " (the random team samples uniformly)" if "random" in summaries and ec.deterministic else "")
+    header = (f"# Evaluation on {env_id}\n\n{ec.episodes} episodes per run, seeds {ec.seed}..{ec.seed + ec.episodes - 1}, "
+              f"{acting}; 95% stratified-bootstrap CIs.\n\n"
+              "Team return: an episode's undiscounted return averaged over the agents. IQM (interquartile mean): the "
+              "mean of the middle 50% of the episodes' team returns, less swayed by outlier episodes than the mean.\n\n")
+    if several_teams(teams):
+        header += teams_line(teams) + "\n\n"  # type: ignore[arg-type]
+    warnings = "".join(f"\n**{w}**\n" for w in worse_than_random(summaries))
+    return header + markdown_table(summaries) + "\n" + warnings
+
+
+STAGE = Stage(
+    name="evaluate",
+    run=run,
+    summary="evaluate saved policies (eval.policy=<run, policy or sweep dir>)",
+    sections=("eval",),
+    writes="reports/eval.md, eval_<policy>.json, marl_eval.json, a figure and tb/",
+    examples=("madistill evaluate eval.policy=<run> eval.episodes=200",
+              "madistill evaluate eval.policy=<sweep dir>   # runs that differ only by seed are pooled"),
+    policy_key="eval.policy",
+)

@@ -1,0 +1,112 @@
+"""The saved policies a stage studies: finding them, pairing a student with its teacher, and the env and teams
+they act in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from madistill.config import changes_env
+from madistill.envs.factory import EnvSpec
+from madistill.envs.teams import Teams
+from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
+from madistill.evaluate.evaluator import PolicyRef, discover_policies, saved_env
+from madistill.policies.store import find_policy_dir, read_manifest
+from madistill.runtime import env_spec, env_teams, resolve_device, seed_everything
+
+
+def command_line_overrides() -> list[str]:
+    """The command line's overrides (``key=value``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not running under Hydra (tests, library use)
+        return []
+
+
+def env_for(cfg: DictConfig, refs: list[PolicyRef]) -> EnvSpec:
+    """The env the policies were saved for, unless the command line picks another (``changes_env``; the CLI
+    itself adds ``env=<saved id>`` to pick the saved env's config file)."""
+    saved = saved_env(refs)
+    return env_spec(cfg.env) if changes_env(command_line_overrides(), saved.id) else saved
+
+
+def teams_for(cfg: DictConfig, venv: MultiAgentVecEnv, refs: Sequence[PolicyRef]) -> Teams:
+    """The teams of the env the policies act in: ``env.teams`` (command line or env file), else, in the env
+    they were saved for, the teams they were trained with (a custom env's ``+env.teams`` lives only in their
+    manifests), else inferred from the agent names."""
+    saved = None
+    if not changes_env(command_line_overrides(), saved_env(refs).id):
+        saved = next((t for r in refs if (t := read_manifest(r.path).get("config", {}).get("env", {}).get("teams"))),
+                     None)
+    return env_teams(cfg.env, venv, saved)
+
+
+def configured_features(cfg: DictConfig, spec: EnvSpec) -> dict:
+    """``env.features`` when the config's env is the one the teacher acts in (feature groups are per env)."""
+    if cfg.env.name != spec.name:
+        return {}
+    return OmegaConf.to_container(cfg.env.features, resolve=True) or {}
+
+
+def studied_policies(
+    cfg: DictConfig, path: str | Path | Sequence[str | Path] | None, missing: str, add_teachers: bool = True
+) -> tuple[torch.device, list[PolicyRef], EnvSpec]:
+    """Seeded set-up shared by the stages that study saved policies: the device, the policies under ``path``
+    (one directory or a list; with a student's teacher added unless ``add_teachers`` is off) and the env they
+    act in. ``missing``: the error when no path is given."""
+    if not path:
+        raise MadistillError(missing)
+    seed_everything(cfg.seed, cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    refs = [ref for p in paths for ref in discover_policies(p, list(cfg.eval.names))]
+    refs = with_teachers(refs) if add_teachers else refs
+    return device, refs, env_for(cfg, refs)
+
+
+def paired_policy(ref: PolicyRef, role: str, refs: Sequence[PolicyRef]) -> int | None:
+    """Index in ``refs`` of the ``role`` policy that belongs with ``ref`` (a transfer surrogate, a critic): the
+    one in the same run, else the teacher a student was distilled from (or that teacher's student), else the
+    first of that role. In a sweep, each run's student is thus paired with its own teacher."""
+    found = [i for i, r in enumerate(refs) if r.name == role and r.path != ref.path]
+    same_run = [i for i in found if refs[i].run == ref.run]
+    if role == "teacher":
+        linked = [i for i in found if refs[i].path.resolve() == distilled_from(ref)]
+    else:
+        linked = [i for i in found if distilled_from(refs[i]) == ref.path.resolve()]
+    return (same_run or linked or found or [None])[0]
+
+
+def distilled_from(ref: PolicyRef) -> Path | None:
+    """The teacher directory a student's manifest records (None for other policies)."""
+    manifest = read_manifest(ref.path)
+    path = manifest.get("config", {}).get("distill", {}).get("teacher")
+    return Path(path).resolve() if manifest.get("role") == "student" and path else None
+
+
+def with_teachers(refs: list[PolicyRef]) -> list[PolicyRef]:
+    """Add the teacher a student was distilled from (recorded in its manifest) when it is not listed."""
+    if any(r.name == "teacher" for r in refs):
+        return refs
+    for r in refs:
+        path = distilled_from(r)
+        if path is not None and path.is_dir():
+            return [PolicyRef("teacher", path, "teacher"), *refs]
+    return refs
+
+
+def teacher_dir(path: str | Path) -> Path:
+    """A teacher policy dir, or the ``teacher`` policy of a run dir."""
+    return run_policy_dir(path, "teacher")
+
+
+def run_policy_dir(path: str | Path, name: str) -> Path:
+    """The ``name`` policy of a run dir that has one, else the policy dir ``path`` (or a run's only policy)."""
+    p = Path(path)
+    return find_policy_dir(p, name) if (p / "policies" / name).is_dir() else find_policy_dir(p)

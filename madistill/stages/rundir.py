@@ -1,0 +1,35 @@
+"""What every stage keeps in its run directory besides its own outputs: TensorBoard and the HParams tab."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from madistill.tb import TBLogger
+
+# Paths and layouts: where things are, not settings to compare runs by.
+_NOT_HPARAMS = ("eval.policy", "teacher.resume", "distill.teacher", "saliency.policy", "saliency.obs", "env.features")
+
+
+def open_tb(cfg: DictConfig, run_dir: Path) -> TBLogger:
+    """The run's TensorBoard logger (``<run>/tb``), saving figures to ``<run>/reports`` unless logger.figures is off."""
+    return TBLogger(run_dir / "tb", run_dir / "reports" if cfg.logger.figures else None, enabled=cfg.logger.tensorboard)
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """Scalar leaves of the config (``teacher.ppo.learning_rate`` ...) for the HParams tab."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, list):
+            out[prefix[:-1]] = str(node)
+        elif node is not None:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return {k: v for k, v in out.items() if not k.startswith(_NOT_HPARAMS)}
