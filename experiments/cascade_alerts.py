@@ -34,15 +34,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from madistill.cascade.alerts import AlertMonitor, configured_monitor, first_alerts, monitor_episodes
+from madistill.cascade.alerts import Detection, configured_monitor, mean_ci, monitor_episodes, watch_fault
 from madistill.cascade.faults import FaultEnv, make_fault
-from madistill.cascade.measures import cascade
-from madistill.cascade.paired import paired_rollouts
 from madistill.config import AlertConfig, AttackConfig, CascadeConfig, FaultConfig
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.evaluate.evaluator import discover_policies, saved_env
 from madistill.evaluate.report import atomic_write_text
-from madistill.evaluate.stats import bootstrap_ci
 from madistill.explain.saliency import feature_layouts
 from madistill.policies.store import load_team
 
@@ -52,18 +49,9 @@ FAULTS = {"obs pgd": {"name": "attack", "method": "pgd"}, "obs random": {"name":
           "act random": {"name": "random"}, "act stuck": {"name": "stuck"}, "act dead": {"name": "dead"}}
 
 
-def mean_ci(x: np.ndarray) -> dict[str, float]:
-    """Mean and 95% bootstrap CI (NaN for an empty sample)."""
-    if len(x) == 0:
-        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    lo, hi = bootstrap_ci(x, np.mean, n_boot=2000, seed=0)
-    return {"mean": float(np.mean(x)), "lo": lo, "hi": hi, "n": int(len(x))}
-
-
 def study(path: str, episodes: int, clean_episodes: int, onset: int, alerts: AlertConfig, num_envs: int) -> dict:
     """Calibration, false alarms on ``clean_episodes`` held-out clean episodes and every fault on every agent in
-    the first ``episodes`` of them, for the teacher saved under ``path``: per-episode outcomes (pooled and
-    summarised by ``summary``)."""
+    the first ``episodes`` of them, for the teacher saved under ``path``: per-episode outcomes."""
     refs = discover_policies(path, ["teacher"])
     spec = saved_env(refs)
     attack, threshold = OmegaConf.structured(AttackConfig), CascadeConfig().threshold
@@ -76,50 +64,28 @@ def study(path: str, episodes: int, clean_episodes: int, onset: int, alerts: Ale
         team.eval()
         monitor = configured_monitor(alerts, venv, team)
         monitor_episodes(venv, monitor, clean_episodes, EVAL_SEED)
-        eps = sorted(attack.eps)[len(attack.eps) // 2]
         fenv = FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names), attack, team.device)
-        seeds = list(range(EVAL_SEED, EVAL_SEED + episodes))
-        out = {"env": spec.id, "agents": monitor.agents, "thresholds": monitor.thresholds_dict(), "eps": eps,
-               "clean_alerts": [sum(e.seed == s for e in monitor.events) for s in range(EVAL_SEED, EVAL_SEED + clean_episodes)],
-               "faults": {}}
-        for fname, fc in FAULTS.items():
-            for victim in monitor.agents:
-                cfg = OmegaConf.merge(OmegaConf.structured(FaultConfig),
-                                      {**fc, "victims": [victim], "onset": onset, "duration": None, "eps": eps})
-                watch = AlertMonitor(team, alerts.scores, monitor.thresholds)
-                monitor_episodes(venv, watch, episodes, EVAL_SEED, [make_fault(cfg, fenv)])
-                run = paired_rollouts(make_venv, team, [make_fault(cfg, fenv)], episodes, EVAL_SEED, deterministic=True)
-                # the first failure of any other agent (NaN where none failed)
-                first_failure = run.onsets[0] + np.fmin.reduce(cascade(run, 0, [victim], threshold).delays, axis=1)
-                out["faults"][f"{fname} / {victim}"] = {
-                    "first_alert": first_alerts(watch.events, victim, seeds, onset).tolist(),
-                    "detected_by_score": {k: int(np.isfinite(first_alerts([e for e in watch.events if e.kind == k],
-                                                                          victim, seeds, onset)).sum())
-                                          for k in alerts.scores},
-                    "first_failure": first_failure.tolist()}
+    eps = sorted(attack.eps)[len(attack.eps) // 2]
+    clean = range(EVAL_SEED, EVAL_SEED + clean_episodes)
+    out = {"env": spec.id, "agents": monitor.agents, "thresholds": monitor.thresholds_dict(), "eps": eps,
+           "clean_alerts": [sum(e.seed == s for e in monitor.events) for s in clean], "faults": {}}
+    for fname, fc in FAULTS.items():
+        for victim in monitor.agents:
+            cfg = OmegaConf.merge(OmegaConf.structured(FaultConfig),
+                                  {**fc, "victims": [victim], "onset": onset, "duration": None, "eps": eps})
+            detection = watch_fault(make_venv, monitor, lambda cfg=cfg: make_fault(cfg, fenv), episodes, EVAL_SEED,
+                                    threshold)
+            out["faults"][f"{fname} / {victim}"] = detection.to_dict()
     return out
 
 
-def summary(studies: list[dict], onset: int) -> dict:
-    """Detection rate, delay, downstream failures and alert-before-failure per fault and victim, pooled over the
-    studies of one env, and the clean false alarms."""
+def summary(studies: list[dict]) -> dict:
+    """Per fault and victim, the pooled detections of the studies of one env, and the clean false alarms."""
     clean = np.concatenate([s["clean_alerts"] for s in studies]).astype(float)
-    out = {"clean_alerted_episodes": mean_ci((clean > 0).astype(float)), "clean_alerts_per_episode": mean_ci(clean),
-           "faults": {}}
-    for name in studies[0]["faults"]:
-        rows = [s["faults"][name] for s in studies]
-        first = np.concatenate([r["first_alert"] for r in rows])
-        fail = np.concatenate([r["first_failure"] for r in rows])
-        failed = np.isfinite(fail)
-        out["faults"][name] = {
-            "detected": mean_ci(np.isfinite(first).astype(float)),
-            "delay": mean_ci(first[np.isfinite(first)] - onset),
-            "detected_by_score": {k: sum(r["detected_by_score"][k] for r in rows) / len(first)
-                                  for k in rows[0]["detected_by_score"]},
-            "others_fail": mean_ci(failed.astype(float)),
-            "alert_before_failure": mean_ci((first[failed] < fail[failed]).astype(float)),
-        }
-    return out
+    faults = {name: Detection.pooled([Detection.from_dict(s["faults"][name]) for s in studies])
+              for name in studies[0]["faults"]}
+    return {"clean_alerted_episodes": mean_ci(clean > 0), "clean_alerts_per_episode": mean_ci(clean),
+            "faults": {name: d.summary() for name, d in faults.items()}}
 
 
 def table(env: str, s: dict) -> str:
@@ -156,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     studies = [study(r, args.episodes, args.clean_episodes, args.onset, alerts, args.num_envs) | {"run": r}
                for r in args.runs]
     envs = dict.fromkeys(s["env"] for s in studies)
-    by_env = {env: summary([s for s in studies if s["env"] == env], args.onset) for env in envs}
+    by_env = {env: summary([s for s in studies if s["env"] == env]) for env in envs}
     meta = {"command": " ".join(["python", *sys.argv]), "alerts": vars(alerts), "onset": args.onset,
             "episodes": args.episodes, "clean_episodes": args.clean_episodes, "eval_seed": EVAL_SEED,
             "failure_threshold": CascadeConfig().threshold}

@@ -15,6 +15,7 @@ from pettingzoo import ParallelEnv
 
 from madistill.cascade.alerts import (
     AlertMonitor,
+    Detection,
     calibrate,
     calibrated_monitor,
     configured_monitor,
@@ -22,7 +23,7 @@ from madistill.cascade.alerts import (
     events_json,
     first_alerts,
     monitor_episodes,
-    track_episodes,
+    watch_fault,
 )
 from madistill.cascade.faults import Constant, Dead, Scope
 from madistill.config import AlertConfig
@@ -185,9 +186,11 @@ def test_events_carry_agent_kind_episode_step_and_score_once_per_rise(tmp_path):
     assert abs(tb.last("alerts/beacon_1/obs") - 3.0) < 1e-5 and math.isnan(tb.last("alerts/beacon_0/obs"))
     tb.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    assert first_alerts(monitor.events, "beacon_1", [10, 11, 12]).tolist() == [3.0, 3.0, 3.0]
-    assert np.isnan(first_alerts(monitor.events, "beacon_1", [10], onset=4)).all()
-    assert np.isnan(first_alerts(monitor.events, "beacon_0", [10, 11, 12])).all()
+    assert first_alerts(monitor.events, ["beacon_1"], [10, 11, 12]).tolist() == [3.0, 3.0, 3.0]
+    assert np.isnan(first_alerts(monitor.events, ["beacon_1"], [10], onsets=4)).all()
+    assert first_alerts(monitor.events, ["beacon_1"], [10, 11], onsets=[3, 4]).tolist()[0] == 3.0  # per episode
+    assert np.isnan(first_alerts(monitor.events, ["beacon_1"], [10, 11], onsets=[3, 4])[1])
+    assert np.isnan(first_alerts(monitor.events, ["beacon_0"], [10, 11, 12])).all()
 
 
 def test_calibrated_thresholds_hold_the_false_alarm_rate_and_a_fault_alerts_from_onset():
@@ -206,7 +209,7 @@ def test_calibrated_thresholds_hold_the_false_alarm_rate_and_a_fault_alerts_from
     with _venv(num_envs=8, noise=1.0, length=8, shift=10.0, shift_at=5, shifted=0) as venv:
         faulted = AlertMonitor(_team(venv, std=(1.0, 1.0)), ["obs"], thresholds)
         monitor_episodes(venv, faulted, held_out, seed=1000)
-    first = first_alerts(faulted.events, "beacon_0", seeds, onset=5)
+    first = first_alerts(faulted.events, ["beacon_0"], seeds, onsets=5)
     # detection at the onset, except where a clean false alarm raised before it is still up (one event per rise)
     raised_before = {e.seed for e in faulted.events if e.agent == "beacon_0" and e.step < 5}
     late = {s for s, f in zip(seeds, first, strict=True) if f != 5.0}
@@ -245,43 +248,32 @@ def test_surprise_scores_the_executed_action_so_an_action_fault_alerts_from_its_
     assert [e for e in clean.events if e.seed < 104] == []
 
 
-def _relay_actions(venv: MultiAgentVecEnv, team: TeamPolicy, chain: list, thresholds: np.ndarray,
-                   seeds: list[int]) -> tuple[dict[int, np.ndarray], AlertMonitor]:
-    """Greedy episodes ``seeds`` of a one-group relay team under ``chain``: each episode's actions ``[steps,
-    agents]`` and the monitor (surprise) that watched them."""
-    monitor, rows = AlertMonitor(team, ["surprise"], thresholds), {}
-
-    def record(tr, episode_seeds, steps, ended):
-        for i, s in enumerate(episode_seeds):
-            rows.setdefault(int(s), []).append(tr.actions["agent"][i].tolist())
-
-    rollout = Rollout(venv, team, chain, deterministic=True, seed=seeds[0], episode_streams=True)
-    hooks = [monitor.hook(rollout), track_episodes(rollout, record)]
-    rollout.run(episodes=len(seeds), on_step=lambda tr: [h(tr) for h in hooks])
-    return {s: np.array(rows[s]) for s in seeds}, monitor
-
-
-def test_on_a_relay_chain_the_faulted_agent_alerts_before_its_downstream_agents_deviate():
+def test_on_a_relay_chain_the_faulted_agent_alerts_before_its_downstream_agents_fail():
     # copying agents, target fixed per episode: a dead agent_1 (action 0) from step 4 is surprising exactly where
-    # the target is not symbol 0, and agent_2 (then agent_3) acts otherwise than in the clean twin one step later
+    # the target is not symbol 0, and agent_2 fails (leaves its clean twin) one step later
     onset, seeds = 4, list(range(50, 62))
-    with MultiAgentVecEnv(relay_spec(n_agents=4), 3) as venv:
+    spec = relay_spec(n_agents=4)
+
+    def make_venv(n: int, period: int) -> MultiAgentVecEnv:
+        return MultiAgentVecEnv(spec, n, seed_period=period)
+
+    with make_venv(3, 3) as venv:
         team = copy_team(venv)
         monitor = calibrated_monitor(venv, team, ["surprise"], 0.4, episodes=40, seed=0)
-        dead = Dead(Scope(("agent_1",), onset=onset, duration=None))
-        (clean, clean_monitor), (dead, dead_monitor) = (_relay_actions(venv, team, chain, monitor.thresholds, seeds)
-                                                        for chain in ([], [dead]))
-    first = first_alerts(dead_monitor.events, "agent_1", seeds, onset)
-    nonzero = [clean[s][0, 0] != 0 for s in seeds]  # agent_0 emits the target from step 0
-    assert 0 < sum(nonzero) < len(seeds)
-    for s, f, hit in zip(seeds, first, nonzero, strict=True):
-        deviates = np.flatnonzero(dead[s][:, 2] != clean[s][:, 2])
-        if hit:
-            assert f == onset and deviates[0] == onset + 1  # the alert comes one step before agent_2 deviates
-        else:
-            assert np.isnan(f) and len(deviates) == 0
-    assert not [e for e in clean_monitor.events if e.seed in seeds]
-    assert not [e for e in dead_monitor.events if e.seed in seeds and e.agent != "agent_1"]
+        monitor_episodes(venv, monitor, len(seeds), seeds[0])
+    dead = Dead(Scope(("agent_1",), onset=onset, duration=None))
+    detection = watch_fault(make_venv, monitor, lambda: Dead(dead.scope), len(seeds), seeds[0], threshold=0.1)
+    hit = np.isfinite(detection.first_alert)
+    assert 0 < hit.sum() < len(seeds)  # some episodes have target 0, where a dead agent_1 emits the right symbol
+    assert np.all(detection.first_alert[hit] == onset) and np.all(detection.first_failure[hit] == onset + 1)
+    assert np.isnan(detection.first_failure[~hit]).all() and np.all(detection.onsets == onset)
+    summary = detection.summary(n_boot=200)
+    assert summary["detected"]["mean"] == hit.mean() and summary["delay"]["mean"] == 0.0
+    assert summary["others_fail"]["mean"] == hit.mean() and summary["alert_before_failure"]["mean"] == 1.0
+    assert summary["detected_by_score"] == {"surprise": hit.mean()}
+    assert not [e for e in monitor.events if e.seed in seeds]  # the same episodes, clean: no alert
+    pooled = Detection.pooled([detection, Detection.from_dict(json.loads(json.dumps(detection.to_dict())))])
+    assert len(pooled.first_alert) == 2 * len(seeds) and pooled.summary(n_boot=200)["detected"]["mean"] == hit.mean()
 
 
 def test_the_alerts_config_section_builds_a_calibrated_monitor_or_refuses_in_one_line():

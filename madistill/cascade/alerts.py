@@ -20,7 +20,7 @@ threshold (one event per rise, not one per step above it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,9 +28,13 @@ import numpy as np
 import torch
 from torch.distributions import kl_divergence
 
+from madistill.cascade.faults import Fault
+from madistill.cascade.measures import cascade
+from madistill.cascade.paired import MakeVenv, paired_rollouts
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
+from madistill.evaluate.stats import bootstrap_ci
 from madistill.policies import store
 from madistill.policies.base import TeamPolicy, log_prob
 from madistill.rollout import Rollout, Transition
@@ -247,14 +251,97 @@ def configured_monitor(ac: Any, venv: MultiAgentVecEnv, team: TeamPolicy, tb: TB
                               ac.calibration_seed, reference, tb=tb)
 
 
-def first_alerts(events: Sequence[AlertEvent], agent: str, seeds: Sequence[int], onset: int = 0) -> np.ndarray:
-    """Per episode of ``seeds``, the first step at or after ``onset`` at which ``agent`` raised any alert
-    (NaN: none)."""
+def first_alerts(
+    events: Sequence[AlertEvent], agents: Sequence[str], seeds: Sequence[int], onsets: int | Sequence[int] = 0
+) -> np.ndarray:
+    """Per episode of ``seeds``, the first step at or after its onset (one for all, or one per episode) at which
+    one of ``agents`` raised any alert (NaN: none)."""
+    onset = dict(zip(seeds, np.broadcast_to(onsets, len(seeds)).tolist(), strict=True))
     first = dict.fromkeys(seeds, math.nan)
     for e in events:
-        if e.agent == agent and e.seed in first and e.step >= onset and not e.step >= first[e.seed]:  # NaN: none yet
+        if e.agent in agents and e.seed in first and e.step >= onset[e.seed] and not e.step >= first[e.seed]:  # NaN: none yet
             first[e.seed] = e.step
     return np.array([first[s] for s in seeds], dtype=np.float64)
+
+
+def mean_ci(x: np.ndarray, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, float]:
+    """``{mean, lo, hi, n}``: the mean of ``x`` (booleans: a rate) with its percentile-bootstrap CI (NaN when empty)."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+    lo, hi = bootstrap_ci(x, np.mean, n_boot=n_boot, confidence=confidence)
+    return {"mean": float(np.mean(x)), "lo": lo, "hi": hi, "n": len(x)}
+
+
+@dataclass
+class Detection:
+    """How the monitor did on one fault, per episode: when the fault began, when a victim first raised an alert
+    (overall and per score) and when a non-faulted agent first failed (NaN: never)."""
+
+    onsets: np.ndarray  # [E] the fault's onset step
+    first_alert: np.ndarray  # [E] first step at or after the onset with an alert on a victim
+    first_by_kind: dict[str, np.ndarray]  # score -> [E] the same for that score's alerts alone
+    first_failure: np.ndarray  # [E] first step at which another agent failed (the cascade monitor's definition)
+
+    @staticmethod
+    def pooled(parts: Sequence[Detection]) -> Detection:
+        """The episodes of several detections (e.g. teachers of several seeds) as one."""
+        return Detection(np.concatenate([p.onsets for p in parts]), np.concatenate([p.first_alert for p in parts]),
+                         {k: np.concatenate([p.first_by_kind[k] for p in parts]) for k in parts[0].first_by_kind},
+                         np.concatenate([p.first_failure for p in parts]))
+
+    def summary(self, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
+        """Detection rate, delay (steps from the onset), per-score detection rates, the share of episodes where
+        another agent failed and, among those, where the alert came strictly before the first failure; means
+        with percentile-bootstrap CIs over episodes."""
+        detected, failed = np.isfinite(self.first_alert), np.isfinite(self.first_failure)
+        before = self.first_alert[failed] < self.first_failure[failed]
+        return {
+            "detected": mean_ci(detected, n_boot, confidence),
+            "delay": mean_ci((self.first_alert - self.onsets)[detected], n_boot, confidence),
+            "detected_by_score": {k: float(np.isfinite(v).mean()) for k, v in self.first_by_kind.items()},
+            "others_fail": mean_ci(failed, n_boot, confidence),
+            "alert_before_failure": mean_ci(before, n_boot, confidence),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The per-episode arrays as JSON lists (NaN: none)."""
+        return {"onsets": self.onsets.tolist(), "first_alert": self.first_alert.tolist(),
+                "first_by_kind": {k: v.tolist() for k, v in self.first_by_kind.items()},
+                "first_failure": self.first_failure.tolist()}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Detection:
+        """The detection ``to_dict`` wrote."""
+        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in ("onsets", "first_alert", "first_failure")}
+        by_kind = {k: np.asarray(v, dtype=np.float64) for k, v in d["first_by_kind"].items()}
+        return Detection(arrays["onsets"], arrays["first_alert"], by_kind, arrays["first_failure"])
+
+
+def watch_fault(
+    make_venv: MakeVenv,
+    monitor: AlertMonitor,
+    new_fault: Callable[[], Fault],
+    episodes: int,
+    seed: int,
+    threshold: float,
+    deterministic: bool = True,
+) -> Detection:
+    """Episodes ``seed .. seed+episodes-1`` under a fault (``new_fault()`` builds a fresh one per run), watched by
+    a monitor with ``monitor``'s thresholds, and played as clean and faulted twins (``paired_rollouts``) whose
+    divergence tells when another agent fails (total variation above ``threshold``, ``cascade.threshold``)."""
+    run = paired_rollouts(make_venv, monitor.team, [new_fault()], episodes, seed, deterministic)
+    fault = new_fault()
+    victims = list(fault.scope.victims)
+    watch = AlertMonitor(monitor.team, monitor.kinds, monitor.thresholds, monitor.reference)
+    with make_venv(episodes, episodes) as venv:
+        monitor_episodes(venv, watch, episodes, seed, [fault], deterministic)
+    seeds, onsets = run.seeds.tolist(), run.onsets[0]
+    delays = cascade(run, 0, victims, threshold).delays
+    first_failure = onsets + (np.fmin.reduce(delays, axis=1) if delays.shape[1] else np.nan)
+    by_kind = {k: first_alerts([e for e in watch.events if e.kind == k], victims, seeds, onsets) for k in watch.kinds}
+    return Detection(onsets.astype(np.float64), first_alerts(watch.events, victims, seeds, onsets), by_kind,
+                     first_failure.astype(np.float64))
 
 
 def events_json(events: Sequence[AlertEvent]) -> list[dict[str, object]]:
