@@ -73,8 +73,7 @@ def study(path: str, episodes: int, clean_episodes: int, onset: int, alerts: Ale
         for victim in monitor.agents:
             cfg = OmegaConf.merge(OmegaConf.structured(FaultConfig),
                                   {**fc, "victims": [victim], "onset": onset, "duration": None, "eps": eps})
-            detection = watch_fault(make_venv, monitor, lambda cfg=cfg: make_fault(cfg, fenv), episodes, EVAL_SEED,
-                                    threshold)
+            detection = watch_fault(make_venv, monitor, make_fault(cfg, fenv), episodes, EVAL_SEED, threshold)
             out["faults"][f"{fname} / {victim}"] = detection.to_dict()
     return out
 

@@ -262,7 +262,7 @@ def test_on_a_relay_chain_the_faulted_agent_alerts_before_its_downstream_agents_
         monitor = calibrated_monitor(venv, team, ["surprise"], 0.4, episodes=40, seed=0)
         monitor_episodes(venv, monitor, len(seeds), seeds[0])
     dead = Dead(Scope(("agent_1",), onset=onset, duration=None))
-    detection = watch_fault(make_venv, monitor, lambda: Dead(dead.scope), len(seeds), seeds[0], threshold=0.1)
+    detection = watch_fault(make_venv, monitor, dead, len(seeds), seeds[0], threshold=0.1)
     hit = np.isfinite(detection.first_alert)
     assert 0 < hit.sum() < len(seeds)  # some episodes have target 0, where a dead agent_1 emits the right symbol
     assert np.all(detection.first_alert[hit] == onset) and np.all(detection.first_failure[hit] == onset + 1)

@@ -110,10 +110,13 @@ class AlertMonitor:
             cols.append(s)
         return torch.cat(cols, 1).cpu().numpy().astype(np.float64)
 
-    def observe(self, tr: Transition, seeds: np.ndarray, steps: np.ndarray, ended: np.ndarray) -> None:
+    def observe(self, tr: Transition, seeds: np.ndarray, steps: np.ndarray, ended: np.ndarray,
+                copies: np.ndarray | None = None) -> None:
         """Score one transition: copy ``i`` plays episode ``seeds[i]`` at episode step ``steps[i]``, and its
-        episode ended at this step where ``ended[i]``."""
+        episode ended at this step where ``ended[i]``. ``copies``: watch only these env copies (None: all)."""
         s = self.scores(tr)
+        if copies is not None:
+            s, seeds, steps, ended = s[copies], seeds[copies], steps[copies], ended[copies]
         if self._max.shape != s.shape:
             self._max, self._above = np.full(s.shape, -np.inf), np.zeros(s.shape, dtype=bool)
         self._max = np.fmax(self._max, s)
@@ -132,9 +135,10 @@ class AlertMonitor:
             self._max[i], self._above[i] = -np.inf, False
         self.steps += 1
 
-    def hook(self, rollout: Rollout) -> Callable[[Transition], None]:
-        """The ``on_step`` hook that scores ``rollout``'s transitions (attach it before the rollout's next step)."""
-        return track_episodes(rollout, self.observe)
+    def hook(self, rollout: Rollout, copies: np.ndarray | None = None) -> Callable[[Transition], None]:
+        """The ``on_step`` hook that scores ``rollout``'s transitions (attach it before the rollout's next step),
+        of the env copies ``copies`` only where given (the faulted block of a paired run)."""
+        return track_episodes(rollout, lambda tr, seeds, steps, ended: self.observe(tr, seeds, steps, ended, copies))
 
     def maxima(self, seeds: Sequence[int]) -> np.ndarray:
         """``[episodes, agents, kinds]`` per-episode maxima of the finished episodes ``seeds``."""
@@ -321,21 +325,20 @@ class Detection:
 def watch_fault(
     make_venv: MakeVenv,
     monitor: AlertMonitor,
-    new_fault: Callable[[], Fault],
+    fault: Fault,
     episodes: int,
     seed: int,
     threshold: float,
     deterministic: bool = True,
 ) -> Detection:
-    """Episodes ``seed .. seed+episodes-1`` under a fault (``new_fault()`` builds a fresh one per run), watched by
-    a monitor with ``monitor``'s thresholds, and played as clean and faulted twins (``paired_rollouts``) whose
-    divergence tells when another agent fails (total variation above ``threshold``, ``cascade.threshold``)."""
-    run = paired_rollouts(make_venv, monitor.team, [new_fault()], episodes, seed, deterministic)
-    fault = new_fault()
-    victims = list(fault.scope.victims)
+    """Episodes ``seed .. seed+episodes-1`` played as clean and faulted twins (``paired_rollouts``), the faulted
+    ones watched by a monitor with ``monitor``'s thresholds; another agent fails where its action distribution's
+    total variation from its clean twin's exceeds ``threshold`` (``cascade.threshold``)."""
     watch = AlertMonitor(monitor.team, monitor.kinds, monitor.thresholds, monitor.reference)
-    with make_venv(episodes, episodes) as venv:
-        monitor_episodes(venv, watch, episodes, seed, [fault], deterministic)
+    faulted_block = np.arange(episodes, 2 * episodes)  # block 0 of the paired run plays clean, block 1 faulted
+    run = paired_rollouts(make_venv, monitor.team, [fault], episodes, seed, deterministic,
+                          watch=lambda rollout: watch.hook(rollout, faulted_block))
+    victims = list(fault.scope.victims)
     seeds, onsets = run.seeds.tolist(), run.onsets[0]
     delays = cascade(run, 0, victims, threshold).delays
     first_failure = onsets + (np.fmin.reduce(delays, axis=1) if delays.shape[1] else np.nan)
