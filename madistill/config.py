@@ -327,6 +327,9 @@ class CascadeConfig:
     # a non-faulted agent fails when its action distribution's total variation from its clean twin exceeds this
     # (raised to the largest deviation seen between clean twins, should the env's replays differ)
     threshold: float = 0.1
+    # a non-faulted agent also fails once its reward summed since the onset falls this far below its clean twin's
+    # (null: deviation only)
+    return_loss: float | None = None
     replay_episodes: int = 3  # clean episodes played twice before measuring, to refuse non-reproducible envs
     n_boot: int = 1000  # bootstrap resamples for the CIs
     confidence: float = 0.95  # two-sided coverage of the CIs

@@ -140,3 +140,18 @@ def test_speaker_listener_the_speaker_influences_the_listener_and_never_the_reve
     assert inf.first_lag() == {"speaker_0": {"listener_0": 1}, "listener_0": {"speaker_0": None}}
     s, li = agents.index("speaker_0"), agents.index("listener_0")
     assert np.nanmax(inf.effect[li, s]) == 0 and inf.samples[li, s].min() > 0
+
+
+def test_a_return_loss_threshold_counts_failures_by_reward_lost_since_the_onset():
+    """A dead agent_3 (no out-edges) changes no one's actions, but the shared relay reward drops: by deviation
+    nobody fails, by a return loss of 0.5 the others fail once half a step's reward is lost."""
+    make, team, env, agents = setup(relay_spec(n_agents=4, topology="chain"))
+    fc = OmegaConf.merge(OmegaConf.structured(FaultConfig),
+                         {"name": "constant", "victims": ["agent_3"], "onset": 2, "duration": None, "action": [1]})
+    run = paired_rollouts(make, team, [make_fault(fc, env)], EPISODES, 11)
+    assert (cascade(run, 0, ["agent_3"], 0.1).sizes == 0).all()
+    by_return = cascade(run, 0, ["agent_3"], 0.1, return_loss=0.5)
+    lost = -np.nansum(run.reward_delta[0][:, :, 0], axis=1)  # the shared reward: every agent loses the same
+    assert (by_return.sizes == np.where(lost >= 0.5, 3, 0)).all() and by_return.sizes.any()
+    first = by_return.delays[by_return.failed[:, 0], 0]
+    assert (first >= 0).all()

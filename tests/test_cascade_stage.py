@@ -85,3 +85,22 @@ def test_several_policies_are_compared_on_the_same_faults_and_episodes(cli, teac
         assert lo <= c["others_return_delta"] <= hi and c["size_ci"][0] <= c["size_mean"] <= c["size_ci"][1]
     md = (out / "reports" / "cascade.md").read_text()
     assert "## Comparison" in md and md.count("| dead@agent_0 | teacher@") == 2
+
+
+def test_evaluate_plays_under_the_configured_fault(cli, teacher, tmp_path):
+    """`madistill evaluate fault=... fault.victims=[...]`: the same episodes, the victim dead from step 0; the
+    report says so. Without victims (the default) nothing changes."""
+    def team_mean(*args: str) -> tuple[float, str]:
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "eval.random_baseline=false", *args),
+                         f"hydra.run.dir={out}")
+        assert rc == 0, err
+        summary = json.loads((out / "reports" / "eval_teacher.json").read_text())
+        return summary["summary"]["team"]["mean"], (out / "reports" / "eval.md").read_text()
+
+    clean, clean_md = team_mean()
+    same, _ = team_mean("fault=dead")  # no victims: no fault
+    faulted, md = team_mean("fault=dead", "fault.victims=[agent_0,agent_1,agent_2,agent_3]", "fault.onset=0")
+    assert same == clean and "Under fault" not in clean_md
+    assert "Under fault 'dead' on agent_0, agent_1, agent_2, agent_3 from step 0 to the episode's end" in md
+    assert faulted != clean

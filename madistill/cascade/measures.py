@@ -109,7 +109,7 @@ def hop_depths(edges: Sequence[Sequence[Any]], victims: Sequence[str]) -> dict[s
 @dataclass
 class Cascade:
     """One fault's cascade over the paired episodes: which non-faulted agents fail (TV from their clean twin above
-    ``threshold`` at or after the onset), when, and at what hop depth."""
+    ``threshold`` at or after the onset, or a return loss; see :func:`cascade`), when, and at what hop depth."""
 
     agents: list[str]  # the non-faulted agents
     victims: list[str]
@@ -166,14 +166,20 @@ class Cascade:
 
 
 def cascade(run: PairedRun, f: int, victims: Sequence[str], threshold: float,
-            edges: Sequence[Sequence[Any]] = ()) -> Cascade:
-    """Fault f's cascade in ``run``; ``edges``: the lag-1 influence graph that hop depths are counted in."""
+            edges: Sequence[Sequence[Any]] = (), return_loss: float | None = None) -> Cascade:
+    """Fault f's cascade in ``run``; ``edges``: the lag-1 influence graph that hop depths are counted in. An
+    agent fails at the first step from the onset where its TV from its clean twin exceeds ``threshold`` or, with a
+    ``return_loss``, where its reward summed since the onset has fallen that far below its clean twin's."""
     others = [j for j, a in enumerate(run.agents) if a not in victims]
     t = run.tv.shape[2]
     steps = np.arange(t)[None]
+    started = steps >= run.onsets[f][:, None]
     delays = np.full((run.tv.shape[1], len(others)), np.nan)
     for col, j in enumerate(others):
-        over = (np.nan_to_num(run.tv[f, :, :, j]) > threshold) & (steps >= run.onsets[f][:, None])
+        over = (np.nan_to_num(run.tv[f, :, :, j]) > threshold) & started
+        if return_loss is not None:
+            lost = -np.cumsum(np.where(started, np.nan_to_num(run.reward_delta[f, :, :, j]), 0.0), axis=1)
+            over |= lost >= return_loss
         hit = over.any(1)
         delays[hit, col] = over[hit].argmax(1) - run.onsets[f][hit]
     depth = hop_depths(edges, victims)

@@ -117,5 +117,6 @@ def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any
     replay_dev = float(np.nanmax(replay.tv, initial=0.0))
     threshold = max(float(cc.threshold), replay_dev)
     edges = inf.edges()
-    cascades = [cascade(run, len(impulses) + i, sf.victims, threshold, edges) for i, sf in enumerate(faults)]
+    loss = None if cc.return_loss is None else float(cc.return_loss)
+    cascades = [cascade(run, len(impulses) + i, sf.victims, threshold, edges, loss) for i, sf in enumerate(faults)]
     return CascadeStudy(list(run.agents), inf, faults, cascades, run, threshold, replay_dev)
