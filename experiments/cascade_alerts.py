@@ -54,7 +54,7 @@ def study(path: str, episodes: int, clean_episodes: int, onset: int, alerts: Ale
     the first ``episodes`` of them, for the teacher saved under ``path``: per-episode outcomes."""
     refs = discover_policies(path, ["teacher"])
     spec = saved_env(refs)
-    attack, threshold = OmegaConf.structured(AttackConfig), CascadeConfig().threshold
+    attack, cc = OmegaConf.structured(AttackConfig), CascadeConfig()
 
     def make_venv(n: int, period: int) -> MultiAgentVecEnv:
         return MultiAgentVecEnv(spec, n, seed_period=period)
@@ -73,7 +73,8 @@ def study(path: str, episodes: int, clean_episodes: int, onset: int, alerts: Ale
         for victim in monitor.agents:
             cfg = OmegaConf.merge(OmegaConf.structured(FaultConfig),
                                   {**fc, "victims": [victim], "onset": onset, "duration": None, "eps": eps})
-            detection = watch_fault(make_venv, monitor, make_fault(cfg, fenv), episodes, EVAL_SEED, threshold)
+            detection = watch_fault(make_venv, monitor, make_fault(cfg, fenv), episodes, EVAL_SEED, cc.threshold,
+                                    return_loss=cc.return_loss)
             out["faults"][f"{fname} / {victim}"] = detection.to_dict()
     return out
 
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     by_env = {env: summary([s for s in studies if s["env"] == env]) for env in envs}
     meta = {"command": " ".join(["python", *sys.argv]), "alerts": vars(alerts), "onset": args.onset,
             "episodes": args.episodes, "clean_episodes": args.clean_episodes, "eval_seed": EVAL_SEED,
-            "failure_threshold": CascadeConfig().threshold}
+            "failure_threshold": CascadeConfig().threshold, "failure_return_loss": CascadeConfig().return_loss}
     # per-episode outcomes without indentation: they make most of the file
     atomic_write_text(args.out, json.dumps({"meta": meta, "summary": by_env, "studies": studies}))
     print("\n\n".join(table(env, s) for env, s in by_env.items()))

@@ -267,6 +267,11 @@ def test_on_a_relay_chain_the_faulted_agent_alerts_before_its_downstream_agents_
     assert 0 < hit.sum() < len(seeds)  # some episodes have target 0, where a dead agent_1 emits the right symbol
     assert np.all(detection.first_alert[hit] == onset) and np.all(detection.first_failure[hit] == onset + 1)
     assert np.isnan(detection.first_failure[~hit]).all() and np.all(detection.onsets == onset)
+    # failing by return loss alone (TV never exceeds 2): relay's reward is shared, the fraction of agents on
+    # target, so the dead agent_1 costs every other agent 1/4 at the onset itself: no alert can come first
+    by_return = watch_fault(make_venv, monitor, Dead(dead.scope), len(seeds), seeds[0], threshold=2.0, return_loss=0.25)
+    assert np.all(by_return.first_failure[hit] == onset) and np.isnan(by_return.first_failure[~hit]).all()
+    assert by_return.summary(n_boot=200)["alert_before_failure"]["mean"] == 0.0
     summary = detection.summary(n_boot=200)
     assert summary["detected"]["mean"] == hit.mean() and summary["delay"]["mean"] == 0.0
     assert summary["others_fail"]["mean"] == hit.mean() and summary["alert_before_failure"]["mean"] == 1.0

@@ -330,17 +330,19 @@ def watch_fault(
     seed: int,
     threshold: float,
     deterministic: bool = True,
+    return_loss: float | None = None,
 ) -> Detection:
     """Episodes ``seed .. seed+episodes-1`` played as clean and faulted twins (``paired_rollouts``), the faulted
-    ones watched by a monitor with ``monitor``'s thresholds; another agent fails where its action distribution's
-    total variation from its clean twin's exceeds ``threshold`` (``cascade.threshold``)."""
+    ones watched by a monitor with ``monitor``'s thresholds; another agent fails as the cascade monitor says
+    (``cascade``): its action distribution's total variation from its clean twin's exceeds ``threshold``
+    (``cascade.threshold``), or its reward since the onset falls ``return_loss`` below (``cascade.return_loss``)."""
     watch = AlertMonitor(monitor.team, monitor.kinds, monitor.thresholds, monitor.reference)
     faulted_block = np.arange(episodes, 2 * episodes)  # block 0 of the paired run plays clean, block 1 faulted
     run = paired_rollouts(make_venv, monitor.team, [fault], episodes, seed, deterministic,
                           watch=lambda rollout: watch.hook(rollout, faulted_block))
     victims = list(fault.scope.victims)
     seeds, onsets = run.seeds.tolist(), run.onsets[0]
-    delays = cascade(run, 0, victims, threshold).delays
+    delays = cascade(run, 0, victims, threshold, return_loss=return_loss).delays
     first_failure = onsets + (np.fmin.reduce(delays, axis=1) if delays.shape[1] else np.nan)
     by_kind = {k: first_alerts([e for e in watch.events if e.kind == k], victims, seeds, onsets) for k in watch.kinds}
     return Detection(onsets.astype(np.float64), first_alerts(watch.events, victims, seeds, onsets), by_kind,
