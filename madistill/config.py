@@ -433,6 +433,22 @@ class AttackConfig:
 
 
 @dataclass
+class AlertConfig:
+    """Online alerts of the cascade monitor (docs/cascade.md, Online alerts): per agent and score, a threshold
+    calibrated on clean episodes to a target false-alarm rate."""
+
+    # scores per agent and step: obs (largest |z| of the normalised observation), surprise (-log prob of the
+    # action taken), disagreement (KL from the reference policy's action distribution)
+    scores: list[str] = field(default_factory=lambda: ["obs", "surprise"])
+    reference: str | None = None  # run or policy directory the disagreement score compares with (e.g. the teacher)
+    # target share of clean episodes with any alert, split evenly over agents and scores
+    false_alarm_rate: float = 0.01
+    # clean episodes the thresholds are calibrated on: at least agents x scores / false_alarm_rate - 1
+    calibration_episodes: int = 1200
+    calibration_seed: int = 40_000  # their seeds, disjoint from eval.seed's, attack.seed's and cascade.seed's episodes
+
+
+@dataclass
 class LoggerConfig:
     tensorboard: bool = True  # TensorBoard event files in the run's tb/
     progress: bool = True  # progress bars with rate and ETA
@@ -533,6 +549,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
     seed: int = 0  # seeds initial weights, action sampling and training episodes (eval.seed: evaluation's)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     torch_threads: int = 1  # small MLPs run fastest single-threaded; the env workers use the other cores

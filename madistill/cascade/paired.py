@@ -109,10 +109,12 @@ def paired_rollouts(
     episodes: int,
     seed: int,
     deterministic: bool = False,
+    watch: Callable[[Rollout], Callable[[Transition], None]] | None = None,
 ) -> PairedRun:
     """Play episodes ``seed .. seed + episodes - 1`` clean and under each of ``faults`` side by side (one block
     of copies each; None: a second clean twin), and return their paired measures. Each fault is armed on its
-    block only (onset -1 for a clean twin)."""
+    block only (onset -1 for a clean twin). ``watch`` builds an ``on_step`` hook for the paired rollout (an
+    alert monitor's), called after every step."""
     blocks = len(faults) + 1
     with make_venv(blocks * episodes, episodes) as venv:
         agents = list(venv.possible_agents)
@@ -127,8 +129,11 @@ def paired_rollouts(
             if fault is not None:
                 onsets[f] = fault.onset_at[(f + 1) * episodes:(f + 2) * episodes]
         rec = _Recorder(team, agents, blocks, episodes)
+        hooks = [rec] if watch is None else [rec, watch(rollout)]
         while rec.live.any():
-            rec(rollout.step())
+            tr = rollout.step()
+            for hook in hooks:
+                hook(tr)
             rec.live &= rollout.playing == start
     stacked = {k: np.stack([s[k] for s in rec.steps], axis=2) for k in rec.steps[0]}
     return PairedRun(agents, start[:episodes].copy(), onsets, stacked["tv"], stacked["kl"], stacked["disagree"],
