@@ -36,11 +36,11 @@ from omegaconf import OmegaConf
 
 from madistill.cascade.alerts import Detection, configured_monitor, mean_ci, monitor_episodes, watch_fault
 from madistill.cascade.faults import FaultEnv, make_fault
+from madistill.common.io import atomic_write_text
 from madistill.config import AlertConfig, AttackConfig, CascadeConfig, FaultConfig
+from madistill.envs.features import feature_layouts
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.evaluate.evaluator import discover_policies, saved_env
-from madistill.evaluate.report import atomic_write_text
-from madistill.explain.saliency import feature_layouts
 from madistill.policies.store import load_team
 
 EVAL_SEED = 10_000

@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from madistill.errors import MadistillError
-from madistill.seeds import ATTACK_SEED, EVAL_SEED
+from madistill.seeds import ALERT_CALIBRATION_SEED, ATTACK_SEED, CASCADE_SEED, EVAL_SEED
 
 
 class Choice(str, Enum):
@@ -62,6 +62,7 @@ VideoFormat = _choices("VideoFormat", "gif mp4")
 ExplainMethod = _choices("ExplainMethod", "gradient input_x_gradient integrated_gradients smoothgrad lrp kernel_shap "
                          "lime perturbation", "Attribution methods (madistill/explain/attribution.py)")
 ExplainTarget = _choices("ExplainTarget", "prob logit")
+AlertScore = _choices("AlertScore", "obs surprise disagreement", "Online alert scores (madistill/cascade/alerts.py)")
 
 
 def config_dir() -> str:
@@ -439,13 +440,20 @@ class AlertConfig:
 
     # scores per agent and step: obs (largest |z| of the normalised observation), surprise (-log prob of the
     # action taken), disagreement (KL from the reference policy's action distribution)
-    scores: list[str] = field(default_factory=lambda: ["obs", "surprise"])
+    scores: list[AlertScore] = field(default_factory=lambda: [AlertScore.obs, AlertScore.surprise])
     reference: str | None = None  # run or policy directory the disagreement score compares with (e.g. the teacher)
     # target share of clean episodes with any alert, split evenly over agents and scores
     false_alarm_rate: float = 0.01
     # clean episodes the thresholds are calibrated on: at least agents x scores / false_alarm_rate - 1
     calibration_episodes: int = 1200
-    calibration_seed: int = 40_000  # their seeds, disjoint from eval.seed's, attack.seed's and cascade.seed's episodes
+    calibration_seed: int = ALERT_CALIBRATION_SEED  # their first episode seed (madistill/seeds.py: the seed namespaces)
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.require(len(c.node.scores) > 0 and len(set(c.node.scores)) == len(c.node.scores), "scores",
+                  "a non-empty list of distinct scores")
+        c.within(0, 1, "false_alarm_rate", open_low=True, open_high=True)
+        c.at_least(1, "calibration_episodes")
 
 
 @dataclass
@@ -511,7 +519,7 @@ class CascadeConfig:
 
     policy: str | None = None  # run or policy directory to study
     episodes: int = 20  # paired (clean, faulted) episodes per fault
-    seed: int = 30_000  # episode seeds seed..seed+episodes-1, disjoint from training and evaluation seeds
+    seed: int = CASCADE_SEED  # episode seeds seed..seed+episodes-1 (madistill/seeds.py: the seed namespaces)
     deterministic: bool = False  # greedy actions; false samples them from one stream per episode, the same in both twins
     lags: int = 5  # K: the influence matrix covers lags 1..K steps after an impulse
     onsets: list[int] = field(default_factory=lambda: [3, 8])  # episode steps of the influence matrix's impulses
