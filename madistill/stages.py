@@ -58,7 +58,12 @@ from madistill.explain.report import (
     save_arrays,
 )
 from madistill.explain.saliency import SaliencyLabeller, feature_layouts
-from madistill.finetune import actor_critic_team, attach_regularisers, collection_attack, student_from_actor
+from madistill.finetune import (
+    actor_critic_team,
+    collection_attack,
+    smoothness_regularisers,
+    student_from_actor,
+)
 from madistill.policies.base import TeamPolicy
 from madistill.policies.store import find_policy_dir, load_team, read_manifest, save_team
 from madistill.runtime import env_spec, env_teams, make_vec_env, resolve_device, seed_everything
@@ -338,9 +343,6 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
     teacher link and returns the teacher's policy dir."""
     if not student_path:
         raise MadistillError("no student to fine-tune: pass finetune.policy=<distill run or student policy directory>")
-    if cfg.teacher.update_mode == "process":
-        raise MadistillError("finetune adds its regulariser to the PPO updates in this process: use "
-                             "teacher.update_mode=inline or thread")
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     sdir = run_policy_dir(student_path, "student")
@@ -351,19 +353,17 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
                              "saved by `madistill distill`, with its teacher in place")
     spec = _env_for(cfg, [ref])
     fc = cfg.finetune
-    ppo_cfg = cfg.copy()  # the teacher trainer's loop, on the fine-tuning budget and learning rate
-    ppo_cfg.teacher.ppo.learning_rate, ppo_cfg.teacher.total_agent_steps = fc.learning_rate, fc.total_agent_steps
-    ppo_cfg.teacher.resume = None
     with make_vec_env(cfg.env, spec) as venv:
         student, manifest = load_team(sdir, venv.groups, device=device)
         teacher, _ = load_team(tdir, venv.groups, device=device)
         layouts = feature_layouts(venv.groups, _configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         budgets = group_budgets(1.0, layouts, cfg.attack.exclude, device, cfg.attack.scale)
         attack = collection_attack(venv.groups, budgets, fc)
-        with TeacherTrainer(ppo_cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack) as trainer, \
+        regularisers = smoothness_regularisers(venv.groups, budgets, fc, cfg.seed, device)
+        with TeacherTrainer(cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack,
+                            total_agent_steps=fc.total_agent_steps, learning_rate=fc.learning_rate,
+                            episode_seed=finetune_episode_seed(cfg.seed), extra_losses=regularisers) as trainer, \
                 ExitStack() as stack:
-            trainer.episode_seed = finetune_episode_seed(cfg.seed)
-            attach_regularisers(trainer.learners, budgets, fc, cfg.seed)
             if fc.select_every > 0:  # validation plays its own episodes: the trainer's env copies are mid-episode
                 best = BestPolicy(stack.enter_context(make_vec_env(cfg.env, spec)), budgets, cfg.attack,
                                   list(fc.select_attacks), fc.eps, fc.select_episodes, fc.select_robust_weight,
