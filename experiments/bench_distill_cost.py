@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from madistill.distill.dataset import GroupData, SaliencyLabeller
+from madistill.distill.dataset import GroupData
 from madistill.distill.loss import DistillLoss
 from madistill.distill.trainer import student_team
 from madistill.envs.factory import EnvSpec
 from madistill.envs.vector import MultiAgentVecEnv
-from madistill.explain.saliency import FeatureLayout, gradient_saliency
+from madistill.explain.saliency import FeatureLayout, SaliencyLabeller, gradient_saliency
 from madistill.policies.store import load_team, read_manifest
 from madistill.stages.policies import teacher_dir
 

@@ -3,9 +3,8 @@
 Baseline (PettingZoo tutorial): SuperSuit ``pettingzoo_env_to_vec_env_v1`` + ``concat_vec_envs_v1`` and one
 SB3 PPO over all agents, timed in ``learn()``. madistill: ``TeacherTrainer`` (SB3 PPO fed by madistill's
 rollout, env copies in worker processes), timed in ``train()``, with the PPO update after each rollout
-(``teacher.update_mode=inline``) and overlapped with the next rollout in a thread or a learner process
-(``thread``, ``process``). Same env, copies, PPO settings, network and agent-step budget; construction (env
-workers, learner process) is excluded from both. Also reports the share of wall time spent waiting for the
+(``teacher.update_mode=inline``) and overlapped with the next rollout in a thread (``thread``). Same env,
+copies, PPO settings, network and agent-step budget; construction (env workers) is excluded from both. Also reports the share of wall time spent waiting for the
 environments' ``step``.
 
     python experiments/bench_throughput.py [--steps 92160] [--repeats 3] [--append]
@@ -175,7 +174,7 @@ def main() -> None:
         rows.setdefault("tutorial num_cpus=2, madistill's AEC driver", []).append(
             baseline(args.copies, args.steps, 2, r, aec_driver=True))
         for workers in (2, 1):
-            for mode in ("inline", "thread", "process"):
+            for mode in ("inline", "thread"):
                 rows.setdefault(f"madistill num_workers={workers} update_mode={mode}", []).append(
                     madistill_run(args.copies, args.steps, workers, r, mode, args.backend))
     suffix = "" if args.backend == "pettingzoo" else f"_{args.backend}"

@@ -110,9 +110,9 @@ class TeacherConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     checkpoint_every: int = 0  # agent steps between checkpoints (0: only at the end and on Ctrl-C)
     resume: str | None = None  # checkpoint directory to continue from
-    # When each PPO update runs: "inline" after each rollout (SB3's strictly on-policy schedule), or overlapped
-    # with the next rollout, which is collected with the weights from before that update (one update of policy
-    # lag, as in asynchronous PPO), in a background "thread" or a learner "process" (faster on 2+ cores).
+    # When each PPO update runs: "inline" after each rollout (SB3's strictly on-policy schedule), or in a
+    # background "thread" overlapped with the next rollout, which is collected with the weights from before
+    # that update (one update of policy lag, as in asynchronous PPO; docs/architecture.md, "Teacher update modes").
     update_mode: str = "inline"
     # Per-group PPO settings over teacher.ppo, by group name (heterogeneous groups often need their own), e.g.
     # +teacher.group_ppo.speaker.ent_coef=0.01. n_steps is shared: every group acts in the same rollouts.

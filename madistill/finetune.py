@@ -4,7 +4,8 @@ Distillation can only imitate the teacher. Where robustness needs behaviour the 
 simple_spread_v3 a robust student gives up clean return: README, "Why spread resists"), the student can keep
 learning from the env's return instead. Each group's student actor and its teacher's critic become one SB3
 actor-critic that the teacher trainer's PPO loop trains (the teacher's normalisers kept fixed, so inputs keep
-their units), and before every PPO optimiser step the gradient of SA-PPO's smoothness regulariser is added:
+their units), and at every PPO optimiser step the gradient of SA-PPO's smoothness regulariser (an extra loss
+of the trainer) is added:
 
     smooth_weight * KL(pi(x) || pi(x + delta)),  delta = PGD's maximiser of that KL within the budget,
 
@@ -20,21 +21,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from stable_baselines3 import PPO
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
 from madistill.attacks.transform import AttackTransform
-from madistill.distill.divergences import divergence
+from madistill.common.divergences import divergence
+from madistill.common.schedules import linear_ramp
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.sb3 import SB3Policy
-
-_ACTOR_PREFIXES = ("mlp_extractor.policy_net.", "action_net.", "log_std")
+from madistill.sb3_adapter import ACTOR_PREFIXES
+from madistill.teacher import OptimizerStep
 
 
 def actor_pairs(student: MLPPolicy, sb3: ActorCriticPolicy) -> list[tuple[nn.Parameter, nn.Parameter]]:
@@ -66,9 +67,9 @@ def actor_critic_team(student: TeamPolicy, teacher: TeamPolicy) -> TeamPolicy:
                                  f"needs a student distilled with student.activation={t.arch['activation']}")
         arch = {**t.arch, "actor_hidden_sizes": list(s.arch["hidden_sizes"])}
         ac = SB3Policy.from_arch(g, arch).to(teacher.device)
-        critic = {k: v for k, v in t.sb3.state_dict().items() if not k.startswith(_ACTOR_PREFIXES)}
+        critic = {k: v for k, v in t.sb3.state_dict().items() if not k.startswith(ACTOR_PREFIXES)}
         missing, unexpected = ac.sb3.load_state_dict(critic, strict=False)
-        assert not unexpected and all(k.startswith(_ACTOR_PREFIXES) for k in missing), (missing, unexpected)
+        assert not unexpected and all(k.startswith(ACTOR_PREFIXES) for k in missing), (missing, unexpected)
         with torch.no_grad():
             for mine, theirs in actor_pairs(s, ac.sb3):
                 theirs.copy_(mine)
@@ -87,48 +88,41 @@ def student_from_actor(team: TeamPolicy, template: TeamPolicy) -> TeamPolicy:
 
 
 class SmoothnessRegulariser:
-    """SA-PPO's regulariser on one group's PPO, as a pre-hook of its optimiser's step.
+    """SA-PPO's regulariser on one group's PPO, an extra loss at each of its optimiser steps (``ExtraLoss``).
 
-    SB3's ``train()`` has computed and clipped the PPO gradient of a minibatch when the hook runs; it adds the
-    gradient of ``weight * KL(pi(x) || pi(x + delta))`` on a minibatch of the same rollout's live observations
-    (``delta``: PGD on that KL, one restart), clipped to PPO's ``max_grad_norm`` on its own. The clean
-    distribution is the target (detached), so the regulariser pulls the perturbed one toward it.
+    At each step it is ``weight * KL(pi(x) || pi(x + delta))`` on a minibatch of the rollout's live
+    observations (``delta``: PGD on that KL, one restart); the trainer adds its gradient, clipped to PPO's
+    ``max_grad_norm`` on its own, to PPO's. The clean distribution is the target (``divergence`` detaches it),
+    so the regulariser pulls the perturbed one toward it.
     """
 
-    def __init__(self, model: PPO, actor: SB3Policy, unit_budget: Budget, settings: Any, generator: torch.Generator):
-        self.model, self.actor, self.unit_budget, self.generator = model, actor, unit_budget, generator
+    def __init__(self, unit_budget: Budget, settings: Any, generator: torch.Generator):
+        self.unit_budget, self.generator = unit_budget, generator
         self.weight, self.eps, self.ramp = float(settings.smooth_weight), float(settings.eps), float(settings.ramp)
         if self.weight < 0 or self.eps < 0 or not 0 <= self.ramp <= 1:
             raise MadistillError("finetune.smooth_weight and finetune.eps must be >= 0 and finetune.ramp in [0, 1]")
         self.attack = Attack("pgd", "kl", steps=int(settings.steps), restarts=1)
-        self.parameters = [p for n, p in actor.sb3.named_parameters() if n.startswith(_ACTOR_PREFIXES)]
         self.rows = np.random.default_rng(int(generator.initial_seed()))
-        model.policy.optimizer.register_step_pre_hook(self)
 
-    def current_eps(self) -> float:
-        """The radius now: linear from 0 to ``eps`` over the first ``ramp`` of training."""
-        done = 1.0 - float(self.model._current_progress_remaining)
-        return self.eps * (1.0 if self.ramp <= 0 else min(1.0, done / self.ramp))
+    def current_eps(self, progress: float) -> float:
+        """The radius at ``progress`` (share of training done): linear from 0 to ``eps`` over the first ``ramp``."""
+        return linear_ramp(self.eps, progress, self.ramp)
 
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        eps = self.current_eps()
+    def __call__(self, step: OptimizerStep) -> torch.Tensor | None:
+        eps = self.current_eps(step.progress)
         if self.weight == 0 or eps == 0:
-            return
-        buf = self.model.rollout_buffer
-        rows = self.rows.choice(buf.valid_idx, size=min(int(self.model.batch_size), len(buf.valid_idx)), replace=False)
-        x = torch.as_tensor(buf.observations[rows, : self.actor.group.obs_dim], device=self.model.device)
-        x_adv = self.attack(self.actor, x, self.unit_budget.scaled(eps), self.generator)
-        log_std = self.actor.log_std()
-        with torch.enable_grad():  # SB3's step runs under no_grad
-            kl = divergence("kl", self.actor(x), self.actor(x_adv), discrete=self.actor.group.discrete,
+            return None
+        actor = step.policy
+        x = step.live_observations(step.batch_size, self.rows)
+        x_adv = self.attack(actor, x, self.unit_budget.scaled(eps), self.generator)
+        with torch.enable_grad():  # whatever grad mode the optimiser step is called in
+            log_std = actor.log_std()
+            kl = divergence("kl", actor(x), actor(x_adv), discrete=actor.group.discrete,
                             teacher_log_std=log_std, student_log_std=log_std).mean()
-            grads = torch.autograd.grad(self.weight * kl, self.parameters)
-        scale = min(1.0, float(self.model.max_grad_norm) / (float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g) for g in grads]))) + 1e-6))
-        for p, g in zip(self.parameters, grads):
-            p.grad = g * scale if p.grad is None else p.grad + g * scale
-        self.model.logger.record_mean("train/smoothness", float(kl.detach()))
-        self.model.logger.record("train/smooth_eps", eps)
+            loss = self.weight * kl
+        step.log("smoothness", float(kl.detach()), mean=True)
+        step.log("smooth_eps", eps)
+        return loss
 
 
 def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, Budget], settings: Any) -> list[AttackTransform]:
@@ -146,13 +140,10 @@ def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, B
     return [AttackTransform(attack, [a for g in groups for a in g.agents], budgets, frequency=fraction)]
 
 
-def attach_regularisers(learners: Mapping[str, Any], budgets: Mapping[str, Budget], settings: Any,
-                        seed: int) -> dict[str, SmoothnessRegulariser]:
-    """A smoothness regulariser on every group's PPO (``learners``: the teacher trainer's), each with its own
-    seeded streams, so a run is reproducible group by group."""
-    out = {}
-    for i, (name, lr) in enumerate(learners.items()):
-        actor = SB3Policy(lr.group, lr.model.policy, lr.actor.arch)  # the learner's weights, not an acting copy
-        gen = torch.Generator(device=lr.model.device).manual_seed(int(seed) * 1000 + i)
-        out[name] = SmoothnessRegulariser(lr.model, actor, budgets[name], settings, gen)
-    return out
+def smoothness_regularisers(groups: Sequence[AgentGroup], budgets: Mapping[str, Budget], settings: Any, seed: int,
+                            device: torch.device | str) -> dict[str, SmoothnessRegulariser]:
+    """A smoothness regulariser for every group's PPO, by group name, each with its own seeded streams, so a
+    run is reproducible group by group."""
+    return {g.name: SmoothnessRegulariser(budgets[g.name], settings,
+                                          torch.Generator(device=device).manual_seed(int(seed) * 1000 + i))
+            for i, g in enumerate(groups)}

@@ -20,7 +20,8 @@ from typing import Any
 from madistill.attacks.budget import Budget
 from madistill.attacks.robustness import suite_attack
 from madistill.attacks.transform import AttackTransform
-from madistill.distill.dataset import team_returns
+from madistill.common.episodes import team_returns
+from madistill.common.io import atomic_write_text
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
@@ -89,9 +90,7 @@ class BestPolicy:
         """The validations and the choice as JSON (``reports/selection.json`` of a run)."""
         if self.best is None:
             raise MadistillError("no candidate was validated")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({
+        return atomic_write_text(path, json.dumps({
             "chosen": asdict(self.best), "history": [asdict(v) for v in self.history],
             "episodes": self.episodes, "seed": self.seed, "robust_weight": self.weight, "attacks": list(self.attacks),
         }, indent=2))
-        return path

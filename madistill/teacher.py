@@ -4,31 +4,27 @@ Each group gets one ``stable_baselines3.PPO`` whose "environments" are the group
 copies (parameter sharing within the group). All groups act in the same envs through the shared rollout
 loop; after each rollout every group's PPO runs its own ``train()`` (its losses, optimiser, clipping).
 
-With ``teacher.update_mode=thread`` or ``process`` the groups act through copies of their policies, and each
-``train()`` runs in the background on one of two rollout buffers while the next rollout fills the other: the
-environments (worker processes) and the update share the cores instead of taking turns. A thread shares the
-collector's interpreter lock (PyTorch and the env pipes release it, so the thread runs while the collector
-waits); a learner process does not: it holds replicas of the PPO models and receives each filled buffer with
-the weights and optimiser state, and sends back the updated ones, so the models here stay the ones that
-checkpoints and saves read.
+With ``teacher.update_mode=thread`` the groups act through copies of their policies, and each ``train()``
+runs in a background thread on one of two rollout buffers while the next rollout fills the other: the
+environments (worker processes) and the update share the cores instead of taking turns (PyTorch and the env
+pipes release the interpreter lock, so the thread runs while the collector waits).
+
+Other trainers of SB3 actor-critics (robust fine-tuning) use the same loop through explicit parameters
+(budget, learning rate, first episode seed, start policies) and an :data:`ExtraLoss` per group, a loss whose
+gradient joins PPO's at every optimiser step; madistill/sb3_adapter.py holds what touches SB3's internals.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import multiprocessing as mp
-import pickle
-import signal
 import time
-import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,12 +32,8 @@ from gymnasium import spaces
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from stable_baselines3 import PPO
-from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.logger import Logger
-from stable_baselines3.common.type_aliases import Schedule
-from stable_baselines3.common.utils import ConstantSchedule, LinearSchedule
-from stable_baselines3.common.vec_env import VecEnv
-from torch.distributions import Distribution
+from stable_baselines3.common.utils import LinearSchedule
 from tqdm.auto import tqdm
 
 from madistill.bonus import MutualInformationBonus
@@ -63,81 +55,26 @@ from madistill.policies.sb3 import (
 from madistill.policies.store import load_team, save_team
 from madistill.rollout import Rollout, Transition
 from madistill.runtime import env_teams
+from madistill.sb3_adapter import (
+    MaskedRolloutBuffer,
+    ScheduledEntropyPPO,
+    SpacesOnlyVecEnv,
+    actor_parameters,
+    check_model,
+    progress_done,
+    set_progress,
+    set_update_count,
+    take_logged,
+    update_count,
+)
 from madistill.tb import TBLogger
 from madistill.transforms import GroupTensors, ObsTransform, normalize
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 CRITICS = ("local", "central")
-UPDATE_MODES = ("inline", "thread", "process")
-
-
-class _SpacesOnlyVecEnv(VecEnv):
-    """Tells SB3's PPO the spaces and batch width to size its buffers for; madistill steps the real envs."""
-
-    def __init__(self, num_envs: int, observation_space: spaces.Space, action_space: spaces.Space):
-        super().__init__(num_envs, observation_space, action_space)
-
-    def _unused(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("madistill collects rollouts itself; this placeholder env is never stepped")
-
-    reset = step_async = step_wait = set_attr = env_method = _unused
-
-    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
-        return [None] * self.num_envs  # VecEnv.__init__ asks for render_mode
-
-    def env_is_wrapped(self, wrapper_class: Any, indices: Any = None) -> list[bool]:
-        return [False] * self.num_envs
-
-    def close(self) -> None:
-        pass
-
-
-class MaskedRolloutBuffer(RolloutBuffer):
-    """SB3's rollout buffer that samples only the entries where the agent was alive.
-
-    Agents that terminated early (or are absent) still occupy a slot; their absorbing padding steps are
-    stored but never reach PPO's losses.
-    """
-
-    rng: np.random.Generator | None = None  # minibatch order (None: numpy's global stream, as SB3's own buffer)
-
-    def reset(self) -> None:
-        super().reset()
-        self.valid = np.zeros((self.buffer_size, self.n_envs), dtype=bool)
-
-    def get(self, batch_size: int | None = None):  # type: ignore[override]
-        assert self.full, "collect a full rollout before training"
-        if not self.generator_ready:
-            for name in ("observations", "actions", "values", "log_probs", "advantages", "returns"):
-                self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])
-            self.valid_idx = np.flatnonzero(self.swap_and_flatten(self.valid).ravel())
-            self.generator_ready = True
-        indices = (self.rng or np.random).permutation(self.valid_idx)
-        batch_size = batch_size or len(indices)
-        for start in range(0, len(indices), batch_size):
-            yield self._get_samples(indices[start : start + batch_size])
-
-
-class _PPO(PPO):
-    """SB3's PPO whose entropy coefficient may be a schedule of the remaining progress, as SB3 already allows
-    for the learning rate and the clip range (``teacher.anneal``)."""
-
-    def __init__(self, *args: Any, ent_coef: float | Schedule = 0.0, **kwargs: Any):
-        self.ent_coef_schedule = ent_coef if callable(ent_coef) else ConstantSchedule(float(ent_coef))
-        super().__init__(*args, ent_coef=self.ent_coef_schedule(1.0), **kwargs)
-
-    def train(self) -> None:
-        self.ent_coef = float(self.ent_coef_schedule(self._current_progress_remaining))
-        self.logger.record("train/ent_coef", self.ent_coef)
-        # SB3 builds a torch distribution per minibatch, each checking its logits and actions; they come from
-        # this model and its own buffer, so the checks only cost time (~5% of an update).
-        validate = Distribution._validate_args
-        Distribution.set_default_validate_args(False)
-        try:
-            super().train()
-        finally:
-            Distribution.set_default_validate_args(validate)
+UPDATE_MODES = ("inline", "thread")
+EXTRA_PREFIX = "extra/"  # where an extra loss's logged values go in SB3's logger (losses/<group>/<key> in TensorBoard)
 
 
 def _check_group_names(setting: str, named: Any, group_names: list[str]) -> None:
@@ -147,15 +84,17 @@ def _check_group_names(setting: str, named: Any, group_names: list[str]) -> None
         raise MadistillError(f"{setting} names unknown group(s) {unknown}: this env's groups are {group_names}")
 
 
-def group_ppo_settings(teacher_cfg: Any, group_names: list[str]) -> dict[str, dict[str, Any]]:
-    """Each group's SB3 PPO keyword arguments: ``teacher.ppo``, then the group's ``teacher.group_ppo``
-    overrides, with the ``teacher.anneal`` settings as linear schedules from their value to that fraction of it."""
+def group_ppo_settings(teacher_cfg: Any, group_names: list[str],
+                       base: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Each group's SB3 PPO keyword arguments: ``teacher.ppo`` with ``base`` over it (a trainer's own
+    settings, e.g. fine-tuning's learning rate), then the group's ``teacher.group_ppo`` overrides, with the
+    ``teacher.anneal`` settings as linear schedules from their value to that fraction of it."""
     tc = teacher_cfg
     _check_group_names("teacher.group_ppo", tc.group_ppo, group_names)
     out = {}
     for name in group_names:
         try:  # merged into the typed teacher.ppo node, so a wrong key or type fails as a bad override does
-            settings = OmegaConf.to_container(OmegaConf.merge(tc.ppo, tc.group_ppo.get(name, {})))
+            settings = OmegaConf.to_container(OmegaConf.merge(tc.ppo, dict(base or {}), tc.group_ppo.get(name, {})))
         except OmegaConfBaseException as e:
             raise MadistillError(f"teacher.group_ppo.{name}: {str(e).splitlines()[0]} (the keys are teacher.ppo's)") from e
         if settings["n_steps"] != tc.ppo.n_steps:
@@ -219,9 +158,9 @@ def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwar
         raise MadistillError("teacher.ppo.n_steps * env.num_envs must be at least 2")
     with warnings.catch_warnings():  # TeacherTrainer says it in madistill's terms (_check_batch_size)
         warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
-        model = _PPO(
+        model = ScheduledEntropyPPO(
             sb3_policy_class(arch),
-            _SpacesOnlyVecEnv(width, sb3_observation_space(group, arch), group.action_space),
+            SpacesOnlyVecEnv(width, sb3_observation_space(group, arch), group.action_space),
             rollout_buffer_class=MaskedRolloutBuffer,
             # foreach: one Adam kernel for all parameters (the same arithmetic); eps: SB3 sets 1e-5 only when
             # it is given no optimizer_kwargs at all, so it is restated here
@@ -231,6 +170,7 @@ def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwar
             **ppo_kwargs,
         )
     model.set_logger(Logger(folder=None, output_formats=[]))
+    check_model(model)
     return model
 
 
@@ -239,29 +179,67 @@ def minibatch_rng(seed: int, group_index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), group_index])
 
 
-def model_state(model: PPO) -> tuple[dict, dict, int]:
-    """What an update changes: the policy's weights, its optimiser's state and SB3's update count."""
-    return model.policy.state_dict(), model.policy.optimizer.state_dict(), model._n_updates
-
-
-def load_model_state(model: PPO, state: tuple[dict, dict, int]) -> None:
-    """Put what ``model_state`` took (weights, optimiser state, update count) into ``model``."""
-    policy_state, optimizer_state, n_updates = state
+def load_model_state(model: PPO, policy_state: dict, optimizer_state: dict, n_updates: int) -> None:
+    """Put a checkpoint's weights, optimiser state and SB3 update count into ``model``."""
     model.policy.load_state_dict(policy_state)
     model.policy.optimizer.load_state_dict(optimizer_state)
     for group in model.policy.optimizer.param_groups:  # checkpoints from before foreach keep theirs (None: slower)
         group["foreach"] = True
-    model._n_updates = int(n_updates)
+    set_update_count(model, n_updates)
 
 
 def train_model(model: PPO, total: int, agent_steps: int) -> dict[str, float]:
     """One PPO ``train()`` on the model's rollout buffer at ``agent_steps`` of ``total``; SB3's logged losses."""
-    model.num_timesteps = agent_steps
-    model._current_progress_remaining = max(0.0, 1.0 - agent_steps / total)
+    set_progress(model, agent_steps, total)
     model.train()
-    losses = dict(model.logger.name_to_value)
-    model.logger.dump(agent_steps)  # clears the values; the logger has no outputs
-    return losses
+    return take_logged(model, agent_steps)
+
+
+@dataclass
+class OptimizerStep:
+    """What an :data:`ExtraLoss` sees at one of a group's PPO optimiser steps, after SB3 computed and clipped
+    the minibatch's gradient and before the step applies it."""
+
+    group: AgentGroup
+    policy: SB3Policy  # the learner's weights (not an acting copy)
+    progress: float  # share of training done at this update, in [0, 1]
+    batch_size: int  # PPO's minibatch size
+    buffer: MaskedRolloutBuffer  # the rollout being learned from
+    logger: Logger  # SB3's logger of the update
+    device: torch.device
+
+    def live_observations(self, n: int, rng: np.random.Generator) -> torch.Tensor:
+        """``n`` (at most all) distinct observations of live agents from the rollout, drawn by ``rng``: the
+        group's own observation, without a centralised critic's team state."""
+        return self.buffer.live_observations(n, rng, self.group.obs_dim, self.device)
+
+    def log(self, key: str, value: float, mean: bool = False) -> None:
+        """Log ``value`` with the update's losses (``losses/<group>/<key>``); ``mean``: averaged over the
+        update's steps, else the last one's."""
+        (self.logger.record_mean if mean else self.logger.record)(EXTRA_PREFIX + key, value)
+
+
+# A loss on a group's actor added at each of its PPO optimiser steps (None: none at this step); its gradient on
+# the actor's parameters, clipped to PPO's max_grad_norm on its own, joins PPO's before the step.
+ExtraLoss = Callable[[OptimizerStep], "torch.Tensor | None"]
+
+
+def add_extra_loss(model: PPO, group: AgentGroup, policy: SB3Policy, loss: ExtraLoss) -> None:
+    """Add ``loss`` to every optimiser step of ``model`` (``policy``: an SB3Policy over ``model.policy``)."""
+    parameters = actor_parameters(policy.sb3)
+
+    def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        value = loss(OptimizerStep(group, policy, progress_done(model), int(model.batch_size), model.rollout_buffer,
+                                   model.logger, model.device))
+        if value is None:
+            return
+        grads = torch.autograd.grad(value, parameters)
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        scale = min(1.0, float(model.max_grad_norm) / (norm + 1e-6))
+        for p, g in zip(parameters, grads):
+            p.grad = g * scale if p.grad is None else p.grad + g * scale
+
+    model.policy.optimizer.register_step_pre_hook(before_step)
 
 
 @dataclass
@@ -284,15 +262,19 @@ class _GroupLearner:
 
 class TeacherTrainer:
     """Trains one PPO per group together in one vector env; checkpointable and resumable. A context manager:
-    with ``teacher.update_mode=process`` it owns a learner process until ``close()``."""
+    with ``teacher.update_mode=thread`` it owns the update thread until ``close()``."""
 
     def __init__(self, cfg: Any, venv: MultiAgentVecEnv, spec: EnvSpec, device: torch.device, tb: TBLogger | None,
-                 start: TeamPolicy | None = None, transforms: Sequence[ObsTransform] = ()):
+                 start: TeamPolicy | None = None, transforms: Sequence[ObsTransform] = (),
+                 total_agent_steps: int | None = None, learning_rate: float | None = None,
+                 episode_seed: int | None = None, extra_losses: Mapping[str, ExtraLoss] | None = None):
         """``start``: SB3 policies (one architecture for all groups) to continue from instead of fresh ones, with
         their normalisers kept fixed (robust fine-tuning starts from a student's actor and its teacher's critic);
         its architecture replaces ``teacher.hidden_sizes``, ``activation`` and ``critic``. ``transforms``: what
         the rollouts apply to the normalised observations (an attack, for training under it); PPO learns from the
-        observations the policies saw."""
+        observations the policies saw. ``total_agent_steps``, ``learning_rate`` and ``episode_seed`` (the first
+        episode's seed) replace ``teacher.total_agent_steps``, ``teacher.ppo.learning_rate`` and ``seed``;
+        ``extra_losses``: by group name, a loss added at each of its PPO optimiser steps."""
         self.cfg, self.venv, self.spec, self.device, self.tb = cfg, venv, spec, device, tb
         self.transforms = list(transforms)
         tc = cfg.teacher
@@ -309,7 +291,8 @@ class TeacherTrainer:
         # From start policies, inputs keep the units those were trained in (fresh teachers learn theirs as they
         # go), and the run does not resume (teacher.resume rebuilds fresh teachers).
         self.from_start = start is not None
-        ppo_settings = group_ppo_settings(tc, venv.group_names)
+        ppo_settings = group_ppo_settings(tc, venv.group_names, None if learning_rate is None else {"learning_rate": learning_rate})
+        self.total_agent_steps = int(tc.total_agent_steps if total_agent_steps is None else total_agent_steps)
         self.n_steps = int(tc.ppo.n_steps)
         self.bootstrap_truncated = bool(tc.bootstrap_truncated)
         # opposing sides: the mean over every agent hides how each side does, so progress shows each team's
@@ -344,8 +327,9 @@ class TeacherTrainer:
         self.bonuses = message_bonuses(tc, venv.groups)
         self.agent_steps = 0
         self.iteration = 0
-        self.episode_seed = cfg.seed  # the first copy's next fresh episode seed (resuming must not replay any)
-        self._pending: Future | _PendingUpdate | None = None  # the update running in the background ...
+        # the first copy's next fresh episode seed (resuming must not replay any)
+        self.episode_seed = int(cfg.seed if episode_seed is None else episode_seed)
+        self._pending: Future | None = None  # the update running in the background ...
         self._pending_step = 0  # ... and the agent step its losses are logged at
         if start is not None:
             for name, lr in self.learners.items():
@@ -354,9 +338,11 @@ class TeacherTrainer:
             self._copy_to_actors()
         elif tc.resume:
             self._restore(Path(tc.resume))
-        self._learner: _LearnerProcess | None = None
-        if self.update_mode == "process":  # started here, as env workers are: its start-up is not training time
-            self._learner = _LearnerProcess(venv.groups, venv.num_envs, self.arch, ppo_settings, cfg.seed, device)
+        _check_group_names("extra_losses", extra_losses or {}, venv.group_names)
+        for name, loss in (extra_losses or {}).items():
+            lr = self.learners[name]
+            add_extra_loss(lr.model, lr.group, SB3Policy(lr.group, lr.model.policy, self.arch), loss)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="madistill-update") if self.overlap else None
 
     # ---- collection -------------------------------------------------------------------------
     def _critic_inputs(self, obs: GroupTensors) -> GroupTensors:
@@ -415,7 +401,7 @@ class TeacherTrainer:
 
         ``validate(agent_steps, team)`` is called with the up-to-date team every ``validate_every`` agent-steps
         and at the end (checkpoint selection: a caller that keeps the best team it was shown)."""
-        total = int(self.cfg.teacher.total_agent_steps)
+        total = self.total_agent_steps
         validated = -1
         per_iter = self.n_steps * self.venv.num_envs * len(self.venv.possible_agents)
         # PPO updates on whole rollouts (SB3's learn() also ends on the first rollout that reaches the budget), so a
@@ -430,7 +416,7 @@ class TeacherTrainer:
             total=total, initial=self.agent_steps, desc="train", unit="agent-step", unit_scale=True,
             disable=not self.cfg.logger.progress,
         )
-        with bar, self._background() as start_update:
+        with bar:
             try:
                 while self.agent_steps < total:
                     t0 = time.perf_counter()
@@ -443,8 +429,8 @@ class TeacherTrainer:
                     self._sync()  # the previous update (overlap) must finish before this one starts
                     for lr in self.learners.values():
                         lr.hand_over()
-                    if self.overlap:
-                        self._pending = start_update(total, self.agent_steps)
+                    if self._pool is not None:
+                        self._pending = self._pool.submit(self._update, total, self.agent_steps)
                         self._pending_step = self.agent_steps + per_iter
                     else:
                         self._log_losses(self._update(total, self.agent_steps), self.agent_steps + per_iter)
@@ -472,21 +458,11 @@ class TeacherTrainer:
                 validate(self.agent_steps, self.team)
         return self.team
 
-    @contextmanager
-    def _background(self) -> Iterator[Callable[[int, int], Any]]:
-        """``start_update(total, agent_steps)`` for overlapped updates, returning a future of the losses: on a
-        thread, or in the learner process."""
-        if self._learner is not None:
-            yield lambda total, steps: self._learner.submit(self.learners, total, steps)  # type: ignore[union-attr]
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            yield lambda total, steps: pool.submit(self._update, total, steps)
-
     def close(self) -> None:
-        """Stop the learner process (``update_mode=process``); the trainer can still save afterwards."""
-        if self._learner is not None:
-            self._learner.close()
-            self._learner = None
+        """Stop the update thread (``update_mode=thread``) once its update ends; the trainer can still save."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def __enter__(self) -> TeacherTrainer:
         return self
@@ -545,12 +521,14 @@ class TeacherTrainer:
             "train/clip_fraction": "clipfrac", "train/explained_variance": "explained_variance",
             "train/loss": "loss", "train/learning_rate": "learning_rate", "train/std": "action_std",
             "train/ent_coef": "ent_coef", "train/clip_range": "clip_range",
-            "train/smoothness": "smoothness", "train/smooth_eps": "smooth_eps",  # robust fine-tuning's regulariser
         }
         for group, values in losses.items():
             for key, tag in names.items():
                 if key in values:
                     self.tb.scalar(f"losses/{group}/{tag}", float(values[key]), step)
+            for key, value in values.items():  # what extra losses logged
+                if key.startswith(EXTRA_PREFIX):
+                    self.tb.scalar(f"losses/{group}/{key[len(EXTRA_PREFIX):]}", float(value), step)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, path: Path, role: str = "teacher", config: dict[str, Any] | None = None) -> Path:
@@ -570,7 +548,7 @@ class TeacherTrainer:
             "iteration": self.iteration,
             "episode_seed": self.episode_seed,
             "optimizers": {n: lr.model.policy.optimizer.state_dict() for n, lr in self.learners.items()},
-            "n_updates": {n: lr.model._n_updates for n, lr in self.learners.items()},
+            "n_updates": {n: update_count(lr.model) for n, lr in self.learners.items()},
             "bonuses": {n: b.state_dict() for n, b in self.bonuses.items()},
         }
         extra = {STATE_FILE: lambda p: torch.save(state, p)}
@@ -594,7 +572,7 @@ class TeacherTrainer:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise MadistillError(f"corrupt checkpoint state {state_file} ({why}); resume from another checkpoint") from e
         for name, lr in self.learners.items():
-            load_model_state(lr.model, (team[name].sb3.state_dict(), state["optimizers"][name], state["n_updates"][name]))
+            load_model_state(lr.model, team[name].sb3.state_dict(), state["optimizers"][name], state["n_updates"][name])
             self.team.normalizers[name] = team.normalizers[name]
         self._copy_to_actors()
         saved_bonuses = state.get("bonuses", {})  # checkpoints from before teacher.message_bonus have none
@@ -608,7 +586,7 @@ class TeacherTrainer:
                 bonus.load_state_dict(saved_bonuses[name])
         self.agent_steps = int(state["agent_steps"])
         self.iteration = int(state["iteration"])
-        if self.agent_steps >= int(self.cfg.teacher.total_agent_steps):
+        if self.agent_steps >= self.total_agent_steps:
             raise MadistillError(f"checkpoint {path} is already at {self.agent_steps} agent-steps: raise "
                                  f"teacher.total_agent_steps above that to continue training")
         self.episode_seed = int(state.get("episode_seed", self.cfg.seed + self.iteration * self.venv.num_envs))
@@ -627,94 +605,3 @@ def _start_arch(start: TeamPolicy) -> dict[str, Any]:
     if not all(isinstance(start[g.name], SB3Policy) for g in start.groups) or any(a != archs[0] for a in archs):
         raise MadistillError("training can only continue from SB3 actor-critics of one architecture for every group")
     return dict(archs[0])
-
-
-class _LearnerProcess:
-    """A child process that runs the groups' PPO ``train()`` (``teacher.update_mode=process``).
-
-    Each update ships every group's weights, optimiser state, update count and filled rollout buffer, and
-    returns the updated ones. The child keeps only PPO skeletons and the minibatch-order streams, so its
-    updates are the ones a background thread would make, bit for bit. Spawned, not forked: a fork of a process
-    whose OpenMP pool has run can hang in the child's first parallel region, and CUDA cannot be forked.
-    """
-
-    def __init__(self, groups: list[AgentGroup], num_envs: int, arch: dict[str, Any],
-                 ppo_settings: dict[str, dict[str, Any]], seed: int, device: torch.device):
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        build = (list(groups), num_envs, arch, ppo_settings, seed, str(device))
-        self._proc = ctx.Process(target=_learner_main, args=(child, build, torch.get_num_threads()), daemon=True,
-                                 name="madistill-learner")
-        self._proc.start()
-        child.close()
-
-    def submit(self, learners: dict[str, _GroupLearner], total: int, agent_steps: int) -> _PendingUpdate:
-        payload = {n: (model_state(lr.model), lr.model.rollout_buffer) for n, lr in learners.items()}
-        try:
-            self._conn.send_bytes(pickle.dumps((payload, total, agent_steps), protocol=pickle.HIGHEST_PROTOCOL))
-        except OSError:
-            self._died()
-        return _PendingUpdate(self, learners)
-
-    def _died(self) -> NoReturn:
-        self._proc.join(timeout=5)
-        raise MadistillError(f"the learner process died (exit code {self._proc.exitcode}; a script that starts "
-                             "training needs an `if __name__ == '__main__':` guard): or use teacher.update_mode=thread")
-
-    def receive(self, learners: dict[str, _GroupLearner]) -> dict[str, dict[str, float]]:
-        """Wait for the update and load its weights and optimiser state into ``learners``; its losses."""
-        try:
-            status, reply = pickle.loads(self._conn.recv_bytes())
-        except EOFError:
-            self._died()
-        if status == "error":
-            raise MadistillError(f"the PPO update failed in the learner process ({reply}; its traceback is printed "
-                                 "above): run with teacher.update_mode=thread to debug it in this process")
-        for n, (state, _) in reply.items():
-            load_model_state(learners[n].model, state)
-        return {n: losses for n, (_, losses) in reply.items()}
-
-    def close(self) -> None:
-        try:
-            self._conn.send_bytes(pickle.dumps(None))
-        except OSError:  # already gone
-            pass
-        self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.terminate()
-        self._conn.close()
-
-
-@dataclass
-class _PendingUpdate:
-    """The learner process's update in flight; ``result()`` takes it (once) into the learners."""
-
-    learner: _LearnerProcess
-    learners: dict[str, _GroupLearner]
-
-    def result(self) -> dict[str, dict[str, float]]:
-        return self.learner.receive(self.learners)
-
-
-def _learner_main(conn: Any, build: tuple, threads: int) -> None:
-    """The learner process: PPO skeletons built as the trainer's; one update per message until ``None``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the collector's: it checkpoints after taking this update
-    torch.set_num_threads(threads)
-    groups, num_envs, arch, ppo_settings, seed, device = build
-    models = {g.name: build_model(g, num_envs, arch, ppo_settings[g.name], seed, device) for g in groups}
-    rngs = {g.name: minibatch_rng(seed, gi) for gi, g in enumerate(groups)}  # as the trainer's, group by group
-    while (msg := pickle.loads(conn.recv_bytes())) is not None:
-        payload, total, agent_steps = msg
-        try:
-            reply = {}
-            for n, (state, buffer) in payload.items():
-                model = models[n]
-                load_model_state(model, state)
-                buffer.rng = rngs[n]
-                model.rollout_buffer = buffer
-                losses = train_model(model, total, agent_steps)
-                reply[n] = (model_state(model), losses)
-            conn.send_bytes(pickle.dumps(("ok", reply), protocol=pickle.HIGHEST_PROTOCOL))
-        except Exception as e:
-            traceback.print_exc()  # the whole story on stderr; the collector raises a one-line error
-            conn.send_bytes(pickle.dumps(("error", f"{type(e).__name__}: {e}".splitlines()[0])))

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from test_envs import TOY
 from torch import nn
 
-from madistill.distill.dataset import GroupData, MixedPolicy, collect_round, mixed_team, rounds_beta
+from madistill.common.collect import collect_round
+from madistill.distill.dataset import GroupData, MixedPolicy, mixed_team, rounds_beta
 from madistill.distill.loss import DistillLoss
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
@@ -280,7 +281,7 @@ def test_adv_fgsm_keeps_per_sample_the_worse_of_the_pgd_and_fgsm_points():
     teacher's target is used, so no sample gets a milder perturbation than PGD alone gave it."""
     from madistill.attacks.budget import Budget
     from madistill.attacks.methods import Attack
-    from madistill.distill.divergences import divergence
+    from madistill.common.divergences import divergence
 
     torch.manual_seed(0)
     g = AgentGroup("g", ("a",), spaces.Box(-np.inf, np.inf, (6,), np.float32), spaces.Discrete(4))

@@ -11,8 +11,8 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from madistill.common.divergences import divergence
 from madistill.distill.digr import igr_penalty, relevance_mask
-from madistill.distill.divergences import divergence
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.explain.metrics import agreement, gini, spearman, topk_overlap

@@ -15,12 +15,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from envs import pixels
-from madistill.distill.dataset import SaliencyLabeller
 from madistill.distill.trainer import student_team
 from madistill.envs import AgentGroup, EnvSpec, group_agents, make_env
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
-from madistill.explain.saliency import feature_layouts, image_patches
+from madistill.explain.saliency import SaliencyLabeller, feature_layouts, image_patches
 from madistill.finetune import actor_critic_team
 from madistill.normalize import ObsNormalizer
 from madistill.policies import MLPPolicy, SB3Policy

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
+from madistill.common.io import atomic_write_text
 from madistill.errors import MadistillError
 from madistill.evaluate.report import (
-    atomic_write_text,
     markdown_table,
     read_json,
     write_json,

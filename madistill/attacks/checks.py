@@ -30,6 +30,7 @@ import torch
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack, Objective, variants
+from madistill.common.bootstrap import resample
 from madistill.policies.base import Policy
 
 DEGENERATE = "degenerate_attack"  # the name of a Flag that reports an attack, not the policy
@@ -124,7 +125,7 @@ def return_checks(
     def worse(a: np.ndarray, b: np.ndarray) -> bool:
         """True when return ``a`` is materially below ``b`` (paired by episode)."""
         d = b - a
-        boots = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+        boots = resample(d, n_boot, rng).mean(1)
         return bool(d.mean() > tol and np.percentile(boots, 2.5) > 0)
 
     flags = []

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from madistill.attacks.budget import Budget
-from madistill.distill.divergences import divergence
+from madistill.common.divergences import divergence
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy, choose, log_prob
 

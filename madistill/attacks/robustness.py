@@ -17,7 +17,8 @@ from madistill.attacks.checks import DEGENERATE, OBJECTIVE_MISSES, TARGETED_PREF
 from madistill.attacks.learned import LearnedAdversary, train_adversary
 from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
-from madistill.distill.dataset import collect_round, team_returns
+from madistill.common.collect import collect_round
+from madistill.common.episodes import team_returns
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.teams import several_teams, team_arrays, team_means, team_return, teams_line
 from madistill.envs.vector import MultiAgentVecEnv

@@ -3,20 +3,12 @@ observation labelled by the teacher (its action-head output and its perturbation
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from madistill.envs.episodes import EpisodeRecord
-from madistill.envs.vector import MultiAgentVecEnv
-from madistill.errors import MadistillError
-from madistill.explain.saliency import FeatureLayout, perturbation_saliency
+from madistill.explain.saliency import SaliencyLabeller
 from madistill.policies.base import Policy, TeamPolicy
-from madistill.rollout import Rollout, Transition
-from madistill.transforms import ObsTransform
 
 
 class MixedPolicy(Policy):
@@ -71,82 +63,6 @@ class GroupData:
         return GroupData(*(f[mask] for f in self.fields()))
 
 
-@dataclass
-class SaliencyLabeller:
-    """Labels observations with the teacher's perturbation saliency, with a mean or marginal baseline."""
-
-    layouts: Mapping[str, FeatureLayout]
-    baseline: str = "mean"  # mean: the normaliser mean (0 in normalised units); marginal: other observations
-    samples: int = 4  # marginal draws per observation
-    chunk: int = 4096  # observations per batched forward (bounds memory: chunk * (G + 1) * samples rows) ...
-    max_values: int = 2**25  # ... and fewer where their perturbed copies would hold more values (image groups)
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
-
-    def __post_init__(self) -> None:
-        if self.baseline not in ("mean", "marginal"):
-            raise MadistillError(f"unknown saliency.baseline {self.baseline!r}: use saliency.baseline=mean or marginal")
-
-    @staticmethod
-    def from_config(sc: Any, layouts: Mapping[str, FeatureLayout], seed: int) -> SaliencyLabeller:
-        """From ``cfg.saliency``, its marginal draws seeded with the run's seed."""
-        return SaliencyLabeller(layouts, sc.baseline, sc.baseline_samples, generator=torch.Generator().manual_seed(seed))
-
-    def __call__(self, policy: Policy, group: str, obs: torch.Tensor, pool: torch.Tensor | None = None) -> torch.Tensor:
-        """Saliency ``[M, G]`` of ``policy`` on ``obs``; marginal draws come from ``pool`` (default ``obs``)."""
-        return self.heads_and_saliency(policy, group, obs, pool)[1]
-
-    def heads_and_saliency(
-        self, policy: Policy, group: str, obs: torch.Tensor, pool: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The policy's heads ``[M, act_dim]`` on ``obs`` and their saliency ``[M, G]``: one clean forward each."""
-        layout = self.layouts[group]
-        pool = obs if pool is None else pool
-        heads, scores = [], []
-        copies = (self.samples if self.baseline == "marginal" else 1) * len(layout) * layout.obs_dim
-        chunk = max(1, min(self.chunk, self.max_values // copies))
-        for start in range(0, len(obs), chunk):
-            x = obs[start : start + chunk]
-            base = None
-            if self.baseline == "marginal":
-                idx = torch.randint(len(pool), (self.samples, len(x)), generator=self.generator)
-                base = pool[idx.to(pool.device)]
-            with torch.no_grad():
-                heads.append(policy(x))
-            scores.append(perturbation_saliency(policy, x, layout, base, clean=heads[-1]))
-        if not heads:
-            return obs.new_zeros(0, policy.group.act_dim), obs.new_zeros(0, len(layout))
-        return torch.cat(heads), torch.cat(scores)
-
-
-def collect_round(
-    venv: MultiAgentVecEnv,
-    acting: TeamPolicy,
-    seed: int,
-    deterministic: bool,
-    agent_steps: int | None = None,
-    episodes: int | None = None,
-    progress: str | None = None,
-    transforms: Sequence[ObsTransform] = (),
-) -> tuple[dict[str, torch.Tensor], list[EpisodeRecord]]:
-    """Run ``acting`` for at least ``agent_steps`` live agent-steps (or ``episodes`` episodes), its
-    observations passed through ``transforms``; returns each group's visited *raw* (untransformed)
-    observations ``[M, d]`` (alive agents only) and the finished episodes."""
-    visited: dict[str, list[torch.Tensor]] = {g.name: [] for g in venv.groups}
-
-    def record(tr: Transition) -> None:
-        for g in venv.groups:
-            active = tr.active[g.name].reshape(-1).cpu().numpy()
-            visited[g.name].append(torch.as_tensor(tr.raw_obs[g.name].reshape(-1, g.obs_dim)[active]))
-
-    rollout = Rollout(venv, acting, transforms, deterministic=deterministic, seed=seed)
-    steps = None
-    if agent_steps is not None:
-        steps = -(-agent_steps // (venv.num_envs * sum(g.n_agents for g in venv.groups)))
-    found = rollout.run(steps=steps, episodes=episodes, on_step=record, progress=progress)
-    device = acting.device
-    return {g: torch.cat(v).to(device) for g, v in visited.items()}, found
-
-
 def label(
     teacher: TeamPolicy,
     obs: dict[str, torch.Tensor],
@@ -172,8 +88,3 @@ def label(
 def rounds_beta(rounds: int, beta_start: float, beta_decay: float) -> list[float]:
     """Probability that the teacher acts in each round: 1 in round 0, then ``beta_start * beta_decay^(r-1)``."""
     return [1.0] + [float(beta_start * beta_decay ** (r - 1)) for r in range(1, rounds)]
-
-
-def team_returns(episodes: list[EpisodeRecord]) -> float:
-    """Mean team return of ``episodes`` (NaN when none finished)."""
-    return float(np.mean([e.team_return for e in episodes])) if episodes else float("nan")

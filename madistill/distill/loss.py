@@ -12,10 +12,10 @@ import torch
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
+from madistill.common.divergences import DIVERGENCES, divergence
 from madistill.config import DistillConfig
 from madistill.distill.dataset import GroupData
 from madistill.distill.digr import MASKS, igr_penalty, relevance_mask
-from madistill.distill.divergences import DIVERGENCES, divergence
 from madistill.errors import MadistillError
 from madistill.explain.saliency import TARGETS, FeatureLayout
 from madistill.policies.base import Policy

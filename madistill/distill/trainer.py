@@ -12,21 +12,16 @@ from tqdm.auto import tqdm
 
 from madistill.attacks.budget import group_budgets
 from madistill.attacks.transform import AttackTransform
-from madistill.distill.dataset import (
-    GroupData,
-    SaliencyLabeller,
-    collect_round,
-    label,
-    mixed_team,
-    rounds_beta,
-    team_returns,
-)
-from madistill.distill.divergences import divergence
+from madistill.common.collect import collect_round
+from madistill.common.divergences import divergence
+from madistill.common.episodes import team_returns
+from madistill.common.schedules import linear_ramp
+from madistill.distill.dataset import GroupData, label, mixed_team, rounds_beta
 from madistill.distill.loss import DistillLoss, teacher_actions
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.explain.metrics import agreement
-from madistill.explain.saliency import FeatureLayout, gradient_saliency
+from madistill.explain.saliency import FeatureLayout, SaliencyLabeller, gradient_saliency
 from madistill.policies.base import TeamPolicy, warn_if_large
 from madistill.policies.mlp import MLPPolicy
 from madistill.tb import TBLogger
@@ -166,8 +161,7 @@ class DistillTrainer:
 
     def adv_eps(self) -> float:
         """The adversarial budget now: linear from 0 to ``adv_eps`` over the first ``adv_ramp`` of the updates."""
-        ramp = self.dc.adv_ramp * self.total_updates
-        return float(self.dc.adv_eps) * (1.0 if ramp <= 0 else min(1.0, self.updates_done / ramp))
+        return linear_ramp(float(self.dc.adv_eps), self.updates_done, self.dc.adv_ramp * self.total_updates)
 
     def evaluate_heldout(self) -> dict[str, float]:
         """Teacher-student action agreement, KL(teacher || student) and saliency agreement on held-out data."""

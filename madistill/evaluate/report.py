@@ -10,17 +10,16 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from madistill.common.io import atomic_write_text
 from madistill.envs.teams import several_teams, team_arrays
 from madistill.errors import MadistillError
 from madistill.evaluate.stats import EpisodeRecord, record_from_dict, record_to_dict
 
 __all__ = [
-    "atomic_write_text",
     "markdown_table",
     "read_json",
     "side_stats",
@@ -31,40 +30,6 @@ __all__ = [
 ]
 
 _STEP_KEY = re.compile(r"^step_(\d+)$")
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically and return the path.
-
-    The text goes to a temporary file in the destination directory (created if
-    missing), which is flushed, fsynced and then moved over ``path`` with
-    :func:`os.replace` (atomic on POSIX and Windows when both are on the same
-    filesystem). On error the temporary file is removed and ``path`` is left
-    untouched. The final file gets the usual ``0o666 & ~umask`` permissions.
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o666 & ~_current_umask())
-        os.replace(tmp_name, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return dest
 
 
 def _dumps(obj: Any) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as _sps
 
+from madistill.common.bootstrap import resample
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.teams import several_teams, team_arrays
 
@@ -150,23 +151,7 @@ def _replicates(
         raise ValueError("bootstrap_ci needs at least one score")
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    n_boot = int(n_boot)
-    rng = np.random.default_rng(seed)
-
-    if strata is None:
-        idx = rng.integers(0, n, size=(n_boot, n))
-    else:
-        labels = np.asarray(strata).ravel()
-        if labels.shape[0] != n:
-            raise ValueError(f"strata has {labels.shape[0]} labels but there are {n} scores")
-        _, inverse = np.unique(labels, return_inverse=True)
-        inverse = inverse.ravel()
-        idx = np.empty((n_boot, n), dtype=np.int64)
-        for k in range(int(inverse.max()) + 1):
-            members = np.flatnonzero(inverse == k)
-            draws = rng.integers(0, members.size, size=(n_boot, members.size))
-            idx[:, members] = members[draws]
-    return x[idx]
+    return resample(x, int(n_boot), np.random.default_rng(seed), strata)
 
 
 def _percentile_ci(boot: np.ndarray, confidence: float) -> tuple[float, float]:

@@ -9,9 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from madistill.distill.dataset import SaliencyLabeller
 from madistill.explain.metrics import agreement
-from madistill.explain.saliency import FeatureLayout, gradient_saliency
+from madistill.explain.saliency import FeatureLayout, SaliencyLabeller, gradient_saliency
 from madistill.policies.base import TeamPolicy
 
 METHODS = ("perturbation", "gradient")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,3 +196,50 @@ def group_norms(per_feature: torch.Tensor, layout: FeatureLayout | None) -> torc
     if layout is None:
         return per_feature.abs()
     return (per_feature.pow(2) @ layout.membership(per_feature.device).T).sqrt()
+
+
+@dataclass
+class SaliencyLabeller:
+    """Labels observations with the teacher's perturbation saliency, with a mean or marginal baseline."""
+
+    layouts: Mapping[str, FeatureLayout]
+    baseline: str = "mean"  # mean: the normaliser mean (0 in normalised units); marginal: other observations
+    samples: int = 4  # marginal draws per observation
+    chunk: int = 4096  # observations per batched forward (bounds memory: chunk * (G + 1) * samples rows) ...
+    max_values: int = 2**25  # ... and fewer where their perturbed copies would hold more values (image groups)
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def __post_init__(self) -> None:
+        if self.baseline not in ("mean", "marginal"):
+            raise MadistillError(f"unknown saliency.baseline {self.baseline!r}: use saliency.baseline=mean or marginal")
+
+    @staticmethod
+    def from_config(sc: Any, layouts: Mapping[str, FeatureLayout], seed: int) -> SaliencyLabeller:
+        """From ``cfg.saliency``, its marginal draws seeded with the run's seed."""
+        return SaliencyLabeller(layouts, sc.baseline, sc.baseline_samples, generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, policy: Policy, group: str, obs: torch.Tensor, pool: torch.Tensor | None = None) -> torch.Tensor:
+        """Saliency ``[M, G]`` of ``policy`` on ``obs``; marginal draws come from ``pool`` (default ``obs``)."""
+        return self.heads_and_saliency(policy, group, obs, pool)[1]
+
+    def heads_and_saliency(
+        self, policy: Policy, group: str, obs: torch.Tensor, pool: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's heads ``[M, act_dim]`` on ``obs`` and their saliency ``[M, G]``: one clean forward each."""
+        layout = self.layouts[group]
+        pool = obs if pool is None else pool
+        heads, scores = [], []
+        copies = (self.samples if self.baseline == "marginal" else 1) * len(layout) * layout.obs_dim
+        chunk = max(1, min(self.chunk, self.max_values // copies))
+        for start in range(0, len(obs), chunk):
+            x = obs[start : start + chunk]
+            base = None
+            if self.baseline == "marginal":
+                idx = torch.randint(len(pool), (self.samples, len(x)), generator=self.generator)
+                base = pool[idx.to(pool.device)]
+            with torch.no_grad():
+                heads.append(policy(x))
+            scores.append(perturbation_saliency(policy, x, layout, base, clean=heads[-1]))
+        if not heads:
+            return obs.new_zeros(0, policy.group.act_dim), obs.new_zeros(0, len(layout))
+        return torch.cat(heads), torch.cat(scores)

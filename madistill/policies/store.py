@@ -18,13 +18,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import madistill
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup, space_to_dict
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies import POLICY_CLASSES
 from madistill.policies.base import TeamPolicy
+from madistill.version import __version__
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -84,7 +84,7 @@ def save_team(
             }
         manifest = {
             "format_version": FORMAT_VERSION,
-            "madistill_version": madistill.__version__,
+            "madistill_version": __version__,
             "role": role,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "env": env.to_dict(),

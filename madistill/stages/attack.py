@@ -31,10 +31,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         markdown_report,
     )
     from madistill.attacks.transform import victim_sets
-    from madistill.distill.dataset import team_returns
+    from madistill.common.episodes import team_returns
+    from madistill.common.io import atomic_write_text
     from madistill.envs.teams import team_means
     from madistill.evaluate.evaluator import PolicyRef, run_episodes, uniform_team
-    from madistill.evaluate.report import atomic_write_text, write_markdown
+    from madistill.evaluate.report import write_markdown
     from madistill.explain.saliency import feature_layouts
     from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env

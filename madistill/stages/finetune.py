@@ -42,8 +42,8 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
     from madistill.explain.saliency import feature_layouts
     from madistill.finetune import (
         actor_critic_team,
-        attach_regularisers,
         collection_attack,
+        smoothness_regularisers,
         student_from_actor,
     )
     from madistill.policies.store import load_team, save_team
@@ -54,9 +54,6 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
 
     if not student_path:
         raise MadistillError("no student to fine-tune: pass finetune.policy=<distill run or student policy directory>")
-    if cfg.teacher.update_mode == "process":
-        raise MadistillError("finetune adds its regulariser to the PPO updates in this process: use "
-                             "teacher.update_mode=inline or thread")
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     sdir = run_policy_dir(student_path, "student")
@@ -67,19 +64,17 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
                              "saved by `madistill distill`, with its teacher in place")
     spec = env_for(cfg, [ref])
     fc = cfg.finetune
-    ppo_cfg = cfg.copy()  # the teacher trainer's loop, on the fine-tuning budget and learning rate
-    ppo_cfg.teacher.ppo.learning_rate, ppo_cfg.teacher.total_agent_steps = fc.learning_rate, fc.total_agent_steps
-    ppo_cfg.teacher.resume = None
     with make_vec_env(cfg.env, spec) as venv:
         student, manifest = load_team(sdir, venv.groups, device=device)
         teacher, _ = load_team(tdir, venv.groups, device=device)
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         budgets = group_budgets(1.0, layouts, cfg.attack.exclude, device, cfg.attack.scale)
         attack = collection_attack(venv.groups, budgets, fc)
-        with TeacherTrainer(ppo_cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack) as trainer, \
+        regularisers = smoothness_regularisers(venv.groups, budgets, fc, cfg.seed, device)
+        with TeacherTrainer(cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack,
+                            total_agent_steps=fc.total_agent_steps, learning_rate=fc.learning_rate,
+                            episode_seed=finetune_episode_seed(cfg.seed), extra_losses=regularisers) as trainer, \
                 ExitStack() as stack:
-            trainer.episode_seed = finetune_episode_seed(cfg.seed)
-            attach_regularisers(trainer.learners, budgets, fc, cfg.seed)
             if fc.select_every > 0:  # validation plays its own episodes: the trainer's env copies are mid-episode
                 best = BestPolicy(stack.enter_context(make_vec_env(cfg.env, spec)), budgets, cfg.attack,
                                   list(fc.select_attacks), fc.eps, fc.select_episodes, fc.select_robust_weight,

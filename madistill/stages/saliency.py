@@ -22,8 +22,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     from omegaconf import OmegaConf
 
-    from madistill.distill.dataset import SaliencyLabeller, collect_round
-    from madistill.evaluate.report import atomic_write_text
+    from madistill.common.collect import collect_round
+    from madistill.common.io import atomic_write_text
     from madistill.explain.report import (
         agreement_table,
         mean_heatmap,
@@ -32,7 +32,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         saliency_maps,
         save_arrays,
     )
-    from madistill.explain.saliency import feature_layouts
+    from madistill.explain.saliency import SaliencyLabeller, feature_layouts
     from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
     from madistill.stages.observations import load_observations

@@ -1,0 +1,30 @@
+"""Bootstrap resampling, shared by the evaluation's confidence intervals and the paired comparisons of
+the attack checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def resample(x: np.ndarray, n_boot: int, rng: np.random.Generator,
+             strata: np.ndarray | Sequence[Any] | None = None) -> np.ndarray:
+    """The ``(n_boot, n)`` matrix of bootstrap resamples of the 1-D ``x``; with ``strata`` (one label per
+    value) each stratum is resampled on its own and keeps its size and positions."""
+    n = x.size
+    if strata is None:
+        idx = rng.integers(0, n, size=(n_boot, n))
+    else:
+        labels = np.asarray(strata).ravel()
+        if labels.shape[0] != n:
+            raise ValueError(f"strata has {labels.shape[0]} labels but there are {n} scores")
+        _, inverse = np.unique(labels, return_inverse=True)
+        inverse = inverse.ravel()
+        idx = np.empty((n_boot, n), dtype=np.int64)
+        for k in range(int(inverse.max()) + 1):
+            members = np.flatnonzero(inverse == k)
+            draws = rng.integers(0, members.size, size=(n_boot, members.size))
+            idx[:, members] = members[draws]
+    return x[idx]
