@@ -251,6 +251,34 @@ class AttackConfig:
 
 
 @dataclass
+class RepairConfig:
+    """Neuron localisation and gradient-masked repair (``madistill repair``, docs/repair.md)."""
+
+    policy: str | None = None  # run or policy directory whose policy is repaired (a run's teacher, else its only policy)
+    group: str | None = None  # agent group to repair (default: the Discrete group with the most failures)
+    failures: str | None = None  # .npz of raw observations `obs` [N, d] and wanted `actions` [N]; default: built with the attack
+    attack: str = "pgd"  # the attack suite member (attack.methods names) that builds the failure set
+    eps: float | None = None  # its l_inf radius in stds (default: the middle of attack.eps, the suite's middle budget)
+    episodes: int = 20  # clean episodes whose observations are attacked (failure set) and anchor clean behaviour
+    max_failures: int = 4096  # failing observations kept at most
+    score: str = "grad"  # neuron scores: grad (activation x gradient) | ig (integrated gradients) | probe (sparse probe)
+    ig_steps: int = 16  # integrated gradients: points on the path from the ablated to the actual units
+    probe_l1: float = 0.001  # sparse probe: L1 penalty on its weights
+    probe_steps: int = 300  # sparse probe: Adam steps of its logistic regression
+    neurons: float = 0.03  # share of the hidden neurons repaired (at least one)
+    max_parameters: float = 0.05  # most of the policy's acting parameters the repair may change (drops lowest-scored neurons)
+    ablation_draws: int = 20  # random neuron sets of the same size the chosen neurons' ablation is compared to
+    steps: int = 300  # fine-tuning steps (every variant: masked and baselines)
+    batch_size: int = 256  # failing and as many clean observations per step
+    learning_rate: float = 0.001  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay (masked parameters stay bit-identical regardless)
+    anchor: float = 1.0  # weight of the clean anchor: divergence to the original policy on clean observations
+    divergence: str = "kl"  # the anchor's divergence (distill.divergence's choices)
+    baselines: list[str] = field(default_factory=lambda: ["full", "last", "random"])  # also fine-tuned, same data and steps
+    evaluate: bool = True  # clean and attacked returns of the original and every variant (attack.* settings, at eps)
+
+
+@dataclass
 class LoggerConfig:
     tensorboard: bool = True  # TensorBoard event files in the run's tb/
     progress: bool = True  # progress bars with rate and ETA
@@ -356,7 +384,8 @@ def register_configs() -> None:
 # Counts that must be positive: a zero or negative value would save an untrained policy or summarise nothing.
 POSITIVE = ("teacher.total_agent_steps", "eval.episodes", "attack.episodes", "saliency.episodes", "distill.rounds",
             "distill.agent_steps_per_round", "distill.updates_per_round", "distill.batch_size",
-            "finetune.total_agent_steps", "finetune.steps")
+            "finetune.total_agent_steps", "finetune.steps", "repair.episodes", "repair.max_failures", "repair.ig_steps",
+            "repair.probe_steps", "repair.ablation_draws", "repair.steps", "repair.batch_size")
 
 
 def validate(cfg: Any) -> None:
