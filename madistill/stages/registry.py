@@ -28,6 +28,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "madistill.stages.finetune",
     "madistill.stages.saliency",
     "madistill.stages.attack",
+    "madistill.stages.repair",
     "madistill.stages.pipeline",
 )
 
