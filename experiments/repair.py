@@ -93,7 +93,8 @@ def main() -> None:
     ap.add_argument("teacher", help="teacher run or policy directory")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--name", default=None, help="results file suffix (default: the env id)")
-    args, overrides = ap.parse_known_args()
+    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]  # config overrides, anywhere
+    args = ap.parse_args([a for a in sys.argv[1:] if a not in overrides])
     tdir = teacher_dir(args.teacher)
     env = read_manifest(tdir)["env"]["name"]
     runs = {}
