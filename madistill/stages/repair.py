@@ -118,9 +118,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.attacks.robustness import suite_attack
     from madistill.common.collect import collect_round
     from madistill.common.io import atomic_write_text
+    from madistill.envs.features import feature_layouts
     from madistill.errors import MadistillError
     from madistill.evaluate.report import write_markdown
-    from madistill.envs.features import feature_layouts
     from madistill.policies.store import find_policy_dir, load_team, save_team
     from madistill.repair.failures import attack_failures, file_failures
     from madistill.repair.neurons import acting_path
