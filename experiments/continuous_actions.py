@@ -269,8 +269,8 @@ def main() -> None:
     with make_vec_env(cfg.env, num_envs=1) as venv:
         results["random"] = evaluate(cfg, uniform_team(venv), args.episodes, args.eval_seed, greedy=False)
     runs = [(seed, name) for seed in args.seeds for name in args.variants]
-    # spawn: each run starts from a fresh interpreter, so its numbers do not depend on --jobs
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # each run in a fresh interpreter (spawned, one run per process), so its numbers do not depend on --jobs
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         futures = {pool.submit(run_one, seed, name, args.steps, args.overrides, args.episodes, args.eval_seed): (seed, name)
                    for seed, name in runs}
         for future in as_completed(futures):
