@@ -374,6 +374,22 @@ def test_spread_robust_preset_is_robust_distillation_with_8_rounds_on_spread():
     assert list(cfg.attack.eps) == [0.1, 0.2, 0.3]
 
 
+def test_continuous_spread_recipe_is_a_config_file():
+    """docs/continuous_actions.md's recipe: continuous spread without the time-limit bootstrap, discount 0.95; the
+    rest as the default spread teacher."""
+    from omegaconf import OmegaConf
+
+    from madistill.cli import compose_config
+
+    cfg = compose_config(["+experiment=spread_continuous"])
+    default = compose_config(["env=simple_spread_v3"])
+    assert cfg.env.name == "simple_spread_v3" and cfg.env.kwargs.continuous_actions is True
+    assert cfg.teacher.bootstrap_truncated is False and cfg.teacher.ppo.gamma == 0.95
+    assert default.teacher.bootstrap_truncated is True and default.teacher.ppo.gamma == 0.99
+    for key in ("total_agent_steps", "ppo.learning_rate", "ppo.ent_coef", "ppo.n_epochs", "hidden_sizes"):
+        assert OmegaConf.select(cfg.teacher, key) == OmegaConf.select(default.teacher, key), key
+
+
 def test_attacking_a_teacher_with_a_central_critic_skips_the_critic_attack(cli, tmp_path):
     """A centralised critic has no value from one agent's observation: the critic attack is skipped and said
     so in the report; the rest of the suite runs."""
