@@ -478,6 +478,37 @@ def test_per_agent_policies_are_evaluated_with_their_grouping_or_get_a_one_line_
     assert "env.grouping=per_agent" in _madistill_error(err, "evaluate")
 
 
+def test_a_stage_reads_each_studied_policys_manifest_once(tmp_path, monkeypatch):
+    """Pairing every policy with every other, the saved env, the settings rows and the teams read the manifests
+    through their refs: one read per policy, however many look-ups."""
+    from pathlib import Path
+
+    from madistill.evaluate.evaluator import PolicyRef, saved_env
+    from madistill.policies.store import FORMAT_VERSION, MANIFEST
+    from madistill.stages.evaluate import setting_rows
+    from madistill.stages.policies import paired_policy, with_teachers
+
+    env = {"target": "envs.relay.parallel_env", "kwargs": {}}
+    refs = []
+    for run in ("0", "1"):
+        for role in ("teacher", "student"):
+            path = tmp_path / run / "policies" / role
+            path.mkdir(parents=True)
+            config = {"seed": int(run), "distill": {"teacher": str(tmp_path / run / "policies" / "teacher")}}
+            (path / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "role": role, "env": env,
+                                                     "config": config}))
+            refs.append(PolicyRef(role, path, run))
+    reads = []
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: reads.append(p.name) or read_text(p, *a, **k))
+    for _ in range(2):
+        assert [paired_policy(r, "student" if r.name == "teacher" else "teacher", refs) for r in refs] == [1, 0, 3, 2]
+        assert with_teachers(refs[1::2])[0].path == refs[0].path
+        assert setting_rows(refs) == ["teacher", "student", "teacher", "student"]
+        assert saved_env(refs).target == "envs.relay.parallel_env"
+    assert reads.count(MANIFEST) == len(refs)
+
+
 def test_each_policy_of_a_sweep_is_paired_with_its_own_teacher_and_student(tmp_path):
     """Transfer surrogates, critics and saliency references come from the same run, else from the manifest."""
     from madistill.evaluate.evaluator import PolicyRef

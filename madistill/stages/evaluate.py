@@ -44,10 +44,9 @@ def evaluate_policies(
 
     from madistill.evaluate.evaluator import record_video, run_episodes, uniform_team
     from madistill.evaluate.report import markdown_table, write_markdown
-    from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
     from madistill.stages.figures import return_figure
-    from madistill.stages.policies import studied_policies, teams_for
+    from madistill.stages.policies import load_policy, studied_policies, teams_for
 
     device, refs, spec = studied_policies(
         cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=False
@@ -62,7 +61,7 @@ def evaluate_policies(
     rows = setting_rows(refs)
     with make_vec_env(cfg.env, spec) as venv:
         sides = teams_for(cfg, venv, refs)
-        teams = [load_team(ref.path, venv.groups, device=device)[0] for ref in refs]
+        teams = [load_policy(ref, venv.groups, device) for ref in refs]
         for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
             recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=bar(label),
@@ -132,10 +131,9 @@ def setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
     pools into one row per policy (CIs stratified by run) while a sweep over settings keeps them apart."""
     from omegaconf import OmegaConf
 
-    from madistill.policies.store import read_manifest
     from madistill.stages.rundir import flat_hparams
 
-    configs = [flat_hparams(OmegaConf.create(read_manifest(r.path).get("config", {}))) for r in refs]
+    configs = [flat_hparams(OmegaConf.create(r.manifest.get("config", {}))) for r in refs]
     rows = []
     for ref, config in zip(refs, configs):
         peers = [c for r, c in zip(refs, configs) if r.name == ref.name]
