@@ -171,6 +171,19 @@ def test_evaluate_twice_gives_identical_results(pipeline_run, cli, tmp_path):
     ).read_text()
 
 
+def test_evaluate_builds_its_table_once_for_eval_md_and_tensorboard(pipeline_run, cli, tmp_path, monkeypatch):
+    from madistill.evaluate import report
+
+    run_dir, _ = pipeline_run
+    tables = []
+    build = report.markdown_table
+    monkeypatch.setattr(report, "markdown_table", lambda s, *a, **k: tables.append(build(s, *a, **k)) or tables[-1])
+    rc, _, err = cli("evaluate", f"eval.policy={run_dir}", f"hydra.run.dir={tmp_path}", "logger=quiet",
+                     "eval.episodes=2", "eval.n_boot=50")
+    assert rc == 0, err
+    assert len(tables) == 1 and tables[0] in (tmp_path / "reports" / "eval.md").read_text()
+
+
 def test_sampled_evaluation_with_episode_streams_does_not_depend_on_the_copies(pipeline_run, cli, tmp_path):
     """``eval.episode_streams=true``: sampled episodes (teacher and random team) are the same with 1 or 3 copies."""
     run_dir, _ = pipeline_run

@@ -74,7 +74,7 @@ def evaluate_policies(
     reports = run_dir / "reports"
     summaries = {name: _summarise(cfg, reports, name, runs, spec, sides, tb) for name, runs in results.items()}
     table = markdown_table(summaries)
-    write_markdown(reports / "eval.md", eval_report(summaries, spec.id, ec, sides))
+    write_markdown(reports / "eval.md", eval_report(summaries, table, spec.id, ec, sides))
     tb.text("eval/table", table)
     if cfg.logger.figures:
         tb.figure("eval/team_return", return_figure(summaries, spec.id))
@@ -142,11 +142,11 @@ def setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
     return rows
 
 
-def eval_report(summaries: dict[str, dict], env_id: str, ec: DictConfig, teams: Teams | None = None) -> str:
+def eval_report(summaries: dict[str, dict], table: str, env_id: str, ec: DictConfig, teams: Teams | None = None) -> str:
     """``reports/eval.md``: what was played and what the columns mean (who plays on which team, where there
-    are several), the table, and a warning for each student that does worse than the random team."""
+    are several), the table (``markdown_table(summaries)``, which TensorBoard shows too), and a warning for
+    each student that does worse than the random team."""
     from madistill.envs.teams import several_teams, teams_line
-    from madistill.evaluate.report import markdown_table
     from madistill.stages.results import worse_than_random
 
     acting = f"{'greedy' if ec.deterministic else 'sampled'} actions" + (
@@ -158,7 +158,7 @@ def eval_report(summaries: dict[str, dict], env_id: str, ec: DictConfig, teams: 
     if several_teams(teams):
         header += teams_line(teams) + "\n\n"  # type: ignore[arg-type]
     warnings = "".join(f"\n**{w}**\n" for w in worse_than_random(summaries))
-    return header + markdown_table(summaries) + "\n" + warnings
+    return header + table + "\n" + warnings
 
 
 STAGE = Stage(
