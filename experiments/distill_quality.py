@@ -34,14 +34,11 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from madistill.cli import compose_config  # noqa: E402
 from madistill.common.collect import collect_round  # noqa: E402
+from madistill.envs.features import feature_layouts  # noqa: E402
 from madistill.evaluate.evaluator import run_episodes, uniform_team  # noqa: E402
 from madistill.evaluate.stats import bootstrap_ci  # noqa: E402
 from madistill.explain.metrics import gini, spearman, topk_overlap  # noqa: E402
-from madistill.explain.saliency import (  # noqa: E402
-    SaliencyLabeller,  # noqa: E402
-    feature_layouts,
-    gradient_saliency,
-)
+from madistill.explain.saliency import SaliencyLabeller, gradient_saliency  # noqa: E402
 from madistill.policies.store import load_team, read_manifest  # noqa: E402
 from madistill.runtime import make_vec_env  # noqa: E402
 from madistill.stages.distill import distill_students  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import madistill
-from madistill.config import check_overrides
+from madistill.config import check_overrides, config_dir
 from madistill.errors import MadistillError
 from madistill.stages.registry import stages
 
@@ -39,13 +39,6 @@ Any PettingZoo env without a config file: `env=custom env.target=<module>.parall
 
 
 _LAUNCHER_EXTRAS = {"submitit_slurm": "slurm", "ray": "ray"}  # Hydra launcher -> the pyproject extra installing it
-
-
-def config_dir() -> str:
-    """conf/ from the installed wheel, or the source tree's top-level conf/ (editable installs)."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "conf"
-    return str(packaged if packaged.is_dir() else here.parent / "conf")
 
 
 def config_groups() -> set[str]:

@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from madistill.errors import MadistillError
-from madistill.seeds import ATTACK_SEED, EVAL_SEED
+from madistill.seeds import ALERT_CALIBRATION_SEED, ATTACK_SEED, CASCADE_SEED, EVAL_SEED
 
 
 class Choice(str, Enum):
@@ -62,6 +62,14 @@ VideoFormat = _choices("VideoFormat", "gif mp4")
 ExplainMethod = _choices("ExplainMethod", "gradient input_x_gradient integrated_gradients smoothgrad lrp kernel_shap "
                          "lime perturbation", "Attribution methods (madistill/explain/attribution.py)")
 ExplainTarget = _choices("ExplainTarget", "prob logit")
+AlertScore = _choices("AlertScore", "obs surprise disagreement", "Online alert scores (madistill/cascade/alerts.py)")
+
+
+def config_dir() -> str:
+    """conf/ from the installed wheel, or the source tree's top-level conf/ (editable installs)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return str(packaged if packaged.is_dir() else here.parent / "conf")
 
 
 class Checks:
@@ -426,6 +434,29 @@ class AttackConfig:
 
 
 @dataclass
+class AlertConfig:
+    """Online alerts of the cascade monitor (docs/cascade.md, Online alerts): per agent and score, a threshold
+    calibrated on clean episodes to a target false-alarm rate."""
+
+    # scores per agent and step: obs (largest |z| of the normalised observation), surprise (-log prob of the
+    # action taken), disagreement (KL from the reference policy's action distribution)
+    scores: list[AlertScore] = field(default_factory=lambda: [AlertScore.obs, AlertScore.surprise])
+    reference: str | None = None  # run or policy directory the disagreement score compares with (e.g. the teacher)
+    # target share of clean episodes with any alert, split evenly over agents and scores
+    false_alarm_rate: float = 0.01
+    # clean episodes the thresholds are calibrated on: at least agents x scores / false_alarm_rate - 1
+    calibration_episodes: int = 1200
+    calibration_seed: int = ALERT_CALIBRATION_SEED  # their first episode seed (madistill/seeds.py: the seed namespaces)
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.require(len(c.node.scores) > 0 and len(set(c.node.scores)) == len(c.node.scores), "scores",
+                  "a non-empty list of distinct scores")
+        c.within(0, 1, "false_alarm_rate", open_low=True, open_high=True)
+        c.at_least(1, "calibration_episodes")
+
+
+@dataclass
 class LoggerConfig:
     tensorboard: bool = True  # TensorBoard event files in the run's tb/
     progress: bool = True  # progress bars with rate and ETA
@@ -453,6 +484,66 @@ class EvalConfig:
 
 
 @dataclass
+class FaultConfig:
+    """A fault injected into agents (``conf/fault/``, one file per fault; docs/cascade.md): what goes wrong,
+    to whom, from when, for how long."""
+
+    name: str = "random"  # which fault (madistill.cascade.faults.FAULTS): noise | frozen | dropout | attack | random | stuck | constant | dead
+    victims: list[str] = field(default_factory=list)  # faulted agent ids (empty: the cascade stage takes each agent in turn)
+    onset: int = 5  # episode step at which the fault starts
+    # with a value, each episode's onset is drawn uniformly from onset..onset_max by its episode seed (null: fixed)
+    onset_max: int | None = None
+    duration: int | None = 1  # steps the fault lasts: 1 is an impulse, null lasts to the episode's end
+    rate: float = 1.0  # intermittency: the chance that the fault acts at each step of its duration
+    sigma: float = 1.0  # noise: standard deviation of the added Gaussian noise (normalised units)
+    # noise and dropout: the observation features hit, by index or feature-group name (env.features, e.g. a
+    # listener's message: a communication fault); empty: every feature
+    features: list[str] = field(default_factory=list)
+    action: list[float] = field(default_factory=lambda: [0.0])  # constant: the action (Discrete: one index; Box: one value per component or one for all)
+    method: str = "pgd"  # attack: the attack suite's per-step method (random, fgsm, pgd, critic, spsa, targeted_random, targeted_lowest)
+    eps: float = 0.3  # attack: the l_inf budget in normalised units (attack.exclude and attack.scale apply)
+    seed: int = 0  # seeds the fault's own draws (onsets, noise, random actions) together with each episode seed
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(0, "onset", "sigma", "eps")
+        c.require(c.node.onset_max is None or c.node.onset_max >= c.node.onset, "onset_max", "null or at least fault.onset")
+        c.at_least(1, "duration")
+        c.within(0, 1, "rate", open_low=True)
+
+
+@dataclass
+class CascadeConfig:
+    """The cascade monitor (``madistill cascade``): paired clean and faulted rollouts of the same episodes
+    measure how a fault on one agent propagates to the others (docs/cascade.md)."""
+
+    policy: str | None = None  # run or policy directory to study
+    episodes: int = 20  # paired (clean, faulted) episodes per fault
+    seed: int = CASCADE_SEED  # episode seeds seed..seed+episodes-1 (madistill/seeds.py: the seed namespaces)
+    deterministic: bool = False  # greedy actions; false samples them from one stream per episode, the same in both twins
+    lags: int = 5  # K: the influence matrix covers lags 1..K steps after an impulse
+    onsets: list[int] = field(default_factory=lambda: [3, 8])  # episode steps of the influence matrix's impulses
+    impulse: str = "random"  # the action fault (a name in conf/fault/) whose one-step impulses measure influence
+    min_effect: float = 1e-6  # an influence counts as significant when its CI's lower bound exceeds this
+    # a non-faulted agent fails when its action distribution's total variation from its clean twin exceeds this
+    # (raised to the largest deviation seen between clean twins, should the env's replays differ)
+    threshold: float = 0.1
+    # a non-faulted agent also fails once its reward summed since the onset falls this far below its clean twin's
+    # (null: deviation only)
+    return_loss: float | None = None
+    replay_episodes: int = 3  # clean episodes played twice before measuring, to refuse non-reproducible envs
+    n_boot: int = 1000  # bootstrap resamples for the CIs
+    confidence: float = 0.95  # two-sided coverage of the CIs
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "episodes", "lags", "replay_episodes", "n_boot")
+        c.require(len(c.node.onsets) > 0 and min(c.node.onsets) >= 0, "onsets", "a non-empty list of steps at least 0")
+        c.at_least(0, "min_effect", "threshold", "return_loss")
+        c.within(0, 1, "confidence", open_low=True, open_high=True)
+
+
+@dataclass
 class Config:
     env: EnvConfig = MISSING
     teacher: TeacherConfig = MISSING
@@ -464,6 +555,9 @@ class Config:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     attack: AttackConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
     seed: int = 0  # seeds initial weights, action sampling and training episodes (eval.seed: evaluation's)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     torch_threads: int = 1  # small MLPs run fastest single-threaded; the env workers use the other cores
@@ -529,6 +623,7 @@ def register_configs() -> None:
     cs.store(group="distill", name="base_distill", node=DistillConfig)
     cs.store(group="finetune", name="base_finetune", node=FinetuneConfig)
     cs.store(group="attack", name="base_attack", node=AttackConfig)
+    cs.store(group="fault", name="base_fault", node=FaultConfig)
     for s in _ADDED:
         cs.store(group=s.name, name=f"base_{s.name}", node=s.schema)
 

@@ -1,4 +1,5 @@
-"""The one rollout loop: env -> normalise -> transform chain -> policies -> env. Every stage uses it."""
+"""The one rollout loop: env -> normalise -> observation chain -> policies -> action chain -> env. Every stage
+uses it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from tqdm.auto import tqdm
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import GroupArrays, MultiAgentVecEnv, VecStep
 from madistill.policies.base import Generators, TeamPolicy, choose
-from madistill.transforms import GroupTensors, ObsTransform, StepContext, apply_chain, normalize
+from madistill.transforms import (
+    ActionTransform,
+    GroupTensors,
+    ObsTransform,
+    StepContext,
+    apply_action_chain,
+    apply_chain,
+    normalize,
+)
 
 
 @dataclass
@@ -24,8 +33,9 @@ class Transition:
     obs: GroupTensors  # what the policies saw: normalised, then transformed [N, n_g, d]
     active: GroupTensors  # [N, n_g] bool: agents that acted (others are absorbing padding)
     dists: dict[str, Distribution]  # each group's action distribution over its flat batch [N * n_g]
-    actions: GroupTensors  # [N, n_g] (Discrete) or [N, n_g, a] (Box), before clipping to bounds
+    actions: GroupTensors  # executed: [N, n_g] (Discrete) or [N, n_g, a] (Box), before clipping to bounds
     result: VecStep  # what the env returned
+    intended: GroupTensors  # what the policies chose, before the action chain (the same tensors without one)
 
 
 def team_actions(
@@ -64,16 +74,19 @@ class Rollout:
         self,
         venv: MultiAgentVecEnv,
         team: TeamPolicy,
-        transforms: Sequence[ObsTransform] = (),
+        transforms: Sequence[ObsTransform | ActionTransform] = (),
         deterministic: bool = False,
         seed: int = 0,
         episode_streams: bool = False,
     ):
-        """``episode_streams``: sample each episode's actions from a stream seeded by its episode seed, so
+        """``transforms``: observation transforms (applied in order before the policies act) and action
+        transforms (applied in order to the chosen actions before the env steps), in one list.
+        ``episode_streams``: sample each episode's actions from a stream seeded by its episode seed, so
         sampled evaluations do not depend on how many copies play them (costs one draw per copy and step)."""
         self.venv = venv
         self.team = team
-        self.transforms = list(transforms)
+        self.transforms = [t for t in transforms if isinstance(t, ObsTransform)]
+        self.action_transforms = [t for t in transforms if isinstance(t, ActionTransform)]
         self.deterministic = deterministic
         self.generator = torch.Generator(device=team.device)
         self.copy_streams = (
@@ -88,10 +101,10 @@ class Rollout:
         self.raw_obs, active = self.venv.reset(seed)
         self.active = {g: torch.as_tensor(a, device=self.team.device) for g, a in active.items()}
         self.episode_step = np.zeros(self.venv.num_envs, dtype=np.int64)
-        self._start_episodes(np.arange(self.venv.num_envs))
         self.steps = 0
-        for t in self.transforms:
+        for t in (*self.transforms, *self.action_transforms):
             t.reset()
+        self._start_episodes(np.arange(self.venv.num_envs))
 
     def _start_episodes(self, copies: np.ndarray) -> None:
         """These copies have just begun an episode (``venv.episode_seeds`` gives which)."""
@@ -99,15 +112,19 @@ class Rollout:
         self.episode_step[copies] = 0
         for i in copies if self.copy_streams is not None else ():
             self.copy_streams[i].manual_seed(int(self.playing[i]))
+        if len(copies):
+            for t in (*self.transforms, *self.action_transforms):
+                t.start_episodes(copies, self.playing[copies])
 
     def step(self) -> Transition:
         """Advance every copy by one env step."""
-        ctx = StepContext(self.team, self.steps, self.episode_step, self.active, self.generator)
+        ctx = StepContext(self.team, self.steps, self.episode_step, self.active, self.generator, self.playing)
         obs = apply_chain(self.transforms, normalize(self.team, self.raw_obs), ctx)
         with torch.no_grad():
-            dists, actions = team_actions(self.team, obs, self.deterministic, self.copy_streams or self.generator)
+            dists, intended = team_actions(self.team, obs, self.deterministic, self.copy_streams or self.generator)
+            actions = apply_action_chain(self.action_transforms, intended, dists, ctx)
         result = self.venv.step(env_actions(self.team, actions))
-        tr = Transition(self.raw_obs, obs, self.active, dists, actions, result)
+        tr = Transition(self.raw_obs, obs, self.active, dists, actions, result, intended)
         self.raw_obs = result.obs
         self.active = {g: torch.as_tensor(a, device=self.team.device) for g, a in result.active.items()}
         self.steps += 1

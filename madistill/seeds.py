@@ -12,6 +12,9 @@ teacher training          ``seed`` (the run's), then the next      ``seed``
                           ``num_envs`` per rollout
 evaluation, saliency      10 000                                   ``eval.seed`` (default ``EVAL_SEED``)
 robustness evaluation     20 000                                   ``attack.seed`` (default ``ATTACK_SEED``)
+cascade monitor           30 000                                   ``cascade.seed`` (default ``CASCADE_SEED``)
+alert calibration         40 000                                   ``alerts.calibration_seed``
+                                                                   (default ``ALERT_CALIBRATION_SEED``)
 DAgger round ``r``        1 000 000 * (1 + seed) + 100 000 * r     ``dagger_round_seed``
 robust fine-tuning        10 000 000 * (1 + seed)                  ``finetune_episode_seed``
 its checkpoint selection  10 000 000 * (1 + seed) + 5 000 000      ``finetune_validation_seed``
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 EVAL_SEED = 10_000  # eval.seed's default
 ATTACK_SEED = 20_000  # attack.seed's default
+CASCADE_SEED = 30_000  # cascade.seed's default
+ALERT_CALIBRATION_SEED = 40_000  # alerts.calibration_seed's default
 DAGGER_SEED = 1_000_000  # DAgger's block of a run seed, per unit of (1 + seed)
 DAGGER_ROUND = 100_000  # seeds between consecutive DAgger rounds
 FINETUNE_SEED = 10_000_000  # fine-tuning's block of a run seed, per unit of (1 + seed)

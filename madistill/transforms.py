@@ -1,18 +1,21 @@
-"""Observation transforms applied between the env and the policies.
+"""Transforms of what the agents see and do: observation transforms between the env and the policies,
+action transforms between choosing and stepping.
 
 The rollout always normalises first (policies consume normalised observations), then applies the
-configured chain in order: adversarial perturbation of victims, fault injection, ... Evaluation, robustness
-and the cascade monitor differ only in this chain.
+configured observation chain in order (adversarial perturbation of victims, observation faults, ...); after
+the policies choose, the action chain (action faults) changes what the env is given. Evaluation, robustness
+and the cascade monitor differ only in these chains.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.distributions import Distribution
 
 from madistill.policies.base import TeamPolicy
 
@@ -28,16 +31,34 @@ class StepContext:
     episode_step: np.ndarray  # [N] steps since each copy's last reset
     active: GroupTensors  # [N, n_g] bool: agent alive and about to act
     generator: torch.Generator  # the rollout's RNG, so transforms are reproducible with the seed
+    # [N] the seed of the episode each copy plays: per-episode draws (a fault's onset) depend on it alone
+    episode_seed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-class ObsTransform(ABC):
+class Transform:
+    """What observation and action transforms share: hooks at a rollout's reset and at each copy's episode start."""
+
+    def reset(self) -> None:  # noqa: B027 - optional hook; stateless transforms need not override it
+        """Forget per-episode state (called when a rollout is reset)."""
+
+    def start_episodes(self, copies: np.ndarray, seeds: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """Env copies ``copies`` have just begun the episodes with seeds ``seeds`` (after ``reset`` too): a
+        stateful transform re-arms its state for them, so each episode plays the same whatever came before."""
+
+
+class ObsTransform(Transform, ABC):
     """Maps normalised observations ``{group: [N, n_g, d]}`` to the observations the policies act on."""
 
     @abstractmethod
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors: ...
 
-    def reset(self) -> None:  # noqa: B027 - optional hook; stateless transforms need not override it
-        """Forget per-episode state (called when a rollout is reset)."""
+
+class ActionTransform(Transform, ABC):
+    """Maps the actions the policies chose ``{group: [N, n_g]}`` (Discrete) or ``[N, n_g, a]`` (Box) to the
+    actions the env is given (``dists``: each group's action distribution over its flat batch ``[N * n_g]``)."""
+
+    @abstractmethod
+    def __call__(self, actions: GroupTensors, dists: dict[str, Distribution], ctx: StepContext) -> GroupTensors: ...
 
 
 def normalize(team: TeamPolicy, raw: dict[str, np.ndarray]) -> GroupTensors:
@@ -51,3 +72,12 @@ def apply_chain(chain: Sequence[ObsTransform], obs: GroupTensors, ctx: StepConte
     for t in chain:
         obs = t(obs, ctx)
     return obs
+
+
+def apply_action_chain(
+    chain: Sequence[ActionTransform], actions: GroupTensors, dists: dict[str, Distribution], ctx: StepContext
+) -> GroupTensors:
+    """Apply the action transforms in order (each sees the previous one's output)."""
+    for t in chain:
+        actions = t(actions, dists, ctx)
+    return actions

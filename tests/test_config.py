@@ -189,7 +189,8 @@ def _restated(node: dict[str, Any], schema: type, default: Any, path: str) -> li
     out = []
     hints = get_type_hints(schema)
     for key, value in node.items():
-        if key == "defaults" or path + key == "hydra":  # the file must name these
+        # the file must name these; a fault preset names its fault (conf/fault/<name>.yaml: name: <name>)
+        if key == "defaults" or path + key in ("hydra", "fault.name"):
             continue
         tp, current = hints[key], getattr(default, key)
         if is_dataclass(tp):

@@ -4,7 +4,9 @@ Layout: for group ``g`` with ``n_g`` agents, observations are ``[num_envs, n_g, 
 rewards/flags ``[num_envs, n_g]``. Agents that are gone (terminated early, or absent) sit in an absorbing
 zero observation with ``active=False``; rollouts mask them out of losses and statistics. Copies reset
 themselves when their episode ends; copy ``i`` plays episode seeds ``seed + i + k * num_envs`` (k = 0, 1,
-...) so every run of the same seed sees the same episodes, whatever the number of workers.
+...) so every run of the same seed sees the same episodes, whatever the number of workers. With a
+``seed_period`` P, copy ``i`` plays ``seed + i % P + k * P`` instead: copies i, i + P, i + 2P, ... play the
+same episodes side by side (paired counterfactual runs, each block under its own transforms).
 """
 
 from __future__ import annotations
@@ -117,11 +119,14 @@ class CopyBook:
         io: dict[str, GroupArrays],
         render_mode: str | None = None,
         nan_policy: str = "error",
+        seed_period: int | None = None,
     ):
-        """``groups``: the parent's, which ``io`` (this process's slice of the ``_StepArrays``) is laid out by."""
+        """``groups``: the parent's, which ``io`` (this process's slice of the ``_StepArrays``) is laid out by;
+        ``seed_period``: copies this many apart play the same episode seeds (None: ``num_envs``, all differ)."""
         self.nan_policy = nan_policy
         self.copy_ids = np.asarray(copy_ids, dtype=np.int64)
         self.num_envs = num_envs
+        self.period = seed_period or num_envs
         self.env_id = spec.id
         self.groups = groups
         self.io = io
@@ -169,12 +174,12 @@ class CopyBook:
                 a[bad] = 0.0
 
     def _episode_seed(self, i: int) -> int:
-        """Copy i's k-th episode has seed ``seed + copy_id + k * num_envs``."""
-        return self.seed + int(self.copy_ids[i]) + int(self.episode_idx[i]) * self.num_envs
+        """Copy i's k-th episode has seed ``seed + copy_id % period + k * period``."""
+        return int(self.playing()[i])
 
     def playing(self) -> np.ndarray:
         """The seed of the episode each copy is playing."""
-        return self.seed + self.copy_ids + self.episode_idx * self.num_envs
+        return self.seed + self.copy_ids % self.period + self.episode_idx * self.period
 
 
 class _Copies(CopyBook):
@@ -264,7 +269,7 @@ def _copies_class(backend: str) -> type[CopyBook]:
 
 
 def _worker(conn: Connection, spec: EnvSpec, groups: list[AgentGroup], copy_ids: list[int], num_envs: int,
-            nan_policy: str, memory: Any, backend: str) -> None:
+            nan_policy: str, memory: Any, backend: str, seed_period: int | None) -> None:
     # Signals are the parent's to handle (Ctrl-C and a cluster's SIGTERM checkpoint there, then close us); a
     # worker only outlives a parent killed outright, so it watches for that instead of lingering.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -273,7 +278,8 @@ def _worker(conn: Connection, spec: EnvSpec, groups: list[AgentGroup], copy_ids:
     lo, hi = copy_ids[0], copy_ids[-1] + 1
     try:
         copies = _copies_class(backend)(spec, groups, copy_ids, num_envs,
-                                        _StepArrays(groups, num_envs, memory).copies(lo, hi), nan_policy=nan_policy)
+                                        _StepArrays(groups, num_envs, memory).copies(lo, hi), nan_policy=nan_policy,
+                                        seed_period=seed_period)
         conn.send(("ok", None))
     except BaseException as e:  # report construction errors to the parent instead of dying silently
         conn.send(("error", (isinstance(e, MadistillError), str(e) or traceback.format_exc())))
@@ -302,6 +308,7 @@ class MultiAgentVecEnv:
     ``num_workers=W`` splits the copies over W worker processes so env stepping uses several cores.
     ``backend`` (env.backend): ``pettingzoo`` steps one PettingZoo env per copy, ``batched`` a batched port of
     an mpe2 env (``madistill.envs.batched``) all copies at once, ``auto`` the port where there is one.
+    ``seed_period`` P (a divisor of ``num_envs``): copies P apart play the same episode seeds (module docstring).
     """
 
     def __init__(
@@ -314,7 +321,10 @@ class MultiAgentVecEnv:
         nan_policy: str = "error",
         start_method: str = "fork",
         backend: str = "auto",
+        seed_period: int | None = None,
     ):
+        if seed_period is not None and (seed_period < 1 or num_envs % seed_period):
+            raise ValueError(f"seed_period must divide num_envs={num_envs}, got {seed_period}")
         self.spec = spec
         self.num_envs = num_envs
         self.backend = choose_backend(spec, backend, render_mode)
@@ -334,7 +344,7 @@ class MultiAgentVecEnv:
         if num_workers == 0:
             self._arrays = _StepArrays(self.groups, num_envs)
             self._local = copies(spec, self.groups, range(num_envs), num_envs, self._arrays.copies(0, num_envs),
-                                 render_mode, nan_policy)
+                                 render_mode, nan_policy, seed_period)
         else:
             ctx = mp.get_context(start_method)
             self._arrays = _StepArrays(self.groups, num_envs, ctx.RawArray("B", _StepArrays.nbytes(self.groups, num_envs)))
@@ -342,7 +352,8 @@ class MultiAgentVecEnv:
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
                     target=_worker,
-                    args=(child, spec, self.groups, ids.tolist(), num_envs, nan_policy, self._arrays.memory, self.backend),
+                    args=(child, spec, self.groups, ids.tolist(), num_envs, nan_policy, self._arrays.memory, self.backend,
+                          seed_period),
                     daemon=True,
                 )
                 p.start()

@@ -21,7 +21,7 @@ from madistill.policies.base import TeamPolicy
 from madistill.policies.store import MANIFEST, interrupted_hint, read_manifest
 from madistill.policies.uniform import UniformPolicy
 from madistill.rollout import Rollout
-from madistill.transforms import ObsTransform
+from madistill.transforms import ActionTransform, ObsTransform
 
 
 def run_episodes(
@@ -30,7 +30,7 @@ def run_episodes(
     episodes: int,
     seed: int,
     deterministic: bool = True,
-    transforms: Sequence[ObsTransform] = (),
+    transforms: Sequence[ObsTransform | ActionTransform] = (),
     progress: str | None = None,
     episode_streams: bool = False,
 ) -> list[EpisodeRecord]:

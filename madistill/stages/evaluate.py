@@ -45,6 +45,7 @@ def evaluate_policies(
     from madistill.evaluate.evaluator import record_video, run_episodes, uniform_team
     from madistill.evaluate.report import markdown_table, write_markdown
     from madistill.runtime import make_vec_env
+    from madistill.stages.cascade import configured_faults, fault_line
     from madistill.stages.figures import return_figure
     from madistill.stages.policies import load_policy, studied_policies, teams_for
 
@@ -61,20 +62,21 @@ def evaluate_policies(
     rows = setting_rows(refs)
     with make_vec_env(cfg.env, spec) as venv:
         sides = teams_for(cfg, venv, refs)
+        faults = configured_faults(cfg, venv, spec, device)
         teams = [load_policy(ref, venv.groups, device) for ref in refs]
         for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
-            recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, progress=bar(label),
+            recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, faults, progress=bar(label),
                                 episode_streams=ec.episode_streams)
             results[row].append((ref.run, recs))
         if ec.random_baseline:
-            recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, progress=bar("random"),
-                                episode_streams=ec.episode_streams)
+            recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, faults,
+                                progress=bar("random"), episode_streams=ec.episode_streams)
             results["random"].append(("random", recs))
     reports = run_dir / "reports"
     summaries = {name: _summarise(cfg, reports, name, runs, spec, sides, tb) for name, runs in results.items()}
     table = markdown_table(summaries)
-    write_markdown(reports / "eval.md", eval_report(summaries, table, spec.id, ec, sides))
+    write_markdown(reports / "eval.md", eval_report(summaries, table, spec.id, ec, sides, fault_line(cfg)))
     tb.text("eval/table", table)
     if cfg.logger.figures:
         tb.figure("eval/team_return", return_figure(summaries, spec.id))
@@ -142,17 +144,20 @@ def setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
     return rows
 
 
-def eval_report(summaries: dict[str, dict], table: str, env_id: str, ec: DictConfig, teams: Teams | None = None) -> str:
-    """``reports/eval.md``: what was played and what the columns mean (who plays on which team, where there
-    are several), the table (``markdown_table(summaries)``, which TensorBoard shows too), and a warning for
-    each student that does worse than the random team."""
+def eval_report(
+    summaries: dict[str, dict], table: str, env_id: str, ec: DictConfig, teams: Teams | None = None, fault: str = ""
+) -> str:
+    """``reports/eval.md``: what was played (``fault``: the line naming the fault it played under, if any) and
+    what the columns mean (who plays on which team, where there are several), the table
+    (``markdown_table(summaries)``, which TensorBoard shows too), and a warning for each student that does worse
+    than the random team."""
     from madistill.envs.teams import several_teams, teams_line
     from madistill.stages.results import worse_than_random
 
     acting = f"{'greedy' if ec.deterministic else 'sampled'} actions" + (
         " (the random team samples uniformly)" if "random" in summaries and ec.deterministic else "")
     header = (f"# Evaluation on {env_id}\n\n{ec.episodes} episodes per run, seeds {ec.seed}..{ec.seed + ec.episodes - 1}, "
-              f"{acting}; 95% stratified-bootstrap CIs.\n\n"
+              f"{acting}; 95% stratified-bootstrap CIs.\n\n" + (f"{fault}\n\n" if fault else "") +
               "Team return: an episode's undiscounted return averaged over the agents. IQM (interquartile mean): the "
               "mean of the middle 50% of the episodes' team returns, less swayed by outlier episodes than the mean.\n\n")
     if several_teams(teams):

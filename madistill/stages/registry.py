@@ -29,6 +29,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "madistill.stages.saliency",
     "madistill.stages.explain",
     "madistill.stages.attack",
+    "madistill.stages.cascade",
     "madistill.stages.pipeline",
 )
 

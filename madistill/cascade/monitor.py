@@ -1,0 +1,122 @@
+"""The cascade study of one team: impulse faults on every agent give the influence matrix, the studied fault
+(on its victims, or on each agent in turn) gives deviations and cascades, all from one paired run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from madistill.cascade.faults import ActionFault, Fault, FaultEnv, Holding, make_fault
+from madistill.cascade.measures import Cascade, Influence, cascade, deviation_summary, influence
+from madistill.cascade.paired import MakeVenv, PairedRun, check_reproducible, paired_rollouts
+from madistill.config import FaultConfig
+from madistill.errors import MadistillError
+from madistill.policies.base import TeamPolicy
+
+
+@dataclass
+class StudiedFault:
+    """One fault of the study: its label in the reports, its victims and the fault itself."""
+
+    label: str
+    victims: list[str]
+    fault: Fault
+
+
+@dataclass
+class CascadeStudy:
+    """Everything one team's cascade study measured (``to_dict`` is ``reports/cascade.json``'s body)."""
+
+    agents: list[str]
+    influence: Influence
+    faults: list[StudiedFault]
+    cascades: list[Cascade]
+    run: PairedRun  # the paired run; the studied faults are its last len(faults) fault blocks
+    threshold: float  # the failure threshold in use (cascade.threshold, or the clean twins' largest deviation)
+    replay_deviation: float  # the largest TV between clean twins of the replay check (0 when reproducible)
+
+    def block(self, i: int) -> int:
+        """The paired run's fault index of studied fault i."""
+        return self.run.tv.shape[0] - len(self.faults) + i
+
+    def to_dict(self, n_boot: int, confidence: float) -> dict[str, Any]:
+        inf = self.influence
+        return {
+            "agents": self.agents,
+            "first_lag": inf.first_lag(),
+            "influence": inf.matrix(inf.effect),
+            "influence_ci": {"lo": inf.matrix(inf.lo), "hi": inf.matrix(inf.hi)},
+            "edges": inf.edges(),
+            "reachable": inf.reachable(),
+            "threshold": self.threshold,
+            "replay_deviation": self.replay_deviation,
+            "faults": {
+                sf.label: {
+                    "deviation": deviation_summary(self.run, self.block(i), sf.victims),
+                    "cascade": self.cascades[i].summary(n_boot, confidence),
+                }
+                for i, sf in enumerate(self.faults)
+            },
+        }
+
+
+def fault_config(base: Any = None, **changes: Any) -> Any:
+    """A FaultConfig node: the schema's defaults, then ``base`` (a config node or dict), then ``changes``."""
+    return OmegaConf.merge(OmegaConf.structured(FaultConfig), base or {}, changes)
+
+
+def studied_faults(fc: Any, env: FaultEnv, agents: Sequence[str]) -> list[StudiedFault]:
+    """The studied fault on its victims, or on each agent in turn when ``fault.victims`` is empty."""
+    sets = [list(fc.victims)] if fc.victims else [[a] for a in agents]
+    return [StudiedFault(f"{fc.name}@{'+'.join(v)}", v, make_fault(fc, env, v)) for v in sets]
+
+
+def impulse_faults(impulse: Any, onsets: Sequence[int], env: FaultEnv, agents: Sequence[str]) -> tuple[list[Fault], list[str]]:
+    """One-step impulses of the action fault ``impulse`` (a FaultConfig node) on each agent at each of ``onsets``,
+    and the source agent of each."""
+    faults, sources = [], []
+    for a in agents:
+        for onset in onsets:
+            f = make_fault(fault_config(impulse, victims=[a], onset=int(onset), onset_max=None, duration=1, rate=1.0), env)
+            if not isinstance(f, ActionFault) or isinstance(f, Holding):  # a one-step stuck action is the chosen one
+                raise MadistillError(f"cascade.impulse={impulse.name!r} changes no action in a one-step impulse; "
+                                     "influence is measured from action impulses: use random, constant or dead")
+            faults.append(f)
+            sources.append(a)
+    return faults, sources
+
+
+def check_onsets(faults: Sequence[StudiedFault], cc: Any, lengths: np.ndarray, env_id: str) -> None:
+    """Refuse onsets at or past the end of the (replayed) episodes: such a fault would never act."""
+    shortest = int(lengths.min())
+    late = max(sf.fault.scope.last_onset for sf in faults)
+    if late >= shortest:
+        raise MadistillError(f"fault.onset (latest {late}) is past the episode's end: episodes of {env_id!r} last "
+                             f"{shortest} steps, so choose an onset below {shortest}")
+    if max(cc.onsets) >= shortest:
+        raise MadistillError(f"cascade.onsets={list(cc.onsets)} reach past the episode's end: episodes of {env_id!r} "
+                             f"last {shortest} steps, so choose onsets below {shortest}")
+
+
+def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any, impulse: Any, env_id: str) -> CascadeStudy:
+    """The cascade study of ``team`` (cascade config ``cc``, studied fault ``fc``, influence impulses of the
+    FaultConfig ``impulse``): every check first (faults, victims, reproducibility, onsets), then one paired run
+    with every impulse and studied fault side by side."""
+    agents = [a for g in env.groups for a in g.agents]
+    faults = studied_faults(fc, env, agents)
+    impulses, sources = impulse_faults(impulse, list(cc.onsets), env, agents)
+    replay = check_reproducible(make_venv, team, int(cc.replay_episodes), int(cc.seed), env_id, bool(cc.deterministic))
+    check_onsets(faults, cc, replay.lengths[0], env_id)
+    run = paired_rollouts(make_venv, team, [*impulses, *(sf.fault for sf in faults)], int(cc.episodes), int(cc.seed),
+                          bool(cc.deterministic))
+    inf = influence(run, sources, int(cc.lags), int(cc.n_boot), float(cc.confidence), float(cc.min_effect), int(cc.seed))
+    replay_dev = float(np.nanmax(replay.tv, initial=0.0))
+    threshold = max(float(cc.threshold), replay_dev)
+    edges = inf.edges()
+    loss = None if cc.return_loss is None else float(cc.return_loss)
+    cascades = [cascade(run, len(impulses) + i, sf.victims, threshold, edges, loss) for i, sf in enumerate(faults)]
+    return CascadeStudy(list(run.agents), inf, faults, cascades, run, threshold, replay_dev)

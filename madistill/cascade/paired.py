@@ -1,0 +1,156 @@
+"""Paired counterfactual rollouts: every episode played clean and under each fault, side by side.
+
+One vector env holds ``(F + 1) * E`` copies with seed period ``E``: block 0 plays episodes ``seed ..
+seed + E - 1`` clean, block ``f`` (1..F) the same episodes under fault ``f``. With the same action-sampling
+stream per episode (``episode_streams``, seeded by the episode seed), the twins act identically until the fault
+acts, so every difference after it is the fault's effect. Only each copy's first episode is measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.distributions import Categorical, Distribution
+
+from madistill.cascade.faults import Fault
+from madistill.common.divergences import divergence
+from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
+from madistill.policies.base import TeamPolicy
+from madistill.rollout import Rollout, Transition
+
+MakeVenv = Callable[[int, int], MultiAgentVecEnv]  # (num_envs, seed_period) -> a vector env of the studied env
+
+
+@dataclass
+class PairedRun:
+    """Per fault f, episode e, episode step t and agent a, faulted twin against clean twin. Entries are NaN
+    where either twin's episode is over or the agent is not acting in both."""
+
+    agents: list[str]  # agent ids, the last axis of every array
+    seeds: np.ndarray  # [E] episode seeds
+    onsets: np.ndarray  # [F, E] each fault's onset step in each episode
+    tv: np.ndarray  # [F, E, T, A] total variation between the twins' action distributions
+    kl: np.ndarray  # [F, E, T, A] KL(clean || faulted) between them
+    disagree: np.ndarray  # [F, E, T, A] 1 where the twins' chosen (intended) actions differ, else 0
+    reward_delta: np.ndarray  # [F, E, T, A] faulted reward - clean reward
+    returns: np.ndarray  # [F + 1, E, A] episode returns, block 0 clean
+    lengths: np.ndarray  # [F + 1, E] episode lengths, block 0 clean
+
+
+def _heads(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, None) of a Categorical; (mean, log std) of a Box distribution."""
+    if isinstance(dist, Categorical):
+        return dist.logits, None
+    return dist.mean, dist.stddev.log()
+
+
+def pair_divergences(dist: Distribution, rows: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TV and KL(clean || faulted) ``[blocks - 1, rows]`` between each faulted block's rows and block 0's, for a
+    distribution over ``blocks * rows`` rows. Box: diagonal Gaussians with equal spread (the policies' std does not
+    depend on the observation), whose TV is exact: ``2 Phi(d / 2) - 1`` for the Mahalanobis distance d of the means."""
+    head, log_std = _heads(dist)
+    head = head.reshape(blocks, rows, -1)
+    clean, faulted = head[:1].expand(blocks - 1, -1, -1), head[1:]
+    flat = (clean.reshape(-1, head.shape[-1]), faulted.reshape(-1, head.shape[-1]))
+    if log_std is None:
+        kl = divergence("kl", *flat, discrete=True)
+        tv = 0.5 * (clean.softmax(-1) - faulted.softmax(-1)).abs().sum(-1)
+    else:
+        ls = log_std.reshape(blocks, rows, -1)
+        kl = divergence("kl", *flat, discrete=False, teacher_log_std=ls[:1].expand_as(clean).reshape(flat[0].shape),
+                        student_log_std=ls[1:].reshape(flat[0].shape))
+        d = ((clean - faulted) / ls[:1].exp()).norm(dim=-1)
+        tv = torch.special.erf(d / (2 * 2**0.5))  # 2 Phi(d / 2) - 1
+    return tv, kl.reshape(blocks - 1, rows)
+
+
+class _Recorder:
+    """Accumulates the paired measures of one rollout step by step, while each copy plays its first episode."""
+
+    def __init__(self, team: TeamPolicy, agents: list[str], blocks: int, episodes: int):
+        self.team, self.agents, self.blocks, self.episodes = team, agents, blocks, episodes
+        self.col = {g.name: [agents.index(a) for a in g.agents] for g in team.groups}
+        n = blocks * episodes
+        self.steps: list[dict[str, np.ndarray]] = []
+        self.live = np.ones(n, dtype=bool)  # copy still in its first episode
+        self.returns = np.zeros((n, len(agents)))
+        self.lengths = np.zeros(n, dtype=np.int64)
+
+    def __call__(self, tr: Transition) -> None:
+        b, e, a = self.blocks, self.episodes, len(self.agents)
+        out = {k: np.full((b - 1, e, a), np.nan) for k in ("tv", "kl", "disagree", "reward_delta")}
+        live = self.live.reshape(b, e)
+        for g in self.team.groups:
+            cols, n_g = self.col[g.name], g.n_agents
+            tv, kl = pair_divergences(tr.dists[g.name], e * n_g, b)
+            act = tr.intended[g.name].reshape(b, e, n_g, -1)
+            active = tr.active[g.name].reshape(b, e, n_g).cpu().numpy()
+            reward = tr.result.rewards[g.name].reshape(b, e, n_g)
+            both = active[1:] & active[:1] & live[1:, :, None] & live[:1, :, None]
+            for key, value in (("tv", tv.reshape(b - 1, e, n_g).cpu().numpy()),
+                               ("kl", kl.reshape(b - 1, e, n_g).cpu().numpy()),
+                               ("disagree", (act[1:] != act[:1]).any(-1).cpu().numpy().astype(float)),
+                               ("reward_delta", reward[1:] - reward[:1])):
+                out[key][:, :, cols] = np.where(both, value, np.nan)
+            acted = (active & live.reshape(b, e, 1)).reshape(b * e, n_g)
+            self.returns[:, cols] += np.where(acted, tr.result.rewards[g.name].reshape(b * e, n_g), 0.0)
+        self.lengths += self.live
+        self.steps.append(out)
+
+
+def paired_rollouts(
+    make_venv: MakeVenv,
+    team: TeamPolicy,
+    faults: Sequence[Fault | None],
+    episodes: int,
+    seed: int,
+    deterministic: bool = False,
+    watch: Callable[[Rollout], Callable[[Transition], None]] | None = None,
+) -> PairedRun:
+    """Play episodes ``seed .. seed + episodes - 1`` clean and under each of ``faults`` side by side (one block
+    of copies each; None: a second clean twin), and return their paired measures. Each fault is armed on its
+    block only (onset -1 for a clean twin). ``watch`` builds an ``on_step`` hook for the paired rollout (an
+    alert monitor's), called after every step."""
+    blocks = len(faults) + 1
+    with make_venv(blocks * episodes, episodes) as venv:
+        agents = list(venv.possible_agents)
+        for f, fault in enumerate(faults):
+            if fault is not None:
+                fault.armed = np.repeat(np.arange(blocks) == f + 1, episodes)
+        chain = [f for f in faults if f is not None]
+        rollout = Rollout(venv, team, chain, deterministic=deterministic, seed=seed, episode_streams=True)
+        start = rollout.playing.copy()
+        onsets = np.full((len(faults), episodes), -1, dtype=np.int64)
+        for f, fault in enumerate(faults):
+            if fault is not None:
+                onsets[f] = fault.onset_at[(f + 1) * episodes:(f + 2) * episodes]
+        rec = _Recorder(team, agents, blocks, episodes)
+        hooks = [rec] if watch is None else [rec, watch(rollout)]
+        while rec.live.any():
+            tr = rollout.step()
+            for hook in hooks:
+                hook(tr)
+            rec.live &= rollout.playing == start
+    stacked = {k: np.stack([s[k] for s in rec.steps], axis=2) for k in rec.steps[0]}
+    return PairedRun(agents, start[:episodes].copy(), onsets, stacked["tv"], stacked["kl"], stacked["disagree"],
+                     stacked["reward_delta"], rec.returns.reshape(blocks, episodes, -1),
+                     rec.lengths.reshape(blocks, episodes))
+
+
+def check_reproducible(make_venv: MakeVenv, team: TeamPolicy, episodes: int, seed: int, env_id: str,
+                       deterministic: bool = False) -> PairedRun:
+    """Play ``episodes`` clean episodes twice side by side; refuse, in one line, an env whose episodes are not
+    reproducible from their seed (the twins must agree exactly). Returns the replay (its lengths bound onsets)."""
+    run = paired_rollouts(make_venv, team, [None], episodes, seed, deterministic)
+    diff = np.nan_to_num(run.tv[0], nan=0.0) + np.abs(np.nan_to_num(run.reward_delta[0], nan=0.0))
+    if diff.any() or (run.lengths[0] != run.lengths[1]).any() or not np.array_equal(run.returns[0], run.returns[1]):
+        e, t, a = (np.argwhere(diff)[0].tolist() if diff.any() else [int(np.argmax(run.lengths[0] != run.lengths[1])), 0, 0])
+        raise MadistillError(
+            f"env {env_id!r} is not reproducible from its seed: episode {int(run.seeds[e])} played twice differs for "
+            f"{run.agents[a]!r} at step {t}; the cascade monitor compares twins of one episode, so the env must draw "
+            "all its randomness from the seed given to reset()")
+    return run

@@ -1,0 +1,137 @@
+"""``madistill cascade``: inject a fault into one agent of a saved team and measure how it propagates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from madistill.stages.registry import Stage
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+def impulse_config(name: str) -> Any:
+    """The FaultConfig of ``cascade.impulse``: its conf/fault/ file (one line naming the choices when none)."""
+    from omegaconf import OmegaConf
+
+    from madistill.cascade.monitor import fault_config
+    from madistill.config import config_dir
+    from madistill.errors import MadistillError
+
+    path = Path(config_dir(), "fault", f"{name}.yaml")
+    if not path.exists():
+        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise MadistillError(f"cascade.impulse={name!r} is no fault in conf/fault/: use one of {names}")
+    return fault_config(OmegaConf.load(path))
+
+
+def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any) -> list:
+    """The fault the config names, as a one-element transform list for a stage's rollouts (``evaluate``), or no
+    transform where ``fault.victims`` is empty (the default): ``madistill evaluate fault=stuck fault.victims=[a]``."""
+    from madistill.cascade.faults import FaultEnv, make_fault
+    from madistill.envs.features import feature_layouts
+    from madistill.stages.policies import configured_features
+
+    if not cfg.fault.victims:
+        return []
+    layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+    return [make_fault(cfg.fault, FaultEnv(venv.groups, layouts, cfg.attack, device))]
+
+
+def fault_line(cfg: DictConfig) -> str:
+    """One line saying which fault a stage's rollouts played under (empty without one)."""
+    fc = cfg.fault
+    if not fc.victims:
+        return ""
+    onset = fc.onset if fc.onset_max is None else f"{fc.onset}..{fc.onset_max}"
+    length = "to the episode's end" if fc.duration is None else f"for {fc.duration} step(s)"
+    return (f"Under fault {fc.name!r} on {', '.join(fc.victims)} from step {onset} {length}"
+            + (f" at rate {fc.rate:g}" if fc.rate < 1 else "") + " (docs/cascade.md).")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Paired clean and faulted rollouts of every saved policy under ``cascade.policy``: the influence matrix of
+    one-step impulses on each agent and the cascades of the studied fault (``fault=<name>``, ``fault.victims``).
+    Writes ``reports/cascade.{json,md}``, influence heatmaps per lag, the influence graph and a timeline per
+    studied fault (PNG and TensorBoard images), and TensorBoard scalars."""
+    import json
+
+    from madistill.cascade.faults import FaultEnv
+    from madistill.cascade.monitor import study
+    from madistill.cascade.report import comparison, graph, heatmaps, markdown, timeline
+    from madistill.common.io import atomic_write_text
+    from madistill.envs.features import feature_layouts
+    from madistill.evaluate.report import write_markdown
+    from madistill.runtime import make_vec_env
+    from madistill.stages.policies import configured_features, load_policy, studied_policies
+    from madistill.stages.rundir import open_tb
+
+    cc, fc = cfg.cascade, cfg.fault
+    impulse = impulse_config(cc.impulse)
+    device, refs, spec = studied_policies(cfg, cc.policy, "no policy to study: pass cascade.policy=<run or policy directory>",
+                                          add_teachers=False)
+
+    def make_venv(n: int, period: int) -> Any:
+        return make_vec_env(cfg.env, spec, num_envs=n, seed_period=period)
+
+    with make_vec_env(cfg.env, spec, num_envs=1, num_workers=0) as venv:
+        groups = venv.groups
+        layouts = feature_layouts(groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+    env = FaultEnv(groups, layouts, cfg.attack, device)
+    several = len({r.run for r in refs}) > 1
+    studies = {}
+    for ref in refs:
+        team = load_policy(ref, groups, device)
+        studies[f"{ref.name}@{ref.run}" if several else ref.name] = study(make_venv, team, env, cc, fc, impulse, spec.id)
+    results = {label: s.to_dict(int(cc.n_boot), float(cc.confidence)) for label, s in studies.items()}
+    first = next(iter(results))
+    payload = {"meta": {"env": spec.to_dict(), "policies": {r.name: str(r.path) for r in refs}, "episodes": cc.episodes,
+                        "seed": cc.seed, "policy": first}, **results[first], "policies": results}
+    reports = run_dir / "reports"
+    atomic_write_text(reports / "cascade.json", json.dumps(payload, indent=2))
+    text = "\n".join([*(markdown(r, spec.id, label, int(cc.episodes)) for label, r in results.items()),
+                      *([comparison(results)] if len(results) > 1 else [])])
+    write_markdown(reports / "cascade.md", text)
+    with open_tb(cfg, run_dir) as tb:
+        tb.text("cascade/report", text)
+        for label, s in studies.items():
+            inf = s.influence
+            for i, src in enumerate(inf.agents):
+                for j, dst in enumerate(inf.agents):
+                    for k in range(inf.lags) if i != j else ():
+                        tb.scalar(f"cascade/{label}/influence/{src}->{dst}", float(inf.effect[i, j, k]), k + 1)
+            for label_f, r in results[label]["faults"].items():
+                tb.scalar(f"cascade/{label}/{label_f}/size", r["cascade"]["size_mean"], 0)
+                for agent, dev in r["deviation"]["agents"].items():
+                    for t, v in enumerate(dev["tv"]):
+                        if v is not None:
+                            tb.scalar(f"cascade/{label}/{label_f}/tv/{agent}", v, t)
+            if cfg.logger.figures:
+                tb.figure(f"cascade/{label}/influence", heatmaps(s))
+                tb.figure(f"cascade/{label}/graph", graph(s))
+                for i, sf in enumerate(s.faults):
+                    tb.figure(f"cascade/{label}/timeline_{sf.label}", timeline(s, i))
+    lines = ["", f"Cascade study on {spec.id} ({cc.episodes} paired episodes):"]
+    for label, r in results.items():
+        edges = ", ".join(f"{a}->{b}" for a, b, _ in r["edges"]) or "none"
+        lines.append(f"  {label:<8} lag-1 influence graph: {edges}")
+        for label_f, f in r["faults"].items():
+            c = f["cascade"]
+            lines.append(f"  {label:<8} {label_f}: cascade size {c['size_mean']:.2f} [{c['size_ci'][0]:.2f}, "
+                         f"{c['size_ci'][1]:.2f}], representative order {c['representative_order']}")
+    lines += [f"  report:      {reports / 'cascade.md'}", f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}"]
+    print("\n".join(lines))
+    return payload
+
+
+STAGE = Stage(
+    name="cascade",
+    run=run,
+    summary="inject a fault into agents of saved policies and measure its cascade (cascade.policy=<run or policy dir>)",
+    sections=("cascade", "fault"),
+    writes="reports/cascade.{json,md}, influence heatmaps, graph and timelines",
+    examples=("madistill cascade cascade.policy=<run>", "madistill cascade cascade.policy=<run> fault=stuck "
+              "fault.victims=[agent_0] fault.onset=5"),
+    policy_key="cascade.policy",
+)

@@ -1,0 +1,108 @@
+"""`madistill cascade`: the report a saved relay teacher gets, and bad input as one line, exit 2, nothing left."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import call_cli, tiny
+
+from envs.relay import RelayEnv
+
+CHAIN = ["env=relay", "env.kwargs.max_cycles=12"]
+STUDY = ["cascade.episodes=6", "cascade.n_boot=100", "cascade.replay_episodes=2", "cascade.lags=4",
+         "cascade.onsets=[2,5]"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory):
+    run = tmp_path_factory.mktemp("cascade") / "teacher"
+    with pytest.MonkeyPatch.context() as mp:
+        assert call_cli(["train", *tiny(*CHAIN, "teacher.total_agent_steps=3000"), f"hydra.run.dir={run}"], mp) == 0
+    return run
+
+
+def test_cascade_report_has_the_required_keys_and_null_lags_where_nothing_can_reach(cli, teacher, tmp_path):
+    out = tmp_path / "study"
+    rc, stdout, err = cli("cascade", *tiny(*STUDY, "logger.figures=true", f"cascade.policy={teacher}",
+                                          "fault=stuck", "fault.victims=[agent_1]", "fault.onset=3"),
+                          f"hydra.run.dir={out}")
+    assert rc == 0, err
+    report = json.loads((out / "reports" / "cascade.json").read_text())
+    agents = [f"agent_{i}" for i in range(4)]
+    assert report["agents"] == agents
+    truth = RelayEnv(n_agents=4, topology="chain").influence_lags()
+    for s in agents:
+        assert set(report["first_lag"][s]) == set(report["influence"][s]) == set(agents) - {s}
+        for d in set(agents) - {s}:
+            assert len(report["influence"][s][d]) == 4
+            if (s, d) not in truth:  # upstream of the impulse: the effect is exactly 0 whatever the policy
+                assert report["first_lag"][s][d] is None and report["influence"][s][d] == [0.0] * 4
+            elif report["first_lag"][s][d] is not None:
+                assert report["first_lag"][s][d] >= truth[(s, d)]  # never before the shortest path
+    assert all(lag == 1 and (s, d) in truth for s, d, lag in report["edges"])
+    cascade = report["faults"]["stuck@agent_1"]["cascade"]
+    assert set(cascade["agents"]) == {"agent_0", "agent_2", "agent_3"}
+    assert cascade["agents"]["agent_0"]["fail_rate"] == 0.0  # upstream of the victim
+    figures = {p.name for p in (out / "reports").glob("*.png")}
+    assert figures == {"cascade_teacher_influence.png", "cascade_teacher_graph.png",
+                       "cascade_teacher_timeline_stuck@agent_1.png"}
+    assert "cascade size" in stdout and (out / "reports" / "cascade.md").read_text().startswith("# Cascade study")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["fault.victims=[agent_9]"], "fault.victims names ['agent_9']"),
+    (["fault.name=melt"], "unknown fault 'melt'"),
+    (["cascade.impulse=melt"], "cascade.impulse='melt' is no fault in conf/fault/"),
+    (["cascade.impulse=noise"], "cascade.impulse='noise' changes no action in a one-step impulse"),
+    (["cascade.impulse=stuck"], "cascade.impulse='stuck' changes no action in a one-step impulse"),
+    (["fault.onset=12"], "past the episode's end: episodes of 'relay' last 12 steps"),
+    (["cascade.onsets=[3,20]"], "cascade.onsets=[3, 20] reach past the episode's end"),
+    (["fault=constant", "fault.action=[0.5,0.5]"], "has Discrete actions: set fault.action=[k]"),
+    ([*CHAIN, "env.target=cascade_helpers.UnseededRelay"], "is not reproducible from its seed"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(cli, teacher, tmp_path, args, message):
+    out = tmp_path / "study"
+    rc, _, err = cli("cascade", *tiny(*STUDY, f"cascade.policy={teacher}", *args), f"hydra.run.dir={out}")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("madistill cascade: error: ") and message in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_several_policies_are_compared_on_the_same_faults_and_episodes(cli, teacher, tmp_path):
+    other = teacher.parent / "teacher_s1"
+    rc, _, err = cli("train", *tiny(*CHAIN, "teacher.total_agent_steps=3000", "seed=1"), f"hydra.run.dir={other}")
+    assert rc == 0, err
+    out = tmp_path / "study"
+    rc, _, err = cli("cascade", *tiny(*STUDY, f"cascade.policy={teacher.parent}", "fault=dead",
+                                     "fault.victims=[agent_0]", "fault.duration=null"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    report = json.loads((out / "reports" / "cascade.json").read_text())
+    assert list(report["policies"]) == ["teacher@teacher", "teacher@teacher_s1"]
+    assert report["meta"]["policy"] == "teacher@teacher" and report["first_lag"] == report["policies"]["teacher@teacher"]["first_lag"]
+    for r in report["policies"].values():
+        c = r["faults"]["dead@agent_0"]["cascade"]
+        lo, hi = c["others_return_delta_ci"]
+        assert lo <= c["others_return_delta"] <= hi and c["size_ci"][0] <= c["size_mean"] <= c["size_ci"][1]
+    md = (out / "reports" / "cascade.md").read_text()
+    assert "## Comparison" in md and md.count("| dead@agent_0 | teacher@") == 2
+
+
+def test_evaluate_plays_under_the_configured_fault(cli, teacher, tmp_path):
+    """`madistill evaluate fault=... fault.victims=[...]`: the same episodes, the victim dead from step 0; the
+    report says so. Without victims (the default) nothing changes."""
+    def team_mean(*args: str) -> tuple[float, str]:
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "eval.random_baseline=false", *args),
+                         f"hydra.run.dir={out}")
+        assert rc == 0, err
+        summary = json.loads((out / "reports" / "eval_teacher.json").read_text())
+        return summary["summary"]["team"]["mean"], (out / "reports" / "eval.md").read_text()
+
+    clean, clean_md = team_mean()
+    same, _ = team_mean("fault=dead")  # no victims: no fault
+    faulted, md = team_mean("fault=dead", "fault.victims=[agent_0,agent_1,agent_2,agent_3]", "fault.onset=0")
+    assert same == clean and "Under fault" not in clean_md
+    assert "Under fault 'dead' on agent_0, agent_1, agent_2, agent_3 from step 0 to the episode's end" in md
+    assert faulted != clean
