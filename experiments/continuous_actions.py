@@ -8,14 +8,17 @@ formula), and the same ``teacher.bootstrap_truncated``: SuperSuit reports every 
 ``TimeLimit.truncated``, so SB3 bootstraps only where a wrapper here marks the ends at ``max_cycles`` as time limits.
 Each trained policy is evaluated the same way, through madistill's evaluator: greedy actions (the Gaussian's
 mean, sent as every policy's actions are: ``madistill.rollout.env_actions``) and sampled ones, 100 episodes of seeds 10000+, mean with a 95% bootstrap CI; a
-uniform-random team is the reference. Runs go one after the other (the machine is shared).
+uniform-random team is the reference. The greedy evaluation also counts, per action component, how often the
+Gaussian's mean lies more than 2 stds outside the box (``saturated``). Runs go one after the other, or ``--jobs`` at
+once, each in a fresh process (the same numbers either way).
 
     nice python experiments/continuous_actions.py --steps 100000 --seeds 0 1 2
     nice python experiments/continuous_actions.py --variants madistill-no-bootstrap --tag ls -- teacher.ppo.ent_coef=0
 
 Variants: ``madistill`` (the given settings), ``madistill-no-bootstrap`` (and ``teacher.bootstrap_truncated=false``),
-``sb3-bootstrap`` (SB3 with madistill's time-limit bootstrap), ``sb3`` (without: PettingZoo's SuperSuit recipe, acting
-in the raw box) and ``sb3-unit`` (``sb3`` acting in [-1, 1] rescaled affinely to the box, as SB3's docs advise).
+``madistill-recipe`` (``+experiment=spread_continuous``: that and ``teacher.ppo.gamma=0.95``), ``sb3-bootstrap`` (SB3
+with madistill's time-limit bootstrap), ``sb3`` (without: PettingZoo's SuperSuit recipe, acting in the raw box) and
+``sb3-unit`` (``sb3`` acting in [-1, 1] rescaled affinely to the box, as SB3's docs advise).
 Writes ``experiments/results/continuous_actions[_TAG].json`` and ``.png`` (every run's training curve).
 """
 
@@ -23,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,11 +43,12 @@ from stable_baselines3.common.vec_env import VecEnvWrapper
 from teacher_quality import TeamReturnCurve, plot_curves
 
 from madistill.cli import compose_config
-from madistill.evaluate.evaluator import run_episodes, uniform_team
+from madistill.evaluate.evaluator import uniform_team
 from madistill.evaluate.stats import summarize, summarize_scores
 from madistill.normalize import ObsNormalizer
 from madistill.policies.base import Policy, TeamPolicy
 from madistill.policies.sb3 import SB3Policy, policy_kwargs
+from madistill.rollout import Rollout, Transition
 from madistill.runtime import env_spec, make_vec_env, seed_everything
 from madistill.tb import TBLogger
 from madistill.teacher import TeacherTrainer
@@ -55,6 +61,7 @@ VARIANTS = {  # name: (trainer, overrides after the command line's)
     "sb3-bootstrap": ("sb3", ["teacher.bootstrap_truncated=true"]),
     "sb3": ("sb3", ["teacher.bootstrap_truncated=false"]),
     "sb3-unit": ("sb3-unit", ["teacher.bootstrap_truncated=false"]),
+    "madistill-recipe": ("madistill", ["+experiment=spread_continuous"]),  # conf/experiment/spread_continuous.yaml
 }
 
 
@@ -181,12 +188,27 @@ def train_sb3(cfg: DictConfig, unit: bool = False) -> tuple[TeamPolicy, Curve]:
 
 
 def evaluate(cfg: DictConfig, team: TeamPolicy, episodes: int, seed: int, greedy: bool = True) -> dict[str, Any]:
-    """Mean team return over ``episodes`` seeded episodes, with its 95% bootstrap CI, and every episode's."""
+    """Mean team return over ``episodes`` seeded episodes, with its 95% bootstrap CI, and every episode's; and per
+    action component, the share of acting steps whose Gaussian mean lies more than 2 stds outside the box
+    (``saturated``): there nearly every sample is clipped to the same bound, so the component has no effect
+    that PPO could credit and its mean gets no signal back into the box (none for a random team)."""
     team.eval()
+    outside: list[torch.Tensor] = []
+
+    def record(tr: Transition) -> None:
+        for g in team.groups:
+            dist, space = tr.dists[g.name], g.action_space
+            if isinstance(dist, torch.distributions.Normal):
+                low, high = torch.as_tensor(space.low), torch.as_tensor(space.high)
+                beyond = (dist.loc < low - 2 * dist.scale) | (dist.loc > high + 2 * dist.scale)
+                outside.append(beyond[tr.active[g.name].reshape(-1)].float())
+
     with make_vec_env(cfg.env, num_envs=10, num_workers=0) as venv:
-        records = run_episodes(venv, team, episodes, seed, deterministic=greedy)
+        records = Rollout(venv, team, deterministic=greedy, seed=seed).run(episodes=episodes, on_step=record)
     s = summarize(records, seed=0)["team"]
-    return {"mean": s["mean"], "mean_ci": s["mean_ci"], "returns": [r.team_return for r in records]}
+    saturated = torch.cat(outside).mean(0).tolist() if outside else []
+    return {"mean": s["mean"], "mean_ci": s["mean_ci"], "returns": [r.team_return for r in records],
+            "saturated": saturated}
 
 
 def pooled(runs: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
@@ -216,6 +238,19 @@ def write(results: dict[str, Any], tag: str) -> Path:
     return stem
 
 
+def run_one(seed: int, name: str, steps: int, overrides: list[str], episodes: int, eval_seed: int) -> dict[str, Any]:
+    """One variant trained at one seed and evaluated (greedy and sampled); with its composed teacher settings."""
+    torch.set_num_threads(1)
+    trainer, extra = VARIANTS[name]
+    cfg = compose_config([*ENV, f"seed={seed}", f"teacher.total_agent_steps={steps}", *overrides, *extra])
+    trainers = {"madistill": train_madistill, "sb3": train_sb3, "sb3-unit": partial(train_sb3, unit=True)}
+    t0 = time.perf_counter()
+    team, curve = trainers[trainer](cfg)
+    return {"greedy": evaluate(cfg, team, episodes, eval_seed),
+            "sampled": evaluate(cfg, team, episodes, eval_seed, greedy=False),
+            "train_seconds": time.perf_counter() - t0, "curve": curve, "settings": OmegaConf.to_container(cfg.teacher)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100_000, help="agent-steps per training run")
@@ -223,37 +258,39 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--eval-seed", type=int, default=10_000)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     ap.add_argument("--tag", default="", help="suffix of the results files")
     ap.add_argument("overrides", nargs="*", help="madistill config overrides for every variant (after --)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {"steps": args.steps, "overrides": args.overrides, "command": " ".join(sys.argv),
                                "settings": {}, "runs": {}}
-    trainers = {"madistill": train_madistill, "sb3": train_sb3, "sb3-unit": partial(train_sb3, unit=True)}
-    for seed in args.seeds:
-        for name in args.variants:
-            trainer, extra = VARIANTS[name]
-            cfg = compose_config([*ENV, f"seed={seed}", f"teacher.total_agent_steps={args.steps}", *args.overrides, *extra])
-            if "random" not in results:
-                with make_vec_env(cfg.env, num_envs=1) as venv:
-                    results["random"] = evaluate(cfg, uniform_team(venv), args.episodes, args.eval_seed, greedy=False)
-            results["settings"][name] = OmegaConf.to_container(cfg.teacher)
-            t0 = time.perf_counter()
-            team, curve = trainers[trainer](cfg)
-            row = {"greedy": evaluate(cfg, team, args.episodes, args.eval_seed),
-                   "sampled": evaluate(cfg, team, args.episodes, args.eval_seed, greedy=False),
-                   "train_seconds": time.perf_counter() - t0, "curve": curve}
+    cfg = compose_config([*ENV, *args.overrides])
+    with make_vec_env(cfg.env, num_envs=1) as venv:
+        results["random"] = evaluate(cfg, uniform_team(venv), args.episodes, args.eval_seed, greedy=False)
+    runs = [(seed, name) for seed in args.seeds for name in args.variants]
+    # each run in a fresh interpreter (spawned, one run per process), so its numbers do not depend on --jobs
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        futures = {pool.submit(run_one, seed, name, args.steps, args.overrides, args.episodes, args.eval_seed): (seed, name)
+                   for seed, name in runs}
+        for future in as_completed(futures):
+            seed, name = futures[future]
+            row = future.result()
+            results["settings"][name] = row.pop("settings")
             results["runs"].setdefault(name, {})[str(seed)] = row
-            g, s = row["greedy"], row["sampled"]
+            g, s, curve = row["greedy"], row["sampled"], row["curve"]
             print(f"seed {seed} {name:<24} greedy {g['mean']:7.2f} [{g['mean_ci'][0]:.2f}, {g['mean_ci'][1]:.2f}]"
-                  f"  sampled {s['mean']:7.2f}  last training return {curve[-1][1]:7.2f}  ({row['train_seconds']:.0f} s)",
+                  f"  sampled {s['mean']:7.2f}  last training return {curve[-1][1]:7.2f}  saturated {np.mean(g['saturated']):.2f}"
+                  f"  ({row['train_seconds']:.0f} s)",
                   flush=True)
             stem = write(results, args.tag)  # after every run: a stopped sweep keeps what it finished
+    # the order of the command line, whatever order the runs finished in
+    results["runs"] = {name: {str(seed): results["runs"][name][str(seed)] for seed in args.seeds} for name in args.variants}
     r = results["random"]
     print(f"uniform random {r['mean']:.2f} [{r['mean_ci'][0]:.2f}, {r['mean_ci'][1]:.2f}]; over all seeds:")
     results["pooled"] = {}
-    for name, runs in results["runs"].items():
-        results["pooled"][name] = p = {"greedy": pooled(runs, "greedy"), "sampled": pooled(runs, "sampled")}
+    for name, runs_of in results["runs"].items():
+        results["pooled"][name] = p = {"greedy": pooled(runs_of, "greedy"), "sampled": pooled(runs_of, "sampled")}
         g, s = p["greedy"], p["sampled"]
         print(f"{name:<24} greedy {g['mean']:7.2f} [{g['mean_ci'][0]:.2f}, {g['mean_ci'][1]:.2f}]"
               f"  sampled {s['mean']:7.2f} [{s['mean_ci'][0]:.2f}, {s['mean_ci'][1]:.2f}]")

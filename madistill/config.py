@@ -62,6 +62,11 @@ VideoFormat = _choices("VideoFormat", "gif mp4")
 ExplainMethod = _choices("ExplainMethod", "gradient input_x_gradient integrated_gradients smoothgrad lrp kernel_shap "
                          "lime perturbation", "Attribution methods (madistill/explain/attribution.py)")
 ExplainTarget = _choices("ExplainTarget", "prob logit")
+NeuronScore = _choices("NeuronScore", "grad ig probe")
+RepairBaseline = _choices("RepairBaseline", "full last random")
+FailureAttack = _choices("FailureAttack", "random fgsm pgd pgd_strong spsa targeted_random targeted_lowest",
+                         "Suite attacks that craft on the repaired policy itself (critic needs a value head, "
+                         "transfer a surrogate)")
 AlertScore = _choices("AlertScore", "obs surprise disagreement", "Online alert scores (madistill/cascade/alerts.py)")
 
 
@@ -454,6 +459,41 @@ class AlertConfig:
                   "a non-empty list of distinct scores")
         c.within(0, 1, "false_alarm_rate", open_low=True, open_high=True)
         c.at_least(1, "calibration_episodes")
+
+
+@dataclass
+class RepairConfig:
+    """Neuron localisation and gradient-masked repair (``madistill repair``, docs/repair.md)."""
+
+    policy: str | None = None  # run or policy directory whose policy is repaired (a run's teacher, else its only policy)
+    group: str | None = None  # agent group to repair (default: the Discrete group with the most failures)
+    failures: str | None = None  # .npz of raw observations `obs` [N, d] and wanted `actions` [N]; default: built with the attack
+    attack: FailureAttack = FailureAttack.pgd  # the attack suite member that builds the failure set
+    eps: float | None = None  # its l_inf radius in stds (default: the middle of attack.eps, the suite's middle budget)
+    episodes: int = 20  # clean episodes whose observations are attacked (failure set) and anchor clean behaviour
+    max_failures: int = 4096  # failing observations kept at most
+    score: NeuronScore = NeuronScore.grad  # neuron scores: activation x gradient, integrated gradients, sparse probe
+    ig_steps: int = 16  # integrated gradients: points on the path from the ablated to the actual units
+    probe_l1: float = 0.001  # sparse probe: L1 penalty on its weights
+    probe_steps: int = 300  # sparse probe: Adam steps of its logistic regression
+    neurons: float = 0.03  # share of the hidden neurons repaired (at least one)
+    max_parameters: float = 0.05  # most of the policy's acting parameters the repair may change (drops lowest-scored neurons)
+    ablation_draws: int = 20  # random neuron sets of the same size the chosen neurons' ablation is compared to
+    steps: int = 300  # fine-tuning steps (every variant: masked and baselines)
+    batch_size: int = 256  # failing and as many clean observations per step
+    learning_rate: float = 0.001  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay (masked parameters stay bit-identical regardless)
+    anchor: float = 1.0  # weight of the clean anchor: divergence to the original policy on clean observations
+    divergence: Divergence = Divergence.kl  # the anchor's divergence
+    baselines: list[RepairBaseline] = field(default_factory=lambda: list(RepairBaseline))  # also fine-tuned, same data and steps
+    evaluate: bool = True  # clean and attacked returns of the original and every variant (attack.* settings, at eps)
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "episodes", "max_failures", "ig_steps", "probe_steps", "ablation_draws", "steps", "batch_size")
+        c.within(0, 1, "neurons", "max_parameters", open_low=True)
+        c.within(0, float("inf"), "eps", open_low=True)
+        c.at_least(0, "probe_l1", "learning_rate", "weight_decay", "anchor")
 
 
 @dataclass

@@ -66,7 +66,7 @@ def test_unknown_stage_exits_2(cli):
     assert rc == 2 and out == ""
     assert _err_lines(err) == [
         "madistill: error: unknown stage 'distil': did you mean 'distill'? "
-        "use one of train, evaluate, distill, finetune, saliency, explain, attack, cascade, pipeline"
+        "use one of train, evaluate, distill, finetune, saliency, explain, attack, cascade, repair, pipeline"
     ]
 
 
@@ -385,6 +385,22 @@ def test_spread_robust_preset_is_robust_distillation_with_8_rounds_on_spread():
     assert cfg.env.name == "simple_spread_v3" and cfg.distill.lambda_igr == 0.01  # spread's DIGR weight
     assert cfg.distill.rounds == 8 and cfg.distill.adv_weight == 1.0 and cfg.distill.smooth_weight == 0.5
     assert list(cfg.attack.eps) == [0.1, 0.2, 0.3]
+
+
+def test_continuous_spread_recipe_is_a_config_file():
+    """docs/continuous_actions.md's recipe: continuous spread without the time-limit bootstrap, discount 0.95; the
+    rest as the default spread teacher."""
+    from omegaconf import OmegaConf
+
+    from madistill.cli import compose_config
+
+    cfg = compose_config(["+experiment=spread_continuous"])
+    default = compose_config(["env=simple_spread_v3"])
+    assert cfg.env.name == "simple_spread_v3" and cfg.env.kwargs.continuous_actions is True
+    assert cfg.teacher.bootstrap_truncated is False and cfg.teacher.ppo.gamma == 0.95
+    assert default.teacher.bootstrap_truncated is True and default.teacher.ppo.gamma == 0.99
+    for key in ("total_agent_steps", "ppo.learning_rate", "ppo.ent_coef", "ppo.n_epochs", "hidden_sizes"):
+        assert OmegaConf.select(cfg.teacher, key) == OmegaConf.select(default.teacher, key), key
 
 
 def test_attacking_a_teacher_with_a_central_critic_skips_the_critic_attack(cli, tmp_path):

@@ -30,6 +30,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "madistill.stages.explain",
     "madistill.stages.attack",
     "madistill.stages.cascade",
+    "madistill.stages.repair",
     "madistill.stages.pipeline",
 )
 

@@ -1,0 +1,117 @@
+"""Gradient-masked repair of a saved teacher against full fine-tuning, last-layer fine-tuning and a random mask of
+the same size, over several seeds (issue 22, items 4-5).
+
+Each seed runs ``madistill repair`` on the teacher at the attack suite's middle budget (the seed changes the
+clean episodes whose attacked observations form the failure set, and the random mask); every variant is then
+evaluated on the same attack episodes (``attack.seed``), so per-episode returns are paired across variants.
+Summarised over seeds: parameters changed, the clean return and the worst return over the attack suite per
+variant, each variant's recovery of the worst case (its worst return minus the original's), the masked repair's
+recovery as a share of full fine-tuning's, the masked-minus-random worst-case difference with a paired bootstrap
+CI (episodes resampled within each seed), and the share of the original's clean gain over random each keeps.
+
+    python experiments/repair.py /tmp/repair/sl_teacher --seeds 0 1 2 attack.episodes=20
+
+Extra arguments are config overrides for every repair run (``attack.*``, ``repair.*``). Writes
+``experiments/results/repair_<env>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from madistill.cli import compose_config
+from madistill.evaluate.stats import bootstrap_ci
+from madistill.policies.store import read_manifest
+from madistill.stages import repair as repair_stage
+from madistill.stages.policies import teacher_dir
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _ci(diffs: np.ndarray, strata: np.ndarray) -> list[float]:
+    return [float(v) for v in bootstrap_ci(diffs, np.mean, n_boot=2000, seed=0, strata=strata)]
+
+
+def summarise(runs: dict[int, dict]) -> dict:
+    """Per variant over the seeds' repair reports: means of parameters changed, clean and worst return, recovery;
+    paired CIs of masked minus each baseline on the worst-case per-episode returns."""
+    seeds = sorted(runs)
+    names = ["original", *runs[seeds[0]]["variants"]]
+
+    def ev(seed: int, name: str) -> dict:
+        r = runs[seed]
+        return r["original"]["evaluation"] if name == "original" else r["variants"][name]["evaluation"]
+
+    out: dict = {"seeds": seeds, "variants": {}}
+    for name in names:
+        worst = [ev(s, name)["worst"] for s in seeds]
+        clean = [ev(s, name)["clean"] for s in seeds]
+        row = {"clean": float(np.mean(clean)), "worst": float(np.mean(worst)),
+               "recovery": float(np.mean([ev(s, name)["worst"] - ev(s, "original")["worst"] for s in seeds])),
+               "clean_gain_kept": float(np.mean([(ev(s, name)["clean"] - ev(s, name)["random"])
+                                                 / (ev(s, "original")["clean"] - ev(s, name)["random"]) for s in seeds])),
+               "worst_attacks": [ev(s, name)["worst_attack"] for s in seeds]}
+        if name != "original":
+            row["changed"] = float(np.mean([runs[s]["variants"][name]["changed"] for s in seeds]))
+            row["changed_share"] = float(np.mean([runs[s]["variants"][name]["changed_share"] for s in seeds]))
+        out["variants"][name] = row
+    full = out["variants"].get("full", {}).get("recovery")
+    out["masked_recovery_of_full"] = out["variants"]["masked"]["recovery"] / full if full else None
+    strata = np.concatenate([[s] * len(ev(s, "masked")["worst_episodes"]) for s in seeds])
+    out["paired_worst_masked_minus"] = {}
+    for name in names:
+        if name == "masked":
+            continue
+        d = np.concatenate([np.subtract(ev(s, "masked")["worst_episodes"], ev(s, name)["worst_episodes"]) for s in seeds])
+        out["paired_worst_masked_minus"][name] = {"mean": float(d.mean()), "ci95": _ci(d, strata)}
+    out["ablation"] = {s: runs[s]["ablation"] for s in seeds}
+    return out
+
+
+def markdown(summary: dict, env: str, command: str) -> str:
+    lines = [f"# Masked repair vs baselines on {env}", "", f"`{command}`", "",
+             "| variant | params changed | share | clean | worst attacked | recovery | clean gain kept |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in summary["variants"].items():
+        lines.append(f"| {name} | {v.get('changed', 0):.0f} | {v.get('changed_share', 0):.4f} | {v['clean']:.2f} | "
+                     f"{v['worst']:.2f} | {v['recovery']:.2f} | {v['clean_gain_kept']:.3f} |")
+    lines += ["", f"Masked recovery / full recovery: {summary['masked_recovery_of_full']}", "",
+              "| masked minus | worst-case mean | 95% paired CI |", "|---|---|---|"]
+    for name, d in summary["paired_worst_masked_minus"].items():
+        lines.append(f"| {name} | {d['mean']:.2f} | [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("teacher", help="teacher run or policy directory")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--name", default=None, help="results file suffix (default: the env id)")
+    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]  # config overrides, anywhere
+    args = ap.parse_args([a for a in sys.argv[1:] if a not in overrides])
+    tdir = teacher_dir(args.teacher)
+    env = read_manifest(tdir)["env"]["name"]
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="repair_exp_") as tmp:
+        for seed in args.seeds:
+            cfg = compose_config([f"env={env}", "logger=quiet", f"repair.policy={tdir}", f"seed={seed}", *overrides])
+            runs[seed] = repair_stage.run(cfg, Path(tmp) / f"s{seed}")
+            print(f"seed {seed}: " + ", ".join(f"{n} worst {v['evaluation']['worst']:.2f}"
+                                               for n, v in runs[seed]["variants"].items()), flush=True)
+    summary = summarise(runs)
+    command = "python experiments/repair.py " + " ".join(sys.argv[1:])
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"repair_{args.name or env}"
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "runs": runs}, indent=2))
+    stem.with_suffix(".md").write_text(markdown(summary, env, command))
+    print(markdown(summary, env, command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Gradient-masked fine-tuning: only the parameters a mask selects move, every other one stays bit-identical.
+
+A neuron's parameters are the row of the ``Linear`` weight into it and its bias: they compute the unit and
+nothing else, so the mask changes what the chosen units respond to while every other unit computes exactly what
+it did. (Its outgoing column would change how much downstream units listen to it, which C-delta-theta style
+circuit edits also touch; the rows alone keep the update local to the units the localisation chose.)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from madistill.common.divergences import divergence
+from madistill.policies.base import Policy
+from madistill.repair.neurons import Layer, Neuron, failure_loss
+
+Mask = dict[str, torch.Tensor]  # parameter name -> bool tensor of its shape: True where the parameter may move
+
+
+def neuron_mask(layers: Sequence[Layer], neurons: Sequence[Neuron]) -> Mask:
+    """The weight rows into ``neurons`` and their biases."""
+    mask: Mask = {}
+    for i, u in neurons:
+        layer = layers[i]
+        w = mask.setdefault(f"{layer.name}.weight", torch.zeros_like(layer.linear.weight, dtype=torch.bool))
+        b = mask.setdefault(f"{layer.name}.bias", torch.zeros_like(layer.linear.bias, dtype=torch.bool))
+        w[u] = True
+        b[u] = True
+    return mask
+
+
+def module_mask(modules: Mapping[str, torch.nn.Module]) -> Mask:
+    """Every parameter of the named modules (``name`` -> module)."""
+    return {f"{name}.{p}": torch.ones_like(t, dtype=torch.bool) for name, m in modules.items()
+            for p, t in m.named_parameters()}
+
+
+def mask_size(mask: Mask) -> int:
+    """How many parameters ``mask`` lets move."""
+    return int(sum(int(m.sum()) for m in mask.values()))
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The masked fine-tune's optimisation (``repair.*``): Adam(W) steps, batch, the anchor's weight and
+    divergence."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    anchor: float
+    divergence: str
+
+
+def masked_finetune(policy: Policy, mask: Mask, failing: torch.Tensor, wanted: torch.Tensor, clean: torch.Tensor,
+                    s: FinetuneSettings, seed: int) -> Policy:
+    """A copy of ``policy`` fine-tuned on the failure set (the wanted action on each failing observation) plus
+    the clean anchor (``s.anchor`` x the divergence from the original policy's head on clean observations), with
+    only the ``mask``ed parameters free.
+
+    The gradient is masked and the optimiser's update guarded: AdamW's weight decay, and Adam's moments for an
+    entry whose gradient was once non-zero, move a parameter whatever its gradient, so after every step the
+    masked-out entries are put back to their values before it. Parameters outside ``mask`` are not given to the
+    optimiser at all."""
+    tuned = copy.deepcopy(policy)
+    tuned.train()
+    params = dict(tuned.named_parameters())
+    masks = {n: m.to(params[n].device) for n, m in mask.items()}
+    opt = torch.optim.AdamW([params[n] for n in masks], lr=s.learning_rate, weight_decay=s.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        reference = policy(clean)
+    for _ in range(s.steps):
+        i = torch.randint(len(failing), (s.batch_size,), generator=gen).to(failing.device)
+        j = torch.randint(len(clean), (s.batch_size,), generator=gen).to(clean.device)
+        loss = failure_loss(tuned, failing[i], wanted[i]).mean()
+        if s.anchor:
+            loss = loss + s.anchor * divergence(s.divergence, reference[j], tuned(clean[j]),
+                                                discrete=tuned.group.discrete).mean()
+        opt.zero_grad()
+        loss.backward()
+        before = {}
+        for n, m in masks.items():
+            params[n].grad.mul_(m)
+            before[n] = params[n].detach().clone()
+        opt.step()
+        with torch.no_grad():
+            for n, m in masks.items():
+                params[n].copy_(torch.where(m, params[n], before[n]))
+    return tuned.eval()
+
+
+def parameter_delta(original: Policy, tuned: Policy) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The update as its support: parameter name -> (flat indices of the entries that differ bit for bit, the
+    tuned values there, their change), for every parameter with at least one changed entry. Writing the values
+    at the indices rebuilds the tuned parameter exactly (adding the change would round)."""
+    out = {}
+    after = dict(tuned.named_parameters())
+    for name, p in original.named_parameters():
+        old, new = p.detach().flatten(), after[name].detach().flatten()
+        changed = (new != old).nonzero().flatten()
+        if len(changed):
+            out[name] = (changed, new[changed], new[changed] - old[changed])
+    return out
+
+
+def changed_count(delta: Mapping[str, tuple[torch.Tensor, ...]]) -> int:
+    """Parameters a :func:`parameter_delta` changes."""
+    return sum(len(d[0]) for d in delta.values())

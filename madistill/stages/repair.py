@@ -1,0 +1,206 @@
+"""``madistill repair``: localise the neurons behind an agent group's attack failures and fine-tune only them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from madistill.config import ConfigSection, RepairConfig
+from madistill.stages.registry import Stage
+
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
+
+    from madistill.policies.base import TeamPolicy
+    from madistill.repair.plan import Repair
+
+
+def _eps(cfg: DictConfig) -> float:
+    """The failure set's radius: ``repair.eps``, else the attack suite's middle budget."""
+    eps = sorted(float(e) for e in cfg.attack.eps)
+    return float(cfg.repair.eps) if cfg.repair.eps is not None else eps[len(eps) // 2]
+
+
+def _with_policy(team: TeamPolicy, group: str, policy: Any) -> TeamPolicy:
+    """``team`` with ``group``'s policy replaced (the others and every normaliser shared)."""
+    from madistill.policies.base import TeamPolicy
+
+    return TeamPolicy(team.groups, {g.name: policy if g.name == group else team[g.name] for g in team.groups},
+                      team.normalizers)
+
+
+def _save_delta(delta: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], group: str):
+    """A writer of ``delta.safetensors``: per changed parameter ``<group>/<name>.index`` (flat indices: the
+    support), ``.value`` (the repaired values there; writing them into the original rebuilds the repaired
+    parameter bit for bit) and ``.delta`` (the change)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, parts in delta.items():
+        for kind, t in zip(("index", "value", "delta"), parts):
+            tensors[f"{group}/{name}.{kind}"] = t.detach().cpu().contiguous()
+    return lambda path: save_file(tensors, str(path))
+
+
+def _markdown(payload: dict) -> str:
+    """The report's tables: what changed, the chosen neurons, and the returns per variant."""
+    m = payload["meta"]
+    lines = [f"# Repair of {m['group']} on {m['env']}", "",
+             f"Failure set: {m['failures']} failing observations from {m['failure_source']} "
+             f"({m['searched']} searched). Neuron scores: {m['score']}.", "",
+             "| variant | parameters free | parameters changed | share of acting parameters | clean | worst attacked |",
+             "|---|---|---|---|---|---|"]
+    rows = {**({"original": {"mask_size": 0, "changed": 0, "changed_share": 0.0, **payload["original"]}}
+               if "original" in payload else {}), **payload["variants"]}
+    for name, v in rows.items():
+        ev = v.get("evaluation", {})
+        lines.append(f"| {name} | {v['mask_size']} | {v['changed']} | {v['changed_share']:.4f} | "
+                     f"{ev.get('clean', float('nan')):.3f} | {ev.get('worst', float('nan')):.3f} |")
+    a = payload["ablation"]
+    lines += ["", f"Ablation of the {len(payload['neurons'])} chosen neurons changes {a['top']:.3f} of the failing "
+              f"actions; as many random neurons {a['random_mean']:.3f} (share of random draws at least as large: "
+              f"{a['random_at_least_top']:.3f}).", "", "| layer | unit | score |", "|---|---|---|"]
+    lines += [f"| {n['layer']} | {n['unit']} | {n['score']:.4g} |" for n in payload["neurons"]]
+    return "\n".join(lines)
+
+
+def _evaluate(cfg: DictConfig, venv: Any, teams: dict[str, TeamPolicy], layouts: Any, eps: float) -> dict[str, dict]:
+    """Clean return and the worst return under the attack suite (``attack.*`` at ``eps``, over its victim sets)
+    of every team, with their per-episode returns, all on the same episode seeds (so paired)."""
+    from omegaconf import OmegaConf
+
+    from madistill.attacks.robustness import evaluate_robustness
+    from madistill.common.episodes import team_returns
+    from madistill.evaluate.evaluator import run_episodes, uniform_team
+
+    ac = OmegaConf.merge(cfg.attack, {"eps": [eps], "checks": False})
+    random_return = team_returns(run_episodes(venv, uniform_team(venv, next(iter(teams.values())).device),
+                                              ac.episodes, ac.seed, False))
+    out = {}
+    for name, team in teams.items():
+        res = evaluate_robustness(venv, team, layouts, ac, random_return, ac.seed)
+        victims, attack, ret = min((res.worst_from(v, eps) for v in res.episodes), key=lambda w: w[2])
+        clean = [r.team_return for r in run_episodes(venv, team, ac.episodes, ac.seed)]
+        out[name] = {"clean": res.clean, "worst": ret, "worst_attack": f"{attack} on {victims}", "random": random_return,
+                     "clean_episodes": clean, "worst_episodes": res.episodes[victims][attack][eps].tolist()}
+    return out
+
+
+def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any, source: Path) -> dict:
+    """The report's JSON, without the evaluation."""
+    from omegaconf import OmegaConf
+
+    from madistill.repair.masked import changed_count
+
+    return {
+        "meta": {"policy": str(source), "group": group, "env": spec.id, "failures": len(failures),
+                 "failure_source": failures.source, "searched": failures.searched, "score": cfg.repair.score,
+                 "acting_parameters": rep.acting_parameters, "repair": OmegaConf.to_container(cfg.repair)},
+        "neurons": [{"layer": rep.layer_names[i], "unit": u, "score": sc} for (i, u), sc in zip(rep.neurons, rep.chosen_scores)],
+        "ablation": rep.ablation,
+        "variants": {name: {"mask_size": rep.mask_sizes[name], "changed": changed_count(rep.deltas[name]),
+                            "changed_share": changed_count(rep.deltas[name]) / rep.acting_parameters}
+                     for name in rep.policies},
+    }
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Build the failure set of the repaired group (attack or ``repair.failures``), score and choose its neurons,
+    fine-tune them (and the baselines), save the masked repair as a drop-in policy with ``delta.safetensors``,
+    and write ``reports/repair.{json,md}``."""
+    import json
+
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from madistill.attacks.budget import group_budgets
+    from madistill.attacks.robustness import suite_attack
+    from madistill.common.collect import collect_round
+    from madistill.common.io import atomic_write_text
+    from madistill.envs.features import feature_layouts
+    from madistill.errors import MadistillError
+    from madistill.evaluate.report import write_markdown
+    from madistill.policies.store import find_policy_dir, load_team, save_team
+    from madistill.repair.failures import attack_failures, file_failures
+    from madistill.repair.neurons import acting_path
+    from madistill.repair.plan import repair_policy
+    from madistill.runtime import make_vec_env
+    from madistill.stages.policies import configured_features, studied_policies
+
+    rc = cfg.repair
+    device, refs, spec = studied_policies(cfg, rc.policy, "no policy to repair: pass repair.policy=<run or policy "
+                                          "directory>", add_teachers=False)
+    source = find_policy_dir(refs[0].path)
+    eps = _eps(cfg)
+    with make_vec_env(cfg.env, spec) as venv:
+        team, manifest = load_team(source, venv.groups, device=device)
+        names = [g.name for g in venv.groups]
+        if rc.group is not None and rc.group not in names:
+            raise MadistillError(f"repair.group={rc.group!r} is not a group of this env: use one of {names}")
+        candidates = [g for g in venv.groups if (rc.group is None or g.name == rc.group)]
+        if not any(g.discrete for g in candidates):
+            raise MadistillError("repair needs a Discrete-action group (a failure is a changed action): "
+                                 f"set repair.group to one of {[g.name for g in venv.groups if g.discrete]}")
+        candidates = [g for g in candidates if g.discrete]
+        if rc.failures is not None and rc.group is None and len(candidates) > 1:
+            raise MadistillError(f"repair.failures holds one group's observations: set repair.group to one of "
+                                 f"{[g.name for g in candidates]}")
+        layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+        raw, _ = collect_round(venv, team, cfg.seed, True, episodes=rc.episodes,
+                               progress="repair: clean episodes" if cfg.logger.progress else None)
+        budgets = group_budgets(eps, layouts, cfg.attack.exclude, device, cfg.attack.scale)
+        attack = suite_attack(rc.attack, cfg.attack)
+        found = {}
+        for g in candidates:
+            clean = team.normalizers[g.name].normalize(raw[g.name])
+            acting_path(team[g.name])  # a policy without an MLP acting path is refused before any attack runs
+            if rc.failures is not None:
+                fs = file_failures(rc.failures, team[g.name], team.normalizers[g.name], device)
+            else:
+                fs = attack_failures(team[g.name], clean, attack, budgets[g.name], cfg.seed,
+                                     f"{rc.attack} at eps {eps}", rc.max_failures)
+            found[g.name] = (fs, clean)
+        group = max(found, key=lambda name: len(found[name][0]))
+        failures, clean = found[group]
+        if len(failures) == 0:
+            raise MadistillError(f"the {rc.attack} attack at eps {eps} changes no action of {sorted(found)} in "
+                                 f"{failures.searched} observations: raise repair.eps or repair.episodes")
+        tqdm.write(f"repair: {len(failures)} failing observations of {group} ({failures.source}); "
+                   f"scoring neurons by {rc.score} and fine-tuning {1 + len(rc.baselines)} variants")
+        rep = repair_policy(team[group], failures, clean, rc, cfg.seed)
+        payload = _payload(cfg, group, failures, rep, spec, source)
+        if rc.evaluate:
+            teams = {"original": team, **{n: _with_policy(team, group, p) for n, p in rep.policies.items()}}
+            evaluation = _evaluate(cfg, venv, teams, layouts, eps)
+            payload["original"] = {"evaluation": evaluation.pop("original")}
+            for name, ev in evaluation.items():
+                payload["variants"][name]["evaluation"] = ev
+    repaired = _with_policy(team, group, rep.policies["masked"])
+    config = manifest.get("config", {})
+    config = {**config, "repair": {**OmegaConf.to_container(rc), "from": str(source), "group": group}}
+    role = manifest.get("role", refs[0].name)
+    pdir = save_team(run_dir / "policies" / role, repaired, spec, role, config=config,
+                     extra_files={"delta.safetensors": _save_delta(rep.deltas["masked"], group)},
+                     training=manifest.get("training"))
+    reports = run_dir / "reports"
+    atomic_write_text(reports / "repair.json", json.dumps(payload, indent=2))
+    write_markdown(reports / "repair.md", _markdown(payload))
+    m = payload["variants"]["masked"]
+    print(f"\nrepaired {group}: {m['changed']} parameters changed ({100 * m['changed_share']:.2f}% of the acting "
+          f"parameters), {len(rep.neurons)} neurons\n  policy: {pdir}\n  update: {pdir / 'delta.safetensors'}\n"
+          f"  report: {reports / 'repair.md'}")
+    return payload
+
+
+STAGE = Stage(
+    name="repair",
+    run=run,
+    summary="localise the neurons behind a group's attack failures and fine-tune only them (with baselines)",
+    sections=("repair", "attack"),
+    writes="policies/<role> (the repaired policy, with delta.safetensors), reports/repair.{json,md}",
+    examples=("madistill repair repair.policy=runs/train/simple_speaker_listener_v4/<time>",
+              "madistill repair repair.policy=<run> repair.score=ig repair.group=listener"),
+    policy_key="repair.policy",
+    adds=(ConfigSection("repair", RepairConfig),),
+)

@@ -1,0 +1,225 @@
+"""Neuron localisation and gradient-masked repair: a planted neuron is found, masked parameters stay bit-identical
+under AdamW with weight decay, the repaired policy is a drop-in checkpoint, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, tiny
+from gymnasium import spaces
+from safetensors.torch import load_file
+
+from madistill.envs.groups import AgentGroup
+from madistill.policies.mlp import MLPPolicy
+from madistill.policies.store import load_team, read_manifest
+from madistill.repair.masked import FinetuneSettings, mask_size, masked_finetune, neuron_mask, parameter_delta
+from madistill.repair.neurons import ablation_check, acting_path, all_neurons, neuron_scores
+from madistill.repair.plan import choose_neurons
+from madistill.stages import attack as attack_stage
+from madistill.stages import distill as distill_stage
+from madistill.stages import evaluate as evaluate_stage
+from madistill.stages import repair as repair_stage
+from madistill.stages import train as train_stage
+
+GROUP = AgentGroup("g", ("a_0",), spaces.Box(-np.inf, np.inf, (4,), np.float32), spaces.Discrete(3))
+PLANTED = 5
+
+
+def planted_policy() -> MLPPolicy:
+    """16 hidden units; unit 5 alone reads feature 0 and alone drives the output towards action 0 (away from 1);
+    the other units read features 1-3 and barely reach the output."""
+    torch.manual_seed(0)
+    p = MLPPolicy(GROUP, {"hidden_sizes": [16], "activation": "tanh"})
+    with torch.no_grad():
+        first, out = p.net[0], p.net[2]
+        first.weight.normal_(0, 0.5)
+        first.weight[:, 0] = 0.0
+        first.weight[PLANTED] = torch.tensor([3.0, 0.0, 0.0, 0.0])
+        first.bias.zero_()
+        out.weight.normal_(0, 0.05)
+        out.weight[:, PLANTED] = torch.tensor([4.0, -4.0, 0.0])
+        out.bias.zero_()
+    return p
+
+
+def failing_and_clean():
+    """Failing observations (feature 0 high: the planted unit pushes action 0, action 1 is wanted) and clean ones."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 4, generator=gen)
+    failing = x[:200].clone()
+    failing[:, 0] = 1.0 + failing[:, 0].abs()
+    clean = x[200:].clone()
+    clean[:, 0] = -1.0 - clean[:, 0].abs()
+    return failing, torch.ones(200, dtype=torch.long), clean
+
+
+@pytest.mark.parametrize("method", ["grad", "ig", "probe"])
+def test_localisation_finds_the_planted_neuron(method):
+    p = planted_policy()
+    layers, _, _ = acting_path(p)
+    failing, wanted, clean = failing_and_clean()
+    scores = neuron_scores(method, p, layers, failing, wanted, clean, ig_steps=16, probe_l1=1e-3, probe_steps=300, seed=0)
+    assert scores.shape == (16,)
+    assert int(scores.argmax()) == PLANTED
+    others = torch.cat([scores[:PLANTED], scores[PLANTED + 1:]])
+    assert float(scores[PLANTED]) > 3 * float(others.max())
+    assert choose_neurons(layers, scores, 1 / 16, 10_000) == [(0, PLANTED)]
+
+
+def test_ablating_the_planted_neuron_changes_the_failing_actions_more_than_random_ones():
+    p = planted_policy()
+    layers, _, _ = acting_path(p)
+    failing, _, _ = failing_and_clean()
+    check = ablation_check(p, layers, [(0, PLANTED)], failing, draws=15, seed=0)
+    assert check["top"] > 0.5  # the failing action was the planted unit's doing
+    assert check["random_mean"] < check["top"] / 2
+    # one of the 16 random single units is the planted one: about 1/16 of the draws match it
+    assert check["random_at_least_top"] < 0.3
+
+
+def test_masked_parameters_stay_bit_identical_under_adamw_with_weight_decay():
+    torch.manual_seed(0)
+    p = MLPPolicy(GROUP, {"hidden_sizes": [16, 16], "activation": "tanh"})
+    layers, _, _ = acting_path(p)
+    failing, wanted, clean = failing_and_clean()
+    chosen = [(0, 3), (1, 7), (1, 8)]
+    mask = neuron_mask(layers, chosen)
+    assert mask_size(mask) == (4 + 1) + 2 * (16 + 1)
+    # every step also moves the anchor's gradient through the other parameters, weight decay pulls on them all
+    s = FinetuneSettings(steps=30, batch_size=64, learning_rate=0.05, weight_decay=0.5, anchor=1.0, divergence="kl")
+    tuned = masked_finetune(p, mask, failing, wanted, clean, s, seed=0)
+    before, after = dict(p.named_parameters()), dict(tuned.named_parameters())
+    for name, w in before.items():
+        m = mask.get(name, torch.zeros_like(w, dtype=torch.bool))
+        assert torch.equal(after[name][~m], w[~m]), name  # bit for bit
+        assert bool((after[name][m] != w[m]).all()), name  # every free entry moved
+    delta = parameter_delta(p, tuned)
+    assert sorted(delta) == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
+    assert sum(len(d[0]) for d in delta.values()) == mask_size(mask)
+    idx, val, change = delta["net.2.weight"]
+    rebuilt = before["net.2.weight"].detach().flatten().clone()
+    torch.testing.assert_close(rebuilt[idx] + change, val)
+    rebuilt[idx] = val
+    assert torch.equal(rebuilt.view_as(after["net.2.weight"]), after["net.2.weight"].detach())
+    with torch.no_grad():
+        failing_loss = [-torch.log_softmax(q(failing), -1)[:, 1].mean() for q in (p, tuned)]
+    assert float(failing_loss[1]) < float(failing_loss[0])
+
+
+def test_plain_adamw_without_the_guard_would_move_zero_gradient_parameters():
+    """Why masked_finetune restores the masked-out entries: with their gradient zeroed, AdamW still decays them."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.5)
+    w.grad = torch.tensor([1.0, 0.0, 0.0])
+    opt.step()
+    assert bool((w.detach()[1:] != 1.0).all())
+
+
+RELAY = ("env=relay", "teacher.total_agent_steps=3000", "seed=0")
+REPAIR = ("attack=quick", "attack.episodes=3", "attack.eps=[1.0]", "repair.episodes=4", "repair.steps=20",
+          "repair.batch_size=32", "repair.ablation_draws=4", "repair.neurons=0.25")
+
+
+@pytest.fixture(scope="module")
+def relay_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("relay") / "teacher"
+    train_stage.run(compose_config(tiny(*RELAY)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def repaired(relay_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repair") / "run"
+    payload = repair_stage.run(compose_config(tiny("env=relay", f"repair.policy={relay_teacher}", *REPAIR)), out)
+    return out, payload
+
+
+def test_the_repaired_teacher_is_a_drop_in_checkpoint_with_its_update(relay_teacher, repaired, tmp_path):
+    out, payload = repaired
+    pdir = out / "policies" / "teacher"
+    team, manifest = load_team(pdir)
+    original, _ = load_team(relay_teacher)
+    assert manifest["role"] == "teacher" and manifest["config"]["repair"]["group"] == payload["meta"]["group"]
+    g = payload["meta"]["group"]
+    masked = payload["variants"]["masked"]
+    assert masked["changed"] == masked["mask_size"] > 0
+    assert masked["changed_share"] <= 0.05 + 1e-9 or len(payload["neurons"]) == 1
+    # the update: writing delta.safetensors' values into the original gives the repaired weights, bit for bit
+    delta = load_file(str(pdir / "delta.safetensors"))
+    orig, new = dict(original[g].named_parameters()), dict(team[g].named_parameters())
+    changed = 0
+    for name, p in orig.items():
+        flat = p.detach().flatten().clone()
+        if f"{g}/{name}.index" in delta:
+            idx = delta[f"{g}/{name}.index"]
+            flat[idx] = delta[f"{g}/{name}.value"]
+            changed += len(idx)
+        assert torch.equal(flat.view_as(p), new[name].detach()), name
+    assert changed == masked["changed"]
+    report = json.loads((out / "reports" / "repair.json").read_text())
+    assert set(report["variants"]) == {"masked", "full", "last", "random"}
+    assert report["variants"]["random"]["mask_size"] == masked["mask_size"]
+    assert report["variants"]["full"]["changed"] > masked["changed"]
+    # full fine-tuning frees every acting parameter of the SB3 teacher and none of its critic
+    assert report["variants"]["full"]["mask_size"] == report["meta"]["acting_parameters"]
+    for ev in [report["original"]["evaluation"], *(v["evaluation"] for v in report["variants"].values())]:
+        assert len(ev["worst_episodes"]) == 3 and ev["worst"] == pytest.approx(np.mean(ev["worst_episodes"]))
+    assert (out / "reports" / "repair.md").read_text().startswith("# Repair of")
+    # every stage that loads policies takes it: evaluate, attack, and distill (as the teacher)
+    evaluate_stage.run(compose_config(tiny("env=relay", f"eval.policy={out}")), tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "reports" / "eval_teacher.json").read_text())
+    attack_stage.run(compose_config(tiny("env=relay", f"attack.policy={out}", "attack=quick", "attack.episodes=2")),
+                     tmp_path / "attack")
+    assert (tmp_path / "attack" / "reports" / "robustness.json").exists()
+    distill_stage.run(compose_config(tiny("env=relay", f"distill.teacher={pdir}")), tmp_path / "distill")
+    assert read_manifest(tmp_path / "distill" / "policies" / "student")["role"] == "student"
+
+
+def _error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("madistill repair: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, says", [
+    (("repair.score=saliency",), "repair.score cannot be 'saliency': use repair.score=<one of grad, ig, probe>"),
+    (("repair.attack=critic",), "repair.attack cannot be 'critic': use repair.attack=<one of random, fgsm, pgd, pgd_strong"),
+    (("repair.baselines=[full,everything]",), "repair.baselines cannot be 'everything': use repair.baselines=[<any of full, last, random>]"),
+    (("repair.neurons=3",), "repair.neurons must be in (0, 1], got 3.0"),
+    (("repair.group=speaker",), "repair.group='speaker' is not a group of this env"),
+    (("repair.failures=MISSING_NPZ",), "is not a readable .npz"),
+    (("repair.failures=BAD_NPZ",), "lacks ['actions']"),
+    (("repair.failures=WRONG_NPZ",), "actions must be"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(relay_teacher, cli, tmp_path, extra, says):
+    np.savez(tmp_path / "bad.npz", obs=np.zeros((4, 3), np.float32))
+    dims = load_team(relay_teacher)[0].groups[0]
+    np.savez(tmp_path / "wrong.npz", obs=np.zeros((4, dims.obs_dim), np.float32), actions=np.full(4, 99))
+    names = {"MISSING_NPZ": tmp_path / "none.npz", "BAD_NPZ": tmp_path / "bad.npz", "WRONG_NPZ": tmp_path / "wrong.npz"}
+    extra = tuple(e.split("=")[0] + "=" + str(names.get(e.split("=")[1], e.split("=")[1])) for e in extra)
+    if "repair.failures" in extra[0]:
+        extra = (*extra, f"repair.group={dims.name}")
+    out = tmp_path / "out"
+    rc, _, err = cli("repair", "env=relay", f"repair.policy={relay_teacher}", *REPAIR, *extra,
+                     f"hydra.run.dir={out}", "logger=quiet")
+    assert rc == 2
+    assert says in _error(err)
+    assert not (out / "policies").exists() and not (out / "reports").exists()
+
+
+def test_no_policy_given_is_one_line(cli, tmp_path):
+    rc, _, err = cli("repair", f"hydra.run.dir={tmp_path / 'out'}", "logger=quiet")
+    assert rc == 2 and "repair.policy=" in _error(err)
+
+
+def test_all_neurons_and_choice_respect_the_parameter_cap():
+    p = MLPPolicy(GROUP, {"hidden_sizes": [16, 16], "activation": "tanh"})
+    layers, _, _ = acting_path(p)
+    assert len(all_neurons(layers)) == 32
+    scores = torch.arange(32, dtype=torch.float32)  # layer 1's units score highest
+    assert choose_neurons(layers, scores, 0.25, 10_000) == [(1, u) for u in range(15, 7, -1)]
+    assert choose_neurons(layers, scores, 0.25, 3 * 17) == [(1, 15), (1, 14), (1, 13)]
