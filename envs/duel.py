@@ -20,6 +20,8 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
+from envs.steps import truncating_step
+
 
 class DuelEnv(ParallelEnv):
     """See the module docstring."""
@@ -36,6 +38,7 @@ class DuelEnv(ParallelEnv):
         self.max_cycles = max_cycles
         self._spaces = {a: spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32) for a in self.adversaries}
         self._spaces.update({a: spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32) for a in self.good})
+        self._act_space = spaces.Discrete(2)  # one object, as PettingZoo's API test asks (space seeding)
         self._rng = np.random.default_rng()
         self.t, self.bit = 0, 0
 
@@ -43,7 +46,7 @@ class DuelEnv(ParallelEnv):
         return self._spaces[agent]
 
     def action_space(self, agent: str) -> spaces.Discrete:
-        return spaces.Discrete(2)
+        return self._act_space
 
     def _observe(self) -> dict[str, np.ndarray]:
         seen = np.eye(2, dtype=np.float32)[self.bit]
@@ -63,14 +66,7 @@ class DuelEnv(ParallelEnv):
         rewards = {a: (m_good - m_adv if a in self.good else m_adv - m_good) for a in self.agents}
         self.t += 1
         self.bit = int(self._rng.integers(2))
-        done = self.t >= self.max_cycles
-        obs = self._observe()
-        terms = {a: False for a in self.agents}
-        truncs = {a: done for a in self.agents}
-        infos = {a: {} for a in self.agents}
-        if done:
-            self.agents = []
-        return obs, rewards, terms, truncs, infos
+        return truncating_step(self, self._observe(), rewards, self.t >= self.max_cycles)
 
 
 def parallel_env(n: int = 2, max_cycles: int = 5) -> DuelEnv:

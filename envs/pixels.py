@@ -21,6 +21,8 @@ from gymnasium.utils import seeding
 from pettingzoo import ParallelEnv
 from pettingzoo.utils.conversions import parallel_to_aec
 
+from envs.steps import truncating_step
+
 
 class PixelsEnv(ParallelEnv):
     """Pixels ParallelEnv (``pixels_v0``).
@@ -74,14 +76,8 @@ class PixelsEnv(ParallelEnv):
     def step(self, actions: dict[str, int]):
         rewards = {a: float(int(actions[a]) == self.sides[a]) for a in self.agents}
         self.num_steps += 1
-        end = self.num_steps >= self.max_cycles
         obs = {a: self._image(a) for a in self.agents}
-        terms = {a: False for a in self.agents}
-        truncs = {a: end for a in self.agents}
-        infos = {a: {} for a in self.agents}
-        if end:
-            self.agents = []
-        return obs, rewards, terms, truncs, infos
+        return truncating_step(self, obs, rewards, self.num_steps >= self.max_cycles)
 
     def close(self) -> None:
         pass

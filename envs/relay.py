@@ -45,6 +45,8 @@ from gymnasium.utils import seeding
 from pettingzoo import ParallelEnv
 from pettingzoo.utils.conversions import parallel_to_aec
 
+from envs.steps import truncating_step
+
 TOPOLOGIES = ("chain", "star", "edges")
 
 _CELL = 32  # pixel size of one agent square in rgb_array renders
@@ -351,19 +353,11 @@ class RelayEnv(ParallelEnv):
 
         self.last_actions = acts
         self.num_steps += 1
-        done = self.num_steps >= self.max_cycles
-
-        agents = self.agents
-        obs = {a: self._observe(a) for a in agents}
-        rewards = {a: reward for a in agents}
-        terminations = {a: False for a in agents}
-        truncations = {a: done for a in agents}
-        infos = {a: {} for a in agents}
-        if done:
-            self.agents = []
+        out = truncating_step(self, {a: self._observe(a) for a in self.agents}, {a: reward for a in self.agents},
+                              self.num_steps >= self.max_cycles)
         if self.render_mode == "human":
             self.render()
-        return obs, rewards, terminations, truncations, infos
+        return out
 
     # ------------------------------------------------------------- rendering
     def _render_text(self) -> str:

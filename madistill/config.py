@@ -511,7 +511,7 @@ class EvalConfig:
     seed: int = EVAL_SEED  # episode seeds seed..seed+episodes-1 (madistill/seeds.py: the seed namespaces)
     deterministic: bool = True  # greedy actions (false: sampled)
     # sampled actions (deterministic=false, the random team) from one stream per episode, so they do not
-    # depend on env.num_envs; off by default so far, as the README's sampled numbers came from one shared stream
+    # depend on env.num_envs; off: one stream shared by the copies, which docs/results.md's sampled rows use
     episode_streams: bool = False
     random_baseline: bool = True  # also evaluate a uniform-random team for reference
     n_boot: int = 2000  # bootstrap resamples for the 95% CIs

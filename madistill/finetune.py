@@ -1,7 +1,7 @@
 """Robust RL fine-tuning of a distilled student (SA-PPO, Zhang et al. 2020).
 
 Distillation can only imitate the teacher. Where robustness needs behaviour the teacher does not have (on
-simple_spread_v3 a robust student gives up clean return: README, "Why spread resists"), the student can keep
+simple_spread_v3 a robust student gives up clean return: docs/results.md, "Robustness"), the student can keep
 learning from the env's return instead. Each group's student actor and its teacher's critic become one SB3
 actor-critic that the teacher trainer's PPO loop trains (the teacher's normalisers kept fixed, so inputs keep
 their units), and at every PPO optimiser step the gradient of SA-PPO's smoothness regulariser (an extra loss

@@ -3,9 +3,10 @@ with the best validation score, a mix of its clean and its attacked team return.
 
 Robust training overfits and RL fine-tuning drifts: Rice et al. (2020) find that stopping adversarial
 training where a held-out adversarial metric peaks recovers most of what later epochs lose, and PPO from a
-distilled student can lose clean return on one seed while gaining on another (README, Results). Every
-candidate plays the same validation episodes (seeds away from training and evaluation), so candidates are
-compared on paired episodes and the choice never sees the evaluation's.
+distilled student can lose clean return on one seed while gaining on another (docs/results_log.md, "Robust RL
+fine-tuning of the spread students"). Every candidate plays the same validation episodes (seeds away from
+training and evaluation), so candidates are compared on paired episodes and the choice never sees the
+evaluation's.
 """
 
 from __future__ import annotations

@@ -433,9 +433,10 @@ class TeacherTrainer:
                     dt = time.perf_counter() - t0
                     bar.update(per_iter)
                     self.episode_seed = int(self.venv.episode_seeds.max()) + 1  # past every episode begun so far
-                    if episodes:
-                        bar.set_postfix(self._returns(episodes))
-                    self._log(episodes, per_iter / dt, t_collect / dt)
+                    returns = self._returns(episodes) if episodes else None  # once, for the bar and the log
+                    if returns is not None:
+                        bar.set_postfix({t: f"{m:.2f}" for t, m in returns[1].items()} or {"team_return": f"{returns[0]:.2f}"})
+                    self._log(episodes, returns, per_iter / dt, t_collect / dt)
                     if _crossed(every, self.agent_steps, per_iter):
                         self.save_checkpoint(run_dir / "checkpoint")
                     if validate is not None and _crossed(validate_every, self.agent_steps, per_iter):
@@ -483,27 +484,30 @@ class TeacherTrainer:
             for lr in self.learners.values():
                 lr.actor.sb3.load_state_dict(lr.model.policy.state_dict())
 
-    def _log(self, episodes: list[EpisodeRecord], sps: float, collect_share: float) -> None:
+    def _log(self, episodes: list[EpisodeRecord], returns: tuple[float, dict[str, float]] | None, sps: float,
+             collect_share: float) -> None:
+        """TensorBoard charts of an iteration: its ``episodes`` with their ``returns`` (``_returns``; None
+        without episodes), the message bonuses, speed and the collection's share of the time."""
         if self.tb is None:
             return
         step = self.agent_steps
-        if episodes:
-            self.tb.scalar("charts/episodic_return", np.mean([e.team_return for e in episodes]), step)
+        if returns is not None:
+            team_return, by_team = returns
+            self.tb.scalar("charts/episodic_return", team_return, step)
             self.tb.scalar("charts/episodic_length", np.mean([e.length for e in episodes]), step)
             for agent in self.venv.possible_agents:
                 self.tb.scalar(f"charts/episodic_return/{agent}", np.mean([e.agent_returns[agent] for e in episodes]), step)
-            for team, mean in team_means(episodes, self.teams).items():
+            for team, mean in by_team.items():
                 self.tb.scalar(f"charts/team_return/{team}", mean, step)
         for name, bonus in self.bonuses.items():
             self.tb.scalar(f"charts/marginal_action_entropy/{name}", bonus.entropy(), step)
         self.tb.scalar("charts/SPS", sps, step)
         self.tb.scalar("charts/collect_time_share", collect_share, step)
 
-    def _returns(self, episodes: list[EpisodeRecord]) -> dict[str, str]:
-        """The progress bar's returns of ``episodes``: the team return, or each team's where there are several."""
-        if self.teams:
-            return {team: f"{mean:.2f}" for team, mean in team_means(episodes, self.teams).items()}
-        return {"team_return": f"{np.mean([e.team_return for e in episodes]):.2f}"}
+    def _returns(self, episodes: list[EpisodeRecord]) -> tuple[float, dict[str, float]]:
+        """The mean team return of ``episodes`` (of every agent) and, where there are several teams, each
+        team's mean return (the progress bar shows those instead)."""
+        return float(np.mean([e.team_return for e in episodes])), team_means(episodes, self.teams)
 
     def _log_losses(self, losses: dict[str, dict[str, float]], step: int) -> None:
         """SB3's logged values of one update per group, under CleanRL-style tags."""

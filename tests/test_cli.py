@@ -171,6 +171,19 @@ def test_evaluate_twice_gives_identical_results(pipeline_run, cli, tmp_path):
     ).read_text()
 
 
+def test_evaluate_builds_its_table_once_for_eval_md_and_tensorboard(pipeline_run, cli, tmp_path, monkeypatch):
+    from madistill.evaluate import report
+
+    run_dir, _ = pipeline_run
+    tables = []
+    build = report.markdown_table
+    monkeypatch.setattr(report, "markdown_table", lambda s, *a, **k: tables.append(build(s, *a, **k)) or tables[-1])
+    rc, _, err = cli("evaluate", f"eval.policy={run_dir}", f"hydra.run.dir={tmp_path}", "logger=quiet",
+                     "eval.episodes=2", "eval.n_boot=50")
+    assert rc == 0, err
+    assert len(tables) == 1 and tables[0] in (tmp_path / "reports" / "eval.md").read_text()
+
+
 def test_sampled_evaluation_with_episode_streams_does_not_depend_on_the_copies(pipeline_run, cli, tmp_path):
     """``eval.episode_streams=true``: sampled episodes (teacher and random team) are the same with 1 or 3 copies."""
     run_dir, _ = pipeline_run
@@ -492,6 +505,37 @@ def test_per_agent_policies_are_evaluated_with_their_grouping_or_get_a_one_line_
                      f"hydra.run.dir={tmp_path / 'eval_auto'}")
     assert rc == 2 and len(_err_lines(err)) == 1, err
     assert "env.grouping=per_agent" in _madistill_error(err, "evaluate")
+
+
+def test_a_stage_reads_each_studied_policys_manifest_once(tmp_path, monkeypatch):
+    """Pairing every policy with every other, the saved env, the settings rows and the teams read the manifests
+    through their refs: one read per policy, however many look-ups."""
+    from pathlib import Path
+
+    from madistill.evaluate.evaluator import PolicyRef, saved_env
+    from madistill.policies.store import FORMAT_VERSION, MANIFEST
+    from madistill.stages.evaluate import setting_rows
+    from madistill.stages.policies import paired_policy, with_teachers
+
+    env = {"target": "envs.relay.parallel_env", "kwargs": {}}
+    refs = []
+    for run in ("0", "1"):
+        for role in ("teacher", "student"):
+            path = tmp_path / run / "policies" / role
+            path.mkdir(parents=True)
+            config = {"seed": int(run), "distill": {"teacher": str(tmp_path / run / "policies" / "teacher")}}
+            (path / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "role": role, "env": env,
+                                                     "config": config}))
+            refs.append(PolicyRef(role, path, run))
+    reads = []
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: reads.append(p.name) or read_text(p, *a, **k))
+    for _ in range(2):
+        assert [paired_policy(r, "student" if r.name == "teacher" else "teacher", refs) for r in refs] == [1, 0, 3, 2]
+        assert with_teachers(refs[1::2])[0].path == refs[0].path
+        assert setting_rows(refs) == ["teacher", "student", "teacher", "student"]
+        assert saved_env(refs).target == "envs.relay.parallel_env"
+    assert reads.count(MANIFEST) == len(refs)
 
 
 def test_each_policy_of_a_sweep_is_paired_with_its_own_teacher_and_student(tmp_path):

@@ -586,3 +586,36 @@ def test_continuous_actions_are_clipped_into_the_box():
     assert env_all.dtype == np.float32
     assert env_all.min() >= 0.0 and env_all.max() <= 1.0
     np.testing.assert_allclose(env_all, np.clip(pre_all, 0.0, 1.0))
+
+
+# ------------------------------------------------------------------ the project's envs
+@pytest.mark.parametrize("target, kwargs", [
+    ("envs.duel.parallel_env", {"n": 1, "max_cycles": 3}),
+    ("envs.pixels.parallel_env", {"n_agents": 2, "size": 8, "square": 2, "max_cycles": 3}),
+    ("envs.relay.parallel_env", {"n_agents": 3, "max_cycles": 3}),
+])
+def test_project_envs_end_by_truncation_after_max_cycles(target, kwargs):
+    """Every project env runs max_cycles steps, nobody terminates, everyone is truncated on the last step with
+    empty infos, and the ended episode has no live agents (the shared ``envs.steps.truncating_step``)."""
+    from pettingzoo.test import parallel_api_test
+
+    from envs.steps import truncating_step
+
+    parallel_api_test(make_env(EnvSpec(target, kwargs)), num_cycles=10)
+    env = make_env(EnvSpec(target, kwargs))
+    env.reset(seed=0)
+    agents = list(env.possible_agents)
+    for t in range(3):
+        _, rewards, terms, truncs, infos = env.step({a: 0 for a in env.agents})
+        assert sorted(rewards) == sorted(agents) and not any(terms.values()) and infos == {a: {} for a in agents}
+        assert all(truncs.values()) == (t == 2) and any(truncs.values()) == (t == 2)
+    assert env.agents == []
+
+    class Stub:
+        agents = ["a", "b"]
+
+    stub = Stub()
+    assert truncating_step(stub, {"a": 1}, {"a": 0.5}, False) == (
+        {"a": 1}, {"a": 0.5}, {"a": False, "b": False}, {"a": False, "b": False}, {"a": {}, "b": {}})
+    assert stub.agents == ["a", "b"]
+    assert truncating_step(stub, {}, {}, True)[3] == {"a": True, "b": True} and stub.agents == []

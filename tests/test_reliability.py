@@ -18,6 +18,7 @@ from pettingzoo import ParallelEnv
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from madistill.envs.episodes import EpisodeRecord
+from madistill.evaluate.report import markdown_table
 from madistill.evaluate.stats import summarize
 from madistill.policies.store import read_manifest
 
@@ -152,7 +153,8 @@ def test_eval_report_defines_its_measures_and_says_the_random_team_samples(make_
     from madistill.stages.evaluate import eval_report
 
     ec = make_cfg("eval.deterministic=true").eval
-    text = eval_report(_summaries(teacher=[3.0, 4.0], random=[0.0, 1.0]), "relay", ec)
+    summaries = _summaries(teacher=[3.0, 4.0], random=[0.0, 1.0])
+    text = eval_report(summaries, markdown_table(summaries), "relay", ec)
     assert "greedy actions (the random team samples uniformly)" in text
     assert "Team return: an episode's undiscounted return averaged over the agents" in text
     assert "IQM (interquartile mean): the mean of the middle 50% of the episodes' team returns" in text
@@ -166,10 +168,11 @@ def test_a_student_worse_than_random_is_warned_about_at_the_end_and_in_the_repor
     print_results(tmp_path, summaries, tmp_path)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("warning: student's mean team return -1.50 is below the random team's 0.50: ")
-    assert last in eval_report(summaries, "relay", make_cfg().eval)
+    assert last in eval_report(summaries, markdown_table(summaries), "relay", make_cfg().eval)
     fine = _summaries(teacher=[3.0, 4.0], student=[1.0, 2.0], random=[0.0, 1.0])
     print_results(tmp_path, fine, tmp_path)
-    assert "warning" not in capsys.readouterr().out and "warning" not in eval_report(fine, "relay", make_cfg().eval)
+    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in eval_report(fine, markdown_table(fine), "relay", make_cfg().eval)
 
 
 @pytest.fixture(scope="module")

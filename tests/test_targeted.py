@@ -157,6 +157,25 @@ def test_the_worst_case_of_a_victim_set_is_never_above_that_of_its_evaluated_sub
     assert "| **worst case** | -90.00 (targeted_lowest on l) |" in markdown_report({"teacher": res}, "env", 3)
 
 
+def test_a_worst_case_lookup_averages_only_the_cells_it_compares(monkeypatch):
+    """worst_from at one eps reads the attacks on the set and its subsets at that eps, not every cell (a report
+    looks up every set and eps in turn)."""
+    members = {"all": ("s", "l"), "l": ("l",), "s": ("s",)}
+    row = {a: -30.0 for a in ("random", "fgsm", "pgd", "critic")}
+    res = _result({v: row for v in members}, members)
+    for v in members:  # more budgets, which the lookup at 1.0 must not read
+        for a in row:
+            res.episodes[v][a].update({e: np.full(3, -1.0) for e in (0.1, 0.2, 0.3)})
+    calls = []
+    nanmean = np.nanmean
+    monkeypatch.setattr(np, "nanmean", lambda x, *a, **k: calls.append(len(x)) or nanmean(x, *a, **k))
+    assert res.worst_from("l", 1.0) == ("l", "random", -30.0)
+    assert len(calls) == 4  # the 4 attacks on l at eps 1.0
+    calls.clear()
+    res.worst_agents("all", 1.0)
+    assert len(calls) == 3 * 4  # all and its subsets l and s, once
+
+
 def test_the_monotone_worst_case_holds_per_team():
     teams = {"good": ("g0", "g1"), "bad": ("b0",)}
     res = RobustnessResult(0.0, 0.0, {}, teams=teams, team_clean={"good": 2.0, "bad": -2.0},

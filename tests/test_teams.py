@@ -307,3 +307,27 @@ def test_team_checks_compare_the_episodes_where_the_team_took_part():
     ac = SimpleNamespace(masking_tolerance=0.1, n_boot=200, collapse_eps=None)
     flags = _return_flags(res, "all", ["agent_0"], ac, clean)
     assert [(f.name, f.detail.split(":")[0]) for f in flags] == [("pgd_weaker_than_fgsm", "team good")]
+
+
+def test_teacher_training_averages_each_teams_return_once_per_iteration(make_cfg, tmp_path, monkeypatch):
+    """The progress bar and TensorBoard share one computation of the teams' returns per PPO iteration."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import madistill.teacher as teacher
+    from madistill.envs.teams import team_means
+    from madistill.runtime import env_spec, make_vec_env
+    from madistill.tb import TBLogger
+
+    cfg = make_cfg("env=duel", "teacher.total_agent_steps=400")  # 2 iterations of 200 agent-steps
+    calls = []
+    monkeypatch.setattr(teacher, "team_means", lambda r, t: calls.append(len(r)) or team_means(r, t))
+    spec = env_spec(cfg.env)
+    tb = TBLogger(tmp_path / "tb")
+    with make_vec_env(cfg.env, spec) as venv, teacher.TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb) as tr:
+        tr.train(tmp_path)
+    tb.close()
+    assert tr.iteration == 2 and len(calls) == 2 and all(n > 0 for n in calls)
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    good, adversaries = (acc.Scalars(f"charts/team_return/{t}") for t in ("good", "adversaries"))
+    assert [e.step for e in good] == [200, 400]
+    assert [g.value for g in good] == pytest.approx([-a.value for a in adversaries])  # zero-sum

@@ -106,8 +106,12 @@ class RobustnessResult:
 
     def returns_of(self, team: str | None) -> dict[str, dict[str, dict[float, float]]]:
         """Mean return of ``team`` (None: of every agent) per victim set, attack and eps."""
-        cells = self.episodes if team is None else self.team_episodes[team]
-        return {v: {a: {e: float(np.nanmean(x)) for e, x in r.items()} for a, r in t.items()} for v, t in cells.items()}
+        return {v: {a: {e: float(np.nanmean(x)) for e, x in r.items()} for a, r in t.items()}
+                for v, t in self._cells(team).items()}
+
+    def _cells(self, team: str | None) -> Cells:
+        """Per-episode returns of ``team`` (None: of every agent) per victim set, attack and eps."""
+        return self.episodes if team is None else self.team_episodes[team]
 
     def worst_from(self, victims: str, eps: float, team: str | None = None) -> tuple[str, str, float]:
         """The victim set, attack and return of the lowest return of ``team`` (None: team return of every
@@ -115,8 +119,9 @@ class RobustnessResult:
         of a set may leave any of its members alone, so a set is never less harmful than its subsets."""
         members = set(self.victim_members.get(victims, ()))
         sets = [victims, *(v for v, m in self.victim_members.items() if v != victims and members and set(m) <= members)]
-        returns = self.returns_of(team)
-        rows = {(v, a): r[eps] for v in sets for a, r in returns[v].items() if eps in r}
+        cells = self._cells(team)
+        # only the cells at eps of these sets: a report asks for every set and eps in turn
+        rows = {(v, a): float(np.nanmean(r[eps])) for v in sets for a, r in cells[v].items() if eps in r}
         where = min(rows, key=rows.get)  # type: ignore[arg-type]
         return *where, rows[where]
 
@@ -124,13 +129,13 @@ class RobustnessResult:
         """The worst case of :meth:`worst_from`: the attack (``<attack> on <subset>`` when it came from a
         subset of ``victims``) and its return."""
         subset, name, value = self.worst_from(victims, eps, team)
-        return (name if subset == victims else f"{name} on {subset}"), value
+        return _worst_name(victims, subset, name), value
 
     def worst_agents(self, victims: str, eps: float, team: str | None = None) -> tuple[str, dict[str, float]]:
         """The worst case of ``team`` (None: of every agent) at ``eps`` as :meth:`worst` names it, and the
         mean per-agent returns under it."""
         subset, name, _ = self.worst_from(victims, eps, team)
-        return self.worst(victims, eps, team)[0], self.agent_returns[subset][name][eps]
+        return _worst_name(victims, subset, name), self.agent_returns[subset][name][eps]
 
     def add_checks(self, key: str, flags: list[Flag]) -> None:
         """Record the checks' findings under ``key`` (a victim set, or ``probe:<group>``): masking flags apart
@@ -168,22 +173,28 @@ class RobustnessResult:
     def _cells_dict(self, team: str | None) -> dict[str, Any]:
         """JSON of ``team``'s returns (None: of every agent): means, bootstrap CIs and the worst case per
         victim set and eps."""
-        cells = self.episodes if team is None else self.team_episodes[team]
+        cells = self._cells(team)
         returns = self.returns_of(team)
         ci = {v: {a: {e: bootstrap_ci(x[~np.isnan(x)], np.mean, n_boot=self.n_boot, seed=self.seed)
                       for e, x in r.items()} for a, r in t.items()} for v, t in cells.items()}
-        eps = {v: sorted({e for r in t.values() for e in r}) for v, t in returns.items()}
+        worst = {v: {str(e): self.worst_from(v, e, team) for e in sorted({e for r in t.values() for e in r})}
+                 for v, t in returns.items()}
         return {
             "returns": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in returns.items()},
             "ci": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in ci.items()},
-            "worst_case": {v: {str(e): self.worst(v, e, team) for e in eps[v]} for v in returns},
+            "worst_case": {v: {e: (_worst_name(v, s, a), r) for e, (s, a, r) in w.items()} for v, w in worst.items()},
             # the victim set each worst case came from: the set itself or one of its evaluated subsets
-            "worst_case_from": {v: {str(e): self.worst_from(v, e, team)[0] for e in eps[v]} for v in returns},
+            "worst_case_from": {v: {e: s for e, (s, _, _) in w.items()} for v, w in worst.items()},
         }
 
     def attacks(self) -> list[str]:
         """Every attack evaluated on some victim set, in the order first evaluated."""
         return list(dict.fromkeys(a for t in self.episodes.values() for a in t))
+
+
+def _worst_name(victims: str, subset: str, attack: str) -> str:
+    """A worst case's name: the attack, with ``on <subset>`` when it came from a subset of ``victims``."""
+    return attack if subset == victims else f"{attack} on {subset}"
 
 
 def _eps_key(by_eps: Mapping[float, Any]) -> dict[str, Any]:

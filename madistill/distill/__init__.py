@@ -1,1 +1,2 @@
-"""Distillation: DAgger data with teacher labels, divergences, the DIGR penalty, the loss and the trainer."""
+"""Distillation: DAgger data with teacher labels, the DIGR penalty, the loss and the trainer (the divergences are in
+madistill.common)."""

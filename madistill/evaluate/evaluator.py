@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,12 @@ class PolicyRef:
     path: Path
     run: str
 
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        """The policy's manifest, read once: a stage consults it for the env, the teams, the teacher and the
+        settings of every policy it studies, and pairs every policy with every other."""
+        return read_manifest(self.path)
+
 
 def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[PolicyRef]:
     """All policy directories under ``path``: a policy dir, a run dir (``policies/*``) or a sweep dir
@@ -92,7 +99,7 @@ def _policy_order(manifest: Path) -> tuple[str, int, str]:
 
 def saved_env(refs: Sequence[PolicyRef]) -> EnvSpec:
     """The env the policies were saved for (they must agree)."""
-    specs = {json.dumps(read_manifest(r.path)["env"], sort_keys=True) for r in refs}
+    specs = {json.dumps(r.manifest["env"], sort_keys=True) for r in refs}
     if len(specs) > 1:
         raise MadistillError("the policies were saved for different envs: evaluate one env's runs at a time")
     return EnvSpec.from_dict(json.loads(specs.pop()))

@@ -41,8 +41,9 @@ class Policy(nn.Module, ABC):
 
     def dist_from_head(self, head: torch.Tensor) -> Distribution:
         """The distribution for an already computed ``forward`` output (saves a second forward pass)."""
-        # torch's per-call argument checks are off (they cost ~10% of a rollout step); the one that matters
-        # stays: NaN/inf outputs would otherwise become a silent "always action 0" under greedy argmax
+        # torch's per-call argument checks are off (the heads come from this policy, so they would only cost
+        # time); the one that matters stays: NaN/inf outputs would otherwise become a silent "always action 0"
+        # under greedy argmax
         if not bool(torch.isfinite(head).all()):
             raise MadistillError(
                 f"the {self.group.name!r} policy returned NaN/inf outputs: its weights are damaged or its training "
@@ -120,7 +121,7 @@ class TeamPolicy(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        # Cached: rollouts ask every step, and walking the module tree costs ~30 us each time.
+        # Cached: rollouts ask every step, and finding it walks the module tree.
         if self._device is None:
             self._device = next(self.parameters()).device
         return self._device

@@ -167,14 +167,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_team(
-    path: str | Path, groups: list[AgentGroup] | None = None, device: str | torch.device = "cpu"
+    path: str | Path, groups: list[AgentGroup] | None = None, device: str | torch.device = "cpu",
+    manifest: dict[str, Any] | None = None,
 ) -> tuple[TeamPolicy, dict[str, Any]]:
     """Rebuild a TeamPolicy from a policy (or run) directory; returns (team, manifest).
 
-    With ``groups`` (from the env it will act in), checks that every group's spaces match.
+    With ``groups`` (from the env it will act in), checks that every group's spaces match. ``manifest``: the
+    policy directory's manifest where the caller has read it already (``PolicyRef.manifest``).
     """
     pdir = find_policy_dir(path)
-    manifest = read_manifest(pdir)
+    manifest = read_manifest(pdir) if manifest is None else manifest
     try:
         saved = [AgentGroup.from_dict(d) for d in manifest["groups"]]
         if groups is not None:

@@ -38,7 +38,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.evaluate.report import write_markdown
     from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
-    from madistill.stages.policies import configured_features, paired_policy, studied_policies, teams_for
+    from madistill.stages.policies import (
+        configured_features,
+        load_policy,
+        paired_policy,
+        studied_policies,
+        teams_for,
+    )
     from madistill.stages.results import side_tag
     from madistill.stages.rundir import open_tb
 
@@ -49,7 +55,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     results = {}
     several = len({r.run for r in refs}) > 1
     with make_vec_env(cfg.env, spec) as venv:
-        loaded = [load_team(r.path, venv.groups, device=device)[0] for r in refs]
+        loaded = [load_policy(r, venv.groups, device) for r in refs]
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         sides = teams_for(cfg, venv, refs)
         random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)

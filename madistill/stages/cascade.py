@@ -63,9 +63,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.common.io import atomic_write_text
     from madistill.envs.features import feature_layouts
     from madistill.evaluate.report import write_markdown
-    from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
-    from madistill.stages.policies import configured_features, studied_policies
+    from madistill.stages.policies import configured_features, load_policy, studied_policies
     from madistill.stages.rundir import open_tb
 
     cc, fc = cfg.cascade, cfg.fault
@@ -83,7 +82,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     several = len({r.run for r in refs}) > 1
     studies = {}
     for ref in refs:
-        team = load_team(ref.path, groups, device=device)[0]
+        team = load_policy(ref, groups, device)
         studies[f"{ref.name}@{ref.run}" if several else ref.name] = study(make_venv, team, env, cc, fc, impulse, spec.id)
     results = {label: s.to_dict(int(cc.n_boot), float(cc.confidence)) for label, s in studies.items()}
     first = next(iter(results))

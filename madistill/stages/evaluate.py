@@ -44,11 +44,10 @@ def evaluate_policies(
 
     from madistill.evaluate.evaluator import record_video, run_episodes, uniform_team
     from madistill.evaluate.report import markdown_table, write_markdown
-    from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
     from madistill.stages.cascade import configured_faults, fault_line
     from madistill.stages.figures import return_figure
-    from madistill.stages.policies import studied_policies, teams_for
+    from madistill.stages.policies import load_policy, studied_policies, teams_for
 
     device, refs, spec = studied_policies(
         cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=False
@@ -64,7 +63,7 @@ def evaluate_policies(
     with make_vec_env(cfg.env, spec) as venv:
         sides = teams_for(cfg, venv, refs)
         faults = configured_faults(cfg, venv, spec, device)
-        teams = [load_team(ref.path, venv.groups, device=device)[0] for ref in refs]
+        teams = [load_policy(ref, venv.groups, device) for ref in refs]
         for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
             recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, faults, progress=bar(label),
@@ -77,7 +76,7 @@ def evaluate_policies(
     reports = run_dir / "reports"
     summaries = {name: _summarise(cfg, reports, name, runs, spec, sides, tb) for name, runs in results.items()}
     table = markdown_table(summaries)
-    write_markdown(reports / "eval.md", eval_report(summaries, spec.id, ec, sides, fault_line(cfg)))
+    write_markdown(reports / "eval.md", eval_report(summaries, table, spec.id, ec, sides, fault_line(cfg)))
     tb.text("eval/table", table)
     if cfg.logger.figures:
         tb.figure("eval/team_return", return_figure(summaries, spec.id))
@@ -134,10 +133,9 @@ def setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
     pools into one row per policy (CIs stratified by run) while a sweep over settings keeps them apart."""
     from omegaconf import OmegaConf
 
-    from madistill.policies.store import read_manifest
     from madistill.stages.rundir import flat_hparams
 
-    configs = [flat_hparams(OmegaConf.create(read_manifest(r.path).get("config", {}))) for r in refs]
+    configs = [flat_hparams(OmegaConf.create(r.manifest.get("config", {}))) for r in refs]
     rows = []
     for ref, config in zip(refs, configs):
         peers = [c for r, c in zip(refs, configs) if r.name == ref.name]
@@ -146,12 +144,14 @@ def setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
     return rows
 
 
-def eval_report(summaries: dict[str, dict], env_id: str, ec: DictConfig, teams: Teams | None = None, fault: str = "") -> str:
+def eval_report(
+    summaries: dict[str, dict], table: str, env_id: str, ec: DictConfig, teams: Teams | None = None, fault: str = ""
+) -> str:
     """``reports/eval.md``: what was played (``fault``: the line naming the fault it played under, if any) and
-    what the columns mean (who plays on which team, where there are several), the table, and a warning for each
-    student that does worse than the random team."""
+    what the columns mean (who plays on which team, where there are several), the table
+    (``markdown_table(summaries)``, which TensorBoard shows too), and a warning for each student that does worse
+    than the random team."""
     from madistill.envs.teams import several_teams, teams_line
-    from madistill.evaluate.report import markdown_table
     from madistill.stages.results import worse_than_random
 
     acting = f"{'greedy' if ec.deterministic else 'sampled'} actions" + (
@@ -163,7 +163,7 @@ def eval_report(summaries: dict[str, dict], env_id: str, ec: DictConfig, teams: 
     if several_teams(teams):
         header += teams_line(teams) + "\n\n"  # type: ignore[arg-type]
     warnings = "".join(f"\n**{w}**\n" for w in worse_than_random(summaries))
-    return header + markdown_table(summaries) + "\n" + warnings
+    return header + table + "\n" + warnings
 
 
 STAGE = Stage(

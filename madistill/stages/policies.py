@@ -12,12 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from madistill.config import changes_env
 from madistill.envs.factory import EnvSpec
 from madistill.envs.features import FeatureLayout, feature_layouts
+from madistill.envs.groups import AgentGroup
 from madistill.envs.teams import Teams
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import PolicyRef, discover_policies, saved_env
 from madistill.policies.base import TeamPolicy
-from madistill.policies.store import find_policy_dir, load_team, read_manifest
+from madistill.policies.store import find_policy_dir, load_team
 from madistill.runtime import env_spec, env_teams, resolve_device, seed_everything
 
 
@@ -44,8 +45,7 @@ def teams_for(cfg: DictConfig, venv: MultiAgentVecEnv, refs: Sequence[PolicyRef]
     manifests), else inferred from the agent names."""
     saved = None
     if not changes_env(command_line_overrides(), saved_env(refs).id):
-        saved = next((t for r in refs if (t := read_manifest(r.path).get("config", {}).get("env", {}).get("teams"))),
-                     None)
+        saved = next((t for r in refs if (t := r.manifest.get("config", {}).get("env", {}).get("teams"))), None)
     return env_teams(cfg.env, venv, saved)
 
 
@@ -79,9 +79,14 @@ def labelled_teams(
     feature layouts their maps are grouped by."""
     several = len({r.run for r in refs}) > 1
     labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
-    teams = {label: load_team(ref.path, venv.groups, device=device)[0] for label, ref in zip(labels, refs)}
+    teams = {label: load_policy(ref, venv.groups, device) for label, ref in zip(labels, refs)}
     layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
     return labels, teams, layouts
+
+
+def load_policy(ref: PolicyRef, groups: list[AgentGroup], device: torch.device) -> TeamPolicy:
+    """The saved policy ``ref`` as a team acting in an env of ``groups``, from the manifest the ref has read."""
+    return load_team(ref.path, groups, device=device, manifest=ref.manifest)[0]
 
 
 def paired_policy(ref: PolicyRef, role: str, refs: Sequence[PolicyRef]) -> int | None:
@@ -99,7 +104,7 @@ def paired_policy(ref: PolicyRef, role: str, refs: Sequence[PolicyRef]) -> int |
 
 def distilled_from(ref: PolicyRef) -> Path | None:
     """The teacher directory a student's manifest records (None for other policies)."""
-    manifest = read_manifest(ref.path)
+    manifest = ref.manifest
     path = manifest.get("config", {}).get("distill", {}).get("teacher")
     return Path(path).resolve() if manifest.get("role") == "student" and path else None
 
