@@ -438,6 +438,10 @@ class AlertConfig:
     """Online alerts of the cascade monitor (docs/cascade.md, Online alerts): per agent and score, a threshold
     calibrated on clean episodes to a target false-alarm rate."""
 
+    # evaluate and cascade calibrate a monitor per policy and watch their episodes with it (reports/alerts.json);
+    # off by default, as calibration plays calibration_episodes more episodes per policy
+    enabled: bool = False
+
     # scores per agent and step: obs (largest |z| of the normalised observation), surprise (-log prob of the
     # action taken), disagreement (KL from the reference policy's action distribution)
     scores: list[AlertScore] = field(default_factory=lambda: [AlertScore.obs, AlertScore.surprise])

@@ -106,3 +106,64 @@ def test_evaluate_plays_under_the_configured_fault(cli, teacher, tmp_path):
     assert same == clean and "Under fault" not in clean_md
     assert "Under fault 'dead' on agent_0, agent_1, agent_2, agent_3 from step 0 to the episode's end" in md
     assert faulted != clean
+
+
+ALERTS = ["alerts.enabled=true", "alerts.calibration_episodes=15", "alerts.false_alarm_rate=0.5", "eval.episodes=6",
+          "eval.random_baseline=false"]
+
+
+def _first_victim_alert(events: list[dict], victims: list[str], onset: int, seeds: range) -> dict[int, int]:
+    """Per episode seed, the first step at or after ``onset`` with an alert on a victim (absent: none)."""
+    first: dict[int, int] = {}
+    for e in events:
+        if e["agent"] in victims and e["seed"] in seeds and e["step"] >= onset:
+            first[e["seed"]] = min(first.get(e["seed"], e["step"]), e["step"])
+    return first
+
+
+def test_evaluate_with_alerts_writes_events_detection_and_false_alarms(cli, teacher, tmp_path):
+    out = tmp_path / "eval"
+    rc, _, err = cli("evaluate", *tiny(*ALERTS, f"eval.policy={teacher}", "fault=random", "fault.victims=[agent_0]",
+                                       "fault.onset=3"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    report = json.loads((out / "reports" / "alerts.json").read_text())
+    assert report["meta"]["episodes"] == 6 and report["meta"]["alerts"]["enabled"] is True
+    section = report["policies"]["teacher"]
+    agents = [f"agent_{i}" for i in range(4)]
+    assert set(section["thresholds"]) == set(agents)
+    assert all(set(t) == {"obs", "surprise"} for t in section["thresholds"].values())
+    seeds = range(report["meta"]["seed"], report["meta"]["seed"] + 6)
+    clean = section["clean"]
+    for e in clean["events"]:
+        assert set(e) == {"agent", "kind", "seed", "step", "score", "threshold"} and e["score"] > e["threshold"]
+    assert clean["false_alarms"]["per_episode"]["mean"] == pytest.approx(len(clean["events"]) / 6)
+    fault = section["faults"]["random@agent_0"]
+    assert fault["victims"] == ["agent_0"]
+    first = _first_victim_alert(fault["events"], ["agent_0"], 3, seeds)
+    assert fault["detected"]["n"] == 6 and fault["detected"]["mean"] == pytest.approx(len(first) / 6)
+    if first:
+        assert fault["delay"]["mean"] == pytest.approx(sum(s - 3 for s in first.values()) / len(first))
+    md = (out / "reports" / "eval.md").read_text()
+    assert "## Online alerts" in md and "| teacher | random@agent_0 |" in md
+
+
+def test_evaluate_without_a_fault_watches_clean_episodes_only(cli, teacher, tmp_path):
+    out = tmp_path / "eval"
+    rc, _, err = cli("evaluate", *tiny(*ALERTS, f"eval.policy={teacher}"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    section = json.loads((out / "reports" / "alerts.json").read_text())["policies"]["teacher"]
+    assert section["faults"] == {} and section["clean"]["false_alarms"]["any"]["n"] == 6
+    assert "| teacher | none |" in (out / "reports" / "eval.md").read_text()
+
+
+def test_alerts_are_off_by_default_and_too_few_calibration_episodes_are_refused(cli, teacher, tmp_path):
+    out = tmp_path / "eval"
+    rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "eval.random_baseline=false"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    assert not (out / "reports" / "alerts.json").exists() and "Online alerts" not in (out / "reports" / "eval.md").read_text()
+    bad = tmp_path / "bad"
+    rc, _, err = cli("evaluate", *tiny(*ALERTS, f"eval.policy={teacher}", "alerts.calibration_episodes=3"),
+                     f"hydra.run.dir={bad}")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "raise alerts.calibration_episodes" in lines[0], err
+    assert not bad.exists()

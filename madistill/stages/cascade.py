@@ -39,6 +39,11 @@ def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any) -> lis
     return [make_fault(cfg.fault, FaultEnv(venv.groups, layouts, cfg.attack, device))]
 
 
+def fault_label(cfg: DictConfig) -> str:
+    """The configured fault's label in reports: ``<fault>@<victim>+<victim>`` (as the cascade study's)."""
+    return f"{cfg.fault.name}@{'+'.join(cfg.fault.victims)}"
+
+
 def fault_line(cfg: DictConfig) -> str:
     """One line saying which fault a stage's rollouts played under (empty without one)."""
     fc = cfg.fault

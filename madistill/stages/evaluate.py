@@ -46,8 +46,9 @@ def evaluate_policies(
     from madistill.evaluate.report import markdown_table, write_markdown
     from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
-    from madistill.stages.cascade import configured_faults, fault_line
+    from madistill.stages.cascade import configured_faults, fault_label, fault_line
     from madistill.stages.figures import return_figure
+    from madistill.stages.monitoring import alerts_markdown, check_alerts, log_alerts, watch_policy, write_alerts
     from madistill.stages.policies import studied_policies, teams_for
 
     device, refs, spec = studied_policies(
@@ -61,15 +62,22 @@ def evaluate_policies(
         return f"eval {label}" if cfg.logger.progress else None
 
     rows = setting_rows(refs)
+    alerts: dict[str, dict] = {}
     with make_vec_env(cfg.env, spec) as venv:
         sides = teams_for(cfg, venv, refs)
         faults = configured_faults(cfg, venv, spec, device)
+        if cfg.alerts.enabled:
+            check_alerts(cfg, len(venv.possible_agents))
         teams = [load_team(ref.path, venv.groups, device=device)[0] for ref in refs]
         for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
             recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, faults, progress=bar(label),
                                 episode_streams=ec.episode_streams)
             results[row].append((ref.run, recs))
+            if cfg.alerts.enabled:  # the paired runs arm their faults on their own blocks: fresh ones for them
+                watched = [(fault_label(cfg), f) for f in configured_faults(cfg, venv, spec, device)]
+                alerts[label] = watch_policy(cfg, venv, lambda n, p: make_vec_env(cfg.env, spec, num_envs=n, seed_period=p),
+                                             team, watched, ec.episodes, ec.seed, ec.deterministic)
         if ec.random_baseline:
             recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, faults,
                                 progress=bar("random"), episode_streams=ec.episode_streams)
@@ -77,7 +85,12 @@ def evaluate_policies(
     reports = run_dir / "reports"
     summaries = {name: _summarise(cfg, reports, name, runs, spec, sides, tb) for name, runs in results.items()}
     table = markdown_table(summaries)
-    write_markdown(reports / "eval.md", eval_report(summaries, spec.id, ec, sides, fault_line(cfg)))
+    text = eval_report(summaries, spec.id, ec, sides, fault_line(cfg))
+    if alerts:
+        write_alerts(reports, cfg, ec.episodes, ec.seed, alerts)
+        log_alerts(tb, "eval", alerts)
+        text += "\n" + alerts_markdown(alerts, cfg)
+    write_markdown(reports / "eval.md", text)
     tb.text("eval/table", table)
     if cfg.logger.figures:
         tb.figure("eval/team_return", return_figure(summaries, spec.id))
