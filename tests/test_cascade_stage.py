@@ -167,3 +167,18 @@ def test_alerts_are_off_by_default_and_too_few_calibration_episodes_are_refused(
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and "raise alerts.calibration_episodes" in lines[0], err
     assert not bad.exists()
+
+
+def test_cascade_with_alerts_watches_each_studied_fault(cli, teacher, tmp_path):
+    out = tmp_path / "study"
+    rc, _, err = cli("cascade", *tiny(*STUDY, *ALERTS[:3], f"cascade.policy={teacher}", "fault=dead", "fault.onset=2"),
+                     f"hydra.run.dir={out}")
+    assert rc == 0, err
+    report = json.loads((out / "reports" / "alerts.json").read_text())
+    seeds = range(report["meta"]["seed"], report["meta"]["seed"] + 6)
+    faults = report["policies"]["teacher"]["faults"]
+    assert list(faults) == [f"dead@agent_{i}" for i in range(4)]  # fault.victims empty: each agent in turn
+    for label, f in faults.items():
+        first = _first_victim_alert(f["events"], f["victims"], 2, seeds)
+        assert f["detected"]["n"] == 6 and f["detected"]["mean"] == pytest.approx(len(first) / 6), label
+    assert "## Online alerts" in (out / "reports" / "cascade.md").read_text()

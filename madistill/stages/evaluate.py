@@ -48,7 +48,13 @@ def evaluate_policies(
     from madistill.runtime import make_vec_env
     from madistill.stages.cascade import configured_faults, fault_label, fault_line
     from madistill.stages.figures import return_figure
-    from madistill.stages.monitoring import alerts_markdown, check_alerts, log_alerts, watch_policy, write_alerts
+    from madistill.stages.monitoring import (
+        alerts_markdown,
+        check_alerts,
+        log_alerts,
+        watch_policy,
+        write_alerts,
+    )
     from madistill.stages.policies import studied_policies, teams_for
 
     device, refs, spec = studied_policies(

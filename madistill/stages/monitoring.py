@@ -32,7 +32,14 @@ def watch_policy(
     clean episodes ``seed .. seed+episodes-1``, and per labelled fault the alerts in the same episodes played under
     it with their detection rate and delay (``watch_fault``; another agent fails as ``cascade.threshold`` and
     ``cascade.return_loss`` say). ``faults`` must be fresh: the paired run arms each on its own block."""
-    from madistill.cascade.alerts import AlertMonitor, clean_alarms, configured_monitor, events_json, monitor_episodes, watch_fault
+    from madistill.cascade.alerts import (
+        AlertMonitor,
+        clean_alarms,
+        configured_monitor,
+        events_json,
+        monitor_episodes,
+        watch_fault,
+    )
 
     monitor = configured_monitor(cfg.alerts, venv, team)
     clean = AlertMonitor(team, monitor.kinds, monitor.thresholds, monitor.reference)
