@@ -532,6 +532,10 @@ class CascadeConfig:
     # a non-faulted agent fails when its action distribution's total variation from its clean twin exceeds this
     # (raised to the largest deviation seen between clean twins, should the env's replays differ)
     threshold: float = 0.1
+    # with sampled actions, the threshold is raised to this quantile of the noise floor: per episode and agent, the
+    # largest TV between clean twins sampling from independent streams, the deviation sampling alone causes
+    # (null: no noise floor)
+    noise_quantile: float | None = 0.95
     # a non-faulted agent also fails once its reward summed since the onset falls this far below its clean twin's
     # (null: deviation only)
     return_loss: float | None = None
@@ -545,6 +549,7 @@ class CascadeConfig:
         c.require(len(c.node.onsets) > 0 and min(c.node.onsets) >= 0, "onsets", "a non-empty list of steps at least 0")
         c.at_least(0, "min_effect", "threshold", "return_loss")
         c.within(0, 1, "confidence", open_low=True, open_high=True)
+        c.within(0, 1, "noise_quantile")
 
 
 @dataclass

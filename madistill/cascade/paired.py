@@ -110,11 +110,13 @@ def paired_rollouts(
     seed: int,
     deterministic: bool = False,
     watch: Callable[[Rollout], Callable[[Transition], None]] | None = None,
+    independent: bool = False,
 ) -> PairedRun:
     """Play episodes ``seed .. seed + episodes - 1`` clean and under each of ``faults`` side by side (one block
     of copies each; None: a second clean twin), and return their paired measures. Each fault is armed on its
     block only (onset -1 for a clean twin). ``watch`` builds an ``on_step`` hook for the paired rollout (an
-    alert monitor's), called after every step."""
+    alert monitor's), called after every step. ``independent``: the fault blocks sample their actions from streams
+    of their own instead of their clean twin's (``noise_floor``'s twins, which differ by sampling alone)."""
     blocks = len(faults) + 1
     with make_venv(blocks * episodes, episodes) as venv:
         agents = list(venv.possible_agents)
@@ -124,6 +126,9 @@ def paired_rollouts(
         chain = [f for f in faults if f is not None]
         rollout = Rollout(venv, team, chain, deterministic=deterministic, seed=seed, episode_streams=True)
         start = rollout.playing.copy()
+        for i in range(episodes, blocks * episodes) if independent else ():  # only first episodes are measured
+            state = np.random.SeedSequence([int(start[i]), i // episodes]).generate_state(1)[0]
+            rollout.copy_streams[i].manual_seed(int(state))  # type: ignore[index]
         onsets = np.full((len(faults), episodes), -1, dtype=np.int64)
         for f, fault in enumerate(faults):
             if fault is not None:
@@ -139,6 +144,14 @@ def paired_rollouts(
     return PairedRun(agents, start[:episodes].copy(), onsets, stacked["tv"], stacked["kl"], stacked["disagree"],
                      stacked["reward_delta"], rec.returns.reshape(blocks, episodes, -1),
                      rec.lengths.reshape(blocks, episodes))
+
+
+def noise_floor(make_venv: MakeVenv, team: TeamPolicy, episodes: int, seed: int, quantile: float) -> float:
+    """The ``quantile`` of the per-episode and per-agent largest TV between clean twins of episodes ``seed ..
+    seed + episodes - 1`` that sample their actions from independent streams: how far an agent's action
+    distribution strays from its clean twin's by sampling alone, with no fault."""
+    run = paired_rollouts(make_venv, team, [None], episodes, seed, deterministic=False, independent=True)
+    return float(np.quantile(np.nan_to_num(run.tv[0], nan=0.0).max(axis=1), quantile))
 
 
 def check_reproducible(make_venv: MakeVenv, team: TeamPolicy, episodes: int, seed: int, env_id: str,

@@ -108,7 +108,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             watched = [(sf.label, sf.fault) for sf in studied_faults(fc, env, agents)]
             with make_vec_env(cfg.env, spec) as venv:
                 alerts[label] = watch_policy(cfg, venv, make_venv, team, watched, int(cc.episodes), int(cc.seed),
-                                             bool(cc.deterministic))
+                                             bool(cc.deterministic), studies[label].threshold)
     results = {label: s.to_dict(int(cc.n_boot), float(cc.confidence)) for label, s in studies.items()}
     first = next(iter(results))
     payload = {"meta": {"env": spec.to_dict(), "policies": {r.name: str(r.path) for r in refs}, "episodes": cc.episodes,

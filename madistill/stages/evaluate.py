@@ -83,7 +83,8 @@ def evaluate_policies(
             if cfg.alerts.enabled:  # the paired runs arm their faults on their own blocks: fresh ones for them
                 watched = [(fault_label(cfg), f) for f in configured_faults(cfg, venv, spec, device)]
                 alerts[label] = watch_policy(cfg, venv, lambda n, p: make_vec_env(cfg.env, spec, num_envs=n, seed_period=p),
-                                             team, watched, ec.episodes, ec.seed, ec.deterministic)
+                                             team, watched, ec.episodes, ec.seed, ec.deterministic,
+                                             float(cfg.cascade.threshold))
         if ec.random_baseline:
             recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, faults,
                                 progress=bar("random"), episode_streams=ec.episode_streams)

@@ -27,11 +27,12 @@ def watch_policy(
     episodes: int,
     seed: int,
     deterministic: bool,
+    threshold: float,
 ) -> dict[str, Any]:
     """The alerts section of one policy: thresholds calibrated as ``cfg.alerts`` says, the alerts and false alarms of
     clean episodes ``seed .. seed+episodes-1``, and per labelled fault the alerts in the same episodes played under
-    it with their detection rate and delay (``watch_fault``; another agent fails as ``cascade.threshold`` and
-    ``cascade.return_loss`` say). ``faults`` must be fresh: the paired run arms each on its own block."""
+    it with their detection rate and delay (``watch_fault``; another agent fails when its TV from its clean twin
+    exceeds ``threshold`` or as ``cascade.return_loss`` says). ``faults`` must be fresh: the paired run arms each on its own block."""
     from madistill.cascade.alerts import (
         AlertMonitor,
         clean_alarms,
@@ -53,7 +54,7 @@ def watch_policy(
         "faults": {},
     }
     for label, fault in faults:
-        d = watch_fault(make_venv, monitor, fault, episodes, seed, float(cfg.cascade.threshold), deterministic, loss)
+        d = watch_fault(make_venv, monitor, fault, episodes, seed, threshold, deterministic, loss)
         section["faults"][label] = {"victims": list(fault.scope.victims), **d.summary(n_boot),
                                     "events": events_json(d.events)}
     return section
