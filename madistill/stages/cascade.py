@@ -111,7 +111,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                              bool(cc.deterministic), studies[label].threshold)
     results = {label: s.to_dict(int(cc.n_boot), float(cc.confidence)) for label, s in studies.items()}
     first = next(iter(results))
-    payload = {"meta": {"env": spec.to_dict(), "policies": {r.name: str(r.path) for r in refs}, "episodes": cc.episodes,
+    # keyed by the reports' labels (name@run with several runs), so a sweep's policies of one name stay apart
+    paths = {f"{r.name}@{r.run}" if several else r.name: str(r.path) for r in refs}
+    payload = {"meta": {"env": spec.to_dict(), "policies": paths, "episodes": cc.episodes,
                         "seed": cc.seed, "policy": first}, **results[first], "policies": results}
     reports = run_dir / "reports"
     atomic_write_text(reports / "cascade.json", json.dumps(payload, indent=2))
