@@ -198,13 +198,16 @@ def test_noise_floor_is_the_quantile_of_independently_sampling_clean_twins_and_r
     from madistill.config import CascadeConfig
 
     make, team, env, agents = setup(relay_spec(n_agents=4, switch_prob=0.3))
+    stuck = impulse(env, "agent_1", 4, "stuck", duration=None)
     shared = paired_rollouts(make, team, [None], EPISODES, 70)
     assert np.nansum(shared.tv[0]) == 0  # same streams: sampling alone changes nothing
-    run = paired_rollouts(make, team, [None], EPISODES, 70, independent=True)
-    peaks = np.nan_to_num(run.tv[0], nan=0.0).max(axis=1)  # [E, A]: per episode and agent, the largest TV
+    run = paired_rollouts(make, team, [stuck, None], EPISODES, 70, independent=True)
+    peaks = np.nan_to_num(run.tv[1], nan=0.0).max(axis=1)  # [E, A]: per episode and agent, the largest TV
     assert peaks.max() > 0.1  # a source sampling another symbol changes what its downstream agents see
     assert peaks[:, 0].max() == 0  # the chain's source sees only its target: no twin can change its distribution
-    assert noise_floor(make, team, EPISODES, 70, 0.9) == pytest.approx(np.quantile(peaks, 0.9))
+    assert noise_floor(run, 1, 0.9) == pytest.approx(np.quantile(peaks, 0.9))
+    # a fault block keeps the clean block's streams: identical before the stuck action acts
+    assert np.nansum(run.tv[0][:, :5]) == 0
     cc = OmegaConf.merge(OmegaConf.structured(CascadeConfig), {"episodes": EPISODES, "seed": 70, "n_boot": 50,
                                                                "replay_episodes": 2, "threshold": 0.01,
                                                                "noise_quantile": 0.9})

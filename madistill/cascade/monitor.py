@@ -113,15 +113,16 @@ def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any
     impulses, sources = impulse_faults(impulse, list(cc.onsets), env, agents)
     replay = check_reproducible(make_venv, team, int(cc.replay_episodes), int(cc.seed), env_id, bool(cc.deterministic))
     check_onsets(faults, cc, replay.lengths[0], env_id)
-    run = paired_rollouts(make_venv, team, [*impulses, *(sf.fault for sf in faults)], int(cc.episodes), int(cc.seed),
-                          bool(cc.deterministic))
+    # with sampled actions, one more clean twin sampling from streams of its own gives the noise floor
+    floor_block = [None] if not cc.deterministic and cc.noise_quantile is not None else []
+    run = paired_rollouts(make_venv, team, [*impulses, *floor_block, *(sf.fault for sf in faults)], int(cc.episodes),
+                          int(cc.seed), bool(cc.deterministic), independent=True)
     inf = influence(run, sources, int(cc.lags), int(cc.n_boot), float(cc.confidence), float(cc.min_effect), int(cc.seed))
     replay_dev = float(np.nanmax(replay.tv, initial=0.0))
-    floor = 0.0  # greedy twins act alike, so only sampled actions have a noise floor
-    if not cc.deterministic and cc.noise_quantile is not None:
-        floor = noise_floor(make_venv, team, int(cc.episodes), int(cc.seed), float(cc.noise_quantile))
+    floor = noise_floor(run, len(impulses), float(cc.noise_quantile)) if floor_block else 0.0  # greedy twins act alike
     threshold = max(float(cc.threshold), replay_dev, floor)
     edges = inf.edges()
     loss = None if cc.return_loss is None else float(cc.return_loss)
-    cascades = [cascade(run, len(impulses) + i, sf.victims, threshold, edges, loss) for i, sf in enumerate(faults)]
+    first = len(impulses) + len(floor_block)  # the studied faults' first block
+    cascades = [cascade(run, first + i, sf.victims, threshold, edges, loss) for i, sf in enumerate(faults)]
     return CascadeStudy(list(run.agents), inf, faults, cascades, run, threshold, replay_dev, floor)

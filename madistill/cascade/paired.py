@@ -115,8 +115,8 @@ def paired_rollouts(
     """Play episodes ``seed .. seed + episodes - 1`` clean and under each of ``faults`` side by side (one block
     of copies each; None: a second clean twin), and return their paired measures. Each fault is armed on its
     block only (onset -1 for a clean twin). ``watch`` builds an ``on_step`` hook for the paired rollout (an
-    alert monitor's), called after every step. ``independent``: the fault blocks sample their actions from streams
-    of their own instead of their clean twin's (``noise_floor``'s twins, which differ by sampling alone)."""
+    alert monitor's), called after every step. ``independent``: the second clean twins (None) sample their
+    actions from streams of their own instead of the clean block's, so they differ by sampling alone (``noise_floor``)."""
     blocks = len(faults) + 1
     with make_venv(blocks * episodes, episodes) as venv:
         agents = list(venv.possible_agents)
@@ -126,9 +126,12 @@ def paired_rollouts(
         chain = [f for f in faults if f is not None]
         rollout = Rollout(venv, team, chain, deterministic=deterministic, seed=seed, episode_streams=True)
         start = rollout.playing.copy()
-        for i in range(episodes, blocks * episodes) if independent else ():  # only first episodes are measured
-            state = np.random.SeedSequence([int(start[i]), i // episodes]).generate_state(1)[0]
-            rollout.copy_streams[i].manual_seed(int(state))  # type: ignore[index]
+        # the k-th second clean twin's streams are seeded by (episode seed, k): the same wherever its block sits
+        twins = [f + 1 for f, fault in enumerate(faults) if fault is None] if independent else []
+        for k, b in enumerate(twins, 1):
+            for i in range(b * episodes, (b + 1) * episodes):  # only each copy's first episode is measured
+                state = np.random.SeedSequence([int(start[i]), k]).generate_state(1)[0]
+                rollout.copy_streams[i].manual_seed(int(state))  # type: ignore[index]
         onsets = np.full((len(faults), episodes), -1, dtype=np.int64)
         for f, fault in enumerate(faults):
             if fault is not None:
@@ -146,12 +149,11 @@ def paired_rollouts(
                      rec.lengths.reshape(blocks, episodes))
 
 
-def noise_floor(make_venv: MakeVenv, team: TeamPolicy, episodes: int, seed: int, quantile: float) -> float:
-    """The ``quantile`` of the per-episode and per-agent largest TV between clean twins of episodes ``seed ..
-    seed + episodes - 1`` that sample their actions from independent streams: how far an agent's action
+def noise_floor(run: PairedRun, block: int, quantile: float) -> float:
+    """The ``quantile`` of the per-episode and per-agent largest TV in fault block ``block`` of ``run``, a second
+    clean twin sampling from streams of its own (``paired_rollouts(independent=True)``): how far an agent's action
     distribution strays from its clean twin's by sampling alone, with no fault."""
-    run = paired_rollouts(make_venv, team, [None], episodes, seed, deterministic=False, independent=True)
-    return float(np.quantile(np.nan_to_num(run.tv[0], nan=0.0).max(axis=1), quantile))
+    return float(np.quantile(np.nan_to_num(run.tv[block], nan=0.0).max(axis=1), quantile))
 
 
 def check_reproducible(make_venv: MakeVenv, team: TeamPolicy, episodes: int, seed: int, env_id: str,
