@@ -147,7 +147,7 @@ STAGE = Stage(
     name="attack",
     run=run,
     summary="robustness of saved policies to observation attacks (attack.policy=<run or policy dir>)",
-    sections=("attack",),
+    sections=("attack", "fault"),
     writes="reports/robustness.{md,json}",
     examples=("madistill attack attack.policy=<run>",
               "madistill attack attack=quick attack.policy=<run>",

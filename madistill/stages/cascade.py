@@ -168,8 +168,8 @@ STAGE = Stage(
     name="cascade",
     run=run,
     summary="inject a fault into agents of saved policies and measure its cascade (cascade.policy=<run or policy dir>)",
-    sections=("cascade", "fault"),
-    writes="reports/cascade.{json,md}, influence heatmaps, graph and timelines",
+    sections=("cascade", "fault", "alerts"),
+    writes="reports/cascade.{json,md}, influence heatmaps, graph and timelines, alerts.json (alerts.enabled)",
     examples=("madistill cascade cascade.policy=<run>", "madistill cascade cascade.policy=<run> fault=stuck "
               "fault.victims=[agent_0] fault.onset=5"),
     policy_key="cascade.policy",
