@@ -243,16 +243,18 @@ def calibrated_monitor(
     return AlertMonitor(team, kinds, thresholds, reference, tb)
 
 
-def configured_monitor(ac: Any, venv: MultiAgentVecEnv, team: TeamPolicy, tb: TBLogger | None = None) -> AlertMonitor:
-    """The monitor the ``alerts`` config section ``ac`` describes, calibrated on its clean episodes (the
-    reference policy loaded from ``ac.reference`` where set)."""
+def configured_monitor(ac: Any, venv: MultiAgentVecEnv, team: TeamPolicy, tb: TBLogger | None = None,
+                       deterministic: bool = True) -> AlertMonitor:
+    """The monitor the ``alerts`` config section ``ac`` describes, calibrated on its clean episodes in the action
+    mode the team will act in (``deterministic``: greedy; sampled actions are more surprising), the reference
+    policy loaded from ``ac.reference`` where set."""
     reference = None
     if ac.reference is not None:
         reference = store.load_team(ac.reference, venv.groups, device=team.device)[0]
         reference.eval()
     checked_kinds(ac.scores, reference)  # before the calibration episodes, not after them
     return calibrated_monitor(venv, team, ac.scores, ac.false_alarm_rate, ac.calibration_episodes,
-                              ac.calibration_seed, reference, tb=tb)
+                              ac.calibration_seed, reference, deterministic, tb)
 
 
 def first_alerts(

@@ -42,7 +42,7 @@ def watch_policy(
         watch_fault,
     )
 
-    monitor = configured_monitor(cfg.alerts, venv, team)
+    monitor = configured_monitor(cfg.alerts, venv, team, deterministic=deterministic)
     clean = AlertMonitor(team, monitor.kinds, monitor.thresholds, monitor.reference)
     monitor_episodes(venv, clean, episodes, seed, deterministic=deterministic)
     seeds = list(range(seed, seed + episodes))
