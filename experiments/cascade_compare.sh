@@ -20,6 +20,6 @@ for s in 0 1 2; do
 done
 rm -rf "$OUT/cascade"
 madistill cascade cascade.policy="$OUT/policies" cascade.episodes=30 fault=attack "fault.victims=[speaker_0]" \
-  fault.eps=0.3 logger=quiet env.num_workers=0 hydra.run.dir="$OUT/cascade" > /dev/null
+  fault.eps=0.3 cascade.noise_quantile=null logger=quiet env.num_workers=0 hydra.run.dir="$OUT/cascade" > /dev/null
 sed -n '/## Comparison/,$p' "$OUT/cascade/reports/cascade.md" > experiments/results/cascade_compare_speaker_listener.md
 cat experiments/results/cascade_compare_speaker_listener.md

@@ -6,7 +6,11 @@ Reads every run directory under the given roots (Hydra run or sweep directories 
   student's clean retention on the run's own evaluation episodes;
 - runs with ``reports/robustness.json`` (``attack``, often of a whole sweep directory): for each student and
   its teacher on the same episodes, clean retention, the worst case over the suite per victim set and eps,
-  and recovery (the share of the teacher's loss under attack the student gets back).
+  and recovery (the share of the teacher's loss under attack the student gets back);
+- runs with ``reports/cascade.json`` (``cascade``, e.g. ``madistill cascade -m fault=noise,random
+  cascade.policy=<run s0>,<run s1>`` or one run over a sweep directory): per studied policy and fault, the cascade
+  size (failed non-faulted agents per episode) and the non-faulted agents' return delta, pooled over the studied
+  policies' seeds.
 
 Retention and recovery come from the library (``madistill.stages.retention`` and ``recovery``). A run's
 recipe is its Hydra overrides (``.hydra/overrides.yaml``) without the seed and the paths it read; runs of
@@ -37,6 +41,7 @@ from madistill.stages.results import recovery, retention
 
 # Overrides that name where a run's inputs are, or how it is filed, not what it does: not part of a recipe.
 _NOT_RECIPE = ("seed", "distill.teacher", "finetune.policy", "attack.policy", "eval.policy", "saliency.policy",
+               "cascade.policy",
                "teacher.resume", "hydra.", "logger.", "env.num_workers")
 _ROLES = ("teacher", "student", "random")
 
@@ -117,11 +122,31 @@ def attack_rows(run: Path) -> list[tuple[Path | None, str, str, float, dict[str,
     return rows
 
 
+def _policy_run(path: str) -> Path | None:
+    """The run directory of a saved policy's directory (``<run>/policies/<name>``), or the run itself."""
+    for candidate in (Path(path), Path(path).parent.parent):
+        if (candidate / ".hydra").is_dir():
+            return candidate
+    return None
+
+
+def cascade_rows(run: Path) -> list[tuple[Path | None, str, str, dict[str, float]]]:
+    """Per studied policy and fault of a cascade run: (the policy's run dir, policy name, fault label, cascade
+    size and the non-faulted agents' mean return delta)."""
+    report = json.loads((run / "reports" / "cascade.json").read_text())
+    paths = report["meta"]["policies"]
+    return [(_policy_run(paths[label]) if label in paths else None, label.split("@", 1)[0], fault,
+             {"size": f["cascade"]["size_mean"], "others_return_delta": f["cascade"]["others_return_delta"]})
+            for label, result in report["policies"].items() for fault, f in result["faults"].items()]
+
+
 def summarise(roots: list[Path]) -> dict[str, list[dict[str, Any]]]:
-    """Rows pooled over seeds: ``retention`` (one per recipe) and ``robustness`` (one per recipe, policy,
-    victim set and eps); each value a [mean, low, high] 95% t-interval over the runs' seeds."""
+    """Rows pooled over seeds: ``retention`` (one per recipe), ``robustness`` (one per recipe, policy, victim set
+    and eps) and ``cascade`` (one per policy recipe, policy, cascade settings and fault); each value a [mean, low,
+    high] 95% t-interval over the runs' seeds (a cascade row's: the studied policies' seeds)."""
     retained: dict[str, list[tuple[int | None, dict[str, float]]]] = defaultdict(list)
     attacked: dict[tuple[str, str, str, float], list[tuple[int | None, dict[str, float]]]] = defaultdict(list)
+    cascaded: dict[tuple[str, str, str, str], list[tuple[int | None, dict[str, float]]]] = defaultdict(list)
     for run in run_dirs(roots):
         row = eval_rows(run)
         if row is not None:
@@ -130,6 +155,10 @@ def summarise(roots: list[Path]) -> dict[str, list[dict[str, Any]]]:
             for student, name, victims, eps, values in attack_rows(run):
                 key = (recipe(student) if student else "unknown run", name, victims, eps)
                 attacked[key].append((seed_of(student) if student else None, values))
+        if (run / "reports" / "cascade.json").is_file():
+            for policy_run, name, fault, values in cascade_rows(run):
+                key = (recipe(policy_run) if policy_run else "unknown run", name, recipe(run), fault)
+                cascaded[key].append((seed_of(policy_run) if policy_run else None, values))
     return {
         "retention": [{"recipe": r, "seeds": [s for s, _ in rows], "retention": t_interval([v["retention"] for _, v in rows])}
                       for r, rows in retained.items()],
@@ -137,11 +166,14 @@ def summarise(roots: list[Path]) -> dict[str, list[dict[str, Any]]]:
                         "teacher_clean": rows[0][1]["teacher_clean"], "teacher_worst": rows[0][1]["teacher_worst"],
                         **{k: t_interval([v[k] for _, v in rows]) for k in ("retention", "worst", "recovery")}}
                        for (r, name, victims, eps), rows in attacked.items()],
+        "cascade": [{"recipe": r, "policy": name, "settings": settings, "fault": fault, "seeds": [s for s, _ in rows],
+                     **{k: t_interval([v[k] for _, v in rows]) for k in ("size", "others_return_delta")}}
+                    for (r, name, settings, fault), rows in sorted(cascaded.items())],
     }
 
 
 def markdown(table: dict[str, list[dict[str, Any]]]) -> str:
-    """The summary as two Markdown tables (retention on each run's own episodes; robustness)."""
+    """The summary as Markdown tables (retention on each run's own episodes; robustness; cascades)."""
     lines = []
     if table["retention"]:
         lines += ["| recipe | seeds | clean retention |", "|---|---|---:|"]
@@ -152,6 +184,11 @@ def markdown(table: dict[str, list[dict[str, Any]]]) -> str:
         lines += [f"| {r['recipe']} | {r['policy']} | {_seeds(r['seeds'])} | {r['victims']} | {r['eps']:g} | "
                   f"{fmt(r['retention'], pct=True)} | {r['teacher_clean']:.2f} / {r['teacher_worst']:.2f} | "
                   f"{fmt(r['worst'])} | {fmt(r['recovery'], pct=True)} |" for r in table["robustness"]]
+    if table["cascade"]:
+        lines += ["", "| recipe | policy | cascade settings | fault | seeds | cascade size | non-faulted return delta |",
+                  "|---|---|---|---|---|---:|---:|"]
+        lines += [f"| {r['recipe']} | {r['policy']} | {r['settings']} | {r['fault']} | {_seeds(r['seeds'])} | "
+                  f"{fmt(r['size'])} | {fmt(r['others_return_delta'])} |" for r in table["cascade"]]
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -166,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     missing = [str(r) for r in args.roots if not r.is_dir()]
     table = summarise(args.roots) if not missing else {}
-    if missing or not (table["retention"] or table["robustness"]):
+    if missing or not (table["retention"] or table["robustness"] or table["cascade"]):
         what = f"no such directory: {', '.join(missing)}" if missing else "no run reports found"
-        print(f"summarise: error: {what}; pass the run or sweep directories of distill, finetune, pipeline or "
-              "attack runs", file=sys.stderr)
+        print(f"summarise: error: {what}; pass the run or sweep directories of distill, finetune, pipeline, "
+              "attack or cascade runs", file=sys.stderr)
         return 2
     text = markdown(table)
     print(text, end="")

@@ -443,6 +443,10 @@ class AlertConfig:
     """Online alerts of the cascade monitor (docs/cascade.md, Online alerts): per agent and score, a threshold
     calibrated on clean episodes to a target false-alarm rate."""
 
+    # evaluate and cascade calibrate a monitor per policy and watch their episodes with it (reports/alerts.json);
+    # off by default, as calibration plays calibration_episodes more episodes per policy
+    enabled: bool = False
+
     # scores per agent and step: obs (largest |z| of the normalised observation), surprise (-log prob of the
     # action taken), disagreement (KL from the reference policy's action distribution)
     scores: list[AlertScore] = field(default_factory=lambda: [AlertScore.obs, AlertScore.surprise])
@@ -568,6 +572,10 @@ class CascadeConfig:
     # a non-faulted agent fails when its action distribution's total variation from its clean twin exceeds this
     # (raised to the largest deviation seen between clean twins, should the env's replays differ)
     threshold: float = 0.1
+    # with sampled actions, the threshold is raised to this quantile of the noise floor: per episode and agent, the
+    # largest TV between clean twins sampling from independent streams, the deviation sampling alone causes
+    # (null: no noise floor)
+    noise_quantile: float | None = 0.95
     # a non-faulted agent also fails once its reward summed since the onset falls this far below its clean twin's
     # (null: deviation only)
     return_loss: float | None = None
@@ -581,6 +589,7 @@ class CascadeConfig:
         c.require(len(c.node.onsets) > 0 and min(c.node.onsets) >= 0, "onsets", "a non-empty list of steps at least 0")
         c.at_least(0, "min_effect", "threshold", "return_loss")
         c.within(0, 1, "confidence", open_low=True, open_high=True)
+        c.within(0, 1, "noise_quantile")
 
 
 @dataclass

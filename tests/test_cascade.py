@@ -190,3 +190,33 @@ def test_box_actions_faults_and_exact_gaussian_tv():
     run = paired_rollouts(make, team, [impulse(env, "agent_0", 3, "constant", duration=None, action=[1.0])], 4, 0)
     tv = run.tv[0][..., 1]  # agent_1 sees agent_0 move differently
     assert np.nansum(tv[:, :4]) == 0 and 0 < np.nanmax(tv[:, 4:]) < 1
+
+
+def test_noise_floor_is_the_quantile_of_independently_sampling_clean_twins_and_raises_the_threshold():
+    from madistill.cascade.monitor import study
+    from madistill.cascade.paired import noise_floor
+    from madistill.config import CascadeConfig
+
+    make, team, env, agents = setup(relay_spec(n_agents=4, switch_prob=0.3))
+    stuck = impulse(env, "agent_1", 4, "stuck", duration=None)
+    shared = paired_rollouts(make, team, [None], EPISODES, 70)
+    assert np.nansum(shared.tv[0]) == 0  # same streams: sampling alone changes nothing
+    run = paired_rollouts(make, team, [stuck, None], EPISODES, 70, independent=True)
+    peaks = np.nan_to_num(run.tv[1], nan=0.0).max(axis=1)  # [E, A]: per episode and agent, the largest TV
+    assert peaks.max() > 0.1  # a source sampling another symbol changes what its downstream agents see
+    assert peaks[:, 0].max() == 0  # the chain's source sees only its target: no twin can change its distribution
+    assert noise_floor(run, 1, 0.9) == pytest.approx(np.quantile(peaks, 0.9))
+    # a fault block keeps the clean block's streams: identical before the stuck action acts
+    assert np.nansum(run.tv[0][:, :5]) == 0
+    cc = OmegaConf.merge(OmegaConf.structured(CascadeConfig), {"episodes": EPISODES, "seed": 70, "n_boot": 50,
+                                                               "replay_episodes": 2, "threshold": 0.01,
+                                                               "noise_quantile": 0.9})
+    fc = OmegaConf.merge(OmegaConf.structured(FaultConfig), {"name": "dead", "victims": ["agent_1"], "onset": 3})
+    impulse_fc = OmegaConf.merge(OmegaConf.structured(FaultConfig), {"name": "random"})
+    sampled = study(make, team, env, cc, fc, impulse_fc, "relay")
+    assert sampled.noise_floor == pytest.approx(np.quantile(peaks, 0.9)) and sampled.threshold == sampled.noise_floor
+    assert sampled.to_dict(50, 0.95)["noise_floor"] == sampled.noise_floor
+    greedy = study(make, team, env, OmegaConf.merge(cc, {"deterministic": True}), fc, impulse_fc, "relay")
+    assert greedy.noise_floor == 0.0 and greedy.threshold == 0.01
+    off = study(make, team, env, OmegaConf.merge(cc, {"noise_quantile": None}), fc, impulse_fc, "relay")
+    assert off.noise_floor == 0.0 and off.threshold == 0.01

@@ -1,9 +1,11 @@
-"""`madistill cascade`: the report a saved relay teacher gets, and bad input as one line, exit 2, nothing left."""
+"""`madistill cascade`: the report a saved relay teacher gets, and bad input as one line, exit 2, nothing left; online
+alerts in evaluate and cascade; the configured fault in attack, saliency and explain."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import call_cli, tiny
 
@@ -106,3 +108,122 @@ def test_evaluate_plays_under_the_configured_fault(cli, teacher, tmp_path):
     assert same == clean and "Under fault" not in clean_md
     assert "Under fault 'dead' on agent_0, agent_1, agent_2, agent_3 from step 0 to the episode's end" in md
     assert faulted != clean
+
+
+ALERTS = ["alerts.enabled=true", "alerts.calibration_episodes=15", "alerts.false_alarm_rate=0.5", "eval.episodes=6",
+          "eval.random_baseline=false"]
+
+
+def _first_victim_alert(events: list[dict], victims: list[str], onset: int, seeds: range) -> dict[int, int]:
+    """Per episode seed, the first step at or after ``onset`` with an alert on a victim (absent: none)."""
+    first: dict[int, int] = {}
+    for e in events:
+        if e["agent"] in victims and e["seed"] in seeds and e["step"] >= onset:
+            first[e["seed"]] = min(first.get(e["seed"], e["step"]), e["step"])
+    return first
+
+
+def test_evaluate_with_alerts_writes_events_detection_and_false_alarms(cli, teacher, tmp_path):
+    out = tmp_path / "eval"
+    rc, _, err = cli("evaluate", *tiny(*ALERTS, f"eval.policy={teacher}", "fault=random", "fault.victims=[agent_0]",
+                                       "fault.onset=3"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    report = json.loads((out / "reports" / "alerts.json").read_text())
+    assert report["meta"]["episodes"] == 6 and report["meta"]["alerts"]["enabled"] is True
+    section = report["policies"]["teacher"]
+    agents = [f"agent_{i}" for i in range(4)]
+    assert set(section["thresholds"]) == set(agents)
+    assert all(set(t) == {"obs", "surprise"} for t in section["thresholds"].values())
+    seeds = range(report["meta"]["seed"], report["meta"]["seed"] + 6)
+    clean = section["clean"]
+    for e in clean["events"]:
+        assert set(e) == {"agent", "kind", "seed", "step", "score", "threshold"} and e["score"] > e["threshold"]
+    assert clean["false_alarms"]["per_episode"]["mean"] == pytest.approx(len(clean["events"]) / 6)
+    fault = section["faults"]["random@agent_0"]
+    assert fault["victims"] == ["agent_0"]
+    first = _first_victim_alert(fault["events"], ["agent_0"], 3, seeds)
+    assert fault["detected"]["n"] == 6 and fault["detected"]["mean"] == pytest.approx(len(first) / 6)
+    if first:
+        assert fault["delay"]["mean"] == pytest.approx(sum(s - 3 for s in first.values()) / len(first))
+    md = (out / "reports" / "eval.md").read_text()
+    assert "## Online alerts" in md and "| teacher | random@agent_0 |" in md
+
+
+def test_evaluate_without_a_fault_watches_clean_episodes_only(cli, teacher, tmp_path):
+    out = tmp_path / "eval"
+    rc, _, err = cli("evaluate", *tiny(*ALERTS, f"eval.policy={teacher}"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    section = json.loads((out / "reports" / "alerts.json").read_text())["policies"]["teacher"]
+    assert section["faults"] == {} and section["clean"]["false_alarms"]["any"]["n"] == 6
+    assert "| teacher | none |" in (out / "reports" / "eval.md").read_text()
+
+
+def test_alerts_are_off_by_default_and_too_few_calibration_episodes_are_refused(cli, teacher, tmp_path):
+    out = tmp_path / "eval"
+    rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "eval.random_baseline=false"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    assert not (out / "reports" / "alerts.json").exists() and "Online alerts" not in (out / "reports" / "eval.md").read_text()
+    bad = tmp_path / "bad"
+    rc, _, err = cli("evaluate", *tiny(*ALERTS, f"eval.policy={teacher}", "alerts.calibration_episodes=3"),
+                     f"hydra.run.dir={bad}")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "raise alerts.calibration_episodes" in lines[0], err
+    assert not bad.exists()
+
+
+def test_cascade_with_alerts_watches_each_studied_fault(cli, teacher, tmp_path):
+    out = tmp_path / "study"
+    rc, _, err = cli("cascade", *tiny(*STUDY, *ALERTS[:3], f"cascade.policy={teacher}", "fault=dead", "fault.onset=2"),
+                     f"hydra.run.dir={out}")
+    assert rc == 0, err
+    report = json.loads((out / "reports" / "alerts.json").read_text())
+    seeds = range(report["meta"]["seed"], report["meta"]["seed"] + 6)
+    faults = report["policies"]["teacher"]["faults"]
+    assert list(faults) == [f"dead@agent_{i}" for i in range(4)]  # fault.victims empty: each agent in turn
+    for label, f in faults.items():
+        first = _first_victim_alert(f["events"], f["victims"], 2, seeds)
+        assert f["detected"]["n"] == 6 and f["detected"]["mean"] == pytest.approx(len(first) / 6), label
+    assert "## Online alerts" in (out / "reports" / "cascade.md").read_text()
+
+
+DEAD_SOURCE = ["fault=dead", "fault.victims=[agent_0]", "fault.onset=0"]
+ATTACK = ["attack=quick", "attack.methods=[random]", "attack.eps=[0.3]", "attack.victims=[agent_2]",
+          "attack.episodes=4", "attack.seed=500"]
+
+
+def test_attack_plays_its_clean_and_attacked_episodes_under_the_fault(cli, teacher, tmp_path):
+    fault = ["fault=random", "fault.victims=[agent_0]", "fault.onset=2"]
+    rc, _, err = cli("attack", *tiny(*ATTACK, f"attack.policy={teacher}", *fault), f"hydra.run.dir={tmp_path / 'f'}")
+    assert rc == 0, err
+    faulted = json.loads((tmp_path / "f" / "reports" / "robustness.json").read_text())
+    assert faulted["meta"]["fault"]["name"] == "random" and faulted["meta"]["fault"]["victims"] == ["agent_0"]
+    assert "Under fault 'random' on agent_0" in (tmp_path / "f" / "reports" / "robustness.md").read_text()
+    rc, _, err = cli("attack", *tiny(*ATTACK, f"attack.policy={teacher}"), f"hydra.run.dir={tmp_path / 'c'}")
+    assert rc == 0, err
+    clean = json.loads((tmp_path / "c" / "reports" / "robustness.json").read_text())
+    assert clean["meta"]["fault"] is None
+    # the same episodes evaluated under the same fault give the faulted clean return exactly
+    rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "eval.episodes=4", "eval.seed=500",
+                                       "eval.random_baseline=false", *fault), f"hydra.run.dir={tmp_path / 'e'}")
+    assert rc == 0, err
+    evaluated = json.loads((tmp_path / "e" / "reports" / "eval_teacher.json").read_text())["summary"]
+    f_clean, c_clean = faulted["results"]["teacher"]["clean"], clean["results"]["teacher"]["clean"]
+    assert f_clean == pytest.approx(evaluated["team"]["mean"]) and f_clean != pytest.approx(c_clean)
+
+
+def _source_symbols_heard(run, stage: str) -> np.ndarray:
+    """Per step, the symbol agent_1 hears from agent_0 in the stage's saved observations (-1: none yet)."""
+    obs = np.load(run / "reports" / f"{stage}.npz")["obs/agent"].reshape(-1, 4, 3)[:, 1]
+    return np.where(obs.any(-1), obs.argmax(-1), -1)
+
+
+@pytest.mark.parametrize("stage", ["saliency", "explain"])
+def test_saliency_and_explain_collect_their_observations_under_the_fault(cli, teacher, tmp_path, stage):
+    args = [f"{stage}.policy={teacher}", f"{stage}.episodes=2"] + (["explain.methods=[gradient]"] if stage == "explain" else [])
+    rc, _, err = cli(stage, *tiny(*args, *DEAD_SOURCE), f"hydra.run.dir={tmp_path / 'f'}")
+    assert rc == 0, err
+    rc, _, err = cli(stage, *tiny(*args), f"hydra.run.dir={tmp_path / 'c'}")
+    assert rc == 0, err
+    heard_faulted, heard_clean = _source_symbols_heard(tmp_path / "f", stage), _source_symbols_heard(tmp_path / "c", stage)
+    assert set(heard_faulted.tolist()) == {-1, 0}  # the dead source only ever sends symbol 0
+    assert set(heard_clean.tolist()) - {-1, 0}  # a live source sends others

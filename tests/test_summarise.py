@@ -113,3 +113,40 @@ def test_an_experiment_sweeps_seeds_into_its_own_directory_that_summarise_reads(
     assert all((root / "pipeline" / s / "reports" / "eval_student.json").is_file() for s in ("s0", "s1"))
     (row,) = summarise.summarise([root])["retention"]
     assert row["seeds"] == [0, 1] and row["recipe"].startswith("+experiment=sl_long ")
+
+
+def _cascade_run(path: Path, overrides: list[str], policies: dict[str, Path], faults: dict[str, dict[str, tuple]]) -> None:
+    """A cascade run: ``faults[label][fault] = (cascade size, non-faulted return delta)`` per studied policy."""
+    _run(path, 0, overrides)
+    results = {label: {"faults": {f: {"cascade": {"size_mean": size, "others_return_delta": delta}}
+                                  for f, (size, delta) in by_fault.items()}} for label, by_fault in faults.items()}
+    meta = {"policies": {label: str(p / "policies" / label.split("@")[0]) for label, p in policies.items()}}
+    (path / "reports" / "cascade.json").write_text(json.dumps({"meta": meta, "policies": results}))
+
+
+def test_cascade_sweeps_pool_over_the_studied_policies_seeds(summarise, tmp_path, capsys):
+    """A ``-m fault=noise,random cascade.policy=<s0>,<s1>`` sweep (one policy per run), and one cascade run over
+    the sweep directory (two policies, labelled name@run): rows per policy recipe, policy, settings and fault."""
+    root = tmp_path / "exp"
+    teachers = {s: _run(root / "train" / f"s{s}", s, ["env=relay", f"seed={s}"]) for s in (0, 1)}
+    for i, (fault, s, size, delta) in enumerate([("noise", 0, 1.0, -0.5), ("noise", 1, 2.0, -1.5),
+                                                 ("random", 0, 3.0, -2.0), ("random", 1, 3.0, -2.0)]):
+        _cascade_run(root / "sweep" / str(i), [f"fault={fault}", f"cascade.policy={teachers[s]}"], {"teacher": teachers[s]},
+                     {"teacher": {f"{fault}@agent_0": (size, delta)}})
+    _cascade_run(root / "over_dir", ["cascade.episodes=30"], {f"teacher@s{s}": teachers[s] for s in (0, 1)},
+                 {f"teacher@s{s}": {"dead@agent_1": (0.5 * (s + 1), -0.1 * (s + 1))} for s in (0, 1)})
+    rows = {(r["settings"], r["fault"]): r for r in summarise.summarise([root])["cascade"]}
+    assert set(rows) == {("fault=noise", "noise@agent_0"), ("fault=random", "random@agent_0"),
+                         ("cascade.episodes=30", "dead@agent_1")}
+    assert all(r["recipe"] == "env=relay" and r["policy"] == "teacher" and sorted(r["seeds"]) == [0, 1]
+               for r in rows.values())
+    # sizes 1 and 2: mean 1.5, sd 0.7071, se 0.5; deltas -0.5 and -1.5 the same spread
+    noise = rows[("fault=noise", "noise@agent_0")]
+    assert noise["size"] == pytest.approx([1.5, 1.5 - 0.5 * T_975_1, 1.5 + 0.5 * T_975_1])
+    assert noise["others_return_delta"] == pytest.approx([-1.0, -1.0 - 0.5 * T_975_1, -1.0 + 0.5 * T_975_1])
+    assert rows[("fault=random", "random@agent_0")]["size"] == pytest.approx([3.0] * 3)  # no spread over seeds
+    dead = rows[("cascade.episodes=30", "dead@agent_1")]
+    assert dead["size"] == pytest.approx([0.75, 0.75 - 0.25 * T_975_1, 0.75 + 0.25 * T_975_1])
+    assert summarise.main([str(root)]) == 0
+    assert "| env=relay | teacher | fault=noise | noise@agent_0 | 0,1 | 1.50 [-4.85, 7.85] | -1.00 [-7.35, 5.35] |" \
+        in capsys.readouterr().out

@@ -28,7 +28,7 @@ from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
 from madistill.evaluate.stats import bootstrap_ci
 from madistill.policies.base import TeamPolicy
-from madistill.transforms import ObsTransform
+from madistill.transforms import ActionTransform, ObsTransform
 
 # The attack suite by name: "critic" is PGD on minus a critic's value, "transfer" is PGD crafted on a
 # surrogate policy; "learned" trains a PPO adversary per victim set and eps (attack.learned_steps);
@@ -218,14 +218,17 @@ def evaluate_robustness(
     progress: Any = None,
     teams: Mapping[str, Sequence[str]] | None = None,
     random_teams: Mapping[str, float] | None = None,
+    faults: Sequence[ObsTransform | ActionTransform] = (),
 ) -> RobustnessResult:
     """Every configured attack x eps x victim set on ``team`` (episodes with seeds ``seed...``), plus the
     strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe.
+    ``faults`` (the configured fault) act in the clean and every attacked evaluation, before the attack: the
+    robustness of a team with a failing agent (the probe runs without them).
 
     ``teams`` (team -> agents) name the victim sets ``team:<name>``; with several teams, each team's returns
     are kept too, next to its random-policy return from ``random_teams``."""
     start = time.perf_counter()
-    clean_recs = run_episodes(venv, team, ac.episodes, seed)
+    clean_recs = run_episodes(venv, team, ac.episodes, seed, transforms=faults)
     clean = team_returns(clean_recs)
     res = RobustnessResult(clean, random_return, _agents(clean_recs), seed, ac.n_boot, checked=bool(ac.checks))
     if several_teams(teams):
@@ -261,10 +264,10 @@ def evaluate_robustness(
         for method, eps in runs:
             start = time.perf_counter()
             if method == "offsets":
-                recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target)
+                recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target, faults)
             else:
                 transform = _transform(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
-                recs = run_episodes(venv, team, ac.episodes, seed, transforms=[transform])
+                recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, transform])
             # running mean over every evaluation of this attack (all eps, victim sets and check runs)
             runs_of[method] = runs_of.get(method, 0) + 1
             elapsed = time.perf_counter() - start
@@ -333,13 +336,14 @@ def _transform(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: l
 
 
 def worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
-                  candidates: int, episodes: int, seed: int, target: Sequence[str] | None = None) -> list[EpisodeRecord]:
+                  candidates: int, episodes: int, seed: int, target: Sequence[str] | None = None,
+                  faults: Sequence[ObsTransform | ActionTransform] = ()) -> list[EpisodeRecord]:
     """Per episode seed, the record of the constant offset (of ``candidates``, ConstantOffset seeds ``seed..``)
     with the lowest team return (mean return of the ``target`` agents when given): every candidate replays the
-    same episodes, as an attacker with a simulator could."""
+    same episodes under ``faults``, as an attacker with a simulator could."""
     by_seed: dict[int, list[EpisodeRecord]] = {}
     for k in range(candidates):
-        for r in run_episodes(venv, team, episodes, seed, transforms=[ConstantOffset(victims, budgets, seed + k)]):
+        for r in run_episodes(venv, team, episodes, seed, transforms=[*faults, ConstantOffset(victims, budgets, seed + k)]):
             by_seed.setdefault(r.seed, []).append(r)
     score = (lambda r: r.team_return) if target is None else (lambda r: team_return(r, target))
     return [min(same, key=score) for _, same in sorted(by_seed.items())]

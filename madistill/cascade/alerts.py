@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -243,16 +243,18 @@ def calibrated_monitor(
     return AlertMonitor(team, kinds, thresholds, reference, tb)
 
 
-def configured_monitor(ac: Any, venv: MultiAgentVecEnv, team: TeamPolicy, tb: TBLogger | None = None) -> AlertMonitor:
-    """The monitor the ``alerts`` config section ``ac`` describes, calibrated on its clean episodes (the
-    reference policy loaded from ``ac.reference`` where set)."""
+def configured_monitor(ac: Any, venv: MultiAgentVecEnv, team: TeamPolicy, tb: TBLogger | None = None,
+                       deterministic: bool = True) -> AlertMonitor:
+    """The monitor the ``alerts`` config section ``ac`` describes, calibrated on its clean episodes in the action
+    mode the team will act in (``deterministic``: greedy; sampled actions are more surprising), the reference
+    policy loaded from ``ac.reference`` where set."""
     reference = None
     if ac.reference is not None:
         reference = store.load_team(ac.reference, venv.groups, device=team.device)[0]
         reference.eval()
     checked_kinds(ac.scores, reference)  # before the calibration episodes, not after them
     return calibrated_monitor(venv, team, ac.scores, ac.false_alarm_rate, ac.calibration_episodes,
-                              ac.calibration_seed, reference, tb=tb)
+                              ac.calibration_seed, reference, deterministic, tb)
 
 
 def first_alerts(
@@ -286,13 +288,14 @@ class Detection:
     first_alert: np.ndarray  # [E] first step at or after the onset with an alert on a victim
     first_by_kind: dict[str, np.ndarray]  # score -> [E] the same for that score's alerts alone
     first_failure: np.ndarray  # [E] first step at which another agent failed (the cascade monitor's definition)
+    events: list[AlertEvent] = field(default_factory=list)  # the alerts raised in the faulted episodes
 
     @staticmethod
     def pooled(parts: Sequence[Detection]) -> Detection:
         """The episodes of several detections (e.g. teachers of several seeds) as one."""
         return Detection(np.concatenate([p.onsets for p in parts]), np.concatenate([p.first_alert for p in parts]),
                          {k: np.concatenate([p.first_by_kind[k] for p in parts]) for k in parts[0].first_by_kind},
-                         np.concatenate([p.first_failure for p in parts]))
+                         np.concatenate([p.first_failure for p in parts]), [e for p in parts for e in p.events])
 
     def summary(self, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
         """Detection rate, delay (steps from the onset), per-score detection rates, the share of episodes where
@@ -331,12 +334,14 @@ def watch_fault(
     threshold: float,
     deterministic: bool = True,
     return_loss: float | None = None,
+    tb: TBLogger | None = None,
 ) -> Detection:
     """Episodes ``seed .. seed+episodes-1`` played as clean and faulted twins (``paired_rollouts``), the faulted
     ones watched by a monitor with ``monitor``'s thresholds; another agent fails as the cascade monitor says
     (``cascade``): its action distribution's total variation from its clean twin's exceeds ``threshold``
-    (``cascade.threshold``), or its reward since the onset falls ``return_loss`` below (``cascade.return_loss``)."""
-    watch = AlertMonitor(monitor.team, monitor.kinds, monitor.thresholds, monitor.reference)
+    (``cascade.threshold``), or its reward since the onset falls ``return_loss`` below (``cascade.return_loss``).
+    ``tb``: where the faulted episodes' alerts are logged as they happen."""
+    watch = AlertMonitor(monitor.team, monitor.kinds, monitor.thresholds, monitor.reference, tb)
     faulted_block = np.arange(episodes, 2 * episodes)  # block 0 of the paired run plays clean, block 1 faulted
     run = paired_rollouts(make_venv, monitor.team, [fault], episodes, seed, deterministic,
                           watch=lambda rollout: watch.hook(rollout, faulted_block))
@@ -346,7 +351,19 @@ def watch_fault(
     first_failure = onsets + (np.fmin.reduce(delays, axis=1) if delays.shape[1] else np.nan)
     by_kind = {k: first_alerts([e for e in watch.events if e.kind == k], victims, seeds, onsets) for k in watch.kinds}
     return Detection(onsets.astype(np.float64), first_alerts(watch.events, victims, seeds, onsets), by_kind,
-                     first_failure.astype(np.float64))
+                     first_failure.astype(np.float64), list(watch.events))
+
+
+def clean_alarms(events: Sequence[AlertEvent], seeds: Sequence[int], n_boot: int = 1000,
+                 confidence: float = 0.95) -> dict[str, dict[str, float]]:
+    """False alarms of clean episodes ``seeds``: ``per_episode`` (alerts per episode) and ``any`` (share of
+    episodes with at least one), means with percentile-bootstrap CIs over episodes."""
+    count = dict.fromkeys(seeds, 0)
+    for e in events:
+        if e.seed in count:
+            count[e.seed] += 1
+    n = np.array(list(count.values()), dtype=np.float64)
+    return {"per_episode": mean_ci(n, n_boot, confidence), "any": mean_ci(n > 0, n_boot, confidence)}
 
 
 def events_json(events: Sequence[AlertEvent]) -> list[dict[str, object]]:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from madistill.cascade.faults import ActionFault, Fault, FaultEnv, Holding, make_fault
 from madistill.cascade.measures import Cascade, Influence, cascade, deviation_summary, influence
-from madistill.cascade.paired import MakeVenv, PairedRun, check_reproducible, paired_rollouts
+from madistill.cascade.paired import MakeVenv, PairedRun, check_reproducible, noise_floor, paired_rollouts
 from madistill.config import FaultConfig
 from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
@@ -36,8 +36,9 @@ class CascadeStudy:
     faults: list[StudiedFault]
     cascades: list[Cascade]
     run: PairedRun  # the paired run; the studied faults are its last len(faults) fault blocks
-    threshold: float  # the failure threshold in use (cascade.threshold, or the clean twins' largest deviation)
+    threshold: float  # the failure threshold in use: the largest of cascade.threshold, replay_deviation, noise_floor
     replay_deviation: float  # the largest TV between clean twins of the replay check (0 when reproducible)
+    noise_floor: float  # the quantile of the TV between independently sampling clean twins (0: greedy or off)
 
     def block(self, i: int) -> int:
         """The paired run's fault index of studied fault i."""
@@ -54,6 +55,7 @@ class CascadeStudy:
             "reachable": inf.reachable(),
             "threshold": self.threshold,
             "replay_deviation": self.replay_deviation,
+            "noise_floor": self.noise_floor,
             "faults": {
                 sf.label: {
                     "deviation": deviation_summary(self.run, self.block(i), sf.victims),
@@ -111,12 +113,16 @@ def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any
     impulses, sources = impulse_faults(impulse, list(cc.onsets), env, agents)
     replay = check_reproducible(make_venv, team, int(cc.replay_episodes), int(cc.seed), env_id, bool(cc.deterministic))
     check_onsets(faults, cc, replay.lengths[0], env_id)
-    run = paired_rollouts(make_venv, team, [*impulses, *(sf.fault for sf in faults)], int(cc.episodes), int(cc.seed),
-                          bool(cc.deterministic))
+    # with sampled actions, one more clean twin sampling from streams of its own gives the noise floor
+    floor_block = [None] if not cc.deterministic and cc.noise_quantile is not None else []
+    run = paired_rollouts(make_venv, team, [*impulses, *floor_block, *(sf.fault for sf in faults)], int(cc.episodes),
+                          int(cc.seed), bool(cc.deterministic), independent=True)
     inf = influence(run, sources, int(cc.lags), int(cc.n_boot), float(cc.confidence), float(cc.min_effect), int(cc.seed))
     replay_dev = float(np.nanmax(replay.tv, initial=0.0))
-    threshold = max(float(cc.threshold), replay_dev)
+    floor = noise_floor(run, len(impulses), float(cc.noise_quantile)) if floor_block else 0.0  # greedy twins act alike
+    threshold = max(float(cc.threshold), replay_dev, floor)
     edges = inf.edges()
     loss = None if cc.return_loss is None else float(cc.return_loss)
-    cascades = [cascade(run, len(impulses) + i, sf.victims, threshold, edges, loss) for i, sf in enumerate(faults)]
-    return CascadeStudy(list(run.agents), inf, faults, cascades, run, threshold, replay_dev)
+    first = len(impulses) + len(floor_block)  # the studied faults' first block
+    cascades = [cascade(run, first + i, sf.victims, threshold, edges, loss) for i, sf in enumerate(faults)]
+    return CascadeStudy(list(run.agents), inf, faults, cascades, run, threshold, replay_dev, floor)

@@ -110,11 +110,13 @@ def paired_rollouts(
     seed: int,
     deterministic: bool = False,
     watch: Callable[[Rollout], Callable[[Transition], None]] | None = None,
+    independent: bool = False,
 ) -> PairedRun:
     """Play episodes ``seed .. seed + episodes - 1`` clean and under each of ``faults`` side by side (one block
     of copies each; None: a second clean twin), and return their paired measures. Each fault is armed on its
     block only (onset -1 for a clean twin). ``watch`` builds an ``on_step`` hook for the paired rollout (an
-    alert monitor's), called after every step."""
+    alert monitor's), called after every step. ``independent``: the second clean twins (None) sample their
+    actions from streams of their own instead of the clean block's, so they differ by sampling alone (``noise_floor``)."""
     blocks = len(faults) + 1
     with make_venv(blocks * episodes, episodes) as venv:
         agents = list(venv.possible_agents)
@@ -124,6 +126,12 @@ def paired_rollouts(
         chain = [f for f in faults if f is not None]
         rollout = Rollout(venv, team, chain, deterministic=deterministic, seed=seed, episode_streams=True)
         start = rollout.playing.copy()
+        # the k-th second clean twin's streams are seeded by (episode seed, k): the same wherever its block sits
+        twins = [f + 1 for f, fault in enumerate(faults) if fault is None] if independent else []
+        for k, b in enumerate(twins, 1):
+            for i in range(b * episodes, (b + 1) * episodes):  # only each copy's first episode is measured
+                state = np.random.SeedSequence([int(start[i]), k]).generate_state(1)[0]
+                rollout.copy_streams[i].manual_seed(int(state))  # type: ignore[index]
         onsets = np.full((len(faults), episodes), -1, dtype=np.int64)
         for f, fault in enumerate(faults):
             if fault is not None:
@@ -139,6 +147,13 @@ def paired_rollouts(
     return PairedRun(agents, start[:episodes].copy(), onsets, stacked["tv"], stacked["kl"], stacked["disagree"],
                      stacked["reward_delta"], rec.returns.reshape(blocks, episodes, -1),
                      rec.lengths.reshape(blocks, episodes))
+
+
+def noise_floor(run: PairedRun, block: int, quantile: float) -> float:
+    """The ``quantile`` of the per-episode and per-agent largest TV in fault block ``block`` of ``run``, a second
+    clean twin sampling from streams of its own (``paired_rollouts(independent=True)``): how far an agent's action
+    distribution strays from its clean twin's by sampling alone, with no fault."""
+    return float(np.quantile(np.nan_to_num(run.tv[block], nan=0.0).max(axis=1), quantile))
 
 
 def check_reproducible(make_venv: MakeVenv, team: TeamPolicy, episodes: int, seed: int, env_id: str,

@@ -24,7 +24,8 @@ def markdown(result: dict[str, Any], env_id: str, policy: str, episodes: int) ->
     edges = ", ".join(f"{s} -> {d}" for s, d, _ in result["edges"]) or "none"
     lines += ["", f"Lag-1 influence graph: {edges}.", "",
               f"Failure threshold: TV > {result['threshold']:.3g} from the clean twin (clean twins of the replay check "
-              f"differed by at most {result['replay_deviation']:.3g}).", "", "## Cascades", "",
+              f"differed by at most {result['replay_deviation']:.3g}; noise floor of independently sampling clean twins "
+              f"{result['noise_floor']:.3g}).", "", "## Cascades", "",
               "| fault | cascade size (mean, 95% CI) | agent | fail rate | median delay | hop depth | return delta (95% CI) |",
               "|---|---|---|---|---|---|---|"]
     for label, f in result["faults"].items():

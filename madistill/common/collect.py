@@ -10,7 +10,7 @@ from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.policies.base import TeamPolicy
 from madistill.rollout import Rollout, Transition
-from madistill.transforms import ObsTransform
+from madistill.transforms import ActionTransform, ObsTransform
 
 
 def collect_round(
@@ -21,7 +21,7 @@ def collect_round(
     agent_steps: int | None = None,
     episodes: int | None = None,
     progress: str | None = None,
-    transforms: Sequence[ObsTransform] = (),
+    transforms: Sequence[ObsTransform | ActionTransform] = (),
 ) -> tuple[dict[str, torch.Tensor], list[EpisodeRecord]]:
     """Run ``acting`` for at least ``agent_steps`` live agent-steps (or ``episodes`` episodes), its
     observations passed through ``transforms``; returns each group's visited *raw* (untransformed)

@@ -38,6 +38,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.evaluate.report import write_markdown
     from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
+    from madistill.stages.cascade import configured_faults, fault_line
     from madistill.stages.policies import (
         configured_features,
         load_policy,
@@ -58,6 +59,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         loaded = [load_policy(r, venv.groups, device) for r in refs]
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         sides = teams_for(cfg, venv, refs)
+        faults = configured_faults(cfg, venv, spec, device)
         random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)
         random_return = team_returns(random_recs)
         extra = {k: load_team(getattr(ac, k), venv.groups, device=device)[0] for k in ("critic", "transfer_from") if getattr(ac, k)}
@@ -78,16 +80,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 bar.set_postfix(policy=label)
                 results[label] = evaluate_robustness(
                     venv, team, layouts, ac, random_return, ac.seed, surrogate=surrogate, critic=critic, progress=bar,
-                    teams=sides, random_teams=team_means(random_recs, sides),
+                    teams=sides, random_teams=team_means(random_recs, sides), faults=faults,
                 )
     reports = run_dir / "reports"
     payload = {
         "meta": {"env": spec.to_dict(), "policies": {r.name: str(r.path) for r in refs}, "episodes": ac.episodes,
-                 "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True)},
+                 "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True),
+                 "fault": OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None},
         "results": {n: r.to_dict() for n, r in results.items()},
     }
     atomic_write_text(reports / "robustness.json", json.dumps(payload, indent=2))
     text = markdown_report(results, spec.id, ac.episodes)
+    if cfg.fault.victims:
+        text += f"\n{fault_line(cfg)}\n"
     write_markdown(reports / "robustness.md", text)
     victims = list(next(iter(results.values())).returns)
     with open_tb(cfg, run_dir) as tb:
@@ -148,7 +153,7 @@ STAGE = Stage(
     name="attack",
     run=run,
     summary="robustness of saved policies to observation attacks (attack.policy=<run or policy dir>)",
-    sections=("attack",),
+    sections=("attack", "fault"),
     writes="reports/robustness.{md,json}",
     examples=("madistill attack attack.policy=<run>",
               "madistill attack attack=quick attack.policy=<run>",

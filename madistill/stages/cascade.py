@@ -10,6 +10,9 @@ from madistill.stages.registry import Stage
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from madistill.cascade.monitor import CascadeStudy
+    from madistill.tb import TBLogger
+
 
 def impulse_config(name: str) -> Any:
     """The FaultConfig of ``cascade.impulse``: its conf/fault/ file (one line naming the choices when none)."""
@@ -39,6 +42,11 @@ def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any) -> lis
     return [make_fault(cfg.fault, FaultEnv(venv.groups, layouts, cfg.attack, device))]
 
 
+def fault_label(cfg: DictConfig) -> str:
+    """The configured fault's label in reports: ``<fault>@<victim>+<victim>`` (as the cascade study's)."""
+    return f"{cfg.fault.name}@{'+'.join(cfg.fault.victims)}"
+
+
 def fault_line(cfg: DictConfig) -> str:
     """One line saying which fault a stage's rollouts played under (empty without one)."""
     fc = cfg.fault
@@ -58,12 +66,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     import json
 
     from madistill.cascade.faults import FaultEnv
-    from madistill.cascade.monitor import study
-    from madistill.cascade.report import comparison, graph, heatmaps, markdown, timeline
+    from madistill.cascade.monitor import studied_faults, study
+    from madistill.cascade.report import comparison, markdown
     from madistill.common.io import atomic_write_text
     from madistill.envs.features import feature_layouts
     from madistill.evaluate.report import write_markdown
     from madistill.runtime import make_vec_env
+    from madistill.stages.monitoring import (
+        alerts_markdown,
+        check_alerts,
+        log_alerts,
+        watch_policy,
+        write_alerts,
+    )
     from madistill.stages.policies import configured_features, load_policy, studied_policies
     from madistill.stages.rundir import open_tb
 
@@ -79,39 +94,39 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         groups = venv.groups
         layouts = feature_layouts(groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
     env = FaultEnv(groups, layouts, cfg.attack, device)
+    agents = [a for g in groups for a in g.agents]
+    if cfg.alerts.enabled:
+        check_alerts(cfg, len(agents))
     several = len({r.run for r in refs}) > 1
-    studies = {}
+    studies, alerts = {}, {}
     for ref in refs:
         team = load_policy(ref, groups, device)
-        studies[f"{ref.name}@{ref.run}" if several else ref.name] = study(make_venv, team, env, cc, fc, impulse, spec.id)
+        label = f"{ref.name}@{ref.run}" if several else ref.name
+        studies[label] = study(make_venv, team, env, cc, fc, impulse, spec.id)
+        if cfg.alerts.enabled:  # the study's faults are armed on its paired run's blocks: fresh ones here
+            watched = [(sf.label, sf.fault) for sf in studied_faults(fc, env, agents)]
+            with make_vec_env(cfg.env, spec) as venv:
+                alerts[label] = watch_policy(cfg, venv, make_venv, team, watched, int(cc.episodes), int(cc.seed),
+                                             bool(cc.deterministic), studies[label].threshold)
     results = {label: s.to_dict(int(cc.n_boot), float(cc.confidence)) for label, s in studies.items()}
     first = next(iter(results))
-    payload = {"meta": {"env": spec.to_dict(), "policies": {r.name: str(r.path) for r in refs}, "episodes": cc.episodes,
+    # keyed by the reports' labels (name@run with several runs), so a sweep's policies of one name stay apart
+    paths = {f"{r.name}@{r.run}" if several else r.name: str(r.path) for r in refs}
+    payload = {"meta": {"env": spec.to_dict(), "policies": paths, "episodes": cc.episodes,
                         "seed": cc.seed, "policy": first}, **results[first], "policies": results}
     reports = run_dir / "reports"
     atomic_write_text(reports / "cascade.json", json.dumps(payload, indent=2))
     text = "\n".join([*(markdown(r, spec.id, label, int(cc.episodes)) for label, r in results.items()),
-                      *([comparison(results)] if len(results) > 1 else [])])
+                      *([comparison(results)] if len(results) > 1 else []),
+                      *([alerts_markdown(alerts, cfg)] if alerts else [])])
     write_markdown(reports / "cascade.md", text)
+    if alerts:
+        write_alerts(reports, cfg, int(cc.episodes), int(cc.seed), alerts)
     with open_tb(cfg, run_dir) as tb:
         tb.text("cascade/report", text)
+        log_alerts(tb, "cascade", alerts)
         for label, s in studies.items():
-            inf = s.influence
-            for i, src in enumerate(inf.agents):
-                for j, dst in enumerate(inf.agents):
-                    for k in range(inf.lags) if i != j else ():
-                        tb.scalar(f"cascade/{label}/influence/{src}->{dst}", float(inf.effect[i, j, k]), k + 1)
-            for label_f, r in results[label]["faults"].items():
-                tb.scalar(f"cascade/{label}/{label_f}/size", r["cascade"]["size_mean"], 0)
-                for agent, dev in r["deviation"]["agents"].items():
-                    for t, v in enumerate(dev["tv"]):
-                        if v is not None:
-                            tb.scalar(f"cascade/{label}/{label_f}/tv/{agent}", v, t)
-            if cfg.logger.figures:
-                tb.figure(f"cascade/{label}/influence", heatmaps(s))
-                tb.figure(f"cascade/{label}/graph", graph(s))
-                for i, sf in enumerate(s.faults):
-                    tb.figure(f"cascade/{label}/timeline_{sf.label}", timeline(s, i))
+            _log_study(tb, label, s, results[label], cfg.logger.figures)
     lines = ["", f"Cascade study on {spec.id} ({cc.episodes} paired episodes):"]
     for label, r in results.items():
         edges = ", ".join(f"{a}->{b}" for a, b, _ in r["edges"]) or "none"
@@ -125,12 +140,35 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return payload
 
 
+def _log_study(tb: TBLogger, label: str, s: CascadeStudy, result: dict, figures: bool) -> None:
+    """One policy's study in TensorBoard: influence over the lag, cascade size and TV over the episode step per
+    fault, and (``figures``) the heatmaps, graph and timelines."""
+    from madistill.cascade.report import graph, heatmaps, timeline
+
+    inf = s.influence
+    for i, src in enumerate(inf.agents):
+        for j, dst in enumerate(inf.agents):
+            for k in range(inf.lags) if i != j else ():
+                tb.scalar(f"cascade/{label}/influence/{src}->{dst}", float(inf.effect[i, j, k]), k + 1)
+    for label_f, r in result["faults"].items():
+        tb.scalar(f"cascade/{label}/{label_f}/size", r["cascade"]["size_mean"], 0)
+        for agent, dev in r["deviation"]["agents"].items():
+            for t, v in enumerate(dev["tv"]):
+                if v is not None:
+                    tb.scalar(f"cascade/{label}/{label_f}/tv/{agent}", v, t)
+    if figures:
+        tb.figure(f"cascade/{label}/influence", heatmaps(s))
+        tb.figure(f"cascade/{label}/graph", graph(s))
+        for i, sf in enumerate(s.faults):
+            tb.figure(f"cascade/{label}/timeline_{sf.label}", timeline(s, i))
+
+
 STAGE = Stage(
     name="cascade",
     run=run,
     summary="inject a fault into agents of saved policies and measure its cascade (cascade.policy=<run or policy dir>)",
-    sections=("cascade", "fault"),
-    writes="reports/cascade.{json,md}, influence heatmaps, graph and timelines",
+    sections=("cascade", "fault", "alerts"),
+    writes="reports/cascade.{json,md}, influence heatmaps, graph and timelines, alerts.json (alerts.enabled)",
     examples=("madistill cascade cascade.policy=<run>", "madistill cascade cascade.policy=<run> fault=stuck "
               "fault.victims=[agent_0] fault.onset=5"),
     policy_key="cascade.policy",

@@ -45,8 +45,15 @@ def evaluate_policies(
     from madistill.evaluate.evaluator import record_video, run_episodes, uniform_team
     from madistill.evaluate.report import markdown_table, write_markdown
     from madistill.runtime import make_vec_env
-    from madistill.stages.cascade import configured_faults, fault_line
+    from madistill.stages.cascade import configured_faults, fault_label, fault_line
     from madistill.stages.figures import return_figure
+    from madistill.stages.monitoring import (
+        alerts_markdown,
+        check_alerts,
+        log_alerts,
+        watch_policy,
+        write_alerts,
+    )
     from madistill.stages.policies import load_policy, studied_policies, teams_for
 
     device, refs, spec = studied_policies(
@@ -60,15 +67,23 @@ def evaluate_policies(
         return f"eval {label}" if cfg.logger.progress else None
 
     rows = setting_rows(refs)
+    alerts: dict[str, dict] = {}
     with make_vec_env(cfg.env, spec) as venv:
         sides = teams_for(cfg, venv, refs)
         faults = configured_faults(cfg, venv, spec, device)
+        if cfg.alerts.enabled:
+            check_alerts(cfg, len(venv.possible_agents))
         teams = [load_policy(ref, venv.groups, device) for ref in refs]
         for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
             recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, faults, progress=bar(label),
                                 episode_streams=ec.episode_streams)
             results[row].append((ref.run, recs))
+            if cfg.alerts.enabled:  # the paired runs arm their faults on their own blocks: fresh ones for them
+                watched = [(fault_label(cfg), f) for f in configured_faults(cfg, venv, spec, device)]
+                alerts[label] = watch_policy(cfg, venv, lambda n, p: make_vec_env(cfg.env, spec, num_envs=n, seed_period=p),
+                                             team, watched, ec.episodes, ec.seed, ec.deterministic,
+                                             float(cfg.cascade.threshold))
         if ec.random_baseline:
             recs = run_episodes(venv, uniform_team(venv, device), ec.episodes, ec.seed, False, faults,
                                 progress=bar("random"), episode_streams=ec.episode_streams)
@@ -76,7 +91,12 @@ def evaluate_policies(
     reports = run_dir / "reports"
     summaries = {name: _summarise(cfg, reports, name, runs, spec, sides, tb) for name, runs in results.items()}
     table = markdown_table(summaries)
-    write_markdown(reports / "eval.md", eval_report(summaries, table, spec.id, ec, sides, fault_line(cfg)))
+    text = eval_report(summaries, table, spec.id, ec, sides, fault_line(cfg))
+    if alerts:
+        write_alerts(reports, cfg, ec.episodes, ec.seed, alerts)
+        log_alerts(tb, "eval", alerts)
+        text += "\n" + alerts_markdown(alerts, cfg)
+    write_markdown(reports / "eval.md", text)
     tb.text("eval/table", table)
     if cfg.logger.figures:
         tb.figure("eval/team_return", return_figure(summaries, spec.id))
@@ -170,8 +190,8 @@ STAGE = Stage(
     name="evaluate",
     run=run,
     summary="evaluate saved policies (eval.policy=<run, policy or sweep dir>)",
-    sections=("eval",),
-    writes="reports/eval.md, eval_<policy>.json, marl_eval.json, a figure and tb/",
+    sections=("eval", "fault", "alerts"),
+    writes="reports/eval.md, eval_<policy>.json, marl_eval.json, alerts.json (alerts.enabled), a figure and tb/",
     examples=("madistill evaluate eval.policy=<run> eval.episodes=200",
               "madistill evaluate eval.policy=<sweep dir>   # runs that differ only by seed are pooled"),
     policy_key="eval.policy",

@@ -37,6 +37,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     from madistill.explain.report import mean_heatmap, save_arrays
     from madistill.runtime import make_vec_env
+    from madistill.stages.cascade import configured_faults
     from madistill.stages.observations import explained_observations
     from madistill.stages.policies import labelled_teams, studied_policies
     from madistill.stages.rundir import open_tb
@@ -50,7 +51,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with make_vec_env(cfg.env, spec) as venv:
         labels, teams, layouts = labelled_teams(cfg, spec, venv, refs, device)
         source = next((label for label, r in zip(labels, refs) if r.name == "teacher"), labels[0])
-        raw = explained_observations(cfg, venv, teams[source], ec.obs, ec.episodes)
+        faults = configured_faults(cfg, venv, spec, device)
+        raw = explained_observations(cfg, venv, teams[source], ec.obs, ec.episodes, faults)
     # evenly spaced over the episodes, so that every part of them is explained
     raw = {g: x[np.unique(np.linspace(0, len(x) - 1, min(len(x), ec.max_observations)).round().astype(int))]
            for g, x in raw.items()}
@@ -98,7 +100,7 @@ STAGE = Stage(
     name="explain",
     run=run,
     summary="attribution methods and their quality metrics for saved policies (explain.policy=<run or policy dir>)",
-    sections=("explain",),
+    sections=("explain", "fault"),
     writes="reports/explain.{json,md,npz}, deletion/insertion curves and heatmaps",
     examples=("madistill explain explain.policy=<run>",
               "madistill explain explain.policy=<run> \"explain.methods=[gradient,integrated_gradients]\" explain.attack=null"),

@@ -13,6 +13,7 @@ from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
+from madistill.transforms import ActionTransform, ObsTransform
 
 
 def load_observations(path: str | Path, groups: Sequence[AgentGroup]) -> dict[str, torch.Tensor]:
@@ -36,13 +37,15 @@ def load_observations(path: str | Path, groups: Sequence[AgentGroup]) -> dict[st
 
 
 def explained_observations(
-    cfg: DictConfig, venv: MultiAgentVecEnv, team: TeamPolicy, path: str | None, episodes: int
+    cfg: DictConfig, venv: MultiAgentVecEnv, team: TeamPolicy, path: str | None, episodes: int,
+    faults: Sequence[ObsTransform | ActionTransform] = (),
 ) -> dict[str, torch.Tensor]:
     """Raw observations per group to explain: from the ``.npz`` at ``path``, else from ``episodes`` greedy
-    episodes of ``team`` (episode seeds from ``eval.seed``)."""
+    episodes of ``team`` (episode seeds from ``eval.seed``) played under ``faults`` (the configured fault: the
+    states a faulted team visits, as the env emits them)."""
     if path:
         return load_observations(path, venv.groups)
     from madistill.common.collect import collect_round
 
     bar = "observations" if cfg.logger.progress else None
-    return collect_round(venv, team, cfg.eval.seed, True, episodes=episodes, progress=bar)[0]
+    return collect_round(venv, team, cfg.eval.seed, True, episodes=episodes, progress=bar, transforms=faults)[0]

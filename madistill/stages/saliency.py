@@ -33,6 +33,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     from madistill.explain.saliency import SaliencyLabeller
     from madistill.runtime import make_vec_env
+    from madistill.stages.cascade import configured_faults
     from madistill.stages.observations import explained_observations
     from madistill.stages.policies import labelled_teams, paired_policy, studied_policies
     from madistill.stages.rundir import open_tb
@@ -48,7 +49,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             i = None if ref.name == "teacher" else paired_policy(ref, "teacher", refs)
             own_reference[label] = label if i is None else labels[i]
         reference = own_reference[labels[0]]  # whose episodes give the observations
-        raw = explained_observations(cfg, venv, teams[reference], sc.obs, sc.episodes)
+        faults = configured_faults(cfg, venv, spec, device)
+        raw = explained_observations(cfg, venv, teams[reference], sc.obs, sc.episodes, faults)
     labeller = SaliencyLabeller.from_config(sc, layouts, cfg.seed)
     maps = saliency_maps(teams, raw, layouts, labeller, sc.target)
     table = agreement_table(maps, own_reference, sc.topk)
@@ -83,7 +85,7 @@ STAGE = Stage(
     name="saliency",
     run=run,
     summary="saliency maps and figures for saved policies (saliency.policy=<run or policy dir>)",
-    sections=("saliency",),
+    sections=("saliency", "fault"),
     writes="reports/saliency.{json,npz} and heatmaps",
     examples=("madistill saliency saliency.policy=<run>",),
     policy_key="saliency.policy",
