@@ -10,7 +10,7 @@ same numbers (tests/test_branching.py). Replay needs an env whose episodes follo
 point whose replayed observations differ from the ones the rollout saw is refused in one line.
 
 The lookahead attack (``attacks.lookahead``) and the ``worst`` action fault (``cascade.faults``) stand on
-:func:`worst_actions`.
+:func:`action_returns`.
 """
 
 from __future__ import annotations
@@ -159,17 +159,17 @@ def _observations(book: CopyBook, team: TeamPolicy) -> GroupTensors:
     return normalize(team, {g: a.copy() for g, a in book.io["obs"].items()})
 
 
-def worst_actions(branching: Branching, team: TeamPolicy, history: ActionHistory, actions: GroupArrays,
-                  ctx: StepContext, group: AgentGroup, slot: int, rows: np.ndarray, horizon: int, gamma: float = 1.0,
-                  critic: TeamPolicy | None = None, obs: GroupTensors | None = None) -> np.ndarray:
-    """``[len(rows)]``: per env copy in ``rows``, the Discrete action of agent ``slot`` of ``group`` that, played
-    now while the others play ``actions`` (every group's ``[N, n_g]`` joint action of this step), gives the
-    lowest branched return over ``horizon`` steps (see :meth:`Branching.returns`); the first such action on ties.
-    ``obs``: the copies' current normalised observations, to refuse an env whose replays differ."""
+def action_returns(branching: Branching, team: TeamPolicy, history: ActionHistory, actions: GroupArrays,
+                   ctx: StepContext, group: AgentGroup, slot: int, rows: np.ndarray, horizon: int, gamma: float = 1.0,
+                   critic: TeamPolicy | None = None, obs: GroupTensors | None = None) -> np.ndarray:
+    """``[len(rows), n]``: per env copy in ``rows``, the branched return (:meth:`Branching.returns`) of each of
+    the ``n`` Discrete actions of agent ``slot`` of ``group``, played now while the others play ``actions``
+    (every group's ``[N, n_g]`` joint action of this step), then ``horizon`` greedy team steps. ``obs``: the
+    copies' current normalised observations, to refuse an env whose replays differ."""
     if not group.discrete:
         raise MadistillError(f"branching over actions needs Discrete actions, group {group.name!r} has {group.action_space}")
     n = int(group.action_space.n)  # type: ignore[attr-defined]
-    out = np.zeros(len(rows), dtype=np.int64)
+    out = np.zeros((len(rows), n))
     steps = ctx.episode_step[rows]
     for t in np.unique(steps):  # one prefix length per call
         at = np.flatnonzero(steps == t)
@@ -181,8 +181,7 @@ def worst_actions(branching: Branching, team: TeamPolicy, history: ActionHistory
             cand[group.name][:, slot] = k
             first.append(cand)
         expect = {g: x[torch.as_tensor(sel)] for g, x in obs.items()} if obs is not None else None
-        ret = branching.returns(team, ctx.episode_seed[sel], history.prefix(sel), first, horizon, gamma, critic, expect)
-        out[at] = ret.argmin(1)
+        out[at] = branching.returns(team, ctx.episode_seed[sel], history.prefix(sel), first, horizon, gamma, critic, expect)
     return out
 
 

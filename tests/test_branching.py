@@ -8,7 +8,7 @@ import pytest
 import torch
 from cascade_helpers import copy_team, relay_spec
 
-from madistill.branching import ActionHistory, Branching, worst_actions
+from madistill.branching import ActionHistory, Branching, action_returns
 from madistill.envs.factory import EnvSpec
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
@@ -84,7 +84,7 @@ def test_replay_and_state_copy_give_the_returns_of_playing_the_branch(prefix_len
                                direct_returns(SL, team, seeds, more, first, 2), rtol=0, atol=1e-5)
 
 
-def test_worst_actions_in_a_rollout_match_brute_force_and_history_is_the_executed_prefix():
+def test_action_returns_in_a_rollout_match_brute_force_and_history_is_the_executed_prefix():
     spec = relay_spec()
     with MultiAgentVecEnv(spec, 2) as venv:
         team = copy_team(venv)
@@ -99,7 +99,7 @@ def test_worst_actions_in_a_rollout_match_brute_force_and_history_is_the_execute
         branching = Branching(spec, venv.groups)
         g = venv.groups[0]
         rows = np.arange(2)
-        picked = worst_actions(branching, team, history, actions, ctx, g, 0, rows, horizon=2, obs=ctx_obs)
+        ret = action_returns(branching, team, history, actions, ctx, g, 0, rows, horizon=2, obs=ctx_obs)
         prefix = history.prefix(rows)
         assert len(prefix) == 4
         first = []
@@ -108,7 +108,7 @@ def test_worst_actions_in_a_rollout_match_brute_force_and_history_is_the_execute
             cand[g.name][:, 0] = k
             first.append(cand)
         brute = direct_returns(spec, team, rollout.playing, prefix, first, 2)
-        np.testing.assert_array_equal(picked, brute.argmin(1))
+        np.testing.assert_allclose(ret, brute, rtol=0, atol=1e-6)
         assert (brute.min(1) < brute[np.arange(2), actions[g.name][:, 0]]).all()  # worse than the team's own choice
 
 

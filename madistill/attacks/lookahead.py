@@ -3,8 +3,10 @@ victim and step, the action that hurts the team most, and forces it with targete
 
 The target is the Discrete action that, forced on the victim now while the others play their clean greedy
 actions, then the team's own greedy policy for ``horizon`` steps, gives the lowest team return over those
-steps (plus a critic's discounted value at the horizon, where one is given): every candidate is a branch of
-the running episode (``madistill.branching``). :meth:`Attack.force` realises the target inside the budget.
+steps (plus a critic's discounted value at the horizon, where one is given), among the actions the budget can
+force: every candidate is a branch of the running episode (``madistill.branching``), and :meth:`Attack.force`
+drives PGD towards all of them in one batch. Each victim's target is chosen with the others at their clean
+greedy actions.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import torch
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
 from madistill.attacks.transform import attacked_copies, victim_slots
-from madistill.branching import ActionHistory, Branching, worst_actions
+from madistill.branching import ActionHistory, Branching, action_returns
 from madistill.errors import MadistillError
-from madistill.policies.base import TeamPolicy
+from madistill.policies.base import Policy, TeamPolicy
 from madistill.rollout import env_actions, team_actions
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
@@ -57,11 +59,22 @@ class LookaheadAttack(ObsTransform):
                 rows = np.flatnonzero(ctx.active[g.name][:, s].cpu().numpy() & now)
                 if not len(rows):
                     continue
-                target = worst_actions(self.branching, team, self.history, clean, ctx, g, s, rows, self.horizon,
-                                       self.gamma, self.critic, obs=obs)
+                ret = action_returns(self.branching, team, self.history, clean, ctx, g, s, rows, self.horizon,
+                                     self.gamma, self.critic, obs=obs)
                 idx = torch.as_tensor(rows, device=x.device)
-                x[idx, s] = self.attack.force(team[g.name], obs[g.name][idx, s], torch.as_tensor(target, device=x.device),
-                                              self.budgets[g.name], ctx.generator).to(x.dtype)
+                x[idx, s] = self._force_worst(team[g.name], obs[g.name][idx, s], ret, self.budgets[g.name], ctx).to(x.dtype)
             if slots:
                 out[g.name] = x
         return out
+
+    def _force_worst(self, policy: Policy, x: torch.Tensor, ret: np.ndarray, budget: Budget, ctx: StepContext) -> torch.Tensor:
+        """PGD towards every action at once (``n`` candidates of ``m`` rows in one batch); per row, the perturbation
+        of the candidate with the lowest branched return ``ret`` ``[m, n]`` among those the budget makes greedy (the
+        clean greedy action always is), else of the lowest one."""
+        m, n = ret.shape
+        cand = torch.arange(n, device=x.device).repeat_interleave(m)  # candidate k of row i at k * m + i
+        adv = self.attack.force(policy, x.repeat(n, 1), cand, budget, ctx.generator)
+        with torch.no_grad():
+            reached = (policy(adv).argmax(-1) == cand).reshape(n, m).T.cpu().numpy()
+        score = np.where(reached | ~reached.any(1, keepdims=True), ret, np.inf)
+        return adv.reshape(n, m, -1)[torch.as_tensor(score.argmin(1)), torch.arange(m)]

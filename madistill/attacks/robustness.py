@@ -59,7 +59,7 @@ THREAT_MODELS = {
     "targeted_lookahead": "an attacker with a simulator of the env, white-box victim policy: per step, PGD forcing the "
                           "action that, played now and followed by attack.lookahead_horizon steps of the team's own "
                           "policy, gives the lowest team return (branches replayed from the episode seed and the "
-                          "actions so far; plus the discounted value at the horizon where attack.critic gives one)",
+                          "actions so far; plus the discounted value at the horizon where the critic attack's critic exists)",
 }
 
 

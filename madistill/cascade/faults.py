@@ -22,7 +22,7 @@ from torch.distributions import Distribution
 from madistill.attacks.budget import Budget, excluded_features, group_budgets
 from madistill.attacks.robustness import suite_attack
 from madistill.attacks.transform import victim_slots
-from madistill.branching import ActionHistory, Branching, value_critic, worst_actions
+from madistill.branching import ActionHistory, Branching, action_returns, value_critic
 from madistill.envs.factory import EnvSpec
 from madistill.envs.features import FeatureLayout
 from madistill.envs.groups import AgentGroup
@@ -412,8 +412,9 @@ class Worst(ActionFault):
         critic = value_critic(ctx.team)
         for slot in np.unique(hits[:, 1]):
             at = hits[:, 1] == slot
-            out[at] = worst_actions(self.branching, ctx.team, self.history, self.now, ctx, group, int(slot), hits[at, 0],
-                                    self.horizon, self.gamma, critic)
+            # the first of the lowest on ties
+            out[at] = action_returns(self.branching, ctx.team, self.history, self.now, ctx, group, int(slot), hits[at, 0],
+                                     self.horizon, self.gamma, critic).argmin(1)
         return torch.as_tensor(out, device=a.device)
 
 
