@@ -84,15 +84,19 @@ def test_replay_and_state_copy_give_the_returns_of_playing_the_branch(prefix_len
                                direct_returns(SL, team, seeds, more, first, 2), rtol=0, atol=1e-5)
 
 
+def played(venv: MultiAgentVecEnv, steps: int) -> tuple[TeamPolicy, ActionHistory, Rollout, dict]:
+    """A relay copy team's greedy rollout of ``steps`` steps with an action history, and its current observations."""
+    team, history = copy_team(venv), ActionHistory()
+    rollout = Rollout(venv, team, [history], deterministic=True, seed=5)
+    for _ in range(steps):
+        rollout.step()
+    return team, history, rollout, normalize(team, rollout.raw_obs)
+
+
 def test_action_returns_in_a_rollout_match_brute_force_and_history_is_the_executed_prefix():
     spec = relay_spec()
     with MultiAgentVecEnv(spec, 2) as venv:
-        team = copy_team(venv)
-        history = ActionHistory()
-        rollout = Rollout(venv, team, [history], deterministic=True, seed=5)
-        for _ in range(4):
-            rollout.step()
-        ctx_obs = normalize(team, rollout.raw_obs)
+        team, history, rollout, ctx_obs = played(venv, 4)
         ctx = StepContext(team, rollout.steps, rollout.episode_step, rollout.active, rollout.generator, rollout.playing)
         _, intended = team_actions(team, ctx_obs, True, None)
         actions = env_actions(team, intended)
@@ -115,12 +119,7 @@ def test_action_returns_in_a_rollout_match_brute_force_and_history_is_the_execut
 def test_env_not_reproducible_from_its_seed_is_refused():
     spec = EnvSpec("cascade_helpers.UnseededRelay", {"n_symbols": 3, "switch_prob": 0.5, "max_cycles": 12})
     with MultiAgentVecEnv(spec, 2) as venv:
-        team = copy_team(venv)
-        history = ActionHistory()
-        rollout = Rollout(venv, team, [history], deterministic=True, seed=5)
-        for _ in range(3):
-            rollout.step()
-        obs = normalize(team, rollout.raw_obs)
+        team, history, rollout, obs = played(venv, 3)
         first = [env_actions(team, team_actions(team, obs, True, None)[1])]
         with pytest.raises(MadistillError, match="not reproducible from its seed"):
             Branching(spec, venv.groups).returns(team, rollout.playing, history.prefix(np.arange(2)), first, 1,
