@@ -140,6 +140,7 @@ def test_every_registered_fault_has_a_yaml():
     ({"name": "constant", "action": [3]}, "k in 0..2"),
     ({"name": "noise", "features": ["nope"]}, "fault.features names 'nope'"),
     ({"name": "attack", "method": "learned"}, "not a per-step white-box attack"),
+    ({"name": "attack", "method": "targeted_lookahead"}, "fault=worst plays the lookahead's worst action"),
 ])
 def test_bad_fault_settings_are_one_line_errors(kw, message):
     with MultiAgentVecEnv(relay_spec(n_agents=4), 1) as venv:
