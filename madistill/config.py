@@ -54,7 +54,7 @@ AdvObjective = _choices("AdvObjective", "kl ce both")
 PGDObjective = _choices("PGDObjective", "ce kl")
 SaliencyBaseline = _choices("SaliencyBaseline", "mean marginal")
 AttackMethod = _choices("AttackMethod", "random fgsm pgd critic spsa transfer offsets learned targeted_random "
-                        "targeted_lowest", "The attack suite by name (madistill/attacks/robustness.py says what "
+                        "targeted_lowest targeted_lookahead", "The attack suite by name (madistill/attacks/robustness.py says what "
                         "each attacker knows).")
 ValidationAttack = _choices("ValidationAttack", "random fgsm pgd spsa", "Per-step attacks that need nothing but "
                             "the candidate itself (no surrogate, critic or training).")
@@ -391,7 +391,7 @@ class AttackConfig:
     policy: str | None = None  # run, policy or sweep directory to attack
     # add "learned" for the PPO adversary (trained per victim set and eps: attack.learned_steps each) and
     # "offsets" for the constant-offset search (attack.offset_candidates replays of every episode), and
-    # "targeted_random" / "targeted_lowest" for PGD that forces a chosen action (docs/attacks.md)
+    # "targeted_random" / "targeted_lowest" / "targeted_lookahead" for PGD that forces a chosen action (docs/attacks.md)
     methods: list[AttackMethod] = field(
         default_factory=lambda: [AttackMethod(m) for m in "random fgsm pgd critic spsa transfer".split()])
     eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
@@ -416,6 +416,8 @@ class AttackConfig:
                                                                  "learning_rate": 3e-4, "ent_coef": 0.0})
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
     target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
+    lookahead_horizon: int = 1  # targeted_lookahead and fault=worst: greedy team steps each branch plays after the candidate action
+    lookahead_gamma: float = 0.99  # targeted_lookahead and fault=worst: discount of a branch's rewards and of the critic's value at its horizon
     episodes: int = 50  # episodes per attack, victim set and eps
     seed: int = ATTACK_SEED  # first episode seed (madistill/seeds.py: the seed namespaces)
     checks: bool = True  # gradient-masking checks (adds strong PGD at the middle eps and a collapse run)
@@ -429,6 +431,8 @@ class AttackConfig:
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "steps", "restarts", "spsa_samples", "offset_candidates", "target_candidates",
                    "learned_steps", "learned_envs")
+        c.at_least(0, "lookahead_horizon")
+        c.within(0, 1, "lookahead_gamma")
         c.within(0, 1, "frequency")
         c.require(all(e >= 0 for e in c.node.eps), "eps", "a list of radii at least 0")
         c.require(all(m >= 0 for by_feature in c.node.scale.values() for m in by_feature.values()), "scale",
@@ -532,7 +536,7 @@ class FaultConfig:
     """A fault injected into agents (``conf/fault/``, one file per fault; docs/cascade.md): what goes wrong,
     to whom, from when, for how long."""
 
-    name: str = "random"  # which fault (madistill.cascade.faults.FAULTS): noise | frozen | dropout | attack | random | stuck | constant | dead
+    name: str = "random"  # which fault (madistill.cascade.faults.FAULTS): noise | frozen | dropout | attack | random | stuck | constant | dead | worst
     victims: list[str] = field(default_factory=list)  # faulted agent ids (empty: the cascade stage takes each agent in turn)
     onset: int = 5  # episode step at which the fault starts
     # with a value, each episode's onset is drawn uniformly from onset..onset_max by its episode seed (null: fixed)

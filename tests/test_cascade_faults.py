@@ -28,8 +28,8 @@ def fault_cfg(name: str, **kw: object):
 
 def fault_env(venv: MultiAgentVecEnv) -> FaultEnv:
     attack = SimpleNamespace(steps=3, restarts=1, step_size=2.5, spsa_samples=4, spsa_delta=0.3, target_candidates=1,
-                             exclude={}, scale={})
-    return FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names), attack)
+                             exclude={}, scale={}, lookahead_horizon=1, lookahead_gamma=0.99)
+    return FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names), attack, spec=venv.spec)
 
 
 def record(name: str, num_envs: int = 3, steps: int = 30, **kw: object) -> list[dict]:
@@ -73,7 +73,7 @@ def test_observation_faults_change_only_the_victims_slot_inside_the_window(name)
         assert diff[:, :, 1][inside].mean() > 0.5
 
 
-@pytest.mark.parametrize("name", ["random", "stuck", "constant", "dead"])
+@pytest.mark.parametrize("name", ["random", "stuck", "constant", "dead", "worst"])
 def test_action_faults_change_only_the_victims_executed_action_from_the_onset(name):
     rows = record(name, onset=4, duration=None, action=[2])
     diff = changed(rows, "intended", "actions")
@@ -130,7 +130,7 @@ def test_every_registered_fault_has_a_yaml():
 
     yamls = {p.stem: OmegaConf.load(p).name for p in Path(config_dir(), "fault").glob("*.yaml")}
     assert set(FAULTS) <= set(yamls.values())
-    assert all(issubclass(FAULTS[n], ActionFault) == (n in ("random", "stuck", "constant", "dead")) for n in FAULTS)
+    assert all(issubclass(FAULTS[n], ActionFault) == (n in ("random", "stuck", "constant", "dead", "worst")) for n in FAULTS)
 
 
 @pytest.mark.parametrize(("kw", "message"), [
@@ -140,6 +140,7 @@ def test_every_registered_fault_has_a_yaml():
     ({"name": "constant", "action": [3]}, "k in 0..2"),
     ({"name": "noise", "features": ["nope"]}, "fault.features names 'nope'"),
     ({"name": "attack", "method": "learned"}, "not a per-step white-box attack"),
+    ({"name": "attack", "method": "targeted_lookahead"}, "fault=worst plays the lookahead's worst action"),
 ])
 def test_bad_fault_settings_are_one_line_errors(kw, message):
     with MultiAgentVecEnv(relay_spec(n_agents=4), 1) as venv:

@@ -17,7 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("envs",),
     ("runtime", "config"),
     ("normalize", "policies", "sb3_adapter"),
-    ("transforms", "rollout", "bonus", "tb"),
+    ("transforms", "rollout", "bonus", "tb", "branching"),
     ("common",),
     ("evaluate", "teacher"),
     ("attacks",),

@@ -15,8 +15,10 @@ import torch
 from madistill.attacks.budget import Budget, group_budgets
 from madistill.attacks.checks import DEGENERATE, OBJECTIVE_MISSES, TARGETED_PREFIX, Flag, probe, return_checks
 from madistill.attacks.learned import LearnedAdversary, train_adversary
+from madistill.attacks.lookahead import LookaheadAttack
 from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
+from madistill.branching import Branching
 from madistill.common.collect import collect_round
 from madistill.common.episodes import team_returns
 from madistill.config import AttackMethod
@@ -34,7 +36,8 @@ from madistill.transforms import ActionTransform, ObsTransform
 # surrogate policy; "learned" trains a PPO adversary per victim set and eps (attack.learned_steps);
 # "offsets" keeps, per episode, the worst of attack.offset_candidates constant corner offsets (ConstantOffset);
 # "pgd_strong" (2x steps, 2x restarts) runs for the masking checks; "targeted_random" and "targeted_lowest" are
-# PGD towards a chosen action (methods.targets), opt-in: the default suite lists do not name them.
+# PGD towards a chosen action (methods.targets), "targeted_lookahead" towards the action a branch of the episode
+# shows most harmful (attacks.lookahead); all three opt-in: the default suite lists do not name them.
 SUITE = tuple(AttackMethod)
 
 # What each attacker knows and can do, per step and per victim, inside the same l_inf budget: the report and
@@ -53,13 +56,17 @@ THREAT_MODELS = {
     "targeted_lowest": "white-box victim policy: PGD forcing the action its clean policy ranks lowest (the lowest-ranked "
                        "one the budget reaches, of attack.target_candidates; Box: the far corner of the action box); "
                        "the victim's observation only, no env branching",
+    "targeted_lookahead": "an attacker with a simulator of the env, white-box victim policy: per step, PGD forcing the "
+                          "action that, played now and followed by attack.lookahead_horizon steps of the team's own "
+                          "policy, gives the lowest team return (branches replayed from the episode seed and the "
+                          "actions so far; plus the discounted value at the horizon where the critic attack's critic exists)",
 }
 
 
 def suite_attack(name: str, ac: Any) -> Attack:
     """The Attack behind a suite name, from the ``attack`` config."""
-    if name in ("learned", "offsets"):
-        raise MadistillError(f"{name!r} is not a per-step attack: evaluate_robustness runs it")
+    if name in ("learned", "offsets", "targeted_lookahead"):
+        raise MadistillError(f"{name!r} is not a per-step attack on observations alone: evaluate_robustness runs it")
     return variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta,
                            candidates=ac.target_candidates))[name]
 
@@ -266,8 +273,8 @@ def evaluate_robustness(
             if method == "offsets":
                 recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target, faults)
             else:
-                transform = _transform(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
-                recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, transform])
+                transforms = _transforms(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
+                recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
             # running mean over every evaluation of this attack (all eps, victim sets and check runs)
             runs_of[method] = runs_of.get(method, 0) + 1
             elapsed = time.perf_counter() - start
@@ -322,17 +329,22 @@ def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, .
     return sides[0] if len(sides) == 1 else None
 
 
-def _transform(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
-               ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
-               target: Sequence[str] | None = None) -> ObsTransform:
-    """The ObsTransform of a per-step suite attack (the learned adversary is trained here first, to lower the
+def _transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
+                ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
+                target: Sequence[str] | None = None) -> list[ObsTransform | ActionTransform]:
+    """The transforms of a per-step suite attack (the learned adversary is trained here first, to lower the
     mean return of ``target``; None: of every agent)."""
+    if method == "targeted_lookahead":
+        branching = Branching(venv.spec, venv.groups, venv.backend)
+        # the targeted PGD of targeted_random realises the target; its own target choice is not used
+        return LookaheadAttack(suite_attack("targeted_random", ac), victims, budgets, branching,
+                               ac.lookahead_horizon, ac.lookahead_gamma, critic, ac.frequency).transforms()
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
                                 ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
-        return LearnedAdversary(model, victims, budgets, ac.frequency)
-    return AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
-                           surrogate=surrogate if method == "transfer" else None, critic=critic)
+        return [LearnedAdversary(model, victims, budgets, ac.frequency)]
+    return [AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
+                            surrogate=surrogate if method == "transfer" else None, critic=critic)]
 
 
 def worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],

@@ -22,9 +22,12 @@ from torch.distributions import Distribution
 from madistill.attacks.budget import Budget, excluded_features, group_budgets
 from madistill.attacks.robustness import suite_attack
 from madistill.attacks.transform import victim_slots
+from madistill.branching import ActionHistory, Branching, action_returns, value_critic
+from madistill.envs.factory import EnvSpec
 from madistill.envs.features import FeatureLayout
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
+from madistill.rollout import env_actions
 from madistill.transforms import ActionTransform, GroupTensors, ObsTransform, StepContext, Transform
 
 FAULTS: dict[str, type[Fault]] = {}
@@ -66,6 +69,8 @@ class FaultEnv:
     layouts: Mapping[str, FeatureLayout]  # named feature groups per agent group (env.features)
     attack: Any = None  # the ``attack`` config section (steps, restarts, exclude, scale) for attack faults
     device: torch.device | str = "cpu"
+    spec: EnvSpec | None = None  # the env itself, for faults that branch it (worst)
+    backend: str = "auto"  # env.backend of the branches
 
 
 # what a fault puts in place of the hit rows x[mask] of a group's values x: (group, x, mask, ctx) -> [m, ...]
@@ -276,9 +281,10 @@ class AttackFault(ObsFault):
 
     def __init__(self, scope: Scope, method: str, budgets: Mapping[str, Budget], attack_cfg: Any):
         super().__init__(scope)
-        if method in ("learned", "offsets", "transfer"):
+        if method in ("learned", "offsets", "transfer", "targeted_lookahead"):
             raise MadistillError(f"fault.method={method!r} is not a per-step white-box attack: use random, fgsm, pgd, "
-                                 "critic, spsa, targeted_random or targeted_lowest")
+                                 "critic, spsa, targeted_random or targeted_lowest (fault=worst plays the lookahead's "
+                                 "worst action itself)")
         try:
             self.attack = suite_attack(method, attack_cfg)
         except KeyError:
@@ -361,6 +367,56 @@ class Dead(Constant):
     @classmethod
     def from_config(cls, scope: Scope, fc: Any, env: FaultEnv) -> Fault:
         return cls(scope)
+
+
+@register("worst")
+class Worst(ActionFault):
+    """The value-lowering action: at each faulted step the victim plays the Discrete action that, played now
+    while the others play their own choices, then followed by ``attack.lookahead_horizon`` steps of the team's
+    own greedy policy, gives the lowest team return (discounted by ``attack.lookahead_gamma``, plus the team's
+    value at the horizon where its policies have value heads), each candidate a branch of the running episode
+    (``madistill.branching``). Its action history records its own output, the executed actions of its copies
+    where no later action transform changes them (in paired runs each fault acts on its own block only)."""
+
+    spaces = ("discrete",)
+
+    def __init__(self, scope: Scope, branching: Branching, horizon: int = 1, gamma: float = 0.99):
+        super().__init__(scope)
+        self.branching, self.horizon, self.gamma = branching, int(horizon), float(gamma)
+        self.history = ActionHistory()
+        self.now: dict[str, np.ndarray] = {}  # this step's joint action before the fault, as the env takes it
+
+    @classmethod
+    def from_config(cls, scope: Scope, fc: Any, env: FaultEnv) -> Fault:
+        if env.spec is None:
+            raise ValueError("fault 'worst' branches the env: FaultEnv needs its spec")
+        ac = env.attack
+        return cls(scope, Branching(env.spec, env.groups, env.backend), ac.lookahead_horizon if ac else 1,
+                   ac.lookahead_gamma if ac else 0.99)
+
+    def reset(self) -> None:
+        super().reset()
+        self.history.reset()
+
+    def start_episodes(self, copies: np.ndarray, seeds: np.ndarray) -> None:
+        self.history.start_episodes(copies, seeds)
+        super().start_episodes(copies, seeds)
+
+    def __call__(self, actions: GroupTensors, dists: dict[str, Distribution], ctx: StepContext) -> GroupTensors:
+        self.now = env_actions(ctx.team, actions)
+        out = self.hit(actions, ctx, self.replace)
+        return self.history(out, dists, ctx)
+
+    def replace(self, group: AgentGroup, a: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        hits = mask.nonzero().cpu().numpy()  # (copy, slot) in a[mask] order
+        out = np.zeros(len(hits), dtype=np.int64)
+        critic = value_critic(ctx.team)
+        for slot in np.unique(hits[:, 1]):
+            at = hits[:, 1] == slot
+            # the first of the lowest on ties
+            out[at] = action_returns(self.branching, ctx.team, self.history, self.now, ctx, group, int(slot), hits[at, 0],
+                                     self.horizon, self.gamma, critic).argmin(1)
+        return torch.as_tensor(out, device=a.device)
 
 
 def make_fault(fc: Any, env: FaultEnv, victims: Sequence[str] | None = None) -> Fault:

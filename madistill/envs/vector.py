@@ -133,7 +133,7 @@ class CopyBook:
         self.slot = {a: (g.name, j) for g in self.groups for j, a in enumerate(g.agents)}
         self.episode_idx = np.zeros(len(self.copy_ids), dtype=np.int64)
         self.ep_len = np.zeros(len(self.copy_ids), dtype=np.int64)
-        self.seed = 0
+        self.first = self.copy_ids % self.period  # each copy's first episode seed
         self._build(spec, render_mode)
 
     def _build(self, spec: EnvSpec, render_mode: str | None) -> None:
@@ -146,7 +146,12 @@ class CopyBook:
 
     def reset(self, seed: int) -> np.ndarray:
         """Reset every copy; writes ``obs`` and ``active``, returns ``playing()``."""
-        self.seed = seed
+        return self.reset_to(seed + self.copy_ids % self.period)
+
+    def reset_to(self, seeds: np.ndarray) -> np.ndarray:
+        """Reset copy i to episode seed ``seeds[i]`` (its later episodes follow ``period`` apart); writes ``obs``
+        and ``active``, returns ``playing()``. Branching (``envs.branching``) replays chosen episodes this way."""
+        self.first = np.asarray(seeds, dtype=np.int64).copy()
         self.episode_idx[:] = 0
         self._clear()
         self._reset_all()
@@ -174,12 +179,12 @@ class CopyBook:
                 a[bad] = 0.0
 
     def _episode_seed(self, i: int) -> int:
-        """Copy i's k-th episode has seed ``seed + copy_id % period + k * period``."""
+        """Copy i's k-th episode has seed ``first[i] + k * period`` (``first``: ``seed + copy_id % period``)."""
         return int(self.playing()[i])
 
     def playing(self) -> np.ndarray:
         """The seed of the episode each copy is playing."""
-        return self.seed + self.copy_ids % self.period + self.episode_idx * self.period
+        return self.first + self.episode_idx * self.period
 
 
 class _Copies(CopyBook):

@@ -39,7 +39,7 @@ def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any) -> lis
     if not cfg.fault.victims:
         return []
     layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
-    return [make_fault(cfg.fault, FaultEnv(venv.groups, layouts, cfg.attack, device))]
+    return [make_fault(cfg.fault, FaultEnv(venv.groups, layouts, cfg.attack, device, spec, cfg.env.backend))]
 
 
 def fault_label(cfg: DictConfig) -> str:
@@ -93,7 +93,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with make_vec_env(cfg.env, spec, num_envs=1, num_workers=0) as venv:
         groups = venv.groups
         layouts = feature_layouts(groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
-    env = FaultEnv(groups, layouts, cfg.attack, device)
+    env = FaultEnv(groups, layouts, cfg.attack, device, spec, cfg.env.backend)
     agents = [a for g in groups for a in g.agents]
     if cfg.alerts.enabled:
         check_alerts(cfg, len(agents))

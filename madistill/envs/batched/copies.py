@@ -35,6 +35,17 @@ class BatchedCopies(CopyBook):
             self.io["obs"][g][idx, j] = o
             self.io["active"][g][idx, j] = True
 
+    def copy_from(self, other: BatchedCopies, rows: np.ndarray) -> None:
+        """This book's copies become copies ``rows`` of ``other`` (the same env), mid-episode, with their
+        observations: a state copy in place of replaying the episodes from their seeds."""
+        self.scenario.copy_from(other.scenario, rows)
+        self.first, self.episode_idx[:] = other.playing()[rows], 0
+        self.ep_len[:], self.ep_ret[:] = other.ep_len[rows], other.ep_ret[rows]
+        self._clear()
+        for field in ("obs", "active"):
+            for g, a in self.io[field].items():
+                a[...] = other.io[field][g][rows]
+
     def _reset_all(self) -> None:
         self._reset_copies(np.arange(len(self.copy_ids)))
 

@@ -45,6 +45,9 @@ class WorldLayout:
 class BatchedWorld:
     """Positions, velocities and utterances of ``n_copies`` worlds of one layout, stepped together."""
 
+    # the per-copy arrays that carry over from one step to the next (``u`` and ``said`` are set each step)
+    STATE = ("pos", "vel", "c")
+
     def __init__(self, layout: WorldLayout, n_copies: int):
         if any(layout.movable[layout.n_agents:]):
             raise ValueError("movable landmarks are not modelled: only agents move in the ported scenarios")

@@ -23,6 +23,7 @@ class BatchedScenario:
     # Constructor arguments the port models at any value; the others it takes only as None, mpe2's default
     # for each of them (``render_mode`` included: rendering uses the PettingZoo backend).
     modelled: tuple[str, ...] = ()
+    state: tuple[str, ...] = ()  # per-copy scenario arrays besides the world's (goals): what a state copy copies
     n_goals = 0  # goals reset_world draws (integers(goal_choices) each) before the positions
     goal_choices = 1
 
@@ -36,6 +37,14 @@ class BatchedScenario:
     def unported(cls, kwargs: dict[str, Any]) -> list[str]:
         """The constructor arguments in ``kwargs`` whose values the port does not model."""
         return sorted(k for k, v in kwargs.items() if k not in cls.modelled and v is not None)
+
+    def copy_from(self, other: BatchedScenario, rows: np.ndarray) -> None:
+        """This scenario's copies become copies ``rows`` of ``other`` (the same port and arguments), mid-episode:
+        the state copy env branching uses instead of replaying an episode from its seed."""
+        for name in BatchedWorld.STATE:
+            getattr(self.world, name)[...] = getattr(other.world, name)[rows]
+        for name in self.state:
+            getattr(self, name)[...] = getattr(other, name)[rows]
 
     def _make_world(self, layout: WorldLayout) -> None:
         self.world = BatchedWorld(layout, self.n_copies)

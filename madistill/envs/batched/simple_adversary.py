@@ -17,6 +17,7 @@ class SimpleAdversary(BatchedScenario):
 
     modelled = ("N", "max_cycles", "continuous_actions", "dynamic_rescaling", "benchmark_data")
     n_goals = 1  # the goal landmark
+    state = ("goal",)  # per copy: the goal landmark reset_world drew
 
     def __init__(self, n_copies: int, N: int = 2, max_cycles: int = 25, continuous_actions: bool = False,  # noqa: N803
                  **_render_only: object):

@@ -19,6 +19,7 @@ class SimpleReference(BatchedScenario):
     modelled = ("local_ratio", "max_cycles", "continuous_actions", "dynamic_rescaling", "benchmark_data")
     agents = ("agent_0", "agent_1")
     n_goals, goal_choices = 2, N_LANDMARKS  # both agents' goals: the landmark its partner must reach
+    state = ("goal",)  # per copy: the goal landmark reset_world drew
 
     def __init__(self, n_copies: int, local_ratio: float = 0.5, max_cycles: int = 25,
                  continuous_actions: bool = False, **_render_only: object):

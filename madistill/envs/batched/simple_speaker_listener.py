@@ -19,6 +19,7 @@ class SimpleSpeakerListener(BatchedScenario):
     modelled = ("max_cycles", "continuous_actions", "dynamic_rescaling", "benchmark_data")
     agents = ("speaker_0", "listener_0")
     n_goals, goal_choices = 1, N_LANDMARKS  # the landmark the listener must reach
+    state = ("goal",)  # per copy: the goal landmark reset_world drew
 
     def __init__(self, n_copies: int, max_cycles: int = 25, continuous_actions: bool = False,
                  **_render_only: object):
