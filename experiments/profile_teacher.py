@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_throughput import HIDDEN, PPO_SETTINGS, _Timed
 
 
