@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import tempfile
-import time
-from pathlib import Path
 
 import torch
-from bench_throughput import HIDDEN, PPO_SETTINGS, _Timed
+from bench_throughput import madistill_run
 
 
 def main() -> None:
@@ -27,34 +24,12 @@ def main() -> None:
     ap.add_argument("--backend", choices=["pettingzoo", "batched"], default="batched")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    from madistill.cli import compose_config
-    from madistill.runtime import env_spec, make_vec_env, seed_everything
-    from madistill.teacher import TeacherTrainer
-
     torch.set_num_threads(1)
-    overrides = [
-        "env=simple_spread_v3", f"env.num_envs={args.copies}", "env.num_workers=0", "seed=0",
-        f"teacher.total_agent_steps={args.steps}", f"teacher.hidden_sizes={HIDDEN}", "teacher.normalize_obs=false",
-        "logger=quiet", "teacher.update_mode=inline", f"env.backend={args.backend}",
-    ] + [f"teacher.ppo.{k}={v}" for k, v in PPO_SETTINGS.items()]
-    cfg = compose_config(overrides)
-    seed_everything(cfg.seed, cfg.torch_threads)
-    spec = env_spec(cfg.env)
-    with (make_vec_env(cfg.env, spec) as venv, tempfile.TemporaryDirectory() as tmp,
-          TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None) as trainer):
-        env_timer = _Timed(venv, "step")
-        update_timer = _Timed(trainer, "_update")
-        profile = cProfile.Profile()
-        t0 = time.perf_counter()
-        profile.enable()
-        trainer.train(Path(tmp))
-        profile.disable()
-        wall = time.perf_counter() - t0
-    rest = wall - env_timer.total - update_timer.total
-    print(f"{args.copies} copies ({args.backend}), {trainer.agent_steps} agent-steps in {wall:.1f} s "
-          f"(under cProfile): {trainer.agent_steps / wall:.0f} agent-steps/s")
-    print(f"env stepping {env_timer.total / wall:.0%}, rest of the rollout {rest / wall:.0%}, "
-          f"PPO update {update_timer.total / wall:.0%}")
+    profile = cProfile.Profile()
+    sps, env, update = madistill_run(args.copies, args.steps, 0, 0, "inline", args.backend, profile=profile)
+    print(f"{args.copies} copies ({args.backend}), {args.steps} agent-steps budget: {sps:.0f} agent-steps/s "
+          f"under cProfile")
+    print(f"env stepping {env:.0%}, rest of the rollout {1 - env - update:.0%}, PPO update {update:.0%}")
     pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
 
 
