@@ -18,6 +18,8 @@ recipe is compared with; ``--backend batched`` writes its own results file.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
 import statistics
 import tempfile
@@ -77,7 +79,9 @@ def baseline(copies: int, steps: int, num_cpus: int, seed: int, aec_driver: bool
 
 
 def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode: str,
-                  backend: str) -> tuple[float, float]:
+                  backend: str, profile: cProfile.Profile | None = None) -> tuple[float, float, float]:
+    """madistill's agent-steps/s and the shares of wall time in the env's ``step`` and in PPO's updates;
+    ``profile`` runs during training."""
     from madistill.cli import compose_config
     from madistill.runtime import env_spec, make_vec_env, seed_everything
     from madistill.teacher import TeacherTrainer
@@ -92,11 +96,12 @@ def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode:
     spec = env_spec(cfg.env)
     with (make_vec_env(cfg.env, spec) as venv, tempfile.TemporaryDirectory() as tmp,
           TeacherTrainer(cfg, venv, spec, torch.device("cpu"), tb=None) as trainer):
-        timer = _Timed(venv, "step")
+        timer, update = _Timed(venv, "step"), _Timed(trainer, "_update")
         t0 = time.perf_counter()
-        trainer.train(Path(tmp))
+        with profile or contextlib.nullcontext():
+            trainer.train(Path(tmp))
         wall = time.perf_counter() - t0
-    return trainer.agent_steps / wall, timer.total / wall
+    return trainer.agent_steps / wall, timer.total / wall, update.total / wall
 
 
 def env_step_costs(copies: int, backend: str, steps: int = 3000, repeats: int = 3) -> None:

@@ -113,7 +113,10 @@ class EnvConfig:
     target: str = MISSING  # import path of a PettingZoo env factory or module
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the env factory
     num_envs: int = 16  # env copies stepped together
-    num_workers: int = 2  # worker processes stepping the copies (0: in this process)
+    # worker processes stepping the copies (0: in this process); null: the backend's default, 2 for pettingzoo
+    # (its copies step one at a time in Python) and 0 for batched (one set of array operations for all copies,
+    # fastest in-process on 2 cores; docs/batched_mpe.md)
+    num_workers: int | None = None
     grouping: Grouping = Grouping.auto  # auto: agents with equal spaces share a policy; per_agent: one each
     nan_policy: NanPolicy = NanPolicy.error  # what NaN/inf observations do: error (stop the run) or zero (read as 0)
     # auto | batched | pettingzoo: batched steps all copies of an mpe2 env with a numpy port at once

@@ -19,7 +19,7 @@ from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.type_aliases import Schedule
+from stable_baselines3.common.type_aliases import RolloutBufferSamples, Schedule
 from stable_baselines3.common.utils import ConstantSchedule
 from stable_baselines3.common.vec_env import VecEnv
 from torch.distributions import Distribution
@@ -32,7 +32,9 @@ TESTED_VERSION = "2.9.2"  # the release these internals were checked against
 ACTOR_PREFIXES = ("mlp_extractor.policy_net.", "action_net.", "log_std")
 _MODEL_ATTRIBUTES = ("_current_progress_remaining", "_n_updates", "num_timesteps", "ent_coef", "batch_size",
                      "max_grad_norm", "rollout_buffer")
-_BUFFER_ATTRIBUTES = ("generator_ready", "swap_and_flatten", "_get_samples", "observations", "actions", "values",
+# the buffer arrays PPO's minibatches are sampled from, in RolloutBufferSamples' order
+_SAMPLED = ("observations", "actions", "values", "log_probs", "advantages", "returns")
+_BUFFER_ATTRIBUTES = ("generator_ready", "swap_and_flatten", "device", "observations", "actions", "values",
                       "log_probs", "advantages", "returns", "full", "pos", "buffer_size", "n_envs")
 
 
@@ -95,14 +97,25 @@ class MaskedRolloutBuffer(RolloutBuffer):
     def get(self, batch_size: int | None = None):  # type: ignore[override]
         assert self.full, "collect a full rollout before training"
         if not self.generator_ready:
-            for name in ("observations", "actions", "values", "log_probs", "advantages", "returns"):
+            for name in _SAMPLED:
                 self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])
+            # one tensor view per array for the whole update (SB3 copies every minibatch from numpy instead);
+            # the numpy arrays stay, as SB3's train() and live_observations read them. Actions become float32
+            # as SB3's minibatches have them (Discrete ones are stored as integers).
+            self.tensors = [torch.as_tensor(self.__dict__[name].astype(np.float32, copy=False) if name == "actions"
+                                            else self.__dict__[name], device=self.device) for name in _SAMPLED]
             self.valid_idx = np.flatnonzero(self.swap_and_flatten(self.valid).ravel())
             self.generator_ready = True
         indices = (self.rng or np.random).permutation(self.valid_idx)
         batch_size = batch_size or len(indices)
         for start in range(0, len(indices), batch_size):
             yield self._get_samples(indices[start : start + batch_size])
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> RolloutBufferSamples:
+        """SB3's minibatch (the same values, dtypes and shapes) gathered from the tensor views."""
+        rows = torch.as_tensor(batch_inds, device=self.device)
+        obs, actions, *flat = (t[rows] for t in self.tensors)
+        return RolloutBufferSamples(obs, actions, *(t.flatten() for t in flat))
 
     def live_observations(self, n: int, rng: np.random.Generator, width: int, device: torch.device | str) -> torch.Tensor:
         """``n`` (at most all) distinct live observations drawn by ``rng``, their first ``width`` features, from

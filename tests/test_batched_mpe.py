@@ -250,6 +250,22 @@ def test_a_backend_that_cannot_be_honoured_is_a_one_line_error(spec, backend, ne
         assert "env.backend=pettingzoo" in msg
 
 
+@pytest.mark.parametrize(("env", "backend", "workers"), [
+    ("simple_spread_v3", "auto", 0), ("simple_spread_v3", "pettingzoo", 2), ("relay", "auto", 2)])
+def test_the_default_worker_count_follows_the_backend(env, backend, workers):
+    """env.num_workers unset: the batched port steps in-process, PettingZoo copies over two worker processes;
+    a number set by the user is kept for either backend."""
+    from madistill.cli import compose_config
+    from madistill.runtime import make_vec_env
+
+    cfg = compose_config([f"env={env}", f"env.backend={backend}", "env.num_envs=4"])
+    assert cfg.env.num_workers is None
+    with make_vec_env(cfg.env) as venv:
+        assert venv.num_workers == workers and len(venv._procs) == workers
+    with make_vec_env(cfg.env, num_workers=1) as venv:
+        assert venv.num_workers == 1 and len(venv._procs) == 1
+
+
 def test_cli_refuses_batched_for_an_env_without_a_port(cli, tmp_path):
     rc, _, err = cli("train", "env=relay", "env.backend=batched", f"hydra.run.dir={tmp_path}", *tiny())
     lines = [ln for ln in err.splitlines() if ln.strip()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from stable_baselines3.common.buffers import RolloutBuffer
 from torch.distributions import Distribution
 
 from madistill.envs import EnvSpec, group_agents, make_env
@@ -103,3 +105,21 @@ def test_actor_parameters_are_the_actors_and_not_the_critics(model):
     layers = actor_linears(model.policy)
     assert [(m.in_features, m.out_features) for m in layers] == [(18, 8), (8, 5)], f"{SB3}: the actor's layers changed"
     assert [p for m in layers for p in (m.weight, m.bias)] == actor_parameters(model.policy)
+
+
+def test_masked_minibatches_are_sb3s_own(model):
+    """The minibatches gathered from tensor views hold what SB3's RolloutBuffer._get_samples gives for the
+    same rows: the same fields in the same order, values, dtypes and shapes."""
+    live = np.ones((N_STEPS, N_ENVS * 3), dtype=bool)
+    _fill(model, live)
+    buf = model.rollout_buffer
+    rng = np.random.default_rng(1)
+    for name in ("actions", "values", "log_probs", "returns"):  # distinct values per field, so a swap shows
+        buf.__dict__[name][:] = rng.normal(size=buf.__dict__[name].shape)
+    buf.rng = np.random.default_rng(2)
+    batches = list(buf.get(BATCH))
+    rows = np.random.default_rng(2).permutation(buf.valid_idx)[:BATCH]
+    ours, sb3 = batches[0], RolloutBuffer._get_samples(buf, rows)
+    assert ours._fields == sb3._fields
+    for a, b in zip(ours, sb3):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{SB3}: RolloutBuffer._get_samples changed"

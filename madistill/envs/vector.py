@@ -268,6 +268,12 @@ class _Copies(CopyBook):
             env.close()
 
 
+# env.num_workers=null by chosen backend: PettingZoo copies step one at a time in Python, so two worker processes
+# use both cores of a 2-core machine; the batched port steps every copy with one set of array operations, which
+# the worker pipes and the split would only slow down (docs/batched_mpe.md)
+DEFAULT_WORKERS = {"pettingzoo": 2, "batched": 0}
+
+
 def _copies_class(backend: str) -> type[CopyBook]:
     """The class that steps a process's copies for a chosen backend (``batched`` or ``pettingzoo``)."""
     return batched_copies() if backend == "batched" else _Copies
@@ -310,7 +316,8 @@ class MultiAgentVecEnv:
     """``num_envs`` copies of one PettingZoo env, grouped by agent spaces, stepped in lock-step.
 
     ``num_workers=0`` steps every copy in this process (simplest, used for rendering and tests);
-    ``num_workers=W`` splits the copies over W worker processes so env stepping uses several cores.
+    ``num_workers=W`` splits the copies over W worker processes so env stepping uses several cores;
+    ``num_workers=None`` takes the chosen backend's default (``DEFAULT_WORKERS``).
     ``backend`` (env.backend): ``pettingzoo`` steps one PettingZoo env per copy, ``batched`` a batched port of
     an mpe2 env (``madistill.envs.batched``) all copies at once, ``auto`` the port where there is one.
     ``seed_period`` P (a divisor of ``num_envs``): copies P apart play the same episode seeds (module docstring).
@@ -320,7 +327,7 @@ class MultiAgentVecEnv:
         self,
         spec: EnvSpec,
         num_envs: int,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         grouping: str = "auto",
         render_mode: str | None = None,
         nan_policy: str = "error",
@@ -334,7 +341,8 @@ class MultiAgentVecEnv:
         self.num_envs = num_envs
         self.backend = choose_backend(spec, backend, render_mode)
         copies = _copies_class(self.backend)
-        num_workers = min(num_workers, num_envs)
+        self.num_workers = min(DEFAULT_WORKERS[self.backend] if num_workers is None else num_workers, num_envs)
+        num_workers = self.num_workers
         self._local: CopyBook | None = None
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
