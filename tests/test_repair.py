@@ -16,7 +16,7 @@ from madistill.envs.groups import AgentGroup
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.store import load_team, read_manifest
 from madistill.repair.masked import FinetuneSettings, mask_size, masked_finetune, neuron_mask, parameter_delta
-from madistill.repair.neurons import ablation_check, acting_path, all_neurons, neuron_scores
+from madistill.repair.neurons import ablation_check, all_neurons, neuron_scores, repair_path
 from madistill.repair.plan import choose_neurons
 from madistill.stages import attack as attack_stage
 from madistill.stages import distill as distill_stage
@@ -59,7 +59,7 @@ def failing_and_clean():
 @pytest.mark.parametrize("method", ["grad", "ig", "probe"])
 def test_localisation_finds_the_planted_neuron(method):
     p = planted_policy()
-    layers, _, _ = acting_path(p)
+    layers = repair_path(p).hidden
     failing, wanted, clean = failing_and_clean()
     scores = neuron_scores(method, p, layers, failing, wanted, clean, ig_steps=16, probe_l1=1e-3, probe_steps=300, seed=0)
     assert scores.shape == (16,)
@@ -71,7 +71,7 @@ def test_localisation_finds_the_planted_neuron(method):
 
 def test_ablating_the_planted_neuron_changes_the_failing_actions_more_than_random_ones():
     p = planted_policy()
-    layers, _, _ = acting_path(p)
+    layers = repair_path(p).hidden
     failing, _, _ = failing_and_clean()
     check = ablation_check(p, layers, [(0, PLANTED)], failing, draws=15, seed=0)
     assert check["top"] > 0.5  # the failing action was the planted unit's doing
@@ -83,7 +83,7 @@ def test_ablating_the_planted_neuron_changes_the_failing_actions_more_than_rando
 def test_masked_parameters_stay_bit_identical_under_adamw_with_weight_decay():
     torch.manual_seed(0)
     p = MLPPolicy(GROUP, {"hidden_sizes": [16, 16], "activation": "tanh"})
-    layers, _, _ = acting_path(p)
+    layers = repair_path(p).hidden
     failing, wanted, clean = failing_and_clean()
     chosen = [(0, 3), (1, 7), (1, 8)]
     mask = neuron_mask(layers, chosen)
@@ -218,7 +218,7 @@ def test_no_policy_given_is_one_line(cli, tmp_path):
 
 def test_all_neurons_and_choice_respect_the_parameter_cap():
     p = MLPPolicy(GROUP, {"hidden_sizes": [16, 16], "activation": "tanh"})
-    layers, _, _ = acting_path(p)
+    layers = repair_path(p).hidden
     assert len(all_neurons(layers)) == 32
     scores = torch.arange(32, dtype=torch.float32)  # layer 1's units score highest
     assert choose_neurons(layers, scores, 0.25, 10_000) == [(1, u) for u in range(15, 7, -1)]

@@ -23,10 +23,10 @@ from madistill.repair.neurons import (
     Layer,
     Neuron,
     ablation_check,
-    acting_path,
     all_neurons,
     neuron_scores,
     random_like,
+    repair_path,
 )
 
 
@@ -63,7 +63,8 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
     ablation against random ones, and fine-tune with the neuron mask and every ``rc.baselines`` variant
     (``full``: every acting parameter; ``last``: the output layer; ``random``: as many random neurons per layer)
     on the failures plus the clean anchor ``clean``, each from the same seed."""
-    layers, head, head_name = acting_path(policy)
+    path = repair_path(policy)
+    layers, head, head_name = path.hidden, path.head, path.head_name
     scores = neuron_scores(rc.score, policy, layers, failures.x, failures.wanted, clean, rc.ig_steps, rc.probe_l1,
                            rc.probe_steps, seed)
     acting = policy.acting_parameters

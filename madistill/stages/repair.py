@@ -123,7 +123,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.evaluate.report import write_markdown
     from madistill.policies.store import find_policy_dir, load_team, save_team
     from madistill.repair.failures import attack_failures, file_failures
-    from madistill.repair.neurons import acting_path
+    from madistill.repair.neurons import repair_path
     from madistill.repair.plan import repair_policy
     from madistill.runtime import make_vec_env
     from madistill.stages.policies import configured_features, studied_policies
@@ -154,7 +154,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         found = {}
         for g in candidates:
             clean = team.normalizers[g.name].normalize(raw[g.name])
-            acting_path(team[g.name])  # a policy without an MLP acting path is refused before any attack runs
+            repair_path(team[g.name])  # a policy without an MLP acting path is refused before any attack runs
             if rc.failures is not None:
                 fs = file_failures(rc.failures, team[g.name], team.normalizers[g.name], device)
             else:
