@@ -58,6 +58,7 @@ def summarise(runs: dict[int, dict]) -> dict:
                                                  / (ev(s, "original")["clean"] - ev(s, name)["random"]) for s in seeds])),
                "worst_attacks": [ev(s, name)["worst_attack"] for s in seeds]}
         if name != "original":
+            row["learning_rates"] = [runs[s]["variants"][name]["learning_rate"] for s in seeds]
             row["changed"] = float(np.mean([runs[s]["variants"][name]["changed"] for s in seeds]))
             row["changed_share"] = float(np.mean([runs[s]["variants"][name]["changed_share"] for s in seeds]))
         out["variants"][name] = row
@@ -76,10 +77,11 @@ def summarise(runs: dict[int, dict]) -> dict:
 
 def markdown(summary: dict, env: str, command: str) -> str:
     lines = [f"# Masked repair vs baselines on {env}", "", f"`{command}`", "",
-             "| variant | params changed | share | clean | worst attacked | recovery | clean gain kept |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | learning rate per seed | params changed | share | clean | worst attacked | recovery | "
+             "clean gain kept |", "|---|---|---|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
-        lines.append(f"| {name} | {v.get('changed', 0):.0f} | {v.get('changed_share', 0):.4f} | {v['clean']:.2f} | "
+        rates = ", ".join(f"{r:g}" for r in v.get("learning_rates", [])) or "-"
+        lines.append(f"| {name} | {rates} | {v.get('changed', 0):.0f} | {v.get('changed_share', 0):.4f} | {v['clean']:.2f} | "
                      f"{v['worst']:.2f} | {v['recovery']:.2f} | {v['clean_gain_kept']:.3f} |")
     lines += ["", f"Masked recovery / full recovery: {summary['masked_recovery_of_full']}", "",
               "| masked minus | worst-case mean | 95% paired CI |", "|---|---|---|"]
@@ -93,12 +95,14 @@ def main() -> None:
     ap.add_argument("teacher", help="teacher run or policy directory")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--name", default=None, help="results file suffix (default: the env id)")
+    ap.add_argument("--keep", default=None, help="directory keeping each seed's repair run (default: a temporary one)")
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]  # config overrides, anywhere
     args = ap.parse_args([a for a in sys.argv[1:] if a not in overrides])
     tdir = teacher_dir(args.teacher)
     env = read_manifest(tdir)["env"]["name"]
     runs = {}
-    with tempfile.TemporaryDirectory(prefix="repair_exp_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="repair_exp_") as scratch:
+        tmp = args.keep or scratch
         for seed in args.seeds:
             cfg = compose_config([f"env={env}", "logger=quiet", f"repair.policy={tdir}", f"seed={seed}", *overrides])
             runs[seed] = repair_stage.run(cfg, Path(tmp) / f"s{seed}")

@@ -49,14 +49,20 @@ def _markdown(payload: dict) -> str:
     lines = [f"# Repair of {m['group']} on {m['env']}", "",
              f"Failure set: {m['failures']} failing observations from {m['failure_source']} "
              f"({m['searched']} searched). Neuron scores: {m['score']}.", "",
-             "| variant | parameters free | parameters changed | share of acting parameters | clean | worst attacked |",
-             "|---|---|---|---|---|---|"]
+             "| variant | parameters free | parameters changed | share of acting parameters | learning rate | "
+             "held-out failure accuracy | held-out clean divergence | clean | worst attacked |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = {**({"original": {"mask_size": 0, "changed": 0, "changed_share": 0.0, **payload["original"]}}
                if "original" in payload else {}), **payload["variants"]}
     for name, v in rows.items():
         ev = v.get("evaluation", {})
+        rate = v.get("learning_rate")
+        val = v["validation"][str(rate)] if rate is not None else {}
+        bound = "" if v.get("within_divergence_bound", True) else " (none within the bound)"
         lines.append(f"| {name} | {v['mask_size']} | {v['changed']} | {v['changed_share']:.4f} | "
-                     f"{ev.get('clean', float('nan')):.3f} | {ev.get('worst', float('nan')):.3f} |")
+                     f"{'-' if rate is None else f'{rate:g}{bound}'} | {val.get('accuracy', float('nan')):.3f} | "
+                     f"{val.get('divergence', float('nan')):.4f} | {ev.get('clean', float('nan')):.3f} | "
+                     f"{ev.get('worst', float('nan')):.3f} |")
     a = payload["ablation"]
     lines += ["", f"Ablation of the {len(payload['neurons'])} chosen neurons changes {a['top']:.3f} of the failing "
               f"actions; as many random neurons {a['random_mean']:.3f} (share of random draws at least as large: "
@@ -100,7 +106,10 @@ def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any,
         "neurons": [{"layer": rep.layer_names[i], "unit": u, "score": sc} for (i, u), sc in zip(rep.neurons, rep.chosen_scores)],
         "ablation": rep.ablation,
         "variants": {name: {"mask_size": rep.mask_sizes[name], "changed": changed_count(rep.deltas[name]),
-                            "changed_share": changed_count(rep.deltas[name]) / rep.acting_parameters}
+                            "changed_share": changed_count(rep.deltas[name]) / rep.acting_parameters,
+                            "learning_rate": rep.selection[name].rate,
+                            "within_divergence_bound": rep.selection[name].within_bound,
+                            "validation": {str(r): t for r, t in rep.selection[name].trials.items()}}
                      for name in rep.policies},
     }
 
