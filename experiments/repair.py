@@ -11,6 +11,12 @@ CI (episodes resampled within each seed), and the share of the original's clean 
 
     python experiments/repair.py /tmp/repair/sl_teacher --seeds 0 1 2 attack.episodes=20
 
+With ``--cascade`` (issue 22, item 6), each seed also runs the cascade monitor (``madistill cascade``) on the
+original and the repaired policy together, on the same episodes, under the repair's attack (``fault=attack``,
+its method and eps) on one agent of the repaired group (``--victim``, default its first): the cascade size (how
+many non-faulted agents fail) and the non-faulted agents' return delta (faulted minus clean twin) of each, so
+whether the downstream failures shrink after the repair.
+
 Extra arguments are config overrides for every repair run (``attack.*``, ``repair.*``). Writes
 ``experiments/results/repair_<env>.json`` and ``.md``.
 """
@@ -27,7 +33,8 @@ import numpy as np
 
 from madistill.cli import compose_config
 from madistill.evaluate.stats import bootstrap_ci
-from madistill.policies.store import read_manifest
+from madistill.policies.store import find_policy_dir, load_team, read_manifest
+from madistill.stages import cascade as cascade_stage
 from madistill.stages import repair as repair_stage
 from madistill.stages.policies import teacher_dir
 
@@ -36,6 +43,35 @@ RESULTS = Path(__file__).parent / "results"
 
 def _ci(diffs: np.ndarray, strata: np.ndarray) -> list[float]:
     return [float(v) for v in bootstrap_ci(diffs, np.mean, n_boot=2000, seed=0, strata=strata)]
+
+
+CASCADE_KEYS = ("size_mean", "size_ci", "others_return_delta", "others_return_delta_ci")
+
+
+def cascade_comparison(env: str, original: Path, repair_run: Path, payload: dict, victim: str | None, seed: int,
+                       overrides: list[str]) -> dict:
+    """The cascade monitor on the original and the repaired policy, the same episodes, under the repair's attack on
+    ``victim`` (default: the repaired group's first agent) from the fault's onset to the episode's end:
+    ``{"victim", "original": {...}, "repaired": {...}}`` with each one's cascade size and non-faulted agents'
+    return delta (means and CIs over episodes)."""
+    group = payload["meta"]["group"]
+    agents = next(g.agents for g in load_team(original)[0].groups if g.name == group)
+    victim = victim or agents[0]
+    rc = payload["meta"]["repair"]
+    eps = payload["meta"]["eps"]
+    # the monitor compares the policies of a sweep directory (``*/policies/*``) on the same episodes: one of
+    # links to the original and the repaired policy, so its labels say which is which
+    both = repair_run / "cascade_policies"
+    for name, pdir in (("original", original), ("repaired", find_policy_dir(repair_run))):
+        (both / name / "policies").mkdir(parents=True, exist_ok=True)
+        (both / name / "policies" / pdir.name).symlink_to(Path(pdir).resolve(), target_is_directory=True)
+    cfg = compose_config([f"env={env}", "logger=quiet", f"cascade.policy={both}",
+                          "fault=attack", f"fault.method={rc['attack']}", f"fault.eps={eps}", f"fault.victims=[{victim}]",
+                          f"seed={seed}", *overrides])
+    res = cascade_stage.run(cfg, repair_run / "cascade")
+    orig, rep = (next(iter(res["policies"][f"{Path(original).name}@{name}"]["faults"].values()))["cascade"]
+                 for name in ("original", "repaired"))
+    return {"victim": victim, **{name: {k: c[k] for k in CASCADE_KEYS} for name, c in (("original", orig), ("repaired", rep))}}
 
 
 def summarise(runs: dict[int, dict]) -> dict:
@@ -72,6 +108,10 @@ def summarise(runs: dict[int, dict]) -> dict:
         d = np.concatenate([np.subtract(ev(s, "masked")["worst_episodes"], ev(s, name)["worst_episodes"]) for s in seeds])
         out["paired_worst_masked_minus"][name] = {"mean": float(d.mean()), "ci95": _ci(d, strata)}
     out["ablation"] = {s: runs[s]["ablation"] for s in seeds}
+    if all("cascade" in runs[s] for s in seeds):
+        out["cascade"] = {name: {k: float(np.mean([runs[s]["cascade"][name][k] for s in seeds]))
+                                 for k in ("size_mean", "others_return_delta")} for name in ("original", "repaired")}
+        out["cascade"]["victim"] = runs[seeds[0]]["cascade"]["victim"]
     return out
 
 
@@ -87,6 +127,12 @@ def markdown(summary: dict, env: str, command: str) -> str:
               "| masked minus | worst-case mean | 95% paired CI |", "|---|---|---|"]
     for name, d in summary["paired_worst_masked_minus"].items():
         lines.append(f"| {name} | {d['mean']:.2f} | [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] |")
+    if "cascade" in summary:
+        c = summary["cascade"]
+        lines += ["", f"Cascade under the repair's attack on {c['victim']} (means over seeds of the per-seed means over "
+                  "episodes):", "", "| policy | cascade size | non-faulted agents' return delta |", "|---|---|---|"]
+        lines += [f"| {name} | {c[name]['size_mean']:.3f} | {c[name]['others_return_delta']:+.3f} |"
+                  for name in ("original", "repaired")]
     return "\n".join(lines) + "\n"
 
 
@@ -95,6 +141,8 @@ def main() -> None:
     ap.add_argument("teacher", help="teacher run or policy directory")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--name", default=None, help="results file suffix (default: the env id)")
+    ap.add_argument("--cascade", action="store_true", help="also compare the cascades of original and repaired policy")
+    ap.add_argument("--victim", default=None, help="the faulted agent of --cascade (default: the repaired group's first)")
     ap.add_argument("--keep", default=None, help="directory keeping each seed's repair run (default: a temporary one)")
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]  # config overrides, anywhere
     args = ap.parse_args([a for a in sys.argv[1:] if a not in overrides])
@@ -106,6 +154,9 @@ def main() -> None:
         for seed in args.seeds:
             cfg = compose_config([f"env={env}", "logger=quiet", f"repair.policy={tdir}", f"seed={seed}", *overrides])
             runs[seed] = repair_stage.run(cfg, Path(tmp) / f"s{seed}")
+            if args.cascade:
+                runs[seed]["cascade"] = cascade_comparison(env, tdir, Path(tmp) / f"s{seed}", runs[seed], args.victim,
+                                                           seed, overrides)
             print(f"seed {seed}: " + ", ".join(f"{n} worst {v['evaluation']['worst']:.2f}"
                                                for n, v in runs[seed]["variants"].items()), flush=True)
     summary = summarise(runs)

@@ -3,12 +3,14 @@ under AdamW with weight decay, the repaired policy is a drop-in checkpoint, bad 
 
 from __future__ import annotations
 
+import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, tiny
+from conftest import REPO, compose_config, tiny
 from gymnasium import spaces
 from safetensors.torch import load_file
 
@@ -21,6 +23,7 @@ from madistill.repair.masked import FinetuneSettings, mask_size, masked_finetune
 from madistill.repair.neurons import ablation_check, all_neurons, greedy, neuron_scores, repair_path
 from madistill.repair.plan import RateChoice, choose_neurons, choose_rate, holdout, tune_rate
 from madistill.stages import attack as attack_stage
+from madistill.stages import cascade as cascade_stage
 from madistill.stages import distill as distill_stage
 from madistill.stages import evaluate as evaluate_stage
 from madistill.stages import repair as repair_stage
@@ -215,6 +218,40 @@ def _error(err: str) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith("madistill repair: error: ")
     return lines[0]
+
+
+CASCADE = ("cascade.episodes=4", "cascade.n_boot=50", "cascade.replay_episodes=1", "cascade.lags=2",
+           "cascade.onsets=[2]", "fault.onset=2")
+
+
+def test_the_cascade_comparison_runs_on_the_original_and_the_repaired_policy(relay_teacher, repaired, monkeypatch):
+    """experiments/repair.py --cascade: the monitor studies both policies on the same faulted episodes and reports
+    both; the original's numbers are those of the monitor run on the original alone."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    experiment = importlib.import_module("repair")
+    out, payload = repaired
+    source = Path(payload["meta"]["policy"])
+    overrides = tiny(*CASCADE)
+    res = experiment.cascade_comparison("relay", source, out, payload, None, 0, overrides)
+    group = next(g for g in load_team(source)[0].groups if g.name == payload["meta"]["group"])
+    assert res["victim"] == group.agents[0]
+    others = sum(len(g.agents) for g in load_team(source)[0].groups) - 1
+    for name in ("original", "repaired"):
+        c = res[name]
+        assert 0 <= c["size_mean"] <= others
+        assert c["size_ci"][0] <= c["size_mean"] <= c["size_ci"][1]
+        assert c["others_return_delta_ci"][0] <= c["others_return_delta"] <= c["others_return_delta_ci"][1]
+    alone = cascade_stage.run(compose_config(["env=relay", "logger=quiet", f"cascade.policy={source}", "fault=attack",
+                                              f"fault.method={payload['meta']['repair']['attack']}",
+                                              f"fault.eps={payload['meta']['eps']}", f"fault.victims=[{res['victim']}]",
+                                              "seed=0", *overrides]), out / "alone")
+    single = next(iter(alone["faults"].values()))["cascade"]
+    assert (single["size_mean"], single["others_return_delta"]) == (res["original"]["size_mean"],
+                                                                    res["original"]["others_return_delta"])
+    summary = experiment.summarise({0: {**payload, "cascade": res}})
+    assert summary["cascade"]["repaired"]["size_mean"] == res["repaired"]["size_mean"]
+    md = experiment.markdown(summary, "relay", "test")
+    assert f"on {res['victim']}" in md and "| original |" in md and "| repaired |" in md
 
 
 @pytest.mark.parametrize("extra, says", [

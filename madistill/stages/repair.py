@@ -100,7 +100,7 @@ def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any,
     from madistill.repair.masked import changed_count
 
     return {
-        "meta": {"policy": str(source), "group": group, "env": spec.id, "failures": len(failures),
+        "meta": {"policy": str(source), "group": group, "env": spec.id, "eps": _eps(cfg), "failures": len(failures),
                  "failure_source": failures.source, "searched": failures.searched, "score": cfg.repair.score,
                  "acting_parameters": rep.acting_parameters, "repair": OmegaConf.to_container(cfg.repair)},
         "neurons": [{"layer": rep.layer_names[i], "unit": u, "score": sc} for (i, u), sc in zip(rep.neurons, rep.chosen_scores)],
