@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from madistill.cli import compose_config
+from madistill.common.io import atomic_write_text
 from madistill.evaluate.stats import bootstrap_ci
 from madistill.policies.store import find_policy_dir, load_team, read_manifest
 from madistill.stages import cascade as cascade_stage
@@ -159,13 +160,20 @@ def main() -> None:
                                                            seed, overrides)
             print(f"seed {seed}: " + ", ".join(f"{n} worst {v['evaluation']['worst']:.2f}"
                                                for n, v in runs[seed]["variants"].items()), flush=True)
+            text = write_results(runs, env, args.name or env)  # after every seed, so a stopped run keeps its seeds
+    print(text)
+
+
+def write_results(runs: dict[int, dict], env: str, name: str) -> str:
+    """Summarise the seeds run so far into ``experiments/results/repair_<name>.{json,md}``; returns the markdown."""
     summary = summarise(runs)
     command = "python experiments/repair.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"repair_{args.name or env}"
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "runs": runs}, indent=2))
-    stem.with_suffix(".md").write_text(markdown(summary, env, command))
-    print(markdown(summary, env, command))
+    stem = RESULTS / f"repair_{name}"
+    text = markdown(summary, env, command)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps({"command": command, "summary": summary, "runs": runs}, indent=2))
+    atomic_write_text(stem.with_suffix(".md"), text)
+    return text
 
 
 if __name__ == "__main__":
