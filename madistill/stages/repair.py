@@ -59,10 +59,9 @@ def _markdown(payload: dict) -> str:
         rate = v.get("learning_rate")
         val = v["validation"][str(rate)] if rate is not None else {}
         bound = "" if v.get("within_divergence_bound", True) else " (none within the bound)"
-        lines.append(f"| {name} | {v['mask_size']} | {v['changed']} | {v['changed_share']:.4f} | "
-                     f"{'-' if rate is None else f'{rate:g}{bound}'} | {val.get('accuracy', float('nan')):.3f} | "
-                     f"{val.get('divergence', float('nan')):.4f} | {ev.get('clean', float('nan')):.3f} | "
-                     f"{ev.get('worst', float('nan')):.3f} |")
+        chosen = "- | - | -" if rate is None else f"{rate:g}{bound} | {val['accuracy']:.3f} | {val['divergence']:.4f}"
+        lines.append(f"| {name} | {v['mask_size']} | {v['changed']} | {v['changed_share']:.4f} | {chosen} | "
+                     f"{ev.get('clean', float('nan')):.3f} | {ev.get('worst', float('nan')):.3f} |")
     a = payload["ablation"]
     lines += ["", f"Ablation of the {len(payload['neurons'])} chosen neurons changes {a['top']:.3f} of the failing "
               f"actions; as many random neurons {a['random_mean']:.3f} (share of random draws at least as large: "
