@@ -11,6 +11,12 @@ CI (episodes resampled within each seed), and the share of the original's clean 
 
     python experiments/repair.py /tmp/repair/sl_teacher --seeds 0 1 2 attack.episodes=20
 
+With ``--cascade`` (issue 22, item 6), each seed also runs the cascade monitor (``madistill cascade``) on the
+original and the repaired policy together, on the same episodes, under the repair's attack (``fault=attack``,
+its method and eps) on one agent of the repaired group (``--victim``, default its first): the cascade size (how
+many non-faulted agents fail) and the non-faulted agents' return delta (faulted minus clean twin) of each, so
+whether the downstream failures shrink after the repair.
+
 Extra arguments are config overrides for every repair run (``attack.*``, ``repair.*``). Writes
 ``experiments/results/repair_<env>.json`` and ``.md``.
 """
@@ -26,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from madistill.cli import compose_config
+from madistill.common.io import atomic_write_text
 from madistill.evaluate.stats import bootstrap_ci
-from madistill.policies.store import read_manifest
+from madistill.policies.store import find_policy_dir, load_team, read_manifest
+from madistill.stages import cascade as cascade_stage
 from madistill.stages import repair as repair_stage
 from madistill.stages.policies import teacher_dir
 
@@ -36,6 +44,35 @@ RESULTS = Path(__file__).parent / "results"
 
 def _ci(diffs: np.ndarray, strata: np.ndarray) -> list[float]:
     return [float(v) for v in bootstrap_ci(diffs, np.mean, n_boot=2000, seed=0, strata=strata)]
+
+
+CASCADE_KEYS = ("size_mean", "size_ci", "others_return_delta", "others_return_delta_ci")
+
+
+def cascade_comparison(env: str, original: Path, repair_run: Path, payload: dict, victim: str | None, seed: int,
+                       overrides: list[str]) -> dict:
+    """The cascade monitor on the original and the repaired policy, the same episodes, under the repair's attack on
+    ``victim`` (default: the repaired group's first agent) from the fault's onset to the episode's end:
+    ``{"victim", "original": {...}, "repaired": {...}}`` with each one's cascade size and non-faulted agents'
+    return delta (means and CIs over episodes)."""
+    group = payload["meta"]["group"]
+    agents = next(g.agents for g in load_team(original)[0].groups if g.name == group)
+    victim = victim or agents[0]
+    rc = payload["meta"]["repair"]
+    eps = payload["meta"]["eps"]
+    # the monitor compares the policies of a sweep directory (``*/policies/*``) on the same episodes: one of
+    # links to the original and the repaired policy, so its labels say which is which
+    both = repair_run / "cascade_policies"
+    for name, pdir in (("original", original), ("repaired", find_policy_dir(repair_run))):
+        (both / name / "policies").mkdir(parents=True, exist_ok=True)
+        (both / name / "policies" / pdir.name).symlink_to(Path(pdir).resolve(), target_is_directory=True)
+    cfg = compose_config([f"env={env}", "logger=quiet", f"cascade.policy={both}",
+                          "fault=attack", f"fault.method={rc['attack']}", f"fault.eps={eps}", f"fault.victims=[{victim}]",
+                          f"seed={seed}", *overrides])
+    res = cascade_stage.run(cfg, repair_run / "cascade")
+    orig, rep = (next(iter(res["policies"][f"{Path(original).name}@{name}"]["faults"].values()))["cascade"]
+                 for name in ("original", "repaired"))
+    return {"victim": victim, **{name: {k: c[k] for k in CASCADE_KEYS} for name, c in (("original", orig), ("repaired", rep))}}
 
 
 def summarise(runs: dict[int, dict]) -> dict:
@@ -58,6 +95,7 @@ def summarise(runs: dict[int, dict]) -> dict:
                                                  / (ev(s, "original")["clean"] - ev(s, name)["random"]) for s in seeds])),
                "worst_attacks": [ev(s, name)["worst_attack"] for s in seeds]}
         if name != "original":
+            row["learning_rates"] = [runs[s]["variants"][name]["learning_rate"] for s in seeds]
             row["changed"] = float(np.mean([runs[s]["variants"][name]["changed"] for s in seeds]))
             row["changed_share"] = float(np.mean([runs[s]["variants"][name]["changed_share"] for s in seeds]))
         out["variants"][name] = row
@@ -71,20 +109,31 @@ def summarise(runs: dict[int, dict]) -> dict:
         d = np.concatenate([np.subtract(ev(s, "masked")["worst_episodes"], ev(s, name)["worst_episodes"]) for s in seeds])
         out["paired_worst_masked_minus"][name] = {"mean": float(d.mean()), "ci95": _ci(d, strata)}
     out["ablation"] = {s: runs[s]["ablation"] for s in seeds}
+    if all("cascade" in runs[s] for s in seeds):
+        out["cascade"] = {name: {k: float(np.mean([runs[s]["cascade"][name][k] for s in seeds]))
+                                 for k in ("size_mean", "others_return_delta")} for name in ("original", "repaired")}
+        out["cascade"]["victim"] = runs[seeds[0]]["cascade"]["victim"]
     return out
 
 
 def markdown(summary: dict, env: str, command: str) -> str:
     lines = [f"# Masked repair vs baselines on {env}", "", f"`{command}`", "",
-             "| variant | params changed | share | clean | worst attacked | recovery | clean gain kept |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | learning rate per seed | params changed | share | clean | worst attacked | recovery | "
+             "clean gain kept |", "|---|---|---|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
-        lines.append(f"| {name} | {v.get('changed', 0):.0f} | {v.get('changed_share', 0):.4f} | {v['clean']:.2f} | "
+        rates = ", ".join(f"{r:g}" for r in v.get("learning_rates", [])) or "-"
+        lines.append(f"| {name} | {rates} | {v.get('changed', 0):.0f} | {v.get('changed_share', 0):.4f} | {v['clean']:.2f} | "
                      f"{v['worst']:.2f} | {v['recovery']:.2f} | {v['clean_gain_kept']:.3f} |")
     lines += ["", f"Masked recovery / full recovery: {summary['masked_recovery_of_full']}", "",
               "| masked minus | worst-case mean | 95% paired CI |", "|---|---|---|"]
     for name, d in summary["paired_worst_masked_minus"].items():
         lines.append(f"| {name} | {d['mean']:.2f} | [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] |")
+    if "cascade" in summary:
+        c = summary["cascade"]
+        lines += ["", f"Cascade under the repair's attack on {c['victim']} (means over seeds of the per-seed means over "
+                  "episodes):", "", "| policy | cascade size | non-faulted agents' return delta |", "|---|---|---|"]
+        lines += [f"| {name} | {c[name]['size_mean']:.3f} | {c[name]['others_return_delta']:+.3f} |"
+                  for name in ("original", "repaired")]
     return "\n".join(lines) + "\n"
 
 
@@ -93,24 +142,38 @@ def main() -> None:
     ap.add_argument("teacher", help="teacher run or policy directory")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--name", default=None, help="results file suffix (default: the env id)")
+    ap.add_argument("--cascade", action="store_true", help="also compare the cascades of original and repaired policy")
+    ap.add_argument("--victim", default=None, help="the faulted agent of --cascade (default: the repaired group's first)")
+    ap.add_argument("--keep", default=None, help="directory keeping each seed's repair run (default: a temporary one)")
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]  # config overrides, anywhere
     args = ap.parse_args([a for a in sys.argv[1:] if a not in overrides])
     tdir = teacher_dir(args.teacher)
     env = read_manifest(tdir)["env"]["name"]
     runs = {}
-    with tempfile.TemporaryDirectory(prefix="repair_exp_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="repair_exp_") as scratch:
+        tmp = args.keep or scratch
         for seed in args.seeds:
             cfg = compose_config([f"env={env}", "logger=quiet", f"repair.policy={tdir}", f"seed={seed}", *overrides])
             runs[seed] = repair_stage.run(cfg, Path(tmp) / f"s{seed}")
+            if args.cascade:
+                runs[seed]["cascade"] = cascade_comparison(env, tdir, Path(tmp) / f"s{seed}", runs[seed], args.victim,
+                                                           seed, overrides)
             print(f"seed {seed}: " + ", ".join(f"{n} worst {v['evaluation']['worst']:.2f}"
                                                for n, v in runs[seed]["variants"].items()), flush=True)
+            text = write_results(runs, env, args.name or env)  # after every seed, so a stopped run keeps its seeds
+    print(text)
+
+
+def write_results(runs: dict[int, dict], env: str, name: str) -> str:
+    """Summarise the seeds run so far into ``experiments/results/repair_<name>.{json,md}``; returns the markdown."""
     summary = summarise(runs)
     command = "python experiments/repair.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"repair_{args.name or env}"
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "runs": runs}, indent=2))
-    stem.with_suffix(".md").write_text(markdown(summary, env, command))
-    print(markdown(summary, env, command))
+    stem = RESULTS / f"repair_{name}"
+    text = markdown(summary, env, command)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps({"command": command, "summary": summary, "runs": runs}, indent=2))
+    atomic_write_text(stem.with_suffix(".md"), text)
+    return text
 
 
 if __name__ == "__main__":

@@ -492,7 +492,10 @@ class RepairConfig:
     ablation_draws: int = 20  # random neuron sets of the same size the chosen neurons' ablation is compared to
     steps: int = 300  # fine-tuning steps (every variant: masked and baselines)
     batch_size: int = 256  # failing and as many clean observations per step
-    learning_rate: float = 0.001  # AdamW learning rate
+    # AdamW learning rates tried per variant; each variant keeps the one chosen on the validation split
+    learning_rates: list[float] = field(default_factory=lambda: [0.0001, 0.0003, 0.001])
+    validation: float = 0.25  # share of the failure set and of the clean anchor held out to choose the learning rate
+    max_divergence: float = 0.02  # bound on the held-out clean anchor's mean divergence for a learning rate to be chosen
     weight_decay: float = 0.01  # AdamW weight decay (masked parameters stay bit-identical regardless)
     anchor: float = 1.0  # weight of the clean anchor: divergence to the original policy on clean observations
     divergence: Divergence = Divergence.kl  # the anchor's divergence
@@ -504,7 +507,10 @@ class RepairConfig:
         c.at_least(1, "episodes", "max_failures", "ig_steps", "probe_steps", "ablation_draws", "steps", "batch_size")
         c.within(0, 1, "neurons", "max_parameters", open_low=True)
         c.within(0, float("inf"), "eps", open_low=True)
-        c.at_least(0, "probe_l1", "learning_rate", "weight_decay", "anchor")
+        c.require(len(c.node.learning_rates) > 0 and min(c.node.learning_rates) > 0, "learning_rates",
+                  "a non-empty list of rates above 0")
+        c.within(0, 1, "validation", open_low=True, open_high=True)
+        c.at_least(0, "probe_l1", "weight_decay", "anchor", "max_divergence")
 
 
 @dataclass

@@ -3,22 +3,27 @@ under AdamW with weight decay, the repaired policy is a drop-in checkpoint, bad 
 
 from __future__ import annotations
 
+import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, tiny
+from conftest import REPO, compose_config, tiny
 from gymnasium import spaces
 from safetensors.torch import load_file
 
 from madistill.envs.groups import AgentGroup
+from madistill.errors import MadistillError
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.store import load_team, read_manifest
+from madistill.repair.failures import FailureSet
 from madistill.repair.masked import FinetuneSettings, mask_size, masked_finetune, neuron_mask, parameter_delta
-from madistill.repair.neurons import ablation_check, acting_path, all_neurons, neuron_scores
-from madistill.repair.plan import choose_neurons
+from madistill.repair.neurons import ablation_check, all_neurons, greedy, neuron_scores, repair_path
+from madistill.repair.plan import RateChoice, choose_neurons, choose_rate, holdout, tune_rate
 from madistill.stages import attack as attack_stage
+from madistill.stages import cascade as cascade_stage
 from madistill.stages import distill as distill_stage
 from madistill.stages import evaluate as evaluate_stage
 from madistill.stages import repair as repair_stage
@@ -59,7 +64,7 @@ def failing_and_clean():
 @pytest.mark.parametrize("method", ["grad", "ig", "probe"])
 def test_localisation_finds_the_planted_neuron(method):
     p = planted_policy()
-    layers, _, _ = acting_path(p)
+    layers = repair_path(p).hidden
     failing, wanted, clean = failing_and_clean()
     scores = neuron_scores(method, p, layers, failing, wanted, clean, ig_steps=16, probe_l1=1e-3, probe_steps=300, seed=0)
     assert scores.shape == (16,)
@@ -71,7 +76,7 @@ def test_localisation_finds_the_planted_neuron(method):
 
 def test_ablating_the_planted_neuron_changes_the_failing_actions_more_than_random_ones():
     p = planted_policy()
-    layers, _, _ = acting_path(p)
+    layers = repair_path(p).hidden
     failing, _, _ = failing_and_clean()
     check = ablation_check(p, layers, [(0, PLANTED)], failing, draws=15, seed=0)
     assert check["top"] > 0.5  # the failing action was the planted unit's doing
@@ -83,7 +88,7 @@ def test_ablating_the_planted_neuron_changes_the_failing_actions_more_than_rando
 def test_masked_parameters_stay_bit_identical_under_adamw_with_weight_decay():
     torch.manual_seed(0)
     p = MLPPolicy(GROUP, {"hidden_sizes": [16, 16], "activation": "tanh"})
-    layers, _, _ = acting_path(p)
+    layers = repair_path(p).hidden
     failing, wanted, clean = failing_and_clean()
     chosen = [(0, 3), (1, 7), (1, 8)]
     mask = neuron_mask(layers, chosen)
@@ -109,6 +114,30 @@ def test_masked_parameters_stay_bit_identical_under_adamw_with_weight_decay():
     assert float(failing_loss[1]) < float(failing_loss[0])
 
 
+def test_the_learning_rate_choice_avoids_a_rate_that_breaks_the_clean_behaviour():
+    """Every parameter free and no anchor: the large rate fits the failures and wrecks the clean actions, which
+    the held-out clean divergence sees; the bound makes the choice the small rate, accuracy alone would not."""
+    p = planted_policy()
+    failing, wanted, clean = failing_and_clean()
+    split = holdout(FailureSet(failing, wanted, "test"), clean, 0.25, seed=0)
+    assert (len(split.val), len(split.train), len(split.val_clean), len(split.train_clean)) == (50, 150, 50, 150)
+    full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
+    s = FinetuneSettings(steps=40, batch_size=64, learning_rate=0.0, weight_decay=0.0, anchor=0.0, divergence="kl")
+    tuned, choice = tune_rate(p, full, split, s, [0.003, 3.0], bound=0.05, seed=0)
+    small, large = choice.trials[0.003], choice.trials[3.0]
+    assert large["divergence"] > 0.05 >= small["divergence"]
+    assert large["accuracy"] > small["accuracy"]  # accuracy alone would pick the rate that breaks the policy
+    assert choice.rate == 0.003 and choice.within_bound
+    kept = float((greedy(tuned, split.val_clean) == greedy(p, split.val_clean)).float().mean())
+    assert kept >= 0.95
+    assert choose_rate(choice.trials, bound=0.0) == RateChoice(0.003, choice.trials, False)  # none within: least divergence
+
+
+def test_holding_out_needs_two_observations_of_each():
+    with pytest.raises(MadistillError, match="raise repair.episodes or repair.eps"):
+        holdout(FailureSet(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), "test"), torch.zeros(5, 4), 0.25, 0)
+
+
 def test_plain_adamw_without_the_guard_would_move_zero_gradient_parameters():
     """Why masked_finetune restores the masked-out entries: with their gradient zeroed, AdamW still decays them."""
     w = torch.nn.Parameter(torch.ones(3))
@@ -120,7 +149,8 @@ def test_plain_adamw_without_the_guard_would_move_zero_gradient_parameters():
 
 RELAY = ("env=relay", "teacher.total_agent_steps=3000", "seed=0")
 REPAIR = ("attack=quick", "attack.episodes=3", "attack.eps=[1.0]", "repair.episodes=4", "repair.steps=20",
-          "repair.batch_size=32", "repair.ablation_draws=4", "repair.neurons=0.25")
+          "repair.batch_size=32", "repair.ablation_draws=4", "repair.neurons=0.25",
+          "repair.learning_rates=[0.001,0.01]")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +197,12 @@ def test_the_repaired_teacher_is_a_drop_in_checkpoint_with_its_update(relay_teac
     assert report["variants"]["full"]["mask_size"] == report["meta"]["acting_parameters"]
     for ev in [report["original"]["evaluation"], *(v["evaluation"] for v in report["variants"].values())]:
         assert len(ev["worst_episodes"]) == 3 and ev["worst"] == pytest.approx(np.mean(ev["worst_episodes"]))
-    assert (out / "reports" / "repair.md").read_text().startswith("# Repair of")
+    # each variant's learning rate is chosen from the grid on the held-out split, and the report shows it
+    for v in report["variants"].values():
+        assert v["learning_rate"] in (0.001, 0.01) and set(v["validation"]) == {"0.001", "0.01"}
+        assert 0 <= v["validation"][str(v["learning_rate"])]["accuracy"] <= 1
+    md = (out / "reports" / "repair.md").read_text()
+    assert md.startswith("# Repair of") and "| learning rate |" in md
     # every stage that loads policies takes it: evaluate, attack, and distill (as the teacher)
     evaluate_stage.run(compose_config(tiny("env=relay", f"eval.policy={out}")), tmp_path / "eval")
     assert json.loads((tmp_path / "eval" / "reports" / "eval_teacher.json").read_text())
@@ -185,11 +220,46 @@ def _error(err: str) -> str:
     return lines[0]
 
 
+CASCADE = ("cascade.episodes=4", "cascade.n_boot=50", "cascade.replay_episodes=1", "cascade.lags=2",
+           "cascade.onsets=[2]", "fault.onset=2")
+
+
+def test_the_cascade_comparison_runs_on_the_original_and_the_repaired_policy(relay_teacher, repaired, monkeypatch):
+    """experiments/repair.py --cascade: the monitor studies both policies on the same faulted episodes and reports
+    both; the original's numbers are those of the monitor run on the original alone."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    experiment = importlib.import_module("repair")
+    out, payload = repaired
+    source = Path(payload["meta"]["policy"])
+    overrides = tiny(*CASCADE)
+    res = experiment.cascade_comparison("relay", source, out, payload, None, 0, overrides)
+    group = next(g for g in load_team(source)[0].groups if g.name == payload["meta"]["group"])
+    assert res["victim"] == group.agents[0]
+    others = sum(len(g.agents) for g in load_team(source)[0].groups) - 1
+    for name in ("original", "repaired"):
+        c = res[name]
+        assert 0 <= c["size_mean"] <= others
+        assert c["size_ci"][0] <= c["size_mean"] <= c["size_ci"][1]
+        assert c["others_return_delta_ci"][0] <= c["others_return_delta"] <= c["others_return_delta_ci"][1]
+    alone = cascade_stage.run(compose_config(["env=relay", "logger=quiet", f"cascade.policy={source}", "fault=attack",
+                                              f"fault.method={payload['meta']['repair']['attack']}",
+                                              f"fault.eps={payload['meta']['eps']}", f"fault.victims=[{res['victim']}]",
+                                              "seed=0", *overrides]), out / "alone")
+    single = next(iter(alone["faults"].values()))["cascade"]
+    assert (single["size_mean"], single["others_return_delta"]) == (res["original"]["size_mean"],
+                                                                    res["original"]["others_return_delta"])
+    summary = experiment.summarise({0: {**payload, "cascade": res}})
+    assert summary["cascade"]["repaired"]["size_mean"] == res["repaired"]["size_mean"]
+    md = experiment.markdown(summary, "relay", "test")
+    assert f"on {res['victim']}" in md and "| original |" in md and "| repaired |" in md
+
+
 @pytest.mark.parametrize("extra, says", [
     (("repair.score=saliency",), "repair.score cannot be 'saliency': use repair.score=<one of grad, ig, probe>"),
     (("repair.attack=critic",), "repair.attack cannot be 'critic': use repair.attack=<one of random, fgsm, pgd, pgd_strong"),
     (("repair.baselines=[full,everything]",), "repair.baselines cannot be 'everything': use repair.baselines=[<any of full, last, random>]"),
     (("repair.neurons=3",), "repair.neurons must be in (0, 1], got 3.0"),
+    (("repair.validation=1",), "repair.validation must be in (0, 1), got 1.0"),
     (("repair.group=speaker",), "repair.group='speaker' is not a group of this env"),
     (("repair.failures=MISSING_NPZ",), "is not a readable .npz"),
     (("repair.failures=BAD_NPZ",), "lacks ['actions']"),
@@ -218,7 +288,7 @@ def test_no_policy_given_is_one_line(cli, tmp_path):
 
 def test_all_neurons_and_choice_respect_the_parameter_cap():
     p = MLPPolicy(GROUP, {"hidden_sizes": [16, 16], "activation": "tanh"})
-    layers, _, _ = acting_path(p)
+    layers = repair_path(p).hidden
     assert len(all_neurons(layers)) == 32
     scores = torch.arange(32, dtype=torch.float32)  # layer 1's units score highest
     assert choose_neurons(layers, scores, 0.25, 10_000) == [(1, u) for u in range(15, 7, -1)]

@@ -26,7 +26,6 @@ from math import comb
 
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
-from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
 
 from madistill.config import ExplainConfig
@@ -34,8 +33,7 @@ from madistill.envs.features import FeatureLayout
 from madistill.errors import MadistillError
 from madistill.explain.saliency import perturbation_saliency
 from madistill.policies.base import Policy, choose
-from madistill.policies.mlp import MLPPolicy
-from madistill.policies.sb3 import ACTIVATIONS, SB3Policy
+from madistill.policies.path import acting_path
 
 Forward = Callable[..., torch.Tensor]
 TARGETS = ("prob", "logit")
@@ -211,24 +209,6 @@ def attribute(method: str, problem: Problem) -> torch.Tensor:
     return m.fn(problem).detach()  # type: ignore[misc]
 
 
-def dense_layers(policy: Policy, needed_by: str = "relevance propagation (lrp)",
-                 fix: str = "drop lrp from explain.methods") -> list[nn.Module]:
-    """The acting path of an MLP policy as one sequence of Linear and activation layers (input first): a
-    student without a CNN, or an SB3 teacher whose features extractor only flattens. Other policies get a
-    MadistillError saying that ``needed_by`` needs an MLP policy, and the ``fix``."""
-    if isinstance(policy, MLPPolicy) and policy.encoder is None:
-        layers = list(policy.net)
-    elif isinstance(policy, SB3Policy) and isinstance(policy.sb3.pi_features_extractor, FlattenExtractor):
-        layers = [*policy.sb3.mlp_extractor.policy_net, policy.sb3.action_net]
-    else:
-        layers = []
-    allowed = (nn.Linear, *ACTIVATIONS.values())
-    if not layers or not all(isinstance(m, allowed) for m in layers):
-        raise MadistillError(f"{needed_by} needs an MLP policy; the {policy.group.name!r} policy "
-                             f"({type(policy).__name__}) is not one: {fix}")
-    return layers
-
-
 def lrp_epsilon(policy: Policy, x: torch.Tensor, actions: torch.Tensor, epsilon: float) -> torch.Tensor:
     """LRP-epsilon relevance per input feature ``[B, d]`` of the chosen action's logit (Discrete) or of every
     mean component (Box).
@@ -238,7 +218,7 @@ def lrp_epsilon(policy: Policy, x: torch.Tensor, actions: torch.Tensor, epsilon:
     unchanged. With ``epsilon -> 0`` each layer conserves ``sum R_in = sum R_out * (z - b) / z``: relevances
     sum to the output minus what the biases absorb (exactly the output without biases).
     """
-    layers = dense_layers(policy)
+    layers = acting_path(policy, "relevance propagation (lrp)", "drop lrp from explain.methods").modules
     inputs = []
     a = x.detach()
     with torch.no_grad():

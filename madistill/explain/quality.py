@@ -37,9 +37,10 @@ from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
 from madistill.envs.features import FeatureLayout
 from madistill.evaluate.stats import summarize_scores
-from madistill.explain.attribution import Forward, dense_layers, greedy_actions
+from madistill.explain.attribution import Forward, greedy_actions
 from madistill.explain.metrics import spearman
 from madistill.policies.base import Policy
+from madistill.policies.path import acting_path
 
 # explain(x, actions) -> map [B, G] of one method for one policy
 Explainer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -156,7 +157,7 @@ def randomisation_curve(
     policy's map function; every copy explains the original ``actions``."""
     reference = explainer(policy)(x, actions).abs()
     twin = copy.deepcopy(policy)
-    layers = dense_layers(twin, "the randomisation check", "set explain.randomisation=false")
+    layers = acting_path(twin, "the randomisation check", "set explain.randomisation=false").modules
     linears = [m for m in layers if isinstance(m, nn.Linear)][::-1]
     out = {}
     with torch.random.fork_rng(devices=[]):

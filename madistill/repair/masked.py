@@ -16,7 +16,8 @@ import torch
 
 from madistill.common.divergences import divergence
 from madistill.policies.base import Policy
-from madistill.repair.neurons import Layer, Neuron, failure_loss
+from madistill.policies.path import Layer
+from madistill.repair.neurons import Neuron, failure_loss
 
 Mask = dict[str, torch.Tensor]  # parameter name -> bool tensor of its shape: True where the parameter may move
 

@@ -9,49 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy, choose, log_prob
-from madistill.policies.mlp import MLPPolicy
-from madistill.policies.sb3 import SB3Policy
+from madistill.policies.path import ActingPath, Layer, acting_path
 
 SCORES = ("grad", "ig", "probe")
 
 Neuron = tuple[int, int]  # (hidden layer, unit)
 
 
-@dataclass(frozen=True)
-class Layer:
-    """A hidden layer: the ``Linear`` computing its units' inputs and the activation module whose output the
-    units are; ``name``: the Linear's name among the policy's parameters (``<name>.weight``, ``<name>.bias``)."""
-
-    linear: nn.Linear
-    act: nn.Module
-    name: str
-
-
-def acting_path(policy: Policy) -> tuple[list[Layer], nn.Linear, str]:
-    """The hidden layers of ``policy``'s acting path (input first), its output ``Linear`` and that Linear's
-    parameter name. MLP students without a CNN and SB3 teachers whose features extractor only flattens have one;
-    other policies get a one-line MadistillError."""
-    if isinstance(policy, MLPPolicy) and policy.encoder is None:
-        seq, prefix, head, head_name = policy.net, "net", policy.net[-1], f"net.{len(policy.net) - 1}"
-        body = list(seq)[:-1]
-    elif isinstance(policy, SB3Policy) and not list(policy.sb3.pi_features_extractor.parameters()):
-        seq, prefix = policy.sb3.mlp_extractor.policy_net, "sb3.mlp_extractor.policy_net"
-        head, head_name, body = policy.sb3.action_net, "sb3.action_net", list(seq)
-    else:
-        raise MadistillError(f"repair needs an MLP policy; the {policy.group.name!r} policy ({type(policy).__name__}) "
-                             "has a CNN encoder: repair a policy of a group observing vectors")
-    layers = [Layer(m, body[i + 1], f"{prefix}.{i}") for i, m in enumerate(body) if isinstance(m, nn.Linear)]
-    if not layers or len(layers) * 2 != len(body):
+def repair_path(policy: Policy) -> ActingPath:
+    """``policy``'s acting path, which repair needs to have hidden layers (their units are the neurons); other
+    policies get a one-line MadistillError."""
+    path = acting_path(policy, "repair", "repair a policy of a group observing vectors")
+    if not path.hidden:
         raise MadistillError(f"repair needs hidden layers of Linear + activation; the {policy.group.name!r} policy "
                              "has none: repair a policy with hidden_sizes")
-    return layers, head, head_name
+    return path
 
 
 def all_neurons(layers: Sequence[Layer]) -> list[Neuron]:

@@ -3,11 +3,13 @@ baselines on the same data and steps."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from madistill.common.divergences import divergence
+from madistill.errors import MadistillError
 from madistill.policies.base import Policy
 from madistill.repair.failures import FailureSet
 from madistill.repair.masked import (
@@ -23,10 +25,11 @@ from madistill.repair.neurons import (
     Layer,
     Neuron,
     ablation_check,
-    acting_path,
     all_neurons,
+    greedy,
     neuron_scores,
     random_like,
+    repair_path,
 )
 
 
@@ -40,6 +43,84 @@ def choose_neurons(layers: list[Layer], scores: torch.Tensor, share: float, max_
     while len(chosen) > 1 and sum(layers[i].linear.in_features + 1 for i, _ in chosen) > max_parameters:
         chosen.pop()
     return chosen
+
+
+@dataclass(frozen=True)
+class Split:
+    """The failure set and the clean anchor, each split into a part the fine-tune sees and a held-out part that
+    chooses its learning rate."""
+
+    train: FailureSet
+    train_clean: torch.Tensor
+    val: FailureSet
+    val_clean: torch.Tensor
+
+
+def holdout(failures: FailureSet, clean: torch.Tensor, share: float, seed: int) -> Split:
+    """A random ``share`` of the failures and of the clean observations held out (at least one of each, and
+    at least one of each left to train on)."""
+    if len(failures) < 2 or len(clean) < 2:
+        raise MadistillError(f"choosing the repair's learning rate holds out part of the {len(failures)} failing and "
+                             f"{len(clean)} clean observations, and needs 2 of each: raise repair.episodes or repair.eps")
+    gen = torch.Generator().manual_seed(seed)
+
+    def cut(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.randperm(n, generator=gen)
+        k = min(n - 1, max(1, round(share * n)))
+        return order[k:], order[:k]
+
+    def part(i: torch.Tensor) -> FailureSet:
+        i = i.to(failures.x.device)
+        return FailureSet(failures.x[i], failures.wanted[i], failures.source, failures.searched)
+
+    (ft, fv), (ct, cv) = cut(len(failures)), cut(len(clean))
+    return Split(part(ft), clean[ct.to(clean.device)], part(fv), clean[cv.to(clean.device)])
+
+
+@dataclass(frozen=True)
+class RateChoice:
+    """A variant's learning rate chosen on the validation split: per rate tried, the held-out failures' share
+    acting as wanted (``accuracy``) and the held-out clean anchor's mean divergence from the original
+    (``divergence``); ``within_bound``: whether the chosen rate kept the divergence under the bound."""
+
+    rate: float
+    trials: dict[float, dict[str, float]]
+    within_bound: bool
+
+
+def validation_scores(original: Policy, tuned: Policy, val: FailureSet, val_clean: torch.Tensor,
+                      div: str) -> dict[str, float]:
+    """How a fine-tuned policy does on the held-out split: ``accuracy`` on the failures, ``divergence`` (mean,
+    of ``div``) from the original on the clean observations."""
+    with torch.no_grad():
+        d = divergence(div, original(val_clean), tuned(val_clean), discrete=tuned.group.discrete).mean()
+    return {"accuracy": float((greedy(tuned, val.x) == val.wanted).float().mean()), "divergence": float(d)}
+
+
+def choose_rate(trials: dict[float, dict[str, float]], bound: float) -> RateChoice:
+    """The rate with the best held-out failure accuracy among those whose clean divergence is at most ``bound``
+    (ties: the smaller divergence); if none stays within it, the rate with the smallest divergence. A bound
+    rather than a weighted sum: accuracy and divergence have no common unit to weigh, and a bound states what
+    the repair guarantees (clean behaviour moves at most this much) in the anchor's own terms."""
+    within = [r for r, t in trials.items() if t["divergence"] <= bound]
+    if within:
+        rate = max(within, key=lambda r: (trials[r]["accuracy"], -trials[r]["divergence"]))
+    else:
+        rate = min(trials, key=lambda r: trials[r]["divergence"])
+    return RateChoice(rate, trials, bool(within))
+
+
+def tune_rate(policy: Policy, mask: Mask, split: Split, settings: FinetuneSettings, rates: list[float], bound: float,
+              seed: int) -> tuple[Policy, RateChoice]:
+    """Fine-tune ``policy`` under ``mask`` on the split's training part at every rate of ``rates`` (same seed and
+    steps), and keep the one :func:`choose_rate` picks on the held-out part."""
+    tuned, trials = {}, {}
+    for rate in rates:
+        tuned[rate] = masked_finetune(policy, mask, split.train.x, split.train.wanted, split.train_clean,
+                                      replace(settings, learning_rate=rate), seed)
+        trials[rate] = validation_scores(policy, tuned[rate], split.val, split.val_clean, settings.divergence)
+    choice = choose_rate(trials, bound)
+    return tuned[choice.rate], choice
 
 
 @dataclass
@@ -56,14 +137,18 @@ class Repair:
     policies: dict[str, Policy] = field(default_factory=dict)
     mask_sizes: dict[str, int] = field(default_factory=dict)
     deltas: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    selection: dict[str, RateChoice] = field(default_factory=dict)
 
 
 def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc: Any, seed: int) -> Repair:
     """Score the neurons of ``policy`` on ``failures`` (``rc.score``), choose the top ones, check their
     ablation against random ones, and fine-tune with the neuron mask and every ``rc.baselines`` variant
     (``full``: every acting parameter; ``last``: the output layer; ``random``: as many random neurons per layer)
-    on the failures plus the clean anchor ``clean``, each from the same seed."""
-    layers, head, head_name = acting_path(policy)
+    on the failures plus the clean anchor ``clean``, each from the same seed and with its own learning rate
+    chosen from ``rc.learning_rates`` on a held-out ``rc.validation`` share of both (:func:`tune_rate`). The
+    neurons are scored on the whole failure set: localisation is not what the held-out part validates."""
+    path = repair_path(policy)
+    layers, head, head_name = path.hidden, path.head, path.head_name
     scores = neuron_scores(rc.score, policy, layers, failures.x, failures.wanted, clean, rc.ig_steps, rc.probe_l1,
                            rc.probe_steps, seed)
     acting = policy.acting_parameters
@@ -81,9 +166,12 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
             masks[name] = module_mask({head_name: head})
         else:
             masks[name] = neuron_mask(layers, random_like(layers, neurons, 1, seed + 1)[0])
-    settings = FinetuneSettings(rc.steps, rc.batch_size, rc.learning_rate, rc.weight_decay, rc.anchor, rc.divergence)
+    settings = FinetuneSettings(rc.steps, rc.batch_size, rc.learning_rates[0], rc.weight_decay, rc.anchor,
+                                rc.divergence)
+    split = holdout(failures, clean, rc.validation, seed)
     for name, mask in masks.items():
-        tuned = masked_finetune(policy, mask, failures.x, failures.wanted, clean, settings, seed)
+        tuned, result.selection[name] = tune_rate(policy, mask, split, settings, list(rc.learning_rates),
+                                                  rc.max_divergence, seed)
         result.policies[name], result.mask_sizes[name] = tuned, mask_size(mask)
         result.deltas[name] = parameter_delta(policy, tuned)
     return result

@@ -49,13 +49,18 @@ def _markdown(payload: dict) -> str:
     lines = [f"# Repair of {m['group']} on {m['env']}", "",
              f"Failure set: {m['failures']} failing observations from {m['failure_source']} "
              f"({m['searched']} searched). Neuron scores: {m['score']}.", "",
-             "| variant | parameters free | parameters changed | share of acting parameters | clean | worst attacked |",
-             "|---|---|---|---|---|---|"]
+             "| variant | parameters free | parameters changed | share of acting parameters | learning rate | "
+             "held-out failure accuracy | held-out clean divergence | clean | worst attacked |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = {**({"original": {"mask_size": 0, "changed": 0, "changed_share": 0.0, **payload["original"]}}
                if "original" in payload else {}), **payload["variants"]}
     for name, v in rows.items():
         ev = v.get("evaluation", {})
-        lines.append(f"| {name} | {v['mask_size']} | {v['changed']} | {v['changed_share']:.4f} | "
+        rate = v.get("learning_rate")
+        val = v["validation"][str(rate)] if rate is not None else {}
+        bound = "" if v.get("within_divergence_bound", True) else " (none within the bound)"
+        chosen = "- | - | -" if rate is None else f"{rate:g}{bound} | {val['accuracy']:.3f} | {val['divergence']:.4f}"
+        lines.append(f"| {name} | {v['mask_size']} | {v['changed']} | {v['changed_share']:.4f} | {chosen} | "
                      f"{ev.get('clean', float('nan')):.3f} | {ev.get('worst', float('nan')):.3f} |")
     a = payload["ablation"]
     lines += ["", f"Ablation of the {len(payload['neurons'])} chosen neurons changes {a['top']:.3f} of the failing "
@@ -94,13 +99,16 @@ def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any,
     from madistill.repair.masked import changed_count
 
     return {
-        "meta": {"policy": str(source), "group": group, "env": spec.id, "failures": len(failures),
+        "meta": {"policy": str(source), "group": group, "env": spec.id, "eps": _eps(cfg), "failures": len(failures),
                  "failure_source": failures.source, "searched": failures.searched, "score": cfg.repair.score,
                  "acting_parameters": rep.acting_parameters, "repair": OmegaConf.to_container(cfg.repair)},
         "neurons": [{"layer": rep.layer_names[i], "unit": u, "score": sc} for (i, u), sc in zip(rep.neurons, rep.chosen_scores)],
         "ablation": rep.ablation,
         "variants": {name: {"mask_size": rep.mask_sizes[name], "changed": changed_count(rep.deltas[name]),
-                            "changed_share": changed_count(rep.deltas[name]) / rep.acting_parameters}
+                            "changed_share": changed_count(rep.deltas[name]) / rep.acting_parameters,
+                            "learning_rate": rep.selection[name].rate,
+                            "within_divergence_bound": rep.selection[name].within_bound,
+                            "validation": {str(r): t for r, t in rep.selection[name].trials.items()}}
                      for name in rep.policies},
     }
 
@@ -123,7 +131,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.evaluate.report import write_markdown
     from madistill.policies.store import find_policy_dir, load_team, save_team
     from madistill.repair.failures import attack_failures, file_failures
-    from madistill.repair.neurons import acting_path
+    from madistill.repair.neurons import repair_path
     from madistill.repair.plan import repair_policy
     from madistill.runtime import make_vec_env
     from madistill.stages.policies import configured_features, studied_policies
@@ -154,7 +162,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         found = {}
         for g in candidates:
             clean = team.normalizers[g.name].normalize(raw[g.name])
-            acting_path(team[g.name])  # a policy without an MLP acting path is refused before any attack runs
+            repair_path(team[g.name])  # a policy without an MLP acting path is refused before any attack runs
             if rc.failures is not None:
                 fs = file_failures(rc.failures, team[g.name], team.normalizers[g.name], device)
             else:
