@@ -38,7 +38,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.evaluate.report import write_markdown
     from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
-    from madistill.stages.cascade import configured_faults, fault_line
+    from madistill.stages.faults import configured_faults, fault_line
     from madistill.stages.policies import (
         configured_features,
         load_policy,

@@ -29,35 +29,6 @@ def impulse_config(name: str) -> Any:
     return fault_config(OmegaConf.load(path))
 
 
-def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any) -> list:
-    """The fault the config names, as a one-element transform list for a stage's rollouts (``evaluate``), or no
-    transform where ``fault.victims`` is empty (the default): ``madistill evaluate fault=stuck fault.victims=[a]``."""
-    from madistill.cascade.faults import FaultEnv, make_fault
-    from madistill.envs.features import feature_layouts
-    from madistill.stages.policies import configured_features
-
-    if not cfg.fault.victims:
-        return []
-    layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
-    return [make_fault(cfg.fault, FaultEnv(venv.groups, layouts, cfg.attack, device, spec, cfg.env.backend))]
-
-
-def fault_label(cfg: DictConfig) -> str:
-    """The configured fault's label in reports: ``<fault>@<victim>+<victim>`` (as the cascade study's)."""
-    return f"{cfg.fault.name}@{'+'.join(cfg.fault.victims)}"
-
-
-def fault_line(cfg: DictConfig) -> str:
-    """One line saying which fault a stage's rollouts played under (empty without one)."""
-    fc = cfg.fault
-    if not fc.victims:
-        return ""
-    onset = fc.onset if fc.onset_max is None else f"{fc.onset}..{fc.onset_max}"
-    length = "to the episode's end" if fc.duration is None else f"for {fc.duration} step(s)"
-    return (f"Under fault {fc.name!r} on {', '.join(fc.victims)} from step {onset} {length}"
-            + (f" at rate {fc.rate:g}" if fc.rate < 1 else "") + " (docs/cascade.md).")
-
-
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Paired clean and faulted rollouts of every saved policy under ``cascade.policy``: the influence matrix of
     one-step impulses on each agent and the cascades of the studied fault (``fault=<name>``, ``fault.victims``).

@@ -45,7 +45,7 @@ def evaluate_policies(
     from madistill.evaluate.evaluator import record_video, run_episodes, uniform_team
     from madistill.evaluate.report import markdown_table, write_markdown
     from madistill.runtime import make_vec_env
-    from madistill.stages.cascade import configured_faults, fault_label, fault_line
+    from madistill.stages.faults import configured_faults, fault_label, fault_line
     from madistill.stages.figures import return_figure
     from madistill.stages.monitoring import (
         alerts_markdown,

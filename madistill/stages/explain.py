@@ -37,7 +37,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     from madistill.explain.report import mean_heatmap, save_arrays
     from madistill.runtime import make_vec_env
-    from madistill.stages.cascade import configured_faults
+    from madistill.stages.faults import configured_faults
     from madistill.stages.observations import explained_observations
     from madistill.stages.policies import labelled_teams, studied_policies
     from madistill.stages.rundir import open_tb
