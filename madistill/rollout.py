@@ -36,6 +36,9 @@ class Transition:
     actions: GroupTensors  # executed: [N, n_g] (Discrete) or [N, n_g, a] (Box), before clipping to bounds
     result: VecStep  # what the env returned
     intended: GroupTensors  # what the policies chose, before the action chain (the same tensors without one)
+    episode_seeds: np.ndarray  # [N] the episode each copy played in this step
+    episode_steps: np.ndarray  # [N] the step within that episode
+    ended: np.ndarray  # [N] bool: that episode ended at this step (the copy has begun its next one)
 
 
 def team_actions(
@@ -124,13 +127,14 @@ class Rollout:
             dists, intended = team_actions(self.team, obs, self.deterministic, self.copy_streams or self.generator)
             actions = apply_action_chain(self.action_transforms, intended, dists, ctx)
         result = self.venv.step(env_actions(self.team, actions))
-        tr = Transition(self.raw_obs, obs, self.active, dists, actions, result, intended)
+        # _start_episodes replaces self.playing (never writes into it); episode_step is advanced in place
+        seeds, steps, raw_obs, active = self.playing, self.episode_step.copy(), self.raw_obs, self.active
         self.raw_obs = result.obs
         self.active = {g: torch.as_tensor(a, device=self.team.device) for g, a in result.active.items()}
         self.steps += 1
         self.episode_step += 1
         self._start_episodes(np.flatnonzero(self.venv.episode_seeds != self.playing))
-        return tr
+        return Transition(raw_obs, obs, active, dists, actions, result, intended, seeds, steps, self.playing != seeds)
 
     def run(
         self,

@@ -136,7 +136,7 @@ def test_scores_are_the_z_score_of_a_known_shift_the_surprise_and_the_kl_from_th
         reference = _team(venv, probs=torch.tensor([0.5, 0.5]))
         monitor = AlertMonitor(team, ["obs", "surprise", "disagreement"], reference=reference)
         rollout = Rollout(venv, team, deterministic=True, seed=0)
-        hook, rows = monitor.hook(rollout), []
+        hook, rows = monitor.hook(), []
         rollout.run(episodes=2, on_step=lambda tr: (rows.append(monitor.scores(tr)), hook(tr)))
     s = np.stack(rows)  # [steps, copies, agents, kinds]
     assert s.shape == (6, 2, 2, 3)

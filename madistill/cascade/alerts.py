@@ -110,11 +110,10 @@ class AlertMonitor:
             cols.append(s)
         return torch.cat(cols, 1).cpu().numpy().astype(np.float64)
 
-    def observe(self, tr: Transition, seeds: np.ndarray, steps: np.ndarray, ended: np.ndarray,
-                copies: np.ndarray | None = None) -> None:
-        """Score one transition: copy ``i`` plays episode ``seeds[i]`` at episode step ``steps[i]``, and its
-        episode ended at this step where ``ended[i]``. ``copies``: watch only these env copies (None: all)."""
-        s = self.scores(tr)
+    def observe(self, tr: Transition, copies: np.ndarray | None = None) -> None:
+        """Score one transition (its episode seeds and steps name the events; an episode that ended there has its
+        maxima kept). ``copies``: watch only these env copies (None: all)."""
+        s, seeds, steps, ended = self.scores(tr), tr.episode_seeds, tr.episode_steps, tr.ended
         if copies is not None:
             s, seeds, steps, ended = s[copies], seeds[copies], steps[copies], ended[copies]
         if self._max.shape != s.shape:
@@ -135,10 +134,10 @@ class AlertMonitor:
             self._max[i], self._above[i] = -np.inf, False
         self.steps += 1
 
-    def hook(self, rollout: Rollout, copies: np.ndarray | None = None) -> Callable[[Transition], None]:
-        """The ``on_step`` hook that scores ``rollout``'s transitions (attach it before the rollout's next step),
-        of the env copies ``copies`` only where given (the faulted block of a paired run)."""
-        return track_episodes(rollout, lambda tr, seeds, steps, ended: self.observe(tr, seeds, steps, ended, copies))
+    def hook(self, copies: np.ndarray | None = None) -> Callable[[Transition], None]:
+        """The ``on_step`` hook that scores a rollout's transitions, of the env copies ``copies`` only where given
+        (the faulted block of a paired run)."""
+        return lambda tr: self.observe(tr, copies)
 
     def maxima(self, seeds: Sequence[int]) -> np.ndarray:
         """``[episodes, agents, kinds]`` per-episode maxima of the finished episodes ``seeds``."""
@@ -150,22 +149,6 @@ class AlertMonitor:
     def thresholds_dict(self) -> dict[str, dict[str, float]]:
         """The thresholds as ``{agent: {kind: threshold}}`` (for JSON)."""
         return {a: dict(zip(self.kinds, map(float, row), strict=True)) for a, row in zip(self.agents, self.thresholds, strict=True)}
-
-
-def track_episodes(
-    rollout: Rollout, observe: Callable[[Transition, np.ndarray, np.ndarray, np.ndarray], None]
-) -> Callable[[Transition], None]:
-    """An ``on_step`` hook for ``rollout`` calling ``observe(tr, seeds, steps, ended)``: copy ``i`` played episode
-    ``seeds[i]`` at episode step ``steps[i]`` in ``tr`` and that episode ended there where ``ended[i]``. It keeps
-    them from the step before, since ``on_step`` runs after finished copies have begun their next episode."""
-    seeds, steps = rollout.playing.copy(), rollout.episode_step.copy()
-
-    def on_step(tr: Transition) -> None:
-        nonlocal seeds, steps
-        observe(tr, seeds, steps, rollout.playing != seeds)
-        seeds, steps = rollout.playing.copy(), rollout.episode_step.copy()
-
-    return on_step
 
 
 def checked_kinds(kinds: Sequence[str], reference: TeamPolicy | None) -> list[str]:
@@ -221,7 +204,7 @@ def monitor_episodes(
     faults, attacks) with the monitor attached; its events and per-episode maxima accumulate."""
     rollout = Rollout(venv, monitor.team, transforms=transforms, deterministic=deterministic, seed=seed,
                       episode_streams=True)
-    return rollout.run(episodes=episodes, on_step=monitor.hook(rollout))
+    return rollout.run(episodes=episodes, on_step=monitor.hook())
 
 
 def calibrated_monitor(
@@ -344,7 +327,7 @@ def watch_fault(
     watch = AlertMonitor(monitor.team, monitor.kinds, monitor.thresholds, monitor.reference, tb)
     faulted_block = np.arange(episodes, 2 * episodes)  # block 0 of the paired run plays clean, block 1 faulted
     run = paired_rollouts(make_venv, monitor.team, [fault], episodes, seed, deterministic,
-                          watch=lambda rollout: watch.hook(rollout, faulted_block))
+                          watch=watch.hook(faulted_block))
     victims = list(fault.scope.victims)
     seeds, onsets = run.seeds.tolist(), run.onsets[0]
     delays = cascade(run, 0, victims, threshold, return_loss=return_loss).delays

@@ -109,13 +109,13 @@ def paired_rollouts(
     episodes: int,
     seed: int,
     deterministic: bool = False,
-    watch: Callable[[Rollout], Callable[[Transition], None]] | None = None,
+    watch: Callable[[Transition], None] | None = None,
     independent: bool = False,
 ) -> PairedRun:
     """Play episodes ``seed .. seed + episodes - 1`` clean and under each of ``faults`` side by side (one block
     of copies each; None: a second clean twin), and return their paired measures. Each fault is armed on its
-    block only (onset -1 for a clean twin). ``watch`` builds an ``on_step`` hook for the paired rollout (an
-    alert monitor's), called after every step. ``independent``: the second clean twins (None) sample their
+    block only (onset -1 for a clean twin). ``watch``: an ``on_step`` hook (an alert monitor's) called
+    after every step of the paired rollout. ``independent``: the second clean twins (None) sample their
     actions from streams of their own instead of the clean block's, so they differ by sampling alone (``noise_floor``)."""
     blocks = len(faults) + 1
     with make_venv(blocks * episodes, episodes) as venv:
@@ -137,7 +137,7 @@ def paired_rollouts(
             if fault is not None:
                 onsets[f] = fault.onset_at[(f + 1) * episodes:(f + 2) * episodes]
         rec = _Recorder(team, agents, blocks, episodes)
-        hooks = [rec] if watch is None else [rec, watch(rollout)]
+        hooks = [rec] if watch is None else [rec, watch]
         while rec.live.any():
             tr = rollout.step()
             for hook in hooks:
