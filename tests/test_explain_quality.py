@@ -11,9 +11,9 @@ from torch import nn
 
 from madistill.envs.features import FeatureLayout
 from madistill.envs.groups import AgentGroup
-from madistill.explain.attribution import chosen_action_objective, greedy_actions, policy_attributions
+from madistill.explain.attribution import chosen_action_objective, policy_attributions
 from madistill.explain.quality import order_curves, random_order_curves, randomisation_curve
-from madistill.policies.base import Policy
+from madistill.policies.base import Policy, greedy_actions
 from madistill.policies.mlp import MLPPolicy
 
 

@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
+from madistill.policies.base import greedy_actions
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.store import load_team, read_manifest
 from madistill.repair.failures import FailureSet
 from madistill.repair.masked import FinetuneSettings, mask_size, masked_finetune, neuron_mask, parameter_delta
-from madistill.repair.neurons import ablation_check, all_neurons, greedy, neuron_scores, repair_path
+from madistill.repair.neurons import ablation_check, all_neurons, neuron_scores, repair_path
 from madistill.repair.plan import RateChoice, choose_neurons, choose_rate, holdout, tune_rate
 from madistill.stages import attack as attack_stage
 from madistill.stages import cascade as cascade_stage
@@ -128,7 +129,7 @@ def test_the_learning_rate_choice_avoids_a_rate_that_breaks_the_clean_behaviour(
     assert large["divergence"] > 0.05 >= small["divergence"]
     assert large["accuracy"] > small["accuracy"]  # accuracy alone would pick the rate that breaks the policy
     assert choice.rate == 0.003 and choice.within_bound
-    kept = float((greedy(tuned, split.val_clean) == greedy(p, split.val_clean)).float().mean())
+    kept = float((greedy_actions(tuned, split.val_clean) == greedy_actions(p, split.val_clean)).float().mean())
     assert kept >= 0.95
     assert choose_rate(choice.trials, bound=0.0) == RateChoice(0.003, choice.trials, False)  # none within: least divergence
 

@@ -32,7 +32,7 @@ from madistill.config import ExplainConfig
 from madistill.envs.features import FeatureLayout
 from madistill.errors import MadistillError
 from madistill.explain.saliency import perturbation_saliency
-from madistill.policies.base import Policy, choose
+from madistill.policies.base import Policy, greedy_actions
 from madistill.policies.path import acting_path
 
 Forward = Callable[..., torch.Tensor]
@@ -53,12 +53,6 @@ def chosen_action_objective(policy: Policy, target: str = "prob") -> Forward:
         return out.gather(-1, actions.long().reshape(-1, 1)).squeeze(-1)
 
     return objective
-
-
-def greedy_actions(policy: Policy, x: torch.Tensor) -> torch.Tensor:
-    """The policy's greedy actions on ``x``: what its maps explain."""
-    with torch.no_grad():
-        return choose(policy.dist(x), deterministic=True, generator=None)
 
 
 def _leaf(x: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,7 @@ from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
 from madistill.config import ExplainConfig
 from madistill.envs.features import FeatureLayout
-from madistill.explain.attribution import (
-    chosen_action_objective,
-    greedy_actions,
-    policy_attributions,
-)
+from madistill.explain.attribution import chosen_action_objective, policy_attributions
 from madistill.explain.quality import (
     Explainer,
     attack_stability,
@@ -28,7 +24,7 @@ from madistill.explain.quality import (
     randomisation_curve,
     summary,
 )
-from madistill.policies.base import Policy
+from madistill.policies.base import Policy, greedy_actions
 
 # per-observation values: scores[method][metric] = [B] array; "curves" hold [B, G + 1] arrays
 Scores = dict[str, dict[str, Any]]

@@ -37,9 +37,9 @@ from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
 from madistill.envs.features import FeatureLayout
 from madistill.evaluate.stats import summarize_scores
-from madistill.explain.attribution import Forward, greedy_actions
+from madistill.explain.attribution import Forward
 from madistill.explain.metrics import spearman
-from madistill.policies.base import Policy
+from madistill.policies.base import Policy, greedy_actions
 from madistill.policies.path import acting_path
 
 # explain(x, actions) -> map [B, G] of one method for one policy

@@ -141,6 +141,12 @@ def choose(dist: Distribution, deterministic: bool, generator: Generators) -> to
     return dist.probs.argmax(-1) if isinstance(dist, Categorical) else dist.mean
 
 
+def greedy_actions(policy: Policy, x: torch.Tensor) -> torch.Tensor:
+    """The policy's greedy actions on policy-ready (normalised) observations ``x``, without gradients."""
+    with torch.no_grad():
+        return choose(policy.dist(x), deterministic=True, generator=None)
+
+
 def sample(dist: Distribution, generator: Generators) -> torch.Tensor:
     """Draw from a Categorical or Normal with an explicit generator (torch's ``sample`` takes none),
     so a rollout's randomness depends only on its seed. A sequence of generators splits the batch into

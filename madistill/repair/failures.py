@@ -18,8 +18,7 @@ from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
-from madistill.policies.base import Policy
-from madistill.repair.neurons import greedy
+from madistill.policies.base import Policy, greedy_actions
 
 
 @dataclass
@@ -42,7 +41,7 @@ def attack_failures(policy: Policy, clean: torch.Tensor, attack: Attack, budget:
     ``limit`` of them, wanting the clean action; ``name`` says which attack in the report."""
     gen = torch.Generator(device=clean.device).manual_seed(seed)
     adv = attack(policy, clean, budget, gen)
-    before, after = greedy(policy, clean), greedy(policy, adv)
+    before, after = greedy_actions(policy, clean), greedy_actions(policy, adv)
     flipped = (before != after).nonzero().flatten()[:limit]
     return FailureSet(adv[flipped].detach(), before[flipped], name, len(clean))
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from madistill.errors import MadistillError
-from madistill.policies.base import Policy, choose, log_prob
+from madistill.policies.base import Policy, greedy_actions, log_prob
 from madistill.policies.path import ActingPath, Layer, acting_path
 
 SCORES = ("grad", "ig", "probe")
@@ -87,12 +87,6 @@ def failure_loss(policy: Policy, x: torch.Tensor, wanted: torch.Tensor) -> torch
     return -log_prob(policy.dist(x), wanted)
 
 
-def greedy(policy: Policy, x: torch.Tensor) -> torch.Tensor:
-    """The policy's greedy actions on normalised observations ``x``."""
-    with torch.no_grad():
-        return choose(policy.dist(x), deterministic=True, generator=None)
-
-
 def activation_x_gradient(policy: Policy, layers: Sequence[Layer], x: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """Per neuron, mean over ``x`` of |unit x d(failure loss)/d(unit)|: the first-order change of the loss when
     the unit is ablated."""
@@ -160,9 +154,9 @@ def neuron_scores(method: str, policy: Policy, layers: Sequence[Layer], failing:
 
 def action_change(policy: Policy, layers: Sequence[Layer], neurons: Sequence[Neuron], x: torch.Tensor) -> float:
     """Share of ``x`` whose greedy action changes when ``neurons`` are ablated."""
-    before = greedy(policy, x)
+    before = greedy_actions(policy, x)
     with ablated(layers, neurons):
-        after = greedy(policy, x)
+        after = greedy_actions(policy, x)
     return float((before != after).float().mean())
 
 

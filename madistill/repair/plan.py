@@ -10,7 +10,7 @@ import torch
 
 from madistill.common.divergences import divergence
 from madistill.errors import MadistillError
-from madistill.policies.base import Policy
+from madistill.policies.base import Policy, greedy_actions
 from madistill.repair.failures import FailureSet
 from madistill.repair.masked import (
     FinetuneSettings,
@@ -26,7 +26,6 @@ from madistill.repair.neurons import (
     Neuron,
     ablation_check,
     all_neurons,
-    greedy,
     neuron_scores,
     random_like,
     repair_path,
@@ -94,7 +93,7 @@ def validation_scores(original: Policy, tuned: Policy, val: FailureSet, val_clea
     of ``div``) from the original on the clean observations."""
     with torch.no_grad():
         d = divergence(div, original(val_clean), tuned(val_clean), discrete=tuned.group.discrete).mean()
-    return {"accuracy": float((greedy(tuned, val.x) == val.wanted).float().mean()), "divergence": float(d)}
+    return {"accuracy": float((greedy_actions(tuned, val.x) == val.wanted).float().mean()), "divergence": float(d)}
 
 
 def choose_rate(trials: dict[float, dict[str, float]], bound: float) -> RateChoice:
