@@ -105,6 +105,7 @@ class RobustnessResult:
     team_episodes: dict[str, Cells] = field(default_factory=dict)
     victim_members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # victim set -> its agents
     objective: dict[str, list[Flag]] = field(default_factory=dict)  # objective_misses_return flags per victim set
+    clean_episodes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-episode clean team returns
 
     @property
     def returns(self) -> dict[str, dict[str, dict[float, float]]]:
@@ -237,7 +238,8 @@ def evaluate_robustness(
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed, transforms=faults)
     clean = team_returns(clean_recs)
-    res = RobustnessResult(clean, random_return, _agents(clean_recs), seed, ac.n_boot, checked=bool(ac.checks))
+    res = RobustnessResult(clean, random_return, _agents(clean_recs), seed, ac.n_boot, checked=bool(ac.checks),
+                           clean_episodes=np.array([r.team_return for r in clean_recs]))
     if several_teams(teams):
         if random_teams is None:
             raise ValueError("several teams need each team's random-policy return (random_teams)")
@@ -301,7 +303,7 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
     opposite directions) or their team's clean return is no better than random (no gain to lose)."""
     collapse = float(ac.collapse_eps) if ac.collapse_eps else None
     if not res.teams:
-        return return_checks(res.episodes[vname], np.array([r.team_return for r in clean_recs]), res.random,
+        return return_checks(res.episodes[vname], res.clean_episodes, res.random,
                              ac.masking_tolerance, collapse if vname == "all" else None, res.seed, ac.n_boot)
     sides = [t for t, agents in res.teams.items() if set(agents) & set(victims)]
     if len(sides) != 1:

@@ -86,9 +86,8 @@ def _evaluate(cfg: DictConfig, venv: Any, teams: dict[str, TeamPolicy], layouts:
     for name, team in teams.items():
         res = evaluate_robustness(venv, team, layouts, ac, random_return, ac.seed)
         victims, attack, ret = min((res.worst_from(v, eps) for v in res.episodes), key=lambda w: w[2])
-        clean = [r.team_return for r in run_episodes(venv, team, ac.episodes, ac.seed)]
         out[name] = {"clean": res.clean, "worst": ret, "worst_attack": f"{attack} on {victims}", "random": random_return,
-                     "clean_episodes": clean, "worst_episodes": res.episodes[victims][attack][eps].tolist()}
+                     "clean_episodes": res.clean_episodes.tolist(), "worst_episodes": res.episodes[victims][attack][eps].tolist()}
     return out
 
 
