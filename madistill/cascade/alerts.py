@@ -253,12 +253,14 @@ def first_alerts(
     return np.array([first[s] for s in seeds], dtype=np.float64)
 
 
-def mean_ci(x: np.ndarray, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, float]:
-    """``{mean, lo, hi, n}``: the mean of ``x`` (booleans: a rate) with its percentile-bootstrap CI (NaN when empty)."""
+def mean_ci(x: np.ndarray, n_boot: int = 1000, confidence: float = 0.95,
+            strata: Sequence[Any] | None = None) -> dict[str, float]:
+    """``{mean, lo, hi, n}``: the mean of ``x`` (booleans: a rate) with its percentile-bootstrap CI (NaN when empty);
+    ``strata``: one label per value (e.g. the seed of the run it comes from), resampled within each label."""
     x = np.asarray(x, dtype=np.float64)
     if len(x) == 0:
         return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
-    lo, hi = bootstrap_ci(x, np.mean, n_boot=n_boot, confidence=confidence)
+    lo, hi = bootstrap_ci(x, np.mean, n_boot=n_boot, confidence=confidence, strata=strata)
     return {"mean": float(np.mean(x)), "lo": lo, "hi": hi, "n": len(x)}
 
 

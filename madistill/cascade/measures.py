@@ -137,7 +137,8 @@ class Cascade:
         return int(np.argmin(np.abs(sizes - np.median(sizes))))
 
     def summary(self, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
-        """The cascade's distributions over episodes, as JSON-ready values."""
+        """The cascade's distributions over episodes, as JSON-ready values; ``sizes`` and ``others_return_deltas``
+        keep the per-episode values, which policies played on the same episodes are paired by."""
         sizes = self.sizes
         per_agent = {}
         for j, a in enumerate(self.agents):
@@ -159,6 +160,8 @@ class Cascade:
             "others_return_delta": float(others.mean()),
             "others_return_delta_ci": list(bootstrap_ci(others, np.mean, n_boot=n_boot, confidence=confidence)),
             "size_histogram": np.bincount(sizes, minlength=len(self.agents) + 1).tolist(),
+            "sizes": sizes.tolist(),
+            "others_return_deltas": others.tolist(),
             "agents": per_agent,
             "representative_episode": self.representative(),
             "representative_order": self.order(self.representative()),

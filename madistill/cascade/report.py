@@ -3,11 +3,13 @@ timeline of a representative faulted episode."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+from madistill.cascade.alerts import mean_ci
 from madistill.cascade.monitor import CascadeStudy
 
 
@@ -43,17 +45,60 @@ def markdown(result: dict[str, Any], env_id: str, policy: str, episodes: int) ->
     return "\n".join(lines) + "\n"
 
 
-def comparison(results: dict[str, dict[str, Any]]) -> str:
-    """The policies side by side on the same faults and episodes: cascade size and the non-faulted agents' mean
-    return delta (faulted - clean), each with its 95% CI over episodes."""
-    lines = ["## Comparison (same faults, same episodes)", "",
-             "| fault | policy | cascade size (95% CI) | non-faulted agents' return delta (95% CI) |", "|---|---|---|---|"]
-    for label in next(iter(results.values()))["faults"]:
-        for policy, r in results.items():
-            c = r["faults"][label]["cascade"]
-            lines.append(f"| {label} | {policy} | {c['size_mean']:.2f} [{c['size_ci'][0]:.2f}, {c['size_ci'][1]:.2f}] | "
-                         f"{c['others_return_delta']:+.3f} [{c['others_return_delta_ci'][0]:+.3f}, "
-                         f"{c['others_return_delta_ci'][1]:+.3f}] |")
+COMPARED = {"size": "sizes", "others_return_delta": "others_return_deltas"}  # measure -> its per-episode list
+
+
+def baseline(label: str, labels: Sequence[str]) -> str:
+    """The policy ``label`` is compared with: its own run's teacher (``teacher@<run>``), else ``teacher``, else the
+    first of ``labels``."""
+    run = label.split("@", 1)[1] if "@" in label else None
+    return next((c for c in (f"teacher@{run}" if run else None, "teacher") if c in labels), labels[0])
+
+
+def compare(results: Mapping[str, Mapping[str, Any]], n_boot: int, confidence: float,
+            strata: Sequence[Any] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """The policies side by side on the same faults and episodes: per fault and policy, the cascade size and the
+    non-faulted agents' return delta (faulted - clean), each as ``{mean, lo, hi, n}`` with its bootstrap CI, and
+    (``<measure>_diff``) the paired difference policy - ``baseline``, episode by episode, with its CI.
+    ``results``: per policy, its study's results (``reports/cascade.json``'s body), their per-episode lists over
+    the same episodes in the same order; ``strata``: one label per episode (e.g. the seed of the policies that
+    played it), resampled within each label."""
+    labels = list(results)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for fault in results[labels[0]]["faults"]:
+        out[fault] = {}
+        for label in labels:
+            base = baseline(label, labels)
+            row: dict[str, Any] = {"baseline": None if base == label else base}
+            for key, episodes in COMPARED.items():
+                x = np.asarray(results[label]["faults"][fault]["cascade"][episodes], dtype=np.float64)
+                row[key] = mean_ci(x, n_boot, confidence, strata)
+                if base != label:
+                    d = x - np.asarray(results[base]["faults"][fault]["cascade"][episodes], dtype=np.float64)
+                    row[f"{key}_diff"] = mean_ci(d, n_boot, confidence, strata)
+            out[fault][label] = row
+    return out
+
+
+def comparison(compared: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "Comparison (same faults, same "
+               "episodes)") -> str:
+    """:func:`compare`'s result as a markdown section: per fault and policy, the cascade size and the non-faulted
+    agents' return delta with 95% CIs, and each one's paired difference from the policy it is compared with."""
+    def ci(m: Mapping[str, float], fmt: str) -> str:
+        return f"{m['mean']:{fmt}} [{m['lo']:{fmt}}, {m['hi']:{fmt}}]"
+
+    lines = [f"## {title}", "",
+             "| fault | policy | cascade size (95% CI) | non-faulted agents' return delta (95% CI) | compared with | "
+             "size difference (paired 95% CI) | return delta difference (paired 95% CI) |", "|---|---|---|---|---|---|---|"]
+    for fault, rows in compared.items():
+        for policy, r in rows.items():
+            diffs = ["-", "-", "-"] if r["baseline"] is None else [
+                r["baseline"], ci(r["size_diff"], "+.2f"), ci(r["others_return_delta_diff"], "+.3f")]
+            lines.append(f"| {fault} | {policy} | {ci(r['size'], '.2f')} | {ci(r['others_return_delta'], '+.3f')} | "
+                         + " | ".join(diffs) + " |")
+    lines += ["", "Cascade size: non-faulted agents that fail per episode; return delta: faulted - clean twin, "
+              "negative where the fault costs the others return; differences: the policy's minus the compared "
+              "policy's on the same episode (negative size difference: a smaller cascade)."]
     return "\n".join(lines) + "\n"
 
 
