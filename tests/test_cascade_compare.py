@@ -14,8 +14,8 @@ T_975_2 = 4.302652729911275  # Student's t quantile 0.975 with two degrees of fr
 
 def _results(sizes: dict[str, list[float]], deltas: dict[str, list[float]], seeds: list[int]) -> dict:
     """Cascade results per policy as ``reports/cascade.json`` holds them, one fault."""
-    return {p: {"seeds": seeds, "faults": {"dead@a": {"cascade": {"sizes": sizes[p], "others_return_deltas": deltas[p]}}}}
-            for p in sizes}
+    return {p: {"seeds": seeds, "faults": {"dead@a": {"cascade": {
+        "sizes": sizes[p], "others_return_deltas": deltas[p], "others_clean_returns": [-10.0] * len(seeds)}}}} for p in sizes}
 
 
 @pytest.fixture
@@ -46,6 +46,7 @@ def test_the_difference_is_paired_episode_by_episode():
     assert c["student"]["others_return_delta_diff"]["mean"] == 0.5
     md = comparison(c and {"dead@a": c})
     assert "| dead@a | student | 0.50 [" in md and "| teacher | -1.00 [-1.00, -1.00] | +0.500 [" in md
+    assert c["student"]["others_clean_return"]["mean"] == -10.0 and md.count("| -10.00 |") == 2
 
 
 def test_seeds_pool_with_episodes_resampled_within_each_seed(cascade_compare):

@@ -283,15 +283,17 @@ class Detection:
                          np.concatenate([p.first_failure for p in parts]), [e for p in parts for e in p.events])
 
     def summary(self, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
-        """Detection rate, delay (steps from the onset), per-score detection rates, the share of episodes where
-        another agent failed and, among those, where the alert came strictly before the first failure; means
-        with percentile-bootstrap CIs over episodes."""
+        """Detection rate, delay (steps from the onset), per-score detection rates and mean delays (None: never
+        detected by that score), the share of episodes where another agent failed and, among those, where the alert
+        came strictly before the first failure; means with percentile-bootstrap CIs over episodes."""
         detected, failed = np.isfinite(self.first_alert), np.isfinite(self.first_failure)
         before = self.first_alert[failed] < self.first_failure[failed]
         return {
             "detected": mean_ci(detected, n_boot, confidence),
             "delay": mean_ci((self.first_alert - self.onsets)[detected], n_boot, confidence),
             "detected_by_score": {k: float(np.isfinite(v).mean()) for k, v in self.first_by_kind.items()},
+            "delay_by_score": {k: float(np.mean((v - self.onsets)[np.isfinite(v)])) if np.isfinite(v).any() else None
+                               for k, v in self.first_by_kind.items()},
             "others_fail": mean_ci(failed, n_boot, confidence),
             "alert_before_failure": mean_ci(before, n_boot, confidence),
         }

@@ -45,7 +45,8 @@ def markdown(result: dict[str, Any], env_id: str, policy: str, episodes: int) ->
     return "\n".join(lines) + "\n"
 
 
-COMPARED = {"size": "sizes", "others_return_delta": "others_return_deltas"}  # measure -> its per-episode list
+# measure -> its per-episode list
+COMPARED = {"size": "sizes", "others_return_delta": "others_return_deltas", "others_clean_return": "others_clean_returns"}
 
 
 def baseline(label: str, labels: Sequence[str]) -> str:
@@ -57,8 +58,9 @@ def baseline(label: str, labels: Sequence[str]) -> str:
 
 def compare(results: Mapping[str, Mapping[str, Any]], n_boot: int, confidence: float,
             strata: Sequence[Any] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """The policies side by side on the same faults and episodes: per fault and policy, the cascade size and the
-    non-faulted agents' return delta (faulted - clean), each as ``{mean, lo, hi, n}`` with its bootstrap CI, and
+    """The policies side by side on the same faults and episodes: per fault and policy, the cascade size, the
+    non-faulted agents' return delta (faulted - clean) and their clean return (what the delta is taken from), each
+    as ``{mean, lo, hi, n}`` with its bootstrap CI, and
     (``<measure>_diff``) the paired difference policy - ``baseline``, episode by episode, with its CI.
     ``results``: per policy, its study's results (``reports/cascade.json``'s body), their per-episode lists over
     the same episodes in the same order; ``strata``: one label per episode (e.g. the seed of the policies that
@@ -83,22 +85,25 @@ def compare(results: Mapping[str, Mapping[str, Any]], n_boot: int, confidence: f
 def comparison(compared: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "Comparison (same faults, same "
                "episodes)") -> str:
     """:func:`compare`'s result as a markdown section: per fault and policy, the cascade size and the non-faulted
-    agents' return delta with 95% CIs, and each one's paired difference from the policy it is compared with."""
+    agents' return delta with 95% CIs, and each one's paired difference from the policy it is compared with, and the
+    non-faulted agents' clean return."""
     def ci(m: Mapping[str, float], fmt: str) -> str:
         return f"{m['mean']:{fmt}} [{m['lo']:{fmt}}, {m['hi']:{fmt}}]"
 
     lines = [f"## {title}", "",
              "| fault | policy | cascade size (95% CI) | non-faulted agents' return delta (95% CI) | compared with | "
-             "size difference (paired 95% CI) | return delta difference (paired 95% CI) |", "|---|---|---|---|---|---|---|"]
+             "size difference (paired 95% CI) | return delta difference (paired 95% CI) | their clean return |",
+             "|---|---|---|---|---|---|---|---|"]
     for fault, rows in compared.items():
         for policy, r in rows.items():
             diffs = ["-", "-", "-"] if r["baseline"] is None else [
                 r["baseline"], ci(r["size_diff"], "+.2f"), ci(r["others_return_delta_diff"], "+.3f")]
             lines.append(f"| {fault} | {policy} | {ci(r['size'], '.2f')} | {ci(r['others_return_delta'], '+.3f')} | "
-                         + " | ".join(diffs) + " |")
+                         + " | ".join(diffs) + f" | {r['others_clean_return']['mean']:.2f} |")
     lines += ["", "Cascade size: non-faulted agents that fail per episode; return delta: faulted - clean twin, "
               "negative where the fault costs the others return; differences: the policy's minus the compared "
-              "policy's on the same episode (negative size difference: a smaller cascade)."]
+              "policy's on the same episode (negative size difference: a smaller cascade); clean return: the non-faulted "
+              "agents' mean return in the clean twins."]
     return "\n".join(lines) + "\n"
 
 
