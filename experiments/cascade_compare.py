@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from robustness import t_interval
 
-from madistill.cascade.report import COMPARED, compare, comparison
+from madistill.cascade.report import PER_EPISODE, compare, comparison
 from madistill.cli import compose_config
 from madistill.common.io import atomic_write_text
 from madistill.stages import cascade as cascade_stage
@@ -95,7 +95,7 @@ def pooled(by_seed: dict[int, dict[str, Any]], n_boot: int) -> dict[str, Any]:
     episodes = len(first[next(iter(first))]["seeds"])
     faults = list(first[next(iter(first))]["faults"])
     results = {p: {"faults": {f: {"cascade": {k: np.concatenate([by_seed[s][p]["faults"][f]["cascade"][k] for s in seeds])
-                                             for k in COMPARED.values()}} for f in faults}} for p in first}
+                                             for k in PER_EPISODE}} for f in faults}} for p in first}
     compared = compare(results, n_boot, 0.95, strata=np.repeat(seeds, episodes))
     per_seed = {s: compare(by_seed[s], n_boot, 0.95) for s in seeds}
     for f, rows in compared.items():
@@ -108,28 +108,38 @@ def pooled(by_seed: dict[int, dict[str, Any]], n_boot: int) -> dict[str, Any]:
 
 
 def verdicts(compared: dict[str, Any]) -> list[str]:
-    """Per fault and student, whether its cascade is smaller than its teacher's: by the pooled paired CI and by the
-    t-interval over seeds."""
-    def word(m: dict[str, float]) -> str:
-        return "smaller" if m["hi"] < 0 else "larger" if m["lo"] > 0 else "not different"
+    """Per fault and student against its teacher: is its cascade smaller, does the fault cost the others less
+    return, and do they fare better under the fault; by the pooled paired CI and by the t-interval over seeds."""
+    def said(m: dict[str, float], s: dict[str, float], below: str, above: str, digits: int) -> str:
+        def word(x: dict[str, float]) -> str:
+            return below if x["hi"] < 0 else above if x["lo"] > 0 else "no clear difference"
+
+        return (f"{m['mean']:+.{digits}f} [{m['lo']:+.{digits}f}, {m['hi']:+.{digits}f}] ({word(m)}; over seeds "
+                f"{s['mean']:+.{digits}f} [{s['lo']:+.{digits}f}, {s['hi']:+.{digits}f}]: {word(s)})")
 
     lines = []
     for f, rows in compared.items():
         for p, r in rows.items():
-            if r["baseline"] is not None:
-                d, s = r["size_diff"], r["seeds"]["size_diff"]
-                lines.append(f"- {f}, {p} - {r['baseline']}: cascade size {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] "
-                             f"({word(d)}; over seeds {s['mean']:+.2f} [{s['lo']:+.2f}, {s['hi']:+.2f}]: {word(s)})")
+            if r["baseline"] is None:
+                continue
+            seeds = r["seeds"]
+            lines.append(f"- {f}, {p} - {r['baseline']}: cascade size "
+                         f"{said(r['size_diff'], seeds['size_diff'], 'smaller', 'larger', 2)}; others' return loss "
+                         f"{said(r['others_return_delta_diff'], seeds['others_return_delta_diff'], 'larger', 'smaller', 3)}; "
+                         f"others' faulted return {said(r['others_faulted_return_diff'], seeds['others_faulted_return_diff'], 'lower', 'higher', 3)}")
     return lines
 
 
 def seeds_table(compared: dict[str, Any]) -> str:
-    """Per fault and policy, each measure's per-seed means and their mean with a 95% t-interval over seeds."""
+    """Per fault and policy, the per-seed means of the cascade size, the others' return delta and every paired
+    difference, and their mean with a 95% t-interval over seeds."""
     lines = ["## Over seeds (mean of the per-seed means, 95% t-interval)", "",
              "| fault | policy | measure | per seed | mean [95% t-interval] |", "|---|---|---|---|---|"]
     for f, rows in compared.items():
         for p, r in rows.items():
             for k, m in r["seeds"].items():
+                if k not in ("size", "others_return_delta") and not k.endswith("_diff"):
+                    continue
                 per = ", ".join(f"{v:+.3f}" for v in m["per_seed"])
                 lines.append(f"| {f} | {p} | {k} | {per} | {m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}] |")
     return "\n".join(lines) + "\n"

@@ -46,7 +46,8 @@ def test_the_difference_is_paired_episode_by_episode():
     assert c["student"]["others_return_delta_diff"]["mean"] == 0.5
     md = comparison(c and {"dead@a": c})
     assert "| dead@a | student | 0.50 [" in md and "| teacher | -1.00 [-1.00, -1.00] | +0.500 [" in md
-    assert c["student"]["others_clean_return"]["mean"] == -10.0 and md.count("| -10.00 |") == 2
+    assert c["student"]["others_clean_return"]["mean"] == -10.0 and md.count("| -10.00 [-10.00, -10.00] |") == 2
+    assert c["student"]["others_faulted_return_diff"]["mean"] == 0.5  # equal clean returns: the delta's difference
 
 
 def test_seeds_pool_with_episodes_resampled_within_each_seed(cascade_compare):
@@ -63,8 +64,8 @@ def test_seeds_pool_with_episodes_resampled_within_each_seed(cascade_compare):
     assert row["seeds"]["others_return_delta"]["per_seed"] == [2.0, 0.0, -2.0]
     assert row["others_return_delta"]["mean"] == 0.0 and row["others_return_delta"]["lo"] < 0 < row["others_return_delta"]["hi"]
     lines = cascade_compare.verdicts({"dead@a": {"student": row}})
-    assert lines == ["- dead@a, student - teacher: cascade size +0.00 [+0.00, +0.00] (not different; over seeds +0.00 "
-                     "[-2.48, +2.48]: not different)"]
+    assert lines[0].startswith("- dead@a, student - teacher: cascade size +0.00 [+0.00, +0.00] (no clear difference; "
+                               "over seeds +0.00 [-2.48, +2.48]: no clear difference); others' return loss +0.000 [")
 
 
 def test_seeds_of_other_episodes_are_refused(cascade_compare):
