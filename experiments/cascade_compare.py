@@ -6,7 +6,8 @@ For each seed and fault, one ``madistill cascade`` run studies the seed's teache
 the same faults and episodes): the fault hits one agent (``victim``) from step ``--onset`` to the episode's end,
 with greedy actions (``cascade.deterministic=true``: twins act alike until the fault, and every policy is judged
 against the same failure threshold, ``cascade.threshold``, with no noise floor). Faults: ``random`` and ``dead``
-actions, and the attack suite's ``pgd`` on the victim's observation at the env's middle budget (``fault=attack``).
+actions, and the attack suite's ``pgd`` on the victim's observation at the env's middle budget (``fault=attack``;
+``--eps`` another budget).
 
 Per fault and policy, pooled over seeds: the cascade size (non-faulted agents that fail per episode) and the
 non-faulted agents' return delta (faulted - clean twin), and each student's paired difference from its own
@@ -52,6 +53,7 @@ ENVS: dict[str, dict[str, Any]] = {
         "robust": f"{ZOO}/spread/robust/s{{seed}}/policies/student"}},
 }
 FAULTS = {"random": ["fault=random"], "dead": ["fault=dead"], "attack": ["fault=attack", "fault.method=pgd"]}
+FAULTS_SAID = {"random": "random actions", "dead": "dead (no-op) actions", "attack": "pgd at eps {eps} on its observation"}
 
 
 def linked_policies(root: Path, policies: dict[str, Path]) -> Path:
@@ -68,17 +70,18 @@ def linked_policies(root: Path, policies: dict[str, Path]) -> Path:
 def study(env: dict[str, Any], policies: dict[str, Path], fault: str, seed_dir: Path, episodes: int,
           onset: int, extra: Sequence[str]) -> dict[str, Any]:
     """One cascade run of the policies under ``fault``: ``reports/cascade.json``'s body (reused when its
-    run directory holds one made with the same overrides)."""
+    run directory holds one made with the same overrides of the same policies)."""
     run = seed_dir / fault
     overrides = [f"env={env['env']}", "logger=quiet", "logger.figures=false", "env.num_workers=0",
                  f"cascade.policy={linked_policies(seed_dir / 'links', policies)}", f"cascade.episodes={episodes}",
                  "cascade.deterministic=true", "cascade.onsets=[3]", *FAULTS[fault], f"fault.victims=[{env['victim']}]",
                  f"fault.onset={onset}", "fault.duration=null", f"fault.eps={env['eps']}", *extra]
-    record, report = run / "overrides.json", run / "reports" / "cascade.json"
-    if record.is_file() and report.is_file() and json.loads(record.read_text()) == overrides:
+    made = {"overrides": overrides, "policies": {role: str(path.resolve()) for role, path in policies.items()}}
+    record, report = run / "made.json", run / "reports" / "cascade.json"
+    if record.is_file() and report.is_file() and json.loads(record.read_text()) == made:
         return json.loads(report.read_text())
     payload = cascade_stage.run(compose_config(overrides), run)
-    atomic_write_text(record, json.dumps(overrides))
+    atomic_write_text(record, json.dumps(made))
     return payload
 
 
@@ -154,12 +157,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="a role's policy directory, {seed} filled in (default: the shared zoo's)")
     p.add_argument("--episodes", type=int, default=200, help="paired episodes per seed and fault (cascade.episodes)")
     p.add_argument("--onset", type=int, default=5, help="episode step at which the faults begin")
+    p.add_argument("--eps", type=float, default=None, help="the attack fault's budget (default: the env's middle one)")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--work", type=Path, default=Path("/tmp/cascade_compare"), help="where the cascade runs go")
     p.add_argument("--out", type=Path, default=None, help="results stem (default experiments/results/cascade_compare_<env>)")
     p.add_argument("overrides", nargs="*", help="more overrides for every cascade run (cascade.*, attack.*)")
     args = p.parse_args(argv)
-    env = ENVS[args.env]
+    env = ENVS[args.env] | ({} if args.eps is None else {"eps": args.eps})
     templates = env["policies"] | dict(item.split("=", 1) for item in args.policy)
     by_seed: dict[int, dict[str, Any]] = {}
     for s in args.seeds:
@@ -183,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = "\n".join([
         f"# Cascades of teacher, DIGR and robust students: {env['env']}", "", f"`{command}`", "",
         f"Seeds {args.seeds}, {args.episodes} paired episodes each; faults on {env['victim']} from step {args.onset} to "
-        f"the episode's end (random and dead actions; pgd at eps {env['eps']} on its observation); greedy actions.", "",
+        f"the episode's end: {', '.join(FAULTS_SAID[f].format(eps=env['eps']) for f in args.faults)}; greedy actions.", "",
         comparison(compared, f"Pooled over seeds ({len(args.seeds)} x {args.episodes} episodes; bootstrap over "
                    "episodes within seeds)"),
         seeds_table(compared), "## Robust students contain cascades?", "", *verdicts(compared), ""])
