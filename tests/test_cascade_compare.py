@@ -44,7 +44,7 @@ def test_the_difference_is_paired_episode_by_episode():
     assert c["student"]["baseline"] == "teacher" and (d["mean"], d["lo"], d["hi"], d["n"]) == (-1.0, -1.0, -1.0, 4)
     assert c["student"]["size"]["mean"] == 0.5 and c["student"]["size"]["lo"] < c["student"]["size"]["hi"]
     assert c["student"]["others_return_delta_diff"]["mean"] == 0.5
-    md = comparison(c and {"dead@a": c})
+    md = comparison({"dead@a": c})
     assert "| dead@a | student | 0.50 [" in md and "| teacher | -1.00 [-1.00, -1.00] | +0.500 [" in md
     assert c["student"]["others_clean_return"]["mean"] == -10.0 and md.count("| -10.00 [-10.00, -10.00] |") == 2
     assert c["student"]["others_faulted_return_diff"]["mean"] == 0.5  # equal clean returns: the delta's difference
