@@ -1,9 +1,9 @@
-"""Do robust students contain cascades? Teacher vs DIGR student vs robust student on the same faults and episodes,
-pooled over seeds (issue 20, item 7).
+"""Do robust students contain cascades? A teacher vs its plain, DIGR and robust students on the same faults and
+episodes, pooled over seeds (issue 20, item 7).
 
-For each seed and fault, one ``madistill cascade`` run studies the seed's teacher, its DIGR student and its robust
-(``distill=robust``) student together (a directory of links to the three policies, so the stage plays all three on
-the same faults and episodes): the fault hits one agent (``victim``) from step ``--onset`` to the episode's end,
+For each seed and fault, one ``madistill cascade`` run studies the seed's teacher and its students (``distill=plain``,
+DIGR, ``distill=robust``) together (a directory of links to the policies, so the stage plays them all on the same
+faults and episodes): the fault hits one agent (``victim``) from step ``--onset`` to the episode's end,
 with greedy actions (``cascade.deterministic=true``: twins act alike until the fault, and every policy is judged
 against the same failure threshold, ``cascade.threshold``, with no noise floor). Faults: ``random`` and ``dead``
 actions, and the attack suite's ``pgd`` on the victim's observation at the env's middle budget (``fault=attack``;
@@ -45,10 +45,11 @@ RESULTS = Path(__file__).parent / "results"
 ZOO = "/work/zoo"
 ENVS: dict[str, dict[str, Any]] = {
     "speaker_listener": {"env": "simple_speaker_listener_v4", "victim": "speaker_0", "eps": 0.3, "policies": {
-        "teacher": f"{ZOO}/sl/s{{seed}}/policies/teacher", "digr": f"{ZOO}/sl/s{{seed}}/policies/student",
-        "robust": f"{ZOO}/sl/robust/s{{seed}}/policies/student"}},
+        "teacher": f"{ZOO}/sl/s{{seed}}/policies/teacher", "plain": f"{ZOO}/sl/plain/s{{seed}}/policies/student",
+        "digr": f"{ZOO}/sl/s{{seed}}/policies/student", "robust": f"{ZOO}/sl/robust/s{{seed}}/policies/student"}},
     "spread": {"env": "simple_spread_v3", "victim": "agent_0", "eps": 0.2, "policies": {
         "teacher": f"{ZOO}/spread/teacher/s{{seed}}/policies/teacher",
+        "plain": f"{ZOO}/spread/plain/s{{seed}}/policies/student",
         "digr": f"{ZOO}/spread/digr/s{{seed}}/policies/student",
         "robust": f"{ZOO}/spread/robust/s{{seed}}/policies/student"}},
 }
@@ -57,13 +58,13 @@ FAULTS_SAID = {"random": "random actions", "dead": "dead (no-op) actions", "atta
 
 
 def linked_policies(root: Path, policies: dict[str, Path]) -> Path:
-    """A run directory whose ``policies/<role>`` link to the given policy directories: the stage labels them by role."""
+    """A run directory whose ``policies/<role>`` link to the given policy directories, and nothing else: the stage
+    labels them by role."""
+    (root / "policies").mkdir(parents=True, exist_ok=True)
+    for link in (root / "policies").iterdir():
+        link.unlink()
     for role, path in policies.items():
-        link = root / "policies" / role
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink():
-            link.unlink()
-        link.symlink_to(path.resolve(), target_is_directory=True)
+        (root / "policies" / role).symlink_to(path.resolve(), target_is_directory=True)
     return root
 
 
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "overrides": args.overrides, "n_boot": args.n_boot}
     atomic_write_text(stem.with_suffix(".json"), json.dumps({"meta": meta, "pooled": compared, "per_seed": by_seed}))
     text = "\n".join([
-        f"# Cascades of teacher, DIGR and robust students: {env['env']}", "", f"`{command}`", "",
+        f"# Cascades of a teacher and its students: {env['env']}", "", f"`{command}`", "",
         f"Seeds {args.seeds}, {args.episodes} paired episodes each; faults on {env['victim']} from step {args.onset} to "
         f"the episode's end: {', '.join(FAULTS_SAID[f].format(eps=env['eps']) for f in args.faults)}; greedy actions.", "",
         comparison(compared, f"Pooled over seeds ({len(args.seeds)} x {args.episodes} episodes; bootstrap over "
