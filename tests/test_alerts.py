@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from cascade_helpers import copy_team, relay_spec
+from conftest import REPO
 from gymnasium import spaces
 from omegaconf import OmegaConf
 from pettingzoo import ParallelEnv
@@ -275,7 +276,7 @@ def test_on_a_relay_chain_the_faulted_agent_alerts_before_its_downstream_agents_
     summary = detection.summary(n_boot=200)
     assert summary["detected"]["mean"] == hit.mean() and summary["delay"]["mean"] == 0.0
     assert summary["others_fail"]["mean"] == hit.mean() and summary["alert_before_failure"]["mean"] == 1.0
-    assert summary["detected_by_score"] == {"surprise": hit.mean()}
+    assert summary["detected_by_score"] == {"surprise": hit.mean()} and summary["delay_by_score"] == {"surprise": 0.0}
     assert not [e for e in monitor.events if e.seed in seeds]  # the same episodes, clean: no alert
     pooled = Detection.pooled([detection, Detection.from_dict(json.loads(json.dumps(detection.to_dict())))])
     assert len(pooled.first_alert) == 2 * len(seeds) and pooled.summary(n_boot=200)["detected"]["mean"] == hit.mean()
@@ -295,3 +296,26 @@ def test_the_alerts_config_section_builds_a_calibrated_monitor_or_refuses_in_one
         ac.scores = ["disagreement"]
         with pytest.raises(MadistillError, match="set alerts.reference"):
             configured_monitor(ac, venv, team)
+
+
+def test_the_alerts_experiment_counts_clean_alarms_and_detections_per_score(monkeypatch: pytest.MonkeyPatch):
+    """experiments/cascade_alerts.py pools the runs of one env: clean episodes with an alert of each score, and per
+    fault the detection rate and mean delay of each score (None where a score never fired)."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import cascade_alerts
+
+    nan = math.nan
+    fault = {"onsets": [5, 5], "first_alert": [5, 7], "first_failure": [nan, 6],
+             "first_by_kind": {"obs": [nan, nan], "disagreement": [5, 7]}}
+    studies = [{"clean_alerts": [0, 2, 0, 0], "clean_alerts_by_kind": {"obs": [0, 1, 0, 0], "disagreement": [0, 1, 0, 0]},
+                "faults": {"obs pgd / a": fault}},
+               {"clean_alerts": [1, 0, 0, 0], "clean_alerts_by_kind": {"obs": [0, 0, 0, 0], "disagreement": [1, 0, 0, 0]},
+                "faults": {"obs pgd / a": fault}}]
+    s = cascade_alerts.summary(studies)
+    assert s["clean_alerted_episodes"]["mean"] == 2 / 8 and s["clean_alerts_per_episode"]["mean"] == 3 / 8
+    assert {k: v["mean"] for k, v in s["clean_alerted_episodes_by_kind"].items()} == {"obs": 1 / 8, "disagreement": 2 / 8}
+    r = s["faults"]["obs pgd / a"]
+    assert r["detected_by_score"] == {"obs": 0.0, "disagreement": 1.0} and r["delay_by_score"] == {"obs": None, "disagreement": 1.0}
+    assert r["alert_before_failure"]["mean"] == 0.0  # the alert at 7 came after the failure at 6
+    table = cascade_alerts.table("relay", s)
+    assert "by score: obs 12.5 [" in table and "| obs 0, disagreement 100 | obs -, disagreement 1.0 |" in table

@@ -91,6 +91,37 @@ def test_several_policies_are_compared_on_the_same_faults_and_episodes(cli, teac
     assert "## Comparison" in md and md.count("| dead@agent_0 | teacher@") == 2
 
 
+def test_a_student_is_compared_with_its_teacher_episode_by_episode(cli, teacher, tmp_path):
+    """Policies of one run (links: the teacher and another policy named student) get, per fault, the paired
+    difference student - teacher of cascade size and return delta over the same episodes."""
+    other = teacher.parent / "teacher_s2"
+    rc, _, err = cli("train", *tiny(*CHAIN, "teacher.total_agent_steps=3000", "seed=2"), f"hydra.run.dir={other}")
+    assert rc == 0, err
+    pair = tmp_path / "pair" / "policies"
+    pair.mkdir(parents=True)
+    (pair / "teacher").symlink_to(teacher / "policies" / "teacher", target_is_directory=True)
+    (pair / "student").symlink_to(other / "policies" / "teacher", target_is_directory=True)
+    out = tmp_path / "study"
+    rc, _, err = cli("cascade", *tiny(*STUDY, f"cascade.policy={pair.parent}", "fault=random", "fault.victims=[agent_0]",
+                                     "fault.duration=null", "cascade.deterministic=true"), f"hydra.run.dir={out}")
+    assert rc == 0, err
+    report = json.loads((out / "reports" / "cascade.json").read_text())
+    t, s = (report["policies"][p]["faults"]["random@agent_0"]["cascade"] for p in ("teacher", "student"))
+    assert report["policies"]["student"]["seeds"] == report["seeds"] and len(report["seeds"]) == 6
+    assert len(t["sizes"]) == 6 and np.mean(t["sizes"]) == t["size_mean"]
+    assert np.mean(t["others_return_deltas"]) == pytest.approx(t["others_return_delta"])
+    row = report["comparison"]["random@agent_0"]["student"]
+    assert row["baseline"] == "teacher" and report["comparison"]["random@agent_0"]["teacher"]["baseline"] is None
+    size = np.subtract(s["sizes"], t["sizes"])
+    assert row["size_diff"]["mean"] == pytest.approx(size.mean()) and row["size_diff"]["n"] == 6
+    assert row["size_diff"]["lo"] <= size.mean() <= row["size_diff"]["hi"]
+    delta = np.subtract(s["others_return_deltas"], t["others_return_deltas"])
+    assert row["others_return_delta_diff"]["mean"] == pytest.approx(delta.mean())
+    assert (row["size"]["mean"], row["size"]["lo"], row["size"]["hi"]) == pytest.approx((s["size_mean"], *s["size_ci"]))
+    md = (out / "reports" / "cascade.md").read_text()
+    assert f"| random@agent_0 | student | {s['size_mean']:.2f} [" in md and "| teacher | " + f"{size.mean():+.2f} [" in md
+
+
 def test_evaluate_plays_under_the_configured_fault(cli, teacher, tmp_path):
     """`madistill evaluate fault=... fault.victims=[...]`: the same episodes, the victim dead from step 0; the
     report says so. Without victims (the default) nothing changes."""

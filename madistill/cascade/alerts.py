@@ -253,12 +253,14 @@ def first_alerts(
     return np.array([first[s] for s in seeds], dtype=np.float64)
 
 
-def mean_ci(x: np.ndarray, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, float]:
-    """``{mean, lo, hi, n}``: the mean of ``x`` (booleans: a rate) with its percentile-bootstrap CI (NaN when empty)."""
+def mean_ci(x: np.ndarray, n_boot: int = 1000, confidence: float = 0.95,
+            strata: Sequence[Any] | None = None) -> dict[str, float]:
+    """``{mean, lo, hi, n}``: the mean of ``x`` (booleans: a rate) with its percentile-bootstrap CI (NaN when empty);
+    ``strata``: one label per value (e.g. the seed of the run it comes from), resampled within each label."""
     x = np.asarray(x, dtype=np.float64)
     if len(x) == 0:
         return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
-    lo, hi = bootstrap_ci(x, np.mean, n_boot=n_boot, confidence=confidence)
+    lo, hi = bootstrap_ci(x, np.mean, n_boot=n_boot, confidence=confidence, strata=strata)
     return {"mean": float(np.mean(x)), "lo": lo, "hi": hi, "n": len(x)}
 
 
@@ -281,15 +283,17 @@ class Detection:
                          np.concatenate([p.first_failure for p in parts]), [e for p in parts for e in p.events])
 
     def summary(self, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
-        """Detection rate, delay (steps from the onset), per-score detection rates, the share of episodes where
-        another agent failed and, among those, where the alert came strictly before the first failure; means
-        with percentile-bootstrap CIs over episodes."""
+        """Detection rate, delay (steps from the onset), per-score detection rates and mean delays (None: never
+        detected by that score), the share of episodes where another agent failed and, among those, where the alert
+        came strictly before the first failure; means with percentile-bootstrap CIs over episodes."""
         detected, failed = np.isfinite(self.first_alert), np.isfinite(self.first_failure)
         before = self.first_alert[failed] < self.first_failure[failed]
         return {
             "detected": mean_ci(detected, n_boot, confidence),
             "delay": mean_ci((self.first_alert - self.onsets)[detected], n_boot, confidence),
             "detected_by_score": {k: float(np.isfinite(v).mean()) for k, v in self.first_by_kind.items()},
+            "delay_by_score": {k: float(np.mean((v - self.onsets)[np.isfinite(v)])) if np.isfinite(v).any() else None
+                               for k, v in self.first_by_kind.items()},
             "others_fail": mean_ci(failed, n_boot, confidence),
             "alert_before_failure": mean_ci(before, n_boot, confidence),
         }

@@ -117,6 +117,7 @@ class Cascade:
     delays: np.ndarray  # [E, A'] steps from the onset to the agent's first failure (NaN: it never failed)
     return_delta: np.ndarray  # [E, A'] faulted - clean return
     depth: dict[str, int | None]  # hop depth in the lag-1 influence graph (None: unreachable)
+    clean_return: np.ndarray  # [E, A'] the clean twin's return: what the fault's return delta is taken from
 
     @property
     def failed(self) -> np.ndarray:
@@ -137,7 +138,8 @@ class Cascade:
         return int(np.argmin(np.abs(sizes - np.median(sizes))))
 
     def summary(self, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
-        """The cascade's distributions over episodes, as JSON-ready values."""
+        """The cascade's distributions over episodes, as JSON-ready values; ``sizes``, ``others_return_deltas`` and
+        ``others_clean_returns`` keep the per-episode values, which policies played on the same episodes are paired by."""
         sizes = self.sizes
         per_agent = {}
         for j, a in enumerate(self.agents):
@@ -159,6 +161,9 @@ class Cascade:
             "others_return_delta": float(others.mean()),
             "others_return_delta_ci": list(bootstrap_ci(others, np.mean, n_boot=n_boot, confidence=confidence)),
             "size_histogram": np.bincount(sizes, minlength=len(self.agents) + 1).tolist(),
+            "sizes": sizes.tolist(),
+            "others_return_deltas": others.tolist(),
+            "others_clean_returns": self.clean_return.mean(1).tolist(),
             "agents": per_agent,
             "representative_episode": self.representative(),
             "representative_order": self.order(self.representative()),
@@ -185,7 +190,8 @@ def cascade(run: PairedRun, f: int, victims: Sequence[str], threshold: float,
     depth = hop_depths(edges, victims)
     names = [run.agents[j] for j in others]
     return Cascade(names, list(victims), float(threshold), delays,
-                   run.returns[f + 1][:, others] - run.returns[0][:, others], {a: depth.get(a) for a in names})
+                   run.returns[f + 1][:, others] - run.returns[0][:, others], {a: depth.get(a) for a in names},
+                   run.returns[0][:, others])
 
 
 def deviation_summary(run: PairedRun, f: int, victims: Sequence[str]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class CascadeStudy:
         inf = self.influence
         return {
             "agents": self.agents,
+            "seeds": self.run.seeds.tolist(),  # the episodes, in the order of every per-episode list
             "first_lag": inf.first_lag(),
             "influence": inf.matrix(inf.effect),
             "influence_ci": {"lo": inf.matrix(inf.lo), "hi": inf.matrix(inf.hi)},

@@ -3,11 +3,13 @@ timeline of a representative faulted episode."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+from madistill.cascade.alerts import mean_ci
 from madistill.cascade.monitor import CascadeStudy
 
 
@@ -43,17 +45,69 @@ def markdown(result: dict[str, Any], env_id: str, policy: str, episodes: int) ->
     return "\n".join(lines) + "\n"
 
 
-def comparison(results: dict[str, dict[str, Any]]) -> str:
-    """The policies side by side on the same faults and episodes: cascade size and the non-faulted agents' mean
-    return delta (faulted - clean), each with its 95% CI over episodes."""
-    lines = ["## Comparison (same faults, same episodes)", "",
-             "| fault | policy | cascade size (95% CI) | non-faulted agents' return delta (95% CI) |", "|---|---|---|---|"]
-    for label in next(iter(results.values()))["faults"]:
-        for policy, r in results.items():
-            c = r["faults"][label]["cascade"]
-            lines.append(f"| {label} | {policy} | {c['size_mean']:.2f} [{c['size_ci'][0]:.2f}, {c['size_ci'][1]:.2f}] | "
-                         f"{c['others_return_delta']:+.3f} [{c['others_return_delta_ci'][0]:+.3f}, "
-                         f"{c['others_return_delta_ci'][1]:+.3f}] |")
+# the per-episode lists of a cascade that policies are compared by
+PER_EPISODE = ("sizes", "others_return_deltas", "others_clean_returns")
+
+
+def _measures(cascade: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A cascade's compared measures per episode: its size, the non-faulted agents' return delta (faulted - clean),
+    their clean return (what the delta is taken from) and their faulted return (clean + delta)."""
+    size, delta, clean = (np.asarray(cascade[k], dtype=np.float64) for k in PER_EPISODE)
+    return {"size": size, "others_return_delta": delta, "others_clean_return": clean, "others_faulted_return": clean + delta}
+
+
+def baseline(label: str, labels: Sequence[str]) -> str:
+    """The policy ``label`` is compared with: its own run's teacher (``teacher@<run>``), else ``teacher``, else the
+    first of ``labels``."""
+    run = label.split("@", 1)[1] if "@" in label else None
+    return next((c for c in (f"teacher@{run}" if run else None, "teacher") if c in labels), labels[0])
+
+
+def compare(results: Mapping[str, Mapping[str, Any]], n_boot: int, confidence: float,
+            strata: Sequence[Any] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """The policies side by side on the same faults and episodes: per fault and policy, each measure of
+    :func:`_measures` as ``{mean, lo, hi, n}`` with its bootstrap CI, and (``<measure>_diff``) its paired difference
+    policy - ``baseline``, episode by episode, with its CI. ``results``: per policy, its study's results
+    (``reports/cascade.json``'s body), their per-episode lists over the same episodes in the same order;
+    ``strata``: one label per episode (e.g. the seed of the policies that played it), resampled within each label."""
+    labels = list(results)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for fault in results[labels[0]]["faults"]:
+        measures = {label: _measures(results[label]["faults"][fault]["cascade"]) for label in labels}
+        out[fault] = {}
+        for label in labels:
+            base = baseline(label, labels)
+            row: dict[str, Any] = {"baseline": None if base == label else base}
+            for key, x in measures[label].items():
+                row[key] = mean_ci(x, n_boot, confidence, strata)
+                if base != label:
+                    row[f"{key}_diff"] = mean_ci(x - measures[base][key], n_boot, confidence, strata)
+            out[fault][label] = row
+    return out
+
+
+def comparison(compared: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "Comparison (same faults, same "
+               "episodes)") -> str:
+    """:func:`compare`'s result as a markdown section: per fault and policy, the cascade size, the non-faulted
+    agents' return delta and their clean return with 95% CIs, and the paired differences from the policy each is
+    compared with (of the size, the return delta and the faulted return)."""
+    def ci(m: Mapping[str, float], fmt: str) -> str:
+        return f"{m['mean']:{fmt}} [{m['lo']:{fmt}}, {m['hi']:{fmt}}]"
+
+    lines = [f"## {title}", "",
+             "| fault | policy | cascade size | others' return delta | others' clean return | compared with | "
+             "size difference | return delta difference | faulted return difference |", "|---|---|---|---|---|---|---|---|---|"]
+    for fault, rows in compared.items():
+        for policy, r in rows.items():
+            diffs = ["-"] * 4 if r["baseline"] is None else [
+                r["baseline"], ci(r["size_diff"], "+.2f"), ci(r["others_return_delta_diff"], "+.3f"),
+                ci(r["others_faulted_return_diff"], "+.3f")]
+            lines.append(f"| {fault} | {policy} | {ci(r['size'], '.2f')} | {ci(r['others_return_delta'], '+.3f')} | "
+                         f"{ci(r['others_clean_return'], '.2f')} | " + " | ".join(diffs) + " |")
+    lines += ["", "Means with 95% bootstrap CIs. Cascade size: non-faulted agents that fail per episode; others' return "
+              "delta: the non-faulted agents' mean return, faulted - clean twin (negative: the fault costs them return); "
+              "differences: the policy's minus the compared policy's on the same episode (negative size difference: a "
+              "smaller cascade; positive faulted return difference: the others fare better under the fault)."]
     return "\n".join(lines) + "\n"
 
 

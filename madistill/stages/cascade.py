@@ -38,7 +38,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     from madistill.cascade.faults import FaultEnv
     from madistill.cascade.monitor import studied_faults, study
-    from madistill.cascade.report import comparison, markdown
+    from madistill.cascade.report import compare, comparison, markdown
     from madistill.common.io import atomic_write_text
     from madistill.envs.features import feature_layouts
     from madistill.evaluate.report import write_markdown
@@ -83,12 +83,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     first = next(iter(results))
     # keyed by the reports' labels (name@run with several runs), so a sweep's policies of one name stay apart
     paths = {f"{r.name}@{r.run}" if several else r.name: str(r.path) for r in refs}
+    compared = compare(results, int(cc.n_boot), float(cc.confidence)) if len(results) > 1 else None
     payload = {"meta": {"env": spec.to_dict(), "policies": paths, "episodes": cc.episodes,
-                        "seed": cc.seed, "policy": first}, **results[first], "policies": results}
+                        "seed": cc.seed, "policy": first}, **results[first], "policies": results,
+               **({"comparison": compared} if compared else {})}
     reports = run_dir / "reports"
     atomic_write_text(reports / "cascade.json", json.dumps(payload, indent=2))
     text = "\n".join([*(markdown(r, spec.id, label, int(cc.episodes)) for label, r in results.items()),
-                      *([comparison(results)] if len(results) > 1 else []),
+                      *([comparison(compared)] if compared else []),
                       *([alerts_markdown(alerts, cfg)] if alerts else [])])
     write_markdown(reports / "cascade.md", text)
     if alerts:
