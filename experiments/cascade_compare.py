@@ -17,8 +17,9 @@ t-interval over the per-seed means (the seeds as a sample of training runs). Wri
 ``experiments/results/cascade_compare_<env>.{json,md}``; each (seed, fault) run stays under ``--work`` and is
 reused when rerun with the same settings.
 
-    python experiments/cascade_compare.py speaker_listener --seeds 0 1 2
-    python experiments/cascade_compare.py spread --seeds 0 1 2
+    bash experiments/zoo.sh runs/zoo             # the teachers and students, 3 seeds per env
+    python experiments/cascade_compare.py speaker_listener --seeds 0 1 2 --zoo runs/zoo
+    python experiments/cascade_compare.py spread --seeds 0 1 2 --zoo runs/zoo
     # other policies: a path template per role, {seed} filled in
     python experiments/cascade_compare.py speaker_listener --policy teacher=<dir>/teacher_s{seed}/policies/teacher \\
         --policy digr=<dir>/digr_s{seed}/policies/student --policy robust=<dir>/robust_s{seed}/policies/student
@@ -42,16 +43,15 @@ from madistill.common.io import atomic_write_text
 from madistill.stages import cascade as cascade_stage
 
 RESULTS = Path(__file__).parent / "results"
-ZOO = "/work/zoo"
 ENVS: dict[str, dict[str, Any]] = {
     "speaker_listener": {"env": "simple_speaker_listener_v4", "victim": "speaker_0", "eps": 0.3, "policies": {
-        "teacher": f"{ZOO}/sl/s{{seed}}/policies/teacher", "plain": f"{ZOO}/sl/plain/s{{seed}}/policies/student",
-        "digr": f"{ZOO}/sl/s{{seed}}/policies/student", "robust": f"{ZOO}/sl/robust/s{{seed}}/policies/student"}},
+        "teacher": "{zoo}/sl/s{seed}/policies/teacher", "plain": "{zoo}/sl/plain/s{seed}/policies/student",
+        "digr": "{zoo}/sl/s{seed}/policies/student", "robust": "{zoo}/sl/robust/s{seed}/policies/student"}},
     "spread": {"env": "simple_spread_v3", "victim": "agent_0", "eps": 0.2, "policies": {
-        "teacher": f"{ZOO}/spread/teacher/s{{seed}}/policies/teacher",
-        "plain": f"{ZOO}/spread/plain/s{{seed}}/policies/student",
-        "digr": f"{ZOO}/spread/digr/s{{seed}}/policies/student",
-        "robust": f"{ZOO}/spread/robust/s{{seed}}/policies/student"}},
+        "teacher": "{zoo}/spread/teacher/s{seed}/policies/teacher",
+        "plain": "{zoo}/spread/plain/s{seed}/policies/student",
+        "digr": "{zoo}/spread/digr/s{seed}/policies/student",
+        "robust": "{zoo}/spread/robust/s{seed}/policies/student"}},
 }
 FAULTS = {"random": ["fault=random"], "dead": ["fault=dead"], "attack": ["fault=attack", "fault.method=pgd"]}
 FAULTS_SAID = {"random": "random actions", "dead": "dead (no-op) actions", "attack": "pgd at eps {eps} on its observation"}
@@ -155,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--faults", nargs="+", default=list(FAULTS), choices=list(FAULTS))
     p.add_argument("--policy", action="append", default=[], metavar="ROLE=TEMPLATE",
-                   help="a role's policy directory, {seed} filled in (default: the shared zoo's)")
+                   help="a role's policy directory, {seed} filled in (default: the zoo's)")
+    p.add_argument("--zoo", default="runs/zoo", help="root of the policies experiments/zoo.sh trains (default runs/zoo)")
     p.add_argument("--episodes", type=int, default=200, help="paired episodes per seed and fault (cascade.episodes)")
     p.add_argument("--onset", type=int, default=5, help="episode step at which the faults begin")
     p.add_argument("--eps", type=float, default=None, help="the attack fault's budget (default: the env's middle one)")
@@ -168,10 +169,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     templates = env["policies"] | dict(item.split("=", 1) for item in args.policy)
     by_seed: dict[int, dict[str, Any]] = {}
     for s in args.seeds:
-        policies = {role: Path(t.format(seed=s)) for role, t in templates.items()}
+        policies = {role: Path(t.format(seed=s, zoo=args.zoo)) for role, t in templates.items()}
         missing = [str(path) for path in policies.values() if not path.is_dir()]
         if missing:
-            sys.exit(f"cascade_compare: no policy at {', '.join(missing)}: leave seed {s} out or train it first")
+            sys.exit(f"cascade_compare: no policy at {', '.join(missing)}: train the zoo first "
+                     f"(bash experiments/zoo.sh {args.zoo}) or leave seed {s} out")
         runs = [study(env, policies, f, args.work / args.env / f"s{s}", args.episodes, args.onset, args.overrides)
                 for f in args.faults]
         by_seed[s] = {label: {"seeds": r["seeds"], "faults": {k: {"cascade": v["cascade"]} for run in runs
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     stem = args.out or RESULTS / f"cascade_compare_{args.env}"
     meta = {"command": command, "env": env["env"], "victim": env["victim"], "eps": env["eps"], "seeds": args.seeds,
             "episodes": args.episodes, "onset": args.onset, "faults": {f: FAULTS[f] for f in args.faults},
-            "policies": {role: [t.format(seed=s) for s in args.seeds] for role, t in templates.items()},
+            "policies": {role: [t.format(seed=s, zoo=args.zoo) for s in args.seeds] for role, t in templates.items()},
             "overrides": args.overrides, "n_boot": args.n_boot}
     atomic_write_text(stem.with_suffix(".json"), json.dumps({"meta": meta, "pooled": compared, "per_seed": by_seed}))
     text = "\n".join([
