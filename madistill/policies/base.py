@@ -151,30 +151,38 @@ def sample(dist: Distribution, generator: Generators) -> torch.Tensor:
     """Draw from a Categorical or Normal with an explicit generator (torch's ``sample`` takes none),
     so a rollout's randomness depends only on its seed. A sequence of generators splits the batch into
     as many equal consecutive chunks (one env copy's agents each), each drawn from its own stream."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        chunks = zip(_batch_chunks(dist, len(generator)), generator, strict=True)
-        return torch.cat([sample(d, g) for d, g in chunks])
-    if isinstance(dist, Categorical):
-        flat = dist.probs.reshape(-1, dist.probs.shape[-1])
-        return torch.multinomial(flat, 1, generator=generator).reshape(dist.probs.shape[:-1])
-    if isinstance(dist, Normal):
-        noise = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
-        return dist.mean + dist.stddev * noise
-    if isinstance(dist, Independent) and isinstance(dist.base_dist, Uniform):
-        u = dist.base_dist
-        return u.low + (u.high - u.low) * torch.rand(u.low.shape, generator=generator, device=u.low.device)
-    return dist.sample()
+    if generator is None or isinstance(generator, torch.Generator):
+        return _draw(_sampled(dist, chunked=False), slice(None), generator)
+    rows, params = dist.batch_shape[0] // len(generator), _sampled(dist, chunked=True)
+    return torch.cat([_draw(params, slice(i * rows, (i + 1) * rows), g) for i, g in enumerate(generator)])
 
 
-def _batch_chunks(dist: Distribution, n: int) -> list[Distribution]:
-    """``dist`` (batch ``[B, ...]``) as ``n`` distributions over consecutive rows ``B / n`` each."""
-    rows = dist.batch_shape[0] // n
-    parts = [slice(i * rows, (i + 1) * rows) for i in range(n)]
+def _sampled(dist: Distribution, chunked: bool) -> tuple[str, torch.Tensor, torch.Tensor | None] | Distribution:
+    """What a draw reads, computed once for the whole batch: ("categorical", probs, None), ("normal", mean, std)
+    or ("uniform", low, high); other distributions as they are. ``chunked``: a Categorical's probabilities
+    come from its normalised logits normalised once more, as a Categorical of a chunk of its rows computes
+    them (torch computes each row alike whatever the batch), so every chunk draws as from a distribution of
+    its own."""
     if isinstance(dist, Categorical):
-        return [Categorical(logits=dist.logits[p], validate_args=False) for p in parts]
+        return "categorical", Categorical(logits=dist.logits, validate_args=False).probs if chunked else dist.probs, None
     if isinstance(dist, Normal):
-        return [Normal(dist.mean[p], dist.stddev[p], validate_args=False) for p in parts]
+        return "normal", dist.mean, dist.stddev
     if isinstance(dist, Independent) and isinstance(dist.base_dist, Uniform):
-        u = dist.base_dist
-        return [Independent(Uniform(u.low[p], u.high[p], validate_args=False), dist.reinterpreted_batch_ndims) for p in parts]
-    raise TypeError(f"per-copy sampling streams do not support {type(dist).__name__}")
+        return "uniform", dist.base_dist.low, dist.base_dist.high
+    return dist
+
+
+def _draw(params: tuple[str, torch.Tensor, torch.Tensor | None] | Distribution, rows: slice,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """One draw for the batch rows ``rows`` of the distribution ``_sampled`` describes, from ``generator``."""
+    if isinstance(params, Distribution):
+        if rows != slice(None):
+            raise TypeError(f"per-copy sampling streams do not support {type(params).__name__}")
+        return params.sample()
+    kind, a, b = params
+    a = a[rows]
+    if kind == "categorical":
+        return torch.multinomial(a.reshape(-1, a.shape[-1]), 1, generator=generator).reshape(a.shape[:-1])
+    if kind == "normal":
+        return a + b[rows] * torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
+    return a + (b[rows] - a) * torch.rand(a.shape, generator=generator, device=a.device)
