@@ -150,39 +150,26 @@ def greedy_actions(policy: Policy, x: torch.Tensor) -> torch.Tensor:
 def sample(dist: Distribution, generator: Generators) -> torch.Tensor:
     """Draw from a Categorical or Normal with an explicit generator (torch's ``sample`` takes none),
     so a rollout's randomness depends only on its seed. A sequence of generators splits the batch into
-    as many equal consecutive chunks (one env copy's agents each), each drawn from its own stream."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return _draw(_sampled(dist, chunked=False), slice(None), generator)
-    rows, params = dist.batch_shape[0] // len(generator), _sampled(dist, chunked=True)
-    return torch.cat([_draw(params, slice(i * rows, (i + 1) * rows), g) for i, g in enumerate(generator)])
-
-
-def _sampled(dist: Distribution, chunked: bool) -> tuple[str, torch.Tensor, torch.Tensor | None] | Distribution:
-    """What a draw reads, computed once for the whole batch: ("categorical", probs, None), ("normal", mean, std)
-    or ("uniform", low, high); other distributions as they are. ``chunked``: a Categorical's probabilities
-    come from its normalised logits normalised once more, as a Categorical of a chunk of its rows computes
-    them (torch computes each row alike whatever the batch), so every chunk draws as from a distribution of
-    its own."""
+    as many equal consecutive chunks (one env copy's agents each), each drawn from its own stream: one
+    generator call per chunk, the rest of the arithmetic over the whole batch (it is elementwise)."""
+    chunked = generator is not None and not isinstance(generator, torch.Generator)
+    streams = list(generator) if chunked else [generator]  # type: ignore[arg-type]
+    rows = dist.batch_shape[0] // len(streams)
     if isinstance(dist, Categorical):
-        return "categorical", Categorical(logits=dist.logits, validate_args=False).probs if chunked else dist.probs, None
+        # a Categorical of a chunk's rows would normalise the normalised logits once more; torch computes each
+        # row alike whatever the batch, so normalising the whole batch once more gives every chunk its own
+        probs = Categorical(logits=dist.logits, validate_args=False).probs if chunked else dist.probs
+        return torch.cat([torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=g).reshape(p.shape[:-1])
+                          for p, g in zip(probs.split(rows), streams)])
     if isinstance(dist, Normal):
-        return "normal", dist.mean, dist.stddev
+        mean = dist.mean
+        noise = [torch.randn(m.shape, generator=g, device=mean.device, dtype=mean.dtype)
+                 for m, g in zip(mean.split(rows), streams)]
+        return mean + dist.stddev * torch.cat(noise)
     if isinstance(dist, Independent) and isinstance(dist.base_dist, Uniform):
-        return "uniform", dist.base_dist.low, dist.base_dist.high
-    return dist
-
-
-def _draw(params: tuple[str, torch.Tensor, torch.Tensor | None] | Distribution, rows: slice,
-          generator: torch.Generator | None) -> torch.Tensor:
-    """One draw for the batch rows ``rows`` of the distribution ``_sampled`` describes, from ``generator``."""
-    if isinstance(params, Distribution):
-        if rows != slice(None):
-            raise TypeError(f"per-copy sampling streams do not support {type(params).__name__}")
-        return params.sample()
-    kind, a, b = params
-    a = a[rows]
-    if kind == "categorical":
-        return torch.multinomial(a.reshape(-1, a.shape[-1]), 1, generator=generator).reshape(a.shape[:-1])
-    if kind == "normal":
-        return a + b[rows] * torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
-    return a + (b[rows] - a) * torch.rand(a.shape, generator=generator, device=a.device)
+        low, high = dist.base_dist.low, dist.base_dist.high
+        u = [torch.rand(x.shape, generator=g, device=low.device) for x, g in zip(low.split(rows), streams)]
+        return low + (high - low) * torch.cat(u)
+    if chunked:
+        raise TypeError(f"per-copy sampling streams do not support {type(dist).__name__}")
+    return dist.sample()
