@@ -168,6 +168,26 @@ def test_summarize_agent_missing_in_some_episodes():
     assert s["agents"]["b"]["n"] == 1
 
 
+def test_summarize_gives_every_score_the_intervals_of_its_own_bootstrap():
+    """The scores of one summary share resample indices where their episodes and strata agree: every interval
+    is the one bootstrap_ci draws for that score alone (agents present in some episodes, strata, teams)."""
+    recs = _records(40, agents=("a_0", "a_1", "b_0"))
+    for i in range(0, 40, 3):
+        del recs[i].agent_returns["b_0"]
+    strata = np.arange(40) % 2
+    teams = {"a": ["a_0", "a_1"], "b": ["b_0"]}
+    s = summarize(recs, n_boot=300, seed=5, strata=strata, teams=teams)
+    scores = {"team": (s["team"], [r.team_return for r in recs], strata),
+              "teams/b": (s["teams"]["b"], [r.agent_returns["b_0"] for r in recs if "b_0" in r.agent_returns],
+                          [k for k, r in zip(strata, recs) if "b_0" in r.agent_returns])}
+    for a in ("a_0", "a_1", "b_0"):
+        kept = [(r.agent_returns[a], k) for r, k in zip(recs, strata) if a in r.agent_returns]
+        scores[a] = (s["agents"][a], [v for v, _ in kept], [k for _, k in kept])
+    for summary, values, labels in scores.values():
+        for key, statistic in (("mean_ci", np.mean), ("iqm_ci", iqm)):
+            assert summary[key] == list(bootstrap_ci(values, statistic, n_boot=300, seed=5, strata=labels))
+
+
 # ---------------------------------------------------------------- report
 
 
