@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats as _sps
 
 from madistill.common.bootstrap import resample_indices
 from madistill.envs.episodes import EpisodeRecord
@@ -81,8 +80,19 @@ def iqm(x: np.ndarray | Sequence[float], axis: int | None = None) -> float | np.
     if arr.size == 0:
         raise ValueError("iqm of an empty array is undefined")
     if axis is None:
-        return float(_sps.trim_mean(arr.ravel(), 0.25))
-    return np.asarray(_sps.trim_mean(arr, 0.25, axis=axis), dtype=np.float64)
+        return float(_trimmed_mean(arr.ravel(), 0))
+    return np.asarray(_trimmed_mean(arr, axis), dtype=np.float64)
+
+
+def _trimmed_mean(arr: np.ndarray, axis: int) -> np.ndarray:
+    """The mean along ``axis`` of the values left after ``int(0.25 * n)`` of the lowest and as many of the
+    highest are dropped: the values at sorted positions cut..n-cut-1, placed there by one partition at its two
+    ends (without importing SciPy, whose ``trim_mean`` gives these numbers, for one function)."""
+    n = arr.shape[axis]
+    cut = int(0.25 * n)
+    middle = [slice(None)] * arr.ndim
+    middle[axis] = slice(cut, n - cut)
+    return np.mean(np.partition(arr, (cut, n - cut - 1), axis)[tuple(middle)], axis=axis)
 
 
 def _apply_statistic(statistic: Callable[..., Any], samples: np.ndarray) -> np.ndarray:
