@@ -279,3 +279,17 @@ def test_markdown_table_one_row_per_key(tmp_path):
     assert {len(re.split(r"(?<!\\)\|", line)) for line in lines} == {len(lines[0].split("|"))}
     p = write_markdown(tmp_path / "table.md", text)
     assert p.read_text() == text
+
+
+def test_the_evaluation_attack_and_cascade_modules_import_neither_matplotlib_nor_scipy():
+    """Matplotlib is imported by the first figure drawn and SciPy by no evaluation: a stage with
+    logger.figures=false starts without either (each is a large part of a short stage's start-up)."""
+    import subprocess
+    import sys
+
+    modules = ("madistill.tb", "madistill.stages.evaluate", "madistill.evaluate.stats", "madistill.stages.figures",
+               "madistill.attacks.robustness", "madistill.cascade.report", "madistill.cascade.monitor")
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            "print(sorted(m for m in ('matplotlib', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"
