@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
-matplotlib.use("Agg")  # headless: figures are written to files and TensorBoard, never shown
-import matplotlib.pyplot as plt  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-from torch.utils.tensorboard.summary import hparams  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the headless Agg backend (figures are written to files and TensorBoard, never
+    shown), imported by the first figure drawn: importing matplotlib is a large part of a stage's start-up, and
+    a stage with ``logger.figures=false`` draws none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 class TBLogger:
@@ -55,7 +67,7 @@ class TBLogger:
         if self.writer is not None:
             self.writer.add_histogram(tag, values, step)
 
-    def figure(self, tag: str, fig: plt.Figure, step: int = 0) -> Path | None:
+    def figure(self, tag: str, fig: Figure, step: int = 0) -> Path | None:
         """Save ``fig`` as ``<figure_dir>/<tag>.png`` and log it; closes the figure."""
         path = None
         if self.figure_dir is not None:
@@ -64,7 +76,7 @@ class TBLogger:
             fig.savefig(path, dpi=120, bbox_inches="tight")
         if self.writer is not None:
             self.writer.add_figure(tag, fig, step, close=False)
-        plt.close(fig)
+        pyplot().close(fig)
         return path
 
     def hparams(self, hparam_dict: dict[str, Any], metric_dict: dict[str, float]) -> None:

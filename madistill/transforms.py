@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ class StepContext:
 
 class Transform:
     """What observation and action transforms share: hooks at a rollout's reset and at each copy's episode start."""
+
+    # whether it draws from the rollout's generator (StepContext.generator), one stream for all copies, so
+    # that its draws, and the episodes it plays, depend on how many copies play them (evaluator.episode_copies)
+    shared_stream: ClassVar[bool] = False
 
     def reset(self) -> None:  # noqa: B027 - optional hook; stateless transforms need not override it
         """Forget per-episode state (called when a rollout is reset)."""

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from madistill.attacks.transform import AttackTransform
+from madistill.cascade.faults import AttackFault
 from madistill.envs import EnvSpec, MultiAgentVecEnv
-from madistill.evaluate.evaluator import run_episodes, uniform_team
+from madistill.evaluate.evaluator import episode_copies, run_episodes, uniform_team
 from madistill.normalize import ObsNormalizer
 from madistill.policies import SB3Policy, TeamPolicy
 from madistill.rollout import Rollout
+from madistill.transforms import ObsTransform
 
 SPREAD = EnvSpec(
     "mpe2.simple_spread_v3.parallel_env", {"N": 3, "max_cycles": 25, "continuous_actions": False}
@@ -135,3 +138,37 @@ def test_rollout_run_steps_counts_and_episode_records(spread):
     assert [len(e) for e in seen].index(2) == 24
     with pytest.raises(ValueError):
         rollout.run()
+
+
+class _SharedDraws(ObsTransform):
+    """A transform that says it draws from the rollout's shared stream (and changes nothing)."""
+
+    shared_stream = True
+
+    def __call__(self, obs, ctx):
+        return obs
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_batched_runs_play_all_their_episodes_at_once_where_no_draw_depends_on_the_copy_count(continuous, monkeypatch):
+    """On the batched backend, greedy runs and runs sampling from per-episode streams play all their episodes at
+    once (never on fewer copies than the env has), with the records the PettingZoo backend gives at its copy
+    count; a run drawing from the stream the copies share keeps the env's copies, as does PettingZoo."""
+    spec = EnvSpec(SPREAD.target, {**SPREAD.kwargs, "max_cycles": 10, "continuous_actions": continuous})
+    with MultiAgentVecEnv(spec, 4, backend="pettingzoo") as pz, MultiAgentVecEnv(spec, 4, backend="batched") as bt:
+        assert episode_copies(bt, 9, own_streams=True) == 9
+        assert episode_copies(bt, 2, own_streams=True) == 4
+        assert episode_copies(bt, 9, own_streams=False) == 4  # sampled actions from the stream the copies share
+        assert episode_copies(bt, 9, own_streams=True, transforms=[_SharedDraws()]) == 4
+        assert episode_copies(pz, 9, own_streams=True) == 4
+        assert AttackTransform.shared_stream and AttackFault.shared_stream
+        team = _sb3_team(pz)
+        widened = []
+        with_copies = bt.with_copies
+        monkeypatch.setattr(bt, "with_copies", lambda n: widened.append(n) or with_copies(n))
+        for deterministic, streams in ((True, False), (False, True)):
+            batched = run_episodes(bt, team, 9, 5, deterministic, episode_streams=streams)
+            assert batched == run_episodes(pz, team, 9, 5, deterministic, episode_streams=streams)
+        assert widened == [9, 9]
+        run_episodes(bt, team, 9, 5, deterministic=False)
+        assert widened == [9, 9]

@@ -58,6 +58,21 @@ def test_iqm_hand_computed():
         iqm([])
 
 
+def test_iqm_gives_scipys_trimmed_mean_bit_for_bit():
+    """The published IQMs and their intervals were computed with scipy.stats.trim_mean(x, 0.25): the same
+    floats, for single arrays and for bootstrap matrices along either axis, with ties and odd sizes."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7, 8, 101, 1000):
+        x = rng.normal(size=n) * 10
+        for values in (x, np.round(x)):
+            assert iqm(values) == float(stats.trim_mean(values, 0.25))
+        m = rng.normal(size=(300, n))
+        for axis in (0, -1):
+            assert np.array_equal(iqm(m, axis=axis), stats.trim_mean(m, 0.25, axis=axis))
+
+
 def test_bootstrap_ci_contains_mean_and_shrinks():
     rng = np.random.default_rng(1)
     small = rng.normal(size=20)
@@ -168,6 +183,26 @@ def test_summarize_agent_missing_in_some_episodes():
     assert s["agents"]["b"]["n"] == 1
 
 
+def test_summarize_gives_every_score_the_intervals_of_its_own_bootstrap():
+    """The scores of one summary share resample indices where their episodes and strata agree: every interval
+    is the one bootstrap_ci draws for that score alone (agents present in some episodes, strata, teams)."""
+    recs = _records(40, agents=("a_0", "a_1", "b_0"))
+    for i in range(0, 40, 3):
+        del recs[i].agent_returns["b_0"]
+    strata = np.arange(40) % 2
+    teams = {"a": ["a_0", "a_1"], "b": ["b_0"]}
+    s = summarize(recs, n_boot=300, seed=5, strata=strata, teams=teams)
+    scores = {"team": (s["team"], [r.team_return for r in recs], strata),
+              "teams/b": (s["teams"]["b"], [r.agent_returns["b_0"] for r in recs if "b_0" in r.agent_returns],
+                          [k for k, r in zip(strata, recs) if "b_0" in r.agent_returns])}
+    for a in ("a_0", "a_1", "b_0"):
+        kept = [(r.agent_returns[a], k) for r, k in zip(recs, strata) if a in r.agent_returns]
+        scores[a] = (s["agents"][a], [v for v, _ in kept], [k for _, k in kept])
+    for summary, values, labels in scores.values():
+        for key, statistic in (("mean_ci", np.mean), ("iqm_ci", iqm)):
+            assert summary[key] == list(bootstrap_ci(values, statistic, n_boot=300, seed=5, strata=labels))
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -244,3 +279,17 @@ def test_markdown_table_one_row_per_key(tmp_path):
     assert {len(re.split(r"(?<!\\)\|", line)) for line in lines} == {len(lines[0].split("|"))}
     p = write_markdown(tmp_path / "table.md", text)
     assert p.read_text() == text
+
+
+def test_the_evaluation_attack_and_cascade_modules_import_neither_matplotlib_nor_scipy():
+    """Matplotlib is imported by the first figure drawn and SciPy by no evaluation: a stage with
+    logger.figures=false starts without either (each is a large part of a short stage's start-up)."""
+    import subprocess
+    import sys
+
+    modules = ("madistill.tb", "madistill.stages.evaluate", "madistill.evaluate.stats", "madistill.stages.figures",
+               "madistill.attacks.robustness", "madistill.cascade.report", "madistill.cascade.monitor")
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            "print(sorted(m for m in ('matplotlib', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"

@@ -133,6 +133,8 @@ class LearnedAdversary(ObsTransform):
     """Applies a trained adversary's deterministic perturbation to the live victims (white-box free), in each
     env copy with chance ``frequency`` per step (drawn from the rollout's generator, like AttackTransform)."""
 
+    shared_stream = True  # its sparse timing draws from the rollout's generator
+
     def __init__(self, model: PPO, victims: Sequence[str], budgets: Mapping[str, Budget], frequency: float = 1.0):
         self.model, self.victims, self.budgets = model, list(victims), dict(budgets)
         self.frequency = float(frequency)

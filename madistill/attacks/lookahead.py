@@ -31,6 +31,8 @@ class LookaheadAttack(ObsTransform):
     the same rollout, last in its action chain (``transforms()`` lists both): it records the prefix every
     branch replays."""
 
+    shared_stream = True  # random starts and sparse timing draw from the rollout's generator
+
     def __init__(self, attack: Attack, victims: Sequence[str], budgets: Mapping[str, Budget], branching: Branching,
                  horizon: int = 1, gamma: float = 0.99, critic: TeamPolicy | None = None, frequency: float = 1.0):
         box = [g.name for g in branching.groups if not g.discrete and victim_slots(g, victims)]

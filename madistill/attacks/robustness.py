@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -30,6 +29,7 @@ from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
 from madistill.evaluate.stats import bootstrap_ci
 from madistill.policies.base import TeamPolicy
+from madistill.tb import pyplot
 from madistill.transforms import ActionTransform, ObsTransform
 
 # The attack suite by name: "critic" is PGD on minus a critic's value, "transfer" is PGD crafted on a
@@ -38,6 +38,9 @@ from madistill.transforms import ActionTransform, ObsTransform
 # "pgd_strong" (2x steps, 2x restarts) runs for the masking checks; "targeted_random" and "targeted_lowest" are
 # PGD towards a chosen action (methods.targets), "targeted_lookahead" towards the action a branch of the episode
 # shows most harmful (attacks.lookahead); all three opt-in: the default suite lists do not name them.
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 SUITE = tuple(AttackMethod)
 
 # What each attacker knows and can do, per step and per victim, inside the same l_inf budget: the report and
@@ -377,11 +380,11 @@ def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budge
         res.add_checks(f"probe:{g.name}", flags)
 
 
-def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: str) -> plt.Figure:
+def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: str) -> Figure:
     """Per policy (columns): team return vs eps, one line per attack, clean and random as references (top;
     with several teams, each team's worst case from its clean return at eps 0, its random return dashed);
     each agent's return under the worst-case attack (for its team) at each eps, from its clean return (bottom)."""
-    fig, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 6.4), squeeze=False, sharey="row")
+    fig, axes = pyplot().subplots(2, len(results), figsize=(4.2 * len(results), 6.4), squeeze=False, sharey="row")
     for col, (name, res) in enumerate(results.items()):
         team_ax, agent_ax = axes[0][col], axes[1][col]
         eps = sorted({e for r in res.returns.get(victims, {}).values() for e in r})

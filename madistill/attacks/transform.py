@@ -24,6 +24,8 @@ class AttackTransform(ObsTransform):
     timing draws from the rollout's generator, so it is reproducible with the seed).
     """
 
+    shared_stream = True  # random starts and sparse timing draw from the rollout's generator
+
     def __init__(
         self,
         attack: Attack,

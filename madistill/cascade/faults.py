@@ -279,6 +279,8 @@ class AttackFault(ObsFault):
     """An attack of the attack suite (``method``) at budget ``eps`` on the victims' observations, crafted
     white-box on the acting team (the critic method on its value heads)."""
 
+    shared_stream = True  # random starts and sparse timing draw from the rollout's generator
+
     def __init__(self, scope: Scope, method: str, budgets: Mapping[str, Budget], attack_cfg: Any):
         super().__init__(scope)
         if method in ("learned", "offsets", "transfer", "targeted_lookahead"):

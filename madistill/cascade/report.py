@@ -4,13 +4,16 @@ timeline of a representative faulted episode."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from madistill.cascade.alerts import mean_ci
 from madistill.cascade.monitor import CascadeStudy
+from madistill.tb import pyplot
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def markdown(result: dict[str, Any], env_id: str, policy: str, episodes: int) -> str:
@@ -111,11 +114,11 @@ def comparison(compared: Mapping[str, Mapping[str, Mapping[str, Any]]], title: s
     return "\n".join(lines) + "\n"
 
 
-def heatmaps(study: CascadeStudy) -> plt.Figure:
+def heatmaps(study: CascadeStudy) -> Figure:
     """The influence matrix (mean TV of dst's action distribution k steps after src's impulse), one panel per lag."""
     inf = study.influence
     k, n = inf.lags, len(inf.agents)
-    fig, axes = plt.subplots(1, k, figsize=(2.2 * k + 1, 2.4 + 0.15 * n), squeeze=False)
+    fig, axes = pyplot().subplots(1, k, figsize=(2.2 * k + 1, 2.4 + 0.15 * n), squeeze=False)
     top = float(np.nanmax(inf.effect, initial=0.0)) or 1.0
     for lag, ax in enumerate(axes[0]):
         im = ax.imshow(np.nan_to_num(inf.effect[:, :, lag]), vmin=0, vmax=top, cmap="viridis")
@@ -128,13 +131,13 @@ def heatmaps(study: CascadeStudy) -> plt.Figure:
     return fig
 
 
-def graph(study: CascadeStudy) -> plt.Figure:
+def graph(study: CascadeStudy) -> Figure:
     """The lag-1 influence graph: agents on a circle, an arrow per edge, its width by the lag-1 effect."""
     inf = study.influence
     n = len(inf.agents)
     angle = 2 * np.pi * np.arange(n) / n
     pos = np.stack([np.cos(angle), np.sin(angle)], 1)
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = pyplot().subplots(figsize=(4, 4))
     top = float(np.nanmax(inf.effect[:, :, 0], initial=0.0)) or 1.0
     for s, d, _ in inf.edges():
         i, j = inf.agents.index(s), inf.agents.index(d)
@@ -150,14 +153,14 @@ def graph(study: CascadeStudy) -> plt.Figure:
     return fig
 
 
-def timeline(study: CascadeStudy, i: int) -> plt.Figure:
+def timeline(study: CascadeStudy, i: int) -> Figure:
     """Studied fault i's representative episode: each agent's TV from its clean twin over the episode, the onset
     marked, each failure marked where it happened."""
     c, f = study.cascades[i], study.block(i)
     e = c.representative()
     tv = study.run.tv[f, e]  # [T, A]
     agents = study.run.agents
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * len(agents)))
+    fig, ax = pyplot().subplots(figsize=(7, 0.5 + 0.35 * len(agents)))
     im = ax.imshow(np.nan_to_num(tv.T), aspect="auto", vmin=0, vmax=1, cmap="magma", interpolation="nearest")
     onset = int(study.run.onsets[f, e])
     ax.axvline(onset - 0.5, color="cyan", lw=1.5, label="onset")

@@ -13,7 +13,13 @@ def resample(x: np.ndarray, n_boot: int, rng: np.random.Generator,
              strata: np.ndarray | Sequence[Any] | None = None) -> np.ndarray:
     """The ``(n_boot, n)`` matrix of bootstrap resamples of the 1-D ``x``; with ``strata`` (one label per
     value) each stratum is resampled on its own and keeps its size and positions."""
-    n = x.size
+    return x[resample_indices(x.size, n_boot, rng, strata)]
+
+
+def resample_indices(n: int, n_boot: int, rng: np.random.Generator,
+                     strata: np.ndarray | Sequence[Any] | None = None) -> np.ndarray:
+    """The ``(n_boot, n)`` indices of ``resample``: they depend on the number of values, their strata and the
+    generator alone, so values of the same length and strata can share them."""
     if strata is None:
         idx = rng.integers(0, n, size=(n_boot, n))
     else:
@@ -27,4 +33,4 @@ def resample(x: np.ndarray, n_boot: int, rng: np.random.Generator,
             members = np.flatnonzero(inverse == k)
             draws = rng.integers(0, members.size, size=(n_boot, members.size))
             idx[:, members] = members[draws]
-    return x[idx]
+    return idx

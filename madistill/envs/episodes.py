@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -15,7 +16,8 @@ class EpisodeRecord:
     length: int  # env steps
     agent_returns: dict[str, float]  # undiscounted return per agent id
 
-    @property
+    @cached_property
     def team_return(self) -> float:
-        """Mean over agents of each agent's episode return."""
+        """Mean over agents of each agent's episode return (computed once: every report reads it, and a record
+        does not change once its episode has ended)."""
         return float(np.mean(list(self.agent_returns.values())))

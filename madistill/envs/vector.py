@@ -339,6 +339,7 @@ class MultiAgentVecEnv:
             raise ValueError(f"seed_period must divide num_envs={num_envs}, got {seed_period}")
         self.spec = spec
         self.num_envs = num_envs
+        self.grouping, self.nan_policy, self.seed_period = grouping, nan_policy, seed_period
         self.backend = choose_backend(spec, backend, render_mode)
         copies = _copies_class(self.backend)
         self.num_workers = min(DEFAULT_WORKERS[self.backend] if num_workers is None else num_workers, num_envs)
@@ -379,6 +380,11 @@ class MultiAgentVecEnv:
     episode_seeds: np.ndarray
     """``[num_envs]``: the seed of the episode each copy plays in the latest observations (set by ``reset``
     and ``step``; empty before the first ``reset``)."""
+
+    def with_copies(self, num_envs: int) -> MultiAgentVecEnv:
+        """A vector env of the same env, backend, grouping and NaN policy with ``num_envs`` copies, stepped in this
+        process (for the batched backend, where one set of array operations steps any number of copies)."""
+        return MultiAgentVecEnv(self.spec, num_envs, 0, self.grouping, nan_policy=self.nan_policy, backend=self.backend)
 
     @property
     def group_names(self) -> list[str]:

@@ -23,6 +23,23 @@ from madistill.policies.uniform import UniformPolicy
 from madistill.rollout import Rollout
 from madistill.transforms import ActionTransform, ObsTransform
 
+# The most copies a batched run plays at once: the port's env-steps/s levels off by 4,096 copies
+# (docs/batched_mpe.md, Speed) while its memory keeps growing with them.
+BATCHED_COPIES = 4096
+
+
+def episode_copies(venv: MultiAgentVecEnv, episodes: int, own_streams: bool,
+                   transforms: Sequence[ObsTransform | ActionTransform] = ()) -> int:
+    """How many env copies play ``episodes`` episodes of ``venv``'s env: on the batched backend, where one set
+    of array operations steps any number of copies, all of them at once (up to ``BATCHED_COPIES``, and never
+    fewer than ``venv.num_envs``) when no draw depends on the copy count: every action greedy or drawn from
+    its episode's own stream (``own_streams``), and no transform drawing from the stream the copies share.
+    Otherwise, and on the PettingZoo backend, ``venv.num_envs``."""
+    if (venv.backend != "batched" or venv.seed_period is not None or not own_streams
+            or any(t.shared_stream for t in transforms)):
+        return venv.num_envs
+    return max(venv.num_envs, min(episodes, BATCHED_COPIES))
+
 
 def run_episodes(
     venv: MultiAgentVecEnv,
@@ -36,7 +53,11 @@ def run_episodes(
 ) -> list[EpisodeRecord]:
     """Play episodes with seeds ``seed .. seed+episodes-1``; same inputs give the same records.
     ``episode_streams``: sampled actions come from one stream per episode, so they do not depend on
-    ``venv.num_envs`` either (see ``Rollout``)."""
+    ``venv.num_envs`` either (see ``Rollout``). The copies that play them: ``episode_copies``."""
+    copies = episode_copies(venv, episodes, deterministic or episode_streams, transforms)
+    if copies != venv.num_envs:
+        with venv.with_copies(copies) as wide:
+            return run_episodes(wide, team, episodes, seed, deterministic, transforms, progress, episode_streams)
     rollout = Rollout(venv, team, transforms=transforms, deterministic=deterministic, seed=seed,
                       episode_streams=episode_streams)
     return rollout.run(episodes=episodes, progress=progress)

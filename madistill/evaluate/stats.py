@@ -23,9 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats as _sps
 
-from madistill.common.bootstrap import resample
+from madistill.common.bootstrap import resample_indices
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.teams import several_teams, team_arrays
 
@@ -81,8 +80,19 @@ def iqm(x: np.ndarray | Sequence[float], axis: int | None = None) -> float | np.
     if arr.size == 0:
         raise ValueError("iqm of an empty array is undefined")
     if axis is None:
-        return float(_sps.trim_mean(arr.ravel(), 0.25))
-    return np.asarray(_sps.trim_mean(arr, 0.25, axis=axis), dtype=np.float64)
+        return float(_trimmed_mean(arr.ravel(), 0))
+    return np.asarray(_trimmed_mean(arr, axis), dtype=np.float64)
+
+
+def _trimmed_mean(arr: np.ndarray, axis: int) -> np.ndarray:
+    """The mean along ``axis`` of the values left after ``int(0.25 * n)`` of the lowest and as many of the
+    highest are dropped: the values at sorted positions cut..n-cut-1, placed there by one partition at its two
+    ends (without importing SciPy, whose ``trim_mean`` gives these numbers, for one function)."""
+    n = arr.shape[axis]
+    cut = int(0.25 * n)
+    middle = [slice(None)] * arr.ndim
+    middle[axis] = slice(cut, n - cut)
+    return np.mean(np.partition(arr, (cut, n - cut - 1), axis)[tuple(middle)], axis=axis)
 
 
 def _apply_statistic(statistic: Callable[..., Any], samples: np.ndarray) -> np.ndarray:
@@ -146,12 +156,16 @@ def _replicates(
 ) -> np.ndarray:
     """The ``(n_boot, n)`` matrix of (stratified) bootstrap resamples of ``scores``."""
     x = np.asarray(scores, dtype=np.float64).ravel()
-    n = x.size
+    return x[_indices(x.size, n_boot, seed, strata)]
+
+
+def _indices(n: int, n_boot: int, seed: int, strata: np.ndarray | Sequence[Any] | None) -> np.ndarray:
+    """The ``(n_boot, n)`` indices of ``_replicates`` for ``n`` scores."""
     if n == 0:
         raise ValueError("bootstrap_ci needs at least one score")
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    return resample(x, int(n_boot), np.random.default_rng(seed), strata)
+    return resample_indices(n, int(n_boot), np.random.default_rng(seed), strata)
 
 
 def _percentile_ci(boot: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -168,12 +182,15 @@ def summarize_scores(
     confidence: float = 0.95,
     seed: int = 0,
     strata: np.ndarray | Sequence[Any] | None = None,
+    indices: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Point statistics and bootstrap CIs of one 1-D array of scores.
 
     Returns a JSON-serialisable dict with keys ``mean``, ``iqm``, ``std``
     (sample standard deviation, ``ddof=1``; 0.0 for a single score), ``min``,
     ``max``, ``mean_ci`` and ``iqm_ci`` (``[lo, hi]`` lists) and ``n``.
+    ``indices``: the resample indices of scores of this length and ``strata``
+    with this seed, where the caller has drawn them for other scores already.
     """
     x = np.asarray(scores, dtype=np.float64).ravel()
     if x.size == 0:
@@ -184,7 +201,8 @@ def summarize_scores(
         mean_ci = (mean, mean)
         iqm_ci = (point_iqm, point_iqm)
     else:
-        samples = _replicates(x, n_boot, seed, strata)  # one draw serves both statistics (same seed as two calls)
+        # one draw serves both statistics (same seed as two calls)
+        samples = x[_indices(x.size, n_boot, seed, strata) if indices is None else indices]
         mean_ci = _percentile_ci(_apply_statistic(np.mean, samples), confidence)
         iqm_ci = _percentile_ci(_apply_statistic(iqm, samples), confidence)
     return {
@@ -253,12 +271,20 @@ def summarize(
             if aid not in agent_ids:
                 agent_ids.append(aid)
 
+    drawn: dict[bytes, np.ndarray] = {}  # the resample indices per subset of the episodes: the same for its scores
+
+    def indices(present: np.ndarray) -> np.ndarray:
+        key = present.tobytes()
+        if key not in drawn:
+            drawn[key] = _indices(int(present.sum()), n_boot, seed, None if labels is None else labels[present])
+        return drawn[key]
+
     agents: dict[str, Any] = {}
     for aid in agent_ids:
         present = np.array([aid in r.agent_returns for r in records], dtype=bool)
         vals = np.array([r.agent_returns[aid] for r in records if aid in r.agent_returns])
         agents[aid] = summarize_scores(
-            vals, n_boot, confidence, seed, None if labels is None else labels[present]
+            vals, n_boot, confidence, seed, None if labels is None else labels[present], indices(present)
         )
 
     lengths = np.array([r.length for r in records], dtype=np.float64)
@@ -266,7 +292,7 @@ def summarize(
         "n_episodes": n_ep,
         "confidence": float(confidence),
         "n_boot": int(n_boot),
-        "team": summarize_scores(team, n_boot, confidence, seed, labels),
+        "team": summarize_scores(team, n_boot, confidence, seed, labels, indices(np.ones(n_ep, dtype=bool))),
         "agents": agents,
         "episode_length": {
             "mean": float(np.mean(lengths)),
@@ -281,6 +307,6 @@ def summarize(
             vals = team_arrays(records, members)
             present = ~np.isnan(vals)
             out["teams"][team] = summarize_scores(
-                vals[present], n_boot, confidence, seed, None if labels is None else labels[present]
+                vals[present], n_boot, confidence, seed, None if labels is None else labels[present], indices(present)
             )
     return out

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -25,8 +24,12 @@ from madistill.explain.quality import (
     summary,
 )
 from madistill.policies.base import Policy, greedy_actions
+from madistill.tb import pyplot
 
 # per-observation values: scores[method][metric] = [B] array; "curves" hold [B, G + 1] arrays
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 Scores = dict[str, dict[str, Any]]
 FLOOR = "random order"  # the pseudo-method holding the random-order floor
 
@@ -126,10 +129,10 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], eps
     return "\n".join(lines)
 
 
-def curves_figure(summaries: Mapping[str, Mapping[str, Any]], title: str) -> plt.Figure:
+def curves_figure(summaries: Mapping[str, Mapping[str, Any]], title: str) -> Figure:
     """Mean deletion (left) and insertion (right) curves of each method of one policy and group, the random
     order dashed."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, kind in zip(axes, ("deletion", "insertion")):
         for m, s in summaries.items():
             curve = s["curves"][kind]

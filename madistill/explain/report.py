@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -13,6 +13,10 @@ from madistill.envs.features import FeatureLayout
 from madistill.explain.metrics import agreement
 from madistill.explain.saliency import SaliencyLabeller, gradient_saliency
 from madistill.policies.base import TeamPolicy
+from madistill.tb import pyplot
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METHODS = ("perturbation", "gradient")
 
@@ -83,12 +87,12 @@ def save_arrays(path: Path, maps: SaliencyMaps, raw_obs: Mapping[str, torch.Tens
 
 def mean_heatmap(
     maps: SaliencyMaps, group: str, layout: FeatureLayout, title: str, methods: Sequence[str] = METHODS
-) -> plt.Figure:
+) -> Figure:
     """Rows: policy x method (of ``methods``); columns: feature groups; colour: mean saliency over the observations."""
     rows = [(n, m) for n in maps for m in methods]
     values = np.stack([maps[n][group][m].mean(0) for n, m in rows])
     # the width leaves room for the "policy · method" row labels left of the cells
-    fig, ax = plt.subplots(figsize=(3.5 + 0.55 * len(layout), 0.9 + 0.42 * len(rows)))
+    fig, ax = pyplot().subplots(figsize=(3.5 + 0.55 * len(layout), 0.9 + 0.42 * len(rows)))
     im = ax.imshow(values, cmap="viridis", vmin=0, vmax=max(1e-9, values.max()), aspect="auto")
     ax.set_xticks(range(len(layout)), layout.names, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), [f"{n} · {m}" for n, m in rows])
@@ -100,10 +104,10 @@ def mean_heatmap(
     return fig
 
 
-def per_observation_heatmaps(maps: SaliencyMaps, group: str, layout: FeatureLayout, rows: int) -> plt.Figure:
+def per_observation_heatmaps(maps: SaliencyMaps, group: str, layout: FeatureLayout, rows: int) -> Figure:
     """One panel per policy x method: the first ``rows`` observations (rows) over feature groups."""
     panels = [(n, m) for n in maps for m in METHODS]
-    fig, axes = plt.subplots(1, len(panels), figsize=(0.4 * len(layout) * len(panels) + 1.5, 4.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(0.4 * len(layout) * len(panels) + 1.5, 4.5), squeeze=False)
     for ax, (n, m) in zip(axes[0], panels):
         a = maps[n][group][m][:rows]
         ax.imshow(a, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")

@@ -150,31 +150,26 @@ def greedy_actions(policy: Policy, x: torch.Tensor) -> torch.Tensor:
 def sample(dist: Distribution, generator: Generators) -> torch.Tensor:
     """Draw from a Categorical or Normal with an explicit generator (torch's ``sample`` takes none),
     so a rollout's randomness depends only on its seed. A sequence of generators splits the batch into
-    as many equal consecutive chunks (one env copy's agents each), each drawn from its own stream."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        chunks = zip(_batch_chunks(dist, len(generator)), generator, strict=True)
-        return torch.cat([sample(d, g) for d, g in chunks])
+    as many equal consecutive chunks (one env copy's agents each), each drawn from its own stream: one
+    generator call per chunk, the rest of the arithmetic over the whole batch (it is elementwise)."""
+    chunked = generator is not None and not isinstance(generator, torch.Generator)
+    streams = list(generator) if chunked else [generator]  # type: ignore[arg-type]
+    rows = dist.batch_shape[0] // len(streams)
     if isinstance(dist, Categorical):
-        flat = dist.probs.reshape(-1, dist.probs.shape[-1])
-        return torch.multinomial(flat, 1, generator=generator).reshape(dist.probs.shape[:-1])
+        # a Categorical of a chunk's rows would normalise the normalised logits once more; torch computes each
+        # row alike whatever the batch, so normalising the whole batch once more gives every chunk its own
+        probs = Categorical(logits=dist.logits, validate_args=False).probs if chunked else dist.probs
+        return torch.cat([torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=g).reshape(p.shape[:-1])
+                          for p, g in zip(probs.split(rows), streams)])
     if isinstance(dist, Normal):
-        noise = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
-        return dist.mean + dist.stddev * noise
+        mean = dist.mean
+        noise = [torch.randn(m.shape, generator=g, device=mean.device, dtype=mean.dtype)
+                 for m, g in zip(mean.split(rows), streams)]
+        return mean + dist.stddev * torch.cat(noise)
     if isinstance(dist, Independent) and isinstance(dist.base_dist, Uniform):
-        u = dist.base_dist
-        return u.low + (u.high - u.low) * torch.rand(u.low.shape, generator=generator, device=u.low.device)
+        low, high = dist.base_dist.low, dist.base_dist.high
+        u = [torch.rand(x.shape, generator=g, device=low.device) for x, g in zip(low.split(rows), streams)]
+        return low + (high - low) * torch.cat(u)
+    if chunked:
+        raise TypeError(f"per-copy sampling streams do not support {type(dist).__name__}")
     return dist.sample()
-
-
-def _batch_chunks(dist: Distribution, n: int) -> list[Distribution]:
-    """``dist`` (batch ``[B, ...]``) as ``n`` distributions over consecutive rows ``B / n`` each."""
-    rows = dist.batch_shape[0] // n
-    parts = [slice(i * rows, (i + 1) * rows) for i in range(n)]
-    if isinstance(dist, Categorical):
-        return [Categorical(logits=dist.logits[p], validate_args=False) for p in parts]
-    if isinstance(dist, Normal):
-        return [Normal(dist.mean[p], dist.stddev[p], validate_args=False) for p in parts]
-    if isinstance(dist, Independent) and isinstance(dist.base_dist, Uniform):
-        u = dist.base_dist
-        return [Independent(Uniform(u.low[p], u.high[p], validate_args=False), dist.reinterpreted_batch_ndims) for p in parts]
-    raise TypeError(f"per-copy sampling streams do not support {type(dist).__name__}")

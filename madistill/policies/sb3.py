@@ -39,12 +39,22 @@ def sb3_observation_space(group: AgentGroup, arch: dict[str, Any]) -> spaces.Box
     return spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
 
 
+class _NoOptimizer:
+    """Takes the place of the optimiser SB3 builds into every policy, for policies that only act or lend their
+    weights: training gets its own from SB3's PPO (``teacher.build_model``), and the first torch optimiser a
+    process builds imports torch's compiler, seconds of a short stage's start-up."""
+
+    def __init__(self, params: Any, lr: float, **kwargs: Any):
+        pass
+
+
 def build_sb3_policy(group: AgentGroup, arch: dict[str, Any]) -> ActorCriticPolicy:
-    """A fresh SB3 actor-critic with separate actor and critic MLPs of the given widths."""
+    """A fresh SB3 actor-critic with separate actor and critic MLPs of the given widths, without an optimiser."""
     return sb3_policy_class(arch)(
         sb3_observation_space(group, arch),
         group.action_space,
-        lr_schedule=lambda _: 0.0,  # optimiser unused here: SB3's PPO rebuilds it when it trains
+        lr_schedule=lambda _: 0.0,
+        optimizer_class=_NoOptimizer,
         **policy_kwargs(group, arch),
     )
 

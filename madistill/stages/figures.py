@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from madistill.evaluate.report import side_stats, sides_of
+from madistill.tb import pyplot
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
-def return_figure(summaries: dict[str, dict], env_id: str) -> plt.Figure:
+def return_figure(summaries: dict[str, dict], env_id: str) -> Figure:
     """Team return IQM per policy; with several teams, one bar per team side by side."""
     names, sides = list(summaries), sides_of(summaries)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names) * len(sides), 3.2))
+    fig, ax = pyplot().subplots(figsize=(1.6 + 1.2 * len(names) * len(sides), 3.2))
     width, x = 0.8 / len(sides), np.arange(len(names))
     for k, side in enumerate(sides):
         iqm = np.array([side_stats(summaries[n], side)["iqm"] for n in names])
