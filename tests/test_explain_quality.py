@@ -157,6 +157,7 @@ def test_the_ci_covers_the_spread_between_reinitialisations():
     block = offsets[:, None] + rng.normal(0, 0.05, (8, 200))
     pooled = crossed_summary([block], n_boot=1000)
     assert abs(pooled["mean"]) < 0.01
+    np.testing.assert_allclose(pooled["draw_range"], [-0.9, 0.8], atol=0.02)
     lo, hi = pooled["mean_ci"]
     assert lo < -0.25 and hi > 0.25  # about +-1.96 * 0.67 / sqrt(8), not +-0.01 as over observations alone
     assert randomisation_verdict(pooled, 0.2) == "inconclusive"

@@ -25,6 +25,7 @@ over observations (stratified by seed when several policies' values are pooled) 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -188,7 +189,8 @@ def randomisation_curve(
 def crossed_summary(blocks: Sequence[np.ndarray], n_boot: int, seed: int = 0) -> dict[str, Any]:
     """Mean of the ``[draws, B]`` blocks (one per policy seed, pooled) with its bootstrap CI over draws and
     observations, resampled independently within each block (:func:`~madistill.common.bootstrap.crossed_resample`),
-    ignoring NaNs; ``n``: the finite values, ``draws``: the draws over all blocks."""
+    ignoring NaNs; ``n``: the finite values, ``draws``: the draws over all blocks, ``draw_range``: the lowest and
+    highest mean of one draw over its observations (how far one draw alone can be from the mean)."""
     rng = np.random.default_rng(seed)
     total, count = np.zeros(n_boot), np.zeros(n_boot)
     for block in blocks:
@@ -197,12 +199,17 @@ def crossed_summary(blocks: Sequence[np.ndarray], n_boot: int, seed: int = 0) ->
         count += np.isfinite(boot).sum((1, 2))
     values = np.concatenate([np.asarray(b, dtype=np.float64).ravel() for b in blocks])
     if not np.isfinite(values).any():
-        return {"mean": float("nan"), "mean_ci": [float("nan"), float("nan")], "n": 0, "draws": 0}
+        return {"mean": float("nan"), "mean_ci": [float("nan"), float("nan")], "n": 0, "draws": 0,
+                "draw_range": [float("nan"), float("nan")]}
     with np.errstate(invalid="ignore", divide="ignore"):
         means = total / count
     lo, hi = np.nanpercentile(means, [2.5, 97.5])
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw whose every correlation is undefined
+        per_draw = np.concatenate([np.nanmean(np.asarray(b, dtype=np.float64), axis=1) for b in blocks])
     return {"mean": float(np.nanmean(values)), "mean_ci": [float(lo), float(hi)], "n": int(np.isfinite(values).sum()),
-            "draws": int(sum(len(b) for b in blocks))}
+            "draws": int(sum(len(b) for b in blocks)),
+            "draw_range": [float(np.nanmin(per_draw)), float(np.nanmax(per_draw))]}
 
 
 def randomisation_verdict(s: Mapping[str, Any], tolerance: float) -> str:
