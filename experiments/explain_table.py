@@ -42,7 +42,7 @@ from madistill.common.collect import collect_round
 from madistill.envs.features import feature_layouts
 from madistill.evaluate.evaluator import run_episodes
 from madistill.explain.evaluation import FLOOR, markdown_table, score_methods, summarise
-from madistill.explain.quality import summary
+from madistill.explain.quality import randomisation_verdict, summary
 from madistill.policies.store import load_team
 from madistill.runtime import make_vec_env
 from madistill.stages.distill import distill_students
@@ -180,7 +180,9 @@ def main() -> None:
                   f"policy and seed; passes: CI within +-{ec.randomisation_tolerance}): |map| | signed map | "
                   "trained |map| vs |x|", ""]
         lines += [f"- {p} {m}: {_ci(s['randomisation'][last])} {s['randomisation_verdict']} | "
-                  f"{_ci(s['randomisation_signed'][last])} | {_ci(s['input_correlation'])}"
+                  f"{_ci(s['randomisation_signed'][last])} "
+                  f"{randomisation_verdict(s['randomisation_signed'][last], ec.randomisation_tolerance)} | "
+                  f"{_ci(s['input_correlation'])}"
                   for p in names for m, s in table[g][p].items() if "randomisation" in s
                   for last in [list(s["randomisation"])[-1]]]
         lines.append("")
