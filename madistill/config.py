@@ -373,6 +373,10 @@ class ExplainConfig:
     sensitivity_samples: int = 8  # perturbations per observation for max-sensitivity
     sensitivity_radius: float = 0.1  # l_inf radius of max-sensitivity's uniform perturbations, in normalised units
     randomisation: bool = True  # cumulative layer re-initialisation check (MLP policies)
+    randomisation_draws: int = 16  # independent re-initialisations per policy in the randomisation check
+    # the check passes where the CI of the correlation with every layer re-initialised lies within +- this
+    # (|rho| < 0.2: "very weak" on the usual scale)
+    randomisation_tolerance: float = 0.2
     # suite attack whose perturbations test the maps' stability at every attack.eps (its settings: attack.*);
     # null skips the check
     attack: ValidationAttack | None = ValidationAttack.pgd
@@ -381,9 +385,10 @@ class ExplainConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "max_observations", "ig_steps", "smoothgrad_samples", "shap_samples", "lime_samples",
-                   "random_orders", "infidelity_samples", "sensitivity_samples", "n_boot")
+                   "random_orders", "infidelity_samples", "sensitivity_samples", "randomisation_draws", "n_boot")
         c.at_least(0, "smoothgrad_sigma", "lrp_epsilon", "infidelity_sigma", "sensitivity_radius")
         c.within(0, float("inf"), "lime_width", "ood_k", open_low=True)
+        c.within(0, 1, "randomisation_tolerance")
         c.require(len(c.node.methods) > 0, "methods", "a non-empty list")
 
 

@@ -11,8 +11,8 @@ from madistill.explain.attribution import METHODS
 
 FAST = ("explain.episodes=1", "explain.max_observations=12", "explain.ig_steps=8", "explain.smoothgrad_samples=4",
         "explain.shap_samples=16", "explain.lime_samples=16", "explain.random_orders=2",
-        "explain.infidelity_samples=4", "explain.sensitivity_samples=2", "explain.n_boot=100", "attack.steps=2",
-        "attack.restarts=1", "attack.eps=[0.1,0.3]", "logger.progress=false")
+        "explain.infidelity_samples=4", "explain.sensitivity_samples=2", "explain.randomisation_draws=2",
+        "explain.n_boot=100", "attack.steps=2", "attack.restarts=1", "attack.eps=[0.1,0.3]", "logger.progress=false")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,9 @@ def test_explain_writes_reports_curves_heatmaps_and_maps(cli, student_run, tmp_p
                 if m != "random order":
                     assert list(s["attack"]) == ["0.1", "0.3"] and s["infidelity"]["mean"] >= 0
                     assert list(s["randomisation"]) == ["top", "top-1"]  # both have one hidden layer (TINY)
+                    assert s["randomisation"]["top-1"]["draws"] == 2
+                    assert list(s["randomisation_signed"]) == ["top", "top-1"]
+                    assert s["randomisation_verdict"] in ("passes", "fails", "inconclusive")
     text = (reports / "explain.md").read_text()
     assert "## speaker" in text and "| student | lrp |" in text and "(eps 0.3)" in text
     assert "| teacher | random order |" in out

@@ -34,3 +34,13 @@ def resample_indices(n: int, n_boot: int, rng: np.random.Generator,
             draws = rng.integers(0, members.size, size=(n_boot, members.size))
             idx[:, members] = members[draws]
     return idx
+
+
+def crossed_resample(block: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """The ``(n_boot, R, C)`` bootstrap resamples of a 2-D ``block`` of values on a crossed design (every row
+    measured on every column, e.g. random draws x observations): rows and columns are resampled independently,
+    so that the spread of both enters the CI (resampling the ``R * C`` cells as if independent would ignore that
+    the cells of a row share its draw)."""
+    rows = rng.integers(0, block.shape[0], size=(n_boot, block.shape[0]))
+    cols = rng.integers(0, block.shape[1], size=(n_boot, block.shape[1]))
+    return block[rows[:, :, None], cols[:, None, :]]

@@ -16,11 +16,13 @@ from madistill.explain.attribution import chosen_action_objective, policy_attrib
 from madistill.explain.quality import (
     Explainer,
     attack_stability,
+    crossed_summary,
     infidelity,
     max_sensitivity,
     order_curves,
     random_order_curves,
     randomisation_curve,
+    randomisation_verdict,
     summary,
 )
 from madistill.policies.base import Policy, greedy_actions
@@ -62,6 +64,7 @@ def score_methods(
     actions = greedy_actions(policy, x)
     prob = chosen_action_objective(policy, "prob")
     maps = policy_attributions(policy, x, layout, methods, settings, target, actions, seed=seed)
+    features = FeatureLayout.build(layout.obs_dim)  # the randomisation check compares single features
     floor = random_order_curves(prob, x, actions, layout, settings.random_orders, seed, ood_k=settings.ood_k)
     scores: Scores = {FLOOR: floor}
     for m in methods:
@@ -72,17 +75,22 @@ def score_methods(
         s["max_sensitivity"] = max_sensitivity(explain, x, actions, layout, settings.sensitivity_samples,
                                                settings.sensitivity_radius, seed)
         if settings.randomisation:
-            s["randomisation"] = randomisation_curve(
-                policy, lambda p, m=m: explainer(p, m, layout, settings, target, seed), x, actions, seed)
+            check = randomisation_curve(policy, lambda p, m=m: explainer(p, m, features, settings, target, seed), x,
+                                        actions, seed, settings.randomisation_draws)
+            s["randomisation"], s["randomisation_signed"], s["input_correlation"] = (
+                check["abs"], check["signed"], check["input"])
         if attack is not None and budgets:
             s["attack"] = attack_stability(policy, explain, x, attack, budgets, seed)
         scores[m] = s
     return scores, {m: v.detach().cpu() for m, v in maps.items()}
 
 
-def summarise(runs: Sequence[Scores], n_boot: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+def summarise(runs: Sequence[Scores], n_boot: int, seed: int = 0,
+              tolerance: float = ExplainConfig.randomisation_tolerance) -> dict[str, dict[str, Any]]:
     """JSON summary of the scores of one or more runs (e.g. policies of several training seeds, pooled with a
-    bootstrap stratified by run): each metric's mean and CI, the mean curves."""
+    bootstrap stratified by run): each metric's mean and CI, the mean curves; the randomisation check's CIs over
+    draws and observations, and its verdict with every layer re-initialised at ``tolerance``
+    (:func:`~madistill.explain.quality.randomisation_verdict`)."""
     strata = None if len(runs) == 1 else np.concatenate(
         [np.full(len(next(iter(r[FLOOR].values()))), i) for i, r in enumerate(runs)])
 
@@ -91,13 +99,16 @@ def summarise(runs: Sequence[Scores], n_boot: int, seed: int = 0) -> dict[str, d
 
     out: dict[str, dict[str, Any]] = {}
     for m, s in runs[0].items():
-        entry: dict[str, Any] = {k: pooled([r[m][k] for r in runs]) for k in s
-                                 if k.endswith(("_auc", "_ood")) or k in ("infidelity", "max_sensitivity")}
+        entry: dict[str, Any] = {k: pooled([r[m][k] for r in runs]) for k in s if k.endswith(("_auc", "_ood"))
+                                 or k in ("infidelity", "max_sensitivity", "input_correlation")}
         entry["curves"] = {c: np.concatenate([r[m][f"{c}_curve"] for r in runs]).mean(0).round(6).tolist()
                            for c in ("deletion", "insertion")}
         if "randomisation" in s:
-            entry["randomisation"] = {layer: pooled([r[m]["randomisation"][layer] for r in runs])
-                                      for layer in s["randomisation"]}
+            for kind in ("randomisation", "randomisation_signed"):
+                entry[kind] = {layer: crossed_summary([r[m][kind][layer] for r in runs], n_boot, seed)
+                               for layer in s[kind]}
+            entry["randomisation_verdict"] = randomisation_verdict(entry["randomisation"][list(s["randomisation"])[-1]],
+                                                                   tolerance)
         if "attack" in s:
             entry["attack"] = {str(eps): {k: pooled([r[m]["attack"][eps][k] for r in runs]) for k in v}
                                for eps, v in s["attack"].items()}
@@ -114,9 +125,10 @@ def _cell(s: Mapping[str, Any] | None) -> str:
 def markdown_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], eps: float | None = None) -> str:
     """One row per policy x method of ``summaries[policy][method]``: deletion and insertion AUC (with the OOD
     share of their masked inputs), infidelity, max-sensitivity, the randomisation check with every layer
-    re-initialised, and the map's rank correlation under attack at ``eps``."""
+    re-initialised (with its verdict), and the map's rank correlation under attack at ``eps``."""
     lines = ["| policy | method | deletion AUC ↓ (OOD) | insertion AUC ↑ (OOD) | infidelity ↓ | max-sensitivity ↓ "
-             f"| randomised, all layers (→ 0) | Spearman under attack{f' (eps {eps})' if eps is not None else ''} ↑ |",
+             "| randomised, all layers (→ 0): verdict "
+             f"| Spearman under attack{f' (eps {eps})' if eps is not None else ''} ↑ |",
              "|---|---|---|---|---|---|---|---|"]
     for policy, methods in summaries.items():
         for m, s in methods.items():
@@ -125,7 +137,8 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], eps
             lines.append(
                 f"| {policy} | {m} | {_cell(s['deletion_auc'])} ({s['deletion_ood']['mean']:.2f}) "
                 f"| {_cell(s['insertion_auc'])} ({s['insertion_ood']['mean']:.2f}) | {_cell(s.get('infidelity'))} "
-                f"| {_cell(s.get('max_sensitivity'))} | {_cell(rand[list(rand)[-1]] if rand else None)} | {_cell(attack)} |")
+                f"| {_cell(s.get('max_sensitivity'))} "
+                f"| {_cell(rand[list(rand)[-1]]) + ': ' + s['randomisation_verdict'] if rand else '–'} | {_cell(attack)} |")
     return "\n".join(lines)
 
 

@@ -14,9 +14,10 @@ over observations (stratified by seed when several policies' values are pooled) 
   so methods of different scales compare). Lower is better.
 - **max-sensitivity** (Yeh et al. 2019, captum): the largest relative change of the map under uniform input
   noise of a small radius. Lower is more stable.
-- **randomisation** (Adebayo et al. 2018): Spearman correlation between the map's magnitudes and those of the
-  same network with its layers re-initialised cumulatively from the output layer down; a method that reads the
-  weights must drop towards 0.
+- **randomisation** (Adebayo et al. 2018): Spearman correlation, per observation and over single features,
+  between the map's magnitudes (and its signed values) and those of the same network with its layers
+  re-initialised cumulatively from the output layer down, over several independent re-initialisations; a method
+  that reads the weights must drop to 0 (:func:`randomisation_verdict`).
 - **stability under attack**: Spearman correlation between the map at ``x`` and at the attack's ``x'`` at each
   budget, with the share of observations whose greedy action the attack flipped.
 """
@@ -24,6 +25,7 @@ over observations (stratified by seed when several policies' values are pooled) 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +37,7 @@ from torch import nn
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
+from madistill.common.bootstrap import crossed_resample
 from madistill.envs.features import FeatureLayout
 from madistill.evaluate.stats import summarize_scores
 from madistill.explain.attribution import Forward
@@ -149,23 +152,76 @@ def max_sensitivity(
 
 
 def randomisation_curve(
-    policy: Policy, explainer: Callable[[Policy], Explainer], x: torch.Tensor, actions: torch.Tensor, seed: int
-) -> dict[str, np.ndarray]:
-    """Per-observation Spearman correlation ``[B]`` between ``|map|`` of ``policy`` and of a copy whose Linear
-    layers are re-initialised (their default initialisation, seeded) cumulatively from the output layer down, one
-    entry per step named by the layers re-initialised so far (``top``, ``top-1``, ...). ``explainer(p)`` gives a
-    policy's map function; every copy explains the original ``actions``."""
-    reference = explainer(policy)(x, actions).abs()
-    twin = copy.deepcopy(policy)
-    layers = acting_path(twin, "the randomisation check", "set explain.randomisation=false").modules
-    linears = [m for m in layers if isinstance(m, nn.Linear)][::-1]
-    out = {}
+    policy: Policy, explainer: Callable[[Policy], Explainer], x: torch.Tensor, actions: torch.Tensor, seed: int,
+    draws: int = 1,
+) -> dict[str, Any]:
+    """The randomisation check's correlations: for each of ``draws`` independent copies of ``policy`` whose
+    Linear layers (every layer of the acting path, output layer included) are re-initialised (their default
+    initialisation, seeded) cumulatively from the output layer down, the per-observation Spearman correlation
+    between the copy's map and the policy's, one ``[draws, B]`` array per step named by the layers re-initialised
+    so far (``top``, ``top-1``, ...): of ``|map|`` under ``"abs"``, of the signed maps under ``"signed"``. Under
+    ``"input"``, ``[B]``: the correlation of the policy's ``|map|`` with ``|x|``, the distance of each feature
+    from the baseline, which a map that multiplies by the input keeps whatever the weights.
+
+    ``explainer(p)`` gives a policy's map function over single features (``[B, d]``, as ``x``: Adebayo et al.
+    compare pixels; a group's score also carries its size, an L2 norm over three features outweighs one over two
+    whatever the weights); every copy explains the original ``actions``. Draws matter: a
+    re-initialised MLP is close to linear, so its maps rank features almost alike on every observation and one
+    draw's correlation, averaged over observations, is one sample of the draw's luck, not a mean near 0."""
+    reference = explainer(policy)(x, actions)
+    out: dict[str, Any] = {"abs": {}, "signed": {}, "input": spearman(reference.abs(), x.abs())}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for i, layer in enumerate(linears):
-            layer.reset_parameters()
-            out["top" if i == 0 else f"top-{i}"] = spearman(explainer(twin)(x, actions).abs(), reference)
+        for _ in range(draws):
+            twin = copy.deepcopy(policy)
+            layers = acting_path(twin, "the randomisation check", "set explain.randomisation=false").modules
+            for i, layer in enumerate([m for m in layers if isinstance(m, nn.Linear)][::-1]):
+                layer.reset_parameters()
+                name = "top" if i == 0 else f"top-{i}"
+                randomised = explainer(twin)(x, actions)
+                out["abs"].setdefault(name, []).append(spearman(randomised.abs(), reference.abs()))
+                out["signed"].setdefault(name, []).append(spearman(randomised, reference))
+    for kind in ("abs", "signed"):
+        out[kind] = {name: np.stack(rows) for name, rows in out[kind].items()}
     return out
+
+
+def crossed_summary(blocks: Sequence[np.ndarray], n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """Mean of the ``[draws, B]`` blocks (one per policy seed, pooled) with its bootstrap CI over draws and
+    observations, resampled independently within each block (:func:`~madistill.common.bootstrap.crossed_resample`),
+    ignoring NaNs; ``n``: the finite values, ``draws``: the draws over all blocks, ``draw_range``: the lowest and
+    highest mean of one draw over its observations (how far one draw alone can be from the mean)."""
+    rng = np.random.default_rng(seed)
+    total, count = np.zeros(n_boot), np.zeros(n_boot)
+    for block in blocks:
+        boot = crossed_resample(np.asarray(block, dtype=np.float64), n_boot, rng)
+        total += np.nansum(boot, axis=(1, 2))
+        count += np.isfinite(boot).sum((1, 2))
+    values = np.concatenate([np.asarray(b, dtype=np.float64).ravel() for b in blocks])
+    if not np.isfinite(values).any():
+        return {"mean": float("nan"), "mean_ci": [float("nan"), float("nan")], "n": 0, "draws": 0,
+                "draw_range": [float("nan"), float("nan")]}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = total / count
+    lo, hi = np.nanpercentile(means, [2.5, 97.5])
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw whose every correlation is undefined
+        per_draw = np.concatenate([np.nanmean(np.asarray(b, dtype=np.float64), axis=1) for b in blocks])
+    return {"mean": float(np.nanmean(values)), "mean_ci": [float(lo), float(hi)], "n": int(np.isfinite(values).sum()),
+            "draws": int(sum(len(b) for b in blocks)),
+            "draw_range": [float(np.nanmin(per_draw)), float(np.nanmax(per_draw))]}
+
+
+def randomisation_verdict(s: Mapping[str, Any], tolerance: float) -> str:
+    """``"passes"`` where the CI of the correlation with every layer re-initialised lies within
+    ``[-tolerance, tolerance]`` (the maps no longer rank like the trained network's), ``"fails"`` where it lies
+    wholly outside, ``"inconclusive"`` otherwise (too few draws or observations to tell)."""
+    lo, hi = s["mean_ci"]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "inconclusive"
+    if -tolerance <= lo and hi <= tolerance:
+        return "passes"
+    return "fails" if lo > tolerance or hi < -tolerance else "inconclusive"
 
 
 def attack_stability(

@@ -66,7 +66,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         x = team.normalizers[g].normalize(raw[g].to(device))
         scores, group_maps = score_methods(team[g], x, layouts[g], methods, settings, ec.target, attack,
                                            {eps: b[g] for eps, b in budgets.items()}, cfg.seed)
-        summaries.setdefault(label, {})[g] = summarise([scores], ec.n_boot, cfg.seed)
+        summaries.setdefault(label, {})[g] = summarise([scores], ec.n_boot, cfg.seed, ec.randomisation_tolerance)
         maps.setdefault(label, {})[g] = display_maps(group_maps)
     reports = run_dir / "reports"
     middle = sorted(cfg.attack.eps)[len(cfg.attack.eps) // 2] if attack is not None and len(cfg.attack.eps) else None
