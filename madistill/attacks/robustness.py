@@ -18,7 +18,7 @@ from madistill.attacks.learned import LearnedAdversary, train_adversary
 from madistill.attacks.lookahead import LookaheadAttack
 from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
-from madistill.branching import Branching
+from madistill.branching import Branching, NotBranchable
 from madistill.common.collect import collect_round
 from madistill.common.episodes import team_returns
 from madistill.config import AttackMethod
@@ -36,8 +36,8 @@ from madistill.transforms import ActionTransform, ObsTransform
 # surrogate policy; "learned" trains a PPO adversary per victim set and eps (attack.learned_steps);
 # "offsets" keeps, per episode, the worst of attack.offset_candidates constant corner offsets (ConstantOffset);
 # "pgd_strong" (2x steps, 2x restarts) runs for the masking checks; "targeted_random" and "targeted_lowest" are
-# PGD towards a chosen action (methods.targets), "targeted_lookahead" towards the action a branch of the episode
-# shows most harmful (attacks.lookahead); all three opt-in: the default suite lists do not name them.
+# PGD towards a chosen action (methods.targets), "targeted_lookahead" towards the joint action a branch of the
+# episode shows most harmful (attacks.lookahead; skipped with a note where the env cannot branch).
 SUITE = tuple(AttackMethod)
 
 # What each attacker knows and can do, per step and per victim, inside the same l_inf budget: the report and
@@ -267,16 +267,28 @@ def evaluate_robustness(
     res.victim_members = {v: tuple(members) for v, members in sets.items()}
     for vname, victims in sets.items():
         target = _victims_team(res, victims)
+        unbranchable: set[str] = set()  # the lookahead, once it found these victims or the env unbranchable
         res.agent_returns[vname], res.episodes[vname] = {}, {}
         for side in res.teams:
             res.team_episodes.setdefault(side, {})[vname] = {}
         for method, eps in runs:
             start = time.perf_counter()
+            if method in unbranchable:
+                if progress is not None:
+                    progress.update(1)
+                continue
             if method == "offsets":
                 recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target, faults)
             else:
-                transforms = _transforms(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
-                recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
+                try:
+                    transforms = _transforms(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
+                    recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
+                except NotBranchable as e:  # the lookahead only: these victims or this env cannot be branched
+                    res.skipped.append(f"{method} on victims {vname}: {e}")
+                    unbranchable.add(method)
+                    if progress is not None:
+                        progress.update(1)
+                    continue
             # running mean over every evaluation of this attack (all eps, victim sets and check runs)
             runs_of[method] = runs_of.get(method, 0) + 1
             elapsed = time.perf_counter() - start
@@ -303,8 +315,8 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
     opposite directions) or their team's clean return is no better than random (no gain to lose)."""
     collapse = float(ac.collapse_eps) if ac.collapse_eps else None
     if not res.teams:
-        return return_checks(res.episodes[vname], res.clean_episodes, res.random,
-                             ac.masking_tolerance, collapse if vname == "all" else None, res.seed, ac.n_boot)
+        return return_checks(res.episodes[vname], res.clean_episodes, res.random, ac.masking_tolerance,
+                             collapse if vname == "all" else None, res.seed, ac.n_boot, ac.objective_tolerance)
     sides = [t for t, agents in res.teams.items() if set(agents) & set(victims)]
     if len(sides) != 1:
         res.skipped.append(f"return-level masking checks on victims {vname}: they play on several teams")
@@ -321,7 +333,7 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
     kept = {a: {e: x[keep] for e, x in r.items()} for a, r in cells.items()}
     return [Flag(f.name, f"team {team}: {f.detail}")
             for f in return_checks(kept, clean[keep], res.team_random[team], ac.masking_tolerance,
-                                   collapse if whole else None, res.seed, ac.n_boot)]
+                                   collapse if whole else None, res.seed, ac.n_boot, ac.objective_tolerance)]
 
 
 def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, ...] | None:
@@ -339,8 +351,8 @@ def _transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: 
     if method == "targeted_lookahead":
         branching = Branching(venv.spec, venv.groups, venv.backend)
         # the targeted PGD of targeted_random realises the target; its own target choice is not used
-        return LookaheadAttack(suite_attack("targeted_random", ac), victims, budgets, branching,
-                               ac.lookahead_horizon, ac.lookahead_gamma, critic, ac.frequency).transforms()
+        return LookaheadAttack(suite_attack("targeted_random", ac), victims, budgets, branching, ac.lookahead_horizon,
+                               ac.lookahead_gamma, critic, ac.frequency, ac.lookahead_joint).transforms()
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
                                 ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
@@ -378,7 +390,8 @@ def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budge
 
 
 def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: str) -> plt.Figure:
-    """Per policy (columns): team return vs eps, one line per attack, clean and random as references (top;
+    """Per policy (columns): team return vs eps, one line per attack, the worst case over the attacks on
+    ``victims`` and its evaluated subsets (each point named by its attack), clean and random as references (top;
     with several teams, each team's worst case from its clean return at eps 0, its random return dashed);
     each agent's return under the worst-case attack (for its team) at each eps, from its clean return (bottom)."""
     fig, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 6.4), squeeze=False, sharey="row")
@@ -394,6 +407,11 @@ def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: 
         else:
             for attack, by_eps in res.returns.get(victims, {}).items():
                 team_ax.plot(sorted(by_eps), [by_eps[e] for e in sorted(by_eps)], marker="o", label=attack)
+            # over the attacks on the set and on its evaluated subsets, each point named by its attack
+            worst = [res.worst(victims, e) for e in eps]
+            team_ax.plot(eps, [r for _, r in worst], color="k", ls=":", lw=2, marker="s", label="worst case")
+            for e, (attack, r) in zip(eps, worst):
+                team_ax.annotate(attack, (e, r), textcoords="offset points", xytext=(3, -9), fontsize=6)
             team_ax.axhline(res.clean, color="k", lw=1, label="clean")
             team_ax.axhline(res.random, color="gray", ls="--", lw=1, label="random policy")
         team_ax.set_title(f"{name} (victims: {victims})", fontsize=9)
