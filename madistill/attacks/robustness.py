@@ -273,30 +273,19 @@ def evaluate_robustness(
             res.team_episodes.setdefault(side, {})[vname] = {}
         for method, eps in runs:
             start = time.perf_counter()
-            if method in unbranchable:
-                if progress is not None:
-                    progress.update(1)
-                continue
-            if method == "offsets":
-                recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target, faults)
+            recs = None if method in unbranchable else _attacked(method, vname, victims, budgets[eps], venv, team, ac,
+                                                                 seed, surrogate, critic, target, faults, res)
+            if recs is None:
+                unbranchable.add(method)
             else:
-                try:
-                    transforms = _transforms(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
-                    recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
-                except NotBranchable as e:  # the lookahead only: these victims or this env cannot be branched
-                    res.skipped.append(f"{method} on victims {vname}: {e}")
-                    unbranchable.add(method)
-                    if progress is not None:
-                        progress.update(1)
-                    continue
-            # running mean over every evaluation of this attack (all eps, victim sets and check runs)
-            runs_of[method] = runs_of.get(method, 0) + 1
-            elapsed = time.perf_counter() - start
-            res.seconds[method] = res.seconds.get(method, 0.0) + (elapsed - res.seconds.get(method, 0.0)) / runs_of[method]
-            res.agent_returns[vname].setdefault(method, {})[eps] = _agents(recs)
-            res.episodes[vname].setdefault(method, {})[eps] = np.array([r.team_return for r in recs])
-            for side, members in res.teams.items():
-                res.team_episodes[side][vname].setdefault(method, {})[eps] = team_arrays(recs, members)
+                # running mean over every evaluation of this attack (all eps, victim sets and check runs)
+                runs_of[method] = runs_of.get(method, 0) + 1
+                elapsed = time.perf_counter() - start
+                res.seconds[method] = res.seconds.get(method, 0.0) + (elapsed - res.seconds.get(method, 0.0)) / runs_of[method]
+                res.agent_returns[vname].setdefault(method, {})[eps] = _agents(recs)
+                res.episodes[vname].setdefault(method, {})[eps] = np.array([r.team_return for r in recs])
+                for side, members in res.teams.items():
+                    res.team_episodes[side][vname].setdefault(method, {})[eps] = team_arrays(recs, members)
             if progress is not None:
                 progress.update(1)
         if ac.checks:
@@ -304,6 +293,22 @@ def evaluate_robustness(
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
+
+
+def _attacked(method: str, vname: str, victims: list[str], budgets: Mapping[str, Budget], venv: MultiAgentVecEnv,
+              team: TeamPolicy, ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
+              target: Sequence[str] | None, faults: Sequence[ObsTransform | ActionTransform],
+              res: RobustnessResult) -> list[EpisodeRecord] | None:
+    """The episodes of one suite attack on ``victims`` (set ``vname``) inside ``budgets``; None, with a note in
+    ``res.skipped``, where the lookahead cannot branch these victims or this env."""
+    if method == "offsets":
+        return worst_offsets(venv, team, victims, budgets, ac.offset_candidates, ac.episodes, seed, target, faults)
+    try:
+        transforms = _transforms(method, venv, team, victims, budgets, ac, seed, surrogate, critic, target)
+        return run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
+    except NotBranchable as e:  # raised by the lookahead only
+        res.skipped.append(f"{method} on victims {vname}: {e}")
+        return None
 
 
 def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac: Any,
