@@ -304,7 +304,7 @@ def _attacked(method: str, vname: str, victims: list[str], budgets: Mapping[str,
     if method == "offsets":
         return worst_offsets(venv, team, victims, budgets, ac.offset_candidates, ac.episodes, seed, target, faults)
     try:
-        transforms = _transforms(method, venv, team, victims, budgets, ac, seed, surrogate, critic, target)
+        transforms = suite_transforms(method, venv, team, victims, budgets, ac, seed, surrogate, critic, target)
         return run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
     except NotBranchable as e:  # raised by the lookahead only
         res.skipped.append(f"{method} on victims {vname}: {e}")
@@ -348,9 +348,9 @@ def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, .
     return sides[0] if len(sides) == 1 else None
 
 
-def _transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
-                ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
-                target: Sequence[str] | None = None) -> list[ObsTransform | ActionTransform]:
+def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str],
+                     budgets: Mapping[str, Budget], ac: Any, seed: int, surrogate: TeamPolicy | None,
+                     critic: TeamPolicy | None, target: Sequence[str] | None = None) -> list[ObsTransform | ActionTransform]:
     """The transforms of a per-step suite attack (the learned adversary is trained here first, to lower the
     mean return of ``target``; None: of every agent)."""
     if method == "targeted_lookahead":
