@@ -3,13 +3,15 @@ targeted-attack column (the strong suite's acceptance measurement).
 
     python experiments/strong_suite.py /work/zoo/sl/s0 --name sl_s0
 
-Runs ``madistill attack`` (as a command) with the default ``attack.methods`` at eps 0.3 and 1.0, victims all and
-listener_0, 100 episodes (seeds 20000..20099), greedy actions, masking and objective checks on; extra Hydra
-overrides follow ``--``. Writes ``experiments/results/strong_suite_<name>.{json,md}``: the attack stage's JSON
-with an ``acceptance`` section, and its report after the comparison table. Per cell the comparison gives the
-suite's worst case (over the attacks on the set and on its evaluated subsets) with its 95% bootstrap CI, the
-issue's number, and both as a loss below each one's own clean return, since a fresh training of the same config
-need not have the issue's clean return.
+Runs ``madistill attack`` (as a command, the two policies in two processes at once) with the default
+``attack.methods`` at eps 0.3 and 1.0, victims all and listener_0, 100 episodes (seeds 20000..20099), greedy
+actions, masking and objective checks on. Each run is given what a run of both policies would pair up: the
+critic attack and the lookahead read the teacher's value heads, the transfer attack crafts on the other policy.
+Extra Hydra overrides follow ``--``. Writes ``experiments/results/strong_suite_<name>.{json,md}``: both runs'
+JSON with an ``acceptance`` section, and the comparison table followed by both reports. Per cell the comparison
+gives the suite's worst case (over the attacks on the set and on its evaluated subsets) with its 95% bootstrap
+CI, the issue's number, and both as a loss below each one's own clean return, since a fresh training of the
+same config need not have the issue's clean return.
 """
 
 from __future__ import annotations
@@ -75,20 +77,28 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("overrides", nargs="*", help="more Hydra overrides for the attack stage (after --)")
     args = ap.parse_args()
-    out = Path("runs/experiments/strong_suite") / args.name
-    cmd = ["madistill", "attack", f"attack.policy={args.run}", f"attack.eps=[{','.join(map(str, EPS))}]",
-           f"attack.victims=[{','.join(VICTIMS)}]", f"attack.episodes={args.episodes}", "env.num_workers=0",
-           "logger.progress=false", f"hydra.run.dir={out}", *args.overrides]
-    print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    payload = json.loads((out / "reports" / "robustness.json").read_text())
+    policies = Path(args.run) / "policies"
+    runs, procs = {}, []
+    for name, other in (("teacher", "student"), ("student", "teacher")):
+        runs[name] = Path("runs/experiments/strong_suite") / args.name / name
+        cmd = ["madistill", "attack", f"attack.policy={policies / name}", f"attack.critic={policies / 'teacher'}",
+               f"attack.transfer_from={policies / other}", f"attack.eps=[{','.join(map(str, EPS))}]",
+               f"attack.victims=[{','.join(VICTIMS)}]", f"attack.episodes={args.episodes}", "env.num_workers=0",
+               "logger.progress=false", f"hydra.run.dir={runs[name]}", *args.overrides]
+        print(" ".join(cmd), flush=True)
+        procs.append(subprocess.Popen(cmd))
+    if any(p.wait() != 0 for p in procs):
+        sys.exit("an attack run failed")
+    loaded = {name: json.loads((out / "reports" / "robustness.json").read_text()) for name, out in runs.items()}
+    payload = {"meta": {name: d["meta"] for name, d in loaded.items()},
+               "results": {name: d["results"][name] for name, d in loaded.items()}}
     rows = acceptance(payload["results"])
     payload["acceptance"] = {"issue_23_targeted": {f"{p} {v} {e:g}": x for (p, v, e), x in ISSUE_TARGETED.items()},
                              "issue_23_clean": ISSUE_CLEAN, "cells": rows}
-    report = (out / "reports" / "robustness.md").read_text()
+    reports = [(out / "reports" / "robustness.md").read_text() for out in runs.values()]
     command = " ".join(["python experiments/strong_suite.py", *sys.argv[1:]])
     text = "\n".join([f"# The strong suite against issue 23's targeted attacks ({args.name})", "", f"    {command}", "",
-                      *table(rows), "", report])
+                      *table(rows), "", *reports])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"strong_suite_{args.name}.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / f"strong_suite_{args.name}.md").write_text(text)

@@ -423,6 +423,9 @@ class AttackConfig:
     target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     lookahead_horizon: int = 1  # targeted_lookahead and fault=worst: greedy team steps each branch plays after the candidate action
     lookahead_gamma: float = 0.99  # targeted_lookahead and fault=worst: discount of a branch's rewards and of the critic's value at its horizon
+    # targeted_lookahead: add the critic attack's critic's discounted value at the horizon to a branch's return
+    # (off: a value head's errors can outweigh the reward differences between the branches)
+    lookahead_critic: bool = False
     # targeted_lookahead: the most joint actions of a victim set branched per step (the product of the victims'
     # action counts); a larger set chooses each victim's target with the others at their clean actions
     lookahead_joint: int = 64

@@ -89,6 +89,17 @@ def test_lookahead_forces_every_victim_of_a_group_and_every_action_in_one_pgd_ba
     assert calls == [4 * 2 * 2] * 6  # per step of the 6: 4 actions x 2 victims x 2 env copies
 
 
+@pytest.mark.parametrize("use", [False, True])
+def test_lookahead_adds_the_critic_only_when_asked(make_cfg, use):
+    from madistill.attacks.robustness import suite_transforms
+
+    ac = make_cfg(f"attack.lookahead_critic={use}").attack
+    with MultiAgentVecEnv(TRAP_SPEC, 2) as venv:
+        team = trap_team(venv)
+        attack, _ = suite_transforms("targeted_lookahead", venv, team, ["a_0"], {}, ac, 0, None, critic=team)
+    assert attack.critic is (team if use else None)
+
+
 def _box_team(venv: MultiAgentVecEnv) -> TeamPolicy:
     torch.manual_seed(0)
     return TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"}) for g in venv.groups},

@@ -57,9 +57,10 @@ THREAT_MODELS = {
                        "one the budget reaches, of attack.target_candidates; Box: the far corner of the action box); "
                        "the victim's observation only, no env branching",
     "targeted_lookahead": "an attacker with a simulator of the env, white-box victim policy: per step, PGD forcing the "
-                          "action that, played now and followed by attack.lookahead_horizon steps of the team's own "
-                          "policy, gives the lowest team return (branches replayed from the episode seed and the "
-                          "actions so far; plus the discounted value at the horizon where the critic attack's critic exists)",
+                          "victims' joint action that, played now and followed by attack.lookahead_horizon steps of the "
+                          "team's own policy, gives the lowest team return (branches replayed from the episode seed and the "
+                          "actions so far; plus the critic attack's critic's discounted value at the horizon with "
+                          "attack.lookahead_critic)",
 }
 
 
@@ -357,7 +358,8 @@ def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, vict
         branching = Branching(venv.spec, venv.groups, venv.backend)
         # the targeted PGD of targeted_random realises the target; its own target choice is not used
         return LookaheadAttack(suite_attack("targeted_random", ac), victims, budgets, branching, ac.lookahead_horizon,
-                               ac.lookahead_gamma, critic, ac.frequency, ac.lookahead_joint).transforms()
+                               ac.lookahead_gamma, critic if ac.lookahead_critic else None, ac.frequency,
+                               ac.lookahead_joint).transforms()
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
                                 ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
