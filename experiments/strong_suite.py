@@ -6,8 +6,9 @@ targeted-attack column (the strong suite's acceptance measurement).
 Runs ``madistill attack`` (as a command, the two policies in two processes at once) with the default
 ``attack.methods`` at eps 0.3 and 1.0, victims all and listener_0, 100 episodes (seeds 20000..20099), greedy
 actions, masking and objective checks on. Each run is given what a run of both policies would pair up: the
-critic attack and the lookahead read the teacher's value heads, the transfer attack crafts on the other policy.
-Extra Hydra overrides follow ``--``. Writes ``experiments/results/strong_suite_<name>.{json,md}``: both runs'
+critic attack reads the teacher's value heads, the transfer attack crafts on the other policy. Extra Hydra
+overrides (``key=value``) may follow. A policy whose run (under ``runs/experiments/strong_suite/<name>/``) has a
+report already is not attacked again. Writes ``experiments/results/strong_suite_<name>.{json,md}``: both runs'
 JSON with an ``acceptance`` section, and the comparison table followed by both reports. Per cell the comparison
 gives the suite's worst case (over the attacks on the set and on its evaluated subsets) with its 95% bootstrap
 CI, the issue's number, and both as a loss below each one's own clean return, since a fresh training of the
@@ -75,8 +76,9 @@ def main() -> None:
     ap.add_argument("run", help="a speaker-listener pipeline run directory (policies/teacher and policies/student)")
     ap.add_argument("--name", required=True, help="results name: experiments/results/strong_suite_<name>.*")
     ap.add_argument("--episodes", type=int, default=100)
-    ap.add_argument("overrides", nargs="*", help="more Hydra overrides for the attack stage (after --)")
-    args = ap.parse_args()
+    args, overrides = ap.parse_known_args()  # the rest: Hydra overrides for the attack stage
+    if any(o.startswith("-") for o in overrides):
+        ap.error(f"unknown options {[o for o in overrides if o.startswith('-')]}")
     policies = Path(args.run) / "policies"
     runs, procs = {}, []
     for name, other in (("teacher", "student"), ("student", "teacher")):
@@ -84,7 +86,9 @@ def main() -> None:
         cmd = ["madistill", "attack", f"attack.policy={policies / name}", f"attack.critic={policies / 'teacher'}",
                f"attack.transfer_from={policies / other}", f"attack.eps=[{','.join(map(str, EPS))}]",
                f"attack.victims=[{','.join(VICTIMS)}]", f"attack.episodes={args.episodes}", "env.num_workers=0",
-               "logger.progress=false", f"hydra.run.dir={runs[name]}", *args.overrides]
+               "logger.progress=false", f"hydra.run.dir={runs[name]}", *overrides]
+        if (runs[name] / "reports" / "robustness.json").is_file():  # an earlier run's report is reused
+            continue
         print(" ".join(cmd), flush=True)
         procs.append(subprocess.Popen(cmd))
     if any(p.wait() != 0 for p in procs):
