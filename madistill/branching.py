@@ -7,10 +7,11 @@ snapshot, so the ``pettingzoo`` backend replays the prefix from the episode seed
 batched mpe2 ports copy state instead: a trunk of one copy per episode follows the prefix (one step per call
 while the prefix grows by one step) and every branch starts from a copy of its trunk's state. Both give the
 same numbers (tests/test_branching.py). Replay needs an env whose episodes follow from their seed: a branch
-point whose replayed observations differ from the ones the rollout saw is refused in one line.
+point whose replayed observations differ from the ones the rollout saw is refused in one line
+(:class:`NotBranchable`).
 
-The lookahead attack (``attacks.lookahead``) and the ``worst`` action fault (``cascade.faults``) stand on
-:func:`action_returns`.
+The lookahead attack (``attacks.lookahead``) stands on :func:`joint_returns` (joint actions of several agents),
+the ``worst`` action fault (``cascade.faults``) on :func:`action_returns` (one agent's actions).
 """
 
 from __future__ import annotations
