@@ -7,10 +7,11 @@ snapshot, so the ``pettingzoo`` backend replays the prefix from the episode seed
 batched mpe2 ports copy state instead: a trunk of one copy per episode follows the prefix (one step per call
 while the prefix grows by one step) and every branch starts from a copy of its trunk's state. Both give the
 same numbers (tests/test_branching.py). Replay needs an env whose episodes follow from their seed: a branch
-point whose replayed observations differ from the ones the rollout saw is refused in one line.
+point whose replayed observations differ from the ones the rollout saw is refused in one line
+(:class:`NotBranchable`).
 
-The lookahead attack (``attacks.lookahead``) and the ``worst`` action fault (``cascade.faults``) stand on
-:func:`action_returns`.
+The lookahead attack (``attacks.lookahead``) stands on :func:`joint_returns` (joint actions of several agents),
+the ``worst`` action fault (``cascade.faults``) on :func:`action_returns` (one agent's actions).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
 from madistill.rollout import env_actions, team_actions
 from madistill.transforms import ActionTransform, GroupTensors, StepContext, normalize
+
+
+class NotBranchable(MadistillError):
+    """The env or the agent cannot be branched: its episodes do not follow from their seed, or its actions are
+    not Discrete. The attack suite skips its lookahead attack with a note on this error."""
 
 
 class ActionHistory(ActionTransform):
@@ -143,7 +149,7 @@ class Branching:
         replayed = _observations(book, team)
         for g, x in expect.items():
             if not torch.equal(replayed[g][:b], x):
-                raise MadistillError(
+                raise NotBranchable(
                     f"env {self.spec.id!r} is not reproducible from its seed: replaying an episode's actions from its "
                     "seed gives other observations, so it cannot be branched; lookahead attacks and the worst-action "
                     "fault need an env that draws all its randomness from the seed given to reset()")
@@ -166,23 +172,42 @@ def action_returns(branching: Branching, team: TeamPolicy, history: ActionHistor
     the ``n`` Discrete actions of agent ``slot`` of ``group``, played now while the others play ``actions``
     (every group's ``[N, n_g]`` joint action of this step), then ``horizon`` greedy team steps. ``obs``: the
     copies' current normalised observations, to refuse an env whose replays differ."""
-    if not group.discrete:
-        raise MadistillError(f"branching over actions needs Discrete actions, group {group.name!r} has {group.action_space}")
-    n = int(group.action_space.n)  # type: ignore[attr-defined]
-    out = np.zeros((len(rows), n))
+    n = discrete_actions(group)
+    return joint_returns(branching, team, history, actions, ctx, [(group, slot)], [(k,) for k in range(n)], rows,
+                         horizon, gamma, critic, obs)
+
+
+def joint_returns(branching: Branching, team: TeamPolicy, history: ActionHistory, actions: GroupArrays,
+                  ctx: StepContext, agents: Sequence[tuple[AgentGroup, int]], choices: Sequence[Sequence[int]],
+                  rows: np.ndarray, horizon: int, gamma: float = 1.0, critic: TeamPolicy | None = None,
+                  obs: GroupTensors | None = None) -> np.ndarray:
+    """``[len(rows), len(choices)]``: as :func:`action_returns`, for joint choices of several agents at once:
+    ``agents`` are (group, slot) pairs with Discrete actions, and ``choices[k][j]`` is the action agent ``j``
+    plays in candidate ``k`` while every other agent plays ``actions``."""
+    for group, _ in agents:
+        discrete_actions(group)
+    out = np.zeros((len(rows), len(choices)))
     steps = ctx.episode_step[rows]
     for t in np.unique(steps):  # one prefix length per call
         at = np.flatnonzero(steps == t)
         sel = rows[at]
         base = {g: a[sel] for g, a in actions.items()}
         first = []
-        for k in range(n):
+        for choice in choices:
             cand = {g: a.copy() for g, a in base.items()}
-            cand[group.name][:, slot] = k
+            for (group, slot), k in zip(agents, choice):
+                cand[group.name][:, slot] = k
             first.append(cand)
         expect = {g: x[torch.as_tensor(sel)] for g, x in obs.items()} if obs is not None else None
         out[at] = branching.returns(team, ctx.episode_seed[sel], history.prefix(sel), first, horizon, gamma, critic, expect)
     return out
+
+
+def discrete_actions(group: AgentGroup) -> int:
+    """The number of ``group``'s Discrete actions; :class:`NotBranchable` for any other action space."""
+    if not group.discrete:
+        raise NotBranchable(f"branching over actions needs Discrete actions, group {group.name!r} has {group.action_space}")
+    return int(group.action_space.n)  # type: ignore[attr-defined]
 
 
 def value_critic(team: TeamPolicy) -> TeamPolicy | None:

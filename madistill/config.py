@@ -397,11 +397,13 @@ class AttackConfig:
     """Robustness evaluation (``madistill attack``) and the attack settings robust distillation uses."""
 
     policy: str | None = None  # run, policy or sweep directory to attack
-    # add "learned" for the PPO adversary (trained per victim set and eps: attack.learned_steps each) and
-    # "offsets" for the constant-offset search (attack.offset_candidates replays of every episode), and
-    # "targeted_random" / "targeted_lowest" / "targeted_lookahead" for PGD that forces a chosen action (docs/attacks.md)
-    methods: list[AttackMethod] = field(
-        default_factory=lambda: [AttackMethod(m) for m in "random fgsm pgd critic spsa transfer".split()])
+    # the targeted attacks force a chosen action (docs/attacks.md); targeted_lookahead is skipped, with a note,
+    # where the env cannot branch (Box actions, episodes that do not follow from their seed). Add "learned" for
+    # the PPO adversary (trained per victim set and eps: attack.learned_steps each), "offsets" for the
+    # constant-offset search (attack.offset_candidates replays of every episode), "targeted_random" for the
+    # targeted floor
+    methods: list[AttackMethod] = field(default_factory=lambda: [AttackMethod(m) for m in (
+        "random fgsm pgd critic spsa transfer targeted_lowest targeted_lookahead".split())])
     eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
     victims: list[str] = field(default_factory=lambda: ["all", "each"])  # all | each | <agent> | team:<name> | <a>+<b>
     frequency: float = 1.0  # share of steps attacked (per env copy)
@@ -426,11 +428,20 @@ class AttackConfig:
     target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     lookahead_horizon: int = 1  # targeted_lookahead and fault=worst: greedy team steps each branch plays after the candidate action
     lookahead_gamma: float = 0.99  # targeted_lookahead and fault=worst: discount of a branch's rewards and of the critic's value at its horizon
+    # targeted_lookahead: add the critic attack's critic's discounted value at the horizon to a branch's return
+    # (off: a value head's errors can outweigh the reward differences between the branches)
+    lookahead_critic: bool = False
+    # targeted_lookahead: the most joint actions of a victim set branched per step (the product of the victims'
+    # action counts); a larger set chooses each victim's target with the others at their clean actions
+    lookahead_joint: int = 64
     episodes: int = 50  # episodes per attack, victim set and eps
     seed: int = ATTACK_SEED  # first episode seed (madistill/seeds.py: the seed namespaces)
     checks: bool = True  # gradient-masking checks (adds strong PGD at the middle eps and a collapse run)
     collapse_eps: float = 3.0  # PGD here on all agents should leave under half the gain over random
     masking_tolerance: float = 0.1  # return differences below this share of the clean gain are not flagged
+    # objective_misses_return: a targeted attack must lower the return by more than this share of the clean gain
+    # below the strongest untargeted one (with a paired CI excluding zero)
+    objective_tolerance: float = 0.1
     probe_observations: int = 512  # observations for the objective-level checks
     probe_tolerance: float = 0.5  # an objective-level flag needs one attack to reach (1 + this) x the other's KL
     n_boot: int = 1000  # bootstrap resamples for the report's CIs and the masking checks
@@ -438,8 +449,8 @@ class AttackConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "steps", "restarts", "spsa_samples", "offset_candidates", "target_candidates",
-                   "learned_steps", "learned_envs")
-        c.at_least(0, "lookahead_horizon")
+                   "learned_steps", "learned_envs", "lookahead_joint")
+        c.at_least(0, "lookahead_horizon", "objective_tolerance")
         c.within(0, 1, "lookahead_gamma")
         c.within(0, 1, "frequency")
         c.require(all(e >= 0 for e in c.node.eps), "eps", "a list of radii at least 0")

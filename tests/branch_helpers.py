@@ -42,8 +42,12 @@ class TrapEnv(ParallelEnv):
         self.agents, self.armed, self.t = list(self.possible_agents), False, 0
         return self._obs(), {a: {} for a in self.agents}
 
+    def reward(self, actions: dict[str, int]) -> float:
+        """Every agent's reward for the joint action ``actions``."""
+        return -sum(COST[int(a)] for a in actions.values()) - TRAP * self.armed
+
     def step(self, actions: dict[str, int]):
-        r = -sum(COST[int(a)] for a in actions.values()) - TRAP * self.armed
+        r = self.reward(actions)
         self.armed = any(int(a) == 3 for a in actions.values())
         self.t += 1
         done = self.t >= self.max_cycles
@@ -58,6 +62,22 @@ class TrapEnv(ParallelEnv):
 
 
 TRAP_SPEC = EnvSpec("branch_helpers.TrapEnv", {}, name="trap")
+
+MISS = 10.0  # what every agent loses at a step where the two agents play different actions
+
+
+class MissEnv(TrapEnv):
+    """TrapEnv's agents and observations with a coordination reward: ``-MISS`` each at a step where the two
+    agents play different actions, else 0. Forcing one agent off the team's greedy action hurts; forcing both
+    onto the same other action, as two attacks that each assume the other agent clean do, does not."""
+
+    metadata = {"name": "miss_v0"}
+
+    def reward(self, actions: dict[str, int]) -> float:
+        return -MISS * (len({int(a) for a in actions.values()}) > 1)
+
+
+MISS_SPEC = EnvSpec("branch_helpers.MissEnv", {}, name="miss")
 
 
 class TrapPolicy(Policy):

@@ -551,6 +551,16 @@ def test_attack_command_runs_the_transfer_attack_between_a_teacher_and_its_stude
         assert returns["transfer"]["1.0"] != pytest.approx(res["clean"], abs=0.1)
         # the same PGD on the same episodes: only the policy it is crafted on differs
         assert returns["transfer"]["1.0"] != pytest.approx(returns["pgd"]["1.0"], abs=0.1)
+    # a student attacked with its surrogate and critic given: its teacher is not attacked as well
+    student, teacher = run / "policies" / "student", run / "policies" / "teacher"
+    alone = tmp_path / "s"
+    rc, _, err = cli("attack", *tiny(f"attack.policy={student}", f"attack.critic={teacher}", f"attack.transfer_from={teacher}",
+                                     "attack.episodes=4", "attack.eps=[1.0]", "attack.methods=[transfer]", "attack.victims=[all]",
+                                     "attack.steps=3", "attack.restarts=1", "attack.checks=false"), f"hydra.run.dir={alone}")
+    assert rc == 0, err
+    res = json.loads((alone / "reports" / "robustness.json").read_text())["results"]
+    assert list(res) == ["student"]
+    assert res["student"]["returns"]["all"]["transfer"]["1.0"] == results["student"]["returns"]["all"]["transfer"]["1.0"]
 
 
 def test_every_suite_attack_changes_the_episodes_of_a_box_team(make_cfg):

@@ -1,20 +1,24 @@
 """The lookahead target choice (targeted_lookahead) and the worst-action fault, on a constructed env whose most
 harmful action is known by hand: myopic (horizon 0) it is action 2, over one more step action 3, while the
-policy's own lowest-ranked action (targeted_lowest's target) is harmless."""
+policy's own lowest-ranked action (targeted_lowest's target) is harmless. Victim sets on a constructed env where
+one agent attacked alone hurts more than both attacked each as if the other were clean; the suite's skip of the
+lookahead where the env cannot branch."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from branch_helpers import TRAP_SPEC, trap_team
+from branch_helpers import MISS_SPEC, TRAP_SPEC, trap_team
+from cascade_helpers import copy_team
 from omegaconf import OmegaConf
 
 from madistill.attacks.lookahead import LookaheadAttack
 from madistill.attacks.methods import Attack
-from madistill.attacks.robustness import evaluate_robustness, markdown_report
+from madistill.attacks.robustness import curves_figure, evaluate_robustness, markdown_report
 from madistill.branching import Branching
 from madistill.cascade.faults import FaultEnv, make_fault
 from madistill.config import FaultConfig
@@ -22,6 +26,9 @@ from madistill.envs.factory import EnvSpec
 from madistill.envs.features import feature_layouts
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
+from madistill.normalize import ObsNormalizer
+from madistill.policies.base import TeamPolicy
+from madistill.policies.mlp import MLPPolicy
 from madistill.rollout import Rollout
 
 
@@ -40,6 +47,84 @@ def test_lookahead_target_is_the_most_harmful_action_over_its_horizon(make_cfg, 
     assert returns["targeted_lookahead"][4.0] == pytest.approx(expected)
     report = markdown_report({"trap": res}, "trap", 2)
     assert "`targeted_lookahead`: an attacker with a simulator of the env" in report
+
+
+@pytest.mark.parametrize("joint", [1, 64])
+def test_a_victim_set_is_never_reported_less_harmful_than_one_agent_alone(make_cfg, tmp_path, joint):
+    """MissEnv costs 10 a step where the agents play different actions. Forcing a_0 alone off action 0 costs 60
+    over 6 steps; on both agents, targeted_lowest forces both onto action 1 (no cost), and so does a lookahead
+    that chooses each victim's target with the other clean (joint=1; 16 joint actions > 1). The joint lookahead
+    (16 <= 64) finds the joint action that costs. Either way the worst case for all is -60, named by its attack
+    and, where it came from the subset, by it, in the JSON, report, figure and printed summary."""
+    from madistill.stages.attack import _summary
+
+    cfg = make_cfg("attack.methods=[targeted_lowest,targeted_lookahead]", "attack.eps=[4.0]", "attack.victims=[all,a_0]",
+                   "attack.episodes=2", "attack.checks=false", "attack.lookahead_horizon=0", f"attack.lookahead_joint={joint}")
+    with MultiAgentVecEnv(MISS_SPEC, 2) as venv:
+        res = evaluate_robustness(venv, trap_team(venv), feature_layouts(venv.groups), cfg.attack, random_return=-30.0, seed=0)
+    assert res.clean == 0.0
+    assert res.returns["a_0"] == {"targeted_lowest": {4.0: -60.0}, "targeted_lookahead": {4.0: -60.0}}
+    assert res.returns["all"]["targeted_lowest"] == {4.0: 0.0}
+    assert res.returns["all"]["targeted_lookahead"] == {4.0: -60.0 if joint > 1 else 0.0}
+    name, source = ("targeted_lookahead", "all") if joint > 1 else ("targeted_lowest on a_0", "a_0")
+    assert res.worst("all", 4.0) == (name, -60.0)
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["worst_case"]["all"]["4.0"] == [name, -60.0] and d["worst_case_from"]["all"]["4.0"] == source
+    assert f"| **worst case** | -60.00 ({name}) |" in markdown_report({"t": res}, "miss", 2)
+    top = curves_figure({"t": res}, "all", "miss").axes[0]
+    (worst,) = [ln for ln in top.lines if ln.get_label() == "worst case"]
+    assert list(worst.get_ydata()) == [-60.0] and [t.get_text() for t in top.texts] == [name]
+    assert f"  t        clean 0.00 | victims all: eps 4: -60.00 ({name})" in _summary({"t": res}, cfg.attack, "miss", None, tmp_path)
+
+
+def test_lookahead_forces_every_victim_of_a_group_and_every_action_in_one_pgd_batch(make_cfg, monkeypatch):
+    """Both TrapEnv agents share a group: one Attack.force per step for both victims and all 4 actions."""
+    calls = []
+    force = Attack.force
+    monkeypatch.setattr(Attack, "force", lambda self, policy, x, *a, **k: calls.append(len(x)) or force(self, policy, x, *a, **k))
+    ac = make_cfg("attack.methods=[targeted_lookahead]", "attack.eps=[4.0]", "attack.victims=[all]", "attack.episodes=2",
+                  "attack.checks=false").attack
+    with MultiAgentVecEnv(TRAP_SPEC, 2) as venv:
+        evaluate_robustness(venv, trap_team(venv), feature_layouts(venv.groups), ac, random_return=-20.0, seed=0)
+    assert calls == [4 * 2 * 2] * 6  # per step of the 6: 4 actions x 2 victims x 2 env copies
+
+
+@pytest.mark.parametrize("use", [False, True])
+def test_lookahead_adds_the_critic_only_when_asked(make_cfg, use):
+    from madistill.attacks.robustness import suite_transforms
+
+    ac = make_cfg(f"attack.lookahead_critic={use}").attack
+    with MultiAgentVecEnv(TRAP_SPEC, 2) as venv:
+        team = trap_team(venv)
+        attack, _ = suite_transforms("targeted_lookahead", venv, team, ["a_0"], {}, ac, 0, None, critic=team)
+    assert attack.critic is (team if use else None)
+
+
+def _box_team(venv: MultiAgentVecEnv) -> TeamPolicy:
+    torch.manual_seed(0)
+    return TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"}) for g in venv.groups},
+                      {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
+
+
+@pytest.mark.parametrize("case", ["box", "unseeded"])
+def test_the_suite_skips_the_lookahead_with_a_note_where_the_env_cannot_branch(make_cfg, case):
+    """Box victims, and an env whose episodes do not follow from their seed: the lookahead is skipped with a
+    note per victim set naming why and the fix, the other attacks run."""
+    if case == "box":
+        spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 5, "continuous_actions": True})
+        victims, why = ["all", "speaker_0"], "Box actions"
+    else:
+        spec = EnvSpec("cascade_helpers.UnseededRelay", {"n_symbols": 3, "switch_prob": 0.5, "max_cycles": 12})
+        victims, why = ["all", "agent_1"], "not reproducible from its seed"
+    ac = make_cfg("attack.methods=[random,targeted_lookahead]", "attack.eps=[0.3,4.0]", f"attack.victims=[{','.join(victims)}]",
+                  "attack.episodes=2", "attack.checks=false").attack
+    with MultiAgentVecEnv(spec, 2) as venv:
+        team = _box_team(venv) if case == "box" else copy_team(venv)
+        res = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, random_return=-20.0, seed=0)
+    assert {v: list(r) for v, r in res.returns.items()} == {v: ["random"] for v in victims}
+    assert [s.split(":")[0] for s in res.skipped] == [f"targeted_lookahead on victims {v}" for v in victims]
+    assert all(why in s for s in res.skipped), res.skipped
+    assert f"- skipped targeted_lookahead on victims {victims[0]}: " in markdown_report({"t": res}, "env", 2)
 
 
 def test_lookahead_refuses_box_victims():

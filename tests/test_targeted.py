@@ -129,10 +129,40 @@ def test_targeted_settings_are_checked():
         Attack("targeted", "target", target="best")
 
 
-def test_targeted_attacks_are_opt_in_suite_members():
-    assert {"targeted_random", "targeted_lowest"} <= set(SUITE)
-    assert not any(m.startswith("targeted") for m in AttackConfig().methods)
+def test_the_default_suite_has_the_targeted_attacks_and_quick_stays_quick(make_cfg):
+    assert {"targeted_random", "targeted_lowest", "targeted_lookahead"} <= set(SUITE)
+    suite = ["random", "fgsm", "pgd", "critic", "spsa", "transfer", "targeted_lowest", "targeted_lookahead"]
+    assert [str(m) for m in AttackConfig().methods] == suite
+    assert [str(m) for m in make_cfg().attack.methods] == suite
+    assert [str(m) for m in make_cfg("attack=quick").attack.methods] == ["random", "fgsm", "pgd"]
+    assert set(suite) < {str(m) for m in make_cfg("attack=thorough").attack.methods}
     assert set(THREAT_MODELS) == {*SUITE, "pgd_strong"}  # the report names every attack's threat model
+
+
+class Counted(Linear):
+    """Linear, counting its forward calls and the rows of each."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.rows: list[int] = []
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        self.rows.append(len(obs))
+        return super().forward(obs)
+
+
+def test_targeted_pgd_runs_all_candidates_in_one_forward_and_backward_pass_per_step():
+    policy = Counted(THREE.group, THREE.w.tolist(), THREE.c.tolist())
+    rows = {}
+    for k in (1, 2):
+        policy.rows = []
+        _pgd(candidates=k)(policy, torch.zeros(5, 2), Budget.build(1.0, 2), torch.Generator().manual_seed(0))
+        rows[k] = list(policy.rows)
+    # the targets from the clean batch, then PGD (clean head, start value, 2 restarts x (20 steps + value)) on all
+    # K x B rows at once, then (with a choice to make) which target became greedy
+    pgd = 1 + 1 + 2 * (20 + 1)
+    assert rows[1] == [5] + [5] * pgd
+    assert rows[2] == [5] + [10] * pgd + [10]
 
 
 def _result(cells: dict[str, dict[str, float]], members: dict[str, tuple[str, ...]]) -> RobustnessResult:
@@ -202,6 +232,21 @@ def test_objective_check_fires_only_when_a_targeted_attack_is_materially_stronge
     assert [f.name for f in flags] == ([OBJECTIVE_MISSES] if fires else [])
     if fires:
         assert flags[0].detail.startswith("eps 1: targeted_lowest return -49.92 < pgd -29.92")
+
+
+@pytest.mark.parametrize("objective_tolerance,fires", [(0.1, True), (0.2, False)])
+def test_objective_check_takes_its_own_tolerance(objective_tolerance, fires):
+    # a targeted attack 5 points below PGD: over 0.1 x 30 = 3, under 0.2 x 30 = 6; the masking tolerance of 0.5
+    # (15 points) does not silence it
+    returns = {"pgd": {1.0: -30.0 + NOISE}, "targeted_lowest": {1.0: -35.0 + NOISE}}
+    flags = return_checks(returns, CLEAN, -40.0, tolerance=0.5, objective_tolerance=objective_tolerance)
+    assert [f.name for f in flags] == ([OBJECTIVE_MISSES] if fires else [])
+
+
+def test_objective_tolerance_is_checked(make_cfg):
+    assert make_cfg().attack.objective_tolerance == 0.1
+    with pytest.raises(MadistillError, match="attack.objective_tolerance must be at least 0"):
+        make_cfg("attack.objective_tolerance=-0.1")
 
 
 def test_the_objective_flag_is_kept_apart_from_the_masking_flags():

@@ -145,7 +145,7 @@ def test_robustness_gives_the_worst_case_per_team():
     assert report.count("| **worst case** | 1.00 (fgsm) |") == 1 and report.count("| **worst case** | -3.00 (pgd) |") == 1
     assert "| all | 0.5 | good | fgsm | -1.00 | -1.00 | 1.00 | 1.00 |" in report
     # masking checks read each attacked team's return: PGD leaves the good team far more than FGSM does
-    ac = SimpleNamespace(masking_tolerance=0.1, n_boot=200, collapse_eps=None)
+    ac = SimpleNamespace(masking_tolerance=0.1, objective_tolerance=0.1, n_boot=200, collapse_eps=None)
     clean = [EpisodeRecord(seed=i, length=5, agent_returns={a: (-2.0 if a.startswith("adv") else 2.0) for a in DUEL})
              for i in range(2)]
     flags = _return_flags(res, "all", ["agent_0"], ac, clean)
@@ -304,7 +304,7 @@ def test_team_checks_compare_the_episodes_where_the_team_took_part():
                                           "pgd": {0.5: np.array([3.0, 3.0, np.nan])}}}}
     clean = [EpisodeRecord(i, 5, {a: (-2.0 if a.startswith("adv") else 2.0) for a in DUEL}) for i in range(2)]
     clean.append(EpisodeRecord(2, 5, {"adversary_0": -2.0, "adversary_1": -2.0}))
-    ac = SimpleNamespace(masking_tolerance=0.1, n_boot=200, collapse_eps=None)
+    ac = SimpleNamespace(masking_tolerance=0.1, objective_tolerance=0.1, n_boot=200, collapse_eps=None)
     flags = _return_flags(res, "all", ["agent_0"], ac, clean)
     assert [(f.name, f.detail.split(":")[0]) for f in flags] == [("pgd_weaker_than_fgsm", "team good")]
 

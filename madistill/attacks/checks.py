@@ -107,6 +107,7 @@ def return_checks(
     collapse_eps: float | None = None,
     seed: int = 0,
     n_boot: int = 1000,
+    objective_tolerance: float = 0.1,
 ) -> list[Flag]:
     """Flags from per-episode team returns ``returns[attack][eps]`` and ``clean`` (every cell played the same
     episode seeds; attacks named as in the suite: ``fgsm``, ``pgd``, ``pgd_strong``, ``spsa``, ``transfer``).
@@ -116,17 +117,17 @@ def return_checks(
     budget at which PGD on all agents should leave less than half of the gain. An attack with the clean
     return on every episode changed nothing, so PGD's return above it is no evidence against PGD: that
     comparison is reported as a ``degenerate_attack`` Flag instead. At each eps, the strongest targeted attack
-    (``targeted_*``) materially below the strongest of :data:`UNTARGETED` raises ``objective_misses_return``.
+    (``targeted_*``) materially below the strongest of :data:`UNTARGETED` raises ``objective_misses_return``,
+    where material means a mean gap over ``objective_tolerance`` times the clean gain (and a CI excluding zero).
     """
     gain = float(np.mean(clean)) - random
-    tol = tolerance * abs(gain)
     rng = np.random.default_rng(seed)
 
-    def worse(a: np.ndarray, b: np.ndarray) -> bool:
-        """True when return ``a`` is materially below ``b`` (paired by episode)."""
+    def worse(a: np.ndarray, b: np.ndarray, share: float = tolerance) -> bool:
+        """True when return ``a`` is materially below ``b`` (paired by episode): by over ``share`` of the gain."""
         d = b - a
         boots = resample(d, n_boot, rng).mean(1)
-        return bool(d.mean() > tol and np.percentile(boots, 2.5) > 0)
+        return bool(d.mean() > share * abs(gain) and np.percentile(boots, 2.5) > 0)
 
     flags = []
     pgd = dict(returns.get("pgd", {}))
@@ -156,7 +157,7 @@ def return_checks(
             continue
         t = min(targeted, key=lambda a: targeted[a].mean())
         u = min(untargeted, key=lambda a: untargeted[a].mean())
-        if worse(targeted[t], untargeted[u]):
+        if worse(targeted[t], untargeted[u], objective_tolerance):
             flags.append(Flag(OBJECTIVE_MISSES, f"eps {eps:g}: {t} return {targeted[t].mean():.2f} < {u} "
                               f"{untargeted[u].mean():.2f}, the strongest untargeted attack: its objective misses "
                               "what lowers the return"))

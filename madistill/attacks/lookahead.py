@@ -1,16 +1,21 @@
 """The lookahead target choice (``targeted_lookahead``): an attacker with a simulator of the env picks, per
-victim and step, the action that hurts the team most, and forces it with targeted PGD.
+step, the actions that hurt the team most, and forces them on the victims with targeted PGD.
 
-The target is the Discrete action that, forced on the victim now while the others play their clean greedy
-actions, then the team's own greedy policy for ``horizon`` steps, gives the lowest team return over those
-steps (plus a critic's discounted value at the horizon, where one is given), among the actions the budget can
-force: every candidate is a branch of the running episode (``madistill.branching``), and :meth:`Attack.force`
-drives PGD towards all of them in one batch. Each victim's target is chosen with the others at their clean
+Every Discrete action of every victim is forced at once (:meth:`Attack.force`, one PGD batch per group: all
+victim slots and all actions), which shows the actions the budget can make greedy. The targets are then the
+joint action of the victims that, played now while the other agents play their clean greedy actions, then the
+team's own greedy policy for ``horizon`` steps, gives the lowest team return over those steps (plus a critic's
+discounted value at the horizon, where one is given), among the reachable ones: every candidate is a branch of
+the running episode (``madistill.branching``). The joint choices include leaving any victim at its clean
+action, so the attack on a set considers every attack on its subsets at that step. Where the victims have more
+joint actions than ``joint`` allows, each victim's target is chosen alone, with the others at their clean
 greedy actions.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -19,9 +24,9 @@ import torch
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack
 from madistill.attacks.transform import attacked_copies, victim_slots
-from madistill.branching import ActionHistory, Branching, action_returns
-from madistill.errors import MadistillError
-from madistill.policies.base import Policy, TeamPolicy
+from madistill.branching import ActionHistory, Branching, NotBranchable, discrete_actions, joint_returns
+from madistill.envs.groups import AgentGroup
+from madistill.policies.base import TeamPolicy
 from madistill.rollout import env_actions, team_actions
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
@@ -29,19 +34,21 @@ from madistill.transforms import GroupTensors, ObsTransform, StepContext
 class LookaheadAttack(ObsTransform):
     """Perturbs the victims' normalised observations towards their lookahead targets. ``history`` must run in
     the same rollout, last in its action chain (``transforms()`` lists both): it records the prefix every
-    branch replays."""
+    branch replays. ``joint``: the most joint actions of the victims branched at one step; with more, each
+    victim's target is chosen with the others at their clean actions. :class:`NotBranchable` for Box victims."""
 
     shared_stream = True  # random starts and sparse timing draw from the rollout's generator
 
     def __init__(self, attack: Attack, victims: Sequence[str], budgets: Mapping[str, Budget], branching: Branching,
-                 horizon: int = 1, gamma: float = 0.99, critic: TeamPolicy | None = None, frequency: float = 1.0):
+                 horizon: int = 1, gamma: float = 0.99, critic: TeamPolicy | None = None, frequency: float = 1.0,
+                 joint: int = 64):
         box = [g.name for g in branching.groups if not g.discrete and victim_slots(g, victims)]
         if box:
-            raise MadistillError(f"targeted_lookahead branches over Discrete actions, group(s) {box} have Box actions: "
-                                 "leave targeted_lookahead out of attack.methods for these victims")
+            raise NotBranchable(f"targeted_lookahead branches over Discrete actions, group(s) {box} have Box actions: "
+                                "leave targeted_lookahead out of attack.methods for these victims")
         self.attack, self.victims, self.budgets = attack, list(victims), dict(budgets)
         self.branching, self.horizon, self.gamma, self.critic = branching, int(horizon), float(gamma), critic
-        self.frequency = float(frequency)
+        self.frequency, self.joint = float(frequency), int(joint)
         self.history = ActionHistory()
 
     def transforms(self) -> list[ObsTransform | ActionHistory]:
@@ -51,32 +58,66 @@ class LookaheadAttack(ObsTransform):
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
         team = ctx.team
         now = attacked_copies(next(iter(obs.values())).shape[0], self.frequency, ctx.generator, team.device).cpu().numpy()
+        agents = [(g, s) for g in team.groups for s in victim_slots(g, self.victims)]
+        if not agents:
+            return obs
+        active = np.array([ctx.active[g.name][:, s].cpu().numpy() & now for g, s in agents])
+        rows = np.flatnonzero(active.any(0))
+        if not len(rows):
+            return obs
         with torch.no_grad():
             clean = env_actions(team, team_actions(team, obs, True, None)[1])
-        out = dict(obs)
-        for g in team.groups:
-            slots = victim_slots(g, self.victims)
-            x = obs[g.name].clone()
-            for s in slots:
-                rows = np.flatnonzero(ctx.active[g.name][:, s].cpu().numpy() & now)
-                if not len(rows):
-                    continue
-                ret = action_returns(self.branching, team, self.history, clean, ctx, g, s, rows, self.horizon,
-                                     self.gamma, self.critic, obs=obs)
-                idx = torch.as_tensor(rows, device=x.device)
-                x[idx, s] = self._force_worst(team[g.name], obs[g.name][idx, s], ret, self.budgets[g.name], ctx).to(x.dtype)
-            if slots:
-                out[g.name] = x
+        adv, reached = self._force_all(team, obs, rows, ctx)
+        for j, (g, s) in enumerate(agents):  # a victim inactive in a row keeps its clean action there
+            idle = ~active[j, rows]
+            reached[j][idle] = np.eye(reached[j].shape[1], dtype=bool)[clean[g.name][rows[idle], s]]
+        picks = self._choose(team, agents, reached, clean, obs, ctx, rows)
+        out = {name: x.clone() for name, x in obs.items()}
+        for j, (g, s) in enumerate(agents):
+            hit = np.flatnonzero(active[j, rows])
+            x = out[g.name]
+            x[torch.as_tensor(rows[hit]), s] = adv[j][torch.as_tensor(picks[j][hit]), torch.as_tensor(hit)].to(x.dtype)
         return out
 
-    def _force_worst(self, policy: Policy, x: torch.Tensor, ret: np.ndarray, budget: Budget, ctx: StepContext) -> torch.Tensor:
-        """PGD towards every action at once (``n`` candidates of ``m`` rows in one batch); per row, the perturbation
-        of the candidate with the lowest branched return ``ret`` ``[m, n]`` among those the budget makes greedy (the
-        clean greedy action always is), else of the lowest one."""
-        m, n = ret.shape
-        cand = torch.arange(n, device=x.device).repeat_interleave(m)  # candidate k of row i at k * m + i
-        adv = self.attack.force(policy, x.repeat(n, 1), cand, budget, ctx.generator)
-        with torch.no_grad():
-            reached = (policy(adv).argmax(-1) == cand).reshape(n, m).T.cpu().numpy()
-        score = np.where(reached | ~reached.any(1, keepdims=True), ret, np.inf)
-        return adv.reshape(n, m, -1)[torch.as_tensor(score.argmin(1)), torch.arange(m)]
+    def _force_all(self, team: TeamPolicy, obs: GroupTensors, rows: np.ndarray,
+                   ctx: StepContext) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+        """Per victim (in group and slot order): the perturbations forcing each of its ``n`` actions ``[n, m, d]``
+        in ``rows`` (``m`` of them) and which actions became greedy ``[m, n]`` (where none did, every action
+        counts as reached: the clean one is reached in principle). One PGD batch per group: ``n x slots x m``
+        rows, candidate ``k`` of slot ``j`` of row ``i`` at ``(k * slots + j) * m + i``."""
+        adv, reached = [], []
+        idx = torch.as_tensor(rows, device=team.device)
+        for g in team.groups:
+            slots = victim_slots(g, self.victims)
+            if not slots:
+                continue
+            n, policy = discrete_actions(g), team[g.name]
+            x = obs[g.name][idx][:, slots].transpose(0, 1).reshape(len(slots) * len(rows), -1)
+            cand = torch.arange(n, device=x.device).repeat_interleave(len(x))
+            forced = self.attack.force(policy, x.repeat(n, 1), cand, self.budgets[g.name], ctx.generator)
+            with torch.no_grad():
+                hit = (policy(forced).argmax(-1) == cand).reshape(n, len(slots), len(rows)).cpu().numpy()
+            forced = forced.reshape(n, len(slots), len(rows), -1)
+            for j in range(len(slots)):
+                r = hit[:, j].T.copy()
+                r |= ~r.any(1, keepdims=True)
+                adv.append(forced[:, j])
+                reached.append(r)
+        return adv, reached
+
+    def _choose(self, team: TeamPolicy, agents: list[tuple[AgentGroup, int]], reached: list[np.ndarray],
+                clean: dict[str, np.ndarray], obs: GroupTensors, ctx: StepContext, rows: np.ndarray) -> list[np.ndarray]:
+        """Per victim, its target action in each of ``rows``: the reachable joint action with the lowest branched
+        return, or (more joint actions than ``joint``) each victim's reachable action with the lowest return while
+        the others play their clean actions. ``obs``: the clean observations, which the replays must show."""
+        sizes = [r.shape[1] for r in reached]
+        groups = [(agents, reached)] if math.prod(sizes) <= self.joint else [([a], [r]) for a, r in zip(agents, reached)]
+        picks = []
+        for who, ok in groups:
+            choices = list(itertools.product(*(range(r.shape[1]) for r in ok)))
+            ret = joint_returns(self.branching, team, self.history, clean, ctx, who, choices, rows, self.horizon,
+                                self.gamma, self.critic, obs)
+            allowed = np.all([r[:, [c[j] for c in choices]] for j, r in enumerate(ok)], axis=0)
+            best = np.array(choices)[np.where(allowed, ret, np.inf).argmin(1)]  # [m, victims]
+            picks += list(best.T)
+        return picks

@@ -17,7 +17,7 @@ from madistill.attacks.learned import LearnedAdversary, train_adversary
 from madistill.attacks.lookahead import LookaheadAttack
 from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
-from madistill.branching import Branching
+from madistill.branching import Branching, NotBranchable
 from madistill.common.collect import collect_round
 from madistill.common.episodes import team_returns
 from madistill.config import AttackMethod
@@ -36,8 +36,8 @@ from madistill.transforms import ActionTransform, ObsTransform
 # surrogate policy; "learned" trains a PPO adversary per victim set and eps (attack.learned_steps);
 # "offsets" keeps, per episode, the worst of attack.offset_candidates constant corner offsets (ConstantOffset);
 # "pgd_strong" (2x steps, 2x restarts) runs for the masking checks; "targeted_random" and "targeted_lowest" are
-# PGD towards a chosen action (methods.targets), "targeted_lookahead" towards the action a branch of the episode
-# shows most harmful (attacks.lookahead); all three opt-in: the default suite lists do not name them.
+# PGD towards a chosen action (methods.targets), "targeted_lookahead" towards the joint action a branch of the
+# episode shows most harmful (attacks.lookahead; skipped with a note where the env cannot branch).
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -60,9 +60,10 @@ THREAT_MODELS = {
                        "one the budget reaches, of attack.target_candidates; Box: the far corner of the action box); "
                        "the victim's observation only, no env branching",
     "targeted_lookahead": "an attacker with a simulator of the env, white-box victim policy: per step, PGD forcing the "
-                          "action that, played now and followed by attack.lookahead_horizon steps of the team's own "
-                          "policy, gives the lowest team return (branches replayed from the episode seed and the "
-                          "actions so far; plus the discounted value at the horizon where the critic attack's critic exists)",
+                          "victims' joint action that, played now and followed by attack.lookahead_horizon steps of the "
+                          "team's own policy, gives the lowest team return (branches replayed from the episode seed and the "
+                          "actions so far; plus the critic attack's critic's discounted value at the horizon with "
+                          "attack.lookahead_critic)",
 }
 
 
@@ -270,24 +271,25 @@ def evaluate_robustness(
     res.victim_members = {v: tuple(members) for v, members in sets.items()}
     for vname, victims in sets.items():
         target = _victims_team(res, victims)
+        unbranchable: set[str] = set()  # the lookahead, once it found these victims or the env unbranchable
         res.agent_returns[vname], res.episodes[vname] = {}, {}
         for side in res.teams:
             res.team_episodes.setdefault(side, {})[vname] = {}
         for method, eps in runs:
             start = time.perf_counter()
-            if method == "offsets":
-                recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target, faults)
+            recs = None if method in unbranchable else _attacked(method, vname, victims, budgets[eps], venv, team, ac,
+                                                                 seed, surrogate, critic, target, faults, res)
+            if recs is None:
+                unbranchable.add(method)
             else:
-                transforms = _transforms(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
-                recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
-            # running mean over every evaluation of this attack (all eps, victim sets and check runs)
-            runs_of[method] = runs_of.get(method, 0) + 1
-            elapsed = time.perf_counter() - start
-            res.seconds[method] = res.seconds.get(method, 0.0) + (elapsed - res.seconds.get(method, 0.0)) / runs_of[method]
-            res.agent_returns[vname].setdefault(method, {})[eps] = _agents(recs)
-            res.episodes[vname].setdefault(method, {})[eps] = np.array([r.team_return for r in recs])
-            for side, members in res.teams.items():
-                res.team_episodes[side][vname].setdefault(method, {})[eps] = team_arrays(recs, members)
+                # running mean over every evaluation of this attack (all eps, victim sets and check runs)
+                runs_of[method] = runs_of.get(method, 0) + 1
+                elapsed = time.perf_counter() - start
+                res.seconds[method] = res.seconds.get(method, 0.0) + (elapsed - res.seconds.get(method, 0.0)) / runs_of[method]
+                res.agent_returns[vname].setdefault(method, {})[eps] = _agents(recs)
+                res.episodes[vname].setdefault(method, {})[eps] = np.array([r.team_return for r in recs])
+                for side, members in res.teams.items():
+                    res.team_episodes[side][vname].setdefault(method, {})[eps] = team_arrays(recs, members)
             if progress is not None:
                 progress.update(1)
         if ac.checks:
@@ -295,6 +297,22 @@ def evaluate_robustness(
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
+
+
+def _attacked(method: str, vname: str, victims: list[str], budgets: Mapping[str, Budget], venv: MultiAgentVecEnv,
+              team: TeamPolicy, ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
+              target: Sequence[str] | None, faults: Sequence[ObsTransform | ActionTransform],
+              res: RobustnessResult) -> list[EpisodeRecord] | None:
+    """The episodes of one suite attack on ``victims`` (set ``vname``) inside ``budgets``; None, with a note in
+    ``res.skipped``, where the lookahead cannot branch these victims or this env."""
+    if method == "offsets":
+        return worst_offsets(venv, team, victims, budgets, ac.offset_candidates, ac.episodes, seed, target, faults)
+    try:
+        transforms = suite_transforms(method, venv, team, victims, budgets, ac, seed, surrogate, critic, target)
+        return run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
+    except NotBranchable as e:  # raised by the lookahead only
+        res.skipped.append(f"{method} on victims {vname}: {e}")
+        return None
 
 
 def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac: Any,
@@ -306,8 +324,8 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
     opposite directions) or their team's clean return is no better than random (no gain to lose)."""
     collapse = float(ac.collapse_eps) if ac.collapse_eps else None
     if not res.teams:
-        return return_checks(res.episodes[vname], res.clean_episodes, res.random,
-                             ac.masking_tolerance, collapse if vname == "all" else None, res.seed, ac.n_boot)
+        return return_checks(res.episodes[vname], res.clean_episodes, res.random, ac.masking_tolerance,
+                             collapse if vname == "all" else None, res.seed, ac.n_boot, ac.objective_tolerance)
     sides = [t for t, agents in res.teams.items() if set(agents) & set(victims)]
     if len(sides) != 1:
         res.skipped.append(f"return-level masking checks on victims {vname}: they play on several teams")
@@ -324,7 +342,7 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
     kept = {a: {e: x[keep] for e, x in r.items()} for a, r in cells.items()}
     return [Flag(f.name, f"team {team}: {f.detail}")
             for f in return_checks(kept, clean[keep], res.team_random[team], ac.masking_tolerance,
-                                   collapse if whole else None, res.seed, ac.n_boot)]
+                                   collapse if whole else None, res.seed, ac.n_boot, ac.objective_tolerance)]
 
 
 def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, ...] | None:
@@ -334,16 +352,17 @@ def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, .
     return sides[0] if len(sides) == 1 else None
 
 
-def _transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
-                ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
-                target: Sequence[str] | None = None) -> list[ObsTransform | ActionTransform]:
+def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str],
+                     budgets: Mapping[str, Budget], ac: Any, seed: int, surrogate: TeamPolicy | None,
+                     critic: TeamPolicy | None, target: Sequence[str] | None = None) -> list[ObsTransform | ActionTransform]:
     """The transforms of a per-step suite attack (the learned adversary is trained here first, to lower the
     mean return of ``target``; None: of every agent)."""
     if method == "targeted_lookahead":
         branching = Branching(venv.spec, venv.groups, venv.backend)
         # the targeted PGD of targeted_random realises the target; its own target choice is not used
-        return LookaheadAttack(suite_attack("targeted_random", ac), victims, budgets, branching,
-                               ac.lookahead_horizon, ac.lookahead_gamma, critic, ac.frequency).transforms()
+        return LookaheadAttack(suite_attack("targeted_random", ac), victims, budgets, branching, ac.lookahead_horizon,
+                               ac.lookahead_gamma, critic if ac.lookahead_critic else None, ac.frequency,
+                               ac.lookahead_joint).transforms()
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
                                 ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
@@ -381,7 +400,8 @@ def _probe(venv: MultiAgentVecEnv, team: TeamPolicy, budgets: Mapping[str, Budge
 
 
 def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: str) -> Figure:
-    """Per policy (columns): team return vs eps, one line per attack, clean and random as references (top;
+    """Per policy (columns): team return vs eps, one line per attack, the worst case over the attacks on
+    ``victims`` and its evaluated subsets (each point named by its attack), clean and random as references (top;
     with several teams, each team's worst case from its clean return at eps 0, its random return dashed);
     each agent's return under the worst-case attack (for its team) at each eps, from its clean return (bottom)."""
     fig, axes = pyplot().subplots(2, len(results), figsize=(4.2 * len(results), 6.4), squeeze=False, sharey="row")
@@ -397,6 +417,11 @@ def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: 
         else:
             for attack, by_eps in res.returns.get(victims, {}).items():
                 team_ax.plot(sorted(by_eps), [by_eps[e] for e in sorted(by_eps)], marker="o", label=attack)
+            # over the attacks on the set and on its evaluated subsets, each point named by its attack
+            worst = [res.worst(victims, e) for e in eps]
+            team_ax.plot(eps, [r for _, r in worst], color="k", ls=":", lw=2, marker="s", label="worst case")
+            for e, (attack, r) in zip(eps, worst):
+                team_ax.annotate(attack, (e, r), textcoords="offset points", xytext=(3, -9), fontsize=6)
             team_ax.axhline(res.clean, color="k", lw=1, label="clean")
             team_ax.axhline(res.random, color="gray", ls="--", lw=1, label="random policy")
         team_ax.set_title(f"{name} (victims: {victims})", fontsize=9)

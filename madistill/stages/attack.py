@@ -50,8 +50,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.stages.rundir import open_tb
 
     ac = cfg.attack
+    # a student's teacher joins as its transfer surrogate and critic, unless both are given
     device, refs, spec = studied_policies(
-        cfg, ac.policy, "no policy to attack: pass attack.policy=<run, policy or sweep directory>"
+        cfg, ac.policy, "no policy to attack: pass attack.policy=<run, policy or sweep directory>",
+        add_teachers=not (ac.critic and ac.transfer_from),
     )
     results = {}
     several = len({r.run for r in refs}) > 1
