@@ -46,6 +46,15 @@ def _ci(diffs: np.ndarray, strata: np.ndarray) -> list[float]:
     return [float(v) for v in bootstrap_ci(diffs, np.mean, n_boot=2000, seed=0, strata=strata)]
 
 
+def _ratio_ci(num: np.ndarray, den: np.ndarray, strata: np.ndarray) -> list[float]:
+    """95% CI of mean(num) / mean(den) over paired episodes (resampled together, within seeds)."""
+    def ratio(i: np.ndarray) -> float:
+        i = i.astype(int)
+        return float(num[i].mean() / den[i].mean())
+
+    return [float(v) for v in bootstrap_ci(np.arange(len(num), dtype=float), ratio, n_boot=2000, seed=0, strata=strata)]
+
+
 CASCADE_KEYS = ("size_mean", "size_ci", "others_return_delta", "others_return_delta_ci")
 
 
@@ -77,7 +86,9 @@ def cascade_comparison(env: str, original: Path, repair_run: Path, payload: dict
 
 def summarise(runs: dict[int, dict]) -> dict:
     """Per variant over the seeds' repair reports: means of parameters changed, clean and worst return, recovery;
-    paired CIs of masked minus each baseline on the worst-case per-episode returns."""
+    paired CIs of masked minus each baseline on the worst-case per-episode returns; the masked repair's recovery
+    as a share of full fine-tuning's and each variant's share of the original's clean gain over random, with
+    CIs over the same paired episodes."""
     seeds = sorted(runs)
     names = ["original", *runs[seeds[0]]["variants"]]
 
@@ -96,12 +107,23 @@ def summarise(runs: dict[int, dict]) -> dict:
                "worst_attacks": [ev(s, name)["worst_attack"] for s in seeds]}
         if name != "original":
             row["learning_rates"] = [runs[s]["variants"][name]["learning_rate"] for s in seeds]
+            row["anchors"] = [runs[s]["variants"][name]["anchor"] for s in seeds]
+            row["within_divergence_bound"] = [runs[s]["variants"][name]["within_divergence_bound"] for s in seeds]
             row["changed"] = float(np.mean([runs[s]["variants"][name]["changed"] for s in seeds]))
             row["changed_share"] = float(np.mean([runs[s]["variants"][name]["changed_share"] for s in seeds]))
         out["variants"][name] = row
-    full = out["variants"].get("full", {}).get("recovery")
-    out["masked_recovery_of_full"] = out["variants"]["masked"]["recovery"] / full if full else None
     strata = np.concatenate([[s] * len(ev(s, "masked")["worst_episodes"]) for s in seeds])
+
+    def episodes(name: str, key: str) -> np.ndarray:
+        return np.concatenate([ev(s, name)[key] for s in seeds])
+
+    worst, clean = episodes("original", "worst_episodes"), episodes("original", "clean_episodes")
+    random = np.concatenate([[ev(s, "original")["random"]] * len(ev(s, "original")["clean_episodes"]) for s in seeds])
+    if "full" in out["variants"]:
+        num, den = episodes("masked", "worst_episodes") - worst, episodes("full", "worst_episodes") - worst
+        out["masked_recovery_of_full"] = {"mean": float(num.mean() / den.mean()), "ci95": _ratio_ci(num, den, strata)}
+    out["clean_gain_kept_ci95"] = {name: _ratio_ci(episodes(name, "clean_episodes") - random, clean - random, strata)
+                                   for name in names if name != "original"}
     out["paired_worst_masked_minus"] = {}
     for name in names:
         if name == "masked":
@@ -118,14 +140,20 @@ def summarise(runs: dict[int, dict]) -> dict:
 
 def markdown(summary: dict, env: str, command: str) -> str:
     lines = [f"# Masked repair vs baselines on {env}", "", f"`{command}`", "",
-             "| variant | learning rate per seed | params changed | share | clean | worst attacked | recovery | "
-             "clean gain kept |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | learning rate @ anchor per seed | params changed | share | clean | worst attacked | recovery | "
+             "clean gain kept [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
-        rates = ", ".join(f"{r:g}" for r in v.get("learning_rates", [])) or "-"
+        rates = ", ".join(f"{r:g} @ {a:g}" + ("" if ok else " (none within the bound)") for r, a, ok in
+                          zip(v.get("learning_rates", []), v.get("anchors", []), v.get("within_divergence_bound", []))) or "-"
+        ci = summary["clean_gain_kept_ci95"].get(name)
+        kept = f"{v['clean_gain_kept']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         lines.append(f"| {name} | {rates} | {v.get('changed', 0):.0f} | {v.get('changed_share', 0):.4f} | {v['clean']:.2f} | "
-                     f"{v['worst']:.2f} | {v['recovery']:.2f} | {v['clean_gain_kept']:.3f} |")
-    lines += ["", f"Masked recovery / full recovery: {summary['masked_recovery_of_full']}", "",
-              "| masked minus | worst-case mean | 95% paired CI |", "|---|---|---|"]
+                     f"{v['worst']:.2f} | {v['recovery']:.2f} | {kept} |")
+    share = summary.get("masked_recovery_of_full")
+    if share:
+        lines += ["", f"Masked recovery / full recovery of the worst case: {share['mean']:.3f} "
+                  f"[{share['ci95'][0]:.3f}, {share['ci95'][1]:.3f}]"]
+    lines += ["", "| masked minus | worst-case mean | 95% paired CI |", "|---|---|---|"]
     for name, d in summary["paired_worst_masked_minus"].items():
         lines.append(f"| {name} | {d['mean']:.2f} | [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] |")
     if "cascade" in summary:
