@@ -11,6 +11,9 @@ CI (episodes resampled within each seed), and the share of the original's clean 
 
     python experiments/repair.py /tmp/repair/sl_teacher --seeds 0 1 2 attack.episodes=20
 
+With several teachers (independently trained, same env), teacher i is repaired with seed i (``--seeds``, default
+0 .. n-1): the seeds are then training seeds as well, and each seed's variants are compared with its own original.
+
 With ``--cascade`` (issue 22, item 6), each seed also runs the cascade monitor (``madistill cascade``) on the
 original and the repaired policy together, on the same episodes, under the repair's attack (``fault=attack``,
 its method and eps) on one agent of the repaired group (``--victim``, default its first): the cascade size (how
@@ -55,7 +58,7 @@ def _ratio_ci(num: np.ndarray, den: np.ndarray, strata: np.ndarray) -> list[floa
     return [float(v) for v in bootstrap_ci(np.arange(len(num), dtype=float), ratio, n_boot=2000, seed=0, strata=strata)]
 
 
-CASCADE_KEYS = ("size_mean", "size_ci", "others_return_delta", "others_return_delta_ci")
+CASCADE_KEYS = ("size_mean", "size_ci", "others_return_delta", "others_return_delta_ci", "agents")
 
 
 def cascade_comparison(env: str, original: Path, repair_run: Path, payload: dict, victim: str | None, seed: int,
@@ -96,14 +99,21 @@ def summarise(runs: dict[int, dict]) -> dict:
         r = runs[seed]
         return r["original"]["evaluation"] if name == "original" else r["variants"][name]["evaluation"]
 
+    def episodes(name: str, key: str) -> np.ndarray:
+        return np.concatenate([ev(s, name)[key] for s in seeds])
+
+    strata = np.concatenate([[s] * len(ev(s, "original")["worst_episodes"]) for s in seeds])
+    random = np.concatenate([[ev(s, "original")["random"]] * len(ev(s, "original")["clean_episodes"]) for s in seeds])
+    original_gain = episodes("original", "clean_episodes") - random
     out: dict = {"seeds": seeds, "variants": {}}
     for name in names:
         worst = [ev(s, name)["worst"] for s in seeds]
         clean = [ev(s, name)["clean"] for s in seeds]
+        gain = episodes(name, "clean_episodes") - random
         row = {"clean": float(np.mean(clean)), "worst": float(np.mean(worst)),
                "recovery": float(np.mean([ev(s, name)["worst"] - ev(s, "original")["worst"] for s in seeds])),
-               "clean_gain_kept": float(np.mean([(ev(s, name)["clean"] - ev(s, name)["random"])
-                                                 / (ev(s, "original")["clean"] - ev(s, name)["random"]) for s in seeds])),
+               # pooled over the paired episodes of all seeds, as its CI resamples them
+               "clean_gain_kept": float(gain.mean() / original_gain.mean()),
                "worst_attacks": [ev(s, name)["worst_attack"] for s in seeds]}
         if name != "original":
             row["learning_rates"] = [runs[s]["variants"][name]["learning_rate"] for s in seeds]
@@ -112,17 +122,11 @@ def summarise(runs: dict[int, dict]) -> dict:
             row["changed"] = float(np.mean([runs[s]["variants"][name]["changed"] for s in seeds]))
             row["changed_share"] = float(np.mean([runs[s]["variants"][name]["changed_share"] for s in seeds]))
         out["variants"][name] = row
-    strata = np.concatenate([[s] * len(ev(s, "masked")["worst_episodes"]) for s in seeds])
-
-    def episodes(name: str, key: str) -> np.ndarray:
-        return np.concatenate([ev(s, name)[key] for s in seeds])
-
-    worst, clean = episodes("original", "worst_episodes"), episodes("original", "clean_episodes")
-    random = np.concatenate([[ev(s, "original")["random"]] * len(ev(s, "original")["clean_episodes"]) for s in seeds])
+    worst = episodes("original", "worst_episodes")
     if "full" in out["variants"]:
         num, den = episodes("masked", "worst_episodes") - worst, episodes("full", "worst_episodes") - worst
         out["masked_recovery_of_full"] = {"mean": float(num.mean() / den.mean()), "ci95": _ratio_ci(num, den, strata)}
-    out["clean_gain_kept_ci95"] = {name: _ratio_ci(episodes(name, "clean_episodes") - random, clean - random, strata)
+    out["clean_gain_kept_ci95"] = {name: _ratio_ci(episodes(name, "clean_episodes") - random, original_gain, strata)
                                    for name in names if name != "original"}
     out["paired_worst_masked_minus"] = {}
     for name in names:
@@ -135,6 +139,7 @@ def summarise(runs: dict[int, dict]) -> dict:
         out["cascade"] = {name: {k: float(np.mean([runs[s]["cascade"][name][k] for s in seeds]))
                                  for k in ("size_mean", "others_return_delta")} for name in ("original", "repaired")}
         out["cascade"]["victim"] = runs[seeds[0]]["cascade"]["victim"]
+        out["cascade"]["seeds"] = {s: {name: runs[s]["cascade"][name] for name in ("original", "repaired")} for s in seeds}
     return out
 
 
@@ -162,25 +167,42 @@ def markdown(summary: dict, env: str, command: str) -> str:
                   "episodes):", "", "| policy | cascade size | non-faulted agents' return delta |", "|---|---|---|"]
         lines += [f"| {name} | {c[name]['size_mean']:.3f} | {c[name]['others_return_delta']:+.3f} |"
                   for name in ("original", "repaired")]
+        lines += ["", "Per seed (95% CIs over episodes; fail rate: share of episodes in which each non-faulted agent "
+                  "fails):", "", "| seed | policy | cascade size | non-faulted agents' return delta | fail rate per agent |",
+                  "|---|---|---|---|---|"]
+        for seed, per in c["seeds"].items():
+            for name in ("original", "repaired"):
+                p = per[name]
+                rates = ", ".join(f"{a} {v['fail_rate']:.2f}" for a, v in p["agents"].items())
+                lines.append(f"| {seed} | {name} | {p['size_mean']:.2f} [{p['size_ci'][0]:.2f}, {p['size_ci'][1]:.2f}] | "
+                             f"{p['others_return_delta']:+.2f} [{p['others_return_delta_ci'][0]:+.2f}, "
+                             f"{p['others_return_delta_ci'][1]:+.2f}] | {rates} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("teacher", help="teacher run or policy directory")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("teachers", nargs="+", help="teacher run or policy directory; several: one per seed, in order")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="repair seeds (default: 0 1 2 for one teacher, 0 .. n-1 for n teachers)")
     ap.add_argument("--name", default=None, help="results file suffix (default: the env id)")
     ap.add_argument("--cascade", action="store_true", help="also compare the cascades of original and repaired policy")
     ap.add_argument("--victim", default=None, help="the faulted agent of --cascade (default: the repaired group's first)")
     ap.add_argument("--keep", default=None, help="directory keeping each seed's repair run (default: a temporary one)")
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]  # config overrides, anywhere
     args = ap.parse_args([a for a in sys.argv[1:] if a not in overrides])
-    tdir = teacher_dir(args.teacher)
-    env = read_manifest(tdir)["env"]["name"]
+    seeds = args.seeds if args.seeds is not None else list(range(3 if len(args.teachers) == 1 else len(args.teachers)))
+    if len(args.teachers) > 1 and len(seeds) != len(args.teachers):
+        ap.error(f"{len(args.teachers)} teachers need as many --seeds (one each), got {len(seeds)}")
+    tdirs = [teacher_dir(t) for t in (args.teachers if len(args.teachers) > 1 else args.teachers * len(seeds))]
+    envs = {read_manifest(t)["env"]["name"] for t in tdirs}
+    if len(envs) > 1:
+        ap.error(f"the teachers act in different envs {sorted(envs)}: run one env at a time")
+    env = envs.pop()
     runs = {}
     with tempfile.TemporaryDirectory(prefix="repair_exp_") as scratch:
         tmp = args.keep or scratch
-        for seed in args.seeds:
+        for seed, tdir in zip(seeds, tdirs):
             cfg = compose_config([f"env={env}", "logger=quiet", f"repair.policy={tdir}", f"seed={seed}", *overrides])
             runs[seed] = repair_stage.run(cfg, Path(tmp) / f"s{seed}")
             if args.cascade:
@@ -197,10 +219,10 @@ def write_results(runs: dict[int, dict], env: str, name: str) -> str:
     summary = summarise(runs)
     command = "python experiments/repair.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"repair_{name}"
+    stem = f"repair_{name}"  # not a Path's with_suffix: a name like eps0.2 would lose its ".2"
     text = markdown(summary, env, command)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps({"command": command, "summary": summary, "runs": runs}, indent=2))
-    atomic_write_text(stem.with_suffix(".md"), text)
+    atomic_write_text(RESULTS / f"{stem}.json", json.dumps({"command": command, "summary": summary, "runs": runs}, indent=2))
+    atomic_write_text(RESULTS / f"{stem}.md", text)
     return text
 
 

@@ -327,3 +327,38 @@ def test_all_neurons_and_choice_respect_the_parameter_cap():
     scores = torch.arange(32, dtype=torch.float32)  # layer 1's units score highest
     assert choose_neurons(layers, scores, 0.25, 10_000) == [(1, u) for u in range(15, 7, -1)]
     assert choose_neurons(layers, scores, 0.25, 3 * 17) == [(1, 15), (1, 14), (1, 13)]
+
+
+def _run(worst: dict[str, list[float]], clean: dict[str, list[float]]) -> dict:
+    """A repair report with the given per-episode worst and clean returns per variant (random return 0)."""
+    def ev(name: str) -> dict:
+        return {"clean": float(np.mean(clean[name])), "worst": float(np.mean(worst[name])), "random": 0.0,
+                "worst_attack": "pgd on all", "clean_episodes": clean[name], "worst_episodes": worst[name]}
+
+    return {"original": {"evaluation": ev("original")}, "ablation": {},
+            "variants": {n: {"evaluation": ev(n), "learning_rate": 0.01, "anchor": 10.0, "within_divergence_bound": True,
+                             "changed": 5, "changed_share": 0.05} for n in worst if n != "original"}}
+
+
+def test_the_experiment_summary_gives_the_masked_share_of_full_recovery_and_the_clean_gain_kept(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    experiment = importlib.import_module("repair")
+    runs = {0: _run({"original": [0.0, -2.0], "masked": [3.0, 1.0], "full": [4.0, 2.0]},
+                    {"original": [10.0, 10.0], "masked": [9.9, 9.9], "full": [9.0, 9.0]}),
+            1: _run({"original": [-1.0, -1.0], "masked": [2.0, 2.0], "full": [3.0, 3.0]},
+                    {"original": [20.0, 20.0], "masked": [19.8, 19.8], "full": [20.0, 20.0]})}
+    summary = experiment.summarise(runs)
+    # masked recovers 3 per episode where full recovers 4: a share of 0.75 in every resample
+    assert summary["masked_recovery_of_full"] == {"mean": 0.75, "ci95": [pytest.approx(0.75), pytest.approx(0.75)]}
+    assert summary["paired_worst_masked_minus"]["full"]["mean"] == -1.0
+    kept = summary["clean_gain_kept_ci95"]
+    assert kept["masked"] == [pytest.approx(0.99), pytest.approx(0.99)]  # 99% of the gain over random in both seeds
+    # pooled over the seeds' episodes, every resample keeps each seed's two: (9 + 9 + 20 + 20) / (10 + 10 + 20 + 20)
+    assert kept["full"] == [pytest.approx(58 / 60), pytest.approx(58 / 60)]
+    assert summary["variants"]["full"]["clean_gain_kept"] == pytest.approx(58 / 60)
+    assert summary["variants"]["masked"]["anchors"] == [10.0, 10.0]
+    monkeypatch.setattr(experiment, "RESULTS", tmp_path)
+    text = experiment.write_results(runs, "toy", "toy_eps0.2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repair_toy_eps0.2.json", "repair_toy_eps0.2.md"]
+    assert "Masked recovery / full recovery of the worst case: 0.750 [0.750, 0.750]" in text
+    assert "| masked | 0.01 @ 10, 0.01 @ 10 |" in text
