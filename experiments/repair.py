@@ -156,8 +156,10 @@ def markdown(summary: dict, env: str, command: str) -> str:
                      f"{v['worst']:.2f} | {v['recovery']:.2f} | {kept} |")
     share = summary.get("masked_recovery_of_full")
     if share:
+        lost = summary["variants"]["full"]["recovery"] <= 0
         lines += ["", f"Masked recovery / full recovery of the worst case: {share['mean']:.3f} "
-                  f"[{share['ci95'][0]:.3f}, {share['ci95'][1]:.3f}]"]
+                  f"[{share['ci95'][0]:.3f}, {share['ci95'][1]:.3f}]"
+                  + (" (full fine-tuning lowers the worst case, so this is not a share of a recovery)" if lost else "")]
     lines += ["", "| masked minus | worst-case mean | 95% paired CI |", "|---|---|---|"]
     for name, d in summary["paired_worst_masked_minus"].items():
         lines.append(f"| {name} | {d['mean']:.2f} | [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] |")
