@@ -294,6 +294,7 @@ def test_the_cascade_comparison_runs_on_the_original_and_the_repaired_policy(rel
     (("repair.baselines=[full,everything]",), "repair.baselines cannot be 'everything': use repair.baselines=[<any of full, last, random>]"),
     (("repair.neurons=3",), "repair.neurons must be in (0, 1], got 3.0"),
     (("repair.validation=1",), "repair.validation must be in (0, 1), got 1.0"),
+    (("repair.anchors=[10,-1]",), "repair.anchors must be a non-empty list of weights at least 0, got [10.0, -1.0]"),
     (("repair.group=speaker",), "repair.group='speaker' is not a group of this env"),
     (("repair.failures=MISSING_NPZ",), "is not a readable .npz"),
     (("repair.failures=BAD_NPZ",), "lacks ['actions']"),
@@ -361,4 +362,4 @@ def test_the_experiment_summary_gives_the_masked_share_of_full_recovery_and_the_
     text = experiment.write_results(runs, "toy", "toy_eps0.2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repair_toy_eps0.2.json", "repair_toy_eps0.2.md"]
     assert "Masked recovery / full recovery of the worst case: 0.750 [0.750, 0.750]" in text
-    assert "| masked | 0.01 @ 10, 0.01 @ 10 |" in text
+    assert "| masked | 0.01 @ 10, 0.01 @ 10 |" in text and "not a share of a recovery" not in text
