@@ -11,6 +11,9 @@ CI (episodes resampled within each seed), and the share of the original's clean 
 
     python experiments/repair.py /tmp/repair/sl_teacher --seeds 0 1 2 attack.episodes=20
 
+With several teachers (independently trained, same env), teacher i is repaired with seed i (``--seeds``, default
+0 .. n-1): the seeds are then training seeds as well, and each seed's variants are compared with its own original.
+
 With ``--cascade`` (issue 22, item 6), each seed also runs the cascade monitor (``madistill cascade``) on the
 original and the repaired policy together, on the same episodes, under the repair's attack (``fault=attack``,
 its method and eps) on one agent of the repaired group (``--victim``, default its first): the cascade size (how
@@ -46,7 +49,16 @@ def _ci(diffs: np.ndarray, strata: np.ndarray) -> list[float]:
     return [float(v) for v in bootstrap_ci(diffs, np.mean, n_boot=2000, seed=0, strata=strata)]
 
 
-CASCADE_KEYS = ("size_mean", "size_ci", "others_return_delta", "others_return_delta_ci")
+def _ratio_ci(num: np.ndarray, den: np.ndarray, strata: np.ndarray) -> list[float]:
+    """95% CI of mean(num) / mean(den) over paired episodes (resampled together, within seeds)."""
+    def ratio(i: np.ndarray) -> float:
+        i = i.astype(int)
+        return float(num[i].mean() / den[i].mean())
+
+    return [float(v) for v in bootstrap_ci(np.arange(len(num), dtype=float), ratio, n_boot=2000, seed=0, strata=strata)]
+
+
+CASCADE_KEYS = ("size_mean", "size_ci", "others_return_delta", "others_return_delta_ci", "agents")
 
 
 def cascade_comparison(env: str, original: Path, repair_run: Path, payload: dict, victim: str | None, seed: int,
@@ -77,7 +89,9 @@ def cascade_comparison(env: str, original: Path, repair_run: Path, payload: dict
 
 def summarise(runs: dict[int, dict]) -> dict:
     """Per variant over the seeds' repair reports: means of parameters changed, clean and worst return, recovery;
-    paired CIs of masked minus each baseline on the worst-case per-episode returns."""
+    paired CIs of masked minus each baseline on the worst-case per-episode returns; the masked repair's recovery
+    as a share of full fine-tuning's and each variant's share of the original's clean gain over random, with
+    CIs over the same paired episodes."""
     seeds = sorted(runs)
     names = ["original", *runs[seeds[0]]["variants"]]
 
@@ -85,23 +99,35 @@ def summarise(runs: dict[int, dict]) -> dict:
         r = runs[seed]
         return r["original"]["evaluation"] if name == "original" else r["variants"][name]["evaluation"]
 
+    def episodes(name: str, key: str) -> np.ndarray:
+        return np.concatenate([ev(s, name)[key] for s in seeds])
+
+    strata = np.concatenate([[s] * len(ev(s, "original")["worst_episodes"]) for s in seeds])
+    random = np.concatenate([[ev(s, "original")["random"]] * len(ev(s, "original")["clean_episodes"]) for s in seeds])
+    original_gain = episodes("original", "clean_episodes") - random
     out: dict = {"seeds": seeds, "variants": {}}
     for name in names:
         worst = [ev(s, name)["worst"] for s in seeds]
         clean = [ev(s, name)["clean"] for s in seeds]
+        gain = episodes(name, "clean_episodes") - random
         row = {"clean": float(np.mean(clean)), "worst": float(np.mean(worst)),
                "recovery": float(np.mean([ev(s, name)["worst"] - ev(s, "original")["worst"] for s in seeds])),
-               "clean_gain_kept": float(np.mean([(ev(s, name)["clean"] - ev(s, name)["random"])
-                                                 / (ev(s, "original")["clean"] - ev(s, name)["random"]) for s in seeds])),
+               # pooled over the paired episodes of all seeds, as its CI resamples them
+               "clean_gain_kept": float(gain.mean() / original_gain.mean()),
                "worst_attacks": [ev(s, name)["worst_attack"] for s in seeds]}
         if name != "original":
             row["learning_rates"] = [runs[s]["variants"][name]["learning_rate"] for s in seeds]
+            row["anchors"] = [runs[s]["variants"][name]["anchor"] for s in seeds]
+            row["within_divergence_bound"] = [runs[s]["variants"][name]["within_divergence_bound"] for s in seeds]
             row["changed"] = float(np.mean([runs[s]["variants"][name]["changed"] for s in seeds]))
             row["changed_share"] = float(np.mean([runs[s]["variants"][name]["changed_share"] for s in seeds]))
         out["variants"][name] = row
-    full = out["variants"].get("full", {}).get("recovery")
-    out["masked_recovery_of_full"] = out["variants"]["masked"]["recovery"] / full if full else None
-    strata = np.concatenate([[s] * len(ev(s, "masked")["worst_episodes"]) for s in seeds])
+    worst = episodes("original", "worst_episodes")
+    if "full" in out["variants"]:
+        num, den = episodes("masked", "worst_episodes") - worst, episodes("full", "worst_episodes") - worst
+        out["masked_recovery_of_full"] = {"mean": float(num.mean() / den.mean()), "ci95": _ratio_ci(num, den, strata)}
+    out["clean_gain_kept_ci95"] = {name: _ratio_ci(episodes(name, "clean_episodes") - random, original_gain, strata)
+                                   for name in names if name != "original"}
     out["paired_worst_masked_minus"] = {}
     for name in names:
         if name == "masked":
@@ -113,19 +139,28 @@ def summarise(runs: dict[int, dict]) -> dict:
         out["cascade"] = {name: {k: float(np.mean([runs[s]["cascade"][name][k] for s in seeds]))
                                  for k in ("size_mean", "others_return_delta")} for name in ("original", "repaired")}
         out["cascade"]["victim"] = runs[seeds[0]]["cascade"]["victim"]
+        out["cascade"]["seeds"] = {s: {name: runs[s]["cascade"][name] for name in ("original", "repaired")} for s in seeds}
     return out
 
 
 def markdown(summary: dict, env: str, command: str) -> str:
     lines = [f"# Masked repair vs baselines on {env}", "", f"`{command}`", "",
-             "| variant | learning rate per seed | params changed | share | clean | worst attacked | recovery | "
-             "clean gain kept |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | learning rate @ anchor per seed | params changed | share | clean | worst attacked | recovery | "
+             "clean gain kept [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
-        rates = ", ".join(f"{r:g}" for r in v.get("learning_rates", [])) or "-"
+        rates = ", ".join(f"{r:g} @ {a:g}" + ("" if ok else " (none within the bound)") for r, a, ok in
+                          zip(v.get("learning_rates", []), v.get("anchors", []), v.get("within_divergence_bound", []))) or "-"
+        ci = summary["clean_gain_kept_ci95"].get(name)
+        kept = f"{v['clean_gain_kept']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         lines.append(f"| {name} | {rates} | {v.get('changed', 0):.0f} | {v.get('changed_share', 0):.4f} | {v['clean']:.2f} | "
-                     f"{v['worst']:.2f} | {v['recovery']:.2f} | {v['clean_gain_kept']:.3f} |")
-    lines += ["", f"Masked recovery / full recovery: {summary['masked_recovery_of_full']}", "",
-              "| masked minus | worst-case mean | 95% paired CI |", "|---|---|---|"]
+                     f"{v['worst']:.2f} | {v['recovery']:.2f} | {kept} |")
+    share = summary.get("masked_recovery_of_full")
+    if share:
+        lost = summary["variants"]["full"]["recovery"] <= 0
+        lines += ["", f"Masked recovery / full recovery of the worst case: {share['mean']:.3f} "
+                  f"[{share['ci95'][0]:.3f}, {share['ci95'][1]:.3f}]"
+                  + (" (full fine-tuning lowers the worst case, so this is not a share of a recovery)" if lost else "")]
+    lines += ["", "| masked minus | worst-case mean | 95% paired CI |", "|---|---|---|"]
     for name, d in summary["paired_worst_masked_minus"].items():
         lines.append(f"| {name} | {d['mean']:.2f} | [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] |")
     if "cascade" in summary:
@@ -134,25 +169,42 @@ def markdown(summary: dict, env: str, command: str) -> str:
                   "episodes):", "", "| policy | cascade size | non-faulted agents' return delta |", "|---|---|---|"]
         lines += [f"| {name} | {c[name]['size_mean']:.3f} | {c[name]['others_return_delta']:+.3f} |"
                   for name in ("original", "repaired")]
+        lines += ["", "Per seed (95% CIs over episodes; fail rate: share of episodes in which each non-faulted agent "
+                  "fails):", "", "| seed | policy | cascade size | non-faulted agents' return delta | fail rate per agent |",
+                  "|---|---|---|---|---|"]
+        for seed, per in c["seeds"].items():
+            for name in ("original", "repaired"):
+                p = per[name]
+                rates = ", ".join(f"{a} {v['fail_rate']:.2f}" for a, v in p["agents"].items())
+                lines.append(f"| {seed} | {name} | {p['size_mean']:.2f} [{p['size_ci'][0]:.2f}, {p['size_ci'][1]:.2f}] | "
+                             f"{p['others_return_delta']:+.2f} [{p['others_return_delta_ci'][0]:+.2f}, "
+                             f"{p['others_return_delta_ci'][1]:+.2f}] | {rates} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("teacher", help="teacher run or policy directory")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("teachers", nargs="+", help="teacher run or policy directory; several: one per seed, in order")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="repair seeds (default: 0 1 2 for one teacher, 0 .. n-1 for n teachers)")
     ap.add_argument("--name", default=None, help="results file suffix (default: the env id)")
     ap.add_argument("--cascade", action="store_true", help="also compare the cascades of original and repaired policy")
     ap.add_argument("--victim", default=None, help="the faulted agent of --cascade (default: the repaired group's first)")
     ap.add_argument("--keep", default=None, help="directory keeping each seed's repair run (default: a temporary one)")
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]  # config overrides, anywhere
     args = ap.parse_args([a for a in sys.argv[1:] if a not in overrides])
-    tdir = teacher_dir(args.teacher)
-    env = read_manifest(tdir)["env"]["name"]
+    seeds = args.seeds if args.seeds is not None else list(range(3 if len(args.teachers) == 1 else len(args.teachers)))
+    if len(args.teachers) > 1 and len(seeds) != len(args.teachers):
+        ap.error(f"{len(args.teachers)} teachers need as many --seeds (one each), got {len(seeds)}")
+    tdirs = [teacher_dir(t) for t in (args.teachers if len(args.teachers) > 1 else args.teachers * len(seeds))]
+    envs = {read_manifest(t)["env"]["name"] for t in tdirs}
+    if len(envs) > 1:
+        ap.error(f"the teachers act in different envs {sorted(envs)}: run one env at a time")
+    env = envs.pop()
     runs = {}
     with tempfile.TemporaryDirectory(prefix="repair_exp_") as scratch:
         tmp = args.keep or scratch
-        for seed in args.seeds:
+        for seed, tdir in zip(seeds, tdirs):
             cfg = compose_config([f"env={env}", "logger=quiet", f"repair.policy={tdir}", f"seed={seed}", *overrides])
             runs[seed] = repair_stage.run(cfg, Path(tmp) / f"s{seed}")
             if args.cascade:
@@ -169,10 +221,10 @@ def write_results(runs: dict[int, dict], env: str, name: str) -> str:
     summary = summarise(runs)
     command = "python experiments/repair.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"repair_{name}"
+    stem = f"repair_{name}"  # not a Path's with_suffix: a name like eps0.2 would lose its ".2"
     text = markdown(summary, env, command)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps({"command": command, "summary": summary, "runs": runs}, indent=2))
-    atomic_write_text(stem.with_suffix(".md"), text)
+    atomic_write_text(RESULTS / f"{stem}.json", json.dumps({"command": command, "summary": summary, "runs": runs}, indent=2))
+    atomic_write_text(RESULTS / f"{stem}.md", text)
     return text
 
 

@@ -508,12 +508,14 @@ class RepairConfig:
     ablation_draws: int = 20  # random neuron sets of the same size the chosen neurons' ablation is compared to
     steps: int = 300  # fine-tuning steps (every variant: masked and baselines)
     batch_size: int = 256  # failing and as many clean observations per step
-    # AdamW learning rates tried per variant; each variant keeps the one chosen on the validation split
-    learning_rates: list[float] = field(default_factory=lambda: [0.0001, 0.0003, 0.001])
-    validation: float = 0.25  # share of the failure set and of the clean anchor held out to choose the learning rate
-    max_divergence: float = 0.02  # bound on the held-out clean anchor's mean divergence for a learning rate to be chosen
+    # AdamW learning rates tried per variant, each with every weight of `anchors`; each variant keeps the pair
+    # chosen on the validation split
+    learning_rates: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01])
+    # weights of the clean anchor (divergence to the original policy on clean observations) tried per variant
+    anchors: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0])
+    validation: float = 0.25  # share of the failure set and of the clean anchor held out to choose rate and anchor
+    max_divergence: float = 0.02  # bound on the held-out clean anchor's mean divergence for a pair to be chosen
     weight_decay: float = 0.01  # AdamW weight decay (masked parameters stay bit-identical regardless)
-    anchor: float = 1.0  # weight of the clean anchor: divergence to the original policy on clean observations
     divergence: Divergence = Divergence.kl  # the anchor's divergence
     baselines: list[RepairBaseline] = field(default_factory=lambda: list(RepairBaseline))  # also fine-tuned, same data and steps
     evaluate: bool = True  # clean and attacked returns of the original and every variant (attack.* settings, at eps)
@@ -525,8 +527,9 @@ class RepairConfig:
         c.within(0, float("inf"), "eps", open_low=True)
         c.require(len(c.node.learning_rates) > 0 and min(c.node.learning_rates) > 0, "learning_rates",
                   "a non-empty list of rates above 0")
+        c.require(len(c.node.anchors) > 0 and min(c.node.anchors) >= 0, "anchors", "a non-empty list of weights at least 0")
         c.within(0, 1, "validation", open_low=True, open_high=True)
-        c.at_least(0, "probe_l1", "weight_decay", "anchor", "max_divergence")
+        c.at_least(0, "probe_l1", "weight_decay", "max_divergence")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from madistill.policies.store import load_team, read_manifest
 from madistill.repair.failures import FailureSet
 from madistill.repair.masked import FinetuneSettings, mask_size, masked_finetune, neuron_mask, parameter_delta
 from madistill.repair.neurons import ablation_check, all_neurons, neuron_scores, repair_path
-from madistill.repair.plan import RateChoice, choose_neurons, choose_rate, holdout, tune_rate
+from madistill.repair.plan import Choice, choose, choose_neurons, holdout, tune
 from madistill.stages import attack as attack_stage
 from madistill.stages import cascade as cascade_stage
 from madistill.stages import distill as distill_stage
@@ -124,14 +124,44 @@ def test_the_learning_rate_choice_avoids_a_rate_that_breaks_the_clean_behaviour(
     assert (len(split.val), len(split.train), len(split.val_clean), len(split.train_clean)) == (50, 150, 50, 150)
     full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
     s = FinetuneSettings(steps=40, batch_size=64, learning_rate=0.0, weight_decay=0.0, anchor=0.0, divergence="kl")
-    tuned, choice = tune_rate(p, full, split, s, [0.003, 3.0], bound=0.05, seed=0)
-    small, large = choice.trials[0.003], choice.trials[3.0]
-    assert large["divergence"] > 0.05 >= small["divergence"]
-    assert large["accuracy"] > small["accuracy"]  # accuracy alone would pick the rate that breaks the policy
-    assert choice.rate == 0.003 and choice.within_bound
+    tuned, choice = tune(p, full, split, s, [0.003, 3.0], [0.0], bound=0.05, seed=0)
+    small, large = choice.trials
+    assert (small.learning_rate, large.learning_rate) == (0.003, 3.0)
+    assert large.divergence > 0.05 >= small.divergence
+    assert large.accuracy > small.accuracy  # accuracy alone would pick the rate that breaks the policy
+    assert choice.chosen == small and choice.within_bound
     kept = float((greedy_actions(tuned, split.val_clean) == greedy_actions(p, split.val_clean)).float().mean())
     assert kept >= 0.95
-    assert choose_rate(choice.trials, bound=0.0) == RateChoice(0.003, choice.trials, False)  # none within: least divergence
+    assert choose(choice.trials, bound=0.0) == Choice(small, choice.trials, False)  # none within: least divergence
+
+
+def test_the_anchor_weight_not_the_rate_keeps_full_fine_tuning_within_the_bound():
+    """Failures next to the clean observations (each a clean one moved by 0.5 in every feature, wanting its clean
+    action), every parameter free: with the anchor at weight 1 no learning rate keeps the held-out clean
+    divergence within the bound, so the choice falls back to a policy that breaks the bound; searching the anchor
+    weight with the rate finds a fine-tune within it that still fits failures."""
+    torch.manual_seed(0)
+    p = MLPPolicy(GROUP, {"hidden_sizes": [32, 32], "activation": "tanh"})
+    with torch.no_grad():
+        for m in p.net:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(3.0)  # sharp decision boundaries, so small moves flip actions
+    gen = torch.Generator().manual_seed(1)
+    clean = torch.randn(1000, 4, generator=gen)
+    moved = clean + 0.5 * torch.sign(torch.randn(1000, 4, generator=gen))
+    before, after = greedy_actions(p, clean), greedy_actions(p, moved)
+    flipped = before != after
+    split = holdout(FailureSet(moved[flipped], before[flipped], "test"), clean, 0.25, seed=0)
+    full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
+    s = FinetuneSettings(steps=100, batch_size=64, learning_rate=0.0, weight_decay=0.0, anchor=0.0, divergence="kl")
+    tuned, choice = tune(p, full, split, s, [0.003, 0.03], [1.0, 30.0], bound=0.02, seed=0)
+    weak = [t for t in choice.trials if t.anchor == 1.0]
+    assert len(weak) == 2 and min(t.divergence for t in weak) > 0.02
+    assert not choose(weak, bound=0.02).within_bound
+    assert choice.within_bound and choice.chosen.anchor == 30.0 and choice.chosen.divergence <= 0.02
+    assert choice.chosen.accuracy > 0.05  # it repairs part of the held-out failures
+    kept = float((greedy_actions(tuned, split.val_clean) == greedy_actions(p, split.val_clean)).float().mean())
+    assert kept >= 0.9
 
 
 def test_holding_out_needs_two_observations_of_each():
@@ -151,7 +181,7 @@ def test_plain_adamw_without_the_guard_would_move_zero_gradient_parameters():
 RELAY = ("env=relay", "teacher.total_agent_steps=3000", "seed=0")
 REPAIR = ("attack=quick", "attack.episodes=3", "attack.eps=[1.0]", "repair.episodes=4", "repair.steps=20",
           "repair.batch_size=32", "repair.ablation_draws=4", "repair.neurons=0.25",
-          "repair.learning_rates=[0.001,0.01]")
+          "repair.learning_rates=[0.001,0.01]", "repair.anchors=[1,10]")
 
 
 @pytest.fixture(scope="module")
@@ -198,12 +228,15 @@ def test_the_repaired_teacher_is_a_drop_in_checkpoint_with_its_update(relay_teac
     assert report["variants"]["full"]["mask_size"] == report["meta"]["acting_parameters"]
     for ev in [report["original"]["evaluation"], *(v["evaluation"] for v in report["variants"].values())]:
         assert len(ev["worst_episodes"]) == 3 and ev["worst"] == pytest.approx(np.mean(ev["worst_episodes"]))
-    # each variant's learning rate is chosen from the grid on the held-out split, and the report shows it
+    # each variant's learning rate and anchor weight are chosen from the grid on the held-out split, and the
+    # report shows every trial
     for v in report["variants"].values():
-        assert v["learning_rate"] in (0.001, 0.01) and set(v["validation"]) == {"0.001", "0.01"}
-        assert 0 <= v["validation"][str(v["learning_rate"])]["accuracy"] <= 1
+        assert [(t["learning_rate"], t["anchor"]) for t in v["validation"]] == [(0.001, 1), (0.001, 10), (0.01, 1),
+                                                                                (0.01, 10)]
+        chosen = next(t for t in v["validation"] if (t["learning_rate"], t["anchor"]) == (v["learning_rate"], v["anchor"]))
+        assert 0 <= chosen["accuracy"] <= 1
     md = (out / "reports" / "repair.md").read_text()
-    assert md.startswith("# Repair of") and "| learning rate |" in md
+    assert md.startswith("# Repair of") and "| learning rate | anchor |" in md
     # every stage that loads policies takes it: evaluate, attack, and distill (as the teacher)
     evaluate_stage.run(compose_config(tiny("env=relay", f"eval.policy={out}")), tmp_path / "eval")
     assert json.loads((tmp_path / "eval" / "reports" / "eval_teacher.json").read_text())
@@ -261,6 +294,7 @@ def test_the_cascade_comparison_runs_on_the_original_and_the_repaired_policy(rel
     (("repair.baselines=[full,everything]",), "repair.baselines cannot be 'everything': use repair.baselines=[<any of full, last, random>]"),
     (("repair.neurons=3",), "repair.neurons must be in (0, 1], got 3.0"),
     (("repair.validation=1",), "repair.validation must be in (0, 1), got 1.0"),
+    (("repair.anchors=[10,-1]",), "repair.anchors must be a non-empty list of weights at least 0, got [10.0, -1.0]"),
     (("repair.group=speaker",), "repair.group='speaker' is not a group of this env"),
     (("repair.failures=MISSING_NPZ",), "is not a readable .npz"),
     (("repair.failures=BAD_NPZ",), "lacks ['actions']"),
@@ -294,3 +328,38 @@ def test_all_neurons_and_choice_respect_the_parameter_cap():
     scores = torch.arange(32, dtype=torch.float32)  # layer 1's units score highest
     assert choose_neurons(layers, scores, 0.25, 10_000) == [(1, u) for u in range(15, 7, -1)]
     assert choose_neurons(layers, scores, 0.25, 3 * 17) == [(1, 15), (1, 14), (1, 13)]
+
+
+def _run(worst: dict[str, list[float]], clean: dict[str, list[float]]) -> dict:
+    """A repair report with the given per-episode worst and clean returns per variant (random return 0)."""
+    def ev(name: str) -> dict:
+        return {"clean": float(np.mean(clean[name])), "worst": float(np.mean(worst[name])), "random": 0.0,
+                "worst_attack": "pgd on all", "clean_episodes": clean[name], "worst_episodes": worst[name]}
+
+    return {"original": {"evaluation": ev("original")}, "ablation": {},
+            "variants": {n: {"evaluation": ev(n), "learning_rate": 0.01, "anchor": 10.0, "within_divergence_bound": True,
+                             "changed": 5, "changed_share": 0.05} for n in worst if n != "original"}}
+
+
+def test_the_experiment_summary_gives_the_masked_share_of_full_recovery_and_the_clean_gain_kept(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    experiment = importlib.import_module("repair")
+    runs = {0: _run({"original": [0.0, -2.0], "masked": [3.0, 1.0], "full": [4.0, 2.0]},
+                    {"original": [10.0, 10.0], "masked": [9.9, 9.9], "full": [9.0, 9.0]}),
+            1: _run({"original": [-1.0, -1.0], "masked": [2.0, 2.0], "full": [3.0, 3.0]},
+                    {"original": [20.0, 20.0], "masked": [19.8, 19.8], "full": [20.0, 20.0]})}
+    summary = experiment.summarise(runs)
+    # masked recovers 3 per episode where full recovers 4: a share of 0.75 in every resample
+    assert summary["masked_recovery_of_full"] == {"mean": 0.75, "ci95": [pytest.approx(0.75), pytest.approx(0.75)]}
+    assert summary["paired_worst_masked_minus"]["full"]["mean"] == -1.0
+    kept = summary["clean_gain_kept_ci95"]
+    assert kept["masked"] == [pytest.approx(0.99), pytest.approx(0.99)]  # 99% of the gain over random in both seeds
+    # pooled over the seeds' episodes, every resample keeps each seed's two: (9 + 9 + 20 + 20) / (10 + 10 + 20 + 20)
+    assert kept["full"] == [pytest.approx(58 / 60), pytest.approx(58 / 60)]
+    assert summary["variants"]["full"]["clean_gain_kept"] == pytest.approx(58 / 60)
+    assert summary["variants"]["masked"]["anchors"] == [10.0, 10.0]
+    monkeypatch.setattr(experiment, "RESULTS", tmp_path)
+    text = experiment.write_results(runs, "toy", "toy_eps0.2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repair_toy_eps0.2.json", "repair_toy_eps0.2.md"]
+    assert "Masked recovery / full recovery of the worst case: 0.750 [0.750, 0.750]" in text
+    assert "| masked | 0.01 @ 10, 0.01 @ 10 |" in text and "not a share of a recovery" not in text

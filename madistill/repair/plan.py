@@ -77,13 +77,24 @@ def holdout(failures: FailureSet, clean: torch.Tensor, share: float, seed: int) 
 
 
 @dataclass(frozen=True)
-class RateChoice:
-    """A variant's learning rate chosen on the validation split: per rate tried, the held-out failures' share
-    acting as wanted (``accuracy``) and the held-out clean anchor's mean divergence from the original
-    (``divergence``); ``within_bound``: whether the chosen rate kept the divergence under the bound."""
+class Trial:
+    """One fine-tune of the grid: its learning rate and anchor weight, and on the held-out split the failures'
+    share acting as wanted (``accuracy``) and the clean anchor's mean divergence from the original
+    (``divergence``)."""
 
-    rate: float
-    trials: dict[float, dict[str, float]]
+    learning_rate: float
+    anchor: float
+    accuracy: float
+    divergence: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A variant's fine-tuning settings chosen on the validation split: the chosen trial, every trial, and
+    whether the chosen one kept the held-out divergence within the bound."""
+
+    chosen: Trial
+    trials: list[Trial]
     within_bound: bool
 
 
@@ -96,30 +107,36 @@ def validation_scores(original: Policy, tuned: Policy, val: FailureSet, val_clea
     return {"accuracy": float((greedy_actions(tuned, val.x) == val.wanted).float().mean()), "divergence": float(d)}
 
 
-def choose_rate(trials: dict[float, dict[str, float]], bound: float) -> RateChoice:
-    """The rate with the best held-out failure accuracy among those whose clean divergence is at most ``bound``
-    (ties: the smaller divergence); if none stays within it, the rate with the smallest divergence. A bound
-    rather than a weighted sum: accuracy and divergence have no common unit to weigh, and a bound states what
-    the repair guarantees (clean behaviour moves at most this much) in the anchor's own terms."""
-    within = [r for r, t in trials.items() if t["divergence"] <= bound]
+def choose(trials: list[Trial], bound: float) -> Choice:
+    """The trial with the best held-out failure accuracy among those whose clean divergence is at most ``bound``
+    (ties: the smaller divergence, then the earlier trial); if none stays within it, the one with the smallest
+    divergence. A bound rather than a weighted sum: accuracy and divergence have no common unit to weigh, and a
+    bound states what the repair guarantees (clean behaviour moves at most this much) in the anchor's own
+    terms."""
+    within = [t for t in trials if t.divergence <= bound]
     if within:
-        rate = max(within, key=lambda r: (trials[r]["accuracy"], -trials[r]["divergence"]))
+        best = max(within, key=lambda t: (t.accuracy, -t.divergence))
     else:
-        rate = min(trials, key=lambda r: trials[r]["divergence"])
-    return RateChoice(rate, trials, bool(within))
+        best = min(trials, key=lambda t: t.divergence)
+    return Choice(best, trials, bool(within))
 
 
-def tune_rate(policy: Policy, mask: Mask, split: Split, settings: FinetuneSettings, rates: list[float], bound: float,
-              seed: int) -> tuple[Policy, RateChoice]:
-    """Fine-tune ``policy`` under ``mask`` on the split's training part at every rate of ``rates`` (same seed and
-    steps), and keep the one :func:`choose_rate` picks on the held-out part."""
-    tuned, trials = {}, {}
+def tune(policy: Policy, mask: Mask, split: Split, settings: FinetuneSettings, rates: list[float],
+         anchors: list[float], bound: float, seed: int) -> tuple[Policy, Choice]:
+    """Fine-tune ``policy`` under ``mask`` on the split's training part at every learning rate of ``rates`` with
+    every anchor weight of ``anchors`` (same seed and steps), and keep the one :func:`choose` picks on the
+    held-out part. The anchor weight is searched with the rate because neither alone bounds the clean
+    divergence: when many parameters are free, the failure loss moves the policy faster than a weak anchor
+    pulls it back, so a smaller rate fits less without diverging less."""
+    tuned, trials = [], []
     for rate in rates:
-        tuned[rate] = masked_finetune(policy, mask, split.train.x, split.train.wanted, split.train_clean,
-                                      replace(settings, learning_rate=rate), seed)
-        trials[rate] = validation_scores(policy, tuned[rate], split.val, split.val_clean, settings.divergence)
-    choice = choose_rate(trials, bound)
-    return tuned[choice.rate], choice
+        for anchor in anchors:
+            tuned.append(masked_finetune(policy, mask, split.train.x, split.train.wanted, split.train_clean,
+                                         replace(settings, learning_rate=rate, anchor=anchor), seed))
+            trials.append(Trial(rate, anchor, **validation_scores(policy, tuned[-1], split.val, split.val_clean,
+                                                                  settings.divergence)))
+    choice = choose(trials, bound)
+    return tuned[trials.index(choice.chosen)], choice
 
 
 @dataclass
@@ -136,15 +153,16 @@ class Repair:
     policies: dict[str, Policy] = field(default_factory=dict)
     mask_sizes: dict[str, int] = field(default_factory=dict)
     deltas: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-    selection: dict[str, RateChoice] = field(default_factory=dict)
+    selection: dict[str, Choice] = field(default_factory=dict)
 
 
 def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc: Any, seed: int) -> Repair:
     """Score the neurons of ``policy`` on ``failures`` (``rc.score``), choose the top ones, check their
     ablation against random ones, and fine-tune with the neuron mask and every ``rc.baselines`` variant
     (``full``: every acting parameter; ``last``: the output layer; ``random``: as many random neurons per layer)
-    on the failures plus the clean anchor ``clean``, each from the same seed and with its own learning rate
-    chosen from ``rc.learning_rates`` on a held-out ``rc.validation`` share of both (:func:`tune_rate`). The
+    on the failures plus the clean anchor ``clean``, each from the same seed and with its own learning rate and
+    anchor weight chosen from ``rc.learning_rates`` x ``rc.anchors`` on a held-out ``rc.validation`` share of
+    both (:func:`tune`). The
     neurons are scored on the whole failure set: localisation is not what the held-out part validates."""
     path = repair_path(policy)
     layers, head, head_name = path.hidden, path.head, path.head_name
@@ -165,12 +183,12 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
             masks[name] = module_mask({head_name: head})
         else:
             masks[name] = neuron_mask(layers, random_like(layers, neurons, 1, seed + 1)[0])
-    settings = FinetuneSettings(rc.steps, rc.batch_size, rc.learning_rates[0], rc.weight_decay, rc.anchor,
+    settings = FinetuneSettings(rc.steps, rc.batch_size, rc.learning_rates[0], rc.weight_decay, rc.anchors[0],
                                 rc.divergence)
     split = holdout(failures, clean, rc.validation, seed)
     for name, mask in masks.items():
-        tuned, result.selection[name] = tune_rate(policy, mask, split, settings, list(rc.learning_rates),
-                                                  rc.max_divergence, seed)
+        tuned, result.selection[name] = tune(policy, mask, split, settings, list(rc.learning_rates),
+                                             list(rc.anchors), rc.max_divergence, seed)
         result.policies[name], result.mask_sizes[name] = tuned, mask_size(mask)
         result.deltas[name] = parameter_delta(policy, tuned)
     return result

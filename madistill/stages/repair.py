@@ -50,16 +50,19 @@ def _markdown(payload: dict) -> str:
              f"Failure set: {m['failures']} failing observations from {m['failure_source']} "
              f"({m['searched']} searched). Neuron scores: {m['score']}.", "",
              "| variant | parameters free | parameters changed | share of acting parameters | learning rate | "
-             "held-out failure accuracy | held-out clean divergence | clean | worst attacked |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "anchor | held-out failure accuracy | held-out clean divergence | clean | worst attacked |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rows = {**({"original": {"mask_size": 0, "changed": 0, "changed_share": 0.0, **payload["original"]}}
                if "original" in payload else {}), **payload["variants"]}
     for name, v in rows.items():
         ev = v.get("evaluation", {})
         rate = v.get("learning_rate")
-        val = v["validation"][str(rate)] if rate is not None else {}
         bound = "" if v.get("within_divergence_bound", True) else " (none within the bound)"
-        chosen = "- | - | -" if rate is None else f"{rate:g}{bound} | {val['accuracy']:.3f} | {val['divergence']:.4f}"
+        if rate is None:
+            chosen = "- | - | - | -"
+        else:
+            val = next(t for t in v["validation"] if (t["learning_rate"], t["anchor"]) == (rate, v["anchor"]))
+            chosen = f"{rate:g} | {v['anchor']:g}{bound} | {val['accuracy']:.3f} | {val['divergence']:.4f}"
         lines.append(f"| {name} | {v['mask_size']} | {v['changed']} | {v['changed_share']:.4f} | {chosen} | "
                      f"{ev.get('clean', float('nan')):.3f} | {ev.get('worst', float('nan')):.3f} |")
     a = payload["ablation"]
@@ -93,6 +96,8 @@ def _evaluate(cfg: DictConfig, venv: Any, teams: dict[str, TeamPolicy], layouts:
 
 def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any, source: Path) -> dict:
     """The report's JSON, without the evaluation."""
+    from dataclasses import asdict
+
     from omegaconf import OmegaConf
 
     from madistill.repair.masked import changed_count
@@ -105,9 +110,10 @@ def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any,
         "ablation": rep.ablation,
         "variants": {name: {"mask_size": rep.mask_sizes[name], "changed": changed_count(rep.deltas[name]),
                             "changed_share": changed_count(rep.deltas[name]) / rep.acting_parameters,
-                            "learning_rate": rep.selection[name].rate,
+                            "learning_rate": rep.selection[name].chosen.learning_rate,
+                            "anchor": rep.selection[name].chosen.anchor,
                             "within_divergence_bound": rep.selection[name].within_bound,
-                            "validation": {str(r): t for r, t in rep.selection[name].trials.items()}}
+                            "validation": [asdict(t) for t in rep.selection[name].trials]}
                      for name in rep.policies},
     }
 
