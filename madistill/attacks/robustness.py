@@ -227,6 +227,7 @@ def evaluate_robustness(
     teams: Mapping[str, Sequence[str]] | None = None,
     random_teams: Mapping[str, float] | None = None,
     faults: Sequence[ObsTransform | ActionTransform] = (),
+    attacked: TeamPolicy | None = None,
 ) -> RobustnessResult:
     """Every configured attack x eps x victim set on ``team`` (episodes with seeds ``seed...``), plus the
     strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe.
@@ -234,7 +235,11 @@ def evaluate_robustness(
     robustness of a team with a failing agent (the probe runs without them).
 
     ``teams`` (team -> agents) name the victim sets ``team:<name>``; with several teams, each team's returns
-    are kept too, next to its random-policy return from ``random_teams``."""
+    are kept too, next to its random-policy return from ``random_teams``.
+
+    ``attacked``: the team the per-step white-box attacks (all but ``transfer``, ``learned``, ``offsets`` and
+    ``targeted_lookahead``) craft on instead of ``team``: a purified team's BPDA, EOT or undefended view
+    (``policies.purified.attack_view``); the probe attacks ``team`` itself."""
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed, transforms=faults)
     clean = team_returns(clean_recs)
@@ -275,7 +280,8 @@ def evaluate_robustness(
             if method == "offsets":
                 recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target, faults)
             else:
-                transforms = _transforms(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
+                transforms = _transforms(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target,
+                                         attacked)
                 recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
             # running mean over every evaluation of this attack (all eps, victim sets and check runs)
             runs_of[method] = runs_of.get(method, 0) + 1
@@ -333,9 +339,10 @@ def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, .
 
 def _transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
                 ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
-                target: Sequence[str] | None = None) -> list[ObsTransform | ActionTransform]:
+                target: Sequence[str] | None = None, attacked: TeamPolicy | None = None) -> list[ObsTransform | ActionTransform]:
     """The transforms of a per-step suite attack (the learned adversary is trained here first, to lower the
-    mean return of ``target``; None: of every agent)."""
+    mean return of ``target``; None: of every agent), crafted on ``attacked`` where given (transfer: on the
+    surrogate)."""
     if method == "targeted_lookahead":
         branching = Branching(venv.spec, venv.groups, venv.backend)
         # the targeted PGD of targeted_random realises the target; its own target choice is not used
@@ -346,7 +353,7 @@ def _transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: 
                                 ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
         return [LearnedAdversary(model, victims, budgets, ac.frequency)]
     return [AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
-                            surrogate=surrogate if method == "transfer" else None, critic=critic)]
+                            surrogate=surrogate if method == "transfer" else attacked, critic=critic)]
 
 
 def worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
