@@ -540,10 +540,10 @@ class PurifyConfig:
     sign_share: float = 0.5  # share of training perturbations at a corner of their ball (the rest uniform inside it)
     noise: float = 0.0  # std of the Gaussian noise added before denoising, at training and inference (0: deterministic)
     clip: bool = True  # clip each purified feature to the range it took in the clean data
-    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
-    activation: Activation = Activation.relu
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])  # the denoiser MLP's hidden layers
+    activation: Activation = Activation.relu  # the denoiser's activation
     epochs: int = 30  # passes over the training data
-    batch_size: int = 512
+    batch_size: int = 512  # observations per Adam step
     learning_rate: float = 0.001  # Adam
     validation: float = 0.1  # share of the data held out for the report's reconstruction errors
     episodes: int = 100  # clean episodes (eval.seed ...) of the teacher with and without the purifier, for the report

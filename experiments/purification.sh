@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The purification defence on a speaker-listener teacher, next to its robust (adversarially distilled) student.
+# Trains a purifier on the teacher's clean observations (madistill purify, seed 0), then attacks, each with
+# random, FGSM, PGD-10 (3 restarts, KL) and targeted_lowest (4 candidates) at eps 0.3 and 1.0 on victims all
+# and listener_0, 100 episodes (seeds 20000..20099), greedy actions, with the gradient-masking checks (2x PGD
+# at eps 1.0 and the objective-level probe with SPSA; no collapse run: collapse_eps=0):
+#   robust   the teacher alone and its robust student (one attack run: the teacher is added to its student)
+#   ignore   teacher + purifier, attacks crafted on the teacher alone (unaware of the purifier)
+#   through  teacher + purifier, attacks through the purifier (adaptive, white-box)
+#   bpda     teacher + purifier, attacks through the purifier's forward pass with identity gradients (BPDA)
+# Then experiments/purification_table.py writes experiments/results/purification_<name>.{md,json}.
+#
+#   experiments/purification.sh                                # /work/zoo/sl/s0's teacher, /work/zoo/sl/robust/s0
+#   VIEWS="robust through" experiments/purification.sh         # some of the runs (e.g. two lanes in parallel)
+#   TEACHER=<run> ROBUST=<distill run> NAME=<name> experiments/purification.sh
+set -euo pipefail
+TEACHER=${TEACHER:-/work/zoo/sl/s0}
+ROBUST=${ROBUST:-/work/zoo/sl/robust/s0}
+NAME=${NAME:-sl_s0}
+EPISODES=${EPISODES:-100}
+VIEWS=${VIEWS:-"robust ignore through bpda"}
+R=runs/experiments/purification/$NAME
+ATTACK=("attack.methods=[random,fgsm,pgd,targeted_lowest]" "attack.eps=[0.3,1.0]" "attack.victims=[all,listener_0]"
+        attack.episodes=$EPISODES attack.collapse_eps=0 env.num_workers=0 logger.progress=false)
+[ -f $R/purifier/purifier/purifier.json ] || madistill purify purify.teacher=$TEACHER seed=0 env.num_workers=0 \
+  logger.progress=false hydra.run.dir=$R/purifier
+for view in $VIEWS; do
+  if [ "$view" = robust ]; then
+    madistill attack attack.policy=$ROBUST/policies/student "${ATTACK[@]}" hydra.run.dir=$R/attack_robust
+  else
+    madistill attack attack.policy=$TEACHER/policies/teacher "${ATTACK[@]}" purify.purifier=$R/purifier \
+      purify.gradient=$view hydra.run.dir=$R/attack_$view
+  fi
+done
+python experiments/purification_table.py $R experiments/results/purification_$NAME
