@@ -8,6 +8,8 @@
 #   ignore   teacher + purifier, attacks crafted on the teacher alone (unaware of the purifier)
 #   through  teacher + purifier, attacks through the purifier (adaptive, white-box)
 #   bpda     teacher + purifier, attacks through the purifier's forward pass with identity gradients (BPDA)
+#   eot      teacher + a randomised purifier (purify=randomized: noise before denoising), attacks through it
+#            averaging each head over $EOT draws of its noise (EOT)
 # Then experiments/purification_table.py writes experiments/results/purification_<name>.{md,json}.
 #
 #   experiments/purification.sh                                # /work/zoo/sl/s0's teacher, /work/zoo/sl/robust/s0
@@ -18,7 +20,8 @@ TEACHER=${TEACHER:-/work/zoo/sl/s0}
 ROBUST=${ROBUST:-/work/zoo/sl/robust/s0}
 NAME=${NAME:-sl_s0}
 EPISODES=${EPISODES:-100}
-VIEWS=${VIEWS:-"robust ignore through bpda"}
+VIEWS=${VIEWS:-"robust ignore through bpda eot"}
+EOT=${EOT:-4}
 R=runs/experiments/purification/$NAME
 ATTACK=("attack.methods=[random,fgsm,pgd,targeted_lowest]" "attack.eps=[0.3,1.0]" "attack.victims=[all,listener_0]"
         attack.episodes=$EPISODES attack.collapse_eps=0 env.num_workers=0 logger.progress=false)
@@ -27,6 +30,11 @@ ATTACK=("attack.methods=[random,fgsm,pgd,targeted_lowest]" "attack.eps=[0.3,1.0]
 for view in $VIEWS; do
   if [ "$view" = robust ]; then
     madistill attack attack.policy=$ROBUST/policies/student "${ATTACK[@]}" hydra.run.dir=$R/attack_robust
+  elif [ "$view" = eot ]; then
+    [ -f $R/purifier_randomized/purifier/purifier.json ] || madistill purify purify=randomized purify.teacher=$TEACHER \
+      seed=0 env.num_workers=0 logger.progress=false hydra.run.dir=$R/purifier_randomized
+    madistill attack attack.policy=$TEACHER/policies/teacher "${ATTACK[@]}" purify.purifier=$R/purifier_randomized \
+      purify.eot_samples=$EOT hydra.run.dir=$R/attack_eot
   else
     madistill attack attack.policy=$TEACHER/policies/teacher "${ATTACK[@]}" purify.purifier=$R/purifier \
       purify.gradient=$view hydra.run.dir=$R/attack_$view

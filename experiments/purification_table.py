@@ -17,6 +17,7 @@ COLUMNS = {
     "teacher + purifier, attacks ignore it": ("attack_ignore", "teacher"),
     "teacher + purifier, adaptive (through it)": ("attack_through", "teacher"),
     "teacher + purifier, BPDA": ("attack_bpda", "teacher"),
+    "teacher + randomised purifier, adaptive with EOT": ("attack_eot", "teacher"),
     "robust student": ("attack_robust", "student"),
 }
 
@@ -27,7 +28,8 @@ def main(run: Path, out: Path) -> None:
         path = run / attack_run / "reports" / "robustness.json"
         if path.is_file():
             data = json.loads(path.read_text())
-            results[column] = data["results"][policy]
+            # labelled <name>@<run> when the run attacked policies of several runs
+            results[column] = next(r for k, r in data["results"].items() if k.split("@")[0] == policy)
             episodes.add(f"{data['meta']['episodes']} episodes per cell (attack seeds {data['meta']['seed']}..)")
     if not results:
         raise SystemExit(f"no attack runs under {run}")
@@ -61,9 +63,10 @@ def main(run: Path, out: Path) -> None:
     for column, r in results.items():
         flags = [f"{k}: {f['name']} ({f['detail']})" for k, fl in r["flags"].items() for f in fl]
         lines.append(f"- {column}: " + ("; ".join(flags) if flags else "none"))
-    purify = run / "purifier" / "reports" / "purify.md"
-    if purify.is_file():
-        lines += ["", "## The purifier (reports/purify.md)", "", *purify.read_text().splitlines()[2:]]
+    for name in ("purifier", "purifier_randomized"):
+        purify = run / name / "reports" / "purify.md"
+        if purify.is_file():
+            lines += ["", f"## {name} (reports/purify.md)", "", *purify.read_text().splitlines()[2:]]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(table, indent=2))

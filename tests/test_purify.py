@@ -160,13 +160,12 @@ def test_purification_removes_a_perturbation_of_features_constant_in_the_clean_d
 def test_purify_stage_trains_a_purifier_that_every_stage_puts_in_front_of_the_policies(cli, tmp_path):
     from conftest import tiny
 
-    teacher = tmp_path / "t"
-    rc, _, err = cli("train", *tiny("teacher.total_agent_steps=1000"), f"hydra.run.dir={teacher}")
-    assert rc == 0, err
-    run = tmp_path / "p"
-    rc, out, err = cli("purify", *tiny(f"purify.teacher={teacher}", "purify.agent_steps=400", "purify.epochs=2",
-                                       "purify.hidden_sizes=[16]", "purify.episodes=4"), f"hydra.run.dir={run}")
-    assert rc == 0, err
+    teacher, run = tmp_path / "t", tmp_path / "p"
+    for stage, settings, where in (("train", ["teacher.total_agent_steps=1000"], teacher),
+                                   ("purify", [f"purify.teacher={teacher}", "purify.agent_steps=400", "purify.epochs=2",
+                                               "purify.hidden_sizes=[16]", "purify.episodes=4"], run)):
+        rc, out, err = cli(stage, *tiny(*settings), f"hydra.run.dir={where}")
+        assert rc == 0, err
     assert (run / "purifier" / PURIFIER_MANIFEST).is_file() and "purify.purifier=" in out
     report = json.loads((run / "reports" / "purify.json").read_text())
     assert set(report["groups"]) == {"speaker", "listener"}
