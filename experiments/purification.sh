@@ -10,6 +10,9 @@
 #   bpda     teacher + purifier, attacks through the purifier's forward pass with identity gradients (BPDA)
 #   eot      teacher + a randomised purifier (purify=randomized: noise before denoising), attacks through it
 #            averaging each head over $EOT draws of its noise (EOT)
+#   eotcheck_<gradient>_<samples>   the randomised purifier, targeted_lowest at eps 1.0 on listener_0 only (checks
+#            off), attacked with purify.gradient=<gradient> and purify.eot_samples=<samples>: does more EOT find more?
+#            VIEWS="eotcheck_through_1 eotcheck_through_16 eotcheck_bpda_4" experiments/purification.sh
 # Then experiments/purification_table.py writes experiments/results/purification_<name>.{md,json}.
 #
 #   experiments/purification.sh                                # /work/zoo/sl/s0's teacher, /work/zoo/sl/robust/s0
@@ -35,6 +38,12 @@ for view in $VIEWS; do
       seed=0 env.num_workers=0 logger.progress=false hydra.run.dir=$R/purifier_randomized
     madistill attack attack.policy=$TEACHER/policies/teacher "${ATTACK[@]}" purify.purifier=$R/purifier_randomized \
       purify.eot_samples=$EOT hydra.run.dir=$R/attack_eot
+  elif [[ $view == eotcheck_* ]]; then  # eotcheck_<gradient>_<samples>: the randomised purifier, one cell
+    IFS=_ read -r _ gradient samples <<< "$view"
+    madistill attack attack.policy=$TEACHER/policies/teacher "attack.methods=[targeted_lowest]" "attack.eps=[1.0]" \
+      "attack.victims=[listener_0]" attack.episodes=$EPISODES attack.checks=false env.num_workers=0 logger.progress=false \
+      purify.purifier=$R/purifier_randomized purify.gradient=$gradient purify.eot_samples=$samples \
+      hydra.run.dir=$R/attack_$view
   else
     madistill attack attack.policy=$TEACHER/policies/teacher "${ATTACK[@]}" purify.purifier=$R/purifier \
       purify.gradient=$view hydra.run.dir=$R/attack_$view

@@ -59,6 +59,16 @@ def main(run: Path, out: Path) -> None:
             for e in sorted({e for r in results.values() for e in r["returns"][v].get(a, {})}, key=float):
                 lines.append(f"| {v} | {a} | {float(e):g} | " + " | ".join(
                     f"{r['returns'][v][a][e]:.2f}" if e in r["returns"][v].get(a, {}) else "" for r in results.values()) + " |")
+    checks = sorted(run.glob("attack_eotcheck_*/reports/robustness.json"))
+    if checks:
+        lines += ["", "The randomised purifier, `targeted_lowest` at eps 1.0 on listener_0, by attack view:", "",
+                  "| purify.gradient | purify.eot_samples | return [95% CI] |", "|---|---|---|"]
+        for path in checks:
+            data = json.loads(path.read_text())
+            r, p = next(iter(data["results"].values())), data["meta"]["purifier"]
+            value, (lo, hi) = r["returns"]["listener_0"]["targeted_lowest"]["1.0"], r["ci"]["listener_0"]["targeted_lowest"]["1.0"]
+            lines.append(f"| {p['gradient']} | {p['eot_samples']} | {value:.2f} [{lo:.2f}, {hi:.2f}] |")
+            table[f"randomised purifier, {p['gradient']}, eot {p['eot_samples']}"] = {"return": value, "ci": [lo, hi]}
     lines += ["", "Gradient-masking flags:", ""]
     for column, r in results.items():
         flags = [f"{k}: {f['name']} ({f['detail']})" for k, fl in r["flags"].items() for f in fl]
