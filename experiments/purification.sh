@@ -12,7 +12,7 @@
 #            averaging each head over $EOT draws of its noise (EOT)
 #   eotcheck_<gradient>_<samples>   the randomised purifier, targeted_lowest at eps 1.0 on listener_0 only (checks
 #            off), attacked with purify.gradient=<gradient> and purify.eot_samples=<samples>: does more EOT find more?
-#            VIEWS="eotcheck_through_1 eotcheck_through_16 eotcheck_bpda_4" experiments/purification.sh
+#            VIEWS="eotcheck_through_1 eotcheck_through_16 eotcheck_through_64 eotcheck_bpda_4" experiments/purification.sh
 # Then experiments/purification_table.py writes experiments/results/purification_<name>.{md,json}.
 #
 #   experiments/purification.sh                                # /work/zoo/sl/s0's teacher, /work/zoo/sl/robust/s0
