@@ -85,11 +85,6 @@ class Purifier(nn.Module):
     def __getitem__(self, group: str) -> Denoiser:
         return self.denoisers[group]  # type: ignore[return-value]
 
-    @property
-    def randomized(self) -> bool:
-        """Whether any denoiser adds noise before denoising (what EOT averages over)."""
-        return any(d.noise > 0 for d in self.denoisers.values())  # type: ignore[attr-defined]
-
 
 class PurifiedPolicy(Policy):
     """``inner`` acting on purified observations: ``forward(x) = inner(denoiser(x))``.
