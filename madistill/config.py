@@ -67,6 +67,8 @@ RepairBaseline = _choices("RepairBaseline", "full last random")
 FailureAttack = _choices("FailureAttack", "random fgsm pgd pgd_strong spsa targeted_random targeted_lowest",
                          "Suite attacks that craft on the repaired policy itself (critic needs a value head, "
                          "transfer a surrogate)")
+PurifierGradient = _choices("PurifierGradient", "through bpda ignore", "What white-box attacks on a purified policy "
+                            "differentiate (madistill/policies/purified.py: attack_view).")
 AlertScore = _choices("AlertScore", "obs surprise disagreement", "Online alert scores (madistill/cascade/alerts.py)")
 
 
@@ -537,6 +539,41 @@ class LoggerConfig:
     tensorboard: bool = True  # TensorBoard event files in the run's tb/
     progress: bool = True  # progress bars with rate and ETA
     figures: bool = True  # PNG figures in reports/ (and images in TensorBoard)
+
+
+@dataclass
+class PurifyConfig:
+    """The purification defence (``madistill purify``, docs/purification.md): a denoiser per agent group trained on
+    a teacher's clean observations, and the setting that puts it in front of the policies of every stage."""
+
+    teacher: str | None = None  # run or policy directory whose clean observations the purifier learns (purify stage)
+    # any stage: a purifier (a purify run, or its purifier/ directory) in front of every policy it loads
+    purifier: str | None = None
+    # what white-box attacks on purified policies differentiate: through (the adaptive attack), bpda (the purifier's
+    # forward pass, identity gradient) or ignore (the undefended policy: attacks unaware of the purifier)
+    gradient: PurifierGradient = PurifierGradient.through
+    eot_samples: int = 1  # > 1: attacks average the head over this many draws of a randomised purifier's noise (EOT)
+    agent_steps: int = 100_000  # clean agent-steps of the teacher collected as training data
+    deterministic: bool = False  # greedy teacher actions while collecting (false: sampled, wider coverage)
+    eps: float = 1.0  # largest l_inf radius (normalised units) of the training perturbations; radii are uniform below it
+    sign_share: float = 0.5  # share of training perturbations at a corner of their ball (the rest uniform inside it)
+    noise: float = 0.0  # std of the Gaussian noise added before denoising, at training and inference (0: deterministic)
+    clip: bool = True  # clip each purified feature to the range it took in the clean data
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])  # the denoiser MLP's hidden layers
+    activation: Activation = Activation.relu  # the denoiser's activation
+    epochs: int = 30  # passes over the training data
+    batch_size: int = 512  # observations per Adam step
+    learning_rate: float = 0.001  # Adam
+    validation: float = 0.1  # share of the data held out for the report's reconstruction errors
+    episodes: int = 100  # clean episodes (eval.seed ...) of the teacher with and without the purifier, for the report
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.at_least(1, "eot_samples", "agent_steps", "epochs", "batch_size", "episodes")
+        c.at_least(0, "eps", "noise")
+        c.within(0, 1, "sign_share")
+        c.within(0, 1, "validation", open_low=True, open_high=True)
+        c.within(0, float("inf"), "learning_rate", open_low=True)
 
 
 @dataclass

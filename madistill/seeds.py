@@ -18,6 +18,7 @@ alert calibration         40 000                                   ``alerts.cali
 DAgger round ``r``        1 000 000 * (1 + seed) + 100 000 * r     ``dagger_round_seed``
 robust fine-tuning        10 000 000 * (1 + seed)                  ``finetune_episode_seed``
 its checkpoint selection  10 000 000 * (1 + seed) + 5 000 000      ``finetune_validation_seed``
+purifier training data    200 000 000 + 1 000 000 * seed           ``purify_seed``
 ========================  =======================================  ==========================================
 
 Blocks stay apart while each kind plays fewer episodes than the gap to the next block: teacher training
@@ -36,6 +37,7 @@ DAGGER_SEED = 1_000_000  # DAgger's block of a run seed, per unit of (1 + seed)
 DAGGER_ROUND = 100_000  # seeds between consecutive DAgger rounds
 FINETUNE_SEED = 10_000_000  # fine-tuning's block of a run seed, per unit of (1 + seed)
 FINETUNE_VALIDATION = 5_000_000  # checkpoint validation's start past fine-tuning's own
+PURIFY_SEED = 200_000_000  # the purifier's training data, past every fine-tuning block
 
 
 def dagger_round_seed(seed: int, r: int) -> int:
@@ -51,3 +53,8 @@ def finetune_episode_seed(seed: int) -> int:
 def finetune_validation_seed(seed: int) -> int:
     """The first validation episode seed of fine-tuning's checkpoint selection."""
     return finetune_episode_seed(seed) + FINETUNE_VALIDATION
+
+
+def purify_seed(seed: int) -> int:
+    """The first episode seed of the teacher's clean episodes a purifier of a run with seed ``seed`` learns."""
+    return PURIFY_SEED + 1_000_000 * seed

@@ -66,7 +66,7 @@ def test_unknown_stage_exits_2(cli):
     assert rc == 2 and out == ""
     assert _err_lines(err) == [
         "madistill: error: unknown stage 'distil': did you mean 'distill'? "
-        "use one of train, evaluate, distill, finetune, saliency, explain, attack, cascade, repair, pipeline"
+        "use one of train, evaluate, distill, finetune, saliency, explain, attack, cascade, repair, purify, pipeline"
     ]
 
 

@@ -46,14 +46,15 @@ def agents_stage(tmp_path, monkeypatch):
 
 def test_the_stages_are_the_registered_modules():
     found = stages()
-    assert list(found) == ["train", "evaluate", "distill", "finetune", "saliency", "explain", "attack", "cascade", "repair", "pipeline"]
+    assert list(found) == ["train", "evaluate", "distill", "finetune", "saliency", "explain", "attack", "cascade", "repair", "purify",
+                          "pipeline"]
     for module, (name, stage) in zip(registry.STAGE_MODULES, found.items()):
         assert module == f"madistill.stages.{name}" and stage.run is sys.modules[module].run
     assert {n for n, s in found.items() if s.resumes} == {"train", "pipeline"}
     assert {n: s.policy_key for n, s in found.items() if s.policy_key} == {
         "evaluate": "eval.policy", "distill": "distill.teacher", "finetune": "finetune.policy",
         "saliency": "saliency.policy", "explain": "explain.policy", "attack": "attack.policy",
-        "cascade": "cascade.policy", "repair": "repair.policy"}
+        "cascade": "cascade.policy", "repair": "repair.policy", "purify": "purify.teacher"}
 
 
 def test_listing_the_stages_imports_no_torch():

@@ -231,6 +231,7 @@ def evaluate_robustness(
     teams: Mapping[str, Sequence[str]] | None = None,
     random_teams: Mapping[str, float] | None = None,
     faults: Sequence[ObsTransform | ActionTransform] = (),
+    attacked: TeamPolicy | None = None,
 ) -> RobustnessResult:
     """Every configured attack x eps x victim set on ``team`` (episodes with seeds ``seed...``), plus the
     strong-PGD and collapse-budget runs the masking checks need, and the objective-level probe.
@@ -238,7 +239,11 @@ def evaluate_robustness(
     robustness of a team with a failing agent (the probe runs without them).
 
     ``teams`` (team -> agents) name the victim sets ``team:<name>``; with several teams, each team's returns
-    are kept too, next to its random-policy return from ``random_teams``."""
+    are kept too, next to its random-policy return from ``random_teams``.
+
+    ``attacked``: the team the per-step white-box attacks (all but ``transfer``, ``learned``, ``offsets`` and
+    ``targeted_lookahead``) craft on instead of ``team``: a purified team's BPDA, EOT or undefended view
+    (``policies.purified.attack_view``); the probe attacks ``team`` itself."""
     start = time.perf_counter()
     clean_recs = run_episodes(venv, team, ac.episodes, seed, transforms=faults)
     clean = team_returns(clean_recs)
@@ -278,7 +283,7 @@ def evaluate_robustness(
         for method, eps in runs:
             start = time.perf_counter()
             recs = None if method in unbranchable else _attacked(method, vname, victims, budgets[eps], venv, team, ac,
-                                                                 seed, surrogate, critic, target, faults, res)
+                                                                 seed, surrogate, critic, target, faults, res, attacked)
             if recs is None:
                 unbranchable.add(method)
             else:
@@ -302,13 +307,14 @@ def evaluate_robustness(
 def _attacked(method: str, vname: str, victims: list[str], budgets: Mapping[str, Budget], venv: MultiAgentVecEnv,
               team: TeamPolicy, ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
               target: Sequence[str] | None, faults: Sequence[ObsTransform | ActionTransform],
-              res: RobustnessResult) -> list[EpisodeRecord] | None:
-    """The episodes of one suite attack on ``victims`` (set ``vname``) inside ``budgets``; None, with a note in
-    ``res.skipped``, where the lookahead cannot branch these victims or this env."""
+              res: RobustnessResult, attacked: TeamPolicy | None = None) -> list[EpisodeRecord] | None:
+    """The episodes of one suite attack on ``victims`` (set ``vname``) inside ``budgets``, crafted on ``attacked``
+    where given; None, with a note in ``res.skipped``, where the lookahead cannot branch these victims or this env."""
     if method == "offsets":
         return worst_offsets(venv, team, victims, budgets, ac.offset_candidates, ac.episodes, seed, target, faults)
     try:
-        transforms = suite_transforms(method, venv, team, victims, budgets, ac, seed, surrogate, critic, target)
+        transforms = suite_transforms(method, venv, team, victims, budgets, ac, seed, surrogate, critic, target,
+                                      attacked)
         return run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
     except NotBranchable as e:  # raised by the lookahead only
         res.skipped.append(f"{method} on victims {vname}: {e}")
@@ -354,9 +360,11 @@ def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, .
 
 def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str],
                      budgets: Mapping[str, Budget], ac: Any, seed: int, surrogate: TeamPolicy | None,
-                     critic: TeamPolicy | None, target: Sequence[str] | None = None) -> list[ObsTransform | ActionTransform]:
+                     critic: TeamPolicy | None, target: Sequence[str] | None = None,
+                     attacked: TeamPolicy | None = None) -> list[ObsTransform | ActionTransform]:
     """The transforms of a per-step suite attack (the learned adversary is trained here first, to lower the
-    mean return of ``target``; None: of every agent)."""
+    mean return of ``target``; None: of every agent), crafted on ``attacked`` where given (transfer: on the
+    surrogate)."""
     if method == "targeted_lookahead":
         branching = Branching(venv.spec, venv.groups, venv.backend)
         # the targeted PGD of targeted_random realises the target; its own target choice is not used
@@ -368,7 +376,7 @@ def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, vict
                                 ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
         return [LearnedAdversary(model, victims, budgets, ac.frequency)]
     return [AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
-                            surrogate=surrogate if method == "transfer" else None, critic=critic)]
+                            surrogate=surrogate if method == "transfer" else attacked, critic=critic)]
 
 
 def worst_offsets(venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],

@@ -1,4 +1,5 @@
-"""Policy store: a directory with ``manifest.json`` and one ``<group>.safetensors`` per group.
+"""Policy store: a directory with ``manifest.json`` and one ``<group>.safetensors`` per group; purifiers
+(``madistill purify``) likewise, with ``purifier.json``.
 
 Loading reads JSON and safetensors only, so a policy file can never execute code. Directory writes are
 atomic: everything is written into a sibling temp directory that replaces the target in one rename.
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies import POLICY_CLASSES
 from madistill.policies.base import TeamPolicy
+from madistill.policies.purified import Denoiser, Purifier
 from madistill.version import __version__
 
 FORMAT_VERSION = 1
@@ -69,10 +72,8 @@ def save_team(
     callables ``f(path)`` that write side files (e.g. SB3's ``.zip`` for SB3 users). ``training``: how much
     training the policies had (the manifest's ``training``, e.g. ``{"agent_steps": 300, "iterations": 2}``), when it is known.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         networks = {}
         for g in team.groups:
             policy = team[g.name]
@@ -97,6 +98,18 @@ def save_team(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
+
+    return write_dir(path, write)
+
+
+def write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write`` on a sibling temp directory, then make it ``path`` in one rename (replacing what was
+    there); nothing is left behind when ``write`` fails. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,3 +243,58 @@ def check_compatible(saved: list[AgentGroup], env_groups: list[AgentGroup], save
         mode = "per_agent" if all(len(g.agents) == 1 and g.name == g.agents[0] for g in saved) else "auto"
         raise MadistillError(f"policy {where} groups its agents as {partition}, unlike this env's env.grouping: "
                              f"pass env.grouping={mode} as when it was trained")
+
+
+PURIFIER_MANIFEST = "purifier.json"
+
+
+def save_purifier(path: str | Path, purifier: Purifier, env: EnvSpec, config: dict[str, Any] | None = None,
+                  training: dict[str, Any] | None = None) -> Path:
+    """Write ``purifier`` to directory ``path`` (atomically): ``purifier.json`` (each group's feature count and
+    denoiser architecture, the normalisers of the data it learnt, the config) and ``<group>.safetensors``."""
+
+    def write(tmp: Path) -> None:
+        for name, den in purifier.denoisers.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in den.state_dict().items()},
+                      str(tmp / f"{name}.safetensors"))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "madistill_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "env": env.to_dict(),
+            "groups": {name: {"obs_dim": den.obs_dim, "arch": den.arch} for name, den in purifier.denoisers.items()},
+            "normalizers": {g: n.state_dict() for g, n in purifier.normalizers.items()},
+            "config": config or {},
+            **({"training": training} if training else {}),
+        }
+        (tmp / PURIFIER_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    return write_dir(path, write)
+
+
+def load_purifier(path: str | Path, device: str | torch.device = "cpu") -> Purifier:
+    """Rebuild a purifier from its directory, or from a ``madistill purify`` run holding ``purifier/``, reading
+    JSON and safetensors only."""
+    p = Path(path)
+    pdir = p / "purifier" if (p / "purifier" / PURIFIER_MANIFEST).is_file() else p
+    fix = "pass a purifier directory or a madistill purify run (purify.purifier=<run>)"
+    try:
+        manifest = json.loads((pdir / PURIFIER_MANIFEST).read_text())
+    except FileNotFoundError as e:
+        raise MadistillError(f"{p} holds no {PURIFIER_MANIFEST}: {fix}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MadistillError(f"corrupt purifier manifest {pdir / PURIFIER_MANIFEST} ({e}): re-run madistill purify") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise MadistillError(f"{pdir / PURIFIER_MANIFEST} is not a purifier of format {FORMAT_VERSION}: re-run madistill purify")
+    try:
+        denoisers = {}
+        for name, spec in manifest["groups"].items():
+            den = Denoiser(spec["obs_dim"], spec["arch"])
+            den.load_state_dict(load_file(str(pdir / f"{name}.safetensors")))
+            denoisers[name] = den
+        normalizers = {g: ObsNormalizer.from_state_dict(d) for g, d in manifest["normalizers"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise MadistillError(f"corrupt purifier {pdir} ({type(e).__name__}: {e}): re-run madistill purify") from e
+    except (SafetensorError, FileNotFoundError, RuntimeError) as e:
+        raise MadistillError(f"unreadable purifier weights in {pdir} ({e}): re-run madistill purify") from e
+    return Purifier(denoisers, normalizers, str(pdir)).to(device)

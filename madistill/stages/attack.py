@@ -36,11 +36,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.envs.teams import team_means
     from madistill.evaluate.evaluator import PolicyRef, run_episodes, uniform_team
     from madistill.evaluate.report import write_markdown
+    from madistill.policies.purified import attack_view
     from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
     from madistill.stages.faults import configured_faults, fault_line
     from madistill.stages.policies import (
         configured_features,
+        configured_purifier,
         load_policy,
         paired_policy,
         studied_policies,
@@ -58,7 +60,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     results = {}
     several = len({r.run for r in refs}) > 1
     with make_vec_env(cfg.env, spec) as venv:
-        loaded = [load_policy(r, venv.groups, device) for r in refs]
+        purifier = configured_purifier(cfg, device)
+        loaded = [load_policy(r, venv.groups, device, purifier, cfg.seed) for r in refs]
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         sides = teams_for(cfg, venv, refs)
         faults = configured_faults(cfg, venv, spec, device)
@@ -83,18 +86,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 results[label] = evaluate_robustness(
                     venv, team, layouts, ac, random_return, ac.seed, surrogate=surrogate, critic=critic, progress=bar,
                     teams=sides, random_teams=team_means(random_recs, sides), faults=faults,
+                    attacked=attack_view(team, str(cfg.purify.gradient), cfg.purify.eot_samples, cfg.seed + 1),
                 )
     reports = run_dir / "reports"
     payload = {
         "meta": {"env": spec.to_dict(), "policies": {r.name: str(r.path) for r in refs}, "episodes": ac.episodes,
                  "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True),
-                 "fault": OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None},
+                 "fault": OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None,
+                 "purifier": _purifier_meta(cfg)},
         "results": {n: r.to_dict() for n, r in results.items()},
     }
     atomic_write_text(reports / "robustness.json", json.dumps(payload, indent=2))
     text = markdown_report(results, spec.id, ac.episodes)
     if cfg.fault.victims:
         text += f"\n{fault_line(cfg)}\n"
+    if cfg.purify.purifier:
+        text += f"\n{_purifier_line(cfg)}\n"
     write_markdown(reports / "robustness.md", text)
     victims = list(next(iter(results.values())).returns)
     with open_tb(cfg, run_dir) as tb:
@@ -142,6 +149,22 @@ def _summary(results: dict[str, RobustnessResult], ac: DictConfig, env_id: str, 
         f"  report:      {reports / 'robustness.md'}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
     ]
+
+
+def _purifier_meta(cfg: DictConfig) -> dict | None:
+    """The purifier in front of the attacked policies and the attacks' view of it (None without one)."""
+    pc = cfg.purify
+    return {"path": str(pc.purifier), "gradient": str(pc.gradient), "eot_samples": pc.eot_samples} if pc.purifier else None
+
+
+def _purifier_line(cfg: DictConfig) -> str:
+    """The report's line on the purifier and what the white-box attacks differentiate."""
+    pc = cfg.purify
+    view = {"through": "through it (adaptive)", "bpda": "its forward pass with identity gradients (BPDA)",
+            "ignore": "the undefended policies (attacks unaware of it)"}[str(pc.gradient)]
+    eot = f", averaged over {pc.eot_samples} draws of its noise (EOT)" if pc.eot_samples > 1 else ""
+    return (f"Purifier {pc.purifier} in front of every policy; the white-box attacks differentiate {view}{eot}; "
+            "the gradient-masking probe attacks through it.")
 
 
 def _has_value(team: TeamPolicy) -> bool:

@@ -50,7 +50,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         watch_policy,
         write_alerts,
     )
-    from madistill.stages.policies import configured_features, load_policy, studied_policies
+    from madistill.stages.policies import (
+        configured_features,
+        configured_purifier,
+        load_policy,
+        studied_policies,
+    )
     from madistill.stages.rundir import open_tb
 
     cc, fc = cfg.cascade, cfg.fault
@@ -70,8 +75,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         check_alerts(cfg, len(agents))
     several = len({r.run for r in refs}) > 1
     studies, alerts = {}, {}
+    purifier = configured_purifier(cfg, device)
     for ref in refs:
-        team = load_policy(ref, groups, device)
+        team = load_policy(ref, groups, device, purifier, cfg.seed)
         label = f"{ref.name}@{ref.run}" if several else ref.name
         studies[label] = study(make_venv, team, env, cc, fc, impulse, spec.id)
         if cfg.alerts.enabled:  # the study's faults are armed on its paired run's blocks: fresh ones here

@@ -54,7 +54,7 @@ def evaluate_policies(
         watch_policy,
         write_alerts,
     )
-    from madistill.stages.policies import load_policy, studied_policies, teams_for
+    from madistill.stages.policies import configured_purifier, load_policy, studied_policies, teams_for
 
     device, refs, spec = studied_policies(
         cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=False
@@ -73,7 +73,8 @@ def evaluate_policies(
         faults = configured_faults(cfg, venv, spec, device)
         if cfg.alerts.enabled:
             check_alerts(cfg, len(venv.possible_agents))
-        teams = [load_policy(ref, venv.groups, device) for ref in refs]
+        purifier = configured_purifier(cfg, device)
+        teams = [load_policy(ref, venv.groups, device, purifier, cfg.seed) for ref in refs]
         for ref, team, row in zip(refs, teams, rows):
             label = f"{ref.name} ({ref.run})" if several_runs else ref.name
             recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, faults, progress=bar(label),

@@ -18,7 +18,8 @@ from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import PolicyRef, discover_policies, saved_env
 from madistill.policies.base import TeamPolicy
-from madistill.policies.store import find_policy_dir, load_team
+from madistill.policies.purified import Purifier, purified_team
+from madistill.policies.store import find_policy_dir, load_purifier, load_team
 from madistill.runtime import env_spec, env_teams, resolve_device, seed_everything
 
 
@@ -79,14 +80,24 @@ def labelled_teams(
     feature layouts their maps are grouped by."""
     several = len({r.run for r in refs}) > 1
     labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
-    teams = {label: load_policy(ref, venv.groups, device) for label, ref in zip(labels, refs)}
+    purifier = configured_purifier(cfg, device)
+    teams = {label: load_policy(ref, venv.groups, device, purifier, cfg.seed) for label, ref in zip(labels, refs)}
     layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
     return labels, teams, layouts
 
 
-def load_policy(ref: PolicyRef, groups: list[AgentGroup], device: torch.device) -> TeamPolicy:
-    """The saved policy ``ref`` as a team acting in an env of ``groups``, from the manifest the ref has read."""
-    return load_team(ref.path, groups, device=device, manifest=ref.manifest)[0]
+def load_policy(ref: PolicyRef, groups: list[AgentGroup], device: torch.device, purifier: Purifier | None = None,
+                seed: int = 0) -> TeamPolicy:
+    """The saved policy ``ref`` as a team acting in an env of ``groups``, from the manifest the ref has read;
+    with ``purifier`` (:func:`configured_purifier`) in front of it (its noise seeded with ``seed``)."""
+    team = load_team(ref.path, groups, device=device, manifest=ref.manifest)[0]
+    return team if purifier is None else purified_team(team, purifier, seed)
+
+
+def configured_purifier(cfg: DictConfig, device: torch.device) -> Purifier | None:
+    """The purifier ``purify.purifier`` names, which every stage puts in front of the policies it loads (None
+    when unset)."""
+    return load_purifier(cfg.purify.purifier, device) if cfg.purify.purifier else None
 
 
 def paired_policy(ref: PolicyRef, role: str, refs: Sequence[PolicyRef]) -> int | None:

@@ -31,6 +31,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "madistill.stages.attack",
     "madistill.stages.cascade",
     "madistill.stages.repair",
+    "madistill.stages.purify",
     "madistill.stages.pipeline",
 )
 
