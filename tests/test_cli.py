@@ -423,7 +423,8 @@ def test_attack_presets_are_a_config_group(cli):
     from madistill.cli import compose_config
 
     suite = compose_config([]).attack
-    assert suite.methods == ["random", "fgsm", "pgd", "critic", "spsa", "transfer"] and suite.checks
+    assert suite.methods == ["random", "fgsm", "pgd", "critic", "spsa", "transfer", "targeted_lowest",
+                             "targeted_lookahead"] and suite.checks
     quick = compose_config(["attack=quick", "attack.episodes=5"]).attack
     assert (quick.methods, quick.eps, quick.victims, quick.episodes, quick.checks) == (
         ["random", "fgsm", "pgd"], [0.3], ["all"], 5, False)

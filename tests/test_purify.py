@@ -189,13 +189,13 @@ def test_purify_stage_trains_a_purifier_that_every_stage_puts_in_front_of_the_po
 
 
 def test_the_suites_per_step_attacks_craft_on_the_attack_view_and_transfer_on_its_surrogate():
-    from madistill.attacks.robustness import _transforms
+    from madistill.attacks.robustness import suite_transforms
     from madistill.config import AttackConfig
 
     team = purified_team(_team(_policy()), Purifier({"g": _denoiser()}, {"g": ObsNormalizer(D)}))
     view, surrogate = attack_view(team, "ignore"), _team(_policy(seed=2))
     budgets = {"g": Budget.build(1.0, D)}
     for method, crafted_on in (("pgd", view), ("targeted_lowest", view), ("fgsm", view), ("transfer", surrogate)):
-        [transform] = _transforms(method, None, team, ["a_0"], budgets, AttackConfig(), 0, surrogate, None,
+        [transform] = suite_transforms(method, None, team, ["a_0"], budgets, AttackConfig(), 0, surrogate, None,
                                   attacked=view)
         assert transform.surrogate is crafted_on
