@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import test_distill
 import torch
 from gymnasium import spaces
 
@@ -18,7 +19,9 @@ from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.finetune import collection_attack
 from madistill.policies.base import Policy
-from madistill.policies.store import load_team, read_manifest
+from madistill.policies.store import read_manifest
+
+teacher_run = test_distill.teacher_run  # the tiny speaker-listener teacher fixture, trained once for this module
 
 GROUP = AgentGroup("g", ("a_0",), spaces.Box(-np.inf, np.inf, (2,), np.float32), spaces.Discrete(3))
 
@@ -114,29 +117,11 @@ def test_inner_adversary_settings_are_refused_in_one_line_listing_the_choices(cl
     assert not run.exists()
 
 
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    """A tiny speaker-listener teacher, trained once for this module."""
-    from conftest import compose_config, tiny
-
-    from madistill.stages.train import train_teachers
-    from madistill.tb import TBLogger
-
-    run = tmp_path_factory.mktemp("teacher")
-    cfg = compose_config(tiny("teacher.total_agent_steps=3000", "teacher.hidden_sizes=[32]"))
-    train_teachers(cfg, run, TBLogger(run / "tb", enabled=False))
-    return run
-
-
 def test_robust_distillation_against_the_targeted_adversary_runs_end_to_end(cli, make_cfg, teacher_run, tmp_path,
                                                                             monkeypatch):
     """``distill=robust distill.adv_objective=targeted_lowest``: every update's adversarial term is crafted by the
     targeted PGD (``attack.target_candidates`` candidates) and is non-zero; the CLI saves the student."""
     from madistill.attacks.methods import Attack
-    from madistill.distill.trainer import DistillTrainer, student_team
-    from madistill.envs import EnvSpec
-    from madistill.envs.features import feature_layouts
-    from madistill.envs.vector import MultiAgentVecEnv
 
     cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_objective=targeted_lowest",
                    "distill.adv_ramp=0.5", "attack.target_candidates=2")
@@ -148,12 +133,7 @@ def test_robust_distillation_against_the_targeted_adversary_runs_end_to_end(cli,
         return targeted(self, policy, x, budget, generator)
 
     monkeypatch.setattr(Attack, "_targeted", spy)
-    teacher = load_team(teacher_run / "policies" / "teacher")[0]
-    spec = EnvSpec.from_dict(read_manifest(teacher_run / "policies" / "teacher")["env"])
-    with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
-        layouts = feature_layouts(venv.groups, None, venv.feature_names)
-        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
-        trainer.train()
+    trainer = test_distill.trained_distiller(cfg, teacher_run)
     # every update of both groups once eps > 0 (the first update's eps is 0: no attack there)
     assert sorted(set(used)) == [("listener", 2), ("speaker", 2)]
     assert len(used) == 2 * (trainer.total_updates - 1)
