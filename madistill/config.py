@@ -50,8 +50,10 @@ Divergence = _choices("Divergence", "kl reverse_kl prob_l2 logit_mse nll")
 Mask = _choices("Mask", "soft topk threshold")
 GradientTarget = _choices("GradientTarget", "log_prob logit",
                           "The policy output whose input gradient DIGR regularises and gradient saliency explains.")
-AdvObjective = _choices("AdvObjective", "kl ce both")
-PGDObjective = _choices("PGDObjective", "ce kl")
+AdvObjective = _choices("AdvObjective", "kl ce both targeted_lowest targeted_random all",
+                        "The inner adversary of robust distillation (madistill/distill/loss.py).")
+PGDObjective = _choices("PGDObjective", "ce kl targeted_lowest targeted_random targeted_lookahead",
+                        "The attack robust fine-tuning plays its attacked steps under (madistill/finetune.py).")
 SaliencyBaseline = _choices("SaliencyBaseline", "mean marginal")
 AttackMethod = _choices("AttackMethod", "random fgsm pgd critic spsa transfer offsets learned targeted_random "
                         "targeted_lowest targeted_lookahead", "The attack suite by name (madistill/attacks/robustness.py says what "
@@ -284,7 +286,9 @@ class DistillConfig:
     smooth_weight: float = 0.0  # weight of KL(student(x) || student(x + delta))
     adv_eps: float = 0.3  # radius of the PGD perturbation (normalised units)
     adv_steps: int = 3  # PGD steps of the adversarial term
-    # kl (policy divergence), ce (flip the greedy action, FGSM's objective) or both (per sample the worse)
+    # kl (policy divergence), ce (flip the greedy action, FGSM's objective), both (per sample the worse),
+    # targeted_lowest / targeted_random (force the lowest-ranked of attack.target_candidates actions / a random
+    # one: the suite's targeted attacks) or all (per sample the worst of kl, ce and targeted_lowest)
     adv_objective: AdvObjective = AdvObjective.kl
     adv_fgsm: bool = False  # per sample, the worse of that PGD's point and FGSM's (one full signed step on ce)
     adv_ramp: float = 0.5  # share of the updates over which adv_eps grows from 0
@@ -315,7 +319,10 @@ class FinetuneConfig:
     steps: int = 3  # PGD steps of the inner maximisation
     ramp: float = 0.2  # share of training over which the regulariser's eps grows linearly from 0
     attack_fraction: float = 0.5  # share of env copies and steps played under PGD on the acting team (radius eps)
-    attack_objective: PGDObjective = PGDObjective.ce  # what that PGD maximises: ce (flip the greedy action) or kl
+    # the attack on those steps: PGD on ce (flip the greedy action) or kl, targeted_lowest / targeted_random (the
+    # suite's targeted PGDs), or targeted_lookahead (the action a branch of the episode shows most harmful, with
+    # attack.lookahead_horizon and attack.lookahead_gamma; envs that branch, Discrete actions)
+    attack_objective: PGDObjective = PGDObjective.ce
     # checkpoint selection: the saved student is the best-scoring of the start and every select_every steps
     select_every: int = 50_000  # agent-steps between validations (0: save the last policy, validate nothing)
     select_episodes: int = 50  # validation episodes per candidate and attack (the same seeds for every candidate)

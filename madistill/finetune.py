@@ -25,10 +25,13 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
 from madistill.attacks.budget import Budget
-from madistill.attacks.methods import Attack
+from madistill.attacks.lookahead import LookaheadAttack
+from madistill.attacks.methods import training_attack
 from madistill.attacks.transform import AttackTransform
+from madistill.branching import ActionHistory, Branching
 from madistill.common.divergences import divergence
 from madistill.common.schedules import linear_ramp
+from madistill.config import AttackConfig
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
@@ -99,7 +102,7 @@ class SmoothnessRegulariser:
     def __init__(self, unit_budget: Budget, settings: Any, generator: torch.Generator):
         self.unit_budget, self.generator = unit_budget, generator
         self.weight, self.eps, self.ramp = float(settings.smooth_weight), float(settings.eps), float(settings.ramp)
-        self.attack = Attack("pgd", "kl", steps=int(settings.steps), restarts=1)
+        self.attack = training_attack("kl", int(settings.steps))
         self.rows = np.random.default_rng(int(generator.initial_seed()))
 
     def current_eps(self, progress: float) -> float:
@@ -123,17 +126,33 @@ class SmoothnessRegulariser:
         return loss
 
 
-def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, Budget], settings: Any) -> list[AttackTransform]:
-    """With ``attack_fraction`` > 0, that share of env copies and steps is played under PGD on the acting
-    policies (objective ``attack_objective``, every agent a victim, radius ``eps``): PPO then learns the return of
-    acting on perturbed observations, adversarial training inside the RL loop (Pattanaik et al. 2018), where the
-    regulariser alone only asks the actions not to change."""
+def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, Budget], settings: Any,
+                      attack_settings: Any = None, branching: Branching | None = None,
+                      critic: TeamPolicy | None = None) -> list[AttackTransform | LookaheadAttack | ActionHistory]:
+    """With ``attack_fraction`` > 0, that share of env copies and steps is played under the training attack
+    ``attack_objective`` on the acting policies (``steps`` PGD steps, every agent a victim, radius ``eps``): PPO
+    then learns the return of acting on perturbed observations, adversarial training inside the RL loop (Pattanaik
+    et al. 2018), where the regulariser alone only asks the actions not to change.
+
+    ``attack_settings`` (``cfg.attack``; default: its defaults) gives the targeted attacks' ``target_candidates``
+    and the lookahead's horizon and discount. ``targeted_lookahead`` branches the running episodes with
+    ``branching`` and adds ``critic``'s values at the horizon to its rewards (the stage passes the teacher's local
+    critic, where it has one)."""
     fraction = float(settings.attack_fraction)
     if fraction == 0 or settings.eps == 0:
         return []
-    attack = Attack("pgd", str(settings.attack_objective), steps=int(settings.steps), restarts=1)
+    ac = attack_settings if attack_settings is not None else AttackConfig()
     budgets = {name: b.scaled(float(settings.eps)) for name, b in unit_budgets.items()}
-    return [AttackTransform(attack, [a for g in groups for a in g.agents], budgets, frequency=fraction)]
+    agents = [a for g in groups for a in g.agents]
+    name, steps = str(settings.attack_objective), int(settings.steps)
+    if name == "targeted_lookahead":
+        if branching is None:
+            raise ValueError("the lookahead collection attack needs the env's branching")
+        # the targeted PGD of targeted_random realises the lookahead's targets; its own target choice is not used
+        return LookaheadAttack(training_attack("targeted_random", steps), agents, budgets, branching,
+                               ac.lookahead_horizon, ac.lookahead_gamma, critic, fraction).transforms()
+    attack = training_attack(name, steps, int(ac.target_candidates))
+    return [AttackTransform(attack, agents, budgets, frequency=fraction)]
 
 
 def smoothness_regularisers(groups: Sequence[AgentGroup], budgets: Mapping[str, Budget], settings: Any, seed: int,

@@ -327,12 +327,24 @@ def test_collection_under_attack_records_clean_observations_of_the_drifted_state
     assert len(torch.unique(attacked["speaker"], dim=0)) <= 3
 
 
+def trained_distiller(cfg, teacher_run):
+    """A DistillTrainer of ``cfg`` on the tiny teacher, after all its rounds (its ``history`` per round)."""
+    from madistill.distill.trainer import DistillTrainer, student_team
+    from madistill.envs.features import feature_layouts
+
+    teacher = load_team(teacher_run / "policies" / "teacher")[0]
+    spec = EnvSpec.from_dict(read_manifest(teacher_run / "policies" / "teacher")["env"])
+    with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
+        layouts = feature_layouts(venv.groups, None, venv.feature_names)
+        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
+        trainer.train()
+    return trainer
+
+
 def test_robust_distillation_ramps_eps_keeps_excluded_features_and_combines_with_digr(make_cfg, teacher_run, monkeypatch):
     """``distill=robust`` through the trainer: every loss term of DIGR + adversarial + smoothness is trained,
     eps ramps over ``adv_ramp`` of the updates, and the training attack keeps ``attack.exclude`` and ``attack.scale``."""
     from madistill.distill.loss import DistillLoss
-    from madistill.distill.trainer import DistillTrainer, student_team
-    from madistill.envs.features import feature_layouts
 
     cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_ramp=1.0", "distill.adv_eps=0.4",
                    "+attack.exclude.listener=[8,9,10]",  # the message
@@ -346,13 +358,7 @@ def test_robust_distillation_ramps_eps_keeps_excluded_features_and_combines_with
         return x_adv
 
     monkeypatch.setattr(DistillLoss, "_perturbed", spy)
-    teacher = load_team(teacher_run / "policies" / "teacher")[0]
-    spec = EnvSpec.from_dict(read_manifest(teacher_run / "policies" / "teacher")["env"])
-    with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
-        layouts = feature_layouts(venv.groups, None, venv.feature_names)
-        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
-        trainer.train()
-    rows = trainer.history
+    rows = trained_distiller(cfg, teacher_run).history
     assert [r["adv_eps"] for r in rows] == pytest.approx([0.2, 0.4])  # half-way after round 0, full after round 1
     for r in rows:
         for g in ("speaker", "listener"):

@@ -141,6 +141,31 @@ def test_finetune_errors_are_one_line(cli, student_run, tmp_path):
         assert rc == 2 and needle in err and "Traceback" not in err, (args, err)
 
 
+@pytest.mark.parametrize("objective", ["targeted_lowest", "targeted_lookahead"])
+def test_finetune_collects_under_the_targeted_inner_adversary(cli, student_run, tmp_path, monkeypatch, objective):
+    """``finetune.attack_objective``: the attacked steps are played under the suite's targeted PGD, with targets
+    from the policy's ranking or from branches of the running episodes (spread branches on the batched port)."""
+    from conftest import tiny
+
+    from madistill.attacks.lookahead import LookaheadAttack
+    from madistill.attacks.methods import Attack
+
+    forced, branched = [], []
+    force, worst = Attack.force, LookaheadAttack._force_worst
+    monkeypatch.setattr(Attack, "force", lambda self, *a, **k: forced.append(self.method) or force(self, *a, **k))
+    monkeypatch.setattr(LookaheadAttack, "_force_worst", lambda self, *a: branched.append(a[2].shape) or worst(self, *a))
+    run = tmp_path / "ft"
+    rc, out, err = cli("finetune", *tiny(f"finetune.policy={student_run / 'student'}", "finetune.total_agent_steps=600",
+                                         f"finetune.attack_objective={objective}", "finetune.attack_fraction=1",
+                                         "finetune.ramp=0", "finetune.select_every=0", "logger.progress=false"),
+                       f"hydra.run.dir={run}")
+    assert rc == 0, err
+    assert forced and set(forced) == {"targeted"}
+    # the lookahead scores every one of the 5 actions of every attacked copy; the policy's ranking branches nothing
+    assert (bool(branched) and {s[1] for s in branched} == {5}) if objective == "targeted_lookahead" else not branched
+    assert (run / "policies" / "student" / "manifest.json").is_file()
+
+
 def test_ppo_learns_from_the_attacked_observations_when_collecting_under_attack(make_cfg):
     from madistill.attacks.budget import group_budgets
     from madistill.envs.features import feature_layouts

@@ -35,6 +35,9 @@ from madistill.policies.base import Policy, choose, log_prob
 METHODS = ("random", "fgsm", "pgd", "spsa", "targeted")
 OBJECTIVES = ("kl", "ce", "value", "target")
 TARGETS = ("random", "lowest")
+# The inner adversaries of robust training (distill.adv_objective, finetune.attack_objective): untargeted PGD on
+# an objective, or the suite's targeted PGDs of the same names.
+TRAINING_ATTACKS = ("kl", "ce", "targeted_lowest", "targeted_random")
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,17 @@ def targets(choice: str, policy: Policy, x: torch.Tensor, candidates: int = 1,
         u = torch.rand(head.shape, generator=generator, device=x.device, dtype=head.dtype)
         return (low + u * (high - low))[None]
     return torch.where(head > (low + high) / 2, low, high)[None]
+
+
+def training_attack(name: str, steps: int, candidates: int = 1) -> Attack:
+    """The inner adversary robust training crafts its perturbations with, one of :data:`TRAINING_ATTACKS`: PGD with
+    ``steps`` steps and one restart (it runs at every update) on ``kl`` or ``ce``, or the suite's
+    ``targeted_lowest`` / ``targeted_random`` with those steps (``candidates``: the lowest-ranked actions tried at
+    once), so a student trains against the attack that forces a harmful action, not only one that moves its own."""
+    if name not in TRAINING_ATTACKS:
+        raise MadistillError(f"unknown training attack {name!r}: use one of {TRAINING_ATTACKS}")
+    pgd = Attack("pgd", "kl", steps=steps, restarts=1, candidates=candidates)
+    return replace(pgd, objective=name) if name in ("kl", "ce") else variants(pgd)[name]
 
 
 def variants(pgd: Attack) -> dict[str, Attack]:

@@ -11,13 +11,16 @@ from typing import Any
 import torch
 
 from madistill.attacks.budget import Budget
-from madistill.attacks.methods import Attack
+from madistill.attacks.methods import Attack, training_attack
 from madistill.common.divergences import divergence
-from madistill.config import DistillConfig
+from madistill.config import AttackConfig, DistillConfig
 from madistill.distill.dataset import GroupData
 from madistill.distill.digr import igr_penalty, relevance_mask
 from madistill.envs.features import FeatureLayout
 from madistill.policies.base import Policy
+
+# distill.adv_objective values that train against several attacks: per sample, the worst point of them
+COMBINED = {"both": ("kl", "ce"), "all": ("kl", "ce", "targeted_lowest")}
 
 
 @dataclass(frozen=True)
@@ -35,14 +38,17 @@ class DistillLoss:
     adv_weight: float = 0.0  # divergence(teacher(x) || student(x + delta)), delta = PGD on the student
     smooth_weight: float = 0.0  # KL(pi_S(x) || pi_S(x + delta)): the student's own smoothness (SA-PPO style)
     adv_steps: int = DistillConfig.adv_steps  # PGD steps crafting delta during training
-    adv_objective: str = DistillConfig.adv_objective  # kl (policy divergence) | ce (flip the greedy action) | both
+    # one of methods.TRAINING_ATTACKS, or several of them (COMBINED): both (kl, ce) | all (kl, ce, targeted_lowest)
+    adv_objective: str = DistillConfig.adv_objective
     adv_fgsm: bool = DistillConfig.adv_fgsm  # per sample, also FGSM's point when it hurts more than the PGD's
+    adv_candidates: int = AttackConfig.target_candidates  # targeted_lowest: lowest-ranked actions forced at once
 
     @staticmethod
-    def from_config(dc: Any) -> DistillLoss:
+    def from_config(dc: Any, candidates: int = AttackConfig.target_candidates) -> DistillLoss:
+        """The loss of ``cfg.distill``; ``candidates``: ``cfg.attack.target_candidates``, as in the suite."""
         return DistillLoss(
             dc.divergence, dc.temperature, dc.lambda_igr, dc.mask, dc.topk, dc.threshold, dc.target,
-            dc.adv_weight, dc.smooth_weight, dc.adv_steps, dc.adv_objective, dc.adv_fgsm,
+            dc.adv_weight, dc.smooth_weight, dc.adv_steps, dc.adv_objective, dc.adv_fgsm, candidates,
         )
 
     @property
@@ -82,22 +88,26 @@ class DistillLoss:
                 terms["total"] = terms["total"] + self.smooth_weight * terms["smoothness"]
         return terms
 
-    def training_pgd(self, objective: str) -> Attack:
-        """The PGD that crafts training perturbations on one objective (one restart: it runs every update)."""
-        return Attack("pgd", objective, steps=self.adv_steps, restarts=1)
-
     def training_attacks(self) -> list[Attack]:
-        """The attacks whose per-sample worst point the student trains against: the training PGD on
-        ``adv_objective`` (``both``: on kl and on ce) and, with ``adv_fgsm``, FGSM."""
-        objectives = ("kl", "ce") if self.adv_objective == "both" else (self.adv_objective,)
-        return [self.training_pgd(o) for o in objectives] + ([Attack("fgsm", "ce")] if self.adv_fgsm else [])
+        """The attacks whose per-sample worst point the student trains against: the training attack
+        ``adv_objective`` (or each of a ``COMBINED`` one's) and, with ``adv_fgsm``, FGSM."""
+        names = COMBINED.get(self.adv_objective, (self.adv_objective,))
+        return ([training_attack(n, self.adv_steps, self.adv_candidates) for n in names]
+                + ([Attack("fgsm", "ce")] if self.adv_fgsm else []))
+
+    def collection_attack(self) -> Attack:
+        """The training attack an acting team is collected under (``distill.adv_collect``): ``adv_objective``'s,
+        for a combined one its greedy-action flip (ce for ``both``, targeted_lowest for ``all``), which throws
+        a team off course where a small change of its distribution would not."""
+        name = {"both": "ce", "all": "targeted_lowest"}.get(self.adv_objective, self.adv_objective)
+        return training_attack(name, self.adv_steps, self.adv_candidates)
 
     def _perturbed(
         self, student: Policy, batch: GroupData, budget: Budget, generator: torch.Generator | None, kw: dict
     ) -> torch.Tensor:
-        """PGD on the student; with ``adv_objective=both`` (and ``adv_fgsm``), per sample the worst (for the
-        distillation target) of the policy-divergence PGD, the greedy-action PGD (and FGSM's one full step):
-        each finds perturbations the others miss, and students trained against PGD alone fall to FGSM."""
+        """The training attack on the student; with a combined ``adv_objective`` (and ``adv_fgsm``), per sample the
+        worst (for the distillation target) of its attacks' points (and FGSM's one full step): each finds
+        perturbations the others miss, and students trained against PGD alone fall to FGSM."""
         found = torch.stack([a(student, batch.obs, budget, generator) for a in self.training_attacks()])
         if len(found) == 1:
             return found[0]

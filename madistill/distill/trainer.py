@@ -49,7 +49,7 @@ class DistillTrainer:
         self.cfg, self.venv, self.teacher, self.student, self.layouts, self.tb = cfg, venv, teacher, student, layouts, tb
         dc = cfg.distill
         self.dc = dc
-        self.loss = DistillLoss.from_config(dc)
+        self.loss = DistillLoss.from_config(dc, cfg.attack.target_candidates)
         self.optimizers = {
             g.name: torch.optim.Adam(student[g.name].parameters(), lr=dc.learning_rate) for g in teacher.groups
         }
@@ -133,13 +133,12 @@ class DistillTrainer:
 
     def _collection_attack(self, beta: float) -> list[AttackTransform]:
         """With ``adv_collect`` > 0, the rounds in which the student acts are collected partly under attack
-        (PGD on the student, every agent a victim, the current ramped eps): the student then also learns the
-        teacher's actions in the states an attacked team drifts into, which clean rollouts never visit."""
+        (the loss's collection attack on the student, every agent a victim, the current ramped eps): the student
+        then also learns the teacher's actions in the states an attacked team drifts into, which clean rollouts
+        never visit."""
         if self.dc.adv_collect <= 0 or not self.loss.adversarial or beta >= 1 or self.adv_eps() <= 0:
             return []
-        # an acting team is thrown off course by flipped greedy actions, so "both" collects under the ce attack
-        objective = "ce" if self.dc.adv_objective == "both" else self.dc.adv_objective
-        attack = self.loss.training_pgd(objective)
+        attack = self.loss.collection_attack()
         budgets = {name: b.scaled(self.adv_eps()) for name, b in self.unit_budgets.items()}
         agents = [a for g in self.teacher.groups for a in g.agents]
         return [AttackTransform(attack, agents, budgets, frequency=self.dc.adv_collect, surrogate=self.student)]

@@ -37,6 +37,7 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
     from tqdm.auto import tqdm
 
     from madistill.attacks.budget import group_budgets
+    from madistill.branching import Branching, value_critic
     from madistill.envs.features import feature_layouts
     from madistill.errors import MadistillError
     from madistill.evaluate.evaluator import PolicyRef
@@ -70,7 +71,8 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
         teacher, _ = load_team(tdir, venv.groups, device=device)
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         budgets = group_budgets(1.0, layouts, cfg.attack.exclude, device, cfg.attack.scale)
-        attack = collection_attack(venv.groups, budgets, fc)
+        branching = Branching(spec, venv.groups, venv.backend) if fc.attack_objective == "targeted_lookahead" else None
+        attack = collection_attack(venv.groups, budgets, fc, cfg.attack, branching, critic=value_critic(teacher))
         regularisers = smoothness_regularisers(venv.groups, budgets, fc, cfg.seed, device)
         with TeacherTrainer(cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack,
                             total_agent_steps=fc.total_agent_steps, learning_rate=fc.learning_rate,
