@@ -9,10 +9,10 @@
 # seeds [95% t-interval over seeds]. Writes experiments/results/robust_targeted_<name>.{md,json} and the attack
 # run's own report (per attack, per victim set, bootstrap CIs over episodes) as robust_targeted_<name>_attack.{md,json}.
 #
-#   TEACHER=/work/zoo/sl/s0 EXISTING=/work/zoo/sl/robust/s0 experiments/robust_targeted.sh
+#   TEACHER=runs/zoo/sl/s0 EXISTING=runs/zoo/sl/robust/s0 experiments/robust_targeted.sh
 #   SEEDS= NAME=sl_existing TEACHER=... EXISTING=...    # only the existing students (SEEDS empty), in a run of its own;
 #   python experiments/summarise.py runs/experiments/robust_targeted/{sl,sl_existing}/attack --out ...   # pools both
-#   NAME=spread TEACHER=/work/zoo/spread/teacher/s0 EXISTING=/work/zoo/spread/robust/s0 EPS=0.2 \
+#   NAME=spread TEACHER=runs/zoo/spread/teacher/s0 EXISTING=runs/zoo/spread/robust/s0 EPS=0.2 \
 #     VICTIMS=all,agent_0 DISTILL=+experiment=spread_robust experiments/robust_targeted.sh
 set -euo pipefail
 : "${TEACHER:?set TEACHER=<the teacher run or policy directory>}"
