@@ -3,7 +3,8 @@
 # adversary (distill.adv_objective=$OBJECTIVE, seeds $SEEDS, from $TEACHER) next to their teacher and robust
 # students of the existing recipe ($EXISTING: run directories distilled from the same teacher), in one attack run
 # on the same $EPISODES (100) episodes (seeds 20000..): $METHODS (targeted_lookahead: horizon 1, the teacher's local value
-# heads as critic where it has them) at eps $EPS, victims $VICTIMS, masking checks if $CHECKS. Then
+# heads as critic where it has them, each victim's target chosen alone: attack.lookahead_critic=true
+# attack.lookahead_joint=1, the settings these results were measured with) at eps $EPS, victims $VICTIMS, masking checks if $CHECKS. Then
 # experiments/summarise.py pools the students per recipe: clean retention, worst case over the suite and its
 # victim subsets, and recovery (the share of the teacher's loss under attack the worst case gets back), mean over
 # seeds [95% t-interval over seeds]. Writes experiments/results/robust_targeted_<name>.{md,json} and the attack
@@ -45,6 +46,7 @@ for run in $EXISTING; do
   ln -sfn "$(realpath $run)/.hydra" $link/.hydra
 done
 madistill attack $ATTACK attack.policy=$R/candidates "attack.methods=[$METHODS]" "attack.eps=[$EPS]" \
+  attack.lookahead_critic=true attack.lookahead_joint=1 \
   "attack.victims=[$VICTIMS]" attack.episodes=$EPISODES attack.checks=$CHECKS logger.progress=false hydra.run.dir=$R/attack
 python experiments/summarise.py $R/attack --out $OUT
 cp $R/attack/reports/robustness.md ${OUT}_attack.md

@@ -135,9 +135,9 @@ def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, B
     et al. 2018), where the regulariser alone only asks the actions not to change.
 
     ``attack_settings`` (``cfg.attack``; default: its defaults) gives the targeted attacks' ``target_candidates``
-    and the lookahead's horizon and discount. ``targeted_lookahead`` branches the running episodes with
-    ``branching`` and adds ``critic``'s values at the horizon to its rewards (the stage passes the teacher's local
-    critic, where it has one)."""
+    and the lookahead's settings (horizon, discount, joint choice, critic). ``targeted_lookahead`` branches the
+    running episodes with ``branching`` and, with ``lookahead_critic``, adds ``critic``'s values at the horizon to
+    its rewards (the stage passes the teacher's local critic, where it has one), as the suite's lookahead does."""
     fraction = float(settings.attack_fraction)
     if fraction == 0 or settings.eps == 0:
         return []
@@ -150,7 +150,8 @@ def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, B
             raise ValueError("the lookahead collection attack needs the env's branching")
         # the targeted PGD of targeted_random realises the lookahead's targets; its own target choice is not used
         return LookaheadAttack(training_attack("targeted_random", steps), agents, budgets, branching,
-                               ac.lookahead_horizon, ac.lookahead_gamma, critic, fraction).transforms()
+                               ac.lookahead_horizon, ac.lookahead_gamma, critic if ac.lookahead_critic else None,
+                               fraction, ac.lookahead_joint).transforms()
     attack = training_attack(name, steps, int(ac.target_candidates))
     return [AttackTransform(attack, agents, budgets, frequency=fraction)]
 

@@ -151,9 +151,15 @@ def test_finetune_collects_under_the_targeted_inner_adversary(cli, student_run, 
     from madistill.attacks.methods import Attack
 
     forced, branched = [], []
-    force, worst = Attack.force, LookaheadAttack._force_worst
+    force, force_all = Attack.force, LookaheadAttack._force_all
+
+    def forcing_all(self, *a):
+        adv, reached = force_all(self, *a)
+        branched.extend(r.shape for r in reached)  # per victim: [rows, actions forced]
+        return adv, reached
+
     monkeypatch.setattr(Attack, "force", lambda self, *a, **k: forced.append(self.method) or force(self, *a, **k))
-    monkeypatch.setattr(LookaheadAttack, "_force_worst", lambda self, *a: branched.append(a[2].shape) or worst(self, *a))
+    monkeypatch.setattr(LookaheadAttack, "_force_all", forcing_all)
     run = tmp_path / "ft"
     rc, out, err = cli("finetune", *tiny(f"finetune.policy={student_run / 'student'}", "finetune.total_agent_steps=600",
                                          f"finetune.attack_objective={objective}", "finetune.attack_fraction=1",
@@ -161,7 +167,7 @@ def test_finetune_collects_under_the_targeted_inner_adversary(cli, student_run, 
                        f"hydra.run.dir={run}")
     assert rc == 0, err
     assert forced and set(forced) == {"targeted"}
-    # the lookahead scores every one of the 5 actions of every attacked copy; the policy's ranking branches nothing
+    # the lookahead forces every one of the 5 actions of every attacked copy; the policy's ranking branches nothing
     assert (bool(branched) and {s[1] for s in branched} == {5}) if objective == "targeted_lookahead" else not branched
     assert (run / "policies" / "student" / "manifest.json").is_file()
 
