@@ -54,7 +54,7 @@ AdvObjective = _choices("AdvObjective", "kl ce both")
 PGDObjective = _choices("PGDObjective", "ce kl")
 SaliencyBaseline = _choices("SaliencyBaseline", "mean marginal")
 AttackMethod = _choices("AttackMethod", "random fgsm pgd critic spsa transfer offsets learned targeted_random "
-                        "targeted_lowest targeted_lookahead", "The attack suite by name (madistill/attacks/robustness.py says what "
+                        "targeted_lowest targeted_lookahead director", "The attack suite by name (madistill/attacks/robustness.py says what "
                         "each attacker knows).")
 ValidationAttack = _choices("ValidationAttack", "random fgsm pgd spsa", "Per-step attacks that need nothing but "
                             "the candidate itself (no surrogate, critic or training).")
@@ -394,7 +394,8 @@ class AttackConfig:
     policy: str | None = None  # run, policy or sweep directory to attack
     # add "learned" for the PPO adversary (trained per victim set and eps: attack.learned_steps each) and
     # "offsets" for the constant-offset search (attack.offset_candidates replays of every episode), and
-    # "targeted_random" / "targeted_lowest" / "targeted_lookahead" for PGD that forces a chosen action (docs/attacks.md)
+    # "targeted_random" / "targeted_lowest" / "targeted_lookahead" for PGD that forces a chosen action, and
+    # "director" for a PPO director whose target actions targeted PGD forces (docs/attacks.md)
     methods: list[AttackMethod] = field(
         default_factory=lambda: [AttackMethod(m) for m in "random fgsm pgd critic spsa transfer".split()])
     eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
@@ -417,6 +418,13 @@ class AttackConfig:
     # SB3 PPO arguments of the learned adversary
     learned_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 128, "batch_size": 256,
                                                                  "learning_rate": 3e-4, "ent_coef": 0.0})
+    # the PA-AD director (trained per victim set and eps): per victim a target action / target mean, realised by
+    # the targeted PGD of targeted_* (attack.steps, attack.restarts) at every env step of training
+    director_steps: int = 100_000  # env steps of PPO training for each director
+    director_envs: int = 8  # env copies the director trains in (their targets are forced in one batch)
+    # SB3 PPO arguments of the director
+    director_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 128, "batch_size": 256,
+                                                                  "learning_rate": 3e-4, "ent_coef": 0.0})
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
     target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     lookahead_horizon: int = 1  # targeted_lookahead and fault=worst: greedy team steps each branch plays after the candidate action
@@ -433,7 +441,7 @@ class AttackConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "steps", "restarts", "spsa_samples", "offset_candidates", "target_candidates",
-                   "learned_steps", "learned_envs")
+                   "learned_steps", "learned_envs", "director_steps", "director_envs")
         c.at_least(0, "lookahead_horizon")
         c.within(0, 1, "lookahead_gamma")
         c.within(0, 1, "frequency")

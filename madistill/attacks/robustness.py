@@ -13,8 +13,18 @@ import numpy as np
 import torch
 
 from madistill.attacks.budget import Budget, group_budgets
-from madistill.attacks.checks import DEGENERATE, OBJECTIVE_MISSES, TARGETED_PREFIX, Flag, probe, return_checks
-from madistill.attacks.learned import LearnedAdversary, train_adversary
+from madistill.attacks.checks import (
+    DEGENERATE,
+    LEARNED,
+    OBJECTIVE_MISSES,
+    TARGETED_PREFIX,
+    UNDER_TRAINED,
+    Flag,
+    probe,
+    return_checks,
+    training_checks,
+)
+from madistill.attacks.learned import DirectorAttack, LearnedAdversary, TrainingCurve, train_adversary
 from madistill.attacks.lookahead import LookaheadAttack
 from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
@@ -37,7 +47,9 @@ from madistill.transforms import ActionTransform, ObsTransform
 # "offsets" keeps, per episode, the worst of attack.offset_candidates constant corner offsets (ConstantOffset);
 # "pgd_strong" (2x steps, 2x restarts) runs for the masking checks; "targeted_random" and "targeted_lowest" are
 # PGD towards a chosen action (methods.targets), "targeted_lookahead" towards the action a branch of the episode
-# shows most harmful (attacks.lookahead); all three opt-in: the default suite lists do not name them.
+# shows most harmful (attacks.lookahead); all three opt-in: the default suite lists do not name them. "director"
+# (opt-in too) trains a PPO director per victim set and eps (attack.director_steps) whose target actions the
+# targeted PGD forces (attacks.learned.Director).
 SUITE = tuple(AttackMethod)
 
 # What each attacker knows and can do, per step and per victim, inside the same l_inf budget: the report and
@@ -60,12 +72,15 @@ THREAT_MODELS = {
                           "action that, played now and followed by attack.lookahead_horizon steps of the team's own "
                           "policy, gives the lowest team return (branches replayed from the episode seed and the "
                           "actions so far; plus the discounted value at the horizon where the critic attack's critic exists)",
+    "director": "a simulator to train in, white-box victim policy: a PPO director (PA-AD) seeing the victims' clean "
+                "observations picks a target action per victim (Box: a target mean), trained to lower the return; "
+                "PGD forces it",
 }
 
 
 def suite_attack(name: str, ac: Any) -> Attack:
     """The Attack behind a suite name, from the ``attack`` config."""
-    if name in ("learned", "offsets", "targeted_lookahead"):
+    if name in ("learned", "director", "offsets", "targeted_lookahead"):
         raise MadistillError(f"{name!r} is not a per-step attack on observations alone: evaluate_robustness runs it")
     return variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta,
                            candidates=ac.target_candidates))[name]
@@ -106,6 +121,9 @@ class RobustnessResult:
     victim_members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # victim set -> its agents
     objective: dict[str, list[Flag]] = field(default_factory=dict)  # objective_misses_return flags per victim set
     clean_episodes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-episode clean team returns
+    under_trained: dict[str, list[Flag]] = field(default_factory=dict)  # under_trained flags per victim set
+    # learned attacks' training curves [victims][attack][eps]: (env steps, mean episode return to the attacker)
+    training: dict[str, dict[str, dict[float, list[tuple[int, float]]]]] = field(default_factory=dict)
 
     @property
     def returns(self) -> dict[str, dict[str, dict[float, float]]]:
@@ -147,11 +165,12 @@ class RobustnessResult:
 
     def add_checks(self, key: str, flags: list[Flag]) -> None:
         """Record the checks' findings under ``key`` (a victim set, or ``probe:<group>``): masking flags apart
-        from degenerate-attack reports and objective_misses_return (evidence about the suite), so a count of
-        flags counts only evidence about the policy."""
-        self.flags.setdefault(key, []).extend(f for f in flags if f.name not in (DEGENERATE, OBJECTIVE_MISSES))
+        from degenerate-attack reports, objective_misses_return (evidence about the suite) and under_trained
+        (about a learned attack), so a count of flags counts only evidence about the policy."""
+        self.flags.setdefault(key, []).extend(f for f in flags if f.name not in (DEGENERATE, OBJECTIVE_MISSES, UNDER_TRAINED))
         self.degenerate.setdefault(key, []).extend(f for f in flags if f.name == DEGENERATE)
         self.objective.setdefault(key, []).extend(f for f in flags if f.name == OBJECTIVE_MISSES)
+        self.under_trained.setdefault(key, []).extend(f for f in flags if f.name == UNDER_TRAINED)
 
     def team_of(self, agent: str) -> str | None:
         """The team ``agent`` plays for (None with one team)."""
@@ -167,6 +186,8 @@ class RobustnessResult:
             "flags": {v: [f.__dict__ for f in fl] for v, fl in self.flags.items()},
             "degenerate_attacks": {v: [f.__dict__ for f in fl] for v, fl in self.degenerate.items()},
             "objective_checks": {v: [f.__dict__ for f in fl] for v, fl in self.objective.items()},
+            "training_checks": {v: [f.__dict__ for f in fl] for v, fl in self.under_trained.items()},
+            "training_curves": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in self.training.items()},
             "threat_models": {a: THREAT_MODELS[a] for a in self.attacks()},
             "victim_sets": {v: list(m) for v, m in self.victim_members.items()},
             "probes": self.probes, "skipped": self.skipped, "seconds_per_evaluation": self.seconds,
@@ -266,7 +287,8 @@ def evaluate_robustness(
     sets = victim_sets(list(ac.victims), agents, teams)
     res.victim_members = {v: tuple(members) for v, members in sets.items()}
     for vname, victims in sets.items():
-        target = _victims_team(res, victims)
+        side = _victims_side(res, victims)
+        target = None if side is None else res.teams[side]
         res.agent_returns[vname], res.episodes[vname] = {}, {}
         for side in res.teams:
             res.team_episodes.setdefault(side, {})[vname] = {}
@@ -275,8 +297,11 @@ def evaluate_robustness(
             if method == "offsets":
                 recs = worst_offsets(venv, team, victims, budgets[eps], ac.offset_candidates, ac.episodes, seed, target, faults)
             else:
-                transforms = _transforms(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target)
+                curve = TrainingCurve() if method in LEARNED else None
+                transforms = _transforms(method, venv, team, victims, budgets[eps], ac, seed, surrogate, critic, target, curve)
                 recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
+                if curve is not None:
+                    res.training.setdefault(vname, {}).setdefault(method, {})[eps] = curve.points
             # running mean over every evaluation of this attack (all eps, victim sets and check runs)
             runs_of[method] = runs_of.get(method, 0) + 1
             elapsed = time.perf_counter() - start
@@ -289,6 +314,10 @@ def evaluate_robustness(
                 progress.update(1)
         if ac.checks:
             res.add_checks(vname, _return_flags(res, vname, victims, ac, clean_recs))
+        # learned attacks are checked even without the masking checks: it needs no extra runs, and an
+        # under-trained one must never pass for a result
+        res.add_checks(vname, training_checks(res.episodes[vname] if side is None else res.team_episodes[side][vname],
+                                              res.seed, ac.n_boot))
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
@@ -324,18 +353,18 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
                                    collapse if whole else None, res.seed, ac.n_boot)]
 
 
-def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, ...] | None:
-    """The agents of the one team all ``victims`` play for, whose return the search attacks (offsets,
-    learned) lower; None (the team return of every agent) with one team or victims on several teams."""
-    sides = [agents for agents in res.teams.values() if set(agents) & set(victims)]
+def _victims_side(res: RobustnessResult, victims: Sequence[str]) -> str | None:
+    """The one team all ``victims`` play for, whose return the search and learned attacks (offsets, learned,
+    director) lower; None (the team return of every agent) with one team or victims on several teams."""
+    sides = [team for team, agents in res.teams.items() if set(agents) & set(victims)]
     return sides[0] if len(sides) == 1 else None
 
 
 def _transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str], budgets: Mapping[str, Budget],
                 ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
-                target: Sequence[str] | None = None) -> list[ObsTransform | ActionTransform]:
-    """The transforms of a per-step suite attack (the learned adversary is trained here first, to lower the
-    mean return of ``target``; None: of every agent)."""
+                target: Sequence[str] | None = None, curve: TrainingCurve | None = None) -> list[ObsTransform | ActionTransform]:
+    """The transforms of a per-step suite attack (the learned adversary and the director are trained here
+    first, to lower the mean return of ``target``, None: of every agent; ``curve`` records their training)."""
     if method == "targeted_lookahead":
         branching = Branching(venv.spec, venv.groups, venv.backend)
         # the targeted PGD of targeted_random realises the target; its own target choice is not used
@@ -343,8 +372,15 @@ def _transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: 
                                ac.lookahead_horizon, ac.lookahead_gamma, critic, ac.frequency).transforms()
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
-                                ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
+                                ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target, curve=curve)
         return [LearnedAdversary(model, victims, budgets, ac.frequency)]
+    if method == "director":
+        # the targeted PGD of targeted_random realises the targets; its own target choice is not used
+        force = suite_attack("targeted_random", ac)
+        model = train_adversary(venv.spec, team, victims, budgets, ac.director_steps, seed, n_envs=ac.director_envs,
+                                ppo_kwargs=dict(ac.director_ppo), frequency=ac.frequency, target=target,
+                                director=force, curve=curve)
+        return [DirectorAttack(model, victims, budgets, force, ac.frequency)]
     return [AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
                             surrogate=surrogate if method == "transfer" else None, critic=critic)]
 
@@ -441,6 +477,11 @@ def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episod
             missed = [(k, f) for k, fl in res.objective.items() for f in fl]
             lines.append("Objective check (targeted vs untargeted attacks): " + ("none fired" if not missed else ""))
             lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in missed]
+        if any(a in LEARNED for a in res.attacks()):
+            weak = [(k, f) for k, fl in res.under_trained.items() for f in fl]
+            lines.append("Learned attacks at full strength (at or below the strongest gradient attack): "
+                         + ("all" if not weak else ""))
+            lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in weak]
         lines += ["", "Threat models:", *(f"- `{a}`: {THREAT_MODELS[a]}" for a in res.attacks())]
         lines.append("")
     return "\n".join(lines)
