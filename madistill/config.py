@@ -421,10 +421,11 @@ class AttackConfig:
     # the PA-AD director (trained per victim set and eps): per victim a target action / target mean, realised by
     # the targeted PGD of targeted_* (attack.steps, attack.restarts) at every env step of training
     director_steps: int = 100_000  # env steps of PPO training for each director
-    director_envs: int = 8  # env copies the director trains in (their targets are forced in one batch)
-    # SB3 PPO arguments of the director
-    director_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 128, "batch_size": 256,
-                                                                  "learning_rate": 3e-4, "ent_coef": 0.0})
+    # env copies the director trains in: their targets are forced in one batch, so more copies cost less per step
+    director_envs: int = 32
+    # SB3 PPO arguments of the director (a rollout of n_steps x director_envs env steps)
+    director_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 64, "batch_size": 512,
+                                                                  "learning_rate": 1e-3, "ent_coef": 0.0})
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
     target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     lookahead_horizon: int = 1  # targeted_lookahead and fault=worst: greedy team steps each branch plays after the candidate action

@@ -121,3 +121,29 @@ def test_director_refuses_victims_with_discrete_and_box_actions():
                        {**team.normalizers, groups[1].name: ObsNormalizer(groups[1].obs_dim)})
     with pytest.raises(MadistillError, match="Discrete and Box actions: attack them as separate victim sets"):
         Director(mixed, ["a_0", groups[1].agents[0]], {}, box)
+
+
+def test_attack_command_writes_the_learned_attacks_training_curves_to_tensorboard(cli, tmp_path):
+    from conftest import tiny
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rc, _, err = cli("train", *tiny("teacher.total_agent_steps=1000"), f"hydra.run.dir={tmp_path / 't'}")
+    assert rc == 0, err
+    rc, out, err = cli("attack", *tiny(f"attack.policy={tmp_path / 't'}", "attack.methods=[pgd,learned,director]",
+                                       "attack.eps=[0.5]", "attack.victims=[listener_0]", "attack.episodes=4",
+                                       "attack.checks=false", "attack.learned_steps=256", "attack.learned_envs=2",
+                                       "attack.learned_ppo={n_steps: 64, batch_size: 64}", "attack.director_steps=256",
+                                       "attack.director_envs=4", "attack.director_ppo={n_steps: 32, batch_size: 64}"),
+                       f"hydra.run.dir={tmp_path / 'a'}")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "a" / "reports" / "robustness.json").read_text())["results"]["teacher"]
+    ea = EventAccumulator(str(tmp_path / "a" / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    for method, rollout in (("learned", 128), ("director", 128)):
+        curve = res["training_curves"]["listener_0"][method]["0.5"]
+        # one point per rollout that ended an episode (25 steps): every rollout of 128 env steps does
+        assert [s for s, _ in curve] == [rollout, 2 * rollout]
+        scalars = ea.Scalars(f"attack_training/teacher/listener_0/{method}/eps0.5")
+        assert [(e.step, e.value) for e in scalars] == [(s, pytest.approx(v)) for s, v in curve]
+    weak = res["training_checks"]["listener_0"]
+    assert ("learned attacks under-trained" in out) == bool(weak)
