@@ -1,0 +1,108 @@
+"""The PA-AD director next to the learned adversary, PGD and the targeted attacks on one saved team.
+
+One `madistill attack` run per victim set (they run side by side: the victim sets share nothing), each with
+director, learned, pgd, targeted_lowest and targeted_lookahead at every eps, on `--episodes` episodes from the
+attack seed 20000. The summary merges them: mean team return with its 95% bootstrap CI per cell, the worst case
+of a set over it and its evaluated subsets (the suite's monotone rule, across the runs), the under_trained
+flags, the last point of each learned attack's training curve, and the wall time of each evaluation and of each
+run (training included). Writes <out>.json and <out>.md.
+
+    python experiments/director_attacks.py --policy /work/zoo/sl/s0/policies/teacher \\
+        --out experiments/results/director_attacks_sl_s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+METHODS = "pgd,targeted_lowest,targeted_lookahead,learned,director"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", required=True, help="run or policy directory to attack")
+    ap.add_argument("--out", required=True, help="results path without suffix")
+    ap.add_argument("--victims", default="all,listener_0", help="victim sets, one run each (a set's subsets too)")
+    ap.add_argument("--eps", default="0.3,1.0")
+    ap.add_argument("--episodes", type=int, default=100)
+    ap.add_argument("--director-steps", type=int, default=98304)
+    ap.add_argument("--learned-steps", type=int, default=49152)
+    ap.add_argument("--run-dir", default="runs/experiments/director_attacks")
+    args = ap.parse_args()
+    victims = args.victims.split(",")
+    runs, started = {}, time.perf_counter()
+    for v in victims:
+        cmd = ["madistill", "attack", f"attack.policy={args.policy}", f"attack.methods=[{METHODS}]",
+               f"attack.eps=[{args.eps}]", f"attack.victims=[{v}]", f"attack.episodes={args.episodes}",
+               "attack.checks=false", f"attack.director_steps={args.director_steps}",
+               f"attack.learned_steps={args.learned_steps}", "env.num_workers=0", "logger.progress=false",
+               f"hydra.run.dir={args.run_dir}/{v}"]
+        runs[v] = subprocess.Popen(cmd)
+    wall = {}
+    for v, proc in runs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"the attack run on victims {v} failed (exit {proc.returncode})")
+        wall[v] = time.perf_counter() - started  # the runs start together, so this is each run's own wall time
+    results = {v: json.loads(Path(f"{args.run_dir}/{v}/reports/robustness.json").read_text()) for v in victims}
+    summary = summarise(results, wall, args)
+    Path(f"{args.out}.json").write_text(json.dumps(summary, indent=2))
+    Path(f"{args.out}.md").write_text(markdown(summary))
+    print(markdown(summary))
+
+
+def summarise(results: dict[str, dict], wall: dict[str, float], args: argparse.Namespace) -> dict:
+    """Per victim set and eps: every attack's mean and CI, the monotone worst case, the under_trained flags,
+    the learned attacks' last training point, and the seconds per evaluation."""
+    teacher = {v: next(iter(r["results"].values())) for v, r in results.items()}
+    members = {v: set(next(iter(t["victim_sets"].values()))) for v, t in teacher.items()}
+    out: dict = {"policy": args.policy, "episodes": args.episodes, "seed": next(iter(results.values()))["meta"]["seed"],
+                 "director_steps": args.director_steps, "learned_steps": args.learned_steps,
+                 "clean": next(iter(teacher.values()))["clean"], "random": next(iter(teacher.values()))["random"],
+                 "run_wall_seconds": wall, "cells": {}}
+    for v, t in teacher.items():
+        subsets = [u for u in teacher if members[u] <= members[v]]
+        out["cells"][v] = {}
+        for eps in args.eps.split(","):
+            key = str(float(eps))
+            cells = {a: {"mean": r[key], "ci": t["ci"][v][a][key]} for a, r in t["returns"][v].items() if key in r}
+            pool = [(teacher[u]["returns"][u][a][key], a if u == v else f"{a} on {u}") for u in subsets
+                    for a in teacher[u]["returns"][u] if key in teacher[u]["returns"][u][a]]
+            worst = min(pool)
+            out["cells"][v][key] = {
+                "returns": cells, "worst_case": {"attack": worst[1], "return": worst[0]},
+                "under_trained": [f["detail"] for f in t["training_checks"].get(v, []) if f["detail"].startswith(f"eps {float(eps):g}:")],
+                "last_training_return": {a: c[key][-1] for a, c in t["training_curves"].get(v, {}).items() if key in c},
+            }
+        out["cells"][v]["seconds_per_evaluation"] = t["seconds_per_evaluation"]
+    return out
+
+
+def markdown(s: dict) -> str:
+    lines = [f"# Director vs learned vs gradient attacks: {s['policy']}", "",
+             f"{s['episodes']} episodes (seeds {s['seed']}..{s['seed'] + s['episodes'] - 1}), greedy actions, mean team "
+             f"return [95% bootstrap CI]; clean {s['clean']:.2f}, uniform random {s['random']:.2f}. Director "
+             f"{s['director_steps']} env steps, learned adversary {s['learned_steps']} env steps of training per cell.", ""]
+    for v, by_eps in s["cells"].items():
+        for eps, c in by_eps.items():
+            if eps == "seconds_per_evaluation":
+                continue
+            lines += [f"## victims {v}, eps {float(eps):g}", "", "| attack | return | 95% CI |", "|---|---|---|"]
+            lines += [f"| {a} | {r['mean']:.2f} | [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] |" for a, r in c["returns"].items()]
+            lines += ["", f"worst case (monotone): {c['worst_case']['return']:.2f} ({c['worst_case']['attack']})"]
+            lines += [f"- training: {a} last rollout, steps {p[0]}: attacker's episode return {p[1]:.2f}"
+                      for a, p in c["last_training_return"].items()]
+            lines += [f"- **under_trained**: {d}" for d in c["under_trained"]] or ["- no learned attack under-trained"]
+            lines.append("")
+        secs = by_eps["seconds_per_evaluation"]
+        lines += [f"seconds per evaluation on victims {v} (training included for learned and director): "
+                  + ", ".join(f"{a} {t:.1f}" for a, t in secs.items())
+                  + f"; whole run {s['run_wall_seconds'][v]:.0f} s", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
