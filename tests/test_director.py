@@ -110,6 +110,15 @@ def test_director_box_targets_pull_the_mean_towards_the_target_point():
     assert ((after - t).norm(dim=-1) < (before - t).norm(dim=-1)).all()
 
 
+@pytest.mark.parametrize("setting", ["director_steps", "director_envs"])
+def test_director_settings_out_of_range_are_refused_naming_them(setting):
+    from madistill.cli import compose_config
+
+    with pytest.raises(MadistillError) as e:
+        compose_config(["env=relay", f"attack.{setting}=0"])
+    assert str(e.value) == f"attack.{setting} must be at least 1, got 0"
+
+
 def test_director_refuses_victims_with_discrete_and_box_actions():
     team = _trap_team()
     box = Attack("targeted", "target")
