@@ -156,3 +156,10 @@ def test_attack_command_writes_the_learned_attacks_training_curves_to_tensorboar
         assert [(e.step, e.value) for e in scalars] == [(s, pytest.approx(v)) for s, v in curve]
     weak = res["training_checks"]["listener_0"]
     assert ("learned attacks under-trained" in out) == bool(weak)
+
+
+def test_the_attack_fault_refuses_the_director_in_one_line():
+    from madistill.cascade.faults import AttackFault
+
+    with pytest.raises(MadistillError, match="fault.method='director' is not a per-step white-box attack"):
+        AttackFault(None, "director", {}, None)
