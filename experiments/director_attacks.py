@@ -9,6 +9,9 @@ run (training included). Writes <out>.json and <out>.md.
 
     python experiments/director_attacks.py --policy /work/zoo/sl/s0/policies/teacher \\
         --out experiments/results/director_attacks_sl_s0
+    python experiments/director_attacks.py --policy /work/zoo/sl/s0/policies/teacher --victims listener_0 \
+        --methods pgd,targeted_lowest,director --director-steps 196608 \
+        --out experiments/results/director_attacks_sl_s0_listener_196k
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", required=True, help="run or policy directory to attack")
     ap.add_argument("--out", required=True, help="results path without suffix")
+    ap.add_argument("--methods", default=METHODS, help="attack.methods of every run")
     ap.add_argument("--victims", default="all,listener_0", help="victim sets, one run each (a set's subsets too)")
     ap.add_argument("--eps", default="0.3,1.0")
     ap.add_argument("--episodes", type=int, default=100)
@@ -36,7 +40,7 @@ def main() -> None:
     victims = args.victims.split(",")
     runs, started = {}, time.perf_counter()
     for v in victims:
-        cmd = ["madistill", "attack", f"attack.policy={args.policy}", f"attack.methods=[{METHODS}]",
+        cmd = ["madistill", "attack", f"attack.policy={args.policy}", f"attack.methods=[{args.methods}]",
                f"attack.eps=[{args.eps}]", f"attack.victims=[{v}]", f"attack.episodes={args.episodes}",
                "attack.checks=false", f"attack.director_steps={args.director_steps}",
                f"attack.learned_steps={args.learned_steps}", "env.num_workers=0", "logger.progress=false",
