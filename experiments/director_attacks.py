@@ -1,11 +1,11 @@
 """The PA-AD director next to the learned adversary, PGD and the targeted attacks on one saved team.
 
-One `madistill attack` run per victim set (they run side by side: the victim sets share nothing), each with
+One `madistill attack` run per victim set (they run side by side, in parallel: the victim sets share nothing), each with
 director, learned, pgd, targeted_lowest and targeted_lookahead at every eps, on `--episodes` episodes from the
 attack seed 20000. The summary merges them: mean team return with its 95% bootstrap CI per cell, the worst case
 of a set over it and its evaluated subsets (the suite's monotone rule, across the runs), the under_trained
-flags, the last point of each learned attack's training curve, and the wall time of each evaluation and of each
-run (training included). Writes <out>.json and <out>.md.
+flags, the last point of each learned attack's training curve, and the wall time of each evaluation and of all
+evaluations of a run (training included). Writes <out>.json and <out>.md; --merge-only summarises finished runs.
 
     python experiments/director_attacks.py --policy /work/zoo/sl/s0/policies/teacher \\
         --out experiments/results/director_attacks_sl_s0
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import time
 from pathlib import Path
 
 METHODS = "pgd,targeted_lowest,targeted_lookahead,learned,director"
@@ -36,37 +35,38 @@ def main() -> None:
     ap.add_argument("--director-steps", type=int, default=98304)
     ap.add_argument("--learned-steps", type=int, default=49152)
     ap.add_argument("--run-dir", default="runs/experiments/director_attacks")
+    ap.add_argument("--merge-only", action="store_true", help="summarise the runs already under --run-dir")
     args = ap.parse_args()
     victims = args.victims.split(",")
-    runs, started = {}, time.perf_counter()
-    for v in victims:
-        cmd = ["madistill", "attack", f"attack.policy={args.policy}", f"attack.methods=[{args.methods}]",
-               f"attack.eps=[{args.eps}]", f"attack.victims=[{v}]", f"attack.episodes={args.episodes}",
-               "attack.checks=false", f"attack.director_steps={args.director_steps}",
-               f"attack.learned_steps={args.learned_steps}", "env.num_workers=0", "logger.progress=false",
-               f"hydra.run.dir={args.run_dir}/{v}"]
-        runs[v] = subprocess.Popen(cmd)
-    wall = {}
-    for v, proc in runs.items():
-        if proc.wait() != 0:
-            raise SystemExit(f"the attack run on victims {v} failed (exit {proc.returncode})")
-        wall[v] = time.perf_counter() - started  # the runs start together, so this is each run's own wall time
+    if not args.merge_only:
+        runs = {v: subprocess.Popen(["madistill", "attack", f"attack.policy={args.policy}", f"attack.methods=[{args.methods}]",
+                                     f"attack.eps=[{args.eps}]", f"attack.victims=[{v}]", f"attack.episodes={args.episodes}",
+                                     "attack.checks=false", f"attack.director_steps={args.director_steps}",
+                                     f"attack.learned_steps={args.learned_steps}", "env.num_workers=0",
+                                     "logger.progress=false", f"hydra.run.dir={args.run_dir}/{v}"]) for v in victims}
+        for v, proc in runs.items():
+            if proc.wait() != 0:
+                raise SystemExit(f"the attack run on victims {v} failed (exit {proc.returncode})")
     results = {v: json.loads(Path(f"{args.run_dir}/{v}/reports/robustness.json").read_text()) for v in victims}
-    summary = summarise(results, wall, args)
+    summary = summarise(results, args)
     Path(f"{args.out}.json").write_text(json.dumps(summary, indent=2))
     Path(f"{args.out}.md").write_text(markdown(summary))
     print(markdown(summary))
 
 
-def summarise(results: dict[str, dict], wall: dict[str, float], args: argparse.Namespace) -> dict:
+def summarise(results: dict[str, dict], args: argparse.Namespace) -> dict:
     """Per victim set and eps: every attack's mean and CI, the monotone worst case, the under_trained flags,
-    the learned attacks' last training point, and the seconds per evaluation."""
+    the learned attacks' last training point; per run the seconds per evaluation (a mean over its eps) and
+    their total over the run's evaluations (training included)."""
     teacher = {v: next(iter(r["results"].values())) for v, r in results.items()}
     members = {v: set(next(iter(t["victim_sets"].values()))) for v, t in teacher.items()}
     out: dict = {"policy": args.policy, "episodes": args.episodes, "seed": next(iter(results.values()))["meta"]["seed"],
                  "director_steps": args.director_steps, "learned_steps": args.learned_steps,
                  "clean": next(iter(teacher.values()))["clean"], "random": next(iter(teacher.values()))["random"],
-                 "run_wall_seconds": wall, "cells": {}}
+                 "run_seconds": {v: t["seconds_per_evaluation"]["clean"] + sum(
+                     secs * sum(len(r[a]) for r in t["returns"].values() if a in r)
+                     for a, secs in t["seconds_per_evaluation"].items() if a != "clean") for v, t in teacher.items()},
+                 "cells": {}}
     for v, t in teacher.items():
         subsets = [u for u in teacher if members[u] <= members[v]]
         out["cells"][v] = {}
@@ -104,7 +104,7 @@ def markdown(s: dict) -> str:
         secs = by_eps["seconds_per_evaluation"]
         lines += [f"seconds per evaluation on victims {v} (training included for learned and director): "
                   + ", ".join(f"{a} {t:.1f}" for a, t in secs.items())
-                  + f"; whole run {s['run_wall_seconds'][v]:.0f} s", ""]
+                  + f"; all evaluations of the run {s['run_seconds'][v]:.0f} s", ""]
     return "\n".join(lines)
 
 
