@@ -163,3 +163,28 @@ def test_the_attack_fault_refuses_the_director_in_one_line():
 
     with pytest.raises(MadistillError, match="fault.method='director' is not a per-step white-box attack"):
         AttackFault(None, "director", {}, None)
+
+
+def test_under_trained_reads_the_return_of_the_victims_team(make_cfg, monkeypatch):
+    """In a zero-sum duel the learned attack lowers the good agent's return less than PGD (under-trained), while
+    the adversaries' return, the mirror image, would make it look stronger."""
+    from madistill.attacks import robustness
+    from madistill.envs.episodes import EpisodeRecord
+
+    good = {"clean": 0.0, "pgd": -5.0, "learned": -1.0}
+    monkeypatch.setattr(robustness, "_transforms", lambda method, *a, **k: [method])
+    monkeypatch.setattr(robustness, "run_episodes", lambda venv, team, episodes, seed, transforms=(): [
+        EpisodeRecord(seed + i, 5, {"adversary_0": -good[transforms[-1] if transforms else "clean"] - i,
+                                    "agent_0": good[transforms[-1] if transforms else "clean"] + i})
+        for i in range(episodes)])
+    ac = make_cfg("attack.methods=[pgd,learned]", "attack.eps=[0.1]", "attack.victims=[agent_0]", "attack.episodes=4",
+                  "attack.checks=false").attack
+    spec = EnvSpec("envs.duel.parallel_env", {"n": 1, "max_cycles": 8}, name="duel")
+    with MultiAgentVecEnv(spec, 1) as venv:
+        team = TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [], "activation": "tanh"}) for g in venv.groups},
+                          {g.name: ObsNormalizer(g.obs_dim) for g in venv.groups})
+        teams = {"good": ["agent_0"], "adversaries": ["adversary_0"]}  # the victims' team first
+        res = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, 0.0, 0, teams=teams,
+                                  random_teams={"adversaries": 0.0, "good": 0.0})
+    (flag,) = res.under_trained["agent_0"]
+    assert flag.detail.startswith("eps 0.1: learned return 0.50 > pgd -3.50")

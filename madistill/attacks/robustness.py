@@ -287,8 +287,8 @@ def evaluate_robustness(
     sets = victim_sets(list(ac.victims), agents, teams)
     res.victim_members = {v: tuple(members) for v, members in sets.items()}
     for vname, victims in sets.items():
-        side = _victims_side(res, victims)
-        target = None if side is None else res.teams[side]
+        attacked = _victims_side(res, victims)
+        target = None if attacked is None else res.teams[attacked]
         res.agent_returns[vname], res.episodes[vname] = {}, {}
         for side in res.teams:
             res.team_episodes.setdefault(side, {})[vname] = {}
@@ -316,7 +316,7 @@ def evaluate_robustness(
             res.add_checks(vname, _return_flags(res, vname, victims, ac, clean_recs))
         # learned attacks are checked even without the masking checks: it needs no extra runs, and an
         # under-trained one must never pass for a result
-        res.add_checks(vname, training_checks(res.episodes[vname] if side is None else res.team_episodes[side][vname],
+        res.add_checks(vname, training_checks(res.episodes[vname] if attacked is None else res.team_episodes[attacked][vname],
                                               res.seed, ac.n_boot))
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
