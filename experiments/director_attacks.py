@@ -60,7 +60,7 @@ def summarise(results: dict[str, dict], args: argparse.Namespace) -> dict:
     their total over the run's evaluations (training included)."""
     teacher = {v: next(iter(r["results"].values())) for v, r in results.items()}
     members = {v: set(next(iter(t["victim_sets"].values()))) for v, t in teacher.items()}
-    out: dict = {"policy": args.policy, "episodes": args.episodes, "seed": next(iter(results.values()))["meta"]["seed"],
+    out: dict = {"policy": args.policy, "methods": args.methods.split(","), "episodes": args.episodes, "seed": next(iter(results.values()))["meta"]["seed"],
                  "director_steps": args.director_steps, "learned_steps": args.learned_steps,
                  "clean": next(iter(teacher.values()))["clean"], "random": next(iter(teacher.values()))["random"],
                  "run_seconds": {v: t["seconds_per_evaluation"]["clean"] + sum(
@@ -88,8 +88,8 @@ def summarise(results: dict[str, dict], args: argparse.Namespace) -> dict:
 def markdown(s: dict) -> str:
     lines = [f"# Director vs learned vs gradient attacks: {s['policy']}", "",
              f"{s['episodes']} episodes (seeds {s['seed']}..{s['seed'] + s['episodes'] - 1}), greedy actions, mean team "
-             f"return [95% bootstrap CI]; clean {s['clean']:.2f}, uniform random {s['random']:.2f}. Director "
-             f"{s['director_steps']} env steps, learned adversary {s['learned_steps']} env steps of training per cell.", ""]
+             f"return [95% bootstrap CI]; clean {s['clean']:.2f}, uniform random {s['random']:.2f}. Training per cell: "
+             + ", ".join(f"{a} {s[f'{a}_steps']} env steps" for a in ("director", "learned") if a in s["methods"]) + ".", ""]
     for v, by_eps in s["cells"].items():
         for eps, c in by_eps.items():
             if eps == "seconds_per_evaluation":
