@@ -125,9 +125,9 @@ class Director:
     The action is one target action per victim (``MultiDiscrete``) when every victim acts in a Discrete space,
     else one point of the action box per victim (``Box``, the concatenated boxes); a mix is refused, as SB3's
     PPO takes no mixed action space. A Discrete target is given by its rank in the victim's clean preference
-    order, lowest first: every action stays reachable, a director that always picks rank 0 is targeted_lowest,
-    and an untrained (uniform) director is the random-target floor, so training starts with the gradient
-    attacks' target choices within one constant action's reach."""
+    order, lowest first: every action stays reachable, a director that always picks rank 0 is targeted_lowest
+    with one candidate, and an untrained (uniform) director is the random-target floor, so training starts with
+    the gradient attacks' target choices within one constant action's reach."""
 
     def __init__(self, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack):
         self.slots, self.budgets, self.attack = _slots(team, victims), dict(budgets), attack
