@@ -12,6 +12,8 @@ evaluations of a run (training included). Writes <out>.json and <out>.md; --merg
     python experiments/director_attacks.py --policy /work/zoo/sl/s0/policies/teacher --victims listener_0 \
         --methods pgd,targeted_lowest,director --director-steps 196608 \
         --out experiments/results/director_attacks_sl_s0_listener_196k
+    python experiments/director_attacks.py --policy /work/zoo/sl/s0/policies/teacher --methods pgd,targeted_lowest,director \
+        --out experiments/results/director_attacks_sl_s0_reachable attack.director_reachable=true
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--learned-steps", type=int, default=49152)
     ap.add_argument("--run-dir", default="runs/experiments/director_attacks")
     ap.add_argument("--merge-only", action="store_true", help="summarise the runs already under --run-dir")
+    ap.add_argument("overrides", nargs="*", help="more madistill overrides for every run, e.g. attack.director_reachable=true")
     args = ap.parse_args()
     victims = args.victims.split(",")
     if not args.merge_only:
@@ -43,7 +46,8 @@ def main() -> None:
                                      f"attack.eps=[{args.eps}]", f"attack.victims=[{v}]", f"attack.episodes={args.episodes}",
                                      "attack.checks=false", f"attack.director_steps={args.director_steps}",
                                      f"attack.learned_steps={args.learned_steps}", "env.num_workers=0",
-                                     "logger.progress=false", f"hydra.run.dir={args.run_dir}/{v}"]) for v in victims}
+                                     "logger.progress=false", f"hydra.run.dir={args.run_dir}/{v}", *args.overrides])
+                for v in victims}
         for v, proc in runs.items():
             if proc.wait() != 0:
                 raise SystemExit(f"the attack run on victims {v} failed (exit {proc.returncode})")
@@ -60,7 +64,7 @@ def summarise(results: dict[str, dict], args: argparse.Namespace) -> dict:
     their total over the run's evaluations (training included)."""
     teacher = {v: next(iter(r["results"].values())) for v, r in results.items()}
     members = {v: set(next(iter(t["victim_sets"].values()))) for v, t in teacher.items()}
-    out: dict = {"policy": args.policy, "methods": args.methods.split(","), "episodes": args.episodes, "seed": next(iter(results.values()))["meta"]["seed"],
+    out: dict = {"policy": args.policy, "methods": args.methods.split(","), "overrides": args.overrides, "episodes": args.episodes, "seed": next(iter(results.values()))["meta"]["seed"],
                  "director_steps": args.director_steps, "learned_steps": args.learned_steps,
                  "clean": next(iter(teacher.values()))["clean"], "random": next(iter(teacher.values()))["random"],
                  "run_seconds": {v: t["seconds_per_evaluation"]["clean"] + sum(
@@ -89,7 +93,8 @@ def markdown(s: dict) -> str:
     lines = [f"# Director vs learned vs gradient attacks: {s['policy']}", "",
              f"{s['episodes']} episodes (seeds {s['seed']}..{s['seed'] + s['episodes'] - 1}), greedy actions, mean team "
              f"return [95% bootstrap CI]; clean {s['clean']:.2f}, uniform random {s['random']:.2f}. Training per cell: "
-             + ", ".join(f"{a} {s[f'{a}_steps']} env steps" for a in ("director", "learned") if a in s["methods"]) + ".", ""]
+             + ", ".join(f"{a} {s[f'{a}_steps']} env steps" for a in ("director", "learned") if a in s["methods"]) + "."
+             + (f" Overrides: {' '.join(s['overrides'])}." if s["overrides"] else ""), ""]
     for v, by_eps in s["cells"].items():
         for eps, c in by_eps.items():
             if eps == "seconds_per_evaluation":

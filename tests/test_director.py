@@ -48,6 +48,20 @@ def test_director_env_forces_the_target_of_the_rank_it_picks(rank):
     assert reward[0] == (TRAP if forced == 3 else 0.0)
 
 
+# plain rank 0 aims at the unreachable action 1 and does no damage; the reachable rank 0 forces action 2
+@pytest.mark.parametrize("reachable, costs", [(True, [5.0, 1.0, 0.0, 0.0]), (False, [0.0, 5.0, 1.0, 0.0])])
+def test_a_reachable_director_forces_the_rank_among_the_actions_the_budget_reaches(reachable, costs):
+    team = _trap_team()
+    # at eps 0.6 the trap policy's lowest-ranked action 1 is out of reach, 2, 3 and the greedy 0 are not
+    budgets = {g.name: Budget.build(0.6, g.obs_dim) for g in team.groups}
+    for rank, cost in enumerate(costs):
+        venv = DirectorVecEnv([lambda: AdversaryEnv(TRAP_SPEC, team, ["a_0"], budgets)], ["a_0"], budgets, FORCE,
+                              seed=0, reachable=reachable)
+        venv.reset()
+        _, reward, *_ = venv.step(np.array([[rank]]))
+        assert reward[0] == cost
+
+
 def test_director_learns_the_most_harmful_target_and_is_under_trained_only_against_a_stronger_attack(make_cfg):
     ac = make_cfg("attack.methods=[targeted_lowest,targeted_lookahead,director]", "attack.eps=[4.0]",
                   "attack.victims=[a_0]", "attack.episodes=2", "attack.checks=false", "attack.lookahead_horizon=1",

@@ -35,7 +35,7 @@ from madistill.config import AttackConfig
 from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import flatten_obs
 from madistill.errors import MadistillError
-from madistill.policies.base import TeamPolicy
+from madistill.policies.base import Policy, TeamPolicy
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
 
@@ -127,10 +127,14 @@ class Director:
     PPO takes no mixed action space. A Discrete target is given by its rank in the victim's clean preference
     order, lowest first: every action stays reachable, a director that always picks rank 0 is targeted_lowest
     with one candidate, and an untrained (uniform) director is the random-target floor, so training starts with
-    the gradient attacks' target choices within one constant action's reach."""
+    the gradient attacks' target choices within one constant action's reach. ``reachable``: rank k is instead
+    the k-th lowest-ranked action among those the budget reaches (every action forced in one batch, as
+    targeted_lowest tries its candidates; past the last reached one, the last), so rank 0 is targeted_lowest
+    with every candidate and no target is out of reach, at n actions times the PGD rows."""
 
-    def __init__(self, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack):
-        self.slots, self.budgets, self.attack = _slots(team, victims), dict(budgets), attack
+    def __init__(self, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack,
+                 reachable: bool = False):
+        self.slots, self.budgets, self.attack, self.reachable = _slots(team, victims), dict(budgets), attack, reachable
         spaces = [team[g].group.action_space for g, _, _ in self.slots]
         discrete = [isinstance(sp, gym.spaces.Discrete) for sp in spaces]
         if all(discrete):
@@ -162,14 +166,31 @@ class Director:
             rows = torch.cat([x[:, obs_at[k]:obs_at[k + 1]] for k in ks])
             target = torch.cat([act[:, act_at[k]:act_at[k + 1]] for k in ks])
             budget = Budget(self.budgets[group].radius.to(x.device))
-            if self.discrete:  # rank k: the victim's k-th lowest-ranked action at its clean observation
-                target = team[group](rows).argsort(stable=True, dim=-1).gather(1, target)[:, 0]
-            adv = self.attack.force(team[group], rows, target, budget, generator)
+            if self.discrete and self.reachable:
+                adv = self._reachable(team[group], rows, target[:, 0], budget, generator)
+            else:
+                if self.discrete:  # rank k: the victim's k-th lowest-ranked action at its clean observation
+                    target = team[group](rows).argsort(stable=True, dim=-1).gather(1, target)[:, 0]
+                adv = self.attack.force(team[group], rows, target, budget, generator)
             # excluded features have radius 0 and move by 0
             delta = ((adv - rows) / torch.where(budget.radius > 0, budget.radius, 1.0)).clamp(-1, 1)
             for j, k in enumerate(ks):
                 out[:, obs_at[k]:obs_at[k + 1]] = delta[j * len(x):(j + 1) * len(x)]
         return out
+
+    def _reachable(self, policy: Policy, x: torch.Tensor, rank: torch.Tensor, budget: Budget,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        """Per row of ``x`` ``[m, d]``, the perturbation that forces the ``rank``-th lowest-ranked action among those
+        the budget reaches: PGD towards every action at once (rank j of row i at row j * m + i)."""
+        order = policy(x).argsort(stable=True, dim=-1)  # [m, n], lowest first
+        m, n = order.shape
+        cand = order.T.reshape(-1)
+        adv = self.attack.force(policy, x.repeat(n, 1), cand, budget, generator)
+        reached = (policy(adv).argmax(-1) == cand).reshape(n, m).T
+        k = torch.minimum(rank, reached.sum(1) - 1).clamp_min(0)
+        # the k-th reached candidate; where none is reached, the lowest-ranked one's perturbation
+        pick = (reached & (reached.cumsum(1) - 1 == k[:, None])).to(torch.int8).argmax(1)
+        return adv.reshape(n, m, -1)[pick, torch.arange(m, device=x.device)]
 
 
 class DirectorVecEnv(DummyVecEnv):
@@ -177,11 +198,13 @@ class DirectorVecEnv(DummyVecEnv):
     every copy are forced in one batched targeted PGD, and the copies step with the resulting perturbations.
     Its action space is the director's."""
 
-    def __init__(self, env_fns: list, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack, seed: int):
+    def __init__(self, env_fns: list, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack, seed: int,
+                 reachable: bool = False):
         super().__init__(env_fns)
         first: AdversaryEnv = self.envs[0]  # type: ignore[assignment]
         self.team = first.team
-        self.director = Director(self.team, victims, {g: Budget(b.radius.cpu()) for g, b in budgets.items()}, attack)
+        self.director = Director(self.team, victims, {g: Budget(b.radius.cpu()) for g, b in budgets.items()}, attack,
+                                 reachable)
         self.action_space = self.director.action_space
         self.generator = torch.Generator().manual_seed(seed)  # PGD's random starts
 
@@ -224,18 +247,19 @@ def train_adversary(
     target: Sequence[str] | None = None,
     director: Attack | None = None,
     curve: TrainingCurve | None = None,
+    reachable: bool = False,
 ) -> PPO:
     """Train a PPO attacker for ``steps`` env steps against the frozen ``team``, its perturbation applied
     at a ``frequency`` share of steps, to lower the mean reward of ``target`` (None: of every agent).
 
     With ``director`` (the targeted PGD that realises the targets) the attacker is a :class:`Director`, else the
-    learned adversary. ``ppo_kwargs`` override the config's ``learned_ppo`` (director: ``director_ppo``);
+    learned adversary (``reachable``: see :class:`Director`). ``ppo_kwargs`` override the config's ``learned_ppo`` (director: ``director_ppo``);
     ``curve`` records the training curve."""
     def make() -> AdversaryEnv:
         return AdversaryEnv(spec, team, victims, budgets, frequency, target)
 
     fns = [make] * n_envs
-    venv = VecMonitor(DummyVecEnv(fns) if director is None else DirectorVecEnv(fns, victims, budgets, director, seed))
+    venv = VecMonitor(DummyVecEnv(fns) if director is None else DirectorVecEnv(fns, victims, budgets, director, seed, reachable))
     venv.seed(seed)
     defaults = AttackConfig().learned_ppo if director is None else AttackConfig().director_ppo
     model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **{**defaults, **(ppo_kwargs or {})})
@@ -276,12 +300,12 @@ class DirectorAttack(LearnedAdversary):
     acting team, on the live victims (white-box on the victims' policies), with chance ``frequency`` per step."""
 
     def __init__(self, model: PPO, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack,
-                 frequency: float = 1.0):
+                 frequency: float = 1.0, reachable: bool = False):
         super().__init__(model, victims, budgets, frequency)
-        self.attack = attack
+        self.attack, self.reachable = attack, reachable
 
     def deltas(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         action, _ = self.model.predict(x.detach().cpu().numpy(), deterministic=True)
-        director = Director(ctx.team, self.victims, self.budgets, self.attack)
+        director = Director(ctx.team, self.victims, self.budgets, self.attack, self.reachable)
         with torch.no_grad():
             return director.deltas(ctx.team, x, action, ctx.generator)

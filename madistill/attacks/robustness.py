@@ -379,8 +379,8 @@ def _transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: 
         force = suite_attack("targeted_random", ac)
         model = train_adversary(venv.spec, team, victims, budgets, ac.director_steps, seed, n_envs=ac.director_envs,
                                 ppo_kwargs=dict(ac.director_ppo), frequency=ac.frequency, target=target,
-                                director=force, curve=curve)
-        return [DirectorAttack(model, victims, budgets, force, ac.frequency)]
+                                director=force, curve=curve, reachable=ac.director_reachable)
+        return [DirectorAttack(model, victims, budgets, force, ac.frequency, ac.director_reachable)]
     return [AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
                             surrogate=surrogate if method == "transfer" else None, critic=critic)]
 
