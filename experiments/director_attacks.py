@@ -13,7 +13,8 @@ evaluations of a run (training included). Writes <out>.json and <out>.md; --merg
         --methods pgd,targeted_lowest,director --director-steps 196608 \
         --out experiments/results/director_attacks_sl_s0_listener_196k
     python experiments/director_attacks.py --policy /work/zoo/sl/s0/policies/teacher --methods pgd,targeted_lowest,director \
-        --out experiments/results/director_attacks_sl_s0_reachable attack.director_reachable=true
+        --eps 1.0 --director-steps 49152 --out experiments/results/director_attacks_sl_s0_reachable_eps1 \
+        attack.director_reachable=true
 """
 
 from __future__ import annotations
