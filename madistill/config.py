@@ -56,7 +56,7 @@ PGDObjective = _choices("PGDObjective", "ce kl targeted_lowest targeted_random t
                         "The attack robust fine-tuning plays its attacked steps under (madistill/finetune.py).")
 SaliencyBaseline = _choices("SaliencyBaseline", "mean marginal")
 AttackMethod = _choices("AttackMethod", "random fgsm pgd critic spsa transfer offsets learned targeted_random "
-                        "targeted_lowest targeted_lookahead", "The attack suite by name (madistill/attacks/robustness.py says what "
+                        "targeted_lowest targeted_lookahead director", "The attack suite by name (madistill/attacks/robustness.py says what "
                         "each attacker knows).")
 ValidationAttack = _choices("ValidationAttack", "random fgsm pgd spsa", "Per-step attacks that need nothing but "
                             "the candidate itself (no surrogate, critic or training).")
@@ -408,9 +408,9 @@ class AttackConfig:
     policy: str | None = None  # run, policy or sweep directory to attack
     # the targeted attacks force a chosen action (docs/attacks.md); targeted_lookahead is skipped, with a note,
     # where the env cannot branch (Box actions, episodes that do not follow from their seed). Add "learned" for
-    # the PPO adversary (trained per victim set and eps: attack.learned_steps each), "offsets" for the
-    # constant-offset search (attack.offset_candidates replays of every episode), "targeted_random" for the
-    # targeted floor
+    # the PPO adversary (trained per victim set and eps: attack.learned_steps each), "director" for a PPO
+    # director whose target actions targeted PGD forces (attack.director_*), "offsets" for the constant-offset
+    # search (attack.offset_candidates replays of every episode), "targeted_random" for the targeted floor
     methods: list[AttackMethod] = field(default_factory=lambda: [AttackMethod(m) for m in (
         "random fgsm pgd critic spsa transfer targeted_lowest targeted_lookahead".split())])
     eps: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # l_inf radii in normalised units (stds)
@@ -433,6 +433,17 @@ class AttackConfig:
     # SB3 PPO arguments of the learned adversary
     learned_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 128, "batch_size": 256,
                                                                  "learning_rate": 3e-4, "ent_coef": 0.0})
+    # the PA-AD director (trained per victim set and eps): per victim a target action / target mean, realised by
+    # the targeted PGD of targeted_* (attack.steps, attack.restarts) at every env step of training
+    director_steps: int = 100_000  # env steps of PPO training for each director
+    # env copies the director trains in: their targets are forced in one batch, so more copies cost less per step
+    director_envs: int = 32
+    # SB3 PPO arguments of the director (a rollout of n_steps x director_envs env steps)
+    director_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 64, "batch_size": 512,
+                                                                  "learning_rate": 1e-3, "ent_coef": 0.0})
+    # Discrete victims: the director's rank k forces the k-th lowest-ranked action the budget reaches (every action
+    # forced at once, n actions x the PGD rows) instead of the k-th lowest-ranked action, reached or not
+    director_reachable: bool = False
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
     target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     lookahead_horizon: int = 1  # targeted_lookahead and fault=worst: greedy team steps each branch plays after the candidate action
@@ -458,7 +469,7 @@ class AttackConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "steps", "restarts", "spsa_samples", "offset_candidates", "target_candidates",
-                   "learned_steps", "learned_envs", "lookahead_joint")
+                   "learned_steps", "learned_envs", "lookahead_joint", "director_steps", "director_envs")
         c.at_least(0, "lookahead_horizon", "objective_tolerance")
         c.within(0, 1, "lookahead_gamma")
         c.within(0, 1, "frequency")

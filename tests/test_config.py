@@ -104,7 +104,7 @@ def test_plus_on_a_set_key_says_to_drop_the_plus(cli, tmp_path, key):
     ("train", "env.backend=jax", "env.backend cannot be 'jax': use env.backend=<one of auto, batched, pettingzoo>"),
     ("attack", "attack.methods=[pgd,fgsn]",
      "attack.methods cannot be 'fgsn': use attack.methods=[<any of random, fgsm, pgd, critic, spsa, transfer, offsets, "
-     "learned, targeted_random, targeted_lowest, targeted_lookahead>]"),
+     "learned, targeted_random, targeted_lowest, targeted_lookahead, director>]"),
     ("finetune", "finetune.select_attacks=[transfer]",  # validation attacks need no surrogate
      "finetune.select_attacks cannot be 'transfer': use finetune.select_attacks=[<any of random, fgsm, pgd, spsa>]"),
 ])

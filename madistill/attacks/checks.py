@@ -17,7 +17,9 @@ A check compares attacks, so an attack that changed nothing is no evidence: such
 
 One return-level flag is about the attack suite, not about masking: ``objective_misses_return`` (a targeted
 attack, which forces a chosen action, lowers the return materially more than every untargeted one, whose
-objectives only push the action away from its clean choice).
+objectives only push the action away from its clean choice). Another is about the learned attacks
+(:func:`training_checks`): ``under_trained`` (a learned attack's return is above the strongest gradient
+attack's, so it has not learned the attack it is meant to find, and its number is no result).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ OBJECTIVE_MISSES = "objective_misses_return"  # the name of a Flag that reports 
 # the attacks that maximise a surrogate objective without choosing the action they cause
 UNTARGETED = ("fgsm", "pgd", "pgd_strong", "critic", "spsa", "transfer")
 TARGETED_PREFIX = "targeted_"
+UNDER_TRAINED = "under_trained"  # the name of a Flag that reports a learned attack short of the gradient attacks
+LEARNED = ("learned", "director")  # the attacks trained by RL against the frozen team
 
 
 @dataclass(frozen=True)
@@ -161,4 +165,28 @@ def return_checks(
             flags.append(Flag(OBJECTIVE_MISSES, f"eps {eps:g}: {t} return {targeted[t].mean():.2f} < {u} "
                               f"{untargeted[u].mean():.2f}, the strongest untargeted attack: its objective misses "
                               "what lowers the return"))
+    return flags
+
+
+def training_checks(returns: Mapping[str, Mapping[float, np.ndarray]], seed: int = 0, n_boot: int = 1000) -> list[Flag]:
+    """``under_trained`` flags from per-episode returns ``returns[attack][eps]`` (every cell on the same episode
+    seeds): at each eps, a learned attack (:data:`LEARNED`) whose mean return is above the lowest mean return of
+    the gradient attacks there (:data:`UNTARGETED` and ``targeted_*``). A learned attack is meant to find the
+    worst case; one weaker than a gradient attack has not learned it yet, so its return is no result. The
+    detail gives the gap with its paired-bootstrap 95% CI."""
+    rng = np.random.default_rng(seed)
+    flags = []
+    for eps in sorted({e for r in returns.values() for e in r}):
+        gradient = {a: r[eps] for a, r in returns.items() if eps in r and (a in UNTARGETED or a.startswith(TARGETED_PREFIX))}
+        if not gradient:
+            continue
+        best = min(gradient, key=lambda a: np.nanmean(gradient[a]))
+        for attack in (a for a in LEARNED if eps in returns.get(a, {})):
+            gap = returns[attack][eps] - gradient[best]
+            gap = gap[np.isfinite(gap)]  # a team's return is NaN in an episode none of its agents took part in
+            if gap.size and gap.mean() > 0:
+                lo, hi = np.percentile(resample(gap, n_boot, rng).mean(1), [2.5, 97.5])
+                flags.append(Flag(UNDER_TRAINED, f"eps {eps:g}: {attack} return {np.nanmean(returns[attack][eps]):.2f} > "
+                                  f"{best} {np.nanmean(gradient[best]):.2f}, the strongest gradient attack (gap {gap.mean():.2f} "
+                                  f"[{lo:.2f}, {hi:.2f}]): under-trained, not a result"))
     return flags

@@ -1,11 +1,18 @@
-"""The learned adversary ("optimal attack" of SA-RL / ATLA, Zhang et al. 2021): an SB3 PPO agent whose action
-is the victims' observation perturbation within the budget, trained against the frozen team to minimise the
-team return. It needs no gradients of the victims, only their actions.
+"""Learned attacks, trained with SB3 PPO against the frozen team to minimise the team return.
 
-Training sees the team through a single-agent gymnasium env (:class:`AdversaryEnv`), so SB3 does all the
-learning; evaluation applies the trained adversary as an ObsTransform (:class:`LearnedAdversary`). Under sparse
-timing (``attack.frequency`` < 1) the perturbation lands on a random share of steps, in training as in
-evaluation, so the adversary learns the attack it is evaluated with.
+- The learned adversary ("optimal attack" of SA-RL / ATLA, Zhang et al. 2021): its action is the victims'
+  observation perturbation within the budget. It needs no gradients of the victims, only their actions.
+- The director (PA-AD, Sun et al. 2022, "Who Is the Strongest Enemy?"): its action is, per victim, the policy
+  perturbation direction, a target action (Discrete) or a target mean in the action box (Box); targeted PGD
+  (:meth:`Attack.force`, white-box on the victim's policy) realises it inside the budget (:class:`Director`).
+  It learns in the low-dimensional space of the victims' actions instead of their observations.
+
+Training sees the team through a single-agent gymnasium env (:class:`AdversaryEnv`; the director's copies step
+through :class:`DirectorVecEnv`, which realises all their targets in one batch), so SB3 does all the learning;
+evaluation applies the trained attack as an ObsTransform (:class:`LearnedAdversary`, :class:`DirectorAttack`).
+:class:`TrainingCurve` records the attacker's episode return over training. Under sparse timing
+(``attack.frequency`` < 1) the perturbation lands on a random share of steps, in training as in evaluation, so
+the attacker learns the attack it is evaluated with.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import PPO
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
 from madistill.attacks.budget import Budget
+from madistill.attacks.methods import Attack
 from madistill.attacks.transform import attacked_copies
 from madistill.config import AttackConfig
 from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import flatten_obs
-from madistill.policies.base import TeamPolicy
+from madistill.errors import MadistillError
+from madistill.policies.base import Policy, TeamPolicy
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
 
@@ -107,6 +117,123 @@ class AdversaryEnv(gym.Env):
         return self._adversary_obs(), reward, done and not truncated, truncated, {}
 
 
+class Director:
+    """Realises a director's action, a target per victim, as observation perturbations: targeted PGD
+    (``attack``'s :meth:`Attack.force`) towards each victim's target inside its group's budget, the rows of every
+    victim of a group (and every env copy) in one batch.
+
+    The action is one target action per victim (``MultiDiscrete``) when every victim acts in a Discrete space,
+    else one point of the action box per victim (``Box``, the concatenated boxes); a mix is refused, as SB3's
+    PPO takes no mixed action space. A Discrete target is given by its rank in the victim's clean preference
+    order, lowest first: every action stays reachable, a director that always picks rank 0 is targeted_lowest
+    with one candidate, and an untrained (uniform) director is the random-target floor, so training starts with
+    the gradient attacks' target choices within one constant action's reach. ``reachable``: rank k is instead
+    the k-th lowest-ranked action among those the budget reaches (every action forced in one batch, as
+    targeted_lowest tries its candidates; past the last reached one, the last), so rank 0 is targeted_lowest
+    with every candidate and no target is out of reach, at n actions times the PGD rows."""
+
+    def __init__(self, team: TeamPolicy, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack,
+                 reachable: bool = False):
+        self.slots, self.budgets, self.attack, self.reachable = _slots(team, victims), dict(budgets), attack, reachable
+        spaces = [team[g].group.action_space for g, _, _ in self.slots]
+        discrete = [isinstance(sp, gym.spaces.Discrete) for sp in spaces]
+        if all(discrete):
+            self.action_space: gym.Space = gym.spaces.MultiDiscrete([int(sp.n) for sp in spaces])  # type: ignore[attr-defined]
+        elif any(discrete):
+            raise MadistillError(f"the director needs victims with one kind of action, victims {victims} have Discrete "
+                                 "and Box actions: attack them as separate victim sets (attack.victims)")
+        else:
+            low, high = (np.concatenate([np.asarray(getattr(sp, b), np.float32).ravel() for sp in spaces]) for b in ("low", "high"))
+            if not (np.isfinite(low).all() and np.isfinite(high).all()):
+                raise MadistillError(f"the director picks target means in the action box, victims {victims} have an "
+                                     "unbounded one: leave director out of attack.methods")
+            self.action_space = gym.spaces.Box(low, high, dtype=np.float32)
+        self.discrete = all(discrete)
+        self.obs_dims = [team[g].group.obs_dim for g, _, _ in self.slots]
+        self.action_dims = [1 if self.discrete else int(np.prod(sp.shape)) for sp in spaces]  # type: ignore[arg-type]
+
+    def deltas(self, team: TeamPolicy, x: torch.Tensor, action: np.ndarray, generator: torch.Generator | None) -> torch.Tensor:
+        """Perturbations ``[n, D]`` in units of the budget radius that force ``action`` ``[n, victims]`` (Box:
+        ``[n, sum of action dims]``) on the victims' normalised observations ``x`` ``[n, D]`` (concatenated in
+        slot order)."""
+        act = torch.as_tensor(np.asarray(action), device=x.device)
+        act = act.long() if self.discrete else act.float().clamp(*(torch.as_tensor(b, device=x.device)
+                                                                   for b in (self.action_space.low, self.action_space.high)))  # type: ignore[attr-defined]
+        obs_at, act_at = np.cumsum([0, *self.obs_dims]), np.cumsum([0, *self.action_dims])
+        out = torch.zeros_like(x)
+        for group in dict.fromkeys(g for g, _, _ in self.slots):
+            ks = [k for k, (g, _, _) in enumerate(self.slots) if g == group]
+            rows = torch.cat([x[:, obs_at[k]:obs_at[k + 1]] for k in ks])
+            target = torch.cat([act[:, act_at[k]:act_at[k + 1]] for k in ks])
+            budget = Budget(self.budgets[group].radius.to(x.device))
+            if self.discrete and self.reachable:
+                adv = self._reachable(team[group], rows, target[:, 0], budget, generator)
+            else:
+                if self.discrete:  # rank k: the victim's k-th lowest-ranked action at its clean observation
+                    target = team[group](rows).argsort(stable=True, dim=-1).gather(1, target)[:, 0]
+                adv = self.attack.force(team[group], rows, target, budget, generator)
+            # excluded features have radius 0 and move by 0
+            delta = ((adv - rows) / torch.where(budget.radius > 0, budget.radius, 1.0)).clamp(-1, 1)
+            for j, k in enumerate(ks):
+                out[:, obs_at[k]:obs_at[k + 1]] = delta[j * len(x):(j + 1) * len(x)]
+        return out
+
+    def _reachable(self, policy: Policy, x: torch.Tensor, rank: torch.Tensor, budget: Budget,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        """Per row of ``x`` ``[m, d]``, the perturbation that forces the ``rank``-th lowest-ranked action among those
+        the budget reaches: PGD towards every action at once (rank j of row i at row j * m + i)."""
+        order = policy(x).argsort(stable=True, dim=-1)  # [m, n], lowest first
+        m, n = order.shape
+        cand = order.T.reshape(-1)
+        adv = self.attack.force(policy, x.repeat(n, 1), cand, budget, generator)
+        reached = (policy(adv).argmax(-1) == cand).reshape(n, m).T
+        k = torch.minimum(rank, reached.sum(1) - 1).clamp_min(0)
+        # the k-th reached candidate; where none is reached, the lowest-ranked one's perturbation
+        pick = (reached & (reached.cumsum(1) - 1 == k[:, None])).to(torch.int8).argmax(1)
+        return adv.reshape(n, m, -1)[pick, torch.arange(m, device=x.device)]
+
+
+class DirectorVecEnv(DummyVecEnv):
+    """Copies of :class:`AdversaryEnv` driven by a director: each step, the targets the director picked for
+    every copy are forced in one batched targeted PGD, and the copies step with the resulting perturbations.
+    Its action space is the director's."""
+
+    def __init__(self, env_fns: list, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack, seed: int,
+                 reachable: bool = False):
+        super().__init__(env_fns)
+        first: AdversaryEnv = self.envs[0]  # type: ignore[assignment]
+        self.team = first.team
+        self.director = Director(self.team, victims, {g: Budget(b.radius.cpu()) for g, b in budgets.items()}, attack,
+                                 reachable)
+        self.action_space = self.director.action_space
+        self.generator = torch.Generator().manual_seed(seed)  # PGD's random starts
+
+    def step_async(self, actions: np.ndarray) -> None:
+        x = torch.as_tensor(np.stack([env._adversary_obs() for env in self.envs]))  # type: ignore[attr-defined]
+        with torch.no_grad():
+            delta = self.director.deltas(self.team, x, actions, self.generator)
+        super().step_async(delta.numpy())
+
+
+class TrainingCurve(BaseCallback):
+    """The attacker's training curve: after each PPO rollout, the env steps so far and the mean return (to the
+    attacker: minus the team's) of the episodes that ended in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.points: list[tuple[int, float]] = []
+        self._returns: list[float] = []
+
+    def _on_step(self) -> bool:
+        self._returns += [float(i["episode"]["r"]) for i in self.locals["infos"] if "episode" in i]
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self._returns:
+            self.points.append((int(self.num_timesteps), float(np.mean(self._returns))))
+        self._returns = []
+
+
 def train_adversary(
     spec: EnvSpec,
     team: TeamPolicy,
@@ -118,14 +245,25 @@ def train_adversary(
     ppo_kwargs: Mapping[str, Any] | None = None,
     frequency: float = 1.0,
     target: Sequence[str] | None = None,
+    director: Attack | None = None,
+    curve: TrainingCurve | None = None,
+    reachable: bool = False,
 ) -> PPO:
-    """Train a PPO adversary for ``steps`` env steps against the frozen ``team``, its perturbation applied
-    at a ``frequency`` share of steps, to lower the mean reward of ``target`` (None: of every agent)."""
-    venv = DummyVecEnv([lambda: AdversaryEnv(spec, team, victims, budgets, frequency, target) for _ in range(n_envs)])
+    """Train a PPO attacker for ``steps`` env steps against the frozen ``team``, its perturbation applied
+    at a ``frequency`` share of steps, to lower the mean reward of ``target`` (None: of every agent).
+
+    With ``director`` (the targeted PGD that realises the targets) the attacker is a :class:`Director`, else the
+    learned adversary (``reachable``: see :class:`Director`). ``ppo_kwargs`` override the config's ``learned_ppo`` (director: ``director_ppo``);
+    ``curve`` records the training curve."""
+    def make() -> AdversaryEnv:
+        return AdversaryEnv(spec, team, victims, budgets, frequency, target)
+
+    fns = [make] * n_envs
+    venv = VecMonitor(DummyVecEnv(fns) if director is None else DirectorVecEnv(fns, victims, budgets, director, seed, reachable))
     venv.seed(seed)
-    kwargs = {**AttackConfig().learned_ppo, **(ppo_kwargs or {})}  # the config's defaults, one source
-    model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **kwargs)
-    model.learn(total_timesteps=steps)
+    defaults = AttackConfig().learned_ppo if director is None else AttackConfig().director_ppo
+    model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **{**defaults, **(ppo_kwargs or {})})
+    model.learn(total_timesteps=steps, callback=curve)
     return model
 
 
@@ -142,8 +280,7 @@ class LearnedAdversary(ObsTransform):
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
         slots = _slots(ctx.team, self.victims)
         x = torch.cat([obs[g][:, i] * ctx.active[g][:, i, None] for g, i, _ in slots], dim=-1)
-        action, _ = self.model.predict(x.detach().cpu().numpy(), deterministic=True)
-        delta = torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32, device=x.device)
+        delta = self.deltas(x, ctx)
         now = attacked_copies(len(x), self.frequency, ctx.generator, x.device)
         out = {g: t.clone() for g, t in obs.items()}
         start = 0
@@ -153,3 +290,24 @@ class LearnedAdversary(ObsTransform):
             out[g][:, i] = torch.where(live, obs[g][:, i] + delta[:, start : start + len(r)] * r, obs[g][:, i])
             start += len(r)
         return out
+
+    def deltas(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The perturbation of the victims' observations ``x`` ``[n, D]``, in units of the budget radius."""
+        action, _ = self.model.predict(x.detach().cpu().numpy(), deterministic=True)
+        return torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32, device=x.device)
+
+
+class DirectorAttack(LearnedAdversary):
+    """Applies a trained director: its deterministic targets, realised by :class:`Director`'s targeted PGD on the
+    acting team, on the live victims (white-box on the victims' policies), with chance ``frequency`` per step."""
+
+    def __init__(self, model: PPO, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack,
+                 frequency: float = 1.0, reachable: bool = False):
+        super().__init__(model, victims, budgets, frequency)
+        self.attack, self.reachable = attack, reachable
+
+    def deltas(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        action, _ = self.model.predict(x.detach().cpu().numpy(), deterministic=True)
+        director = Director(ctx.team, self.victims, self.budgets, self.attack, self.reachable)
+        with torch.no_grad():
+            return director.deltas(ctx.team, x, action, ctx.generator)

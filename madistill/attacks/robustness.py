@@ -12,8 +12,18 @@ import numpy as np
 import torch
 
 from madistill.attacks.budget import Budget, group_budgets
-from madistill.attacks.checks import DEGENERATE, OBJECTIVE_MISSES, TARGETED_PREFIX, Flag, probe, return_checks
-from madistill.attacks.learned import LearnedAdversary, train_adversary
+from madistill.attacks.checks import (
+    DEGENERATE,
+    LEARNED,
+    OBJECTIVE_MISSES,
+    TARGETED_PREFIX,
+    UNDER_TRAINED,
+    Flag,
+    probe,
+    return_checks,
+    training_checks,
+)
+from madistill.attacks.learned import DirectorAttack, LearnedAdversary, TrainingCurve, train_adversary
 from madistill.attacks.lookahead import LookaheadAttack
 from madistill.attacks.methods import Attack, variants
 from madistill.attacks.transform import AttackTransform, ConstantOffset, victim_sets
@@ -37,7 +47,9 @@ from madistill.transforms import ActionTransform, ObsTransform
 # "offsets" keeps, per episode, the worst of attack.offset_candidates constant corner offsets (ConstantOffset);
 # "pgd_strong" (2x steps, 2x restarts) runs for the masking checks; "targeted_random" and "targeted_lowest" are
 # PGD towards a chosen action (methods.targets), "targeted_lookahead" towards the joint action a branch of the
-# episode shows most harmful (attacks.lookahead; skipped with a note where the env cannot branch).
+# episode shows most harmful (attacks.lookahead; skipped with a note where the env cannot branch). "director"
+# (opt-in) trains a PPO director per victim set and eps (attack.director_steps) whose target actions the
+# targeted PGD forces (attacks.learned.DirectorAttack).
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,12 +76,15 @@ THREAT_MODELS = {
                           "team's own policy, gives the lowest team return (branches replayed from the episode seed and the "
                           "actions so far; plus the critic attack's critic's discounted value at the horizon with "
                           "attack.lookahead_critic)",
+    "director": "a simulator to train in, white-box victim policy: a PPO director (PA-AD) seeing the victims' clean "
+                "observations picks a target action per victim (Box: a target mean), trained to lower the return; "
+                "PGD forces it",
 }
 
 
 def suite_attack(name: str, ac: Any) -> Attack:
     """The Attack behind a suite name, from the ``attack`` config."""
-    if name in ("learned", "offsets", "targeted_lookahead"):
+    if name in ("learned", "director", "offsets", "targeted_lookahead"):
         raise MadistillError(f"{name!r} is not a per-step attack on observations alone: evaluate_robustness runs it")
     return variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta,
                            candidates=ac.target_candidates))[name]
@@ -110,6 +125,9 @@ class RobustnessResult:
     victim_members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # victim set -> its agents
     objective: dict[str, list[Flag]] = field(default_factory=dict)  # objective_misses_return flags per victim set
     clean_episodes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-episode clean team returns
+    under_trained: dict[str, list[Flag]] = field(default_factory=dict)  # under_trained flags per victim set
+    # learned attacks' training curves [victims][attack][eps]: (env steps, mean episode return to the attacker)
+    training: dict[str, dict[str, dict[float, list[tuple[int, float]]]]] = field(default_factory=dict)
 
     @property
     def returns(self) -> dict[str, dict[str, dict[float, float]]]:
@@ -151,11 +169,12 @@ class RobustnessResult:
 
     def add_checks(self, key: str, flags: list[Flag]) -> None:
         """Record the checks' findings under ``key`` (a victim set, or ``probe:<group>``): masking flags apart
-        from degenerate-attack reports and objective_misses_return (evidence about the suite), so a count of
-        flags counts only evidence about the policy."""
-        self.flags.setdefault(key, []).extend(f for f in flags if f.name not in (DEGENERATE, OBJECTIVE_MISSES))
+        from degenerate-attack reports, objective_misses_return (evidence about the suite) and under_trained
+        (about a learned attack), so a count of flags counts only evidence about the policy."""
+        self.flags.setdefault(key, []).extend(f for f in flags if f.name not in (DEGENERATE, OBJECTIVE_MISSES, UNDER_TRAINED))
         self.degenerate.setdefault(key, []).extend(f for f in flags if f.name == DEGENERATE)
         self.objective.setdefault(key, []).extend(f for f in flags if f.name == OBJECTIVE_MISSES)
+        self.under_trained.setdefault(key, []).extend(f for f in flags if f.name == UNDER_TRAINED)
 
     def team_of(self, agent: str) -> str | None:
         """The team ``agent`` plays for (None with one team)."""
@@ -171,6 +190,8 @@ class RobustnessResult:
             "flags": {v: [f.__dict__ for f in fl] for v, fl in self.flags.items()},
             "degenerate_attacks": {v: [f.__dict__ for f in fl] for v, fl in self.degenerate.items()},
             "objective_checks": {v: [f.__dict__ for f in fl] for v, fl in self.objective.items()},
+            "training_checks": {v: [f.__dict__ for f in fl] for v, fl in self.under_trained.items()},
+            "training_curves": {v: {a: _eps_key(r) for a, r in t.items()} for v, t in self.training.items()},
             "threat_models": {a: THREAT_MODELS[a] for a in self.attacks()},
             "victim_sets": {v: list(m) for v, m in self.victim_members.items()},
             "probes": self.probes, "skipped": self.skipped, "seconds_per_evaluation": self.seconds,
@@ -275,7 +296,8 @@ def evaluate_robustness(
     sets = victim_sets(list(ac.victims), agents, teams)
     res.victim_members = {v: tuple(members) for v, members in sets.items()}
     for vname, victims in sets.items():
-        target = _victims_team(res, victims)
+        attacked_side = _victims_side(res, victims)
+        target = None if attacked_side is None else res.teams[attacked_side]
         unbranchable: set[str] = set()  # the lookahead, once it found these victims or the env unbranchable
         res.agent_returns[vname], res.episodes[vname] = {}, {}
         for side in res.teams:
@@ -283,7 +305,7 @@ def evaluate_robustness(
         for method, eps in runs:
             start = time.perf_counter()
             recs = None if method in unbranchable else _attacked(method, vname, victims, budgets[eps], venv, team, ac,
-                                                                 seed, surrogate, critic, target, faults, res, attacked)
+                                                                 seed, surrogate, critic, target, faults, res, attacked, eps)
             if recs is None:
                 unbranchable.add(method)
             else:
@@ -299,6 +321,11 @@ def evaluate_robustness(
                 progress.update(1)
         if ac.checks:
             res.add_checks(vname, _return_flags(res, vname, victims, ac, clean_recs))
+        # learned attacks are checked even without the masking checks: it needs no extra runs, and an
+        # under-trained one must never pass for a result
+        res.add_checks(vname, training_checks(res.episodes[vname] if attacked_side is None
+                                              else res.team_episodes[attacked_side][vname],
+                                              res.seed, ac.n_boot))
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
@@ -307,18 +334,24 @@ def evaluate_robustness(
 def _attacked(method: str, vname: str, victims: list[str], budgets: Mapping[str, Budget], venv: MultiAgentVecEnv,
               team: TeamPolicy, ac: Any, seed: int, surrogate: TeamPolicy | None, critic: TeamPolicy | None,
               target: Sequence[str] | None, faults: Sequence[ObsTransform | ActionTransform],
-              res: RobustnessResult, attacked: TeamPolicy | None = None) -> list[EpisodeRecord] | None:
-    """The episodes of one suite attack on ``victims`` (set ``vname``) inside ``budgets``, crafted on ``attacked``
-    where given; None, with a note in ``res.skipped``, where the lookahead cannot branch these victims or this env."""
+              res: RobustnessResult, attacked: TeamPolicy | None = None,
+              eps: float | None = None) -> list[EpisodeRecord] | None:
+    """The episodes of one suite attack on ``victims`` (set ``vname``) inside ``budgets`` (radius ``eps``), crafted
+    on ``attacked`` where given, a learned attack's training curve kept in ``res.training``; None, with a note in
+    ``res.skipped``, where the lookahead cannot branch these victims or this env."""
     if method == "offsets":
         return worst_offsets(venv, team, victims, budgets, ac.offset_candidates, ac.episodes, seed, target, faults)
+    curve = TrainingCurve() if method in LEARNED else None
     try:
         transforms = suite_transforms(method, venv, team, victims, budgets, ac, seed, surrogate, critic, target,
-                                      attacked)
-        return run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
+                                      attacked, curve)
+        recs = run_episodes(venv, team, ac.episodes, seed, transforms=[*faults, *transforms])
     except NotBranchable as e:  # raised by the lookahead only
         res.skipped.append(f"{method} on victims {vname}: {e}")
         return None
+    if curve is not None:
+        res.training.setdefault(vname, {}).setdefault(method, {})[eps] = curve.points
+    return recs
 
 
 def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac: Any,
@@ -351,20 +384,21 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
                                    collapse if whole else None, res.seed, ac.n_boot, ac.objective_tolerance)]
 
 
-def _victims_team(res: RobustnessResult, victims: Sequence[str]) -> tuple[str, ...] | None:
-    """The agents of the one team all ``victims`` play for, whose return the search attacks (offsets,
-    learned) lower; None (the team return of every agent) with one team or victims on several teams."""
-    sides = [agents for agents in res.teams.values() if set(agents) & set(victims)]
+def _victims_side(res: RobustnessResult, victims: Sequence[str]) -> str | None:
+    """The one team all ``victims`` play for, whose return the search and learned attacks (offsets, learned,
+    director) lower; None (the team return of every agent) with one team or victims on several teams."""
+    sides = [team for team, agents in res.teams.items() if set(agents) & set(victims)]
     return sides[0] if len(sides) == 1 else None
 
 
 def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str],
                      budgets: Mapping[str, Budget], ac: Any, seed: int, surrogate: TeamPolicy | None,
                      critic: TeamPolicy | None, target: Sequence[str] | None = None,
-                     attacked: TeamPolicy | None = None) -> list[ObsTransform | ActionTransform]:
-    """The transforms of a per-step suite attack (the learned adversary is trained here first, to lower the
-    mean return of ``target``; None: of every agent), crafted on ``attacked`` where given (transfer: on the
-    surrogate)."""
+                     attacked: TeamPolicy | None = None,
+                     curve: TrainingCurve | None = None) -> list[ObsTransform | ActionTransform]:
+    """The transforms of a per-step suite attack (the learned adversary and the director are trained here
+    first, to lower the mean return of ``target``, None: of every agent; ``curve`` records their training),
+    crafted on ``attacked`` where given (transfer: on the surrogate)."""
     if method == "targeted_lookahead":
         branching = Branching(venv.spec, venv.groups, venv.backend)
         # the targeted PGD of targeted_random realises the target; its own target choice is not used
@@ -373,8 +407,15 @@ def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, vict
                                ac.lookahead_joint).transforms()
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
-                                ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target)
+                                ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target, curve=curve)
         return [LearnedAdversary(model, victims, budgets, ac.frequency)]
+    if method == "director":
+        # the targeted PGD of targeted_random realises the targets; its own target choice is not used
+        force = suite_attack("targeted_random", ac)
+        model = train_adversary(venv.spec, team, victims, budgets, ac.director_steps, seed, n_envs=ac.director_envs,
+                                ppo_kwargs=dict(ac.director_ppo), frequency=ac.frequency, target=target,
+                                director=force, curve=curve, reachable=ac.director_reachable)
+        return [DirectorAttack(model, victims, budgets, force, ac.frequency, ac.director_reachable)]
     return [AttackTransform(suite_attack(method, ac), victims, budgets, ac.frequency,
                             surrogate=surrogate if method == "transfer" else attacked, critic=critic)]
 
@@ -477,6 +518,11 @@ def markdown_report(results: Mapping[str, RobustnessResult], env_id: str, episod
             missed = [(k, f) for k, fl in res.objective.items() for f in fl]
             lines.append("Objective check (targeted vs untargeted attacks): " + ("none fired" if not missed else ""))
             lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in missed]
+        if any(a in LEARNED for a in res.attacks()):
+            weak = [(k, f) for k, fl in res.under_trained.items() for f in fl]
+            lines.append("Learned attacks at full strength (at or below the strongest gradient attack): "
+                         + ("all" if not weak else ""))
+            lines += [f"- **{f.name}** ({k}): {f.detail}" for k, f in weak]
         lines += ["", "Threat models:", *(f"- `{a}`: {THREAT_MODELS[a]}" for a in res.attacks())]
         lines.append("")
     return "\n".join(lines)

@@ -283,7 +283,7 @@ class AttackFault(ObsFault):
 
     def __init__(self, scope: Scope, method: str, budgets: Mapping[str, Budget], attack_cfg: Any):
         super().__init__(scope)
-        if method in ("learned", "offsets", "transfer", "targeted_lookahead"):
+        if method in ("learned", "director", "offsets", "transfer", "targeted_lookahead"):
             raise MadistillError(f"fault.method={method!r} is not a per-step white-box attack: use random, fgsm, pgd, "
                                  "critic, spsa, targeted_random or targeted_lowest (fault=worst plays the lookahead's "
                                  "worst action itself)")

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Robustness of every saved policy under ``attack.policy`` against the attack suite, with the
     gradient-masking checks. Writes ``reports/robustness.{json,md}``, return-vs-eps curves (PNG and
-    TensorBoard) and TensorBoard scalars ``attack/<policy>/<victims>/<attack>`` over eps (x100)."""
+    TensorBoard), TensorBoard scalars ``attack/<policy>/<victims>/<attack>`` over eps (x100) and the learned
+    attacks' training curves ``attack_training/<policy>/<victims>/<attack>/eps<eps>`` (the attacker's episode
+    return over env steps)."""
     import json
 
     from omegaconf import OmegaConf
@@ -112,6 +114,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     for method, by_eps in table.items():
                         for eps, value in sorted(by_eps.items()):
                             tb.scalar(f"attack/{name}/{side_tag(side)}{vname}/{method}", value, int(round(100 * eps)))
+            for vname, by_method in res.training.items():
+                for method, by_eps in by_method.items():
+                    for eps, points in by_eps.items():
+                        for step, value in points:
+                            tb.scalar(f"attack_training/{name}/{vname}/{method}/eps{eps:g}", value, step)
         if cfg.logger.figures:
             for vname in victims:
                 tb.figure(f"attack/curves_{vname}", curves_figure(results, vname, spec.id))
@@ -141,6 +148,9 @@ def _summary(results: dict[str, RobustnessResult], ac: DictConfig, env_id: str, 
         if "pgd" in res.seconds:
             lines.append(f"  {name:<8} evaluation wall time: clean {res.seconds['clean']:.2f} s, under PGD-{ac.steps} "
                          f"({ac.restarts} restarts) {res.seconds['pgd']:.2f} s ({res.seconds['pgd'] / res.seconds['clean']:.1f}x)")
+    weak = sum(len(f) for r in results.values() for f in r.under_trained.values())
+    if weak:
+        lines.append(f"  learned attacks under-trained (weaker than a gradient attack, not a result): {weak} (see the report)")
     reports = run_dir / "reports"
     return [
         *lines,
