@@ -186,7 +186,7 @@ def test_under_trained_reads_the_return_of_the_victims_team(make_cfg, monkeypatc
     from madistill.envs.episodes import EpisodeRecord
 
     good = {"clean": 0.0, "pgd": -5.0, "learned": -1.0}
-    monkeypatch.setattr(robustness, "_transforms", lambda method, *a, **k: [method])
+    monkeypatch.setattr(robustness, "suite_transforms", lambda method, *a, **k: [method])
     monkeypatch.setattr(robustness, "run_episodes", lambda venv, team, episodes, seed, transforms=(): [
         EpisodeRecord(seed + i, 5, {"adversary_0": -good[transforms[-1] if transforms else "clean"] - i,
                                     "agent_0": good[transforms[-1] if transforms else "clean"] + i})
