@@ -111,8 +111,10 @@ def test_a_non_reproducible_env_is_refused_in_one_line():
     make, team, _, _ = setup(spec)
     check_reproducible(make, team, 3, 0, "relay")  # the relay env is reproducible
     bad = type(spec)("cascade_helpers.UnseededRelay", spec.kwargs, name="unseeded")
+    # the unseeded twins draw their target from 3 symbols and agree by chance with probability 1/3 per episode:
+    # 24 episodes leave (1/3)^24 for a false pass
     with pytest.raises(MadistillError) as err:
-        check_reproducible(venv_maker(bad), team, 3, 0, "unseeded")
+        check_reproducible(venv_maker(bad), team, 24, 0, "unseeded")
     assert "not reproducible from its seed" in str(err.value) and "\n" not in str(err.value)
 
 
