@@ -8,10 +8,10 @@ flags, the last point of each learned attack's training curve, and the wall time
 evaluations of a run (training included). Writes <out>.json and <out>.md; --merge-only summarises finished runs.
 
     python experiments/director_attacks.py --policy runs/zoo/sl/s0/policies/teacher \\
-        --out experiments/results/director_attacks_sl_s0
+        --out experiments/results/director_attacks_sl_s0 attack.director_reachable=false
     python experiments/director_attacks.py --policy runs/zoo/sl/s0/policies/teacher --victims listener_0 \
         --methods pgd,targeted_lowest,director --director-steps 196608 \
-        --out experiments/results/director_attacks_sl_s0_listener_196k
+        --out experiments/results/director_attacks_sl_s0_listener_196k attack.director_reachable=false
     python experiments/director_attacks.py --policy runs/zoo/sl/s0/policies/teacher --methods pgd,targeted_lowest,director \
         --eps 1.0 --director-steps 49152 --out experiments/results/director_attacks_sl_s0_reachable_eps1 \
         attack.director_reachable=true
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--learned-steps", type=int, default=49152)
     ap.add_argument("--run-dir", default="runs/experiments/director_attacks")
     ap.add_argument("--merge-only", action="store_true", help="summarise the runs already under --run-dir")
-    ap.add_argument("overrides", nargs="*", help="more madistill overrides for every run, e.g. attack.director_reachable=true")
+    ap.add_argument("overrides", nargs="*", help="more madistill overrides for every run, e.g. attack.director_reachable=false")
     args = ap.parse_args()
     victims = args.victims.split(",")
     if not args.merge_only:

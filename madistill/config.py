@@ -442,8 +442,9 @@ class AttackConfig:
     director_ppo: dict[str, Any] = field(default_factory=lambda: {"n_steps": 64, "batch_size": 512,
                                                                   "learning_rate": 1e-3, "ent_coef": 0.0})
     # Discrete victims: the director's rank k forces the k-th lowest-ranked action the budget reaches (every action
-    # forced at once, n actions x the PGD rows) instead of the k-th lowest-ranked action, reached or not
-    director_reachable: bool = False
+    # forced at once, n actions x the PGD rows); false: the k-th lowest-ranked action, reached or not, which
+    # commits the director to targets the budget may miss (docs/attacks.md)
+    director_reachable: bool = True
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
     target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     lookahead_horizon: int = 1  # targeted_lookahead and fault=worst: greedy team steps each branch plays after the candidate action
