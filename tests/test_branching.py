@@ -118,9 +118,11 @@ def test_action_returns_in_a_rollout_match_brute_force_and_history_is_the_execut
 
 def test_env_not_reproducible_from_its_seed_is_refused():
     spec = EnvSpec("cascade_helpers.UnseededRelay", {"n_symbols": 3, "switch_prob": 0.5, "max_cycles": 12})
-    with MultiAgentVecEnv(spec, 2) as venv:
+    # an unseeded copy replays its observations by chance with probability about 1/3 (its target of 3 symbols);
+    # 16 copies leave about (1/3)^16 for a false pass
+    with MultiAgentVecEnv(spec, 16) as venv:
         team, history, rollout, obs = played(venv, 3)
         first = [env_actions(team, team_actions(team, obs, True, None)[1])]
         with pytest.raises(MadistillError, match="not reproducible from its seed"):
-            Branching(spec, venv.groups).returns(team, rollout.playing, history.prefix(np.arange(2)), first, 1,
+            Branching(spec, venv.groups).returns(team, rollout.playing, history.prefix(np.arange(16)), first, 1,
                                                  expect=obs)
