@@ -26,11 +26,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
-    from madistill.attacks.robustness import (
-        curves_figure,
-        evaluate_robustness,
-        markdown_report,
-    )
+    from madistill.attacks.robustness import evaluate_robustness, markdown_report
     from madistill.attacks.transform import victim_sets
     from madistill.common.episodes import team_returns
     from madistill.common.io import atomic_write_text
@@ -50,8 +46,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         studied_policies,
         teams_for,
     )
-    from madistill.stages.results import side_tag
-    from madistill.stages.rundir import open_tb
 
     ac = cfg.attack
     # a student's teacher joins as its transfer surrogate and critic, unless both are given
@@ -105,6 +99,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.purify.purifier:
         text += f"\n{_purifier_line(cfg)}\n"
     write_markdown(reports / "robustness.md", text)
+    _log_tensorboard(cfg, run_dir, results, text, spec.id)
+    print("\n".join(_summary(results, cfg.attack, spec.id, sides, run_dir)))
+    return payload
+
+
+def _log_tensorboard(cfg: DictConfig, run_dir: Path, results: dict, text: str, env_id: str) -> None:
+    """The report as text, every worst-case cell as a scalar over eps (x100), the learned attacks' training
+    curves over env steps and, with figures on, the return-vs-eps curves per victim set."""
+    from madistill.attacks.robustness import curves_figure
+    from madistill.stages.results import side_tag
+    from madistill.stages.rundir import open_tb
+
     victims = list(next(iter(results.values())).returns)
     with open_tb(cfg, run_dir) as tb:
         tb.text("attack/report", text)
@@ -121,10 +127,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                             tb.scalar(f"attack_training/{name}/{vname}/{method}/eps{eps:g}", value, step)
         if cfg.logger.figures:
             for vname in victims:
-                tb.figure(f"attack/curves_{vname}", curves_figure(results, vname, spec.id))
-    print("\n".join(_summary(results, cfg.attack, spec.id, sides, run_dir)))
-    return payload
-
+                tb.figure(f"attack/curves_{vname}", curves_figure(results, vname, env_id))
 
 def _summary(results: dict[str, RobustnessResult], ac: DictConfig, env_id: str, sides: Teams, run_dir: Path) -> list[str]:
     """The lines the stage prints: each policy's clean return and worst case at each eps, PGD's cost, the
