@@ -293,8 +293,11 @@ class LearnedAdversary(ObsTransform):
 
     def deltas(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The perturbation of the victims' observations ``x`` ``[n, D]``, in units of the budget radius."""
-        action, _ = self.model.predict(x.detach().cpu().numpy(), deterministic=True)
-        return torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32, device=x.device)
+        return torch.as_tensor(np.clip(self._act(x), -1, 1), dtype=torch.float32, device=x.device)
+
+    def _act(self, x: torch.Tensor) -> np.ndarray:
+        """The trained attacker's deterministic action at the victims' observations ``x``."""
+        return self.model.predict(x.detach().cpu().numpy(), deterministic=True)[0]
 
 
 class DirectorAttack(LearnedAdversary):
@@ -305,9 +308,10 @@ class DirectorAttack(LearnedAdversary):
                  frequency: float = 1.0, reachable: bool = False):
         super().__init__(model, victims, budgets, frequency)
         self.attack, self.reachable = attack, reachable
+        self._director: tuple[TeamPolicy, Director] | None = None  # built for the acting team at its first step
 
     def deltas(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        action, _ = self.model.predict(x.detach().cpu().numpy(), deterministic=True)
-        director = Director(ctx.team, self.victims, self.budgets, self.attack, self.reachable)
+        if self._director is None or self._director[0] is not ctx.team:
+            self._director = (ctx.team, Director(ctx.team, self.victims, self.budgets, self.attack, self.reachable))
         with torch.no_grad():
-            return director.deltas(ctx.team, x, action, ctx.generator)
+            return self._director[1].deltas(ctx.team, x, self._act(x), ctx.generator)

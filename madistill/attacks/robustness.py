@@ -42,6 +42,9 @@ from madistill.policies.base import TeamPolicy
 from madistill.tb import pyplot
 from madistill.transforms import ActionTransform, ObsTransform
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 # The attack suite by name: "critic" is PGD on minus a critic's value, "transfer" is PGD crafted on a
 # surrogate policy; "learned" trains a PPO adversary per victim set and eps (attack.learned_steps);
 # "offsets" keeps, per episode, the worst of attack.offset_candidates constant corner offsets (ConstantOffset);
@@ -50,9 +53,6 @@ from madistill.transforms import ActionTransform, ObsTransform
 # episode shows most harmful (attacks.lookahead; skipped with a note where the env cannot branch). "director"
 # (opt-in) trains a PPO director per victim set and eps (attack.director_steps) whose target actions the
 # targeted PGD forces (attacks.learned.DirectorAttack).
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 SUITE = tuple(AttackMethod)
 
 # What each attacker knows and can do, per step and per victim, inside the same l_inf budget: the report and
