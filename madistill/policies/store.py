@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,23 +83,30 @@ def save_team(
             networks[g.name] = {
                 **_arch_of(policy), "num_parameters": policy.num_parameters, "acting_parameters": policy.acting_parameters
             }
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "madistill_version": __version__,
-            "role": role,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "env": env.to_dict(),
-            "groups": [g.to_dict() for g in team.groups],
-            "networks": networks,
-            "normalizers": {g: n.state_dict() for g, n in team.normalizers.items()},
-            "config": config or {},
-            **({"training": training} if training else {}),
-        }
+        manifest = _manifest(env, team.normalizers, config, training, role=role,
+                             groups=[g.to_dict() for g in team.groups], networks=networks)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
 
     return write_dir(path, write)
+
+
+def _manifest(env: EnvSpec, normalizers: Mapping[str, ObsNormalizer], config: dict[str, Any] | None,
+              training: dict[str, Any] | None, **body: Any) -> dict[str, Any]:
+    """A saved directory's manifest: the format and version it was written with, when, for which env, ``body``
+    (what it holds), the normalisers of the observations it was fitted on, the config and, when known, how much
+    training it had."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "madistill_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "env": env.to_dict(),
+        **body,
+        "normalizers": {g: n.state_dict() for g, n in normalizers.items()},
+        "config": config or {},
+        **({"training": training} if training else {}),
+    }
 
 
 def write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -257,16 +264,8 @@ def save_purifier(path: str | Path, purifier: Purifier, env: EnvSpec, config: di
         for name, den in purifier.denoisers.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in den.state_dict().items()},
                       str(tmp / f"{name}.safetensors"))
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "madistill_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "env": env.to_dict(),
-            "groups": {name: {"obs_dim": den.obs_dim, "arch": den.arch} for name, den in purifier.denoisers.items()},
-            "normalizers": {g: n.state_dict() for g, n in purifier.normalizers.items()},
-            "config": config or {},
-            **({"training": training} if training else {}),
-        }
+        manifest = _manifest(env, purifier.normalizers, config, training, groups={
+            name: {"obs_dim": den.obs_dim, "arch": den.arch} for name, den in purifier.denoisers.items()})
         (tmp / PURIFIER_MANIFEST).write_text(json.dumps(manifest, indent=2))
 
     return write_dir(path, write)
