@@ -40,6 +40,15 @@ def copy_team(venv: MultiAgentVecEnv, scale: float = 3.0) -> TeamPolicy:
                       {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
 
 
+def mlp_team(venv: MultiAgentVecEnv, hidden: list[int], seed: int = 0) -> TeamPolicy:
+    """Randomly initialised tanh MLPs (torch seeded with ``seed``), one per group of ``venv``, normalisation off."""
+    from madistill.policies.mlp import MLPPolicy
+
+    torch.manual_seed(seed)
+    return TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": hidden, "activation": "tanh"}) for g in venv.groups},
+                      {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
+
+
 class UnseededRelay(RelayEnv):
     """A relay env that ignores the reset seed: its episodes cannot be replayed."""
 

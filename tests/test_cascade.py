@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cascade_helpers import copy_team, relay_spec, venv_maker
+from cascade_helpers import copy_team, mlp_team, relay_spec, venv_maker
 from omegaconf import OmegaConf
 
 from madistill.cascade.faults import FaultEnv, make_fault
@@ -121,20 +121,12 @@ def test_a_non_reproducible_env_is_refused_in_one_line():
 def test_speaker_listener_the_speaker_influences_the_listener_and_never_the_reverse():
     """The speaker's observation (its goal) never depends on the listener: that effect is exactly 0 at every lag;
     the listener hears the speaker's message of the step before: lag 1 (random-initialised MLPs, sampled actions)."""
-    import torch
-
     from madistill.envs.factory import EnvSpec
-    from madistill.normalize import ObsNormalizer
-    from madistill.policies.base import TeamPolicy
-    from madistill.policies.mlp import MLPPolicy
 
     spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 10}, name="sl")
     make = venv_maker(spec)
-    torch.manual_seed(0)
     with make(1, 1) as venv:
-        team = TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [16], "activation": "tanh"})
-                                        for g in venv.groups},
-                          {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
+        team = mlp_team(venv, [16])
         env = FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names))
         agents = list(venv.possible_agents)
     faults = [impulse(env, a, o) for a in agents for o in (2, 5)]
@@ -165,19 +157,13 @@ def test_box_actions_faults_and_exact_gaussian_tv():
     import torch
 
     from madistill.envs.factory import EnvSpec
-    from madistill.normalize import ObsNormalizer
-    from madistill.policies.base import TeamPolicy
-    from madistill.policies.mlp import MLPPolicy
     from madistill.rollout import Rollout
 
     spec = EnvSpec("mpe2.simple_spread_v3.parallel_env", {"N": 2, "max_cycles": 8, "continuous_actions": True},
                    name="spread")
     make = venv_maker(spec)
-    torch.manual_seed(0)
     with make(2, 2) as venv:
-        team = TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"})
-                                        for g in venv.groups},
-                          {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
+        team = mlp_team(venv, [8])
         env = FaultEnv(venv.groups, feature_layouts(venv.groups, {}, venv.feature_names))
         box = venv.groups[0].action_space
         const = impulse(env, "agent_0", 2, "constant", duration=None, action=[0.0, 1.0, 0.0, 0.5, 0.0])

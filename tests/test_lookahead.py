@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from branch_helpers import MISS_SPEC, TRAP_SPEC, trap_team
-from cascade_helpers import copy_team
+from cascade_helpers import copy_team, mlp_team
 from omegaconf import OmegaConf
 
 from madistill.attacks.lookahead import LookaheadAttack
@@ -26,9 +26,6 @@ from madistill.envs.factory import EnvSpec
 from madistill.envs.features import feature_layouts
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
-from madistill.normalize import ObsNormalizer
-from madistill.policies.base import TeamPolicy
-from madistill.policies.mlp import MLPPolicy
 from madistill.rollout import Rollout
 
 
@@ -100,12 +97,6 @@ def test_lookahead_adds_the_critic_only_when_asked(make_cfg, use):
     assert attack.critic is (team if use else None)
 
 
-def _box_team(venv: MultiAgentVecEnv) -> TeamPolicy:
-    torch.manual_seed(0)
-    return TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [8], "activation": "tanh"}) for g in venv.groups},
-                      {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
-
-
 @pytest.mark.parametrize("case", ["box", "unseeded"])
 def test_the_suite_skips_the_lookahead_with_a_note_where_the_env_cannot_branch(make_cfg, case):
     """Box victims, and an env whose episodes do not follow from their seed: the lookahead is skipped with a
@@ -119,7 +110,7 @@ def test_the_suite_skips_the_lookahead_with_a_note_where_the_env_cannot_branch(m
     ac = make_cfg("attack.methods=[random,targeted_lookahead]", "attack.eps=[0.3,4.0]", f"attack.victims=[{','.join(victims)}]",
                   "attack.episodes=2", "attack.checks=false").attack
     with MultiAgentVecEnv(spec, 2) as venv:
-        team = _box_team(venv) if case == "box" else copy_team(venv)
+        team = mlp_team(venv, [8]) if case == "box" else copy_team(venv)
         res = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, random_return=-20.0, seed=0)
     assert {v: list(r) for v, r in res.returns.items()} == {v: ["random"] for v in victims}
     assert [s.split(":")[0] for s in res.skipped] == [f"targeted_lookahead on victims {v}" for v in victims]
