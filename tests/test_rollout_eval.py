@@ -172,3 +172,51 @@ def test_batched_runs_play_all_their_episodes_at_once_where_no_draw_depends_on_t
         assert widened == [9, 9]
         run_episodes(bt, team, 9, 5, deterministic=False)
         assert widened == [9, 9]
+
+
+@pytest.mark.parametrize("kind", ["categorical", "normal", "uniform"])
+def test_per_copy_streams_draw_what_torch_draws_for_each_copy_alone(kind):
+    """``sample`` with one generator per copy fills the whole batch's noise in place, then does the arithmetic once:
+    each copy's actions are still exactly torch's own draws for that copy's rows from its stream alone
+    (``torch.multinomial``, ``randn``, ``rand``), over several steps of the same streams, and one generator gives
+    what it gives the whole batch."""
+    from torch.distributions import Categorical, Independent, Normal, Uniform
+
+    from madistill.policies.base import sample
+
+    copies, agents, actions = 37, 3, 5
+    g = torch.Generator().manual_seed(1)
+    logits = 4 * torch.randn(copies * agents, actions, generator=g)
+    mean, std = torch.randn(copies * agents, 2, generator=g), torch.rand(copies * agents, 2, generator=g) + 0.1
+    low, high = -torch.ones(copies * agents, 2), torch.full((copies * agents, 2), 3.0)
+    dist = {"categorical": Categorical(logits=logits), "normal": Normal(mean, std),
+            "uniform": Independent(Uniform(low, high), 1)}[kind]
+
+    def alone(rows: slice, stream: torch.Generator) -> torch.Tensor:
+        if kind == "categorical":
+            return torch.multinomial(Categorical(logits=logits[rows]).probs, 1, generator=stream)[:, 0]
+        if kind == "normal":
+            return mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=stream)
+        return low[rows] + (high[rows] - low[rows]) * torch.rand(low[rows].shape, generator=stream)
+
+    streams = [torch.Generator().manual_seed(100 + i) for i in range(copies)]
+    ours = [torch.Generator().manual_seed(100 + i) for i in range(copies)]
+    drawn = torch.stack([sample(dist, ours) for _ in range(4)])
+    expected = torch.stack([torch.cat([alone(slice(i * agents, (i + 1) * agents), s) for i, s in enumerate(streams)])
+                            for _ in range(4)])
+    assert torch.equal(drawn, expected)
+    assert len({tuple(d.flatten().tolist()) for d in drawn}) == 4  # the streams advance from step to step
+    whole = torch.Generator().manual_seed(7)
+    assert torch.equal(sample(dist, torch.Generator().manual_seed(7)), alone(slice(None), whole))
+
+
+def test_sampling_non_finite_probabilities_is_an_error():
+    """NaN logits (a diverged policy) stop sampling, as torch.multinomial did, rather than picking an action."""
+    from torch.distributions import Categorical
+
+    from madistill.policies.base import sample
+
+    logits = torch.zeros(6, 4)
+    logits[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        sample(Categorical(logits=logits, validate_args=False), [torch.Generator() for _ in range(3)])

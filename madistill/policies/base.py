@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -150,26 +150,37 @@ def greedy_actions(policy: Policy, x: torch.Tensor) -> torch.Tensor:
 def sample(dist: Distribution, generator: Generators) -> torch.Tensor:
     """Draw from a Categorical or Normal with an explicit generator (torch's ``sample`` takes none),
     so a rollout's randomness depends only on its seed. A sequence of generators splits the batch into
-    as many equal consecutive chunks (one env copy's agents each), each drawn from its own stream: one
-    generator call per chunk, the rest of the arithmetic over the whole batch (it is elementwise)."""
-    chunked = generator is not None and not isinstance(generator, torch.Generator)
-    streams = list(generator) if chunked else [generator]  # type: ignore[arg-type]
-    rows = dist.batch_shape[0] // len(streams)
+    as many equal consecutive chunks (one env copy's agents each), each drawn from its own stream.
+
+    Each chunk's noise is written in place into one tensor for the batch (one in-place fill per chunk and
+    nothing else per chunk: a rollout of thousands of copies calls this every step), and the arithmetic runs
+    once over the whole batch, elementwise, so every chunk gets the numbers torch gives it alone: a Categorical
+    is torch's own one-sample ``multinomial`` (exponential noise ``q``, then ``argmax(p / q)``), a Normal
+    ``mean + std * randn``, a box's Uniform ``low + (high - low) * rand``."""
+    streams = [generator] if generator is None or isinstance(generator, torch.Generator) else list(generator)
     if isinstance(dist, Categorical):
         # a Categorical of a chunk's rows would normalise the normalised logits once more; torch computes each
         # row alike whatever the batch, so normalising the whole batch once more gives every chunk its own
-        probs = Categorical(logits=dist.logits, validate_args=False).probs if chunked else dist.probs
-        return torch.cat([torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=g).reshape(p.shape[:-1])
-                          for p, g in zip(probs.split(rows), streams)])
+        probs = Categorical(logits=dist.logits, validate_args=False).probs if len(streams) > 1 else dist.probs
+        if not torch.isfinite(probs).all():  # torch.multinomial's check, which argmax would not make
+            raise ValueError("cannot sample actions: the policy's action probabilities are not finite")
+        q = _noise(probs, streams, lambda chunk, g: chunk.exponential_(generator=g))
+        return (probs / q).argmax(-1)
     if isinstance(dist, Normal):
-        mean = dist.mean
-        noise = [torch.randn(m.shape, generator=g, device=mean.device, dtype=mean.dtype)
-                 for m, g in zip(mean.split(rows), streams)]
-        return mean + dist.stddev * torch.cat(noise)
+        return dist.mean + dist.stddev * _noise(dist.mean, streams, lambda chunk, g: chunk.normal_(generator=g))
     if isinstance(dist, Independent) and isinstance(dist.base_dist, Uniform):
         low, high = dist.base_dist.low, dist.base_dist.high
-        u = [torch.rand(x.shape, generator=g, device=low.device) for x, g in zip(low.split(rows), streams)]
-        return low + (high - low) * torch.cat(u)
-    if chunked:
+        return low + (high - low) * _noise(low, streams, lambda chunk, g: chunk.uniform_(generator=g))
+    if len(streams) > 1:
         raise TypeError(f"per-copy sampling streams do not support {type(dist).__name__}")
     return dist.sample()
+
+
+def _noise(like: torch.Tensor, streams: Sequence[torch.Generator | None],
+           fill: Callable[[torch.Tensor, torch.Generator | None], object]) -> torch.Tensor:
+    """A tensor shaped as ``like`` whose equal consecutive chunks of rows, one per stream, are each filled in
+    place by ``fill(chunk, stream)``: the numbers a fresh tensor of the chunk's shape gets from that stream."""
+    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    for chunk, g in zip(out.split(like.shape[0] // len(streams)), streams):
+        fill(chunk, g)
+    return out
