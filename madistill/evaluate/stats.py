@@ -84,15 +84,20 @@ def iqm(x: np.ndarray | Sequence[float], axis: int | None = None) -> float | np.
     return np.asarray(_trimmed_mean(arr, axis), dtype=np.float64)
 
 
-def _trimmed_mean(arr: np.ndarray, axis: int) -> np.ndarray:
+def _trimmed_mean(arr: np.ndarray, axis: int, in_place: bool = False) -> np.ndarray:
     """The mean along ``axis`` of the values left after ``int(0.25 * n)`` of the lowest and as many of the
     highest are dropped: the values at sorted positions cut..n-cut-1, placed there by one partition at its two
-    ends (without importing SciPy, whose ``trim_mean`` gives these numbers, for one function)."""
+    ends (without importing SciPy, whose ``trim_mean`` gives these numbers, for one function). ``in_place``
+    partitions ``arr`` itself (the same numbers, without a copy of a bootstrap matrix the caller is done with)."""
     n = arr.shape[axis]
     cut = int(0.25 * n)
     middle = [slice(None)] * arr.ndim
     middle[axis] = slice(cut, n - cut)
-    return np.mean(np.partition(arr, (cut, n - cut - 1), axis)[tuple(middle)], axis=axis)
+    if in_place:
+        arr.partition((cut, n - cut - 1), axis)
+    else:
+        arr = np.partition(arr, (cut, n - cut - 1), axis)
+    return np.mean(arr[tuple(middle)], axis=axis)
 
 
 def _apply_statistic(statistic: Callable[..., Any], samples: np.ndarray) -> np.ndarray:
@@ -201,10 +206,10 @@ def summarize_scores(
         mean_ci = (mean, mean)
         iqm_ci = (point_iqm, point_iqm)
     else:
-        # one draw serves both statistics (same seed as two calls)
+        # one draw serves both statistics (same seed as two calls); the IQM comes last, as it reorders the draw
         samples = x[_indices(x.size, n_boot, seed, strata) if indices is None else indices]
-        mean_ci = _percentile_ci(_apply_statistic(np.mean, samples), confidence)
-        iqm_ci = _percentile_ci(_apply_statistic(iqm, samples), confidence)
+        mean_ci = _percentile_ci(np.mean(samples, axis=-1), confidence)
+        iqm_ci = _percentile_ci(_trimmed_mean(samples, -1, in_place=True), confidence)
     return {
         "mean": mean,
         "iqm": point_iqm,
