@@ -7,13 +7,17 @@ ratios side by side from one run (simple_spread_v3, N=3):
 - the stages on one saved teacher, on the same episodes under both backends, each at its defaults (env copies
   and workers as a user gets them): ``madistill evaluate`` (greedy and the random team, per-episode sampling
   streams), ``madistill attack`` with a preset (``--attack``), ``madistill attack`` with the default suite,
-  and ``madistill cascade`` of one fault (``fault=random`` on agent_0). Each run is a fresh process, as a
-  user's; the runs take turns between the backends (``--repeats`` each). Per stage: the median wall time and
-  CPU time (of the process and its env workers) per backend, the ratios of both, whether every run reported
-  identical numbers, and the load average.
+  and ``madistill cascade`` of one fault (``fault=random`` on agent_0), and ``startup``: ``madistill evaluate``
+  of one episode without the random team, the fixed cost of a stage's process (imports, composing the config,
+  loading the policy, writing reports), which bounds every stage's ratio: no stage's batched run takes less.
+  Each run is a fresh process, as a user's; the runs take turns between the backends (``--repeats`` each).
+  Per stage: the median wall time and CPU time (of the process and its env workers) per backend, the ratios
+  of both, whether every run reported identical numbers, the load average, and (with ``startup``) the most
+  the wall ratio can be while a batched run pays the start-up: the PettingZoo path's wall time over the
+  batched ``startup`` wall time.
 
     python experiments/bench_batched_loop.py [--policy runs/train/...] [--parts training stages]
-        [--train-steps 393216] [--copies 1024] [--stages evaluate attack suite cascade] [--repeats 3]
+        [--train-steps 393216] [--copies 1024] [--stages evaluate attack suite cascade startup] [--repeats 3]
         [--episodes 1000] [--attack quick] [--attack-episodes 100] [--suite-episodes 50]
         [--cascade-episodes 20] [--seed 0] [--out experiments/results/bench_batched_loop.json]
 
@@ -57,13 +61,16 @@ def training_rows(steps: int, copies: int, seed: int) -> dict[str, dict[str, flo
     return rows
 
 
-STAGES = ("evaluate", "attack", "suite", "cascade")  # "suite": madistill attack with the default attack suite
+# "suite": madistill attack with the default attack suite; "startup": an evaluation of one episode
+STAGES = ("evaluate", "attack", "suite", "cascade", "startup")
 
 
 def stage_args(stage: str, policy: str, args: argparse.Namespace) -> list[str]:
     """The ``madistill`` command line of one benchmarked stage, without the backend."""
     if stage == "evaluate":
         return ["evaluate", f"eval.policy={policy}", f"eval.episodes={args.episodes}", "eval.episode_streams=true"]
+    if stage == "startup":
+        return ["evaluate", f"eval.policy={policy}", "eval.episodes=1", "eval.random_baseline=false"]
     if stage == "attack":
         return ["attack", f"attack.policy={policy}", f"attack={args.attack}", f"attack.episodes={args.attack_episodes}"]
     if stage == "suite":
@@ -76,7 +83,7 @@ def _reports(stage: str, run_dir: Path) -> object:
     """The numbers a stage reported: every evaluated policy's episodes and summary, the robustness results, or
     the cascade report."""
     reports = run_dir / "reports"
-    if stage == "evaluate":
+    if stage in ("evaluate", "startup"):
         return {p.name: json.loads(p.read_text()) for p in sorted(reports.glob("eval_*.json"))}
     if stage == "cascade":
         return json.loads((reports / "cascade.json").read_text())
@@ -124,6 +131,10 @@ def stage_rows(policy: str, args: argparse.Namespace, tmp: Path) -> dict[str, di
                        "speedup_wall": median["pettingzoo"]["wall"] / median["batched"]["wall"],
                        "speedup_cpu": median["pettingzoo"]["cpu"] / median["batched"]["cpu"],
                        "identical": all(n == numbers[0] for n in numbers), "load_average": load}
+    if "startup" in rows:  # no batched run takes less than a process's fixed cost: the most each ratio can be
+        floor = rows["startup"]["median"]["batched"]["wall"]
+        for r in rows.values():
+            r["startup_bound_wall"] = r["median"]["pettingzoo"]["wall"] / floor
     return rows
 
 
@@ -166,6 +177,9 @@ def main() -> None:
                 print(f"{stage:<9} {m['pettingzoo']['wall']:>13.1f} s {m['batched']['wall']:>10.1f} s "
                       f"{r['speedup_wall']:>5.1f}x {m['pettingzoo']['cpu']:>12.1f} s {m['batched']['cpu']:>9.1f} s "
                       f"{r['speedup_cpu']:>5.1f}x  {r['identical']!s:<9}  {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f}")
+            if "startup" in stages:
+                print("the most each wall ratio can be while a batched run pays the start-up (pettingzoo wall / batched "
+                      "startup wall): " + ", ".join(f"{k} {r['startup_bound_wall']:.1f}x" for k, r in stages.items()))
     if "training" in args.parts:
         results["training"] = training = training_rows(args.train_steps, args.copies, args.seed)
         tutorial = max(v["agent_steps_per_s"] for k, v in training.items() if k.startswith("tutorial"))
