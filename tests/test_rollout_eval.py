@@ -174,27 +174,30 @@ def test_batched_runs_play_all_their_episodes_at_once_where_no_draw_depends_on_t
         assert widened == [9, 9]
 
 
+@pytest.mark.parametrize("copies", [1, 37])
 @pytest.mark.parametrize("kind", ["categorical", "normal", "uniform"])
-def test_per_copy_streams_draw_what_torch_draws_for_each_copy_alone(kind):
+def test_per_copy_streams_draw_what_torch_draws_for_each_copy_alone(kind, copies):
     """``sample`` with one generator per copy fills the whole batch's noise in place, then does the arithmetic once:
-    each copy's actions are still exactly torch's own draws for that copy's rows from its stream alone
+    each copy's actions are still exactly torch's own draws for its own distribution from its stream alone
     (``torch.multinomial``, ``randn``, ``rand``), over several steps of the same streams, and one generator gives
     what it gives the whole batch."""
     from torch.distributions import Categorical, Independent, Normal, Uniform
 
     from madistill.policies.base import sample
 
-    copies, agents, actions = 37, 3, 5
+    agents = 3
     g = torch.Generator().manual_seed(1)
-    logits = 4 * torch.randn(copies * agents, actions, generator=g)
+    logits = 4 * torch.randn(copies * agents, 5, generator=g)
     mean, std = torch.randn(copies * agents, 2, generator=g), torch.rand(copies * agents, 2, generator=g) + 0.1
     low, high = -torch.ones(copies * agents, 2), torch.full((copies * agents, 2), 3.0)
     dist = {"categorical": Categorical(logits=logits), "normal": Normal(mean, std),
             "uniform": Independent(Uniform(low, high), 1)}[kind]
 
-    def alone(rows: slice, stream: torch.Generator) -> torch.Tensor:
+    def alone(rows: slice, stream: torch.Generator, copy: bool) -> torch.Tensor:
+        """torch's draw for ``rows``: a copy's own Categorical of its rows, or the batch's distribution."""
         if kind == "categorical":
-            return torch.multinomial(Categorical(logits=logits[rows]).probs, 1, generator=stream)[:, 0]
+            probs = Categorical(logits=dist.logits[rows]).probs if copy else dist.probs[rows]
+            return torch.multinomial(probs, 1, generator=stream)[:, 0]
         if kind == "normal":
             return mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=stream)
         return low[rows] + (high[rows] - low[rows]) * torch.rand(low[rows].shape, generator=stream)
@@ -202,12 +205,12 @@ def test_per_copy_streams_draw_what_torch_draws_for_each_copy_alone(kind):
     streams = [torch.Generator().manual_seed(100 + i) for i in range(copies)]
     ours = [torch.Generator().manual_seed(100 + i) for i in range(copies)]
     drawn = torch.stack([sample(dist, ours) for _ in range(4)])
-    expected = torch.stack([torch.cat([alone(slice(i * agents, (i + 1) * agents), s) for i, s in enumerate(streams)])
-                            for _ in range(4)])
+    expected = torch.stack([torch.cat([alone(slice(i * agents, (i + 1) * agents), s, True)
+                                       for i, s in enumerate(streams)]) for _ in range(4)])
     assert torch.equal(drawn, expected)
-    assert len({tuple(d.flatten().tolist()) for d in drawn}) == 4  # the streams advance from step to step
+    assert len({tuple(d.flatten().tolist()) for d in drawn}) > 1  # the streams advance from step to step
     whole = torch.Generator().manual_seed(7)
-    assert torch.equal(sample(dist, torch.Generator().manual_seed(7)), alone(slice(None), whole))
+    assert torch.equal(sample(dist, torch.Generator().manual_seed(7)), alone(slice(None), whole, False))
 
 
 def test_sampling_non_finite_probabilities_is_an_error():

@@ -157,11 +157,12 @@ def sample(dist: Distribution, generator: Generators) -> torch.Tensor:
     once over the whole batch, elementwise, so every chunk gets the numbers torch gives it alone: a Categorical
     is torch's own one-sample ``multinomial`` (exponential noise ``q``, then ``argmax(p / q)``), a Normal
     ``mean + std * randn``, a box's Uniform ``low + (high - low) * rand``."""
-    streams = [generator] if generator is None or isinstance(generator, torch.Generator) else list(generator)
+    chunked = generator is not None and not isinstance(generator, torch.Generator)
+    streams = list(generator) if chunked else [generator]  # type: ignore[arg-type]
     if isinstance(dist, Categorical):
         # a Categorical of a chunk's rows would normalise the normalised logits once more; torch computes each
         # row alike whatever the batch, so normalising the whole batch once more gives every chunk its own
-        probs = Categorical(logits=dist.logits, validate_args=False).probs if len(streams) > 1 else dist.probs
+        probs = Categorical(logits=dist.logits, validate_args=False).probs if chunked else dist.probs
         if not torch.isfinite(probs).all():  # torch.multinomial's check, which argmax would not make
             raise ValueError("cannot sample actions: the policy's action probabilities are not finite")
         q = _noise(probs, streams, lambda chunk, g: chunk.exponential_(generator=g))
@@ -171,7 +172,7 @@ def sample(dist: Distribution, generator: Generators) -> torch.Tensor:
     if isinstance(dist, Independent) and isinstance(dist.base_dist, Uniform):
         low, high = dist.base_dist.low, dist.base_dist.high
         return low + (high - low) * _noise(low, streams, lambda chunk, g: chunk.uniform_(generator=g))
-    if len(streams) > 1:
+    if chunked:
         raise TypeError(f"per-copy sampling streams do not support {type(dist).__name__}")
     return dist.sample()
 
