@@ -154,7 +154,12 @@ def _ppo(action_space: spaces.Space, fast: bool, team_state_dim: int = 0, **sett
         buf.actions[:] = rng.normal(size=buf.actions.shape)
     for name in ("values", "returns", "advantages"):
         buf.__dict__[name][:] = rng.normal(size=buf.__dict__[name].shape)
-    buf.log_probs[:] = rng.normal(-1.5, 0.5, size=buf.log_probs.shape)
+    with torch.no_grad():  # the acting policy's log-probabilities: ratios start at 1, the KL at 0
+        rows = buf.n_envs * buf.buffer_size
+        actions = torch.as_tensor(buf.actions.reshape(rows, -1))
+        _, log_prob, _ = model.policy.evaluate_actions(torch.as_tensor(buf.observations.reshape(rows, -1)),
+                                                       actions.long().flatten() if buf.actions.dtype.kind == "i" else actions)
+    buf.log_probs[:] = log_prob.numpy().reshape(buf.log_probs.shape)
     buf.valid[:] = rng.random(buf.valid.shape) < 0.9
     buf.full, buf.rng = True, np.random.default_rng(5)
     return model
@@ -180,7 +185,7 @@ def _updates(model, fast: list[bool]) -> tuple[torch.Tensor, list[dict[str, floa
 CASES = {
     "plain": {},
     "clip_range_vf": {"clip_range_vf": 0.1},
-    "target_kl": {"target_kl": 0.02},  # stops in the first epoch of each update (asserted below)
+    "target_kl": {"target_kl": 2e-3},  # stops early in some update (asserted below)
     "schedules": {"learning_rate": lambda left: 3e-3 * left, "clip_range": lambda left: 0.1 + 0.2 * left,
                   "ent_coef": lambda left: 0.05 * left},
 }
@@ -202,7 +207,7 @@ def test_the_fast_update_learns_what_sb3s_train_learns(action_space, case, team_
             for key in theirs:
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
         assert update_count(model) == update_count(sb3)
-    assert update_count(sb3) == (2 if case == "target_kl" else 2 * FAST_EPOCHS)
+    assert (update_count(sb3) < 2 * FAST_EPOCHS) == (case == "target_kl")
 
 
 def test_step_hooks_run_before_each_optimiser_step_of_either_update():
