@@ -134,7 +134,7 @@ class MaskedRolloutBuffer(RolloutBuffer):
 
     def samples(self, rows: torch.Tensor) -> RolloutBufferSamples:
         """The minibatch of the flattened rollout's ``rows`` (a tensor of indices): views of one gather."""
-        obs, actions, *flat = self.packed[rows].split(self.widths, dim=1)
+        obs, actions, *flat = self.packed.index_select(0, rows).split(self.widths, dim=1)
         return RolloutBufferSamples(obs, actions, *(t.flatten() for t in flat))
 
     def live_observations(self, n: int, rng: np.random.Generator, width: int, device: torch.device | str) -> torch.Tensor:
