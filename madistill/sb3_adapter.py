@@ -10,6 +10,7 @@ internals, so an SB3 release that changed one fails with a one-line error naming
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -206,6 +207,9 @@ def fast_update_unsupported(model: PPO) -> str | None:
     return None
 
 
+_ALIGN = 16  # float32 elements in 64 bytes, the alignment of torch's CPU allocations
+
+
 class _FlatAdam:
     """torch's Adam over a policy's parameters, one group without weight decay, with its foreach arithmetic (the same
     operations on the same floats), while the parameters live as views of one flat tensor and their gradients as
@@ -219,9 +223,16 @@ class _FlatAdam:
         self.params: list[torch.nn.Parameter] = list(self.group["params"])
         state = [optimizer.state.get(p, {}) for p in self.params]
         self.steps = float(state[0]["step"]) if state[0] else 0.0
+        # Each parameter starts on a 64-byte boundary, as a tensor of its own does: kernels that pick their code
+        # path by alignment (convolutions) then compute the same floats as on SB3's separate tensors.
+        self.offsets = list(itertools.accumulate((-(-p.numel() // _ALIGN) * _ALIGN for p in self.params), initial=0))
+        template = self.params[0].detach()
 
         def flat(tensors: Any) -> torch.Tensor:
-            return torch.cat([t.detach().reshape(-1) for t in tensors])
+            out = template.new_zeros(self.offsets[-1])
+            for view, t in zip(self._views(out), tensors):
+                view.copy_(t.detach())
+            return out
 
         self.flat = flat(self.params)
         self.grad = torch.zeros_like(self.flat)
@@ -232,8 +243,7 @@ class _FlatAdam:
             p.data, p.grad = view, grad  # autograd accumulates into an existing .grad in place
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        sizes = [p.numel() for p in self.params]
-        return [v.view(p.shape) for v, p in zip(flat.split(sizes), self.params)]
+        return [flat[o : o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self.params)]
 
     def zero_grad(self) -> None:
         self.grad.zero_()

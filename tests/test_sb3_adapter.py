@@ -137,17 +137,25 @@ FAST_STEPS, FAST_ENVS, FAST_BATCH, FAST_EPOCHS = 16, 4, 24, 3
 DISCRETE, BOX = spaces.Discrete(5), spaces.Box(-1, 1, (3,), np.float32)
 
 
-def _ppo(action_space: spaces.Space, fast: bool, team_state_dim: int = 0, **settings):
+IMAGE = spaces.Box(0, 255, (10, 10, 3), np.uint8)
+TINY_CNN = {"channels": [4], "kernels": [3], "strides": [2], "max_grid": 2, "features_dim": 8}
+
+
+def _ppo(action_space: spaces.Space, fast: bool, team_state_dim: int = 0, obs_space: spaces.Box | None = None,
+         **settings):
     """A tiny PPO of two agents in ``FAST_ENVS`` copies over a filled rollout: live entries, partly dead ones, a
-    last minibatch shorter than the others, and a seeded minibatch order."""
-    group = AgentGroup("g", ("a_0", "a_1"), spaces.Box(-1, 1, (6,), np.float32), action_space)
+    last minibatch shorter than the others, and a seeded minibatch order. ``obs_space``: the agents' (default: 6
+    floats); an image space gets a CNN encoder."""
+    group = AgentGroup("g", ("a_0", "a_1"), obs_space or spaces.Box(-1, 1, (6,), np.float32), action_space)
     arch = {"hidden_sizes": [16, 16], "activation": "tanh", "team_state_dim": team_state_dim}
+    if group.image_shape is not None:
+        arch["cnn"] = TINY_CNN
     settings = {"n_steps": FAST_STEPS, "batch_size": FAST_BATCH, "n_epochs": FAST_EPOCHS, "ent_coef": 0.01,
                 "learning_rate": 3e-3, **settings}
     model = build_model(group, FAST_ENVS, arch, settings, 0, "cpu")
     model.fast_update = fast
     buf, rng = model.rollout_buffer, np.random.default_rng(1)
-    buf.observations[:] = rng.normal(size=buf.observations.shape)
+    buf.observations[:] = rng.uniform(0, 255, size=buf.observations.shape) if arch.get("cnn") else rng.normal(size=buf.observations.shape)
     if isinstance(action_space, spaces.Discrete):
         buf.actions[:] = rng.integers(0, action_space.n, size=buf.actions.shape)
     else:
@@ -193,14 +201,16 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["Discrete", "Box"])
-@pytest.mark.parametrize("team_state_dim", [0, 4], ids=["local", "central"])
-def test_the_fast_update_learns_what_sb3s_train_learns(action_space, case, team_state_dim):
+@pytest.mark.parametrize("critic", ["local", "central", "cnn"])
+def test_the_fast_update_learns_what_sb3s_train_learns(action_space, case, critic):
     """Same rollout, same seed: two fast updates give the parameters, logged losses and update count of two of
-    SB3's; a fast update followed by SB3's too (the fast one leaves SB3 the optimiser state it would have left)."""
-    assert fast_update_unsupported(_ppo(action_space, True, team_state_dim, **CASES[case])) is None
-    sb3_params, sb3_logged = _updates(sb3 := _ppo(action_space, False, team_state_dim, **CASES[case]), [False, False])
+    SB3's; a fast update followed by SB3's too (the fast one leaves SB3 the optimiser state it would have left).
+    Critics: the agent's own, a centralised one, and a CNN encoder shared by actor and critic."""
+    net = {"central": {"team_state_dim": 4}, "cnn": {"obs_space": IMAGE}}.get(critic, {})
+    assert fast_update_unsupported(_ppo(action_space, True, **net, **CASES[case])) is None
+    sb3_params, sb3_logged = _updates(sb3 := _ppo(action_space, False, **net, **CASES[case]), [False, False])
     for fast in ([True, True], [True, False]):
-        params, logged = _updates(model := _ppo(action_space, True, team_state_dim, **CASES[case]), fast)
+        params, logged = _updates(model := _ppo(action_space, True, **net, **CASES[case]), fast)
         torch.testing.assert_close(params, sb3_params, rtol=0, atol=1e-6)
         for ours, theirs in zip(logged, sb3_logged):
             assert ours.keys() == theirs.keys()
