@@ -159,7 +159,13 @@ class ScheduledEntropyPPO(PPO):
         self.fast_update = fast_update
         self.step_hooks: list[StepHook] = []
         super().__init__(*args, ent_coef=self.ent_coef_schedule(1.0), **kwargs)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()  # builds the policy and its optimiser (in __init__, and in SB3's load())
         self.policy.optimizer.register_step_pre_hook(lambda *_: self.run_step_hooks())
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "step_hooks"]  # closures over a trainer's state, not settings
 
     def run_step_hooks(self) -> None:
         """Run ``step_hooks`` in order (the optimiser's pre-step hook in SB3's update; :func:`fast_train` calls it)."""

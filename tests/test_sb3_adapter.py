@@ -17,6 +17,7 @@ from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.sb3_adapter import (
     SB3_VERSION,
+    ScheduledEntropyPPO,
     actor_linears,
     actor_parameters,
     check_buffer,
@@ -259,3 +260,16 @@ def test_a_model_the_fast_update_does_not_support_gets_sb3s(change, said, monkey
     monkeypatch.setattr(PPO, "train", lambda self: called.append(self))
     model.train()
     assert called == [model]
+
+
+def test_a_model_with_step_hooks_saves_and_loads_as_sb3_does(tmp_path):
+    """SB3's .zip keeps the settings, not the hooks (closures over a trainer); the loaded model runs hooks added later."""
+    model = _ppo(DISCRETE, True)
+    model.step_hooks.append(lambda: None)
+    model.save(tmp_path / "model.zip")
+    loaded = ScheduledEntropyPPO.load(tmp_path / "model.zip", device="cpu")
+    assert loaded.step_hooks == [] and loaded.fast_update is True
+    calls = []
+    loaded.step_hooks.append(lambda: calls.append(1))
+    loaded.policy.optimizer.step()  # SB3's update steps the optimiser, whose pre-step hook runs them
+    assert calls == [1]
