@@ -1,8 +1,10 @@
 """Everything madistill relies on in stable-baselines3 beyond its documented ``learn()`` loop, in one place.
 
-madistill collects the rollouts and calls SB3's ``PPO.train()`` itself, so it sets what ``learn()`` would have
-set (the remaining progress the schedules read, the timestep count), reads SB3's logged values and update count,
-and samples only the live entries of SB3's rollout buffer (a subclass that builds on the buffer's internals).
+madistill collects the rollouts and runs each PPO update itself, so it sets what ``learn()`` would have set (the
+remaining progress the schedules read, the timestep count), reads SB3's logged values and update count, and
+samples only the live entries of SB3's rollout buffer (a subclass that builds on the buffer's internals). The
+update is :func:`fast_train`, SB3's ``PPO.train()`` rule with less overhead per minibatch, or ``PPO.train()``
+itself where the fast one does not apply.
 :func:`check_model` verifies every private attribute used here on a model, and :func:`check_buffer` the buffer
 internals, so an SB3 release that changed one fails with a one-line error naming the installed version
 (tests/test_sb3_adapter.py also checks that each one still means what this module assumes).
@@ -36,7 +38,7 @@ TESTED_VERSION = "2.9.2"  # the release these internals were checked against
 # names of the actor's parameters in SB3's ActorCriticPolicy: its MLP, its action head and (Box) its log-std
 ACTOR_PREFIXES = ("mlp_extractor.policy_net.", "action_net.", "log_std")
 _MODEL_ATTRIBUTES = ("_current_progress_remaining", "_n_updates", "num_timesteps", "ent_coef", "batch_size",
-                     "max_grad_norm", "rollout_buffer")
+                     "max_grad_norm", "rollout_buffer", "_update_learning_rate", "normalize_advantage")
 # the buffer arrays PPO's minibatches are sampled from, in RolloutBufferSamples' order
 _SAMPLED = ("observations", "actions", "values", "log_probs", "advantages", "returns")
 _BUFFER_ATTRIBUTES = ("generator_ready", "swap_and_flatten", "device", "observations", "actions", "values",
@@ -255,7 +257,8 @@ class _FlatAdam:
         self.grad.zero_()
 
     def clip_grad_norm(self, max_norm: float) -> None:
-        """``torch.nn.utils.clip_grad_norm_``: the norm of the parameters' gradient norms, the same floats."""
+        """``torch.nn.utils.clip_grad_norm_``: the norm of the parameters' gradient norms (its own per-tensor
+        operation, for the same floats) scales the flat gradient, at most to 1."""
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.grads)))
         self.grad.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
