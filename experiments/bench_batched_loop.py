@@ -3,7 +3,8 @@ ratios side by side from one run (simple_spread_v3, N=3):
 
 - teacher training at the tutorial recipe's PPO settings, network and agent-step budget
   (experiments/bench_throughput.py): agent-steps/s and the shares of wall time in env stepping, the rest of
-  the rollout (acting, SB3's buffer) and PPO's updates, one torch thread;
+  the rollout (acting, SB3's buffer) and PPO's updates, one torch thread; madistill with its fast PPO update
+  (the default), and the large batched row once more with SB3's own ``train()``;
 - the stages on one saved teacher, on the same episodes under both backends, each at its defaults (env copies
   and workers as a user gets them): ``madistill evaluate`` (greedy and the random team, per-episode sampling
   streams), ``madistill attack`` with a preset (``--attack``), ``madistill attack`` with the default suite,
@@ -53,10 +54,12 @@ def training_rows(steps: int, copies: int, seed: int) -> dict[str, dict[str, flo
     for cpus in (1, 2):
         sps, env = baseline(TUTORIAL_COPIES, steps, cpus, seed)
         rows[f"tutorial SB3+SuperSuit, {TUTORIAL_COPIES} copies, num_cpus={cpus}"] = {"agent_steps_per_s": sps, "env": env}
-    runs = [("pettingzoo", TUTORIAL_COPIES, 2), ("batched", TUTORIAL_COPIES, 0), ("batched", copies, 0)]
-    for backend, n, workers in runs:
-        sps, env, update = madistill_run(n, steps, workers, seed, "inline", backend)
-        rows[f"madistill {backend}, {n} copies, {workers} workers"] = {
+    # the last row: the same run with SB3's own PPO.train() in place of madistill's fast update (the default)
+    runs = [("pettingzoo", TUTORIAL_COPIES, 2, True), ("batched", TUTORIAL_COPIES, 0, True), ("batched", copies, 0, True),
+            ("batched", copies, 0, False)]
+    for backend, n, workers, fast in runs:
+        sps, env, update = madistill_run(n, steps, workers, seed, "inline", backend, fast_update=fast)
+        rows[f"madistill {backend}, {n} copies, {workers} workers{'' if fast else ', SB3 train()'}"] = {
             "agent_steps_per_s": sps, "env": env, "update": update, "rest_of_rollout": 1 - env - update}
     return rows
 
@@ -184,12 +187,12 @@ def main() -> None:
         results["training"] = training = training_rows(args.train_steps, args.copies, args.seed)
         tutorial = max(v["agent_steps_per_s"] for k, v in training.items() if k.startswith("tutorial"))
         print(f"teacher training, simple_spread_v3, {args.train_steps} agent-steps per row, the tutorial's PPO settings")
-        print(f"{'variant':<52} {'agent-steps/s':>13} {'x tutorial':>10} {'env':>5} {'rollout':>8} {'update':>7}")
+        print(f"{'variant':<56} {'agent-steps/s':>13} {'x tutorial':>10} {'env':>5} {'rollout':>8} {'update':>7}")
         for name, r in training.items():
             r["x_tutorial"] = r["agent_steps_per_s"] / tutorial
             shares = "".join(f"{r[k]:>{w}.0%}" if k in r else f"{'':>{w}}"
                              for k, w in (("env", 6), ("rest_of_rollout", 9), ("update", 8)))
-            print(f"{name:<52} {r['agent_steps_per_s']:>13.0f} {r['x_tutorial']:>9.2f}x{shares}")
+            print(f"{name:<56} {r['agent_steps_per_s']:>13.0f} {r['x_tutorial']:>9.2f}x{shares}")
     results["load_average"] = load = [load_before, os.getloadavg()[0]]
     print(f"load average (1 min) before and after: {load[0]:.1f}, {load[1]:.1f}")
     args.out.write_text(json.dumps(results, indent=2))

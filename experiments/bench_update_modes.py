@@ -1,4 +1,5 @@
-"""Teacher-training throughput of each ``teacher.update_mode``, and of PPO's distribution checks, side by side.
+"""Teacher-training throughput of each ``teacher.update_mode``, and the cost of one PPO update (SB3's ``train()``
+with and without its distribution checks, and madistill's ``fast_train``), side by side.
 
 Trains teachers on simple_spread_v3 (8 copies, the settings of ``bench_throughput.py``) with every update mode
 the installed madistill offers, one env worker, and with ``--checks`` each mode once more with torch's
@@ -7,16 +8,18 @@ as SB3's do by default). Variants are interleaved per repeat so drifts in machin
 the env workers is not timed.
 
     python experiments/bench_update_modes.py [--steps 30720] [--repeats 2] [--checks]
-    python experiments/bench_update_modes.py --update [--repeats 2]   # PPO updates alone, checks off and on
+    python experiments/bench_update_modes.py --update [--copies 8] [--repeats 2]   # PPO updates alone
 
 Writes ``experiments/results/update_modes_simple_spread_v3.json`` (agent-steps/s per variant and repeat), with
-``--update`` ``update_cost_simple_spread_v3.json`` (seconds per update).
+``--update`` ``update_cost_simple_spread_v3.json`` (seconds per update of each variant, 5 x ``--repeats`` interleaved
+repeats, and the paired ratios with 95% bootstrap intervals).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -46,9 +49,14 @@ def distribution_checks_on() -> Iterator[None]:
         yield
 
 
-def update_cost(copies: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per PPO update (``train()`` alone) of one spread group on a rollout of ``copies`` copies, with
-    torch's distribution checks off (as the trainer runs it) and on, interleaved ``repeats`` times."""
+UPDATES = ("SB3 train(), checks off", "SB3 train(), checks on", "fast_train")  # the variants --update times
+
+
+def update_cost(copies: int, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per PPO update of one spread group on a rollout of ``copies`` copies, wall and the thread's CPU time
+    (which other jobs on the cores disturb less), interleaved ``repeats`` times: SB3's ``train()`` with torch's
+    distribution checks off (as it runs where the fast update does not apply) and on, and madistill's
+    ``fast_train`` (the default), all on the same rollout."""
     from madistill.envs import EnvSpec, group_agents, make_env
     from madistill.teacher import build_model
 
@@ -62,14 +70,27 @@ def update_cost(copies: int, repeats: int) -> dict[str, list[float]]:
     buf.actions[:] = rng.integers(0, group.action_space.n, size=buf.actions.shape)
     buf.advantages[:] = rng.normal(size=buf.advantages.shape)
     buf.valid[:], buf.full = True, True
-    times: dict[str, list[float]] = {}
+    variants = dict(zip(UPDATES, ((False, nullcontext), (False, distribution_checks_on), (True, nullcontext))))
+    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
     for _ in range(repeats):
-        for name, context in (("checks off", nullcontext), ("checks on", distribution_checks_on)):
+        for name, (fast, context) in variants.items():
+            model.fast_update = fast
             with context():
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.thread_time()
                 model.train()
-                times.setdefault(name, []).append(time.perf_counter() - t)
+                times["wall"].setdefault(name, []).append(time.perf_counter() - t)
+                times["cpu"].setdefault(name, []).append(time.thread_time() - cpu)
     return times
+
+
+def paired_ratio(slow: list[float], fast: list[float], n_boot: int = 2000) -> tuple[float, float, float]:
+    """Median of the per-repeat ratios ``slow / fast`` (interleaved repeats, so each pair saw the same load) and
+    its 95% bootstrap interval."""
+    ratios = np.asarray(slow) / np.asarray(fast)
+    rng = np.random.default_rng(0)
+    boot = [np.median(rng.choice(ratios, len(ratios))) for _ in range(n_boot)]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(np.median(ratios)), float(lo), float(hi)
 
 
 def main() -> None:
@@ -78,17 +99,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=128 * 8 * 3 * 10, help="agent-steps per measurement")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--checks", action="store_true", help="also every mode with distribution checks on")
-    ap.add_argument("--update", action="store_true", help="only time PPO updates with the checks off and on")
+    ap.add_argument("--update", action="store_true",
+                    help="only time PPO updates: SB3's train() with the checks off and on, and fast_train")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as bench_throughput.py: small MLPs run fastest on one thread per process
     if args.update:
         times = update_cost(args.copies, 5 * args.repeats)
-        for name, t in times.items():
-            print(f"PPO update, distribution {name}: {1e3 * statistics.median(t):.0f} ms (median of {len(t)}) "
-                  f"[{1e3 * min(t):.0f}, {1e3 * max(t):.0f}]")
+        steps = PPO_SETTINGS["n_epochs"] * -(-PPO_SETTINGS["n_steps"] * args.copies * 3 // PPO_SETTINGS["batch_size"])
+        print(f"simple_spread_v3 N=3, {args.copies} copies: one update of {PPO_SETTINGS['n_steps'] * args.copies * 3} "
+              f"agent-steps, {steps} gradient steps, {5 * args.repeats} interleaved repeats, load average "
+              f"{os.getloadavg()[0]:.1f}")
+        ratios: dict[str, dict[str, tuple[float, float, float]]] = {}
+        for clock, by_variant in times.items():
+            for name, t in by_variant.items():
+                print(f"{clock:>4} {name:<24} {1e3 * statistics.median(t):>7.0f} ms per update (median) "
+                      f"[{1e3 * min(t):.0f}, {1e3 * max(t):.0f}], {1e6 * statistics.median(t) / steps:.0f} us per gradient step")
+            pairs = [(slow, UPDATES[2]) for slow in UPDATES[:2]] + [(UPDATES[1], UPDATES[0])]
+            ratios[clock] = {f"{a} / {b}": paired_ratio(by_variant[a], by_variant[b]) for a, b in pairs}
+            for name, (median, lo, hi) in ratios[clock].items():
+                print(f"{clock:>4} {name}: {median:.2f}x [95% bootstrap CI {lo:.2f}, {hi:.2f}]")
         out = Path(__file__).parent / "results" / "update_cost_simple_spread_v3.json"
         out.write_text(json.dumps({"settings": {"copies": args.copies, "ppo": PPO_SETTINGS, "hidden": HIDDEN},
-                                   "seconds_per_update": times}, indent=2))
+                                   "seconds_per_update": times,
+                                   "paired_ratio": {clock: {k: {"median": m, "ci95": [lo, hi]} for k, (m, lo, hi) in r.items()}
+                                                    for clock, r in ratios.items()},
+                                   "load_average": os.getloadavg()[0]}, indent=2))
         print(f"wrote {out}")
         return
     rows: dict[str, list[float]] = {}

@@ -165,6 +165,9 @@ class PPOConfig:
     vf_coef: float = 0.5  # weight of the value loss
     max_grad_norm: float = 0.5  # gradient norm clip
     target_kl: float | None = None  # stop an update's epochs early beyond this KL (null: never)
+    # the update: madistill's fast_train (SB3's learning rule, less overhead per minibatch; SB3's own train() where
+    # it does not support the policy, madistill/sb3_adapter.py), or false: SB3's PPO.train() always
+    fast_update: bool = True
 
     @staticmethod
     def validate(c: Checks) -> None:

@@ -1,8 +1,10 @@
 """Everything madistill relies on in stable-baselines3 beyond its documented ``learn()`` loop, in one place.
 
-madistill collects the rollouts and calls SB3's ``PPO.train()`` itself, so it sets what ``learn()`` would have
-set (the remaining progress the schedules read, the timestep count), reads SB3's logged values and update count,
-and samples only the live entries of SB3's rollout buffer (a subclass that builds on the buffer's internals).
+madistill collects the rollouts and runs each PPO update itself, so it sets what ``learn()`` would have set (the
+remaining progress the schedules read, the timestep count), reads SB3's logged values and update count, and
+samples only the live entries of SB3's rollout buffer (a subclass that builds on the buffer's internals). The
+update is :func:`fast_train`, SB3's ``PPO.train()`` rule with less overhead per minibatch, or ``PPO.train()``
+itself where the fast one does not apply.
 :func:`check_model` verifies every private attribute used here on a model, and :func:`check_buffer` the buffer
 internals, so an SB3 release that changed one fails with a one-line error naming the installed version
 (tests/test_sb3_adapter.py also checks that each one still means what this module assumes).
@@ -10,17 +12,22 @@ internals, so an SB3 release that changed one fails with a one-line error naming
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import stable_baselines3
 import torch
+import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import RolloutBufferSamples, Schedule
-from stable_baselines3.common.utils import ConstantSchedule
+from stable_baselines3.common.utils import ConstantSchedule, explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch.distributions import Distribution
 
@@ -31,7 +38,7 @@ TESTED_VERSION = "2.9.2"  # the release these internals were checked against
 # names of the actor's parameters in SB3's ActorCriticPolicy: its MLP, its action head and (Box) its log-std
 ACTOR_PREFIXES = ("mlp_extractor.policy_net.", "action_net.", "log_std")
 _MODEL_ATTRIBUTES = ("_current_progress_remaining", "_n_updates", "num_timesteps", "ent_coef", "batch_size",
-                     "max_grad_norm", "rollout_buffer")
+                     "max_grad_norm", "rollout_buffer", "_update_learning_rate", "normalize_advantage")
 # the buffer arrays PPO's minibatches are sampled from, in RolloutBufferSamples' order
 _SAMPLED = ("observations", "actions", "values", "log_probs", "advantages", "returns")
 _BUFFER_ATTRIBUTES = ("generator_ready", "swap_and_flatten", "device", "observations", "actions", "values",
@@ -94,27 +101,43 @@ class MaskedRolloutBuffer(RolloutBuffer):
         super().reset()
         self.valid = np.zeros((self.buffer_size, self.n_envs), dtype=bool)
 
-    def get(self, batch_size: int | None = None):  # type: ignore[override]
+    def prepare(self) -> None:
+        """Flatten the filled rollout for an update (once; SB3's ``get`` does it on its first call).
+
+        Every sampled field goes into one float32 matrix, side by side in RolloutBufferSamples' order (``widths``
+        columns each), so a minibatch is one row gather instead of six copies from numpy. Observations are float32
+        (``sb3_observation_space``) and actions become float32 as SB3's minibatches have them (Discrete ones are
+        stored as integers). The numpy arrays stay, as SB3's ``train()`` and :meth:`live_observations` read them."""
         assert self.full, "collect a full rollout before training"
-        if not self.generator_ready:
-            for name in _SAMPLED:
-                self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])
-            # one tensor view per array for the whole update (SB3 copies every minibatch from numpy instead);
-            # the numpy arrays stay, as SB3's train() and live_observations read them. Actions become float32
-            # as SB3's minibatches have them (Discrete ones are stored as integers).
-            self.tensors = [torch.as_tensor(self.__dict__[name].astype(np.float32, copy=False) if name == "actions"
-                                            else self.__dict__[name], device=self.device) for name in _SAMPLED]
-            self.valid_idx = np.flatnonzero(self.swap_and_flatten(self.valid).ravel())
-            self.generator_ready = True
-        indices = (self.rng or np.random).permutation(self.valid_idx)
+        if self.generator_ready:
+            return
+        for name in _SAMPLED:
+            self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])
+        columns = [self.__dict__[name].reshape(self.buffer_size * self.n_envs, -1).astype(np.float32, copy=False)
+                   for name in _SAMPLED]
+        self.widths = [c.shape[1] for c in columns]
+        self.packed = torch.as_tensor(np.concatenate(columns, axis=1), device=self.device)
+        self.valid_idx = np.flatnonzero(self.swap_and_flatten(self.valid).ravel())
+        self.generator_ready = True
+
+    def permutation(self) -> np.ndarray:
+        """The live rows in an epoch's minibatch order, drawn as SB3's buffer draws it (from ``rng`` if set)."""
+        return (self.rng or np.random).permutation(self.valid_idx)
+
+    def get(self, batch_size: int | None = None):  # type: ignore[override]
+        self.prepare()
+        indices = self.permutation()
         batch_size = batch_size or len(indices)
         for start in range(0, len(indices), batch_size):
             yield self._get_samples(indices[start : start + batch_size])
 
     def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> RolloutBufferSamples:
-        """SB3's minibatch (the same values, dtypes and shapes) gathered from the tensor views."""
-        rows = torch.as_tensor(batch_inds, device=self.device)
-        obs, actions, *flat = (t[rows] for t in self.tensors)
+        """SB3's minibatch (the same values, dtypes and shapes) gathered from the packed rollout."""
+        return self.samples(torch.as_tensor(batch_inds, device=self.device))
+
+    def samples(self, rows: torch.Tensor) -> RolloutBufferSamples:
+        """The minibatch of the flattened rollout's ``rows`` (a tensor of indices): views of one gather."""
+        obs, actions, *flat = self.packed.index_select(0, rows).split(self.widths, dim=1)
         return RolloutBufferSamples(obs, actions, *(t.flatten() for t in flat))
 
     def live_observations(self, n: int, rng: np.random.Generator, width: int, device: torch.device | str) -> torch.Tensor:
@@ -124,17 +147,39 @@ class MaskedRolloutBuffer(RolloutBuffer):
         return torch.as_tensor(self.observations[rows, :width], device=device)
 
 
+StepHook = Callable[[], None]  # runs before each optimiser step, after the gradient is computed and clipped
+
+
 class ScheduledEntropyPPO(PPO):
     """SB3's PPO whose entropy coefficient may be a schedule of the remaining progress, as SB3 already allows
-    for the learning rate and the clip range (``teacher.anneal``)."""
+    for the learning rate and the clip range (``teacher.anneal``), and whose update is :func:`fast_train` (SB3's
+    learning rule with less overhead per minibatch) where it supports the model (``fast_update``), else SB3's
+    ``train()``. ``step_hooks`` run before every optimiser step of either."""
 
-    def __init__(self, *args: Any, ent_coef: float | Schedule = 0.0, **kwargs: Any):
+    def __init__(self, *args: Any, ent_coef: float | Schedule = 0.0, fast_update: bool = True, **kwargs: Any):
         self.ent_coef_schedule = ent_coef if callable(ent_coef) else ConstantSchedule(float(ent_coef))
+        self.fast_update = fast_update
+        self.step_hooks: list[StepHook] = []
         super().__init__(*args, ent_coef=self.ent_coef_schedule(1.0), **kwargs)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()  # builds the policy and its optimiser (in __init__, and in SB3's load())
+        self.policy.optimizer.register_step_pre_hook(lambda *_: self.run_step_hooks())
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "step_hooks"]  # closures over a trainer's state, not settings
+
+    def run_step_hooks(self) -> None:
+        """Run ``step_hooks`` in order (the optimiser's pre-step hook in SB3's update; :func:`fast_train` calls it)."""
+        for hook in self.step_hooks:
+            hook()
 
     def train(self) -> None:
         self.ent_coef = float(self.ent_coef_schedule(self._current_progress_remaining))
         self.logger.record("train/ent_coef", self.ent_coef)
+        if self.fast_update and fast_update_unsupported(self) is None:
+            fast_train(self)
+            return
         # SB3 builds a torch distribution per minibatch, each checking its logits and actions; they come from this
         # model and its own buffer, so the checks only cost time (experiments/bench_update_modes.py --update).
         # torch keeps the switch process-wide, so while an update runs in the background thread other threads'
@@ -146,6 +191,181 @@ class ScheduledEntropyPPO(PPO):
             super().train()
         finally:
             Distribution.set_default_validate_args(validate)
+
+
+def fast_update_unsupported(model: PPO) -> str | None:
+    """Why :func:`fast_train` cannot run ``model``'s update (SB3's ``train()`` runs it then), or None: it takes
+    Discrete (categorical) and Box (diagonal Gaussian, without gSDE or squashing) actions, one torch Adam group
+    over all the policy's parameters without weight decay, amsgrad, maximize or fused/capturable kernels, and
+    the masked rollout buffer."""
+    policy, optimizer = model.policy, model.policy.optimizer
+    if type(policy.action_dist) not in (CategoricalDistribution, DiagGaussianDistribution):
+        return f"its action distribution is SB3's {type(policy.action_dist).__name__}"
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return "its optimiser is not one torch Adam parameter group"
+    group = optimizer.param_groups[0]
+    if any(group.get(k) for k in ("weight_decay", "amsgrad", "maximize", "capturable", "differentiable", "fused")):
+        return "its Adam has weight decay, amsgrad, maximize, or capturable, differentiable or fused kernels"
+    if [id(p) for p in group["params"]] != [id(p) for p in policy.parameters()]:
+        return "its optimiser does not hold exactly the policy's parameters"
+    if len({float(optimizer.state[p]["step"]) if p in optimizer.state else 0.0 for p in group["params"]}) > 1:
+        return "its parameters are at different Adam steps"
+    if not isinstance(model.rollout_buffer, MaskedRolloutBuffer):
+        return "its rollout buffer is not madistill's MaskedRolloutBuffer"
+    return None
+
+
+_ALIGN = 16  # float32 elements in 64 bytes, the alignment of torch's CPU allocations
+
+
+class _FlatAdam:
+    """torch's Adam over a policy's parameters, one group without weight decay, with its foreach arithmetic (the same
+    operations on the same floats), while the parameters live as views of one flat tensor and their gradients as
+    views of another: each of Adam's lines, zeroing the gradients and scaling them to a norm are one operation
+    instead of one per parameter. :meth:`close` gives each parameter its own storage back and writes the moments
+    and step count into the optimiser's state, where checkpoints and SB3's own update read them."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.group = optimizer.param_groups[0]
+        self.params: list[torch.nn.Parameter] = list(self.group["params"])
+        state = [optimizer.state.get(p, {}) for p in self.params]
+        self.steps = float(state[0]["step"]) if state[0] else 0.0
+        # Each parameter starts on a 64-byte boundary, as a tensor of its own does: kernels that pick their code
+        # path by alignment (convolutions) then compute the same floats as on SB3's separate tensors.
+        self.offsets = list(itertools.accumulate((-(-p.numel() // _ALIGN) * _ALIGN for p in self.params), initial=0))
+        template = self.params[0].detach()
+
+        def flat(tensors: Any) -> torch.Tensor:
+            out = template.new_zeros(self.offsets[-1])
+            for view, t in zip(self._views(out), tensors):
+                view.copy_(t.detach())
+            return out
+
+        self.flat = flat(self.params)
+        self.grad = torch.zeros_like(self.flat)
+        self.exp_avg, self.exp_avg_sq = (flat(s.get(k, torch.zeros_like(p)) for s, p in zip(state, self.params))
+                                         for k in ("exp_avg", "exp_avg_sq"))
+        self.grads = self._views(self.grad)
+        for p, view, grad in zip(self.params, self._views(self.flat), self.grads):
+            p.data, p.grad = view, grad  # autograd accumulates into an existing .grad in place
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o : o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self.params)]
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        """``torch.nn.utils.clip_grad_norm_``: the norm of the parameters' gradient norms (its own per-tensor
+        operation, for the same floats) scales the flat gradient, at most to 1."""
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.grads)))
+        self.grad.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+
+    def step(self) -> None:
+        beta1, beta2 = self.group["betas"]
+        self.steps += 1
+        self.exp_avg.lerp_(self.grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(self.grad, self.grad, value=1 - beta2)
+        denom = self.exp_avg_sq.sqrt().div_((1 - beta2**self.steps) ** 0.5).add_(self.group["eps"])
+        self.flat.addcdiv_(self.exp_avg, denom, value=(self.group["lr"] / (1 - beta1**self.steps)) * -1)
+
+    def close(self) -> None:
+        moments = zip(self._views(self.flat), self._views(self.exp_avg), self._views(self.exp_avg_sq))
+        for p, (value, exp_avg, exp_avg_sq) in zip(self.params, moments):
+            p.data, p.grad = value.clone(), None
+            self.optimizer.state[p] = {"step": torch.tensor(self.steps, dtype=torch.float32),
+                                       "exp_avg": exp_avg.clone(), "exp_avg_sq": exp_avg_sq.clone()}
+
+
+def _evaluate(policy: ActorCriticPolicy, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """SB3's ``evaluate_actions`` (values, log-probabilities, entropies) with torch's categorical and normal
+    formulas written out instead of distribution objects built per minibatch."""
+    features = policy.extract_features(obs)
+    if policy.share_features_extractor:
+        latent_pi, latent_vf = policy.mlp_extractor(features)
+    else:
+        latent_pi = policy.mlp_extractor.forward_actor(features[0])
+        latent_vf = policy.mlp_extractor.forward_critic(features[1])
+    out = policy.action_net(latent_pi)
+    values = policy.value_net(latent_vf).flatten()
+    if isinstance(policy.action_dist, CategoricalDistribution):
+        logits = out - out.logsumexp(-1, keepdim=True)  # torch's Categorical(logits=out)
+        log_prob = logits.gather(-1, actions.long()).flatten()
+        return values, log_prob, -(logits * torch.softmax(logits, -1)).sum(-1)
+    std = torch.ones_like(out) * policy.log_std.exp()  # SB3's DiagGaussianDistribution, torch's Normal
+    log_prob = -((actions - out) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+    return values, log_prob.sum(dim=1), (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(std)).sum(dim=1)
+
+
+def fast_train(model: ScheduledEntropyPPO) -> None:
+    """One PPO update with SB3's learning rule (``PPO.train()``: the same minibatches in the same order,
+    advantage normalisation, clipped surrogate, clip_range_vf, entropy and value coefficients, target_kl early
+    stop, gradient clipping, Adam, schedules and logged values) without its per-minibatch overhead: one row gather
+    per minibatch from the packed rollout, no distribution objects, the losses logged from tensors read once per
+    update, and Adam and the gradient clip on flat tensors (:class:`_FlatAdam`). The model must pass
+    :func:`fast_update_unsupported`."""
+    policy, buffer = model.policy, model.rollout_buffer
+    policy.set_training_mode(True)
+    model._update_learning_rate(policy.optimizer)
+    clip_range = model.clip_range(model._current_progress_remaining)
+    clip_range_vf = None if model.clip_range_vf is None else model.clip_range_vf(model._current_progress_remaining)
+    buffer.prepare()
+    logged: dict[str, list[torch.Tensor]] = {"entropy_loss": [], "policy_gradient_loss": [], "value_loss": [],
+                                             "clip_fraction": []}
+    adam = _FlatAdam(policy.optimizer)
+    try:
+        for _ in range(model.n_epochs):
+            approx_kl: list[torch.Tensor] = []
+            stop = False
+            for rows in torch.as_tensor(buffer.permutation(), device=buffer.device).split(model.batch_size):
+                data = buffer.samples(rows)
+                values, log_prob, entropy = _evaluate(policy, data.observations, data.actions)
+                advantages = data.advantages
+                if model.normalize_advantage and len(advantages) > 1:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                ratio = torch.exp(log_prob - data.old_log_prob)
+                policy_loss = -torch.min(advantages * ratio,
+                                         advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
+                values_pred = values if clip_range_vf is None else (
+                    data.old_values + torch.clamp(values - data.old_values, -clip_range_vf, clip_range_vf))
+                value_loss = F.mse_loss(data.returns, values_pred)
+                entropy_loss = -torch.mean(entropy)
+                loss = policy_loss + model.ent_coef * entropy_loss + model.vf_coef * value_loss
+                with torch.no_grad():
+                    log_ratio = log_prob - data.old_log_prob
+                    approx_kl.append(torch.mean((torch.exp(log_ratio) - 1) - log_ratio))
+                    logged["clip_fraction"].append(torch.mean((torch.abs(ratio - 1) > clip_range).float()))
+                for key, value in (("entropy_loss", entropy_loss), ("policy_gradient_loss", policy_loss),
+                                   ("value_loss", value_loss)):
+                    logged[key].append(value.detach())
+                # compared as SB3 compares it: a float32 array against the Python float
+                if model.target_kl is not None and approx_kl[-1].cpu().numpy() > 1.5 * model.target_kl:
+                    stop = True
+                    break
+                adam.zero_grad()
+                loss.backward()
+                adam.clip_grad_norm(model.max_grad_norm)
+                model.run_step_hooks()
+                adam.step()
+            model._n_updates += 1
+            if stop:
+                break
+    finally:
+        adam.close()
+    # SB3 logs the mean of each minibatch's value read as a Python float, approx_kl's of the last epoch as float32
+    for key, values in logged.items():
+        model.logger.record(f"train/{key}", np.mean(torch.stack(values).tolist()))
+    model.logger.record("train/approx_kl", np.mean(torch.stack(approx_kl).cpu().numpy()))
+    model.logger.record("train/loss", loss.item())
+    model.logger.record("train/explained_variance",
+                        explained_variance(buffer.values.flatten(), buffer.returns.flatten()))
+    if hasattr(policy, "log_std"):
+        model.logger.record("train/std", torch.exp(policy.log_std).mean().item())
+    model.logger.record("train/n_updates", model._n_updates, exclude="tensorboard")
+    model.logger.record("train/clip_range", clip_range)
+    if clip_range_vf is not None:
+        model.logger.record("train/clip_range_vf", clip_range_vf)
 
 
 def set_progress(model: PPO, agent_steps: int, total: int) -> None:

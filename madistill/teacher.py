@@ -149,7 +149,7 @@ def _check_batch_size(group: AgentGroup, num_envs: int, ppo_kwargs: dict[str, An
 
 
 def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwargs: dict[str, Any],
-                seed: int, device: torch.device | str) -> PPO:
+                seed: int, device: torch.device | str) -> ScheduledEntropyPPO:
     """The group's SB3 PPO, sized for its agent slots in ``num_envs`` copies, with a silent logger."""
     width = num_envs * group.n_agents
     with warnings.catch_warnings():  # TeacherTrainer says it in madistill's terms (_check_batch_size)
@@ -220,11 +220,11 @@ class OptimizerStep:
 ExtraLoss = Callable[[OptimizerStep], "torch.Tensor | None"]
 
 
-def add_extra_loss(model: PPO, group: AgentGroup, policy: SB3Policy, loss: ExtraLoss) -> None:
+def add_extra_loss(model: ScheduledEntropyPPO, group: AgentGroup, policy: SB3Policy, loss: ExtraLoss) -> None:
     """Add ``loss`` to every optimiser step of ``model`` (``policy``: an SB3Policy over ``model.policy``)."""
     parameters = actor_parameters(policy.sb3)
 
-    def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def before_step() -> None:
         value = loss(OptimizerStep(group, policy, progress_done(model), int(model.batch_size), model.rollout_buffer,
                                    model.logger, model.device))
         if value is None:
@@ -233,15 +233,18 @@ def add_extra_loss(model: PPO, group: AgentGroup, policy: SB3Policy, loss: Extra
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
         scale = min(1.0, float(model.max_grad_norm) / (norm + 1e-6))
         for p, g in zip(parameters, grads):
-            p.grad = g * scale if p.grad is None else p.grad + g * scale
+            if p.grad is None:
+                p.grad = g * scale
+            else:  # in place: the fast update keeps the gradients as views of one tensor
+                p.grad.add_(g * scale)
 
-    model.policy.optimizer.register_step_pre_hook(before_step)
+    model.step_hooks.append(before_step)
 
 
 @dataclass
 class _GroupLearner:
     group: AgentGroup
-    model: PPO
+    model: ScheduledEntropyPPO
     actor: SB3Policy  # what acts in the envs: the learner's own policy, or a copy of it (overlapped updates)
     buffers: list[MaskedRolloutBuffer]  # one, or two that the collector and the update swap (overlapped updates)
     episode_starts: np.ndarray = field(default_factory=lambda: np.zeros(0))

@@ -267,3 +267,33 @@ def test_finetune_saves_the_best_validated_candidate(cli, student_run, tmp_path)
     assert (again.clean, again.worst) == (report["chosen"]["clean"], report["chosen"]["worst"])
     same_as_start = all(torch.equal(x, y) for x, y in zip(tuned.parameters(), start.parameters()))
     assert same_as_start == (report["chosen"]["step"] == 0)
+
+
+def test_the_regulariser_joins_the_fast_update_as_it_joins_sb3s():
+    """The same update with the smoothness regulariser, by madistill's fast update and by SB3's train(): the same
+    weights and logged values (the regulariser's gradient joins PPO's before each optimiser step in both)."""
+    teacher, student = _teams(False)
+    g = teacher.groups[0]
+    ac = actor_critic_team(student, teacher)
+    results = []
+    for fast in (True, False):
+        model = build_model(g, 2, ac[g.name].arch, {"n_steps": 64, "batch_size": 48, "n_epochs": 2,
+                                                     "learning_rate": 3e-3, "fast_update": fast}, 0, "cpu")
+        model.policy.load_state_dict(ac[g.name].sb3.state_dict())
+        buf, rng = model.rollout_buffer, np.random.default_rng(0)
+        buf.observations[:] = rng.normal(size=buf.observations.shape)
+        buf.advantages[:] = rng.normal(size=buf.advantages.shape)
+        buf.returns[:] = rng.normal(size=buf.returns.shape)
+        buf.valid[:], buf.full, buf.rng = True, True, np.random.default_rng(1)
+        set_progress(model, 50, 100)
+        settings = OmegaConf.create({"smooth_weight": 1.0, "eps": 0.3, "steps": 3, "ramp": 0.2})
+        reg = SmoothnessRegulariser(Budget.build(1.0, g.obs_dim, excluded=[0, 1]), settings,
+                                    torch.Generator().manual_seed(0))
+        add_extra_loss(model, g, SB3Policy(g, model.policy, ac[g.name].arch), reg)
+        model.train()
+        results.append((torch.cat([p.detach().flatten() for p in model.policy.parameters()]), take_logged(model, 0)))
+    (ours, our_logged), (sb3, sb3_logged) = results
+    torch.testing.assert_close(ours, sb3, rtol=0, atol=1e-6)
+    assert our_logged.keys() == sb3_logged.keys() and our_logged["extra/smoothness"] > 0
+    for key, value in sb3_logged.items():
+        assert our_logged[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

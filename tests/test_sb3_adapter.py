@@ -6,17 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gymnasium import spaces
+from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.distributions import MultiCategoricalDistribution
 from torch.distributions import Distribution
 
 from madistill.envs import EnvSpec, group_agents, make_env
+from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.sb3_adapter import (
     SB3_VERSION,
+    ScheduledEntropyPPO,
     actor_linears,
     actor_parameters,
     check_buffer,
     check_model,
+    fast_update_unsupported,
     set_progress,
     set_update_count,
     take_logged,
@@ -74,6 +80,7 @@ def test_progress_reaches_the_schedules_and_the_update_count_and_log_are_sb3s(mo
 
 
 def test_an_update_skips_distribution_checks_and_restores_the_switch(model, monkeypatch):
+    model.fast_update = False  # SB3's train() builds the distributions; madistill's fast_train builds none
     seen = []
     evaluate = model.policy.evaluate_actions
     monkeypatch.setattr(model.policy, "evaluate_actions",
@@ -123,3 +130,146 @@ def test_masked_minibatches_are_sb3s_own(model):
     assert ours._fields == sb3._fields
     for a, b in zip(ours, sb3):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{SB3}: RolloutBuffer._get_samples changed"
+
+
+# ---- the fast update (fast_train) against SB3's PPO.train() --------------------------------------------------
+
+FAST_STEPS, FAST_ENVS, FAST_BATCH, FAST_EPOCHS = 16, 4, 24, 3
+DISCRETE, BOX = spaces.Discrete(5), spaces.Box(-1, 1, (3,), np.float32)
+
+
+IMAGE = spaces.Box(0, 255, (10, 10, 3), np.uint8)
+TINY_CNN = {"channels": [4], "kernels": [3], "strides": [2], "max_grid": 2, "features_dim": 8}
+
+
+def _ppo(action_space: spaces.Space, fast: bool, team_state_dim: int = 0, obs_space: spaces.Box | None = None,
+         **settings):
+    """A tiny PPO of two agents in ``FAST_ENVS`` copies over a filled rollout: live entries, partly dead ones, a
+    last minibatch shorter than the others, and a seeded minibatch order. ``obs_space``: the agents' (default: 6
+    floats); an image space gets a CNN encoder."""
+    group = AgentGroup("g", ("a_0", "a_1"), obs_space or spaces.Box(-1, 1, (6,), np.float32), action_space)
+    arch = {"hidden_sizes": [16, 16], "activation": "tanh", "team_state_dim": team_state_dim}
+    if group.image_shape is not None:
+        arch["cnn"] = TINY_CNN
+    settings = {"n_steps": FAST_STEPS, "batch_size": FAST_BATCH, "n_epochs": FAST_EPOCHS, "ent_coef": 0.01,
+                "learning_rate": 3e-3, **settings}
+    model = build_model(group, FAST_ENVS, arch, settings, 0, "cpu")
+    model.fast_update = fast
+    buf, rng = model.rollout_buffer, np.random.default_rng(1)
+    buf.observations[:] = rng.uniform(0, 255, size=buf.observations.shape) if arch.get("cnn") else rng.normal(size=buf.observations.shape)
+    if isinstance(action_space, spaces.Discrete):
+        buf.actions[:] = rng.integers(0, action_space.n, size=buf.actions.shape)
+    else:
+        buf.actions[:] = rng.normal(size=buf.actions.shape)
+    for name in ("values", "returns", "advantages"):
+        buf.__dict__[name][:] = rng.normal(size=buf.__dict__[name].shape)
+    with torch.no_grad():  # the acting policy's log-probabilities: ratios start at 1, the KL at 0
+        rows = buf.n_envs * buf.buffer_size
+        actions = torch.as_tensor(buf.actions.reshape(rows, -1))
+        _, log_prob, _ = model.policy.evaluate_actions(torch.as_tensor(buf.observations.reshape(rows, -1)),
+                                                       actions.long().flatten() if buf.actions.dtype.kind == "i" else actions)
+    buf.log_probs[:] = log_prob.numpy().reshape(buf.log_probs.shape)
+    buf.valid[:] = rng.random(buf.valid.shape) < 0.9
+    buf.full, buf.rng = True, np.random.default_rng(5)
+    return model
+
+
+def _minibatches(model) -> int:
+    """Minibatches per epoch: the rollout's live entries in minibatches of ``FAST_BATCH``, the last one shorter."""
+    return -(-int(model.rollout_buffer.valid.sum()) // FAST_BATCH)
+
+
+def _updates(model, fast: list[bool]) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Update ``model`` once per entry of ``fast`` (the fast update or SB3's) on its rollout, at progress 0, 1/4,
+    ...; its parameters after them, and the values each update logged."""
+    logged = []
+    for i, f in enumerate(fast):
+        model.fast_update = f
+        set_progress(model, 100 * i, 400)
+        model.train()
+        logged.append(take_logged(model, i))
+    return torch.cat([p.detach().flatten() for p in model.policy.parameters()]), logged
+
+
+CASES = {
+    "plain": {},
+    "clip_range_vf": {"clip_range_vf": 0.1},
+    "target_kl": {"target_kl": 2e-3},  # stops early in some update (asserted below)
+    "schedules": {"learning_rate": lambda left: 3e-3 * left, "clip_range": lambda left: 0.1 + 0.2 * left,
+                  "ent_coef": lambda left: 0.05 * left},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["Discrete", "Box"])
+@pytest.mark.parametrize("critic", ["local", "central", "cnn"])
+def test_the_fast_update_learns_what_sb3s_train_learns(action_space, case, critic):
+    """Same rollout, same seed: two fast updates give the parameters, logged losses and update count of two of
+    SB3's; a fast update followed by SB3's too (the fast one leaves SB3 the optimiser state it would have left).
+    Critics: the agent's own, a centralised one, and a CNN encoder shared by actor and critic."""
+    net = {"central": {"team_state_dim": 4}, "cnn": {"obs_space": IMAGE}}.get(critic, {})
+    assert fast_update_unsupported(_ppo(action_space, True, **net, **CASES[case])) is None
+    sb3_params, sb3_logged = _updates(sb3 := _ppo(action_space, False, **net, **CASES[case]), [False, False])
+    for fast in ([True, True], [True, False]):
+        params, logged = _updates(model := _ppo(action_space, True, **net, **CASES[case]), fast)
+        torch.testing.assert_close(params, sb3_params, rtol=0, atol=1e-6)
+        for ours, theirs in zip(logged, sb3_logged):
+            assert ours.keys() == theirs.keys()
+            for key in theirs:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
+        assert update_count(model) == update_count(sb3)
+    assert (update_count(sb3) < 2 * FAST_EPOCHS) == (case == "target_kl")
+
+
+def test_step_hooks_run_before_each_optimiser_step_of_either_update():
+    """A hook's gradient change takes effect in both updates alike, once per minibatch step."""
+    results = []
+    for fast in (False, True):
+        model, calls = _ppo(DISCRETE, fast), []
+
+        def hook(model=model, calls=calls) -> None:
+            calls.append(1)
+            model.policy.action_net.bias.grad.add_(1.0)  # in place, as madistill's extra losses add theirs
+
+        model.step_hooks.append(hook)
+        results.append((_updates(model, [fast])[0], len(calls)))
+    (sb3, sb3_calls), (ours, our_calls) = results
+    assert sb3_calls == our_calls == FAST_EPOCHS * _minibatches(_ppo(DISCRETE, True))
+    torch.testing.assert_close(ours, sb3, rtol=0, atol=1e-6)
+
+
+def test_the_fast_update_leaves_parameters_and_optimiser_state_in_their_own_storage():
+    model = _ppo(BOX, True)
+    _updates(model, [True])
+    params = list(model.policy.parameters())
+    state = model.policy.optimizer.state
+    storages = [t.untyped_storage().data_ptr() for p in params for t in (p, state[p]["exp_avg"], state[p]["exp_avg_sq"])]
+    assert len(set(storages)) == len(storages) and all(p.is_contiguous() and p.grad is None for p in params)
+    assert {float(state[p]["step"]) for p in params} == {FAST_EPOCHS * _minibatches(model)}
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda m: m.policy.optimizer.param_groups[0].update(weight_decay=0.1), "weight decay"),
+    (lambda m: setattr(m.policy, "action_dist", MultiCategoricalDistribution([2, 3])), "MultiCategoricalDistribution"),
+])
+def test_a_model_the_fast_update_does_not_support_gets_sb3s(change, said, monkeypatch):
+    model = _ppo(DISCRETE, True)
+    change(model)
+    assert said in fast_update_unsupported(model)
+    called = []
+    monkeypatch.setattr(PPO, "train", lambda self: called.append(self))
+    model.train()
+    assert called == [model]
+
+
+def test_a_model_with_step_hooks_saves_and_loads_as_sb3_does(tmp_path):
+    """SB3's .zip keeps the settings, not the hooks (closures over a trainer); the loaded model runs hooks added later."""
+    model = _ppo(DISCRETE, True)
+    model.step_hooks.append(lambda: None)
+    model.save(tmp_path / "model.zip")
+    loaded = ScheduledEntropyPPO.load(tmp_path / "model.zip", device="cpu")
+    assert loaded.step_hooks == [] and loaded.fast_update is True
+    calls = []
+    loaded.step_hooks.append(lambda: calls.append(1))
+    loaded.policy.optimizer.step()  # SB3's update steps the optimiser, whose pre-step hook runs them
+    assert calls == [1]

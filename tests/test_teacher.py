@@ -472,3 +472,24 @@ def test_resuming_a_checkpoint_already_at_the_budget_says_to_raise_it(relay_run,
     spec = env_spec(cfg.env)
     with make_vec_env(cfg.env, spec) as venv, pytest.raises(MadistillError, match="raise teacher.total_agent_steps"):
         TeacherTrainer(cfg, venv, spec, torch.device("cpu"), None)
+
+
+def test_teacher_ppo_fast_update_trains_the_weights_sb3s_update_trains(tmp_path, monkeypatch):
+    """A speaker-listener run (Discrete, two groups) with madistill's fast update saves the weights of the same
+    run with SB3's train() (``teacher.ppo.fast_update=false``), and the setting decides which update runs."""
+    from madistill import sb3_adapter
+
+    calls = []
+    fast_train = sb3_adapter.fast_train
+    monkeypatch.setattr(sb3_adapter, "fast_train", lambda model: calls.append(model) or fast_train(model))
+    weights = {}
+    for fast in (True, False):
+        calls.clear()
+        cfg = compose_config(tiny("env=simple_speaker_listener_v4", "teacher.ppo.n_steps=50", "teacher.ppo.batch_size=64",
+                                  "teacher.total_agent_steps=600", f"teacher.ppo.fast_update={fast}"))
+        path = train_stage.run(cfg, tmp_path / str(fast))
+        assert len(calls) == (6 if fast else 0)  # 3 updates of 2 groups
+        weights[fast] = {g: load_file(str(path / f"{g}.safetensors")) for g in ("speaker", "listener")}
+    for g, ours in weights[True].items():
+        for k, v in ours.items():
+            torch.testing.assert_close(v, weights[False][g][k], rtol=0, atol=1e-6)
