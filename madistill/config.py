@@ -503,6 +503,10 @@ class AlertConfig:
     # clean episodes the thresholds are calibrated on: at least agents x scores / false_alarm_rate - 1
     calibration_episodes: int = 1200
     calibration_seed: int = ALERT_CALIBRATION_SEED  # their first episode seed (madistill/seeds.py: the seed namespaces)
+    # the smallest threshold of any score (standard deviations for obs, nats for surprise and disagreement): a score
+    # that clean episodes keep at float rounding (a student matching its reference exactly) would otherwise get a
+    # threshold that other rounding (hardware, batch size) crosses on clean episodes
+    min_threshold: float = 1e-4
 
     @staticmethod
     def validate(c: Checks) -> None:
@@ -510,6 +514,7 @@ class AlertConfig:
                   "a non-empty list of distinct scores")
         c.within(0, 1, "false_alarm_rate", open_low=True, open_high=True)
         c.at_least(1, "calibration_episodes")
+        c.at_least(0, "min_threshold")
 
 
 @dataclass

@@ -171,6 +171,26 @@ def test_conformal_threshold_is_the_right_order_statistic():
         calibrate(two, 0.018)  # 0.009 per agent needs 111 episodes
 
 
+def test_the_threshold_floor_keeps_float_rounding_from_raising_alarms_but_not_a_real_disagreement():
+    """A reference identical to the team on clean episodes calibrates the disagreement score to 0; a reference that
+    differs at the level of float noise (a KL of 3e-7, the size of the thresholds DIGR students calibrate to
+    against their teachers) then raises an alarm in every episode unless the floor holds the threshold above it,
+    while a real change of the action distribution still alerts over the floor."""
+    with _venv() as venv:
+        team = _team(venv)
+        thresholds = {floor: calibrated_monitor(venv, team, ["disagreement"], 0.5, episodes=8, seed=0,
+                                                reference=_team(venv), min_threshold=floor).thresholds
+                      for floor in (0.0, 1e-4)}
+        assert np.all(thresholds[0.0] <= 1e-12) and np.all(thresholds[1e-4] == 1e-4)
+        alerted = {}
+        for name, probs in (("rounding", [0.8003, 0.1997]), ("real", [0.5, 0.5])):
+            for floor, t in thresholds.items():
+                watch = AlertMonitor(team, ["disagreement"], t, reference=_team(venv, probs=torch.tensor(probs)))
+                monitor_episodes(venv, watch, 4, seed=100)
+                alerted[name, floor] = len({e.seed for e in watch.events})
+    assert alerted == {("rounding", 0.0): 4, ("rounding", 1e-4): 0, ("real", 0.0): 4, ("real", 1e-4): 4}
+
+
 def test_events_carry_agent_kind_episode_step_and_score_once_per_rise(tmp_path):
     # 3 episodes on 2 copies: copy 0 plays seeds 0 and 2, so the monitor follows a copy into its next episode
     with _venv(shift=6.0, shift_at=3, shifted=1) as venv:
@@ -288,8 +308,9 @@ def test_the_alerts_config_section_builds_a_calibrated_monitor_or_refuses_in_one
         ac = OmegaConf.structured(AlertConfig(scores=["obs", "surprise"], false_alarm_rate=0.5, calibration_episodes=8,
                                               calibration_seed=0))
         monitor = configured_monitor(ac, venv, team)
+        # the obs score is 0 on every clean step: its threshold is the floor alerts.min_threshold
         assert monitor.kinds == ["obs", "surprise"] and monitor.thresholds_dict()["beacon_1"] == pytest.approx(
-            {"obs": 0.0, "surprise": -math.log(0.8)}, abs=1e-6)
+            {"obs": 1e-4, "surprise": -math.log(0.8)}, abs=1e-6) and monitor.thresholds_dict()["beacon_1"]["obs"] == 1e-4
         ac.false_alarm_rate = 0.01  # 0.0025 per agent and score needs 399 episodes
         with pytest.raises(MadistillError, match="needs at least 399 calibration episodes, got 8"):
             configured_monitor(ac, venv, team)

@@ -14,7 +14,10 @@ A threshold per agent and score is the conformal ``(1 - alpha)`` quantile of the
 score over clean calibration episodes, so a new clean episode (exchangeable with them) exceeds it with
 chance at most ``alpha``; the target false-alarm rate is split evenly over agents and scores (Bonferroni), so
 it bounds the chance that a clean episode raises any alert. An alert is the step a score rises above its
-threshold (one event per rise, not one per step above it).
+threshold (one event per rise, not one per step above it). No threshold is below a floor (``min_threshold``):
+a score that clean episodes keep at float rounding (a student that matches its reference exactly on every clean
+observation) would otherwise calibrate to a threshold that any other rounding (other hardware, batch size or
+reference) crosses. Raising a threshold only lowers the false-alarm rate, so the guarantee holds.
 """
 
 from __future__ import annotations
@@ -186,10 +189,11 @@ def conformal_threshold(maxima: np.ndarray, alpha: float) -> np.ndarray:
     return np.sort(maxima, axis=0)[rank - 1]
 
 
-def calibrate(maxima: np.ndarray, false_alarm_rate: float) -> np.ndarray:
+def calibrate(maxima: np.ndarray, false_alarm_rate: float, min_threshold: float = 0.0) -> np.ndarray:
     """Thresholds ``[agents, kinds]`` from clean per-episode maxima ``[episodes, agents, kinds]``: the target rate of
-    clean episodes with any alert, split evenly over the agents and kinds."""
-    return conformal_threshold(maxima, false_alarm_rate / (maxima.shape[1] * maxima.shape[2]))
+    clean episodes with any alert, split evenly over the agents and kinds, each at least ``min_threshold``."""
+    return np.maximum(conformal_threshold(maxima, false_alarm_rate / (maxima.shape[1] * maxima.shape[2])),
+                      min_threshold)
 
 
 def monitor_episodes(
@@ -217,12 +221,13 @@ def calibrated_monitor(
     reference: TeamPolicy | None = None,
     deterministic: bool = True,
     tb: TBLogger | None = None,
+    min_threshold: float = 0.0,
 ) -> AlertMonitor:
     """A monitor of ``team`` with thresholds calibrated on clean episodes ``seed .. seed+episodes-1`` (keep them
-    apart from the episodes it then watches)."""
+    apart from the episodes it then watches), each at least ``min_threshold``."""
     probe = AlertMonitor(team, kinds, reference=reference)
     monitor_episodes(venv, probe, episodes, seed, deterministic=deterministic)
-    thresholds = calibrate(probe.maxima(range(seed, seed + episodes)), false_alarm_rate)
+    thresholds = calibrate(probe.maxima(range(seed, seed + episodes)), false_alarm_rate, min_threshold)
     return AlertMonitor(team, kinds, thresholds, reference, tb)
 
 
@@ -237,7 +242,7 @@ def configured_monitor(ac: Any, venv: MultiAgentVecEnv, team: TeamPolicy, tb: TB
         reference.eval()
     checked_kinds(ac.scores, reference)  # before the calibration episodes, not after them
     return calibrated_monitor(venv, team, ac.scores, ac.false_alarm_rate, ac.calibration_episodes,
-                              ac.calibration_seed, reference, deterministic, tb)
+                              ac.calibration_seed, reference, deterministic, tb, ac.min_threshold)
 
 
 def first_alerts(
