@@ -38,6 +38,7 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--references", nargs="+", default=None,
                    help="the disagreement score's reference per run (default: each run's student policy)")
     p.add_argument("--faults", nargs="+", default=list(FAULTS), choices=list(FAULTS))
+    p.add_argument("--min-threshold", type=float, default=AlertConfig().min_threshold, help="alerts.min_threshold")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -146,9 +148,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error(f"--references names {len(args.references)} policies for {len(args.runs)} runs")
     references = args.references or [str(run_policy_dir(r, "student")) if "disagreement" in args.scores else None
                                      for r in args.runs]
-    studies = [study(r, args.episodes, args.clean_episodes, args.onset, AlertConfig(scores=args.scores, reference=ref),
+    alerts = AlertConfig(scores=args.scores, min_threshold=args.min_threshold)
+    studies = [study(r, args.episodes, args.clean_episodes, args.onset, replace(alerts, reference=ref),
                      args.num_envs, args.faults) | {"run": r} for r, ref in zip(args.runs, references, strict=True)]
-    alerts = AlertConfig(scores=args.scores)
     envs = dict.fromkeys(s["env"] for s in studies)
     by_env = {env: summary([s for s in studies if s["env"] == env]) for env in envs}
     meta = {"command": shlex.join(["python", *sys.argv]), "alerts": vars(alerts), "references": references,

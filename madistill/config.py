@@ -506,7 +506,7 @@ class AlertConfig:
     # the smallest threshold of any score (standard deviations for obs, nats for surprise and disagreement): a score
     # that clean episodes keep at float rounding (a student matching its reference exactly) would otherwise get a
     # threshold that other rounding (hardware, batch size) crosses on clean episodes
-    min_threshold: float = 1e-4
+    min_threshold: float = 1e-6
 
     @staticmethod
     def validate(c: Checks) -> None:

@@ -178,17 +178,18 @@ def test_the_threshold_floor_keeps_float_rounding_from_raising_alarms_but_not_a_
     while a real change of the action distribution still alerts over the floor."""
     with _venv() as venv:
         team = _team(venv)
+        default = AlertConfig().min_threshold
         thresholds = {floor: calibrated_monitor(venv, team, ["disagreement"], 0.5, episodes=8, seed=0,
                                                 reference=_team(venv), min_threshold=floor).thresholds
-                      for floor in (0.0, 1e-4)}
-        assert np.all(thresholds[0.0] <= 1e-12) and np.all(thresholds[1e-4] == 1e-4)
+                      for floor in (0.0, default)}
+        assert np.all(thresholds[0.0] <= 1e-12) and np.all(thresholds[default] == default)
         alerted = {}
         for name, probs in (("rounding", [0.8003, 0.1997]), ("real", [0.5, 0.5])):
             for floor, t in thresholds.items():
                 watch = AlertMonitor(team, ["disagreement"], t, reference=_team(venv, probs=torch.tensor(probs)))
                 monitor_episodes(venv, watch, 4, seed=100)
                 alerted[name, floor] = len({e.seed for e in watch.events})
-    assert alerted == {("rounding", 0.0): 4, ("rounding", 1e-4): 0, ("real", 0.0): 4, ("real", 1e-4): 4}
+    assert alerted == {("rounding", 0.0): 4, ("rounding", default): 0, ("real", 0.0): 4, ("real", default): 4}
 
 
 def test_events_carry_agent_kind_episode_step_and_score_once_per_rise(tmp_path):
@@ -310,7 +311,7 @@ def test_the_alerts_config_section_builds_a_calibrated_monitor_or_refuses_in_one
         monitor = configured_monitor(ac, venv, team)
         # the obs score is 0 on every clean step: its threshold is the floor alerts.min_threshold
         assert monitor.kinds == ["obs", "surprise"] and monitor.thresholds_dict()["beacon_1"] == pytest.approx(
-            {"obs": 1e-4, "surprise": -math.log(0.8)}, abs=1e-6) and monitor.thresholds_dict()["beacon_1"]["obs"] == 1e-4
+            {"obs": 1e-6, "surprise": -math.log(0.8)}, abs=1e-6) and monitor.thresholds_dict()["beacon_1"]["obs"] == 1e-6
         ac.false_alarm_rate = 0.01  # 0.0025 per agent and score needs 399 episodes
         with pytest.raises(MadistillError, match="needs at least 399 calibration episodes, got 8"):
             configured_monitor(ac, venv, team)
