@@ -423,7 +423,7 @@ class AttackConfig:
     scale: dict[str, dict[str, float]] = field(default_factory=dict)
     steps: int = 10  # PGD / SPSA iterations
     restarts: int = 3  # KL is flat at delta = 0, so PGD relies on random starts: one restart is weak
-    step_size: float = 2.5  # PGD step = step_size * eps / steps
+    step_size: float = 1.0  # PGD / SPSA first step = step_size * eps, halved per sample when it does not improve
     spsa_samples: int = 32  # random directions per SPSA gradient estimate
     spsa_delta: float = 0.3  # SPSA finite-difference scale, relative to eps
     critic: str | None = None  # policy whose value heads the critic attack uses (default: the teacher)
