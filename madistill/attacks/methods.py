@@ -122,33 +122,40 @@ class Attack:
     def _restart(self, goal: Objective, x: torch.Tensor, rows: torch.Tensor, budget: Budget,
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One restart of :meth:`_search` on the samples ``rows`` of ``x``: their best points, the objective there
-        and whether their targets are reached."""
-        top = budget.sample(x[rows], generator)
+        and whether their targets are reached. The steps run on the samples still searching only; a sample
+        leaves that set (its state written to the result) when its target is reached."""
+        out_top, out_val = x[rows].clone(), torch.empty(len(rows), device=x.device, dtype=x.dtype)
+        out_hit = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
+        idx, x0 = torch.arange(len(rows), device=x.device), x[rows]
+        now = goal if len(rows) == len(x) else goal.rows(rows)
+        top = at = budget.sample(x0, generator)
         val = torch.full((len(rows),), float("-inf"), device=x.device, dtype=x.dtype)
         hit = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
-        grad = torch.zeros_like(top)
-        step = torch.full((len(rows), 1), self.step_size, device=x.device, dtype=x.dtype)
-        live, at = torch.arange(len(rows), device=x.device), top.clone()
+        grad, step = torch.zeros_like(top), torch.full((len(rows), 1), self.step_size, device=x.device, dtype=x.dtype)
         for t in range(self.steps + 1):
-            now = goal.rows(rows[live]) if len(live) < len(x) else goal
             last = t == self.steps  # the last point needs no gradient
             if last or self.method == "spsa":
                 with torch.no_grad():
                     v, h = now.evaluate(at)
-                g = grad[live] if last else self._spsa_gradient(now, at, budget, generator)
+                g = grad if last else self._spsa_gradient(now, at, budget, generator)
             else:
                 v, h, g = now.value_and_gradient(at)
-            better = goal.better(v, h, val[live], hit[live])
-            top[live] = torch.where(better[:, None], at, top[live])
-            val[live], hit[live] = torch.where(better, v, val[live]), hit[live] | h
-            grad[live] = torch.where(better[:, None], g, grad[live])
-            step[live[~better]] /= 2
-            if self.stop_reached:
-                live = live[~hit[live]]
-            if last or not len(live):
+            better = goal.better(v, h, val, hit) if goal.reaches else v > val
+            top, grad = torch.where(better[:, None], at, top), torch.where(better[:, None], g, grad)
+            val, step = torch.where(better, v, val), torch.where(better[:, None], step, step / 2)
+            hit = hit | h if goal.reaches else hit
+            if last:
                 break
-            at = budget.project(top[live] + step[live] * budget.radius * grad[live].sign(), x[rows[live]])
-        return top, val, hit
+            if goal.reaches and self.stop_reached and bool(hit.any()):
+                out_top[idx[hit]], out_val[idx[hit]], out_hit[idx[hit]] = top[hit], val[hit], True
+                keep = ~hit
+                idx, x0, top, val, hit, grad, step = (a[keep] for a in (idx, x0, top, val, hit, grad, step))
+                if not len(idx):
+                    return out_top, out_val, out_hit
+                now = goal.rows(rows[idx])
+            at = budget.project(top + step * budget.radius * grad.sign(), x0)
+        out_top[idx], out_val[idx], out_hit[idx] = top, val, hit
+        return out_top, out_val, out_hit
 
     def force(self, policy: Policy, x: torch.Tensor, target: torch.Tensor, budget: Budget,
               generator: torch.Generator | None = None) -> torch.Tensor:
@@ -196,7 +203,8 @@ class Objective:
     ``kl`` (a divergence from the clean distribution) and for ``ce`` on Box actions (the Gaussian's clean
     mean is its most likely action); ``ce`` on Discrete actions, ``value`` and ``target`` have gradients at the
     clean point. ``target``: per sample, the action (Discrete ``[B]``) or point (Box ``[B, a]``) the ``target``
-    objective pulls the policy towards.
+    objective pulls the policy towards. ``reaches``: a point can reach the goal (``target`` on Discrete actions:
+    the target is the greedy action there).
     """
 
     def __init__(self, name: str, policy: Policy, x: torch.Tensor, critic: Policy | None,
@@ -207,6 +215,7 @@ class Objective:
         if (name == "target") != (target is not None):
             raise ValueError("the target objective, and only it, needs a target per sample")
         self.name, self.policy, self.critic, self.target = name, policy, critic, target
+        self.reaches = name == "target" and policy.group.discrete  # a point where the target is greedy is done
         self.stationary = name == "kl" or (name == "ce" and not policy.group.discrete)
         with torch.no_grad():
             self.clean_head = policy(x)
