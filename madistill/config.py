@@ -457,7 +457,7 @@ class AttackConfig:
     lookahead_joint: int = 64
     # targeted_lookahead: PGD restarts of its forcing (the other settings are attack.steps, attack.step_size). A
     # sample stops once its target is greedy, so restarts cost only where a target is hard or out of reach, and
-    # the rare hard ones are often the harmful ones (docs/attacks.md)
+    # the hard ones can be the harmful ones (docs/attacks.md)
     lookahead_restarts: int = 9
     episodes: int = 50  # episodes per attack, victim set and eps
     seed: int = ATTACK_SEED  # first episode seed (madistill/seeds.py: the seed namespaces)
