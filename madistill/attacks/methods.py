@@ -122,16 +122,22 @@ class Attack:
     def _restart(self, goal: Objective, x: torch.Tensor, rows: torch.Tensor, budget: Budget,
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One restart of :meth:`_search` on the samples ``rows`` of ``x``: their best points, the objective there
-        and whether their targets are reached. The steps run on the samples still searching only; a sample
-        leaves that set (its state written to the result) when its target is reached."""
+        and whether their targets are reached.
+
+        The steps run on a working set of samples. A sample whose target is reached (``stop_reached``) stops
+        counting: once at most half of the set still searches, the set shrinks to those (their state written to
+        the result first). Until then a reached sample steps along with the others, keeping a reached point: on
+        the small batches of an evaluation the extra rows cost less than the indexing that would drop them."""
         out_top, out_val = x[rows].clone(), torch.empty(len(rows), device=x.device, dtype=x.dtype)
         out_hit = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
         idx, x0 = torch.arange(len(rows), device=x.device), x[rows]
         now = goal if len(rows) == len(x) else goal.rows(rows)
+        lo, hi = x0 - budget.radius, x0 + budget.radius  # the ball, once per working set rather than every step
         top = at = budget.sample(x0, generator)
         val = torch.full((len(rows),), float("-inf"), device=x.device, dtype=x.dtype)
         hit = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
-        grad, step = torch.zeros_like(top), torch.full((len(rows), 1), self.step_size, device=x.device, dtype=x.dtype)
+        grad, stride = torch.zeros_like(top), (self.step_size * budget.radius).expand_as(top)
+        stop = goal.reaches and self.stop_reached
         for t in range(self.steps + 1):
             last = t == self.steps  # the last point needs no gradient
             if last or self.method == "spsa":
@@ -140,20 +146,26 @@ class Attack:
                 g = grad if last else self._spsa_gradient(now, at, budget, generator)
             else:
                 v, h, g = now.value_and_gradient(at)
-            better = goal.better(v, h, val, hit) if goal.reaches else v > val
+            if goal.reaches:
+                better = goal.better(v, h, val, hit)
+                hit = hit | h
+            else:
+                better = v > val
             top, grad = torch.where(better[:, None], at, top), torch.where(better[:, None], g, grad)
-            val, step = torch.where(better, v, val), torch.where(better[:, None], step, step / 2)
-            hit = hit | h if goal.reaches else hit
+            val, stride = torch.where(better, v, val), torch.where(better[:, None], stride, stride / 2)
             if last:
                 break
-            if goal.reaches and self.stop_reached and bool(hit.any()):
-                out_top[idx[hit]], out_val[idx[hit]], out_hit[idx[hit]] = top[hit], val[hit], True
-                keep = ~hit
-                idx, x0, top, val, hit, grad, step = (a[keep] for a in (idx, x0, top, val, hit, grad, step))
-                if not len(idx):
-                    return out_top, out_val, out_hit
-                now = goal.rows(rows[idx])
-            at = budget.project(top + step * budget.radius * grad.sign(), x0)
+            if stop:
+                searching = int((~hit).sum())
+                if not searching or 2 * searching <= len(idx):
+                    out_top[idx[hit]], out_val[idx[hit]], out_hit[idx[hit]] = top[hit], val[hit], True
+                    if not searching:
+                        return out_top, out_val, out_hit
+                    keep = ~hit
+                    idx, lo, hi, top, val, hit, grad, stride = (
+                        a[keep] for a in (idx, lo, hi, top, val, hit, grad, stride))
+                    now = goal.rows(rows[idx])
+            at = torch.clamp(top + stride * grad.sign(), lo, hi)
         out_top[idx], out_val[idx], out_hit[idx] = top, val, hit
         return out_top, out_val, out_hit
 
@@ -170,7 +182,7 @@ class Attack:
     def _targeted(self, policy: Policy, x: torch.Tensor, budget: Budget, generator: torch.Generator | None) -> torch.Tensor:
         """PGD towards each sample's candidate targets, all ``K`` candidates in one batch of ``K * B`` rows; per
         sample, the first candidate (in order of preference) whose target becomes the greedy action, else the
-        candidate whose target is most likely (closest, for Box) at the end."""
+        candidate whose target is most likely (closest, for Box) at its returned point."""
         cand = targets(self.target, policy, x, self.candidates, generator)  # [K, B] or [K, B, a]
         k, b = cand.shape[:2]
         flat = cand.reshape(k * b, *cand.shape[2:])
