@@ -103,8 +103,9 @@ class Attack:
         Each step starts from the sample's best point of its restart, along the gradient there, with a size of
         ``step_size`` times the radius, halved whenever a step does not improve that point: a fixed signed step
         oscillates around an optimum inside the ball, a halved one settles on it. A sample whose target is already
-        the greedy action (``target`` objective, Discrete) takes no further steps or restarts (``stop_reached``):
-        that is all a greedy victim can show, so the budget goes to the samples not yet forced."""
+        the greedy action (``target`` objective, Discrete) is done (``stop_reached``): it takes no further
+        restarts and leaves the steps (:meth:`_restart`), since that is all a greedy victim can show, so the
+        budget goes to the samples not yet forced."""
         best = x.clone()
         with torch.no_grad():
             best_val, best_hit = goal.evaluate(x)
