@@ -426,7 +426,7 @@ class AttackConfig:
     scale: dict[str, dict[str, float]] = field(default_factory=dict)
     steps: int = 10  # PGD / SPSA iterations
     restarts: int = 3  # KL is flat at delta = 0, so PGD relies on random starts: one restart is weak
-    step_size: float = 2.5  # PGD step = step_size * eps / steps
+    step_size: float = 1.0  # PGD / SPSA first step = step_size * eps, halved per sample when it does not improve
     spsa_samples: int = 32  # random directions per SPSA gradient estimate
     spsa_delta: float = 0.3  # SPSA finite-difference scale, relative to eps
     critic: str | None = None  # policy whose value heads the critic attack uses (default: the teacher)
@@ -458,6 +458,10 @@ class AttackConfig:
     # targeted_lookahead: the most joint actions of a victim set branched per step (the product of the victims'
     # action counts); a larger set chooses each victim's target with the others at their clean actions
     lookahead_joint: int = 64
+    # targeted_lookahead: PGD restarts of its forcing (the other settings are attack.steps, attack.step_size). A
+    # sample stops once its target is greedy, so restarts cost only where a target is hard or out of reach, and
+    # the hard ones can be the harmful ones (docs/attacks.md)
+    lookahead_restarts: int = 9
     episodes: int = 50  # episodes per attack, victim set and eps
     seed: int = ATTACK_SEED  # first episode seed (madistill/seeds.py: the seed namespaces)
     checks: bool = True  # gradient-masking checks (adds strong PGD at the middle eps and a collapse run)
@@ -473,7 +477,8 @@ class AttackConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "steps", "restarts", "spsa_samples", "offset_candidates", "target_candidates",
-                   "learned_steps", "learned_envs", "lookahead_joint", "director_steps", "director_envs")
+                   "learned_steps", "learned_envs", "lookahead_joint", "lookahead_restarts", "director_steps",
+                   "director_envs")
         c.at_least(0, "lookahead_horizon", "objective_tolerance")
         c.within(0, 1, "lookahead_gamma")
         c.within(0, 1, "frequency")

@@ -109,6 +109,25 @@ def test_critic_attack_lowers_the_value():
         Attack("pgd", "value")(_mlp(), X, budget, None, critic=_mlp())
 
 
+@pytest.mark.parametrize("method,objective", [("pgd", "kl"), ("pgd", "ce"), ("spsa", "kl"), ("targeted", "target")])
+def test_search_attacks_are_reproducible_bit_for_bit_and_never_worse_than_the_start(method, objective):
+    policy, budget = _mlp(), Budget.build(0.3, D)
+    attack = Attack(method, objective, steps=6, spsa_samples=8)
+    with torch.no_grad():
+        target = policy(X).argsort(-1)[:, 0] if method == "targeted" else None  # the lowest-ranked action
+
+    def run(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return attack(policy, X, budget, gen) if target is None else attack.force(policy, X, target, budget, gen)
+
+    first, again, other = run(0), run(0), run(1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    goal = Objective(objective, policy, X, None, target=target)
+    with torch.no_grad():
+        for x_adv in (first, other):
+            assert (goal(x_adv) >= goal(X)).all()
+
+
 def test_pgd_reaches_a_higher_divergence_than_fgsm_and_random():
     policy, budget, gen = _mlp(), Budget.build(0.3, D), torch.Generator().manual_seed(0)
     kl = Objective("kl", policy, X, None)

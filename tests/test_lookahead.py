@@ -97,6 +97,17 @@ def test_lookahead_adds_the_critic_only_when_asked(make_cfg, use):
     assert attack.critic is (team if use else None)
 
 
+def test_lookahead_forces_with_its_own_restarts_and_the_suites_steps(make_cfg):
+    from madistill.attacks.robustness import suite_transforms
+
+    ac = make_cfg("attack.lookahead_restarts=7", "attack.steps=4", "attack.restarts=2").attack
+    with MultiAgentVecEnv(TRAP_SPEC, 2) as venv:
+        attack, _ = suite_transforms("targeted_lookahead", venv, trap_team(venv), ["a_0"], {}, ac, 0, None, None)
+    assert (attack.attack.restarts, attack.attack.steps, attack.attack.method) == (7, 4, "targeted")
+    with pytest.raises(MadistillError, match="lookahead_restarts"):
+        make_cfg("attack.lookahead_restarts=0")
+
+
 @pytest.mark.parametrize("case", ["box", "unseeded"])
 def test_the_suite_skips_the_lookahead_with_a_note_where_the_env_cannot_branch(make_cfg, case):
     """Box victims, and an env whose episodes do not follow from their seed: the lookahead is skipped with a

@@ -77,14 +77,61 @@ def test_targets_rank_the_clean_policy_lowest_first_and_random_ones_cover_every_
 
 
 def test_batched_candidates_equal_one_target_at_a_time():
-    # log-softmax of logits linear in x is concave in x, so PGD reaches the same maximiser from any start
+    # log-softmax of logits linear in x is concave in x, so PGD reaches the same maximiser from any start; a
+    # reached target stops its search where it is reached, which depends on the start
     x = torch.randn(6, 2, generator=torch.Generator().manual_seed(3)) * 0.2
     budget, attack = Budget.build(1.0, 2), _pgd()
-    cand = targets("lowest", THREE, x, 2)
-    batched = attack.force(THREE, x.repeat(2, 1), cand.reshape(-1), budget, torch.Generator().manual_seed(0))
-    alone = torch.cat([attack.force(THREE, x, cand[k], budget, torch.Generator().manual_seed(k + 5)) for k in range(2)])
-    assert torch.allclose(batched, alone, atol=1e-5)
-    assert not torch.allclose(batched[:6], batched[6:])  # the two candidates did end at different points
+    cand = targets("lowest", THREE, x, 2).reshape(-1)  # action 2 (out of reach at eps 1), then action 1
+    batched = attack.force(THREE, x.repeat(2, 1), cand, budget, torch.Generator().manual_seed(0))
+    alone = torch.cat([attack.force(THREE, x, cand[6 * k:6 * (k + 1)], budget, torch.Generator().manual_seed(k + 5))
+                       for k in range(2)])
+    reached = torch.tensor(_greedy(THREE, batched)) == cand
+    assert reached.tolist() == [False] * 6 + [True] * 6
+    assert _greedy(THREE, alone) == _greedy(THREE, batched)
+    assert torch.allclose(batched[:6], alone[:6], atol=1e-5)  # the unreached target's maximiser, the corner (1, -1)
+    assert torch.allclose(batched[:6], x + torch.tensor([1.0, -1.0]), atol=1e-5)
+
+
+class Bump(Policy):
+    """Logits ``(0, 1 - 100 (x0 - 0.5)^2)``: action 1 is greedy only within 0.1 of x0 = 0.5, a narrow window in
+    the middle of the l_inf ball of radius 1 around 0, where log pi(1) peaks. Fixed signed steps of 0.25 (2.5 eps
+    over 10 steps) from a random start end oscillating between two points 0.25 apart around 0.5, often both
+    outside the window; halving the step from the best point settles in it."""
+
+    group = AgentGroup("g", ("a_0",), OBS, spaces.Discrete(2))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.zeros_like(obs[:, 0]), 1 - 100 * (obs[:, 0] - 0.5) ** 2], -1)
+
+    def log_std(self) -> torch.Tensor | None:
+        return None
+
+
+def test_force_reaches_a_target_inside_the_ball_that_fixed_step_end_points_miss():
+    x, target = torch.zeros(64, 2), torch.ones(64, dtype=torch.long)
+    forced = Attack("targeted", "target").force(Bump(), x, target, Budget.build(1.0, 2), torch.Generator().manual_seed(0))
+    assert _greedy(Bump(), forced) == [1] * 64
+    assert ((forced[:, 0] - 0.5).abs() < 0.1).all()
+
+
+def test_force_stops_a_sample_where_its_target_is_reached_and_training_climbs_on():
+    x, target = torch.zeros(64, 2), torch.ones(64, dtype=torch.long)
+    budget, gen = Budget.build(1.0, 2), torch.Generator()
+    stop = Attack("targeted", "target").force(Bump(), x, target, budget, gen.manual_seed(0))
+    climb = Attack("targeted", "target", stop_reached=False).force(Bump(), x, target, budget, gen.manual_seed(0))
+    assert _greedy(Bump(), climb) == [1] * 64
+    # climbing on ends nearer the peak at 0.5 than stopping at the first point inside the window
+    assert float((climb[:, 0] - 0.5).abs().mean()) < 0.5 * float((stop[:, 0] - 0.5).abs().mean())
+
+
+def test_force_returns_the_start_where_no_point_of_the_ball_beats_it_or_its_target_is_reached_there():
+    budget, gen, one = Budget.build(0.4, 2), torch.Generator(), torch.ones(1, dtype=torch.long)
+    peak = torch.tensor([[0.5, 0.0]])  # log pi(1) of Bump peaks at x0 = 0.5: every other point of the ball is worse
+    assert torch.equal(Attack("targeted", "target", stop_reached=False).force(Bump(), peak, one, budget, gen.manual_seed(0)), peak)
+    x = torch.tensor([[0.55, 0.3], [2.0, 0.0]])  # action 1 greedy at the start; out of reach (nearest x0: 1.6)
+    forced = Attack("targeted", "target").force(Bump(), x, one.repeat(2), budget, gen.manual_seed(0))
+    assert torch.equal(forced[0], x[0])
+    assert float(forced[1, 0]) == pytest.approx(1.6) and _greedy(Bump(), forced) == [1, 0]
 
 
 @pytest.mark.parametrize("name", ["targeted_random", "targeted_lowest"])
@@ -162,7 +209,10 @@ def test_targeted_pgd_runs_all_candidates_in_one_forward_and_backward_pass_per_s
     # K x B rows at once, then (with a choice to make) which target became greedy
     pgd = 1 + 1 + 2 * (20 + 1)
     assert rows[1] == [5] + [5] * pgd
-    assert rows[2] == [5] + [10] * pgd + [10]
+    assert len(rows[2]) == 1 + pgd + 1 and rows[2][:3] == [5, 10, 10] and rows[2][-1] == 10
+    # the reachable action 1 drops out of the search once greedy; the unreachable action 2 runs every step
+    searched = rows[2][3:-1]
+    assert searched == sorted(searched, reverse=True) and searched[-1] == 5 and 5 < sum(searched) / len(searched) < 6
 
 
 def _result(cells: dict[str, dict[str, float]], members: dict[str, tuple[str, ...]]) -> RobustnessResult:

@@ -13,16 +13,19 @@ Objectives (maximised):
   mu(x + delta), sigma), i.e. minus half the squared distance of the mean to the target point in std units.
 
 Methods: ``random`` (uniform in the ball), ``fgsm`` (one signed-gradient step of size eps; from a stationary
-objective's clean minimum, along the gradient at a random point of the ball), ``pgd`` (k signed steps with
-random start and restarts, the best restart kept per sample), ``spsa`` (the same steps on a gradient
-estimated from function values only: gradient-free, so it cannot be fooled by masked gradients),
-``targeted`` (PGD on ``target`` towards targets picked by ``Attack.target``, see :func:`targets`: every
-candidate target of the batch in one expanded batch, the most preferred candidate the budget reaches kept).
+objective's clean minimum, along the gradient at a random point of the ball), ``pgd`` (k signed steps from
+random starts, each from the best point so far with a step halved when it does not improve; the best point
+visited kept per sample), ``spsa`` (the same steps on a gradient estimated from function values only:
+gradient-free, so it cannot be fooled by masked gradients), ``targeted`` (PGD on ``target`` towards targets
+picked by ``Attack.target``, see :func:`targets`: every candidate target of the batch in one expanded batch, a
+point where the target is greedy preferred to any other, the most preferred candidate the budget reaches
+kept).
 docs/attacks.md says what each attack maximises for Discrete and for Box policies.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -48,11 +51,14 @@ class Attack:
     objective: str = "kl"
     steps: int = 10  # pgd / spsa iterations
     restarts: int = 3  # pgd / spsa random restarts (the best per sample is kept)
-    step_size: float = 2.5  # per-step size in units of radius / steps (Madry et al.'s 2.5 eps / k)
+    step_size: float = 1.0  # pgd / spsa first step, in units of the radius (halved per sample when it does not improve)
     spsa_samples: int = 32  # random directions per spsa gradient estimate (each costs two forwards)
     spsa_delta: float = 0.3  # spsa finite-difference scale, in units of the radius (Uesato et al. 2018: ~eps/3)
     target: str = "random"  # targeted: how targets are chosen (see targets())
     candidates: int = 1  # targeted, target lowest on Discrete actions: lowest-ranked actions tried per sample
+    # target on Discrete actions: a sample stops at its first point where the target is greedy (all a greedy victim
+    # shows); False: it climbs on to the most confident point (robust training learns from the strongest)
+    stop_reached: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -91,20 +97,78 @@ class Attack:
         return self._search(goal, x, budget, generator)
 
     def _search(self, goal: Objective, x: torch.Tensor, budget: Budget, generator: torch.Generator | None) -> torch.Tensor:
-        """PGD (SPSA: estimated-gradient) steps on ``goal`` from ``restarts`` random starts; per sample the best point, or ``x``
-        where no restart beats it."""
-        best, best_val = x, goal(x)
+        """PGD (SPSA: estimated-gradient) steps on ``goal`` from ``restarts`` random starts; per sample the best point
+        visited over all steps and restarts (:meth:`Objective.better`), or ``x`` where none beats it.
+
+        Each step starts from the sample's best point of its restart, along the gradient there, with a size of
+        ``step_size`` times the radius, halved whenever a step does not improve that point: a fixed signed step
+        oscillates around an optimum inside the ball, a halved one settles on it. A sample whose target is already
+        the greedy action (``target`` objective, Discrete) is done (``stop_reached``): it takes no further
+        restarts and leaves the steps (:meth:`_restart`), since that is all a greedy victim can show, so the
+        budget goes to the samples not yet forced."""
+        best = x.clone()
+        with torch.no_grad():
+            best_val, best_hit = goal.evaluate(x)
         for _ in range(self.restarts):
-            x_adv = budget.sample(x, generator)
-            alpha = self.step_size * budget.radius / self.steps
-            for _ in range(self.steps):
-                g = self._spsa_gradient(goal, x_adv, budget, generator) if self.method == "spsa" else goal.gradient(x_adv)
-                x_adv = budget.project(x_adv + alpha * g.sign(), x)
-            val = goal(x_adv)
-            better = val > best_val
-            best = torch.where(better[:, None], x_adv, best)
-            best_val = torch.where(better, val, best_val)
+            rows = (~best_hit if self.stop_reached else torch.ones_like(best_hit)).nonzero()[:, 0]
+            if not len(rows):
+                break
+            at, val, hit = self._restart(goal, x, rows, budget, generator)
+            better = goal.better(val, hit, best_val[rows], best_hit[rows])
+            best[rows] = torch.where(better[:, None], at, best[rows])
+            best_val[rows] = torch.where(better, val, best_val[rows])
+            best_hit[rows] |= hit
         return best
+
+    def _restart(self, goal: Objective, x: torch.Tensor, rows: torch.Tensor, budget: Budget,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One restart of :meth:`_search` on the samples ``rows`` of ``x``: their best points, the objective there
+        and whether their targets are reached.
+
+        The steps run on a working set of samples. A sample whose target is reached (``stop_reached``) stops
+        counting: once at most half of the set still searches, the set shrinks to those (their state written to
+        the result first). Until then a reached sample steps along with the others, keeping a reached point: on
+        the small batches of an evaluation the extra rows cost less than the indexing that would drop them."""
+        out_top, out_val = x[rows].clone(), torch.empty(len(rows), device=x.device, dtype=x.dtype)
+        out_hit = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
+        idx, x0 = torch.arange(len(rows), device=x.device), x[rows]
+        now = goal if len(rows) == len(x) else goal.rows(rows)
+        lo, hi = x0 - budget.radius, x0 + budget.radius  # the ball, once per working set rather than every step
+        top = at = budget.sample(x0, generator)
+        val = torch.full((len(rows),), float("-inf"), device=x.device, dtype=x.dtype)
+        hit = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
+        grad, stride = torch.zeros_like(top), (self.step_size * budget.radius).expand_as(top)
+        stop = goal.reaches and self.stop_reached
+        for t in range(self.steps + 1):
+            last = t == self.steps  # the last point needs no gradient
+            if last or self.method == "spsa":
+                with torch.no_grad():
+                    v, h = now.evaluate(at)
+                g = grad if last else self._spsa_gradient(now, at, budget, generator)
+            else:
+                v, h, g = now.value_and_gradient(at)
+            if goal.reaches:
+                better = goal.better(v, h, val, hit)
+                hit = hit | h
+            else:
+                better = v > val
+            top, grad = torch.where(better[:, None], at, top), torch.where(better[:, None], g, grad)
+            val, stride = torch.where(better, v, val), torch.where(better[:, None], stride, stride / 2)
+            if last:
+                break
+            if stop:
+                searching = int((~hit).sum())
+                if not searching or 2 * searching <= len(idx):
+                    out_top[idx[hit]], out_val[idx[hit]], out_hit[idx[hit]] = top[hit], val[hit], True
+                    if not searching:
+                        return out_top, out_val, out_hit
+                    keep = ~hit
+                    idx, lo, hi, top, val, hit, grad, stride = (
+                        a[keep] for a in (idx, lo, hi, top, val, hit, grad, stride))
+                    now = goal.rows(rows[idx])
+            at = torch.clamp(top + stride * grad.sign(), lo, hi)
+        out_top[idx], out_val[idx], out_hit[idx] = top, val, hit
+        return out_top, out_val, out_hit
 
     def force(self, policy: Policy, x: torch.Tensor, target: torch.Tensor, budget: Budget,
               generator: torch.Generator | None = None) -> torch.Tensor:
@@ -119,7 +183,7 @@ class Attack:
     def _targeted(self, policy: Policy, x: torch.Tensor, budget: Budget, generator: torch.Generator | None) -> torch.Tensor:
         """PGD towards each sample's candidate targets, all ``K`` candidates in one batch of ``K * B`` rows; per
         sample, the first candidate (in order of preference) whose target becomes the greedy action, else the
-        candidate whose target is most likely (closest, for Box) at the end."""
+        candidate whose target is most likely (closest, for Box) at its returned point."""
         cand = targets(self.target, policy, x, self.candidates, generator)  # [K, B] or [K, B, a]
         k, b = cand.shape[:2]
         flat = cand.reshape(k * b, *cand.shape[2:])
@@ -152,7 +216,8 @@ class Objective:
     ``kl`` (a divergence from the clean distribution) and for ``ce`` on Box actions (the Gaussian's clean
     mean is its most likely action); ``ce`` on Discrete actions, ``value`` and ``target`` have gradients at the
     clean point. ``target``: per sample, the action (Discrete ``[B]``) or point (Box ``[B, a]``) the ``target``
-    objective pulls the policy towards.
+    objective pulls the policy towards. ``reaches``: a point can reach the goal (``target`` on Discrete actions:
+    the target is the greedy action there).
     """
 
     def __init__(self, name: str, policy: Policy, x: torch.Tensor, critic: Policy | None,
@@ -163,6 +228,7 @@ class Objective:
         if (name == "target") != (target is not None):
             raise ValueError("the target objective, and only it, needs a target per sample")
         self.name, self.policy, self.critic, self.target = name, policy, critic, target
+        self.reaches = name == "target" and policy.group.discrete  # a point where the target is greedy is done
         self.stationary = name == "kl" or (name == "ce" and not policy.group.discrete)
         with torch.no_grad():
             self.clean_head = policy(x)
@@ -170,26 +236,53 @@ class Objective:
 
     def __call__(self, x_adv: torch.Tensor, repeat: int = 1) -> torch.Tensor:
         """Objective at ``x_adv``; ``repeat`` > 1 when ``x_adv`` stacks that many copies of the batch."""
+        return self.evaluate(x_adv, repeat)[0]
+
+    def evaluate(self, x_adv: torch.Tensor, repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objective at ``x_adv`` and, per sample, whether its target is the greedy action there (``target`` on
+        Discrete actions; always False otherwise: the other objectives have no point at which they are done)."""
         if self.name == "value":
-            return -self.critic.value(x_adv)  # type: ignore[union-attr]
+            value = -self.critic.value(x_adv)  # type: ignore[union-attr]
+            return value, torch.zeros_like(value, dtype=torch.bool)
         head = self.policy(x_adv)
         clean = self.clean_head.repeat(repeat, *([1] * (self.clean_head.dim() - 1)))
+        none = torch.zeros(len(head), dtype=torch.bool, device=head.device)
         if self.name == "kl":
             log_std = self.policy.log_std()
             return divergence("kl", clean, head, discrete=self.policy.group.discrete,
-                              teacher_log_std=log_std, student_log_std=log_std)
+                              teacher_log_std=log_std, student_log_std=log_std), none
         if self.name == "target":
             # log N(target; mu, sigma) for Box: minus half the squared distance in std units, plus a constant
             target = self.target.repeat(repeat, *([1] * (self.target.dim() - 1)))  # type: ignore[union-attr]
-            return log_prob(self.policy.dist_from_head(head), target)
+            reached = head.argmax(-1) == target if self.policy.group.discrete else none
+            return log_prob(self.policy.dist_from_head(head), target), reached
         action = self.clean_action.repeat(repeat, *([1] * (self.clean_action.dim() - 1)))
-        return -log_prob(self.policy.dist_from_head(head), action)
+        return -log_prob(self.policy.dist_from_head(head), action), none
 
-    def gradient(self, x_adv: torch.Tensor) -> torch.Tensor:
+    def value_and_gradient(self, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`evaluate` at ``x_adv`` and the objective's gradient there, from one forward and backward pass."""
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self(x_adv).sum(), x_adv)
-        return g
+            value, reached = self.evaluate(x_adv)
+            (g,) = torch.autograd.grad(value.sum(), x_adv)
+        return value.detach(), reached, g
+
+    def gradient(self, x_adv: torch.Tensor) -> torch.Tensor:
+        """The objective's gradient at ``x_adv``."""
+        return self.value_and_gradient(x_adv)[2]
+
+    def rows(self, index: torch.Tensor) -> Objective:
+        """The same objective for the samples ``index`` of its batch only."""
+        sub = copy.copy(self)
+        sub.clean_head, sub.clean_action = self.clean_head[index], self.clean_action[index]
+        sub.target = None if self.target is None else self.target[index]
+        return sub
+
+    @staticmethod
+    def better(value: torch.Tensor, reached: torch.Tensor, than: torch.Tensor, than_reached: torch.Tensor) -> torch.Tensor:
+        """Per sample, whether a point is better than another: its target reached where the other's is not, else
+        (both reached or neither) a higher objective."""
+        return (reached & ~than_reached) | ((reached == than_reached) & (value > than))
 
 
 def targets(choice: str, policy: Policy, x: torch.Tensor, candidates: int = 1,
@@ -231,10 +324,12 @@ def training_attack(name: str, steps: int, candidates: int = 1) -> Attack:
     """The inner adversary robust training crafts its perturbations with, one of :data:`TRAINING_ATTACKS`: PGD with
     ``steps`` steps and one restart (it runs at every update) on ``kl`` or ``ce``, or the suite's
     ``targeted_lowest`` / ``targeted_random`` with those steps (``candidates``: the lowest-ranked actions tried at
-    once), so a student trains against the attack that forces a harmful action, not only one that moves its own."""
+    once), so a student trains against the attack that forces a harmful action, not only one that moves its own.
+    A forced target is pushed on past the point where it becomes greedy (``stop_reached`` off): the student
+    learns from the most confident perturbation the steps find, not one on the decision boundary."""
     if name not in TRAINING_ATTACKS:
         raise MadistillError(f"unknown training attack {name!r}: use one of {TRAINING_ATTACKS}")
-    pgd = Attack("pgd", "kl", steps=steps, restarts=1, candidates=candidates)
+    pgd = Attack("pgd", "kl", steps=steps, restarts=1, candidates=candidates, stop_reached=False)
     return replace(pgd, objective=name) if name in ("kl", "ce") else variants(pgd)[name]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -401,8 +401,10 @@ def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, vict
     crafted on ``attacked`` where given (transfer: on the surrogate)."""
     if method == "targeted_lookahead":
         branching = Branching(venv.spec, venv.groups, venv.backend)
-        # the targeted PGD of targeted_random realises the target; its own target choice is not used
-        return LookaheadAttack(suite_attack("targeted_random", ac), victims, budgets, branching, ac.lookahead_horizon,
+        # the targeted PGD of targeted_random (with the lookahead's restarts) realises the target; its own target
+        # choice is not used
+        force = replace(suite_attack("targeted_random", ac), restarts=ac.lookahead_restarts)
+        return LookaheadAttack(force, victims, budgets, branching, ac.lookahead_horizon,
                                ac.lookahead_gamma, critic if ac.lookahead_critic else None, ac.frequency,
                                ac.lookahead_joint).transforms()
     if method == "learned":
