@@ -461,3 +461,20 @@ def test_the_experiment_summary_gives_the_masked_share_of_full_recovery_and_the_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repair_toy_eps0.2.json", "repair_toy_eps0.2.md"]
     assert "Masked recovery / full recovery of the worst case: 0.750 [0.750, 0.750]" in text
     assert "| masked | 0.01 @ 10, 0.01 @ 10 |" in text and "not a share of a recovery" not in text
+
+
+def test_the_comparison_pairs_two_experiments_by_episode_and_refuses_different_episodes(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    compare = importlib.import_module("repair_compare").compare
+    original = {"original": [-2.0, -4.0]}, {"original": [10.0, 10.0]}
+    fixed = {"0": _run({**original[0], "masked": [-3.0, -5.0]}, {**original[1], "masked": [9.0, 9.0]})}
+    adv = {"0": _run({**original[0], "masked": [-1.0, -2.0]}, {**original[1], "masked": [9.0, 10.0]})}
+    res = compare({"runs": fixed}, {"runs": adv})
+    assert res["seeds"] == [0]
+    assert res["variants"]["masked"]["worst"]["mean"] == pytest.approx(2.5)  # (2 + 3) / 2, adversarial minus fixed
+    assert res["variants"]["masked"]["clean"]["mean"] == pytest.approx(0.5)
+    lo, hi = res["variants"]["masked"]["worst"]["ci95"]
+    assert 2.0 <= lo <= hi <= 3.0
+    other = {"0": _run({"original": [-2.0, -5.0], "masked": [0.0, 0.0]}, {**original[1], "masked": [9.0, 9.0]})}
+    with pytest.raises(SystemExit, match="did not play the same episodes"):
+        compare({"runs": fixed}, {"runs": other})
