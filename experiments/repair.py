@@ -20,7 +20,9 @@ its method and eps) on one agent of the repaired group (``--victim``, default it
 many non-faulted agents fail) and the non-faulted agents' return delta (faulted minus clean twin) of each, so
 whether the downstream failures shrink after the repair.
 
-Extra arguments are config overrides for every repair run (``attack.*``, ``repair.*``). Writes
+Extra arguments are config overrides for every repair run (``attack.*``, ``repair.*``); ``repair.refresh=10``
+repairs every variant adversarially (docs/repair.md, step 8), and ``experiments/repair_compare.py`` pairs such a
+run with a fixed-set one on the same episodes. Writes
 ``experiments/results/repair_<env>.json`` and ``.md``.
 """
 

@@ -66,6 +66,8 @@ ExplainMethod = _choices("ExplainMethod", "gradient input_x_gradient integrated_
 ExplainTarget = _choices("ExplainTarget", "prob logit")
 NeuronScore = _choices("NeuronScore", "grad ig probe")
 RepairBaseline = _choices("RepairBaseline", "full last random")
+TrainingAttack = _choices("TrainingAttack", "kl ce targeted_lowest targeted_random",
+                          "The inner adversaries of robust training (madistill/attacks/methods.py: TRAINING_ATTACKS).")
 FailureAttack = _choices("FailureAttack", "random fgsm pgd pgd_strong spsa targeted_random targeted_lowest",
                          "Suite attacks that craft on the repaired policy itself (critic needs a value head, "
                          "transfer a surrogate)")
@@ -553,17 +555,25 @@ class RepairConfig:
     divergence: Divergence = Divergence.kl  # the anchor's divergence
     baselines: list[RepairBaseline] = field(default_factory=lambda: list(RepairBaseline))  # also fine-tuned, same data and steps
     evaluate: bool = True  # clean and attacked returns of the original and every variant (attack.* settings, at eps)
+    # adversarial repair: every `refresh` fine-tuning steps the failure set is rebuilt by the training attack
+    # `adv_objective` (`adv_steps` PGD steps, at eps) on the policy being tuned, from the clean anchor observations,
+    # and the held-out choice judges robust accuracy under `attack` on each fine-tune; 0: the fixed failure set
+    # built on the original policy (needed for repair.failures files, whose wanted actions are not the clean ones)
+    refresh: int = 0
+    adv_objective: TrainingAttack = TrainingAttack.ce  # ce: flip the clean greedy action, what a failure is
+    adv_steps: int = 10  # PGD steps of that training attack (one restart; it runs at every refresh)
 
     @staticmethod
     def validate(c: Checks) -> None:
-        c.at_least(1, "episodes", "max_failures", "ig_steps", "probe_steps", "ablation_draws", "steps", "batch_size")
+        c.at_least(1, "episodes", "max_failures", "ig_steps", "probe_steps", "ablation_draws", "steps", "batch_size",
+                   "adv_steps")
         c.within(0, 1, "neurons", "max_parameters", open_low=True)
         c.within(0, float("inf"), "eps", open_low=True)
         c.require(len(c.node.learning_rates) > 0 and min(c.node.learning_rates) > 0, "learning_rates",
                   "a non-empty list of rates above 0")
         c.require(len(c.node.anchors) > 0 and min(c.node.anchors) >= 0, "anchors", "a non-empty list of weights at least 0")
         c.within(0, 1, "validation", open_low=True, open_high=True)
-        c.at_least(0, "probe_l1", "weight_decay", "max_divergence")
+        c.at_least(0, "probe_l1", "weight_decay", "max_divergence", "refresh")
 
 
 @dataclass

@@ -3,8 +3,10 @@ under AdamW with weight decay, the repaired policy is a drop-in checkpoint, bad 
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +16,17 @@ from conftest import REPO, compose_config, tiny
 from gymnasium import spaces
 from safetensors.torch import load_file
 
+from madistill.attacks.budget import Budget
+from madistill.attacks.methods import Attack, training_attack
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.policies.base import greedy_actions
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.store import load_team, read_manifest
-from madistill.repair.failures import FailureSet
+from madistill.repair.failures import Adversary, FailureSet, attack_failures
 from madistill.repair.masked import FinetuneSettings, mask_size, masked_finetune, neuron_mask, parameter_delta
 from madistill.repair.neurons import ablation_check, all_neurons, neuron_scores, repair_path
-from madistill.repair.plan import Choice, choose, choose_neurons, holdout, tune
+from madistill.repair.plan import Choice, choose, choose_neurons, holdout, tune, validation_scores
 from madistill.stages import attack as attack_stage
 from madistill.stages import cascade as cascade_stage
 from madistill.stages import distill as distill_stage
@@ -86,7 +90,13 @@ def test_ablating_the_planted_neuron_changes_the_failing_actions_more_than_rando
     assert check["random_at_least_top"] < 0.3
 
 
-def test_masked_parameters_stay_bit_identical_under_adamw_with_weight_decay():
+def adversary(every: int = 1, eps: float = 0.3) -> Adversary:
+    """Adversarial repair on the 4-feature group: ce PGD to rebuild failures, the suite's kl PGD to judge."""
+    return Adversary(every, training_attack("ce", 10), Attack("pgd", "kl", 10, 3), Budget.build(eps, 4))
+
+
+@pytest.mark.parametrize("adv", [None, adversary()], ids=["fixed", "adversarial"])
+def test_masked_parameters_stay_bit_identical_under_adamw_with_weight_decay(adv):
     torch.manual_seed(0)
     p = MLPPolicy(GROUP, {"hidden_sizes": [16, 16], "activation": "tanh"})
     layers = repair_path(p).hidden
@@ -96,7 +106,7 @@ def test_masked_parameters_stay_bit_identical_under_adamw_with_weight_decay():
     assert mask_size(mask) == (4 + 1) + 2 * (16 + 1)
     # every step also moves the anchor's gradient through the other parameters, weight decay pulls on them all
     s = FinetuneSettings(steps=30, batch_size=64, learning_rate=0.05, weight_decay=0.5, anchor=1.0, divergence="kl")
-    tuned = masked_finetune(p, mask, failing, wanted, clean, s, seed=0)
+    tuned = masked_finetune(p, mask, failing, wanted, clean, s, seed=0, adversary=adv)
     before, after = dict(p.named_parameters()), dict(tuned.named_parameters())
     for name, w in before.items():
         m = mask.get(name, torch.zeros_like(w, dtype=torch.bool))
@@ -113,6 +123,66 @@ def test_masked_parameters_stay_bit_identical_under_adamw_with_weight_decay():
     with torch.no_grad():
         failing_loss = [-torch.log_softmax(q(failing), -1)[:, 1].mean() for q in (p, tuned)]
     assert float(failing_loss[1]) < float(failing_loss[0])
+
+
+def sharp_policy() -> MLPPolicy:
+    """Random tanh MLP with weights x3: sharp decision boundaries, so small moves of the input flip actions."""
+    torch.manual_seed(0)
+    p = MLPPolicy(GROUP, {"hidden_sizes": [32, 32], "activation": "tanh"})
+    with torch.no_grad():
+        for m in p.net:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(3.0)
+    return p
+
+
+def test_regenerated_failures_are_the_current_policys_and_a_robust_policy_has_none():
+    p = sharp_policy()
+    clean = torch.randn(300, 4, generator=torch.Generator().manual_seed(1))
+    wanted = greedy_actions(p, clean)
+    adv = adversary()
+    initial = adv.failures(p, clean, wanted, torch.Generator().manual_seed(0))
+    assert 0 < len(initial) < len(clean) and initial.searched == len(clean)
+    assert bool((greedy_actions(p, initial.x) != initial.wanted).all())
+    assert bool(((initial.x - clean[:, None]).abs().amax(-1) <= 0.3 + 1e-6).any(0).all())  # each inside the ball
+    # after an adversarial fine-tune the attack on the tuned policy finds other failures, each a failure of it
+    full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
+    s = FinetuneSettings(steps=20, batch_size=64, learning_rate=0.01, weight_decay=0.0, anchor=1.0, divergence="kl")
+    tuned = masked_finetune(p, full, initial.x, initial.wanted, clean, s, seed=0, adversary=adv)
+    now = adv.failures(tuned, clean, wanted, torch.Generator().manual_seed(0))
+    assert bool((greedy_actions(tuned, now.x) != now.wanted).all())
+    assert len(now) < len(initial)
+    assert not torch.equal(now.x[: len(now)], initial.x[: len(now)])
+    # a policy whose action does not depend on its input resists every perturbation: no failure to rebuild
+    constant = copy.deepcopy(p)
+    with torch.no_grad():
+        constant.net[0].weight.zero_()
+    none = adv.failures(constant, clean, greedy_actions(constant, clean), torch.Generator().manual_seed(0))
+    assert len(none) == 0 and none.x.shape == (0, 4)
+    # with no failure and no anchor nothing is fitted: the fine-tune returns the policy unchanged
+    still = masked_finetune(constant, full, initial.x, initial.wanted, clean, replace(s, anchor=0.0), 0, adv)
+    assert all(torch.equal(a, b) for a, b in zip(constant.parameters(), still.parameters()))
+
+
+def test_adversarial_repair_raises_robust_accuracy_where_the_fixed_failure_set_does_not():
+    """The fixed set is the original's pgd failures; fitting them (it fits more of the held-out ones) leaves the
+    held-out robust accuracy under a fresh pgd on the tuned policy where it was, rebuilding them against the
+    policy being tuned raises it. Same steps, rate, anchor and seed."""
+    p = sharp_policy()
+    clean = torch.randn(600, 4, generator=torch.Generator().manual_seed(1))
+    adv = adversary()
+    split = holdout(attack_failures(p, clean, adv.check, adv.budget, 0, "pgd", 10_000), clean, 0.25, seed=0)
+    full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
+    s = FinetuneSettings(steps=100, batch_size=64, learning_rate=0.01, weight_decay=0.0, anchor=1.0, divergence="kl")
+    tuned = {name: masked_finetune(p, full, split.train.x, split.train.wanted, split.train_clean, s, 0, a)
+             for name, a in (("fixed", None), ("adversarial", adv))}
+    robust = {name: validation_scores(p, q, split.val, split.val_clean, "kl", adv, 0)["accuracy"]
+              for name, q in {"original": p, **tuned}.items()}
+    fitted = {name: validation_scores(p, q, split.val, split.val_clean, "kl")["accuracy"] for name, q in tuned.items()}
+    assert robust["adversarial"] > robust["original"] + 0.15
+    assert robust["adversarial"] > robust["fixed"] + 0.15
+    assert robust["fixed"] < robust["original"] + 0.05
+    assert fitted["fixed"] > fitted["adversarial"]  # fitting the original's failures is not resisting the attack
 
 
 def test_the_learning_rate_choice_avoids_a_rate_that_breaks_the_clean_behaviour():
@@ -247,6 +317,30 @@ def test_the_repaired_teacher_is_a_drop_in_checkpoint_with_its_update(relay_teac
     assert read_manifest(tmp_path / "distill" / "policies" / "student")["role"] == "student"
 
 
+def test_the_stage_repairs_adversarially_and_judges_robust_accuracy(relay_teacher, tmp_path):
+    """repair.refresh > 0: every variant is fine-tuned against failures rebuilt on itself, the held-out accuracy
+    is under a fresh attack (so the original's own held-out failures are not what it counts) and the parameters
+    outside the mask stay bit-identical."""
+    cfg = compose_config(tiny("env=relay", f"repair.policy={relay_teacher}", *REPAIR, "repair.refresh=5",
+                              "repair.adv_steps=3", "repair.evaluate=false", "repair.baselines=[random]"))
+    payload = repair_stage.run(cfg, tmp_path / "run")
+    assert payload["meta"]["repair"]["refresh"] == 5
+    g = payload["meta"]["group"]
+    masked = payload["variants"]["masked"]
+    assert 0 < masked["changed"] <= masked["mask_size"]
+    free = {(n["layer"], n["unit"]) for n in payload["neurons"]}
+    after = dict(load_team(tmp_path / "run")[0][g].named_parameters())
+    for name, w in load_team(relay_teacher)[0][g].named_parameters():
+        layer, kind = name.rsplit(".", 1)
+        rows = [u for lay, u in free if lay == layer and kind in ("weight", "bias")]
+        keep = torch.ones(len(w), dtype=torch.bool)
+        keep[rows] = False
+        assert torch.equal(after[name][keep], w[keep]), name  # bit for bit outside the chosen neurons' rows
+    md = (tmp_path / "run" / "reports" / "repair.md").read_text()
+    assert "Adversarial repair: the failures rebuilt every 5 steps by ce PGD" in md
+    assert "| held-out accuracy under a fresh attack |" in md
+
+
 def _error(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
@@ -299,6 +393,10 @@ def test_the_cascade_comparison_runs_on_the_original_and_the_repaired_policy(rel
     (("repair.failures=MISSING_NPZ",), "is not a readable .npz"),
     (("repair.failures=BAD_NPZ",), "lacks ['actions']"),
     (("repair.failures=WRONG_NPZ",), "actions must be"),
+    (("repair.failures=WRONG_NPZ", "repair.refresh=1"), "repair.refresh rebuilds the failures by attacking the clean "
+     "observations, so it cannot repair a repair.failures file: set repair.refresh=0 or drop repair.failures"),
+    (("repair.refresh=-1",), "repair.refresh must be at least 0, got -1"),
+    (("repair.adv_objective=pgd",), "repair.adv_objective cannot be 'pgd'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(relay_teacher, cli, tmp_path, extra, says):
     np.savez(tmp_path / "bad.npz", obs=np.zeros((4, 3), np.float32))
@@ -363,3 +461,20 @@ def test_the_experiment_summary_gives_the_masked_share_of_full_recovery_and_the_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repair_toy_eps0.2.json", "repair_toy_eps0.2.md"]
     assert "Masked recovery / full recovery of the worst case: 0.750 [0.750, 0.750]" in text
     assert "| masked | 0.01 @ 10, 0.01 @ 10 |" in text and "not a share of a recovery" not in text
+
+
+def test_the_comparison_pairs_two_experiments_by_episode_and_refuses_different_episodes(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    compare = importlib.import_module("repair_compare").compare
+    original = {"original": [-2.0, -4.0]}, {"original": [10.0, 10.0]}
+    fixed = {"0": _run({**original[0], "masked": [-3.0, -5.0]}, {**original[1], "masked": [9.0, 9.0]})}
+    adv = {"0": _run({**original[0], "masked": [-1.0, -2.0]}, {**original[1], "masked": [9.0, 10.0]})}
+    res = compare({"runs": fixed}, {"runs": adv})
+    assert res["seeds"] == [0]
+    assert res["variants"]["masked"]["worst"]["mean"] == pytest.approx(2.5)  # (2 + 3) / 2, adversarial minus fixed
+    assert res["variants"]["masked"]["clean"]["mean"] == pytest.approx(0.5)
+    lo, hi = res["variants"]["masked"]["worst"]["ci95"]
+    assert 2.0 <= lo <= hi <= 3.0
+    other = {"0": _run({"original": [-2.0, -5.0], "masked": [0.0, 0.0]}, {**original[1], "masked": [9.0, 9.0]})}
+    with pytest.raises(SystemExit, match="did not play the same episodes"):
+        compare({"runs": fixed}, {"runs": other})

@@ -2,7 +2,8 @@
 
 Built with the attack suite (clean observations attacked inside a budget; kept where the attacked action
 differs from the clean one, which is the wanted action) or read from a user ``.npz`` of raw observations
-(``obs [N, d]``) and wanted actions (``actions [N]``). Observations are normalised with the policy's own
+(``obs [N, d]``) and wanted actions (``actions [N]``). Adversarial repair (:class:`Adversary`) rebuilds the set
+during the fine-tune, attacking the policy being tuned. Observations are normalised with the policy's own
 normaliser, the units its network and the attacks work in.
 """
 
@@ -35,15 +36,46 @@ class FailureSet:
         return len(self.x)
 
 
+def current_failures(policy: Policy, clean: torch.Tensor, wanted: torch.Tensor, attack: Attack, budget: Budget,
+                     generator: torch.Generator | None, name: str) -> FailureSet:
+    """The failures ``policy`` has now: ``clean`` (normalised) attacked on ``policy``, kept where its greedy action
+    differs from ``wanted`` (one per clean observation), each wanting that action."""
+    adv = attack(policy, clean, budget, generator)
+    flipped = (greedy_actions(policy, adv) != wanted).nonzero().flatten()
+    return FailureSet(adv[flipped].detach(), wanted[flipped], name, len(clean))
+
+
 def attack_failures(policy: Policy, clean: torch.Tensor, attack: Attack, budget: Budget, seed: int, name: str,
                     limit: int) -> FailureSet:
     """The attacked clean observations ``clean`` (normalised) whose greedy action the attack changes, at most
     ``limit`` of them, wanting the clean action; ``name`` says which attack in the report."""
     gen = torch.Generator(device=clean.device).manual_seed(seed)
-    adv = attack(policy, clean, budget, gen)
-    before, after = greedy_actions(policy, clean), greedy_actions(policy, adv)
-    flipped = (before != after).nonzero().flatten()[:limit]
-    return FailureSet(adv[flipped].detach(), before[flipped], name, len(clean))
+    found = current_failures(policy, clean, greedy_actions(policy, clean), attack, budget, gen, name)
+    return FailureSet(found.x[:limit], found.wanted[:limit], name, found.searched)
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """Adversarial repair (``repair.refresh`` > 0): every ``every`` fine-tuning steps the failure set is rebuilt
+    by the training attack ``attack`` on the policy being tuned, and the held-out choice judges each fine-tune
+    by a fresh ``check`` attack on it, both inside ``budget``."""
+
+    every: int
+    attack: Attack
+    check: Attack
+    budget: Budget
+
+    def failures(self, policy: Policy, clean: torch.Tensor, wanted: torch.Tensor,
+                 generator: torch.Generator | None) -> FailureSet:
+        """The failures the training attack finds on ``policy`` now (see :func:`current_failures`)."""
+        return current_failures(policy, clean, wanted, self.attack, self.budget, generator, "training attack")
+
+    def robust_accuracy(self, policy: Policy, clean: torch.Tensor, wanted: torch.Tensor, seed: int) -> float:
+        """The share of ``clean`` on which ``policy`` still takes the ``wanted`` action under the ``check``
+        attack crafted on it (seeded, so every fine-tune faces the same random starts)."""
+        gen = torch.Generator(device=clean.device).manual_seed(seed)
+        adv = self.check(policy, clean, self.budget, gen)
+        return float((greedy_actions(policy, adv) == wanted).float().mean())
 
 
 def file_failures(path: str | Path, policy: Policy, normalizer: ObsNormalizer, device: torch.device) -> FailureSet:

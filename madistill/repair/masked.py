@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from madistill.common.divergences import divergence
-from madistill.policies.base import Policy
+from madistill.policies.base import Policy, greedy_actions
 from madistill.policies.path import Layer
+from madistill.repair.failures import Adversary
 from madistill.repair.neurons import Neuron, failure_loss
 
 Mask = dict[str, torch.Tensor]  # parameter name -> bool tensor of its shape: True where the parameter may move
@@ -59,10 +60,15 @@ class FinetuneSettings:
 
 
 def masked_finetune(policy: Policy, mask: Mask, failing: torch.Tensor, wanted: torch.Tensor, clean: torch.Tensor,
-                    s: FinetuneSettings, seed: int) -> Policy:
+                    s: FinetuneSettings, seed: int, adversary: Adversary | None = None) -> Policy:
     """A copy of ``policy`` fine-tuned on the failure set (the wanted action on each failing observation) plus
     the clean anchor (``s.anchor`` x the divergence from the original policy's head on clean observations), with
     only the ``mask``ed parameters free.
+
+    With an ``adversary`` the failure set is not fixed: every ``adversary.every`` steps it is rebuilt from the
+    clean observations, attacked on the policy being tuned and wanting the original's greedy clean action
+    (``failing`` and ``wanted`` are then unused), so the fine-tune fits the failures it has, not the original's;
+    while the attack finds none, only the anchor trains.
 
     The gradient is masked and the optimiser's update guarded: AdamW's weight decay, and Adam's moments for an
     entry whose gradient was once non-zero, move a parameter whatever its gradient, so after every step the
@@ -74,15 +80,24 @@ def masked_finetune(policy: Policy, mask: Mask, failing: torch.Tensor, wanted: t
     masks = {n: m.to(params[n].device) for n, m in mask.items()}
     opt = torch.optim.AdamW([params[n] for n in masks], lr=s.learning_rate, weight_decay=s.weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    attack_gen = torch.Generator(device=clean.device).manual_seed(seed)
     with torch.no_grad():
         reference = policy(clean)
-    for _ in range(s.steps):
-        i = torch.randint(len(failing), (s.batch_size,), generator=gen).to(failing.device)
+    clean_actions = greedy_actions(policy, clean)
+    for step in range(s.steps):
+        if adversary is not None and step % adversary.every == 0:
+            found = adversary.failures(tuned, clean, clean_actions, attack_gen)
+            failing, wanted = found.x, found.wanted
+        loss = torch.zeros((), device=clean.device)
+        if len(failing):
+            i = torch.randint(len(failing), (s.batch_size,), generator=gen).to(failing.device)
+            loss = loss + failure_loss(tuned, failing[i], wanted[i]).mean()
         j = torch.randint(len(clean), (s.batch_size,), generator=gen).to(clean.device)
-        loss = failure_loss(tuned, failing[i], wanted[i]).mean()
         if s.anchor:
             loss = loss + s.anchor * divergence(s.divergence, reference[j], tuned(clean[j]),
                                                 discrete=tuned.group.discrete).mean()
+        if not loss.requires_grad:  # no failure left and no anchor: nothing to fit this step
+            continue
         opt.zero_grad()
         loss.backward()
         before = {}

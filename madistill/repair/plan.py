@@ -11,7 +11,7 @@ import torch
 from madistill.common.divergences import divergence
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy, greedy_actions
-from madistill.repair.failures import FailureSet
+from madistill.repair.failures import Adversary, FailureSet
 from madistill.repair.masked import (
     FinetuneSettings,
     Mask,
@@ -79,8 +79,8 @@ def holdout(failures: FailureSet, clean: torch.Tensor, share: float, seed: int) 
 @dataclass(frozen=True)
 class Trial:
     """One fine-tune of the grid: its learning rate and anchor weight, and on the held-out split the failures'
-    share acting as wanted (``accuracy``) and the clean anchor's mean divergence from the original
-    (``divergence``)."""
+    share acting as wanted (``accuracy``; adversarial repair: the clean observations' share under a fresh attack)
+    and the clean anchor's mean divergence from the original (``divergence``)."""
 
     learning_rate: float
     anchor: float
@@ -98,13 +98,19 @@ class Choice:
     within_bound: bool
 
 
-def validation_scores(original: Policy, tuned: Policy, val: FailureSet, val_clean: torch.Tensor,
-                      div: str) -> dict[str, float]:
-    """How a fine-tuned policy does on the held-out split: ``accuracy`` on the failures, ``divergence`` (mean,
-    of ``div``) from the original on the clean observations."""
+def validation_scores(original: Policy, tuned: Policy, val: FailureSet, val_clean: torch.Tensor, div: str,
+                      adversary: Adversary | None = None, seed: int = 0) -> dict[str, float]:
+    """How a fine-tuned policy does on the held-out split: ``accuracy`` on the failures (with an ``adversary``: on
+    the held-out clean observations under its fresh attack on ``tuned``, wanting the original's clean action,
+    because an adversarial repair is asked to resist the attack on itself, not the failures the original had),
+    ``divergence`` (mean, of ``div``) from the original on the clean observations."""
     with torch.no_grad():
         d = divergence(div, original(val_clean), tuned(val_clean), discrete=tuned.group.discrete).mean()
-    return {"accuracy": float((greedy_actions(tuned, val.x) == val.wanted).float().mean()), "divergence": float(d)}
+    if adversary is not None:
+        accuracy = adversary.robust_accuracy(tuned, val_clean, greedy_actions(original, val_clean), seed)
+    else:
+        accuracy = float((greedy_actions(tuned, val.x) == val.wanted).float().mean())
+    return {"accuracy": accuracy, "divergence": float(d)}
 
 
 def choose(trials: list[Trial], bound: float) -> Choice:
@@ -122,19 +128,20 @@ def choose(trials: list[Trial], bound: float) -> Choice:
 
 
 def tune(policy: Policy, mask: Mask, split: Split, settings: FinetuneSettings, rates: list[float],
-         anchors: list[float], bound: float, seed: int) -> tuple[Policy, Choice]:
+         anchors: list[float], bound: float, seed: int, adversary: Adversary | None = None) -> tuple[Policy, Choice]:
     """Fine-tune ``policy`` under ``mask`` on the split's training part at every learning rate of ``rates`` with
-    every anchor weight of ``anchors`` (same seed and steps), and keep the one :func:`choose` picks on the
-    held-out part. The anchor weight is searched with the rate because neither alone bounds the clean
-    divergence: when many parameters are free, the failure loss moves the policy faster than a weak anchor
-    pulls it back, so a smaller rate fits less without diverging less."""
+    every anchor weight of ``anchors`` (same seed and steps; with an ``adversary``, adversarially: see
+    :func:`masked_finetune`), and keep the one :func:`choose` picks on the held-out part. The anchor weight is
+    searched with the rate because neither alone bounds the clean divergence: when many parameters are free, the
+    failure loss moves the policy faster than a weak anchor pulls it back, so a smaller rate fits less without
+    diverging less."""
     tuned, trials = [], []
     for rate in rates:
         for anchor in anchors:
             tuned.append(masked_finetune(policy, mask, split.train.x, split.train.wanted, split.train_clean,
-                                         replace(settings, learning_rate=rate, anchor=anchor), seed))
+                                         replace(settings, learning_rate=rate, anchor=anchor), seed, adversary))
             trials.append(Trial(rate, anchor, **validation_scores(policy, tuned[-1], split.val, split.val_clean,
-                                                                  settings.divergence)))
+                                                                  settings.divergence, adversary, seed)))
     choice = choose(trials, bound)
     return tuned[trials.index(choice.chosen)], choice
 
@@ -156,13 +163,14 @@ class Repair:
     selection: dict[str, Choice] = field(default_factory=dict)
 
 
-def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc: Any, seed: int) -> Repair:
+def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc: Any, seed: int,
+                  adversary: Adversary | None = None) -> Repair:
     """Score the neurons of ``policy`` on ``failures`` (``rc.score``), choose the top ones, check their
     ablation against random ones, and fine-tune with the neuron mask and every ``rc.baselines`` variant
     (``full``: every acting parameter; ``last``: the output layer; ``random``: as many random neurons per layer)
     on the failures plus the clean anchor ``clean``, each from the same seed and with its own learning rate and
     anchor weight chosen from ``rc.learning_rates`` x ``rc.anchors`` on a held-out ``rc.validation`` share of
-    both (:func:`tune`). The
+    both (:func:`tune`); with an ``adversary`` every variant is fine-tuned and judged adversarially. The
     neurons are scored on the whole failure set: localisation is not what the held-out part validates."""
     path = repair_path(policy)
     layers, head, head_name = path.hidden, path.head, path.head_name
@@ -188,7 +196,7 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
     split = holdout(failures, clean, rc.validation, seed)
     for name, mask in masks.items():
         tuned, result.selection[name] = tune(policy, mask, split, settings, list(rc.learning_rates),
-                                             list(rc.anchors), rc.max_divergence, seed)
+                                             list(rc.anchors), rc.max_divergence, seed, adversary)
         result.policies[name], result.mask_sizes[name] = tuned, mask_size(mask)
         result.deltas[name] = parameter_delta(policy, tuned)
     return result

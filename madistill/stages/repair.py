@@ -46,11 +46,15 @@ def _save_delta(delta: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def _markdown(payload: dict) -> str:
     """The report's tables: what changed, the chosen neurons, and the returns per variant."""
     m = payload["meta"]
+    refresh = m["repair"].get("refresh", 0)
+    adversarial = (f" Adversarial repair: the failures rebuilt every {refresh} steps by "
+                   f"{m['repair']['adv_objective']} PGD on the policy being tuned." if refresh else "")
+    accuracy = "held-out accuracy under a fresh attack" if refresh else "held-out failure accuracy"
     lines = [f"# Repair of {m['group']} on {m['env']}", "",
              f"Failure set: {m['failures']} failing observations from {m['failure_source']} "
-             f"({m['searched']} searched). Neuron scores: {m['score']}.", "",
+             f"({m['searched']} searched). Neuron scores: {m['score']}.{adversarial}", "",
              "| variant | parameters free | parameters changed | share of acting parameters | learning rate | "
-             "anchor | held-out failure accuracy | held-out clean divergence | clean | worst attacked |",
+             f"anchor | {accuracy} | held-out clean divergence | clean | worst attacked |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     rows = {**({"original": {"mask_size": 0, "changed": 0, "changed_share": 0.0, **payload["original"]}}
                if "original" in payload else {}), **payload["variants"]}
@@ -128,6 +132,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from tqdm.auto import tqdm
 
     from madistill.attacks.budget import group_budgets
+    from madistill.attacks.methods import training_attack
     from madistill.attacks.robustness import suite_attack
     from madistill.common.collect import collect_round
     from madistill.common.io import atomic_write_text
@@ -135,7 +140,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.errors import MadistillError
     from madistill.evaluate.report import write_markdown
     from madistill.policies.store import find_policy_dir, load_team, save_team
-    from madistill.repair.failures import attack_failures, file_failures
+    from madistill.repair.failures import Adversary, attack_failures, file_failures
     from madistill.repair.neurons import repair_path
     from madistill.repair.plan import repair_policy
     from madistill.runtime import make_vec_env
@@ -156,6 +161,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             raise MadistillError("repair needs a Discrete-action group (a failure is a changed action): "
                                  f"set repair.group to one of {[g.name for g in venv.groups if g.discrete]}")
         candidates = [g for g in candidates if g.discrete]
+        if rc.failures is not None and rc.refresh:
+            raise MadistillError("repair.refresh rebuilds the failures by attacking the clean observations, so it "
+                                 "cannot repair a repair.failures file: set repair.refresh=0 or drop repair.failures")
         if rc.failures is not None and rc.group is None and len(candidates) > 1:
             raise MadistillError(f"repair.failures holds one group's observations: set repair.group to one of "
                                  f"{[g.name for g in candidates]}")
@@ -181,7 +189,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                  f"{failures.searched} observations: raise repair.eps or repair.episodes")
         tqdm.write(f"repair: {len(failures)} failing observations of {group} ({failures.source}); "
                    f"scoring neurons by {rc.score} and fine-tuning {1 + len(rc.baselines)} variants")
-        rep = repair_policy(team[group], failures, clean, rc, cfg.seed)
+        adversary = Adversary(rc.refresh, training_attack(str(rc.adv_objective), rc.adv_steps, cfg.attack.target_candidates),
+                              attack, budgets[group]) if rc.refresh else None
+        rep = repair_policy(team[group], failures, clean, rc, cfg.seed, adversary)
         payload = _payload(cfg, group, failures, rep, spec, source)
         if rc.evaluate:
             teams = {"original": team, **{n: _with_policy(team, group, p) for n, p in rep.policies.items()}}
