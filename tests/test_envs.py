@@ -476,8 +476,10 @@ def test_early_termination_absorbing_obs_and_flags(num_workers):
             assert e.team_return == pytest.approx(2.25)
 
 
-def test_teacher_buffer_masks_steps_of_terminated_agents(make_cfg, monkeypatch, tmp_path):
-    """PPO never trains on the absorbing padding of an agent that terminated early."""
+@pytest.mark.parametrize("fast_update", [True, False])
+def test_teacher_buffer_masks_steps_of_terminated_agents(make_cfg, monkeypatch, tmp_path, fast_update):
+    """PPO never trains on the absorbing padding of an agent that terminated early, in the fast update and in
+    SB3's own ``train()`` (both flatten the rollout with ``prepare`` and gather minibatches with ``samples``)."""
     cfg = make_cfg(
         "env=custom",
         f"env.target={TOY}",
@@ -486,19 +488,25 @@ def test_teacher_buffer_masks_steps_of_terminated_agents(make_cfg, monkeypatch, 
         "teacher.ppo.n_steps=10",
         "teacher.ppo.batch_size=8",
         "teacher.ppo.n_epochs=1",
+        f"teacher.ppo.fast_update={str(fast_update).lower()}",
         "teacher.total_agent_steps=40",
         "logger.tensorboard=false",
     )
     seen: dict[str, list] = {"valid": [], "obs": []}
-    orig_get = MaskedRolloutBuffer.get
+    orig_prepare, orig_samples = MaskedRolloutBuffer.prepare, MaskedRolloutBuffer.samples
 
-    def spy(self, batch_size=None):
-        seen["valid"].append(self.valid.copy())
-        for batch in orig_get(self, batch_size):
-            seen["obs"].append(batch.observations.detach().cpu().numpy())
-            yield batch
+    def prepare(self):
+        if not self.generator_ready:
+            seen["valid"].append(self.valid.copy())
+        orig_prepare(self)
 
-    monkeypatch.setattr(MaskedRolloutBuffer, "get", spy)
+    def samples(self, rows):
+        batch = orig_samples(self, rows)
+        seen["obs"].append(batch.observations.detach().cpu().numpy())
+        return batch
+
+    monkeypatch.setattr(MaskedRolloutBuffer, "prepare", prepare)
+    monkeypatch.setattr(MaskedRolloutBuffer, "samples", samples)
     from madistill.runtime import env_spec, make_vec_env
 
     spec = env_spec(cfg.env)
