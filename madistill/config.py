@@ -67,7 +67,7 @@ ExplainTarget = _choices("ExplainTarget", "prob logit")
 NeuronScore = _choices("NeuronScore", "grad ig probe")
 RepairBaseline = _choices("RepairBaseline", "full last random")
 TrainingAttack = _choices("TrainingAttack", "kl ce targeted_lowest targeted_random",
-                          "The inner adversaries of robust training (madistill/attacks/methods.py: TRAINING_ATTACKS).")
+                          "The inner adversaries of robust training (madistill/attacks/methods.py: training_attack).")
 FailureAttack = _choices("FailureAttack", "random fgsm pgd pgd_strong spsa targeted_random targeted_lowest",
                          "Suite attacks that craft on the repaired policy itself (critic needs a value head, "
                          "transfer a surrogate)")

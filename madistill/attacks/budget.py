@@ -35,9 +35,14 @@ class Budget:
     def scaled(self, factor: float) -> Budget:
         return Budget(self.radius * factor)
 
+    def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ball around ``x`` as its lowest and highest point per feature (a search stepping many times around
+        the same ``x`` computes them once)."""
+        return x - self.radius, x + self.radius
+
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The nearest point of the ball around ``x``."""
-        return torch.max(torch.min(x_adv, x + self.radius), x - self.radius)
+        return torch.clamp(x_adv, *self.bounds(x))
 
     def sample(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """A uniform draw from the ball around ``x``."""

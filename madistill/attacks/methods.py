@@ -32,15 +32,16 @@ import torch
 
 from madistill.attacks.budget import Budget
 from madistill.common.divergences import divergence
+from madistill.config import TrainingAttack
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy, choose, log_prob
 
 METHODS = ("random", "fgsm", "pgd", "spsa", "targeted")
 OBJECTIVES = ("kl", "ce", "value", "target")
 TARGETS = ("random", "lowest")
-# The inner adversaries of robust training (distill.adv_objective, finetune.attack_objective): untargeted PGD on
-# an objective, or the suite's targeted PGDs of the same names.
-TRAINING_ATTACKS = ("kl", "ce", "targeted_lowest", "targeted_random")
+# The inner adversaries of robust training (distill.adv_objective, finetune.attack_objective, repair.adv_objective):
+# untargeted PGD on an objective, or the suite's targeted PGDs of the same names; the config's choice lists them.
+TRAINING_ATTACKS = tuple(a.value for a in TrainingAttack)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class Attack:
         out_hit = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
         idx, x0 = torch.arange(len(rows), device=x.device), x[rows]
         now = goal if len(rows) == len(x) else goal.rows(rows)
-        lo, hi = x0 - budget.radius, x0 + budget.radius  # the ball, once per working set rather than every step
+        lo, hi = budget.bounds(x0)  # the ball, once per working set rather than every step
         top = at = budget.sample(x0, generator)
         val = torch.full((len(rows),), float("-inf"), device=x.device, dtype=x.dtype)
         hit = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
