@@ -297,7 +297,11 @@ class DistillConfig:
     adv_objective: AdvObjective = AdvObjective.kl
     adv_fgsm: bool = False  # per sample, the worse of that PGD's point and FGSM's (one full signed step on ce)
     adv_ramp: float = 0.5  # share of the updates over which adv_eps grows from 0
-    adv_collect: float = 0.0  # chance per env copy and step that DAgger collection runs under that PGD
+    adv_collect: float = 0.0  # chance per env copy and step that DAgger collection runs under attack
+    # the attack it runs under: null, adv_objective's (a combined one's greedy-action flip); or a robust
+    # fine-tuning objective, targeted_lookahead included (the student then visits the states the lookahead
+    # drives it to, labelled by the teacher; envs that branch, Discrete actions)
+    adv_collect_objective: PGDObjective | None = None
 
     @staticmethod
     def validate(c: Checks) -> None:

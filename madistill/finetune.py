@@ -25,13 +25,13 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
 from madistill.attacks.budget import Budget
+from madistill.attacks.collection import collection_transforms
 from madistill.attacks.lookahead import LookaheadAttack
 from madistill.attacks.methods import training_attack
 from madistill.attacks.transform import AttackTransform
 from madistill.branching import ActionHistory, Branching
 from madistill.common.divergences import divergence
 from madistill.common.schedules import linear_ramp
-from madistill.config import AttackConfig
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
@@ -132,28 +132,12 @@ def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, B
     """With ``attack_fraction`` > 0, that share of env copies and steps is played under the training attack
     ``attack_objective`` on the acting policies (``steps`` PGD steps, every agent a victim, radius ``eps``): PPO
     then learns the return of acting on perturbed observations, adversarial training inside the RL loop (Pattanaik
-    et al. 2018), where the regulariser alone only asks the actions not to change.
-
-    ``attack_settings`` (``cfg.attack``; default: its defaults) gives the targeted attacks' ``target_candidates``
-    and the lookahead's settings (horizon, discount, joint choice, critic). ``targeted_lookahead`` branches the
-    running episodes with ``branching`` and, with ``lookahead_critic``, adds ``critic``'s values at the horizon to
-    its rewards (the stage passes the teacher's local critic, where it has one), as the suite's lookahead does."""
-    fraction = float(settings.attack_fraction)
-    if fraction == 0 or settings.eps == 0:
-        return []
-    ac = attack_settings if attack_settings is not None else AttackConfig()
-    budgets = {name: b.scaled(float(settings.eps)) for name, b in unit_budgets.items()}
-    agents = [a for g in groups for a in g.agents]
-    name, steps = str(settings.attack_objective), int(settings.steps)
-    if name == "targeted_lookahead":
-        if branching is None:
-            raise ValueError("the lookahead collection attack needs the env's branching")
-        # the targeted PGD of targeted_random realises the lookahead's targets; its own target choice is not used
-        return LookaheadAttack(training_attack("targeted_random", steps), agents, budgets, branching,
-                               ac.lookahead_horizon, ac.lookahead_gamma, critic if ac.lookahead_critic else None,
-                               fraction, ac.lookahead_joint).transforms()
-    attack = training_attack(name, steps, int(ac.target_candidates))
-    return [AttackTransform(attack, agents, budgets, frequency=fraction)]
+    et al. 2018), where the regulariser alone only asks the actions not to change. ``attack_settings``,
+    ``branching`` and ``critic`` as :func:`madistill.attacks.collection.collection_transforms` takes them (the
+    stage passes the teacher's local critic, where it has one)."""
+    return collection_transforms(groups, unit_budgets, str(settings.attack_objective), int(settings.steps),
+                                 float(settings.attack_fraction), float(settings.eps), attack_settings, branching,
+                                 critic)
 
 
 def smoothness_regularisers(groups: Sequence[AgentGroup], budgets: Mapping[str, Budget], settings: Any, seed: int,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_envs import TOY
 from torch import nn
@@ -20,6 +21,7 @@ from madistill.envs.factory import EnvSpec
 from madistill.envs.features import FeatureLayout
 from madistill.envs.groups import AgentGroup
 from madistill.envs.vector import MultiAgentVecEnv
+from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import uniform_team
 from madistill.explain.saliency import perturbation_saliency
 from madistill.policies.base import Policy
@@ -302,29 +304,63 @@ def test_adv_fgsm_keeps_per_sample_the_worse_of_the_pgd_and_fgsm_points():
     assert float((with_fgsm - x).abs().max()) <= 0.3 + 1e-6
 
 
-def test_collection_under_attack_records_clean_observations_of_the_drifted_states(make_cfg, teacher_run):
-    """``distill.adv_collect``: the student's DAgger rounds run under PGD, so the team visits other states,
-    but what is stored (and labelled by the teacher) is what the env emitted, never the perturbed input."""
+@pytest.mark.parametrize("objective", [None, "targeted_lookahead"])
+def test_collection_under_attack_records_clean_observations_of_the_drifted_states(make_cfg, teacher_run, objective):
+    """``distill.adv_collect``: the student's DAgger rounds run under attack (the loss's PGD, or with
+    ``adv_collect_objective=targeted_lookahead`` the lookahead's targets forced on the student), so the team visits
+    other states, but what is stored (and labelled by the teacher) is what the env emitted, never the perturbed
+    input."""
+    from madistill.attacks.lookahead import LookaheadAttack
     from madistill.attacks.transform import AttackTransform
+    from madistill.branching import ActionHistory
     from madistill.distill.trainer import DistillTrainer, student_team
     from madistill.envs.features import feature_layouts
+    from madistill.stages.distill import lookahead_branching
 
-    cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_collect=1.0", "distill.adv_eps=1.0")
+    extra = [f"distill.adv_collect_objective={objective}"] if objective else []
+    cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_collect=1.0", "distill.adv_eps=1.0",
+                   *extra)
     teacher = load_team(teacher_run / "policies" / "teacher")[0]
     spec = EnvSpec.from_dict(read_manifest(teacher_run / "policies" / "teacher")["env"])
     with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
         layouts = feature_layouts(venv.groups, None, venv.feature_names)
-        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
+        branching = lookahead_branching(cfg, spec, venv)
+        assert (branching is None) == (objective is None)
+        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts, branching=branching)
         assert trainer._collection_attack(1.0) == []  # round 0: the teacher alone, clean
         trainer.updates_done = trainer.total_updates  # eps fully ramped
-        (attack,) = trainer._collection_attack(0.5)
-        assert isinstance(attack, AttackTransform) and attack.surrogate is trainer.student and attack.frequency == 1.0
-        clean, _ = collect_round(venv, teacher, seed=3, deterministic=True, episodes=2)
-        attacked, _ = collect_round(venv, teacher, seed=3, deterministic=True, episodes=2, transforms=[attack])
+        transforms = trainer._collection_attack(0.5)
+        attack = transforms[0]
+        assert attack.surrogate is trainer.student and attack.frequency == 1.0
+        if objective is None:
+            assert len(transforms) == 1 and isinstance(attack, AttackTransform)
+        else:  # the lookahead with the action history its branches replay
+            assert isinstance(attack, LookaheadAttack) and isinstance(transforms[1], ActionHistory)
+            assert attack.branching is branching
+        acting = mixed_team(teacher, trainer.student, 0.5, seed=0)
+        clean, _ = collect_round(venv, acting, seed=3, deterministic=True, episodes=2)
+        attacked, _ = collect_round(venv, mixed_team(teacher, trainer.student, 0.5, seed=0), seed=3,
+                                    deterministic=True, episodes=2, transforms=transforms)
     assert torch.equal(clean["listener"][:2], attacked["listener"][:2])  # the first step: same env seeds
     assert not torch.equal(clean["listener"], attacked["listener"])  # then the attacked team drifts elsewhere
     # the speaker only ever sees one of the three goal colours: nothing perturbed was recorded
     assert len(torch.unique(attacked["speaker"], dim=0)) <= 3
+
+
+def test_lookahead_collection_refuses_box_actions_before_any_work(make_cfg):
+    """``adv_collect_objective=targeted_lookahead`` branches over Discrete actions: an env with Box-action groups
+    is refused with one line naming the fix, before the first round is collected."""
+    from madistill.runtime import env_spec, make_vec_env
+    from madistill.stages.distill import lookahead_branching
+
+    cfg = make_cfg("env.kwargs.continuous_actions=true", "distill=robust", "distill.adv_collect=0.5",
+                   "distill.adv_collect_objective=targeted_lookahead")
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv:
+        with pytest.raises(MadistillError, match="Box actions: choose another distill.adv_collect_objective"):
+            lookahead_branching(cfg, spec, venv)
+        # without collection under attack there is nothing to branch
+        assert lookahead_branching(OmegaConf.merge(cfg, {"distill": {"adv_collect": 0.0}}), spec, venv) is None
 
 
 def trained_distiller(cfg, teacher_run):

@@ -80,8 +80,8 @@ def test_all_trains_per_sample_against_the_worst_of_kl_ce_and_targeted_and_colle
         ("pgd", "kl", "random"), ("pgd", "ce", "random"), ("targeted", "target", "lowest")]
     assert all(a.restarts == 1 and a.steps == loss.adv_steps for a in loss.training_attacks())
     assert loss.training_attacks()[2].candidates == 2
-    assert (loss.collection_attack().method, loss.collection_attack().target) == ("targeted", "lowest")
-    assert DistillLoss(adv_objective="both").collection_attack().objective == "ce"
+    assert loss.collection_objective() == "targeted_lowest"
+    assert DistillLoss(adv_objective="both").collection_objective() == "ce"
     # the combined harm is per sample the largest: every row at least as far from the teacher as the KL PGD alone
     data = SimpleNamespace(obs=torch.zeros(256, 2), teacher_head=Tied()(torch.zeros(256, 2)).detach())
     from madistill.common.divergences import divergence

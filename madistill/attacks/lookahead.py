@@ -35,20 +35,23 @@ class LookaheadAttack(ObsTransform):
     """Perturbs the victims' normalised observations towards their lookahead targets. ``history`` must run in
     the same rollout, last in its action chain (``transforms()`` lists both): it records the prefix every
     branch replays. ``joint``: the most joint actions of the victims branched at one step; with more, each
-    victim's target is chosen with the others at their clean actions. :class:`NotBranchable` for Box victims."""
+    victim's target is chosen with the others at their clean actions. ``surrogate``: the team whose policies the
+    targets are forced on and whose greedy play the branches continue with, instead of the acting one (for an
+    acting team that draws which policy acts, such as DAgger's mix of teacher and student). :class:`NotBranchable`
+    for Box victims."""
 
     shared_stream = True  # random starts and sparse timing draw from the rollout's generator
 
     def __init__(self, attack: Attack, victims: Sequence[str], budgets: Mapping[str, Budget], branching: Branching,
                  horizon: int = 1, gamma: float = 0.99, critic: TeamPolicy | None = None, frequency: float = 1.0,
-                 joint: int = 64):
+                 joint: int = 64, surrogate: TeamPolicy | None = None):
         box = [g.name for g in branching.groups if not g.discrete and victim_slots(g, victims)]
         if box:
             raise NotBranchable(f"targeted_lookahead branches over Discrete actions, group(s) {box} have Box actions: "
                                 "leave targeted_lookahead out of attack.methods for these victims")
         self.attack, self.victims, self.budgets = attack, list(victims), dict(budgets)
         self.branching, self.horizon, self.gamma, self.critic = branching, int(horizon), float(gamma), critic
-        self.frequency, self.joint = float(frequency), int(joint)
+        self.frequency, self.joint, self.surrogate = float(frequency), int(joint), surrogate
         self.history = ActionHistory()
 
     def transforms(self) -> list[ObsTransform | ActionHistory]:
@@ -56,7 +59,7 @@ class LookaheadAttack(ObsTransform):
         return [self, self.history]
 
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
-        team = ctx.team
+        team = self.surrogate or ctx.team
         now = attacked_copies(next(iter(obs.values())).shape[0], self.frequency, ctx.generator, team.device).cpu().numpy()
         agents = [(g, s) for g in team.groups for s in victim_slots(g, self.victims)]
         if not agents:

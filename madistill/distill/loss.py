@@ -95,12 +95,11 @@ class DistillLoss:
         return ([training_attack(n, self.adv_steps, self.adv_candidates) for n in names]
                 + ([Attack("fgsm", "ce")] if self.adv_fgsm else []))
 
-    def collection_attack(self) -> Attack:
-        """The training attack an acting team is collected under (``distill.adv_collect``): ``adv_objective``'s,
-        for a combined one its greedy-action flip (ce for ``both``, targeted_lowest for ``all``), which throws
-        a team off course where a small change of its distribution would not."""
-        name = {"both": "ce", "all": "targeted_lowest"}.get(self.adv_objective, self.adv_objective)
-        return training_attack(name, self.adv_steps, self.adv_candidates)
+    def collection_objective(self) -> str:
+        """The training attack an acting team is collected under by default (``distill.adv_collect``):
+        ``adv_objective``, for a combined one its greedy-action flip (ce for ``both``, targeted_lowest for
+        ``all``), which throws a team off course where a small change of its distribution would not."""
+        return {"both": "ce", "all": "targeted_lowest"}.get(self.adv_objective, self.adv_objective)
 
     def _perturbed(
         self, student: Policy, batch: GroupData, budget: Budget, generator: torch.Generator | None, kw: dict

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from madistill.attacks.budget import group_budgets
-from madistill.attacks.transform import AttackTransform
+from madistill.attacks.collection import collection_transforms
+from madistill.branching import Branching, value_critic
 from madistill.common.collect import collect_round
 from madistill.common.divergences import divergence
 from madistill.common.episodes import team_returns
@@ -26,6 +27,7 @@ from madistill.policies.base import TeamPolicy, warn_if_large
 from madistill.policies.mlp import MLPPolicy
 from madistill.seeds import dagger_round_seed
 from madistill.tb import TBLogger
+from madistill.transforms import ActionTransform, ObsTransform
 
 
 def student_team(teacher: TeamPolicy, arch: dict[str, Any]) -> TeamPolicy:
@@ -45,10 +47,11 @@ class DistillTrainer:
         student: TeamPolicy,
         layouts: Mapping[str, FeatureLayout],
         tb: TBLogger | None = None,
+        branching: Branching | None = None,
     ):
         self.cfg, self.venv, self.teacher, self.student, self.layouts, self.tb = cfg, venv, teacher, student, layouts, tb
         dc = cfg.distill
-        self.dc = dc
+        self.dc, self.branching = dc, branching
         self.loss = DistillLoss.from_config(dc, cfg.attack.target_candidates)
         self.optimizers = {
             g.name: torch.optim.Adam(student[g.name].parameters(), lr=dc.learning_rate) for g in teacher.groups
@@ -131,17 +134,18 @@ class DistillTrainer:
             sums["adv_eps"] = self.adv_eps()
         return sums
 
-    def _collection_attack(self, beta: float) -> list[AttackTransform]:
+    def _collection_attack(self, beta: float) -> list[ObsTransform | ActionTransform]:
         """With ``adv_collect`` > 0, the rounds in which the student acts are collected partly under attack
-        (the loss's collection attack on the student, every agent a victim, the current ramped eps): the student
-        then also learns the teacher's actions in the states an attacked team drifts into, which clean rollouts
-        never visit."""
+        (``adv_collect_objective``, by default the loss's collection attack, crafted on the student, every agent a
+        victim, the current ramped eps): the student then also learns the teacher's actions in the states an
+        attacked team drifts into, which clean rollouts never visit. ``targeted_lookahead`` needs the env's
+        ``branching`` (given to the trainer) and uses the teacher's local critic where it has one."""
         if self.dc.adv_collect <= 0 or not self.loss.adversarial or beta >= 1 or self.adv_eps() <= 0:
             return []
-        attack = self.loss.collection_attack()
-        budgets = {name: b.scaled(self.adv_eps()) for name, b in self.unit_budgets.items()}
-        agents = [a for g in self.teacher.groups for a in g.agents]
-        return [AttackTransform(attack, agents, budgets, frequency=self.dc.adv_collect, surrogate=self.student)]
+        objective = str(self.dc.adv_collect_objective or self.loss.collection_objective())
+        return collection_transforms(self.teacher.groups, self.unit_budgets, objective, self.loss.adv_steps,
+                                     float(self.dc.adv_collect), self.adv_eps(), self.cfg.attack, self.branching,
+                                     value_critic(self.teacher), surrogate=self.student)
 
     def lr_factor(self, update: int) -> float:
         """Share of ``learning_rate`` at ``update``: cosine from 1 down to ``lr_final`` over all updates."""

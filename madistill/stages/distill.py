@@ -10,6 +10,9 @@ from madistill.stages.registry import Stage
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from madistill.branching import Branching
+    from madistill.envs.factory import EnvSpec
+    from madistill.envs.vector import MultiAgentVecEnv
     from madistill.tb import TBLogger
 
 
@@ -25,6 +28,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tb.hparams(flat_hparams(cfg), run_metrics(summaries, history))
     print_results(run_dir, summaries, run_dir)
     return summaries
+
+
+def lookahead_branching(cfg: DictConfig, spec: EnvSpec, venv: MultiAgentVecEnv) -> Branching | None:
+    """The env's branching where DAgger collection runs under the lookahead attack
+    (``distill.adv_collect_objective=targeted_lookahead``), else None; a one-line error before any work where
+    the env has Box-action groups, whose targets cannot be branched over."""
+    from madistill.branching import Branching
+    from madistill.errors import MadistillError
+
+    dc = cfg.distill
+    if dc.adv_collect <= 0 or dc.adv_collect_objective != "targeted_lookahead":
+        return None
+    box = [g.name for g in venv.groups if not g.discrete]
+    if box:
+        raise MadistillError(f"distill.adv_collect_objective=targeted_lookahead branches over Discrete actions and "
+                             f"group(s) {box} have Box actions: choose another distill.adv_collect_objective")
+    return Branching(spec, venv.groups, venv.backend)
 
 
 def distill_students(
@@ -54,7 +74,7 @@ def distill_students(
         arch = {"hidden_sizes": list(cfg.student.hidden_sizes), "activation": cfg.student.activation,
                 "cnn": OmegaConf.to_container(cfg.student.cnn)}
         student = student_team(teacher, arch)
-        trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb)
+        trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb, lookahead_branching(cfg, spec, venv))
         trainer.train()
     config = OmegaConf.to_container(cfg, resolve=True)
     config["distill"]["teacher"] = str(tdir.resolve())
