@@ -302,6 +302,9 @@ class DistillConfig:
     # fine-tuning objective, targeted_lookahead included (the student then visits the states the lookahead
     # drives it to, labelled by the teacher; envs that branch, Discrete actions)
     adv_collect_objective: PGDObjective | None = None
+    # with adv_collect_objective=targeted_lookahead: record the target the lookahead forced on each collected
+    # observation, and force it on the student again in the adversarial term (one more candidate point per sample)
+    adv_collect_targets: bool = False
 
     @staticmethod
     def validate(c: Checks) -> None:
@@ -310,6 +313,10 @@ class DistillConfig:
         c.at_least(0, "lambda_igr", "adv_weight", "smooth_weight", "adv_eps")
         c.require(c.node.temperature > 0, "temperature", "above 0")
         c.within(0, 1, "beta_start", "beta_decay", "heldout_fraction", "adv_ramp", "adv_collect")
+        c.require(not c.node.adv_collect_targets or (c.node.adv_collect_objective == "targeted_lookahead"
+                                                      and c.node.adv_collect > 0), "adv_collect_targets",
+                  "false unless distill.adv_collect > 0 and distill.adv_collect_objective=targeted_lookahead (the "
+                  "targets are the lookahead's)")
         c.within(0, 1, "lr_final", open_low=True)
         c.within(0, 1, "weight_average", open_high=True)
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_envs import TOY
 from torch import nn
 
-from madistill.common.collect import collect_round
+from madistill.common.collect import collect_labelled, collect_round
 from madistill.distill.dataset import GroupData, MixedPolicy, mixed_team, rounds_beta
 from madistill.distill.loss import DistillLoss
 from madistill.envs.factory import EnvSpec
@@ -24,7 +24,7 @@ from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import uniform_team
 from madistill.explain.saliency import perturbation_saliency
-from madistill.policies.base import Policy
+from madistill.policies.base import Policy, greedy_actions
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.store import load_team, read_manifest
 
@@ -81,7 +81,7 @@ def test_collection_skips_dead_agents_and_mixed_team_beta_one_is_the_teacher():
 
 
 def test_group_data_select_and_cat():
-    d = GroupData(torch.arange(6.0).reshape(3, 2), torch.zeros(3, 2), torch.ones(3, 1), torch.zeros(3), torch.tensor([True, False, False]))
+    d = GroupData(torch.arange(6.0).reshape(3, 2), torch.zeros(3, 2), torch.ones(3, 1), torch.zeros(3), torch.tensor([True, False, False]), torch.full((3,), -1))
     both = d.cat(d.select(~d.heldout))
     assert len(both) == 5 and both.heldout.sum() == 1
 
@@ -102,7 +102,8 @@ def test_large_lambda_suppresses_input_gradients_on_irrelevant_features():
     sal = perturbation_saliency(teacher, x, layout)
     # perturbation saliency sees feature 0 only (the teacher ignores the copy)
     assert torch.all(sal[:, 1:] == 0)
-    data = GroupData(x, teacher(x).detach(), sal, torch.zeros(len(x)), torch.zeros(len(x), dtype=torch.bool))
+    data = GroupData(x, teacher(x).detach(), sal, torch.zeros(len(x)), torch.zeros(len(x), dtype=torch.bool),
+                     torch.full((len(x),), -1))
 
     def train(lam: float) -> torch.Tensor:
         torch.manual_seed(1)
@@ -248,7 +249,8 @@ def test_adversarial_term_makes_the_student_harder_to_move(objective):
     g = AgentGroup("g", ("a",), spaces.Box(-np.inf, np.inf, (6,), np.float32), spaces.Discrete(4))
     teacher = MLPPolicy(g, {"hidden_sizes": [64], "activation": "tanh"})
     x = torch.randn(2048, 6)
-    data = GroupData(x, teacher(x).detach(), torch.ones(2048, 6), torch.zeros(2048), torch.zeros(2048, dtype=torch.bool))
+    data = GroupData(x, teacher(x).detach(), torch.ones(2048, 6), torch.zeros(2048), torch.zeros(2048, dtype=torch.bool),
+                     torch.full((2048,), -1))
     layout, budget = FeatureLayout.build(6), Budget.build(0.3, 6)
 
     def moved(student: MLPPolicy, attack_objective: str) -> float:
@@ -289,7 +291,8 @@ def test_adv_fgsm_keeps_per_sample_the_worse_of_the_pgd_and_fgsm_points():
     g = AgentGroup("g", ("a",), spaces.Box(-np.inf, np.inf, (6,), np.float32), spaces.Discrete(4))
     teacher, student = (MLPPolicy(g, {"hidden_sizes": [32], "activation": "tanh"}) for _ in range(2))
     x = torch.randn(512, 6)
-    data = GroupData(x, teacher(x).detach(), torch.ones(512, 6), torch.zeros(512), torch.zeros(512, dtype=torch.bool))
+    data = GroupData(x, teacher(x).detach(), torch.ones(512, 6), torch.zeros(512), torch.zeros(512, dtype=torch.bool),
+                     torch.full((512,), -1))
     budget = Budget.build(0.3, 6)
     kw = {"discrete": True, "teacher_log_std": None, "student_log_std": None}
 
@@ -339,8 +342,20 @@ def test_collection_under_attack_records_clean_observations_of_the_drifted_state
             assert attack.branching is branching
         acting = mixed_team(teacher, trainer.student, 0.5, seed=0)
         clean, _ = collect_round(venv, acting, seed=3, deterministic=True, episodes=2)
-        attacked, _ = collect_round(venv, mixed_team(teacher, trainer.student, 0.5, seed=0), seed=3,
-                                    deterministic=True, episodes=2, transforms=transforms)
+        recorded = (lambda: attack.targets) if objective else None
+        attacked, targets, _ = collect_labelled(venv, mixed_team(teacher, trainer.student, 0.5, seed=0), 3, True,
+                                                recorded, episodes=2, transforms=transforms)
+    if objective:  # the lookahead's targets, recorded row for row with the observations
+        student = trainer.student
+        for name, t in targets.items():
+            assert t.shape == (len(attacked[name]),)
+            forced = (t >= 0).nonzero().flatten()
+            x = teacher.normalizers[name].normalize(attacked[name][forced])
+            # only a target other than the student's clean greedy action at that very observation is recorded
+            assert (greedy_actions(student[name], x) != t[forced]).all()
+        assert int((targets["listener"] >= 0).sum()) > 0
+    else:
+        assert targets == {}
     assert torch.equal(clean["listener"][:2], attacked["listener"][:2])  # the first step: same env seeds
     assert not torch.equal(clean["listener"], attacked["listener"])  # then the attacked team drifts elsewhere
     # the speaker only ever sees one of the three goal colours: nothing perturbed was recorded
@@ -372,9 +387,37 @@ def trained_distiller(cfg, teacher_run):
     spec = EnvSpec.from_dict(read_manifest(teacher_run / "policies" / "teacher")["env"])
     with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
         layouts = feature_layouts(venv.groups, None, venv.feature_names)
-        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts)
+        from madistill.stages.distill import lookahead_branching
+
+        trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts,
+                                 branching=lookahead_branching(cfg, spec, venv))
         trainer.train()
     return trainer
+
+
+def test_lookahead_targets_are_recorded_in_the_rounds_the_student_acts_and_trained_against(make_cfg, teacher_run,
+                                                                                            monkeypatch):
+    """``distill.adv_collect_targets``: the rounds collected under the lookahead store its targets with the
+    observations (none in round 0, where the teacher acts alone), and every update's adversarial term forces
+    the stored targets of its minibatch on the student."""
+    cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_collect=1.0",
+                   "distill.adv_collect_objective=targeted_lookahead", "distill.adv_collect_targets=true",
+                   "distill.adv_ramp=0.01")
+    targeted_rows = []
+    perturbed = DistillLoss._perturbed
+
+    def spy(self, student, batch, *args):
+        targeted_rows.append(int((batch.target >= 0).sum()))
+        return perturbed(self, student, batch, *args)
+
+    monkeypatch.setattr(DistillLoss, "_perturbed", spy)
+    trainer = trained_distiller(cfg, teacher_run)
+    for d in trainer.data.values():
+        assert (d.target[d.round == 0] == -1).all()
+        assert (d.target < d.teacher_head.shape[1]).all()
+    listener = trainer.data["listener"]
+    assert int((listener.target[listener.round > 0] >= 0).sum()) > 0
+    assert sum(targeted_rows) > 0  # minibatches of the later updates hold them
 
 
 def test_robust_distillation_ramps_eps_keeps_excluded_features_and_combines_with_digr(make_cfg, teacher_run, monkeypatch):

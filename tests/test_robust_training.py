@@ -83,7 +83,8 @@ def test_all_trains_per_sample_against_the_worst_of_kl_ce_and_targeted_and_colle
     assert loss.collection_objective() == "targeted_lowest"
     assert DistillLoss(adv_objective="both").collection_objective() == "ce"
     # the combined harm is per sample the largest: every row at least as far from the teacher as the KL PGD alone
-    data = SimpleNamespace(obs=torch.zeros(256, 2), teacher_head=Tied()(torch.zeros(256, 2)).detach())
+    data = SimpleNamespace(obs=torch.zeros(256, 2), teacher_head=Tied()(torch.zeros(256, 2)).detach(),
+                           target=torch.full((256,), -1))
     from madistill.common.divergences import divergence
 
     def harm(objective: str) -> torch.Tensor:
@@ -108,6 +109,9 @@ def test_training_attack_names_are_checked_in_one_line():
     ("finetune", "finetune.attack_objective=lookahead",
      "finetune.attack_objective cannot be 'lookahead': use finetune.attack_objective=<one of ce, kl, targeted_lowest, "
      "targeted_random, targeted_lookahead>"),
+    ("distill", "distill.adv_collect_targets=true",
+     "distill.adv_collect_targets must be false unless distill.adv_collect > 0 and "
+     "distill.adv_collect_objective=targeted_lookahead (the targets are the lookahead's), got True"),
 ])
 def test_inner_adversary_settings_are_refused_in_one_line_listing_the_choices(cli, tmp_path, stage, override, line):
     run = tmp_path / "run"
@@ -148,3 +152,32 @@ def test_robust_distillation_against_the_targeted_adversary_runs_end_to_end(cli,
                                         "distill.adv_objective=all"), f"hydra.run.dir={run}")
     assert rc == 0, err
     assert read_manifest(run / "policies" / "student")["config"]["distill"]["adv_objective"] == "all"
+
+
+def test_lookahead_targets_are_one_more_candidate_of_the_adversarial_term():
+    """``distill.adv_collect_targets``: a sample whose collection recorded a lookahead target gets the worse (for the
+    distillation target) of the training PGD's point and that target forced on the student now; a sample without
+    one keeps the PGD's point. On ``Tied`` the KL PGD climbs to either corner, the forced action 1 to the slightly
+    more harmful one."""
+    from madistill.common.divergences import divergence
+
+    x = torch.zeros(256, 2)
+    head = Tied()(x).detach()
+    target = torch.full((256,), -1)
+    target[:128] = 1
+    budget, kw = Budget.build(1.0, 2), {"discrete": True, "teacher_log_std": None, "student_log_std": None}
+    loss = DistillLoss(adv_weight=1.0)
+
+    def perturbed(t: torch.Tensor) -> torch.Tensor:
+        batch = SimpleNamespace(obs=x, teacher_head=head, target=t)
+        return loss._perturbed(Tied(), batch, budget, torch.Generator().manual_seed(0), kw)
+
+    def harm(x_adv: torch.Tensor) -> torch.Tensor:
+        return divergence("kl", head[: len(x_adv)], Tied()(x_adv), **kw)
+
+    plain, with_targets = perturbed(torch.full((256,), -1)), perturbed(target)
+    assert torch.equal(with_targets[128:], plain[128:])  # no target: the PGD point, drawn from the same stream
+    assert (harm(with_targets[:128]) >= harm(plain[:128])).all()
+    assert (harm(with_targets[:128]) > harm(plain[:128]) + 0.03).float().mean() > 0.25  # the far corner, often
+    assert (Tied()(with_targets[:128]).argmax(-1) == 1).all()  # every targeted sample now acts as forced
+    assert float(with_targets.abs().max()) <= 1.0 + 1e-6

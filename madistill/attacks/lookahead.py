@@ -53,6 +53,9 @@ class LookaheadAttack(ObsTransform):
         self.branching, self.horizon, self.gamma, self.critic = branching, int(horizon), float(gamma), critic
         self.frequency, self.joint, self.surrogate = float(frequency), int(joint), surrogate
         self.history = ActionHistory()
+        # per group [N, n_g]: the target each agent was forced towards at the last step, -1 where none (not a
+        # victim, inactive, not attacked, or the lookahead kept its clean action); DAgger records them
+        self.targets: dict[str, torch.Tensor] = {}
 
     def transforms(self) -> list[ObsTransform | ActionHistory]:
         """What a rollout under this attack needs: the attack and its action history."""
@@ -60,6 +63,7 @@ class LookaheadAttack(ObsTransform):
 
     def __call__(self, obs: GroupTensors, ctx: StepContext) -> GroupTensors:
         team = self.surrogate or ctx.team
+        self.targets = {name: torch.full(a.shape, -1, dtype=torch.long) for name, a in ctx.active.items()}
         now = attacked_copies(next(iter(obs.values())).shape[0], self.frequency, ctx.generator, team.device).cpu().numpy()
         agents = [(g, s) for g in team.groups for s in victim_slots(g, self.victims)]
         if not agents:
@@ -80,6 +84,8 @@ class LookaheadAttack(ObsTransform):
             hit = np.flatnonzero(active[j, rows])
             x = out[g.name]
             x[torch.as_tensor(rows[hit]), s] = adv[j][torch.as_tensor(picks[j][hit]), torch.as_tensor(hit)].to(x.dtype)
+            moved = hit[picks[j][hit] != clean[g.name][rows[hit], s]]
+            self.targets[g.name][torch.as_tensor(rows[moved]), s] = torch.as_tensor(picks[j][moved], dtype=torch.long)
         return out
 
     def _force_all(self, team: TeamPolicy, obs: GroupTensors, rows: np.ndarray,

@@ -49,6 +49,9 @@ class GroupData:
     saliency: torch.Tensor  # [M, G] teacher perturbation saliency per feature group, in [0, 1]
     round: torch.Tensor  # [M] DAgger round that visited the observation
     heldout: torch.Tensor  # [M] bool: kept out of training, used for agreement and saliency metrics
+    # [M] the action the collection's lookahead forced on the observation's agent (distill.adv_collect_targets),
+    # -1 where none: the adversarial term forces it on the student again
+    target: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.obs)
@@ -57,7 +60,7 @@ class GroupData:
         return GroupData(*(torch.cat([a, b]) for a, b in zip(self.fields(), other.fields())))
 
     def fields(self) -> tuple[torch.Tensor, ...]:
-        return self.obs, self.teacher_head, self.saliency, self.round, self.heldout
+        return self.obs, self.teacher_head, self.saliency, self.round, self.heldout, self.target
 
     def select(self, mask: torch.Tensor) -> GroupData:
         return GroupData(*(f[mask] for f in self.fields()))
@@ -70,8 +73,10 @@ def label(
     round_index: int,
     heldout_fraction: float,
     generator: torch.Generator,
+    targets: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, GroupData]:
-    """Teacher labels for one round's raw observations (stored normalised), with a random held-out share."""
+    """Teacher labels for one round's raw observations (stored normalised), with a random held-out share, and
+    the collection's forced ``targets`` per observation where it recorded them (-1 elsewhere)."""
     out = {}
     with torch.no_grad():
         for name, raw in obs.items():
@@ -79,8 +84,10 @@ def label(
             x = teacher.normalizers[name].normalize(raw)
             head, saliency = labeller.heads_and_saliency(policy, name, x)
             held = torch.rand(len(x), generator=generator) < heldout_fraction
+            none = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+            target = targets[name].to(x.device) if targets and name in targets else none
             out[name] = GroupData(
-                x, head, saliency, torch.full((len(x),), round_index, device=x.device), held.to(x.device)
+                x, head, saliency, torch.full((len(x),), round_index, device=x.device), held.to(x.device), target
             )
     return out
 

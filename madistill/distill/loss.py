@@ -106,13 +106,27 @@ class DistillLoss:
     ) -> torch.Tensor:
         """The training attack on the student; with a combined ``adv_objective`` (and ``adv_fgsm``), per sample the
         worst (for the distillation target) of its attacks' points (and FGSM's one full step): each finds
-        perturbations the others miss, and students trained against PGD alone fall to FGSM."""
-        found = torch.stack([a(student, batch.obs, budget, generator) for a in self.training_attacks()])
-        if len(found) == 1:
-            return found[0]
+        perturbations the others miss, and students trained against PGD alone fall to FGSM. Where the batch
+        holds a target the collection's lookahead forced (``batch.target`` >= 0), that target forced on the
+        student now (targeted PGD, the training steps) is one more candidate: the harmful action the lookahead
+        chose in that state, which the victim-only attacks cannot pick."""
+        points = [a(student, batch.obs, budget, generator) for a in self.training_attacks()]
+        rows = (batch.target >= 0).nonzero().flatten()
+        if len(rows):
+            forced = batch.obs.detach().clone()
+            forced[rows] = training_attack("targeted_random", self.adv_steps).force(
+                student, batch.obs[rows], batch.target[rows], budget, generator)
+            points.append(forced)
+        if len(points) == 1:
+            return points[0]
+        found = torch.stack(points)
         with torch.no_grad():
             harm = torch.stack([divergence(self.divergence, batch.teacher_head, student(x), temperature=self.temperature, **kw)
                                 for x in found])
+        if len(rows):  # a sample without a lookahead target has no forced point to choose
+            untargeted = torch.ones(harm.shape[1], dtype=torch.bool, device=harm.device)
+            untargeted[rows] = False
+            harm[-1, untargeted] = float("-inf")
         return found[harm.argmax(0), torch.arange(found.shape[1], device=found.device)]
 
 

@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 
 from madistill.attacks.budget import group_budgets
 from madistill.attacks.collection import collection_transforms
+from madistill.attacks.lookahead import LookaheadAttack
 from madistill.branching import Branching, value_critic
-from madistill.common.collect import collect_round
+from madistill.common.collect import collect_labelled
 from madistill.common.divergences import divergence
 from madistill.common.episodes import team_returns
 from madistill.common.schedules import linear_ramp
@@ -88,11 +89,14 @@ class DistillTrainer:
         with bar:
             for r, beta in enumerate(betas):
                 acting = mixed_team(self.teacher, self.student, beta, dagger_round_seed(self.cfg.seed, r))
-                obs, episodes = collect_round(
-                    self.venv, acting, dagger_round_seed(self.cfg.seed, r), dc.deterministic,
-                    agent_steps=dc.agent_steps_per_round, transforms=self._collection_attack(beta),
+                transforms = self._collection_attack(beta)
+                lookahead = next((t for t in transforms if isinstance(t, LookaheadAttack)), None)
+                recorded = (lambda la=lookahead: la.targets) if lookahead is not None and dc.adv_collect_targets else None
+                obs, targets, episodes = collect_labelled(
+                    self.venv, acting, dagger_round_seed(self.cfg.seed, r), dc.deterministic, recorded,
+                    agent_steps=dc.agent_steps_per_round, transforms=transforms,
                 )
-                new = label(self.teacher, obs, self.labeller, r, dc.heldout_fraction, self.generator)
+                new = label(self.teacher, obs, self.labeller, r, dc.heldout_fraction, self.generator, targets)
                 self.data = {g: self.data[g].cat(d) if g in self.data else d for g, d in new.items()}
                 losses = self._update(dc.updates_per_round, bar)
                 row = {"round": r, "beta": beta, "round_team_return": team_returns(episodes), **losses}
