@@ -95,7 +95,10 @@ def summarise(report: dict, variants: list[str], seeds: list[int], eps: list[flo
         out["teacher"]["worst"][v] = {}
         for e in eps:
             name, value = teacher["worst_case"][v][str(e)]
-            out["teacher"]["worst"][v][str(e)] = {"attack": name, "mean": value, "ci": teacher["ci"][v][name][str(e)]}
+            # a set's worst case may come from an attack on a subset of it ("<attack> on <subset>"): its CI is there
+            subset = teacher["worst_case_from"][v][str(e)]
+            ci = teacher["ci"][subset][name.removesuffix(f" on {subset}")][str(e)]
+            out["teacher"]["worst"][v][str(e)] = {"attack": name, "mean": value, "ci": ci}
             t_worst[v, e] = value
     gain = teacher["clean"] - random
     for variant in variants:
