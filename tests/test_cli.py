@@ -387,6 +387,18 @@ def test_spread_robust_preset_is_robust_distillation_with_8_rounds_on_spread():
     assert list(cfg.attack.eps) == [0.1, 0.2, 0.3]
 
 
+def test_lookahead_robust_preset_collects_every_student_step_under_the_lookahead_and_keeps_its_targets():
+    from madistill.cli import compose_config
+
+    cfg = compose_config(["+experiment=robust_lookahead"])
+    robust = compose_config(["distill=robust"])
+    assert cfg.env.name == "simple_speaker_listener_v4" and cfg.distill.adv_weight == robust.distill.adv_weight == 1.0
+    assert (cfg.distill.adv_collect, cfg.distill.adv_collect_objective, cfg.distill.adv_collect_targets) == (
+        1.0, "targeted_lookahead", True)
+    assert (robust.distill.adv_collect, robust.distill.adv_collect_objective, robust.distill.adv_collect_targets) == (
+        0.0, None, False)
+
+
 def test_continuous_spread_recipe_is_a_config_file():
     """docs/continuous_actions.md's recipe: continuous spread without the time-limit bootstrap, discount 0.95; the
     rest as the default spread teacher."""
