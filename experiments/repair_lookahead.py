@@ -1,0 +1,201 @@
+"""Is the lookahead's damage repairable by a few neurons? Full, masked and random-mask fine-tuning of a teacher's
+group on the data robust distillation against the lookahead trains on (issue 22).
+
+``madistill repair`` fits the failures of a PGD flip, and no variant of it raises the worst case under the suite's
+lookahead (docs/repair.md). Robust distillation does, when its DAgger rounds run under the lookahead and its
+adversarial term forces the lookahead's targets (docs/results.md, "Collecting under the lookahead"). This script
+fine-tunes the teacher itself on that data instead of a student:
+
+- ``--episodes`` episodes of the teacher under the lookahead (every step, its targets recorded per observation,
+  the ``distill.adv_collect_targets`` data) and as many clean ones, at ``--eps``;
+- the robust-distillation loss of ``distill=robust`` (KL to the original's clean head, on clean and adversarial
+  points, plus smoothness), the adversarial point per sample the worse of PGD on the KL and the recorded target
+  forced on the policy being tuned;
+- three variants from the same seed, steps and rate: ``full`` (every acting parameter), ``masked`` (the repair's
+  neurons: ``repair.neurons`` of them by activation x gradient on the lookahead's reached targets, at most
+  ``repair.max_parameters``) and ``random`` (as many random neurons per layer). Adam without weight decay, so
+  the masked-out parameters stay bit-identical;
+- each evaluated clean and under the lookahead on ``<group>_0`` at ``--eps`` (``--eval-episodes`` episodes, the
+  suite's seeds), with paired bootstrap CIs over episodes (resampled within each teacher).
+
+    python experiments/repair_lookahead.py runs/zoo/sl/s0 runs/zoo/sl/s1 runs/zoo/sl/s2 --group listener --eps 0.3
+
+Writes ``experiments/results/repair_lookahead_<env>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from madistill.attacks.budget import group_budgets
+from madistill.attacks.collection import collection_transforms
+from madistill.attacks.methods import training_attack
+from madistill.attacks.robustness import evaluate_robustness
+from madistill.branching import Branching
+from madistill.cli import compose_config
+from madistill.common.collect import collect_labelled
+from madistill.common.divergences import divergence
+from madistill.common.io import atomic_write_text
+from madistill.distill.dataset import GroupData
+from madistill.distill.loss import DistillLoss
+from madistill.envs.features import feature_layouts
+from madistill.evaluate.stats import bootstrap_ci
+from madistill.policies.base import Policy, greedy_actions
+from madistill.policies.store import find_policy_dir, load_team, read_manifest
+from madistill.repair.masked import Mask, neuron_mask
+from madistill.repair.neurons import neuron_scores, random_like, repair_path
+from madistill.repair.plan import choose_neurons
+from madistill.runtime import env_spec, make_vec_env
+from madistill.stages.policies import configured_features, teacher_dir
+from madistill.stages.repair import _with_policy
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = ("full", "masked", "random")
+
+
+def tune(policy: Policy, mask: Mask | None, data: GroupData, loss: DistillLoss, layout, budget, steps: int,
+         lr: float, seed: int) -> Policy:
+    """``policy`` fine-tuned on ``data`` with the robust-distillation ``loss``, only ``mask``'s entries free."""
+    tuned = copy.deepcopy(policy)
+    tuned.train()
+    params = dict(tuned.named_parameters())
+    opt = torch.optim.Adam([params[k] for k in mask] if mask else list(params.values()), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(len(data), (256,), generator=gen)
+        terms = loss(tuned, data.select(i), layout, None, budget, gen)
+        opt.zero_grad()
+        terms["total"].backward()
+        for k, m in (mask or {}).items():
+            params[k].grad.mul_(m)
+        opt.step()
+    return tuned.eval()
+
+
+def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, seed: int) -> dict:
+    tdir = teacher_dir(path)
+    env = read_manifest(tdir)["env"]["name"]
+    victim = f"{group}_0"
+    cfg = compose_config([f"env={env}", "attack.methods=[targeted_lookahead]", f"attack.victims=[{victim}]",
+                          f"attack.episodes={args.eval_episodes}", f"attack.eps=[{eps}]", "attack.checks=false",
+                          f"seed={seed}"])
+    torch.manual_seed(seed)
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv:
+        team, _ = load_team(find_policy_dir(tdir), venv.groups)
+        layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
+        unit = group_budgets(1.0, layouts, cfg.attack.exclude, team.device, cfg.attack.scale)
+        lookahead = collection_transforms(venv.groups, unit, "targeted_lookahead", cfg.distill.adv_steps, 1.0, eps,
+                                          cfg.attack, Branching(spec, venv.groups, venv.backend))
+        attacked, targets, _ = collect_labelled(venv, team, 1 + 10 * seed, True, lambda: lookahead[0].targets,
+                                                episodes=args.episodes, transforms=lookahead)
+        clean_raw, _, _ = collect_labelled(venv, team, 2 + 10 * seed, True, None, episodes=args.episodes)
+        policy, norm = team[group], team.normalizers[group]
+        x = torch.cat([norm.normalize(attacked[group]), norm.normalize(clean_raw[group])])
+        target = torch.cat([targets[group], torch.full((len(clean_raw[group]),), -1, dtype=torch.long)])
+        with torch.no_grad():
+            head = policy(x)
+        budget = unit[group].scaled(eps)
+        rows = (target >= 0).nonzero().flatten()
+        forced = training_attack("targeted_random", cfg.distill.adv_steps).force(
+            policy, x[rows], target[rows], budget, torch.Generator().manual_seed(seed))
+        reached = greedy_actions(policy, forced) == target[rows]
+        layers = repair_path(policy).hidden
+        rc = cfg.repair
+        scores = neuron_scores("grad", policy, layers, forced[reached], greedy_actions(policy, x[rows][reached]), x,
+                               rc.ig_steps, rc.probe_l1, rc.probe_steps, seed)
+        chosen = choose_neurons(layers, scores, rc.neurons, int(rc.max_parameters * policy.acting_parameters))
+        masks = {"full": None, "masked": neuron_mask(layers, chosen),
+                 "random": neuron_mask(layers, random_like(layers, chosen, 1, seed + 1)[0])}
+        n = len(x)
+        data = GroupData(x, head, torch.ones(n, 1), torch.zeros(n), torch.zeros(n, dtype=torch.bool), target)
+        # distill=robust's terms (no DIGR penalty: the original's saliency is not what is repaired)
+        loss = DistillLoss(adv_weight=1.0, smooth_weight=0.5, adv_steps=cfg.distill.adv_steps)
+        ac = OmegaConf.merge(cfg.attack, {"checks": False})
+        out = {"teacher": str(path), "env": env, "group": group, "eps": eps, "collected": n,
+               "targets": len(rows), "reached": int(reached.sum()), "neurons": len(chosen), "variants": {}}
+        teams = {"original": (team, policy)}
+        for name, mask in masks.items():
+            tuned = tune(policy, mask, data, loss, layouts[group], budget, args.steps, args.lr, seed)
+            teams[name] = (_with_policy(team, group, tuned), tuned)
+        for name, (t, p) in teams.items():
+            res = evaluate_robustness(venv, t, layouts, ac, float("nan"), ac.seed)
+            changed = sum(int((a != b).sum()) for a, b in zip(p.parameters(), policy.parameters()))
+            with torch.no_grad():
+                div = float(divergence("kl", head, p(x), discrete=True).mean())
+            out["variants"][name] = {
+                "changed": changed, "share": changed / policy.acting_parameters, "clean_divergence": div,
+                "clean": res.clean, "worst": float(np.mean(res.episodes[victim]["targeted_lookahead"][eps])),
+                "clean_episodes": res.clean_episodes.tolist(),
+                "worst_episodes": list(map(float, res.episodes[victim]["targeted_lookahead"][eps]))}
+            print(f"  {path} {name}: changed {changed}, clean {res.clean:.2f}, worst {out['variants'][name]['worst']:.2f}",
+                  flush=True)
+    return out
+
+
+def summary(runs: list[dict]) -> dict:
+    """Per variant: clean and worst means, recovery (worst minus the original's), with paired CIs over episodes
+    resampled within each teacher; the masked recovery as a share of full's."""
+    strata = np.concatenate([np.full(len(r["variants"]["original"]["worst_episodes"]), i) for i, r in enumerate(runs)])
+
+    def col(v: str, key: str) -> np.ndarray:
+        return np.concatenate([r["variants"][v][key] for r in runs])
+
+    def ci(d: np.ndarray) -> list[float]:
+        return [float(d.mean()), *map(float, bootstrap_ci(d, np.mean, n_boot=2000, seed=0, strata=strata))]
+
+    out = {}
+    for v in ("original", *VARIANTS):
+        out[v] = {"clean": float(col(v, "clean_episodes").mean()), "worst": float(col(v, "worst_episodes").mean()),
+                  "recovery": ci(col(v, "worst_episodes") - col("original", "worst_episodes")),
+                  "share": float(np.mean([r["variants"][v]["share"] for r in runs]))}
+    out["masked_minus_random"] = ci(col("masked", "worst_episodes") - col("random", "worst_episodes"))
+    full, masked = col("full", "worst_episodes") - col("original", "worst_episodes"), \
+        col("masked", "worst_episodes") - col("original", "worst_episodes")
+    out["masked_share_of_full"] = float(masked.mean() / full.mean()) if full.mean() > 0 else None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("teachers", type=Path, nargs="+", help="teacher runs (teacher i uses seed i)")
+    ap.add_argument("--group", required=True)
+    ap.add_argument("--eps", type=float, required=True)
+    ap.add_argument("--episodes", type=int, default=100, help="episodes under the lookahead, and as many clean")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--eval-episodes", type=int, default=50)
+    args = ap.parse_args()
+    runs = [one_teacher(t, args.group, args.eps, args, i) for i, t in enumerate(args.teachers)]
+    s = summary(runs)
+    env = runs[0]["env"]
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"repair_lookahead_{env}"
+    atomic_write_text(stem.with_suffix(".json"), json.dumps({"command": " ".join(sys.argv), "summary": s, "runs": runs}))
+    lines = [f"# Fine-tuning {args.group} of {env} on the lookahead's data: full, masked, random mask", "",
+             f"`python {' '.join(sys.argv)}`", "",
+             f"Lookahead on {args.group}_0 at eps {args.eps}, {args.eval_episodes} episodes per teacher; recovery = worst "
+             "minus the original's worst, mean [95% paired bootstrap CI, episodes resampled within each teacher].", "",
+             "| variant | parameters changed (share) | clean | worst under the lookahead | recovery |", "|---|---|---|---|---|"]
+    for v in ("original", *VARIANTS):
+        r = s[v]
+        lines.append(f"| {v} | {100 * r['share']:.2f}% | {r['clean']:.2f} | {r['worst']:.2f} | "
+                     f"{r['recovery'][0]:+.2f} [{r['recovery'][1]:+.2f}, {r['recovery'][2]:+.2f}] |")
+    m = s["masked_minus_random"]
+    share = s["masked_share_of_full"]
+    lines += ["", f"Masked minus random mask, worst case: {m[0]:+.2f} [{m[1]:+.2f}, {m[2]:+.2f}]. Masked recovery as a "
+              f"share of full's: {'n/a (full does not recover)' if share is None else f'{share:.2f}'}."]
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
