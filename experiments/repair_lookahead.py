@@ -13,8 +13,8 @@ fine-tunes the teacher itself on that data instead of a student:
   forced on the policy being tuned;
 - three variants from the same seed, steps and rate: ``full`` (every acting parameter), ``masked`` (the repair's
   neurons: ``repair.neurons`` of them by activation x gradient on the lookahead's reached targets, at most
-  ``repair.max_parameters``) and ``random`` (as many random neurons per layer). Adam without weight decay, so
-  the masked-out parameters stay bit-identical;
+  ``repair.max_parameters``) and ``random`` (as many random neurons per layer), each stepped by the repair's
+  masked step (:func:`madistill.repair.masked.masked_step`, Adam), so the masked-out parameters stay bit-identical;
 - each evaluated clean and under the lookahead on ``<group>_0`` at ``--eps`` (``--eval-episodes`` episodes, the
   suite's seeds), with paired bootstrap CIs over episodes (resampled within each teacher).
 
@@ -50,9 +50,9 @@ from madistill.envs.features import feature_layouts
 from madistill.evaluate.stats import bootstrap_ci
 from madistill.policies.base import Policy, greedy_actions
 from madistill.policies.store import find_policy_dir, load_team, read_manifest
-from madistill.repair.masked import Mask, neuron_mask
+from madistill.repair.masked import Mask, changed_count, masked_step, neuron_mask, parameter_delta
 from madistill.repair.neurons import neuron_scores, random_like, repair_path
-from madistill.repair.plan import choose_neurons
+from madistill.repair.plan import acting_mask, choose_neurons
 from madistill.runtime import env_spec, make_vec_env
 from madistill.stages.policies import configured_features, teacher_dir
 from madistill.stages.repair import _with_policy
@@ -61,22 +61,17 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("full", "masked", "random")
 
 
-def tune(policy: Policy, mask: Mask | None, data: GroupData, loss: DistillLoss, layout, budget, steps: int,
-         lr: float, seed: int) -> Policy:
+def tune(policy: Policy, mask: Mask, data: GroupData, loss: DistillLoss, layout, budget, steps: int, lr: float,
+         seed: int) -> Policy:
     """``policy`` fine-tuned on ``data`` with the robust-distillation ``loss``, only ``mask``'s entries free."""
     tuned = copy.deepcopy(policy)
     tuned.train()
     params = dict(tuned.named_parameters())
-    opt = torch.optim.Adam([params[k] for k in mask] if mask else list(params.values()), lr=lr)
+    opt = torch.optim.Adam([params[k] for k in mask], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         i = torch.randint(len(data), (256,), generator=gen)
-        terms = loss(tuned, data.select(i), layout, None, budget, gen)
-        opt.zero_grad()
-        terms["total"].backward()
-        for k, m in (mask or {}).items():
-            params[k].grad.mul_(m)
-        opt.step()
+        masked_step(opt, params, mask, loss(tuned, data.select(i), layout, None, budget, gen)["total"])
     return tuned.eval()
 
 
@@ -113,7 +108,7 @@ def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, se
         scores = neuron_scores("grad", policy, layers, forced[reached], greedy_actions(policy, x[rows][reached]), x,
                                rc.ig_steps, rc.probe_l1, rc.probe_steps, seed)
         chosen = choose_neurons(layers, scores, rc.neurons, int(rc.max_parameters * policy.acting_parameters))
-        masks = {"full": None, "masked": neuron_mask(layers, chosen),
+        masks = {"full": acting_mask(policy), "masked": neuron_mask(layers, chosen),
                  "random": neuron_mask(layers, random_like(layers, chosen, 1, seed + 1)[0])}
         n = len(x)
         data = GroupData(x, head, torch.ones(n, 1), torch.zeros(n), torch.zeros(n, dtype=torch.bool), target)
@@ -128,7 +123,7 @@ def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, se
             teams[name] = (_with_policy(team, group, tuned), tuned)
         for name, (t, p) in teams.items():
             res = evaluate_robustness(venv, t, layouts, ac, float("nan"), ac.seed)
-            changed = sum(int((a != b).sum()) for a, b in zip(p.parameters(), policy.parameters()))
+            changed = changed_count(parameter_delta(policy, p))
             with torch.no_grad():
                 div = float(divergence("kl", head, p(x), discrete=True).mean())
             out["variants"][name] = {

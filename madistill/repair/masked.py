@@ -98,17 +98,25 @@ def masked_finetune(policy: Policy, mask: Mask, failing: torch.Tensor, wanted: t
                                                 discrete=tuned.group.discrete).mean()
         if not loss.requires_grad:  # no failure left and no anchor: nothing to fit this step
             continue
-        opt.zero_grad()
-        loss.backward()
-        before = {}
-        for n, m in masks.items():
-            params[n].grad.mul_(m)
-            before[n] = params[n].detach().clone()
-        opt.step()
-        with torch.no_grad():
-            for n, m in masks.items():
-                params[n].copy_(torch.where(m, params[n], before[n]))
+        masked_step(opt, params, masks, loss)
     return tuned.eval()
+
+
+def masked_step(opt: torch.optim.Optimizer, params: Mapping[str, torch.Tensor], masks: Mask,
+                loss: torch.Tensor) -> None:
+    """One step of ``opt`` on ``loss`` that moves only the ``masks``ed entries of ``params`` (name -> parameter):
+    the gradient is masked, and the masked-out entries are put back after the step, since weight decay and
+    Adam's moments of an entry whose gradient was once non-zero move it whatever its gradient."""
+    opt.zero_grad()
+    loss.backward()
+    before = {}
+    for n, m in masks.items():
+        params[n].grad.mul_(m)
+        before[n] = params[n].detach().clone()
+    opt.step()
+    with torch.no_grad():
+        for n, m in masks.items():
+            params[n].copy_(torch.where(m, params[n], before[n]))
 
 
 def parameter_delta(original: Policy, tuned: Policy) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -32,6 +32,15 @@ from madistill.repair.neurons import (
 )
 
 
+def acting_mask(policy: Policy) -> Mask:
+    """Every acting parameter of ``policy``: its hidden layers, its action head and a Box policy's log std (not
+    a critic's, which does not act)."""
+    path = repair_path(policy)
+    prefixes = tuple(f"{layer.name}." for layer in path.hidden) + (f"{path.head_name}.",)
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in policy.named_parameters()
+            if n.startswith(prefixes) or n in ("_log_std", "sb3.log_std")}
+
+
 def choose_neurons(layers: list[Layer], scores: torch.Tensor, share: float, max_parameters: int) -> list[Neuron]:
     """The top ``share`` of the neurons by score (at least one), lowest-scored dropped until their parameters
     (weight row and bias each) fit in ``max_parameters``; at least one neuron is always kept."""
@@ -184,9 +193,7 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
     masks: dict[str, Mask] = {"masked": neuron_mask(layers, neurons)}
     for name in rc.baselines:
         if name == "full":
-            masks[name] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in policy.named_parameters()
-                           if n.startswith(tuple(f"{layer.name}." for layer in layers) + (f"{head_name}.",))
-                           or n in ("_log_std", "sb3.log_std")}
+            masks[name] = acting_mask(policy)
         elif name == "last":
             masks[name] = module_mask({head_name: head})
         else:
