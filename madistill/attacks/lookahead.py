@@ -31,6 +31,11 @@ from madistill.rollout import env_actions, team_actions
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
 
+def box_victims(groups: Sequence[AgentGroup], victims: Sequence[str]) -> list[str]:
+    """The groups with Box actions among ``victims``' groups: the lookahead branches over Discrete actions only."""
+    return [g.name for g in groups if not g.discrete and victim_slots(g, victims)]
+
+
 class LookaheadAttack(ObsTransform):
     """Perturbs the victims' normalised observations towards their lookahead targets. ``history`` must run in
     the same rollout, last in its action chain (``transforms()`` lists both): it records the prefix every
@@ -45,7 +50,7 @@ class LookaheadAttack(ObsTransform):
     def __init__(self, attack: Attack, victims: Sequence[str], budgets: Mapping[str, Budget], branching: Branching,
                  horizon: int = 1, gamma: float = 0.99, critic: TeamPolicy | None = None, frequency: float = 1.0,
                  joint: int = 64, surrogate: TeamPolicy | None = None):
-        box = [g.name for g in branching.groups if not g.discrete and victim_slots(g, victims)]
+        box = box_victims(branching.groups, victims)
         if box:
             raise NotBranchable(f"targeted_lookahead branches over Discrete actions, group(s) {box} have Box actions: "
                                 "leave targeted_lookahead out of attack.methods for these victims")

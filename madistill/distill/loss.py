@@ -124,9 +124,7 @@ class DistillLoss:
             harm = torch.stack([divergence(self.divergence, batch.teacher_head, student(x), temperature=self.temperature, **kw)
                                 for x in found])
         if len(rows):  # a sample without a lookahead target has no forced point to choose
-            untargeted = torch.ones(harm.shape[1], dtype=torch.bool, device=harm.device)
-            untargeted[rows] = False
-            harm[-1, untargeted] = float("-inf")
+            harm[-1, batch.target < 0] = float("-inf")
         return found[harm.argmax(0), torch.arange(found.shape[1], device=found.device)]
 
 

@@ -34,13 +34,14 @@ def lookahead_branching(cfg: DictConfig, spec: EnvSpec, venv: MultiAgentVecEnv) 
     """The env's branching where DAgger collection runs under the lookahead attack
     (``distill.adv_collect_objective=targeted_lookahead``), else None; a one-line error before any work where
     the env has Box-action groups, whose targets cannot be branched over."""
+    from madistill.attacks.lookahead import box_victims
     from madistill.branching import Branching
     from madistill.errors import MadistillError
 
     dc = cfg.distill
     if dc.adv_collect <= 0 or dc.adv_collect_objective != "targeted_lookahead":
         return None
-    box = [g.name for g in venv.groups if not g.discrete]
+    box = box_victims(venv.groups, [a for g in venv.groups for a in g.agents])  # every agent is a victim
     if box:
         raise MadistillError(f"distill.adv_collect_objective=targeted_lookahead branches over Discrete actions and "
                              f"group(s) {box} have Box actions: choose another distill.adv_collect_objective")
