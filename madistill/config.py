@@ -66,6 +66,9 @@ ExplainMethod = _choices("ExplainMethod", "gradient input_x_gradient integrated_
 ExplainTarget = _choices("ExplainTarget", "prob logit")
 NeuronScore = _choices("NeuronScore", "grad ig probe")
 RepairBaseline = _choices("RepairBaseline", "full last random")
+RepairMask = _choices("RepairMask", "neurons fisher",
+                      "What the masked repair frees (madistill/repair/masked.py): the chosen neurons' rows, or the "
+                      "acting parameters with the largest empirical Fisher information of the fine-tuning loss.")
 TrainingAttack = _choices("TrainingAttack", "kl ce targeted_lowest targeted_random",
                           "The inner adversaries of robust training (madistill/attacks/methods.py: training_attack).")
 FailureAttack = _choices("FailureAttack", "random fgsm pgd pgd_strong spsa targeted_random targeted_lowest",
@@ -552,6 +555,12 @@ class RepairConfig:
     probe_steps: int = 300  # sparse probe: Adam steps of its logistic regression
     neurons: float = 0.03  # share of the hidden neurons repaired (at least one)
     max_parameters: float = 0.05  # most of the policy's acting parameters the repair may change (drops lowest-scored neurons)
+    # what the masked repair frees: `neurons`, the chosen neurons' weight rows and biases; `fisher`, the
+    # max_parameters share of the acting parameters whose squared gradients of the fine-tuning loss, summed over
+    # `fisher_batches` minibatches at the original, are largest (the random baseline then frees as many random
+    # acting parameters). The neurons are scored and ablation-checked in both.
+    mask: RepairMask = RepairMask.neurons
+    fisher_batches: int = 16
     ablation_draws: int = 20  # random neuron sets of the same size the chosen neurons' ablation is compared to
     steps: int = 300  # fine-tuning steps (every variant: masked and baselines)
     batch_size: int = 256  # failing and as many clean observations per step
@@ -577,7 +586,7 @@ class RepairConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "max_failures", "ig_steps", "probe_steps", "ablation_draws", "steps", "batch_size",
-                   "adv_steps")
+                   "adv_steps", "fisher_batches")
         c.within(0, 1, "neurons", "max_parameters", open_low=True)
         c.within(0, float("inf"), "eps", open_low=True)
         c.require(len(c.node.learning_rates) > 0 and min(c.node.learning_rates) > 0, "learning_rates",

@@ -24,9 +24,26 @@ from madistill.policies.base import greedy_actions
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.store import load_team, read_manifest
 from madistill.repair.failures import Adversary, FailureSet, attack_failures
-from madistill.repair.masked import FinetuneSettings, mask_size, masked_finetune, neuron_mask, parameter_delta
-from madistill.repair.neurons import ablation_check, all_neurons, neuron_scores, repair_path
-from madistill.repair.plan import Choice, choose, choose_neurons, holdout, tune, validation_scores
+from madistill.repair.masked import (
+    FinetuneSettings,
+    fisher_mask,
+    mask_size,
+    masked_finetune,
+    neuron_mask,
+    parameter_delta,
+    random_entries,
+)
+from madistill.repair.neurons import ablation_check, all_neurons, failure_loss, neuron_scores, repair_path
+from madistill.repair.plan import (
+    Choice,
+    acting_mask,
+    choose,
+    choose_neurons,
+    failure_batches,
+    holdout,
+    tune,
+    validation_scores,
+)
 from madistill.stages import attack as attack_stage
 from madistill.stages import cascade as cascade_stage
 from madistill.stages import distill as distill_stage
@@ -88,6 +105,56 @@ def test_ablating_the_planted_neuron_changes_the_failing_actions_more_than_rando
     assert check["random_mean"] < check["top"] / 2
     # one of the 16 random single units is the planted one: about 1/16 of the draws match it
     assert check["random_at_least_top"] < 0.3
+
+
+def test_the_fisher_mask_frees_the_entries_with_the_largest_squared_gradients_among_the_candidates():
+    """A zero linear layer (every action 1/3 likely, action 1 wanted) whose failing inputs are 0 but on feature 2
+    (value 5): only column 2 of the weight and the bias have gradients, the column's 25 times larger in square, so
+    the top 3 are the column, and with its first entry no candidate the next is the bias entry of largest
+    gradient (action 1's); an entry that is no candidate is never chosen."""
+    layer = torch.nn.Linear(4, 3)
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    x = torch.zeros(64, 4)
+    x[:, 2] = 5.0
+    wanted = torch.ones(64, dtype=torch.long)
+
+    def losses():
+        for i in range(0, 64, 16):
+            yield torch.nn.functional.cross_entropy(layer(x[i:i + 16]), wanted[i:i + 16])
+
+    everything = {n: torch.ones_like(t, dtype=torch.bool) for n, t in layer.named_parameters()}
+    top = fisher_mask(layer, everything, losses(), 3)
+    assert top["weight"].nonzero().tolist() == [[0, 2], [1, 2], [2, 2]] and not top["bias"].any()
+    no_first = {**everything, "weight": everything["weight"].clone()}
+    no_first["weight"][0, 2] = False
+    top = fisher_mask(layer, no_first, losses(), 3)
+    assert top["weight"].nonzero().tolist() == [[1, 2], [2, 2]] and top["bias"].tolist() == [False, True, False]
+    assert mask_size(fisher_mask(layer, no_first, losses(), 1000)) == mask_size(no_first)  # never beyond the candidates
+
+
+def test_the_fisher_mask_finds_the_planted_path_and_its_random_baseline_has_its_size():
+    p = planted_policy()
+    failing, wanted, clean = failing_and_clean()
+    failures = FailureSet(failing, wanted, "planted")
+    acting = acting_mask(p)
+    mask = fisher_mask(p, acting, failure_batches(p, failures, 64, 4, seed=0), 6)
+    assert mask_size(mask) == 6
+    # the planted unit drives the failing action through its output weights to actions 0 and 1
+    assert {(0, PLANTED), (1, PLANTED)} <= {tuple(e) for e in mask["net.2.weight"].nonzero().tolist()}
+    random = random_entries(acting, 6, seed=1)
+    assert mask_size(random) == 6 and all(bool((random[n] <= acting[n]).all()) for n in acting)
+    assert random_entries(acting, 6, seed=1).keys() == random.keys()
+    assert all(torch.equal(random_entries(acting, 6, seed=1)[n], random[n]) for n in acting)
+    assert any(not torch.equal(random_entries(acting, 6, seed=2)[n], random[n]) for n in acting)
+    # the entries are where the failure loss falls: a fine-tune of them fits the failures better than of random ones
+    s = FinetuneSettings(steps=20, batch_size=64, learning_rate=0.05, weight_decay=0.0, anchor=1.0, divergence="kl")
+    tuned = {name: masked_finetune(p, m, failing, wanted, clean, s, seed=0) for name, m in (("fisher", mask),
+                                                                                          ("random", random))}
+    with torch.no_grad():
+        fitted = {name: float(failure_loss(q, failing, wanted).mean()) for name, q in tuned.items()}
+        before = float(failure_loss(p, failing, wanted).mean())
+    assert fitted["fisher"] < 0.6 * fitted["random"] and fitted["random"] < before
 
 
 def adversary(every: int = 1, eps: float = 0.3) -> Adversary:
@@ -341,6 +408,25 @@ def test_the_stage_repairs_adversarially_and_judges_robust_accuracy(relay_teache
     assert "| held-out accuracy under a fresh attack |" in md
 
 
+def test_the_stage_repairs_with_the_fisher_mask(relay_teacher, tmp_path):
+    """repair.mask=fisher: the masked repair frees the max_parameters share of the acting parameters (whatever
+    neurons they belong to), the random baseline as many random ones, and only freed entries change."""
+    cfg = compose_config(tiny("env=relay", f"repair.policy={relay_teacher}", *REPAIR, "repair.mask=fisher",
+                              "repair.fisher_batches=4", "repair.evaluate=false", "repair.baselines=[random]"))
+    payload = repair_stage.run(cfg, tmp_path / "run")
+    acting = payload["meta"]["acting_parameters"]
+    masked, random = payload["variants"]["masked"], payload["variants"]["random"]
+    assert masked["mask_size"] == random["mask_size"] == int(0.05 * acting)
+    assert 0 < masked["changed"] <= masked["mask_size"]
+    g = payload["meta"]["group"]
+    original = dict(load_team(relay_teacher)[0][g].named_parameters())
+    after = dict(load_team(tmp_path / "run")[0][g].named_parameters())
+    changed = sum(int((after[n] != w).sum()) for n, w in original.items())
+    assert changed == masked["changed"]
+    md = (tmp_path / "run" / "reports" / "repair.md").read_text()
+    assert "largest empirical Fisher information" in md
+
+
 def _error(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
@@ -387,6 +473,8 @@ def test_the_cascade_comparison_runs_on_the_original_and_the_repaired_policy(rel
     (("repair.attack=critic",), "repair.attack cannot be 'critic': use repair.attack=<one of random, fgsm, pgd, pgd_strong"),
     (("repair.baselines=[full,everything]",), "repair.baselines cannot be 'everything': use repair.baselines=[<any of full, last, random>]"),
     (("repair.neurons=3",), "repair.neurons must be in (0, 1], got 3.0"),
+    (("repair.mask=rows",), "repair.mask cannot be 'rows': use repair.mask=<one of neurons, fisher>"),
+    (("repair.fisher_batches=0",), "repair.fisher_batches must be at least 1, got 0"),
     (("repair.validation=1",), "repair.validation must be in (0, 1), got 1.0"),
     (("repair.anchors=[10,-1]",), "repair.anchors must be a non-empty list of weights at least 0, got [10.0, -1.0]"),
     (("repair.group=speaker",), "repair.group='speaker' is not a group of this env"),
@@ -478,3 +566,31 @@ def test_the_comparison_pairs_two_experiments_by_episode_and_refuses_different_e
     other = {"0": _run({"original": [-2.0, -5.0], "masked": [0.0, 0.0]}, {**original[1], "masked": [9.0, 9.0]})}
     with pytest.raises(SystemExit, match="did not play the same episodes"):
         compare({"runs": fixed}, {"runs": other})
+
+
+def test_the_lookahead_experiment_summarises_recovery_shares_and_clean_gain_with_paired_cis(monkeypatch, tmp_path):
+    """experiments/repair_lookahead.py: per variant the recovery of the worst case and the clean gain over the
+    random team kept, and per mask its difference from its random baseline and its share of full's recovery."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    experiment = importlib.import_module("repair_lookahead")
+    worst = {"original": [-10.0, -12.0], "full": [-6.0, -8.0], "masked": [-11.0, -13.0], "random": [-10.0, -12.0],
+             "fisher": [-7.0, -9.0], "random_fisher": [-10.0, -11.0]}
+    clean = {v: [-5.0, -5.0] for v in worst} | {"fisher": [-6.0, -6.0]}
+
+    def run() -> dict:
+        return {"env": "toy", "group": "g", "eps": 0.3, "random": -25.0,
+                "variants": {v: {"share": 0.05, "clean_episodes": clean[v], "worst_episodes": worst[v]} for v in worst}}
+
+    s = experiment.summary([run(), run()])
+    assert s["full"]["recovery"][0] == 4.0 and s["masked"]["recovery"][0] == -1.0
+    assert s["fisher"]["share_of_full"] == [0.75, pytest.approx(0.75), pytest.approx(0.75)]  # 3 of 4 in every episode
+    assert s["fisher"]["minus_random"][0] == pytest.approx(2.5)  # (3 + 2) / 2
+    lo, hi = s["fisher"]["minus_random"][1:]
+    assert 2.0 <= lo < hi <= 3.0
+    assert s["fisher"]["clean_gain_kept"][0] == pytest.approx(19 / 20)  # (-6 + 25) / (-5 + 25)
+    assert s["masked"]["share_of_full"][0] == pytest.approx(-0.25)
+    monkeypatch.setattr(experiment, "RESULTS", tmp_path)
+    text = experiment.write_results([run(), run()], "python x", "_toy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repair_lookahead_toy_toy.json", "repair_lookahead_toy_toy.md"]
+    assert "fisher's recovery as a share of full's: 0.75 [0.75, 0.75]" in text
+    assert "| fisher | 5.00% | -6.00 | 0.950 [0.950, 0.950] | -8.00 | +3.00 [+3.00, +3.00] |" in text

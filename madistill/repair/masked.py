@@ -9,7 +9,7 @@ circuit edits also touch; the rows alone keep the update local to the units the 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,42 @@ def module_mask(modules: Mapping[str, torch.nn.Module]) -> Mask:
     """Every parameter of the named modules (``name`` -> module)."""
     return {f"{name}.{p}": torch.ones_like(t, dtype=torch.bool) for name, m in modules.items()
             for p, t in m.named_parameters()}
+
+
+def _entries(candidates: Mask, flat: torch.Tensor) -> Mask:
+    """The mask of the entries at ``flat`` positions of ``candidates``' parameters laid end to end."""
+    chosen = torch.zeros(sum(m.numel() for m in candidates.values()), dtype=torch.bool)
+    chosen[flat] = True
+    out, start = {}, 0
+    for name, m in candidates.items():
+        out[name] = chosen[start:start + m.numel()].view(m.shape).to(m.device) & m
+        start += m.numel()
+    return out
+
+
+def fisher_mask(policy: Policy, candidates: Mask, losses: Iterable[torch.Tensor], count: int) -> Mask:
+    """The ``count`` entries of ``candidates`` (at most as many as it holds) with the largest empirical Fisher
+    information of the fine-tuning loss: the sum over ``losses`` (minibatch losses computed with ``policy``) of
+    each entry's squared gradient. To first order these are the entries whose moves lower the loss fastest,
+    wherever they sit in the network (the FISH mask of Sung et al. 2021); ties go to the earlier entry."""
+    params = dict(policy.named_parameters())
+    acc = {n: torch.zeros_like(params[n]) for n in candidates}
+    for loss in losses:
+        grads = torch.autograd.grad(loss, [params[n] for n in acc], allow_unused=True)
+        for a, g in zip(acc.values(), grads):
+            if g is not None:
+                a += g.detach().pow(2)
+    score = torch.cat([torch.where(candidates[n], a, -1.0).flatten().cpu() for n, a in acc.items()])
+    count = min(count, mask_size(candidates))
+    return _entries(candidates, torch.argsort(score, descending=True, stable=True)[:count])
+
+
+def random_entries(candidates: Mask, count: int, seed: int) -> Mask:
+    """``count`` entries of ``candidates`` drawn uniformly (at most as many as it holds): the baseline of a
+    :func:`fisher_mask` of the same size."""
+    free = torch.cat([m.flatten().cpu() for m in candidates.values()]).nonzero().flatten()
+    pick = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed))[:count]
+    return _entries(candidates, free[pick])
 
 
 def mask_size(mask: Mask) -> int:

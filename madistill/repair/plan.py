@@ -15,17 +15,20 @@ from madistill.repair.failures import Adversary, FailureSet
 from madistill.repair.masked import (
     FinetuneSettings,
     Mask,
+    fisher_mask,
     mask_size,
     masked_finetune,
     module_mask,
     neuron_mask,
     parameter_delta,
+    random_entries,
 )
 from madistill.repair.neurons import (
     Layer,
     Neuron,
     ablation_check,
     all_neurons,
+    failure_loss,
     neuron_scores,
     random_like,
     repair_path,
@@ -155,6 +158,16 @@ def tune(policy: Policy, mask: Mask, split: Split, settings: FinetuneSettings, r
     return tuned[trials.index(choice.chosen)], choice
 
 
+def failure_batches(policy: Policy, failures: FailureSet, batch_size: int, batches: int, seed: int):
+    """The fine-tune's failure term on ``batches`` minibatches of ``failures``, computed with ``policy``: what a
+    :func:`fisher_mask` scores at the original (the anchor's divergence is at its minimum there, so its gradient
+    is zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        i = torch.randint(len(failures), (batch_size,), generator=gen).to(failures.x.device)
+        yield failure_loss(policy, failures.x[i], failures.wanted[i]).mean()
+
+
 @dataclass
 class Repair:
     """What :func:`repair_policy` found and made: the scores of every neuron, the chosen ones, the ablation check,
@@ -190,17 +203,26 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
     index = {n: i for i, n in enumerate(all_neurons(layers))}
     result = Repair(scores, neurons, [float(scores[index[n]]) for n in neurons], [layer.name for layer in layers],
                     ablation_check(policy, layers, neurons, failures.x, rc.ablation_draws, seed), acting)
-    masks: dict[str, Mask] = {"masked": neuron_mask(layers, neurons)}
+    split = holdout(failures, clean, rc.validation, seed)
+    if rc.mask == "fisher":
+        acting_entries = acting_mask(policy)
+        masked = fisher_mask(policy, acting_entries,
+                             failure_batches(policy, split.train, rc.batch_size, rc.fisher_batches, seed),
+                             int(rc.max_parameters * acting))
+        random = random_entries(acting_entries, mask_size(masked), seed + 1)
+    else:
+        masked = neuron_mask(layers, neurons)
+        random = neuron_mask(layers, random_like(layers, neurons, 1, seed + 1)[0])
+    masks: dict[str, Mask] = {"masked": masked}
     for name in rc.baselines:
         if name == "full":
             masks[name] = acting_mask(policy)
         elif name == "last":
             masks[name] = module_mask({head_name: head})
         else:
-            masks[name] = neuron_mask(layers, random_like(layers, neurons, 1, seed + 1)[0])
+            masks[name] = random
     settings = FinetuneSettings(rc.steps, rc.batch_size, rc.learning_rates[0], rc.weight_decay, rc.anchors[0],
                                 rc.divergence)
-    split = holdout(failures, clean, rc.validation, seed)
     for name, mask in masks.items():
         tuned, result.selection[name] = tune(policy, mask, split, settings, list(rc.learning_rates),
                                              list(rc.anchors), rc.max_divergence, seed, adversary)

@@ -43,6 +43,11 @@ def _save_delta(delta: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return lambda path: save_file(tensors, str(path))
 
 
+_MASKS = {"neurons": "Masked repair: the chosen neurons' weight rows and biases.",
+          "fisher": "Masked repair: the acting parameters with the largest empirical Fisher information of the "
+                    "fine-tuning loss (random baseline: as many random acting parameters)."}
+
+
 def _markdown(payload: dict) -> str:
     """The report's tables: what changed, the chosen neurons, and the returns per variant."""
     m = payload["meta"]
@@ -52,7 +57,7 @@ def _markdown(payload: dict) -> str:
     accuracy = "held-out accuracy under a fresh attack" if refresh else "held-out failure accuracy"
     lines = [f"# Repair of {m['group']} on {m['env']}", "",
              f"Failure set: {m['failures']} failing observations from {m['failure_source']} "
-             f"({m['searched']} searched). Neuron scores: {m['score']}.{adversarial}", "",
+             f"({m['searched']} searched). Neuron scores: {m['score']}. {_MASKS[m['repair']['mask']]}{adversarial}", "",
              "| variant | parameters free | parameters changed | share of acting parameters | learning rate | "
              f"anchor | {accuracy} | held-out clean divergence | clean | worst attacked |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -211,7 +216,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     write_markdown(reports / "repair.md", _markdown(payload))
     m = payload["variants"]["masked"]
     print(f"\nrepaired {group}: {m['changed']} parameters changed ({100 * m['changed_share']:.2f}% of the acting "
-          f"parameters), {len(rep.neurons)} neurons\n  policy: {pdir}\n  update: {pdir / 'delta.safetensors'}\n"
+          f"parameters), {f'{len(rep.neurons)} neurons' if rc.mask == 'neurons' else 'Fisher mask'}\n  policy: {pdir}\n  update: {pdir / 'delta.safetensors'}\n"
           f"  report: {reports / 'repair.md'}")
     return payload
 
