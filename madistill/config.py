@@ -71,9 +71,11 @@ RepairMask = _choices("RepairMask", "neurons fisher",
                       "acting parameters with the largest empirical Fisher information of the fine-tuning loss.")
 TrainingAttack = _choices("TrainingAttack", "kl ce targeted_lowest targeted_random",
                           "The inner adversaries of robust training (madistill/attacks/methods.py: training_attack).")
-FailureAttack = _choices("FailureAttack", "random fgsm pgd pgd_strong spsa targeted_random targeted_lowest",
+FailureAttack = _choices("FailureAttack", "random fgsm pgd pgd_strong spsa targeted_random targeted_lowest "
+                         "targeted_lookahead",
                          "Suite attacks that craft on the repaired policy itself (critic needs a value head, "
-                         "transfer a surrogate)")
+                         "transfer a surrogate); targeted_lookahead plays episodes under the lookahead and repairs "
+                         "against the targets it forced")
 PurifierGradient = _choices("PurifierGradient", "through bpda ignore", "What white-box attacks on a purified policy "
                             "differentiate (madistill/policies/purified.py: attack_view).")
 AlertScore = _choices("AlertScore", "obs surprise disagreement", "Online alert scores (madistill/cascade/alerts.py)")
@@ -545,7 +547,12 @@ class RepairConfig:
     policy: str | None = None  # run or policy directory whose policy is repaired (a run's teacher, else its only policy)
     group: str | None = None  # agent group to repair (default: the Discrete group with the most failures)
     failures: str | None = None  # .npz of raw observations `obs` [N, d] and wanted `actions` [N]; default: built with the attack
-    attack: FailureAttack = FailureAttack.pgd  # the attack suite member that builds the failure set
+    # the attack suite member that builds the failure set. targeted_lookahead: `episodes` episodes with every
+    # agent under the lookahead (attack.* settings); the failures are the states where the target it forced
+    # (re-forced on the original by `adv_steps` targeted PGD steps) is taken, and every variant is fine-tuned with
+    # robust distillation's loss (`adv_weight`, `smooth_weight`) on those states and the clean anchor, the
+    # recorded target forced anew on the policy being tuned as one more adversarial candidate per state
+    attack: FailureAttack = FailureAttack.pgd
     eps: float | None = None  # its l_inf radius in stds (default: the middle of attack.eps, the suite's middle budget)
     episodes: int = 20  # clean episodes whose observations are attacked (failure set) and anchor clean behaviour
     max_failures: int = 4096  # failing observations kept at most
@@ -582,6 +589,11 @@ class RepairConfig:
     refresh: int = 0
     adv_objective: TrainingAttack = TrainingAttack.ce  # ce: flip the clean greedy action, what a failure is
     adv_steps: int = 10  # PGD steps of that training attack (one restart; it runs at every refresh)
+    # repair.attack=targeted_lookahead: weights of robust distillation's adversarial term (the original's clean
+    # head at the worse of PGD's point and the forced target's) and smoothness term (the tuned policy at the
+    # clean point against itself at that point)
+    adv_weight: float = 1.0
+    smooth_weight: float = 0.5
 
     @staticmethod
     def validate(c: Checks) -> None:
@@ -593,7 +605,12 @@ class RepairConfig:
                   "a non-empty list of rates above 0")
         c.require(len(c.node.anchors) > 0 and min(c.node.anchors) >= 0, "anchors", "a non-empty list of weights at least 0")
         c.within(0, 1, "validation", open_low=True, open_high=True)
-        c.at_least(0, "probe_l1", "weight_decay", "max_divergence", "refresh")
+        c.at_least(0, "probe_l1", "weight_decay", "max_divergence", "refresh", "adv_weight", "smooth_weight")
+        lookahead = c.node.attack == "targeted_lookahead"
+        c.require(not (lookahead and c.node.refresh), "refresh", "0 with repair.attack=targeted_lookahead, which "
+                  "forces the lookahead's targets anew on the policy being tuned at every step")
+        c.require(not (lookahead and c.node.failures is not None), "failures", "null with "
+                  "repair.attack=targeted_lookahead, which finds its failures by playing episodes under the lookahead")
 
 
 @dataclass

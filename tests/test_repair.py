@@ -18,12 +18,14 @@ from safetensors.torch import load_file
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack, training_attack
+from madistill.distill.loss import DistillLoss
+from madistill.envs.features import feature_layouts
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
 from madistill.policies.base import greedy_actions
 from madistill.policies.mlp import MLPPolicy
 from madistill.policies.store import load_team, read_manifest
-from madistill.repair.failures import Adversary, FailureSet, attack_failures
+from madistill.repair.failures import Adversary, FailureSet, attack_failures, forced_failures
 from madistill.repair.masked import (
     FinetuneSettings,
     fisher_mask,
@@ -34,13 +36,17 @@ from madistill.repair.masked import (
     random_entries,
 )
 from madistill.repair.neurons import ablation_check, all_neurons, failure_loss, neuron_scores, repair_path
+from madistill.repair.objectives import FixedFailures, RebuiltFailures
 from madistill.repair.plan import (
     Choice,
     acting_mask,
     choose,
     choose_neurons,
-    failure_batches,
+    fixed_terms,
+    forced_target_terms,
     holdout,
+    rebuilt_terms,
+    term_batches,
     tune,
     validation_scores,
 )
@@ -138,7 +144,7 @@ def test_the_fisher_mask_finds_the_planted_path_and_its_random_baseline_has_its_
     failing, wanted, clean = failing_and_clean()
     failures = FailureSet(failing, wanted, "planted")
     acting = acting_mask(p)
-    mask = fisher_mask(p, acting, failure_batches(p, failures, 64, 4, seed=0), 6)
+    mask = fisher_mask(p, acting, term_batches(FixedFailures(failures), p, 64, 4, seed=0), 6)
     assert mask_size(mask) == 6
     # the planted unit drives the failing action through its output weights to actions 0 and 1
     assert {(0, PLANTED), (1, PLANTED)} <= {tuple(e) for e in mask["net.2.weight"].nonzero().tolist()}
@@ -149,8 +155,8 @@ def test_the_fisher_mask_finds_the_planted_path_and_its_random_baseline_has_its_
     assert any(not torch.equal(random_entries(acting, 6, seed=2)[n], random[n]) for n in acting)
     # the entries are where the failure loss falls: a fine-tune of them fits the failures better than of random ones
     s = FinetuneSettings(steps=20, batch_size=64, learning_rate=0.05, weight_decay=0.0, anchor=1.0, divergence="kl")
-    tuned = {name: masked_finetune(p, m, failing, wanted, clean, s, seed=0) for name, m in (("fisher", mask),
-                                                                                          ("random", random))}
+    tuned = {name: masked_finetune(p, m, FixedFailures(failures), clean, s, seed=0) for name, m in (("fisher", mask),
+                                                                                                  ("random", random))}
     with torch.no_grad():
         fitted = {name: float(failure_loss(q, failing, wanted).mean()) for name, q in tuned.items()}
         before = float(failure_loss(p, failing, wanted).mean())
@@ -173,7 +179,9 @@ def test_masked_parameters_stay_bit_identical_under_adamw_with_weight_decay(adv)
     assert mask_size(mask) == (4 + 1) + 2 * (16 + 1)
     # every step also moves the anchor's gradient through the other parameters, weight decay pulls on them all
     s = FinetuneSettings(steps=30, batch_size=64, learning_rate=0.05, weight_decay=0.5, anchor=1.0, divergence="kl")
-    tuned = masked_finetune(p, mask, failing, wanted, clean, s, seed=0, adversary=adv)
+    term = FixedFailures(FailureSet(failing, wanted, "test")) if adv is None else \
+        RebuiltFailures(adv, clean, greedy_actions(p, clean))
+    tuned = masked_finetune(p, mask, term, clean, s, seed=0)
     before, after = dict(p.named_parameters()), dict(tuned.named_parameters())
     for name, w in before.items():
         m = mask.get(name, torch.zeros_like(w, dtype=torch.bool))
@@ -215,7 +223,7 @@ def test_regenerated_failures_are_the_current_policys_and_a_robust_policy_has_no
     # after an adversarial fine-tune the attack on the tuned policy finds other failures, each a failure of it
     full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
     s = FinetuneSettings(steps=20, batch_size=64, learning_rate=0.01, weight_decay=0.0, anchor=1.0, divergence="kl")
-    tuned = masked_finetune(p, full, initial.x, initial.wanted, clean, s, seed=0, adversary=adv)
+    tuned = masked_finetune(p, full, RebuiltFailures(adv, clean, wanted), clean, s, seed=0)
     now = adv.failures(tuned, clean, wanted, torch.Generator().manual_seed(0))
     assert bool((greedy_actions(tuned, now.x) != now.wanted).all())
     assert len(now) < len(initial)
@@ -227,7 +235,8 @@ def test_regenerated_failures_are_the_current_policys_and_a_robust_policy_has_no
     none = adv.failures(constant, clean, greedy_actions(constant, clean), torch.Generator().manual_seed(0))
     assert len(none) == 0 and none.x.shape == (0, 4)
     # with no failure and no anchor nothing is fitted: the fine-tune returns the policy unchanged
-    still = masked_finetune(constant, full, initial.x, initial.wanted, clean, replace(s, anchor=0.0), 0, adv)
+    still = masked_finetune(constant, full, RebuiltFailures(adv, clean, greedy_actions(constant, clean)), clean,
+                            replace(s, anchor=0.0), 0)
     assert all(torch.equal(a, b) for a, b in zip(constant.parameters(), still.parameters()))
 
 
@@ -241,15 +250,45 @@ def test_adversarial_repair_raises_robust_accuracy_where_the_fixed_failure_set_d
     split = holdout(attack_failures(p, clean, adv.check, adv.budget, 0, "pgd", 10_000), clean, 0.25, seed=0)
     full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
     s = FinetuneSettings(steps=100, batch_size=64, learning_rate=0.01, weight_decay=0.0, anchor=1.0, divergence="kl")
-    tuned = {name: masked_finetune(p, full, split.train.x, split.train.wanted, split.train_clean, s, 0, a)
-             for name, a in (("fixed", None), ("adversarial", adv))}
-    robust = {name: validation_scores(p, q, split.val, split.val_clean, "kl", adv, 0)["accuracy"]
+    terms = {"fixed": fixed_terms(split), "adversarial": rebuilt_terms(adv, p)(split)}
+    tuned = {name: masked_finetune(p, full, t.train, split.train_clean, s, 0) for name, t in terms.items()}
+    robust = {name: validation_scores(p, q, terms["adversarial"].val, split.val_clean, "kl", 0)["accuracy"]
               for name, q in {"original": p, **tuned}.items()}
-    fitted = {name: validation_scores(p, q, split.val, split.val_clean, "kl")["accuracy"] for name, q in tuned.items()}
+    fitted = {name: validation_scores(p, q, terms["fixed"].val, split.val_clean, "kl")["accuracy"]
+              for name, q in tuned.items()}
     assert robust["adversarial"] > robust["original"] + 0.15
     assert robust["adversarial"] > robust["fixed"] + 0.15
     assert robust["fixed"] < robust["original"] + 0.05
     assert fitted["fixed"] > fitted["adversarial"]  # fitting the original's failures is not resisting the attack
+
+
+def test_training_against_forced_targets_raises_the_share_that_resists_them():
+    """The lookahead's term: states with a harmful target each (the action after the greedy one), forced on the
+    policy by targeted PGD. The original takes many of them (they are its failures, forced_failures); fitting
+    robust distillation's loss with the targets forced anew on the policy being tuned raises the held-out share
+    that keeps the original's action with the target forced on it."""
+    p = sharp_policy()
+    states = torch.randn(800, 4, generator=torch.Generator().manual_seed(1))
+    targets = (greedy_actions(p, states) + 1) % 3
+    targets[::4] = -1  # states the lookahead forced nothing on: no target, no failure
+    budget = Budget.build(0.3, 4)
+    found = forced_failures(p, states, targets, 10, budget, 0, "lookahead", 10_000)
+    assert found.searched == int((targets >= 0).sum()) and 0 < len(found) < found.searched
+    assert bool((greedy_actions(p, found.x) != found.wanted).all())
+    split = holdout(found, states[targets < 0], 0.25, seed=0)
+    objective = DistillLoss(adv_weight=1.0, smooth_weight=0.5, adv_steps=10)
+    layout = feature_layouts([GROUP], {}, {GROUP.name: [f"f{i}" for i in range(4)]}, 1)[GROUP.name]
+    terms = forced_target_terms(p, states, targets, objective, layout, budget, 0.25, seed=0)(split)
+    before = terms.val.accuracy(p, p, 0)
+    assert before < 0.8  # the original takes many of its forced targets
+    full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
+    s = FinetuneSettings(steps=150, batch_size=64, learning_rate=0.01, weight_decay=0.0, anchor=1.0, divergence="kl")
+    tuned = masked_finetune(p, full, terms.train, split.train_clean, s, 0)
+    # the same states fitted without the adversarial term (the clean head only) barely move it
+    plain = forced_target_terms(p, states, targets, DistillLoss(adv_weight=0.0, adv_steps=10), layout, budget, 0.25,
+                                seed=0)(split)
+    control = masked_finetune(p, full, plain.train, split.train_clean, s, 0)
+    assert terms.val.accuracy(p, tuned, 0) > max(before, terms.val.accuracy(p, control, 0)) + 0.07
 
 
 def test_the_learning_rate_choice_avoids_a_rate_that_breaks_the_clean_behaviour():
@@ -261,7 +300,7 @@ def test_the_learning_rate_choice_avoids_a_rate_that_breaks_the_clean_behaviour(
     assert (len(split.val), len(split.train), len(split.val_clean), len(split.train_clean)) == (50, 150, 50, 150)
     full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
     s = FinetuneSettings(steps=40, batch_size=64, learning_rate=0.0, weight_decay=0.0, anchor=0.0, divergence="kl")
-    tuned, choice = tune(p, full, split, s, [0.003, 3.0], [0.0], bound=0.05, seed=0)
+    tuned, choice = tune(p, full, fixed_terms(split), split, s, [0.003, 3.0], [0.0], bound=0.05, seed=0)
     small, large = choice.trials
     assert (small.learning_rate, large.learning_rate) == (0.003, 3.0)
     assert large.divergence > 0.05 >= small.divergence
@@ -291,7 +330,7 @@ def test_the_anchor_weight_not_the_rate_keeps_full_fine_tuning_within_the_bound(
     split = holdout(FailureSet(moved[flipped], before[flipped], "test"), clean, 0.25, seed=0)
     full = {n: torch.ones_like(w, dtype=torch.bool) for n, w in p.named_parameters()}
     s = FinetuneSettings(steps=100, batch_size=64, learning_rate=0.0, weight_decay=0.0, anchor=0.0, divergence="kl")
-    tuned, choice = tune(p, full, split, s, [0.003, 0.03], [1.0, 30.0], bound=0.02, seed=0)
+    tuned, choice = tune(p, full, fixed_terms(split), split, s, [0.003, 0.03], [1.0, 30.0], bound=0.02, seed=0)
     weak = [t for t in choice.trials if t.anchor == 1.0]
     assert len(weak) == 2 and min(t.divergence for t in weak) > 0.02
     assert not choose(weak, bound=0.02).within_bound
@@ -427,6 +466,24 @@ def test_the_stage_repairs_with_the_fisher_mask(relay_teacher, tmp_path):
     assert "largest empirical Fisher information" in md
 
 
+def test_the_stage_repairs_against_the_lookahead(relay_teacher, tmp_path):
+    """repair.attack=targeted_lookahead: episodes under the lookahead give the failures (its forced targets the
+    original takes), every variant is fine-tuned on its states with the targets forced anew, and each trial is
+    judged by the held-out states' share that keeps the original's action under its target."""
+    cfg = compose_config(tiny("env=relay", f"repair.policy={relay_teacher}", *REPAIR, "repair.attack=targeted_lookahead",
+                              "repair.adv_steps=2", "repair.mask=fisher", "repair.fisher_batches=2",
+                              "repair.evaluate=false", "repair.baselines=[random]", "attack.lookahead_horizon=2"))
+    payload = repair_stage.run(cfg, tmp_path / "run")
+    meta = payload["meta"]
+    assert meta["failure_source"] == "targeted_lookahead at eps 1.0"
+    assert 0 < meta["failures"] <= meta["searched"]
+    masked = payload["variants"]["masked"]
+    assert 0 < masked["changed"] <= masked["mask_size"] == int(0.05 * meta["acting_parameters"])
+    accuracies = [t["accuracy"] for v in payload["variants"].values() for t in v["validation"]]
+    assert len(accuracies) == 2 * 4 and all(0 <= a <= 1 for a in accuracies)
+    assert load_team(tmp_path / "run")[1]["config"]["repair"]["attack"] == "targeted_lookahead"
+
+
 def _error(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
@@ -484,6 +541,10 @@ def test_the_cascade_comparison_runs_on_the_original_and_the_repaired_policy(rel
     (("repair.failures=WRONG_NPZ", "repair.refresh=1"), "repair.refresh rebuilds the failures by attacking the clean "
      "observations, so it cannot repair a repair.failures file: set repair.refresh=0 or drop repair.failures"),
     (("repair.refresh=-1",), "repair.refresh must be at least 0, got -1"),
+    (("repair.attack=targeted_lookahead", "repair.refresh=1"), "repair.refresh must be 0 with "
+     "repair.attack=targeted_lookahead, which forces the lookahead's targets anew"),
+    (("repair.failures=WRONG_NPZ", "repair.attack=targeted_lookahead"), "repair.failures must be null with "
+     "repair.attack=targeted_lookahead"),
     (("repair.adv_objective=pgd",), "repair.adv_objective cannot be 'pgd'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(relay_teacher, cli, tmp_path, extra, says):

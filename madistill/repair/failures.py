@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from madistill.attacks.budget import Budget
-from madistill.attacks.methods import Attack
+from madistill.attacks.methods import Attack, training_attack
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies.base import Policy, greedy_actions
@@ -52,6 +52,19 @@ def attack_failures(policy: Policy, clean: torch.Tensor, attack: Attack, budget:
     gen = torch.Generator(device=clean.device).manual_seed(seed)
     found = current_failures(policy, clean, greedy_actions(policy, clean), attack, budget, gen, name)
     return FailureSet(found.x[:limit], found.wanted[:limit], name, found.searched)
+
+
+def forced_failures(policy: Policy, states: torch.Tensor, targets: torch.Tensor, steps: int, budget: Budget,
+                    seed: int, name: str, limit: int) -> FailureSet:
+    """The lookahead's failures: each state of ``states`` (normalised) with a target in ``targets`` (-1: none),
+    that target forced on ``policy`` by ``steps`` targeted PGD steps, kept where the policy then takes it (at
+    most ``limit``), wanting its greedy action on the clean state."""
+    rows = (targets >= 0).nonzero().flatten()
+    x, target = states[rows], targets[rows]
+    gen = torch.Generator(device=states.device).manual_seed(seed)
+    forced = training_attack("targeted_random", steps).force(policy, x, target, budget, gen)
+    reached = (greedy_actions(policy, forced) == target).nonzero().flatten()[:limit]
+    return FailureSet(forced[reached].detach(), greedy_actions(policy, x[reached]), name, len(rows))
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from madistill.common.divergences import divergence
-from madistill.policies.base import Policy, greedy_actions
+from madistill.policies.base import Policy
 from madistill.policies.path import Layer
-from madistill.repair.failures import Adversary
-from madistill.repair.neurons import Neuron, failure_loss
+from madistill.repair.neurons import Neuron
+from madistill.repair.objectives import FailureTerm
 
 Mask = dict[str, torch.Tensor]  # parameter name -> bool tensor of its shape: True where the parameter may move
 
@@ -95,16 +95,13 @@ class FinetuneSettings:
     divergence: str
 
 
-def masked_finetune(policy: Policy, mask: Mask, failing: torch.Tensor, wanted: torch.Tensor, clean: torch.Tensor,
-                    s: FinetuneSettings, seed: int, adversary: Adversary | None = None) -> Policy:
-    """A copy of ``policy`` fine-tuned on the failure set (the wanted action on each failing observation) plus
-    the clean anchor (``s.anchor`` x the divergence from the original policy's head on clean observations), with
-    only the ``mask``ed parameters free.
-
-    With an ``adversary`` the failure set is not fixed: every ``adversary.every`` steps it is rebuilt from the
-    clean observations, attacked on the policy being tuned and wanting the original's greedy clean action
-    (``failing`` and ``wanted`` are then unused), so the fine-tune fits the failures it has, not the original's;
-    while the attack finds none, only the anchor trains.
+def masked_finetune(policy: Policy, mask: Mask, term: FailureTerm, clean: torch.Tensor, s: FinetuneSettings,
+                    seed: int) -> Policy:
+    """A copy of ``policy`` fine-tuned on the failure ``term`` (:mod:`madistill.repair.objectives`: a fixed
+    failure set, failures rebuilt on the policy being tuned, or the lookahead's forced targets) plus the clean
+    anchor (``s.anchor`` x the divergence from the original policy's head on clean observations), with only the
+    ``mask``ed parameters free. Minibatch indices are drawn from one generator seeded with ``seed``, the
+    attacks' random starts from another, so every variant of a repair sees the same data in the same order.
 
     The gradient is masked and the optimiser's update guarded: AdamW's weight decay, and Adam's moments for an
     entry whose gradient was once non-zero, move a parameter whatever its gradient, so after every step the
@@ -119,15 +116,11 @@ def masked_finetune(policy: Policy, mask: Mask, failing: torch.Tensor, wanted: t
     attack_gen = torch.Generator(device=clean.device).manual_seed(seed)
     with torch.no_grad():
         reference = policy(clean)
-    clean_actions = greedy_actions(policy, clean)
     for step in range(s.steps):
-        if adversary is not None and step % adversary.every == 0:
-            found = adversary.failures(tuned, clean, clean_actions, attack_gen)
-            failing, wanted = found.x, found.wanted
         loss = torch.zeros((), device=clean.device)
-        if len(failing):
-            i = torch.randint(len(failing), (s.batch_size,), generator=gen).to(failing.device)
-            loss = loss + failure_loss(tuned, failing[i], wanted[i]).mean()
+        failing = term.loss(tuned, step, s.batch_size, gen, attack_gen)
+        if failing is not None:
+            loss = loss + failing
         j = torch.randint(len(clean), (s.batch_size,), generator=gen).to(clean.device)
         if s.anchor:
             loss = loss + s.anchor * divergence(s.divergence, reference[j], tuned(clean[j]),

@@ -3,12 +3,16 @@ baselines on the same data and steps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from madistill.attacks.budget import Budget
 from madistill.common.divergences import divergence
+from madistill.distill.loss import DistillLoss
+from madistill.envs.features import FeatureLayout
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy, greedy_actions
 from madistill.repair.failures import Adversary, FailureSet
@@ -28,10 +32,16 @@ from madistill.repair.neurons import (
     Neuron,
     ablation_check,
     all_neurons,
-    failure_loss,
     neuron_scores,
     random_like,
     repair_path,
+)
+from madistill.repair.objectives import (
+    FailureTerm,
+    FixedFailures,
+    ForcedTargets,
+    RebuiltFailures,
+    targeted_data,
 )
 
 
@@ -110,19 +120,55 @@ class Choice:
     within_bound: bool
 
 
-def validation_scores(original: Policy, tuned: Policy, val: FailureSet, val_clean: torch.Tensor, div: str,
-                      adversary: Adversary | None = None, seed: int = 0) -> dict[str, float]:
-    """How a fine-tuned policy does on the held-out split: ``accuracy`` on the failures (with an ``adversary``: on
-    the held-out clean observations under its fresh attack on ``tuned``, wanting the original's clean action,
-    because an adversarial repair is asked to resist the attack on itself, not the failures the original had),
-    ``divergence`` (mean, of ``div``) from the original on the clean observations."""
+@dataclass(frozen=True)
+class Terms:
+    """What a variant's fine-tunes fit (``train``) and what their held-out accuracy reads (``val``)."""
+
+    train: FailureTerm
+    val: FailureTerm
+
+
+def fixed_terms(split: Split) -> Terms:
+    """The fixed failure set's training and held-out parts."""
+    return Terms(FixedFailures(split.train), FixedFailures(split.val))
+
+
+def rebuilt_terms(adversary: Adversary, original: Policy) -> Callable[[Split], Terms]:
+    """Adversarial repair's terms for a split: failures rebuilt by ``adversary`` from the clean anchor's training
+    part, robust accuracy on its held-out part, both wanting ``original``'s greedy clean action."""
+    def terms(split: Split) -> Terms:
+        return Terms(*(RebuiltFailures(adversary, c, greedy_actions(original, c))
+                       for c in (split.train_clean, split.val_clean)))
+    return terms
+
+
+def forced_target_terms(original: Policy, states: torch.Tensor, targets: torch.Tensor, objective: DistillLoss,
+                        layout: FeatureLayout, budget: Budget, share: float, seed: int) -> Callable[[Split], Terms]:
+    """The lookahead's terms for a split: a random ``share`` of the ``states`` (normalised clean observations of
+    the states the lookahead drove the team to, each with the target it forced there, ``targets``, -1 where it
+    forced none) held out to judge, the rest fitted together with the split's clean training part (no target
+    there), all labelled with ``original``'s clean head."""
+    order = torch.randperm(len(states), generator=torch.Generator().manual_seed(seed)).to(states.device)
+    k = min(len(states) - 1, max(1, round(share * len(states))))
+    val, train = order[:k], order[k:]
+
+    def terms(split: Split) -> Terms:
+        clean = split.train_clean
+        fit = targeted_data(original, torch.cat([states[train], clean]),
+                            torch.cat([targets[train], torch.full((len(clean),), -1, device=clean.device)]))
+        return Terms(ForcedTargets(fit, objective, layout, budget),
+                     ForcedTargets(targeted_data(original, states[val], targets[val]), objective, layout, budget))
+    return terms
+
+
+def validation_scores(original: Policy, tuned: Policy, term: FailureTerm, val_clean: torch.Tensor,
+                      div: str, seed: int = 0) -> dict[str, float]:
+    """How a fine-tuned policy does on the held-out split: ``accuracy``, the held-out ``term``'s (the share of
+    held-out failures acting as wanted, or robust accuracy for the adversarial terms), and ``divergence`` (mean,
+    of ``div``) from the original on the clean observations."""
     with torch.no_grad():
         d = divergence(div, original(val_clean), tuned(val_clean), discrete=tuned.group.discrete).mean()
-    if adversary is not None:
-        accuracy = adversary.robust_accuracy(tuned, val_clean, greedy_actions(original, val_clean), seed)
-    else:
-        accuracy = float((greedy_actions(tuned, val.x) == val.wanted).float().mean())
-    return {"accuracy": accuracy, "divergence": float(d)}
+    return {"accuracy": term.accuracy(original, tuned, seed), "divergence": float(d)}
 
 
 def choose(trials: list[Trial], bound: float) -> Choice:
@@ -139,33 +185,34 @@ def choose(trials: list[Trial], bound: float) -> Choice:
     return Choice(best, trials, bool(within))
 
 
-def tune(policy: Policy, mask: Mask, split: Split, settings: FinetuneSettings, rates: list[float],
-         anchors: list[float], bound: float, seed: int, adversary: Adversary | None = None) -> tuple[Policy, Choice]:
-    """Fine-tune ``policy`` under ``mask`` on the split's training part at every learning rate of ``rates`` with
-    every anchor weight of ``anchors`` (same seed and steps; with an ``adversary``, adversarially: see
-    :func:`masked_finetune`), and keep the one :func:`choose` picks on the held-out part. The anchor weight is
-    searched with the rate because neither alone bounds the clean divergence: when many parameters are free, the
-    failure loss moves the policy faster than a weak anchor pulls it back, so a smaller rate fits less without
-    diverging less."""
+def tune(policy: Policy, mask: Mask, terms: Terms, split: Split, settings: FinetuneSettings, rates: list[float],
+         anchors: list[float], bound: float, seed: int) -> tuple[Policy, Choice]:
+    """Fine-tune ``policy`` under ``mask`` on ``terms.train`` and the split's clean training part at every
+    learning rate of ``rates`` with every anchor weight of ``anchors`` (same seed and steps), and keep the one
+    :func:`choose` picks on the held-out part (``terms.val``, the split's held-out clean observations). The
+    anchor weight is searched with the rate because neither alone bounds the clean divergence: when many
+    parameters are free, the failure loss moves the policy faster than a weak anchor pulls it back, so a smaller
+    rate fits less without diverging less."""
     tuned, trials = [], []
     for rate in rates:
         for anchor in anchors:
-            tuned.append(masked_finetune(policy, mask, split.train.x, split.train.wanted, split.train_clean,
-                                         replace(settings, learning_rate=rate, anchor=anchor), seed, adversary))
-            trials.append(Trial(rate, anchor, **validation_scores(policy, tuned[-1], split.val, split.val_clean,
-                                                                  settings.divergence, adversary, seed)))
+            tuned.append(masked_finetune(policy, mask, terms.train, split.train_clean,
+                                         replace(settings, learning_rate=rate, anchor=anchor), seed))
+            trials.append(Trial(rate, anchor, **validation_scores(policy, tuned[-1], terms.val, split.val_clean,
+                                                                  settings.divergence, seed)))
     choice = choose(trials, bound)
     return tuned[trials.index(choice.chosen)], choice
 
 
-def failure_batches(policy: Policy, failures: FailureSet, batch_size: int, batches: int, seed: int):
-    """The fine-tune's failure term on ``batches`` minibatches of ``failures``, computed with ``policy``: what a
-    :func:`fisher_mask` scores at the original (the anchor's divergence is at its minimum there, so its gradient
-    is zero)."""
+def term_batches(term: FailureTerm, policy: Policy, batch_size: int, batches: int, seed: int) -> Iterator[torch.Tensor]:
+    """``term``'s loss on ``batches`` minibatches, computed with ``policy``: what a :func:`fisher_mask` scores
+    at the original (the anchor's divergence is at its minimum there, so its gradient is zero)."""
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(batches):
-        i = torch.randint(len(failures), (batch_size,), generator=gen).to(failures.x.device)
-        yield failure_loss(policy, failures.x[i], failures.wanted[i]).mean()
+    attack_gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+    for step in range(batches):
+        loss = term.loss(policy, step, batch_size, gen, attack_gen)
+        if loss is not None:
+            yield loss
 
 
 @dataclass
@@ -186,14 +233,16 @@ class Repair:
 
 
 def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc: Any, seed: int,
-                  adversary: Adversary | None = None) -> Repair:
+                  terms: Callable[[Split], Terms] = fixed_terms) -> Repair:
     """Score the neurons of ``policy`` on ``failures`` (``rc.score``), choose the top ones, check their
     ablation against random ones, and fine-tune with the neuron mask and every ``rc.baselines`` variant
     (``full``: every acting parameter; ``last``: the output layer; ``random``: as many random neurons per layer)
     on the failures plus the clean anchor ``clean``, each from the same seed and with its own learning rate and
     anchor weight chosen from ``rc.learning_rates`` x ``rc.anchors`` on a held-out ``rc.validation`` share of
-    both (:func:`tune`); with an ``adversary`` every variant is fine-tuned and judged adversarially. The
-    neurons are scored on the whole failure set: localisation is not what the held-out part validates."""
+    both (:func:`tune`), every variant on the same ``terms`` of the split (default: the fixed failure set;
+    :func:`rebuilt_terms` for adversarial repair, :func:`forced_target_terms` for
+    the lookahead's targets). The neurons are scored on the whole failure set: localisation is not what the
+    held-out part validates."""
     path = repair_path(policy)
     layers, head, head_name = path.hidden, path.head, path.head_name
     scores = neuron_scores(rc.score, policy, layers, failures.x, failures.wanted, clean, rc.ig_steps, rc.probe_l1,
@@ -204,10 +253,11 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
     result = Repair(scores, neurons, [float(scores[index[n]]) for n in neurons], [layer.name for layer in layers],
                     ablation_check(policy, layers, neurons, failures.x, rc.ablation_draws, seed), acting)
     split = holdout(failures, clean, rc.validation, seed)
+    fit = terms(split)
     if rc.mask == "fisher":
         acting_entries = acting_mask(policy)
-        masked = fisher_mask(policy, acting_entries,
-                             failure_batches(policy, split.train, rc.batch_size, rc.fisher_batches, seed),
+        masked = fisher_mask(policy, acting_entries, term_batches(fit.train, policy, rc.batch_size,
+                                                                  rc.fisher_batches, seed),
                              int(rc.max_parameters * acting))
         random = random_entries(acting_entries, mask_size(masked), seed + 1)
     else:
@@ -224,8 +274,8 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
     settings = FinetuneSettings(rc.steps, rc.batch_size, rc.learning_rates[0], rc.weight_decay, rc.anchors[0],
                                 rc.divergence)
     for name, mask in masks.items():
-        tuned, result.selection[name] = tune(policy, mask, split, settings, list(rc.learning_rates),
-                                             list(rc.anchors), rc.max_divergence, seed, adversary)
+        tuned, result.selection[name] = tune(policy, mask, fit, split, settings, list(rc.learning_rates),
+                                             list(rc.anchors), rc.max_divergence, seed)
         result.policies[name], result.mask_sizes[name] = tuned, mask_size(mask)
         result.deltas[name] = parameter_delta(policy, tuned)
     return result

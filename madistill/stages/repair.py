@@ -103,6 +103,85 @@ def _evaluate(cfg: DictConfig, venv: Any, teams: dict[str, TeamPolicy], layouts:
     return out
 
 
+def _lookahead_states(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, layouts: Any,
+                     eps: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``repair.episodes`` episodes of ``team`` with every agent under the suite's lookahead at ``eps`` (its
+    horizon and settings, ``attack.*``; the targets forced by ``repair.adv_steps`` targeted PGD steps): per group
+    the raw observations of the states visited and the target the lookahead forced on each (-1: none). Box-action
+    groups are refused in one line, since the lookahead branches over Discrete actions."""
+    from madistill.attacks.budget import group_budgets
+    from madistill.attacks.collection import collection_transforms
+    from madistill.attacks.lookahead import box_victims
+    from madistill.branching import Branching
+    from madistill.common.collect import collect_labelled
+    from madistill.errors import MadistillError
+
+    box = box_victims(venv.groups, [a for g in venv.groups for a in g.agents])
+    if box:
+        raise MadistillError(f"repair.attack=targeted_lookahead branches over Discrete actions and group(s) {box} "
+                             "have Box actions: choose another repair.attack")
+    unit = group_budgets(1.0, layouts, cfg.attack.exclude, team.device, cfg.attack.scale)
+    transforms = collection_transforms(venv.groups, unit, "targeted_lookahead", cfg.repair.adv_steps, 1.0, eps,
+                                       cfg.attack, Branching(spec, venv.groups, venv.backend))
+    states, targets, _ = collect_labelled(venv, team, cfg.seed + 1, True, lambda: transforms[0].targets,
+                                          episodes=cfg.repair.episodes, transforms=transforms,
+                                          progress="repair: episodes under the lookahead" if cfg.logger.progress else None)
+    return states, targets
+
+
+def _failures(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, layouts: Any, eps: float, candidates: list,
+              raw: dict[str, torch.Tensor], budgets: dict) -> tuple[dict, dict | None, dict | None]:
+    """Per candidate group its failure set and its clean observations (normalised): from ``repair.failures``,
+    from the lookahead's episodes (``repair.attack=targeted_lookahead``; then also the states it visited,
+    normalised, and the targets it forced there, per group) or from ``repair.attack`` on the clean observations."""
+    from madistill.attacks.robustness import suite_attack
+    from madistill.repair.failures import attack_failures, file_failures, forced_failures
+    from madistill.repair.neurons import repair_path
+
+    rc = cfg.repair
+    for g in candidates:
+        repair_path(team[g.name])  # a policy without an MLP acting path is refused before any attack runs
+    states = targets = None
+    if rc.attack == "targeted_lookahead":
+        states, targets = _lookahead_states(cfg, venv, team, spec, layouts, eps)
+    found = {}
+    for g in candidates:
+        norm = team.normalizers[g.name]
+        clean = norm.normalize(raw[g.name])
+        if rc.failures is not None:
+            fs = file_failures(rc.failures, team[g.name], norm, team.device)
+        elif states is not None:
+            states[g.name] = norm.normalize(states[g.name])
+            fs = forced_failures(team[g.name], states[g.name], targets[g.name], rc.adv_steps, budgets[g.name],
+                                 cfg.seed, f"{rc.attack} at eps {eps}", rc.max_failures)
+        else:
+            fs = attack_failures(team[g.name], clean, suite_attack(rc.attack, cfg.attack), budgets[g.name], cfg.seed,
+                                 f"{rc.attack} at eps {eps}", rc.max_failures)
+        found[g.name] = (fs, clean)
+    return found, states, targets
+
+
+def _terms(cfg: DictConfig, policy: Any, states: dict | None, targets: dict | None, layout: Any, budget: Any):
+    """What the repair's fine-tunes fit: the lookahead's forced targets (with robust distillation's loss), the
+    failures rebuilt every ``repair.refresh`` steps, or the fixed failure set."""
+    from madistill.attacks.methods import training_attack
+    from madistill.attacks.robustness import suite_attack
+    from madistill.distill.loss import DistillLoss
+    from madistill.repair.failures import Adversary
+    from madistill.repair.plan import fixed_terms, forced_target_terms, rebuilt_terms
+
+    rc = cfg.repair
+    group = policy.group.name
+    if states is not None:
+        objective = DistillLoss(adv_weight=rc.adv_weight, smooth_weight=rc.smooth_weight, adv_steps=rc.adv_steps)
+        return forced_target_terms(policy, states[group], targets[group], objective, layout, budget, rc.validation,
+                                   cfg.seed)
+    if rc.refresh:
+        train = training_attack(str(rc.adv_objective), rc.adv_steps, cfg.attack.target_candidates)
+        return rebuilt_terms(Adversary(rc.refresh, train, suite_attack(rc.attack, cfg.attack), budget), policy)
+    return fixed_terms
+
+
 def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any, source: Path) -> dict:
     """The report's JSON, without the evaluation."""
     from dataclasses import asdict
@@ -137,16 +216,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from tqdm.auto import tqdm
 
     from madistill.attacks.budget import group_budgets
-    from madistill.attacks.methods import training_attack
-    from madistill.attacks.robustness import suite_attack
     from madistill.common.collect import collect_round
     from madistill.common.io import atomic_write_text
     from madistill.envs.features import feature_layouts
     from madistill.errors import MadistillError
     from madistill.evaluate.report import write_markdown
     from madistill.policies.store import find_policy_dir, load_team, save_team
-    from madistill.repair.failures import Adversary, attack_failures, file_failures
-    from madistill.repair.neurons import repair_path
     from madistill.repair.plan import repair_policy
     from madistill.runtime import make_vec_env
     from madistill.stages.policies import configured_features, studied_policies
@@ -176,17 +251,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raw, _ = collect_round(venv, team, cfg.seed, True, episodes=rc.episodes,
                                progress="repair: clean episodes" if cfg.logger.progress else None)
         budgets = group_budgets(eps, layouts, cfg.attack.exclude, device, cfg.attack.scale)
-        attack = suite_attack(rc.attack, cfg.attack)
-        found = {}
-        for g in candidates:
-            clean = team.normalizers[g.name].normalize(raw[g.name])
-            repair_path(team[g.name])  # a policy without an MLP acting path is refused before any attack runs
-            if rc.failures is not None:
-                fs = file_failures(rc.failures, team[g.name], team.normalizers[g.name], device)
-            else:
-                fs = attack_failures(team[g.name], clean, attack, budgets[g.name], cfg.seed,
-                                     f"{rc.attack} at eps {eps}", rc.max_failures)
-            found[g.name] = (fs, clean)
+        found, states, targets = _failures(cfg, venv, team, spec, layouts, eps, candidates, raw, budgets)
         group = max(found, key=lambda name: len(found[name][0]))
         failures, clean = found[group]
         if len(failures) == 0:
@@ -194,9 +259,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                  f"{failures.searched} observations: raise repair.eps or repair.episodes")
         tqdm.write(f"repair: {len(failures)} failing observations of {group} ({failures.source}); "
                    f"scoring neurons by {rc.score} and fine-tuning {1 + len(rc.baselines)} variants")
-        adversary = Adversary(rc.refresh, training_attack(str(rc.adv_objective), rc.adv_steps, cfg.attack.target_candidates),
-                              attack, budgets[group]) if rc.refresh else None
-        rep = repair_policy(team[group], failures, clean, rc, cfg.seed, adversary)
+        policy = team[group]
+        terms = _terms(cfg, policy, states, targets, layouts[group], budgets[group])
+        rep = repair_policy(policy, failures, clean, rc, cfg.seed, terms)
         payload = _payload(cfg, group, failures, rep, spec, source)
         if rc.evaluate:
             teams = {"original": team, **{n: _with_policy(team, group, p) for n, p in rep.policies.items()}}
