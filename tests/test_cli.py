@@ -399,6 +399,16 @@ def test_lookahead_robust_preset_collects_every_student_step_under_the_lookahead
         0.0, None, False)
 
 
+def test_lookahead_repair_preset_is_one_long_fisher_masked_fine_tune_against_the_lookahead():
+    from madistill.cli import compose_config
+
+    rc = compose_config(["+experiment=repair_lookahead"]).repair
+    assert (rc.attack, rc.mask, rc.episodes, rc.steps, list(rc.learning_rates), list(rc.anchors), rc.weight_decay,
+            rc.adv_steps) == ("targeted_lookahead", "fisher", 100, 2000, [0.0003], [0.0], 0.0, 3)
+    default = compose_config([]).repair
+    assert (default.attack, default.mask, default.steps) == ("pgd", "neurons", 300)
+
+
 def test_continuous_spread_recipe_is_a_config_file():
     """docs/continuous_actions.md's recipe: continuous spread without the time-limit bootstrap, discount 0.95; the
     rest as the default spread teacher."""

@@ -482,6 +482,8 @@ def test_the_stage_repairs_against_the_lookahead(relay_teacher, tmp_path):
     accuracies = [t["accuracy"] for v in payload["variants"].values() for t in v["validation"]]
     assert len(accuracies) == 2 * 4 and all(0 <= a <= 1 for a in accuracies)
     assert load_team(tmp_path / "run")[1]["config"]["repair"]["attack"] == "targeted_lookahead"
+    md = (tmp_path / "run" / "reports" / "repair.md").read_text()
+    assert "the lookahead's targets forced anew" in md and "| held-out share keeping its action under the forced" in md
 
 
 def _error(err: str) -> str:

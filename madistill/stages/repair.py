@@ -54,7 +54,12 @@ def _markdown(payload: dict) -> str:
     refresh = m["repair"].get("refresh", 0)
     adversarial = (f" Adversarial repair: the failures rebuilt every {refresh} steps by "
                    f"{m['repair']['adv_objective']} PGD on the policy being tuned." if refresh else "")
-    accuracy = "held-out accuracy under a fresh attack" if refresh else "held-out failure accuracy"
+    if m["repair"]["attack"] == "targeted_lookahead":
+        adversarial = (" Every variant fine-tuned with robust distillation's loss, the lookahead's targets forced anew "
+                       "on the policy being tuned.")
+        accuracy = "held-out share keeping its action under the forced target"
+    else:
+        accuracy = "held-out accuracy under a fresh attack" if refresh else "held-out failure accuracy"
     lines = [f"# Repair of {m['group']} on {m['env']}", "",
              f"Failure set: {m['failures']} failing observations from {m['failure_source']} "
              f"({m['searched']} searched). Neuron scores: {m['score']}. {_MASKS[m['repair']['mask']]}{adversarial}", "",
