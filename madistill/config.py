@@ -554,7 +554,9 @@ class RepairConfig:
     # recorded target forced anew on the policy being tuned as one more adversarial candidate per state
     attack: FailureAttack = FailureAttack.pgd
     eps: float | None = None  # its l_inf radius in stds (default: the middle of attack.eps, the suite's middle budget)
-    episodes: int = 20  # clean episodes whose observations are attacked (failure set) and anchor clean behaviour
+    # clean episodes whose observations are attacked (failure set) and anchor clean behaviour; with
+    # attack=targeted_lookahead, as many more episodes are played under the lookahead
+    episodes: int = 20
     max_failures: int = 4096  # failing observations kept at most
     score: NeuronScore = NeuronScore.grad  # neuron scores: activation x gradient, integrated gradients, sparse probe
     ig_steps: int = 16  # integrated gradients: points on the path from the ablated to the actual units
@@ -588,10 +590,12 @@ class RepairConfig:
     # built on the original policy (needed for repair.failures files, whose wanted actions are not the clean ones)
     refresh: int = 0
     adv_objective: TrainingAttack = TrainingAttack.ce  # ce: flip the clean greedy action, what a failure is
-    adv_steps: int = 10  # PGD steps of that training attack (one restart; it runs at every refresh)
-    # repair.attack=targeted_lookahead: weights of robust distillation's adversarial term (the original's clean
-    # head at the worse of PGD's point and the forced target's) and smoothness term (the tuned policy at the
-    # clean point against itself at that point)
+    # PGD steps of that training attack (one restart; it runs at every refresh); with attack=targeted_lookahead
+    # the targeted PGD steps that force the lookahead's targets and those of the loss's adversarial point
+    adv_steps: int = 10
+    # repair.attack=targeted_lookahead: weights of robust distillation's adversarial term (the KL from the
+    # original's clean head at the worse of PGD-on-KL's point and the forced target's) and smoothness term (the
+    # tuned policy at the clean point against itself at that point); the other terms as distill=robust's
     adv_weight: float = 1.0
     smooth_weight: float = 0.5
 

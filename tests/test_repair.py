@@ -50,6 +50,7 @@ from madistill.repair.plan import (
     tune,
     validation_scores,
 )
+from madistill.runtime import env_spec, make_vec_env
 from madistill.stages import attack as attack_stage
 from madistill.stages import cascade as cascade_stage
 from madistill.stages import distill as distill_stage
@@ -136,7 +137,9 @@ def test_the_fisher_mask_frees_the_entries_with_the_largest_squared_gradients_am
     no_first["weight"][0, 2] = False
     top = fisher_mask(layer, no_first, losses(), 3)
     assert top["weight"].nonzero().tolist() == [[1, 2], [2, 2]] and top["bias"].tolist() == [False, True, False]
-    assert mask_size(fisher_mask(layer, no_first, losses(), 1000)) == mask_size(no_first)  # never beyond the candidates
+    # never beyond the candidates, nor an entry the loss does not move: 2 weights of column 2 and the 3 biases
+    everything_moving = fisher_mask(layer, no_first, losses(), 1000)
+    assert mask_size(everything_moving) == 5 and not everything_moving["weight"][:, [0, 1, 3]].any()
 
 
 def test_the_fisher_mask_finds_the_planted_path_and_its_random_baseline_has_its_size():
@@ -150,7 +153,6 @@ def test_the_fisher_mask_finds_the_planted_path_and_its_random_baseline_has_its_
     assert {(0, PLANTED), (1, PLANTED)} <= {tuple(e) for e in mask["net.2.weight"].nonzero().tolist()}
     random = random_entries(acting, 6, seed=1)
     assert mask_size(random) == 6 and all(bool((random[n] <= acting[n]).all()) for n in acting)
-    assert random_entries(acting, 6, seed=1).keys() == random.keys()
     assert all(torch.equal(random_entries(acting, 6, seed=1)[n], random[n]) for n in acting)
     assert any(not torch.equal(random_entries(acting, 6, seed=2)[n], random[n]) for n in acting)
     # the entries are where the failure loss falls: a fine-tune of them fits the failures better than of random ones
@@ -275,7 +277,7 @@ def test_training_against_forced_targets_raises_the_share_that_resists_them():
     found = forced_failures(p, states, targets, 10, budget, 0, "lookahead", 10_000)
     assert found.searched == int((targets >= 0).sum()) and 0 < len(found) < found.searched
     assert bool((greedy_actions(p, found.x) != found.wanted).all())
-    split = holdout(found, states[targets < 0], 0.25, seed=0)
+    split = holdout(found, torch.randn(200, 4, generator=torch.Generator().manual_seed(2)), 0.25, seed=0)
     objective = DistillLoss(adv_weight=1.0, smooth_weight=0.5, adv_steps=10)
     layout = feature_layouts([GROUP], {}, {GROUP.name: [f"f{i}" for i in range(4)]}, 1)[GROUP.name]
     terms = forced_target_terms(p, states, targets, objective, layout, budget, 0.25, seed=0)(split)
@@ -289,6 +291,24 @@ def test_training_against_forced_targets_raises_the_share_that_resists_them():
                                 seed=0)(split)
     control = masked_finetune(p, full, plain.train, split.train_clean, s, 0)
     assert terms.val.accuracy(p, tuned, 0) > max(before, terms.val.accuracy(p, control, 0)) + 0.07
+
+
+def test_the_lookahead_terms_hold_out_targeted_states_even_when_targets_are_rare():
+    p = sharp_policy()
+    states = torch.randn(44, 4, generator=torch.Generator().manual_seed(1))
+    targets = torch.full((44,), -1)
+    targets[[3, 17, 29, 40]] = (greedy_actions(p, states[[3, 17, 29, 40]]) + 1) % 3
+    layout = feature_layouts([GROUP], {}, {GROUP.name: [f"f{i}" for i in range(4)]}, 1)[GROUP.name]
+    split = holdout(FailureSet(states[:2], torch.zeros(2, dtype=torch.long), "t"), torch.randn(8, 4), 0.25, 0)
+    terms = forced_target_terms(p, states, targets, DistillLoss(), layout, Budget.build(0.3, 4), 0.25, seed=0)(split)
+    val, train = terms.val.data, terms.train.data
+    assert int((val.target >= 0).sum()) == 1 and len(val) == 1 + 10  # a quarter of each kind
+    assert int((train.target >= 0).sum()) == 3 and len(train) == 3 + 30 + len(split.train_clean)
+    one = torch.full((44,), -1)
+    one[5] = 0
+    with pytest.raises(MadistillError, match="forced a target in 1 states of the 'g' group, too few to hold some "
+                                             "out: raise repair.episodes"):
+        forced_target_terms(p, states, one, DistillLoss(), layout, Budget.build(0.3, 4), 0.25, seed=0)
 
 
 def test_the_learning_rate_choice_avoids_a_rate_that_breaks_the_clean_behaviour():
@@ -460,8 +480,9 @@ def test_the_stage_repairs_with_the_fisher_mask(relay_teacher, tmp_path):
     g = payload["meta"]["group"]
     original = dict(load_team(relay_teacher)[0][g].named_parameters())
     after = dict(load_team(tmp_path / "run")[0][g].named_parameters())
-    changed = sum(int((after[n] != w).sum()) for n, w in original.items())
-    assert changed == masked["changed"]
+    changed = {n for n, w in original.items() if bool((after[n] != w).any())}
+    assert sum(int((after[n] != original[n]).sum()) for n in changed) == masked["changed"]
+    assert changed and changed <= set(acting_mask(load_team(relay_teacher)[0][g]))  # the critic stays as it was
     md = (tmp_path / "run" / "reports" / "repair.md").read_text()
     assert "largest empirical Fisher information" in md
 
@@ -484,6 +505,24 @@ def test_the_stage_repairs_against_the_lookahead(relay_teacher, tmp_path):
     assert load_team(tmp_path / "run")[1]["config"]["repair"]["attack"] == "targeted_lookahead"
     md = (tmp_path / "run" / "reports" / "repair.md").read_text()
     assert "the lookahead's targets forced anew" in md and "| held-out share keeping its action under the forced" in md
+
+
+def test_the_lookahead_states_line_up_with_the_targets_forced_on_them(relay_teacher):
+    """Each recorded target is the harmful action the lookahead forced on that state's agent: never the original's
+    greedy action on the clean state (a target recorded against a perturbed observation, or a row shifted, would
+    show as targets equal to the clean action)."""
+    cfg = compose_config(tiny("env=relay", f"repair.policy={relay_teacher}", *REPAIR, "repair.attack=targeted_lookahead",
+                              "repair.adv_steps=2", "repair.episodes=2"))
+    spec = env_spec(cfg.env)
+    with make_vec_env(cfg.env, spec) as venv:
+        team, _ = load_team(relay_teacher, venv.groups)
+        layouts = feature_layouts(venv.groups, {}, venv.feature_names, 1)
+        states, targets = repair_stage._lookahead_states(cfg, venv, team, spec, layouts, 1.0)
+    for g in team.groups:
+        rows = (targets[g.name] >= 0).nonzero().flatten()
+        assert len(states[g.name]) == len(targets[g.name]) and len(rows) > 0
+        clean = greedy_actions(team[g.name], team.normalizers[g.name].normalize(states[g.name][rows]))
+        assert not bool((clean == targets[g.name][rows]).any())
 
 
 def _error(err: str) -> str:
@@ -547,6 +586,10 @@ def test_the_cascade_comparison_runs_on_the_original_and_the_repaired_policy(rel
      "repair.attack=targeted_lookahead, which forces the lookahead's targets anew"),
     (("repair.failures=WRONG_NPZ", "repair.attack=targeted_lookahead"), "repair.failures must be null with "
      "repair.attack=targeted_lookahead"),
+    (("repair.attack=targeted_lookahead", "attack.lookahead_critic=true"), "repair.attack=targeted_lookahead plays "
+     "the lookahead without a critic (the repair loads no value head): set attack.lookahead_critic=false"),
+    (("repair.attack=targeted_lookahead", "attack.eps=[0]"), "repair.attack=targeted_lookahead at eps 0.0 perturbs "
+     "nothing: set repair.eps > 0"),
     (("repair.adv_objective=pgd",), "repair.adv_objective cannot be 'pgd'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(relay_teacher, cli, tmp_path, extra, says):

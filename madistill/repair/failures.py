@@ -1,7 +1,8 @@
 """Failure sets: observations on which a group's policy acts wrongly, each with the action it should take.
 
 Built with the attack suite (clean observations attacked inside a budget; kept where the attacked action
-differs from the clean one, which is the wanted action) or read from a user ``.npz`` of raw observations
+differs from the clean one, which is the wanted action), from the lookahead's forced targets (states where the
+harmful action it chose, forced on the policy, is taken) or read from a user ``.npz`` of raw observations
 (``obs [N, d]``) and wanted actions (``actions [N]``). Adversarial repair (:class:`Adversary`) rebuilds the set
 during the fine-tune, attacking the policy being tuned. Observations are normalised with the policy's own
 normaliser, the units its network and the attacks work in.

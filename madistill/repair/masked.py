@@ -1,8 +1,9 @@
 """Gradient-masked fine-tuning: only the parameters a mask selects move, every other one stays bit-identical.
 
-A neuron's parameters are the row of the ``Linear`` weight into it and its bias: they compute the unit and
-nothing else, so the mask changes what the chosen units respond to while every other unit computes exactly what
-it did. (Its outgoing column would change how much downstream units listen to it, which C-delta-theta style
+A mask frees a few neurons (:func:`neuron_mask`), whole modules (:func:`module_mask`), the entries a Fisher
+score ranks first (:func:`fisher_mask`) or random entries (:func:`random_entries`). A neuron's parameters are
+the row of the ``Linear`` weight into it and its bias: they compute the unit and nothing else, so the mask
+changes what the chosen units respond to while every other unit computes exactly what it did. (Its outgoing column would change how much downstream units listen to it, which C-delta-theta style
 circuit edits also touch; the rows alone keep the update local to the units the localisation chose.)
 """
 
@@ -53,10 +54,10 @@ def _entries(candidates: Mask, flat: torch.Tensor) -> Mask:
 
 
 def fisher_mask(policy: Policy, candidates: Mask, losses: Iterable[torch.Tensor], count: int) -> Mask:
-    """The ``count`` entries of ``candidates`` (at most as many as it holds) with the largest empirical Fisher
-    information of the fine-tuning loss: the sum over ``losses`` (minibatch losses computed with ``policy``) of
-    each entry's squared gradient. To first order these are the entries whose moves lower the loss fastest,
-    wherever they sit in the network (the FISH mask of Sung et al. 2021); ties go to the earlier entry."""
+    """The ``count`` entries of ``candidates`` with the largest empirical Fisher information of the fine-tuning
+    loss: the sum over ``losses`` (minibatch losses computed with ``policy``) of each entry's squared gradient. To
+    first order these are the entries whose moves lower the loss fastest, wherever they sit in the network (the
+    FISH mask of Sung et al. 2021); ties go to the earlier entry. Fewer when fewer entries have any gradient."""
     params = dict(policy.named_parameters())
     acc = {n: torch.zeros_like(params[n]) for n in candidates}
     for loss in losses:
@@ -65,7 +66,7 @@ def fisher_mask(policy: Policy, candidates: Mask, losses: Iterable[torch.Tensor]
             if g is not None:
                 a += g.detach().pow(2)
     score = torch.cat([torch.where(candidates[n], a, -1.0).flatten().cpu() for n, a in acc.items()])
-    count = min(count, mask_size(candidates))
+    count = min(count, int((score > 0).sum()))  # an entry the loss does not move is no part of the repair
     return _entries(candidates, torch.argsort(score, descending=True, stable=True)[:count])
 
 

@@ -1,5 +1,5 @@
-"""One repair of one group's policy: localise the neurons behind a failure set, fine-tune only them, and the
-baselines on the same data and steps."""
+"""One repair of one group's policy: localise the neurons behind a failure set, fine-tune only them (or the
+entries of a Fisher mask) on a failure term, and the baselines on the same data and steps."""
 
 from __future__ import annotations
 
@@ -100,8 +100,9 @@ def holdout(failures: FailureSet, clean: torch.Tensor, share: float, seed: int) 
 
 @dataclass(frozen=True)
 class Trial:
-    """One fine-tune of the grid: its learning rate and anchor weight, and on the held-out split the failures'
-    share acting as wanted (``accuracy``; adversarial repair: the clean observations' share under a fresh attack)
+    """One fine-tune of the grid: its learning rate and anchor weight, and on the held-out split the held-out
+    failure term's ``accuracy`` (the failures' share acting as wanted; adversarial repair: the clean observations'
+    share under a fresh attack; the lookahead: the states' share keeping their action under the forced target)
     and the clean anchor's mean divergence from the original (``divergence``)."""
 
     learning_rate: float
@@ -146,11 +147,19 @@ def forced_target_terms(original: Policy, states: torch.Tensor, targets: torch.T
                         layout: FeatureLayout, budget: Budget, share: float, seed: int) -> Callable[[Split], Terms]:
     """The lookahead's terms for a split: a random ``share`` of the ``states`` (normalised clean observations of
     the states the lookahead drove the team to, each with the target it forced there, ``targets``, -1 where it
-    forced none) held out to judge, the rest fitted together with the split's clean training part (no target
-    there), all labelled with ``original``'s clean head."""
-    order = torch.randperm(len(states), generator=torch.Generator().manual_seed(seed)).to(states.device)
-    k = min(len(states) - 1, max(1, round(share * len(states))))
-    val, train = order[:k], order[k:]
+    forced none; drawn from the targeted and the untargeted states apart) held out to judge, the rest fitted
+    together with the split's clean training part (no target there), all labelled with ``original``'s clean
+    head. Held-out states come from the same episodes as the fitted ones."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = []  # the targeted and the untargeted states split apart, so the held-out part always has targets
+    for rows in ((targets >= 0).nonzero().flatten(), (targets < 0).nonzero().flatten()):
+        order = rows[torch.randperm(len(rows), generator=gen).to(rows.device)]
+        k = min(len(rows) - 1, max(1, round(share * len(rows)))) if len(rows) > 1 else 0
+        parts.append((order[:k], order[k:]))
+    if not len(parts[0][0]):
+        raise MadistillError(f"the lookahead forced a target in {int((targets >= 0).sum())} states of the "
+                             f"{original.group.name!r} group, too few to hold some out: raise repair.episodes")
+    val, train = torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]])
 
     def terms(split: Split) -> Terms:
         clean = split.train_clean
@@ -235,8 +244,9 @@ class Repair:
 def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc: Any, seed: int,
                   terms: Callable[[Split], Terms] = fixed_terms) -> Repair:
     """Score the neurons of ``policy`` on ``failures`` (``rc.score``), choose the top ones, check their
-    ablation against random ones, and fine-tune with the neuron mask and every ``rc.baselines`` variant
-    (``full``: every acting parameter; ``last``: the output layer; ``random``: as many random neurons per layer)
+    ablation against random ones, and fine-tune with the neuron mask (``rc.mask=fisher``: the Fisher mask) and
+    every ``rc.baselines`` variant (``full``: every acting parameter; ``last``: the output layer; ``random``: as
+    many random neurons per layer, or as many random acting parameters for the Fisher mask)
     on the failures plus the clean anchor ``clean``, each from the same seed and with its own learning rate and
     anchor weight chosen from ``rc.learning_rates`` x ``rc.anchors`` on a held-out ``rc.validation`` share of
     both (:func:`tune`), every variant on the same ``terms`` of the split (default: the fixed failure set;
@@ -258,7 +268,7 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
         acting_entries = acting_mask(policy)
         masked = fisher_mask(policy, acting_entries, term_batches(fit.train, policy, rc.batch_size,
                                                                   rc.fisher_batches, seed),
-                             int(rc.max_parameters * acting))
+                             max(1, int(rc.max_parameters * acting)))
         random = random_entries(acting_entries, mask_size(masked), seed + 1)
     else:
         masked = neuron_mask(layers, neurons)

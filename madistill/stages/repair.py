@@ -54,7 +54,7 @@ def _markdown(payload: dict) -> str:
     refresh = m["repair"].get("refresh", 0)
     adversarial = (f" Adversarial repair: the failures rebuilt every {refresh} steps by "
                    f"{m['repair']['adv_objective']} PGD on the policy being tuned." if refresh else "")
-    if m["repair"]["attack"] == "targeted_lookahead":
+    if m["repair"].get("attack") == "targeted_lookahead":
         adversarial = (" Every variant fine-tuned with robust distillation's loss, the lookahead's targets forced anew "
                        "on the policy being tuned.")
         accuracy = "held-out share keeping its action under the forced target"
@@ -62,7 +62,8 @@ def _markdown(payload: dict) -> str:
         accuracy = "held-out accuracy under a fresh attack" if refresh else "held-out failure accuracy"
     lines = [f"# Repair of {m['group']} on {m['env']}", "",
              f"Failure set: {m['failures']} failing observations from {m['failure_source']} "
-             f"({m['searched']} searched). Neuron scores: {m['score']}. {_MASKS[m['repair']['mask']]}{adversarial}", "",
+             f"({m['searched']} searched). Neuron scores: {m['score']}. {_MASKS[m['repair'].get('mask', 'neurons')]}"
+             f"{adversarial}", "",
              "| variant | parameters free | parameters changed | share of acting parameters | learning rate | "
              f"anchor | {accuracy} | held-out clean divergence | clean | worst attacked |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -80,7 +81,10 @@ def _markdown(payload: dict) -> str:
         lines.append(f"| {name} | {v['mask_size']} | {v['changed']} | {v['changed_share']:.4f} | {chosen} | "
                      f"{ev.get('clean', float('nan')):.3f} | {ev.get('worst', float('nan')):.3f} |")
     a = payload["ablation"]
-    lines += ["", f"Ablation of the {len(payload['neurons'])} chosen neurons changes {a['top']:.3f} of the failing "
+    localisation = (" (the localisation's report: the Fisher mask, not these neurons, is what the masked repair "
+                    "frees)" if m["repair"].get("mask") == "fisher" else "")
+    lines += ["", f"Ablation of the {len(payload['neurons'])} chosen neurons{localisation} changes {a['top']:.3f} of "
+              "the failing "
               f"actions; as many random neurons {a['random_mean']:.3f} (share of random draws at least as large: "
               f"{a['random_at_least_top']:.3f}).", "", "| layer | unit | score |", "|---|---|---|"]
     lines += [f"| {n['layer']} | {n['unit']} | {n['score']:.4g} |" for n in payload["neurons"]]
@@ -108,6 +112,24 @@ def _evaluate(cfg: DictConfig, venv: Any, teams: dict[str, TeamPolicy], layouts:
     return out
 
 
+def _check_lookahead(cfg: DictConfig, venv: Any, eps: float) -> None:
+    """One line, before any episode is played, for what ``repair.attack=targeted_lookahead`` cannot do: branch
+    over Box actions (every agent is the lookahead's victim), attack at radius 0, or add a critic's values (the
+    repair loads no value head)."""
+    from madistill.attacks.lookahead import box_victims
+    from madistill.errors import MadistillError
+
+    box = box_victims(venv.groups, [a for g in venv.groups for a in g.agents])
+    if box:
+        raise MadistillError(f"repair.attack=targeted_lookahead branches over Discrete actions and group(s) {box} "
+                             "have Box actions: choose another repair.attack")
+    if eps <= 0:
+        raise MadistillError(f"repair.attack=targeted_lookahead at eps {eps} perturbs nothing: set repair.eps > 0")
+    if cfg.attack.lookahead_critic:
+        raise MadistillError("repair.attack=targeted_lookahead plays the lookahead without a critic (the repair "
+                             "loads no value head): set attack.lookahead_critic=false")
+
+
 def _lookahead_states(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, layouts: Any,
                      eps: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``repair.episodes`` episodes of ``team`` with every agent under the suite's lookahead at ``eps`` (its
@@ -116,15 +138,9 @@ def _lookahead_states(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, l
     groups are refused in one line, since the lookahead branches over Discrete actions."""
     from madistill.attacks.budget import group_budgets
     from madistill.attacks.collection import collection_transforms
-    from madistill.attacks.lookahead import box_victims
     from madistill.branching import Branching
     from madistill.common.collect import collect_labelled
-    from madistill.errors import MadistillError
 
-    box = box_victims(venv.groups, [a for g in venv.groups for a in g.agents])
-    if box:
-        raise MadistillError(f"repair.attack=targeted_lookahead branches over Discrete actions and group(s) {box} "
-                             "have Box actions: choose another repair.attack")
     unit = group_budgets(1.0, layouts, cfg.attack.exclude, team.device, cfg.attack.scale)
     transforms = collection_transforms(venv.groups, unit, "targeted_lookahead", cfg.repair.adv_steps, 1.0, eps,
                                        cfg.attack, Branching(spec, venv.groups, venv.backend))
@@ -252,6 +268,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if rc.failures is not None and rc.group is None and len(candidates) > 1:
             raise MadistillError(f"repair.failures holds one group's observations: set repair.group to one of "
                                  f"{[g.name for g in candidates]}")
+        if rc.attack == "targeted_lookahead":
+            _check_lookahead(cfg, venv, eps)
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         raw, _ = collect_round(venv, team, cfg.seed, True, episodes=rc.episodes,
                                progress="repair: clean episodes" if cfg.logger.progress else None)
@@ -259,6 +277,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         found, states, targets = _failures(cfg, venv, team, spec, layouts, eps, candidates, raw, budgets)
         group = max(found, key=lambda name: len(found[name][0]))
         failures, clean = found[group]
+        if len(failures) == 0 and states is not None:
+            raise MadistillError(f"the lookahead at eps {eps} forced no target that {sorted(found)} took in "
+                                 f"{failures.searched} targeted of {len(states[group])} visited states: raise "
+                                 "repair.eps or repair.episodes, or set repair.group to another group")
         if len(failures) == 0:
             raise MadistillError(f"the {rc.attack} attack at eps {eps} changes no action of {sorted(found)} in "
                                  f"{failures.searched} observations: raise repair.eps or repair.episodes")
