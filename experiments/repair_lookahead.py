@@ -147,7 +147,7 @@ def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, se
         ac = OmegaConf.merge(cfg.attack, {"checks": False})
         random_return = team_returns(run_episodes(venv, uniform_team(venv, team.device), ac.episodes, ac.seed, False))
         out = {"teacher": str(path), "env": env, "group": group, "eps": eps, "collected": n,
-               "targets": len(rows), "reached": int(reached.sum()), "neurons": len(chosen), "random": random_return, "variants": {}}
+               "targets": len(rows), "reached": int(reached.sum()), "neurons": len(chosen), "random_team": random_return, "variants": {}}
         teams = {"original": (team, policy)}
         for name, mask in masks.items():
             tuned = tune(policy, mask, data, loss, layouts[group], budget, args.steps, args.lr, seed)
@@ -179,7 +179,7 @@ def summary(runs: list[dict]) -> dict:
     def ci(d: np.ndarray) -> list[float]:
         return [float(d.mean()), *map(float, bootstrap_ci(d, np.mean, n_boot=2000, seed=0, strata=strata))]
 
-    random_return = float(np.mean([r["random"] for r in runs]))
+    random_return = float(np.mean([r["random_team"] for r in runs]))
     index = np.arange(len(strata))
 
     def ratio_ci(num: np.ndarray, den: np.ndarray) -> list[float]:
@@ -215,7 +215,7 @@ def write_results(runs: list[dict], command: str, name: str) -> str:
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"repair_lookahead_{env}{name}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps({"command": command, "summary": s, "runs": runs}))
-    lines = [f"# Fine-tuning {group} of {env} on the lookahead's data: full, masked, random mask", "",
+    lines = [f"# Fine-tuning {group} of {env} on the lookahead's data: full, neuron and Fisher masks, random masks", "",
              f"`{command}`", "",
              f"Lookahead on {group}_0 at eps {eps}, {episodes} episodes per teacher; recovery = worst minus the "
              "original's worst; means [95% paired bootstrap CIs, episodes resampled within each teacher].", "",

@@ -684,7 +684,7 @@ def test_the_lookahead_experiment_summarises_recovery_shares_and_clean_gain_with
     clean = {v: [-5.0, -5.0] for v in worst} | {"fisher": [-6.0, -6.0]}
 
     def run() -> dict:
-        return {"env": "toy", "group": "g", "eps": 0.3, "random": -25.0,
+        return {"env": "toy", "group": "g", "eps": 0.3, "random_team": -25.0,
                 "variants": {v: {"share": 0.05, "clean_episodes": clean[v], "worst_episodes": worst[v]} for v in worst}}
 
     s = experiment.summary([run(), run()])
