@@ -483,6 +483,7 @@ def test_the_stage_repairs_with_the_fisher_mask(relay_teacher, tmp_path):
     changed = {n for n, w in original.items() if bool((after[n] != w).any())}
     assert sum(int((after[n] != original[n]).sum()) for n in changed) == masked["changed"]
     assert changed and changed <= set(acting_mask(load_team(relay_teacher)[0][g]))  # the critic stays as it was
+    assert {n: int((after[n] != original[n]).sum()) for n in changed} == masked["changed_by_parameter"]
     md = (tmp_path / "run" / "reports" / "repair.md").read_text()
     assert "largest empirical Fisher information" in md
 

@@ -80,6 +80,8 @@ def _markdown(payload: dict) -> str:
             chosen = f"{rate:g} | {v['anchor']:g}{bound} | {val['accuracy']:.3f} | {val['divergence']:.4f}"
         lines.append(f"| {name} | {v['mask_size']} | {v['changed']} | {v['changed_share']:.4f} | {chosen} | "
                      f"{ev.get('clean', float('nan')):.3f} | {ev.get('worst', float('nan')):.3f} |")
+    where = ", ".join(f"{p} {n}" for p, n in payload["variants"]["masked"].get("changed_by_parameter", {}).items())
+    lines += ["", f"The masked repair's changed entries per parameter: {where or 'none'}."]
     a = payload["ablation"]
     localisation = (" (the localisation's report: the Fisher mask, not these neurons, is what the masked repair "
                     "frees)" if m["repair"].get("mask") == "fisher" else "")
@@ -219,6 +221,7 @@ def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any,
         "ablation": rep.ablation,
         "variants": {name: {"mask_size": rep.mask_sizes[name], "changed": changed_count(rep.deltas[name]),
                             "changed_share": changed_count(rep.deltas[name]) / rep.acting_parameters,
+                            "changed_by_parameter": {p: len(d[0]) for p, d in rep.deltas[name].items()},
                             "learning_rate": rep.selection[name].chosen.learning_rate,
                             "anchor": rep.selection[name].chosen.anchor,
                             "within_divergence_bound": rep.selection[name].within_bound,
