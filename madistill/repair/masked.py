@@ -3,8 +3,9 @@
 A mask frees a few neurons (:func:`neuron_mask`), whole modules (:func:`module_mask`), the entries a Fisher
 score ranks first (:func:`fisher_mask`) or random entries (:func:`random_entries`). A neuron's parameters are
 the row of the ``Linear`` weight into it and its bias: they compute the unit and nothing else, so the mask
-changes what the chosen units respond to while every other unit computes exactly what it did. (Its outgoing column would change how much downstream units listen to it, which C-delta-theta style
-circuit edits also touch; the rows alone keep the update local to the units the localisation chose.)
+changes what the chosen units respond to while every other unit computes exactly what it did. (Its outgoing
+column would change how much downstream units listen to it, which C-delta-theta style circuit edits also touch;
+the rows alone keep the update local to the units the localisation chose.)
 """
 
 from __future__ import annotations

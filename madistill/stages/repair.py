@@ -136,8 +136,8 @@ def _lookahead_states(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, l
                      eps: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``repair.episodes`` episodes of ``team`` with every agent under the suite's lookahead at ``eps`` (its
     horizon and settings, ``attack.*``; the targets forced by ``repair.adv_steps`` targeted PGD steps): per group
-    the raw observations of the states visited and the target the lookahead forced on each (-1: none). Box-action
-    groups are refused in one line, since the lookahead branches over Discrete actions."""
+    the observations of the states visited, normalised with the group's normaliser, and the target the lookahead
+    forced on each (-1: none). :func:`_check_lookahead` has refused what it cannot play."""
     from madistill.attacks.budget import group_budgets
     from madistill.attacks.collection import collection_transforms
     from madistill.branching import Branching
@@ -149,7 +149,7 @@ def _lookahead_states(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, l
     states, targets, _ = collect_labelled(venv, team, cfg.seed + 1, True, lambda: transforms[0].targets,
                                           episodes=cfg.repair.episodes, transforms=transforms,
                                           progress="repair: episodes under the lookahead" if cfg.logger.progress else None)
-    return states, targets
+    return {g: team.normalizers[g].normalize(x) for g, x in states.items()}, targets
 
 
 def _failures(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, layouts: Any, eps: float, candidates: list,
@@ -174,7 +174,6 @@ def _failures(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, layouts: 
         if rc.failures is not None:
             fs = file_failures(rc.failures, team[g.name], norm, team.device)
         elif states is not None:
-            states[g.name] = norm.normalize(states[g.name])
             fs = forced_failures(team[g.name], states[g.name], targets[g.name], rc.adv_steps, budgets[g.name],
                                  cfg.seed, f"{rc.attack} at eps {eps}", rc.max_failures)
         else:
