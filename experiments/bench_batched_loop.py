@@ -54,12 +54,15 @@ def training_rows(steps: int, copies: int, seed: int) -> dict[str, dict[str, flo
     for cpus in (1, 2):
         sps, env = baseline(TUTORIAL_COPIES, steps, cpus, seed)
         rows[f"tutorial SB3+SuperSuit, {TUTORIAL_COPIES} copies, num_cpus={cpus}"] = {"agent_steps_per_s": sps, "env": env}
-    # the last row: the same run with SB3's own PPO.train() in place of madistill's fast update (the default)
-    runs = [("pettingzoo", TUTORIAL_COPIES, 2, True), ("batched", TUTORIAL_COPIES, 0, True), ("batched", copies, 0, True),
-            ("batched", copies, 0, False)]
-    for backend, n, workers, fast in runs:
-        sps, env, update = madistill_run(n, steps, workers, seed, "inline", backend, fast_update=fast)
-        rows[f"madistill {backend}, {n} copies, {workers} workers{'' if fast else ', SB3 train()'}"] = {
+    # the last rows: the same run with the fast update in one thread (teacher.ppo.critic_thread=false), and with
+    # SB3's own PPO.train() in place of madistill's fast update
+    runs = [("pettingzoo", TUTORIAL_COPIES, 2, "fast"), ("batched", TUTORIAL_COPIES, 0, "fast"),
+            ("batched", copies, 0, "fast"), ("batched", copies, 0, "one thread"), ("batched", copies, 0, "SB3")]
+    for backend, n, workers, update_kind in runs:
+        sps, env, update = madistill_run(n, steps, workers, seed, "inline", backend, fast_update=update_kind != "SB3",
+                                         critic_thread=update_kind == "fast")
+        label = {"fast": "", "one thread": ", fast update in one thread", "SB3": ", SB3 train()"}[update_kind]
+        rows[f"madistill {backend}, {n} copies, {workers} workers{label}"] = {
             "agent_steps_per_s": sps, "env": env, "update": update, "rest_of_rollout": 1 - env - update}
     return rows
 

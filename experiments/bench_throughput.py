@@ -79,9 +79,11 @@ def baseline(copies: int, steps: int, num_cpus: int, seed: int, aec_driver: bool
 
 
 def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode: str, backend: str,
-                  profile: cProfile.Profile | None = None, fast_update: bool = True) -> tuple[float, float, float]:
+                  profile: cProfile.Profile | None = None, fast_update: bool = True,
+                  critic_thread: bool = True) -> tuple[float, float, float]:
     """madistill's agent-steps/s and the shares of wall time in the env's ``step`` and in PPO's updates;
-    ``profile`` runs during training; ``fast_update=False``: SB3's own ``train()`` (``teacher.ppo.fast_update``)."""
+    ``profile`` runs during training; ``fast_update=False``: SB3's own ``train()`` (``teacher.ppo.fast_update``);
+    ``critic_thread=False``: the fast update in one thread (``teacher.ppo.critic_thread``)."""
     from madistill.cli import compose_config
     from madistill.runtime import env_spec, make_vec_env, seed_everything
     from madistill.teacher import TeacherTrainer
@@ -90,7 +92,7 @@ def madistill_run(copies: int, steps: int, workers: int, seed: int, update_mode:
         "env=simple_spread_v3", f"env.num_envs={copies}", f"env.num_workers={workers}", f"seed={seed}",
         f"teacher.total_agent_steps={steps}", f"teacher.hidden_sizes={HIDDEN}", "teacher.normalize_obs=false",
         "logger=quiet", f"teacher.update_mode={update_mode}", f"env.backend={backend}",
-        f"teacher.ppo.fast_update={fast_update}",
+        f"teacher.ppo.fast_update={fast_update}", f"teacher.ppo.critic_thread={critic_thread}",
     ] + [f"teacher.ppo.{k}={v}" for k, v in PPO_SETTINGS.items()]
     cfg = compose_config(overrides)
     seed_everything(cfg.seed, cfg.torch_threads)

@@ -1,5 +1,5 @@
 """Teacher-training throughput of each ``teacher.update_mode``, and the cost of one PPO update (SB3's ``train()``
-with and without its distribution checks, and madistill's ``fast_train``), side by side.
+with and without its distribution checks, and madistill's ``fast_train`` in one thread and with its critic thread), side by side.
 
 Trains teachers on simple_spread_v3 (8 copies, the settings of ``bench_throughput.py``) with every update mode
 the installed madistill offers, one env worker, and with ``--checks`` each mode once more with torch's
@@ -49,14 +49,18 @@ def distribution_checks_on() -> Iterator[None]:
         yield
 
 
-UPDATES = ("SB3 train(), checks off", "SB3 train(), checks on", "fast_train")  # the variants --update times
+UPDATES = ("SB3 train(), checks off", "SB3 train(), checks on", "fast_train, one thread",
+           "fast_train, critic thread")  # the variants --update times
+# the paired ratios --update prints: (slower, faster)
+RATIOS = ((UPDATES[0], UPDATES[2]), (UPDATES[0], UPDATES[3]), (UPDATES[2], UPDATES[3]), (UPDATES[1], UPDATES[0]))
 
 
 def update_cost(copies: int, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Seconds per PPO update of one spread group on a rollout of ``copies`` copies, wall and the thread's CPU time
-    (which other jobs on the cores disturb less), interleaved ``repeats`` times: SB3's ``train()`` with torch's
-    distribution checks off (as it runs where the fast update does not apply) and on, and madistill's
-    ``fast_train`` (the default), all on the same rollout."""
+    """Seconds per PPO update of one spread group on a rollout of ``copies`` copies, wall and the process's CPU
+    time (which other jobs on the cores disturb less; it counts both threads of the critic-thread variant),
+    interleaved ``repeats`` times: SB3's ``train()`` with torch's distribution checks off (as it runs where the fast
+    update does not apply) and on, and madistill's ``fast_train`` in one thread and with ``critic_thread`` (the
+    default), all on the same rollout."""
     from madistill.envs import EnvSpec, group_agents, make_env
     from madistill.teacher import build_model
 
@@ -70,16 +74,17 @@ def update_cost(copies: int, repeats: int) -> dict[str, dict[str, list[float]]]:
     buf.actions[:] = rng.integers(0, group.action_space.n, size=buf.actions.shape)
     buf.advantages[:] = rng.normal(size=buf.advantages.shape)
     buf.valid[:], buf.full = True, True
-    variants = dict(zip(UPDATES, ((False, nullcontext), (False, distribution_checks_on), (True, nullcontext))))
+    variants = dict(zip(UPDATES, ((False, False, nullcontext), (False, False, distribution_checks_on),
+                                  (True, False, nullcontext), (True, True, nullcontext))))
     times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
     for _ in range(repeats):
-        for name, (fast, context) in variants.items():
-            model.fast_update = fast
+        for name, (fast, critic_thread, context) in variants.items():
+            model.fast_update, model.critic_thread = fast, critic_thread
             with context():
-                t, cpu = time.perf_counter(), time.thread_time()
+                t, cpu = time.perf_counter(), time.process_time()
                 model.train()
                 times["wall"].setdefault(name, []).append(time.perf_counter() - t)
-                times["cpu"].setdefault(name, []).append(time.thread_time() - cpu)
+                times["cpu"].setdefault(name, []).append(time.process_time() - cpu)
     return times
 
 
@@ -100,7 +105,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--checks", action="store_true", help="also every mode with distribution checks on")
     ap.add_argument("--update", action="store_true",
-                    help="only time PPO updates: SB3's train() with the checks off and on, and fast_train")
+                    help="only time PPO updates: SB3's train() with the checks off and on, and fast_train in one and two threads")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as bench_throughput.py: small MLPs run fastest on one thread per process
     if args.update:
@@ -114,8 +119,7 @@ def main() -> None:
             for name, t in by_variant.items():
                 print(f"{clock:>4} {name:<24} {1e3 * statistics.median(t):>7.0f} ms per update (median) "
                       f"[{1e3 * min(t):.0f}, {1e3 * max(t):.0f}], {1e6 * statistics.median(t) / steps:.0f} us per gradient step")
-            pairs = [(slow, UPDATES[2]) for slow in UPDATES[:2]] + [(UPDATES[1], UPDATES[0])]
-            ratios[clock] = {f"{a} / {b}": paired_ratio(by_variant[a], by_variant[b]) for a, b in pairs}
+            ratios[clock] = {f"{a} / {b}": paired_ratio(by_variant[a], by_variant[b]) for a, b in RATIOS}
             for name, (median, lo, hi) in ratios[clock].items():
                 print(f"{clock:>4} {name}: {median:.2f}x [95% bootstrap CI {lo:.2f}, {hi:.2f}]")
         out = Path(__file__).parent / "results" / "update_cost_simple_spread_v3.json"

@@ -175,6 +175,9 @@ class PPOConfig:
     # the update: madistill's fast_train (SB3's learning rule, less overhead per minibatch; SB3's own train() where
     # it does not support the policy, madistill/sb3_adapter.py), or false: SB3's PPO.train() always
     fast_update: bool = True
+    # the fast update runs the critic's forward and backward pass in a second thread beside the actor's, on another
+    # core (the same floats; not where a CNN encoder feeds both): false keeps the update in one thread
+    critic_thread: bool = True
 
     @staticmethod
     def validate(c: Checks) -> None:

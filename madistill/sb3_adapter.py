@@ -12,8 +12,11 @@ internals, so an SB3 release that changed one fails with a one-line error naming
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -156,9 +159,11 @@ class ScheduledEntropyPPO(PPO):
     learning rule with less overhead per minibatch) where it supports the model (``fast_update``), else SB3's
     ``train()``. ``step_hooks`` run before every optimiser step of either."""
 
-    def __init__(self, *args: Any, ent_coef: float | Schedule = 0.0, fast_update: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, ent_coef: float | Schedule = 0.0, fast_update: bool = True,
+                 critic_thread: bool = True, **kwargs: Any):
         self.ent_coef_schedule = ent_coef if callable(ent_coef) else ConstantSchedule(float(ent_coef))
         self.fast_update = fast_update
+        self.critic_thread = critic_thread
         self.step_hooks: list[StepHook] = []
         super().__init__(*args, ent_coef=self.ent_coef_schedule(1.0), **kwargs)
 
@@ -278,24 +283,85 @@ class _FlatAdam:
                                        "exp_avg": exp_avg.clone(), "exp_avg_sq": exp_avg_sq.clone()}
 
 
-def _evaluate(policy: ActorCriticPolicy, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """SB3's ``evaluate_actions`` (values, log-probabilities, entropies) with torch's categorical and normal
+def _actor_terms(policy: ActorCriticPolicy, features: Any, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probabilities and entropies of SB3's ``evaluate_actions``, with torch's categorical and normal
     formulas written out instead of distribution objects built per minibatch."""
-    features = policy.extract_features(obs)
-    if policy.share_features_extractor:
-        latent_pi, latent_vf = policy.mlp_extractor(features)
-    else:
-        latent_pi = policy.mlp_extractor.forward_actor(features[0])
-        latent_vf = policy.mlp_extractor.forward_critic(features[1])
-    out = policy.action_net(latent_pi)
-    values = policy.value_net(latent_vf).flatten()
+    out = policy.action_net(policy.mlp_extractor.forward_actor(
+        features if policy.share_features_extractor else features[0]))
     if isinstance(policy.action_dist, CategoricalDistribution):
         logits = out - out.logsumexp(-1, keepdim=True)  # torch's Categorical(logits=out)
         log_prob = logits.gather(-1, actions.long()).flatten()
-        return values, log_prob, -(logits * torch.softmax(logits, -1)).sum(-1)
+        return log_prob, -(logits * torch.softmax(logits, -1)).sum(-1)
     std = torch.ones_like(out) * policy.log_std.exp()  # SB3's DiagGaussianDistribution, torch's Normal
     log_prob = -((actions - out) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
-    return values, log_prob.sum(dim=1), (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(std)).sum(dim=1)
+    return log_prob.sum(dim=1), (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(std)).sum(dim=1)
+
+
+def _value_loss(policy: ActorCriticPolicy, features: Any, data: RolloutBufferSamples,
+                clip_range_vf: float | None) -> torch.Tensor:
+    """PPO's value loss of the minibatch ``data`` (SB3's, with its optional clipping around the old values)."""
+    values = policy.value_net(policy.mlp_extractor.forward_critic(
+        features if policy.share_features_extractor else features[1])).flatten()
+    if clip_range_vf is not None:
+        values = data.old_values + torch.clamp(values - data.old_values, -clip_range_vf, clip_range_vf)
+    return F.mse_loss(data.returns, values)
+
+
+def separate_heads(policy: ActorCriticPolicy) -> bool:
+    """Whether no trainable parameter feeds both the actor's and the critic's output: then the critic's
+    gradient can be computed apart from the actor's, with the same floats. A shared encoder with weights (a CNN)
+    sums both heads' gradients before its own backward pass, so it is computed once with the joint loss."""
+    return not (policy.share_features_extractor and any(p.requires_grad for p in policy.features_extractor.parameters()))
+
+
+class _CriticThread:
+    """A second thread for :func:`fast_train`: it runs the critic's forward and backward pass of a minibatch while
+    the calling thread runs the actor's. torch releases the GIL inside its operations, so the two passes use two
+    cores; their parameters are disjoint, so each gradient is the float the joint backward pass computes."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = False
+        self._thread = threading.Thread(target=self._serve, args=(torch.get_num_threads(),), daemon=True,
+                                        name="madistill-critic")
+        self._thread.start()
+
+    def _serve(self, torch_threads: int) -> None:
+        torch.set_num_threads(torch_threads)
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._results.put((job(), None))
+            except BaseException as e:  # raised again in the calling thread by result()
+                self._results.put((None, e))
+
+    def submit(self, job: Callable[[], torch.Tensor]) -> None:
+        self._pending = True
+        self._jobs.put(job)
+
+    def result(self) -> torch.Tensor:
+        """The running job's return value, once it finished (its exception, raised here)."""
+        self._pending = False
+        value, error = self._results.get()
+        if error is not None:
+            raise error
+        return value
+
+    def close(self) -> None:
+        """Wait for a job still running (the parameters' storage must not move under it), then end the thread."""
+        if self._pending:
+            self._pending = False
+            self._results.get()
+        self._jobs.put(None)
+        self._thread.join()
+
+
+def _value_backward(vf_coef: float, policy: ActorCriticPolicy, features: Any, data: RolloutBufferSamples,
+                    clip_range_vf: float | None) -> torch.Tensor:
+    """Back-propagate ``vf_coef`` times the minibatch's value loss; the value loss, for the log."""
+    value_loss = _value_loss(policy, features, data, clip_range_vf)
+    (vf_coef * value_loss).backward()
+    return value_loss
 
 
 def fast_train(model: ScheduledEntropyPPO) -> None:
@@ -303,8 +369,9 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
     advantage normalisation, clipped surrogate, clip_range_vf, entropy and value coefficients, target_kl early
     stop, gradient clipping, Adam, schedules and logged values) without its per-minibatch overhead: one row gather
     per minibatch from the packed rollout, no distribution objects, the losses logged from tensors read once per
-    update, and Adam and the gradient clip on flat tensors (:class:`_FlatAdam`). The model must pass
-    :func:`fast_update_unsupported`."""
+    update, and Adam and the gradient clip on flat tensors (:class:`_FlatAdam`). With ``critic_thread`` and
+    :func:`separate_heads`, the critic's forward and backward pass run in a second thread beside the actor's
+    (:class:`_CriticThread`), to the same floats. The model must pass :func:`fast_update_unsupported`."""
     policy, buffer = model.policy, model.rollout_buffer
     policy.set_training_mode(True)
     model._update_learning_rate(policy.optimizer)
@@ -314,37 +381,49 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
     logged: dict[str, list[torch.Tensor]] = {"entropy_loss": [], "policy_gradient_loss": [], "value_loss": [],
                                              "clip_fraction": []}
     adam = _FlatAdam(policy.optimizer)
+    critic = _CriticThread() if model.critic_thread and separate_heads(policy) else None
     try:
         for _ in range(model.n_epochs):
             approx_kl: list[torch.Tensor] = []
             stop = False
             for rows in torch.as_tensor(buffer.permutation(), device=buffer.device).split(model.batch_size):
                 data = buffer.samples(rows)
-                values, log_prob, entropy = _evaluate(policy, data.observations, data.actions)
+                features = policy.extract_features(data.observations)
+                log_prob, entropy = _actor_terms(policy, features, data.actions)
                 advantages = data.advantages
                 if model.normalize_advantage and len(advantages) > 1:
                     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
                 ratio = torch.exp(log_prob - data.old_log_prob)
                 policy_loss = -torch.min(advantages * ratio,
                                          advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
-                values_pred = values if clip_range_vf is None else (
-                    data.old_values + torch.clamp(values - data.old_values, -clip_range_vf, clip_range_vf))
-                value_loss = F.mse_loss(data.returns, values_pred)
                 entropy_loss = -torch.mean(entropy)
-                loss = policy_loss + model.ent_coef * entropy_loss + model.vf_coef * value_loss
+                actor_loss = policy_loss + model.ent_coef * entropy_loss
                 with torch.no_grad():
                     log_ratio = log_prob - data.old_log_prob
                     approx_kl.append(torch.mean((torch.exp(log_ratio) - 1) - log_ratio))
                     logged["clip_fraction"].append(torch.mean((torch.abs(ratio - 1) > clip_range).float()))
+                # compared as SB3 compares it: a float32 array against the Python float
+                stop = model.target_kl is not None and bool(approx_kl[-1].cpu().numpy() > 1.5 * model.target_kl)
+                if stop:  # SB3 logs the losses of the minibatch it stops at, and steps on none of it
+                    with torch.no_grad():
+                        value_loss = _value_loss(policy, features, data, clip_range_vf)
+                elif critic is None:
+                    adam.zero_grad()
+                    value_loss = _value_loss(policy, features, data, clip_range_vf)
+                    (actor_loss + model.vf_coef * value_loss).backward()
+                else:
+                    # SB3's loss is actor_loss + vf_coef * value_loss, and with separate heads each term's gradient
+                    # reaches its own parameters, so the two are back-propagated apart, in parallel, to the same floats
+                    adam.zero_grad()
+                    critic.submit(functools.partial(_value_backward, model.vf_coef, policy, features, data, clip_range_vf))
+                    actor_loss.backward()
+                    value_loss = critic.result()
+                loss = actor_loss.detach() + model.vf_coef * value_loss.detach()
                 for key, value in (("entropy_loss", entropy_loss), ("policy_gradient_loss", policy_loss),
                                    ("value_loss", value_loss)):
                     logged[key].append(value.detach())
-                # compared as SB3 compares it: a float32 array against the Python float
-                if model.target_kl is not None and approx_kl[-1].cpu().numpy() > 1.5 * model.target_kl:
-                    stop = True
+                if stop:
                     break
-                adam.zero_grad()
-                loss.backward()
                 adam.clip_grad_norm(model.max_grad_norm)
                 model.run_step_hooks()
                 adam.step()
@@ -352,6 +431,8 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
             if stop:
                 break
     finally:
+        if critic is not None:
+            critic.close()
         adam.close()
     # SB3 logs the mean of each minibatch's value read as a Python float, approx_kl's of the last epoch as float32
     for key, values in logged.items():

@@ -3,6 +3,8 @@ assertion names the installed SB3 version, so an SB3 release that changed one fa
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import MultiCategoricalDistribution
 from torch.distributions import Distribution
 
+from madistill import sb3_adapter
 from madistill.envs import EnvSpec, group_agents, make_env
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
@@ -23,6 +26,7 @@ from madistill.sb3_adapter import (
     check_buffer,
     check_model,
     fast_update_unsupported,
+    separate_heads,
     set_progress,
     set_update_count,
     take_logged,
@@ -219,6 +223,40 @@ def test_the_fast_update_learns_what_sb3s_train_learns(action_space, case, criti
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
         assert update_count(model) == update_count(sb3)
     assert (update_count(sb3) < 2 * FAST_EPOCHS) == (case == "target_kl")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["Discrete", "Box"])
+@pytest.mark.parametrize("critic", ["local", "central", "cnn"])
+def test_the_critic_thread_computes_the_same_floats_as_one_thread(action_space, case, critic, monkeypatch):
+    """``critic_thread``: the critic's pass in its own thread gives bit-identical parameters, logged values and
+    update count, and runs once per optimiser step; a CNN encoder that feeds both heads keeps the joint pass."""
+    net = {"central": {"team_state_dim": 4}, "cnn": {"obs_space": IMAGE}}.get(critic, {})
+    one = _ppo(action_space, True, critic_thread=False, **net, **CASES[case])
+    one_params, one_logged = _updates(one, [True, True])
+    jobs = []
+    submit = sb3_adapter._CriticThread.submit
+    monkeypatch.setattr(sb3_adapter._CriticThread, "submit", lambda self, job: jobs.append(1) or submit(self, job))
+    two = _ppo(action_space, True, critic_thread=True, **net, **CASES[case])
+    assert separate_heads(two.policy) == (critic != "cnn")
+    params, logged = _updates(two, [True, True])
+    assert torch.equal(params, one_params)
+    assert logged == one_logged and update_count(two) == update_count(one)
+    steps = float(two.policy.optimizer.state[next(two.policy.parameters())]["step"])
+    assert len(jobs) == (0 if critic == "cnn" else steps) and steps > 0
+
+
+def test_an_error_in_the_critic_thread_is_raised_and_leaves_the_parameters_in_their_own_storage(monkeypatch):
+    model = _ppo(DISCRETE, True)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    monkeypatch.setattr(sb3_adapter, "_value_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("critic failed")))
+    with pytest.raises(RuntimeError, match="critic failed"):
+        _updates(model, [True])
+    params = list(model.policy.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # no step was taken
+    storages = [p.untyped_storage().data_ptr() for p in params]
+    assert len(set(storages)) == len(storages) and all(p.grad is None for p in params)
+    assert not [t for t in threading.enumerate() if t.name == "madistill-critic"]
 
 
 def test_step_hooks_run_before_each_optimiser_step_of_either_update():
