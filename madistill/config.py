@@ -52,8 +52,8 @@ GradientTarget = _choices("GradientTarget", "log_prob logit",
                           "The policy output whose input gradient DIGR regularises and gradient saliency explains.")
 AdvObjective = _choices("AdvObjective", "kl ce both targeted_lowest targeted_random all",
                         "The inner adversary of robust distillation (madistill/distill/loss.py).")
-PGDObjective = _choices("PGDObjective", "ce kl targeted_lowest targeted_random targeted_lookahead",
-                        "The attack robust fine-tuning plays its attacked steps under (madistill/finetune.py).")
+PGDObjective = _choices("PGDObjective", "ce kl targeted_lowest targeted_random targeted_lookahead director",
+                        "The attack robust training plays its attacked steps under (madistill/attacks/collection.py).")
 SaliencyBaseline = _choices("SaliencyBaseline", "mean marginal")
 AttackMethod = _choices("AttackMethod", "random fgsm pgd critic spsa transfer offsets learned targeted_random "
                         "targeted_lowest targeted_lookahead director", "The attack suite by name (madistill/attacks/robustness.py says what "
@@ -308,7 +308,8 @@ class DistillConfig:
     adv_collect: float = 0.0  # chance per env copy and step that DAgger collection runs under attack
     # the attack it runs under: null, adv_objective's (a combined one's greedy-action flip); or a robust
     # fine-tuning objective, targeted_lookahead included (the student then visits the states the lookahead
-    # drives it to, labelled by the teacher; envs that branch, Discrete actions)
+    # drives it to, labelled by the teacher; envs that branch, Discrete actions), or director (trained against the
+    # student before each round it acts in, attack.director_retrain_steps)
     adv_collect_objective: PGDObjective | None = None
     # with adv_collect_objective=targeted_lookahead: record the target the lookahead forced on each collected
     # observation, and force it on the student again in the adversarial term (one more candidate point per sample)
@@ -345,8 +346,10 @@ class FinetuneConfig:
     attack_fraction: float = 0.5  # share of env copies and steps played under PGD on the acting team (radius eps)
     # the attack on those steps: PGD on ce (flip the greedy action) or kl, targeted_lowest / targeted_random (the
     # suite's targeted PGDs), or targeted_lookahead (the action a branch of the episode shows most harmful, with
-    # attack.lookahead_horizon and attack.lookahead_gamma; envs that branch, Discrete actions)
+    # attack.lookahead_horizon and attack.lookahead_gamma; envs that branch, Discrete actions), or director (the
+    # learned PA-AD director, retrained against the student being tuned every director_every agent-steps)
     attack_objective: PGDObjective = PGDObjective.ce
+    director_every: int = 100_000  # attack_objective=director: agent-steps of fine-tuning between its trainings
     # checkpoint selection: the saved student is the best-scoring of the start and every select_every steps
     select_every: int = 50_000  # agent-steps between validations (0: save the last policy, validate nothing)
     select_episodes: int = 50  # validation episodes per candidate and attack (the same seeds for every candidate)
@@ -356,7 +359,7 @@ class FinetuneConfig:
 
     @staticmethod
     def validate(c: Checks) -> None:
-        c.at_least(1, "total_agent_steps", "steps", "select_episodes")
+        c.at_least(1, "total_agent_steps", "steps", "select_episodes", "director_every")
         c.at_least(0, "smooth_weight", "eps", "select_every")
         c.within(0, 1, "ramp", "attack_fraction", "select_robust_weight")
 
@@ -469,6 +472,10 @@ class AttackConfig:
     # forced at once, n actions x the PGD rows); false: the k-th lowest-ranked action, reached or not, which
     # commits the director to targets the budget may miss (docs/attacks.md)
     director_reachable: bool = True
+    # robust training against the director (finetune.attack_objective=director, distill.adv_collect_objective=
+    # director; ATLA-style alternation): env steps it trains against the current policy before training starts
+    # and at every alternation (each DAgger round where the student acts; every finetune.director_every agent-steps)
+    director_retrain_steps: int = 32_768
     offset_candidates: int = 20  # constant offsets the "offsets" attack replays every episode with
     target_candidates: int = 4  # targeted_lowest (Discrete): lowest-ranked actions tried at once, the lowest reached wins
     lookahead_horizon: int = 1  # targeted_lookahead and fault=worst: greedy team steps each branch plays after the candidate action
@@ -499,7 +506,7 @@ class AttackConfig:
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "steps", "restarts", "spsa_samples", "offset_candidates", "target_candidates",
                    "learned_steps", "learned_envs", "lookahead_joint", "lookahead_restarts", "director_steps",
-                   "director_envs")
+                   "director_envs", "director_retrain_steps")
         c.at_least(0, "lookahead_horizon", "objective_tolerance")
         c.within(0, 1, "lookahead_gamma")
         c.within(0, 1, "frequency")

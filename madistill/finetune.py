@@ -26,6 +26,7 @@ from torch import nn
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.collection import collection_transforms
+from madistill.attacks.learned import AlternatingDirector, DirectorAttack
 from madistill.attacks.lookahead import LookaheadAttack
 from madistill.attacks.methods import training_attack
 from madistill.attacks.transform import AttackTransform
@@ -128,16 +129,18 @@ class SmoothnessRegulariser:
 
 def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, Budget], settings: Any,
                       attack_settings: Any = None, branching: Branching | None = None,
-                      critic: TeamPolicy | None = None) -> list[AttackTransform | LookaheadAttack | ActionHistory]:
+                      critic: TeamPolicy | None = None, director: AlternatingDirector | None = None,
+                      ) -> list[AttackTransform | LookaheadAttack | ActionHistory | DirectorAttack]:
     """With ``attack_fraction`` > 0, that share of env copies and steps is played under the training attack
     ``attack_objective`` on the acting policies (``steps`` PGD steps, every agent a victim, radius ``eps``): PPO
     then learns the return of acting on perturbed observations, adversarial training inside the RL loop (Pattanaik
     et al. 2018), where the regulariser alone only asks the actions not to change. ``attack_settings``,
-    ``branching`` and ``critic`` as :func:`madistill.attacks.collection.collection_transforms` takes them (the
-    stage passes the teacher's local critic, where it has one)."""
+    ``branching``, ``critic`` and ``director`` (trained before it is applied) as
+    :func:`madistill.attacks.collection.collection_transforms` takes them (the stage passes the teacher's local
+    critic, where it has one)."""
     return collection_transforms(groups, unit_budgets, str(settings.attack_objective), int(settings.steps),
                                  float(settings.attack_fraction), float(settings.eps), attack_settings, branching,
-                                 critic)
+                                 critic, director=director)
 
 
 def smoothness_regularisers(groups: Sequence[AgentGroup], budgets: Mapping[str, Budget], settings: Any, seed: int,

@@ -19,6 +19,8 @@ DAgger round ``r``        1 000 000 * (1 + seed) + 100 000 * r     ``dagger_roun
 robust fine-tuning        10 000 000 * (1 + seed)                  ``finetune_episode_seed``
 its checkpoint selection  10 000 000 * (1 + seed) + 5 000 000      ``finetune_validation_seed``
 purifier training data    200 000 000 + 1 000 000 * seed           ``purify_seed``
+robust training's         300 000 000 + 10 000 000 * seed          ``director_seed``
+director, training k      + 100 000 * k
 ========================  =======================================  ==========================================
 
 Blocks stay apart while each kind plays fewer episodes than the gap to the next block: teacher training
@@ -38,6 +40,7 @@ DAGGER_ROUND = 100_000  # seeds between consecutive DAgger rounds
 FINETUNE_SEED = 10_000_000  # fine-tuning's block of a run seed, per unit of (1 + seed)
 FINETUNE_VALIDATION = 5_000_000  # checkpoint validation's start past fine-tuning's own
 PURIFY_SEED = 200_000_000  # the purifier's training data, past every fine-tuning block
+DIRECTOR_SEED = 300_000_000  # robust training's alternating director, past every purifier block
 
 
 def dagger_round_seed(seed: int, r: int) -> int:
@@ -58,3 +61,9 @@ def finetune_validation_seed(seed: int) -> int:
 def purify_seed(seed: int) -> int:
     """The first episode seed of the teacher's clean episodes a purifier of a run with seed ``seed`` learns."""
     return PURIFY_SEED + 1_000_000 * seed
+
+
+def director_seed(seed: int) -> int:
+    """The first episode seed of the alternating director of a robust training run with seed ``seed`` (its k-th
+    training starts ``DIRECTOR_ROUND_SEEDS * k`` later, madistill/attacks/learned.py)."""
+    return DIRECTOR_SEED + 10_000_000 * seed

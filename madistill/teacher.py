@@ -391,11 +391,14 @@ class TeacherTrainer:
 
     # ---- training ----------------------------------------------------------------------------
     def train(self, run_dir: Path, validate: Callable[[int, TeamPolicy], Any] | None = None,
-              validate_every: int = 0) -> TeamPolicy:
+              validate_every: int = 0, alternate: Callable[[int, TeamPolicy], Any] | None = None,
+              alternate_every: int = 0) -> TeamPolicy:
         """Train until ``teacher.total_agent_steps``; Ctrl-C saves a checkpoint and re-raises.
 
         ``validate(agent_steps, team)`` is called with the up-to-date team every ``validate_every`` agent-steps
-        and at the end (checkpoint selection: a caller that keeps the best team it was shown)."""
+        and at the end (checkpoint selection: a caller that keeps the best team it was shown);
+        ``alternate(agent_steps, team)`` every ``alternate_every`` agent-steps but not at the end (an adversary
+        trained in alternation with the team, as in ATLA)."""
         total = self.total_agent_steps
         validated = -1
         per_iter = self.n_steps * self.venv.num_envs * len(self.venv.possible_agents)
@@ -446,6 +449,9 @@ class TeacherTrainer:
                         self._sync()
                         validate(self.agent_steps, self.team)
                         validated = self.agent_steps
+                    if alternate is not None and self.agent_steps < total and _crossed(alternate_every, self.agent_steps, per_iter):
+                        self._sync()
+                        alternate(self.agent_steps, self.team)
             except KeyboardInterrupt:
                 path = self.save_checkpoint(run_dir / "checkpoint")  # takes the pending update first
                 resume = f"resume with teacher.resume={path}" if not self.from_start else "a fine-tune starts afresh"

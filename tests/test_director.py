@@ -202,3 +202,42 @@ def test_under_trained_reads_the_return_of_the_victims_team(make_cfg, monkeypatc
                                   random_teams={"adversaries": 0.0, "good": 0.0})
     (flag,) = res.under_trained["agent_0"]
     assert flag.detail.startswith("eps 0.1: learned return 0.50 > pgd -3.50")
+
+
+def test_an_alternating_director_goes_on_learning_in_each_training_and_forces_its_targets_on_a_surrogate(make_cfg):
+    """Robust training's director (ATLA-style alternation): each training continues the same PPO model in episodes
+    of its own; two trainings of half the steps learn the trap's most harmful target as one full training does,
+    and the transform forces the targets on the surrogate it is given, whoever acts."""
+    from madistill.attacks.collection import training_director
+    from madistill.evaluate.evaluator import run_episodes, uniform_team
+
+    ac = make_cfg("attack.director_retrain_steps=768", "attack.director_envs=4",
+                  "attack.director_ppo={n_steps: 32, batch_size: 64, learning_rate: 0.003, ent_coef: 0.0}").attack
+    with MultiAgentVecEnv(TRAP_SPEC, 2) as venv:
+        team = trap_team(venv)
+        budgets = {g.name: Budget.build(4.0, g.obs_dim) for g in team.groups}
+        director = training_director(TRAP_SPEC, venv.groups, 10, ac, seed=0)
+        seeds = []
+        reset = AdversaryEnv.reset
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(AdversaryEnv, "reset", lambda self, seed=None, **k: seeds.append(seed) or reset(self, seed=seed, **k))
+            director.train_against(team, budgets)
+            model = director.model
+            director.train_against(team, budgets)
+        assert director.model is model and model.num_timesteps == 1536 and director.rounds == 2
+        assert [s for s, _ in director.curve.points] == list(range(128, 1537, 128))
+        given = [s for s in seeds if s is not None]  # the seeds each training starts its 4 copies from
+        assert len(given) == 8 and not set(given[:4]) & set(given[4:])  # each training plays episodes of its own
+        returns = [r.team_return for r in run_episodes(venv, team, 2, 0, transforms=[director.transform(budgets, 1.0)])]
+        # every agent a victim: one forced onto 2 and the other onto 3 at every step is the most harmful stationary
+        # choice, -(5 + 1) at the first step, then -(5 + 1) - 10 with the trap armed at each of the 5 others
+        assert returns == [-86.0, -86.0]
+        # crafted on the trap team while a uniform team acts: the perturbations move the trap team, not the actors
+        attack = director.transform(budgets, 1.0, surrogate=team)
+        assert attack.surrogate is team
+        forced = []
+        deltas = Director.deltas
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Director, "deltas", lambda self, t, *a: forced.append(t) or deltas(self, t, *a))
+            run_episodes(venv, uniform_team(venv), 1, 0, transforms=[attack])
+        assert forced and all(t is team for t in forced)

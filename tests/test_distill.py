@@ -307,12 +307,13 @@ def test_adv_fgsm_keeps_per_sample_the_worse_of_the_pgd_and_fgsm_points():
     assert float((with_fgsm - x).abs().max()) <= 0.3 + 1e-6
 
 
-@pytest.mark.parametrize("objective", [None, "targeted_lookahead"])
+@pytest.mark.parametrize("objective", [None, "targeted_lookahead", "director"])
 def test_collection_under_attack_records_clean_observations_of_the_drifted_states(make_cfg, teacher_run, objective):
-    """``distill.adv_collect``: the student's DAgger rounds run under attack (the loss's PGD, or with
-    ``adv_collect_objective=targeted_lookahead`` the lookahead's targets forced on the student), so the team visits
-    other states, but what is stored (and labelled by the teacher) is what the env emitted, never the perturbed
-    input."""
+    """``distill.adv_collect``: the student's DAgger rounds run under attack (the loss's PGD, with
+    ``adv_collect_objective=targeted_lookahead`` the lookahead's targets forced on the student, with ``director``
+    a director trained against the student before each such round), so the team visits other states, but what is
+    stored (and labelled by the teacher) is what the env emitted, never the perturbed input."""
+    from madistill.attacks.learned import DirectorAttack
     from madistill.attacks.lookahead import LookaheadAttack
     from madistill.attacks.transform import AttackTransform
     from madistill.branching import ActionHistory
@@ -321,6 +322,8 @@ def test_collection_under_attack_records_clean_observations_of_the_drifted_state
     from madistill.stages.distill import lookahead_branching
 
     extra = [f"distill.adv_collect_objective={objective}"] if objective else []
+    if objective == "director":
+        extra += ["attack.director_retrain_steps=64", "attack.director_envs=2", "attack.director_ppo={n_steps: 32, batch_size: 32}"]
     cfg = make_cfg(f"distill.teacher={teacher_run}", "distill=robust", "distill.adv_collect=1.0", "distill.adv_eps=1.0",
                    *extra)
     teacher = load_team(teacher_run / "policies" / "teacher")[0]
@@ -328,7 +331,7 @@ def test_collection_under_attack_records_clean_observations_of_the_drifted_state
     with MultiAgentVecEnv(spec, 2, num_workers=0) as venv:
         layouts = feature_layouts(venv.groups, None, venv.feature_names)
         branching = lookahead_branching(cfg, spec, venv)
-        assert (branching is None) == (objective is None)
+        assert (branching is None) == (objective != "targeted_lookahead")
         trainer = DistillTrainer(cfg, venv, teacher, student_team(teacher, cfg.student), layouts, branching=branching)
         assert trainer._collection_attack(1.0) == []  # round 0: the teacher alone, clean
         trainer.updates_done = trainer.total_updates  # eps fully ramped
@@ -337,15 +340,20 @@ def test_collection_under_attack_records_clean_observations_of_the_drifted_state
         assert attack.surrogate is trainer.student and attack.frequency == 1.0
         if objective is None:
             assert len(transforms) == 1 and isinstance(attack, AttackTransform)
+        elif objective == "director":  # one more training of the same director before each round the student acts in
+            assert len(transforms) == 1 and isinstance(attack, DirectorAttack)
+            model = trainer.director.model
+            assert trainer._collection_attack(0.5)[0].model is model and trainer.director.rounds == 2
+            assert model.num_timesteps == 128
         else:  # the lookahead with the action history its branches replay
             assert isinstance(attack, LookaheadAttack) and isinstance(transforms[1], ActionHistory)
             assert attack.branching is branching
         acting = mixed_team(teacher, trainer.student, 0.5, seed=0)
         clean, _ = collect_round(venv, acting, seed=3, deterministic=True, episodes=2)
-        recorded = (lambda: attack.targets) if objective else None
+        recorded = (lambda: attack.targets) if objective == "targeted_lookahead" else None
         attacked, targets, _ = collect_labelled(venv, mixed_team(teacher, trainer.student, 0.5, seed=0), 3, True,
                                                 recorded, episodes=2, transforms=transforms)
-    if objective:  # the lookahead's targets, recorded row for row with the observations
+    if objective == "targeted_lookahead":  # the lookahead's targets, recorded row for row with the observations
         student = trainer.student
         for name, t in targets.items():
             assert t.shape == (len(attacked[name]),)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -170,6 +172,39 @@ def test_finetune_collects_under_the_targeted_inner_adversary(cli, student_run, 
     # the lookahead forces every one of the 5 actions of every attacked copy; the policy's ranking branches nothing
     assert (bool(branched) and {s[1] for s in branched} == {5}) if objective == "targeted_lookahead" else not branched
     assert (run / "policies" / "student" / "manifest.json").is_file()
+
+
+def test_finetune_alternates_the_director_with_the_student(cli, student_run, tmp_path, monkeypatch):
+    """``finetune.attack_objective=director``: the director trains against the student before fine-tuning and
+    again every ``finetune.director_every`` agent-steps (never after the last update), each time against the
+    student's current weights, and its targets are forced on the acting student's attacked steps."""
+    from conftest import tiny
+
+    from madistill.attacks.learned import AlternatingDirector, Director
+
+    trained, forced = [], []
+    train_against, deltas = AlternatingDirector.train_against, Director.deltas
+
+    def spy(self, team, budgets):
+        trained.append(torch.cat([p.detach().flatten().clone() for p in team.parameters()]))
+        train_against(self, team, budgets)
+
+    monkeypatch.setattr(AlternatingDirector, "train_against", spy)
+    monkeypatch.setattr(Director, "deltas", lambda self, *a: forced.append(1) or deltas(self, *a))
+    run = tmp_path / "ft"
+    rc, out, err = cli("finetune", *tiny(f"finetune.policy={student_run / 'student'}", "finetune.total_agent_steps=600",
+                                         "finetune.attack_objective=director", "finetune.attack_fraction=1",
+                                         "finetune.director_every=1", "finetune.ramp=0", "finetune.select_every=0",
+                                         "attack.director_retrain_steps=64", "attack.director_envs=2",
+                                         "attack.director_ppo={n_steps: 32, batch_size: 32}", "logger.progress=false"),
+                       f"hydra.run.dir={run}")
+    assert rc == 0, err
+    # 600 agent-steps are 4 rollouts of 25 steps x 2 copies x 3 agents: trained before the first and after each
+    # but the last
+    steps = re.findall(r"training the director against the student of step (\d+):", out)
+    assert steps == ["0", "150", "300", "450"] and len(trained) == 4
+    assert all(not torch.equal(a, b) for a, b in zip(trained, trained[1:]))  # the student's weights as they were then
+    assert forced
 
 
 def test_ppo_learns_from_the_attacked_observations_when_collecting_under_attack(make_cfg):

@@ -38,6 +38,9 @@ from madistill.errors import MadistillError
 from madistill.policies.base import Policy, TeamPolicy
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
+# episode seeds between two trainings of an AlternatingDirector (each plays fewer episodes than this)
+DIRECTOR_ROUND_SEEDS = 100_000
+
 
 def _slots(team: TeamPolicy, victims: Sequence[str]) -> list[tuple[str, int, str]]:
     """(group, slot in group, agent) for each victim, in the team's group order."""
@@ -248,23 +251,63 @@ def train_adversary(
     director: Attack | None = None,
     curve: TrainingCurve | None = None,
     reachable: bool = False,
+    model: PPO | None = None,
 ) -> PPO:
     """Train a PPO attacker for ``steps`` env steps against the frozen ``team``, its perturbation applied
     at a ``frequency`` share of steps, to lower the mean reward of ``target`` (None: of every agent).
 
     With ``director`` (the targeted PGD that realises the targets) the attacker is a :class:`Director`, else the
     learned adversary (``reachable``: see :class:`Director`). ``ppo_kwargs`` override the config's ``learned_ppo`` (director: ``director_ppo``);
-    ``curve`` records the training curve."""
+    ``curve`` records the training curve. ``model``: an attacker trained before, which goes on learning (its
+    optimiser state and step count kept) against this ``team`` in episodes from ``seed``."""
     def make() -> AdversaryEnv:
         return AdversaryEnv(spec, team, victims, budgets, frequency, target)
 
     fns = [make] * n_envs
     venv = VecMonitor(DummyVecEnv(fns) if director is None else DirectorVecEnv(fns, victims, budgets, director, seed, reachable))
     venv.seed(seed)
-    defaults = AttackConfig().learned_ppo if director is None else AttackConfig().director_ppo
-    model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **{**defaults, **(ppo_kwargs or {})})
-    model.learn(total_timesteps=steps, callback=curve)
+    if model is None:
+        defaults = AttackConfig().learned_ppo if director is None else AttackConfig().director_ppo
+        model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **{**defaults, **(ppo_kwargs or {})})
+    else:
+        model.set_env(venv)
+    model.learn(total_timesteps=steps, callback=curve, reset_num_timesteps=False)
     return model
+
+
+class AlternatingDirector:
+    """A director trained in alternation with the policy it attacks, as ATLA (Zhang et al. 2021) alternates a
+    learned adversary with the agent: robust training's inner adversary (``finetune.attack_objective=director``,
+    ``distill.adv_collect_objective=director``). Each :meth:`train_against` goes on training the same PPO director
+    for ``attack.director_retrain_steps`` env steps against a frozen copy of the team as it is then, every agent a
+    victim, its targets realised by ``force`` (targeted PGD); :meth:`transform` applies it to a rollout. The
+    director's settings (copies, PPO arguments, reachable ranks) are the suite's ``attack.director_*``."""
+
+    def __init__(self, spec: EnvSpec, victims: Sequence[str], force: Attack, settings: Any, seed: int):
+        self.spec, self.victims, self.force, self.settings, self.seed = spec, list(victims), force, settings, int(seed)
+        self.model: PPO | None = None
+        self.rounds = 0  # trainings so far, each in episodes of its own
+        self.curve = TrainingCurve()
+
+    def train_against(self, team: TeamPolicy, budgets: Mapping[str, Budget]) -> None:
+        """Train the director ``attack.director_retrain_steps`` more env steps against ``team`` as it is now,
+        within ``budgets``."""
+        ac = self.settings
+        self.model = train_adversary(self.spec, team, self.victims, budgets, int(ac.director_retrain_steps),
+                                     self.seed + self.rounds * DIRECTOR_ROUND_SEEDS, n_envs=int(ac.director_envs),
+                                     ppo_kwargs=dict(ac.director_ppo), director=self.force, curve=self.curve,
+                                     reachable=bool(ac.director_reachable), model=self.model)
+        self.rounds += 1
+
+    def transform(self, budgets: Mapping[str, Budget], frequency: float,
+                  surrogate: TeamPolicy | None = None) -> DirectorAttack:
+        """The director as an attack on a ``frequency`` share of env copies and steps, its targets forced on
+        ``surrogate`` (None: the acting team). Later trainings go on in the same model, so they take effect in
+        the transform."""
+        if self.model is None:
+            raise RuntimeError("train the director (train_against) before applying it")
+        return DirectorAttack(self.model, self.victims, budgets, self.force, frequency,
+                              bool(self.settings.director_reachable), surrogate)
 
 
 class LearnedAdversary(ObsTransform):
@@ -302,16 +345,18 @@ class LearnedAdversary(ObsTransform):
 
 class DirectorAttack(LearnedAdversary):
     """Applies a trained director: its deterministic targets, realised by :class:`Director`'s targeted PGD on the
-    acting team, on the live victims (white-box on the victims' policies), with chance ``frequency`` per step."""
+    acting team (or on ``surrogate``), on the live victims (white-box on the victims' policies), with chance
+    ``frequency`` per step."""
 
     def __init__(self, model: PPO, victims: Sequence[str], budgets: Mapping[str, Budget], attack: Attack,
-                 frequency: float = 1.0, reachable: bool = False):
+                 frequency: float = 1.0, reachable: bool = False, surrogate: TeamPolicy | None = None):
         super().__init__(model, victims, budgets, frequency)
-        self.attack, self.reachable = attack, reachable
-        self._director: tuple[TeamPolicy, Director] | None = None  # built for the acting team at its first step
+        self.attack, self.reachable, self.surrogate = attack, reachable, surrogate
+        self._director: tuple[TeamPolicy, Director] | None = None  # built for the attacked team at its first step
 
     def deltas(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if self._director is None or self._director[0] is not ctx.team:
-            self._director = (ctx.team, Director(ctx.team, self.victims, self.budgets, self.attack, self.reachable))
+        team = self.surrogate or ctx.team
+        if self._director is None or self._director[0] is not team:
+            self._director = (team, Director(team, self.victims, self.budgets, self.attack, self.reachable))
         with torch.no_grad():
-            return self._director[1].deltas(ctx.team, x, self._act(x), ctx.generator)
+            return self._director[1].deltas(team, x, self._act(x), ctx.generator)

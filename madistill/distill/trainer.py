@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from madistill.attacks.budget import group_budgets
-from madistill.attacks.collection import collection_transforms
+from madistill.attacks.collection import collection_transforms, training_director
+from madistill.attacks.learned import AlternatingDirector
 from madistill.attacks.lookahead import LookaheadAttack
 from madistill.branching import Branching, value_critic
 from madistill.common.collect import collect_labelled
@@ -77,6 +78,7 @@ class DistillTrainer:
             for g in teacher.groups} if dc.weight_average > 0 else {}
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor) for opt in self.optimizers.values()]
         self.updates_done = 0
+        self.director: AlternatingDirector | None = None  # adv_collect_objective=director, from its first round
         self.data: dict[str, GroupData] = {}
         self.history: list[dict[str, float]] = []
 
@@ -147,9 +149,16 @@ class DistillTrainer:
         if self.dc.adv_collect <= 0 or not self.loss.adversarial or beta >= 1 or self.adv_eps() <= 0:
             return []
         objective = str(self.dc.adv_collect_objective or self.loss.collection_objective())
+        if objective == "director":  # ATLA-style alternation: trained against the student before each round it acts in
+            if self.director is None:
+                self.director = training_director(self.venv.spec, self.teacher.groups, self.loss.adv_steps,
+                                                  self.cfg.attack, self.cfg.seed)
+            tqdm.write(f"training the director against the student: {self.cfg.attack.director_retrain_steps} env "
+                       "steps (attack.director_retrain_steps)")
+            self.director.train_against(self.student, {n: b.scaled(self.adv_eps()) for n, b in self.unit_budgets.items()})
         return collection_transforms(self.teacher.groups, self.unit_budgets, objective, self.loss.adv_steps,
                                      float(self.dc.adv_collect), self.adv_eps(), self.cfg.attack, self.branching,
-                                     value_critic(self.teacher), surrogate=self.student)
+                                     value_critic(self.teacher), surrogate=self.student, director=self.director)
 
     def lr_factor(self, update: int) -> float:
         """Share of ``learning_rate`` at ``update``: cosine from 1 down to ``lr_final`` over all updates."""

@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING
 from madistill.stages.registry import Stage
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from omegaconf import DictConfig
 
+    from madistill.policies.base import TeamPolicy
     from madistill.tb import TBLogger
 
 
@@ -37,6 +40,7 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
     from tqdm.auto import tqdm
 
     from madistill.attacks.budget import group_budgets
+    from madistill.attacks.collection import training_director
     from madistill.branching import Branching, value_critic
     from madistill.envs.features import feature_layouts
     from madistill.errors import MadistillError
@@ -72,9 +76,28 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         budgets = group_budgets(1.0, layouts, cfg.attack.exclude, device, cfg.attack.scale)
         branching = Branching(spec, venv.groups, venv.backend) if fc.attack_objective == "targeted_lookahead" else None
-        attack = collection_attack(venv.groups, budgets, fc, cfg.attack, branching, critic=value_critic(teacher))
+        acting = actor_critic_team(student, teacher)
+        director = None
+        alternate: Callable[[int, TeamPolicy], None] | None = None
+        if fc.attack_objective == "director" and fc.attack_fraction > 0 and fc.eps > 0:
+            # ATLA-style alternation: trained against the student before fine-tuning starts, then again every
+            # director_every agent-steps against the student as it is then
+            director = training_director(spec, venv.groups, fc.steps, cfg.attack, cfg.seed)
+            eps_budgets = {name: b.scaled(float(fc.eps)) for name, b in budgets.items()}
+
+            def train_director(step: int, team: TeamPolicy, director=director) -> None:
+                tqdm.write(f"training the director against the student of step {step}: "
+                           f"{cfg.attack.director_retrain_steps} env steps (attack.director_retrain_steps)")
+                director.train_against(team, eps_budgets)
+                if director.curve.points:  # its last rollout's return: how much it takes from the student now
+                    tb.scalar("finetune/director_return", director.curve.points[-1][1], step)
+
+            alternate = train_director
+            train_director(0, acting)
+        attack = collection_attack(venv.groups, budgets, fc, cfg.attack, branching, critic=value_critic(teacher),
+                                   director=director)
         regularisers = smoothness_regularisers(venv.groups, budgets, fc, cfg.seed, device)
-        with TeacherTrainer(cfg, venv, spec, device, tb, actor_critic_team(student, teacher), attack,
+        with TeacherTrainer(cfg, venv, spec, device, tb, acting, attack,
                             total_agent_steps=fc.total_agent_steps, learning_rate=fc.learning_rate,
                             episode_seed=finetune_episode_seed(cfg.seed), extra_losses=regularisers) as trainer, \
                 ExitStack() as stack:
@@ -84,13 +107,14 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
                                   finetune_validation_seed(cfg.seed), tb)
                 best.offer(0, student)
                 trainer.train(run_dir, lambda step, team: best.offer(step, student_from_actor(team, student)),
-                              fc.select_every)
+                              fc.select_every, alternate, fc.director_every)
                 best.save(run_dir / "reports" / "selection.json")
                 tuned = best.team
                 tqdm.write(f"selected the student of step {best.best.step} of {trainer.agent_steps}: validation "
                            f"clean {best.best.clean:.2f}, worst {best.best.worst:.2f} (reports/selection.json)")
             else:
-                tuned = student_from_actor(trainer.train(run_dir), student)
+                tuned = student_from_actor(trainer.train(run_dir, alternate=alternate, alternate_every=fc.director_every),
+                                           student)
     config = OmegaConf.to_container(cfg, resolve=True)
     saved = manifest.get("config", {})
     config["distill"] = {**saved.get("distill", {}), "teacher": str(tdir)}  # how the student was distilled, and from what
