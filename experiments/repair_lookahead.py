@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from madistill.attacks.budget import group_budgets
 from madistill.attacks.collection import collection_transforms
-from madistill.attacks.methods import training_attack
+from madistill.attacks.methods import force_targets
 from madistill.attacks.robustness import evaluate_robustness
 from madistill.branching import Branching
 from madistill.cli import compose_config
@@ -126,8 +126,8 @@ def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, se
             head = policy(x)
         budget = unit[group].scaled(eps)
         rows = (target >= 0).nonzero().flatten()
-        forced = training_attack("targeted_random", cfg.distill.adv_steps).force(
-            policy, x[rows], target[rows], budget, torch.Generator().manual_seed(seed))
+        forced = force_targets(policy, x[rows], target[rows], budget, cfg.distill.adv_steps,
+                               torch.Generator().manual_seed(seed))
         reached = greedy_actions(policy, forced) == target[rows]
         layers = repair_path(policy).hidden
         rc = cfg.repair

@@ -334,6 +334,14 @@ def training_attack(name: str, steps: int, candidates: int = 1) -> Attack:
     return replace(pgd, objective=name) if name in ("kl", "ce") else variants(pgd)[name]
 
 
+def force_targets(policy: Policy, x: torch.Tensor, target: torch.Tensor, budget: Budget, steps: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each row of ``x`` perturbed within ``budget`` towards its ``target`` action by the training attack's
+    targeted PGD (``steps`` steps; that of targeted_random, whose own target choice is not used): how robust
+    training and repair force a target a lookahead recorded on the policy they train."""
+    return training_attack("targeted_random", steps).force(policy, x, target, budget, generator)
+
+
 def variants(pgd: Attack) -> dict[str, Attack]:
     """The gradient and sampling attacks of the suite, all derived from one PGD's settings: ``pgd_strong``
     (2x steps and restarts, for the masking checks), ``critic`` (PGD on a critic's value), ``transfer`` (the

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from madistill.attacks.budget import Budget
-from madistill.attacks.methods import Attack, training_attack
+from madistill.attacks.methods import Attack, force_targets, training_attack
 from madistill.common.divergences import divergence
 from madistill.config import AttackConfig, DistillConfig
 from madistill.distill.dataset import GroupData
@@ -114,8 +114,7 @@ class DistillLoss:
         rows = (batch.target >= 0).nonzero().flatten()
         if len(rows):
             forced = batch.obs.detach().clone()
-            forced[rows] = training_attack("targeted_random", self.adv_steps).force(
-                student, batch.obs[rows], batch.target[rows], budget, generator)
+            forced[rows] = force_targets(student, batch.obs[rows], batch.target[rows], budget, self.adv_steps, generator)
             points.append(forced)
         if len(points) == 1:
             return points[0]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from madistill.attacks.budget import Budget
-from madistill.attacks.methods import Attack, training_attack
+from madistill.attacks.methods import Attack, force_targets
 from madistill.errors import MadistillError
 from madistill.normalize import ObsNormalizer
 from madistill.policies.base import Policy, greedy_actions
@@ -63,7 +63,7 @@ def forced_failures(policy: Policy, states: torch.Tensor, targets: torch.Tensor,
     rows = (targets >= 0).nonzero().flatten()
     x, target = states[rows], targets[rows]
     gen = torch.Generator(device=states.device).manual_seed(seed)
-    forced = training_attack("targeted_random", steps).force(policy, x, target, budget, gen)
+    forced = force_targets(policy, x, target, budget, steps, gen)
     reached = (greedy_actions(policy, forced) == target).nonzero().flatten()[:limit]
     return FailureSet(forced[reached].detach(), greedy_actions(policy, x[reached]), name, len(rows))
 

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from madistill.attacks.budget import Budget
-from madistill.attacks.methods import training_attack
+from madistill.attacks.methods import force_targets
 from madistill.distill.dataset import GroupData
 from madistill.distill.loss import DistillLoss
 from madistill.envs.features import FeatureLayout
@@ -111,8 +111,7 @@ class ForcedTargets:
             return float("nan")
         x = self.data.obs[rows]
         gen = torch.Generator(device=x.device).manual_seed(seed)
-        forced = training_attack("targeted_random", self.objective.adv_steps).force(
-            tuned, x, self.data.target[rows], self.budget, gen)
+        forced = force_targets(tuned, x, self.data.target[rows], self.budget, self.objective.adv_steps, gen)
         return float((greedy_actions(tuned, forced) == greedy_actions(original, x)).float().mean())
 
 
