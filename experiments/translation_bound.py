@@ -16,8 +16,11 @@ the four diagonals), and ``offsets``, per episode the worst of those and of the 
 features only; the attacker may simulate each episode, as a worst case over a fixed set of perturbations).
 100 episodes with the attack stage's seeds (those of ``experiments/robustness.py``); greedy actions. The bound is heuristic: a robust policy need not act like the teacher in every plausible world.
 
-    python experiments/translation_bound.py runs/teachers/simple_spread_v3 --features landmark_0 landmark_1 landmark_2 \\
-        --students runs/experiments/robustness/simple_spread_v3/robust_s{0,1,2}
+    python experiments/translation_bound.py runs/zoo/spread/teacher/s0 --features landmark_0 landmark_1 landmark_2 \\
+        other_0 other_1 --eps 0.2 --corners 1000 --students runs/zoo/spread/robust/s0
+
+The teacher's worst case over the suite comes from ``experiments/results/robustness_<env>.json``
+(``experiments/robustness.py`` on the same teacher); students are named by the path given.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ def main() -> None:
             dims[g] = ([i[0] for i in idx], [i[1] for i in idx])
         agents = [a for g in venv.groups for a in g.agents]
         policies = {"teacher": load_team(tdir, venv.groups)[0]}
-        policies.update({p.name: load_team(p, venv.groups)[0] for p in args.students})
+        policies.update({str(p): load_team(p, venv.groups)[0] for p in args.students})
         for name, team in tqdm(policies.items(), desc="policies"):
             clean = returns_under(venv, team, None, args.episodes, seed)
             row: dict = {"clean": float(clean.mean()), "translation": {}, "offsets": {}}
