@@ -8,11 +8,11 @@ as SB3's do by default). Variants are interleaved per repeat so drifts in machin
 the env workers is not timed.
 
     python experiments/bench_update_modes.py [--steps 30720] [--repeats 2] [--checks]
-    python experiments/bench_update_modes.py --update [--copies 8] [--repeats 2]   # PPO updates alone
+    python experiments/bench_update_modes.py --update [--preset tutorial] [--repeats 2]   # PPO updates alone
 
 Writes ``experiments/results/update_modes_simple_spread_v3.json`` (agent-steps/s per variant and repeat), with
-``--update`` ``update_cost_simple_spread_v3.json`` (seconds per update of each variant, 5 x ``--repeats`` interleaved
-repeats, and the paired ratios with 95% bootstrap intervals).
+``--update`` ``update_cost_simple_spread_v3[_<preset>].json`` (seconds per update of each variant, 5 x ``--repeats``
+interleaved repeats, and the paired ratios with 95% bootstrap intervals).
 """
 
 from __future__ import annotations
@@ -55,8 +55,18 @@ UPDATES = ("SB3 train(), checks off", "SB3 train(), checks on", "fast_train, one
 RATIOS = ((UPDATES[0], UPDATES[2]), (UPDATES[0], UPDATES[3]), (UPDATES[2], UPDATES[3]), (UPDATES[1], UPDATES[0]))
 
 
-def update_cost(copies: int, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Seconds per PPO update of one spread group on a rollout of ``copies`` copies, wall and the process's CPU
+# --update's PPO settings and networks: the tutorial recipe's (bench_throughput.py), madistill's teacher defaults
+# on spread (teacher.ppo, env.num_envs, the spread env's 2x256 teacher), and the spread_batched recipe's (its
+# local-critic variant); copies, rollout steps, minibatch size, epochs, hidden sizes
+PRESETS = {
+    "tutorial": (8, PPO_SETTINGS["n_steps"], PPO_SETTINGS["batch_size"], PPO_SETTINGS["n_epochs"], HIDDEN),
+    "teacher_defaults": (16, 100, 1600, 15, [256, 256]),
+    "spread_batched": (128, 50, 3200, 10, [64, 64]),
+}
+
+
+def update_cost(preset: str, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per PPO update of one spread group at the settings of ``preset``, wall and the process's CPU
     time (which other jobs on the cores disturb less; it counts both threads of the critic-thread variant),
     interleaved ``repeats`` times: SB3's ``train()`` with torch's distribution checks off (as it runs where the fast
     update does not apply) and on, and madistill's ``fast_train`` in one thread and with ``critic_thread`` (the
@@ -67,8 +77,10 @@ def update_cost(copies: int, repeats: int) -> dict[str, dict[str, list[float]]]:
     env = make_env(EnvSpec("mpe2.simple_spread_v3.parallel_env", ENV_KWARGS))
     (group,) = group_agents(env)
     env.close()
-    arch = {"hidden_sizes": HIDDEN, "activation": "tanh", "team_state_dim": 0}
-    model = build_model(group, copies, arch, dict(PPO_SETTINGS), 0, "cpu")
+    copies, n_steps, batch_size, n_epochs, hidden = PRESETS[preset]
+    arch = {"hidden_sizes": hidden, "activation": "tanh", "team_state_dim": 0}
+    ppo = {**PPO_SETTINGS, "n_steps": n_steps, "batch_size": batch_size, "n_epochs": n_epochs}
+    model = build_model(group, copies, arch, ppo, 0, "cpu")
     buf, rng = model.rollout_buffer, np.random.default_rng(0)
     buf.observations[:] = rng.normal(size=buf.observations.shape)
     buf.actions[:] = rng.integers(0, group.action_space.n, size=buf.actions.shape)
@@ -100,20 +112,22 @@ def paired_ratio(slow: list[float], fast: list[float], n_boot: int = 2000) -> tu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--copies", type=int, default=8, help="env copies of the training runs (--update: the preset's)")
     ap.add_argument("--steps", type=int, default=128 * 8 * 3 * 10, help="agent-steps per measurement")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--checks", action="store_true", help="also every mode with distribution checks on")
     ap.add_argument("--update", action="store_true",
                     help="only time PPO updates: SB3's train() with the checks off and on, and fast_train in one and two threads")
+    ap.add_argument("--preset", choices=list(PRESETS), default="tutorial", help="--update's PPO settings and network")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as bench_throughput.py: small MLPs run fastest on one thread per process
     if args.update:
-        times = update_cost(args.copies, 5 * args.repeats)
-        steps = PPO_SETTINGS["n_epochs"] * -(-PPO_SETTINGS["n_steps"] * args.copies * 3 // PPO_SETTINGS["batch_size"])
-        print(f"simple_spread_v3 N=3, {args.copies} copies: one update of {PPO_SETTINGS['n_steps'] * args.copies * 3} "
-              f"agent-steps, {steps} gradient steps, {5 * args.repeats} interleaved repeats, load average "
-              f"{os.getloadavg()[0]:.1f}")
+        times = update_cost(args.preset, 5 * args.repeats)
+        copies, n_steps, batch_size, n_epochs, hidden = PRESETS[args.preset]
+        steps = n_epochs * -(-n_steps * copies * 3 // batch_size)
+        print(f"simple_spread_v3 N=3, {args.preset}: {copies} copies, one update of {n_steps * copies * 3} agent-steps, "
+              f"{steps} gradient steps of {batch_size}, {hidden} MLPs, {5 * args.repeats} interleaved repeats, load "
+              f"average {os.getloadavg()[0]:.1f}")
         ratios: dict[str, dict[str, tuple[float, float, float]]] = {}
         for clock, by_variant in times.items():
             for name, t in by_variant.items():
@@ -122,8 +136,10 @@ def main() -> None:
             ratios[clock] = {f"{a} / {b}": paired_ratio(by_variant[a], by_variant[b]) for a, b in RATIOS}
             for name, (median, lo, hi) in ratios[clock].items():
                 print(f"{clock:>4} {name}: {median:.2f}x [95% bootstrap CI {lo:.2f}, {hi:.2f}]")
-        out = Path(__file__).parent / "results" / "update_cost_simple_spread_v3.json"
-        out.write_text(json.dumps({"settings": {"copies": args.copies, "ppo": PPO_SETTINGS, "hidden": HIDDEN},
+        suffix = "" if args.preset == "tutorial" else f"_{args.preset}"
+        out = Path(__file__).parent / "results" / f"update_cost_simple_spread_v3{suffix}.json"
+        out.write_text(json.dumps({"settings": {"preset": args.preset, "copies": copies, "n_steps": n_steps,
+                                                "batch_size": batch_size, "n_epochs": n_epochs, "hidden": hidden},
                                    "seconds_per_update": times,
                                    "paired_ratio": {clock: {k: {"median": m, "ci95": [lo, hi]} for k, (m, lo, hi) in r.items()}
                                                     for clock, r in ratios.items()},

@@ -389,6 +389,13 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
             for rows in torch.as_tensor(buffer.permutation(), device=buffer.device).split(model.batch_size):
                 data = buffer.samples(rows)
                 features = policy.extract_features(data.observations)
+                if critic is not None:
+                    # SB3's loss is actor_loss + vf_coef * value_loss, and with separate heads each term's gradient
+                    # reaches its own parameters: the critic's term is back-propagated in the second thread while
+                    # this one runs the actor's, to the same floats (a minibatch that stops the update is never
+                    # stepped on, so its critic gradient is dropped)
+                    adam.zero_grad()
+                    critic.submit(functools.partial(_value_backward, model.vf_coef, policy, features, data, clip_range_vf))
                 log_prob, entropy = _actor_terms(policy, features, data.actions)
                 advantages = data.advantages
                 if model.normalize_advantage and len(advantages) > 1:
@@ -404,20 +411,17 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
                     logged["clip_fraction"].append(torch.mean((torch.abs(ratio - 1) > clip_range).float()))
                 # compared as SB3 compares it: a float32 array against the Python float
                 stop = model.target_kl is not None and bool(approx_kl[-1].cpu().numpy() > 1.5 * model.target_kl)
-                if stop:  # SB3 logs the losses of the minibatch it stops at, and steps on none of it
+                if critic is not None:
+                    if not stop:
+                        actor_loss.backward()
+                    value_loss = critic.result()
+                elif stop:  # SB3 logs the losses of the minibatch it stops at, and steps on none of it
                     with torch.no_grad():
                         value_loss = _value_loss(policy, features, data, clip_range_vf)
-                elif critic is None:
+                else:
                     adam.zero_grad()
                     value_loss = _value_loss(policy, features, data, clip_range_vf)
                     (actor_loss + model.vf_coef * value_loss).backward()
-                else:
-                    # SB3's loss is actor_loss + vf_coef * value_loss, and with separate heads each term's gradient
-                    # reaches its own parameters, so the two are back-propagated apart, in parallel, to the same floats
-                    adam.zero_grad()
-                    critic.submit(functools.partial(_value_backward, model.vf_coef, policy, features, data, clip_range_vf))
-                    actor_loss.backward()
-                    value_loss = critic.result()
                 loss = actor_loss.detach() + model.vf_coef * value_loss.detach()
                 for key, value in (("entropy_loss", entropy_loss), ("policy_gradient_loss", policy_loss),
                                    ("value_loss", value_loss)):

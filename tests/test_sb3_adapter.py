@@ -230,7 +230,7 @@ def test_the_fast_update_learns_what_sb3s_train_learns(action_space, case, criti
 @pytest.mark.parametrize("critic", ["local", "central", "cnn"])
 def test_the_critic_thread_computes_the_same_floats_as_one_thread(action_space, case, critic, monkeypatch):
     """``critic_thread``: the critic's pass in its own thread gives bit-identical parameters, logged values and
-    update count, and runs once per optimiser step; a CNN encoder that feeds both heads keeps the joint pass."""
+    update count, and runs once per minibatch; a CNN encoder that feeds both heads keeps the joint pass."""
     net = {"central": {"team_state_dim": 4}, "cnn": {"obs_space": IMAGE}}.get(critic, {})
     one = _ppo(action_space, True, critic_thread=False, **net, **CASES[case])
     one_params, one_logged = _updates(one, [True, True])
@@ -243,7 +243,9 @@ def test_the_critic_thread_computes_the_same_floats_as_one_thread(action_space, 
     assert torch.equal(params, one_params)
     assert logged == one_logged and update_count(two) == update_count(one)
     steps = float(two.policy.optimizer.state[next(two.policy.parameters())]["step"])
-    assert len(jobs) == (0 if critic == "cnn" else steps) and steps > 0
+    # one job per optimiser step, and one more for each update that stopped early (its gradient is dropped)
+    extra = (0, 0) if case != "target_kl" else (1, 2)
+    assert steps > 0 and (critic == "cnn" and not jobs or steps + extra[0] <= len(jobs) <= steps + extra[1])
 
 
 def test_an_error_in_the_critic_thread_is_raised_and_leaves_the_parameters_in_their_own_storage(monkeypatch):
