@@ -139,9 +139,11 @@ class MaskedRolloutBuffer(RolloutBuffer):
         return self.samples(torch.as_tensor(batch_inds, device=self.device))
 
     def samples(self, rows: torch.Tensor) -> RolloutBufferSamples:
-        """The minibatch of the flattened rollout's ``rows`` (a tensor of indices): views of one gather."""
+        """The minibatch of the flattened rollout's ``rows`` (a tensor of indices), from one gather. Each field is
+        made contiguous, as SB3's own minibatches are: a reduction over a strided column (the advantages' mean and
+        std) can add its floats in another order, and then training no longer saves the weights SB3's buffer gives."""
         obs, actions, *flat = self.packed.index_select(0, rows).split(self.widths, dim=1)
-        return RolloutBufferSamples(obs, actions, *(t.flatten() for t in flat))
+        return RolloutBufferSamples(obs.contiguous(), actions.contiguous(), *(t.flatten().contiguous() for t in flat))
 
     def live_observations(self, n: int, rng: np.random.Generator, width: int, device: torch.device | str) -> torch.Tensor:
         """``n`` (at most all) distinct live observations drawn by ``rng``, their first ``width`` features, from

@@ -119,8 +119,9 @@ def test_actor_parameters_are_the_actors_and_not_the_critics(model):
 
 
 def test_masked_minibatches_are_sb3s_own(model):
-    """The minibatches gathered from tensor views hold what SB3's RolloutBuffer._get_samples gives for the
-    same rows: the same fields in the same order, values, dtypes and shapes."""
+    """The minibatches gathered from the packed rollout hold what SB3's RolloutBuffer._get_samples gives for the
+    same rows: the same fields in the same order, values, dtypes, shapes and memory layout (a strided column
+    reduces to other floats: the advantages' mean and std, and with them every trained weight)."""
     live = np.ones((N_STEPS, N_ENVS * 3), dtype=bool)
     _fill(model, live)
     buf = model.rollout_buffer
@@ -134,6 +135,7 @@ def test_masked_minibatches_are_sb3s_own(model):
     assert ours._fields == sb3._fields
     for a, b in zip(ours, sb3):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{SB3}: RolloutBuffer._get_samples changed"
+        assert a.stride() == b.stride() and a.is_contiguous()
 
 
 # ---- the fast update (fast_train) against SB3's PPO.train() --------------------------------------------------
