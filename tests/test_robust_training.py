@@ -108,7 +108,7 @@ def test_training_attack_names_are_checked_in_one_line():
      "targeted_random, all>"),
     ("finetune", "finetune.attack_objective=lookahead",
      "finetune.attack_objective cannot be 'lookahead': use finetune.attack_objective=<one of ce, kl, targeted_lowest, "
-     "targeted_random, targeted_lookahead>"),
+     "targeted_random, targeted_lookahead, director>"),
     ("distill", "distill.adv_collect_targets=true",
      "distill.adv_collect_targets must be false unless distill.adv_collect > 0 and "
      "distill.adv_collect_objective=targeted_lookahead (the targets are the lookahead's), got True"),
