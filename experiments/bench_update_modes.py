@@ -1,5 +1,6 @@
-"""Teacher-training throughput of each ``teacher.update_mode``, and the cost of one PPO update (SB3's ``train()``
-with and without its distribution checks, and madistill's ``fast_train`` in one thread and with its critic thread), side by side.
+"""Teacher-training throughput of each ``teacher.update_mode`` (with and without the fast update's critic thread),
+and the cost of one PPO update (SB3's ``train()`` with and without its distribution checks, and madistill's
+``fast_train`` in one thread and with its critic thread), side by side.
 
 Trains teachers on simple_spread_v3 (8 copies, the settings of ``bench_throughput.py``) with every update mode
 the installed madistill offers, one env worker, and with ``--checks`` each mode once more with torch's
@@ -37,9 +38,9 @@ from bench_throughput import ENV_KWARGS, HIDDEN, PPO_SETTINGS, madistill_run  # 
 
 def available_modes() -> list[str]:
     """The update modes the installed madistill accepts."""
-    from madistill import teacher
+    from madistill.config import UpdateMode
 
-    return list(teacher.UPDATE_MODES)
+    return [m.value for m in UpdateMode]
 
 
 @contextmanager
@@ -119,6 +120,8 @@ def main() -> None:
     ap.add_argument("--update", action="store_true",
                     help="only time PPO updates: SB3's train() with the checks off and on, and fast_train in one and two threads")
     ap.add_argument("--preset", choices=list(PRESETS), default="tutorial", help="--update's PPO settings and network")
+    ap.add_argument("--out", type=Path, help="results file of the training runs (default: "
+                    "experiments/results/update_modes_simple_spread_v3.json)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as bench_throughput.py: small MLPs run fastest on one thread per process
     if args.update:
@@ -150,6 +153,8 @@ def main() -> None:
     for r in range(args.repeats):
         for mode in available_modes():
             rows.setdefault(f"update_mode={mode}", []).append(madistill_run(args.copies, args.steps, 1, r, mode, "pettingzoo")[0])
+            rows.setdefault(f"update_mode={mode}, critic thread off", []).append(
+                madistill_run(args.copies, args.steps, 1, r, mode, "pettingzoo", critic_thread=False)[0])
             if args.checks:
                 with distribution_checks_on():
                     rows.setdefault(f"update_mode={mode}, distribution checks on", []).append(
@@ -158,7 +163,7 @@ def main() -> None:
           f"{args.repeats} repeats")
     for name, sps in rows.items():
         print(f"{name:<46} {statistics.median(sps):>8.0f} agent-steps/s  [{min(sps):.0f}, {max(sps):.0f}]")
-    out = Path(__file__).parent / "results" / "update_modes_simple_spread_v3.json"
+    out = args.out or Path(__file__).parent / "results" / "update_modes_simple_spread_v3.json"
     settings = {"copies": args.copies, "steps": args.steps, "workers": 1, "repeats": args.repeats, "ppo": PPO_SETTINGS,
                 "hidden": HIDDEN, "env": ENV_KWARGS}
     out.write_text(json.dumps({"settings": settings, "agent_steps_per_s": rows}, indent=2))
