@@ -41,6 +41,7 @@ FINETUNE_SEED = 10_000_000  # fine-tuning's block of a run seed, per unit of (1 
 FINETUNE_VALIDATION = 5_000_000  # checkpoint validation's start past fine-tuning's own
 PURIFY_SEED = 200_000_000  # the purifier's training data, past every fine-tuning block
 DIRECTOR_SEED = 300_000_000  # robust training's alternating director, past every purifier block
+DIRECTOR_ROUND = 100_000  # seeds between two trainings of the alternating director
 
 
 def dagger_round_seed(seed: int, r: int) -> int:
@@ -63,7 +64,7 @@ def purify_seed(seed: int) -> int:
     return PURIFY_SEED + 1_000_000 * seed
 
 
-def director_seed(seed: int) -> int:
-    """The first episode seed of the alternating director of a robust training run with seed ``seed`` (its k-th
-    training starts ``DIRECTOR_ROUND_SEEDS * k`` later, madistill/attacks/learned.py)."""
-    return DIRECTOR_SEED + 10_000_000 * seed
+def director_seed(seed: int, k: int) -> int:
+    """The first episode seed of the ``k``-th training of the alternating director of a robust training run with
+    seed ``seed``."""
+    return DIRECTOR_SEED + 10_000_000 * seed + DIRECTOR_ROUND * k

@@ -221,9 +221,9 @@ def test_an_alternating_director_goes_on_learning_in_each_training_and_forces_it
         reset = AdversaryEnv.reset
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(AdversaryEnv, "reset", lambda self, seed=None, **k: seeds.append(seed) or reset(self, seed=seed, **k))
-            director.train_against(team, budgets)
+            director.train_against(team, budgets, 1.0)
             model = director.model
-            director.train_against(team, budgets)
+            director.train_against(team, budgets, 1.0)
         assert director.model is model and model.num_timesteps == 1536 and director.rounds == 2
         assert [s for s, _ in director.curve.points] == list(range(128, 1537, 128))
         given = [s for s in seeds if s is not None]  # the seeds each training starts its 4 copies from

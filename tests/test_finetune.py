@@ -185,9 +185,9 @@ def test_finetune_alternates_the_director_with_the_student(cli, student_run, tmp
     trained, forced = [], []
     train_against, deltas = AlternatingDirector.train_against, Director.deltas
 
-    def spy(self, team, budgets):
+    def spy(self, team, unit_budgets, eps):
         trained.append(torch.cat([p.detach().flatten().clone() for p in team.parameters()]))
-        train_against(self, team, budgets)
+        train_against(self, team, unit_budgets, eps)
 
     monkeypatch.setattr(AlternatingDirector, "train_against", spy)
     monkeypatch.setattr(Director, "deltas", lambda self, *a: forced.append(1) or deltas(self, *a))

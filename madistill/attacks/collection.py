@@ -18,7 +18,6 @@ from madistill.config import AttackConfig
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
 from madistill.policies.base import TeamPolicy
-from madistill.seeds import director_seed
 
 
 def collection_transforms(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, Budget], objective: str,
@@ -62,4 +61,4 @@ def training_director(spec: EnvSpec, groups: Sequence[AgentGroup], steps: int, a
     targeted PGD of ``steps`` steps (that of targeted_random, whose own target choice is not used), the
     ``attack.director_*`` settings; untrained until its owner trains it against the policy it attacks."""
     return AlternatingDirector(spec, [a for g in groups for a in g.agents], training_attack("targeted_random", steps),
-                               attack_settings, director_seed(seed))
+                               attack_settings, seed)

@@ -36,10 +36,8 @@ from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import flatten_obs
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy, TeamPolicy
+from madistill.seeds import director_seed
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
-
-# episode seeds between two trainings of an AlternatingDirector (each plays fewer episodes than this)
-DIRECTOR_ROUND_SEEDS = 100_000
 
 
 def _slots(team: TeamPolicy, victims: Sequence[str]) -> list[tuple[str, int, str]]:
@@ -281,20 +279,22 @@ class AlternatingDirector:
     ``distill.adv_collect_objective=director``). Each :meth:`train_against` goes on training the same PPO director
     for ``attack.director_retrain_steps`` env steps against a frozen copy of the team as it is then, every agent a
     victim, its targets realised by ``force`` (targeted PGD); :meth:`transform` applies it to a rollout. The
-    director's settings (copies, PPO arguments, reachable ranks) are the suite's ``attack.director_*``."""
+    director's settings (copies, PPO arguments, reachable ranks) are the suite's ``attack.director_*``; ``seed`` is
+    the robust training run's."""
 
     def __init__(self, spec: EnvSpec, victims: Sequence[str], force: Attack, settings: Any, seed: int):
         self.spec, self.victims, self.force, self.settings, self.seed = spec, list(victims), force, settings, int(seed)
         self.model: PPO | None = None
-        self.rounds = 0  # trainings so far, each in episodes of its own
+        self.rounds = 0  # trainings so far, each in episodes of its own (madistill/seeds.py: director_seed)
         self.curve = TrainingCurve()
 
-    def train_against(self, team: TeamPolicy, budgets: Mapping[str, Budget]) -> None:
+    def train_against(self, team: TeamPolicy, unit_budgets: Mapping[str, Budget], eps: float) -> None:
         """Train the director ``attack.director_retrain_steps`` more env steps against ``team`` as it is now,
-        within ``budgets``."""
+        within radius ``eps`` of the ``unit_budgets`` (the budgets :meth:`transform` is given at that eps)."""
         ac = self.settings
+        budgets = {name: b.scaled(float(eps)) for name, b in unit_budgets.items()}
         self.model = train_adversary(self.spec, team, self.victims, budgets, int(ac.director_retrain_steps),
-                                     self.seed + self.rounds * DIRECTOR_ROUND_SEEDS, n_envs=int(ac.director_envs),
+                                     director_seed(self.seed, self.rounds), n_envs=int(ac.director_envs),
                                      ppo_kwargs=dict(ac.director_ppo), director=self.force, curve=self.curve,
                                      reachable=bool(ac.director_reachable), model=self.model)
         self.rounds += 1

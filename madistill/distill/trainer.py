@@ -155,7 +155,7 @@ class DistillTrainer:
                                                   self.cfg.attack, self.cfg.seed)
             tqdm.write(f"training the director against the student: {self.cfg.attack.director_retrain_steps} env "
                        "steps (attack.director_retrain_steps)")
-            self.director.train_against(self.student, {n: b.scaled(self.adv_eps()) for n, b in self.unit_budgets.items()})
+            self.director.train_against(self.student, self.unit_budgets, self.adv_eps())
         return collection_transforms(self.teacher.groups, self.unit_budgets, objective, self.loss.adv_steps,
                                      float(self.dc.adv_collect), self.adv_eps(), self.cfg.attack, self.branching,
                                      value_critic(self.teacher), surrogate=self.student, director=self.director)

@@ -83,12 +83,11 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
             # ATLA-style alternation: trained against the student before fine-tuning starts, then again every
             # director_every agent-steps against the student as it is then
             director = training_director(spec, venv.groups, fc.steps, cfg.attack, cfg.seed)
-            eps_budgets = {name: b.scaled(float(fc.eps)) for name, b in budgets.items()}
 
             def train_director(step: int, team: TeamPolicy, director=director) -> None:
                 tqdm.write(f"training the director against the student of step {step}: "
                            f"{cfg.attack.director_retrain_steps} env steps (attack.director_retrain_steps)")
-                director.train_against(team, eps_budgets)
+                director.train_against(team, budgets, fc.eps)
                 if director.curve.points:  # its last rollout's return: how much it takes from the student now
                     tb.scalar("finetune/director_return", director.curve.points[-1][1], step)
 
