@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import queue
 import threading
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from typing import Any
 import numpy as np
 import stable_baselines3
 import torch
-import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -34,6 +32,7 @@ from stable_baselines3.common.utils import ConstantSchedule, explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch.distributions import Distribution
 
+from madistill import ppo_losses
 from madistill.errors import MadistillError
 
 SB3_VERSION = stable_baselines3.__version__
@@ -285,30 +284,6 @@ class _FlatAdam:
                                        "exp_avg": exp_avg.clone(), "exp_avg_sq": exp_avg_sq.clone()}
 
 
-def _actor_terms(policy: ActorCriticPolicy, features: Any, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The log-probabilities and entropies of SB3's ``evaluate_actions``, with torch's categorical and normal
-    formulas written out instead of distribution objects built per minibatch."""
-    out = policy.action_net(policy.mlp_extractor.forward_actor(
-        features if policy.share_features_extractor else features[0]))
-    if isinstance(policy.action_dist, CategoricalDistribution):
-        logits = out - out.logsumexp(-1, keepdim=True)  # torch's Categorical(logits=out)
-        log_prob = logits.gather(-1, actions.long()).flatten()
-        return log_prob, -(logits * torch.softmax(logits, -1)).sum(-1)
-    std = torch.ones_like(out) * policy.log_std.exp()  # SB3's DiagGaussianDistribution, torch's Normal
-    log_prob = -((actions - out) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
-    return log_prob.sum(dim=1), (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(std)).sum(dim=1)
-
-
-def _value_loss(policy: ActorCriticPolicy, features: Any, data: RolloutBufferSamples,
-                clip_range_vf: float | None) -> torch.Tensor:
-    """PPO's value loss of the minibatch ``data`` (SB3's, with its optional clipping around the old values)."""
-    values = policy.value_net(policy.mlp_extractor.forward_critic(
-        features if policy.share_features_extractor else features[1])).flatten()
-    if clip_range_vf is not None:
-        values = data.old_values + torch.clamp(values - data.old_values, -clip_range_vf, clip_range_vf)
-    return F.mse_loss(data.returns, values)
-
-
 def separate_heads(policy: ActorCriticPolicy) -> bool:
     """Whether no trainable parameter feeds both the actor's and the critic's output: then the critic's
     gradient can be computed apart from the actor's, with the same floats. A shared encoder with weights (a CNN)
@@ -319,9 +294,11 @@ def separate_heads(policy: ActorCriticPolicy) -> bool:
 class _CriticThread:
     """A second thread for :func:`fast_train`: it runs the critic's forward and backward pass of a minibatch while
     the calling thread runs the actor's. torch releases the GIL inside its operations, so the two passes use two
-    cores; their parameters are disjoint, so each gradient is the float the joint backward pass computes."""
+    cores; their parameters are disjoint, so each gradient is the float the joint backward pass computes. Its job
+    is one compiled call (:func:`_compiled_passes`), which holds the GIL only to start."""
 
-    def __init__(self) -> None:
+    def __init__(self, job: Callable[..., torch.Tensor]) -> None:
+        self._job = job
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = False
@@ -331,15 +308,17 @@ class _CriticThread:
 
     def _serve(self, torch_threads: int) -> None:
         torch.set_num_threads(torch_threads)
-        while (job := self._jobs.get()) is not None:
-            try:
-                self._results.put((job(), None))
-            except BaseException as e:  # raised again in the calling thread by result()
-                self._results.put((None, e))
+        with torch.jit.optimized_execution(False):  # as in fast_train (a setting of each thread)
+            while (job := self._jobs.get()) is not None:
+                try:
+                    self._results.put((job(), None))
+                except BaseException as e:  # raised again in the calling thread by result()
+                    self._results.put((None, e))
 
-    def submit(self, job: Callable[[], torch.Tensor]) -> None:
+    def submit(self, *args: Any) -> None:
+        """Start the job on ``args``."""
         self._pending = True
-        self._jobs.put(job)
+        self._jobs.put(functools.partial(self._job, *args))
 
     def result(self) -> torch.Tensor:
         """The running job's return value, once it finished (its exception, raised here)."""
@@ -358,12 +337,52 @@ class _CriticThread:
         self._thread.join()
 
 
-def _value_backward(vf_coef: float, policy: ActorCriticPolicy, features: Any, data: RolloutBufferSamples,
-                    clip_range_vf: float | None) -> torch.Tensor:
-    """Back-propagate ``vf_coef`` times the minibatch's value loss; the value loss, for the log."""
-    value_loss = _value_loss(policy, features, data, clip_range_vf)
-    (vf_coef * value_loss).backward()
-    return value_loss
+def _eager_losses(model: ScheduledEntropyPPO, features: Any, data: RolloutBufferSamples, clip_range: float,
+                  clip_range_vf: float | None) -> tuple[torch.Tensor, ...]:
+    """The actor's :func:`~madistill.ppo_losses.actor_losses` and the value loss of a minibatch, computed from
+    Python through the policy's modules (for policies whose heads share a CNN encoder)."""
+    policy = model.policy
+    out = policy.action_net(policy.mlp_extractor.forward_actor(
+        features if policy.share_features_extractor else features[0]))
+    log_std = None if isinstance(policy.action_dist, CategoricalDistribution) else policy.log_std
+    values = policy.value_net(policy.mlp_extractor.forward_critic(
+        features if policy.share_features_extractor else features[1])).flatten()
+    return (*ppo_losses.actor_losses(out, log_std, data.actions, data.old_log_prob, data.advantages,
+                                     model.normalize_advantage, clip_range, model.ent_coef, model.target_kl),
+            ppo_losses.value_loss(values, data.old_values, data.returns, clip_range_vf))
+
+
+def _compiled_passes(model: ScheduledEntropyPPO, clip_range: float,
+                     clip_range_vf: float | None) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """The actor's and the critic's forward and backward pass of a minibatch (its features and data), each one
+    compiled call (:mod:`madistill.ppo_losses`); None where a head is not a plain MLP or an encoder with weights
+    feeds both heads (:func:`separate_heads`). The actor's pass returns what
+    :func:`~madistill.ppo_losses.mlp_actor_backward` returns; the critic's pass returns the value loss and the
+    minibatch of the ``following`` rows (gathered after the pass, or None)."""
+    policy, buffer = model.policy, model.rollout_buffer
+    actor = ppo_losses.mlp_layers([*policy.mlp_extractor.policy_net, policy.action_net])
+    critic = ppo_losses.mlp_layers([*policy.mlp_extractor.value_net, policy.value_net])
+    if actor is None or critic is None or not separate_heads(policy):
+        return None
+    actor_pass, critic_pass = ppo_losses.compiled("mlp_actor_backward"), ppo_losses.compiled("mlp_value_backward")
+    log_std = None if isinstance(policy.action_dist, CategoricalDistribution) else policy.log_std
+    # a centralised critic's actor (madistill.policies.sb3._SplitMlp) reads the agent's own observation first
+    actor_dim = getattr(policy.mlp_extractor, "actor_dim", None)
+    shared = policy.share_features_extractor
+    settings = (model.normalize_advantage, clip_range, model.ent_coef, model.target_kl)
+
+    def act(features: Any, data: RolloutBufferSamples) -> Any:
+        x = features if shared else features[0]
+        return actor_pass(x if actor_dim is None else x[..., :actor_dim], *actor, log_std, data.actions,
+                          data.old_log_prob, data.advantages, *settings)
+
+    def criticize(features: Any, data: RolloutBufferSamples,
+                  following: torch.Tensor | None) -> tuple[torch.Tensor, RolloutBufferSamples | None]:
+        loss = critic_pass(features if shared else features[1], *critic, data.old_values, data.returns,
+                           clip_range_vf, model.vf_coef)
+        return loss, None if following is None else buffer.samples(following)
+
+    return act, criticize
 
 
 def fast_train(model: ScheduledEntropyPPO) -> None:
@@ -371,9 +390,10 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
     advantage normalisation, clipped surrogate, clip_range_vf, entropy and value coefficients, target_kl early
     stop, gradient clipping, Adam, schedules and logged values) without its per-minibatch overhead: one row gather
     per minibatch from the packed rollout, no distribution objects, the losses logged from tensors read once per
-    update, and Adam and the gradient clip on flat tensors (:class:`_FlatAdam`). With ``critic_thread`` and
-    :func:`separate_heads`, the critic's forward and backward pass run in a second thread beside the actor's
-    (:class:`_CriticThread`), to the same floats. The model must pass :func:`fast_update_unsupported`."""
+    update, Adam and the gradient clip on flat tensors (:class:`_FlatAdam`), and where both heads are plain MLPs
+    each head's pass as one compiled call (:func:`_compiled_passes`). With ``critic_thread`` the critic's pass
+    then runs in a second thread beside the actor's (:class:`_CriticThread`), to the same floats. The model must
+    pass :func:`fast_update_unsupported`."""
     policy, buffer = model.policy, model.rollout_buffer
     policy.set_training_mode(True)
     model._update_learning_rate(policy.optimizer)
@@ -383,68 +403,67 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
     logged: dict[str, list[torch.Tensor]] = {"entropy_loss": [], "policy_gradient_loss": [], "value_loss": [],
                                              "clip_fraction": []}
     adam = _FlatAdam(policy.optimizer)
-    critic = _CriticThread() if model.critic_thread and separate_heads(policy) else None
+    passes = _compiled_passes(model, clip_range, clip_range_vf)
+    critic = _CriticThread(passes[1]) if passes is not None and model.critic_thread else None
+    # TorchScript's optimiser would differentiate the compiled passes by its own derivative formulas, to other
+    # gradients than autograd's; unoptimised, autograd records the passes' operations as it records the modules'
     try:
-        for _ in range(model.n_epochs):
-            approx_kl: list[torch.Tensor] = []
-            stop = False
-            for rows in torch.as_tensor(buffer.permutation(), device=buffer.device).split(model.batch_size):
-                data = buffer.samples(rows)
-                features = policy.extract_features(data.observations)
-                if critic is not None:
-                    # SB3's loss is actor_loss + vf_coef * value_loss, and with separate heads each term's gradient
-                    # reaches its own parameters: the critic's term is back-propagated in the second thread while
-                    # this one runs the actor's, to the same floats (a minibatch that stops the update is never
-                    # stepped on, so its critic gradient is dropped)
+        with torch.jit.optimized_execution(False):
+            for _ in range(model.n_epochs):
+                log_ratios: list[torch.Tensor] = []
+                dists: list[torch.Tensor] = []
+                stop = False
+                batches = torch.as_tensor(buffer.permutation(), device=buffer.device).split(model.batch_size)
+                data = buffer.samples(batches[0])
+                for i in range(len(batches)):
+                    following = batches[i + 1] if i + 1 < len(batches) else None
+                    features = policy.extract_features(data.observations)
                     adam.zero_grad()
-                    critic.submit(functools.partial(_value_backward, model.vf_coef, policy, features, data, clip_range_vf))
-                log_prob, entropy = _actor_terms(policy, features, data.actions)
-                advantages = data.advantages
-                if model.normalize_advantage and len(advantages) > 1:
-                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-                ratio = torch.exp(log_prob - data.old_log_prob)
-                policy_loss = -torch.min(advantages * ratio,
-                                         advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
-                entropy_loss = -torch.mean(entropy)
-                actor_loss = policy_loss + model.ent_coef * entropy_loss
-                with torch.no_grad():
-                    log_ratio = log_prob - data.old_log_prob
-                    approx_kl.append(torch.mean((torch.exp(log_ratio) - 1) - log_ratio))
-                    logged["clip_fraction"].append(torch.mean((torch.abs(ratio - 1) > clip_range).float()))
-                # compared as SB3 compares it: a float32 array against the Python float
-                stop = model.target_kl is not None and bool(approx_kl[-1].cpu().numpy() > 1.5 * model.target_kl)
-                if critic is not None:
-                    if not stop:
-                        actor_loss.backward()
-                    value_loss = critic.result()
-                elif stop:  # SB3 logs the losses of the minibatch it stops at, and steps on none of it
-                    with torch.no_grad():
-                        value_loss = _value_loss(policy, features, data, clip_range_vf)
-                else:
-                    adam.zero_grad()
-                    value_loss = _value_loss(policy, features, data, clip_range_vf)
-                    (actor_loss + model.vf_coef * value_loss).backward()
-                loss = actor_loss.detach() + model.vf_coef * value_loss.detach()
-                for key, value in (("entropy_loss", entropy_loss), ("policy_gradient_loss", policy_loss),
-                                   ("value_loss", value_loss)):
-                    logged[key].append(value.detach())
+                    if passes is None:  # SB3's joint loss, back-propagated at once (a CNN encoder feeds both heads)
+                        actor_loss, policy_loss, log_ratio, dist, stop, value_loss = _eager_losses(
+                            model, features, data, clip_range, clip_range_vf)
+                        if not stop:
+                            (actor_loss + model.vf_coef * value_loss).backward()
+                        next_data = None if following is None else buffer.samples(following)
+                    else:
+                        # SB3's loss is actor_loss + vf_coef * value_loss, and with separate heads each term's
+                        # gradient reaches its own parameters: each is back-propagated on its own, the critic's in
+                        # the second thread while this one runs the actor's, to the same floats (a minibatch that
+                        # stops the update is never stepped on, so its critic gradient is dropped); that thread
+                        # then gathers the following minibatch, which no step changes
+                        if critic is not None:
+                            critic.submit(features, data, following)
+                        actor_loss, policy_loss, log_ratio, dist, stop = passes[0](features, data)
+                        value_loss, next_data = (critic.result() if critic is not None
+                                                 else passes[1](features, data, following))
+                    log_ratios.append(log_ratio)
+                    dists.append(dist)
+                    logged["policy_gradient_loss"].append(policy_loss.detach())
+                    logged["value_loss"].append(value_loss.detach())
+                    if stop:  # SB3 logs the losses of the minibatch it stops at, and steps on none of it
+                        break
+                    adam.clip_grad_norm(model.max_grad_norm)
+                    model.run_step_hooks()
+                    adam.step()
+                    data = next_data
+                approx_kl, clip_fraction, entropy_loss = ppo_losses.logged_stats(
+                    log_ratios, dists, not isinstance(policy.action_dist, CategoricalDistribution), clip_range,
+                    model.batch_size)
+                logged["clip_fraction"].append(clip_fraction)
+                logged["entropy_loss"].append(entropy_loss)
+                model._n_updates += 1
                 if stop:
                     break
-                adam.clip_grad_norm(model.max_grad_norm)
-                model.run_step_hooks()
-                adam.step()
-            model._n_updates += 1
-            if stop:
-                break
     finally:
         if critic is not None:
             critic.close()
         adam.close()
-    # SB3 logs the mean of each minibatch's value read as a Python float, approx_kl's of the last epoch as float32
+    # SB3 logs the mean of each minibatch's value read as a Python float, approx_kl's of the last epoch as float32,
+    # and the last minibatch's loss
     for key, values in logged.items():
-        model.logger.record(f"train/{key}", np.mean(torch.stack(values).tolist()))
-    model.logger.record("train/approx_kl", np.mean(torch.stack(approx_kl).cpu().numpy()))
-    model.logger.record("train/loss", loss.item())
+        model.logger.record(f"train/{key}", np.mean(torch.cat([v.reshape(-1) for v in values]).tolist()))
+    model.logger.record("train/approx_kl", np.mean(approx_kl.cpu().numpy()))
+    model.logger.record("train/loss", (actor_loss.detach() + model.vf_coef * value_loss.detach()).item())
     model.logger.record("train/explained_variance",
                         explained_variance(buffer.values.flatten(), buffer.returns.flatten()))
     if hasattr(policy, "log_std"):

@@ -16,7 +16,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version", "seeds"),
     ("envs",),
     ("runtime", "config"),
-    ("normalize", "policies", "sb3_adapter"),
+    ("normalize", "policies", "ppo_losses", "sb3_adapter"),
     ("transforms", "rollout", "bonus", "tb", "branching"),
     ("common",),
     ("evaluate", "teacher"),

@@ -14,7 +14,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import MultiCategoricalDistribution
 from torch.distributions import Distribution
 
-from madistill import sb3_adapter
+from madistill import ppo_losses, sb3_adapter
 from madistill.envs import EnvSpec, group_agents, make_env
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
@@ -149,12 +149,12 @@ TINY_CNN = {"channels": [4], "kernels": [3], "strides": [2], "max_grid": 2, "fea
 
 
 def _ppo(action_space: spaces.Space, fast: bool, team_state_dim: int = 0, obs_space: spaces.Box | None = None,
-         **settings):
+         activation: str = "tanh", **settings):
     """A tiny PPO of two agents in ``FAST_ENVS`` copies over a filled rollout: live entries, partly dead ones, a
     last minibatch shorter than the others, and a seeded minibatch order. ``obs_space``: the agents' (default: 6
     floats); an image space gets a CNN encoder."""
     group = AgentGroup("g", ("a_0", "a_1"), obs_space or spaces.Box(-1, 1, (6,), np.float32), action_space)
-    arch = {"hidden_sizes": [16, 16], "activation": "tanh", "team_state_dim": team_state_dim}
+    arch = {"hidden_sizes": [16, 16], "activation": activation, "team_state_dim": team_state_dim}
     if group.image_shape is not None:
         arch["cnn"] = TINY_CNN
     settings = {"n_steps": FAST_STEPS, "batch_size": FAST_BATCH, "n_epochs": FAST_EPOCHS, "ent_coef": 0.01,
@@ -201,6 +201,7 @@ CASES = {
     "plain": {},
     "clip_range_vf": {"clip_range_vf": 0.1},
     "target_kl": {"target_kl": 2e-3},  # stops early in some update (asserted below)
+    "no_entropy": {"ent_coef": 0.0},  # the entropy term is left out of the backward pass
     "schedules": {"learning_rate": lambda left: 3e-3 * left, "clip_range": lambda left: 0.1 + 0.2 * left,
                   "ent_coef": lambda left: 0.05 * left},
 }
@@ -218,7 +219,7 @@ def test_the_fast_update_learns_what_sb3s_train_learns(action_space, case, criti
     sb3_params, sb3_logged = _updates(sb3 := _ppo(action_space, False, **net, **CASES[case]), [False, False])
     for fast in ([True, True], [True, False]):
         params, logged = _updates(model := _ppo(action_space, True, **net, **CASES[case]), fast)
-        torch.testing.assert_close(params, sb3_params, rtol=0, atol=1e-6)
+        assert torch.equal(params, sb3_params)  # bit for bit: a run reproduces the weights SB3 trains
         for ours, theirs in zip(logged, sb3_logged):
             assert ours.keys() == theirs.keys()
             for key in theirs:
@@ -238,7 +239,7 @@ def test_the_critic_thread_computes_the_same_floats_as_one_thread(action_space, 
     one_params, one_logged = _updates(one, [True, True])
     jobs = []
     submit = sb3_adapter._CriticThread.submit
-    monkeypatch.setattr(sb3_adapter._CriticThread, "submit", lambda self, job: jobs.append(1) or submit(self, job))
+    monkeypatch.setattr(sb3_adapter._CriticThread, "submit", lambda self, *args: jobs.append(1) or submit(self, *args))
     two = _ppo(action_space, True, critic_thread=True, **net, **CASES[case])
     assert separate_heads(two.policy) == (critic != "cnn")
     params, logged = _updates(two, [True, True])
@@ -250,10 +251,44 @@ def test_the_critic_thread_computes_the_same_floats_as_one_thread(action_space, 
     assert steps > 0 and (critic == "cnn" and not jobs or steps + extra[0] <= len(jobs) <= steps + extra[1])
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["Discrete", "Box"])
+@pytest.mark.parametrize("critic", ["local", "central"])
+def test_the_compiled_passes_compute_the_floats_of_the_modules_joint_pass(action_space, case, critic, monkeypatch):
+    """Each head's pass as one TorchScript call gives bit for bit the parameters and logged values of SB3's joint
+    loss back-propagated through the policy's modules (the path a CNN encoder shared by both heads takes)."""
+    net = {"central": {"team_state_dim": 4}}.get(critic, {})
+    compiled = _updates(_ppo(action_space, True, critic_thread=False, **net, **CASES[case]), [True, True])
+    monkeypatch.setattr(sb3_adapter, "_compiled_passes", lambda *a: None)
+    eager = _updates(_ppo(action_space, True, critic_thread=False, **net, **CASES[case]), [True, True])
+    assert torch.equal(compiled[0], eager[0]) and compiled[1] == eager[1]
+
+
+@pytest.mark.parametrize("activation", ["relu", "elu", "gelu", "leaky_relu"])
+def test_the_critic_thread_runs_every_config_activation_to_the_same_floats(activation, monkeypatch):
+    """Each activation a config may name runs in the critic thread's TorchScript job to the floats of one thread;
+    a critic with any other module (here LeakyReLU) keeps its update in one thread, where it trains alike."""
+    def build(critic_thread: bool):
+        model = _ppo(BOX, True, critic_thread=critic_thread, activation=activation.replace("leaky_relu", "relu"))
+        if activation == "leaky_relu":
+            model.policy.mlp_extractor.value_net[1] = torch.nn.LeakyReLU()
+        return model
+
+    one_params, one_logged = _updates(build(False), [True])
+    jobs = []
+    submit = sb3_adapter._CriticThread.submit
+    monkeypatch.setattr(sb3_adapter._CriticThread, "submit", lambda self, *args: jobs.append(1) or submit(self, *args))
+    params, logged = _updates(build(True), [True])
+    assert torch.equal(params, one_params) and logged == one_logged
+    assert len(jobs) == (0 if activation == "leaky_relu" else FAST_EPOCHS * _minibatches(_ppo(BOX, True)))
+
+
 def test_an_error_in_the_critic_thread_is_raised_and_leaves_the_parameters_in_their_own_storage(monkeypatch):
     model = _ppo(DISCRETE, True)
     before = [p.detach().clone() for p in model.policy.parameters()]
-    monkeypatch.setattr(sb3_adapter, "_value_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("critic failed")))
+    compiled = ppo_losses.compiled
+    monkeypatch.setattr(ppo_losses, "compiled", lambda name: compiled(name) if "actor" in name else
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("critic failed")))
     with pytest.raises(RuntimeError, match="critic failed"):
         _updates(model, [True])
     params = list(model.policy.parameters())
@@ -277,7 +312,7 @@ def test_step_hooks_run_before_each_optimiser_step_of_either_update():
         results.append((_updates(model, [fast])[0], len(calls)))
     (sb3, sb3_calls), (ours, our_calls) = results
     assert sb3_calls == our_calls == FAST_EPOCHS * _minibatches(_ppo(DISCRETE, True))
-    torch.testing.assert_close(ours, sb3, rtol=0, atol=1e-6)
+    assert torch.equal(ours, sb3)
 
 
 def test_the_fast_update_leaves_parameters_and_optimiser_state_in_their_own_storage():
