@@ -4,7 +4,9 @@ ratios side by side from one run (simple_spread_v3, N=3):
 - teacher training at the tutorial recipe's PPO settings, network and agent-step budget
   (experiments/bench_throughput.py): agent-steps/s and the shares of wall time in env stepping, the rest of
   the rollout (acting, SB3's buffer) and PPO's updates, one torch thread; madistill with its fast PPO update
-  (the default), and the large batched row once more with SB3's own ``train()``;
+  (the default), and the large batched row once more with the update in one thread and with SB3's own
+  ``train()``; every row once per round, ``--repeats`` rounds, the median and range of each row's ratio to the
+  tutorial's rate in the same round;
 - the stages on one saved teacher, on the same episodes under both backends, each at its defaults (env copies
   and workers as a user gets them): ``madistill evaluate`` (greedy and the random team, per-episode sampling
   streams), ``madistill attack`` with a preset (``--attack``), ``madistill attack`` with the default suite,
@@ -48,23 +50,37 @@ TUTORIAL_COPIES = 8  # the tutorial recipe's copies (bench_throughput.py's defau
 BACKENDS = ("pettingzoo", "batched")
 
 
-def training_rows(steps: int, copies: int, seed: int) -> dict[str, dict[str, float]]:
-    """Agent-steps/s and time shares of the tutorial, madistill on PettingZoo, and madistill batched."""
-    rows = {}
-    for cpus in (1, 2):
-        sps, env = baseline(TUTORIAL_COPIES, steps, cpus, seed)
-        rows[f"tutorial SB3+SuperSuit, {TUTORIAL_COPIES} copies, num_cpus={cpus}"] = {"agent_steps_per_s": sps, "env": env}
-    # the last rows: the same run with the fast update in one thread (teacher.ppo.critic_thread=false), and with
-    # SB3's own PPO.train() in place of madistill's fast update
-    runs = [("pettingzoo", TUTORIAL_COPIES, 2, "fast"), ("batched", TUTORIAL_COPIES, 0, "fast"),
-            ("batched", copies, 0, "fast"), ("batched", copies, 0, "one thread"), ("batched", copies, 0, "SB3")]
-    for backend, n, workers, update_kind in runs:
-        sps, env, update = madistill_run(n, steps, workers, seed, "inline", backend, fast_update=update_kind != "SB3",
-                                         critic_thread=update_kind == "fast")
-        label = {"fast": "", "one thread": ", fast update in one thread", "SB3": ", SB3 train()"}[update_kind]
-        rows[f"madistill {backend}, {n} copies, {workers} workers{label}"] = {
-            "agent_steps_per_s": sps, "env": env, "update": update, "rest_of_rollout": 1 - env - update}
-    return rows
+def training_rows(steps: int, copies: int, seed: int, repeats: int) -> dict[str, dict[str, object]]:
+    """Agent-steps/s and time shares of the tutorial, madistill on PettingZoo, and madistill batched: every
+    variant once per round, ``repeats`` rounds; per variant the median of its rounds, and its rate over the
+    faster tutorial row's of the same round (median and range over the rounds)."""
+    rounds: list[dict[str, dict[str, float]]] = []
+    for _ in range(repeats):
+        rows = {}
+        for cpus in (1, 2):
+            sps, env = baseline(TUTORIAL_COPIES, steps, cpus, seed)
+            rows[f"tutorial SB3+SuperSuit, {TUTORIAL_COPIES} copies, num_cpus={cpus}"] = {"agent_steps_per_s": sps, "env": env}
+        # the last rows: the same run with the fast update in one thread (teacher.ppo.critic_thread=false), and with
+        # SB3's own PPO.train() in place of madistill's fast update
+        runs = [("pettingzoo", TUTORIAL_COPIES, 2, "fast"), ("batched", TUTORIAL_COPIES, 0, "fast"),
+                ("batched", copies, 0, "fast"), ("batched", copies, 0, "one thread"), ("batched", copies, 0, "SB3")]
+        for backend, n, workers, update_kind in runs:
+            sps, env, update = madistill_run(n, steps, workers, seed, "inline", backend, fast_update=update_kind != "SB3",
+                                             critic_thread=update_kind == "fast")
+            label = {"fast": "", "one thread": ", fast update in one thread", "SB3": ", SB3 train()"}[update_kind]
+            rows[f"madistill {backend}, {n} copies, {workers} workers{label}"] = {
+                "agent_steps_per_s": sps, "env": env, "update": update, "rest_of_rollout": 1 - env - update}
+        tutorial = max(r["agent_steps_per_s"] for name, r in rows.items() if name.startswith("tutorial"))
+        for r in rows.values():
+            r["x_tutorial"] = r["agent_steps_per_s"] / tutorial
+        rounds.append(rows)
+    summary: dict[str, dict[str, object]] = {}
+    for name in rounds[0]:
+        runs_of = [rows[name] for rows in rounds]
+        summary[name] = {key: statistics.median(r[key] for r in runs_of) for key in runs_of[0]}
+        summary[name]["x_tutorial_range"] = [min(r["x_tutorial"] for r in runs_of), max(r["x_tutorial"] for r in runs_of)]
+        summary[name]["rounds"] = runs_of
+    return summary
 
 
 # "suite": madistill attack with the default attack suite; "startup": an evaluation of one episode
@@ -152,7 +168,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=3 * 128 * 1024, help="agent-steps per training row")
     ap.add_argument("--copies", type=int, default=1024, help="env copies of the large batched training row")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each stage per backend, in turns")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of each stage per backend, in turns; rounds of the training rows")
     ap.add_argument("--episodes", type=int, default=1000, help="evaluation episodes")
     ap.add_argument("--attack", default="quick", help="the attack preset of the attack stage (conf/attack/)")
     ap.add_argument("--attack-episodes", type=int, default=100)
@@ -187,15 +204,15 @@ def main() -> None:
                 print("the most each wall ratio can be while a batched run pays the start-up (pettingzoo wall / batched "
                       "startup wall): " + ", ".join(f"{k} {r['startup_bound_wall']:.1f}x" for k, r in stages.items()))
     if "training" in args.parts:
-        results["training"] = training = training_rows(args.train_steps, args.copies, args.seed)
-        tutorial = max(v["agent_steps_per_s"] for k, v in training.items() if k.startswith("tutorial"))
-        print(f"teacher training, simple_spread_v3, {args.train_steps} agent-steps per row, the tutorial's PPO settings")
-        print(f"{'variant':<56} {'agent-steps/s':>13} {'x tutorial':>10} {'env':>5} {'rollout':>8} {'update':>7}")
+        results["training"] = training = training_rows(args.train_steps, args.copies, args.seed, args.repeats)
+        print(f"teacher training, simple_spread_v3, {args.train_steps} agent-steps per row, the tutorial's PPO settings, "
+              f"median of {args.repeats} rounds (x tutorial: over the faster tutorial row of the same round; range)")
+        print(f"{'variant':<66} {'agent-steps/s':>13} {'x tutorial':>10} {'range':>13} {'env':>5} {'rollout':>8} {'update':>7}")
         for name, r in training.items():
-            r["x_tutorial"] = r["agent_steps_per_s"] / tutorial
             shares = "".join(f"{r[k]:>{w}.0%}" if k in r else f"{'':>{w}}"
                              for k, w in (("env", 6), ("rest_of_rollout", 9), ("update", 8)))
-            print(f"{name:<56} {r['agent_steps_per_s']:>13.0f} {r['x_tutorial']:>9.2f}x{shares}")
+            lo, hi = r["x_tutorial_range"]
+            print(f"{name:<66} {r['agent_steps_per_s']:>13.0f} {r['x_tutorial']:>9.2f}x {lo:>5.2f}-{hi:.2f}x{shares}")
     results["load_average"] = load = [load_before, os.getloadavg()[0]]
     print(f"load average (1 min) before and after: {load[0]:.1f}, {load[1]:.1f}")
     args.out.write_text(json.dumps(results, indent=2))

@@ -63,11 +63,18 @@ def entropy(dist: torch.Tensor, gaussian: bool) -> torch.Tensor:
     return -(dist * torch.softmax(dist, -1)).sum(-1)
 
 
+def normalized_advantages(advantages: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """A minibatch's advantages as SB3's loss reads them: with ``normalize`` (and more than one), less their mean
+    and over their standard deviation."""
+    if normalize and advantages.numel() > 1:
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    return advantages
+
+
 def actor_losses(out: torch.Tensor, log_std: torch.Tensor | None, actions: torch.Tensor, old_log_prob: torch.Tensor,
-                 advantages: torch.Tensor, normalize: bool, clip_range: float, ent_coef: float,
-                 target_kl: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+                 advantages: torch.Tensor, clip_range: float, ent_coef: float, target_kl: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """SB3's actor loss of a minibatch from the action head's output ``out`` (logits, or with ``log_std`` a
-    Gaussian's mean): the loss, its clipped-surrogate term, and whether the approximate KL stops the update
+    Gaussian's mean) and its :func:`normalized_advantages`: the loss, its clipped-surrogate term, and whether the approximate KL stops the update
     (compared in float32, as SB3 compares its float32 array); and for :func:`logged_stats`, detached, the log-ratio
     of the new to the old probabilities and the distribution's :func:`entropy` argument. Torch's categorical and
     normal formulas are written out, as SB3's distributions compute them. With ``ent_coef`` 0 the loss leaves the
@@ -78,8 +85,6 @@ def actor_losses(out: torch.Tensor, log_std: torch.Tensor | None, actions: torch
     else:
         dist = torch.ones_like(out) * log_std.exp()  # SB3's DiagGaussianDistribution, torch's Normal
         log_prob = (-((actions - out) ** 2) / (2 * dist**2) - dist.log() - math.log(math.sqrt(2 * math.pi))).sum(dim=1)
-    if normalize and advantages.numel() > 1:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     policy_loss = -torch.min(advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
@@ -128,13 +133,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def mlp_actor_backward(features: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
                        activation: int, log_std: torch.Tensor | None, actions: torch.Tensor, old_log_prob: torch.Tensor,
-                       advantages: torch.Tensor, normalize: bool, clip_range: float, ent_coef: float,
-                       target_kl: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+                       advantages: torch.Tensor, clip_range: float, ent_coef: float, target_kl: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """The actor's pass of a minibatch for an MLP actor: :func:`actor_losses` of its output, back-propagated unless
     the KL stops the update; what :func:`actor_losses` returns, detached."""
     loss, policy_loss, log_ratio, dist, stop = actor_losses(
-        mlp(features, weights, biases, activation), log_std, actions, old_log_prob, advantages, normalize,
-        clip_range, ent_coef, target_kl)
+        mlp(features, weights, biases, activation), log_std, actions, old_log_prob, advantages, clip_range, ent_coef,
+        target_kl)
     if not stop:
         loss.backward()
     return loss.detach(), policy_loss.detach(), log_ratio, dist, stop

@@ -17,7 +17,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import stable_baselines3
@@ -284,11 +284,12 @@ class _FlatAdam:
                                        "exp_avg": exp_avg.clone(), "exp_avg_sq": exp_avg_sq.clone()}
 
 
-def separate_heads(policy: ActorCriticPolicy) -> bool:
-    """Whether no trainable parameter feeds both the actor's and the critic's output: then the critic's
-    gradient can be computed apart from the actor's, with the same floats. A shared encoder with weights (a CNN)
-    sums both heads' gradients before its own backward pass, so it is computed once with the joint loss."""
-    return not (policy.share_features_extractor and any(p.requires_grad for p in policy.features_extractor.parameters()))
+def _parameter_free_features(policy: ActorCriticPolicy) -> bool:
+    """Whether the policy's features extractors have no trainable parameters (SB3's flattening of an MLP policy's
+    observations; not a CNN encoder): then no parameter feeds both heads, so each head's gradient can be computed
+    apart from the other's to the same floats, and a minibatch's features stay the same through an optimiser step."""
+    extractors = (policy.features_extractor, policy.pi_features_extractor, policy.vf_features_extractor)
+    return not any(p.requires_grad for m in extractors for p in m.parameters())
 
 
 class _CriticThread:
@@ -337,50 +338,64 @@ class _CriticThread:
         self._thread.join()
 
 
-def _eager_losses(model: ScheduledEntropyPPO, features: Any, data: RolloutBufferSamples, clip_range: float,
+class _Minibatch(NamedTuple):
+    """A minibatch of the rollout, its features and its advantages, normalised as SB3 normalises them."""
+
+    data: RolloutBufferSamples
+    features: Any
+    advantages: torch.Tensor
+
+
+def _minibatch(model: ScheduledEntropyPPO, rows: torch.Tensor) -> _Minibatch:
+    """The minibatch of the rollout's ``rows`` (a tensor of indices)."""
+    data = model.rollout_buffer.samples(rows)
+    return _Minibatch(data, model.policy.extract_features(data.observations),
+                      ppo_losses.normalized_advantages(data.advantages, model.normalize_advantage))
+
+
+def _eager_losses(model: ScheduledEntropyPPO, batch: _Minibatch, clip_range: float,
                   clip_range_vf: float | None) -> tuple[torch.Tensor, ...]:
     """The actor's :func:`~madistill.ppo_losses.actor_losses` and the value loss of a minibatch, computed from
     Python through the policy's modules (for policies whose heads share a CNN encoder)."""
-    policy = model.policy
+    policy, data = model.policy, batch.data
     out = policy.action_net(policy.mlp_extractor.forward_actor(
-        features if policy.share_features_extractor else features[0]))
+        batch.features if policy.share_features_extractor else batch.features[0]))
     log_std = None if isinstance(policy.action_dist, CategoricalDistribution) else policy.log_std
     values = policy.value_net(policy.mlp_extractor.forward_critic(
-        features if policy.share_features_extractor else features[1])).flatten()
-    return (*ppo_losses.actor_losses(out, log_std, data.actions, data.old_log_prob, data.advantages,
-                                     model.normalize_advantage, clip_range, model.ent_coef, model.target_kl),
+        batch.features if policy.share_features_extractor else batch.features[1])).flatten()
+    return (*ppo_losses.actor_losses(out, log_std, data.actions, data.old_log_prob, batch.advantages, clip_range,
+                                     model.ent_coef, model.target_kl),
             ppo_losses.value_loss(values, data.old_values, data.returns, clip_range_vf))
 
 
 def _compiled_passes(model: ScheduledEntropyPPO, clip_range: float,
                      clip_range_vf: float | None) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """The actor's and the critic's forward and backward pass of a minibatch (its features and data), each one
-    compiled call (:mod:`madistill.ppo_losses`); None where a head is not a plain MLP or an encoder with weights
-    feeds both heads (:func:`separate_heads`). The actor's pass returns what
-    :func:`~madistill.ppo_losses.mlp_actor_backward` returns; the critic's pass returns the value loss and the
-    minibatch of the ``following`` rows (gathered after the pass, or None)."""
-    policy, buffer = model.policy, model.rollout_buffer
+    """The actor's and the critic's forward and backward pass of a :class:`_Minibatch`, each one compiled call
+    (:mod:`madistill.ppo_losses`); None where a head is not a plain MLP or the features come from an encoder with
+    weights (:func:`_parameter_free_features`). The actor's pass returns what
+    :func:`~madistill.ppo_losses.mlp_actor_backward` returns; the critic's pass returns the value loss and, made
+    after the pass, the :class:`_Minibatch` of the ``following`` rows (or None)."""
+    policy = model.policy
     actor = ppo_losses.mlp_layers([*policy.mlp_extractor.policy_net, policy.action_net])
     critic = ppo_losses.mlp_layers([*policy.mlp_extractor.value_net, policy.value_net])
-    if actor is None or critic is None or not separate_heads(policy):
+    if actor is None or critic is None or not _parameter_free_features(policy):
         return None
     actor_pass, critic_pass = ppo_losses.compiled("mlp_actor_backward"), ppo_losses.compiled("mlp_value_backward")
     log_std = None if isinstance(policy.action_dist, CategoricalDistribution) else policy.log_std
     # a centralised critic's actor (madistill.policies.sb3._SplitMlp) reads the agent's own observation first
     actor_dim = getattr(policy.mlp_extractor, "actor_dim", None)
     shared = policy.share_features_extractor
-    settings = (model.normalize_advantage, clip_range, model.ent_coef, model.target_kl)
+    settings = (clip_range, model.ent_coef, model.target_kl)
 
-    def act(features: Any, data: RolloutBufferSamples) -> Any:
-        x = features if shared else features[0]
-        return actor_pass(x if actor_dim is None else x[..., :actor_dim], *actor, log_std, data.actions,
-                          data.old_log_prob, data.advantages, *settings)
+    def act(batch: _Minibatch) -> Any:
+        x = batch.features if shared else batch.features[0]
+        return actor_pass(x if actor_dim is None else x[..., :actor_dim], *actor, log_std, batch.data.actions,
+                          batch.data.old_log_prob, batch.advantages, *settings)
 
-    def criticize(features: Any, data: RolloutBufferSamples,
-                  following: torch.Tensor | None) -> tuple[torch.Tensor, RolloutBufferSamples | None]:
-        loss = critic_pass(features if shared else features[1], *critic, data.old_values, data.returns,
-                           clip_range_vf, model.vf_coef)
-        return loss, None if following is None else buffer.samples(following)
+    def criticize(batch: _Minibatch, following: torch.Tensor | None) -> tuple[torch.Tensor, _Minibatch | None]:
+        loss = critic_pass(batch.features if shared else batch.features[1], *critic, batch.data.old_values,
+                           batch.data.returns, clip_range_vf, model.vf_coef)
+        return loss, None if following is None else _minibatch(model, following)
 
     return act, criticize
 
@@ -414,28 +429,30 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
                 dists: list[torch.Tensor] = []
                 stop = False
                 batches = torch.as_tensor(buffer.permutation(), device=buffer.device).split(model.batch_size)
-                data = buffer.samples(batches[0])
-                for i in range(len(batches)):
+                batch: _Minibatch | None = None
+                for i, rows in enumerate(batches):
                     following = batches[i + 1] if i + 1 < len(batches) else None
-                    features = policy.extract_features(data.observations)
+                    if batch is None:  # an epoch's first; on the modules' path each, after the encoder's last step
+                        batch = _minibatch(model, rows)
                     adam.zero_grad()
-                    if passes is None:  # SB3's joint loss, back-propagated at once (a CNN encoder feeds both heads)
+                    if passes is None:  # SB3's joint loss, back-propagated at once (an encoder feeds both heads)
                         actor_loss, policy_loss, log_ratio, dist, stop, value_loss = _eager_losses(
-                            model, features, data, clip_range, clip_range_vf)
+                            model, batch, clip_range, clip_range_vf)
                         if not stop:
                             (actor_loss + model.vf_coef * value_loss).backward()
-                        next_data = None if following is None else buffer.samples(following)
+                        next_batch = None
                     else:
                         # SB3's loss is actor_loss + vf_coef * value_loss, and with separate heads each term's
                         # gradient reaches its own parameters: each is back-propagated on its own, the critic's in
                         # the second thread while this one runs the actor's, to the same floats (a minibatch that
                         # stops the update is never stepped on, so its critic gradient is dropped); that thread
-                        # then gathers the following minibatch, which no step changes
+                        # then makes the following minibatch (its rows, features and advantages, which no
+                        # optimiser step changes)
                         if critic is not None:
-                            critic.submit(features, data, following)
-                        actor_loss, policy_loss, log_ratio, dist, stop = passes[0](features, data)
-                        value_loss, next_data = (critic.result() if critic is not None
-                                                 else passes[1](features, data, following))
+                            critic.submit(batch, following)
+                        actor_loss, policy_loss, log_ratio, dist, stop = passes[0](batch)
+                        value_loss, next_batch = (critic.result() if critic is not None
+                                                  else passes[1](batch, following))
                     log_ratios.append(log_ratio)
                     dists.append(dist)
                     logged["policy_gradient_loss"].append(policy_loss.detach())
@@ -445,7 +462,7 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
                     adam.clip_grad_norm(model.max_grad_norm)
                     model.run_step_hooks()
                     adam.step()
-                    data = next_data
+                    batch = next_batch
                 approx_kl, clip_fraction, entropy_loss = ppo_losses.logged_stats(
                     log_ratios, dists, not isinstance(policy.action_dist, CategoricalDistribution), clip_range,
                     model.batch_size)

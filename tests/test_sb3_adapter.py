@@ -26,7 +26,6 @@ from madistill.sb3_adapter import (
     check_buffer,
     check_model,
     fast_update_unsupported,
-    separate_heads,
     set_progress,
     set_update_count,
     take_logged,
@@ -241,7 +240,6 @@ def test_the_critic_thread_computes_the_same_floats_as_one_thread(action_space, 
     submit = sb3_adapter._CriticThread.submit
     monkeypatch.setattr(sb3_adapter._CriticThread, "submit", lambda self, *args: jobs.append(1) or submit(self, *args))
     two = _ppo(action_space, True, critic_thread=True, **net, **CASES[case])
-    assert separate_heads(two.policy) == (critic != "cnn")
     params, logged = _updates(two, [True, True])
     assert torch.equal(params, one_params)
     assert logged == one_logged and update_count(two) == update_count(one)
