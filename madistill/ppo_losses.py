@@ -2,11 +2,12 @@
 written once in the subset of Python that TorchScript compiles.
 
 The fast update (:func:`madistill.sb3_adapter.fast_train`) runs the actor's and the critic's pass as one compiled
-call each (:func:`compiled`) where both heads are plain MLPs, and calls :func:`actor_losses` and :func:`value_loss`
-from Python where a CNN encoder feeds both heads. A compiled call holds the GIL only to start: run from Python, each
-of a pass's few dozen small operations takes the GIL back, and the critic's thread and the actor's would spend
-much of a minibatch handing it to each other. The compiled passes run the modules' own ATen operations, which
-autograd records as it records theirs, so they compute the same floats (tests/test_sb3_adapter.py).
+call each (:func:`compiled`) where both heads are plain MLPs on features without weights, and calls
+:func:`actor_losses` and :func:`value_loss` from Python otherwise (a CNN encoder feeding both heads). A compiled
+call holds the GIL only to start: run from Python, each of a pass's few dozen small operations takes the GIL
+back, and the critic's thread and the actor's would spend much of a minibatch handing it to each other. The
+compiled passes run the modules' own ATen operations, which autograd records as it records theirs, so they
+compute the same floats (tests/test_sb3_adapter.py).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def mlp_actor_backward(features: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
                        activation: int, log_std: torch.Tensor | None, actions: torch.Tensor, old_log_prob: torch.Tensor,
-                       advantages: torch.Tensor, clip_range: float, ent_coef: float, target_kl: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+                       advantages: torch.Tensor, clip_range: float, ent_coef: float, target_kl: float | None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """The actor's pass of a minibatch for an MLP actor: :func:`actor_losses` of its output, back-propagated unless
     the KL stops the update; what :func:`actor_losses` returns, detached."""
     loss, policy_loss, log_ratio, dist, stop = actor_losses(
