@@ -16,8 +16,9 @@ fine-tunes the teacher itself on that data instead of a student:
   ``repair.max_parameters``), ``random`` (as many random neurons per layer), ``fisher`` (``repair.mask=fisher``:
   the ``repair.max_parameters`` share of the acting parameters with the largest squared gradients of this loss
   at the original, over ``repair.fisher_batches`` minibatches) and ``random_fisher`` (as many random acting
-  parameters), each stepped by the repair's masked step (:func:`madistill.repair.masked.masked_step`, Adam), so
-  the masked-out parameters stay bit-identical;
+  parameters), each fine-tuned by the repair's loop (:func:`madistill.repair.masked.masked_finetune` on the
+  lookahead's :class:`~madistill.repair.objectives.ForcedTargets`, Adam, no separate anchor term), so the
+  masked-out parameters stay bit-identical;
 - each evaluated clean and under the lookahead on ``<group>_0`` at ``--eps`` (``--eval-episodes`` episodes, the
   suite's seeds), with paired bootstrap CIs over episodes (resampled within each teacher), and the share of the
   original's clean gain over the uniform random team each keeps.
@@ -31,7 +32,6 @@ its summary and markdown from the saved per-episode returns.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -50,25 +50,25 @@ from madistill.common.collect import collect_labelled
 from madistill.common.divergences import divergence
 from madistill.common.episodes import team_returns
 from madistill.common.io import atomic_write_text
-from madistill.distill.dataset import GroupData
 from madistill.distill.loss import DistillLoss
 from madistill.envs.features import feature_layouts
 from madistill.evaluate.evaluator import run_episodes, uniform_team
 from madistill.evaluate.stats import bootstrap_ci
-from madistill.policies.base import Policy, greedy_actions
+from madistill.policies.base import greedy_actions
 from madistill.policies.store import find_policy_dir, load_team, read_manifest
 from madistill.repair.masked import (
-    Mask,
+    FinetuneSettings,
     changed_count,
     fisher_mask,
     mask_size,
-    masked_step,
+    masked_finetune,
     neuron_mask,
     parameter_delta,
     random_entries,
 )
 from madistill.repair.neurons import neuron_scores, random_like, repair_path
-from madistill.repair.plan import acting_mask, choose_neurons
+from madistill.repair.objectives import ForcedTargets, targeted_data
+from madistill.repair.plan import acting_mask, choose_neurons, term_batches
 from madistill.runtime import env_spec, make_vec_env
 from madistill.stages.policies import configured_features, teacher_dir
 from madistill.stages.repair import _with_policy
@@ -76,29 +76,7 @@ from madistill.stages.repair import _with_policy
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("full", "masked", "random", "fisher", "random_fisher")
 PAIRS = (("masked", "random"), ("fisher", "random_fisher"))  # each mask and its random baseline of the same size
-
-
-def loss_batches(policy: Policy, data: GroupData, loss: DistillLoss, layout, budget, batches: int, seed: int):
-    """The fine-tune's loss on ``batches`` minibatches of ``data``, computed with ``policy``: what the Fisher
-    mask scores at the original."""
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(batches):
-        yield loss(policy, data.select(torch.randint(len(data), (256,), generator=gen)), layout, None, budget,
-                   gen)["total"]
-
-
-def tune(policy: Policy, mask: Mask, data: GroupData, loss: DistillLoss, layout, budget, steps: int, lr: float,
-         seed: int) -> Policy:
-    """``policy`` fine-tuned on ``data`` with the robust-distillation ``loss``, only ``mask``'s entries free."""
-    tuned = copy.deepcopy(policy)
-    tuned.train()
-    params = dict(tuned.named_parameters())
-    opt = torch.optim.Adam([params[k] for k in mask], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        i = torch.randint(len(data), (256,), generator=gen)
-        masked_step(opt, params, mask, loss(tuned, data.select(i), layout, None, budget, gen)["total"])
-    return tuned.eval()
+BATCH = 256  # minibatch of the fine-tune and of the Fisher score
 
 
 def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, seed: int) -> dict:
@@ -137,11 +115,10 @@ def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, se
         masks = {"full": acting_mask(policy), "masked": neuron_mask(layers, chosen),
                  "random": neuron_mask(layers, random_like(layers, chosen, 1, seed + 1)[0])}
         n = len(x)
-        data = GroupData(x, head, torch.ones(n, 1), torch.zeros(n), torch.zeros(n, dtype=torch.bool), target)
         # distill=robust's terms (no DIGR penalty: the original's saliency is not what is repaired)
         loss = DistillLoss(adv_weight=1.0, smooth_weight=0.5, adv_steps=cfg.distill.adv_steps)
-        masks["fisher"] = fisher_mask(policy, masks["full"], loss_batches(policy, data, loss, layouts[group], budget,
-                                                                          rc.fisher_batches, seed),
+        term = ForcedTargets(targeted_data(policy, x, target), loss, layouts[group], budget)
+        masks["fisher"] = fisher_mask(policy, masks["full"], term_batches(term, policy, BATCH, rc.fisher_batches, seed),
                                       int(rc.max_parameters * policy.acting_parameters))
         masks["random_fisher"] = random_entries(masks["full"], mask_size(masks["fisher"]), seed + 1)
         ac = OmegaConf.merge(cfg.attack, {"checks": False})
@@ -149,8 +126,11 @@ def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, se
         out = {"teacher": str(path), "env": env, "group": group, "eps": eps, "collected": n,
                "targets": len(rows), "reached": int(reached.sum()), "neurons": len(chosen), "random_team": random_return, "variants": {}}
         teams = {"original": (team, policy)}
+        # the repair's fine-tune (madistill.repair.masked), Adam without an anchor term: the loss's KL to the
+        # original's clean head on the clean states is the anchor
+        settings = FinetuneSettings(args.steps, BATCH, args.lr, weight_decay=0.0, anchor=0.0, divergence="kl")
         for name, mask in masks.items():
-            tuned = tune(policy, mask, data, loss, layouts[group], budget, args.steps, args.lr, seed)
+            tuned = masked_finetune(policy, mask, term, x, settings, seed)
             out["variants"].setdefault(name, {})["layers"] = {k: int(m.sum()) for k, m in mask.items() if m.any()}
             teams[name] = (_with_policy(team, group, tuned), tuned)
         for name, (t, p) in teams.items():
