@@ -18,6 +18,7 @@ from madistill import ppo_losses, sb3_adapter
 from madistill.envs import EnvSpec, group_agents, make_env
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
+from madistill.policies.sb3 import ACTIVATIONS
 from madistill.sb3_adapter import (
     SB3_VERSION,
     ScheduledEntropyPPO,
@@ -262,7 +263,12 @@ def test_the_compiled_passes_compute_the_floats_of_the_modules_joint_pass(action
     assert torch.equal(compiled[0], eager[0]) and compiled[1] == eager[1]
 
 
-@pytest.mark.parametrize("activation", ["relu", "elu", "gelu", "leaky_relu"])
+def test_every_config_activation_has_a_compiled_code():
+    """A config's activation without a code would quietly send every update down the slower path."""
+    assert set(ACTIVATIONS.values()) <= set(ppo_losses.ACTIVATION_CODES)
+
+
+@pytest.mark.parametrize("activation", sorted(set(ACTIVATIONS) - {"tanh"}) + ["leaky_relu"])
 def test_the_critic_thread_runs_every_config_activation_to_the_same_floats(activation, monkeypatch):
     """Each activation a config may name runs in the critic thread's TorchScript job to the floats of one thread;
     a critic with any other module (here LeakyReLU) keeps its update in one thread, where it trains alike."""
