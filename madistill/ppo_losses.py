@@ -72,12 +72,20 @@ def normalized_advantages(advantages: torch.Tensor, normalize: bool) -> torch.Te
     return advantages
 
 
+def approx_kl_terms(log_ratio: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """Each sample's term of SB3's approximate KL from the log-ratio of new to old probabilities and the ratio
+    itself (its mean is the estimate SB3 logs and stops at)."""
+    return (ratio - 1) - log_ratio
+
+
 def actor_losses(out: torch.Tensor, log_std: torch.Tensor | None, actions: torch.Tensor, old_log_prob: torch.Tensor,
-                 advantages: torch.Tensor, clip_range: float, ent_coef: float, target_kl: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+                 advantages: torch.Tensor, clip_range: float, ent_coef: float, target_kl: float | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """SB3's actor loss of a minibatch from the action head's output ``out`` (logits, or with ``log_std`` a
-    Gaussian's mean) and its :func:`normalized_advantages`: the loss, its clipped-surrogate term, and whether the approximate KL stops the update
-    (compared in float32, as SB3 compares its float32 array); and for :func:`logged_stats`, detached, the log-ratio
-    of the new to the old probabilities and the distribution's :func:`entropy` argument. Torch's categorical and
+    Gaussian's mean) and its :func:`normalized_advantages`: the loss, its clipped-surrogate term, and whether the
+    approximate KL stops the update (compared in float32, as SB3 compares its float32 array); and for
+    :func:`logged_stats`, detached, the log-ratio of the new to the old probabilities and the distribution's
+    :func:`entropy` argument. Torch's categorical and
     normal formulas are written out, as SB3's distributions compute them. With ``ent_coef`` 0 the loss leaves the
     entropy out: its gradient would be zeros, which change no float."""
     if log_std is None:
@@ -95,7 +103,7 @@ def actor_losses(out: torch.Tensor, log_std: torch.Tensor | None, actions: torch
     stop = False
     if target_kl is not None:
         with torch.no_grad():
-            stop = bool(torch.mean((torch.exp(log_ratio) - 1) - log_ratio) > 1.5 * target_kl)
+            stop = bool(torch.mean(approx_kl_terms(log_ratio, ratio)) > 1.5 * target_kl)
     return loss, policy_loss, log_ratio.detach(), dist.detach(), stop
 
 
@@ -114,7 +122,7 @@ def logged_stats(log_ratios: list[torch.Tensor], dists: list[torch.Tensor], gaus
     values up to the last bits of each float)."""
     log_ratio = torch.cat(log_ratios)
     ratio = torch.exp(log_ratio)
-    approx_kl = minibatch_means((ratio - 1) - log_ratio, batch_size)
+    approx_kl = minibatch_means(approx_kl_terms(log_ratio, ratio), batch_size)
     clip_fraction = minibatch_means((torch.abs(ratio - 1) > clip_range).float(), batch_size)
     dist = torch.cat(dists)
     # for the log, a categorical's probabilities are exp(normalised logits): torch's softmax over a few actions

@@ -353,6 +353,11 @@ def _minibatch(model: ScheduledEntropyPPO, rows: torch.Tensor) -> _Minibatch:
                       ppo_losses.normalized_advantages(data.advantages, model.normalize_advantage))
 
 
+def _log_std(policy: ActorCriticPolicy) -> torch.Tensor | None:
+    """The Gaussian's log standard deviations of a Box-action policy; None for a categorical one."""
+    return None if isinstance(policy.action_dist, CategoricalDistribution) else policy.log_std
+
+
 def _eager_losses(model: ScheduledEntropyPPO, batch: _Minibatch, clip_range: float,
                   clip_range_vf: float | None) -> tuple[torch.Tensor, ...]:
     """The actor's :func:`~madistill.ppo_losses.actor_losses` and the value loss of a minibatch, computed from
@@ -360,10 +365,9 @@ def _eager_losses(model: ScheduledEntropyPPO, batch: _Minibatch, clip_range: flo
     policy, data = model.policy, batch.data
     out = policy.action_net(policy.mlp_extractor.forward_actor(
         batch.features if policy.share_features_extractor else batch.features[0]))
-    log_std = None if isinstance(policy.action_dist, CategoricalDistribution) else policy.log_std
     values = policy.value_net(policy.mlp_extractor.forward_critic(
         batch.features if policy.share_features_extractor else batch.features[1])).flatten()
-    return (*ppo_losses.actor_losses(out, log_std, data.actions, data.old_log_prob, batch.advantages, clip_range,
+    return (*ppo_losses.actor_losses(out, _log_std(policy), data.actions, data.old_log_prob, batch.advantages, clip_range,
                                      model.ent_coef, model.target_kl),
             ppo_losses.value_loss(values, data.old_values, data.returns, clip_range_vf))
 
@@ -381,7 +385,7 @@ def _compiled_passes(model: ScheduledEntropyPPO, clip_range: float,
     if actor is None or critic is None or not _parameter_free_features(policy):
         return None
     actor_pass, critic_pass = ppo_losses.compiled("mlp_actor_backward"), ppo_losses.compiled("mlp_value_backward")
-    log_std = None if isinstance(policy.action_dist, CategoricalDistribution) else policy.log_std
+    log_std = _log_std(policy)
     # a centralised critic's actor (madistill.policies.sb3._SplitMlp) reads the agent's own observation first
     actor_dim = getattr(policy.mlp_extractor, "actor_dim", None)
     shared = policy.share_features_extractor
@@ -464,7 +468,7 @@ def fast_train(model: ScheduledEntropyPPO) -> None:
                     adam.step()
                     batch = next_batch
                 approx_kl, clip_fraction, entropy_loss = ppo_losses.logged_stats(
-                    log_ratios, dists, not isinstance(policy.action_dist, CategoricalDistribution), clip_range,
+                    log_ratios, dists, _log_std(policy) is not None, clip_range,
                     model.batch_size)
                 logged["clip_fraction"].append(clip_fraction)
                 logged["entropy_loss"].append(entropy_loss)
