@@ -22,15 +22,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_throughput import ENV_KWARGS, HIDDEN, PPO_SETTINGS  # noqa: E402
+from bench_throughput import PPO_SETTINGS  # noqa: E402
+from bench_update_modes import filled_model  # noqa: E402
 
 from madistill import ppo_losses, sb3_adapter  # noqa: E402
-from madistill.envs import EnvSpec, group_agents, make_env  # noqa: E402
-from madistill.teacher import build_model  # noqa: E402
 
 
 def _looping(fn: Callable[[], object], stop: threading.Event) -> None:
@@ -46,16 +44,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=1000, help="actor passes per timing")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    env = make_env(EnvSpec("mpe2.simple_spread_v3.parallel_env", ENV_KWARGS))
-    (group,) = group_agents(env)
-    env.close()
-    arch = {"hidden_sizes": HIDDEN, "activation": "tanh", "team_state_dim": 0}
-    model = build_model(group, 8, arch, PPO_SETTINGS, 0, "cpu")
-    buf, rng = model.rollout_buffer, np.random.default_rng(0)
-    buf.observations[:] = rng.normal(size=buf.observations.shape)
-    buf.actions[:] = rng.integers(0, group.action_space.n, size=buf.actions.shape)
-    buf.advantages[:] = rng.normal(size=buf.advantages.shape)
-    buf.valid[:], buf.full = True, True
+    model = filled_model("tutorial")
+    buf = model.rollout_buffer
     buf.prepare()
     policy = model.policy
     policy.set_training_mode(True)

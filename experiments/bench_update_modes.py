@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -66,12 +67,9 @@ PRESETS = {
 }
 
 
-def update_cost(preset: str, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Seconds per PPO update of one spread group at the settings of ``preset``, wall and the process's CPU
-    time (which other jobs on the cores disturb less; it counts both threads of the critic-thread variant),
-    interleaved ``repeats`` times: SB3's ``train()`` with torch's distribution checks off (as it runs where the fast
-    update does not apply) and on, and madistill's ``fast_train`` in one thread and with ``critic_thread`` (the
-    default), all on the same rollout."""
+def filled_model(preset: str) -> Any:
+    """An SB3 PPO of one spread group at the settings of ``preset`` over a full rollout of seeded random
+    observations, actions and advantages, every entry live: what the update benchmarks time."""
     from madistill.envs import EnvSpec, group_agents, make_env
     from madistill.teacher import build_model
 
@@ -87,6 +85,16 @@ def update_cost(preset: str, repeats: int) -> dict[str, dict[str, list[float]]]:
     buf.actions[:] = rng.integers(0, group.action_space.n, size=buf.actions.shape)
     buf.advantages[:] = rng.normal(size=buf.advantages.shape)
     buf.valid[:], buf.full = True, True
+    return model
+
+
+def update_cost(preset: str, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per PPO update of one spread group at the settings of ``preset``, wall and the process's CPU
+    time (which other jobs on the cores disturb less; it counts both threads of the critic-thread variant),
+    interleaved ``repeats`` times: SB3's ``train()`` with torch's distribution checks off (as it runs where the fast
+    update does not apply) and on, and madistill's ``fast_train`` in one thread and with ``critic_thread`` (the
+    default), all on the same rollout (:func:`filled_model`)."""
+    model = filled_model(preset)
     variants = dict(zip(UPDATES, ((False, False, nullcontext), (False, False, distribution_checks_on),
                                   (True, False, nullcontext), (True, True, nullcontext))))
     times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
