@@ -34,7 +34,8 @@ def collection_transforms(groups: Sequence[AgentGroup], unit_budgets: Mapping[st
     running episodes with ``branching`` and, with ``lookahead_critic``, adds ``critic``'s values at the horizon to
     its rewards, as the suite's lookahead does. ``surrogate``: the team the perturbations are crafted on (and the
     lookahead's branches play) instead of the acting one, for an acting team that is not one policy per agent
-    (DAgger's per-step mix of teacher and student). ``director``: the trained director ``director`` applies."""
+    (DAgger's per-step mix of teacher and student). ``director``: the trained director the transform applies
+    (``objective=director``)."""
     if fraction == 0 or eps == 0:
         return []
     ac = attack_settings if attack_settings is not None else AttackConfig()
