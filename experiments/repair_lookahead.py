@@ -100,8 +100,6 @@ def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, se
         policy, norm = team[group], team.normalizers[group]
         x = torch.cat([norm.normalize(attacked[group]), norm.normalize(clean_raw[group])])
         target = torch.cat([targets[group], torch.full((len(clean_raw[group]),), -1, dtype=torch.long)])
-        with torch.no_grad():
-            head = policy(x)
         budget = unit[group].scaled(eps)
         rows = (target >= 0).nonzero().flatten()
         forced = force_targets(policy, x[rows], target[rows], budget, cfg.distill.adv_steps,
@@ -137,7 +135,7 @@ def one_teacher(path: Path, group: str, eps: float, args: argparse.Namespace, se
             res = evaluate_robustness(venv, t, layouts, ac, float("nan"), ac.seed)
             changed = changed_count(parameter_delta(policy, p))
             with torch.no_grad():
-                div = float(divergence("kl", head, p(x), discrete=True).mean())
+                div = float(divergence("kl", term.data.teacher_head, p(x), discrete=True).mean())
             out["variants"].setdefault(name, {}).update({
                 "changed": changed, "share": changed / policy.acting_parameters, "clean_divergence": div,
                 "clean": res.clean, "worst": float(np.mean(res.episodes[victim]["targeted_lookahead"][eps])),
