@@ -742,12 +742,15 @@ class CascadeConfig:
     # (null: deviation only)
     return_loss: float | None = None
     replay_episodes: int = 3  # clean episodes played twice before measuring, to refuse non-reproducible envs
+    # the most env copies a paired run steps side by side (each fault's block holds one copy per episode): a study
+    # of more plays its episodes in rounds, with the same numbers; each PettingZoo copy is a whole env in memory
+    max_copies: int = 2048
     n_boot: int = 1000  # bootstrap resamples for the CIs
     confidence: float = 0.95  # two-sided coverage of the CIs
 
     @staticmethod
     def validate(c: Checks) -> None:
-        c.at_least(1, "episodes", "lags", "replay_episodes", "n_boot")
+        c.at_least(1, "episodes", "lags", "replay_episodes", "max_copies", "n_boot")
         c.require(len(c.node.onsets) > 0 and min(c.node.onsets) >= 0, "onsets", "a non-empty list of steps at least 0")
         c.at_least(0, "min_effect", "threshold", "return_loss")
         c.within(0, 1, "confidence", open_low=True, open_high=True)

@@ -37,7 +37,8 @@ from madistill.tb import TBLogger
 
 
 class Beacon(ParallelEnv):
-    """Two agents, Discrete(2) actions (``box``: Box actions of 2 components), ``length`` steps. Each agent observes two features, ``base`` (+ Gaussian
+    """Two agents, Discrete(2) actions (``box``: Box actions of 2 components), ``length`` steps (``ragged``:
+    ``length - seed % 3``). Each agent observes two features, ``base`` (+ Gaussian
     noise of std ``noise``, drawn from the episode seed); from step ``shift_at`` on, ``shift`` is added to
     feature 0 of agent ``shifted`` (an observation fault with a known size)."""
 
@@ -45,11 +46,12 @@ class Beacon(ParallelEnv):
     base = np.array([1.0, 2.0], dtype=np.float32)
 
     def __init__(self, length: int = 6, noise: float = 0.0, shift: float = 0.0, shift_at: int = 0, shifted: int = 0,
-                 box: bool = False):
+                 box: bool = False, ragged: bool = False):
         self.possible_agents = ["beacon_0", "beacon_1"]
         self._act_space = spaces.Box(-3.0, 3.0, (2,), np.float32) if box else spaces.Discrete(2)
         self.agents: list[str] = []
         self.length, self.noise, self.shift, self.shift_at, self.shifted = length, noise, shift, shift_at, shifted
+        self.ragged, self.steps = ragged, length
         self._obs_space = spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
         self.rng = np.random.default_rng(0)
         self.t = 0
@@ -72,12 +74,13 @@ class Beacon(ParallelEnv):
     def reset(self, seed=None, options=None):
         self.rng = np.random.default_rng(seed)
         self.t = 0
+        self.steps = self.length - (seed % 3 if self.ragged else 0)
         self.agents = list(self.possible_agents)
         return self._obs(), {a: {} for a in self.agents}
 
     def step(self, actions):
         self.t += 1
-        done = self.t >= self.length
+        done = self.t >= self.steps
         obs = self._obs()
         if done:
             self.agents = []
@@ -137,8 +140,8 @@ def test_scores_are_the_z_score_of_a_known_shift_the_surprise_and_the_kl_from_th
         reference = _team(venv, probs=torch.tensor([0.5, 0.5]))
         monitor = AlertMonitor(team, ["obs", "surprise", "disagreement"], reference=reference)
         rollout = Rollout(venv, team, deterministic=True, seed=0)
-        hook, rows = monitor.hook(), []
-        rollout.run(episodes=2, on_step=lambda tr: (rows.append(monitor.scores(tr)), hook(tr)))
+        rows = []
+        rollout.run(episodes=2, on_step=lambda tr: (rows.append(monitor.scores(tr)), monitor.observe(tr)))
     s = np.stack(rows)  # [steps, copies, agents, kinds]
     assert s.shape == (6, 2, 2, 3)
     assert np.allclose(s[:3, :, 1, 0], 0.0, atol=1e-5) and np.allclose(s[3:, :, 1, 0], 3.0, atol=1e-5)
@@ -301,6 +304,29 @@ def test_on_a_relay_chain_the_faulted_agent_alerts_before_its_downstream_agents_
     assert not [e for e in monitor.events if e.seed in seeds]  # the same episodes, clean: no alert
     pooled = Detection.pooled([detection, Detection.from_dict(json.loads(json.dumps(detection.to_dict())))])
     assert len(pooled.first_alert) == 2 * len(seeds) and pooled.summary(n_boot=200)["detected"]["mean"] == hit.mean()
+
+
+def test_a_watched_paired_run_in_rounds_gives_the_alerts_of_one_run_and_none_past_the_measured_episodes():
+    # ragged episodes: copies whose episode ended early play on into seeds that a later round (or no round) measures
+    seeds = list(range(30, 41))
+
+    def make_venv(n: int, period: int) -> MultiAgentVecEnv:
+        return MultiAgentVecEnv(EnvSpec(BEACON, {"noise": 1.0, "ragged": True}, name="beacon"), n, grouping="per_agent",
+                                seed_period=period)
+
+    def detect(max_copies: int | None) -> Detection:
+        with make_venv(2, 2) as venv:
+            monitor = AlertMonitor(_team(venv), ["obs", "surprise"], np.full((2, 2), 1.2))
+        fault = Constant(Scope(("beacon_0",), onset=1, onset_max=3, duration=None), [1.0])
+        return watch_fault(make_venv, monitor, fault, len(seeds), seeds[0], 0.05, deterministic=False,
+                           max_copies=max_copies)
+
+    once, rounds = detect(None), detect(8)  # 2 blocks of 4 episodes: rounds of 4, 4 and 3 measured
+    assert len(once.events) > 10 and {e.seed for e in once.events} <= set(seeds)
+    assert sorted(events_json(once.events), key=json.dumps) == sorted(events_json(rounds.events), key=json.dumps)
+    for name in ("onsets", "first_alert", "first_failure"):
+        assert np.array_equal(getattr(once, name), getattr(rounds, name), equal_nan=True), name
+    assert len(np.unique(once.onsets)) > 1  # onsets drawn per episode, the same in rounds
 
 
 def test_the_alerts_config_section_builds_a_calibrated_monitor_or_refuses_in_one_line():

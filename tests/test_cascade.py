@@ -106,6 +106,25 @@ def test_cascade_structure_on_a_chain_follows_the_hops():
     assert dev["agents"]["agent_1"]["tv"][3] == 0 and dev["agents"]["agent_1"]["tv"][4] > 0
 
 
+def test_a_paired_run_in_rounds_gives_the_numbers_of_one_run():
+    # sampled actions, a random env, drawn onsets, an intermittent fault and an independent clean twin: every draw
+    # comes from its episode's own streams, so 11 episodes in rounds of 4 (3 measured in the last) change nothing
+    make, team, env, agents = setup(relay_spec(n_agents=4, switch_prob=0.3))
+    faults = lambda: [impulse(env, "agent_0", 2, onset_max=6), None,  # noqa: E731 - fresh faults for each run
+                      impulse(env, "agent_1", 1, "dead", duration=None, rate=0.5)]
+    once = paired_rollouts(make, team, faults(), 11, 40, independent=True)
+    rounds = paired_rollouts(make, team, faults(), 11, 40, independent=True, max_copies=4 * 5)
+    assert once.seeds.tolist() == rounds.seeds.tolist() == list(range(40, 51))
+    assert len(np.unique(once.onsets[0])) > 1 and np.nanmax(once.tv) > 0
+    for name in ("onsets", "tv", "kl", "disagree", "reward_delta", "returns", "lengths"):
+        assert np.array_equal(getattr(once, name), getattr(rounds, name), equal_nan=True), name
+    shared = impulse(env, "agent_0", 2)
+    shared.shared_stream = True  # as fault=attack's random starts: the copies' common stream
+    with pytest.raises(MadistillError, match=r"2 blocks x 11 episodes = 22 env copies exceed cascade.max_copies=20, "
+                                             r"and fault 'random' draws from a stream all copies share.*cascade.episodes to 10"):
+        paired_rollouts(make, team, [shared], 11, 40, max_copies=20)
+
+
 def test_a_non_reproducible_env_is_refused_in_one_line():
     spec = relay_spec(n_agents=3)
     make, team, _, _ = setup(spec)

@@ -23,7 +23,7 @@ reference) crosses. Raising a threshold only lowers the false-alarm rate, so the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -113,12 +113,14 @@ class AlertMonitor:
             cols.append(s)
         return torch.cat(cols, 1).cpu().numpy().astype(np.float64)
 
-    def observe(self, tr: Transition, copies: np.ndarray | None = None) -> None:
+    def observe(self, tr: Transition, watched: np.ndarray | None = None) -> None:
         """Score one transition (its episode seeds and steps name the events; an episode that ended there has its
-        maxima kept). ``copies``: watch only these env copies (None: all)."""
+        maxima kept). ``watched``: ``[N]`` bool, the env copies to watch (None: all); the others raise no alert
+        and keep no maxima (a paired run's clean block, and its copies past their first episode, whose seeds
+        another round plays)."""
         s, seeds, steps, ended = self.scores(tr), tr.episode_seeds, tr.episode_steps, tr.ended
-        if copies is not None:
-            s, seeds, steps, ended = s[copies], seeds[copies], steps[copies], ended[copies]
+        if watched is not None:
+            s, ended = np.where(watched[:, None, None], s, np.nan), ended & watched
         if self._max.shape != s.shape:
             self._max, self._above = np.full(s.shape, -np.inf), np.zeros(s.shape, dtype=bool)
         self._max = np.fmax(self._max, s)
@@ -136,11 +138,6 @@ class AlertMonitor:
             self.episode_max[int(seeds[i])] = self._max[i].copy()
             self._max[i], self._above[i] = -np.inf, False
         self.steps += 1
-
-    def hook(self, copies: np.ndarray | None = None) -> Callable[[Transition], None]:
-        """The ``on_step`` hook that scores a rollout's transitions, of the env copies ``copies`` only where given
-        (the faulted block of a paired run)."""
-        return lambda tr: self.observe(tr, copies)
 
     def maxima(self, seeds: Sequence[int]) -> np.ndarray:
         """``[episodes, agents, kinds]`` per-episode maxima of the finished episodes ``seeds``."""
@@ -208,7 +205,7 @@ def monitor_episodes(
     faults, attacks) with the monitor attached; its events and per-episode maxima accumulate."""
     rollout = Rollout(venv, monitor.team, transforms=transforms, deterministic=deterministic, seed=seed,
                       episode_streams=True)
-    return rollout.run(episodes=episodes, on_step=monitor.hook())
+    return rollout.run(episodes=episodes, on_step=monitor.observe)
 
 
 def calibrated_monitor(
@@ -327,16 +324,20 @@ def watch_fault(
     deterministic: bool = True,
     return_loss: float | None = None,
     tb: TBLogger | None = None,
+    max_copies: int | None = None,
 ) -> Detection:
     """Episodes ``seed .. seed+episodes-1`` played as clean and faulted twins (``paired_rollouts``), the faulted
     ones watched by a monitor with ``monitor``'s thresholds; another agent fails as the cascade monitor says
     (``cascade``): its action distribution's total variation from its clean twin's exceeds ``threshold``
     (``cascade.threshold``), or its reward since the onset falls ``return_loss`` below (``cascade.return_loss``).
-    ``tb``: where the faulted episodes' alerts are logged as they happen."""
+    ``tb``: where the faulted episodes' alerts are logged as they happen. ``max_copies``: ``paired_rollouts``'."""
     watch = AlertMonitor(monitor.team, monitor.kinds, monitor.thresholds, monitor.reference, tb)
-    faulted_block = np.arange(episodes, 2 * episodes)  # block 0 of the paired run plays clean, block 1 faulted
-    run = paired_rollouts(make_venv, monitor.team, [fault], episodes, seed, deterministic,
-                          watch=watch.hook(faulted_block))
+
+    def faulted(tr: Transition, measured: np.ndarray) -> None:  # block 0 of the paired run plays clean, block 1 faulted
+        watch.observe(tr, measured & (np.arange(measured.size) >= measured.size // 2))
+
+    run = paired_rollouts(make_venv, monitor.team, [fault], episodes, seed, deterministic, watch=faulted,
+                          max_copies=max_copies)
     victims = list(fault.scope.victims)
     seeds, onsets = run.seeds.tolist(), run.onsets[0]
     delays = cascade(run, 0, victims, threshold, return_loss=return_loss).delays

@@ -117,7 +117,7 @@ def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any
     # with sampled actions, one more clean twin sampling from streams of its own gives the noise floor
     floor_block = [None] if not cc.deterministic and cc.noise_quantile is not None else []
     run = paired_rollouts(make_venv, team, [*impulses, *floor_block, *(sf.fault for sf in faults)], int(cc.episodes),
-                          int(cc.seed), bool(cc.deterministic), independent=True)
+                          int(cc.seed), bool(cc.deterministic), independent=True, max_copies=int(cc.max_copies))
     inf = influence(run, sources, int(cc.lags), int(cc.n_boot), float(cc.confidence), float(cc.min_effect), int(cc.seed))
     replay_dev = float(np.nanmax(replay.tv, initial=0.0))
     floor = noise_floor(run, len(impulses), float(cc.noise_quantile)) if floor_block else 0.0  # greedy twins act alike

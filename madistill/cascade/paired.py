@@ -3,7 +3,9 @@
 One vector env holds ``(F + 1) * E`` copies with seed period ``E``: block 0 plays episodes ``seed ..
 seed + E - 1`` clean, block ``f`` (1..F) the same episodes under fault ``f``. With the same action-sampling
 stream per episode (``episode_streams``, seeded by the episode seed), the twins act identically until the fault
-acts, so every difference after it is the fault's effect. Only each copy's first episode is measured.
+acts, so every difference after it is the fault's effect. Only each copy's first episode is measured. A study
+of more copies than ``max_copies`` plays its episodes in rounds of ``E`` at a time, which gives the same numbers
+(every draw comes from its episode's own stream) and bounds memory (each PettingZoo copy is a whole env).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from madistill.policies.base import TeamPolicy
 from madistill.rollout import Rollout, Transition
 
 MakeVenv = Callable[[int, int], MultiAgentVecEnv]  # (num_envs, seed_period) -> a vector env of the studied env
+Watch = Callable[[Transition, np.ndarray], None]  # (transition, [N] bool: the copies whose episode is measured)
 
 
 @dataclass
@@ -109,44 +112,94 @@ def paired_rollouts(
     episodes: int,
     seed: int,
     deterministic: bool = False,
-    watch: Callable[[Transition], None] | None = None,
+    watch: Watch | None = None,
     independent: bool = False,
+    max_copies: int | None = None,
 ) -> PairedRun:
     """Play episodes ``seed .. seed + episodes - 1`` clean and under each of ``faults`` side by side (one block
     of copies each; None: a second clean twin), and return their paired measures. Each fault is armed on its
-    block only (onset -1 for a clean twin). ``watch``: an ``on_step`` hook (an alert monitor's) called
-    after every step of the paired rollout. ``independent``: the second clean twins (None) sample their
-    actions from streams of their own instead of the clean block's, so they differ by sampling alone (``noise_floor``)."""
+    block only (onset -1 for a clean twin). ``watch``: called after every step of the paired rollout with the
+    transition and the copies whose episode is measured (an alert monitor's ``hook``). ``independent``: the second
+    clean twins (None) sample their actions from streams of their own instead of the clean block's, so they differ
+    by sampling alone (``noise_floor``). ``max_copies``: the most env copies stepped side by side (None: all
+    ``(len(faults) + 1) * episodes``); more episodes play in rounds of equal size, with the same numbers, since
+    every copy draws from its episode's own streams (refused for a fault drawing from the stream copies share)."""
     blocks = len(faults) + 1
-    with make_venv(blocks * episodes, episodes) as venv:
-        agents = list(venv.possible_agents)
+    rounds = _rounds(faults, episodes, max_copies)
+    per = -(-episodes // rounds)  # episodes per round; the last round's extra ones are played, not measured
+    with make_venv(blocks * per, per) as venv:
         for f, fault in enumerate(faults):
             if fault is not None:
-                fault.armed = np.repeat(np.arange(blocks) == f + 1, episodes)
+                fault.armed = np.repeat(np.arange(blocks) == f + 1, per)
         chain = [f for f in faults if f is not None]
         rollout = Rollout(venv, team, chain, deterministic=deterministic, seed=seed, episode_streams=True)
-        start = rollout.playing.copy()
-        # the k-th second clean twin's streams are seeded by (episode seed, k): the same wherever its block sits
-        twins = [f + 1 for f, fault in enumerate(faults) if fault is None] if independent else []
-        for k, b in enumerate(twins, 1):
-            for i in range(b * episodes, (b + 1) * episodes):  # only each copy's first episode is measured
-                state = np.random.SeedSequence([int(start[i]), k]).generate_state(1)[0]
-                rollout.copy_streams[i].manual_seed(int(state))  # type: ignore[index]
-        onsets = np.full((len(faults), episodes), -1, dtype=np.int64)
-        for f, fault in enumerate(faults):
-            if fault is not None:
-                onsets[f] = fault.onset_at[(f + 1) * episodes:(f + 2) * episodes]
-        rec = _Recorder(team, agents, blocks, episodes)
-        hooks = [rec] if watch is None else [rec, watch]
-        while rec.live.any():
-            tr = rollout.step()
-            for hook in hooks:
-                hook(tr)
-            rec.live &= rollout.playing == start
-    stacked = {k: np.stack([s[k] for s in rec.steps], axis=2) for k in rec.steps[0]}
-    return PairedRun(agents, start[:episodes].copy(), onsets, stacked["tv"], stacked["kl"], stacked["disagree"],
-                     stacked["reward_delta"], rec.returns.reshape(blocks, episodes, -1),
-                     rec.lengths.reshape(blocks, episodes))
+        parts = []
+        for r in range(rounds):
+            if r:
+                rollout.reset(seed + r * per)
+            parts.append(_paired_round(rollout, faults, min(per, episodes - r * per), watch, independent))
+    return _joined(parts)
+
+
+def _rounds(faults: Sequence[Fault | None], episodes: int, max_copies: int | None) -> int:
+    """In how many rounds ``paired_rollouts`` plays ``episodes`` with at most ``max_copies`` copies at once."""
+    blocks = len(faults) + 1
+    if max_copies is None or blocks * episodes <= max_copies:
+        return 1
+    shared = next((f for f in faults if f is not None and f.shared_stream), None)
+    if shared is not None:
+        raise MadistillError(
+            f"the cascade's {blocks} blocks x {episodes} episodes = {blocks * episodes} env copies exceed "
+            f"cascade.max_copies={max_copies}, and fault {shared.name!r} draws from a stream all copies share, so its "
+            f"episodes must play at once: lower cascade.episodes to {max(1, max_copies // blocks)} or raise cascade.max_copies")
+    return -(-episodes // max(1, max_copies // blocks))
+
+
+def _paired_round(rollout: Rollout, faults: Sequence[Fault | None], measured: int, watch: Watch | None,
+                  independent: bool) -> PairedRun:
+    """One round of ``paired_rollouts`` on the rollout just reset: each block's first ``measured`` copies play
+    their first episode, measured (the rest of a block's copies are played and dropped)."""
+    blocks, agents = len(faults) + 1, list(rollout.venv.possible_agents)
+    per = rollout.venv.num_envs // blocks
+    start = rollout.playing.copy()
+    # the k-th second clean twin's streams are seeded by (episode seed, k): the same wherever its block sits
+    twins = [f + 1 for f, fault in enumerate(faults) if fault is None] if independent else []
+    for k, b in enumerate(twins, 1):
+        for i in range(b * per, (b + 1) * per):  # only each copy's first episode is measured
+            state = np.random.SeedSequence([int(start[i]), k]).generate_state(1)[0]
+            rollout.copy_streams[i].manual_seed(int(state))  # type: ignore[index]
+    onsets = np.full((len(faults), per), -1, dtype=np.int64)
+    for f, fault in enumerate(faults):
+        if fault is not None:
+            onsets[f] = fault.onset_at[(f + 1) * per:(f + 2) * per]
+    rec = _Recorder(rollout.team, agents, blocks, per)
+    rec.live &= np.tile(np.arange(per) < measured, blocks)
+    while rec.live.any():
+        tr = rollout.step()
+        rec(tr)
+        if watch is not None:
+            watch(tr, rec.live)
+        rec.live &= rollout.playing == start
+    stacked = {k: np.stack([s[k] for s in rec.steps], axis=2)[:, :measured] for k in rec.steps[0]}
+    return PairedRun(agents, start[:measured].copy(), onsets[:, :measured], stacked["tv"], stacked["kl"],
+                     stacked["disagree"], stacked["reward_delta"], rec.returns.reshape(blocks, per, -1)[:, :measured],
+                     rec.lengths.reshape(blocks, per)[:, :measured])
+
+
+def _joined(parts: Sequence[PairedRun]) -> PairedRun:
+    """The paired runs of consecutive rounds as one, their steps padded with NaN to the longest round's."""
+    if len(parts) == 1:
+        return parts[0]
+    steps = max(p.tv.shape[2] for p in parts)
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([np.pad(getattr(p, name), [(0, 0), (0, 0), (0, steps - p.tv.shape[2]), (0, 0)],
+                                      constant_values=np.nan) for p in parts], axis=1)
+
+    return PairedRun(parts[0].agents, np.concatenate([p.seeds for p in parts]),
+                     np.concatenate([p.onsets for p in parts], axis=1), cat("tv"), cat("kl"), cat("disagree"),
+                     cat("reward_delta"), np.concatenate([p.returns for p in parts], axis=1),
+                     np.concatenate([p.lengths for p in parts], axis=1))
 
 
 def noise_floor(run: PairedRun, block: int, quantile: float) -> float:

@@ -54,7 +54,8 @@ def watch_policy(
         "faults": {},
     }
     for label, fault in faults:
-        d = watch_fault(make_venv, monitor, fault, episodes, seed, threshold, deterministic, loss)
+        d = watch_fault(make_venv, monitor, fault, episodes, seed, threshold, deterministic, loss,
+                        max_copies=int(cfg.cascade.max_copies))
         section["faults"][label] = {"victims": list(fault.scope.victims), **d.summary(n_boot),
                                     "events": events_json(d.events)}
     return section
