@@ -105,10 +105,11 @@ def check_onsets(faults: Sequence[StudiedFault], cc: Any, lengths: np.ndarray, e
                              f"last {shortest} steps, so choose onsets below {shortest}")
 
 
-def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any, impulse: Any, env_id: str) -> CascadeStudy:
+def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any, impulse: Any, env_id: str,
+          progress: str | None = None) -> CascadeStudy:
     """The cascade study of ``team`` (cascade config ``cc``, studied fault ``fc``, influence impulses of the
     FaultConfig ``impulse``): every check first (faults, victims, reproducibility, onsets), then one paired run
-    with every impulse and studied fault side by side."""
+    with every impulse and studied fault side by side (``progress``: its progress bar's label, None: none)."""
     agents = [a for g in env.groups for a in g.agents]
     faults = studied_faults(fc, env, agents)
     impulses, sources = impulse_faults(impulse, list(cc.onsets), env, agents)
@@ -117,7 +118,7 @@ def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any
     # with sampled actions, one more clean twin sampling from streams of its own gives the noise floor
     floor_block = [None] if not cc.deterministic and cc.noise_quantile is not None else []
     run = paired_rollouts(make_venv, team, [*impulses, *floor_block, *(sf.fault for sf in faults)], int(cc.episodes),
-                          int(cc.seed), bool(cc.deterministic), independent=True, max_copies=int(cc.max_copies))
+                          int(cc.seed), bool(cc.deterministic), independent=True, max_copies=int(cc.max_copies), progress=progress)
     inf = influence(run, sources, int(cc.lags), int(cc.n_boot), float(cc.confidence), float(cc.min_effect), int(cc.seed))
     replay_dev = float(np.nanmax(replay.tv, initial=0.0))
     floor = noise_floor(run, len(impulses), float(cc.noise_quantile)) if floor_block else 0.0  # greedy twins act alike

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.distributions import Categorical, Distribution
+from tqdm import tqdm
 
 from madistill.cascade.faults import Fault
 from madistill.common.divergences import divergence
@@ -115,19 +116,22 @@ def paired_rollouts(
     watch: Watch | None = None,
     independent: bool = False,
     max_copies: int | None = None,
+    progress: str | None = None,
 ) -> PairedRun:
     """Play episodes ``seed .. seed + episodes - 1`` clean and under each of ``faults`` side by side (one block
     of copies each; None: a second clean twin), and return their paired measures. Each fault is armed on its
     block only (onset -1 for a clean twin). ``watch``: called after every step of the paired rollout with the
-    transition and the copies whose episode is measured (an alert monitor's ``hook``). ``independent``: the second
+    transition and the copies whose episode is measured (an alert monitor's ``observe``). ``independent``: the second
     clean twins (None) sample their actions from streams of their own instead of the clean block's, so they differ
     by sampling alone (``noise_floor``). ``max_copies``: the most env copies stepped side by side (None: all
     ``(len(faults) + 1) * episodes``); more episodes play in rounds of equal size, with the same numbers, since
-    every copy draws from its episode's own streams (refused for a fault drawing from the stream copies share)."""
+    every copy draws from its episode's own streams (refused for a fault drawing from the stream copies share).
+    ``progress``: the label of a progress bar over the episodes (None: no bar)."""
     blocks = len(faults) + 1
     rounds = _rounds(faults, episodes, max_copies)
     per = -(-episodes // rounds)  # episodes per round; the last round's extra ones are played, not measured
-    with make_venv(blocks * per, per) as venv:
+    bar = tqdm(total=episodes, desc=progress, unit="ep", disable=progress is None)
+    with bar, make_venv(blocks * per, per) as venv:
         for f, fault in enumerate(faults):
             if fault is not None:
                 fault.armed = np.repeat(np.arange(blocks) == f + 1, per)
@@ -137,7 +141,7 @@ def paired_rollouts(
         for r in range(rounds):
             if r:
                 rollout.reset(seed + r * per)
-            parts.append(_paired_round(rollout, faults, min(per, episodes - r * per), watch, independent))
+            parts.append(_paired_round(rollout, faults, min(per, episodes - r * per), watch, independent, bar))
     return _joined(parts)
 
 
@@ -156,9 +160,10 @@ def _rounds(faults: Sequence[Fault | None], episodes: int, max_copies: int | Non
 
 
 def _paired_round(rollout: Rollout, faults: Sequence[Fault | None], measured: int, watch: Watch | None,
-                  independent: bool) -> PairedRun:
+                  independent: bool, bar: tqdm) -> PairedRun:
     """One round of ``paired_rollouts`` on the rollout just reset: each block's first ``measured`` copies play
-    their first episode, measured (the rest of a block's copies are played and dropped)."""
+    their first episode, measured (the rest of a block's copies are played and dropped). ``bar`` counts the
+    episodes whose every twin has ended."""
     blocks, agents = len(faults) + 1, list(rollout.venv.possible_agents)
     per = rollout.venv.num_envs // blocks
     start = rollout.playing.copy()
@@ -174,12 +179,14 @@ def _paired_round(rollout: Rollout, faults: Sequence[Fault | None], measured: in
             onsets[f] = fault.onset_at[(f + 1) * per:(f + 2) * per]
     rec = _Recorder(rollout.team, agents, blocks, per)
     rec.live &= np.tile(np.arange(per) < measured, blocks)
+    bar_start = bar.n
     while rec.live.any():
         tr = rollout.step()
         rec(tr)
         if watch is not None:
             watch(tr, rec.live)
         rec.live &= rollout.playing == start
+        bar.update(int((~rec.live.reshape(blocks, per)[:, :measured]).all(0).sum()) - (bar.n - bar_start))
     stacked = {k: np.stack([s[k] for s in rec.steps], axis=2)[:, :measured] for k in rec.steps[0]}
     return PairedRun(agents, start[:measured].copy(), onsets[:, :measured], stacked["tv"], stacked["kl"],
                      stacked["disagree"], stacked["reward_delta"], rec.returns.reshape(blocks, per, -1)[:, :measured],

@@ -79,7 +79,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     for ref in refs:
         team = load_policy(ref, groups, device, purifier, cfg.seed)
         label = f"{ref.name}@{ref.run}" if several else ref.name
-        studies[label] = study(make_venv, team, env, cc, fc, impulse, spec.id)
+        studies[label] = study(make_venv, team, env, cc, fc, impulse, spec.id,
+                               f"cascade {label}" if cfg.logger.progress else None)
         if cfg.alerts.enabled:  # the study's faults are armed on its paired run's blocks: fresh ones here
             watched = [(sf.label, sf.fault) for sf in studied_faults(fc, env, agents)]
             with make_vec_env(cfg.env, spec) as venv:
