@@ -194,6 +194,12 @@ def _one_line(exc: BaseException) -> str:
         value, options, key, item = choice.groups()
         use = f"{key}=[<any of {options}>]" if item else f"{key}=<one of {options}>"
         return f"{key} cannot be {value!r}: use {use}"
+    listed = re.search(r"Error merging override ([\w.]+)=(.*)\n?[\s\S]*is not a ListConfig", f"{text}\n{exc.__cause__ or ''}")
+    if listed:  # a list setting given one value
+        key, value = listed.groups()
+        return f"{key} takes a list: use \"{key}=[{value.strip()}]\""
+    if re.match(r"Missing mandatory value: env\.target", text):  # env=custom without the env's import path
+        return "env=custom needs the env's import path: add env.target=<module>.parallel_env (and env.name=<id>)"
     added = re.search(r"An item is already at '([^']+)'", text)
     if added:  # Hydra's `+key=value` on a key the config already has
         return f"{added.group(1)} is already set: drop the + ({added.group(1)}=<value> replaces it)"
@@ -208,6 +214,7 @@ def _one_line(exc: BaseException) -> str:
 _MODE_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc"}
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                 "--config-dir", "-cd", "--info", "--experimental-rerun"}
+_OTHER_FLAGS = {"--resolve", "--hydra-help"}  # Hydra's remaining flags (--help is answered before Hydra runs)
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -230,6 +237,10 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
 def _with_job_name(args: list[str], stage: str) -> list[str]:
     """Overrides first (argparse wants them contiguous), then the stage as job name, then Hydra's flags."""
     overrides, flags = _split_args(args)
+    unknown = [f for f in flags if f.startswith("-") and f not in _MODE_FLAGS | _VALUE_FLAGS | _OTHER_FLAGS]
+    if unknown:
+        raise MadistillError(f"unknown option {unknown[0]!r}: settings are key=value overrides (`madistill {stage} "
+                             "--help` lists them)")
     modes = [f for f in flags if f in _MODE_FLAGS]
     if len(modes) > 1:
         raise MadistillError(f"{' and '.join(modes)} cannot be combined: pass only one of them")
@@ -351,6 +362,10 @@ def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
     policies replaced at the end), unless the command line names another ``hydra.run.dir``. Hydra's record of
     the resumed job goes to ``.hydra/resumed_<time>/`` so the run's original ``.hydra/`` stays as it was."""
     resume = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("teacher.resume=")), "")
+    if resume.strip("'\"") not in ("", "null") and not stages()[stage].resumes:
+        resuming = [s.name for s in stages().values() if s.resumes]
+        raise MadistillError(f"teacher.resume continues a teacher's training ({' or '.join(resuming)}); {stage} does not "
+                             "resume: run it again without teacher.resume")
     ckpt = Path(resume.strip("'\""))
     if (not stages()[stage].resumes or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir()
             or any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in ("-m", "--multirun")

@@ -579,7 +579,7 @@ class RepairConfig:
     # `fisher_batches` minibatches at the original, are largest (the random baseline then frees as many random
     # acting parameters). The neurons are scored and ablation-checked in both.
     mask: RepairMask = RepairMask.neurons
-    fisher_batches: int = 16
+    fisher_batches: int = 16  # minibatches of the fine-tuning loss whose squared gradients score mask=fisher
     ablation_draws: int = 20  # random neuron sets of the same size the chosen neurons' ablation is compared to
     steps: int = 300  # fine-tuning steps (every variant: masked and baselines)
     batch_size: int = 256  # failing and as many clean observations per step
@@ -607,7 +607,7 @@ class RepairConfig:
     # original's clean head at the worse of PGD-on-KL's point and the forced target's) and smoothness term (the
     # tuned policy at the clean point against itself at that point); the other terms as distill=robust's
     adv_weight: float = 1.0
-    smooth_weight: float = 0.5
+    smooth_weight: float = 0.5  # weight of the smoothness term (repair.attack=targeted_lookahead)
 
     @staticmethod
     def validate(c: Checks) -> None:

@@ -240,6 +240,21 @@ def test_wrong_type_exits_2_with_one_line(cli, tmp_path):
     assert "teacher.ppo.learning_rate=abc" in _madistill_error(err, "train")
 
 
+@pytest.mark.parametrize("stage,args,fix", [
+    ("attack", ["attack.eps=0.3"], 'attack.eps takes a list: use "attack.eps=[0.3]"'),
+    ("cascade", ["fault.victims=agent_0"], 'fault.victims takes a list: use "fault.victims=[agent_0]"'),
+    ("train", ["env=custom"], "env=custom needs the env's import path: add env.target=<module>.parallel_env"),
+    ("train", ["seed=1", "--foo"], "unknown option '--foo': settings are key=value overrides"),
+    ("finetune", ["teacher.resume=/tmp/run/checkpoint"],
+     "teacher.resume continues a teacher's training (train or pipeline); finetune does not resume"),
+])
+def test_common_mistakes_get_one_line_naming_the_fix(cli, tmp_path, stage, args, fix):
+    rc, out, err = cli(stage, *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert rc == 2 and out == "" and len(_err_lines(err)) == 1
+    assert fix in _madistill_error(err, stage)
+    assert not (tmp_path / "run").exists()
+
+
 def test_wrong_type_message_says_what_type_is_expected(cli, tmp_path):
     _, _, err = cli("train", "teacher.ppo.learning_rate=abc", f"hydra.run.dir={tmp_path}")
     assert "float" in _madistill_error(err, "train").lower()

@@ -234,13 +234,13 @@ def check_compatible(saved: list[AgentGroup], env_groups: list[AgentGroup], save
             if eg is None:
                 raise MadistillError(
                     f"policy {where} (env {saved_env}) controls agent {agent!r}, which this env lacks: "
-                    f"evaluate it with env={saved_env}"
+                    f"use it with env={saved_env}"
                 )
             if eg.observation_space != g.observation_space or eg.action_space != g.action_space:
                 raise MadistillError(
                     f"policy {where} was saved for env {saved_env} and its spaces for {agent!r} differ from this env's "
                     f"({space_to_dict(g.observation_space)} vs {space_to_dict(eg.observation_space)}): "
-                    f"evaluate it with env={saved_env} and the same env kwargs"
+                    f"use it with env={saved_env} and the same env kwargs"
                 )
     missing = set(by_agent) - {a for g in saved for a in g.agents}
     if missing:
