@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_write_text(f"{args.out}.json", json.dumps(table, indent=2))
         atomic_write_text(f"{args.out}.md", text)
-        print(f"wrote {args.out}.md and {args.out}.json")
+        print(f"wrote {args.out}.md and {args.out}.json", file=sys.stderr)  # stdout stays the tables
     return 0
 
 

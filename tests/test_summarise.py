@@ -85,7 +85,8 @@ def test_summary_pools_seeds_of_a_recipe_with_t_intervals(summarise, tmp_path):
 def test_cli_prints_and_writes_the_tables(summarise, tmp_path, capsys):
     out = tmp_path / "results" / "spread"
     assert summarise.main([str(_experiment(tmp_path)), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed, said = capsys.readouterr()
+    assert said == f"wrote {out}.md and {out}.json\n"
     assert "| +experiment=spread_robust | 0,1 | 85% [21%, 149%] |" in printed
     assert "| +experiment=spread_robust | student | 0,1 | all | 0.2 | 90% [" in printed
     assert "-10.00 / -20.00 | -16.00 [-28.71, -3.29] | 40% [-87%, 167%] |" in printed
