@@ -411,7 +411,7 @@ class TeacherTrainer:
         every = int(self.cfg.teacher.checkpoint_every)
         rollout = Rollout(self.venv, self.team, self.transforms, seed=self.episode_seed)
         bar = tqdm(
-            total=total, initial=self.agent_steps, desc="train", unit="agent-step", unit_scale=True,
+            total=end, initial=self.agent_steps, desc="train", unit="agent-step", unit_scale=True,
             disable=not self.cfg.logger.progress,
         )
         if self.overlap and self._pool is None:

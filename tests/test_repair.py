@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, compose_config, tiny
 from gymnasium import spaces
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from madistill.attacks.budget import Budget
 from madistill.attacks.methods import Attack, training_attack
@@ -433,6 +434,14 @@ def test_the_repaired_teacher_is_a_drop_in_checkpoint_with_its_update(relay_teac
         assert 0 <= chosen["accuracy"] <= 1
     md = (out / "reports" / "repair.md").read_text()
     assert md.startswith("# Repair of") and "| learning rate | anchor |" in md
+    # TensorBoard: the report as text, each variant's share of changed parameters and returns
+    ea = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    scalars = {t: ea.Scalars(t)[0].value for t in ea.Tags()["scalars"]}
+    assert scalars["repair/masked/changed_share"] == pytest.approx(masked["changed_share"])
+    assert scalars["repair/original/worst_return"] == pytest.approx(report["original"]["evaluation"]["worst"])
+    assert scalars["repair/full/clean_return"] == pytest.approx(report["variants"]["full"]["evaluation"]["clean"])
+    assert "repair/report/text_summary" in ea.Tags()["tensors"]
     # every stage that loads policies takes it: evaluate, attack, and distill (as the teacher)
     evaluate_stage.run(compose_config(tiny("env=relay", f"eval.policy={out}")), tmp_path / "eval")
     assert json.loads((tmp_path / "eval" / "reports" / "eval_teacher.json").read_text())

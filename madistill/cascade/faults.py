@@ -430,7 +430,8 @@ def make_fault(fc: Any, env: FaultEnv, victims: Sequence[str] | None = None) -> 
     victims = list(fc.victims if victims is None else victims)
     unknown = [v for v in victims if v not in agents]
     if unknown or not victims:
-        raise MadistillError(f"fault.victims names {unknown or 'no agent'}: use agents of this env, {agents}")
+        raise MadistillError(f"fault.victims names {unknown or 'no agent'}, not agents of this env (a fault file of "
+                             f"conf/fault/ may name them): pass \"fault.victims=[<agents of {agents}>]\"")
     scope = Scope(tuple(victims), int(fc.onset), fc.onset_max, fc.duration, float(fc.rate), int(fc.seed))
     fault = FAULTS[fc.name].from_config(scope, fc, env)
     fault.check(env)

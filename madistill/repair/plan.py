@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from madistill.attacks.budget import Budget
 from madistill.common.divergences import divergence
@@ -195,13 +196,14 @@ def choose(trials: list[Trial], bound: float) -> Choice:
 
 
 def tune(policy: Policy, mask: Mask, terms: Terms, split: Split, settings: FinetuneSettings, rates: list[float],
-         anchors: list[float], bound: float, seed: int) -> tuple[Policy, Choice]:
+         anchors: list[float], bound: float, seed: int, done: Callable[[int], object] = lambda n: None
+         ) -> tuple[Policy, Choice]:
     """Fine-tune ``policy`` under ``mask`` on ``terms.train`` and the split's clean training part at every
     learning rate of ``rates`` with every anchor weight of ``anchors`` (same seed and steps), and keep the one
     :func:`choose` picks on the held-out part (``terms.val``, the split's held-out clean observations). The
     anchor weight is searched with the rate because neither alone bounds the clean divergence: when many
     parameters are free, the failure loss moves the policy faster than a weak anchor pulls it back, so a smaller
-    rate fits less without diverging less."""
+    rate fits less without diverging less. ``done(1)`` is called after each fine-tune (a progress bar's update)."""
     tuned, trials = [], []
     for rate in rates:
         for anchor in anchors:
@@ -209,6 +211,7 @@ def tune(policy: Policy, mask: Mask, terms: Terms, split: Split, settings: Finet
                                          replace(settings, learning_rate=rate, anchor=anchor), seed))
             trials.append(Trial(rate, anchor, **validation_scores(policy, tuned[-1], terms.val, split.val_clean,
                                                                   settings.divergence, seed)))
+            done(1)
     choice = choose(trials, bound)
     return tuned[trials.index(choice.chosen)], choice
 
@@ -242,7 +245,7 @@ class Repair:
 
 
 def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc: Any, seed: int,
-                  terms: Callable[[Split], Terms] = fixed_terms) -> Repair:
+                  terms: Callable[[Split], Terms] = fixed_terms, progress: str | None = None) -> Repair:
     """Score the neurons of ``policy`` on ``failures`` (``rc.score``), choose the top ones, check their
     ablation against random ones, and fine-tune with the neuron mask (``rc.mask=fisher``: the Fisher mask) and
     every ``rc.baselines`` variant (``full``: every acting parameter; ``last``: the output layer; ``random``: as
@@ -252,7 +255,7 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
     both (:func:`tune`), every variant on the same ``terms`` of the split (default: the fixed failure set;
     :func:`rebuilt_terms` for adversarial repair, :func:`forced_target_terms` for
     the lookahead's targets). The neurons are scored on the whole failure set: localisation is not what the
-    held-out part validates."""
+    held-out part validates. ``progress``: the label of a progress bar over the fine-tunes (None: no bar)."""
     path = repair_path(policy)
     layers, head, head_name = path.hidden, path.head, path.head_name
     scores = neuron_scores(rc.score, policy, layers, failures.x, failures.wanted, clean, rc.ig_steps, rc.probe_l1,
@@ -283,9 +286,11 @@ def repair_policy(policy: Policy, failures: FailureSet, clean: torch.Tensor, rc:
             masks[name] = random
     settings = FinetuneSettings(rc.steps, rc.batch_size, rc.learning_rates[0], rc.weight_decay, rc.anchors[0],
                                 rc.divergence)
-    for name, mask in masks.items():
-        tuned, result.selection[name] = tune(policy, mask, fit, split, settings, list(rc.learning_rates),
-                                             list(rc.anchors), rc.max_divergence, seed)
-        result.policies[name], result.mask_sizes[name] = tuned, mask_size(mask)
-        result.deltas[name] = parameter_delta(policy, tuned)
+    trials = len(masks) * len(rc.learning_rates) * len(rc.anchors)
+    with tqdm(total=trials, desc=progress, unit="fine-tune", disable=progress is None) as bar:
+        for name, mask in masks.items():
+            tuned, result.selection[name] = tune(policy, mask, fit, split, settings, list(rc.learning_rates),
+                                                 list(rc.anchors), rc.max_divergence, seed, bar.update)
+            result.policies[name], result.mask_sizes[name] = tuned, mask_size(mask)
+            result.deltas[name] = parameter_delta(policy, tuned)
     return result

@@ -91,8 +91,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 tb.figure(f"explain/{g}_maps", mean_heatmap(maps, g, layout, f"{spec.id}: {g} (|map|, max 1)", methods))
                 for label in labels:
                     tb.figure(f"explain/{g}_{label}_curves", curves_figure(summaries[label][g], f"{label}: {g}"))
-    print(f"\n{text}\n  summary: {reports / 'explain.json'}\n  maps:    {reports / 'explain.npz'}\n"
-          f"  figures: {reports}/explain_*.png\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    figures = f"  figures: {reports}/explain_*.png\n" if cfg.logger.figures else ""
+    print(f"\n{text}\n  report:  {reports / 'explain.md'}\n  summary: {reports / 'explain.json'}\n"
+          f"  maps:    {reports / 'explain.npz'}\n{figures}  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +24,8 @@ def return_figure(summaries: dict[str, dict], env_id: str) -> Figure:
         ci = np.array([side_stats(summaries[n], side)["iqm_ci"] for n in names])
         ax.bar(x + (k - (len(sides) - 1) / 2) * width, iqm, width, yerr=np.abs(ci.T - iqm), capsize=4, alpha=0.8,
                label=side)
-    ax.set_xticks(x, names)
+    # a row label can be a sweep's overrides: wrapped and cut to fit its bar, so the layout keeps the plot
+    ax.set_xticks(x, [textwrap.fill(n, 24, max_lines=4, placeholder=" ...") for n in names], fontsize=8)
     if sides != [None]:
         ax.legend(fontsize=8)
     ax.set_ylabel("team return (IQM, 95% CI)")

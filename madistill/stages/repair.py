@@ -93,10 +93,13 @@ def _markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def _evaluate(cfg: DictConfig, venv: Any, teams: dict[str, TeamPolicy], layouts: Any, eps: float) -> dict[str, dict]:
+def _evaluate(cfg: DictConfig, venv: Any, teams: dict[str, TeamPolicy], layouts: Any, eps: float,
+              progress: str | None) -> dict[str, dict]:
     """Clean return and the worst return under the attack suite (``attack.*`` at ``eps``, over its victim sets)
-    of every team, with their per-episode returns, all on the same episode seeds (so paired)."""
+    of every team, with their per-episode returns, all on the same episode seeds (so paired); ``progress``: the
+    label of a progress bar over the teams (None: no bar)."""
     from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
 
     from madistill.attacks.robustness import evaluate_robustness
     from madistill.common.episodes import team_returns
@@ -106,7 +109,7 @@ def _evaluate(cfg: DictConfig, venv: Any, teams: dict[str, TeamPolicy], layouts:
     random_return = team_returns(run_episodes(venv, uniform_team(venv, next(iter(teams.values())).device),
                                               ac.episodes, ac.seed, False))
     out = {}
-    for name, team in teams.items():
+    for name, team in tqdm(teams.items(), desc=progress, unit="policy", disable=progress is None):
         res = evaluate_robustness(venv, team, layouts, ac, random_return, ac.seed)
         victims, attack, ret = min((res.worst_from(v, eps) for v in res.episodes), key=lambda w: w[2])
         out[name] = {"clean": res.clean, "worst": ret, "worst_attack": f"{attack} on {victims}", "random": random_return,
@@ -248,6 +251,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.repair.plan import repair_policy
     from madistill.runtime import make_vec_env
     from madistill.stages.policies import configured_features, studied_policies
+    from madistill.stages.rundir import open_tb
 
     rc = cfg.repair
     device, refs, spec = studied_policies(cfg, rc.policy, "no policy to repair: pass repair.policy=<run or policy "
@@ -286,15 +290,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if len(failures) == 0:
             raise MadistillError(f"the {rc.attack} attack at eps {eps} changes no action of {sorted(found)} in "
                                  f"{failures.searched} observations: raise repair.eps or repair.episodes")
-        tqdm.write(f"repair: {len(failures)} failing observations of {group} ({failures.source}); "
-                   f"scoring neurons by {rc.score} and fine-tuning {1 + len(rc.baselines)} variants")
+        freed = "the Fisher mask" if rc.mask == "fisher" else f"{rc.neurons:.0%} of the neurons"
+        tqdm.write(f"repair: {len(failures)} failing observations of {group} ({failures.source}); scoring neurons "
+                   f"by {rc.score}, fine-tuning {freed} and {len(rc.baselines)} baselines")
         policy = team[group]
         terms = _terms(cfg, policy, states, targets, layouts[group], budgets[group])
-        rep = repair_policy(policy, failures, clean, rc, cfg.seed, terms)
+        rep = repair_policy(policy, failures, clean, rc, cfg.seed, terms,
+                            "repair: fine-tunes" if cfg.logger.progress else None)
         payload = _payload(cfg, group, failures, rep, spec, source)
         if rc.evaluate:
             teams = {"original": team, **{n: _with_policy(team, group, p) for n, p in rep.policies.items()}}
-            evaluation = _evaluate(cfg, venv, teams, layouts, eps)
+            evaluation = _evaluate(cfg, venv, teams, layouts, eps,
+                                   "repair: attack suite" if cfg.logger.progress else None)
             payload["original"] = {"evaluation": evaluation.pop("original")}
             for name, ev in evaluation.items():
                 payload["variants"][name]["evaluation"] = ev
@@ -307,11 +314,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                      training=manifest.get("training"))
     reports = run_dir / "reports"
     atomic_write_text(reports / "repair.json", json.dumps(payload, indent=2))
-    write_markdown(reports / "repair.md", _markdown(payload))
+    text = _markdown(payload)
+    write_markdown(reports / "repair.md", text)
+    with open_tb(cfg, run_dir) as tb:
+        tb.text("repair/report", text)
+        for name, variant in payload["variants"].items():
+            tb.scalar(f"repair/{name}/changed_share", variant["changed_share"], 0)
+        for name, variant in {"original": payload.get("original", {}), **payload["variants"]}.items():
+            for key in ("clean", "worst") if "evaluation" in variant else ():
+                tb.scalar(f"repair/{name}/{key}_return", variant["evaluation"][key], 0)
     m = payload["variants"]["masked"]
     print(f"\nrepaired {group}: {m['changed']} parameters changed ({100 * m['changed_share']:.2f}% of the acting "
           f"parameters), {f'{len(rep.neurons)} neurons' if rc.mask == 'neurons' else 'Fisher mask'}\n  policy: {pdir}\n  update: {pdir / 'delta.safetensors'}\n"
-          f"  report: {reports / 'repair.md'}")
+          f"  report: {reports / 'repair.md'}\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return payload
 
 
