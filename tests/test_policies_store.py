@@ -298,3 +298,15 @@ def test_obs_normalizer_constant_feature_and_disabled():
     torch.testing.assert_close(
         state.normalize(torch.tensor([[2.0, 1.0]])), n.normalize(torch.tensor([[2.0, 1.0]]))
     )
+
+
+def test_policy_labels_add_the_run_only_where_names_repeat(tmp_path):
+    from madistill.evaluate.evaluator import PolicyRef
+    from madistill.stages.policies import policy_labels
+
+    # a student's run with its teacher from another run: plain names; a sweep's runs: name@run
+    assert policy_labels([PolicyRef("teacher", tmp_path, "teacher"), PolicyRef("student", tmp_path, ".")]) == [
+        "teacher", "student"]
+    sweep = [PolicyRef("teacher", tmp_path, "teacher"), PolicyRef("student", tmp_path, "0"),
+             PolicyRef("student", tmp_path, "1")]
+    assert policy_labels(sweep) == ["teacher", "student@0", "student@1"]

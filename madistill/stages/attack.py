@@ -43,6 +43,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         configured_purifier,
         load_policy,
         paired_policy,
+        policy_labels,
         studied_policies,
         teams_for,
     )
@@ -54,7 +55,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         add_teachers=not (ac.critic and ac.transfer_from),
     )
     results = {}
-    several = len({r.run for r in refs}) > 1
     with make_vec_env(cfg.env, spec) as venv:
         purifier = configured_purifier(cfg, device)
         loaded = [load_policy(r, venv.groups, device, purifier, cfg.seed) for r in refs]
@@ -72,8 +72,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             return None if i is None else loaded[i]
 
         with tqdm(total=len(refs) * per_policy, desc="attack", unit="eval", disable=not cfg.logger.progress) as bar:
-            for ref, team in zip(refs, loaded):
-                label = f"{ref.name}@{ref.run}" if several else ref.name
+            for ref, team, label in zip(refs, loaded, policy_labels(refs)):
                 # the critic attack needs a value from one agent's observation: a centralised critic has none
                 critic = extra.get("critic") or next(
                     (c for c in (team, partner(ref, "teacher")) if c is not None and _has_value(c)), None)

@@ -54,6 +54,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         configured_features,
         configured_purifier,
         load_policy,
+        policy_labels,
         studied_policies,
     )
     from madistill.stages.rundir import open_tb
@@ -73,12 +74,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     agents = [a for g in groups for a in g.agents]
     if cfg.alerts.enabled:
         check_alerts(cfg, len(agents))
-    several = len({r.run for r in refs}) > 1
     studies, alerts = {}, {}
     purifier = configured_purifier(cfg, device)
-    for ref in refs:
+    labels = policy_labels(refs)
+    for ref, label in zip(refs, labels):
         team = load_policy(ref, groups, device, purifier, cfg.seed)
-        label = f"{ref.name}@{ref.run}" if several else ref.name
         studies[label] = study(make_venv, team, env, cc, fc, impulse, spec.id,
                                f"cascade {label}" if cfg.logger.progress else None)
         if cfg.alerts.enabled:  # the study's faults are armed on its paired run's blocks: fresh ones here
@@ -88,8 +88,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                              bool(cc.deterministic), studies[label].threshold)
     results = {label: s.to_dict(int(cc.n_boot), float(cc.confidence)) for label, s in studies.items()}
     first = next(iter(results))
-    # keyed by the reports' labels (name@run with several runs), so a sweep's policies of one name stay apart
-    paths = {f"{r.name}@{r.run}" if several else r.name: str(r.path) for r in refs}
+    # keyed by the reports' labels (name@run where names repeat), so a sweep's policies of one name stay apart
+    paths = {label: str(r.path) for r, label in zip(refs, labels)}
     compared = compare(results, int(cc.n_boot), float(cc.confidence)) if len(results) > 1 else None
     payload = {"meta": {"env": spec.to_dict(), "policies": paths, "episodes": cc.episodes,
                         "seed": cc.seed, "policy": first}, **results[first], "policies": results,

@@ -73,13 +73,18 @@ def studied_policies(
     return device, refs, env_for(cfg, refs)
 
 
+def policy_labels(refs: Sequence[PolicyRef]) -> list[str]:
+    """The reports' label of each policy: its name, or ``name@run`` where names repeat (a sweep's runs)."""
+    names = [r.name for r in refs]
+    return [f"{r.name}@{r.run}" if names.count(r.name) > 1 else r.name for r in refs]
+
+
 def labelled_teams(
     cfg: DictConfig, spec: EnvSpec, venv: MultiAgentVecEnv, refs: Sequence[PolicyRef], device: torch.device
 ) -> tuple[list[str], dict[str, TeamPolicy], dict[str, FeatureLayout]]:
-    """The studied policies loaded, labelled by name (``name@run`` where they come from several runs), and the
+    """The studied policies loaded, labelled by :func:`policy_labels`, and the
     feature layouts their maps are grouped by."""
-    several = len({r.run for r in refs}) > 1
-    labels = [f"{r.name}@{r.run}" if several else r.name for r in refs]
+    labels = policy_labels(refs)
     purifier = configured_purifier(cfg, device)
     teams = {label: load_policy(ref, venv.groups, device, purifier, cfg.seed) for label, ref in zip(labels, refs)}
     layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
