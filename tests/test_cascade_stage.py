@@ -156,9 +156,12 @@ def _first_victim_alert(events: list[dict], victims: list[str], onset: int, seed
 
 def test_evaluate_with_alerts_writes_events_detection_and_false_alarms(cli, teacher, tmp_path):
     out = tmp_path / "eval"
-    rc, _, err = cli("evaluate", *tiny(*ALERTS, f"eval.policy={teacher}", "fault=random", "fault.victims=[agent_0]",
-                                       "fault.onset=3"), f"hydra.run.dir={out}")
+    rc, said, err = cli("evaluate", *tiny(*ALERTS, f"eval.policy={teacher}", "fault=random", "fault.victims=[agent_0]",
+                                          "fault.onset=3"), f"hydra.run.dir={out}")
     assert rc == 0, err
+    # the terminal says what the episodes played under and where the alerts are
+    assert "  Under fault 'random' on agent_0 from step 3" in said
+    assert f"  alerts:      {out / 'reports' / 'alerts.json'}" in said
     report = json.loads((out / "reports" / "alerts.json").read_text())
     assert report["meta"]["episodes"] == 6 and report["meta"]["alerts"]["enabled"] is True
     section = report["policies"]["teacher"]
@@ -204,9 +207,10 @@ def test_alerts_are_off_by_default_and_too_few_calibration_episodes_are_refused(
 
 def test_cascade_with_alerts_watches_each_studied_fault(cli, teacher, tmp_path):
     out = tmp_path / "study"
-    rc, _, err = cli("cascade", *tiny(*STUDY, *ALERTS[:3], f"cascade.policy={teacher}", "fault=dead", "fault.onset=2"),
-                     f"hydra.run.dir={out}")
+    rc, said, err = cli("cascade", *tiny(*STUDY, *ALERTS[:3], f"cascade.policy={teacher}", "fault=dead", "fault.onset=2"),
+                        f"hydra.run.dir={out}")
     assert rc == 0, err
+    assert f"  alerts:      {out / 'reports' / 'alerts.json'}" in said
     report = json.loads((out / "reports" / "alerts.json").read_text())
     seeds = range(report["meta"]["seed"], report["meta"]["seed"] + 6)
     faults = report["policies"]["teacher"]["faults"]

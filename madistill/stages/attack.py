@@ -99,7 +99,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         text += f"\n{_purifier_line(cfg)}\n"
     write_markdown(reports / "robustness.md", text)
     _log_tensorboard(cfg, run_dir, results, text, spec.id)
-    print("\n".join(_summary(results, cfg.attack, spec.id, sides, run_dir)))
+    lines = _summary(results, cfg.attack, spec.id, sides, run_dir)
+    notes = [f"  {n}" for n in (fault_line(cfg), _purifier_line(cfg) if cfg.purify.purifier else "") if n]
+    print("\n".join([*lines[:-2], *notes, *lines[-2:]]))  # before where the report is
     return payload
 
 

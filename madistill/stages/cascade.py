@@ -115,6 +115,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             c = f["cascade"]
             lines.append(f"  {label:<8} {label_f}: cascade size {c['size_mean']:.2f} [{c['size_ci'][0]:.2f}, "
                          f"{c['size_ci'][1]:.2f}], representative order {c['representative_order']}")
+    if alerts:
+        lines.append(f"  alerts:      {reports / 'alerts.json'} (detection and false alarms: the report's Online alerts)")
     lines += [f"  report:      {reports / 'cascade.md'}", f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}"]
     print("\n".join(lines))
     return payload

@@ -3,6 +3,7 @@ HParams-tab metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,9 @@ def worse_than_random(summaries: dict[str, dict]) -> list[str]:
     return out
 
 
-def print_results(run_dir: Path, summaries: dict[str, dict], policies: Path) -> None:
-    """Where the results are; ``policies`` is the run (or policy) directory that was evaluated."""
+def print_results(run_dir: Path, summaries: dict[str, dict], policies: Path, notes: Sequence[str] = ()) -> None:
+    """Where the results are; ``policies`` is the run (or policy) directory that was evaluated; ``notes``: lines
+    on how it was evaluated (a fault, the alerts), printed before the report's path."""
     lines = ["", "Results"]
     sides = sides_of(summaries)
     for name, s in summaries.items():
@@ -74,6 +76,7 @@ def print_results(run_dir: Path, summaries: dict[str, dict], policies: Path) -> 
                          if kept == kept else f"  retention{'' if side is None else ' of ' + side}: n/a (the "
                          "teacher is no better than random: train it longer)")
     lines += [
+        *(f"  {n}" for n in notes),
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
         f"  policies:    {policies}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)",
