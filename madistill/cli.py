@@ -77,6 +77,11 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     _STARTED.append(str(run_dir))
     # Hydra's record of this job is in it already; a resumed run's files are there too, with their times
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    resumed = str(hc.output_subdir or "").startswith(".hydra/resumed_")
+    if not resumed and ((run_dir / "policies").is_dir() or (run_dir / "reports").is_dir()):
+        print(f"madistill {hc.job.name}: note: {run_dir} holds an earlier run, whose policies and reports this run "
+              "replaces and whose TensorBoard curves it joins: pass another hydra.run.dir to keep them apart",
+              file=sys.stderr)
     try:
         with _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
             validate(cfg)
@@ -244,6 +249,9 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
     modes = [f for f in flags if f in _MODE_FLAGS]
     if len(modes) > 1:
         raise MadistillError(f"{' and '.join(modes)} cannot be combined: pass only one of them")
+    if {"-m", "--multirun"} & set(modes) and any(o.startswith("hydra.run.dir=") for o in overrides):
+        raise MadistillError("hydra.run.dir names one run's directory, which a sweep (-m) does not use: pass "
+                             "hydra.sweep.dir=<dir> instead (each job runs in <dir>/<job number>)")
     return [*overrides, f"hydra.job.name={stage}", *flags]
 
 

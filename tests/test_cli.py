@@ -199,6 +199,14 @@ def test_sampled_evaluation_with_episode_streams_does_not_depend_on_the_copies(p
     assert results[0] == results[1]
 
 
+def test_a_run_into_the_directory_of_an_earlier_run_says_so(pipeline_run, cli, tmp_path):
+    run_dir, _ = pipeline_run
+    args = ("evaluate", f"eval.policy={run_dir}", f"hydra.run.dir={tmp_path / 'eval'}", "logger=quiet", "eval.episodes=1")
+    first, second = cli(*args), cli(*args)
+    assert first[0] == second[0] == 0 and "note:" not in first[2]
+    assert f"madistill evaluate: note: {tmp_path / 'eval'} holds an earlier run" in second[2]
+
+
 # ------------------------------------------------------------------ errors: exit 2, one line
 def test_evaluate_in_the_wrong_env_exits_2_with_one_line(pipeline_run, cli, tmp_path):
     run_dir, _ = pipeline_run
@@ -245,6 +253,8 @@ def test_wrong_type_exits_2_with_one_line(cli, tmp_path):
     ("cascade", ["fault.victims=agent_0"], 'fault.victims takes a list: use "fault.victims=[agent_0]"'),
     ("train", ["env=custom"], "env=custom needs the env's import path: add env.target=<module>.parallel_env"),
     ("train", ["seed=1", "--foo"], "unknown option '--foo': settings are key=value overrides"),
+    ("train", ["-m", "seed=0,1"], "hydra.run.dir names one run's directory, which a sweep (-m) does not use: pass "
+                                  "hydra.sweep.dir=<dir>"),
     ("finetune", ["teacher.resume=/tmp/run/checkpoint"],
      "teacher.resume continues a teacher's training (train or pipeline); finetune does not resume"),
 ])
