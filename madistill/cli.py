@@ -266,9 +266,13 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
     if key is None or changes_env(overrides):
         return overrides
     value = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), "")
-    paths = [p.strip().strip("'\"") for p in value.strip("[]").split(",") if p.strip()]
+    paths = [p.strip().strip("'\"") for p in value.strip("[]").split(",") if p.strip() not in ("", "null", "~")]
     if not paths:
         return overrides
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing and not set("()${}*?") & set(value):  # a plain path or list, not a sweep function or interpolation
+        raise MadistillError(f"no such policy or run directory: {missing[0]} ({key}); pass the path printed at the "
+                             "end of a run")
     from madistill.envs.factory import EnvSpec
     from madistill.evaluate.evaluator import discover_policies
     from madistill.policies.store import read_manifest

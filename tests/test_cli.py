@@ -253,13 +253,15 @@ def test_wrong_type_exits_2_with_one_line(cli, tmp_path):
     ("cascade", ["fault.victims=agent_0"], 'fault.victims takes a list: use "fault.victims=[agent_0]"'),
     ("train", ["env=custom"], "env=custom needs the env's import path: add env.target=<module>.parallel_env"),
     ("train", ["seed=1", "--foo"], "unknown option '--foo': settings are key=value overrides"),
-    ("train", ["-m", "seed=0,1"], "hydra.run.dir names one run's directory, which a sweep (-m) does not use: pass "
+    ("train", ["-m", "seed=0,1", "hydra.run.dir=/tmp/run"], "hydra.run.dir names one run's directory, which a sweep (-m) does not use: pass "
                                   "hydra.sweep.dir=<dir>"),
+    ("evaluate", ["-m", "seed=0,1", "eval.policy=/no/such/run"],
+     "no such policy or run directory: /no/such/run (eval.policy); pass the path printed at the end of a run"),
     ("finetune", ["teacher.resume=/tmp/run/checkpoint"],
      "teacher.resume continues a teacher's training (train or pipeline); finetune does not resume"),
 ])
 def test_common_mistakes_get_one_line_naming_the_fix(cli, tmp_path, stage, args, fix):
-    rc, out, err = cli(stage, *args, f"hydra.run.dir={tmp_path / 'run'}")
+    rc, out, err = cli(stage, *args, f"hydra.{'sweep' if '-m' in args else 'run'}.dir={tmp_path / 'run'}")
     assert rc == 2 and out == "" and len(_err_lines(err)) == 1
     assert fix in _madistill_error(err, stage)
     assert not (tmp_path / "run").exists()
