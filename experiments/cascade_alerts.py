@@ -90,7 +90,7 @@ def study(path: str, episodes: int, clean_episodes: int, onset: int, alerts: Ale
             cfg = OmegaConf.merge(OmegaConf.structured(FaultConfig),
                                   {**fc, "victims": [victim], "onset": onset, "duration": None, "eps": eps})
             detection = watch_fault(make_venv, monitor, make_fault(cfg, fenv), episodes, EVAL_SEED, cc.threshold,
-                                    return_loss=cc.return_loss)
+                                    return_loss=cc.return_loss, max_copies=cc.max_copies)
             out["faults"][f"{fname} / {victim}"] = detection.to_dict()
     return out
 

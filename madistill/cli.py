@@ -79,9 +79,9 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     resumed = str(hc.output_subdir or "").startswith(".hydra/resumed_")
     if not resumed and ((run_dir / "policies").is_dir() or (run_dir / "reports").is_dir()):
-        print(f"madistill {hc.job.name}: note: {run_dir} holds an earlier run, whose policies and reports this run "
-              "replaces and whose TensorBoard curves it joins: pass another hydra.run.dir to keep them apart",
-              file=sys.stderr)
+        print(f"madistill {hc.job.name}: note: {run_dir} holds an earlier run: the files this run writes replace "
+              "its files of the same names, and TensorBoard shows both runs' curves as one: pass another "
+              "hydra.run.dir to keep them apart", file=sys.stderr)
     try:
         with _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
             validate(cfg)
@@ -219,7 +219,17 @@ def _one_line(exc: BaseException) -> str:
 _MODE_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc"}
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                 "--config-dir", "-cd", "--info", "--experimental-rerun"}
-_OTHER_FLAGS = {"--resolve", "--hydra-help"}  # Hydra's remaining flags (--help is answered before Hydra runs)
+_OTHER_FLAGS = {"--resolve", "--hydra-help", "--version", "--help", "-h"}  # Hydra's remaining flags
+
+
+def _hydra_flag(arg: str) -> bool:
+    """Whether Hydra's argument parser takes ``arg`` as one of its flags, as argparse reads them: ``--cfg=job``,
+    a long flag's unambiguous prefix (``--multi``), a short flag with its value attached (``-cjob``)."""
+    flags = _MODE_FLAGS | _VALUE_FLAGS | _OTHER_FLAGS
+    name = arg.split("=", 1)[0]
+    if name.startswith("--"):
+        return name in flags or len([f for f in flags if f.startswith(name)]) == 1
+    return name in flags or any(name.startswith(f) for f in flags & _VALUE_FLAGS if not f.startswith("--"))
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -242,14 +252,14 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
 def _with_job_name(args: list[str], stage: str) -> list[str]:
     """Overrides first (argparse wants them contiguous), then the stage as job name, then Hydra's flags."""
     overrides, flags = _split_args(args)
-    unknown = [f for f in flags if f.startswith("-") and f not in _MODE_FLAGS | _VALUE_FLAGS | _OTHER_FLAGS]
+    unknown = [f for f in flags if f.startswith("-") and not _hydra_flag(f)]
     if unknown:
         raise MadistillError(f"unknown option {unknown[0]!r}: settings are key=value overrides (`madistill {stage} "
                              "--help` lists them)")
     modes = [f for f in flags if f in _MODE_FLAGS]
     if len(modes) > 1:
         raise MadistillError(f"{' and '.join(modes)} cannot be combined: pass only one of them")
-    if {"-m", "--multirun"} & set(modes) and any(o.startswith("hydra.run.dir=") for o in overrides):
+    if {"-m", "--multirun"} & set(modes) and any(o.lstrip("+").startswith("hydra.run.dir=") for o in overrides):
         raise MadistillError("hydra.run.dir names one run's directory, which a sweep (-m) does not use: pass "
                              "hydra.sweep.dir=<dir> instead (each job runs in <dir>/<job number>)")
     return [*overrides, f"hydra.job.name={stage}", *flags]
@@ -269,8 +279,9 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
     paths = [p.strip().strip("'\"") for p in value.strip("[]").split(",") if p.strip() not in ("", "null", "~")]
     if not paths:
         return overrides
+    inner = value[1:-1] if value.startswith("[") and value.endswith("]") else value
     missing = [p for p in paths if not Path(p).exists()]
-    if missing and not set("()${}*?") & set(value):  # a plain path or list, not a sweep function or interpolation
+    if missing and not set("()[]{}$*?'\"\\") & set(inner):  # plain paths: no sweep function, nesting or quoting
         raise MadistillError(f"no such policy or run directory: {missing[0]} ({key}); pass the path printed at the "
                              "end of a run")
     from madistill.envs.factory import EnvSpec

@@ -121,7 +121,8 @@ def test_a_paired_run_in_rounds_gives_the_numbers_of_one_run():
     shared = impulse(env, "agent_0", 2)
     shared.shared_stream = True  # as fault=attack's random starts: the copies' common stream
     with pytest.raises(MadistillError, match=r"2 blocks x 11 episodes = 22 env copies exceed cascade.max_copies=20, "
-                                             r"and fault 'random' draws from a stream all copies share.*cascade.episodes to 10"):
+                                             r"and fault 'random' draws from a stream all copies share.*play at most 10 "
+                                             "episodes or raise cascade.max_copies"):
         paired_rollouts(make, team, [shared], 11, 40, max_copies=20)
 
 

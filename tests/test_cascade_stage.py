@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import call_cli, tiny
+from conftest import call_cli, compose_config, tiny
 
 from envs.relay import RelayEnv
 
@@ -89,6 +89,11 @@ def test_several_policies_are_compared_on_the_same_faults_and_episodes(cli, teac
         assert lo <= c["others_return_delta"] <= hi and c["size_ci"][0] <= c["size_mean"] <= c["size_ci"][1]
     md = (out / "reports" / "cascade.md").read_text()
     assert "## Comparison" in md and md.count("| dead@agent_0 | teacher@") == 2
+    # two run directories listed: each run is named by its path, so their policies' labels stay apart
+    from madistill.stages.policies import policy_labels, studied_policies
+
+    refs = studied_policies(compose_config(tiny(*CHAIN)), [str(teacher), str(other)], "missing")[1]
+    assert policy_labels(refs) == [f"teacher@{teacher}", f"teacher@{other}"]
 
 
 def test_a_student_is_compared_with_its_teacher_episode_by_episode(cli, teacher, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO, call_cli, tiny
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from madistill.errors import MadistillError
 from madistill.policies.store import read_manifest
 
 SL_TINY = tiny("env=simple_speaker_listener_v4", "teacher.total_agent_steps=200", "teacher.ppo.n_steps=50")
@@ -387,8 +388,9 @@ def test_joblib_sweep_trains_one_teacher_per_seed(tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [["train", "env=relay", "--cfg", "job"], ["train", "--cfg", "job", "env=relay", "seed=5"]],
-    ids=["flag-last", "flag-first"],
+    [["train", "env=relay", "--cfg", "job"], ["train", "--cfg", "job", "env=relay", "seed=5"],
+     ["train", "env=relay", "--cfg=job"], ["train", "env=relay", "-cjob"]],
+    ids=["flag-last", "flag-first", "flag=value", "short-attached"],
 )
 def test_cfg_job_prints_the_composed_config(cli, args):
     rc, out, err = cli(*args)
@@ -539,6 +541,11 @@ def test_saved_env_is_added_only_when_all_swept_policies_agree(cli, tmp_path):
     assert _with_saved_env([f"eval.policy={relay},{relay}"], "evaluate")[0] == "env=relay"
     assert _with_saved_env([f"eval.policy=[{relay},{sl}]"], "evaluate") == [f"eval.policy=[{relay},{sl}]"]
     assert _with_saved_env([f"eval.policy={relay}", "env.kwargs.n=5"], "evaluate") == [f"eval.policy={relay}", "env.kwargs.n=5"]
+    # Hydra's sweep syntax over existing paths is left to Hydra; only plain paths are checked before it starts
+    for value in (f"[{relay},{sl}],[{relay}]", f"choice({relay},{sl})"):
+        assert _with_saved_env([f"eval.policy={value}"], "evaluate") == [f"eval.policy={value}"]
+    with pytest.raises(MadistillError, match=f"no such policy or run directory: {relay}_gone"):
+        _with_saved_env([f"eval.policy={relay},{relay}_gone"], "evaluate")
 
 
 def test_per_agent_policies_are_evaluated_with_their_grouping_or_get_a_one_line_fix(cli, tmp_path):

@@ -300,13 +300,14 @@ def test_obs_normalizer_constant_feature_and_disabled():
     )
 
 
-def test_policy_labels_add_the_run_only_where_names_repeat(tmp_path):
+
+def test_policy_labels_name_the_run_when_policies_come_from_several(tmp_path):
     from madistill.evaluate.evaluator import PolicyRef
     from madistill.stages.policies import policy_labels
 
-    # a student's run with its teacher from another run: plain names; a sweep's runs: name@run
-    assert policy_labels([PolicyRef("teacher", tmp_path, "teacher"), PolicyRef("student", tmp_path, ".")]) == [
-        "teacher", "student"]
-    sweep = [PolicyRef("teacher", tmp_path, "teacher"), PolicyRef("student", tmp_path, "0"),
-             PolicyRef("student", tmp_path, "1")]
-    assert policy_labels(sweep) == ["teacher", "student@0", "student@1"]
+    one_run = [PolicyRef("teacher", tmp_path, "."), PolicyRef("student", tmp_path, ".")]
+    assert policy_labels(one_run) == ["teacher", "student"]
+    # a sweep, or a student with its teacher from another run: every label names its run, so a student pairs
+    # with its own run's teacher (madistill.cascade.report.baseline, experiments/summarise.py)
+    mixed = [PolicyRef("teacher", tmp_path, "a"), PolicyRef("teacher", tmp_path, "b"), PolicyRef("student", tmp_path, "b")]
+    assert policy_labels(mixed) == ["teacher@a", "teacher@b", "student@b"]

@@ -4,8 +4,9 @@ One vector env holds ``(F + 1) * E`` copies with seed period ``E``: block 0 play
 seed + E - 1`` clean, block ``f`` (1..F) the same episodes under fault ``f``. With the same action-sampling
 stream per episode (``episode_streams``, seeded by the episode seed), the twins act identically until the fault
 acts, so every difference after it is the fault's effect. Only each copy's first episode is measured. A study
-of more copies than ``max_copies`` plays its episodes in rounds of ``E`` at a time, which gives the same numbers
-(every draw comes from its episode's own stream) and bounds memory (each PettingZoo copy is a whole env).
+of more copies than ``max_copies`` plays its episodes in rounds of equal size, one env reset for each, which
+bounds memory (each PettingZoo copy is a whole env) and gives the same numbers: every draw comes from its
+episode's own stream, the env resets to its seed, and the policy computes each row alike whatever the batch.
 """
 
 from __future__ import annotations
@@ -152,10 +153,12 @@ def _rounds(faults: Sequence[Fault | None], episodes: int, max_copies: int | Non
         return 1
     shared = next((f for f in faults if f is not None and f.shared_stream), None)
     if shared is not None:
+        fewer = (f"play at most {max_copies // blocks} episodes or raise cascade.max_copies" if max_copies >= blocks
+                 else f"raise cascade.max_copies to {blocks * episodes}")
         raise MadistillError(
-            f"the cascade's {blocks} blocks x {episodes} episodes = {blocks * episodes} env copies exceed "
-            f"cascade.max_copies={max_copies}, and fault {shared.name!r} draws from a stream all copies share, so its "
-            f"episodes must play at once: lower cascade.episodes to {max(1, max_copies // blocks)} or raise cascade.max_copies")
+            f"{blocks} blocks x {episodes} episodes = {blocks * episodes} env copies exceed cascade.max_copies="
+            f"{max_copies}, and fault {shared.name!r} draws from a stream all copies share, so the episodes must play "
+            f"at once: {fewer}")
     return -(-episodes // max(1, max_copies // blocks))
 
 

@@ -44,6 +44,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.evaluate.report import write_markdown
     from madistill.runtime import make_vec_env
     from madistill.stages.monitoring import (
+        alerts_line,
         alerts_markdown,
         check_alerts,
         log_alerts,
@@ -116,7 +117,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             lines.append(f"  {label:<8} {label_f}: cascade size {c['size_mean']:.2f} [{c['size_ci'][0]:.2f}, "
                          f"{c['size_ci'][1]:.2f}], representative order {c['representative_order']}")
     if alerts:
-        lines.append(f"  alerts:      {reports / 'alerts.json'} (detection and false alarms: the report's Online alerts)")
+        lines.append(f"  {alerts_line(reports)}")
     lines += [f"  report:      {reports / 'cascade.md'}", f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}"]
     print("\n".join(lines))
     return payload

@@ -21,13 +21,13 @@ if TYPE_CHECKING:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Evaluate every saved policy under ``eval.policy`` and say where the results are."""
     from madistill.stages.faults import fault_line
+    from madistill.stages.monitoring import alerts_line
     from madistill.stages.results import print_results
     from madistill.stages.rundir import open_tb
 
     with open_tb(cfg, run_dir) as tb:
         summaries = evaluate_policies(cfg, run_dir, cfg.eval.policy, tb)
-    alerts = [f"alerts:      {run_dir / 'reports' / 'alerts.json'} (detection and false alarms: the report's "
-              "Online alerts)"] if cfg.alerts.enabled else []
+    alerts = [alerts_line(run_dir / "reports")] if cfg.alerts.enabled else []
     print_results(run_dir, summaries, Path(cfg.eval.policy), [n for n in (fault_line(cfg), *alerts) if n])
     return summaries
 

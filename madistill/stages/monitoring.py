@@ -102,6 +102,11 @@ def write_alerts(reports: Path, cfg: DictConfig, episodes: int, seed: int, secti
     atomic_write_text(reports / "alerts.json", json.dumps({"meta": meta, "policies": sections}, indent=2))
 
 
+def alerts_line(reports: Path) -> str:
+    """The terminal's line on where a stage's alerts are."""
+    return f"alerts:      {reports / 'alerts.json'} (detection and false alarms: the report's Online alerts)"
+
+
 def alerts_markdown(sections: dict[str, dict[str, Any]], cfg: DictConfig) -> str:
     """The report section: per policy, false alarms per clean episode and, per fault, detection rate and delay."""
 

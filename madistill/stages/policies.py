@@ -4,6 +4,7 @@ they act in."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,15 +69,18 @@ def studied_policies(
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     paths = [path] if isinstance(path, (str, Path)) else list(path)
-    refs = [ref for p in paths for ref in discover_policies(p, list(cfg.eval.names))]
+    # a path's runs are named relative to it ('.' for a run directory): with several paths, by the path as well
+    refs = [ref if len(paths) == 1 else replace(ref, run=str(Path(p) / ref.run) if ref.run != "." else str(p))
+            for p in paths for ref in discover_policies(p, list(cfg.eval.names))]
     refs = with_teachers(refs) if add_teachers else refs
     return device, refs, env_for(cfg, refs)
 
 
 def policy_labels(refs: Sequence[PolicyRef]) -> list[str]:
-    """The reports' label of each policy: its name, or ``name@run`` where names repeat (a sweep's runs)."""
-    names = [r.name for r in refs]
-    return [f"{r.name}@{r.run}" if names.count(r.name) > 1 else r.name for r in refs]
+    """The reports' label of each policy: its name, or ``name@run`` when the policies come from several runs (a
+    sweep's, or a student's and its teacher's), which pairs each policy with its own run's teacher."""
+    several = len({r.run for r in refs}) > 1
+    return [f"{r.name}@{r.run}" if several else r.name for r in refs]
 
 
 def labelled_teams(
