@@ -25,6 +25,7 @@ Writes ``experiments/results/continuous_actions[_TAG].json`` and ``.png`` (every
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import multiprocessing
 import sys
@@ -174,7 +175,9 @@ def train_sb3(cfg: DictConfig, unit: bool = False) -> tuple[TeamPolicy, Curve]:
     if normalize:
         env = VecNormalize(env, norm_obs=True, norm_reward=False, clip_obs=10.0, epsilon=1e-8, gamma=cfg.teacher.ppo.gamma)
     arch = {"hidden_sizes": list(cfg.teacher.hidden_sizes), "activation": cfg.teacher.activation}
-    ppo = OmegaConf.to_container(cfg.teacher.ppo)
+    # SB3's own PPO, so the settings it takes: madistill's update options (teacher.ppo.fast_update, ...) are not its
+    accepted = inspect.signature(PPO.__init__).parameters
+    ppo = {k: v for k, v in OmegaConf.to_container(cfg.teacher.ppo).items() if k in accepted}
     model = PPO("MlpPolicy", env, policy_kwargs=policy_kwargs(group, arch), seed=cfg.seed, device="cpu", **ppo)
     curve = TeamReturnCurve()  # SB3's window of 100 agent-episodes: all from the last rollout, which ends more
     model.learn(total_timesteps=int(cfg.teacher.total_agent_steps), callback=curve)
