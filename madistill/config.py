@@ -182,6 +182,10 @@ class PPOConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "n_steps", "batch_size", "n_epochs")
+        for key in ("learning_rate", "clip_range", "max_grad_norm"):
+            c.require(c.node[key] > 0, key, "above 0")
+        c.within(0, 1, "gamma", "gae_lambda")
+        c.at_least(0, "ent_coef", "vf_coef", "target_kl")
 
 
 @dataclass

@@ -24,7 +24,11 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as e:
         raise MadistillError(f"unknown device {name!r}: use device=cpu, device=cuda or device=auto") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MadistillError("device=cuda was asked for but torch sees no CUDA GPU: use device=cpu or device=auto")
+        raise MadistillError(f"device={name} was asked for but torch sees no CUDA GPU: use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MadistillError(f"device={name}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if device.type not in ("cpu", "cuda"):  # a type torch knows but madistill does not use (mps, xpu, meta, ...)
+        raise MadistillError(f"device={name} is not supported: use device=cpu, device=cuda or device=auto")
     return device
 
 
