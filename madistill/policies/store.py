@@ -155,7 +155,7 @@ def find_policy_dir(path: str | Path, name: str | None = None) -> Path:
         if len(found) == 1:
             return store / found[0]
         if found:
-            raise MadistillError(f"run {p} holds several policies {found}: pick one with policy=<name>")
+            raise MadistillError(f"run {p} holds several policies {found}: pass one of them, {p / 'policies'}/<name>")
     raise MadistillError(f"{p} holds no {MANIFEST}: pass a policy directory or a run directory with policies/"
                          + interrupted_hint(p))
 

@@ -75,9 +75,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             for g, layout in layouts.items():
                 tb.figure(f"saliency/{g}", mean_heatmap(maps, g, layout, f"{spec.id}: {g}"))
                 tb.figure(f"saliency/{g}_per_obs", per_observation_heatmaps(maps, g, layout, sc.rows))
+    figures = f"  figures: {reports}/saliency_<group>.png\n" if cfg.logger.figures else ""
     print(f"\nGradient saliency vs its teacher's perturbation saliency (per observation, averaged):\n{text}\n"
           f"  maps:    {reports / 'saliency.npz'}\n  summary: {reports / 'saliency.json'}\n"
-          f"  figures: {reports}/saliency_<group>.png\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+          f"{figures}  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return result
 
 
