@@ -380,19 +380,37 @@ def _run_dirs_named(env_id: str, overrides: list[str]) -> list[str]:
             if not any(o.startswith(f"hydra.{mode}.dir=") for o in overrides)]
 
 
+def _run_overrides(run_dir: Path, overrides: list[str]) -> list[str]:
+    """The command-line settings of the run in ``run_dir`` (its ``.hydra/overrides.yaml``: env, experiment,
+    budgets, ...) that ``overrides`` does not set again, so a resumed run keeps them unless told otherwise."""
+    from omegaconf import OmegaConf
+
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return []
+
+    def key(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("+~")
+
+    given = {key(o) for o in overrides}
+    return [str(o) for o in OmegaConf.load(saved) if key(str(o)) not in given and not key(str(o)).startswith("hydra.")]
+
+
 def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
-    """``teacher.resume=<run>/checkpoint`` continues that run in its own directory (one TensorBoard curve, its
-    policies replaced at the end), unless the command line names another ``hydra.run.dir``. Hydra's record of
-    the resumed job goes to ``.hydra/resumed_<time>/`` so the run's original ``.hydra/`` stays as it was."""
+    """``teacher.resume=<run>/checkpoint`` continues that run with its command-line settings
+    (:func:`_run_overrides`) in its own directory (one TensorBoard curve, its policies replaced at the end),
+    unless the command line names another ``hydra.run.dir``. Hydra's record of the resumed job goes to
+    ``.hydra/resumed_<time>/`` so the run's original ``.hydra/`` stays as it was."""
     resume = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("teacher.resume=")), "")
     if resume.strip("'\"") not in ("", "null") and not stages()[stage].resumes:
         resuming = [s.name for s in stages().values() if s.resumes]
         raise MadistillError(f"teacher.resume continues a teacher's training ({' or '.join(resuming)}); {stage} does not "
                              "resume: run it again without teacher.resume")
     ckpt = Path(resume.strip("'\""))
-    if (not stages()[stage].resumes or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir()
-            or any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in ("-m", "--multirun")
-                   for o in overrides)):
+    if not stages()[stage].resumes or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir():
+        return overrides
+    overrides = [*_run_overrides(ckpt.parent, overrides), *overrides]
+    if any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in ("-m", "--multirun") for o in overrides):
         return overrides
     run_dir = ckpt.resolve().parent
     if stage == "train" and (run_dir / "policies" / "student").is_dir():

@@ -252,13 +252,14 @@ def test_resuming_continues_the_same_run_directory_and_curve(cli, crashed_run, t
     assert rc == 2 and "already at" in _one_error_line(err, "train")  # a failed resume leaves the run as it was
     assert not list((crashed_run / ".hydra").glob("resumed_*")) and (crashed_run / "checkpoint").is_dir()
 
-    rc, out, err = cli("train", "env=relay", *tiny(f"teacher.total_agent_steps={5 * PER_ITER}"), resume)
+    # the run's own settings (env=relay, the tiny budgets) come back from its .hydra/overrides.yaml
+    rc, out, err = cli("train", f"teacher.total_agent_steps={5 * PER_ITER}", resume)
     assert rc == 0, err
     assert not (tmp_path / "runs").exists() and f"teachers: {crashed_run / 'policies' / 'teacher'}" in out
     assert read_manifest(crashed_run / "policies" / "teacher")["training"]["agent_steps"] == 5 * PER_ITER
     assert (crashed_run / ".hydra" / "config.yaml").read_text() == original_record
     (record,) = (crashed_run / ".hydra").glob("resumed_*")
-    assert resume in (record / "overrides.yaml").read_text()
+    assert resume in (record / "overrides.yaml").read_text() and "env=relay" in (record / "overrides.yaml").read_text()
     ea = EventAccumulator(str(crashed_run / "tb"), size_guidance={"scalars": 0})
     ea.Reload()
     # one curve: rollout 3 that the crash logged is replaced by the resumed run's, not drawn twice
