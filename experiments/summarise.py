@@ -42,7 +42,7 @@ from madistill.stages.results import recovery, retention
 # Overrides that name where a run's inputs are, or how it is filed, not what it does: not part of a recipe.
 _NOT_RECIPE = ("seed", "distill.teacher", "finetune.policy", "attack.policy", "eval.policy", "saliency.policy",
                "cascade.policy",
-               "teacher.resume", "hydra.", "logger.", "env.num_workers")
+               "teacher.resume", "hydra.", "logger.", "logger=", "env.num_workers")
 _ROLES = ("teacher", "student", "random")
 
 
@@ -81,7 +81,13 @@ def eval_rows(run: Path) -> dict[str, float] | None:
 
 
 def _student_run(meta: dict[str, Any], label: str) -> Path | None:
-    """The run directory a ``<policy>@<run>`` label of an attack report refers to (None if it is gone)."""
+    """The run directory a ``<policy>@<run>`` label of an attack report refers to (None if it is gone): from the
+    report's path of that policy, or (reports that keyed their paths by policy name) the label's run under the
+    attacked directory."""
+    path = meta.get("policies", {}).get(label)
+    found = _policy_run(path) if isinstance(path, str) else None
+    if found is not None:
+        return found
     root = meta.get("attack", {}).get("policy")
     if not isinstance(root, str):
         return None

@@ -151,3 +151,18 @@ def test_cascade_sweeps_pool_over_the_studied_policies_seeds(summarise, tmp_path
     assert summarise.main([str(root)]) == 0
     assert "| env=relay | teacher | fault=noise | noise@agent_0 | 0,1 | 1.50 [-4.85, 7.85] | -1.00 [-7.35, 5.35] |" \
         in capsys.readouterr().out
+
+
+def test_an_attack_of_a_one_seed_sweep_files_its_student_under_that_seed(summarise, tmp_path):
+    # one run: the report labels its policies by name alone, and names each policy's directory in its meta
+    root = tmp_path / "exp"
+    run = _run(root / "distill" / "s0", 0, ["+experiment=spread_robust", "seed=0"],
+               {"teacher": -10.0, "student": -12.0, "random": -30.0})
+    attack = _run(root / "attack", 0, ["attack.policy=" + str(root / "distill")])
+    report = {"meta": {"attack": {"policy": str(root / "distill"), "eps": [0.2]},
+                       "policies": {"teacher": str(run / "policies" / "teacher"), "student": str(run / "policies" / "student")}},
+              "results": {"teacher": _robustness(-10.0, -20.0), "student": _robustness(-11.0, -15.0)}}
+    (attack / "reports" / "robustness.json").write_text(json.dumps(report))
+    (row,) = summarise.summarise([root])["robustness"]
+    assert (row["recipe"], row["seeds"]) == ("+experiment=spread_robust", [0])
+    assert row["recovery"][0] == pytest.approx(0.5)  # (-15 - -20) / (-10 - -20)

@@ -85,7 +85,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 )
     reports = run_dir / "reports"
     payload = {
-        "meta": {"env": spec.to_dict(), "policies": {r.name: str(r.path) for r in refs}, "episodes": ac.episodes,
+        "meta": {"env": spec.to_dict(), "policies": {label: str(r.path) for r, label in zip(refs, policy_labels(refs))},
+                 "episodes": ac.episodes,
                  "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True),
                  "fault": OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None,
                  "purifier": _purifier_meta(cfg)},
