@@ -144,6 +144,9 @@ def test_a_save_in_progress_or_left_by_a_crash_is_not_a_policy(tmp_path):
     shutil.copytree(tmp_path / "run" / "policies" / "student", tmp_path / "run" / "policies" / ".student.old-123")
     assert find_policy_dir(tmp_path / "run") == tmp_path / "run" / "policies" / "student"
     assert [r.name for r in discover_policies(tmp_path)] == ["student"]
+    # runs are named by their path under the directory searched, or by that directory's name (never '.')
+    assert [r.run for r in discover_policies(tmp_path)] == ["run"]
+    assert [r.run for r in discover_policies(tmp_path / "run")] == ["run"]
 
 
 # ------------------------------------------------------------------ failures
@@ -305,7 +308,7 @@ def test_policy_labels_name_the_run_when_policies_come_from_several(tmp_path):
     from madistill.evaluate.evaluator import PolicyRef
     from madistill.stages.policies import policy_labels
 
-    one_run = [PolicyRef("teacher", tmp_path, "."), PolicyRef("student", tmp_path, ".")]
+    one_run = [PolicyRef("teacher", tmp_path, "s0"), PolicyRef("student", tmp_path, "s0")]
     assert policy_labels(one_run) == ["teacher", "student"]
     # a sweep, or a student with its teacher from another run: every label names its run, so a student pairs
     # with its own run's teacher (madistill.cascade.report.baseline, experiments/summarise.py)

@@ -97,7 +97,7 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
         found = [PolicyRef(root.name, root, root.parent.parent.name if root.parent.name == "policies" else root.name)]
     else:
         found = [
-            PolicyRef(m.parent.name, m.parent, str(m.parent.parent.parent.relative_to(root)))
+            PolicyRef(m.parent.name, m.parent, _run_name(m.parent.parent.parent, root))
             for m in sorted(root.glob("**/policies/*/" + MANIFEST), key=_policy_order)
             if not m.parent.name.startswith(".")  # a save in progress, or one a crash left behind
         ]
@@ -110,6 +110,12 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
         raise MadistillError(f"{root} holds no saved policy ({MANIFEST}): pass a run or policy directory"
                              + interrupted_hint(root))
     return found
+
+
+def _run_name(run_dir: Path, root: Path) -> str:
+    """A run's name in the reports: its path under the directory searched, or that directory's own name (not
+    '.', which every run's reports and marl-eval files would share)."""
+    return root.resolve().name if run_dir == root else str(run_dir.relative_to(root))
 
 
 def _policy_order(manifest: Path) -> tuple[str, int, str]:

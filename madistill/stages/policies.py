@@ -69,8 +69,9 @@ def studied_policies(
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     paths = [path] if isinstance(path, (str, Path)) else list(path)
-    # a path's runs are named relative to it ('.' for a run directory): with several paths, by the path as well
-    refs = [ref if len(paths) == 1 else replace(ref, run=str(Path(p) / ref.run) if ref.run != "." else str(p))
+    # a path's runs are named relative to it: with several paths, by the run directory's whole path
+    refs = [ref if len(paths) == 1 else replace(ref, run=str(ref.path.parent.parent if ref.path.parent.name == "policies"
+                                                               else ref.path))
             for p in paths for ref in discover_policies(p, list(cfg.eval.names))]
     refs = with_teachers(refs) if add_teachers else refs
     return device, refs, env_for(cfg, refs)
