@@ -193,7 +193,7 @@ STAGE = Stage(
     name="attack",
     run=run,
     summary="robustness of saved policies to observation attacks (attack.policy=<run or policy dir>)",
-    sections=("attack", "fault"),
+    sections=("attack", "fault", "purify"),
     writes="reports/robustness.{md,json}",
     examples=("madistill attack attack.policy=<run>",
               "madistill attack attack=quick attack.policy=<run>",

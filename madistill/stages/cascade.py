@@ -150,7 +150,7 @@ STAGE = Stage(
     name="cascade",
     run=run,
     summary="inject a fault into agents of saved policies and measure its cascade (cascade.policy=<run or policy dir>)",
-    sections=("cascade", "fault", "alerts"),
+    sections=("cascade", "fault", "alerts", "purify"),
     writes="reports/cascade.{json,md}, influence heatmaps, graph and timelines, alerts.json (alerts.enabled)",
     examples=("madistill cascade cascade.policy=<run>", "madistill cascade cascade.policy=<run> fault=stuck "
               "fault.victims=[agent_0] fault.onset=5"),

@@ -88,7 +88,7 @@ STAGE = Stage(
     name="distill",
     run=run,
     summary="distil a teacher (distill.teacher=<run or policy dir>) into compact DIGR students",
-    sections=("distill", "student"),
+    sections=("distill", "student", "eval"),
     writes="policies/student",
     examples=("madistill distill distill.teacher=<run>",
               "madistill distill distill=robust distill.teacher=<run> \"attack.eps=[0.3]\""),

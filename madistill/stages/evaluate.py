@@ -194,7 +194,7 @@ STAGE = Stage(
     name="evaluate",
     run=run,
     summary="evaluate saved policies (eval.policy=<run, policy or sweep dir>)",
-    sections=("eval", "fault", "alerts"),
+    sections=("eval", "fault", "alerts", "purify"),
     writes="reports/eval.md, eval_<policy>.json, marl_eval.json, alerts.json (alerts.enabled), a figure and tb/",
     examples=("madistill evaluate eval.policy=<run> eval.episodes=200",
               "madistill evaluate eval.policy=<sweep dir>   # runs that differ only by seed are pooled"),

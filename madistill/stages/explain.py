@@ -101,7 +101,7 @@ STAGE = Stage(
     name="explain",
     run=run,
     summary="attribution methods and their quality metrics for saved policies (explain.policy=<run or policy dir>)",
-    sections=("explain", "fault"),
+    sections=("explain", "fault", "purify"),
     writes="reports/explain.{json,md,npz}, deletion/insertion curves and heatmaps",
     examples=("madistill explain explain.policy=<run>",
               "madistill explain explain.policy=<run> \"explain.methods=[gradient,integrated_gradients]\" explain.attack=null"),

@@ -127,7 +127,7 @@ STAGE = Stage(
     name="finetune",
     run=run,
     summary="robust RL fine-tuning (SA-PPO) of a distilled student (finetune.policy=<distill run>)",
-    sections=("finetune", "teacher.ppo"),
+    sections=("finetune", "teacher.ppo", "eval"),
     writes="policies/student",
     examples=("madistill finetune finetune.policy=<distill run>",
               "madistill finetune finetune.policy=<distill run> finetune.eps=0.3 finetune.total_agent_steps=1000000"),

@@ -86,7 +86,7 @@ STAGE = Stage(
     name="saliency",
     run=run,
     summary="saliency maps and figures for saved policies (saliency.policy=<run or policy dir>)",
-    sections=("saliency", "fault"),
+    sections=("saliency", "fault", "purify"),
     writes="reports/saliency.{json,npz} and heatmaps",
     examples=("madistill saliency saliency.policy=<run>",),
     policy_key="saliency.policy",
