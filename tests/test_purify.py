@@ -183,6 +183,13 @@ def test_purify_stage_trains_a_purifier_that_every_stage_puts_in_front_of_the_po
         meta = json.loads((runs[gradient] / "reports" / "robustness.json").read_text())["meta"]
         assert meta["purifier"] == {"path": str(run), "gradient": gradient, "eot_samples": 1}
     assert "differentiate the undefended policies" in (runs["ignore"] / "reports" / "robustness.md").read_text()
+    # evaluate records the purifier: its report, the results' meta, and the command that repeats it
+    rc, said, err = cli("evaluate", *tiny(f"eval.policy={teacher}", f"purify.purifier={run}", "eval.episodes=2"),
+                        f"hydra.run.dir={tmp_path / 'ev'}")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ev" / "reports" / "eval_teacher.json").read_text())["meta"]["purifier"]["path"] == str(run)
+    assert f"Purifier {run} in front of every policy" in (tmp_path / "ev" / "reports" / "eval.md").read_text()
+    assert f"re-evaluate: madistill evaluate eval.policy={teacher}" in said and f"purify.purifier={run}" in said
     rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", f"purify.purifier={tmp_path}"),
                      f"hydra.run.dir={tmp_path / 'e'}")
     assert rc == 2 and "holds no purifier.json" in err

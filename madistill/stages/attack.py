@@ -44,6 +44,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         load_policy,
         paired_policy,
         policy_labels,
+        purifier_line,
+        purifier_meta,
         studied_policies,
         teams_for,
     )
@@ -89,7 +91,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                  "episodes": ac.episodes,
                  "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True),
                  "fault": OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None,
-                 "purifier": _purifier_meta(cfg)},
+                 "purifier": purifier_meta(cfg)},
         "results": {n: r.to_dict() for n, r in results.items()},
     }
     atomic_write_text(reports / "robustness.json", json.dumps(payload, indent=2))
@@ -97,11 +99,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.fault.victims:
         text += f"\n{fault_line(cfg)}\n"
     if cfg.purify.purifier:
-        text += f"\n{_purifier_line(cfg)}\n"
+        text += f"\n{purifier_line(cfg)}\n"
     write_markdown(reports / "robustness.md", text)
     _log_tensorboard(cfg, run_dir, results, text, spec.id)
     lines = _summary(results, cfg.attack, spec.id, sides, run_dir)
-    notes = [f"  {n}" for n in (fault_line(cfg), _purifier_line(cfg) if cfg.purify.purifier else "") if n]
+    notes = [f"  {n}" for n in (fault_line(cfg), purifier_line(cfg)) if n]
     print("\n".join([*lines[:-2], *notes, *lines[-2:]]))  # before where the report is
     return payload
 
@@ -164,22 +166,6 @@ def _summary(results: dict[str, RobustnessResult], ac: DictConfig, env_id: str, 
         f"  report:      {reports / 'robustness.md'}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
     ]
-
-
-def _purifier_meta(cfg: DictConfig) -> dict | None:
-    """The purifier in front of the attacked policies and the attacks' view of it (None without one)."""
-    pc = cfg.purify
-    return {"path": str(pc.purifier), "gradient": str(pc.gradient), "eot_samples": pc.eot_samples} if pc.purifier else None
-
-
-def _purifier_line(cfg: DictConfig) -> str:
-    """The report's line on the purifier and what the white-box attacks differentiate."""
-    pc = cfg.purify
-    view = {"through": "through it (adaptive)", "bpda": "its forward pass with identity gradients (BPDA)",
-            "ignore": "the undefended policies (attacks unaware of it)"}[str(pc.gradient)]
-    eot = f", averaged over {pc.eot_samples} draws of its noise (EOT)" if pc.eot_samples > 1 else ""
-    return (f"Purifier {pc.purifier} in front of every policy; the white-box attacks differentiate {view}{eot}; "
-            "the gradient-masking probe attacks through it.")
 
 
 def _has_value(team: TeamPolicy) -> bool:

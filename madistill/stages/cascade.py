@@ -56,6 +56,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         configured_purifier,
         load_policy,
         policy_labels,
+        purifier_line,
+        purifier_meta,
         studied_policies,
     )
     from madistill.stages.rundir import open_tb
@@ -93,13 +95,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     paths = {label: str(r.path) for r, label in zip(refs, labels)}
     compared = compare(results, int(cc.n_boot), float(cc.confidence)) if len(results) > 1 else None
     payload = {"meta": {"env": spec.to_dict(), "policies": paths, "episodes": cc.episodes,
-                        "seed": cc.seed, "policy": first}, **results[first], "policies": results,
+                        "seed": cc.seed, "policy": first, "purifier": purifier_meta(cfg)}, **results[first],
+               "policies": results,
                **({"comparison": compared} if compared else {})}
     reports = run_dir / "reports"
     atomic_write_text(reports / "cascade.json", json.dumps(payload, indent=2))
     text = "\n".join([*(markdown(r, spec.id, label, int(cc.episodes)) for label, r in results.items()),
                       *([comparison(compared)] if compared else []),
-                      *([alerts_markdown(alerts, cfg)] if alerts else [])])
+                      *([alerts_markdown(alerts, cfg)] if alerts else []),
+                      *([purifier_line(cfg) + "\n"] if cfg.purify.purifier else [])])
     write_markdown(reports / "cascade.md", text)
     if alerts:
         write_alerts(reports, cfg, int(cc.episodes), int(cc.seed), alerts)
@@ -116,6 +120,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             c = f["cascade"]
             lines.append(f"  {label:<8} {label_f}: cascade size {c['size_mean']:.2f} [{c['size_ci'][0]:.2f}, "
                          f"{c['size_ci'][1]:.2f}], representative order {c['representative_order']}")
+    if cfg.purify.purifier:
+        lines.append(f"  {purifier_line(cfg)}")
     if alerts:
         lines.append(f"  {alerts_line(reports)}")
     lines += [f"  report:      {reports / 'cascade.md'}", f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}"]

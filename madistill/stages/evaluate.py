@@ -22,13 +22,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Evaluate every saved policy under ``eval.policy`` and say where the results are."""
     from madistill.stages.faults import fault_line
     from madistill.stages.monitoring import alerts_line
+    from madistill.stages.policies import purifier_line
     from madistill.stages.results import print_results
     from madistill.stages.rundir import open_tb
 
     with open_tb(cfg, run_dir) as tb:
         summaries = evaluate_policies(cfg, run_dir, cfg.eval.policy, tb)
     alerts = [alerts_line(run_dir / "reports")] if cfg.alerts.enabled else []
-    print_results(run_dir, summaries, Path(cfg.eval.policy), [n for n in (fault_line(cfg), *alerts) if n])
+    print_results(run_dir, summaries, Path(cfg.eval.policy), [n for n in (fault_line(cfg), purifier_line(cfg), *alerts) if n],
+                  _command_line())
     return summaries
 
 
@@ -57,7 +59,13 @@ def evaluate_policies(
         watch_policy,
         write_alerts,
     )
-    from madistill.stages.policies import configured_purifier, load_policy, studied_policies, teams_for
+    from madistill.stages.policies import (
+        configured_purifier,
+        load_policy,
+        purifier_line,
+        studied_policies,
+        teams_for,
+    )
 
     device, refs, spec = studied_policies(
         cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=False
@@ -95,7 +103,8 @@ def evaluate_policies(
     reports = run_dir / "reports"
     summaries = {name: _summarise(cfg, reports, name, runs, spec, sides, tb) for name, runs in results.items()}
     table = markdown_table(summaries)
-    text = eval_report(summaries, table, spec.id, ec, sides, fault_line(cfg))
+    played = "\n\n".join(n for n in (fault_line(cfg), purifier_line(cfg)) if n)
+    text = eval_report(summaries, table, spec.id, ec, sides, played)
     if alerts:
         write_alerts(reports, cfg, ec.episodes, ec.seed, alerts)
         log_alerts(tb, "eval", alerts)
@@ -109,6 +118,15 @@ def evaluate_policies(
                            cfg.env.grouping)
         tqdm.write(f"video: {out}")
     return summaries
+
+
+def _command_line() -> list[str]:
+    """This evaluation's settings from the command line (a fault, a purifier, ...) but the policy, to repeat it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "eval.policy="))]
 
 
 def _summarise(
@@ -125,6 +143,7 @@ def _summarise(
     from madistill.envs.teams import several_teams
     from madistill.evaluate.report import side_stats, sides_of, write_json, write_marl_eval_json
     from madistill.evaluate.stats import summarize
+    from madistill.stages.policies import purifier_meta
     from madistill.stages.results import side_tag
 
     ec = cfg.eval
@@ -134,7 +153,7 @@ def _summarise(
     meta = {
         "policy": name, "runs": [run for run, _ in runs], "env": spec.to_dict(), "episodes": ec.episodes,
         "seed": ec.seed, "deterministic": ec.deterministic if name != "random" else False,
-        "madistill_version": madistill.__version__,
+        "madistill_version": madistill.__version__, "purifier": purifier_meta(cfg),
     }
     if several_teams(sides):
         meta["teams"] = {team: list(agents) for team, agents in sides.items()}
@@ -169,9 +188,9 @@ def setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
 
 
 def eval_report(
-    summaries: dict[str, dict], table: str, env_id: str, ec: DictConfig, teams: Teams | None = None, fault: str = ""
+    summaries: dict[str, dict], table: str, env_id: str, ec: DictConfig, teams: Teams | None = None, played: str = ""
 ) -> str:
-    """``reports/eval.md``: what was played (``fault``: the line naming the fault it played under, if any) and
+    """``reports/eval.md``: what was played (``played``: the lines naming the fault and the purifier, if any) and
     what the columns mean (who plays on which team, where there are several), the table
     (``markdown_table(summaries)``, which TensorBoard shows too), and a warning for each student that does worse
     than the random team."""
@@ -181,7 +200,7 @@ def eval_report(
     acting = f"{'greedy' if ec.deterministic else 'sampled'} actions" + (
         " (the random team samples uniformly)" if "random" in summaries and ec.deterministic else "")
     header = (f"# Evaluation on {env_id}\n\n{ec.episodes} episodes per run, seeds {ec.seed}..{ec.seed + ec.episodes - 1}, "
-              f"{acting}; 95% stratified-bootstrap CIs.\n\n" + (f"{fault}\n\n" if fault else "") +
+              f"{acting}; 95% stratified-bootstrap CIs.\n\n" + (f"{played}\n\n" if played else "") +
               "Team return: an episode's undiscounted return averaged over the agents. IQM (interquartile mean): the "
               "mean of the middle 50% of the episodes' team returns, less swayed by outlier episodes than the mean.\n\n")
     if several_teams(teams):

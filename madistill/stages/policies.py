@@ -110,6 +110,24 @@ def configured_purifier(cfg: DictConfig, device: torch.device) -> Purifier | Non
     return load_purifier(cfg.purify.purifier, device) if cfg.purify.purifier else None
 
 
+def purifier_meta(cfg: DictConfig) -> dict | None:
+    """The purifier in front of the policies and the attacks' view of it, for a report's meta (None without one)."""
+    pc = cfg.purify
+    return {"path": str(pc.purifier), "gradient": str(pc.gradient), "eot_samples": pc.eot_samples} if pc.purifier else None
+
+
+def purifier_line(cfg: DictConfig) -> str:
+    """The reports' line on the purifier and what the white-box attacks differentiate ("" without one)."""
+    pc = cfg.purify
+    if not pc.purifier:
+        return ""
+    view = {"through": "through it (adaptive)", "bpda": "its forward pass with identity gradients (BPDA)",
+            "ignore": "the undefended policies (attacks unaware of it)"}[str(pc.gradient)]
+    eot = f", averaged over {pc.eot_samples} draws of its noise (EOT)" if pc.eot_samples > 1 else ""
+    return (f"Purifier {pc.purifier} in front of every policy; the white-box attacks differentiate {view}{eot}; "
+            "the gradient-masking probe attacks through it.")
+
+
 def paired_policy(ref: PolicyRef, role: str, refs: Sequence[PolicyRef]) -> int | None:
     """Index in ``refs`` of the ``role`` policy that belongs with ``ref`` (a transfer surrogate, a critic): the
     one in the same run, else the teacher a student was distilled from (or that teacher's student), else the

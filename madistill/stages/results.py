@@ -3,6 +3,7 @@ HParams-tab metrics."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,9 +60,11 @@ def worse_than_random(summaries: dict[str, dict]) -> list[str]:
     return out
 
 
-def print_results(run_dir: Path, summaries: dict[str, dict], policies: Path, notes: Sequence[str] = ()) -> None:
+def print_results(run_dir: Path, summaries: dict[str, dict], policies: Path, notes: Sequence[str] = (),
+                  again: Sequence[str] = ()) -> None:
     """Where the results are; ``policies`` is the run (or policy) directory that was evaluated; ``notes``: lines
-    on how it was evaluated (a fault, the alerts), printed before the report's path."""
+    on how it was evaluated (a fault, a purifier, the alerts), printed before the report's path; ``again``: the
+    settings the re-evaluation command repeats."""
     lines = ["", "Results"]
     sides = sides_of(summaries)
     for name, s in summaries.items():
@@ -80,7 +83,7 @@ def print_results(run_dir: Path, summaries: dict[str, dict], policies: Path, not
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
         f"  policies:    {policies}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)",
-        f"  re-evaluate: madistill evaluate eval.policy={policies}",
+        f"  re-evaluate: madistill evaluate eval.policy={policies}{''.join(f' {shlex.quote(a)}' for a in again)}",
         *worse_than_random(summaries),  # last, where it is seen
     ]
     print("\n".join(lines))
