@@ -698,7 +698,7 @@ class FaultConfig:
     """A fault injected into agents (``conf/fault/``, one file per fault; docs/cascade.md): what goes wrong,
     to whom, from when, for how long."""
 
-    name: str = "random"  # which fault (madistill.cascade.faults.FAULTS): noise | frozen | dropout | attack | random | stuck | constant | dead | worst
+    name: str = "random"  # which fault: a name registered in madistill.cascade.faults.FAULTS (another is refused with their list)
     victims: list[str] = field(default_factory=list)  # faulted agent ids (empty: the cascade stage takes each agent in turn)
     onset: int = 5  # episode step at which the fault starts
     # with a value, each episode's onset is drawn uniformly from onset..onset_max by its episode seed (null: fixed)
