@@ -62,6 +62,7 @@ def evaluate_policies(
     from madistill.stages.policies import (
         configured_purifier,
         load_policy,
+        policy_labels,
         purifier_line,
         studied_policies,
         teams_for,
@@ -72,7 +73,6 @@ def evaluate_policies(
     )
     ec = cfg.eval
     results: dict[str, list[tuple[str, list[EpisodeRecord]]]] = defaultdict(list)
-    several_runs = len({r.run for r in refs}) > 1
 
     def bar(label: str) -> str | None:
         return f"eval {label}" if cfg.logger.progress else None
@@ -86,8 +86,7 @@ def evaluate_policies(
             check_alerts(cfg, len(venv.possible_agents))
         purifier = configured_purifier(cfg, device)
         teams = [load_policy(ref, venv.groups, device, purifier, cfg.seed) for ref in refs]
-        for ref, team, row in zip(refs, teams, rows):
-            label = f"{ref.name} ({ref.run})" if several_runs else ref.name
+        for ref, team, row, label in zip(refs, teams, rows, policy_labels(refs)):
             recs = run_episodes(venv, team, ec.episodes, ec.seed, ec.deterministic, faults, progress=bar(label),
                                 episode_streams=ec.episode_streams)
             results[row].append((ref.run, recs))
