@@ -99,10 +99,12 @@ def _student_run(meta: dict[str, Any], label: str) -> Path | None:
 
 
 def _teacher_label(label: str, results: dict[str, Any]) -> str | None:
-    """The label of the teacher a policy was evaluated beside: its own run's, else the one added for the sweep."""
+    """The label of the teacher a policy was evaluated beside: its own run's, else the one added for the sweep,
+    else the only teacher of the report."""
     run = label.split("@", 1)[1] if "@" in label else None
     found = [t for t in (f"teacher@{run}" if run else None, "teacher@teacher", "teacher") if t in results]
-    return found[0] if found else None
+    teachers = [t for t in results if t.split("@", 1)[0] == "teacher"]
+    return found[0] if found else teachers[0] if len(teachers) == 1 else None
 
 
 def attack_rows(run: Path) -> list[tuple[Path | None, str, str, float, dict[str, float]]]:

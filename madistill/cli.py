@@ -381,19 +381,24 @@ def _run_dirs_named(env_id: str, overrides: list[str]) -> list[str]:
 
 
 def _run_overrides(run_dir: Path, overrides: list[str]) -> list[str]:
-    """The command-line settings of the run in ``run_dir`` (its ``.hydra/overrides.yaml``: env, experiment,
-    budgets, ...) that ``overrides`` does not set again, so a resumed run keeps them unless told otherwise."""
-    from omegaconf import OmegaConf
+    """The command-line settings the run in ``run_dir`` last ran with (the newest ``.hydra/resumed_*/`` record of a
+    resumed run, else ``.hydra/``'s ``overrides.yaml``: env, experiment, budgets, ...) that ``overrides`` does not
+    set again, so a resumed run keeps them unless told otherwise. A setting the run added (``+key=``) stays when
+    ``overrides`` changes it (``key=``), so that the change has a key to change."""
+    import yaml
 
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
+    records = sorted(run_dir.glob(".hydra/resumed_*/overrides.yaml")) or [run_dir / ".hydra" / "overrides.yaml"]
+    if not records[-1].is_file():
         return []
 
     def key(o: str) -> str:
         return o.split("=", 1)[0].lstrip("+~")
 
-    given = {key(o) for o in overrides}
-    return [str(o) for o in OmegaConf.load(saved) if key(str(o)) not in given and not key(str(o)).startswith("hydra.")]
+    changed = {key(o) for o in overrides}
+    plain = {key(o) for o in overrides if not o.startswith(("+", "~"))}
+    saved = [str(o) for o in yaml.safe_load(records[-1].read_text()) or []]  # as written: no interpolation resolved
+    return [o for o in saved if not key(o).startswith("hydra.")
+            and (key(o) not in changed or (o.startswith("+") and key(o) in plain))]
 
 
 def _resume_in_place(overrides: list[str], stage: str) -> list[str]:

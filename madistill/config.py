@@ -364,6 +364,7 @@ class FinetuneConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "total_agent_steps", "steps", "select_episodes", "director_every")
+        c.require(c.node.learning_rate > 0, "learning_rate", "above 0")
         c.at_least(0, "smooth_weight", "eps", "select_every")
         c.within(0, 1, "ramp", "attack_fraction", "select_robust_weight")
 

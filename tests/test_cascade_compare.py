@@ -29,6 +29,8 @@ def cascade_compare(monkeypatch: pytest.MonkeyPatch):
 def test_each_policy_is_compared_with_its_own_runs_teacher():
     labels = ["teacher@s0", "student@s0", "teacher@s1", "student@s1", "robust@s2"]
     assert [baseline(x, labels) for x in labels] == ["teacher@s0", "teacher@s0", "teacher@s1", "teacher@s1", "teacher@s0"]
+    # a teacher's run beside its students' runs: the only teacher
+    assert baseline("student@distill", ["student@distill", "teacher@train"]) == "teacher@train"
     assert baseline("robust", ["teacher", "digr", "robust"]) == "teacher"
     assert baseline("b", ["a", "b"]) == "a" and baseline("a", ["a", "b"]) == "a"
 

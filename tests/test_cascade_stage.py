@@ -4,6 +4,7 @@ alerts in evaluate and cascade; the configured fault in attack, saliency and exp
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -89,11 +90,16 @@ def test_several_policies_are_compared_on_the_same_faults_and_episodes(cli, teac
         assert lo <= c["others_return_delta"] <= hi and c["size_ci"][0] <= c["size_mean"] <= c["size_ci"][1]
     md = (out / "reports" / "cascade.md").read_text()
     assert "## Comparison" in md and md.count("| dead@agent_0 | teacher@") == 2
-    # two run directories listed: each run is named by its path, so their policies' labels stay apart
+    # run directories listed: named by their directories' names, or by their paths where the names are the same
     from madistill.stages.policies import policy_labels, studied_policies
 
-    refs = studied_policies(compose_config(tiny(*CHAIN)), [str(teacher), str(other)], "missing")[1]
-    assert policy_labels(refs) == [f"teacher@{teacher}", f"teacher@{other}"]
+    cfg = compose_config(tiny(*CHAIN))
+    refs = studied_policies(cfg, [str(teacher), str(other)], "missing")[1]
+    assert policy_labels(refs) == [f"teacher@{teacher.name}", f"teacher@{other.name}"]
+    twin = tmp_path / "elsewhere" / teacher.name
+    shutil.copytree(teacher, twin)
+    refs = studied_policies(cfg, [str(teacher), str(twin)], "missing")[1]
+    assert policy_labels(refs) == [f"teacher@{teacher}", f"teacher@{twin}"]
 
 
 def test_a_student_is_compared_with_its_teacher_episode_by_episode(cli, teacher, tmp_path):

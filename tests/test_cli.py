@@ -708,3 +708,25 @@ def test_evaluating_a_sweep_pools_seeds_but_keeps_other_settings_apart(cli, tmp_
     assert json.loads((reports / "eval_teacher.json").read_text())["meta"]["runs"] == ["0", "1"]
     md = (tmp_path / "eval_widths" / "reports" / "eval.md").read_text()
     assert "teacher [teacher.hidden_sizes=[16]]" in md and "teacher [teacher.hidden_sizes=[24]]" in md
+
+
+def test_a_resume_repeats_the_settings_the_run_last_ran_with(tmp_path):
+    from madistill.cli import _run_overrides
+
+    hydra = tmp_path / ".hydra"
+    hydra.mkdir()
+    (hydra / "overrides.yaml").write_text("- env=simple_spread_v3\n- +teacher.message_bonus.speaker=0.05\n"
+                                          "- logger.name=${env.name}_x\n- teacher.total_agent_steps=100\n")
+    # given again: the run's value goes; a key the run added (+) stays, so a plain change has it to change;
+    # interpolations stay as written
+    assert _run_overrides(tmp_path, ["teacher.resume=c", "teacher.message_bonus.speaker=0.1",
+                                     "teacher.total_agent_steps=200"]) == [
+        "env=simple_spread_v3", "+teacher.message_bonus.speaker=0.05", "logger.name=${env.name}_x"]
+    assert _run_overrides(tmp_path, ["+teacher.message_bonus.speaker=0.1"])[1:] == [
+        "logger.name=${env.name}_x", "teacher.total_agent_steps=100"]
+    # resumed before: the newest resumed record holds what it last ran with
+    for stamp, rate in (("2026-12-05_10-00-00", "0.001"), ("2026-12-05_11-00-00", "0.0001")):
+        (hydra / f"resumed_{stamp}").mkdir()
+        (hydra / f"resumed_{stamp}" / "overrides.yaml").write_text(
+            f"- env=simple_spread_v3\n- teacher.ppo.learning_rate={rate}\n- teacher.resume=c\n")
+    assert _run_overrides(tmp_path, ["teacher.resume=c"]) == ["env=simple_spread_v3", "teacher.ppo.learning_rate=0.0001"]

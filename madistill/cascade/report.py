@@ -61,9 +61,11 @@ def _measures(cascade: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def baseline(label: str, labels: Sequence[str]) -> str:
     """The policy ``label`` is compared with: its own run's teacher (``teacher@<run>``), else ``teacher``, else the
-    first of ``labels``."""
+    only teacher (a teacher's run beside its students' runs), else the first of ``labels``."""
     run = label.split("@", 1)[1] if "@" in label else None
-    return next((c for c in (f"teacher@{run}" if run else None, "teacher") if c in labels), labels[0])
+    teachers = [t for t in labels if t.split("@", 1)[0] == "teacher"]
+    return next((c for c in (f"teacher@{run}" if run else None, "teacher") if c in labels),
+                teachers[0] if len(teachers) == 1 else labels[0])
 
 
 def compare(results: Mapping[str, Mapping[str, Any]], n_boot: int, confidence: float,

@@ -91,7 +91,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                  "episodes": ac.episodes,
                  "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True),
                  "fault": OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None,
-                 "purifier": purifier_meta(cfg)},
+                 "purifier": purifier_meta(cfg, attacks=True)},
         "results": {n: r.to_dict() for n, r in results.items()},
     }
     atomic_write_text(reports / "robustness.json", json.dumps(payload, indent=2))
@@ -99,11 +99,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.fault.victims:
         text += f"\n{fault_line(cfg)}\n"
     if cfg.purify.purifier:
-        text += f"\n{purifier_line(cfg)}\n"
+        text += f"\n{purifier_line(cfg, attacks=True)}\n"
     write_markdown(reports / "robustness.md", text)
     _log_tensorboard(cfg, run_dir, results, text, spec.id)
     lines = _summary(results, cfg.attack, spec.id, sides, run_dir)
-    notes = [f"  {n}" for n in (fault_line(cfg), purifier_line(cfg)) if n]
+    notes = [f"  {n}" for n in (fault_line(cfg), purifier_line(cfg, attacks=True)) if n]
     print("\n".join([*lines[:-2], *notes, *lines[-2:]]))  # before where the report is
     return payload
 

@@ -69,12 +69,21 @@ def studied_policies(
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     paths = [path] if isinstance(path, (str, Path)) else list(path)
-    # a path's runs are named relative to it: with several paths, by the run directory's whole path
-    refs = [ref if len(paths) == 1 else replace(ref, run=str(ref.path.parent.parent if ref.path.parent.name == "policies"
-                                                               else ref.path))
-            for p in paths for ref in discover_policies(p, list(cfg.eval.names))]
+    refs = _distinct_runs([ref for p in paths for ref in discover_policies(p, list(cfg.eval.names))])
     refs = with_teachers(refs) if add_teachers else refs
     return device, refs, env_for(cfg, refs)
+
+
+def _distinct_runs(refs: list[PolicyRef]) -> list[PolicyRef]:
+    """``refs`` with a run named by its directory's whole path where several run directories (of several listed
+    paths) share a name: each path names its runs relative to itself."""
+    def run_dir(ref: PolicyRef) -> Path:
+        return ref.path.parent.parent if ref.path.parent.name == "policies" else ref.path
+
+    dirs: dict[str, set[Path]] = {}
+    for ref in refs:
+        dirs.setdefault(ref.run, set()).add(run_dir(ref).resolve())
+    return [replace(ref, run=str(run_dir(ref))) if len(dirs[ref.run]) > 1 else ref for ref in refs]
 
 
 def policy_labels(refs: Sequence[PolicyRef]) -> list[str]:
@@ -110,17 +119,23 @@ def configured_purifier(cfg: DictConfig, device: torch.device) -> Purifier | Non
     return load_purifier(cfg.purify.purifier, device) if cfg.purify.purifier else None
 
 
-def purifier_meta(cfg: DictConfig) -> dict | None:
-    """The purifier in front of the policies and the attacks' view of it, for a report's meta (None without one)."""
+def purifier_meta(cfg: DictConfig, attacks: bool = False) -> dict | None:
+    """The purifier in front of the policies, for a report's meta, with (``attacks``: the attack stage, where the
+    suite's view of it applies) what the attacks differentiate; None without one."""
     pc = cfg.purify
-    return {"path": str(pc.purifier), "gradient": str(pc.gradient), "eot_samples": pc.eot_samples} if pc.purifier else None
+    if not pc.purifier:
+        return None
+    return {"path": str(pc.purifier), **({"gradient": str(pc.gradient), "eot_samples": pc.eot_samples} if attacks else {})}
 
 
-def purifier_line(cfg: DictConfig) -> str:
-    """The reports' line on the purifier and what the white-box attacks differentiate ("" without one)."""
+def purifier_line(cfg: DictConfig, attacks: bool = False) -> str:
+    """The reports' line on the purifier, with (``attacks``) what the white-box attacks differentiate ("" without
+    one)."""
     pc = cfg.purify
     if not pc.purifier:
         return ""
+    if not attacks:
+        return f"Purifier {pc.purifier} in front of every policy."
     view = {"through": "through it (adaptive)", "bpda": "its forward pass with identity gradients (BPDA)",
             "ignore": "the undefended policies (attacks unaware of it)"}[str(pc.gradient)]
     eot = f", averaged over {pc.eot_samples} draws of its noise (EOT)" if pc.eot_samples > 1 else ""

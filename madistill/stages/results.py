@@ -83,7 +83,7 @@ def print_results(run_dir: Path, summaries: dict[str, dict], policies: Path, not
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
         f"  policies:    {policies}",
         f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)",
-        f"  re-evaluate: madistill evaluate eval.policy={policies}{''.join(f' {shlex.quote(a)}' for a in again)}",
+        f"  re-evaluate: madistill evaluate {' '.join(shlex.quote(a) for a in (f'eval.policy={policies}', *again))}",
         *worse_than_random(summaries),  # last, where it is seen
     ]
     print("\n".join(lines))
