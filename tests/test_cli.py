@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -730,3 +731,20 @@ def test_a_resume_repeats_the_settings_the_run_last_ran_with(tmp_path):
         (hydra / f"resumed_{stamp}" / "overrides.yaml").write_text(
             f"- env=simple_spread_v3\n- teacher.ppo.learning_rate={rate}\n- teacher.resume=c\n")
     assert _run_overrides(tmp_path, ["teacher.resume=c"]) == ["env=simple_spread_v3", "teacher.ppo.learning_rate=0.0001"]
+
+
+@pytest.mark.parametrize("name,fix", [
+    ("mps", "device=mps is not supported: use device=cpu, device=cuda or device=auto"),
+    ("bogus", "unknown device 'bogus': use device=cpu, device=cuda or device=auto"),
+    ("cuda:1", "device=cuda:1"),
+])
+def test_a_device_madistill_cannot_use_is_one_line_naming_the_ones_it_can(name, fix):
+    import torch
+
+    from madistill.runtime import resolve_device
+
+    if name == "cuda:1" and torch.cuda.device_count() > 1:
+        pytest.skip("this machine has a second GPU")
+    with pytest.raises(MadistillError, match=re.escape(fix)):
+        resolve_device(name)
+    assert resolve_device("cpu") == torch.device("cpu")
