@@ -154,8 +154,9 @@ def test_loading_into_another_env_names_the_saved_env(saved):
     path, _ = saved
     with pytest.raises(MadistillError, match="simple_speaker_listener_v4"):
         load_team(path, _groups(EnvSpec("mpe2.simple_spread_v3.parallel_env", {"N": 3})))
-    # same agents, different spaces (continuous actions)
-    with pytest.raises(MadistillError, match="env=simple_speaker_listener_v4"):
+    # same agents and observations, other actions (continuous): the message shows the action spaces
+    with pytest.raises(MadistillError, match="its action space for 'speaker_0' differs from this env's "
+                                             r"\(\{'type': 'Discrete'.*'Box'.*env=simple_speaker_listener_v4"):
         load_team(path, _groups(EnvSpec(SPEAKER.target, {"continuous_actions": True})))
 
 

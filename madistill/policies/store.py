@@ -236,12 +236,14 @@ def check_compatible(saved: list[AgentGroup], env_groups: list[AgentGroup], save
                     f"policy {where} (env {saved_env}) controls agent {agent!r}, which this env lacks: "
                     f"use it with env={saved_env}"
                 )
-            if eg.observation_space != g.observation_space or eg.action_space != g.action_space:
-                raise MadistillError(
-                    f"policy {where} was saved for env {saved_env} and its spaces for {agent!r} differ from this env's "
-                    f"({space_to_dict(g.observation_space)} vs {space_to_dict(eg.observation_space)}): "
-                    f"use it with env={saved_env} and the same env kwargs"
-                )
+            for what, mine, theirs in (("observation", g.observation_space, eg.observation_space),
+                                       ("action", g.action_space, eg.action_space)):
+                if mine != theirs:
+                    raise MadistillError(
+                        f"policy {where} was saved for env {saved_env} and its {what} space for {agent!r} differs from "
+                        f"this env's ({space_to_dict(mine)} vs {space_to_dict(theirs)}): use it with env={saved_env} "
+                        "and the same env kwargs"
+                    )
     missing = set(by_agent) - {a for g in saved for a in g.agents}
     if missing:
         raise MadistillError(f"policy {where} has no policy for agents {sorted(missing)}; use a policy for this env")
