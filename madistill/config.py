@@ -109,6 +109,11 @@ class Checks:
         for key in keys:
             self.require(self.node[key] is None or self.node[key] >= low, key, f"at least {low}")
 
+    def above(self, low: float, *keys: str) -> None:
+        """Each of ``keys`` (unset ones skipped) above ``low``."""
+        for key in keys:
+            self.require(self.node[key] is None or self.node[key] > low, key, f"above {low}")
+
     def within(self, low: float, high: float, *keys: str, open_low: bool = False, open_high: bool = False) -> None:
         """Each of ``keys`` (unset ones skipped) in [low, high]; ``open_low`` / ``open_high`` leave that end out."""
         interval = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
@@ -182,8 +187,7 @@ class PPOConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "n_steps", "batch_size", "n_epochs")
-        for key in ("learning_rate", "clip_range", "max_grad_norm"):
-            c.require(c.node[key] > 0, key, "above 0")
+        c.above(0, "learning_rate", "clip_range", "max_grad_norm")
         c.within(0, 1, "gamma", "gae_lambda")
         c.at_least(0, "ent_coef", "vf_coef", "target_kl")
 
@@ -324,7 +328,7 @@ class DistillConfig:
         # zero rounds, steps or updates would save an untrained student
         c.at_least(1, "rounds", "agent_steps_per_round", "updates_per_round", "batch_size", "adv_steps")
         c.at_least(0, "lambda_igr", "adv_weight", "smooth_weight", "adv_eps")
-        c.require(c.node.temperature > 0, "temperature", "above 0")
+        c.above(0, "temperature")
         c.within(0, 1, "beta_start", "beta_decay", "heldout_fraction", "adv_ramp", "adv_collect")
         c.require(not c.node.adv_collect_targets or (c.node.adv_collect_objective == "targeted_lookahead"
                                                       and c.node.adv_collect > 0), "adv_collect_targets",
@@ -364,7 +368,7 @@ class FinetuneConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "total_agent_steps", "steps", "select_episodes", "director_every")
-        c.require(c.node.learning_rate > 0, "learning_rate", "above 0")
+        c.above(0, "learning_rate")
         c.at_least(0, "smooth_weight", "eps", "select_every")
         c.within(0, 1, "ramp", "attack_fraction", "select_robust_weight")
 
@@ -428,7 +432,7 @@ class ExplainConfig:
         c.at_least(1, "episodes", "max_observations", "ig_steps", "smoothgrad_samples", "shap_samples", "lime_samples",
                    "random_orders", "infidelity_samples", "sensitivity_samples", "randomisation_draws", "n_boot")
         c.at_least(0, "smoothgrad_sigma", "lrp_epsilon", "infidelity_sigma", "sensitivity_radius")
-        c.within(0, float("inf"), "lime_width", "ood_k", open_low=True)
+        c.above(0, "lime_width", "ood_k")
         c.within(0, 1, "randomisation_tolerance")
         c.require(len(c.node.methods) > 0, "methods", "a non-empty list")
 
@@ -619,7 +623,7 @@ class RepairConfig:
         c.at_least(1, "episodes", "max_failures", "ig_steps", "probe_steps", "ablation_draws", "steps", "batch_size",
                    "adv_steps", "fisher_batches")
         c.within(0, 1, "neurons", "max_parameters", open_low=True)
-        c.within(0, float("inf"), "eps", open_low=True)
+        c.above(0, "eps")
         c.require(len(c.node.learning_rates) > 0 and min(c.node.learning_rates) > 0, "learning_rates",
                   "a non-empty list of rates above 0")
         c.require(len(c.node.anchors) > 0 and min(c.node.anchors) >= 0, "anchors", "a non-empty list of weights at least 0")
@@ -671,7 +675,7 @@ class PurifyConfig:
         c.at_least(0, "eps", "noise")
         c.within(0, 1, "sign_share")
         c.within(0, 1, "validation", open_low=True, open_high=True)
-        c.within(0, float("inf"), "learning_rate", open_low=True)
+        c.above(0, "learning_rate")
 
 
 @dataclass
