@@ -56,7 +56,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         cfg, ac.policy, "no policy to attack: pass attack.policy=<run, policy or sweep directory>",
         add_teachers=not (ac.critic and ac.transfer_from),
     )
-    results = {}
+    results, labels = {}, policy_labels(refs)
     with make_vec_env(cfg.env, spec) as venv:
         purifier = configured_purifier(cfg, device)
         loaded = [load_policy(r, venv.groups, device, purifier, cfg.seed) for r in refs]
@@ -74,7 +74,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             return None if i is None else loaded[i]
 
         with tqdm(total=len(refs) * per_policy, desc="attack", unit="eval", disable=not cfg.logger.progress) as bar:
-            for ref, team, label in zip(refs, loaded, policy_labels(refs)):
+            for ref, team, label in zip(refs, loaded, labels):
                 # the critic attack needs a value from one agent's observation: a centralised critic has none
                 critic = extra.get("critic") or next(
                     (c for c in (team, partner(ref, "teacher")) if c is not None and _has_value(c)), None)
@@ -87,7 +87,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 )
     reports = run_dir / "reports"
     payload = {
-        "meta": {"env": spec.to_dict(), "policies": {label: str(r.path) for r, label in zip(refs, policy_labels(refs))},
+        "meta": {"env": spec.to_dict(), "policies": {label: str(r.path) for r, label in zip(refs, labels)},
                  "episodes": ac.episodes,
                  "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True),
                  "fault": OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None,

@@ -91,7 +91,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                              bool(cc.deterministic), studies[label].threshold)
     results = {label: s.to_dict(int(cc.n_boot), float(cc.confidence)) for label, s in studies.items()}
     first = next(iter(results))
-    # keyed by the reports' labels (name@run where names repeat), so a sweep's policies of one name stay apart
+    # keyed by the reports' labels (name@run from several runs), so a sweep's policies of one name stay apart
     paths = {label: str(r.path) for r, label in zip(refs, labels)}
     compared = compare(results, int(cc.n_boot), float(cc.confidence)) if len(results) > 1 else None
     payload = {"meta": {"env": spec.to_dict(), "policies": paths, "episodes": cc.episodes,
