@@ -37,6 +37,7 @@ import yaml
 from robustness import fmt, t_interval
 
 from madistill.common.io import atomic_write_text
+from madistill.evaluate.evaluator import teacher_of
 from madistill.stages.results import recovery, retention
 
 # Overrides that name where a run's inputs are, or how it is filed, not what it does: not part of a recipe.
@@ -99,12 +100,8 @@ def _student_run(meta: dict[str, Any], label: str) -> Path | None:
 
 
 def _teacher_label(label: str, results: dict[str, Any]) -> str | None:
-    """The label of the teacher a policy was evaluated beside: its own run's, else the one added for the sweep,
-    else the only teacher of the report."""
-    run = label.split("@", 1)[1] if "@" in label else None
-    found = [t for t in (f"teacher@{run}" if run else None, "teacher@teacher", "teacher") if t in results]
-    teachers = [t for t in results if t.split("@", 1)[0] == "teacher"]
-    return found[0] if found else teachers[0] if len(teachers) == 1 else None
+    """The label of the teacher a policy was evaluated beside (``teacher_of``), else the one added for the sweep."""
+    return teacher_of(label, list(results)) or ("teacher@teacher" if "teacher@teacher" in results else None)
 
 
 def attack_rows(run: Path) -> list[tuple[Path | None, str, str, float, dict[str, float]]]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from madistill.cascade.alerts import mean_ci
 from madistill.cascade.monitor import CascadeStudy
+from madistill.evaluate.evaluator import teacher_of
 from madistill.tb import pyplot
 
 if TYPE_CHECKING:
@@ -60,12 +61,8 @@ def _measures(cascade: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def baseline(label: str, labels: Sequence[str]) -> str:
-    """The policy ``label`` is compared with: its own run's teacher (``teacher@<run>``), else ``teacher``, else the
-    only teacher (a teacher's run beside its students' runs), else the first of ``labels``."""
-    run = label.split("@", 1)[1] if "@" in label else None
-    teachers = [t for t in labels if t.split("@", 1)[0] == "teacher"]
-    return next((c for c in (f"teacher@{run}" if run else None, "teacher") if c in labels),
-                teachers[0] if len(teachers) == 1 else labels[0])
+    """The policy ``label`` is compared with: its teacher (``teacher_of``), else the first of ``labels``."""
+    return teacher_of(label, labels) or labels[0]
 
 
 def compare(results: Mapping[str, Mapping[str, Any]], n_boot: int, confidence: float,

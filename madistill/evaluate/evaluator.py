@@ -112,6 +112,16 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
     return found
 
 
+def teacher_of(label: str, labels: Sequence[str]) -> str | None:
+    """Of the report labels ``labels`` (``name``, or ``name@run`` from several runs), the teacher ``label`` was
+    studied beside: its own run's (``teacher@<run>``), else ``teacher``, else the only teacher (a teacher's run
+    beside its students' runs); None without one."""
+    run = label.split("@", 1)[1] if "@" in label else None
+    found = [c for c in (f"teacher@{run}" if run else None, "teacher") if c in labels]
+    teachers = [t for t in labels if t.split("@", 1)[0] == "teacher"]
+    return found[0] if found else teachers[0] if len(teachers) == 1 else None
+
+
 def _run_name(run_dir: Path, root: Path) -> str:
     """A run's name in the reports: its path under the directory searched, or that directory's own name (not
     '.', which every run's reports and marl-eval files would share)."""
