@@ -94,7 +94,7 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
     if not root.exists():
         raise MadistillError(f"no such policy or run directory: {root}; pass the path printed at the end of a run")
     if (root / MANIFEST).is_file():
-        found = [PolicyRef(root.name, root, root.parent.parent.name if root.parent.name == "policies" else root.name)]
+        found = [PolicyRef(root.name, root, run_dir_of(root).name)]
     else:
         found = [
             PolicyRef(m.parent.name, m.parent, _run_name(m.parent.parent.parent, root))
@@ -110,6 +110,12 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
         raise MadistillError(f"{root} holds no saved policy ({MANIFEST}): pass a run or policy directory"
                              + interrupted_hint(root))
     return found
+
+
+def run_dir_of(policy_dir: Path) -> Path:
+    """The run directory a saved policy's directory sits in (``<run>/policies/<name>``), or the policy directory
+    itself when it stands alone."""
+    return policy_dir.parent.parent if policy_dir.parent.name == "policies" else policy_dir
 
 
 def teacher_of(label: str, labels: Sequence[str]) -> str | None:

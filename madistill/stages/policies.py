@@ -17,7 +17,7 @@ from madistill.envs.groups import AgentGroup
 from madistill.envs.teams import Teams
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
-from madistill.evaluate.evaluator import PolicyRef, discover_policies, saved_env
+from madistill.evaluate.evaluator import PolicyRef, discover_policies, run_dir_of, saved_env
 from madistill.policies.base import TeamPolicy
 from madistill.policies.purified import Purifier, purified_team
 from madistill.policies.store import find_policy_dir, load_purifier, load_team
@@ -77,13 +77,10 @@ def studied_policies(
 def _distinct_runs(refs: list[PolicyRef]) -> list[PolicyRef]:
     """``refs`` with a run named by its directory's whole path where several run directories (of several listed
     paths) share a name: each path names its runs relative to itself."""
-    def run_dir(ref: PolicyRef) -> Path:
-        return ref.path.parent.parent if ref.path.parent.name == "policies" else ref.path
-
     dirs: dict[str, set[Path]] = {}
     for ref in refs:
-        dirs.setdefault(ref.run, set()).add(run_dir(ref).resolve())
-    return [replace(ref, run=str(run_dir(ref))) if len(dirs[ref.run]) > 1 else ref for ref in refs]
+        dirs.setdefault(ref.run, set()).add(run_dir_of(ref.path).resolve())
+    return [replace(ref, run=str(run_dir_of(ref.path))) if len(dirs[ref.run]) > 1 else ref for ref in refs]
 
 
 def policy_labels(refs: Sequence[PolicyRef]) -> list[str]:
