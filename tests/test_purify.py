@@ -206,3 +206,25 @@ def test_the_suites_per_step_attacks_craft_on_the_attack_view_and_transfer_on_it
         [transform] = suite_transforms(method, None, team, ["a_0"], budgets, AttackConfig(), 0, surrogate, None,
                                   attacked=view)
         assert transform.surrogate is crafted_on
+
+
+def test_the_attack_fault_crafts_on_the_view_of_a_purified_team_that_purify_gradient_names():
+    from madistill.cascade.faults import AttackFault, Scope
+    from madistill.config import AttackConfig
+    from madistill.transforms import StepContext
+
+    policy = _policy()
+    team = purified_team(_team(policy), Purifier({"g": _denoiser()}, {"g": ObsNormalizer(D)}))
+    x, mask = torch.randn(5, D), torch.ones(5, dtype=torch.bool)
+    budgets = {"g": Budget.build(0.5, D)}
+
+    def crafted(crafted_on, on: TeamPolicy) -> torch.Tensor:
+        fault = AttackFault(Scope(("a_0",), 0), "fgsm", budgets, AttackConfig(), crafted_on)
+        ctx = StepContext(on, 0, np.zeros(5, dtype=np.int64), {"g": torch.ones(5, 1, dtype=torch.bool)},
+                          torch.Generator().manual_seed(0))
+        return fault.corrupt(GROUP, x, mask, ctx)
+
+    undefended = crafted(None, _team(policy))
+    assert torch.equal(crafted(lambda t: attack_view(t, "ignore"), team), undefended)
+    assert not torch.equal(crafted(None, team), undefended)  # through the purifier: another perturbation
+    assert torch.equal(crafted(lambda t: attack_view(t, "through"), team), crafted(None, team))

@@ -27,6 +27,7 @@ from madistill.envs.factory import EnvSpec
 from madistill.envs.features import FeatureLayout
 from madistill.envs.groups import AgentGroup
 from madistill.errors import MadistillError
+from madistill.policies.base import TeamPolicy
 from madistill.rollout import env_actions
 from madistill.transforms import ActionTransform, GroupTensors, ObsTransform, StepContext, Transform
 
@@ -71,6 +72,9 @@ class FaultEnv:
     device: torch.device | str = "cpu"
     spec: EnvSpec | None = None  # the env itself, for faults that branch it (worst)
     backend: str = "auto"  # env.backend of the branches
+    # the team white-box faults craft on, given the acting team (None: the acting team itself); for a purified
+    # team, the view ``purify.gradient`` names (policies.purified.attack_view)
+    crafted_on: Callable[[TeamPolicy], TeamPolicy | None] | None = None
 
 
 # what a fault puts in place of the hit rows x[mask] of a group's values x: (group, x, mask, ctx) -> [m, ...]
@@ -277,12 +281,16 @@ class Frozen(Holding, ObsFault):
 @register("attack")
 class AttackFault(ObsFault):
     """An attack of the attack suite (``method``) at budget ``eps`` on the victims' observations, crafted
-    white-box on the acting team (the critic method on its value heads)."""
+    white-box on the acting team (the critic method on its value heads), or on the view of it ``crafted_on``
+    gives (a purified team's, as ``purify.gradient`` names it)."""
 
     shared_stream = True  # random starts and sparse timing draw from the rollout's generator
 
-    def __init__(self, scope: Scope, method: str, budgets: Mapping[str, Budget], attack_cfg: Any):
+    def __init__(self, scope: Scope, method: str, budgets: Mapping[str, Budget], attack_cfg: Any,
+                 crafted_on: Callable[[TeamPolicy], TeamPolicy | None] | None = None):
         super().__init__(scope)
+        self.crafted_on = crafted_on
+        self._views: dict[int, tuple[TeamPolicy, TeamPolicy]] = {}  # id(acting team) -> (it, its view)
         if method in ("learned", "director", "offsets", "transfer", "targeted_lookahead"):
             raise MadistillError(f"fault.method={method!r} is not a per-step white-box attack: use random, fgsm, pgd, "
                                  "critic, spsa, targeted_random or targeted_lowest (fault=worst plays the lookahead's "
@@ -298,10 +306,19 @@ class AttackFault(ObsFault):
     def from_config(cls, scope: Scope, fc: Any, env: FaultEnv) -> Fault:
         ac = env.attack
         budgets = group_budgets(float(fc.eps), env.layouts, ac.exclude if ac else None, env.device, ac.scale if ac else None)
-        return cls(scope, fc.method, budgets, ac)
+        return cls(scope, fc.method, budgets, ac, env.crafted_on)
+
+    def view(self, team: TeamPolicy) -> TeamPolicy:
+        """The team the perturbations are crafted on when ``team`` acts (made once per team: a view with noise
+        keeps its own stream across steps)."""
+        if self.crafted_on is None:
+            return team
+        if id(team) not in self._views:
+            self._views[id(team)] = (team, self.crafted_on(team) or team)
+        return self._views[id(team)][1]
 
     def corrupt(self, group: AgentGroup, x: torch.Tensor, mask: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        policy = ctx.team[group.name]
+        policy = self.view(ctx.team)[group.name]
         critic = policy if self.method == "critic" else None
         if critic is not None and policy.value(x[mask][:1]) is None:
             raise MadistillError(f"fault.method=critic needs a critic, and the {group.name!r} policy has none: "

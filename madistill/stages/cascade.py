@@ -36,13 +36,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     studied fault (PNG and TensorBoard images), and TensorBoard scalars."""
     import json
 
-    from madistill.cascade.faults import FaultEnv
     from madistill.cascade.monitor import studied_faults, study
     from madistill.cascade.report import compare, comparison, markdown
     from madistill.common.io import atomic_write_text
     from madistill.envs.features import feature_layouts
     from madistill.evaluate.report import write_markdown
     from madistill.runtime import make_vec_env
+    from madistill.stages.faults import fault_env
     from madistill.stages.monitoring import (
         alerts_line,
         alerts_markdown,
@@ -73,7 +73,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with make_vec_env(cfg.env, spec, num_envs=1, num_workers=0) as venv:
         groups = venv.groups
         layouts = feature_layouts(groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
-    env = FaultEnv(groups, layouts, cfg.attack, device, spec, cfg.env.backend)
+    env = fault_env(cfg, groups, layouts, spec, device)
     agents = [a for g in groups for a in g.agents]
     if cfg.alerts.enabled:
         check_alerts(cfg, len(agents))

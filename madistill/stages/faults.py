@@ -12,14 +12,28 @@ if TYPE_CHECKING:
 def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any) -> list:
     """The fault the config names, as a one-element transform list for a stage's rollouts (``evaluate``), or no
     transform where ``fault.victims`` is empty (the default): ``madistill evaluate fault=stuck fault.victims=[a]``."""
-    from madistill.cascade.faults import FaultEnv, make_fault
+    from madistill.cascade.faults import make_fault
     from madistill.envs.features import feature_layouts
     from madistill.stages.policies import configured_features
 
     if not cfg.fault.victims:
         return []
     layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
-    return [make_fault(cfg.fault, FaultEnv(venv.groups, layouts, cfg.attack, device, spec, cfg.env.backend))]
+    return [make_fault(cfg.fault, fault_env(cfg, venv.groups, layouts, spec, device))]
+
+
+def fault_env(cfg: DictConfig, groups: list, layouts: dict, spec: Any, device: Any) -> Any:
+    """The ``FaultEnv`` the configured faults are built with: the env, the attack settings of attack faults, and
+    the view of a purified team they craft on (``purify.gradient``, ``purify.eot_samples``), as the attack stage's."""
+    from madistill.cascade.faults import FaultEnv
+    from madistill.policies.purified import attack_view
+
+    pc = cfg.purify
+
+    def crafted_on(team: Any) -> Any:
+        return attack_view(team, str(pc.gradient), int(pc.eot_samples), int(cfg.seed) + 1)
+
+    return FaultEnv(groups, layouts, cfg.attack, device, spec, cfg.env.backend, crafted_on if pc.purifier else None)
 
 
 def fault_label(cfg: DictConfig) -> str:

@@ -116,28 +116,37 @@ def configured_purifier(cfg: DictConfig, device: torch.device) -> Purifier | Non
     return load_purifier(cfg.purify.purifier, device) if cfg.purify.purifier else None
 
 
+def _attacks_through(cfg: DictConfig, attacks: bool) -> bool:
+    """Whether white-box attacks craft through the purifier in this stage: the attack stage's (``attacks``), or
+    the configured fault's when it is an attack (``fault=attack``)."""
+    return attacks or bool(cfg.fault.victims and cfg.fault.name == "attack")
+
+
 def purifier_meta(cfg: DictConfig, attacks: bool = False) -> dict | None:
-    """The purifier in front of the policies, for a report's meta, with (``attacks``: the attack stage, where the
-    suite's view of it applies) what the attacks differentiate; None without one."""
+    """The purifier in front of the policies, for a report's meta, with what white-box attacks differentiate
+    where the stage attacks (``attacks``: the attack stage; or an attack fault); None without one."""
     pc = cfg.purify
     if not pc.purifier:
         return None
-    return {"path": str(pc.purifier), **({"gradient": str(pc.gradient), "eot_samples": pc.eot_samples} if attacks else {})}
+    crafting = {"gradient": str(pc.gradient), "eot_samples": pc.eot_samples} if _attacks_through(cfg, attacks) else {}
+    return {"path": str(pc.purifier), **crafting}
 
 
 def purifier_line(cfg: DictConfig, attacks: bool = False) -> str:
-    """The reports' line on the purifier, with (``attacks``) what the white-box attacks differentiate ("" without
-    one)."""
+    """The reports' line on the purifier, with what the white-box attacks (``attacks``: the attack stage's) or
+    the attack fault differentiate ("" without one)."""
     pc = cfg.purify
     if not pc.purifier:
         return ""
-    if not attacks:
+    if not _attacks_through(cfg, attacks):
         return f"Purifier {pc.purifier} in front of every policy."
     view = {"through": "through it (adaptive)", "bpda": "its forward pass with identity gradients (BPDA)",
             "ignore": "the undefended policies (attacks unaware of it)"}[str(pc.gradient)]
     eot = f", averaged over {pc.eot_samples} draws of its noise (EOT)" if pc.eot_samples > 1 else ""
-    return (f"Purifier {pc.purifier} in front of every policy; the white-box attacks differentiate {view}{eot}; "
-            "the gradient-masking probe attacks through it.")
+    if attacks:
+        return (f"Purifier {pc.purifier} in front of every policy; the white-box attacks differentiate {view}{eot}; "
+                "the gradient-masking probe attacks through it.")
+    return f"Purifier {pc.purifier} in front of every policy; the attack fault differentiates {view}{eot}."
 
 
 def paired_policy(ref: PolicyRef, role: str, refs: Sequence[PolicyRef]) -> int | None:
