@@ -381,15 +381,16 @@ def _run_dirs_named(env_id: str, overrides: list[str]) -> list[str]:
 
 
 def _run_overrides(run_dir: Path, overrides: list[str]) -> list[str]:
-    """The command-line settings the run in ``run_dir`` last ran with (the newest ``.hydra/resumed_*/`` record of a
-    resumed run, else ``.hydra/``'s ``overrides.yaml``: env, experiment, budgets, ...) that ``overrides`` does not
-    set again, so a resumed run keeps them unless told otherwise. A setting the run added (``+key=``) stays when
-    ``overrides`` changes it (``key=``), so that the change has a key to change."""
+    """``overrides`` after the command-line settings the run in ``run_dir`` last ran with (the newest
+    ``.hydra/resumed_*/`` record of a resumed run, else ``.hydra/``'s ``overrides.yaml``: env, experiment,
+    budgets, ...) that ``overrides`` does not set again, so a resumed run keeps them unless told otherwise. A
+    setting the run added (``+key=``) stays when ``overrides`` changes it (``key=``), so that the change has a
+    key to change; removing it (``~key``) drops it, and with it the removal, as there is then nothing to remove."""
     import yaml
 
     records = sorted(run_dir.glob(".hydra/resumed_*/overrides.yaml")) or [run_dir / ".hydra" / "overrides.yaml"]
     if not records[-1].is_file():
-        return []
+        return overrides
 
     def key(o: str) -> str:
         return o.split("=", 1)[0].lstrip("+~")
@@ -397,8 +398,10 @@ def _run_overrides(run_dir: Path, overrides: list[str]) -> list[str]:
     changed = {key(o) for o in overrides}
     plain = {key(o) for o in overrides if not o.startswith(("+", "~"))}
     saved = [str(o) for o in yaml.safe_load(records[-1].read_text()) or []]  # as written: no interpolation resolved
-    return [o for o in saved if not key(o).startswith("hydra.")
+    added = {key(o) for o in saved if o.startswith("+")}
+    kept = [o for o in saved if not key(o).startswith("hydra.")
             and (key(o) not in changed or (o.startswith("+") and key(o) in plain))]
+    return [*kept, *(o for o in overrides if not (o.startswith("~") and key(o) in added))]
 
 
 def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
@@ -414,7 +417,7 @@ def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
     ckpt = Path(resume.strip("'\""))
     if not stages()[stage].resumes or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir():
         return overrides
-    overrides = [*_run_overrides(ckpt.parent, overrides), *overrides]
+    overrides = _run_overrides(ckpt.parent, overrides)
     if any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in ("-m", "--multirun") for o in overrides):
         return overrides
     run_dir = ckpt.resolve().parent

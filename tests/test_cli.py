@@ -722,15 +722,20 @@ def test_a_resume_repeats_the_settings_the_run_last_ran_with(tmp_path):
     # interpolations stay as written
     assert _run_overrides(tmp_path, ["teacher.resume=c", "teacher.message_bonus.speaker=0.1",
                                      "teacher.total_agent_steps=200"]) == [
-        "env=simple_spread_v3", "+teacher.message_bonus.speaker=0.05", "logger.name=${env.name}_x"]
+        "env=simple_spread_v3", "+teacher.message_bonus.speaker=0.05", "logger.name=${env.name}_x",
+        "teacher.resume=c", "teacher.message_bonus.speaker=0.1", "teacher.total_agent_steps=200"]
     assert _run_overrides(tmp_path, ["+teacher.message_bonus.speaker=0.1"])[1:] == [
-        "logger.name=${env.name}_x", "teacher.total_agent_steps=100"]
+        "logger.name=${env.name}_x", "teacher.total_agent_steps=100", "+teacher.message_bonus.speaker=0.1"]
+    # removing a key the run added removes its addition, and leaves no removal of a key the config lacks
+    assert _run_overrides(tmp_path, ["~teacher.message_bonus.speaker", "~logger.name"]) == [
+        "env=simple_spread_v3", "teacher.total_agent_steps=100", "~logger.name"]
     # resumed before: the newest resumed record holds what it last ran with
     for stamp, rate in (("2026-12-05_10-00-00", "0.001"), ("2026-12-05_11-00-00", "0.0001")):
         (hydra / f"resumed_{stamp}").mkdir()
         (hydra / f"resumed_{stamp}" / "overrides.yaml").write_text(
             f"- env=simple_spread_v3\n- teacher.ppo.learning_rate={rate}\n- teacher.resume=c\n")
-    assert _run_overrides(tmp_path, ["teacher.resume=c"]) == ["env=simple_spread_v3", "teacher.ppo.learning_rate=0.0001"]
+    assert _run_overrides(tmp_path, ["teacher.resume=c"]) == ["env=simple_spread_v3", "teacher.ppo.learning_rate=0.0001",
+                                                              "teacher.resume=c"]
 
 
 @pytest.mark.parametrize("name,fix", [
