@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
+import json
 import logging
 import os
 import re
 import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -82,18 +84,65 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
         print(f"madistill {hc.job.name}: note: {run_dir} holds an earlier run: the files this run writes replace "
               "its files of the same names, and TensorBoard shows both runs' curves as one: pass another "
               "hydra.run.dir to keep them apart", file=sys.stderr)
+    sweep = hc.mode == RunMode.MULTIRUN
     try:
         with _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
             validate(cfg)
-            return stages()[hc.job.name].run(cfg, run_dir)
+            result = stages()[hc.job.name].run(cfg, run_dir)
     except (MadistillError, OmegaConfBaseException) as e:
         _drop_failed_start(run_dir, before, run_dir / hc.output_subdir if hc.output_subdir else None,
                            run_dir / f"{hc.job.name}.log")
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # Hydra marks the sweep job failed and reports it
-        # A single run: report in one line from main() rather than Hydra's "Error executing job" preamble.
-        _FAILED.append(str(e) if isinstance(e, MadistillError) else _one_line(e))
+        # reported in one line from main() (a sweep's: every failed job's, after the sweep) rather than with
+        # Hydra's "Error executing job" preamble, which a sweep prints for its first failed job only
+        error = str(e) if isinstance(e, MadistillError) else _one_line(e)
+        if not sweep:
+            _FAILED.append(error)
+        elif not _record_job(hc, run_dir, error):
+            raise  # no record to report it from: Hydra marks the job failed and reports it
         return None
+    if sweep:
+        _record_job(hc, run_dir, None)
+    return result
+
+
+# The file a sweep's jobs append their outcome to, one JSON line each, for main() to report after the sweep: an
+# environment variable, as a launcher's jobs may run in other processes.
+_JOBS_RECORD = "MADISTILL_SWEEP_JOBS"
+
+
+def _record_job(hc: object, run_dir: Path, error: str | None) -> bool:
+    """Append a sweep job's outcome (its number, directory, sweep directory, overrides and error) to the sweep's
+    record; False where there is none to append to (the job runs where main()'s file is not)."""
+    path = os.environ.get(_JOBS_RECORD)
+    if not path:
+        return False
+    subdir_parts = len(Path(str(hc.sweep.subdir)).parts)  # type: ignore[attr-defined]
+    line = json.dumps({"num": int(hc.job.num), "dir": str(run_dir),  # type: ignore[attr-defined]
+                       "sweep": str(Path(*run_dir.parts[:len(run_dir.parts) - subdir_parts])),
+                       "overrides": list(hc.overrides.task), "error": error})  # type: ignore[attr-defined]
+    try:
+        with open(path, "a", encoding="utf-8") as f:  # one write per line: jobs in parallel do not interleave
+            f.write(line + "\n")
+    except OSError:
+        return False
+    return True
+
+
+def _report_sweep(stage: str, records: list[dict], swept: set[str]) -> bool:
+    """Print where a sweep's jobs are and, on stderr, one line per failed job naming its swept settings; True
+    when a job failed."""
+    if not records:
+        return False
+    records = sorted(records, key=lambda r: r["num"])
+    failed = [r for r in records if r["error"]]
+    sweeps = sorted({r["sweep"] for r in records})
+    print(f"sweep: {', '.join(sweeps)} ({len(records)} job{'s' * (len(records) != 1)}"
+          + (f", {len(failed)} failed" if failed else "") + ")")
+    for r in failed:
+        settings = " ".join(o for o in r["overrides"] if o.split("=", 1)[0].lstrip("+~") in swept)
+        print(f"madistill {stage}: error: job {r['num']}" + (f" ({settings})" if settings else "") + f": {r['error']}",
+              file=sys.stderr)
+    return bool(failed)
 
 
 class _LogTee(io.TextIOBase):
@@ -480,8 +529,12 @@ def _main(args: list[str]) -> int:
     # A cluster's SIGTERM (time limit, scancel) takes the Ctrl-C path: the training stages checkpoint first.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
+    fd, jobs_record = tempfile.mkstemp(prefix="madistill-sweep-", suffix=".jsonl")
+    os.close(fd)
+    os.environ[_JOBS_RECORD] = jobs_record
     try:
         app()
+        jobs = [json.loads(line) for line in Path(jobs_record).read_text(encoding="utf-8").splitlines() if line]
     except SystemExit as e:  # Hydra's --help / --info end with sys.exit; main() returns codes instead
         if isinstance(e.code, str):
             print(f"madistill {stage}: error: {e.code}", file=sys.stderr)
@@ -503,9 +556,20 @@ def _main(args: list[str]) -> int:
         print(f"madistill {stage}: error: cannot create the run directory {e.filename} ({e.strerror}): "
               "pass hydra.run.dir=<a writable directory> (hydra.sweep.dir=... with -m)", file=sys.stderr)
         return 2
+    finally:
+        os.environ.pop(_JOBS_RECORD, None)
+        Path(jobs_record).unlink(missing_ok=True)
     for msg in _FAILED:
         print(f"madistill {stage}: error: {msg}", file=sys.stderr)
-    return 2 if _FAILED else 0
+    return 2 if _report_sweep(stage, jobs, _swept_keys(hydra_args)) or _FAILED else 0
+
+
+def _swept_keys(hydra_args: list[str]) -> set[str]:
+    """The keys a sweep's command line gives several values (``seed=0,1,2``, ``glob(...)``, ``range(...)``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(_split_args(hydra_args)[0])
+    return {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
 
 
 if __name__ == "__main__":

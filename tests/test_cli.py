@@ -370,6 +370,7 @@ def test_joblib_sweep_trains_one_teacher_per_seed(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"sweep: {sweep} (2 jobs)" in proc.stdout.splitlines()  # the jobs ran in other processes
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     seeds = []
     for job in ("0", "1"):
@@ -385,6 +386,20 @@ def test_joblib_sweep_trains_one_teacher_per_seed(tmp_path):
     assert (
         not (tmp_path / "multirun").exists() and not (tmp_path / "runs").exists()
     )  # nothing outside the sweep dir
+
+
+def test_a_sweep_reports_every_failed_job_by_its_swept_settings_and_where_the_sweep_is(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    rc, out, err = cli("train", "-m", *tiny("env=relay", "teacher.total_agent_steps=-5,200,0", "seed=3"),
+                       f"hydra.sweep.dir={sweep}")
+    assert rc == 2
+    assert f"sweep: {sweep} (3 jobs, 2 failed)" in out.splitlines()
+    assert [ln for ln in err.splitlines() if ln.startswith("madistill")] == [
+        "madistill train: error: job 0 (teacher.total_agent_steps=-5): teacher.total_agent_steps must be at least 1, got -5",
+        "madistill train: error: job 2 (teacher.total_agent_steps=0): teacher.total_agent_steps must be at least 1, got 0"]
+    assert "Error executing job" not in err
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["1"]  # the failed jobs left nothing
+    assert (sweep / "1" / "policies" / "teacher").is_dir()
 
 
 @pytest.mark.parametrize(
