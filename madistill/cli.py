@@ -120,11 +120,12 @@ def _record_job(hc: object, run_dir: Path, error: str | None) -> bool:
     line = json.dumps({"num": int(hc.job.num), "dir": str(run_dir),  # type: ignore[attr-defined]
                        "sweep": str(Path(*run_dir.parts[:len(run_dir.parts) - subdir_parts])),
                        "overrides": list(hc.overrides.task), "error": error})  # type: ignore[attr-defined]
-    try:
-        with open(path, "a", encoding="utf-8") as f:  # one write per line: jobs in parallel do not interleave
-            f.write(line + "\n")
+    try:  # never created here: a job on another machine finds no record and is reported by Hydra
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     except OSError:
         return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:  # one write per line: jobs in parallel do not interleave
+        f.write(line + "\n")
     return True
 
 
