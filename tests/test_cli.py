@@ -606,9 +606,31 @@ def test_a_stage_reads_each_studied_policys_manifest_once(tmp_path, monkeypatch)
     for _ in range(2):
         assert [paired_policy(r, "student" if r.name == "teacher" else "teacher", refs) for r in refs] == [1, 0, 3, 2]
         assert with_teachers(refs[1::2])[0].path == refs[0].path
+        assert with_teachers(refs[1::2])[0].run == "0"  # named by the listed run it sits in
         assert setting_rows(refs) == ["teacher", "student", "teacher", "student"]
         assert saved_env(refs).target == "envs.relay.parallel_env"
     assert reads.count(MANIFEST) == len(refs)
+
+
+def test_a_students_added_teacher_is_named_by_its_run(tmp_path):
+    from pathlib import Path
+
+    from madistill.evaluate.evaluator import PolicyRef
+    from madistill.policies.store import FORMAT_VERSION, MANIFEST
+    from madistill.stages.policies import policy_labels, with_teachers
+
+    def saved(run: str, role: str, teacher: str = "") -> PolicyRef:
+        path = tmp_path / run / "policies" / role
+        path.mkdir(parents=True)
+        config = {"distill": {"teacher": str(tmp_path / teacher / "policies" / "teacher")}} if teacher else {}
+        (path / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "role": role, "config": config}))
+        return PolicyRef(role, path, Path(run).name)
+
+    saved("teachers/t0", "teacher")
+    saved("s1", "teacher")
+    assert policy_labels(with_teachers([saved("s0", "student", "teachers/t0")])) == ["teacher@t0", "student@s0"]
+    # a listed run of the teacher run's name: the teacher is named by its directory's path
+    assert with_teachers([saved("x/s1", "student", "s1")])[0].run == str(tmp_path / "s1")
 
 
 def test_each_policy_of_a_sweep_is_paired_with_its_own_teacher_and_student(tmp_path):

@@ -176,7 +176,12 @@ def with_teachers(refs: list[PolicyRef]) -> list[PolicyRef]:
     for r in refs:
         path = distilled_from(r)
         if path is not None and path.is_dir():
-            return [PolicyRef("teacher", path, "teacher"), *refs]
+            # named by its run: the listed run it sits in (a student's own), else its run directory's name, else
+            # that directory's path where a listed run has that name
+            run_dir = run_dir_of(path)
+            listed = next((x.run for x in refs if run_dir_of(x.path).resolve() == run_dir), None)
+            run = listed or (str(run_dir) if run_dir.name in {x.run for x in refs} else run_dir.name)
+            return [PolicyRef("teacher", path, run), *refs]
     return refs
 
 
