@@ -136,20 +136,27 @@ def test_a_student_is_compared_with_its_teacher_episode_by_episode(cli, teacher,
 def test_evaluate_plays_under_the_configured_fault(cli, teacher, tmp_path):
     """`madistill evaluate fault=... fault.victims=[...]`: the same episodes, the victim dead from step 0; the
     report says so. Without victims (the default) nothing changes."""
-    def team_mean(*args: str) -> tuple[float, str]:
+    def team_mean(*args: str) -> tuple[float, str, dict]:
         out = tmp_path / str(len(list(tmp_path.iterdir())))
         rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "eval.random_baseline=false", *args),
                          f"hydra.run.dir={out}")
         assert rc == 0, err
         summary = json.loads((out / "reports" / "eval_teacher.json").read_text())
-        return summary["summary"]["team"]["mean"], (out / "reports" / "eval.md").read_text()
+        marl_eval = json.loads((out / "reports" / "marl_eval.json").read_text())
+        return summary["summary"]["team"]["mean"], (out / "reports" / "eval.md").read_text(), {
+            "fault": summary["meta"]["fault"], "tasks": list(marl_eval["pettingzoo"])}
 
-    clean, clean_md = team_mean()
-    same, _ = team_mean("fault=dead")  # no victims: no fault
-    faulted, md = team_mean("fault=dead", "fault.victims=[agent_0,agent_1,agent_2,agent_3]", "fault.onset=0")
+    clean, clean_md, clean_meta = team_mean()
+    same, _, _ = team_mean("fault=dead")  # no victims: no fault
+    victims = "agent_0,agent_1,agent_2,agent_3"
+    faulted, md, meta = team_mean("fault=dead", f"fault.victims=[{victims}]", "fault.onset=0")
     assert same == clean and "Under fault" not in clean_md
     assert "Under fault 'dead' on agent_0, agent_1, agent_2, agent_3 from step 0 to the episode's end" in md
     assert faulted != clean
+    # the results files record the fault, and marl-eval files it under a task of its own
+    assert clean_meta == {"fault": None, "tasks": ["relay"]}
+    assert meta["fault"]["name"] == "dead" and meta["fault"]["victims"] == victims.split(",")
+    assert meta["tasks"] == [f"relay+dead@{victims.replace(',', '+')}"]
 
 
 ALERTS = ["alerts.enabled=true", "alerts.calibration_episodes=15", "alerts.false_alarm_rate=0.5", "eval.episodes=6",

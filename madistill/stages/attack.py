@@ -37,7 +37,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.policies.purified import attack_view
     from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
-    from madistill.stages.faults import configured_faults, fault_line
+    from madistill.stages.faults import configured_faults, fault_line, fault_meta
     from madistill.stages.policies import (
         configured_features,
         configured_purifier,
@@ -90,7 +90,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "meta": {"env": spec.to_dict(), "policies": {label: str(r.path) for r, label in zip(refs, labels)},
                  "episodes": ac.episodes,
                  "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True),
-                 "fault": OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None,
+                 "fault": fault_meta(cfg),
                  "purifier": purifier_meta(cfg, attacks=True)},
         "results": {n: r.to_dict() for n, r in results.items()},
     }

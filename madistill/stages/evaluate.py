@@ -142,6 +142,7 @@ def _summarise(
     from madistill.envs.teams import several_teams
     from madistill.evaluate.report import side_stats, sides_of, write_json, write_marl_eval_json
     from madistill.evaluate.stats import summarize
+    from madistill.stages.faults import fault_label, fault_meta
     from madistill.stages.policies import purifier_meta
     from madistill.stages.results import side_tag
 
@@ -152,14 +153,15 @@ def _summarise(
     meta = {
         "policy": name, "runs": [run for run, _ in runs], "env": spec.to_dict(), "episodes": ec.episodes,
         "seed": ec.seed, "deterministic": ec.deterministic if name != "random" else False,
-        "madistill_version": madistill.__version__, "purifier": purifier_meta(cfg),
+        "madistill_version": madistill.__version__, "fault": fault_meta(cfg), "purifier": purifier_meta(cfg),
     }
     if several_teams(sides):
         meta["teams"] = {team: list(agents) for team, agents in sides.items()}
     stem = re.sub(r"[^\w.=-]+", "_", name).strip("_")  # a row label as a file name
+    task = f"{spec.id}+{fault_label(cfg)}" if cfg.fault.victims else spec.id  # a faulted env is another task
     write_json(reports / f"eval_{stem}.json", summary, records, meta)
     for run, recs in runs:
-        write_marl_eval_json(reports / "marl_eval.json", recs, "pettingzoo", spec.id, name, run, teams=sides)
+        write_marl_eval_json(reports / "marl_eval.json", recs, "pettingzoo", task, name, run, teams=sides)
     for side in sides_of({name: summary}):
         for key in ("mean", "iqm"):
             tb.scalar(f"eval/{name}/{side_tag(side)}team_return_{key}", side_stats(summary, side)[key], 0)

@@ -41,6 +41,13 @@ def fault_label(cfg: DictConfig) -> str:
     return f"{cfg.fault.name}@{'+'.join(cfg.fault.victims)}"
 
 
+def fault_meta(cfg: DictConfig) -> dict | None:
+    """The configured fault's settings, for a report's meta (None without one)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None  # type: ignore[return-value]
+
+
 def fault_line(cfg: DictConfig) -> str:
     """One line saying which fault a stage's rollouts played under (empty without one)."""
     fc = cfg.fault
