@@ -64,11 +64,12 @@ def test_stage_help_says_what_the_stage_reads_and_writes(cli, stage):
 
 
 def test_unknown_stage_exits_2(cli):
+    from madistill.stages.registry import stages
+
     rc, out, err = cli("distil", "env=relay")
     assert rc == 2 and out == ""
     assert _err_lines(err) == [
-        "madistill: error: unknown stage 'distil': did you mean 'distill'? "
-        "use one of train, evaluate, distill, finetune, saliency, explain, attack, cascade, repair, purify, pipeline"
+        f"madistill: error: unknown stage 'distil': did you mean 'distill'? use one of {', '.join(stages())}"
     ]
 
 

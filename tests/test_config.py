@@ -19,8 +19,10 @@ from madistill.config import (
     AttackMethod,
     Config,
     DistillConfig,
+    Divergence,
     EvalConfig,
     UpdateMode,
+    ValidationAttack,
     root_schema,
     settings,
 )
@@ -100,13 +102,14 @@ def test_plus_on_a_set_key_says_to_drop_the_plus(cli, tmp_path, key):
      "teacher.update_mode cannot be 'bogus': use teacher.update_mode=<one of inline, thread>"),
     ("train", "teacher.update_mode=process",  # the learner process mode is gone (docs/architecture.md)
      "teacher.update_mode cannot be 'process': use teacher.update_mode=<one of inline, thread>"),
-    ("distill", "distill.divergence=jsd",
-     "distill.divergence cannot be 'jsd': use distill.divergence=<one of kl, reverse_kl, prob_l2, logit_mse, nll>"),
+    ("distill", "distill.divergence=bogus",  # every registered divergence, so adding one keeps this
+     f"distill.divergence cannot be 'bogus': use distill.divergence=<one of {', '.join(d.value for d in Divergence)}>"),
     ("train", "env.backend=jax", "env.backend cannot be 'jax': use env.backend=<one of auto, batched, pettingzoo>"),
     ("attack", "attack.methods=[pgd,fgsn]",  # every registered attack, so adding one (docs/extending.md) keeps this
      f"attack.methods cannot be 'fgsn': use attack.methods=[<any of {', '.join(m.value for m in AttackMethod)}>]"),
     ("finetune", "finetune.select_attacks=[transfer]",  # validation attacks need no surrogate
-     "finetune.select_attacks cannot be 'transfer': use finetune.select_attacks=[<any of random, fgsm, pgd, spsa>]"),
+     "finetune.select_attacks cannot be 'transfer': use finetune.select_attacks=[<any of "
+     f"{', '.join(a.value for a in ValidationAttack)}>]"),
 ])
 def test_a_value_outside_a_choice_is_refused_in_one_line_listing_the_choices(cli, tmp_path, stage, override, line):
     run = tmp_path / "run"
@@ -248,7 +251,8 @@ def test_every_setting_has_a_description_in_its_schema():
     assert described["env.features"].startswith("Named feature groups per agent group for saliency")
     # a choice setting lists its values first (they left the comments when the settings became enums)
     assert described["teacher.update_mode"].startswith("(inline | thread) When each PPO update runs")
-    assert described["finetune.select_attacks"] == "(random | fgsm | pgd | spsa) validation attacks (all agents victims, radius eps)"
+    assert described["finetune.select_attacks"] == (f"({' | '.join(a.value for a in ValidationAttack)}) validation "
+                                                    "attacks (all agents victims, radius eps)")
 
 
 @pytest.mark.parametrize("stage", list(stages()))

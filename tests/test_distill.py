@@ -215,7 +215,7 @@ def test_saliency_and_distill_errors_are_one_line(cli, teacher_run, tmp_path):
     rc, _, err = cli("saliency", *tiny(f"saliency.policy={teacher_run}", f"saliency.obs={bad}"),
                      f"hydra.run.dir={tmp_path / 's'}")
     assert rc == 2 and "'listener' observations have 7 features, the env gives 11" in err
-    rc, _, err = cli("distill", *tiny(f"distill.teacher={teacher_run}", "distill.divergence=js"),
+    rc, _, err = cli("distill", *tiny(f"distill.teacher={teacher_run}", "distill.divergence=bogus"),
                      f"hydra.run.dir={tmp_path / 'd'}")
     assert rc == 2 and "distill.divergence" in err
 

@@ -11,7 +11,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from madistill.common.divergences import divergence
+from madistill.common.divergences import DIVERGENCES, divergence
 from madistill.distill.digr import igr_penalty, relevance_mask
 from madistill.envs.features import FeatureLayout, feature_layouts
 from madistill.envs.groups import AgentGroup
@@ -105,9 +105,10 @@ def test_divergence_rejects_unknown_names_listing_the_valid_ones(discrete):
     """Discrete and Box heads alike: a name without its own formula is an error, never another divergence."""
     zeros = torch.zeros(2)
     with pytest.raises(MadistillError) as e:
-        divergence("js", torch.zeros(1, 2), torch.zeros(1, 2), discrete=discrete, teacher_log_std=zeros,
+        divergence("bogus", torch.zeros(1, 2), torch.zeros(1, 2), discrete=discrete, teacher_log_std=zeros,
                    student_log_std=zeros)
-    assert str(e.value) == "unknown divergence 'js': use distill.divergence=<one of kl, reverse_kl, prob_l2, logit_mse, nll>"
+    assert str(e.value) == f"unknown divergence 'bogus': use distill.divergence=<one of {', '.join(DIVERGENCES)}>"
+    assert {"kl", "reverse_kl", "prob_l2", "logit_mse", "nll"} <= set(DIVERGENCES)
 
 
 def test_every_divergence_has_a_discrete_and_a_box_form():
