@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import io
-import json
 import logging
 import os
 import re
 import shutil
 import signal
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import madistill
+from madistill import sweeps
 from madistill.config import check_overrides, config_dir
 from madistill.errors import MadistillError
 from madistill.stages.registry import stages
@@ -79,71 +80,69 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     _STARTED.append(str(run_dir))
     # Hydra's record of this job is in it already; a resumed run's files are there too, with their times
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    sweep = hc.mode == RunMode.MULTIRUN
+    record = run_dir / hc.output_subdir if hc.output_subdir else None
+    drop = functools.partial(_drop_failed_start, run_dir, before, record, run_dir / f"{hc.job.name}.log")
+    if sweep and sweeps.interrupted():  # the sweep was interrupted before this job began: it does not start
+        drop()
+        sweeps.record_job(hc, run_dir, sweeps.NOT_STARTED)
+        return None
     resumed = str(hc.output_subdir or "").startswith(".hydra/resumed_")
     if not resumed and ((run_dir / "policies").is_dir() or (run_dir / "reports").is_dir()):
         print(f"madistill {hc.job.name}: note: {run_dir} holds an earlier run: the files this run writes replace "
               "its files of the same names, and TensorBoard shows both runs' curves as one: pass another "
-              "hydra.run.dir to keep them apart", file=sys.stderr)
-    sweep = hc.mode == RunMode.MULTIRUN
+              f"hydra.{'sweep' if sweep else 'run'}.dir to keep them apart", file=sys.stderr)
     try:
-        with _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
+        with _job_signals(), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
             validate(cfg)
             result = stages()[hc.job.name].run(cfg, run_dir)
     except (MadistillError, OmegaConfBaseException) as e:
-        _drop_failed_start(run_dir, before, run_dir / hc.output_subdir if hc.output_subdir else None,
-                           run_dir / f"{hc.job.name}.log")
+        drop()
         # reported in one line from main() (a sweep's: every failed job's, after the sweep) rather than with
         # Hydra's "Error executing job" preamble, which a sweep prints for its first failed job only
         error = str(e) if isinstance(e, MadistillError) else _one_line(e)
         if not sweep:
             _FAILED.append(error)
-        elif not _record_job(hc, run_dir, error):
+        elif not sweeps.record_job(hc, run_dir, sweeps.FAILED, error):
             raise  # no record to report it from: Hydra marks the job failed and reports it
         return None
+    except KeyboardInterrupt:
+        drop()  # interrupted before it saved anything: no run directory stays behind
+        # a sweep's job ends there and the sweep goes on, to end its other jobs as they save their checkpoints
+        # and start no new one (the launcher would kill the other jobs' processes on an exception)
+        if not sweep or not sweeps.record_job(hc, run_dir, sweeps.INTERRUPTED):
+            raise
+        return None
     if sweep:
-        _record_job(hc, run_dir, None)
+        sweeps.record_job(hc, run_dir, sweeps.DONE)
     return result
 
 
-# The file a sweep's jobs append their outcome to, one JSON line each, for main() to report after the sweep: an
-# environment variable, as a launcher's jobs may run in other processes.
-_JOBS_RECORD = "MADISTILL_SWEEP_JOBS"
+@contextlib.contextmanager
+def _job_signals() -> Iterator[None]:
+    """While a stage runs, Ctrl-C and SIGTERM (a cluster's time limit, scancel) raise KeyboardInterrupt in it, so
+    the training stages save a checkpoint first; in a sweep's launcher process they otherwise interrupt the sweep
+    (:func:`_interrupt_sweep`). Signal handlers belong to the main thread: elsewhere they stay as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
-def _record_job(hc: object, run_dir: Path, error: str | None) -> bool:
-    """Append a sweep job's outcome (its number, directory, sweep directory, overrides and error) to the sweep's
-    record; False where there is none to append to (the job runs where main()'s file is not)."""
-    path = os.environ.get(_JOBS_RECORD)
-    if not path:
-        return False
-    subdir_parts = len(Path(str(hc.sweep.subdir)).parts)  # type: ignore[attr-defined]
-    line = json.dumps({"num": int(hc.job.num), "dir": str(run_dir),  # type: ignore[attr-defined]
-                       "sweep": str(Path(*run_dir.parts[:len(run_dir.parts) - subdir_parts])),
-                       "overrides": list(hc.overrides.task), "error": error})  # type: ignore[attr-defined]
-    try:  # never created here: a job on another machine finds no record and is reported by Hydra
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    except OSError:
-        return False
-    with os.fdopen(fd, "w", encoding="utf-8") as f:  # one write per line: jobs in parallel do not interleave
-        f.write(line + "\n")
-    return True
-
-
-def _report_sweep(stage: str, records: list[dict], swept: set[str]) -> bool:
-    """Print where a sweep's jobs are and, on stderr, one line per failed job naming its swept settings; True
-    when a job failed."""
-    if not records:
-        return False
-    records = sorted(records, key=lambda r: r["num"])
-    failed = [r for r in records if r["error"]]
-    sweeps = sorted({r["sweep"] for r in records})
-    print(f"sweep: {', '.join(sweeps)} ({len(records)} job{'s' * (len(records) != 1)}"
-          + (f", {len(failed)} failed" if failed else "") + ")")
-    for r in failed:
-        settings = " ".join(o for o in r["overrides"] if o.split("=", 1)[0].lstrip("+~") in swept)
-        print(f"madistill {stage}: error: job {r['num']}" + (f" ({settings})" if settings else "") + f": {r['error']}",
-              file=sys.stderr)
-    return bool(failed)
+def _interrupt_sweep(signum: int, frame: object) -> None:
+    """The sweep's launcher process, between jobs or while they run in other processes: the first Ctrl-C or
+    SIGTERM lets the running jobs (which get it too, from the terminal or the cluster) save their checkpoints
+    and end, and starts no new job; a second one stops at once."""
+    if sweeps.interrupted():
+        raise KeyboardInterrupt
+    sweeps.mark_interrupted()
+    print("madistill: interrupting the sweep: running jobs save their checkpoints and end, no new job starts "
+          "(Ctrl-C again to stop at once)", file=sys.stderr)
 
 
 class _LogTee(io.TextIOBase):
@@ -528,14 +527,15 @@ def _main(args: list[str]) -> int:
     _FAILED.clear()
     _STARTED.clear()
     # A cluster's SIGTERM (time limit, scancel) takes the Ctrl-C path: the training stages checkpoint first.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    swept = _swept_keys(hydra_args)
+    sweep = bool({"-m", "--multirun"} & set(_split_args(hydra_args)[1]))
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _interrupt_sweep if sweep else _raise_interrupt)
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
-    fd, jobs_record = tempfile.mkstemp(prefix="madistill-sweep-", suffix=".jsonl")
-    os.close(fd)
-    os.environ[_JOBS_RECORD] = jobs_record
     try:
-        app()
-        jobs = [json.loads(line) for line in Path(jobs_record).read_text(encoding="utf-8").splitlines() if line]
+        with sweeps.sweep_record() as record:
+            app()
+            jobs = sweeps.read(record)
     except SystemExit as e:  # Hydra's --help / --info end with sys.exit; main() returns codes instead
         if isinstance(e.code, str):
             print(f"madistill {stage}: error: {e.code}", file=sys.stderr)
@@ -557,12 +557,9 @@ def _main(args: list[str]) -> int:
         print(f"madistill {stage}: error: cannot create the run directory {e.filename} ({e.strerror}): "
               "pass hydra.run.dir=<a writable directory> (hydra.sweep.dir=... with -m)", file=sys.stderr)
         return 2
-    finally:
-        os.environ.pop(_JOBS_RECORD, None)
-        Path(jobs_record).unlink(missing_ok=True)
     for msg in _FAILED:
         print(f"madistill {stage}: error: {msg}", file=sys.stderr)
-    return 2 if _report_sweep(stage, jobs, _swept_keys(hydra_args)) or _FAILED else 0
+    return sweeps.report(stage, jobs, swept, stages()[stage].resumes) or (2 if _FAILED else 0)
 
 
 def _swept_keys(hydra_args: list[str]) -> set[str]:

@@ -37,6 +37,7 @@ from stable_baselines3.common.utils import LinearSchedule
 from tqdm.auto import tqdm
 
 from madistill.bonus import MutualInformationBonus
+from madistill.common.io import held_interrupts
 from madistill.config import Checks, PPOConfig
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
@@ -453,7 +454,8 @@ class TeacherTrainer:
                         self._sync()
                         alternate(self.agent_steps, self.team)
             except KeyboardInterrupt:
-                path = self.save_checkpoint(run_dir / "checkpoint")  # takes the pending update first
+                with held_interrupts("saving the checkpoint before stopping: it takes a moment"):
+                    path = self.save_checkpoint(run_dir / "checkpoint")  # takes the pending update first
                 resume = f"resume with teacher.resume={path}" if not self.from_start else "a fine-tune starts afresh"
                 tqdm.write(f"interrupted: checkpoint saved to {path}; {resume}")
                 raise

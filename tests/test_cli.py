@@ -403,6 +403,25 @@ def test_a_sweep_reports_every_failed_job_by_its_swept_settings_and_where_the_sw
     assert (sweep / "1" / "policies" / "teacher").is_dir()
 
 
+def test_an_interrupted_sweep_keeps_the_jobs_checkpoint_and_starts_no_new_job(cli, tmp_path, monkeypatch):
+    from madistill.teacher import TeacherTrainer
+
+    def interrupt(*args: object) -> None:  # Ctrl-C in the first training iteration of the first job
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TeacherTrainer, "_log", interrupt)
+    sweep = tmp_path / "sweep"
+    rc, out, err = cli("train", "-m", *tiny("env=relay", "teacher.total_agent_steps=400", "seed=0,1,2"),
+                       f"hydra.sweep.dir={sweep}")
+    assert rc == 130
+    assert f"sweep: {sweep} (3 jobs, 1 interrupted, 2 not started)" in out.splitlines()
+    assert [ln for ln in err.splitlines() if ln.startswith("madistill")] == [
+        f"madistill train: job 0 (seed=0) interrupted: resume it with teacher.resume={sweep / '0' / 'checkpoint'}",
+        "madistill train: interrupted"]
+    assert (sweep / "0" / "checkpoint" / "manifest.json").is_file()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]  # the jobs that did not start left nothing
+
+
 @pytest.mark.parametrize(
     "args",
     [["train", "env=relay", "--cfg", "job"], ["train", "--cfg", "job", "env=relay", "seed=5"],

@@ -48,3 +48,21 @@ def test_a_selection_report_that_cannot_be_written_leaves_the_old_one_whole(tmp_
     assert json.loads(path.read_text()) == {"old": True}
     assert [p.name for p in path.parent.iterdir()] == ["selection.json"]  # no temporary file left behind
     assert json.loads(best.save(path).read_text())["chosen"]["score"] == 0.75
+
+
+def test_interrupts_held_while_a_checkpoint_is_saved_do_not_stop_it(capsys):
+    import os
+    import time
+
+    from madistill.common.io import held_interrupts
+
+    saved = []
+    with held_interrupts("saving the checkpoint first"):
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while the checkpoint is written
+        time.sleep(0.01)
+        saved.append(True)
+    assert saved == [True] and "saving the checkpoint first" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back after the block
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)

@@ -121,6 +121,19 @@ def test_a_failed_start_leaves_no_run_directory_behind(cli, tmp_path, override):
     assert not run_dir.exists()
 
 
+def test_a_run_interrupted_before_it_saved_anything_leaves_no_run_directory(cli, relay_teacher, tmp_path, monkeypatch):
+    from madistill.evaluate import evaluator
+
+    def interrupt(*args: object, **kwargs: object) -> None:  # Ctrl-C while the episodes play
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluator, "run_episodes", interrupt)
+    run_dir = tmp_path / "run"
+    rc, _, err = cli("evaluate", f"eval.policy={relay_teacher}", "logger=quiet", f"hydra.run.dir={run_dir}")
+    assert rc == 130 and err.strip().splitlines()[-1] == "madistill evaluate: interrupted"
+    assert not run_dir.exists()
+
+
 # ------------------------------------------------------------------ output that says what happened
 @pytest.fixture(scope="module")
 def relay_teacher(tmp_path_factory):

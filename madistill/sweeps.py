@@ -1,0 +1,108 @@
+"""A sweep's record of its jobs, so that ``madistill <stage> -m ...`` can say after the last job where the sweep
+is and what became of every job (failed, interrupted, never started), and so that an interrupted sweep starts
+no new job.
+
+The record is one file of JSON lines that ``main()`` creates and names in an environment variable, as a
+launcher's jobs may run in other processes (``+launcher=local``). A job appends one line when it ends; the
+process that launched the sweep appends one when it is interrupted. A job on another machine finds no file
+(it is never created there) and is left to Hydra's own report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "MADISTILL_SWEEP_JOBS"
+
+# what became of a job
+DONE, FAILED, INTERRUPTED, NOT_STARTED = "done", "failed", "interrupted", "not started"
+
+
+@contextlib.contextmanager
+def sweep_record() -> Iterator[Path]:
+    """A fresh record for the jobs this process launches, named in the environment while they run."""
+    fd, name = tempfile.mkstemp(prefix="madistill-sweep-", suffix=".jsonl")
+    os.close(fd)
+    os.environ[ENV_VAR] = name
+    try:
+        yield Path(name)
+    finally:
+        os.environ.pop(ENV_VAR, None)
+        Path(name).unlink(missing_ok=True)
+
+
+def _append(entry: dict[str, Any]) -> bool:
+    """Append one line to the record; False where there is none (never created here: see the module doc)."""
+    path = os.environ.get(ENV_VAR)
+    if not path:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:  # one write per line: jobs in parallel do not interleave
+        f.write(json.dumps(entry) + "\n")
+    return True
+
+
+def record_job(hc: Any, run_dir: Path, outcome: str, error: str | None = None) -> bool:
+    """Append what became of the sweep job Hydra describes in ``hc`` (its number, directory, sweep directory and
+    overrides); False where the record is not reachable from this job."""
+    subdir_parts = len(Path(str(hc.sweep.subdir)).parts)
+    return _append({"num": int(hc.job.num), "dir": str(run_dir),
+                    "sweep": str(Path(*run_dir.parts[:len(run_dir.parts) - subdir_parts])),
+                    "overrides": list(hc.overrides.task), "outcome": outcome, "error": error})
+
+
+def mark_interrupted() -> None:
+    """Record that the sweep was interrupted: jobs not yet begun then do not start."""
+    _append({"interrupt": True})
+
+
+def read(path: Path | None = None) -> list[dict[str, Any]]:
+    """The record's lines (``path``, else this process's record); none where it cannot be read."""
+    path = path or (Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None)
+    try:
+        text = path.read_text(encoding="utf-8") if path else ""
+    except OSError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def interrupted() -> bool:
+    """Whether the sweep this job belongs to was interrupted (by its launcher, or in one of its jobs)."""
+    return any(e.get("interrupt") or e.get("outcome") == INTERRUPTED for e in read())
+
+
+def report(stage: str, entries: list[dict[str, Any]], swept: set[str], resumes: bool) -> int:
+    """Print where a sweep's jobs are and how many ended how; on stderr, one line per failed or interrupted job
+    named by its swept settings (``swept``: the keys the command line sweeps). Returns the exit code: 130 when
+    interrupted, 2 when a job failed, else 0 (0 too without jobs: nothing was swept)."""
+    jobs = sorted((e for e in entries if "num" in e), key=lambda e: e["num"])
+    if not jobs:
+        return 0
+    counts = {o: sum(e["outcome"] == o for e in jobs) for o in (FAILED, INTERRUPTED, NOT_STARTED)}
+    tally = "".join(f", {n} {o}" for o, n in counts.items() if n)
+    print(f"sweep: {', '.join(sorted({e['sweep'] for e in jobs}))} ({len(jobs)} job{'s' * (len(jobs) != 1)}{tally})")
+    for e in jobs:
+        if e["outcome"] not in (FAILED, INTERRUPTED):
+            continue
+        settings = " ".join(o for o in e["overrides"] if o.split("=", 1)[0].lstrip("+~") in swept)
+        job = f"job {e['num']}" + (f" ({settings})" if settings else "")
+        if e["outcome"] == FAILED:
+            print(f"madistill {stage}: error: {job}: {e['error']}", file=sys.stderr)
+        else:
+            checkpoint = Path(e["dir"]) / "checkpoint"
+            resume = f": resume it with teacher.resume={checkpoint}" if resumes and checkpoint.is_dir() else ""
+            print(f"madistill {stage}: {job} interrupted{resume}", file=sys.stderr)
+    if counts[INTERRUPTED] or any(e.get("interrupt") for e in entries):
+        print(f"madistill {stage}: interrupted", file=sys.stderr)
+        return 130
+    return 2 if counts[FAILED] else 0
