@@ -39,11 +39,8 @@ from robustness import fmt, t_interval
 from madistill.common.io import atomic_write_text
 from madistill.evaluate.evaluator import teacher_of
 from madistill.stages.results import recovery, retention
+from madistill.stages.rundir import RUN_ONLY
 
-# Overrides that name where a run's inputs are, or how it is filed, not what it does: not part of a recipe.
-_NOT_RECIPE = ("seed", "distill.teacher", "finetune.policy", "attack.policy", "eval.policy", "saliency.policy",
-               "cascade.policy",
-               "teacher.resume", "hydra.", "logger.", "logger=", "env.num_workers")
 _ROLES = ("teacher", "student", "random")
 
 
@@ -53,10 +50,11 @@ def run_dirs(roots: list[Path]) -> list[Path]:
 
 
 def recipe(run: Path) -> str:
-    """A run's recipe: its Hydra overrides without seed, paths and logging (``default`` when none are left)."""
+    """A run's recipe: its Hydra overrides without seed, paths, logging and the like (``RUN_ONLY``; ``default``
+    when none are left)."""
     record = run / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(record.read_text()) if record.is_file() else []
-    kept = sorted(o for o in overrides or [] if not o.lstrip("+~").startswith(_NOT_RECIPE))
+    kept = sorted(o for o in overrides or [] if not o.lstrip("+~").startswith(RUN_ONLY))
     return " ".join(kept) or "default"
 
 

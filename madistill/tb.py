@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from madistill.common.io import short_name
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -71,7 +73,7 @@ class TBLogger:
         """Save ``fig`` as ``<figure_dir>/<tag>.png`` and log it; closes the figure."""
         path = None
         if self.figure_dir is not None:
-            path = self.figure_dir / f"{tag.replace('/', '_')}.png"
+            path = self.figure_dir / f"{short_name(tag.replace('/', '_'))}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(path, dpi=120, bbox_inches="tight")
         if self.writer is not None:

@@ -600,6 +600,25 @@ def test_per_agent_policies_are_evaluated_with_their_grouping_or_get_a_one_line_
     assert "env.grouping=per_agent" in _madistill_error(err, "evaluate")
 
 
+def test_evaluation_rows_pool_runs_that_differ_in_how_they_ran_not_in_what_they_trained(tmp_path):
+    from madistill.evaluate.evaluator import PolicyRef
+    from madistill.policies.store import FORMAT_VERSION, MANIFEST
+    from madistill.stages.evaluate import setting_rows
+
+    def saved(run: str, config: dict) -> PolicyRef:
+        path = tmp_path / run / "policies" / "teacher"
+        path.mkdir(parents=True)
+        (path / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "role": "teacher", "config": config}))
+        return PolicyRef("teacher", path, run)
+
+    how = [{"seed": 0, "logger": {"progress": True}, "env": {"num_workers": 2}, "eval": {"episodes": 100}},
+           {"seed": 1, "logger": {"progress": False}, "env": {"num_workers": 0}, "eval": {"episodes": 5}, "device": "cuda"}]
+    assert setting_rows([saved(str(i), c) for i, c in enumerate(how)]) == ["teacher", "teacher"]
+    lr = [saved(f"lr{i}", {"teacher": {"ppo": {"learning_rate": r}}, "logger": {"progress": i == 0}})
+          for i, r in enumerate((1e-3, 3e-4))]
+    assert setting_rows(lr) == ["teacher [teacher.ppo.learning_rate=0.001]", "teacher [teacher.ppo.learning_rate=0.0003]"]
+
+
 def test_a_stage_reads_each_studied_policys_manifest_once(tmp_path, monkeypatch):
     """Pairing every policy with every other, the saved env, the settings rows and the teams read the manifests
     through their refs: one read per policy, however many look-ups."""

@@ -139,6 +139,7 @@ def _summarise(
     import numpy as np
 
     import madistill
+    from madistill.common.io import short_name
     from madistill.envs.teams import several_teams
     from madistill.evaluate.report import side_stats, sides_of, write_json, write_marl_eval_json
     from madistill.evaluate.stats import summarize
@@ -157,7 +158,7 @@ def _summarise(
     }
     if several_teams(sides):
         meta["teams"] = {team: list(agents) for team, agents in sides.items()}
-    stem = re.sub(r"[^\w.=-]+", "_", name).strip("_")  # a row label as a file name
+    stem = short_name(re.sub(r"[^\w.=-]+", "_", name).strip("_"))  # a row label as a file name
     task = f"{spec.id}+{fault_label(cfg)}" if cfg.fault.victims else spec.id  # a faulted env is another task
     write_json(reports / f"eval_{stem}.json", summary, records, meta)
     for run, recs in runs:
@@ -173,17 +174,19 @@ def _summarise(
 
 def setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
     """Each policy's row in an evaluation: its name, plus the settings that set its run apart from the other
-    runs' policies of that name (``student [distill.lambda_igr=3]``). Seeds and paths aside, so a seed sweep
-    pools into one row per policy (CIs stratified by run) while a sweep over settings keeps them apart."""
+    runs' policies of that name (``student [distill.lambda_igr=3]``). Seeds, paths, logging, parallelism
+    (``RUN_ONLY``) and the run's own evaluation and alerts aside, so a seed sweep pools into one row per policy
+    (CIs stratified by run) while a sweep over settings keeps them apart."""
     from omegaconf import OmegaConf
 
-    from madistill.stages.rundir import flat_hparams
+    from madistill.stages.rundir import RUN_ONLY, flat_hparams
 
     configs = [flat_hparams(OmegaConf.create(r.manifest.get("config", {}))) for r in refs]
     rows = []
     for ref, config in zip(refs, configs):
         peers = [c for r, c in zip(refs, configs) if r.name == ref.name]
-        differ = sorted(k for k in set().union(*peers) if k != "seed" and len({str(c.get(k)) for c in peers}) > 1)
+        differ = sorted(k for k in set().union(*peers) if not k.startswith((*RUN_ONLY, "eval.", "alerts."))
+                        and len({str(c.get(k)) for c in peers}) > 1)
         rows.append(ref.name + (f" [{', '.join(f'{k}={config.get(k)}' for k in differ)}]" if differ else ""))
     return rows
 

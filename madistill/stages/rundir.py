@@ -9,6 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from madistill.tb import TBLogger
 
+# Settings that say where a run's inputs are and how it is filed, logged, launched or spread over processes, not
+# what it computes: runs that differ only in these are runs of one recipe (as an override: ``key=``, ``+key=``).
+RUN_ONLY = ("seed", "hydra.", "logger", "launcher", "env.num_workers", "env.backend", "torch_threads", "device",
+            "teacher.resume", "distill.teacher", "finetune.policy", "eval.policy", "saliency.policy", "saliency.obs",
+            "explain.policy", "attack.policy", "cascade.policy", "repair.policy", "purify.teacher")
+
 # Paths and layouts: where things are, not settings to compare runs by.
 _NOT_HPARAMS = ("eval.policy", "teacher.resume", "distill.teacher", "saliency.policy", "saliency.obs", "env.features")
 
