@@ -134,13 +134,24 @@ def test_finetune_errors_are_one_line(cli, student_run, tmp_path):
 
     for args, needle in [
         ((), "pass finetune.policy="),
-        ((f"finetune.policy={student_run / 'teacher'}",), "records no teacher"),
+        ((f"finetune.policy={student_run / 'teacher'}",), "has no student policy (it holds: teacher): pass a run with one"),
+        ((f"finetune.policy={student_run / 'teacher' / 'policies' / 'teacher'}",), "records no teacher"),
         ((f"finetune.policy={student_run / 'student'}", "finetune.ramp=2"), "finetune.ramp"),
         ((f"finetune.policy={student_run / 'student'}", "finetune.select_attacks=[transfer]"), "finetune.select_attacks=["),
         ((f"finetune.policy={student_run / 'student'}", "finetune.select_robust_weight=2"), "finetune.select_robust_weight"),
     ]:
         rc, out, err = cli("finetune", *tiny(*args), f"hydra.run.dir={tmp_path / 'e'}")
         assert rc == 2 and needle in err and "Traceback" not in err, (args, err)
+
+
+def test_a_run_without_a_teacher_is_no_teacher_to_distil_from(cli, student_run, tmp_path):
+    """A distill run's student is not taken for the teacher a run directory should hold: named by its own
+    directory, it is."""
+    from conftest import tiny
+
+    rc, _, err = cli("distill", *tiny("env=simple_spread_v3", f"distill.teacher={student_run / 'student'}"),
+                     f"hydra.run.dir={tmp_path / 'd'}")
+    assert rc == 2 and "has no teacher policy (it holds: student)" in err and not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("objective", ["targeted_lowest", "targeted_lookahead"])

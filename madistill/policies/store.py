@@ -151,7 +151,8 @@ def find_policy_dir(path: str | Path, name: str | None = None) -> Path:
         if name is not None:
             if name in found:
                 return store / name
-            raise MadistillError(f"run {p} has no policy {name!r}; available: {found}")
+            raise MadistillError(f"run {p} has no {name} policy (it holds: {', '.join(found) or 'none'}): pass a run with "
+                                 f"one, or the directory of the policy to use, {store}/<name>")
         if len(found) == 1:
             return store / found[0]
         if found:

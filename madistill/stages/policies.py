@@ -20,7 +20,7 @@ from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import PolicyRef, discover_policies, run_dir_of, saved_env
 from madistill.policies.base import TeamPolicy
 from madistill.policies.purified import Purifier, purified_team
-from madistill.policies.store import find_policy_dir, load_purifier, load_team
+from madistill.policies.store import MANIFEST, find_policy_dir, load_purifier, load_team
 from madistill.runtime import env_spec, env_teams, resolve_device, seed_everything
 
 
@@ -191,6 +191,7 @@ def teacher_dir(path: str | Path) -> Path:
 
 
 def run_policy_dir(path: str | Path, name: str) -> Path:
-    """The ``name`` policy of a run dir that has one, else the policy dir ``path`` (or a run's only policy)."""
+    """The policy dir ``path``, or the ``name`` policy of a run dir (refused in one line for a run without one:
+    another policy of it is used only when named by its own directory)."""
     p = Path(path)
-    return find_policy_dir(p, name) if (p / "policies" / name).is_dir() else find_policy_dir(p)
+    return find_policy_dir(p, None if (p / MANIFEST).is_file() else name)
