@@ -549,12 +549,15 @@ def _main(args: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"madistill {stage}: interrupted", file=sys.stderr)
         return 130
-    except OSError as e:
-        # Past Hydra's creation of the run directory, an OSError is the stage's (not a user error: keep the whole
-        # story); a closed pipe is main()'s to report.
-        if _STARTED or e.filename is None or isinstance(e, BrokenPipeError):
+    except (OSError, ValueError) as e:
+        # Before the stage begins, an OSError is Hydra's at the run directory: creating it, or its log file there
+        # (which logging reports as a ValueError caused by it). Past that it is the stage's (not a user error: keep
+        # the whole story); a closed pipe is main()'s to report.
+        cause = e if isinstance(e, OSError) else e.__cause__
+        if _STARTED or not isinstance(cause, OSError) or cause.filename is None or isinstance(cause, BrokenPipeError):
             raise
-        print(f"madistill {stage}: error: cannot create the run directory {e.filename} ({e.strerror}): "
+        what = "create the run directory" if isinstance(e, OSError) else "write in the run directory:"
+        print(f"madistill {stage}: error: cannot {what} {cause.filename} ({cause.strerror}): "
               "pass hydra.run.dir=<a writable directory> (hydra.sweep.dir=... with -m)", file=sys.stderr)
         return 2
     for msg in _FAILED:

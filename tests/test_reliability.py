@@ -89,6 +89,15 @@ def test_a_run_directory_that_cannot_be_created_is_one_line_naming_the_setting(c
     assert f"cannot create the run directory {tmp_path / 'a_file' / 'run'}" in line and "hydra.run.dir=" in line
 
 
+def test_a_run_directory_whose_log_cannot_be_written_is_one_line_naming_the_setting(cli, tmp_path):
+    run = tmp_path / "run"
+    (run / "train.log").mkdir(parents=True)  # as a read-only directory would, the log file cannot be opened there
+    rc, _, err = cli("train", "env=relay", "logger=quiet", f"hydra.run.dir={run}")
+    assert rc == 2
+    line = _one_error_line(err, "train")
+    assert f"cannot write in the run directory: {run / 'train.log'}" in line and "hydra.run.dir=" in line
+
+
 def test_help_into_a_closed_pipe_is_one_line_and_exit_2():
     proc = subprocess.Popen([sys.executable, "-m", "madistill", "train", "--help"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
