@@ -298,6 +298,26 @@ def test_resuming_a_pipelines_teacher_with_train_would_orphan_its_student_and_is
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "policies"]
 
 
+def test_a_pipeline_interrupted_while_distilling_resumes_to_distil_its_trained_teacher(cli, tmp_path, monkeypatch):
+    from madistill.stages import distill
+
+    run = tmp_path / "run"
+    settings = tiny("env=relay", "teacher.total_agent_steps=200", "distill.rounds=1", "eval.episodes=2")
+    with monkeypatch.context() as mp:
+        def interrupt(*args: object, **kwargs: object) -> None:
+            raise KeyboardInterrupt
+
+        mp.setattr(distill, "distill_students", interrupt)
+        rc, _, _ = cli("pipeline", *settings, f"hydra.run.dir={run}")
+    assert rc == 130 and (run / "policies" / "teacher").is_dir() and not (run / "policies" / "student").exists()
+    weights = (run / "policies" / "teacher" / "agent.safetensors").read_bytes()
+    rc, out, err = cli("pipeline", f"teacher.resume={run / 'checkpoint'}")  # its settings come back from the run
+    assert rc == 0, err
+    assert f"teacher: trained to 200 agent-steps before the run stopped ({run / 'policies' / 'teacher'}): distilling it" in out
+    assert (run / "policies" / "student" / "manifest.json").is_file() and (run / "reports" / "eval.md").is_file()
+    assert (run / "policies" / "teacher" / "agent.safetensors").read_bytes() == weights  # not trained again
+
+
 def test_a_failed_resumed_run_that_replaced_its_checkpoint_keeps_what_it_wrote(tmp_path):
     from madistill.cli import _drop_failed_start
 

@@ -20,12 +20,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.stages.train import train_teachers
 
     with open_tb(cfg, run_dir) as tb:
-        teacher = train_teachers(cfg, run_dir, tb)
+        teacher = trained_teacher(cfg) or train_teachers(cfg, run_dir, tb)
         _, history = distill_students(cfg, run_dir, teacher, tb)
         summaries = evaluate_policies(cfg, run_dir, run_dir, tb)
         tb.hparams(flat_hparams(cfg), run_metrics(summaries, history))
     print_results(run_dir, summaries, run_dir)
     return summaries
+
+
+def trained_teacher(cfg: DictConfig) -> Path | None:
+    """A resumed pipeline whose teacher finished training before it stopped (interrupted while distilling or
+    evaluating): the teacher saved from its checkpoint, so the pipeline goes on from there; None otherwise."""
+    from madistill.policies.store import read_manifest
+
+    if not cfg.teacher.resume:
+        return None
+    checkpoint = Path(cfg.teacher.resume)
+    teacher = checkpoint.parent / "policies" / "teacher"
+    steps = read_manifest(checkpoint).get("training", {}).get("agent_steps", 0)
+    if steps < cfg.teacher.total_agent_steps or not (teacher / "manifest.json").is_file():
+        return None
+    if read_manifest(teacher).get("training", {}).get("agent_steps") != steps:
+        return None
+    print(f"teacher: trained to {steps} agent-steps before the run stopped ({teacher}): distilling it")
+    return teacher
 
 
 STAGE = Stage(
