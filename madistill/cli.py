@@ -547,7 +547,9 @@ def _main(args: list[str]) -> int:
         print(f"madistill {stage}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"madistill {stage}: interrupted", file=sys.stderr)
+        checkpoints = [Path(d) / "checkpoint" for d in _STARTED if (Path(d) / "checkpoint").is_dir()]
+        resume = f": resume with teacher.resume={checkpoints[-1]}" if checkpoints and stages()[stage].resumes else ""
+        print(f"madistill {stage}: interrupted{resume}", file=sys.stderr)
         return 130
     except (OSError, ValueError) as e:
         # Before the stage begins, an OSError is Hydra's at the run directory: creating it, or its log file there

@@ -308,8 +308,9 @@ def test_a_pipeline_interrupted_while_distilling_resumes_to_distil_its_trained_t
             raise KeyboardInterrupt
 
         mp.setattr(distill, "distill_students", interrupt)
-        rc, _, _ = cli("pipeline", *settings, f"hydra.run.dir={run}")
+        rc, _, err = cli("pipeline", *settings, f"hydra.run.dir={run}")
     assert rc == 130 and (run / "policies" / "teacher").is_dir() and not (run / "policies" / "student").exists()
+    assert err.splitlines()[-1] == f"madistill pipeline: interrupted: resume with teacher.resume={run / 'checkpoint'}"
     weights = (run / "policies" / "teacher" / "agent.safetensors").read_bytes()
     rc, out, err = cli("pipeline", f"teacher.resume={run / 'checkpoint'}")  # its settings come back from the run
     assert rc == 0, err
