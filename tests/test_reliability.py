@@ -143,6 +143,17 @@ def test_a_run_interrupted_before_it_saved_anything_leaves_no_run_directory(cli,
     assert not run_dir.exists()
 
 
+def test_an_evaluation_into_an_earlier_ones_directory_leaves_only_its_own_results(cli, relay_teacher, tmp_path):
+    run = tmp_path / "ev"
+    for extra in ([], ["eval.random_baseline=false"]):
+        rc, _, err = cli("evaluate", f"eval.policy={relay_teacher}", "eval.episodes=2", "logger=quiet", *extra,
+                         f"hydra.run.dir={run}")
+        assert rc == 0, err
+    assert sorted(p.name for p in (run / "reports").glob("eval_*.json")) == ["eval_teacher.json"]
+    assert f"removed the earlier evaluation's eval_random.json from {run / 'reports'}" in err
+    assert list(json.loads((run / "reports" / "marl_eval.json").read_text())["pettingzoo"]["relay"]) == ["teacher"]
+
+
 # ------------------------------------------------------------------ output that says what happened
 @pytest.fixture(scope="module")
 def relay_teacher(tmp_path_factory):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,7 +101,17 @@ def evaluate_policies(
                                 progress=bar("random"), episode_streams=ec.episode_streams)
             results["random"].append(("random", recs))
     reports = run_dir / "reports"
+    # an earlier evaluation's results in this directory: marl_eval.json collects this one's alone (its rows merge
+    # into it), and row files this one does not write again are removed, so no reader mixes the two
+    earlier = {p: p.stat().st_mtime_ns for p in reports.glob("eval_*.json")}
+    (reports / "marl_eval.json").unlink(missing_ok=True)
     summaries = {name: _summarise(cfg, reports, name, runs, spec, sides, tb) for name, runs in results.items()}
+    stale = sorted(p for p, mtime in earlier.items() if p.stat().st_mtime_ns == mtime)
+    for p in stale:
+        p.unlink()
+    if stale:
+        print(f"madistill: note: removed the earlier evaluation's {', '.join(p.name for p in stale)} from {reports}: "
+              "this evaluation has no such row", file=sys.stderr)
     table = markdown_table(summaries)
     played = "\n\n".join(n for n in (fault_line(cfg), purifier_line(cfg)) if n)
     text = eval_report(summaries, table, spec.id, ec, sides, played)
