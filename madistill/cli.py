@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import functools
 import io
 import logging
@@ -96,11 +97,13 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
         with _job_signals(), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
             validate(cfg)
             result = stages()[hc.job.name].run(cfg, run_dir)
-    except (MadistillError, OmegaConfBaseException) as e:
+    except (MadistillError, OmegaConfBaseException, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the stage's own failure: the whole story
         drop()
         # reported in one line from main() (a sweep's: every failed job's, after the sweep) rather than with
         # Hydra's "Error executing job" preamble, which a sweep prints for its first failed job only
-        error = str(e) if isinstance(e, MadistillError) else _one_line(e)
+        error = _user_error(e)
         if not sweep:
             _FAILED.append(error)
         elif not sweeps.record_job(hc, run_dir, sweeps.FAILED, error):
@@ -116,6 +119,16 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     if sweep:
         sweeps.record_job(hc, run_dir, sweeps.DONE)
     return result
+
+
+def _user_error(e: Exception) -> str:
+    """The one line a job's user error is reported in: madistill's own, Hydra's or OmegaConf's, a full disk."""
+    if isinstance(e, MadistillError):
+        return str(e)
+    if isinstance(e, OSError):
+        return (f"no space left on the device for {e.filename or 'the run'}: free some, or pass hydra.run.dir=<a "
+                "directory on another disk> (what was being written was not kept)")
+    return _one_line(e)
 
 
 @contextlib.contextmanager
@@ -515,8 +528,6 @@ def _main(args: list[str]) -> int:
         return 2
 
     import hydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     from madistill.config import register_configs
 
@@ -526,12 +537,23 @@ def _main(args: list[str]) -> int:
     sys.argv = [f"madistill-{stage}", *hydra_args]
     _FAILED.clear()
     _STARTED.clear()
-    # A cluster's SIGTERM (time limit, scancel) takes the Ctrl-C path: the training stages checkpoint first.
     swept = _swept_keys(hydra_args)
     sweep = bool({"-m", "--multirun"} & set(_split_args(hydra_args)[1]))
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, _interrupt_sweep if sweep else _raise_interrupt)
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
+    # A cluster's SIGTERM (time limit, scancel) takes the Ctrl-C path: the training stages checkpoint first.
+    handlers = {s: signal.signal(s, _interrupt_sweep if sweep else _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run_app(stage, app, swept)
+    finally:  # a caller in this process (a test, a notebook) gets its own handlers back
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def _run_app(stage: str, app: Callable[[], object], swept: set[str]) -> int:
+    """Run the Hydra app and turn what ends it into an exit code and one line (or a sweep's report)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         with sweeps.sweep_record() as record:
             app()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -131,16 +132,31 @@ def test_a_failed_start_leaves_no_run_directory_behind(cli, tmp_path, override):
 
 
 def test_a_run_interrupted_before_it_saved_anything_leaves_no_run_directory(cli, relay_teacher, tmp_path, monkeypatch):
-    from madistill.evaluate import evaluator
+    from madistill.stages import evaluate
 
-    def interrupt(*args: object, **kwargs: object) -> None:  # Ctrl-C while the episodes play
+    def interrupt(*args: object, **kwargs: object) -> None:  # Ctrl-C once the episodes are played
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluator, "run_episodes", interrupt)
+    monkeypatch.setattr(evaluate, "_summarise", interrupt)
     run_dir = tmp_path / "run"
     rc, _, err = cli("evaluate", f"eval.policy={relay_teacher}", "logger=quiet", f"hydra.run.dir={run_dir}")
     assert rc == 130 and err.strip().splitlines()[-1] == "madistill evaluate: interrupted"
     assert not run_dir.exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file(cli, relay_teacher, tmp_path, monkeypatch):
+    import errno
+
+    from madistill.stages import evaluate
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ev" / "reports" / "eval_teacher.json"))
+
+    monkeypatch.setattr(evaluate, "_summarise", full)
+    rc, _, err = cli("evaluate", f"eval.policy={relay_teacher}", "logger=quiet", f"hydra.run.dir={tmp_path / 'ev'}")
+    assert rc == 2
+    assert _one_error_line(err, "evaluate").startswith(
+        f"madistill evaluate: error: no space left on the device for {tmp_path / 'ev' / 'reports' / 'eval_teacher.json'}: free some, or pass hydra.run.dir=")
 
 
 def test_an_evaluation_into_an_earlier_ones_directory_leaves_only_its_own_results(cli, relay_teacher, tmp_path):
@@ -275,6 +291,20 @@ def test_evaluating_an_interrupted_run_points_to_its_checkpoint(cli, crashed_run
     line = _one_error_line(err, "evaluate")
     assert f"pass its checkpoint {crashed_run / 'checkpoint'} instead" in line
     assert f"madistill train teacher.resume={crashed_run / 'checkpoint'}" in line
+
+
+def test_evaluating_a_sweep_says_which_runs_it_leaves_out(cli, crashed_run, relay_teacher, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(relay_teacher, sweep / "0")
+    shutil.copytree(crashed_run, sweep / "1")  # interrupted: a checkpoint, no policies
+    shutil.copytree(relay_teacher, sweep / "2")
+    shutil.copytree(relay_teacher / "policies" / "teacher", sweep / "2" / "policies" / "student")  # a student in one run
+    rc, _, err = cli("evaluate", f"eval.policy={sweep}", "eval.episodes=2", "logger=quiet", f"hydra.run.dir={tmp_path / 'ev'}")
+    assert rc == 0, err
+    notes = [ln for ln in err.splitlines() if ln.startswith("madistill: note:")]
+    assert notes == [f"madistill: note: skipped {sweep / '1'}: its training was interrupted before it saved policies "
+                     f"(resume it with teacher.resume={sweep / '1' / 'checkpoint'})",
+                     "madistill: note: student pools 1 of 2 runs: 0 saved no student"]
 
 
 def test_resuming_continues_the_same_run_directory_and_curve(cli, crashed_run, tmp_path, monkeypatch):

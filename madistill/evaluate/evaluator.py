@@ -112,6 +112,16 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
     return found
 
 
+def unfinished_runs(path: str | Path) -> list[Path]:
+    """The run directories at or under ``path`` whose training was interrupted before they saved policies (a
+    checkpoint, no ``policies/``): runs :func:`discover_policies` finds nothing in."""
+    root = Path(path)
+    if (root / MANIFEST).is_file():
+        return []
+    return sorted(c.parent.parent for c in root.glob("**/checkpoint/" + MANIFEST)
+                  if not (c.parent.parent / "policies").is_dir())
+
+
 def run_dir_of(policy_dir: Path) -> Path:
     """The run directory a saved policy's directory sits in (``<run>/policies/<name>``), or the policy directory
     itself when it stands alone."""

@@ -3,6 +3,7 @@ they act in."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from madistill.envs.groups import AgentGroup
 from madistill.envs.teams import Teams
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
-from madistill.evaluate.evaluator import PolicyRef, discover_policies, run_dir_of, saved_env
+from madistill.evaluate.evaluator import PolicyRef, discover_policies, run_dir_of, saved_env, unfinished_runs
 from madistill.policies.base import TeamPolicy
 from madistill.policies.purified import Purifier, purified_team
 from madistill.policies.store import MANIFEST, find_policy_dir, load_purifier, load_team
@@ -69,9 +70,27 @@ def studied_policies(
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     paths = [path] if isinstance(path, (str, Path)) else list(path)
-    refs = _distinct_runs([ref for p in paths for ref in discover_policies(p, list(cfg.eval.names))])
+    found = [discover_policies(p, list(cfg.eval.names)) for p in paths]
+    for p, refs in zip(paths, found):
+        _note_missing(refs, unfinished_runs(p))
+    refs = _distinct_runs([ref for refs in found for ref in refs])
     refs = with_teachers(refs) if add_teachers else refs
     return device, refs, env_for(cfg, refs)
+
+
+def _note_missing(refs: list[PolicyRef], unfinished: list[Path]) -> None:
+    """Say on stderr which runs of a listed directory (``refs``: its policies) the study leaves out: those
+    interrupted before they saved policies, and runs without a policy its other runs have (a pipeline stopped
+    before its student)."""
+    for run in unfinished:
+        print(f"madistill: note: skipped {run}: its training was interrupted before it saved policies (resume it with "
+              f"teacher.resume={run / 'checkpoint'})", file=sys.stderr)
+    runs = {r.run for r in refs}
+    for name in sorted({r.name for r in refs}):
+        lacking = sorted(runs - {r.run for r in refs if r.name == name})
+        if lacking and len(runs) > 1:
+            print(f"madistill: note: {name} pools {len(runs) - len(lacking)} of {len(runs)} runs: "
+                  f"{', '.join(lacking)} saved no {name}", file=sys.stderr)
 
 
 def _distinct_runs(refs: list[PolicyRef]) -> list[PolicyRef]:
