@@ -73,7 +73,12 @@ def eval_rows(run: Path) -> dict[str, float] | None:
     """The student's retention over a run's own evaluation (None for a run without teacher, student, random)."""
     reports = run / "reports"
     paths = {name: reports / f"eval_{name}.json" for name in _ROLES}
-    if not all(p.is_file() for p in paths.values()):
+    present = [p.name for p in paths.values() if p.is_file()]
+    if len(present) < len(paths) or not (reports / "eval.md").is_file():
+        if present:  # an evaluation that did not finish (eval.md comes last) or left a row out
+            print(f"summarise: note: skipped the retention of {run}: its evaluation has "
+                  f"{', '.join(present + (['eval.md'] if (reports / 'eval.md').is_file() else []))} of "
+                  f"{', '.join([p.name for p in paths.values()] + ['eval.md'])}", file=sys.stderr)
         return None
     summaries = {name: json.loads(p.read_text())["summary"] for name, p in paths.items()}
     return {"retention": retention(summaries)}
@@ -143,6 +148,22 @@ def cascade_rows(run: Path) -> list[tuple[Path | None, str, str, dict[str, float
             for label, result in report["policies"].items() for fault, f in result["faults"].items()]
 
 
+def _add_run(run: Path, retained: dict, attacked: dict, cascaded: dict) -> None:
+    """Add a run's rows to the tables, all of them or (a report that does not read) none."""
+    row = eval_rows(run)
+    reports = run / "reports"
+    attacks = attack_rows(run) if (reports / "robustness.json").is_file() else []
+    cascades = cascade_rows(run) if (reports / "cascade.json").is_file() else []
+    if row is not None:
+        retained[recipe(run)].append((seed_of(run), row))
+    for student, name, victims, eps, values in attacks:
+        key = (recipe(student) if student else "unknown run", name, victims, eps)
+        attacked[key].append((seed_of(student) if student else None, values))
+    for policy_run, name, fault, values in cascades:
+        key = (recipe(policy_run) if policy_run else "unknown run", name, recipe(run), fault)
+        cascaded[key].append((seed_of(policy_run) if policy_run else None, values))
+
+
 def summarise(roots: list[Path]) -> dict[str, list[dict[str, Any]]]:
     """Rows pooled over seeds: ``retention`` (one per recipe), ``robustness`` (one per recipe, policy, victim set
     and eps) and ``cascade`` (one per policy recipe, policy, cascade settings and fault); each value a [mean, low,
@@ -151,17 +172,11 @@ def summarise(roots: list[Path]) -> dict[str, list[dict[str, Any]]]:
     attacked: dict[tuple[str, str, str, float], list[tuple[int | None, dict[str, float]]]] = defaultdict(list)
     cascaded: dict[tuple[str, str, str, str], list[tuple[int | None, dict[str, float]]]] = defaultdict(list)
     for run in run_dirs(roots):
-        row = eval_rows(run)
-        if row is not None:
-            retained[recipe(run)].append((seed_of(run), row))
-        if (run / "reports" / "robustness.json").is_file():
-            for student, name, victims, eps, values in attack_rows(run):
-                key = (recipe(student) if student else "unknown run", name, victims, eps)
-                attacked[key].append((seed_of(student) if student else None, values))
-        if (run / "reports" / "cascade.json").is_file():
-            for policy_run, name, fault, values in cascade_rows(run):
-                key = (recipe(policy_run) if policy_run else "unknown run", name, recipe(run), fault)
-                cascaded[key].append((seed_of(policy_run) if policy_run else None, values))
+        try:
+            _add_run(run, retained, attacked, cascaded)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            print(f"summarise: note: skipped {run}: a report of it is not complete ({type(e).__name__}: {e})",
+                  file=sys.stderr)
     return {
         "retention": [{"recipe": r, "seeds": [s for s, _ in rows], "retention": t_interval([v["retention"] for _, v in rows])}
                       for r, rows in retained.items()],

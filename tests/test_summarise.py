@@ -31,6 +31,8 @@ def _run(path: Path, seed: int, overrides: list[str], evals: dict[str, float] | 
     (path / "reports").mkdir()
     for name, mean in (evals or {}).items():
         (path / "reports" / f"eval_{name}.json").write_text(json.dumps({"summary": {"team": {"mean": mean}}}))
+    if evals:
+        (path / "reports" / "eval.md").write_text("# Evaluation\n")  # written last: the evaluation finished
     return path
 
 
@@ -70,7 +72,7 @@ def test_summary_pools_seeds_of_a_recipe_with_t_intervals(summarise, tmp_path):
     pooled = retained["+experiment=spread_robust"]
     assert pooled["seeds"] == [0, 1]
     assert pooled["retention"] == pytest.approx([0.85, 0.85 - 0.05 * T_975_1, 0.85 + 0.05 * T_975_1])
-    assert retained["+experiment=spread_robust distill.rounds=16"]["retention"] == pytest.approx([1.0] * 3)
+    assert retained["+experiment=spread_robust distill.rounds=16"]["retention"] == [1.0, None, None]  # one seed
     # only the attack's own eps (0.2), not the checks' 3.0
     (row,) = table["robustness"]
     assert (row["recipe"], row["policy"], row["victims"], row["eps"]) == ("+experiment=spread_robust", "student", "all", 0.2)
@@ -92,6 +94,22 @@ def test_cli_prints_and_writes_the_tables(summarise, tmp_path, capsys):
     assert "-10.00 / -20.00 | -16.00 [-28.71, -3.29] | 40% [-87%, 167%] |" in printed
     assert Path(f"{out}.md").read_text() == printed
     assert json.loads(Path(f"{out}.json").read_text())["robustness"][0]["recovery"][0] == pytest.approx(0.4)
+
+
+def test_runs_whose_reports_do_not_read_are_named_and_left_out(summarise, tmp_path, capsys):
+    root = _experiment(tmp_path)
+    (root / "distill" / "s1" / "reports" / "eval.md").unlink()  # its evaluation stopped before the end
+    broken = _run(root / "broken" / "s0", 0, ["+experiment=spread_robust", "seed=0"])
+    (broken / "reports" / "cascade.json").write_text('{"meta": ')  # cut short
+    assert summarise.main([str(root)]) == 0
+    printed, said = capsys.readouterr()
+    notes = said.splitlines()
+    assert notes[0].startswith(f"summarise: note: skipped {broken}: a report of it is not complete (JSONDecodeError")
+    assert notes[1].startswith(f"summarise: note: skipped the retention of {root / 'distill' / 's1'}: its evaluation "
+                               "has eval_teacher.json, eval_student.json, eval_random.json of ")
+    # one seed of the recipe left: its retention has no interval, and says so
+    assert "| +experiment=spread_robust | 0 | 90% (one seed) |" in printed
+    assert summarise.fmt([math.nan, math.nan, math.nan], pct=True) == "n/a"  # a teacher no better than random
 
 
 def test_no_reports_is_a_one_line_error(summarise, tmp_path, capsys):
