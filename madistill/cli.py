@@ -321,6 +321,10 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
     modes = [f for f in flags if f in _MODE_FLAGS]
     if len(modes) > 1:
         raise MadistillError(f"{' and '.join(modes)} cannot be combined: pass only one of them")
+    empty = next((o.split("=", 1)[0] for o in overrides if re.fullmatch(r"\+?hydra\.(run|sweep)\.dir=['\"]{0,2}", o)), None)
+    if empty:  # Hydra would write the run into the current directory
+        raise MadistillError(f"{empty.lstrip('+')} is empty: pass a directory ({empty.lstrip('+')}=<dir>), or leave it out "
+                             "for the default under runs/")
     if {"-m", "--multirun"} & set(modes) and any(o.lstrip("+").startswith("hydra.run.dir=") for o in overrides):
         raise MadistillError("hydra.run.dir names one run's directory, which a sweep (-m) does not use: pass "
                              "hydra.sweep.dir=<dir> instead (each job runs in <dir>/<job number>)")
@@ -477,6 +481,10 @@ def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
         raise MadistillError(f"teacher.resume continues a teacher's training ({' or '.join(resuming)}); {stage} does not "
                              "resume: run it again without teacher.resume")
     ckpt = Path(resume.strip("'\""))
+    if stages()[stage].resumes and ckpt.name != "checkpoint" and (ckpt / "checkpoint").is_dir():  # a run directory
+        ckpt = ckpt / "checkpoint"
+        overrides = [f"teacher.resume={ckpt}" if o.lstrip("+").startswith("teacher.resume=") else o for o in overrides]
+        resume = str(ckpt)
     if not stages()[stage].resumes or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir():
         return overrides
     overrides = _run_overrides(ckpt.parent, overrides)

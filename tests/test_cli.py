@@ -262,6 +262,7 @@ def test_wrong_type_exits_2_with_one_line(cli, tmp_path):
      "no such policy or run directory: /no/such/run (eval.policy); pass the path printed at the end of a run"),
     ("finetune", ["teacher.resume=/tmp/run/checkpoint"],
      "teacher.resume continues a teacher's training (train or pipeline); finetune does not resume"),
+    ("evaluate", ["hydra.run.dir="], "hydra.run.dir is empty: pass a directory (hydra.run.dir=<dir>)"),
 ])
 def test_common_mistakes_get_one_line_naming_the_fix(cli, tmp_path, stage, args, fix):
     rc, out, err = cli(stage, *args, f"hydra.{'sweep' if '-m' in args else 'run'}.dir={tmp_path / 'run'}")
@@ -785,6 +786,17 @@ def test_evaluating_a_sweep_pools_seeds_but_keeps_other_settings_apart(cli, tmp_
     assert json.loads((reports / "eval_teacher.json").read_text())["meta"]["runs"] == ["0", "1"]
     md = (tmp_path / "eval_widths" / "reports" / "eval.md").read_text()
     assert "teacher [teacher.hidden_sizes=[16]]" in md and "teacher [teacher.hidden_sizes=[24]]" in md
+
+
+def test_a_resume_of_a_run_directory_resumes_its_checkpoint_in_place(tmp_path):
+    from madistill.cli import _resume_in_place
+
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- env=relay\n")
+    args = _resume_in_place([f"teacher.resume={tmp_path}", "teacher.total_agent_steps=900"], "train")
+    assert args[0] == f"hydra.run.dir={tmp_path}" and f"teacher.resume={tmp_path / 'checkpoint'}" in args
+    assert "env=relay" in args
 
 
 def test_a_resume_repeats_the_settings_the_run_last_ran_with(tmp_path):
