@@ -222,8 +222,15 @@ def load_team(
     except (KeyError, TypeError, ValueError) as e:
         raise MadistillError(f"corrupt policy {pdir} ({type(e).__name__}: {e}); re-save it or use another run") from e
     except (SafetensorError, FileNotFoundError, RuntimeError) as e:
-        raise MadistillError(f"unreadable weights in {pdir} ({e}); re-save the policy or use another run") from e
+        raise MadistillError(f"unreadable weights in {pdir} ({_brief(e)}); re-save the policy or use another run") from e
     return TeamPolicy(saved, policies, normalizers).to(device), manifest
+
+
+def _brief(e: Exception) -> str:
+    """An error's message on one line (torch's list of mismatched weights spans one line per weight): its first
+    three lines, and how many more there are."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
 
 
 def check_compatible(saved: list[AgentGroup], env_groups: list[AgentGroup], saved_env: str, where: Path) -> None:
@@ -298,5 +305,5 @@ def load_purifier(path: str | Path, device: str | torch.device = "cpu") -> Purif
     except (KeyError, TypeError, ValueError) as e:
         raise MadistillError(f"corrupt purifier {pdir} ({type(e).__name__}: {e}): re-run madistill purify") from e
     except (SafetensorError, FileNotFoundError, RuntimeError) as e:
-        raise MadistillError(f"unreadable purifier weights in {pdir} ({e}): re-run madistill purify") from e
+        raise MadistillError(f"unreadable purifier weights in {pdir} ({_brief(e)}): re-run madistill purify") from e
     return Purifier(denoisers, normalizers, str(pdir)).to(device)
