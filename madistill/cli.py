@@ -79,6 +79,7 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     _STARTED.append(str(run_dir))
+    logging.getLogger("torch").setLevel(logging.WARNING)  # torch's INFO records (its compiler's caches) are not ours
     # Hydra's record of this job is in it already; a resumed run's files are there too, with their times
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     sweep = hc.mode == RunMode.MULTIRUN
@@ -588,7 +589,8 @@ def _run_app(stage: str, app: Callable[[], object], swept: set[str]) -> int:
         cause = e if isinstance(e, OSError) else e.__cause__
         if _STARTED or not isinstance(cause, OSError) or cause.filename is None or isinstance(cause, BrokenPipeError):
             raise
-        what = "create the run directory" if isinstance(e, OSError) else "write in the run directory:"
+        made = isinstance(e, OSError) and not Path(cause.filename).suffix  # not a file Hydra writes there
+        what = "create the run directory" if made else "write in the run directory:"
         print(f"madistill {stage}: error: cannot {what} {cause.filename} ({cause.strerror}): "
               "pass hydra.run.dir=<a writable directory> (hydra.sweep.dir=... with -m)", file=sys.stderr)
         return 2

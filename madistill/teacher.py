@@ -601,6 +601,7 @@ class TeacherTrainer:
         self.episode_seed = int(state.get("episode_seed", self.cfg.seed + self.iteration * self.venv.num_envs))
         if self.tb is not None:
             self.tb.continue_from(self.agent_steps)
+        tqdm.write(f"resuming {path} at {self.agent_steps} of {self.total_agent_steps} agent-steps")
 
 
 def _crossed(every: int, steps: int, per_iter: int) -> bool:

@@ -319,6 +319,7 @@ def test_resuming_continues_the_same_run_directory_and_curve(cli, crashed_run, t
     rc, out, err = cli("train", f"teacher.total_agent_steps={5 * PER_ITER}", resume)
     assert rc == 0, err
     assert not (tmp_path / "runs").exists() and f"teachers: {crashed_run / 'policies' / 'teacher'}" in out
+    assert f"resuming {crashed_run / 'checkpoint'} at {2 * PER_ITER} of {5 * PER_ITER} agent-steps" in out
     assert read_manifest(crashed_run / "policies" / "teacher")["training"]["agent_steps"] == 5 * PER_ITER
     assert (crashed_run / ".hydra" / "config.yaml").read_text() == original_record
     (record,) = (crashed_run / ".hydra").glob("resumed_*")
