@@ -30,11 +30,15 @@ def sweep_record() -> Iterator[Path]:
     """A fresh record for the jobs this process launches, named in the environment while they run."""
     fd, name = tempfile.mkstemp(prefix="madistill-sweep-", suffix=".jsonl")
     os.close(fd)
+    outer = os.environ.get(ENV_VAR)  # a madistill run inside a sweep's job: that sweep's record, restored after
     os.environ[ENV_VAR] = name
     try:
         yield Path(name)
     finally:
-        os.environ.pop(ENV_VAR, None)
+        if outer is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = outer
         Path(name).unlink(missing_ok=True)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from madistill.common.io import short_name
+from madistill.names import short_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -69,7 +69,7 @@ def test_interrupts_held_while_a_checkpoint_is_saved_do_not_stop_it(capsys):
 
 
 def test_a_long_name_is_shortened_for_a_file_distinctly_and_a_short_one_kept():
-    from madistill.common.io import short_name
+    from madistill.names import short_name
 
     assert short_name("eval_teacher") == "eval_teacher"
     a, b = short_name("x" * 300 + "a"), short_name("x" * 300 + "b")

@@ -10,10 +10,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "madistill"
 
 # The layers, lowest first. A unit (a subpackage or a top-level module of madistill) imports from its own layer
 # and those below it, never from one above; within a layer the imports must not form a cycle. ``config`` sits
-# above ``envs`` and ``runtime`` because its validation resolves the env's backend. ``cascade`` and ``repair``
-# (capabilities to come) have their places reserved.
+# above ``envs`` and ``runtime`` because its validation resolves the env's backend.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "version", "seeds"),
+    ("errors", "version", "seeds", "names"),
     ("envs",),
     ("runtime", "config"),
     ("normalize", "policies", "ppo_losses", "sb3_adapter"),
@@ -24,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("explain",),
     ("distill", "cascade"),
     ("finetune", "repair", "selection"),
-    ("stages", "api", "cli", "__main__", "__init__"),
+    ("stages", "api", "cli", "sweeps", "__main__", "__init__"),
 )
 
 

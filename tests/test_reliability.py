@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 

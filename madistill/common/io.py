@@ -4,7 +4,6 @@ while a run saves what it has on its way out."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import sys
@@ -32,14 +31,6 @@ def held_interrupts(note: str) -> Iterator[None]:
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
-
-
-def short_name(name: str) -> str:
-    """``name`` as it is where it leaves room in a file name (255 bytes at most: a report named by a label of many
-    settings or a long path), else its first 100 characters and a hash of the whole."""
-    if len(name.encode()) <= 120:
-        return name
-    return f"{name[:100]}_{hashlib.sha1(name.encode()).hexdigest()[:12]}"
 
 
 def _current_umask() -> int:

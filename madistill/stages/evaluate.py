@@ -150,10 +150,10 @@ def _summarise(
     import numpy as np
 
     import madistill
-    from madistill.common.io import short_name
     from madistill.envs.teams import several_teams
     from madistill.evaluate.report import side_stats, sides_of, write_json, write_marl_eval_json
     from madistill.evaluate.stats import summarize
+    from madistill.names import short_name
     from madistill.stages.faults import fault_label, fault_meta
     from madistill.stages.policies import purifier_meta
     from madistill.stages.results import side_tag
