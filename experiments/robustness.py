@@ -76,11 +76,11 @@ def candidates(root: Path, policies: dict[str, Path]) -> Path:
     return root
 
 
-def t_interval(values: list[float]) -> list[float | None]:
-    """Mean and 95% t-interval over seeds (no interval, None, from one seed)."""
+def t_interval(values: list[float]) -> list[float]:
+    """Mean and 95% t-interval over seeds (from one seed: the value three times)."""
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
-        return [float(x.mean()), None, None]
+        return [float(x.mean())] * 3
     half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
     return [float(x.mean()), float(x.mean() - half), float(x.mean() + half)]
 
@@ -121,12 +121,13 @@ def summarise(report: dict, variants: list[str], seeds: list[int], eps: list[flo
     return out
 
 
-def fmt(m: list[float | None], pct: bool = False) -> str:
-    """``mean [low, high]``; ``n/a`` for an undefined mean (a share of a teacher no better than random)."""
-    if m[0] is None or not np.isfinite(m[0]):
+def fmt(m: list[float], pct: bool = False, seeds: int = 2) -> str:
+    """``mean [low, high]``, or ``mean (one seed)`` where one seed gives no interval; ``n/a`` for an undefined
+    mean (a share of a teacher no better than random)."""
+    if not np.isfinite(m[0]):
         return "n/a"
     f = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.2f}")
-    return f"{f(m[0])} (one seed)" if m[1] is None else f"{f(m[0])} [{f(m[1])}, {f(m[2])}]"
+    return f"{f(m[0])} (one seed)" if seeds < 2 else f"{f(m[0])} [{f(m[1])}, {f(m[2])}]"
 
 
 def markdown(summary: dict, env: str, seeds: list[int], eps: list[float], victims: list[str], episodes: int,

@@ -73,12 +73,12 @@ def eval_rows(run: Path) -> dict[str, float] | None:
     """The student's retention over a run's own evaluation (None for a run without teacher, student, random)."""
     reports = run / "reports"
     paths = {name: reports / f"eval_{name}.json" for name in _ROLES}
-    present = [p.name for p in paths.values() if p.is_file()]
-    if len(present) < len(paths) or not (reports / "eval.md").is_file():
-        if present:  # an evaluation that did not finish (eval.md comes last) or left a row out
-            print(f"summarise: note: skipped the retention of {run}: its evaluation has "
-                  f"{', '.join(present + (['eval.md'] if (reports / 'eval.md').is_file() else []))} of "
-                  f"{', '.join([p.name for p in paths.values()] + ['eval.md'])}", file=sys.stderr)
+    present = [p.name for p in reports.glob("eval_*.json")]
+    if present and not (reports / "eval.md").is_file():  # eval.md comes last: the evaluation did not finish
+        print(f"summarise: note: skipped the retention of {run}: its evaluation did not finish (no eval.md beside "
+              f"{', '.join(sorted(present))})", file=sys.stderr)
+        return None
+    if not all(p.is_file() for p in paths.values()):  # not a student's evaluation (no student or no random team)
         return None
     summaries = {name: json.loads(p.read_text())["summary"] for name, p in paths.items()}
     return {"retention": retention(summaries)}
@@ -195,18 +195,20 @@ def markdown(table: dict[str, list[dict[str, Any]]]) -> str:
     lines = []
     if table["retention"]:
         lines += ["| recipe | seeds | clean retention |", "|---|---|---:|"]
-        lines += [f"| {r['recipe']} | {_seeds(r['seeds'])} | {fmt(r['retention'], pct=True)} |" for r in table["retention"]]
+        lines += [f"| {r['recipe']} | {_seeds(r['seeds'])} | {fmt(r['retention'], True, len(r['seeds']))} |" for r in table["retention"]]
     if table["robustness"]:
         lines += ["", "| recipe | policy | seeds | victims | eps | clean retention | teacher clean / worst | worst | "
                   "recovery |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['recipe']} | {r['policy']} | {_seeds(r['seeds'])} | {r['victims']} | {r['eps']:g} | "
-                  f"{fmt(r['retention'], pct=True)} | {r['teacher_clean']:.2f} / {r['teacher_worst']:.2f} | "
-                  f"{fmt(r['worst'])} | {fmt(r['recovery'], pct=True)} |" for r in table["robustness"]]
+                  f"{fmt(r['retention'], True, len(r['seeds']))} | {r['teacher_clean']:.2f} / {r['teacher_worst']:.2f} | "
+                  f"{fmt(r['worst'], False, len(r['seeds']))} | {fmt(r['recovery'], True, len(r['seeds']))} |"
+                  for r in table["robustness"]]
     if table["cascade"]:
         lines += ["", "| recipe | policy | cascade settings | fault | seeds | cascade size | non-faulted return delta |",
                   "|---|---|---|---|---|---:|---:|"]
         lines += [f"| {r['recipe']} | {r['policy']} | {r['settings']} | {r['fault']} | {_seeds(r['seeds'])} | "
-                  f"{fmt(r['size'])} | {fmt(r['others_return_delta'])} |" for r in table["cascade"]]
+                  f"{fmt(r['size'], False, len(r['seeds']))} | {fmt(r['others_return_delta'], False, len(r['seeds']))} |"
+                  for r in table["cascade"]]
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
