@@ -13,8 +13,7 @@ import re
 import shutil
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -95,7 +94,7 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
               "its files of the same names, and TensorBoard shows both runs' curves as one: pass another "
               f"hydra.{'sweep' if sweep else 'run'}.dir to keep them apart", file=sys.stderr)
     try:
-        with _job_signals(), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
+        with sweeps.job_interrupts(), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
             validate(cfg)
             result = stages()[hc.job.name].run(cfg, run_dir)
     except (MadistillError, OmegaConfBaseException, OSError) as e:
@@ -130,33 +129,6 @@ def _user_error(e: Exception) -> str:
         return (f"no space left on the device for {e.filename or 'the run'}: free some, or pass hydra.run.dir=<a "
                 "directory on another disk> (what was being written was not kept)")
     return _one_line(e)
-
-
-@contextlib.contextmanager
-def _job_signals() -> Iterator[None]:
-    """While a stage runs, Ctrl-C and SIGTERM (a cluster's time limit, scancel) raise KeyboardInterrupt in it, so
-    the training stages save a checkpoint first; in a sweep's launcher process they otherwise interrupt the sweep
-    (:func:`_interrupt_sweep`). Signal handlers belong to the main thread: elsewhere they stay as they are."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
-
-
-def _interrupt_sweep(signum: int, frame: object) -> None:
-    """The sweep's launcher process, between jobs or while they run in other processes: the first Ctrl-C or
-    SIGTERM lets the running jobs (which get it too, from the terminal or the cluster) save their checkpoints
-    and end, and starts no new job; a second one stops at once."""
-    if sweeps.interrupted():
-        raise KeyboardInterrupt
-    sweeps.mark_interrupted()
-    print("madistill: interrupting the sweep: running jobs save their checkpoints and end, no new job starts "
-          "(Ctrl-C again to stop at once)", file=sys.stderr)
 
 
 class _LogTee(io.TextIOBase):
@@ -233,10 +205,6 @@ def _drop_failed_start(run_dir: Path, before: dict[Path, int], record: Path | No
 
 _FAILED: list[str] = []
 _STARTED: list[str] = []  # the run directories whose stage began
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _one_line(exc: BaseException) -> str:
@@ -546,27 +514,33 @@ def _main(args: list[str]) -> int:
     sys.argv = [f"madistill-{stage}", *hydra_args]
     _FAILED.clear()
     _STARTED.clear()
-    swept = _swept_keys(hydra_args)
     sweep = bool({"-m", "--multirun"} & set(_split_args(hydra_args)[1]))
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
     # A cluster's SIGTERM (time limit, scancel) takes the Ctrl-C path: the training stages checkpoint first.
-    handlers = {s: signal.signal(s, _interrupt_sweep if sweep else _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.signal(s, sweeps.interrupt_sweep if sweep else sweeps.raise_interrupt) for s in sweeps.INTERRUPTS}
     try:
-        return _run_app(stage, app, swept)
+        return _run_app(stage, app, _swept_keys(hydra_args) if sweep else None)
     finally:  # a caller in this process (a test, a notebook) gets its own handlers back
         for s, handler in handlers.items():
             signal.signal(s, handler)
 
 
-def _run_app(stage: str, app: Callable[[], object], swept: set[str]) -> int:
-    """Run the Hydra app and turn what ends it into an exit code and one line (or a sweep's report)."""
+def _run_app(stage: str, app: Callable[[], object], swept: set[str] | None) -> int:
+    """Run the Hydra app and turn what ends it into an exit code and one line; a sweep's (``swept``: the keys it
+    sweeps) into its report too, also where a job's crash ends it."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    jobs: list[dict] = []
     try:
         with sweeps.sweep_record() as record:
-            app()
-            jobs = sweeps.read(record)
+            try:
+                app()
+            finally:  # what the other jobs did, also when one job's crash (a traceback) ends the sweep
+                jobs = sweeps.read(record)
+                if swept is not None and sys.exc_info()[0] not in (None, SystemExit):
+                    sweeps.report(stage, jobs, swept, stages()[stage].resumes)
+                    jobs = []
     except SystemExit as e:  # Hydra's --help / --info end with sys.exit; main() returns codes instead
         if isinstance(e.code, str):
             print(f"madistill {stage}: error: {e.code}", file=sys.stderr)
@@ -596,14 +570,17 @@ def _run_app(stage: str, app: Callable[[], object], swept: set[str]) -> int:
         return 2
     for msg in _FAILED:
         print(f"madistill {stage}: error: {msg}", file=sys.stderr)
-    return sweeps.report(stage, jobs, swept, stages()[stage].resumes) or (2 if _FAILED else 0)
+    return sweeps.report(stage, jobs, swept or set(), stages()[stage].resumes) or (2 if _FAILED else 0)
 
 
 def _swept_keys(hydra_args: list[str]) -> set[str]:
     """The keys a sweep's command line gives several values (``seed=0,1,2``, ``glob(...)``, ``range(...)``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(_split_args(hydra_args)[0])
+    try:
+        parsed = OverridesParser.create().parse_overrides(_split_args(hydra_args)[0])
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra reports it in its turn
+        return set()
     return {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
 
 

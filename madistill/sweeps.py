@@ -1,11 +1,17 @@
 """A sweep's record of its jobs, so that ``madistill <stage> -m ...`` can say after the last job where the sweep
 is and what became of every job (failed, interrupted, never started), and so that an interrupted sweep starts
-no new job.
+no new job; and where Ctrl-C and SIGTERM reach a sweep's processes.
 
 The record is one file of JSON lines that ``main()`` creates and names in an environment variable, as a
 launcher's jobs may run in other processes (``+launcher=local``). A job appends one line when it ends; the
 process that launched the sweep appends one when it is interrupted. A job on another machine finds no file
 (it is never created there) and is left to Hydra's own report.
+
+Interrupts: the terminal's Ctrl-C and a cluster's SIGTERM reach every process of a sweep. A running stage takes
+them as KeyboardInterrupt (:func:`job_interrupts`): it saves its checkpoint and ends, and its job is recorded as
+interrupted, so no new job starts. The launching process marks the sweep interrupted at the first and stops at
+the second (:func:`interrupt_sweep`). A job process of a launcher's pool (``+launcher=local``) ignores them
+between jobs, as the pool would take such a process's end for a crash and end the other jobs with it.
 """
 
 from __future__ import annotations
@@ -13,32 +19,71 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ENV_VAR = "MADISTILL_SWEEP_JOBS"
+LAUNCHER_VAR = "MADISTILL_SWEEP_LAUNCHER"  # the launching process's pid: a job in another process is pooled
 
 # what became of a job
 DONE, FAILED, INTERRUPTED, NOT_STARTED = "done", "failed", "interrupted", "not started"
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C, and a cluster's time limit or scancel
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    """A signal handler: Ctrl-C's KeyboardInterrupt, for SIGTERM too (the training stages checkpoint on it)."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def job_interrupts() -> Iterator[None]:
+    """While a stage runs, Ctrl-C and SIGTERM raise KeyboardInterrupt in it; after it, a job process of a
+    launcher's pool ignores them (see the module doc). Signal handlers belong to the main thread: elsewhere the
+    block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {s: signal.signal(s, raise_interrupt) for s in INTERRUPTS}
+    pooled = os.environ.get(LAUNCHER_VAR) not in (None, str(os.getpid()))
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, signal.SIG_IGN if pooled else handler)
+
+
+def interrupt_sweep(signum: int, frame: object) -> None:
+    """The launching process's handler: the first interrupt marks the sweep interrupted (running jobs, which get
+    it too, save their checkpoints and end; no new job starts), a second one stops the launcher at once."""
+    if any(e.get("interrupt") for e in read()):
+        raise KeyboardInterrupt
+    mark_interrupted()
+    print("madistill: interrupting the sweep: running jobs save their checkpoints and end, no new job starts "
+          "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def sweep_record() -> Iterator[Path]:
-    """A fresh record for the jobs this process launches, named in the environment while they run."""
+    """A fresh record for the jobs this process launches, named in the environment while they run (with this
+    process as their launcher)."""
     fd, name = tempfile.mkstemp(prefix="madistill-sweep-", suffix=".jsonl")
     os.close(fd)
-    outer = os.environ.get(ENV_VAR)  # a madistill run inside a sweep's job: that sweep's record, restored after
-    os.environ[ENV_VAR] = name
+    # a madistill run inside a sweep's job: that sweep's record and launcher, restored after
+    outer = {v: os.environ.get(v) for v in (ENV_VAR, LAUNCHER_VAR)}
+    os.environ.update({ENV_VAR: name, LAUNCHER_VAR: str(os.getpid())})
     try:
         yield Path(name)
     finally:
-        if outer is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = outer
+        for v, value in outer.items():
+            if value is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = value
         Path(name).unlink(missing_ok=True)
 
 
@@ -51,8 +96,10 @@ def _append(entry: dict[str, Any]) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     except OSError:
         return False
-    with os.fdopen(fd, "w", encoding="utf-8") as f:  # one write per line: jobs in parallel do not interleave
-        f.write(json.dumps(entry) + "\n")
+    try:  # one write of the whole line: lines of jobs in parallel do not interleave
+        os.write(fd, (json.dumps(entry) + "\n").encode())
+    finally:
+        os.close(fd)
     return True
 
 
@@ -77,7 +124,11 @@ def read(path: Path | None = None) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8") if path else ""
     except OSError:
         return []
-    return [json.loads(line) for line in text.splitlines() if line]
+    entries = []
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line a killed job left unfinished
+            entries.append(json.loads(line))
+    return entries
 
 
 def interrupted() -> bool:

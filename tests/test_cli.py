@@ -423,6 +423,30 @@ def test_an_interrupted_sweep_keeps_the_jobs_checkpoint_and_starts_no_new_job(cl
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]  # the jobs that did not start left nothing
 
 
+@pytest.mark.slow
+def test_ctrl_c_of_a_joblib_sweep_saves_the_running_jobs_checkpoint_beside_an_idle_worker(tmp_path):
+    """The terminal's Ctrl-C reaches every process: the worker whose job ended ignores it (its pool would take its
+    end for a crash and kill the other worker mid-save), the running job saves its checkpoint."""
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "madistill", "train", "-m", "teacher.total_agent_steps=200,10000000", "+launcher=local",
+         f"hydra.sweep.dir={sweep}", *tiny("env=relay")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((sweep / "0" / "policies").is_dir() and (sweep / "1" / "tb").is_dir()):
+        time.sleep(0.5)
+    time.sleep(3)  # job 0 is done and its worker idle; job 1 trains
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"sweep: {sweep} (2 jobs, 1 interrupted)" in out.splitlines()
+    assert read_manifest(sweep / "1" / "checkpoint")["role"] == "checkpoint" and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "args",
     [["train", "env=relay", "--cfg", "job"], ["train", "--cfg", "job", "env=relay", "seed=5"],
