@@ -174,7 +174,7 @@ def summarise(roots: list[Path]) -> dict[str, list[dict[str, Any]]]:
     for run in run_dirs(roots):
         try:
             _add_run(run, retained, attacked, cascaded)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError) as e:
             print(f"summarise: note: skipped {run}: a report of it is not complete ({type(e).__name__}: {e})",
                   file=sys.stderr)
     return {

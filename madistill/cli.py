@@ -126,8 +126,9 @@ def _user_error(e: Exception) -> str:
     if isinstance(e, MadistillError):
         return str(e)
     if isinstance(e, OSError):
-        return (f"no space left on the device for {e.filename or 'the run'}: free some, or pass hydra.run.dir=<a "
-                "directory on another disk> (what was being written was not kept)")
+        full = "no space left on the device" if e.errno == errno.ENOSPC else "the disk quota is used up"
+        return (f"{full} for {e.filename or 'the run'}: free some, or pass hydra.run.dir=<a directory on another "
+                "disk> (what was being written was not kept)")
     return _one_line(e)
 
 

@@ -74,3 +74,4 @@ def test_a_long_name_is_shortened_for_a_file_distinctly_and_a_short_one_kept():
     assert short_name("eval_teacher") == "eval_teacher"
     a, b = short_name("x" * 300 + "a"), short_name("x" * 300 + "b")
     assert a != b and len(a.encode()) == len(b.encode()) == 113 and a.startswith("x" * 100)
+    assert len(short_name("é" * 300).encode()) <= 113  # cut at a whole character

@@ -101,12 +101,13 @@ def evaluate_policies(
                                 progress=bar("random"), episode_streams=ec.episode_streams)
             results["random"].append(("random", recs))
     reports = run_dir / "reports"
-    # an earlier evaluation's results in this directory: marl_eval.json collects this one's alone (its rows merge
-    # into it), and row files this one does not write again are removed, so no reader mixes the two
-    earlier = {p: p.stat().st_mtime_ns for p in reports.glob("eval_*.json")}
+    # an earlier evaluation's results in this directory: its eval.md goes first (a reader takes eval.md for a
+    # finished evaluation, and this one writes its own last), marl_eval.json collects this one's rows alone (they
+    # merge into it), and row files this one does not write again are removed, so no reader mixes the two
+    (reports / "eval.md").unlink(missing_ok=True)
     (reports / "marl_eval.json").unlink(missing_ok=True)
     summaries = {name: _summarise(cfg, reports, name, runs, spec, sides, tb) for name, runs in results.items()}
-    stale = sorted(p for p, mtime in earlier.items() if p.stat().st_mtime_ns == mtime)
+    stale = sorted(set(reports.glob("eval_*.json")) - {row_report(reports, name) for name in results})
     for p in stale:
         p.unlink()
     if stale:
@@ -139,13 +140,22 @@ def _command_line() -> list[str]:
     return [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "eval.policy="))]
 
 
+def row_report(reports: Path, name: str) -> Path:
+    """The results file of the evaluation row ``name``: ``eval_<name>.json``, the label made a file name."""
+    import re
+
+    from madistill.names import short_name
+
+    stem = short_name(re.sub(r"[^\w.=-]+", "_", name).strip("_"))
+    return reports / f"eval_{stem}.json"
+
+
 def _summarise(
     cfg: DictConfig, reports: Path, name: str, runs: list[tuple[str, list[EpisodeRecord]]], spec: EnvSpec, sides: Teams,
     tb: TBLogger,
 ) -> dict:
     """The summary of one row's episodes (``runs``: (run, episode records) pairs), written to
     ``reports/eval_<name>.json`` and ``reports/marl_eval.json`` and logged to TensorBoard."""
-    import re
 
     import numpy as np
 
@@ -153,7 +163,6 @@ def _summarise(
     from madistill.envs.teams import several_teams
     from madistill.evaluate.report import side_stats, sides_of, write_json, write_marl_eval_json
     from madistill.evaluate.stats import summarize
-    from madistill.names import short_name
     from madistill.stages.faults import fault_label, fault_meta
     from madistill.stages.policies import purifier_meta
     from madistill.stages.results import side_tag
@@ -169,9 +178,8 @@ def _summarise(
     }
     if several_teams(sides):
         meta["teams"] = {team: list(agents) for team, agents in sides.items()}
-    stem = short_name(re.sub(r"[^\w.=-]+", "_", name).strip("_"))  # a row label as a file name
     task = f"{spec.id}+{fault_label(cfg)}" if cfg.fault.victims else spec.id  # a faulted env is another task
-    write_json(reports / f"eval_{stem}.json", summary, records, meta)
+    write_json(row_report(reports, name), summary, records, meta)
     for run, recs in runs:
         write_marl_eval_json(reports / "marl_eval.json", recs, "pettingzoo", task, name, run, teams=sides)
     for side in sides_of({name: summary}):

@@ -20,7 +20,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.stages.train import train_teachers
 
     with open_tb(cfg, run_dir) as tb:
-        teacher = trained_teacher(cfg) or train_teachers(cfg, run_dir, tb)
+        teacher = trained_teacher(cfg, run_dir) or train_teachers(cfg, run_dir, tb)
         _, history = distill_students(cfg, run_dir, teacher, tb)
         summaries = evaluate_policies(cfg, run_dir, run_dir, tb)
         tb.hparams(flat_hparams(cfg), run_metrics(summaries, history))
@@ -28,14 +28,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summaries
 
 
-def trained_teacher(cfg: DictConfig) -> Path | None:
-    """A resumed pipeline whose teacher finished training before it stopped (interrupted while distilling or
-    evaluating): the teacher saved from its checkpoint, so the pipeline goes on from there; None otherwise."""
+def trained_teacher(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """A pipeline resumed in place whose teacher finished training before it stopped (interrupted while distilling
+    or evaluating): the teacher saved from its checkpoint, so the pipeline goes on from there; None otherwise."""
     from madistill.policies.store import read_manifest
 
     if not cfg.teacher.resume:
         return None
     checkpoint = Path(cfg.teacher.resume)
+    if checkpoint.resolve().parent != run_dir.resolve():  # resumed into another directory: it trains its own teacher
+        return None
     teacher = checkpoint.parent / "policies" / "teacher"
     steps = read_manifest(checkpoint).get("training", {}).get("agent_steps", 0)
     if steps < cfg.teacher.total_agent_steps or not (teacher / "manifest.json").is_file():
