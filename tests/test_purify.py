@@ -228,3 +228,13 @@ def test_the_attack_fault_crafts_on_the_view_of_a_purified_team_that_purify_grad
     assert torch.equal(crafted(lambda t: attack_view(t, "ignore"), team), undefended)
     assert not torch.equal(crafted(None, team), undefended)  # through the purifier: another perturbation
     assert torch.equal(crafted(lambda t: attack_view(t, "through"), team), crafted(None, team))
+
+
+def test_the_stages_faults_craft_on_the_purify_gradient_view_where_a_purifier_is_set(make_cfg):
+    from madistill.stages.faults import fault_env
+
+    team = purified_team(_team(_policy()), Purifier({"g": _denoiser()}, {"g": ObsNormalizer(D)}))
+    plain = fault_env(make_cfg("env=relay"), [GROUP], {}, None, "cpu")
+    assert plain.crafted_on is None
+    guarded = fault_env(make_cfg("env=relay", "purify.purifier=/p", "purify.gradient=ignore"), [GROUP], {}, None, "cpu")
+    assert guarded.crafted_on(team)["g"] is team["g"].inner  # the undefended policy, as purify.gradient=ignore says
