@@ -181,6 +181,15 @@ def relay_teacher(tmp_path_factory):
     return run_dir
 
 
+def test_an_attack_run_in_which_no_attack_can_run_is_one_line(cli, relay_teacher, tmp_path):
+    rc, _, err = cli("attack", f"attack.policy={relay_teacher}", "attack.episodes=2", "attack.methods=[transfer]",
+                     "attack.checks=false", "logger=quiet", f"hydra.run.dir={tmp_path / 'a'}")
+    assert rc == 2 and not (tmp_path / "a").exists()
+    assert _one_error_line(err, "attack") == (
+        "madistill attack: error: no attack of attack.methods=[transfer] can run (transfer: no surrogate policy (set "
+        "attack.transfer_from=<policy>)): add one that runs here, e.g. \"attack.methods=[pgd]\"")
+
+
 def test_attack_without_the_masking_checks_says_they_did_not_run(cli, relay_teacher, tmp_path):
     rc, out, err = cli("attack", "attack=quick", f"attack.policy={relay_teacher}", "attack.episodes=2",
                        "attack.steps=2", "logger=quiet", f"hydra.run.dir={tmp_path}")

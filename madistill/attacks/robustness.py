@@ -279,14 +279,7 @@ def evaluate_robustness(
     runs_of: dict[str, int] = {}
     budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device, ac.scale) for e in ac.eps}
     mid = sorted(budgets)[len(budgets) // 2]
-    methods = list(ac.methods)
-    if "transfer" in methods and surrogate is None:
-        methods.remove("transfer")
-        res.skipped.append("transfer: no surrogate policy (set attack.transfer_from=<policy>)")
-    if "critic" in methods and critic is None:
-        methods.remove("critic")
-        res.skipped.append("critic: no policy with a value head on one agent's observation (set attack.critic=<run of a "
-                           "teacher trained with teacher.critic=local>)")
+    methods = _runnable(ac, surrogate, critic, res)
     extra = [("pgd_strong", mid)] if ac.checks else []
     if ac.checks and ac.collapse_eps:
         budgets[float(ac.collapse_eps)] = group_budgets(float(ac.collapse_eps), layouts, ac.exclude, team.device, ac.scale)
@@ -319,6 +312,8 @@ def evaluate_robustness(
                     res.team_episodes[side][vname].setdefault(method, {})[eps] = team_arrays(recs, members)
             if progress is not None:
                 progress.update(1)
+        if not set(methods) & set(res.episodes[vname]):
+            _none_ran(ac, res, f" on victims {vname}")
         if ac.checks:
             res.add_checks(vname, _return_flags(res, vname, victims, ac, clean_recs))
         # learned attacks are checked even without the masking checks: it needs no extra runs, and an
@@ -329,6 +324,29 @@ def evaluate_robustness(
     if ac.checks:
         _probe(venv, team, budgets[mid], ac, seed, surrogate, res)
     return res
+
+
+def _runnable(ac: Any, surrogate: TeamPolicy | None, critic: TeamPolicy | None, res: RobustnessResult) -> list[str]:
+    """``attack.methods`` but those that need a policy there is none of (noted in ``res.skipped``); refused where
+    none is left."""
+    methods = list(ac.methods)
+    if "transfer" in methods and surrogate is None:
+        methods.remove("transfer")
+        res.skipped.append("transfer: no surrogate policy (set attack.transfer_from=<policy>)")
+    if "critic" in methods and critic is None:
+        methods.remove("critic")
+        res.skipped.append("critic: no policy with a value head on one agent's observation (set attack.critic=<run of a "
+                           "teacher trained with teacher.critic=local>)")
+    if not methods:
+        _none_ran(ac, res, "")
+    return methods
+
+
+def _none_ran(ac: Any, res: RobustnessResult, where: str) -> None:
+    """Refuse a run in which no attack of ``attack.methods`` can run: it would have no worst case to report."""
+    methods = ",".join(str(m) for m in ac.methods)
+    raise MadistillError(f"no attack of attack.methods=[{methods}] can run{where} ({'; '.join(res.skipped)}): add one "
+                         "that runs here, e.g. \"attack.methods=[pgd]\"")
 
 
 def _attacked(method: str, vname: str, victims: list[str], budgets: Mapping[str, Budget], venv: MultiAgentVecEnv,
