@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from madistill.config import ValidationAttack
 from madistill.explain.attribution import METHODS
 
 FAST = ("explain.episodes=1", "explain.max_observations=12", "explain.ig_steps=8", "explain.smoothgrad_samples=4",
@@ -37,10 +38,13 @@ def test_explain_writes_reports_curves_heatmaps_and_maps(cli, student_run, tmp_p
 
     run = tmp_path / "explain"
     rc, out, err = cli("explain", *tiny(f"explain.policy={student_run}", *FAST, "logger=default",
-                                        "logger.progress=false"), f"hydra.run.dir={run}")
+                                        "logger.progress=false", "fault=dead", "fault.victims=[speaker_0]", "fault.onset=20"),
+                       f"hydra.run.dir={run}")
     assert rc == 0, err
     reports = run / "reports"
     result = json.loads((reports / "explain.json").read_text())
+    # the episodes the observations come from played under the fault, and the reports say so
+    assert result["meta"]["fault"]["name"] == "dead" and "Under fault 'dead' on speaker_0" in out
     assert set(result["results"]) == {"teacher", "student"}  # every policy of the run
     groups = {"speaker": 3, "listener": 5}  # feature groups of each agent group (env.features)
     for by_group in result["results"].values():
@@ -84,7 +88,8 @@ def test_explain_writes_reports_curves_heatmaps_and_maps(cli, student_run, tmp_p
     ("explain.methods=[gradient,occlusion]", "explain.methods cannot be 'occlusion': use explain.methods=[<any of "
      "gradient, input_x_gradient, integrated_gradients, smoothgrad, lrp, kernel_shap, lime, perturbation>]"),
     ("explain.target=log_prob", "explain.target cannot be 'log_prob': use explain.target=<one of prob, logit>"),
-    ("explain.attack=critic", "explain.attack cannot be 'critic': use explain.attack=<one of random, fgsm, pgd, spsa>"),
+    ("explain.attack=critic", "explain.attack cannot be 'critic': use explain.attack=<one of "
+     f"{', '.join(a.value for a in ValidationAttack)}>"),
     ("explain.methods=[]", "explain.methods must be a non-empty list, got []"),
     ("explain.max_observations=0", "explain.max_observations must be at least 1"),
 ])

@@ -37,7 +37,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     from madistill.explain.report import mean_heatmap, save_arrays
     from madistill.runtime import make_vec_env
-    from madistill.stages.faults import configured_faults
+    from madistill.stages.faults import configured_faults, fault_line, fault_meta
     from madistill.stages.observations import explained_observations
     from madistill.stages.policies import labelled_teams, studied_policies
     from madistill.stages.rundir import open_tb
@@ -71,14 +71,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     reports = run_dir / "reports"
     middle = sorted(cfg.attack.eps)[len(cfg.attack.eps) // 2] if attack is not None and len(cfg.attack.eps) else None
     tables = [f"## {g}\n\n" + markdown_table({label: summaries[label][g] for label in labels}, middle) for g in layouts]
+    box = [g.name for g in venv.groups if not g.discrete]
+    explained = (f"maps explain the {ec.target} of the chosen action, deletion/insertion read its probability"
+                 + (f" (Box actions, {', '.join(box)}: the action mean summed over its components, for both)" if box
+                    else ""))
+    played = f" {fault_line(cfg)}" if cfg.fault.victims and not ec.obs else ""  # the episodes it collected
     text = (f"# Explanation quality: {spec.id}\n\nMeans over {', '.join(f'{len(x)} {g}' for g, x in raw.items())} "
-            f"observations with {ec.n_boot}-resample bootstrap 95% CIs; maps explain the {ec.target} of the chosen "
-            f"action, deletion/insertion read its probability; (OOD): share of masked inputs beyond {ec.ood_k} stds."
-            "\n\n" + "\n\n".join(tables) + "\n")
+            f"observations with {ec.n_boot}-resample bootstrap 95% CIs; {explained}; (OOD): share of masked inputs "
+            f"beyond {ec.ood_k} stds.{played}\n\n" + "\n\n".join(tables) + "\n")
     result = {
         "meta": {"policies": {label: str(r.path) for label, r in zip(labels, refs)}, "observations_from": source,
                  "env": spec.to_dict(), "observations": {g: len(x) for g, x in raw.items()},
-                 "explain": OmegaConf.to_container(ec), "attack_eps": list(cfg.attack.eps)},
+                 "explain": OmegaConf.to_container(ec), "attack_eps": list(cfg.attack.eps),
+                 "fault": None if ec.obs else fault_meta(cfg)},
         "results": summaries,
     }
     atomic_write_text(reports / "explain.json", json.dumps(result, indent=2))
