@@ -72,7 +72,8 @@ def main() -> None:
                       "logger.figures=false", f"hydra.run.dir={study}")
             report = json.loads((study / "reports" / "cascade.json").read_text())
             score = precision_recall(report["first_lag"], truth)
-            unreachable = max((max(effects) for s, row in report["influence"].items() for d, effects in row.items()
+            unreachable = max((max((e for e in effects if e is not None), default=0.0)  # null: lag past the end
+                               for s, row in report["influence"].items() for d, effects in row.items()
                                if (s, d) not in truth), default=0.0)
             rows.append({"case": name, "seed": seed, **score, "max_unreachable_effect": unreachable,
                          "first_lag": report["first_lag"]})

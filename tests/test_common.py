@@ -75,3 +75,14 @@ def test_a_long_name_is_shortened_for_a_file_distinctly_and_a_short_one_kept():
     a, b = short_name("x" * 300 + "a"), short_name("x" * 300 + "b")
     assert a != b and len(a.encode()) == len(b.encode()) == 113 and a.startswith("x" * 100)
     assert len(short_name("é" * 300).encode()) <= 113  # cut at a whole character
+
+
+def test_reports_are_strict_json_with_null_where_a_value_is_undefined():
+    from madistill.common.io import strict_json
+
+    text = strict_json({"influence": {"a": {"b": [0.5, float("nan")]}}, "flipped": np.float64("inf"), "n": 3})
+
+    def refuse(name: str) -> None:
+        raise ValueError(name)
+
+    assert json.loads(text, parse_constant=refuse) == {"influence": {"a": {"b": [0.5, None]}}, "flipped": None, "n": 3}

@@ -4,6 +4,8 @@ while a run saves what it has on its way out."""
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import signal
 import sys
@@ -11,6 +13,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -31,6 +34,22 @@ def held_interrupts(note: str) -> Iterator[None]:
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def strict_json(obj: Any) -> str:
+    """``obj`` as JSON any reader parses (jq, JavaScript): a NaN or infinite float (a lag past an episode's end, a
+    measure undefined for Box actions) is written null, where Python's json would write the bare NaN they reject."""
+
+    def finite(x: Any) -> Any:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False)
 
 
 def _current_umask() -> int:

@@ -34,11 +34,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     one-step impulses on each agent and the cascades of the studied fault (``fault=<name>``, ``fault.victims``).
     Writes ``reports/cascade.{json,md}``, influence heatmaps per lag, the influence graph and a timeline per
     studied fault (PNG and TensorBoard images), and TensorBoard scalars."""
-    import json
 
     from madistill.cascade.monitor import studied_faults, study
     from madistill.cascade.report import compare, comparison, markdown
-    from madistill.common.io import atomic_write_text
+    from madistill.common.io import atomic_write_text, strict_json
     from madistill.envs.features import feature_layouts
     from madistill.evaluate.report import write_markdown
     from madistill.runtime import make_vec_env
@@ -99,7 +98,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                "policies": results,
                **({"comparison": compared} if compared else {})}
     reports = run_dir / "reports"
-    atomic_write_text(reports / "cascade.json", json.dumps(payload, indent=2))
+    atomic_write_text(reports / "cascade.json", strict_json(payload))
     text = "\n".join([*(markdown(r, spec.id, label, int(cc.episodes)) for label, r in results.items()),
                       *([comparison(compared)] if compared else []),
                       *([alerts_markdown(alerts, cfg)] if alerts else []),

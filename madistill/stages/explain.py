@@ -19,7 +19,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     Writes ``reports/explain.{json,md}``, ``reports/explain.npz`` (observations and maps), deletion/insertion
     curves and heatmaps (PNG and TensorBoard).
     """
-    import json
 
     import numpy as np
     from omegaconf import OmegaConf
@@ -27,7 +26,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     from madistill.attacks.budget import group_budgets
     from madistill.attacks.robustness import suite_attack
-    from madistill.common.io import atomic_write_text
+    from madistill.common.io import atomic_write_text, strict_json
     from madistill.explain.evaluation import (
         curves_figure,
         display_maps,
@@ -86,7 +85,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                  "fault": None if ec.obs else fault_meta(cfg)},
         "results": summaries,
     }
-    atomic_write_text(reports / "explain.json", json.dumps(result, indent=2))
+    atomic_write_text(reports / "explain.json", strict_json(result))
     atomic_write_text(reports / "explain.md", text)
     save_arrays(reports / "explain.npz", maps, raw)
     with open_tb(cfg, run_dir) as tb:
