@@ -677,6 +677,22 @@ def test_a_stage_reads_each_studied_policys_manifest_once(tmp_path, monkeypatch)
     assert reads.count(MANIFEST) == len(refs)
 
 
+def test_policies_are_found_through_a_directory_of_links_to_runs(tmp_path):
+    from madistill.evaluate.evaluator import discover_policies, unfinished_runs
+    from madistill.policies.store import FORMAT_VERSION, MANIFEST
+
+    for run, folder in (("r0", "policies/teacher"), ("r1", "policies/teacher"), ("r2", "checkpoint")):
+        (tmp_path / "runs" / run / folder).mkdir(parents=True)
+        (tmp_path / "runs" / run / folder / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION}))
+    picked = tmp_path / "picked"
+    picked.mkdir()
+    for run in ("r0", "r1", "r2"):
+        (picked / run).symlink_to(tmp_path / "runs" / run)
+    (picked / "again").symlink_to(picked)  # a link back up the tree is walked once
+    assert [(r.name, r.run) for r in discover_policies(picked)] == [("teacher", "r0"), ("teacher", "r1")]
+    assert unfinished_runs(picked) == [picked / "r2"]
+
+
 def test_a_students_added_teacher_is_named_by_its_run(tmp_path):
     from pathlib import Path
 

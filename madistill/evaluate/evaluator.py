@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -98,7 +99,7 @@ def discover_policies(path: str | Path, names: Sequence[str] = ()) -> list[Polic
     else:
         found = [
             PolicyRef(m.parent.name, m.parent, _run_name(m.parent.parent.parent, root))
-            for m in sorted(root.glob("**/policies/*/" + MANIFEST), key=_policy_order)
+            for m in sorted(_manifests(root, "policies"), key=_policy_order)
             if not m.parent.name.startswith(".")  # a save in progress, or one a crash left behind
         ]
     if names:
@@ -118,8 +119,24 @@ def unfinished_runs(path: str | Path) -> list[Path]:
     root = Path(path)
     if (root / MANIFEST).is_file():
         return []
-    return sorted(c.parent.parent for c in root.glob("**/checkpoint/" + MANIFEST)
+    return sorted(c.parent.parent for c in _manifests(root, "checkpoint", nested=False)
                   if not (c.parent.parent / "policies").is_dir())
+
+
+def _manifests(root: Path, folder: str, nested: bool = True) -> list[Path]:
+    """The manifests at ``<folder>/<name>/`` (``nested``) or ``<folder>/`` under ``root``, through symbolic links
+    too (a directory of links to the runs to compare), each real directory once."""
+    found, seen = [], set()
+    for where, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(where)
+        if real in seen:  # a link back up the tree, or a second link to a run already walked
+            dirs.clear()
+            continue
+        seen.add(real)
+        here = Path(where)
+        if MANIFEST in files and (here.parent.name if nested else here.name) == folder:
+            found.append(here / MANIFEST)
+    return found
 
 
 def run_dir_of(policy_dir: Path) -> Path:
