@@ -89,6 +89,7 @@ def test_several_policies_are_compared_on_the_same_faults_and_episodes(cli, teac
         lo, hi = c["others_return_delta_ci"]
         assert lo <= c["others_return_delta"] <= hi and c["size_ci"][0] <= c["size_mean"] <= c["size_ci"][1]
     md = (out / "reports" / "cascade.md").read_text()
+    assert "(clean and faulted twins of each seed, the same sampling streams)" in md
     assert "## Comparison" in md and md.count("| dead@agent_0 | teacher@") == 2
     # run directories listed: named by their directories' names, or by their paths where the names are the same
     from madistill.stages.policies import policy_labels, studied_policies
@@ -130,6 +131,7 @@ def test_a_student_is_compared_with_its_teacher_episode_by_episode(cli, teacher,
     assert row["others_return_delta_diff"]["mean"] == pytest.approx(delta.mean())
     assert (row["size"]["mean"], row["size"]["lo"], row["size"]["hi"]) == pytest.approx((s["size_mean"], *s["size_ci"]))
     md = (out / "reports" / "cascade.md").read_text()
+    assert "(clean and faulted twins of each seed, greedy actions)" in md  # cascade.deterministic=true
     assert f"| random@agent_0 | student | {s['size_mean']:.2f} [" in md and "| teacher | " + f"{size.mean():+.2f} [" in md
 
 

@@ -17,11 +17,13 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def markdown(result: dict[str, Any], env_id: str, policy: str, episodes: int) -> str:
-    """``reports/cascade.md`` from ``reports/cascade.json``'s body for one policy."""
+def markdown(result: dict[str, Any], env_id: str, policy: str, episodes: int, deterministic: bool = False) -> str:
+    """``reports/cascade.md`` from ``reports/cascade.json``'s body for one policy (``deterministic``: greedy
+    actions, ``cascade.deterministic``)."""
     agents, first = result["agents"], result["first_lag"]
+    acting = "greedy actions" if deterministic else "the same sampling streams"
     lines = [f"# Cascade study: {policy} on {env_id}", "",
-             f"{episodes} paired episodes (clean and faulted twins of each seed, the same sampling streams).", "",
+             f"{episodes} paired episodes (clean and faulted twins of each seed, {acting}).", "",
              "## Influence (first significant lag of an impulse on the row agent's action, on the column agent)", "",
              "| src \\ dst | " + " | ".join(agents) + " |", "|---" * (len(agents) + 1) + "|"]
     for s in agents:

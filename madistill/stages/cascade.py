@@ -99,7 +99,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                **({"comparison": compared} if compared else {})}
     reports = run_dir / "reports"
     atomic_write_text(reports / "cascade.json", strict_json(payload))
-    text = "\n".join([*(markdown(r, spec.id, label, int(cc.episodes)) for label, r in results.items()),
+    text = "\n".join([*(markdown(r, spec.id, label, int(cc.episodes), bool(cc.deterministic)) for label, r in results.items()),
                       *([comparison(compared)] if compared else []),
                       *([alerts_markdown(alerts, cfg)] if alerts else []),
                       *([purifier_line(cfg) + "\n"] if cfg.purify.purifier else [])])

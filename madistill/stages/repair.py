@@ -265,8 +265,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             raise MadistillError(f"repair.group={rc.group!r} is not a group of this env: use one of {names}")
         candidates = [g for g in venv.groups if (rc.group is None or g.name == rc.group)]
         if not any(g.discrete for g in candidates):
+            discrete = [g.name for g in venv.groups if g.discrete]
             raise MadistillError("repair needs a Discrete-action group (a failure is a changed action): "
-                                 f"set repair.group to one of {[g.name for g in venv.groups if g.discrete]}")
+                                 + (f"set repair.group to one of {discrete}" if discrete else
+                                    "this env's groups all act in Box spaces, which repair does not support"))
         candidates = [g for g in candidates if g.discrete]
         if rc.failures is not None and rc.refresh:
             raise MadistillError("repair.refresh rebuilds the failures by attacking the clean observations, so it "
