@@ -201,12 +201,15 @@ class Attack:
 
     def _spsa_gradient(self, goal: Objective, x: torch.Tensor, budget: Budget, gen: torch.Generator | None) -> torch.Tensor:
         """Simultaneous-perturbation estimate: mean over random +-1 directions u of
-        (f(x + c u) - f(x - c u)) / (2 c) u, all directions in one batched forward."""
+        (f(x + c u) - f(x - c u)) / (2 c) u, all directions in one batched forward. Function values only, so no
+        autograd graph is kept: over 2 x spsa_samples copies of the batch it would hold every layer's activations
+        (gigabytes for image policies)."""
         n, (b, d) = self.spsa_samples, x.shape
         u = torch.randint(0, 2, (n, b, d), generator=gen, device=x.device).to(x.dtype) * 2 - 1
         c = self.spsa_delta * budget.radius.clamp_min(1e-6)
         pts = torch.cat([x[None] + c * u, x[None] - c * u]).reshape(2 * n * b, d)
-        vals = goal(pts, repeat=2 * n).reshape(2, n, b)
+        with torch.no_grad():
+            vals = goal(pts, repeat=2 * n).reshape(2, n, b)
         return (((vals[0] - vals[1])[..., None] / (2 * c)) * u).mean(0)
 
 
