@@ -331,3 +331,22 @@ def test_teacher_training_averages_each_teams_return_once_per_iteration(make_cfg
     good, adversaries = (acc.Scalars(f"charts/team_return/{t}") for t in ("good", "adversaries"))
     assert [e.step for e in good] == [200, 400]
     assert [g.value for g in good] == pytest.approx([-a.value for a in adversaries])  # zero-sum
+
+
+def test_stages_that_score_all_agents_together_refuse_an_env_of_several_teams(cli, tmp_path):
+    """In a zero-sum env the all-agent mean is 0 whatever happens: fault=worst and repair would measure nothing."""
+    from conftest import tiny
+
+    teacher = tmp_path / "t"
+    rc, _, err = cli("train", *tiny("env=duel", "teacher.total_agent_steps=400"), f"hydra.run.dir={teacher}")
+    assert rc == 0, err
+    for stage, args, said in (
+        ("cascade", [f"cascade.policy={teacher}", "fault=worst", "fault.victims=[agent_0]"],
+         "fault=worst picks the action that lowers the return of all agents together, which in an env of several "
+         "teams (adversaries, good) is no team's"),
+        ("evaluate", [f"eval.policy={teacher}", "fault=worst", "fault.victims=[agent_0]"], "fault=worst picks"),
+        ("repair", [f"repair.policy={teacher}"], "repair measures the return of all agents together, which in an env "
+                                                 "of several teams (adversaries, good) is no team's"),
+    ):
+        rc, _, err = cli(stage, *tiny(*args), f"hydra.run.dir={tmp_path / stage}")
+        assert rc == 2 and said in err and not (tmp_path / stage).exists(), (stage, err)

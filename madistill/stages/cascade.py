@@ -58,6 +58,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         purifier_line,
         purifier_meta,
         studied_policies,
+        teams_for,
     )
     from madistill.stages.rundir import open_tb
 
@@ -72,7 +73,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with make_vec_env(cfg.env, spec, num_envs=1, num_workers=0) as venv:
         groups = venv.groups
         layouts = feature_layouts(groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
-    env = fault_env(cfg, groups, layouts, spec, device)
+        teams = teams_for(cfg, venv, refs)
+    env = fault_env(cfg, groups, layouts, spec, device, teams)
     agents = [a for g in groups for a in g.agents]
     if cfg.alerts.enabled:
         check_alerts(cfg, len(agents))

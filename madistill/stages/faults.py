@@ -14,20 +14,28 @@ def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any) -> lis
     transform where ``fault.victims`` is empty (the default): ``madistill evaluate fault=stuck fault.victims=[a]``."""
     from madistill.cascade.faults import make_fault
     from madistill.envs.features import feature_layouts
+    from madistill.runtime import env_teams
     from madistill.stages.policies import configured_features
 
     if not cfg.fault.victims:
         return []
     layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
-    return [make_fault(cfg.fault, fault_env(cfg, venv.groups, layouts, spec, device))]
+    return [make_fault(cfg.fault, fault_env(cfg, venv.groups, layouts, spec, device, env_teams(cfg.env, venv)))]
 
 
-def fault_env(cfg: DictConfig, groups: list, layouts: dict, spec: Any, device: Any) -> Any:
+def fault_env(cfg: DictConfig, groups: list, layouts: dict, spec: Any, device: Any, teams: Any = None) -> Any:
     """The ``FaultEnv`` the configured faults are built with: the env, the attack settings of attack faults, and
-    the view of a purified team they craft on (``purify.gradient``, ``purify.eot_samples``), as the attack stage's."""
+    the view of a purified team they craft on (``purify.gradient``, ``purify.eot_samples``), as the attack stage's.
+    ``fault=worst`` is refused where the env has several ``teams``: it scores the return of all agents together."""
     from madistill.cascade.faults import FaultEnv
+    from madistill.envs.teams import several_teams
+    from madistill.errors import MadistillError
     from madistill.policies.purified import attack_view
 
+    if cfg.fault.name == "worst" and several_teams(teams):
+        raise MadistillError(f"fault=worst picks the action that lowers the return of all agents together, which in an "
+                             f"env of several teams ({', '.join(teams)}) is no team's: use another fault here "
+                             "(dead, random, stuck, ...)")
     pc = cfg.purify
 
     def crafted_on(team: Any) -> Any:

@@ -245,12 +245,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.common.collect import collect_round
     from madistill.common.io import atomic_write_text
     from madistill.envs.features import feature_layouts
+    from madistill.envs.teams import several_teams
     from madistill.errors import MadistillError
     from madistill.evaluate.report import write_markdown
     from madistill.policies.store import find_policy_dir, load_team, save_team
     from madistill.repair.plan import repair_policy
     from madistill.runtime import make_vec_env
-    from madistill.stages.policies import configured_features, studied_policies
+    from madistill.stages.policies import configured_features, studied_policies, teams_for
     from madistill.stages.rundir import open_tb
 
     rc = cfg.repair
@@ -259,6 +260,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     source = find_policy_dir(refs[0].path)
     eps = _eps(cfg)
     with make_vec_env(cfg.env, spec) as venv:
+        teams = teams_for(cfg, venv, refs)
+        if several_teams(teams):
+            raise MadistillError(f"repair measures the return of all agents together, which in an env of several teams "
+                                 f"({', '.join(teams)}) is no team's: repair supports envs of one team")
         team, manifest = load_team(source, venv.groups, device=device)
         names = [g.name for g in venv.groups]
         if rc.group is not None and rc.group not in names:
