@@ -59,8 +59,10 @@ def test_cascade_report_has_the_required_keys_and_null_lags_where_nothing_can_re
     (["cascade.impulse=melt"], "cascade.impulse='melt' is no fault in conf/fault/"),
     (["cascade.impulse=noise"], "cascade.impulse='noise' changes no action in a one-step impulse"),
     (["cascade.impulse=stuck"], "cascade.impulse='stuck' changes no action in a one-step impulse"),
-    (["fault.onset=12"], "past the episode's end: episodes of 'relay' last 12 steps"),
-    (["cascade.onsets=[3,20]"], "cascade.onsets=[3, 20] reach past the episode's end"),
+    (["fault.onset=12"], "onsets past the episode's end, fault.onset (latest 12): episodes of 'relay' last 12 steps"),
+    (["cascade.onsets=[3,20]"], "onsets past the episode's end, cascade.onsets=[3, 20]: episodes"),
+    (["fault.onset=12", "cascade.onsets=[3,20]"],  # both in one line, so one fix does
+     "onsets past the episode's end, fault.onset (latest 12) and cascade.onsets=[3, 20]: episodes"),
     (["fault=constant", "fault.action=[0.5,0.5]"], "has Discrete actions: set fault.action=[k]"),
     ([*CHAIN, "env.target=cascade_helpers.UnseededRelay"], "is not reproducible from its seed"),
 ])

@@ -97,12 +97,11 @@ def check_onsets(faults: Sequence[StudiedFault], cc: Any, lengths: np.ndarray, e
     """Refuse onsets at or past the end of the (replayed) episodes: such a fault would never act."""
     shortest = int(lengths.min())
     late = max(sf.fault.scope.last_onset for sf in faults)
-    if late >= shortest:
-        raise MadistillError(f"fault.onset (latest {late}) is past the episode's end: episodes of {env_id!r} last "
-                             f"{shortest} steps, so choose an onset below {shortest}")
-    if max(cc.onsets) >= shortest:
-        raise MadistillError(f"cascade.onsets={list(cc.onsets)} reach past the episode's end: episodes of {env_id!r} "
-                             f"last {shortest} steps, so choose onsets below {shortest}")
+    past = ([f"fault.onset (latest {late})"] if late >= shortest else []) + (
+        [f"cascade.onsets={list(cc.onsets)}"] if max(cc.onsets) >= shortest else [])
+    if past:  # both at once, so that one fix of the command line does
+        raise MadistillError(f"onsets past the episode's end, {' and '.join(past)}: episodes of {env_id!r} last "
+                             f"{shortest} steps, so choose onsets below {shortest}")
 
 
 def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any, impulse: Any, env_id: str,
