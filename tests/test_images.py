@@ -262,3 +262,12 @@ def test_finetune_refuses_image_students_naming_why(tmp_path: Path):
     again, _ = load_team(tmp_path / "s")
     x = torch.rand(2, g.obs_dim)
     assert torch.equal(again["looker"](x), students["looker"](x))
+
+
+def test_explain_names_every_setting_an_image_policy_needs_changed_before_any_episode(cli, tmp_path):
+    rc, _, err = cli("train", *tiny(*PIXELS), f"hydra.run.dir={tmp_path}/t")
+    assert rc == 0, err
+    rc, _, err = cli("explain", *tiny(f"explain.policy={tmp_path}/t"), f"hydra.run.dir={tmp_path}/x")
+    assert rc == 2 and not (tmp_path / "x").exists()
+    assert ("relevance propagation (lrp) and the randomisation check need MLP policies, and the 'looker' policy "
+            "(SB3Policy) is not one: drop lrp from explain.methods and set explain.randomisation=false") in err

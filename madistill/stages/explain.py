@@ -49,6 +49,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     with make_vec_env(cfg.env, spec) as venv:
         labels, teams, layouts = labelled_teams(cfg, spec, venv, refs, device)
+        _check_mlp_needs(teams, methods, bool(ec.randomisation))
         source = next((label for label, r in zip(labels, refs) if r.name == "teacher"), labels[0])
         faults = configured_faults(cfg, venv, spec, device)
         raw = explained_observations(cfg, venv, teams[source], ec.obs, ec.episodes, faults)
@@ -99,6 +100,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     print(f"\n{text}\n  report:  {reports / 'explain.md'}\n  summary: {reports / 'explain.json'}\n"
           f"  maps:    {reports / 'explain.npz'}\n{figures}  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return result
+
+
+def _check_mlp_needs(teams: dict, methods: list[str], randomisation: bool) -> None:
+    """Before any episode: the parts of the stage that walk a policy's layers (relevance propagation, the
+    randomisation check) need MLP policies; one line names every setting to change for those that are not."""
+    from madistill.errors import MadistillError
+    from madistill.policies.path import acting_path
+
+    needs = [(what, fix) for what, fix, wanted in (
+        ("relevance propagation (lrp)", "drop lrp from explain.methods", "lrp" in methods),
+        ("the randomisation check", "set explain.randomisation=false", randomisation)) if wanted]
+    for team in teams.values():
+        for g in team.groups:
+            try:
+                acting_path(team[g.name], "", "")
+            except MadistillError:
+                if needs:
+                    raise MadistillError(f"{' and '.join(w for w, _ in needs)} need MLP policies, and the {g.name!r} "
+                                         f"policy ({type(team[g.name]).__name__}) is not one: "
+                                         f"{' and '.join(f for _, f in needs)}") from None
 
 
 STAGE = Stage(
