@@ -397,6 +397,9 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     assert res["worst_case_from"]["all"]["1.0"] in ("all", "speaker_0")
     report = (run / "reports" / "robustness.md").read_text()
     assert "Gradient-masking checks" in report
+    # the collapse check's budget is no budget of the suite: its column says so and has no worst case
+    assert "| attack | eps 0.2 | eps 1 | eps 3 (collapse check, PGD only) |" in report
+    assert all(ln.endswith(") |  |") for ln in report.splitlines() if ln.startswith("| **worst case** |"))
     rows = _agent_rows(report, list(res["clean_agents"]))
     assert rows.pop(("clean", "")) == ("", [f"{res['clean_agents'][a]:.2f}" for a in res["clean_agents"]])
     assert set(rows) == {(v, e) for v in ("all", "speaker_0") for e in ("0.2", "1", "3")}

@@ -118,6 +118,7 @@ class RobustnessResult:
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of one evaluation: clean, and per attack
     checked: bool = True  # whether the gradient-masking checks ran (attack.checks): no flags means nothing otherwise
+    budgets: tuple[float, ...] = ()  # attack.eps: the budgets the suite ran at (the collapse check adds one of its own)
     teams: dict[str, tuple[str, ...]] = field(default_factory=dict)
     team_clean: dict[str, float] = field(default_factory=dict)
     team_random: dict[str, float] = field(default_factory=dict)
@@ -269,7 +270,8 @@ def evaluate_robustness(
     clean_recs = run_episodes(venv, team, ac.episodes, seed, transforms=faults)
     clean = team_returns(clean_recs)
     res = RobustnessResult(clean, random_return, _agents(clean_recs), seed, ac.n_boot, checked=bool(ac.checks),
-                           clean_episodes=np.array([r.team_return for r in clean_recs]))
+                           clean_episodes=np.array([r.team_return for r in clean_recs]),
+                           budgets=tuple(sorted(float(e) for e in ac.eps)))
     if several_teams(teams):
         if random_teams is None:
             raise ValueError("several teams need each team's random-policy return (random_teams)")
@@ -554,12 +556,14 @@ def _victim_tables(res: RobustnessResult, team: str | None) -> list[str]:
     lines = []
     for vname, table in res.returns_of(team).items():
         eps_all = sorted({e for r in table.values() for e in r})
-        lines += [f"victims: **{vname}**", "", "| attack | " + " | ".join(f"eps {e:g}" for e in eps_all) + " |",
+        suite = set(res.budgets) or set(eps_all)  # a budget of the checks alone has no worst case over the suite
+        lines += [f"victims: **{vname}**", "", "| attack | " + " | ".join(
+            f"eps {e:g}" + ("" if e in suite else " (collapse check, PGD only)") for e in eps_all) + " |",
                   "|---|" + "---|" * len(eps_all)]
         for attack, by_eps in table.items():
             lines.append(f"| {attack} | " + " | ".join(f"{by_eps[e]:.2f}" if e in by_eps else "" for e in eps_all) + " |")
-        worst = [res.worst(vname, e, team) for e in eps_all]
-        lines.append("| **worst case** | " + " | ".join(f"{r:.2f} ({a})" for a, r in worst) + " |")
+        worst = [res.worst(vname, e, team) if e in suite else None for e in eps_all]
+        lines.append("| **worst case** | " + " | ".join("" if w is None else f"{w[1]:.2f} ({w[0]})" for w in worst) + " |")
         lines.append("")
     return lines
 
