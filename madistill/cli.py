@@ -536,12 +536,13 @@ def _run_app(stage: str, app: Callable[[], object], swept: set[str] | None) -> i
     try:
         with sweeps.sweep_record() as record:
             try:
-                app()
-            finally:  # what the other jobs did, also when one job's crash (a traceback) ends the sweep
-                jobs = sweeps.read(record)
-                if swept is not None and sys.exc_info()[0] not in (None, SystemExit):
-                    sweeps.report(stage, jobs, swept, stages()[stage].resumes)
-                    jobs = []
+                with sweeps.pool_ignores_interrupts() if swept is not None else contextlib.nullcontext():
+                    app()
+            except (Exception, KeyboardInterrupt):  # what the other jobs did, also when a job's crash ends the sweep
+                if swept is not None:
+                    sweeps.report(stage, sweeps.read(record), swept, stages()[stage].resumes, closing=False)
+                raise
+            jobs = sweeps.read(record)
     except SystemExit as e:  # Hydra's --help / --info end with sys.exit; main() returns codes instead
         if isinstance(e.code, str):
             print(f"madistill {stage}: error: {e.code}", file=sys.stderr)

@@ -11,12 +11,14 @@ Interrupts: the terminal's Ctrl-C and a cluster's SIGTERM reach every process of
 them as KeyboardInterrupt (:func:`job_interrupts`): it saves its checkpoint and ends, and its job is recorded as
 interrupted, so no new job starts. The launching process marks the sweep interrupted at the first and stops at
 the second (:func:`interrupt_sweep`). A job process of a launcher's pool (``+launcher=local``) ignores them
-between jobs, as the pool would take such a process's end for a crash and end the other jobs with it.
+from its start and between jobs (:func:`pool_ignores_interrupts`), as the pool would take such a process's end
+for a crash and end the other jobs with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -33,6 +35,7 @@ LAUNCHER_VAR = "MADISTILL_SWEEP_LAUNCHER"  # the launching process's pid: a job 
 # what became of a job
 DONE, FAILED, INTERRUPTED, NOT_STARTED = "done", "failed", "interrupted", "not started"
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C, and a cluster's time limit or scancel
+_INTERRUPTED_HERE: list[int] = []  # the signals that interrupted the sweep this process launches
 
 
 def raise_interrupt(signum: int, frame: object) -> None:
@@ -57,11 +60,33 @@ def job_interrupts() -> Iterator[None]:
             signal.signal(s, signal.SIG_IGN if pooled else handler)
 
 
+def ignore_interrupts() -> None:
+    """A pool's job process at its start: Ctrl-C and SIGTERM are ignored until a job's stage takes them."""
+    for s in INTERRUPTS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def pool_ignores_interrupts() -> Iterator[None]:
+    """While a sweep launches its jobs: the processes of joblib's loky pool (``+launcher=local``, Hydra's joblib
+    launcher) start with :func:`ignore_interrupts` as their initializer, through the backend the launcher names."""
+    from joblib import parallel
+    from joblib._parallel_backends import LokyBackend
+
+    original = parallel.BACKENDS["loky"]
+    parallel.BACKENDS["loky"] = functools.partial(LokyBackend, initializer=ignore_interrupts)
+    try:
+        yield
+    finally:
+        parallel.BACKENDS["loky"] = original
+
+
 def interrupt_sweep(signum: int, frame: object) -> None:
     """The launching process's handler: the first interrupt marks the sweep interrupted (running jobs, which get
     it too, save their checkpoints and end; no new job starts), a second one stops the launcher at once."""
-    if any(e.get("interrupt") for e in read()):
+    if _INTERRUPTED_HERE or any(e.get("interrupt") for e in read()):
         raise KeyboardInterrupt
+    _INTERRUPTED_HERE.append(signum)  # also where the record cannot be read any more
     mark_interrupted()
     print("madistill: interrupting the sweep: running jobs save their checkpoints and end, no new job starts "
           "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
@@ -76,6 +101,7 @@ def sweep_record() -> Iterator[Path]:
     # a madistill run inside a sweep's job: that sweep's record and launcher, restored after
     outer = {v: os.environ.get(v) for v in (ENV_VAR, LAUNCHER_VAR)}
     os.environ.update({ENV_VAR: name, LAUNCHER_VAR: str(os.getpid())})
+    _INTERRUPTED_HERE.clear()
     try:
         yield Path(name)
     finally:
@@ -136,9 +162,10 @@ def interrupted() -> bool:
     return any(e.get("interrupt") or e.get("outcome") == INTERRUPTED for e in read())
 
 
-def report(stage: str, entries: list[dict[str, Any]], swept: set[str], resumes: bool) -> int:
+def report(stage: str, entries: list[dict[str, Any]], swept: set[str], resumes: bool, closing: bool = True) -> int:
     """Print where a sweep's jobs are and how many ended how; on stderr, one line per failed or interrupted job
-    named by its swept settings (``swept``: the keys the command line sweeps). Returns the exit code: 130 when
+    named by its swept settings (``swept``: the keys the command line sweeps), and (``closing``: the sweep ends
+    here, not in an exception its caller reports) that it was interrupted. Returns the exit code: 130 when
     interrupted, 2 when a job failed, else 0 (0 too without jobs: nothing was swept)."""
     jobs = sorted((e for e in entries if "num" in e), key=lambda e: e["num"])
     if not jobs:
@@ -158,6 +185,7 @@ def report(stage: str, entries: list[dict[str, Any]], swept: set[str], resumes: 
             resume = f": resume it with teacher.resume={checkpoint}" if resumes and checkpoint.is_dir() else ""
             print(f"madistill {stage}: {job} interrupted{resume}", file=sys.stderr)
     if counts[INTERRUPTED] or any(e.get("interrupt") for e in entries):
-        print(f"madistill {stage}: interrupted", file=sys.stderr)
+        if closing:
+            print(f"madistill {stage}: interrupted", file=sys.stderr)
         return 130
     return 2 if counts[FAILED] else 0

@@ -426,15 +426,16 @@ def test_an_interrupted_sweep_keeps_the_jobs_checkpoint_and_starts_no_new_job(cl
 
 @pytest.mark.slow
 def test_ctrl_c_of_a_joblib_sweep_saves_the_running_jobs_checkpoint_beside_an_idle_worker(tmp_path):
-    """The terminal's Ctrl-C reaches every process: the worker whose job ended ignores it (its pool would take its
-    end for a crash and kill the other worker mid-save), the running job saves its checkpoint."""
+    """The terminal's Ctrl-C reaches every process: the worker whose job ended and the one that never got a job
+    ignore it (their pool would take their end for a crash and kill the other worker mid-save), the running job
+    saves its checkpoint."""
     import signal
     import time
 
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen(
         [sys.executable, "-m", "madistill", "train", "-m", "teacher.total_agent_steps=200,10000000", "+launcher=local",
-         f"hydra.sweep.dir={sweep}", *tiny("env=relay")],
+         "hydra.launcher.n_jobs=3", f"hydra.sweep.dir={sweep}", *tiny("env=relay")],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True)
     deadline = time.time() + 180
@@ -688,8 +689,10 @@ def test_policies_are_found_through_a_directory_of_links_to_runs(tmp_path):
     picked.mkdir()
     for run in ("r0", "r1", "r2"):
         (picked / run).symlink_to(tmp_path / "runs" / run)
-    (picked / "again").symlink_to(picked)  # a link back up the tree is walked once
-    assert [(r.name, r.run) for r in discover_policies(picked)] == [("teacher", "r0"), ("teacher", "r1")]
+    (picked / "again").symlink_to(picked)  # a link back up the tree is not followed
+    (picked / "r1_too").symlink_to(tmp_path / "runs" / "r1")  # another run of the list, though the same files
+    assert [(r.name, r.run) for r in discover_policies(picked)] == [("teacher", "r0"), ("teacher", "r1"),
+                                                                    ("teacher", "r1_too")]
     assert unfinished_runs(picked) == [picked / "r2"]
 
 

@@ -125,17 +125,25 @@ def unfinished_runs(path: str | Path) -> list[Path]:
 
 def _manifests(root: Path, folder: str, nested: bool = True) -> list[Path]:
     """The manifests at ``<folder>/<name>/`` (``nested``) or ``<folder>/`` under ``root``, through symbolic links
-    too (a directory of links to the runs to compare), each real directory once."""
-    found, seen = [], set()
-    for where, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(where)
-        if real in seen:  # a link back up the tree, or a second link to a run already walked
-            dirs.clear()
-            continue
-        seen.add(real)
-        here = Path(where)
-        if MANIFEST in files and (here.parent.name if nested else here.name) == folder:
-            found.append(here / MANIFEST)
+    too (a directory of links to the runs to compare), in name order. A link back to a directory it sits in is not
+    followed."""
+    found: list[Path] = []
+
+    def walk(here: Path, ancestors: frozenset[str]) -> None:
+        real = os.path.realpath(here)
+        if real in ancestors:
+            return
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError:  # unreadable, or a dangling link
+            return
+        for entry in entries:
+            if entry.is_dir():
+                walk(Path(entry.path), ancestors | {real})
+            elif entry.name == MANIFEST and (here.parent.name if nested else here.name) == folder:
+                found.append(here / MANIFEST)
+
+    walk(root, frozenset())
     return found
 
 

@@ -13,8 +13,8 @@ from madistill.tb import TBLogger
 # what it computes: runs that differ only in these are runs of one recipe (as an override: ``key=``, ``+key=``).
 RUN_ONLY = ("seed", "hydra.", "logger", "launcher", "env.num_workers", "env.backend", "torch_threads", "device",
             "teacher.resume", "distill.teacher", "finetune.policy", "eval.policy", "saliency.policy", "saliency.obs",
-            "explain.policy", "explain.obs", "attack.policy", "attack.transfer_from", "cascade.policy", "repair.policy",
-            "purify.teacher")
+            "explain.policy", "explain.obs", "attack.policy", "attack.transfer_from", "attack.critic", "cascade.policy",
+            "repair.policy", "repair.failures", "purify.teacher")
 
 # Paths and layouts: where things are, not settings to compare runs by.
 _NOT_HPARAMS = ("eval.policy", "teacher.resume", "distill.teacher", "saliency.policy", "saliency.obs", "env.features")
