@@ -190,6 +190,31 @@ def test_an_attack_run_in_which_no_attack_can_run_is_one_line(cli, relay_teacher
         "attack.transfer_from=<policy>)): add one that runs here, e.g. \"attack.methods=[pgd]\"")
 
 
+def test_a_policy_no_attack_can_run_on_is_left_out_of_an_attack_on_several(cli, relay_teacher, tmp_path, monkeypatch):
+    from madistill.attacks import robustness
+
+    runs = tmp_path / "runs"
+    for name in ("a", "b"):
+        shutil.copytree(relay_teacher, runs / name)
+    real, calls = robustness.evaluate_robustness, []
+
+    def first_has_none(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise robustness.NoAttackRuns("no attack of attack.methods=[transfer] can run (no surrogate)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(robustness, "evaluate_robustness", first_has_none)
+    out = tmp_path / "a"
+    rc, _, err = cli("attack", f"attack.policy={runs}", "attack=quick", "attack.episodes=2", "logger=quiet",
+                     f"hydra.run.dir={out}")
+    assert rc == 0, err
+    assert "madistill: note: teacher@a left out: no attack of attack.methods=[transfer] can run" in err
+    report = json.loads((out / "reports" / "robustness.json").read_text())
+    assert list(report["results"]) == ["teacher@b"] and list(report["meta"]["policies"]) == ["teacher@b"]
+    assert list(report["meta"]["left_out"]) == ["teacher@a"]
+
+
 def test_attack_without_the_masking_checks_says_they_did_not_run(cli, relay_teacher, tmp_path):
     rc, out, err = cli("attack", "attack=quick", f"attack.policy={relay_teacher}", "attack.episodes=2",
                        "attack.steps=2", "logger=quiet", f"hydra.run.dir={tmp_path}")

@@ -344,10 +344,15 @@ def _runnable(ac: Any, surrogate: TeamPolicy | None, critic: TeamPolicy | None, 
     return methods
 
 
+class NoAttackRuns(MadistillError):
+    """No attack of ``attack.methods`` can run on a policy (each needs what it lacks: a surrogate, a critic, a
+    branchable env)."""
+
+
 def _none_ran(ac: Any, res: RobustnessResult, where: str) -> None:
-    """Refuse a run in which no attack of ``attack.methods`` can run: it would have no worst case to report."""
+    """Refuse a policy on which no attack of ``attack.methods`` can run: it would have no worst case to report."""
     methods = ",".join(str(m) for m in ac.methods)
-    raise MadistillError(f"no attack of attack.methods=[{methods}] can run{where} ({'; '.join(res.skipped)}): add one "
+    raise NoAttackRuns(f"no attack of attack.methods=[{methods}] can run{where} ({'; '.join(res.skipped)}): add one "
                          "that runs here, e.g. \"attack.methods=[pgd]\"")
 
 

@@ -22,11 +22,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     attacks' training curves ``attack_training/<policy>/<victims>/<attack>/eps<eps>`` (the attacker's episode
     return over env steps)."""
     import json
+    import sys
 
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
-    from madistill.attacks.robustness import evaluate_robustness, markdown_report
+    from madistill.attacks.robustness import NoAttackRuns, evaluate_robustness, markdown_report
     from madistill.attacks.transform import victim_sets
     from madistill.common.episodes import team_returns
     from madistill.common.io import atomic_write_text
@@ -56,7 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         cfg, ac.policy, "no policy to attack: pass attack.policy=<run, policy or sweep directory>",
         add_teachers=not (ac.critic and ac.transfer_from),
     )
-    results, labels = {}, policy_labels(refs)
+    results, labels, unattacked = {}, policy_labels(refs), {}
     with make_vec_env(cfg.env, spec) as venv:
         purifier = configured_purifier(cfg, device)
         loaded = [load_policy(r, venv.groups, device, purifier, cfg.seed) for r in refs]
@@ -80,18 +81,27 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     (c for c in (team, partner(ref, "teacher")) if c is not None and _has_value(c)), None)
                 surrogate = extra.get("transfer_from") or partner(ref, "student" if ref.name == "teacher" else "teacher")
                 bar.set_postfix(policy=label)
-                results[label] = evaluate_robustness(
-                    venv, team, layouts, ac, random_return, ac.seed, surrogate=surrogate, critic=critic, progress=bar,
-                    teams=sides, random_teams=team_means(random_recs, sides), faults=faults,
-                    attacked=attack_view(team, str(cfg.purify.gradient), cfg.purify.eot_samples, cfg.seed + 1),
-                )
+                try:
+                    results[label] = evaluate_robustness(
+                        venv, team, layouts, ac, random_return, ac.seed, surrogate=surrogate, critic=critic,
+                        progress=bar, teams=sides, random_teams=team_means(random_recs, sides), faults=faults,
+                        attacked=attack_view(team, str(cfg.purify.gradient), cfg.purify.eot_samples, cfg.seed + 1),
+                    )
+                except NoAttackRuns as e:  # the other policies' attacks can still run: this one is left out
+                    if len(refs) == 1:
+                        raise
+                    unattacked[label] = str(e)
+                    tqdm.write(f"madistill: note: {label} left out: {e}", file=sys.stderr)
+        if not results:
+            raise NoAttackRuns(next(iter(unattacked.values())))
+        refs, labels = zip(*[(r, label) for r, label in zip(refs, labels) if label in results])
     reports = run_dir / "reports"
     payload = {
         "meta": {"env": spec.to_dict(), "policies": {label: str(r.path) for r, label in zip(refs, labels)},
                  "episodes": ac.episodes,
                  "seed": ac.seed, "attack": OmegaConf.to_container(ac, resolve=True),
                  "fault": fault_meta(cfg),
-                 "purifier": purifier_meta(cfg, attacks=True)},
+                 "purifier": purifier_meta(cfg, attacks=True), "left_out": unattacked},
         "results": {n: r.to_dict() for n, r in results.items()},
     }
     atomic_write_text(reports / "robustness.json", json.dumps(payload, indent=2))
