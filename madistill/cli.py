@@ -291,6 +291,9 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
     modes = [f for f in flags if f in _MODE_FLAGS]
     if len(modes) > 1:
         raise MadistillError(f"{' and '.join(modes)} cannot be combined: pass only one of them")
+    if any(re.fullmatch(r"\+?hydra\.launcher\.n_jobs=0", o) for o in overrides):
+        raise MadistillError("hydra.launcher.n_jobs=0 runs no job: pass the number of jobs to run at a time, or -1 for "
+                             "one per core")
     empty = next((o.split("=", 1)[0] for o in overrides if re.fullmatch(r"\+?hydra\.(run|sweep)\.dir=['\"]{0,2}", o)), None)
     if empty:  # Hydra would write the run into the current directory
         raise MadistillError(f"{empty.lstrip('+')} is empty: pass a directory ({empty.lstrip('+')}=<dir>), or leave it out "

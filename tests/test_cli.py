@@ -264,6 +264,7 @@ def test_wrong_type_exits_2_with_one_line(cli, tmp_path):
      "teacher.resume continues a teacher's training (train or pipeline); finetune does not resume"),
     ("evaluate", ["hydra.run.dir="], "hydra.run.dir is empty: pass a directory (hydra.run.dir=<dir>)"),
     ("train", ["-m", "seed=[1,2"], "no viable alternative at input '[1,2'"),
+    ("train", ["-m", "seed=0,1", "+launcher=local", "hydra.launcher.n_jobs=0"], "hydra.launcher.n_jobs=0 runs no job"),
 ])
 def test_common_mistakes_get_one_line_naming_the_fix(cli, tmp_path, stage, args, fix):
     rc, out, err = cli(stage, *args, f"hydra.{'sweep' if '-m' in args else 'run'}.dir={tmp_path / 'run'}")

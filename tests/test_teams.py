@@ -345,6 +345,7 @@ def test_stages_that_score_all_agents_together_refuse_an_env_of_several_teams(cl
          "fault=worst picks the action that lowers the return of all agents together, which in an env of several "
          "teams (adversaries, good) is no team's"),
         ("evaluate", [f"eval.policy={teacher}", "fault=worst", "fault.victims=[agent_0]"], "fault=worst picks"),
+        ("cascade", [f"cascade.policy={teacher}", "cascade.impulse=worst"], "cascade.impulse=worst picks"),
         ("repair", [f"repair.policy={teacher}"], "repair measures the return of all agents together, which in an env "
                                                  "of several teams (adversaries, good) is no team's"),
     ):

@@ -32,8 +32,10 @@ def fault_env(cfg: DictConfig, groups: list, layouts: dict, spec: Any, device: A
     from madistill.errors import MadistillError
     from madistill.policies.purified import attack_view
 
-    if cfg.fault.name == "worst" and several_teams(teams):
-        raise MadistillError(f"fault=worst picks the action that lowers the return of all agents together, which in an "
+    worst = [s for s, name in (("fault", cfg.fault.name), ("cascade.impulse", cfg.cascade.impulse)) if name == "worst"]
+    if worst and several_teams(teams):
+        setting = "fault=worst" if worst[0] == "fault" else "cascade.impulse=worst"
+        raise MadistillError(f"{setting} picks the action that lowers the return of all agents together, which in an "
                              f"env of several teams ({', '.join(teams)}) is no team's: use another fault here "
                              "(dead, random, stuck, ...)")
     pc = cfg.purify
