@@ -11,14 +11,13 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import madistill
-from madistill import sweeps
+from madistill import interrupts, sweeps
 from madistill.config import check_overrides, config_dir
 from madistill.errors import MadistillError
 from madistill.stages.registry import stages
@@ -94,7 +93,7 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
               "its files of the same names, and TensorBoard shows both runs' curves as one: pass another "
               f"hydra.{'sweep' if sweep else 'run'}.dir to keep them apart", file=sys.stderr)
     try:
-        with sweeps.job_interrupts(), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
+        with interrupts.handled(interrupts.raise_interrupt), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
             validate(cfg)
             result = stages()[hc.job.name].run(cfg, run_dir)
     except (MadistillError, OmegaConfBaseException, OSError) as e:
@@ -248,7 +247,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 # Hydra flags that take a value as the next argument.
-_MODE_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc"}
+_MULTIRUN = {"-m", "--multirun"}
+_MODE_FLAGS = {*_MULTIRUN, "--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc"}
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                 "--config-dir", "-cd", "--info", "--experimental-rerun"}
 _OTHER_FLAGS = {"--resolve", "--hydra-help", "--version", "--help", "-h"}  # Hydra's remaining flags
@@ -298,7 +298,7 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
     if empty:  # Hydra would write the run into the current directory
         raise MadistillError(f"{empty.lstrip('+')} is empty: pass a directory ({empty.lstrip('+')}=<dir>), or leave it out "
                              "for the default under runs/")
-    if {"-m", "--multirun"} & set(modes) and any(o.lstrip("+").startswith("hydra.run.dir=") for o in overrides):
+    if _MULTIRUN & set(modes) and any(o.lstrip("+").startswith("hydra.run.dir=") for o in overrides):
         raise MadistillError("hydra.run.dir names one run's directory, which a sweep (-m) does not use: pass "
                              "hydra.sweep.dir=<dir> instead (each job runs in <dir>/<job number>)")
     return [*overrides, f"hydra.job.name={stage}", *flags]
@@ -461,7 +461,7 @@ def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
     if not stages()[stage].resumes or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir():
         return overrides
     overrides = _run_overrides(ckpt.parent, overrides)
-    if any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in ("-m", "--multirun") for o in overrides):
+    if any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in _MULTIRUN for o in overrides):
         return overrides
     run_dir = ckpt.resolve().parent
     if stage == "train" and (run_dir / "policies" / "student").is_dir():
@@ -518,15 +518,11 @@ def _main(args: list[str]) -> int:
     sys.argv = [f"madistill-{stage}", *hydra_args]
     _FAILED.clear()
     _STARTED.clear()
-    sweep = bool({"-m", "--multirun"} & set(_split_args(hydra_args)[1]))
+    sweep = bool(_MULTIRUN & set(_split_args(hydra_args)[1]))
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
-    # A cluster's SIGTERM (time limit, scancel) takes the Ctrl-C path: the training stages checkpoint first.
-    handlers = {s: signal.signal(s, sweeps.interrupt_sweep if sweep else sweeps.raise_interrupt) for s in sweeps.INTERRUPTS}
-    try:
+    # a caller in this process (a test, a notebook) gets its own handlers back after
+    with interrupts.handled(sweeps.interrupt_sweep if sweep else interrupts.raise_interrupt):
         return _run_app(stage, app, _swept_keys(hydra_args) if sweep else None)
-    finally:  # a caller in this process (a test, a notebook) gets its own handlers back
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
 
 
 def _run_app(stage: str, app: Callable[[], object], swept: set[str] | None) -> int:

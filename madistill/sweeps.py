@@ -8,7 +8,7 @@ process that launched the sweep appends one when it is interrupted. A job on ano
 (it is never created there) and is left to Hydra's own report.
 
 Interrupts: the terminal's Ctrl-C and a cluster's SIGTERM reach every process of a sweep. A running stage takes
-them as KeyboardInterrupt (:func:`job_interrupts`): it saves its checkpoint and ends, and its job is recorded as
+them as KeyboardInterrupt (``madistill.interrupts``): it saves its checkpoint and ends, and its job is recorded as
 interrupted, so no new job starts. The launching process marks the sweep interrupted at the first and stops at
 the second (:func:`interrupt_sweep`). A job process of a launcher's pool (``+launcher=local``) ignores them
 from its start and between jobs (:func:`pool_ignores_interrupts`), as the pool would take such a process's end
@@ -21,55 +21,27 @@ import contextlib
 import functools
 import json
 import os
-import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from madistill.interrupts import ignore_interrupts
+
 ENV_VAR = "MADISTILL_SWEEP_JOBS"
-LAUNCHER_VAR = "MADISTILL_SWEEP_LAUNCHER"  # the launching process's pid: a job in another process is pooled
 
 # what became of a job
 DONE, FAILED, INTERRUPTED, NOT_STARTED = "done", "failed", "interrupted", "not started"
-INTERRUPTS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C, and a cluster's time limit or scancel
 _INTERRUPTED_HERE: list[int] = []  # the signals that interrupted the sweep this process launches
-
-
-def raise_interrupt(signum: int, frame: object) -> None:
-    """A signal handler: Ctrl-C's KeyboardInterrupt, for SIGTERM too (the training stages checkpoint on it)."""
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def job_interrupts() -> Iterator[None]:
-    """While a stage runs, Ctrl-C and SIGTERM raise KeyboardInterrupt in it; after it, a job process of a
-    launcher's pool ignores them (see the module doc). Signal handlers belong to the main thread: elsewhere the
-    block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    handlers = {s: signal.signal(s, raise_interrupt) for s in INTERRUPTS}
-    pooled = os.environ.get(LAUNCHER_VAR) not in (None, str(os.getpid()))
-    try:
-        yield
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, signal.SIG_IGN if pooled else handler)
-
-
-def ignore_interrupts() -> None:
-    """A pool's job process at its start: Ctrl-C and SIGTERM are ignored until a job's stage takes them."""
-    for s in INTERRUPTS:
-        signal.signal(s, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
 def pool_ignores_interrupts() -> Iterator[None]:
     """While a sweep launches its jobs: the processes of joblib's loky pool (``+launcher=local``, Hydra's joblib
-    launcher) start with :func:`ignore_interrupts` as their initializer, through the backend the launcher names."""
+    launcher) start with :func:`madistill.interrupts.ignore_interrupts` as their initializer, through the backend
+    the launcher names, so they ignore Ctrl-C and SIGTERM but while a job's stage runs (``interrupts.handled``
+    brings the ignoring back after it)."""
     from joblib import parallel
     from joblib._parallel_backends import LokyBackend
 
@@ -84,9 +56,9 @@ def pool_ignores_interrupts() -> Iterator[None]:
 def interrupt_sweep(signum: int, frame: object) -> None:
     """The launching process's handler: the first interrupt marks the sweep interrupted (running jobs, which get
     it too, save their checkpoints and end; no new job starts), a second one stops the launcher at once."""
-    if _INTERRUPTED_HERE or any(e.get("interrupt") for e in read()):
+    if _INTERRUPTED_HERE:  # this process marks the record: a second interrupt of its own
         raise KeyboardInterrupt
-    _INTERRUPTED_HERE.append(signum)  # also where the record cannot be read any more
+    _INTERRUPTED_HERE.append(signum)
     mark_interrupted()
     print("madistill: interrupting the sweep: running jobs save their checkpoints and end, no new job starts "
           "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
@@ -94,22 +66,19 @@ def interrupt_sweep(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def sweep_record() -> Iterator[Path]:
-    """A fresh record for the jobs this process launches, named in the environment while they run (with this
-    process as their launcher)."""
+    """A fresh record for the jobs this process launches, named in the environment while they run."""
     fd, name = tempfile.mkstemp(prefix="madistill-sweep-", suffix=".jsonl")
     os.close(fd)
-    # a madistill run inside a sweep's job: that sweep's record and launcher, restored after
-    outer = {v: os.environ.get(v) for v in (ENV_VAR, LAUNCHER_VAR)}
-    os.environ.update({ENV_VAR: name, LAUNCHER_VAR: str(os.getpid())})
+    outer = os.environ.get(ENV_VAR)  # a madistill run inside a sweep's job: that sweep's record, restored after
+    os.environ[ENV_VAR] = name
     _INTERRUPTED_HERE.clear()
     try:
         yield Path(name)
     finally:
-        for v, value in outer.items():
-            if value is None:
-                os.environ.pop(v, None)
-            else:
-                os.environ[v] = value
+        if outer is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = outer
         Path(name).unlink(missing_ok=True)
 
 

@@ -37,7 +37,6 @@ from stable_baselines3.common.utils import LinearSchedule
 from tqdm.auto import tqdm
 
 from madistill.bonus import MutualInformationBonus
-from madistill.common.io import held_interrupts
 from madistill.config import Checks, PPOConfig
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.factory import EnvSpec
@@ -45,6 +44,7 @@ from madistill.envs.groups import AgentGroup
 from madistill.envs.teams import several_teams, team_means
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
+from madistill.interrupts import held
 from madistill.normalize import ObsNormalizer
 from madistill.policies.base import TeamPolicy, log_prob, warn_if_large
 from madistill.policies.sb3 import (
@@ -454,7 +454,7 @@ class TeacherTrainer:
                         self._sync()
                         alternate(self.agent_steps, self.team)
             except KeyboardInterrupt:
-                with held_interrupts("saving the checkpoint before stopping: it takes a moment"):
+                with held("saving the checkpoint before stopping: it takes a moment"):
                     path = self.save_checkpoint(run_dir / "checkpoint")  # takes the pending update first
                 resume = f"resume with teacher.resume={path}" if not self.from_start else "a fine-tune starts afresh"
                 tqdm.write(f"interrupted: checkpoint saved to {path}; {resume}")

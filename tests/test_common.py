@@ -54,10 +54,10 @@ def test_interrupts_held_while_a_checkpoint_is_saved_do_not_stop_it(capsys):
     import os
     import time
 
-    from madistill.common.io import held_interrupts
+    from madistill.interrupts import held
 
     saved = []
-    with held_interrupts("saving the checkpoint first"):
+    with held("saving the checkpoint first"):
         os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while the checkpoint is written
         time.sleep(0.01)
         saved.append(True)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "madistill"
 # and those below it, never from one above; within a layer the imports must not form a cycle. ``config`` sits
 # above ``envs`` and ``runtime`` because its validation resolves the env's backend.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "version", "seeds", "names"),
+    ("errors", "version", "seeds", "names", "interrupts"),
     ("envs",),
     ("runtime", "config"),
     ("normalize", "policies", "ppo_losses", "sb3_adapter"),

@@ -1,39 +1,13 @@
-"""Atomic file writers: a reader (or a crash) never observes a half-written report; and the interrupts held
-while a run saves what it has on its way out."""
+"""Atomic file writers: a reader (or a crash) never observes a half-written report; and strict JSON."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
-import sys
 import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-
-@contextlib.contextmanager
-def held_interrupts(note: str) -> Iterator[None]:
-    """Ctrl-C and SIGTERM do not stop the block: a run interrupted once saves its checkpoint in it, and a second
-    Ctrl-C there would lose the checkpoint. Such a signal prints ``note`` and is dropped, as the run is stopping
-    already. Signal handlers belong to the main thread: elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def hold(signum: int, frame: object) -> None:
-        print(note, file=sys.stderr, flush=True)
-
-    before = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
 
 
 def strict_json(obj: Any) -> str:
