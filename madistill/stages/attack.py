@@ -63,7 +63,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         loaded = [load_policy(r, venv.groups, device, purifier, cfg.seed) for r in refs]
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         sides = teams_for(cfg, venv, refs)
-        faults = configured_faults(cfg, venv, spec, device)
+        faults = configured_faults(cfg, venv, spec, device, sides)
         random_recs = run_episodes(venv, uniform_team(venv, device), ac.episodes, ac.seed, False)
         random_return = team_returns(random_recs)
         extra = {k: load_team(getattr(ac, k), venv.groups, device=device)[0] for k in ("critic", "transfer_from") if getattr(ac, k)}

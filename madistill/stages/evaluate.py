@@ -82,7 +82,7 @@ def evaluate_policies(
     alerts: dict[str, dict] = {}
     with make_vec_env(cfg.env, spec) as venv:
         sides = teams_for(cfg, venv, refs)
-        faults = configured_faults(cfg, venv, spec, device)
+        faults = configured_faults(cfg, venv, spec, device, sides)
         if cfg.alerts.enabled:
             check_alerts(cfg, len(venv.possible_agents))
         purifier = configured_purifier(cfg, device)
@@ -92,7 +92,7 @@ def evaluate_policies(
                                 episode_streams=ec.episode_streams)
             results[row].append((ref.run, recs))
             if cfg.alerts.enabled:  # the paired runs arm their faults on their own blocks: fresh ones for them
-                watched = [(fault_label(cfg), f) for f in configured_faults(cfg, venv, spec, device)]
+                watched = [(fault_label(cfg), f) for f in configured_faults(cfg, venv, spec, device, sides)]
                 alerts[label] = watch_policy(cfg, venv, lambda n, p: make_vec_env(cfg.env, spec, num_envs=n, seed_period=p),
                                              team, watched, ec.episodes, ec.seed, ec.deterministic,
                                              float(cfg.cascade.threshold))

@@ -111,15 +111,16 @@ def _check_mlp_needs(teams: dict, methods: list[str], randomisation: bool) -> No
     needs = [(what, fix) for what, fix, wanted in (
         ("relevance propagation (lrp)", "drop lrp from explain.methods", "lrp" in methods),
         ("the randomisation check", "set explain.randomisation=false", randomisation)) if wanted]
+    if not needs:
+        return
     for team in teams.values():
         for g in team.groups:
             try:
                 acting_path(team[g.name], "", "")
             except MadistillError:
-                if needs:
-                    raise MadistillError(f"{' and '.join(w for w, _ in needs)} need MLP policies, and the {g.name!r} "
-                                         f"policy ({type(team[g.name]).__name__}) is not one: "
-                                         f"{' and '.join(f for _, f in needs)}") from None
+                raise MadistillError(f"{' and '.join(w for w, _ in needs)} need MLP policies, and the {g.name!r} "
+                                     f"policy ({type(team[g.name]).__name__}) is not one: "
+                                     f"{' and '.join(f for _, f in needs)}") from None
 
 
 STAGE = Stage(

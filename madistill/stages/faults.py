@@ -9,9 +9,10 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 
-def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any) -> list:
+def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any, teams: Any = None) -> list:
     """The fault the config names, as a one-element transform list for a stage's rollouts (``evaluate``), or no
-    transform where ``fault.victims`` is empty (the default): ``madistill evaluate fault=stuck fault.victims=[a]``."""
+    transform where ``fault.victims`` is empty (the default): ``madistill evaluate fault=stuck fault.victims=[a]``.
+    ``teams``: the env's teams, where the stage has them (``stages.policies.teams_for``), else the env config's."""
     from madistill.cascade.faults import make_fault
     from madistill.envs.features import feature_layouts
     from madistill.runtime import env_teams
@@ -20,7 +21,8 @@ def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any) -> lis
     if not cfg.fault.victims:
         return []
     layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
-    return [make_fault(cfg.fault, fault_env(cfg, venv.groups, layouts, spec, device, env_teams(cfg.env, venv)))]
+    return [make_fault(cfg.fault, fault_env(cfg, venv.groups, layouts, spec, device,
+                                         env_teams(cfg.env, venv) if teams is None else teams))]
 
 
 def fault_env(cfg: DictConfig, groups: list, layouts: dict, spec: Any, device: Any, teams: Any = None) -> Any:
@@ -32,10 +34,10 @@ def fault_env(cfg: DictConfig, groups: list, layouts: dict, spec: Any, device: A
     from madistill.errors import MadistillError
     from madistill.policies.purified import attack_view
 
-    worst = [s for s, name in (("fault", cfg.fault.name), ("cascade.impulse", cfg.cascade.impulse)) if name == "worst"]
+    worst = next((f"{key}=worst" for key, name in (("fault", cfg.fault.name), ("cascade.impulse", cfg.cascade.impulse))
+                  if name == "worst"), None)
     if worst and several_teams(teams):
-        setting = "fault=worst" if worst[0] == "fault" else "cascade.impulse=worst"
-        raise MadistillError(f"{setting} picks the action that lowers the return of all agents together, which in an "
+        raise MadistillError(f"{worst} picks the action that lowers the return of all agents together, which in an "
                              f"env of several teams ({', '.join(teams)}) is no team's: use another fault here "
                              "(dead, random, stuck, ...)")
     pc = cfg.purify
