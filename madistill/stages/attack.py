@@ -38,14 +38,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.policies.purified import attack_view
     from madistill.policies.store import load_team
     from madistill.runtime import make_vec_env
-    from madistill.stages.faults import configured_faults, fault_line, fault_meta
+    from madistill.stages.faults import configured_faults, fault_meta, played_under
     from madistill.stages.policies import (
         configured_features,
         configured_purifier,
         load_policy,
         paired_policy,
         policy_labels,
-        purifier_line,
         purifier_meta,
         studied_policies,
         teams_for,
@@ -105,16 +104,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "results": {n: r.to_dict() for n, r in results.items()},
     }
     atomic_write_text(reports / "robustness.json", json.dumps(payload, indent=2))
-    text = markdown_report(results, spec.id, ac.episodes)
-    if cfg.fault.victims:
-        text += f"\n{fault_line(cfg)}\n"
-    if cfg.purify.purifier:
-        text += f"\n{purifier_line(cfg, attacks=True)}\n"
+    played = played_under(cfg, attacks=True)
+    text = markdown_report(results, spec.id, ac.episodes) + "".join(f"\n{n}\n" for n in played)
     write_markdown(reports / "robustness.md", text)
     _log_tensorboard(cfg, run_dir, results, text, spec.id)
     lines = _summary(results, cfg.attack, spec.id, sides, run_dir)
-    notes = [f"  {n}" for n in (fault_line(cfg), purifier_line(cfg, attacks=True)) if n]
-    print("\n".join([*lines[:-2], *notes, *lines[-2:]]))  # before where the report is
+    print("\n".join([*lines[:-2], *(f"  {n}" for n in played), *lines[-2:]]))  # before where the report is
     return payload
 
 

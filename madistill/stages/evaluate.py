@@ -21,17 +21,15 @@ if TYPE_CHECKING:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Evaluate every saved policy under ``eval.policy`` and say where the results are."""
-    from madistill.stages.faults import fault_line
+    from madistill.stages.faults import played_under
     from madistill.stages.monitoring import alerts_line
-    from madistill.stages.policies import purifier_line
     from madistill.stages.results import print_results
     from madistill.stages.rundir import open_tb
 
     with open_tb(cfg, run_dir) as tb:
         summaries = evaluate_policies(cfg, run_dir, cfg.eval.policy, tb)
     alerts = [alerts_line(run_dir / "reports")] if cfg.alerts.enabled else []
-    print_results(run_dir, summaries, Path(cfg.eval.policy), [n for n in (fault_line(cfg), purifier_line(cfg), *alerts) if n],
-                  _command_line())
+    print_results(run_dir, summaries, Path(cfg.eval.policy), [*played_under(cfg), *alerts], _command_line())
     return summaries
 
 
@@ -51,7 +49,7 @@ def evaluate_policies(
     from madistill.evaluate.evaluator import record_video, run_episodes, uniform_team
     from madistill.evaluate.report import markdown_table, write_markdown
     from madistill.runtime import make_vec_env
-    from madistill.stages.faults import configured_faults, fault_label, fault_line
+    from madistill.stages.faults import configured_faults, fault_label, played_under
     from madistill.stages.figures import return_figure
     from madistill.stages.monitoring import (
         alerts_markdown,
@@ -64,7 +62,6 @@ def evaluate_policies(
         configured_purifier,
         load_policy,
         policy_labels,
-        purifier_line,
         studied_policies,
         teams_for,
     )
@@ -114,7 +111,7 @@ def evaluate_policies(
         print(f"madistill: note: removed the earlier evaluation's {', '.join(p.name for p in stale)} from {reports}: "
               "this evaluation has no such row", file=sys.stderr)
     table = markdown_table(summaries)
-    played = "\n\n".join(n for n in (fault_line(cfg), purifier_line(cfg)) if n)
+    played = "\n\n".join(played_under(cfg))
     text = eval_report(summaries, table, spec.id, ec, sides, played)
     if alerts:
         write_alerts(reports, cfg, ec.episodes, ec.seed, alerts)

@@ -60,6 +60,14 @@ def fault_meta(cfg: DictConfig) -> dict | None:
     return OmegaConf.to_container(cfg.fault, resolve=True) if cfg.fault.victims else None  # type: ignore[return-value]
 
 
+def played_under(cfg: DictConfig, attacks: bool = False) -> list[str]:
+    """The lines naming what a stage's episodes played under, for its report and terminal: the fault and the
+    purifier (with what the white-box attacks differentiate: ``attacks``, the attack stage), those that are set."""
+    from madistill.stages.policies import purifier_line
+
+    return [n for n in (fault_line(cfg), purifier_line(cfg, attacks)) if n]
+
+
 def fault_line(cfg: DictConfig) -> str:
     """One line saying which fault a stage's rollouts played under (empty without one)."""
     fc = cfg.fault
