@@ -113,18 +113,19 @@ class Branching:
 
     def returns(self, team: TeamPolicy, seeds: np.ndarray, prefix: Sequence[GroupArrays], first: Sequence[GroupArrays],
                 horizon: int, gamma: float = 1.0, critic: TeamPolicy | None = None,
-                expect: GroupTensors | None = None) -> np.ndarray:
+                expect: GroupTensors | None = None, scored: Sequence[str] | None = None) -> np.ndarray:
         """``[B, K]``: for episodes ``seeds`` ``[B]`` after ``prefix`` (per step, every group's executed actions
-        ``[B, n_g, ...]``), the discounted team return (mean over agents, as episode records count it) of
-        candidate ``k``'s joint action ``first[k]`` then ``horizon`` greedy steps of ``team``, plus, where
-        ``critic`` is given and the episode goes on, ``gamma ** (horizon + 1)`` times its mean value over
-        agents. ``expect``: the normalised observations (``team``'s normaliser) the episodes show at the branch
-        point; a replay that differs is refused (the env is not reproducible from its seed)."""
+        ``[B, n_g, ...]``), the discounted return of the ``scored`` agents (their mean, as episode records count
+        a team's return; None: every agent) of candidate ``k``'s joint action ``first[k]`` then ``horizon``
+        greedy steps of ``team``, plus, where ``critic`` is given and the episode goes on,
+        ``gamma ** (horizon + 1)`` times their mean value. ``expect``: the normalised observations (``team``'s
+        normaliser) the episodes show at the branch point; a replay that differs is refused (the env is not
+        reproducible from its seed)."""
         k, b = len(first), len(seeds)
         book = self._start(np.asarray(seeds, dtype=np.int64), prefix, k)
         if expect is not None:
             self._check(book, team, expect, b)
-        n_agents = sum(g.n_agents for g in self.groups)
+        mask, n_scored = self._scored(scored)
         total, alive = np.zeros(k * b), np.ones(k * b, dtype=bool)
         gen = torch.Generator(device=team.device).manual_seed(0)  # greedy actions draw nothing
         for t in range(horizon + 1):
@@ -134,16 +135,23 @@ class Branching:
                 actions = env_actions(team, team_actions(team, _observations(book, team), True, gen)[1])
             episode = book.episode_idx.copy()
             _step(book, actions)
-            reward = sum(book.io["rewards"][g.name].sum(1) for g in self.groups) / n_agents
+            reward = sum(np.where(mask[g.name], book.io["rewards"][g.name], 0).sum(1) for g in self.groups) / n_scored
             total += np.where(alive, gamma**t * reward, 0.0)
             alive &= book.episode_idx == episode
         if critic is not None and alive.any():
             obs = _observations(book, critic)
             with torch.no_grad():
-                value = sum(critic[g].value(x.reshape(-1, x.shape[-1])).reshape(x.shape[:2]).sum(1)  # type: ignore[union-attr]
-                            for g, x in obs.items()) / n_agents
+                value = sum(torch.where(torch.as_tensor(mask[g], device=x.device),  # type: ignore[union-attr]
+                                        critic[g].value(x.reshape(-1, x.shape[-1])).reshape(x.shape[:2]), 0).sum(1)
+                            for g, x in obs.items()) / n_scored
             total += np.where(alive, gamma ** (horizon + 1) * value.cpu().numpy(), 0.0)
         return total.reshape(k, b).T
+
+    def _scored(self, scored: Sequence[str] | None) -> tuple[dict[str, np.ndarray], int]:
+        """Per group, which of its agents the score counts (every agent where ``scored`` is None), and how many
+        agents that is in all."""
+        chosen = {a for g in self.groups for a in g.agents} if scored is None else set(scored)
+        return {g.name: np.array([a in chosen for a in g.agents]) for g in self.groups}, len(chosen)
 
     def _check(self, book: CopyBook, team: TeamPolicy, expect: GroupTensors, b: int) -> None:
         replayed = _observations(book, team)
@@ -167,20 +175,21 @@ def _observations(book: CopyBook, team: TeamPolicy) -> GroupTensors:
 
 def action_returns(branching: Branching, team: TeamPolicy, history: ActionHistory, actions: GroupArrays,
                    ctx: StepContext, group: AgentGroup, slot: int, rows: np.ndarray, horizon: int, gamma: float = 1.0,
-                   critic: TeamPolicy | None = None, obs: GroupTensors | None = None) -> np.ndarray:
-    """``[len(rows), n]``: per env copy in ``rows``, the branched return (:meth:`Branching.returns`) of each of
-    the ``n`` Discrete actions of agent ``slot`` of ``group``, played now while the others play ``actions``
-    (every group's ``[N, n_g]`` joint action of this step), then ``horizon`` greedy team steps. ``obs``: the
-    copies' current normalised observations, to refuse an env whose replays differ."""
+                   critic: TeamPolicy | None = None, obs: GroupTensors | None = None,
+                   scored: Sequence[str] | None = None) -> np.ndarray:
+    """``[len(rows), n]``: per env copy in ``rows``, the branched return (:meth:`Branching.returns`, of the
+    ``scored`` agents) of each of the ``n`` Discrete actions of agent ``slot`` of ``group``, played now while the
+    others play ``actions`` (every group's ``[N, n_g]`` joint action of this step), then ``horizon`` greedy team
+    steps. ``obs``: the copies' current normalised observations, to refuse an env whose replays differ."""
     n = discrete_actions(group)
     return joint_returns(branching, team, history, actions, ctx, [(group, slot)], [(k,) for k in range(n)], rows,
-                         horizon, gamma, critic, obs)
+                         horizon, gamma, critic, obs, scored)
 
 
 def joint_returns(branching: Branching, team: TeamPolicy, history: ActionHistory, actions: GroupArrays,
                   ctx: StepContext, agents: Sequence[tuple[AgentGroup, int]], choices: Sequence[Sequence[int]],
                   rows: np.ndarray, horizon: int, gamma: float = 1.0, critic: TeamPolicy | None = None,
-                  obs: GroupTensors | None = None) -> np.ndarray:
+                  obs: GroupTensors | None = None, scored: Sequence[str] | None = None) -> np.ndarray:
     """``[len(rows), len(choices)]``: as :func:`action_returns`, for joint choices of several agents at once:
     ``agents`` are (group, slot) pairs with Discrete actions, and ``choices[k][j]`` is the action agent ``j``
     plays in candidate ``k`` while every other agent plays ``actions``."""
@@ -199,7 +208,8 @@ def joint_returns(branching: Branching, team: TeamPolicy, history: ActionHistory
                 cand[group.name][:, slot] = k
             first.append(cand)
         expect = {g: x[torch.as_tensor(sel)] for g, x in obs.items()} if obs is not None else None
-        out[at] = branching.returns(team, ctx.episode_seed[sel], history.prefix(sel), first, horizon, gamma, critic, expect)
+        out[at] = branching.returns(team, ctx.episode_seed[sel], history.prefix(sel), first, horizon, gamma, critic, expect,
+                                    scored)
     return out
 
 

@@ -46,13 +46,17 @@ class TrapEnv(ParallelEnv):
         """Every agent's reward for the joint action ``actions``."""
         return -sum(COST[int(a)] for a in actions.values()) - TRAP * self.armed
 
-    def step(self, actions: dict[str, int]):
+    def rewards(self, actions: dict[str, int]) -> dict[str, float]:
+        """Each agent's reward for the joint action ``actions``: here the same for all."""
         r = self.reward(actions)
+        return {a: r for a in self.agents}
+
+    def step(self, actions: dict[str, int]):
+        rewards = self.rewards(actions)
         self.armed = any(int(a) == 3 for a in actions.values())
         self.t += 1
         done = self.t >= self.max_cycles
         obs = self._obs()
-        rewards = {a: r for a in self.agents}
         flags = {a: False for a in self.agents}
         trunc = {a: done for a in self.agents}
         infos = {a: {} for a in self.agents}
@@ -78,6 +82,29 @@ class MissEnv(TrapEnv):
 
 
 MISS_SPEC = EnvSpec("branch_helpers.MissEnv", {}, name="miss")
+
+OWN = (0.0, 0.0, 5.0, 1.0)  # what a_0's action costs its own team (a_0)
+GAIN = (0.0, 0.0, 10.0, 0.0)  # what it gives the other team (b_0)
+
+
+class SidesEnv(TrapEnv):
+    """TrapEnv's observations (never armed) with two sides, a_0 against b_0, where only a_0's action pays:
+    ``-OWN[a_0]`` to a_0 and ``GAIN[a_0]`` to b_0. The action that hurts a_0's team most is 2, the one that
+    lowers the mean over both agents most is 3."""
+
+    metadata = {"name": "sides_v0"}
+
+    def __init__(self, max_cycles: int = 6):
+        super().__init__(max_cycles)
+        self.possible_agents = ["a_0", "b_0"]
+
+    def rewards(self, actions: dict[str, int]) -> dict[str, float]:
+        k = int(actions["a_0"])
+        return {"a_0": -OWN[k], "b_0": GAIN[k]}
+
+
+SIDES_SPEC = EnvSpec("branch_helpers.SidesEnv", {}, name="sides")
+SIDES = {"red": ("a_0",), "blue": ("b_0",)}
 
 
 class TrapPolicy(Policy):

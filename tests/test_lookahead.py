@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from branch_helpers import MISS_SPEC, TRAP_SPEC, trap_team
+from branch_helpers import MISS_SPEC, SIDES, SIDES_SPEC, TRAP_SPEC, trap_team
 from cascade_helpers import copy_team, mlp_team
 from omegaconf import OmegaConf
 
@@ -137,13 +137,15 @@ def test_lookahead_refuses_box_victims():
         LookaheadAttack(Attack("targeted", "target"), ["listener_0"], {}, Branching(spec, groups))
 
 
-def worst_rows(horizon: int, onset: int) -> tuple[np.ndarray, np.ndarray]:
-    """[steps, copies, agents] intended and executed actions under fault worst on a_0 from ``onset`` on."""
+def worst_rows(horizon: int, onset: int, spec: EnvSpec = TRAP_SPEC, teams: dict | None = None,
+               victims: tuple[str, ...] = ("a_0",)) -> tuple[np.ndarray, np.ndarray]:
+    """[steps, copies, agents] intended and executed actions under fault worst on ``victims`` from ``onset``
+    on, in ``spec``'s env of ``teams``."""
     fc = OmegaConf.merge(OmegaConf.structured(FaultConfig),
-                         {"name": "worst", "victims": ["a_0"], "onset": onset, "duration": None})
-    with MultiAgentVecEnv(TRAP_SPEC, 2) as venv:
+                         {"name": "worst", "victims": list(victims), "onset": onset, "duration": None})
+    with MultiAgentVecEnv(spec, 2) as venv:
         attack = SimpleNamespace(lookahead_horizon=horizon, lookahead_gamma=0.99)
-        fault = make_fault(fc, FaultEnv(venv.groups, feature_layouts(venv.groups), attack, "cpu", TRAP_SPEC))
+        fault = make_fault(fc, FaultEnv(venv.groups, feature_layouts(venv.groups), attack, "cpu", spec, teams=teams))
         rollout = Rollout(venv, trap_team(venv), [fault], deterministic=True, seed=3)
         rows = [rollout.step() for _ in range(6)]
     g = venv.groups[0].name
@@ -166,3 +168,31 @@ def test_worst_fault_refuses_box_groups():
         env = FaultEnv(venv.groups, feature_layouts(venv.groups), None, "cpu", spec)
         with pytest.raises(MadistillError, match="fault 'worst' needs discrete actions"):
             make_fault(fc, env)
+
+
+@pytest.mark.parametrize("teams,picked", [(SIDES, 2), (None, 3)])
+def test_worst_fault_lowers_the_return_of_its_victims_team(teams, picked):
+    """In SidesEnv a_0's action 2 costs its team (a_0) most, action 3 lowers the mean over both sides most."""
+    _, executed = worst_rows(0, onset=0, spec=SIDES_SPEC, teams=teams)
+    assert (executed[:, :, 0] == picked).all() and (executed[:, :, 1] == 0).all()
+
+
+def test_worst_fault_refuses_victims_of_several_teams():
+    with pytest.raises(MadistillError, match="victims of several teams \\(red, blue\\)"):
+        worst_rows(0, onset=0, spec=SIDES_SPEC, teams=SIDES, victims=("a_0", "b_0"))
+
+
+@pytest.mark.parametrize("victims,expected", [("team:red", -30.0), ("a_0", -30.0)])
+def test_lookahead_lowers_the_return_of_its_victims_team(make_cfg, victims, expected):
+    """With the sides known, the lookahead on a_0 forces action 2 (a_0's team loses 5 a step); scored over both
+    sides, as without teams, it would force action 3 (a_0 loses 1 a step)."""
+    ac = make_cfg("attack.methods=[targeted_lookahead]", "attack.eps=[4.0]", f"attack.victims=[{victims}]",
+                  "attack.episodes=2", "attack.checks=false", "attack.lookahead_horizon=0").attack
+    with MultiAgentVecEnv(SIDES_SPEC, 2) as venv:
+        team = trap_team(venv)
+        sided = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, random_return=0.0, seed=0,
+                                    teams=SIDES, random_teams={"red": 0.0, "blue": 0.0})
+        ac.victims = ["a_0"]
+        one = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, random_return=0.0, seed=0)
+    assert sided.team_episodes["red"][victims]["targeted_lookahead"][4.0] == pytest.approx([expected] * 2)
+    assert one.agent_returns["a_0"]["targeted_lookahead"][4.0]["a_0"] == pytest.approx(-6.0)

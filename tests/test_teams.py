@@ -333,21 +333,26 @@ def test_teacher_training_averages_each_teams_return_once_per_iteration(make_cfg
     assert [g.value for g in good] == pytest.approx([-a.value for a in adversaries])  # zero-sum
 
 
-def test_stages_that_score_all_agents_together_refuse_an_env_of_several_teams(cli, tmp_path):
-    """In a zero-sum env the all-agent mean is 0 whatever happens: fault=worst and repair would measure nothing."""
+def test_stages_refuse_one_score_for_several_teams(cli, tmp_path):
+    """In a zero-sum env the all-agent mean is 0 whatever happens: repair would measure nothing, and a worst action
+    for victims on both sides has no one team to hurt. The worst action of one side's agent lowers its team's
+    return, so it runs."""
     from conftest import tiny
 
     teacher = tmp_path / "t"
     rc, _, err = cli("train", *tiny("env=duel", "teacher.total_agent_steps=400"), f"hydra.run.dir={teacher}")
     assert rc == 0, err
     for stage, args, said in (
-        ("cascade", [f"cascade.policy={teacher}", "fault=worst", "fault.victims=[agent_0]"],
-         "fault=worst picks the action that lowers the return of all agents together, which in an env of several "
-         "teams (adversaries, good) is no team's"),
-        ("evaluate", [f"eval.policy={teacher}", "fault=worst", "fault.victims=[agent_0]"], "fault=worst picks"),
-        ("cascade", [f"cascade.policy={teacher}", "cascade.impulse=worst"], "cascade.impulse=worst picks"),
+        ("cascade", [f"cascade.policy={teacher}", "fault=worst", "fault.victims=[agent_0,adversary_0]"],
+         "fault 'worst' on agent_0, adversary_0 would lower one return for victims of several teams "
+         "(adversaries, good)"),
+        ("evaluate", [f"eval.policy={teacher}", "fault=worst", "fault.victims=[agent_0,adversary_0]"],
+         "victims of several teams"),
         ("repair", [f"repair.policy={teacher}"], "repair measures the return of all agents together, which in an env "
                                                  "of several teams (adversaries, good) is no team's"),
     ):
         rc, _, err = cli(stage, *tiny(*args), f"hydra.run.dir={tmp_path / stage}")
         assert rc == 2 and said in err and not (tmp_path / stage).exists(), (stage, err)
+    rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "fault=worst", "fault.victims=[agent_0]",
+                                       "eval.episodes=2"), f"hydra.run.dir={tmp_path / 'worst'}")
+    assert rc == 0, err

@@ -4,7 +4,7 @@ step, the actions that hurt the team most, and forces them on the victims with t
 Every Discrete action of every victim is forced at once (:meth:`Attack.force`, one PGD batch per group: all
 victim slots and all actions), which shows the actions the budget can make greedy. The targets are then the
 joint action of the victims that, played now while the other agents play their clean greedy actions, then the
-team's own greedy policy for ``horizon`` steps, gives the lowest team return over those steps (plus a critic's
+team's own greedy policy for ``horizon`` steps, gives the lowest return of the victims' team over those steps (plus a critic's
 discounted value at the horizon, where one is given), among the reachable ones: every candidate is a branch of
 the running episode (``madistill.branching``). The joint choices include leaving any victim at its clean
 action, so the attack on a set considers every attack on its subsets at that step. Where the victims have more
@@ -42,14 +42,15 @@ class LookaheadAttack(ObsTransform):
     branch replays. ``joint``: the most joint actions of the victims branched at one step; with more, each
     victim's target is chosen with the others at their clean actions. ``surrogate``: the team whose policies the
     targets are forced on and whose greedy play the branches continue with, instead of the acting one (for an
-    acting team that draws which policy acts, such as DAgger's mix of teacher and student). :class:`NotBranchable`
-    for Box victims."""
+    acting team that draws which policy acts, such as DAgger's mix of teacher and student). ``scored``: the agents
+    whose mean return the targets lower (the victims' team in an env of several teams; None: every agent).
+    :class:`NotBranchable` for Box victims."""
 
     shared_stream = True  # random starts and sparse timing draw from the rollout's generator
 
     def __init__(self, attack: Attack, victims: Sequence[str], budgets: Mapping[str, Budget], branching: Branching,
                  horizon: int = 1, gamma: float = 0.99, critic: TeamPolicy | None = None, frequency: float = 1.0,
-                 joint: int = 64, surrogate: TeamPolicy | None = None):
+                 joint: int = 64, surrogate: TeamPolicy | None = None, scored: Sequence[str] | None = None):
         box = box_victims(branching.groups, victims)
         if box:
             raise NotBranchable(f"targeted_lookahead branches over Discrete actions, group(s) {box} have Box actions: "
@@ -57,6 +58,7 @@ class LookaheadAttack(ObsTransform):
         self.attack, self.victims, self.budgets = attack, list(victims), dict(budgets)
         self.branching, self.horizon, self.gamma, self.critic = branching, int(horizon), float(gamma), critic
         self.frequency, self.joint, self.surrogate = float(frequency), int(joint), surrogate
+        self.scored = None if scored is None else list(scored)
         self.history = ActionHistory()
         # per group [N, n_g]: the target each agent was forced towards at the last step, -1 where none (not a
         # victim, inactive, not attacked, or the lookahead kept its clean action); DAgger records them
@@ -130,7 +132,7 @@ class LookaheadAttack(ObsTransform):
         for who, ok in groups:
             choices = list(itertools.product(*(range(r.shape[1]) for r in ok)))
             ret = joint_returns(self.branching, team, self.history, clean, ctx, who, choices, rows, self.horizon,
-                                self.gamma, self.critic, obs)
+                                self.gamma, self.critic, obs, self.scored)
             allowed = np.all([r[:, [c[j] for c in choices]] for j, r in enumerate(ok)], axis=0)
             best = np.array(choices)[np.where(allowed, ret, np.inf).argmin(1)]  # [m, victims]
             picks += list(best.T)

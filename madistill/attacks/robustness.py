@@ -33,7 +33,7 @@ from madistill.common.episodes import team_returns
 from madistill.config import AttackMethod
 from madistill.envs.episodes import EpisodeRecord
 from madistill.envs.features import FeatureLayout
-from madistill.envs.teams import several_teams, team_arrays, team_means, team_return, teams_line
+from madistill.envs.teams import several_teams, team_arrays, team_means, team_return, teams_line, victims_team
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
 from madistill.evaluate.evaluator import run_episodes
@@ -291,7 +291,9 @@ def evaluate_robustness(
     sets = victim_sets(list(ac.victims), agents, teams)
     res.victim_members = {v: tuple(members) for v, members in sets.items()}
     for vname, victims in sets.items():
-        attacked_side = _victims_side(res, victims)
+        # the team whose return the search, learned and lookahead attacks lower: the victims' one team, else
+        # (victims on several teams) every agent
+        attacked_side = victims_team(res.teams, victims)
         target = None if attacked_side is None else res.teams[attacked_side]
         unbranchable: set[str] = set()  # the lookahead, once it found these victims or the env unbranchable
         res.agent_returns[vname], res.episodes[vname] = {}, {}
@@ -409,13 +411,6 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
                                    collapse if whole else None, res.seed, ac.n_boot, ac.objective_tolerance)]
 
 
-def _victims_side(res: RobustnessResult, victims: Sequence[str]) -> str | None:
-    """The one team all ``victims`` play for, whose return the search and learned attacks (offsets, learned,
-    director) lower; None (the team return of every agent) with one team or victims on several teams."""
-    sides = [team for team, agents in res.teams.items() if set(agents) & set(victims)]
-    return sides[0] if len(sides) == 1 else None
-
-
 def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, victims: list[str],
                      budgets: Mapping[str, Budget], ac: Any, seed: int, surrogate: TeamPolicy | None,
                      critic: TeamPolicy | None, target: Sequence[str] | None = None,
@@ -431,7 +426,7 @@ def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, vict
         force = replace(suite_attack("targeted_random", ac), restarts=ac.lookahead_restarts)
         return LookaheadAttack(force, victims, budgets, branching, ac.lookahead_horizon,
                                ac.lookahead_gamma, critic if ac.lookahead_critic else None, ac.frequency,
-                               ac.lookahead_joint).transforms()
+                               ac.lookahead_joint, scored=target).transforms()
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
                                 ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target, curve=curve)

@@ -26,6 +26,7 @@ from madistill.branching import ActionHistory, Branching, action_returns, value_
 from madistill.envs.factory import EnvSpec
 from madistill.envs.features import FeatureLayout
 from madistill.envs.groups import AgentGroup
+from madistill.envs.teams import victims_team
 from madistill.errors import MadistillError
 from madistill.policies.base import TeamPolicy
 from madistill.rollout import env_actions
@@ -75,6 +76,8 @@ class FaultEnv:
     # the team white-box faults craft on, given the acting team (None: the acting team itself); for a purified
     # team, the view ``purify.gradient`` names (policies.purified.attack_view)
     crafted_on: Callable[[TeamPolicy], TeamPolicy | None] | None = None
+    # the env's teams (sides), whose return the worst action lowers: its victims' team (None: one team of all)
+    teams: Mapping[str, Sequence[str]] | None = None
 
 
 # what a fault puts in place of the hit rows x[mask] of a group's values x: (group, x, mask, ctx) -> [m, ...]
@@ -392,16 +395,19 @@ class Dead(Constant):
 class Worst(ActionFault):
     """The value-lowering action: at each faulted step the victim plays the Discrete action that, played now
     while the others play their own choices, then followed by ``attack.lookahead_horizon`` steps of the team's
-    own greedy policy, gives the lowest team return (discounted by ``attack.lookahead_gamma``, plus the team's
-    value at the horizon where its policies have value heads), each candidate a branch of the running episode
-    (``madistill.branching``). Its action history records its own output, the executed actions of its copies
+    own greedy policy, gives the lowest return of the victims' team (its agents' mean, discounted by
+    ``attack.lookahead_gamma``, plus their value at the horizon where the policies have value heads), each
+    candidate a branch of the running episode (``madistill.branching``). Its action history records its own output, the executed actions of its copies
     where no later action transform changes them (in paired runs each fault acts on its own block only)."""
 
     spaces = ("discrete",)
 
-    def __init__(self, scope: Scope, branching: Branching, horizon: int = 1, gamma: float = 0.99):
+    def __init__(self, scope: Scope, branching: Branching, horizon: int = 1, gamma: float = 0.99,
+                 scored: Sequence[str] | None = None):
+        """``scored``: the agents whose mean return the action lowers (None: every agent)."""
         super().__init__(scope)
         self.branching, self.horizon, self.gamma = branching, int(horizon), float(gamma)
+        self.scored = None if scored is None else list(scored)
         self.history = ActionHistory()
         self.now: dict[str, np.ndarray] = {}  # this step's joint action before the fault, as the env takes it
 
@@ -411,7 +417,7 @@ class Worst(ActionFault):
             raise ValueError("fault 'worst' branches the env: FaultEnv needs its spec")
         ac = env.attack
         return cls(scope, Branching(env.spec, env.groups, env.backend), ac.lookahead_horizon if ac else 1,
-                   ac.lookahead_gamma if ac else 0.99)
+                   ac.lookahead_gamma if ac else 0.99, worst_scored(env.teams, scope.victims))
 
     def reset(self) -> None:
         super().reset()
@@ -434,8 +440,21 @@ class Worst(ActionFault):
             at = hits[:, 1] == slot
             # the first of the lowest on ties
             out[at] = action_returns(self.branching, ctx.team, self.history, self.now, ctx, group, int(slot), hits[at, 0],
-                                     self.horizon, self.gamma, critic).argmin(1)
+                                     self.horizon, self.gamma, critic, scored=self.scored).argmin(1)
         return torch.as_tensor(out, device=a.device)
+
+
+def worst_scored(teams: Mapping[str, Sequence[str]] | None, victims: Sequence[str]) -> list[str] | None:
+    """The agents whose return the worst action of ``victims`` lowers: their team's (None without teams). Victims
+    of several teams have no one team to hurt, which is refused."""
+    if not teams:
+        return None
+    side = victims_team(teams, victims)
+    if side is None:
+        raise MadistillError(f"fault 'worst' on {', '.join(victims)} would lower one return for victims of several "
+                             f"teams ({', '.join(teams)}): fault each team's agents in a run of their own "
+                             "(fault.victims=[<agents of one team>])")
+    return list(teams[side])
 
 
 def make_fault(fc: Any, env: FaultEnv, victims: Sequence[str] | None = None) -> Fault:

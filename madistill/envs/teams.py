@@ -63,6 +63,12 @@ def several_teams(teams: Mapping[str, Sequence[str]] | None) -> bool:
     return teams is not None and len(teams) > 1
 
 
+def victims_team(teams: Mapping[str, Sequence[str]], victims: Sequence[str]) -> str | None:
+    """The one team all ``victims`` play for; None where they play for several."""
+    sides = [team for team, agents in teams.items() if set(agents) & set(victims)]
+    return sides[0] if len(sides) == 1 else None
+
+
 def teams_line(teams: Mapping[str, Sequence[str]]) -> str:
     """One line for reports saying who plays on which team."""
     members = "; ".join(f"**{team}**: {', '.join(agents)}" for team, agents in teams.items())

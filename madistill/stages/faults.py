@@ -26,26 +26,19 @@ def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any, teams:
 
 
 def fault_env(cfg: DictConfig, groups: list, layouts: dict, spec: Any, device: Any, teams: Any = None) -> Any:
-    """The ``FaultEnv`` the configured faults are built with: the env, the attack settings of attack faults, and
-    the view of a purified team they craft on (``purify.gradient``, ``purify.eot_samples``), as the attack stage's.
-    ``fault=worst`` is refused where the env has several ``teams``: it scores the return of all agents together."""
+    """The ``FaultEnv`` the configured faults are built with: the env, its ``teams`` (whose return the worst
+    action lowers), the attack settings of attack faults, and the view of a purified team they craft on
+    (``purify.gradient``, ``purify.eot_samples``), as the attack stage's."""
     from madistill.cascade.faults import FaultEnv
-    from madistill.envs.teams import several_teams
-    from madistill.errors import MadistillError
     from madistill.policies.purified import attack_view
 
-    worst = next((f"{key}=worst" for key, name in (("fault", cfg.fault.name), ("cascade.impulse", cfg.cascade.impulse))
-                  if name == "worst"), None)
-    if worst and several_teams(teams):
-        raise MadistillError(f"{worst} picks the action that lowers the return of all agents together, which in an "
-                             f"env of several teams ({', '.join(teams)}) is no team's: use another fault here "
-                             "(dead, random, stuck, ...)")
     pc = cfg.purify
 
     def crafted_on(team: Any) -> Any:
         return attack_view(team, str(pc.gradient), int(pc.eot_samples), int(cfg.seed) + 1)
 
-    return FaultEnv(groups, layouts, cfg.attack, device, spec, cfg.env.backend, crafted_on if pc.purifier else None)
+    return FaultEnv(groups, layouts, cfg.attack, device, spec, cfg.env.backend, crafted_on if pc.purifier else None,
+                    teams)
 
 
 def fault_label(cfg: DictConfig) -> str:
