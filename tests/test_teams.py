@@ -348,11 +348,41 @@ def test_stages_refuse_one_score_for_several_teams(cli, tmp_path):
          "(adversaries, good)"),
         ("evaluate", [f"eval.policy={teacher}", "fault=worst", "fault.victims=[agent_0,adversary_0]"],
          "victims of several teams"),
-        ("repair", [f"repair.policy={teacher}"], "repair measures the return of all agents together, which in an env "
-                                                 "of several teams (adversaries, good) is no team's"),
+        ("repair", [f"repair.policy={teacher}", "repair.attack=targeted_lookahead"],
+         "repair.attack=targeted_lookahead attacks every agent at once, which in an env of several teams "
+         "(adversaries, good) lowers no one team's return"),
     ):
         rc, _, err = cli(stage, *tiny(*args), f"hydra.run.dir={tmp_path / stage}")
         assert rc == 2 and said in err and not (tmp_path / stage).exists(), (stage, err)
     rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "fault=worst", "fault.victims=[agent_0]",
                                        "eval.episodes=2"), f"hydra.run.dir={tmp_path / 'worst'}")
     assert rc == 0, err
+
+
+def test_repair_in_an_env_of_several_teams_measures_the_repaired_groups_team(cli, tmp_path):
+    """Duel's all-agent mean is 0 in every episode; the repair's returns are those of its group's team."""
+    from conftest import tiny
+
+    teacher = tmp_path / "t"
+    rc, _, err = cli("train", *tiny("env=duel", "teacher.total_agent_steps=400"), f"hydra.run.dir={teacher}")
+    assert rc == 0, err
+    rc, _, err = cli("repair", *tiny(f"repair.policy={teacher}", "repair.group=agent", "attack.episodes=4",
+                                     "repair.episodes=4", "attack.methods=[pgd]", "repair.eps=2"), f"hydra.run.dir={tmp_path / 'r'}")
+    assert rc == 0, err
+    payload = json.loads((tmp_path / "r" / "reports" / "repair.json").read_text())
+    assert (payload["meta"]["team"], payload["meta"]["team_agents"]) == ("good", ["agent_0", "agent_1"])
+    original = payload["original"]["evaluation"]
+    assert any(x != 0 for x in original["clean_episodes"])
+    assert original["clean"] == pytest.approx(np.mean(original["clean_episodes"]))
+    assert "those of team good (agent_0, agent_1)" in (tmp_path / "r" / "reports" / "repair.md").read_text()
+
+
+def test_repair_refuses_groups_whose_agents_play_on_several_teams():
+    from madistill.stages.repair import _check_sides
+
+    sides = {"red": ("a_0",), "blue": ("b_0",)}
+    mixed, red = SimpleNamespace(name="a", agents=("a_0", "b_0")), SimpleNamespace(name="r", agents=("a_0",))
+    rc = SimpleNamespace(attack="pgd")
+    with pytest.raises(MadistillError, match=r"group\(s\) \['a'\] have agents on several teams \(red, blue\)"):
+        _check_sides(sides, [mixed], rc)
+    _check_sides(sides, [mixed, red], rc)  # the group of one team is repaired

@@ -123,6 +123,7 @@ class RobustnessResult:
     team_clean: dict[str, float] = field(default_factory=dict)
     team_random: dict[str, float] = field(default_factory=dict)
     team_episodes: dict[str, Cells] = field(default_factory=dict)
+    team_clean_episodes: dict[str, np.ndarray] = field(default_factory=dict)  # per-episode clean returns per team
     victim_members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # victim set -> its agents
     objective: dict[str, list[Flag]] = field(default_factory=dict)  # objective_misses_return flags per victim set
     clean_episodes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-episode clean team returns
@@ -138,9 +139,9 @@ class RobustnessResult:
     def returns_of(self, team: str | None) -> dict[str, dict[str, dict[float, float]]]:
         """Mean return of ``team`` (None: of every agent) per victim set, attack and eps."""
         return {v: {a: {e: float(np.nanmean(x)) for e, x in r.items()} for a, r in t.items()}
-                for v, t in self._cells(team).items()}
+                for v, t in self.cells_of(team).items()}
 
-    def _cells(self, team: str | None) -> Cells:
+    def cells_of(self, team: str | None) -> Cells:
         """Per-episode returns of ``team`` (None: of every agent) per victim set, attack and eps."""
         return self.episodes if team is None else self.team_episodes[team]
 
@@ -150,7 +151,7 @@ class RobustnessResult:
         of a set may leave any of its members alone, so a set is never less harmful than its subsets."""
         members = set(self.victim_members.get(victims, ()))
         sets = [victims, *(v for v, m in self.victim_members.items() if v != victims and members and set(m) <= members)]
-        cells = self._cells(team)
+        cells = self.cells_of(team)
         # only the cells at eps of these sets: a report asks for every set and eps in turn
         rows = {(v, a): float(np.nanmean(r[eps])) for v in sets for a, r in cells[v].items() if eps in r}
         where = min(rows, key=rows.get)  # type: ignore[arg-type]
@@ -207,7 +208,7 @@ class RobustnessResult:
     def _cells_dict(self, team: str | None) -> dict[str, Any]:
         """JSON of ``team``'s returns (None: of every agent): means, bootstrap CIs and the worst case per
         victim set and eps."""
-        cells = self._cells(team)
+        cells = self.cells_of(team)
         returns = self.returns_of(team)
         ci = {v: {a: {e: bootstrap_ci(x[~np.isnan(x)], np.mean, n_boot=self.n_boot, seed=self.seed)
                       for e, x in r.items()} for a, r in t.items()} for v, t in cells.items()}
@@ -277,6 +278,7 @@ def evaluate_robustness(
             raise ValueError("several teams need each team's random-policy return (random_teams)")
         res.teams = {t: tuple(agents) for t, agents in teams.items()}  # type: ignore[union-attr]
         res.team_clean, res.team_random = team_means(clean_recs, res.teams), dict(random_teams)
+        res.team_clean_episodes = {t: team_arrays(clean_recs, agents) for t, agents in res.teams.items()}
     res.seconds["clean"] = time.perf_counter() - start
     runs_of: dict[str, int] = {}
     budgets = {float(e): group_budgets(float(e), layouts, ac.exclude, team.device, ac.scale) for e in ac.eps}
@@ -392,11 +394,10 @@ def _return_flags(res: RobustnessResult, vname: str, victims: Sequence[str], ac:
     if not res.teams:
         return return_checks(res.episodes[vname], res.clean_episodes, res.random, ac.masking_tolerance,
                              collapse if vname == "all" else None, res.seed, ac.n_boot, ac.objective_tolerance)
-    sides = [t for t, agents in res.teams.items() if set(agents) & set(victims)]
-    if len(sides) != 1:
+    team = victims_team(res.teams, victims)
+    if team is None:
         res.skipped.append(f"return-level masking checks on victims {vname}: they play on several teams")
         return []
-    team = sides[0]
     if res.team_clean[team] <= res.team_random[team]:
         res.skipped.append(f"return-level masking checks on victims {vname}: the clean return of team {team} is "
                            "no better than random")

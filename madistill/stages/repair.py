@@ -60,10 +60,12 @@ def _markdown(payload: dict) -> str:
         accuracy = "held-out share keeping its action under the forced target"
     else:
         accuracy = "held-out accuracy under a fresh attack" if refresh else "held-out failure accuracy"
+    scored = (f" The returns are those of team {m['team']} ({', '.join(m['team_agents'])}), the repaired group's side."
+              if m.get("team") else "")
     lines = [f"# Repair of {m['group']} on {m['env']}", "",
              f"Failure set: {m['failures']} failing observations from {m['failure_source']} "
              f"({m['searched']} searched). Neuron scores: {m['score']}. {_MASKS[m['repair'].get('mask', 'neurons')]}"
-             f"{adversarial}", "",
+             f"{adversarial}{scored}", "",
              "| variant | parameters free | parameters changed | share of acting parameters | learning rate | "
              f"anchor | {accuracy} | held-out clean divergence | clean | worst attacked |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -93,28 +95,52 @@ def _markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def _evaluate(cfg: DictConfig, venv: Any, teams: dict[str, TeamPolicy], layouts: Any, eps: float,
-              progress: str | None) -> dict[str, dict]:
+def _evaluate(cfg: DictConfig, venv: Any, played: dict[str, TeamPolicy], layouts: Any, eps: float,
+              progress: str | None, sides: Any, side: str | None) -> dict[str, dict]:
     """Clean return and the worst return under the attack suite (``attack.*`` at ``eps``, over its victim sets)
-    of every team, with their per-episode returns, all on the same episode seeds (so paired); ``progress``: the
-    label of a progress bar over the teams (None: no bar)."""
+    of every team of policies in ``played``, with their per-episode returns, all on the same episode seeds (so
+    paired). The returns are those of team ``side`` of the env's teams ``sides`` (None: of every agent);
+    ``progress``: the label of a progress bar over ``played`` (None: no bar)."""
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
     from madistill.attacks.robustness import evaluate_robustness
     from madistill.common.episodes import team_returns
+    from madistill.envs.teams import team_means
     from madistill.evaluate.evaluator import run_episodes, uniform_team
 
     ac = OmegaConf.merge(cfg.attack, {"eps": [eps], "checks": False})
-    random_return = team_returns(run_episodes(venv, uniform_team(venv, next(iter(teams.values())).device),
-                                              ac.episodes, ac.seed, False))
+    random_recs = run_episodes(venv, uniform_team(venv, next(iter(played.values())).device), ac.episodes, ac.seed, False)
+    random_teams = team_means(random_recs, sides) if side is not None else None
+    random_return = team_returns(random_recs) if side is None else random_teams[side]
     out = {}
-    for name, team in tqdm(teams.items(), desc=progress, unit="policy", disable=progress is None):
-        res = evaluate_robustness(venv, team, layouts, ac, random_return, ac.seed)
-        victims, attack, ret = min((res.worst_from(v, eps) for v in res.episodes), key=lambda w: w[2])
-        out[name] = {"clean": res.clean, "worst": ret, "worst_attack": f"{attack} on {victims}", "random": random_return,
-                     "clean_episodes": res.clean_episodes.tolist(), "worst_episodes": res.episodes[victims][attack][eps].tolist()}
+    for name, team in tqdm(played.items(), desc=progress, unit="policy", disable=progress is None):
+        res = evaluate_robustness(venv, team, layouts, ac, team_returns(random_recs), ac.seed, teams=sides,
+                                  random_teams=random_teams)
+        victims, attack, ret = min((res.worst_from(v, eps, side) for v in res.episodes), key=lambda w: w[2])
+        clean, clean_episodes = ((res.clean, res.clean_episodes) if side is None
+                                 else (res.team_clean[side], res.team_clean_episodes[side]))
+        out[name] = {"clean": clean, "worst": ret, "worst_attack": f"{attack} on {victims}", "random": random_return,
+                     "clean_episodes": clean_episodes.tolist(),
+                     "worst_episodes": res.cells_of(side)[victims][attack][eps].tolist()}
     return out
+
+
+def _check_sides(sides: Any, candidates: list, rc: Any) -> None:
+    """One line, before any episode is played, for what repair cannot measure in an env of several teams: a
+    group whose agents play on several teams (its repair has no one team's return to judge it by), and the
+    lookahead's failures (it attacks every agent at once, on both sides)."""
+    from madistill.envs.teams import victims_team
+    from madistill.errors import MadistillError
+
+    if rc.attack == "targeted_lookahead":
+        raise MadistillError(f"repair.attack=targeted_lookahead attacks every agent at once, which in an env of "
+                             f"several teams ({', '.join(sides)}) lowers no one team's return: choose another "
+                             "repair.attack")
+    mixed = [g.name for g in candidates if victims_team(sides, g.agents) is None]
+    if len(mixed) == len(candidates):
+        raise MadistillError(f"group(s) {mixed} have agents on several teams ({', '.join(sides)}), so their repair has "
+                             "no one team's return to judge it by: set repair.group to a group of one team")
 
 
 def _check_lookahead(cfg: DictConfig, venv: Any, eps: float) -> None:
@@ -207,8 +233,10 @@ def _terms(cfg: DictConfig, policy: Any, states: dict | None, targets: dict | No
     return fixed_terms
 
 
-def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any, source: Path) -> dict:
-    """The report's JSON, without the evaluation."""
+def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any, source: Path,
+             side: str | None, sides: Any) -> dict:
+    """The report's JSON, without the evaluation; ``side``: the team of ``sides`` whose returns it gives (None:
+    one team, every agent)."""
     from dataclasses import asdict
 
     from omegaconf import OmegaConf
@@ -218,7 +246,8 @@ def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any,
     return {
         "meta": {"policy": str(source), "group": group, "env": spec.id, "eps": _eps(cfg), "failures": len(failures),
                  "failure_source": failures.source, "searched": failures.searched, "score": cfg.repair.score,
-                 "acting_parameters": rep.acting_parameters, "repair": OmegaConf.to_container(cfg.repair)},
+                 "acting_parameters": rep.acting_parameters, "repair": OmegaConf.to_container(cfg.repair),
+                 "team": side, "team_agents": list(sides[side]) if side is not None else None},
         "neurons": [{"layer": rep.layer_names[i], "unit": u, "score": sc} for (i, u), sc in zip(rep.neurons, rep.chosen_scores)],
         "ablation": rep.ablation,
         "variants": {name: {"mask_size": rep.mask_sizes[name], "changed": changed_count(rep.deltas[name]),
@@ -245,7 +274,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.common.collect import collect_round
     from madistill.common.io import atomic_write_text
     from madistill.envs.features import feature_layouts
-    from madistill.envs.teams import several_teams
+    from madistill.envs.teams import several_teams, victims_team
     from madistill.errors import MadistillError
     from madistill.evaluate.report import write_markdown
     from madistill.policies.store import find_policy_dir, load_team, save_team
@@ -261,14 +290,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     eps = _eps(cfg)
     with make_vec_env(cfg.env, spec) as venv:
         teams = teams_for(cfg, venv, refs)
-        if several_teams(teams):
-            raise MadistillError(f"repair measures the return of all agents together, which in an env of several teams "
-                                 f"({', '.join(teams)}) is no team's: repair supports envs of one team")
+        # with several teams the returns measured are those of the repaired group's team
+        sides = teams if several_teams(teams) else None
         team, manifest = load_team(source, venv.groups, device=device)
         names = [g.name for g in venv.groups]
         if rc.group is not None and rc.group not in names:
             raise MadistillError(f"repair.group={rc.group!r} is not a group of this env: use one of {names}")
         candidates = [g for g in venv.groups if (rc.group is None or g.name == rc.group)]
+        if sides is not None:
+            _check_sides(sides, candidates, rc)
+            candidates = [g for g in candidates if victims_team(sides, g.agents) is not None]
         if not any(g.discrete for g in candidates):
             discrete = [g.name for g in venv.groups if g.discrete]
             raise MadistillError("repair needs a Discrete-action group (a failure is a changed action): "
@@ -304,11 +335,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         terms = _terms(cfg, policy, states, targets, layouts[group], budgets[group])
         rep = repair_policy(policy, failures, clean, rc, cfg.seed, terms,
                             "repair: fine-tunes" if cfg.logger.progress else None)
-        payload = _payload(cfg, group, failures, rep, spec, source)
+        side = None if sides is None else victims_team(sides, policy.group.agents)
+        payload = _payload(cfg, group, failures, rep, spec, source, side, sides)
         if rc.evaluate:
-            teams = {"original": team, **{n: _with_policy(team, group, p) for n, p in rep.policies.items()}}
-            evaluation = _evaluate(cfg, venv, teams, layouts, eps,
-                                   "repair: attack suite" if cfg.logger.progress else None)
+            played = {"original": team, **{n: _with_policy(team, group, p) for n, p in rep.policies.items()}}
+            evaluation = _evaluate(cfg, venv, played, layouts, eps,
+                                   "repair: attack suite" if cfg.logger.progress else None, sides, side)
             payload["original"] = {"evaluation": evaluation.pop("original")}
             for name, ev in evaluation.items():
                 payload["variants"][name]["evaluation"] = ev
