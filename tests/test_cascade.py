@@ -8,7 +8,7 @@ from cascade_helpers import copy_team, mlp_team, relay_spec, venv_maker
 from omegaconf import OmegaConf
 
 from madistill.cascade.faults import FaultEnv, make_fault
-from madistill.cascade.measures import cascade, deviation_summary, influence, precision_recall
+from madistill.cascade.measures import Cascade, cascade, deviation_summary, influence, precision_recall
 from madistill.cascade.paired import check_reproducible, paired_rollouts
 from madistill.config import FaultConfig
 from madistill.envs.factory import make_env
@@ -228,3 +228,17 @@ def test_noise_floor_is_the_quantile_of_independently_sampling_clean_twins_and_r
     assert greedy.noise_floor == 0.0 and greedy.threshold == 0.01
     off = study(make, team, env, OmegaConf.merge(cc, {"noise_quantile": None}), fc, impulse_fc, "relay")
     assert off.noise_floor == 0.0 and off.threshold == 0.01
+
+
+def test_the_others_return_delta_is_also_kept_per_team():
+    """Two episodes, three non-faulted agents: a_1 (red) loses 2, b_0 and b_1 (blue) gain 1 and 3. Across the
+    sides the mean delta is +2/3; per team it is -2 for red and +2 for blue."""
+    delta = np.array([[-2.0, 1.0, 3.0], [-2.0, 1.0, 3.0]])
+    c = Cascade(["a_1", "b_0", "b_1"], ["a_0"], 0.1, np.full((2, 3), np.nan), delta, {}, np.zeros((2, 3)))
+    teams = {"red": ("a_0", "a_1"), "blue": ("b_0", "b_1")}
+    s = c.summary(n_boot=50, teams=teams)
+    assert s["others_return_delta"] == pytest.approx(2 / 3)
+    by_team = s["others_return_delta_by_team"]
+    assert {t: (v["agents"], v["mean"]) for t, v in by_team.items()} == {"red": (["a_1"], -2.0),
+                                                                            "blue": (["b_0", "b_1"], 2.0)}
+    assert "others_return_delta_by_team" not in c.summary(n_boot=50, teams={"team": ("a_0", "a_1", "b_0", "b_1")})

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from madistill.cascade.paired import PairedRun
+from madistill.envs.teams import several_teams
 from madistill.evaluate.stats import bootstrap_ci
 
 Matrix = dict[str, dict[str, Any]]  # src -> dst -> value
@@ -137,9 +138,12 @@ class Cascade:
         sizes = self.sizes
         return int(np.argmin(np.abs(sizes - np.median(sizes))))
 
-    def summary(self, n_boot: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
+    def summary(self, n_boot: int = 1000, confidence: float = 0.95,
+                teams: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
         """The cascade's distributions over episodes, as JSON-ready values; ``sizes``, ``others_return_deltas`` and
-        ``others_clean_returns`` keep the per-episode values, which policies played on the same episodes are paired by."""
+        ``others_clean_returns`` keep the per-episode values, which policies played on the same episodes are paired by.
+        With several ``teams``, ``others_return_delta_by_team`` gives the non-faulted agents' mean return delta
+        within each team that has any (across opposing teams the deltas partly cancel)."""
         sizes = self.sizes
         per_agent = {}
         for j, a in enumerate(self.agents):
@@ -153,6 +157,13 @@ class Cascade:
                 "return_delta_ci": list(bootstrap_ci(r, np.mean, n_boot=n_boot, confidence=confidence)),
             }
         others = self.return_delta.mean(1)  # per episode: the non-faulted agents' mean return delta
+        by_team = {}
+        for team, members in teams.items() if several_teams(teams) else ():  # type: ignore[union-attr]
+            cols = [j for j, a in enumerate(self.agents) if a in members]
+            if cols:
+                d = self.return_delta[:, cols].mean(1)
+                by_team[team] = {"agents": [self.agents[j] for j in cols], "mean": float(d.mean()),
+                                 "ci": list(bootstrap_ci(d, np.mean, n_boot=n_boot, confidence=confidence))}
         return {
             "victims": self.victims,
             "threshold": self.threshold,
@@ -160,6 +171,7 @@ class Cascade:
             "size_ci": list(bootstrap_ci(sizes, np.mean, n_boot=n_boot, confidence=confidence)),
             "others_return_delta": float(others.mean()),
             "others_return_delta_ci": list(bootstrap_ci(others, np.mean, n_boot=n_boot, confidence=confidence)),
+            **({"others_return_delta_by_team": by_team} if by_team else {}),
             "size_histogram": np.bincount(sizes, minlength=len(self.agents) + 1).tolist(),
             "sizes": sizes.tolist(),
             "others_return_deltas": others.tolist(),

@@ -39,6 +39,7 @@ class CascadeStudy:
     threshold: float  # the failure threshold in use: the largest of cascade.threshold, replay_deviation, noise_floor
     replay_deviation: float  # the largest TV between clean twins of the replay check (0 when reproducible)
     noise_floor: float  # the quantile of the TV between independently sampling clean twins (0: greedy or off)
+    teams: dict[str, tuple[str, ...]] | None = None  # the env's teams, whose agents' return deltas are also kept apart
 
     def block(self, i: int) -> int:
         """The paired run's fault index of studied fault i."""
@@ -60,7 +61,7 @@ class CascadeStudy:
             "faults": {
                 sf.label: {
                     "deviation": deviation_summary(self.run, self.block(i), sf.victims),
-                    "cascade": self.cascades[i].summary(n_boot, confidence),
+                    "cascade": self.cascades[i].summary(n_boot, confidence, self.teams),
                 }
                 for i, sf in enumerate(self.faults)
             },
@@ -126,4 +127,5 @@ def study(make_venv: MakeVenv, team: TeamPolicy, env: FaultEnv, cc: Any, fc: Any
     loss = None if cc.return_loss is None else float(cc.return_loss)
     first = len(impulses) + len(floor_block)  # the studied faults' first block
     cascades = [cascade(run, first + i, sf.victims, threshold, edges, loss) for i, sf in enumerate(faults)]
-    return CascadeStudy(list(run.agents), inf, faults, cascades, run, threshold, replay_dev, floor)
+    teams = {t: tuple(a) for t, a in env.teams.items()} if env.teams else None
+    return CascadeStudy(list(run.agents), inf, faults, cascades, run, threshold, replay_dev, floor, teams)

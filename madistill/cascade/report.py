@@ -48,6 +48,14 @@ def markdown(result: dict[str, Any], env_id: str, policy: str, episodes: int, de
     lines += ["", "Fail rate: share of episodes in which the agent's action distribution left its clean twin's by more "
               "than the threshold at or after the onset; delay: steps from the onset to that; hop depth: edges of the "
               "lag-1 influence graph from the victim."]
+    sided = {label: f["cascade"]["others_return_delta_by_team"] for label, f in result["faults"].items()
+             if "others_return_delta_by_team" in f["cascade"]}
+    if sided:
+        lines += ["", "Non-faulted agents' return delta per team (faulted - clean twin, mean with 95% CI; across "
+                  "opposing teams the deltas partly cancel):", "", "| fault | team | agents | return delta |",
+                  "|---|---|---|---|"]
+        lines += [f"| {label} | {team} | {', '.join(t['agents'])} | {t['mean']:+.3f} [{t['ci'][0]:+.3f}, "
+                  f"{t['ci'][1]:+.3f}] |" for label, teams in sided.items() for team, t in teams.items()]
     return "\n".join(lines) + "\n"
 
 
