@@ -77,12 +77,15 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     _STARTED.append(str(run_dir))
-    logging.getLogger("torch").setLevel(logging.WARNING)  # torch's INFO records (its compiler's caches) are not ours
+    # torch's INFO records (its compiler's caches) and matplotlib's (its font cache, once per machine) are not ours
+    for library in ("torch", "matplotlib"):
+        logging.getLogger(library).setLevel(logging.WARNING)
     # Hydra's record of this job is in it already; a resumed run's files are there too, with their times
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     sweep = hc.mode == RunMode.MULTIRUN
     record = run_dir / hc.output_subdir if hc.output_subdir else None
-    drop = functools.partial(_drop_failed_start, run_dir, before, record, run_dir / f"{hc.job.name}.log")
+    drop = functools.partial(_drop_failed_start, run_dir, before, record, run_dir / f"{hc.job.name}.log",
+                             Path(hc.runtime.cwd))
     if sweep and sweeps.interrupted():  # the sweep was interrupted before this job began: it does not start
         drop()
         sweeps.record_job(hc, run_dir, sweeps.NOT_STARTED)
@@ -181,10 +184,11 @@ def _drop_stdout() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
 
 
-def _drop_failed_start(run_dir: Path, before: dict[Path, int], record: Path | None, log_file: Path) -> None:
+def _drop_failed_start(run_dir: Path, before: dict[Path, int], record: Path | None, log_file: Path, cwd: Path) -> None:
     """After a user error, leave no half-written run behind: unless the stage saved a policy, checkpoint or
     report, remove what this job added to ``run_dir``, and the directory itself when it held only Hydra's
-    record (``record``, this job's ``.hydra`` folder) and its log. A resumed run's directory keeps its files."""
+    record (``record``, this job's ``.hydra`` folder) and its log, with the folders above it that it leaves
+    empty below ``cwd`` (``runs/<stage>/<env>/``). A resumed run's directory keeps its files."""
     saved = [p for d in ("policies", "checkpoint", "reports") for p in (run_dir / d).rglob("*")
              if before.get(p) != p.stat().st_mtime_ns]  # new, or replaced in place (a resumed run's checkpoint)
     if saved:
@@ -192,6 +196,14 @@ def _drop_failed_start(run_dir: Path, before: dict[Path, int], record: Path | No
     hydra_own = {record, log_file} | ({p for p in before if record in p.parents} if record else set())
     if before.keys() <= hydra_own:
         shutil.rmtree(run_dir, ignore_errors=True)
+        stop = cwd.resolve()
+        for parent in run_dir.resolve().parents:
+            if stop not in parent.parents:
+                break
+            try:
+                parent.rmdir()  # only an empty folder goes
+            except OSError:
+                break
         return
     if record is not None and record.parent != run_dir:  # a nested record: the resumed run's own
         shutil.rmtree(record, ignore_errors=True)
@@ -471,6 +483,28 @@ def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
     return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=.hydra/resumed_${now:%Y-%m-%d_%H-%M-%S}", *overrides]
 
 
+def _beside_another_stage(overrides: list[str], stage: str) -> list[str]:
+    """A stage run into the directory of another stage's run (``hydra.run.dir=<run>``: evaluating into a pipeline's
+    run, say) records its job in ``.hydra/<stage>_<time>/``, so the run's own ``.hydra/`` record, whose settings a
+    resume of that run reads back (:func:`_run_overrides`), stays as it was. A run of the same stage there
+    replaces the run, and its record too."""
+    import yaml
+
+    if any(o.startswith("hydra.output_subdir=") or o in _MULTIRUN for o in overrides):
+        return overrides
+    run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), "")
+    record = Path(run_dir.strip("'\"")) / ".hydra" / "hydra.yaml"
+    if not run_dir or not record.is_file():
+        return overrides
+    try:
+        earlier = yaml.safe_load(record.read_text())["hydra"]["job"]["name"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return overrides
+    if earlier == stage:
+        return overrides
+    return [*overrides, f"hydra.output_subdir=.hydra/{stage}_${{now:%Y-%m-%d_%H-%M-%S}}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``madistill <stage> [overrides]``: run one stage; returns the exit code (0, 2 for a user error, 130 when interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -504,6 +538,7 @@ def _main(args: list[str]) -> int:
         check_overrides(hydra_args, config_groups())
         hydra_args = _with_saved_env(hydra_args, stage)
         hydra_args = _resume_in_place(hydra_args, stage)
+        hydra_args = _beside_another_stage(hydra_args, stage)
     except MadistillError as e:
         print(f"madistill {stage}: error: {e}", file=sys.stderr)
         return 2

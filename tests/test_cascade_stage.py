@@ -139,7 +139,7 @@ def test_a_student_is_compared_with_its_teacher_episode_by_episode(cli, teacher,
 
 def test_evaluate_plays_under_the_configured_fault(cli, teacher, tmp_path):
     """`madistill evaluate fault=... fault.victims=[...]`: the same episodes, the victim dead from step 0; the
-    report says so. Without victims (the default) nothing changes."""
+    report says so. A fault named without victims is refused, since it would play nothing."""
     def team_mean(*args: str) -> tuple[float, str, dict]:
         out = tmp_path / str(len(list(tmp_path.iterdir())))
         rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "eval.random_baseline=false", *args),
@@ -151,10 +151,12 @@ def test_evaluate_plays_under_the_configured_fault(cli, teacher, tmp_path):
             "fault": summary["meta"]["fault"], "tasks": list(marl_eval["pettingzoo"])}
 
     clean, clean_md, clean_meta = team_mean()
-    same, _, _ = team_mean("fault=dead")  # no victims: no fault
+    rc, _, err = cli("evaluate", *tiny(f"eval.policy={teacher}", "fault=dead"), f"hydra.run.dir={tmp_path / 'none'}")
+    assert rc == 2 and "fault=dead names no victims, so no fault would be played" in err
+    assert not (tmp_path / "none").exists()
     victims = "agent_0,agent_1,agent_2,agent_3"
     faulted, md, meta = team_mean("fault=dead", f"fault.victims=[{victims}]", "fault.onset=0")
-    assert same == clean and "Under fault" not in clean_md
+    assert "Under fault" not in clean_md
     assert "Under fault 'dead' on agent_0, agent_1, agent_2, agent_3 from step 0 to the episode's end" in md
     assert faulted != clean
     # the results files record the fault, and marl-eval files it under a task of its own

@@ -273,6 +273,16 @@ def test_common_mistakes_get_one_line_naming_the_fix(cli, tmp_path, stage, args,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_failed_start_in_the_default_run_directory_leaves_no_folder_above_it(cli, tmp_path, monkeypatch):
+    """The default run directory is runs/<stage>/<env>/<time>: the folders Hydra made for it go with it, and a
+    folder that holds something else stays."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "kept").mkdir(parents=True)
+    rc, _, err = cli("train", "teacher.total_agent_steps=-5")
+    assert rc == 2 and "teacher.total_agent_steps must be at least 1" in err
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["runs", "runs/kept"]
+
+
 def test_wrong_type_message_says_what_type_is_expected(cli, tmp_path):
     _, _, err = cli("train", "teacher.ppo.learning_rate=abc", f"hydra.run.dir={tmp_path}")
     assert "float" in _madistill_error(err, "train").lower()
@@ -869,6 +879,23 @@ def test_a_resume_repeats_the_settings_the_run_last_ran_with(tmp_path):
             f"- env=simple_spread_v3\n- teacher.ppo.learning_rate={rate}\n- teacher.resume=c\n")
     assert _run_overrides(tmp_path, ["teacher.resume=c"]) == ["env=simple_spread_v3", "teacher.ppo.learning_rate=0.0001",
                                                               "teacher.resume=c"]
+
+
+def test_another_stage_run_into_a_run_keeps_the_runs_record_that_its_resume_reads(cli, tmp_path):
+    """Evaluating into a training run records the evaluation in .hydra/evaluate_<time>/: the run's own .hydra/,
+    whose settings resuming it repeats, stays as it was; a run of the same stage there replaces it."""
+    from madistill.cli import _beside_another_stage, _run_overrides
+
+    run = tmp_path / "run"
+    rc, _, err = cli("train", *tiny("env=relay", "teacher.total_agent_steps=200"), f"hydra.run.dir={run}")
+    assert rc == 0, err
+    record = (run / ".hydra" / "overrides.yaml").read_text()
+    rc, _, err = cli("evaluate", *tiny(f"eval.policy={run}", "eval.episodes=2"), f"hydra.run.dir={run}")
+    assert rc == 0, err
+    assert (run / ".hydra" / "overrides.yaml").read_text() == record
+    assert [p.name.split("_")[0] for p in (run / ".hydra").glob("evaluate_*")] == ["evaluate"]
+    assert "teacher.total_agent_steps=200" in _run_overrides(run, [])
+    assert _beside_another_stage([f"hydra.run.dir={run}"], "train") == [f"hydra.run.dir={run}"]
 
 
 @pytest.mark.parametrize("name,fix", [

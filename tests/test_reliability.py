@@ -393,6 +393,11 @@ def test_a_pipeline_interrupted_while_distilling_resumes_to_distil_its_trained_t
     assert f"teacher: trained to 200 agent-steps before the run stopped ({run / 'policies' / 'teacher'}): distilling it" in out
     assert (run / "policies" / "student" / "manifest.json").is_file() and (run / "reports" / "eval.md").is_file()
     assert (run / "policies" / "teacher" / "agent.safetensors").read_bytes() == weights  # not trained again
+    # the finished pipeline is not distilled again
+    report = (run / "reports" / "eval.md").read_text()
+    rc, _, err = cli("pipeline", f"teacher.resume={run / 'checkpoint'}")
+    assert rc == 2 and f"the pipeline at {run} finished (its teacher at 200 agent-steps" in _one_error_line(err, "pipeline")
+    assert (run / "reports" / "eval.md").read_text() == report
 
 
 def test_a_failed_resumed_run_that_replaced_its_checkpoint_keeps_what_it_wrote(tmp_path):
@@ -406,10 +411,10 @@ def test_a_failed_resumed_run_that_replaced_its_checkpoint_keeps_what_it_wrote(t
     os.utime(run / "checkpoint" / "manifest.json", ns=(1, 1))  # replaced in place by the resumed run
     (run / "tb").mkdir()
     (run / "tb" / "events").write_text("new curve")
-    _drop_failed_start(run, before, run / ".hydra" / "resumed_x", run / "train.log")
+    _drop_failed_start(run, before, run / ".hydra" / "resumed_x", run / "train.log", tmp_path)
     assert (run / "tb" / "events").exists()
     # nothing saved: what the failed attempt added goes, the run's earlier files stay
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     (run / "tb" / "more").write_text("x")
-    _drop_failed_start(run, before, run / ".hydra" / "resumed_y", run / "train.log")
+    _drop_failed_start(run, before, run / ".hydra" / "resumed_y", run / "train.log", tmp_path)
     assert not (run / "tb" / "more").exists() and (run / "tb" / "events").exists()

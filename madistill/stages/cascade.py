@@ -160,6 +160,6 @@ STAGE = Stage(
     sections=("cascade", "fault", "alerts", "purify"),
     writes="reports/cascade.{json,md}, influence heatmaps, graph and timelines, alerts.json (alerts.enabled)",
     examples=("madistill cascade cascade.policy=<run>", "madistill cascade cascade.policy=<run> fault=stuck "
-              "fault.victims=[agent_0] fault.onset=5"),
+              "fault.victims=[listener_0] fault.onset=5"),
     policy_key="cascade.policy",
 )

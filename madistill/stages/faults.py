@@ -15,10 +15,16 @@ def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any, teams:
     ``teams``: the env's teams, where the stage has them (``stages.policies.teams_for``), else the env config's."""
     from madistill.cascade.faults import make_fault
     from madistill.envs.features import feature_layouts
+    from madistill.errors import MadistillError
     from madistill.runtime import env_teams
-    from madistill.stages.policies import configured_features
+    from madistill.stages.policies import command_line_overrides, configured_features
 
     if not cfg.fault.victims:
+        named = [o for o in command_line_overrides() if o.lstrip("+~").split("=")[0].split(".")[0] == "fault"]
+        if named:  # a fault the command line asks for would otherwise be silently left out
+            agents = [a for g in venv.groups for a in g.agents]
+            raise MadistillError(f"{' '.join(named)} names no victims, so no fault would be played: add "
+                                 f"\"fault.victims=[<agents of {agents}>]\"")
         return []
     layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
     return [make_fault(cfg.fault, fault_env(cfg, venv.groups, layouts, spec, device,

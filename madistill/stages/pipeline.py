@@ -30,7 +30,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 def trained_teacher(cfg: DictConfig, run_dir: Path) -> Path | None:
     """A pipeline resumed in place whose teacher finished training before it stopped (interrupted while distilling
-    or evaluating): the teacher saved from its checkpoint, so the pipeline goes on from there; None otherwise."""
+    or evaluating): the teacher saved from its checkpoint, so the pipeline goes on from there; None otherwise.
+    A pipeline that finished (its student and report saved) is refused, as ``train`` refuses a finished teacher."""
+    from madistill.errors import MadistillError
     from madistill.policies.store import read_manifest
 
     if not cfg.teacher.resume:
@@ -44,6 +46,10 @@ def trained_teacher(cfg: DictConfig, run_dir: Path) -> Path | None:
         return None
     if read_manifest(teacher).get("training", {}).get("agent_steps") != steps:
         return None
+    if (run_dir / "policies" / "student" / "manifest.json").is_file() and (run_dir / "reports" / "eval.md").is_file():
+        raise MadistillError(f"the pipeline at {run_dir} finished (its teacher at {steps} agent-steps, its student and "
+                             "report saved): raise teacher.total_agent_steps to train the teacher further, or distil "
+                             f"it again with `madistill distill distill.teacher={run_dir}`")
     print(f"teacher: trained to {steps} agent-steps before the run stopped ({teacher}): distilling it")
     return teacher
 
