@@ -96,7 +96,9 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
               "its files of the same names, and TensorBoard shows both runs' curves as one: pass another "
               f"hydra.{'sweep' if sweep else 'run'}.dir to keep them apart", file=sys.stderr)
     try:
-        with interrupts.handled(interrupts.raise_interrupt), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out):
+        # a sweep's job also stops where its launcher alone was interrupted (it marks the sweep's record)
+        with (interrupts.handled(interrupts.raise_interrupt), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out),
+              interrupts.polled(sweeps.interrupted) if sweep else contextlib.nullcontext()):
             validate(cfg)
             result = stages()[hc.job.name].run(cfg, run_dir)
     except (MadistillError, OmegaConfBaseException, OSError) as e:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a cluster's time limit or scancel
+_POLLS: list[Callable[[], bool]] = []  # asked by check(): whether the run is to stop as if interrupted
 
 
 def raise_interrupt(signum: int, frame: object) -> None:
@@ -48,3 +49,21 @@ def held(note: str) -> contextlib.AbstractContextManager[None]:
         print(note, file=sys.stderr, flush=True)
 
     return handled(hold)
+
+
+@contextlib.contextmanager
+def polled(asks: Callable[[], bool]) -> Iterator[None]:
+    """In the block, :func:`check` stops the run where ``asks()`` says so: how a sweep's job in a process of its
+    own learns that its launcher alone got the signal (``kill <pid>``, a scheduler's SIGTERM)."""
+    _POLLS.append(asks)
+    try:
+        yield
+    finally:
+        _POLLS.remove(asks)
+
+
+def check() -> None:
+    """KeyboardInterrupt, as a Ctrl-C would raise, where a :func:`polled` request says the run is to stop. Called
+    between units of long work (a training iteration), where stopping saves a checkpoint."""
+    if any(asks() for asks in _POLLS):
+        raise KeyboardInterrupt

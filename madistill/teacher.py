@@ -36,6 +36,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import LinearSchedule
 from tqdm.auto import tqdm
 
+from madistill import interrupts
 from madistill.bonus import MutualInformationBonus
 from madistill.config import Checks, PPOConfig
 from madistill.envs.episodes import EpisodeRecord
@@ -44,7 +45,6 @@ from madistill.envs.groups import AgentGroup
 from madistill.envs.teams import several_teams, team_means
 from madistill.envs.vector import MultiAgentVecEnv
 from madistill.errors import MadistillError
-from madistill.interrupts import held
 from madistill.normalize import ObsNormalizer
 from madistill.policies.base import TeamPolicy, log_prob, warn_if_large
 from madistill.policies.sb3 import (
@@ -420,6 +420,7 @@ class TeacherTrainer:
         with bar:
             try:
                 while self.agent_steps < total:
+                    interrupts.check()  # a sweep whose launcher alone was interrupted stops here too
                     t0 = time.perf_counter()
                     for lr in self.learners.values():
                         lr.collecting.reset()
@@ -454,7 +455,7 @@ class TeacherTrainer:
                         self._sync()
                         alternate(self.agent_steps, self.team)
             except KeyboardInterrupt:
-                with held("saving the checkpoint before stopping: it takes a moment"):
+                with interrupts.held("saving the checkpoint before stopping: it takes a moment"):
                     path = self.save_checkpoint(run_dir / "checkpoint")  # takes the pending update first
                 resume = f"resume with teacher.resume={path}" if not self.from_start else "a fine-tune starts afresh"
                 tqdm.write(f"interrupted: checkpoint saved to {path}; {resume}")

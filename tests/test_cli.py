@@ -436,10 +436,12 @@ def test_an_interrupted_sweep_keeps_the_jobs_checkpoint_and_starts_no_new_job(cl
 
 
 @pytest.mark.slow
-def test_ctrl_c_of_a_joblib_sweep_saves_the_running_jobs_checkpoint_beside_an_idle_worker(tmp_path):
+@pytest.mark.parametrize("to_group", [True, False], ids=["ctrl-c", "sigterm-to-the-launcher"])
+def test_ctrl_c_of_a_joblib_sweep_saves_the_running_jobs_checkpoint_beside_an_idle_worker(tmp_path, to_group):
     """The terminal's Ctrl-C reaches every process: the worker whose job ended and the one that never got a job
     ignore it (their pool would take their end for a crash and kill the other worker mid-save), the running job
-    saves its checkpoint."""
+    saves its checkpoint. A SIGTERM to the launcher alone (a scheduler's) reaches the running job through the
+    sweep's record, which it reads between training iterations."""
     import signal
     import time
 
@@ -453,7 +455,10 @@ def test_ctrl_c_of_a_joblib_sweep_saves_the_running_jobs_checkpoint_beside_an_id
     while time.time() < deadline and not ((sweep / "0" / "policies").is_dir() and (sweep / "1" / "tb").is_dir()):
         time.sleep(0.5)
     time.sleep(3)  # job 0 is done and its worker idle; job 1 trains
-    os.killpg(proc.pid, signal.SIGINT)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert f"sweep: {sweep} (2 jobs, 1 interrupted)" in out.splitlines()
