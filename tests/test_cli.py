@@ -459,7 +459,11 @@ def test_ctrl_c_of_a_joblib_sweep_saves_the_running_jobs_checkpoint_beside_an_id
         os.killpg(proc.pid, signal.SIGINT)
     else:
         proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:  # a sweep that did not stop must not outlive the test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-3000:]
     assert f"sweep: {sweep} (2 jobs, 1 interrupted)" in out.splitlines()
     assert read_manifest(sweep / "1" / "checkpoint")["role"] == "checkpoint" and "Traceback" not in err
