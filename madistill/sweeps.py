@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -51,6 +52,27 @@ def pool_ignores_interrupts() -> Iterator[None]:
         yield
     finally:
         parallel.BACKENDS["loky"] = original
+
+
+class _UnstartedJobsUnlogged(logging.Filter):
+    """Drops Hydra's in-process launcher line ``#<n> : <overrides>`` of a job that will not start, the sweep
+    being interrupted: the sweep's report counts it as not started, and the line said otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().lstrip().startswith("#") and interrupted())
+
+
+@contextlib.contextmanager
+def unstarted_jobs_unlogged() -> Iterator[None]:
+    """While a sweep launches its jobs in this process: no launch line for the jobs an interrupt keeps from
+    starting."""
+    launcher = logging.getLogger("hydra._internal.core_plugins.basic_launcher")
+    dropping = _UnstartedJobsUnlogged()
+    launcher.addFilter(dropping)
+    try:
+        yield
+    finally:
+        launcher.removeFilter(dropping)
 
 
 def interrupt_sweep(signum: int, frame: object) -> None:

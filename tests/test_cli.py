@@ -433,6 +433,8 @@ def test_an_interrupted_sweep_keeps_the_jobs_checkpoint_and_starts_no_new_job(cl
         "madistill train: interrupted"]
     assert (sweep / "0" / "checkpoint" / "manifest.json").is_file()
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]  # the jobs that did not start left nothing
+    # Hydra's launch line only for the job that started
+    assert "#0 : " in out + err and "#1 :" not in out + err and "#2 :" not in out + err
 
 
 @pytest.mark.slow
