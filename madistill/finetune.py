@@ -130,17 +130,18 @@ class SmoothnessRegulariser:
 def collection_attack(groups: Sequence[AgentGroup], unit_budgets: Mapping[str, Budget], settings: Any,
                       attack_settings: Any = None, branching: Branching | None = None,
                       critic: TeamPolicy | None = None, director: AlternatingDirector | None = None,
+                      sides: Mapping[str, Sequence[str]] | None = None,
                       ) -> list[AttackTransform | LookaheadAttack | ActionHistory | DirectorAttack]:
     """With ``attack_fraction`` > 0, that share of env copies and steps is played under the training attack
     ``attack_objective`` on the acting policies (``steps`` PGD steps, every agent a victim, radius ``eps``): PPO
     then learns the return of acting on perturbed observations, adversarial training inside the RL loop (Pattanaik
     et al. 2018), where the regulariser alone only asks the actions not to change. ``attack_settings``,
-    ``branching``, ``critic`` and ``director`` (trained before it is applied) as
+    ``branching``, ``critic``, ``director`` (trained before it is applied) and ``sides`` (the env's teams) as
     :func:`madistill.attacks.collection.collection_transforms` takes them (the stage passes the teacher's local
     critic, where it has one)."""
     return collection_transforms(groups, unit_budgets, str(settings.attack_objective), int(settings.steps),
                                  float(settings.attack_fraction), float(settings.eps), attack_settings, branching,
-                                 critic, director=director)
+                                 critic, director=director, sides=sides)
 
 
 def smoothness_regularisers(groups: Sequence[AgentGroup], budgets: Mapping[str, Budget], settings: Any, seed: int,

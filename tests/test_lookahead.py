@@ -196,3 +196,21 @@ def test_lookahead_lowers_the_return_of_its_victims_team(make_cfg, victims, expe
         one = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, random_return=0.0, seed=0)
     assert sided.team_episodes["red"][victims]["targeted_lookahead"][4.0] == pytest.approx([expected] * 2)
     assert one.agent_returns["a_0"]["targeted_lookahead"][4.0]["a_0"] == pytest.approx(-6.0)
+
+
+@pytest.mark.parametrize("sides,picked", [(SIDES, [2, 0]), (None, [3, 0])])
+def test_training_lookahead_targets_each_teams_agents_by_their_teams_return(make_cfg, sides, picked):
+    """Robust training attacks every agent. With the sides known, a_0 is forced to action 2 (its team's worst)
+    and b_0, whose action changes nobody's return, keeps its clean action 0; scored over both sides a_0 would be
+    forced to action 3."""
+    from madistill.attacks.budget import group_budgets
+    from madistill.attacks.collection import collection_transforms
+
+    ac = make_cfg("attack.lookahead_horizon=0").attack
+    with MultiAgentVecEnv(SIDES_SPEC, 2) as venv:
+        unit = group_budgets(1.0, feature_layouts(venv.groups), [], "cpu")
+        transforms = collection_transforms(venv.groups, unit, "targeted_lookahead", 10, 1.0, 4.0, ac,
+                                           Branching(SIDES_SPEC, venv.groups), sides=sides)
+        rollout = Rollout(venv, trap_team(venv), transforms, deterministic=True, seed=0)
+        executed = torch.stack([rollout.step().actions[venv.groups[0].name] for _ in range(3)]).numpy()
+    assert (executed == np.array(picked)).all()

@@ -17,6 +17,7 @@ from madistill.branching import ActionHistory, Branching
 from madistill.config import AttackConfig
 from madistill.envs.factory import EnvSpec
 from madistill.envs.groups import AgentGroup
+from madistill.envs.teams import several_teams
 from madistill.policies.base import TeamPolicy
 
 
@@ -24,6 +25,7 @@ def collection_transforms(groups: Sequence[AgentGroup], unit_budgets: Mapping[st
                           steps: int, fraction: float, eps: float, attack_settings: Any = None,
                           branching: Branching | None = None, critic: TeamPolicy | None = None,
                           surrogate: TeamPolicy | None = None, director: AlternatingDirector | None = None,
+                          sides: Mapping[str, Sequence[str]] | None = None,
                           ) -> list[AttackTransform | LookaheadAttack | ActionHistory | DirectorAttack]:
     """The transforms that play a ``fraction`` of env copies and steps under the training attack ``objective``
     (``steps`` PGD steps, every agent a victim, radius ``eps`` times the unit budgets); none where ``fraction``
@@ -35,7 +37,8 @@ def collection_transforms(groups: Sequence[AgentGroup], unit_budgets: Mapping[st
     its rewards, as the suite's lookahead does. ``surrogate``: the team the perturbations are crafted on (and the
     lookahead's branches play) instead of the acting one, for an acting team that is not one policy per agent
     (DAgger's per-step mix of teacher and student). ``director``: the trained director the transform applies
-    (``objective=director``)."""
+    (``objective=director``). ``sides``: the env's teams; with several, the lookahead targets each team's agents
+    by that team's return (across opposing teams the mean return of all agents would not tell harm apart)."""
     if fraction == 0 or eps == 0:
         return []
     ac = attack_settings if attack_settings is not None else AttackConfig()
@@ -51,7 +54,8 @@ def collection_transforms(groups: Sequence[AgentGroup], unit_budgets: Mapping[st
         # the targeted PGD of targeted_random realises the lookahead's targets; its own target choice is not used
         return LookaheadAttack(training_attack("targeted_random", steps), agents, budgets, branching,
                                ac.lookahead_horizon, ac.lookahead_gamma, critic if ac.lookahead_critic else None,
-                               fraction, ac.lookahead_joint, surrogate).transforms()
+                               fraction, ac.lookahead_joint, surrogate,
+                               sides if several_teams(sides) else None).transforms()
     attack = training_attack(objective, steps, int(ac.target_candidates))
     return [AttackTransform(attack, agents, budgets, frequency=fraction, surrogate=surrogate)]
 

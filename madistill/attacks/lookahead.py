@@ -42,15 +42,17 @@ class LookaheadAttack(ObsTransform):
     branch replays. ``joint``: the most joint actions of the victims branched at one step; with more, each
     victim's target is chosen with the others at their clean actions. ``surrogate``: the team whose policies the
     targets are forced on and whose greedy play the branches continue with, instead of the acting one (for an
-    acting team that draws which policy acts, such as DAgger's mix of teacher and student). ``scored``: the agents
-    whose mean return the targets lower (the victims' team in an env of several teams; None: every agent).
-    :class:`NotBranchable` for Box victims."""
+    acting team that draws which policy acts, such as DAgger's mix of teacher and student). ``sides``: teams (team
+    -> agents) whose victims are targeted apart, each team's victims towards the actions that lower that team's
+    mean return while the other teams' victims keep their clean actions (None: all victims together, scored by
+    the mean return of every agent). :class:`NotBranchable` for Box victims."""
 
     shared_stream = True  # random starts and sparse timing draw from the rollout's generator
 
     def __init__(self, attack: Attack, victims: Sequence[str], budgets: Mapping[str, Budget], branching: Branching,
                  horizon: int = 1, gamma: float = 0.99, critic: TeamPolicy | None = None, frequency: float = 1.0,
-                 joint: int = 64, surrogate: TeamPolicy | None = None, scored: Sequence[str] | None = None):
+                 joint: int = 64, surrogate: TeamPolicy | None = None,
+                 sides: Mapping[str, Sequence[str]] | None = None):
         box = box_victims(branching.groups, victims)
         if box:
             raise NotBranchable(f"targeted_lookahead branches over Discrete actions, group(s) {box} have Box actions: "
@@ -58,7 +60,7 @@ class LookaheadAttack(ObsTransform):
         self.attack, self.victims, self.budgets = attack, list(victims), dict(budgets)
         self.branching, self.horizon, self.gamma, self.critic = branching, int(horizon), float(gamma), critic
         self.frequency, self.joint, self.surrogate = float(frequency), int(joint), surrogate
-        self.scored = None if scored is None else list(scored)
+        self.sides = None if sides is None else {t: list(a) for t, a in sides.items()}
         self.history = ActionHistory()
         # per group [N, n_g]: the target each agent was forced towards at the last step, -1 where none (not a
         # victim, inactive, not attacked, or the lookahead kept its clean action); DAgger records them
@@ -123,17 +125,29 @@ class LookaheadAttack(ObsTransform):
 
     def _choose(self, team: TeamPolicy, agents: list[tuple[AgentGroup, int]], reached: list[np.ndarray],
                 clean: dict[str, np.ndarray], obs: GroupTensors, ctx: StepContext, rows: np.ndarray) -> list[np.ndarray]:
-        """Per victim, its target action in each of ``rows``: the reachable joint action with the lowest branched
-        return, or (more joint actions than ``joint``) each victim's reachable action with the lowest return while
-        the others play their clean actions. ``obs``: the clean observations, which the replays must show."""
-        sizes = [r.shape[1] for r in reached]
-        groups = [(agents, reached)] if math.prod(sizes) <= self.joint else [([a], [r]) for a, r in zip(agents, reached)]
-        picks = []
-        for who, ok in groups:
-            choices = list(itertools.product(*(range(r.shape[1]) for r in ok)))
-            ret = joint_returns(self.branching, team, self.history, clean, ctx, who, choices, rows, self.horizon,
-                                self.gamma, self.critic, obs, self.scored)
-            allowed = np.all([r[:, [c[j] for c in choices]] for j, r in enumerate(ok)], axis=0)
-            best = np.array(choices)[np.where(allowed, ret, np.inf).argmin(1)]  # [m, victims]
-            picks += list(best.T)
+        """Per victim, its target action in each of ``rows``: the reachable joint action of its side's victims (all
+        victims where ``sides`` is None) with the lowest branched return of that side, or (more joint actions than
+        ``joint``) each victim's reachable action with the lowest return while the others play their clean actions.
+        ``obs``: the clean observations, which the replays must show."""
+        picks: list[np.ndarray] = [np.empty(0)] * len(agents)
+        for scored, part in self._parts(agents):
+            sizes = [reached[i].shape[1] for i in part]
+            for chosen in [part] if math.prod(sizes) <= self.joint else [[i] for i in part]:
+                ok = [reached[i] for i in chosen]
+                choices = list(itertools.product(*(range(r.shape[1]) for r in ok)))
+                ret = joint_returns(self.branching, team, self.history, clean, ctx, [agents[i] for i in chosen], choices,
+                                    rows, self.horizon, self.gamma, self.critic, obs, scored)
+                allowed = np.all([r[:, [c[j] for c in choices]] for j, r in enumerate(ok)], axis=0)
+                best = np.array(choices)[np.where(allowed, ret, np.inf).argmin(1)]  # [m, victims]
+                for j, i in enumerate(chosen):
+                    picks[i] = best[:, j]
         return picks
+
+    def _parts(self, agents: list[tuple[AgentGroup, int]]) -> list[tuple[list[str] | None, list[int]]]:
+        """The victims (indices into ``agents``) targeted together, each part with the agents whose return scores
+        it: one part of all, scored by every agent, without ``sides``; else one per side with victims in it."""
+        if self.sides is None:
+            return [(None, list(range(len(agents))))]
+        named = [g.agents[s] for g, s in agents]
+        parts = [(members, [i for i, a in enumerate(named) if a in members]) for members in self.sides.values()]
+        return [(members, part) for members, part in parts if part]

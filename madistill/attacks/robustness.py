@@ -427,7 +427,7 @@ def suite_transforms(method: str, venv: MultiAgentVecEnv, team: TeamPolicy, vict
         force = replace(suite_attack("targeted_random", ac), restarts=ac.lookahead_restarts)
         return LookaheadAttack(force, victims, budgets, branching, ac.lookahead_horizon,
                                ac.lookahead_gamma, critic if ac.lookahead_critic else None, ac.frequency,
-                               ac.lookahead_joint, scored=target).transforms()
+                               ac.lookahead_joint, sides=None if target is None else {"attacked": target}).transforms()
     if method == "learned":
         model = train_adversary(venv.spec, team, victims, budgets, ac.learned_steps, seed, n_envs=ac.learned_envs,
                                 ppo_kwargs=dict(ac.learned_ppo), frequency=ac.frequency, target=target, curve=curve)

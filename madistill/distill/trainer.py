@@ -27,6 +27,7 @@ from madistill.explain.metrics import agreement
 from madistill.explain.saliency import SaliencyLabeller, gradient_saliency
 from madistill.policies.base import TeamPolicy, warn_if_large
 from madistill.policies.mlp import MLPPolicy
+from madistill.runtime import env_teams
 from madistill.seeds import dagger_round_seed
 from madistill.tb import TBLogger
 from madistill.transforms import ActionTransform, ObsTransform
@@ -158,7 +159,8 @@ class DistillTrainer:
             self.director.train_against(self.student, self.unit_budgets, self.adv_eps())
         return collection_transforms(self.teacher.groups, self.unit_budgets, objective, self.loss.adv_steps,
                                      float(self.dc.adv_collect), self.adv_eps(), self.cfg.attack, self.branching,
-                                     value_critic(self.teacher), surrogate=self.student, director=self.director)
+                                     value_critic(self.teacher), surrogate=self.student, director=self.director,
+                                     sides=env_teams(self.cfg.env, self.venv))
 
     def lr_factor(self, update: int) -> float:
         """Share of ``learning_rate`` at ``update``: cosine from 1 down to ``lr_final`` over all updates."""

@@ -126,17 +126,12 @@ def _evaluate(cfg: DictConfig, venv: Any, played: dict[str, TeamPolicy], layouts
     return out
 
 
-def _check_sides(sides: Any, candidates: list, rc: Any) -> None:
-    """One line, before any episode is played, for what repair cannot measure in an env of several teams: a
-    group whose agents play on several teams (its repair has no one team's return to judge it by), and the
-    lookahead's failures (it attacks every agent at once, on both sides)."""
+def _check_sides(sides: Any, candidates: list) -> None:
+    """One line, before any episode is played, where every candidate group has agents on several teams: a
+    repair of such a group has no one team's return to be judged by."""
     from madistill.envs.teams import victims_team
     from madistill.errors import MadistillError
 
-    if rc.attack == "targeted_lookahead":
-        raise MadistillError(f"repair.attack=targeted_lookahead attacks every agent at once, which in an env of "
-                             f"several teams ({', '.join(sides)}) lowers no one team's return: choose another "
-                             "repair.attack")
     mixed = [g.name for g in candidates if victims_team(sides, g.agents) is None]
     if len(mixed) == len(candidates):
         raise MadistillError(f"group(s) {mixed} have agents on several teams ({', '.join(sides)}), so their repair has "
@@ -162,11 +157,12 @@ def _check_lookahead(cfg: DictConfig, venv: Any, eps: float) -> None:
 
 
 def _lookahead_states(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, layouts: Any,
-                     eps: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                     eps: float, sides: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``repair.episodes`` episodes of ``team`` with every agent under the suite's lookahead at ``eps`` (its
-    horizon and settings, ``attack.*``; the targets forced by ``repair.adv_steps`` targeted PGD steps): per group
-    the observations of the states visited, normalised with the group's normaliser, and the target the lookahead
-    forced on each (-1: none). :func:`_check_lookahead` has refused what it cannot play."""
+    horizon and settings, ``attack.*``; the targets forced by ``repair.adv_steps`` targeted PGD steps; with
+    several teams ``sides``, each team's agents targeted by their team's return): per group the observations of
+    the states visited, normalised with the group's normaliser, and the target the lookahead forced on each (-1:
+    none). :func:`_check_lookahead` has refused what it cannot play."""
     from madistill.attacks.budget import group_budgets
     from madistill.attacks.collection import collection_transforms
     from madistill.branching import Branching
@@ -174,7 +170,7 @@ def _lookahead_states(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, l
 
     unit = group_budgets(1.0, layouts, cfg.attack.exclude, team.device, cfg.attack.scale)
     transforms = collection_transforms(venv.groups, unit, "targeted_lookahead", cfg.repair.adv_steps, 1.0, eps,
-                                       cfg.attack, Branching(spec, venv.groups, venv.backend))
+                                       cfg.attack, Branching(spec, venv.groups, venv.backend), sides=sides)
     states, targets, _ = collect_labelled(venv, team, cfg.seed + 1, True, lambda: transforms[0].targets,
                                           episodes=cfg.repair.episodes, transforms=transforms,
                                           progress="repair: episodes under the lookahead" if cfg.logger.progress else None)
@@ -182,7 +178,7 @@ def _lookahead_states(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, l
 
 
 def _failures(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, layouts: Any, eps: float, candidates: list,
-              raw: dict[str, torch.Tensor], budgets: dict) -> tuple[dict, dict | None, dict | None]:
+              raw: dict[str, torch.Tensor], budgets: dict, sides: Any) -> tuple[dict, dict | None, dict | None]:
     """Per candidate group its failure set and its clean observations (normalised): from ``repair.failures``,
     from the lookahead's episodes (``repair.attack=targeted_lookahead``; then also the states it visited,
     normalised, and the targets it forced there, per group) or from ``repair.attack`` on the clean observations."""
@@ -195,7 +191,7 @@ def _failures(cfg: DictConfig, venv: Any, team: TeamPolicy, spec: Any, layouts: 
         repair_path(team[g.name])  # a policy without an MLP acting path is refused before any attack runs
     states = targets = None
     if rc.attack == "targeted_lookahead":
-        states, targets = _lookahead_states(cfg, venv, team, spec, layouts, eps)
+        states, targets = _lookahead_states(cfg, venv, team, spec, layouts, eps, sides)
     found = {}
     for g in candidates:
         norm = team.normalizers[g.name]
@@ -298,7 +294,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             raise MadistillError(f"repair.group={rc.group!r} is not a group of this env: use one of {names}")
         candidates = [g for g in venv.groups if (rc.group is None or g.name == rc.group)]
         if sides is not None:
-            _check_sides(sides, candidates, rc)
+            _check_sides(sides, candidates)
             candidates = [g for g in candidates if victims_team(sides, g.agents) is not None]
         if not any(g.discrete for g in candidates):
             discrete = [g.name for g in venv.groups if g.discrete]
@@ -318,7 +314,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raw, _ = collect_round(venv, team, cfg.seed, True, episodes=rc.episodes,
                                progress="repair: clean episodes" if cfg.logger.progress else None)
         budgets = group_budgets(eps, layouts, cfg.attack.exclude, device, cfg.attack.scale)
-        found, states, targets = _failures(cfg, venv, team, spec, layouts, eps, candidates, raw, budgets)
+        found, states, targets = _failures(cfg, venv, team, spec, layouts, eps, candidates, raw, budgets, sides)
         group = max(found, key=lambda name: len(found[name][0]))
         failures, clean = found[group]
         if len(failures) == 0 and states is not None:
