@@ -527,7 +527,7 @@ def test_the_lookahead_states_line_up_with_the_targets_forced_on_them(relay_teac
     with make_vec_env(cfg.env, spec) as venv:
         team, _ = load_team(relay_teacher, venv.groups)
         layouts = feature_layouts(venv.groups, {}, venv.feature_names, 1)
-        states, targets = repair_stage._lookahead_states(cfg, venv, team, spec, layouts, 1.0)
+        states, targets = repair_stage._lookahead_states(cfg, venv, team, spec, layouts, 1.0, None)
     for g in team.groups:
         rows = (targets[g.name] >= 0).nonzero().flatten()
         assert len(states[g.name]) == len(targets[g.name]) and len(rows) > 0
