@@ -73,6 +73,7 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
     from omegaconf.errors import OmegaConfBaseException
 
     from madistill.config import validate
+    from madistill.stages.faults import check_fault_victims
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -100,6 +101,8 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
         with (interrupts.handled(interrupts.raise_interrupt), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out),
               interrupts.polled(sweeps.interrupted) if sweep else contextlib.nullcontext()):
             validate(cfg)
+            if not stages()[hc.job.name].faults_each_agent:
+                check_fault_victims(cfg, list(hc.overrides.task))
             result = stages()[hc.job.name].run(cfg, run_dir)
     except (MadistillError, OmegaConfBaseException, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -190,7 +193,8 @@ def _drop_failed_start(run_dir: Path, before: dict[Path, int], record: Path | No
     """After a user error, leave no half-written run behind: unless the stage saved a policy, checkpoint or
     report, remove what this job added to ``run_dir``, and the directory itself when it held only Hydra's
     record (``record``, this job's ``.hydra`` folder) and its log, with the folders above it that it leaves
-    empty below ``cwd`` (``runs/<stage>/<env>/``). A resumed run's directory keeps its files."""
+    empty in the default runs folder under ``cwd`` (``runs/<stage>/<env>/``; folders elsewhere may be the
+    user's own). A resumed run's directory keeps its files."""
     saved = [p for d in ("policies", "checkpoint", "reports") for p in (run_dir / d).rglob("*")
              if before.get(p) != p.stat().st_mtime_ns]  # new, or replaced in place (a resumed run's checkpoint)
     if saved:
@@ -198,9 +202,9 @@ def _drop_failed_start(run_dir: Path, before: dict[Path, int], record: Path | No
     hydra_own = {record, log_file} | ({p for p in before if record in p.parents} if record else set())
     if before.keys() <= hydra_own:
         shutil.rmtree(run_dir, ignore_errors=True)
-        stop = cwd.resolve()
+        root = (cwd / Path(_run_dir_patterns()["run"]).parts[0]).resolve()  # runs/
         for parent in run_dir.resolve().parents:
-            if stop not in parent.parents:
+            if parent != root and root not in parent.parents:
                 break
             try:
                 parent.rmdir()  # only an empty folder goes
@@ -426,11 +430,17 @@ def _run_dirs_named(env_id: str, overrides: list[str]) -> list[str]:
     """``hydra.run.dir`` and ``hydra.sweep.dir`` as conf/config.yaml names them, with ``env_id`` for the env's
     name: runs of policies saved for an env without a config file are filed under that env, not the default
     one (unless the command line names the directories)."""
+    dirs = _run_dir_patterns()
+    return [f"hydra.{mode}.dir={dirs[mode].replace('${env.name}', env_id)}" for mode in ("run", "sweep")
+            if not any(o.startswith(f"hydra.{mode}.dir=") for o in overrides)]
+
+
+def _run_dir_patterns() -> dict[str, str]:
+    """``hydra.run.dir`` and ``hydra.sweep.dir`` as conf/config.yaml writes them, interpolations unresolved."""
     from omegaconf import OmegaConf
 
-    dirs = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "config.yaml").hydra, resolve=False)
-    return [f"hydra.{mode}.dir={dirs[mode]['dir'].replace('${env.name}', env_id)}" for mode in ("run", "sweep")
-            if not any(o.startswith(f"hydra.{mode}.dir=") for o in overrides)]
+    hydra = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "config.yaml").hydra, resolve=False)
+    return {mode: str(hydra[mode]["dir"]) for mode in ("run", "sweep")}  # type: ignore[index]
 
 
 def _run_overrides(run_dir: Path, overrides: list[str]) -> list[str]:
@@ -486,14 +496,14 @@ def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
 
 
 def _beside_another_stage(overrides: list[str], stage: str) -> list[str]:
-    """A stage run into the directory of another stage's run (``hydra.run.dir=<run>``: evaluating into a pipeline's
-    run, say) records its job in ``.hydra/<stage>_<time>/``, so the run's own ``.hydra/`` record, whose settings a
-    resume of that run reads back (:func:`_run_overrides`), stays as it was. A run of the same stage there
-    replaces the run, and its record too."""
+    """A stage that trains no teacher run into the directory of another stage's run (``hydra.run.dir=<run>``:
+    evaluating into a pipeline's run, say) records its job in ``.hydra/<stage>_<time>/``, so the run's own
+    ``.hydra/`` record, whose settings a resume of that run reads back (:func:`_run_overrides`), stays as it was.
+    A run of the same stage there, or of a stage that trains a teacher, replaces the run, and its record too."""
     import yaml
 
-    if any(o.startswith("hydra.output_subdir=") or o in _MULTIRUN for o in overrides):
-        return overrides
+    if stages()[stage].resumes or any(o.startswith("hydra.output_subdir=") or o in _MULTIRUN for o in overrides):
+        return overrides  # a stage that trains a teacher replaces the run: its settings are the ones to resume with
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), "")
     record = Path(run_dir.strip("'\"")) / ".hydra" / "hydra.yaml"
     if not run_dir or not record.is_file():

@@ -265,6 +265,7 @@ def test_wrong_type_exits_2_with_one_line(cli, tmp_path):
     ("evaluate", ["hydra.run.dir="], "hydra.run.dir is empty: pass a directory (hydra.run.dir=<dir>)"),
     ("train", ["-m", "seed=[1,2"], "no viable alternative at input '[1,2'"),
     ("train", ["-m", "seed=0,1", "+launcher=local", "hydra.launcher.n_jobs=0"], "hydra.launcher.n_jobs=0 runs no job"),
+    ("pipeline", ["fault=stuck"], "fault=stuck names no victims, so no fault would be played"),  # before training
 ])
 def test_common_mistakes_get_one_line_naming_the_fix(cli, tmp_path, stage, args, fix):
     rc, out, err = cli(stage, *args, f"hydra.{'sweep' if '-m' in args else 'run'}.dir={tmp_path / 'run'}")
@@ -281,6 +282,10 @@ def test_a_failed_start_in_the_default_run_directory_leaves_no_folder_above_it(c
     rc, _, err = cli("train", "teacher.total_agent_steps=-5")
     assert rc == 2 and "teacher.total_agent_steps must be at least 1" in err
     assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["runs", "runs/kept"]
+    # folders of the user's, outside the default runs folder, stay even when empty
+    (tmp_path / "mine" / "results").mkdir(parents=True)
+    rc, _, _ = cli("train", "teacher.total_agent_steps=-5", "hydra.run.dir=mine/results/r1")
+    assert rc == 2 and (tmp_path / "mine" / "results").is_dir() and not (tmp_path / "mine" / "results" / "r1").exists()
 
 
 def test_wrong_type_message_says_what_type_is_expected(cli, tmp_path):
@@ -906,7 +911,9 @@ def test_another_stage_run_into_a_run_keeps_the_runs_record_that_its_resume_read
     assert (run / ".hydra" / "overrides.yaml").read_text() == record
     assert [p.name.split("_")[0] for p in (run / ".hydra").glob("evaluate_*")] == ["evaluate"]
     assert "teacher.total_agent_steps=200" in _run_overrides(run, [])
-    assert _beside_another_stage([f"hydra.run.dir={run}"], "train") == [f"hydra.run.dir={run}"]
+    # a stage that trains a teacher replaces the run: its record is the one a resume reads
+    for stage in ("train", "pipeline"):
+        assert _beside_another_stage([f"hydra.run.dir={run}"], stage) == [f"hydra.run.dir={run}"]
 
 
 @pytest.mark.parametrize("name,fix", [

@@ -398,6 +398,11 @@ def test_a_pipeline_interrupted_while_distilling_resumes_to_distil_its_trained_t
     rc, _, err = cli("pipeline", f"teacher.resume={run / 'checkpoint'}")
     assert rc == 2 and f"the pipeline at {run} finished (its teacher at 200 agent-steps" in _one_error_line(err, "pipeline")
     assert (run / "reports" / "eval.md").read_text() == report
+    # a student and report older than the run's teacher (trained further since) are of another teacher
+    later = (run / "reports" / "eval.md").stat().st_mtime_ns + 10**9
+    os.utime(run / "policies" / "teacher" / "manifest.json", ns=(later, later))
+    rc, out, err = cli("pipeline", f"teacher.resume={run / 'checkpoint'}")
+    assert rc == 0 and "distilling it" in out, err
 
 
 def test_a_failed_resumed_run_that_replaced_its_checkpoint_keeps_what_it_wrote(tmp_path):

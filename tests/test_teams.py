@@ -371,6 +371,10 @@ def test_repair_in_an_env_of_several_teams_measures_the_repaired_groups_team(cli
     assert any(x != 0 for x in original["clean_episodes"])
     assert original["clean"] == pytest.approx(np.mean(original["clean_episodes"]))
     assert "those of team good (agent_0, agent_1)" in (tmp_path / "r" / "reports" / "repair.md").read_text()
+    # the suite's victim sets are checked before the repair's work
+    rc, _, err = cli("repair", *tiny(f"repair.policy={teacher}", "attack.victims=[team:nope]"),
+                     f"hydra.run.dir={tmp_path / 'bad'}")
+    assert rc == 2 and "team:nope" in err and not (tmp_path / "bad").exists()
 
 
 def test_repair_refuses_groups_whose_agents_play_on_several_teams():
@@ -378,6 +382,9 @@ def test_repair_refuses_groups_whose_agents_play_on_several_teams():
 
     sides = {"red": ("a_0",), "blue": ("b_0",)}
     mixed, red = SimpleNamespace(name="a", agents=("a_0", "b_0")), SimpleNamespace(name="r", agents=("a_0",))
-    with pytest.raises(MadistillError, match=r"group\(s\) \['a'\] have agents on several teams \(red, blue\)"):
-        _check_sides(sides, [mixed])
-    _check_sides(sides, [mixed, red])  # the group of one team is repaired
+    with pytest.raises(MadistillError, match=r"group\(s\) \['a'\] have agents on several teams \(red, blue\).*: "
+                                             r"set repair.group to one of \['r'\]"):
+        _check_sides(sides, [mixed], [mixed, red])
+    with pytest.raises(MadistillError, match="this env has no group of one team to repair"):
+        _check_sides(sides, [mixed], [mixed])
+    _check_sides(sides, [mixed, red], [mixed, red])  # the group of one team is repaired

@@ -3,7 +3,7 @@ aggregated data, one compact student per teacher group."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,6 @@ from madistill.explain.metrics import agreement
 from madistill.explain.saliency import SaliencyLabeller, gradient_saliency
 from madistill.policies.base import TeamPolicy, warn_if_large
 from madistill.policies.mlp import MLPPolicy
-from madistill.runtime import env_teams
 from madistill.seeds import dagger_round_seed
 from madistill.tb import TBLogger
 from madistill.transforms import ActionTransform, ObsTransform
@@ -51,10 +50,12 @@ class DistillTrainer:
         layouts: Mapping[str, FeatureLayout],
         tb: TBLogger | None = None,
         branching: Branching | None = None,
+        sides: Mapping[str, Sequence[str]] | None = None,
     ):
+        """``sides``: the env's teams, by whose returns the lookahead collection targets each team's agents."""
         self.cfg, self.venv, self.teacher, self.student, self.layouts, self.tb = cfg, venv, teacher, student, layouts, tb
         dc = cfg.distill
-        self.dc, self.branching = dc, branching
+        self.dc, self.branching, self.sides = dc, branching, sides
         self.loss = DistillLoss.from_config(dc, cfg.attack.target_candidates)
         self.optimizers = {
             g.name: torch.optim.Adam(student[g.name].parameters(), lr=dc.learning_rate) for g in teacher.groups
@@ -160,7 +161,7 @@ class DistillTrainer:
         return collection_transforms(self.teacher.groups, self.unit_budgets, objective, self.loss.adv_steps,
                                      float(self.dc.adv_collect), self.adv_eps(), self.cfg.attack, self.branching,
                                      value_critic(self.teacher), surrogate=self.student, director=self.director,
-                                     sides=env_teams(self.cfg.env, self.venv))
+                                     sides=self.sides)
 
     def lr_factor(self, update: int) -> float:
         """Share of ``learning_rate`` at ``update``: cosine from 1 down to ``lr_final`` over all updates."""

@@ -162,4 +162,5 @@ STAGE = Stage(
     examples=("madistill cascade cascade.policy=<run>", "madistill cascade cascade.policy=<run> fault=stuck "
               "fault.victims=[listener_0] fault.onset=5"),
     policy_key="cascade.policy",
+    faults_each_agent=True,
 )

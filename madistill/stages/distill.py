@@ -61,7 +61,7 @@ def distill_students(
     from madistill.evaluate.evaluator import PolicyRef
     from madistill.policies.store import load_team, save_team
     from madistill.runtime import make_vec_env, resolve_device, seed_everything
-    from madistill.stages.policies import configured_features, env_for, teacher_dir
+    from madistill.stages.policies import configured_features, env_for, teacher_dir, teams_for
 
     if not teacher_path:
         raise MadistillError("no teacher to distil: pass distill.teacher=<teacher run or policy directory>")
@@ -75,7 +75,8 @@ def distill_students(
         arch = {"hidden_sizes": list(cfg.student.hidden_sizes), "activation": cfg.student.activation,
                 "cnn": OmegaConf.to_container(cfg.student.cnn)}
         student = student_team(teacher, arch)
-        trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb, lookahead_branching(cfg, spec, venv))
+        trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb, lookahead_branching(cfg, spec, venv),
+                                 teams_for(cfg, venv, [PolicyRef(tdir.name, tdir, "teacher")]))
         trainer.train()
     config = OmegaConf.to_container(cfg, resolve=True)
     config["distill"]["teacher"] = str(tdir.resolve())

@@ -38,7 +38,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.runtime import make_vec_env
     from madistill.stages.faults import configured_faults, fault_line, fault_meta
     from madistill.stages.observations import explained_observations
-    from madistill.stages.policies import labelled_teams, studied_policies
+    from madistill.stages.policies import labelled_teams, studied_policies, teams_for
     from madistill.stages.rundir import open_tb
 
     ec = cfg.explain
@@ -51,7 +51,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         labels, teams, layouts = labelled_teams(cfg, spec, venv, refs, device)
         _check_mlp_needs(teams, methods, bool(ec.randomisation))
         source = next((label for label, r in zip(labels, refs) if r.name == "teacher"), labels[0])
-        faults = configured_faults(cfg, venv, spec, device)
+        faults = configured_faults(cfg, venv, spec, device, teams_for(cfg, venv, refs))
         raw = explained_observations(cfg, venv, teams[source], ec.obs, ec.episodes, faults)
     # evenly spaced over the episodes, so that every part of them is explained
     raw = {g: x[np.unique(np.linspace(0, len(x) - 1, min(len(x), ec.max_observations)).round().astype(int))]

@@ -9,26 +9,30 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 
-def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any, teams: Any = None) -> list:
+def configured_faults(cfg: DictConfig, venv: Any, spec: Any, device: Any, teams: Any) -> list:
     """The fault the config names, as a one-element transform list for a stage's rollouts (``evaluate``), or no
     transform where ``fault.victims`` is empty (the default): ``madistill evaluate fault=stuck fault.victims=[a]``.
-    ``teams``: the env's teams, where the stage has them (``stages.policies.teams_for``), else the env config's."""
+    ``teams``: the env's teams (``stages.policies.teams_for``)."""
     from madistill.cascade.faults import make_fault
     from madistill.envs.features import feature_layouts
-    from madistill.errors import MadistillError
-    from madistill.runtime import env_teams
-    from madistill.stages.policies import command_line_overrides, configured_features
+    from madistill.stages.policies import configured_features
 
     if not cfg.fault.victims:
-        named = [o for o in command_line_overrides() if o.lstrip("+~").split("=")[0].split(".")[0] == "fault"]
-        if named:  # a fault the command line asks for would otherwise be silently left out
-            agents = [a for g in venv.groups for a in g.agents]
-            raise MadistillError(f"{' '.join(named)} names no victims, so no fault would be played: add "
-                                 f"\"fault.victims=[<agents of {agents}>]\"")
         return []
     layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
-    return [make_fault(cfg.fault, fault_env(cfg, venv.groups, layouts, spec, device,
-                                         env_teams(cfg.env, venv) if teams is None else teams))]
+    return [make_fault(cfg.fault, fault_env(cfg, venv.groups, layouts, spec, device, teams))]
+
+
+def check_fault_victims(cfg: DictConfig, overrides: list[str]) -> None:
+    """One line, before a stage starts, where the command line's ``overrides`` name a fault (``fault=...``,
+    ``fault.<setting>=...``) but the config names no victims: the stage would play no fault, silently. (The
+    cascade stage, which studies each agent in turn then, does not ask.)"""
+    from madistill.errors import MadistillError
+
+    named = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "fault"]
+    if named and not cfg.fault.victims:
+        raise MadistillError(f"{' '.join(named)} names no victims, so no fault would be played: add "
+                             "\"fault.victims=[<agent ids>]\"")
 
 
 def fault_env(cfg: DictConfig, groups: list, layouts: dict, spec: Any, device: Any, teams: Any = None) -> Any:

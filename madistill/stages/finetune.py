@@ -52,10 +52,16 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
         student_from_actor,
     )
     from madistill.policies.store import load_team, save_team
-    from madistill.runtime import env_teams, make_vec_env, resolve_device, seed_everything
+    from madistill.runtime import make_vec_env, resolve_device, seed_everything
     from madistill.seeds import finetune_episode_seed, finetune_validation_seed
     from madistill.selection import BestPolicy
-    from madistill.stages.policies import configured_features, distilled_from, env_for, run_policy_dir
+    from madistill.stages.policies import (
+        configured_features,
+        distilled_from,
+        env_for,
+        run_policy_dir,
+        teams_for,
+    )
     from madistill.teacher import TeacherTrainer
 
     if not student_path:
@@ -94,7 +100,7 @@ def finetune_students(cfg: DictConfig, run_dir: Path, student_path: str | Path |
             alternate = train_director
             train_director(0, acting)
         attack = collection_attack(venv.groups, budgets, fc, cfg.attack, branching, critic=value_critic(teacher),
-                                   director=director, sides=env_teams(cfg.env, venv))
+                                   director=director, sides=teams_for(cfg, venv, [ref]))
         regularisers = smoothness_regularisers(venv.groups, budgets, fc, cfg.seed, device)
         with TeacherTrainer(cfg, venv, spec, device, tb, acting, attack,
                             total_agent_steps=fc.total_agent_steps, learning_rate=fc.learning_rate,

@@ -46,7 +46,10 @@ def trained_teacher(cfg: DictConfig, run_dir: Path) -> Path | None:
         return None
     if read_manifest(teacher).get("training", {}).get("agent_steps") != steps:
         return None
-    if (run_dir / "policies" / "student" / "manifest.json").is_file() and (run_dir / "reports" / "eval.md").is_file():
+    student, report = run_dir / "policies" / "student" / "manifest.json", run_dir / "reports" / "eval.md"
+    saved = (teacher / "manifest.json").stat().st_mtime_ns
+    # finished: a student and report of this teacher (those of an earlier teacher of the run are older than it)
+    if all(p.is_file() and p.stat().st_mtime_ns >= saved for p in (student, report)):
         raise MadistillError(f"the pipeline at {run_dir} finished (its teacher at {steps} agent-steps, its student and "
                              "report saved): raise teacher.total_agent_steps to train the teacher further, or distil "
                              f"it again with `madistill distill distill.teacher={run_dir}`")

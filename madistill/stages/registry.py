@@ -51,6 +51,9 @@ class Stage:
     policy_key: str | None = None
     resumes: bool = False  # it trains teachers: teacher.resume=<run>/checkpoint continues that run in place
     adds: tuple[ConfigSection, ...] = ()  # config sections of its own (schema, default conf/ file) it adds to Config
+    # an empty fault.victims faults each agent in turn (the cascade study), not none: a fault named without
+    # victims is then no mistake
+    faults_each_agent: bool = False
 
 
 @functools.cache

@@ -126,16 +126,18 @@ def _evaluate(cfg: DictConfig, venv: Any, played: dict[str, TeamPolicy], layouts
     return out
 
 
-def _check_sides(sides: Any, candidates: list) -> None:
-    """One line, before any episode is played, where every candidate group has agents on several teams: a
-    repair of such a group has no one team's return to be judged by."""
+def _check_sides(sides: Any, candidates: list, groups: list) -> None:
+    """One line, before any episode is played, where every candidate group (of the env's ``groups``) has agents
+    on several teams: a repair of such a group has no one team's return to be judged by."""
     from madistill.envs.teams import victims_team
     from madistill.errors import MadistillError
 
     mixed = [g.name for g in candidates if victims_team(sides, g.agents) is None]
     if len(mixed) == len(candidates):
+        single = [g.name for g in groups if victims_team(sides, g.agents) is not None]
+        fix = f"set repair.group to one of {single}" if single else "this env has no group of one team to repair"
         raise MadistillError(f"group(s) {mixed} have agents on several teams ({', '.join(sides)}), so their repair has "
-                             "no one team's return to judge it by: set repair.group to a group of one team")
+                             f"no one team's return to judge it by: {fix}")
 
 
 def _check_lookahead(cfg: DictConfig, venv: Any, eps: float) -> None:
@@ -267,6 +269,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from tqdm.auto import tqdm
 
     from madistill.attacks.budget import group_budgets
+    from madistill.attacks.transform import victim_sets
     from madistill.common.collect import collect_round
     from madistill.common.io import atomic_write_text
     from madistill.envs.features import feature_layouts
@@ -293,8 +296,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if rc.group is not None and rc.group not in names:
             raise MadistillError(f"repair.group={rc.group!r} is not a group of this env: use one of {names}")
         candidates = [g for g in venv.groups if (rc.group is None or g.name == rc.group)]
+        if rc.evaluate:  # the suite's victim sets, checked before the repair's work rather than after it
+            victim_sets(list(cfg.attack.victims), [a for g in venv.groups for a in g.agents], sides)
         if sides is not None:
-            _check_sides(sides, candidates)
+            _check_sides(sides, candidates, venv.groups)
             candidates = [g for g in candidates if victims_team(sides, g.agents) is not None]
         if not any(g.discrete for g in candidates):
             discrete = [g.name for g in venv.groups if g.discrete]

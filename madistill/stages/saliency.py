@@ -35,7 +35,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.runtime import make_vec_env
     from madistill.stages.faults import configured_faults
     from madistill.stages.observations import explained_observations
-    from madistill.stages.policies import labelled_teams, paired_policy, studied_policies
+    from madistill.stages.policies import labelled_teams, paired_policy, studied_policies, teams_for
     from madistill.stages.rundir import open_tb
 
     sc = cfg.saliency
@@ -49,7 +49,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             i = None if ref.name == "teacher" else paired_policy(ref, "teacher", refs)
             own_reference[label] = label if i is None else labels[i]
         reference = own_reference[labels[0]]  # whose episodes give the observations
-        faults = configured_faults(cfg, venv, spec, device)
+        faults = configured_faults(cfg, venv, spec, device, teams_for(cfg, venv, refs))
         raw = explained_observations(cfg, venv, teams[reference], sc.obs, sc.episodes, faults)
     labeller = SaliencyLabeller.from_config(sc, layouts, cfg.seed)
     maps = saliency_maps(teams, raw, layouts, labeller, sc.target)
