@@ -278,6 +278,11 @@ def test_teams_set_at_training_follow_the_policies_unless_the_command_line_sets_
     assert teams_of("e1") == {"left": ["adversary_0", "agent_0"], "right": ["adversary_1", "agent_1"]}
     assert teams_of("e2", "+env.teams={a: [adversary], g: [agent]}") == {
         "a": ["adversary_0", "adversary_1"], "g": ["agent_0", "agent_1"]}
+    # a student keeps the teams its teacher was trained with
+    rc, _, err = cli("distill", *tiny(f"distill.teacher={tmp_path / 't'}", "distill.rounds=1"), f"hydra.run.dir={tmp_path / 's'}")
+    assert rc == 0, err
+    saved = json.loads((tmp_path / "s" / "policies" / "student" / "manifest.json").read_text())["config"]["env"]["teams"]
+    assert saved == {"left": ["adversary_0", "agent_0"], "right": ["adversary_1", "agent_1"]}
 
 
 def test_a_student_below_random_is_warned_about_only_on_sides_whose_teacher_beats_random():

@@ -57,6 +57,7 @@ def distill_students(
 
     from madistill.distill.trainer import DistillTrainer, student_team
     from madistill.envs.features import feature_layouts
+    from madistill.envs.teams import several_teams
     from madistill.errors import MadistillError
     from madistill.evaluate.evaluator import PolicyRef
     from madistill.policies.store import load_team, save_team
@@ -75,11 +76,14 @@ def distill_students(
         arch = {"hidden_sizes": list(cfg.student.hidden_sizes), "activation": cfg.student.activation,
                 "cnn": OmegaConf.to_container(cfg.student.cnn)}
         student = student_team(teacher, arch)
-        trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb, lookahead_branching(cfg, spec, venv),
-                                 teams_for(cfg, venv, [PolicyRef(tdir.name, tdir, "teacher")]))
+        sides = teams_for(cfg, venv, [PolicyRef(tdir.name, tdir, "teacher")])
+        trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb, lookahead_branching(cfg, spec, venv), sides)
         trainer.train()
     config = OmegaConf.to_container(cfg, resolve=True)
     config["distill"]["teacher"] = str(tdir.resolve())
+    if several_teams(sides) and not config["env"].get("teams"):
+        # a custom env's teams may live only in its teacher's manifest: the student keeps the ones it was trained with
+        config["env"]["teams"] = {t: list(agents) for t, agents in sides.items()}
     config["features"] = {g: dict(zip(lay.names, map(list, lay.indices))) for g, lay in layouts.items()}
     save_team(run_dir / "policies" / "student", student, spec, "student", config=config)
     return tdir, trainer.history
