@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from cascade_helpers import copy_team, mlp_team, relay_spec, venv_maker
 from omegaconf import OmegaConf
 
@@ -130,6 +131,18 @@ def test_a_non_reproducible_env_is_refused_in_one_line():
     spec = relay_spec(n_agents=3)
     make, team, _, _ = setup(spec)
     check_reproducible(make, team, 3, 0, "relay")  # the relay env is reproducible
+    # twins whose logits differ by rounding alone (as a matrix kernel rounds batch rows by position) are the same
+    with make(1, 1) as venv:
+        rounded = mlp_team(venv, [16])
+    for group in rounded.groups:
+        policy, forward = rounded[group.name], rounded[group.name].forward
+        def nudged(x: torch.Tensor, f=forward) -> torch.Tensor:  # logit k of row i moved by 1e-6 * i * k
+            y = f(x)
+            return y + 1e-6 * torch.arange(len(x), dtype=y.dtype)[:, None] * torch.arange(y.shape[-1], dtype=y.dtype)
+
+        policy.forward = nudged
+    run = check_reproducible(make, rounded, 1, 0, "relay")
+    assert 0 < np.nanmax(run.tv) <= 1e-5
     bad = type(spec)("cascade_helpers.UnseededRelay", spec.kwargs, name="unseeded")
     # the unseeded twins draw their target from 3 symbols and agree by chance with probability 1/3 per episode:
     # 24 episodes leave (1/3)^24 for a false pass

@@ -96,6 +96,6 @@ STAGE = Stage(
     sections=("distill", "student", "eval"),
     writes="policies/student",
     examples=("madistill distill distill.teacher=<run>",
-              "madistill distill distill=robust distill.teacher=<run> \"attack.eps=[0.3]\""),
+              "madistill distill distill=robust distill.teacher=<run> distill.adv_eps=0.3"),
     policy_key="distill.teacher",
 )
