@@ -4,9 +4,9 @@ step, the actions that hurt the team most, and forces them on the victims with t
 Every Discrete action of every victim is forced at once (:meth:`Attack.force`, one PGD batch per group: all
 victim slots and all actions), which shows the actions the budget can make greedy. The targets are then the
 joint action of the victims that, played now while the other agents play their clean greedy actions, then the
-team's own greedy policy for ``horizon`` steps, gives the lowest return of the victims' team over those steps (plus a critic's
-discounted value at the horizon, where one is given), among the reachable ones: every candidate is a branch of
-the running episode (``madistill.branching``). The joint choices include leaving any victim at its clean
+team's own greedy policy for ``horizon`` steps, gives the lowest return of the victims' team over those steps
+(plus a critic's discounted value at the horizon, where one is given), among the reachable ones: every candidate
+is a branch of the running episode (``madistill.branching``). The joint choices include leaving any victim at its clean
 action, so the attack on a set considers every attack on its subsets at that step. Where the victims have more
 joint actions than ``joint`` allows, each victim's target is chosen alone, with the others at their clean
 greedy actions.

@@ -397,8 +397,9 @@ class Worst(ActionFault):
     while the others play their own choices, then followed by ``attack.lookahead_horizon`` steps of the team's
     own greedy policy, gives the lowest return of the victims' team (its agents' mean, discounted by
     ``attack.lookahead_gamma``, plus their value at the horizon where the policies have value heads), each
-    candidate a branch of the running episode (``madistill.branching``). Its action history records its own output, the executed actions of its copies
-    where no later action transform changes them (in paired runs each fault acts on its own block only)."""
+    candidate a branch of the running episode (``madistill.branching``). Its action history records its own
+    output, the executed actions of its copies where no later action transform changes them (in paired runs each
+    fault acts on its own block only)."""
 
     spaces = ("discrete",)
 
