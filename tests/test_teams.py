@@ -383,13 +383,13 @@ def test_repair_in_an_env_of_several_teams_measures_the_repaired_groups_team(cli
 
 
 def test_repair_refuses_groups_whose_agents_play_on_several_teams():
-    from madistill.stages.repair import _check_sides
+    from madistill.stages.repair import _one_team_candidates
 
     sides = {"red": ("a_0",), "blue": ("b_0",)}
     mixed, red = SimpleNamespace(name="a", agents=("a_0", "b_0")), SimpleNamespace(name="r", agents=("a_0",))
     with pytest.raises(MadistillError, match=r"group\(s\) \['a'\] have agents on several teams \(red, blue\).*: "
                                              r"set repair.group to one of \['r'\]"):
-        _check_sides(sides, [mixed], [mixed, red])
+        _one_team_candidates(sides, [mixed], [mixed, red])
     with pytest.raises(MadistillError, match="this env has no group of one team to repair"):
-        _check_sides(sides, [mixed], [mixed])
-    _check_sides(sides, [mixed, red], [mixed, red])  # the group of one team is repaired
+        _one_team_candidates(sides, [mixed], [mixed])
+    assert _one_team_candidates(sides, [mixed, red], [mixed, red]) == [red]  # the group of one team is repaired

@@ -126,18 +126,22 @@ def _evaluate(cfg: DictConfig, venv: Any, played: dict[str, TeamPolicy], layouts
     return out
 
 
-def _check_sides(sides: Any, candidates: list, groups: list) -> None:
-    """One line, before any episode is played, where every candidate group (of the env's ``groups``) has agents
-    on several teams: a repair of such a group has no one team's return to be judged by."""
+def _one_team_candidates(sides: Any, candidates: list, groups: list) -> list:
+    """The candidate groups whose agents all play on one team of ``sides``: a repair of a group with agents on
+    several teams has no one team's return to be judged by. One line, before any episode is played, where no
+    candidate is left, naming the env's ``groups`` of one team."""
     from madistill.envs.teams import victims_team
     from madistill.errors import MadistillError
 
-    mixed = [g.name for g in candidates if victims_team(sides, g.agents) is None]
-    if len(mixed) == len(candidates):
-        single = [g.name for g in groups if victims_team(sides, g.agents) is not None]
+    def one_team(gs: list) -> list:
+        return [g for g in gs if victims_team(sides, g.agents) is not None]
+
+    if not one_team(candidates):
+        single = [g.name for g in one_team(groups)]
         fix = f"set repair.group to one of {single}" if single else "this env has no group of one team to repair"
-        raise MadistillError(f"group(s) {mixed} have agents on several teams ({', '.join(sides)}), so their repair has "
-                             f"no one team's return to judge it by: {fix}")
+        raise MadistillError(f"group(s) {[g.name for g in candidates]} have agents on several teams "
+                             f"({', '.join(sides)}), so their repair has no one team's return to judge it by: {fix}")
+    return one_team(candidates)
 
 
 def _check_lookahead(cfg: DictConfig, venv: Any, eps: float) -> None:
@@ -299,8 +303,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if rc.evaluate:  # the suite's victim sets, checked before the repair's work rather than after it
             victim_sets(list(cfg.attack.victims), [a for g in venv.groups for a in g.agents], sides)
         if sides is not None:
-            _check_sides(sides, candidates, venv.groups)
-            candidates = [g for g in candidates if victims_team(sides, g.agents) is not None]
+            candidates = _one_team_candidates(sides, candidates, venv.groups)
         if not any(g.discrete for g in candidates):
             discrete = [g.name for g in venv.groups if g.discrete]
             raise MadistillError("repair needs a Discrete-action group (a failure is a changed action): "
