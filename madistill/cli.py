@@ -582,8 +582,7 @@ def _run_app(stage: str, app: Callable[[], object], swept: set[str] | None) -> i
     try:
         with sweeps.sweep_record() as record:
             try:
-                with (sweeps.pool_ignores_interrupts() if swept is not None else contextlib.nullcontext(),
-                      sweeps.unstarted_jobs_unlogged() if swept is not None else contextlib.nullcontext()):
+                with sweeps.launching() if swept is not None else contextlib.nullcontext():
                     app()
             except (Exception, KeyboardInterrupt):  # what the other jobs did, also when a job's crash ends the sweep
                 if swept is not None:

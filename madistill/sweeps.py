@@ -75,6 +75,13 @@ def unstarted_jobs_unlogged() -> Iterator[None]:
         launcher.removeFilter(dropping)
 
 
+@contextlib.contextmanager
+def launching() -> Iterator[None]:
+    """While a sweep launches its jobs: :func:`pool_ignores_interrupts` and :func:`unstarted_jobs_unlogged`."""
+    with pool_ignores_interrupts(), unstarted_jobs_unlogged():
+        yield
+
+
 def interrupt_sweep(signum: int, frame: object) -> None:
     """The launching process's handler: the first interrupt marks the sweep interrupted (running jobs, which get
     it too, save their checkpoints and end; no new job starts), a second one stops the launcher at once."""
