@@ -26,6 +26,7 @@ from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import RolloutBufferSamples, Schedule
 from stable_baselines3.common.utils import ConstantSchedule, explained_variance
@@ -50,6 +51,15 @@ _BUFFER_ATTRIBUTES = ("generator_ready", "swap_and_flatten", "device", "observat
 def _changed(what: str) -> MadistillError:
     return MadistillError(f"stable-baselines3 {SB3_VERSION} changed {what}, which madistill relies on (checked with "
                           f"{TESTED_VERSION}): install stable-baselines3=={TESTED_VERSION}")
+
+
+def quiet(model: PPO) -> PPO:
+    """Give ``model`` a logger that keeps its values in memory and writes nothing.
+
+    Without one, every ``learn()`` at ``verbose=0`` configures SB3's default logger, which creates an empty
+    ``SB3-<time>`` folder in the system's temporary directory."""
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 def check_model(model: PPO) -> None:

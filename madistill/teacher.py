@@ -64,6 +64,7 @@ from madistill.sb3_adapter import (
     actor_parameters,
     check_model,
     progress_done,
+    quiet,
     set_progress,
     set_update_count,
     take_logged,
@@ -166,7 +167,7 @@ def build_model(group: AgentGroup, num_envs: int, arch: dict[str, Any], ppo_kwar
             device=device,
             **ppo_kwargs,
         )
-    model.set_logger(Logger(folder=None, output_formats=[]))
+    quiet(model)
     check_model(model)
     return model
 

@@ -5,6 +5,7 @@ and the attack command."""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -522,8 +523,11 @@ def _device_and_tensors(team: TeamPolicy) -> list[tuple[torch.Tensor, torch.devi
     return [(p, p.device, p.detach().clone()) for p in team.parameters()]
 
 
-def test_learned_adversary_trains_on_a_copy_and_leaves_the_callers_team_alone():
+def test_learned_adversary_trains_on_a_copy_and_leaves_the_callers_team_alone(tmp_path, monkeypatch):
     from madistill.attacks.learned import AdversaryEnv, train_adversary
+
+    # SB3's default logger would create an empty SB3-<time> folder in the temporary directory
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     with MultiAgentVecEnv(SL_SPEC, 1, num_workers=0) as venv:
         team = _sl_team(venv)
@@ -537,6 +541,7 @@ def test_learned_adversary_trains_on_a_copy_and_leaves_the_callers_team_alone():
     assert len(after) == len(before)
     for p, (q, device, value) in zip(after, before):
         assert p is q and p.device == device and torch.equal(p.detach(), value)
+    assert list(tmp_path.glob("SB3-*")) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -36,6 +36,7 @@ from madistill.envs.factory import EnvSpec, make_env
 from madistill.envs.groups import flatten_obs
 from madistill.errors import MadistillError
 from madistill.policies.base import Policy, TeamPolicy
+from madistill.sb3_adapter import quiet
 from madistill.seeds import director_seed
 from madistill.transforms import GroupTensors, ObsTransform, StepContext
 
@@ -266,7 +267,7 @@ def train_adversary(
     venv.seed(seed)
     if model is None:
         defaults = AttackConfig().learned_ppo if director is None else AttackConfig().director_ppo
-        model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **{**defaults, **(ppo_kwargs or {})})
+        model = quiet(PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **{**defaults, **(ppo_kwargs or {})}))
     else:
         model.set_env(venv)
     model.learn(total_timesteps=steps, callback=curve, reset_num_timesteps=False)
