@@ -489,3 +489,15 @@ def test_learning_rate_anneals_to_lr_final_and_the_saved_student_is_the_weight_a
         expected = 0.5 * expected + 0.5 * w
     final = torch.nn.utils.parameters_to_vector(student["listener"].parameters()).detach()
     assert len(live) == 10 and torch.allclose(final, expected) and not torch.allclose(final, live[-1])
+
+
+def test_a_run_without_tensorboard_writes_none_and_says_so_instead_of_naming_a_logdir(cli, teacher_run, tmp_path):
+    from conftest import tiny
+
+    run = tmp_path / "e"
+    rc, out, err = cli("evaluate", *tiny(f"eval.policy={teacher_run}", "eval.episodes=2", "logger.tensorboard=false"),
+                       f"hydra.run.dir={run}")
+    assert rc == 0, err
+    assert "TensorBoard: none written (logger.tensorboard=false)" in out
+    assert "tensorboard --logdir" not in out
+    assert (run / "reports" / "eval.md").is_file() and not (run / "tb").exists()

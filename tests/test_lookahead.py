@@ -71,7 +71,7 @@ def test_a_victim_set_is_never_reported_less_harmful_than_one_agent_alone(make_c
     top = curves_figure({"t": res}, "all", "miss").axes[0]
     (worst,) = [ln for ln in top.lines if ln.get_label() == "worst case"]
     assert list(worst.get_ydata()) == [-60.0] and [t.get_text() for t in top.texts] == [name]
-    assert f"  t        clean 0.00 | victims all: eps 4: -60.00 ({name})" in _summary({"t": res}, cfg.attack, "miss", None, tmp_path)
+    assert f"  t        clean 0.00 | victims all: eps 4: -60.00 ({name})" in _summary({"t": res}, cfg, "miss", None, tmp_path)
 
 
 def test_lookahead_forces_every_victim_of_a_group_and_every_action_in_one_pgd_batch(make_cfg, monkeypatch):

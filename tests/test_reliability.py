@@ -248,12 +248,12 @@ def test_a_student_worse_than_random_is_warned_about_at_the_end_and_in_the_repor
     from madistill.stages.results import print_results
 
     summaries = _summaries(teacher=[3.0, 4.0], student=[-2.0, -1.0], random=[0.0, 1.0])
-    print_results(tmp_path, summaries, tmp_path)
+    print_results(make_cfg(), tmp_path, summaries, tmp_path)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("warning: student's mean team return -1.50 is below the random team's 0.50: ")
     assert last in eval_report(summaries, markdown_table(summaries), "relay", make_cfg().eval)
     fine = _summaries(teacher=[3.0, 4.0], student=[1.0, 2.0], random=[0.0, 1.0])
-    print_results(tmp_path, fine, tmp_path)
+    print_results(make_cfg(), tmp_path, fine, tmp_path)
     assert "warning" not in capsys.readouterr().out
     assert "warning" not in eval_report(fine, markdown_table(fine), "relay", make_cfg().eval)
 

@@ -108,7 +108,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     text = markdown_report(results, spec.id, ac.episodes) + "".join(f"\n{n}\n" for n in played)
     write_markdown(reports / "robustness.md", text)
     _log_tensorboard(cfg, run_dir, results, text, spec.id)
-    lines = _summary(results, cfg.attack, spec.id, sides, run_dir)
+    lines = _summary(results, cfg, spec.id, sides, run_dir)
     print("\n".join([*lines[:-2], *(f"  {n}" for n in played), *lines[-2:]]))  # before where the report is
     return payload
 
@@ -138,11 +138,14 @@ def _log_tensorboard(cfg: DictConfig, run_dir: Path, results: dict, text: str, e
             for vname in victims:
                 tb.figure(f"attack/curves_{vname}", curves_figure(results, vname, env_id))
 
-def _summary(results: dict[str, RobustnessResult], ac: DictConfig, env_id: str, sides: Teams, run_dir: Path) -> list[str]:
+def _summary(results: dict[str, RobustnessResult], cfg: DictConfig, env_id: str, sides: Teams, run_dir: Path) -> list[str]:
     """The lines the stage prints: each policy's clean return and worst case at each eps, PGD's cost, the
     gradient-masking flags and where the report is."""
     from madistill.attacks.robustness import CHECKS_NOT_RUN
     from madistill.envs.teams import several_teams
+    from madistill.stages.rundir import tensorboard_line
+
+    ac = cfg.attack
 
     flags = sum(len(f) for r in results.values() for f in r.flags.values())
     whose = "each team's return" if several_teams(sides) else "team return"
@@ -169,7 +172,7 @@ def _summary(results: dict[str, RobustnessResult], ac: DictConfig, env_id: str, 
         (f"  gradient-masking flags: {flags}" + (" (see the report)" if flags else "")) if ac.checks
         else f"  gradient-masking checks: {CHECKS_NOT_RUN}",
         f"  report:      {reports / 'robustness.md'}",
-        f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
+        f"  {tensorboard_line(cfg, run_dir)}",
     ]
 
 

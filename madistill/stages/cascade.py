@@ -60,7 +60,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         studied_policies,
         teams_for,
     )
-    from madistill.stages.rundir import open_tb
+    from madistill.stages.rundir import open_tb, tensorboard_line
 
     cc, fc = cfg.cascade, cfg.fault
     impulse = impulse_config(cc.impulse)
@@ -125,7 +125,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         lines.append(f"  {purifier_line(cfg)}")
     if alerts:
         lines.append(f"  {alerts_line(reports)}")
-    lines += [f"  report:      {reports / 'cascade.md'}", f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}"]
+    lines += [f"  report:      {reports / 'cascade.md'}", f"  {tensorboard_line(cfg, run_dir)}"]
     print("\n".join(lines))
     return payload
 

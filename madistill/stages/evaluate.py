@@ -29,7 +29,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with open_tb(cfg, run_dir) as tb:
         summaries = evaluate_policies(cfg, run_dir, cfg.eval.policy, tb)
     alerts = [alerts_line(run_dir / "reports")] if cfg.alerts.enabled else []
-    print_results(run_dir, summaries, Path(cfg.eval.policy), [*played_under(cfg), *alerts], _command_line())
+    print_results(cfg, run_dir, summaries, Path(cfg.eval.policy), [*played_under(cfg), *alerts], _command_line())
     return summaries
 
 

@@ -39,7 +39,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.stages.faults import configured_faults, fault_line, fault_meta
     from madistill.stages.observations import explained_observations
     from madistill.stages.policies import labelled_teams, studied_policies, teams_for
-    from madistill.stages.rundir import open_tb
+    from madistill.stages.rundir import open_tb, tensorboard_line
 
     ec = cfg.explain
     settings = OmegaConf.to_object(ec)
@@ -98,7 +98,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     tb.figure(f"explain/{g}_{label}_curves", curves_figure(summaries[label][g], f"{label}: {g}"))
     figures = f"  figures: {reports}/explain_*.png\n" if cfg.logger.figures else ""
     print(f"\n{text}\n  report:  {reports / 'explain.md'}\n  summary: {reports / 'explain.json'}\n"
-          f"  maps:    {reports / 'explain.npz'}\n{figures}  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+          f"  maps:    {reports / 'explain.npz'}\n{figures}  {tensorboard_line(cfg, run_dir)}")
     return result
 
 

@@ -26,7 +26,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         teacher = finetune_students(cfg, run_dir, cfg.finetune.policy, tb)
         summaries = evaluate_policies(cfg, run_dir, [teacher, run_dir], tb)
         tb.hparams(flat_hparams(cfg), run_metrics(summaries))
-    print_results(run_dir, summaries, run_dir)
+    print_results(cfg, run_dir, summaries, run_dir)
     return summaries
 
 

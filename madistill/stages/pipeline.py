@@ -24,7 +24,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         _, history = distill_students(cfg, run_dir, teacher, tb)
         summaries = evaluate_policies(cfg, run_dir, run_dir, tb)
         tb.hparams(flat_hparams(cfg), run_metrics(summaries, history))
-    print_results(run_dir, summaries, run_dir)
+    print_results(cfg, run_dir, summaries, run_dir)
     return summaries
 
 

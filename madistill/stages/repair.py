@@ -284,7 +284,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.repair.plan import repair_policy
     from madistill.runtime import make_vec_env
     from madistill.stages.policies import configured_features, studied_policies, teams_for
-    from madistill.stages.rundir import open_tb
+    from madistill.stages.rundir import open_tb, tensorboard_line
 
     rc = cfg.repair
     device, refs, spec = studied_policies(cfg, rc.policy, "no policy to repair: pass repair.policy=<run or policy "
@@ -369,7 +369,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     m = payload["variants"]["masked"]
     print(f"\nrepaired {group}: {m['changed']} parameters changed ({100 * m['changed_share']:.2f}% of the acting "
           f"parameters), {f'{len(rep.neurons)} neurons' if rc.mask == 'neurons' else 'Fisher mask'}\n  policy: {pdir}\n  update: {pdir / 'delta.safetensors'}\n"
-          f"  report: {reports / 'repair.md'}\n  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+          f"  report: {reports / 'repair.md'}\n  {tensorboard_line(cfg, run_dir)}")
     return payload
 
 

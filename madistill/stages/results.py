@@ -6,10 +6,14 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from madistill.evaluate.report import side_stats, sides_of
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def side_tag(side: str | None) -> str:
@@ -60,11 +64,13 @@ def worse_than_random(summaries: dict[str, dict]) -> list[str]:
     return out
 
 
-def print_results(run_dir: Path, summaries: dict[str, dict], policies: Path, notes: Sequence[str] = (),
-                  again: Sequence[str] = ()) -> None:
+def print_results(cfg: DictConfig, run_dir: Path, summaries: dict[str, dict], policies: Path,
+                  notes: Sequence[str] = (), again: Sequence[str] = ()) -> None:
     """Where the results are; ``policies`` is the run (or policy) directory that was evaluated; ``notes``: lines
     on how it was evaluated (a fault, a purifier, the alerts), printed before the report's path; ``again``: the
     settings the re-evaluation command repeats."""
+    from madistill.stages.rundir import tensorboard_line
+
     lines = ["", "Results"]
     sides = sides_of(summaries)
     for name, s in summaries.items():
@@ -82,7 +88,7 @@ def print_results(run_dir: Path, summaries: dict[str, dict], policies: Path, not
         *(f"  {n}" for n in notes),
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
         f"  policies:    {policies}",
-        f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)",
+        f"  {tensorboard_line(cfg, run_dir)}",
         f"  re-evaluate: madistill evaluate {' '.join(shlex.quote(a) for a in (f'eval.policy={policies}', *again))}",
         *worse_than_random(summaries),  # last, where it is seen
     ]

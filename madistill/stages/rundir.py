@@ -25,6 +25,13 @@ def open_tb(cfg: DictConfig, run_dir: Path) -> TBLogger:
     return TBLogger(run_dir / "tb", run_dir / "reports" if cfg.logger.figures else None, enabled=cfg.logger.tensorboard)
 
 
+def tensorboard_line(cfg: DictConfig, run_dir: Path) -> str:
+    """The closing line that says how to open the run's TensorBoard, or that the run wrote none."""
+    if not cfg.logger.tensorboard:
+        return "TensorBoard: none written (logger.tensorboard=false)"
+    return f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)"
+
+
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """Scalar leaves of the config (``teacher.ppo.learning_rate`` ...) for the HParams tab."""
     out: dict[str, Any] = {}

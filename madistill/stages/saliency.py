@@ -36,7 +36,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.stages.faults import configured_faults
     from madistill.stages.observations import explained_observations
     from madistill.stages.policies import labelled_teams, paired_policy, studied_policies, teams_for
-    from madistill.stages.rundir import open_tb
+    from madistill.stages.rundir import open_tb, tensorboard_line
 
     sc = cfg.saliency
     device, refs, spec = studied_policies(
@@ -78,7 +78,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     figures = f"  figures: {reports}/saliency_<group>.png\n" if cfg.logger.figures else ""
     print(f"\nGradient saliency vs its teacher's perturbation saliency (per observation, averaged):\n{text}\n"
           f"  maps:    {reports / 'saliency.npz'}\n  summary: {reports / 'saliency.json'}\n"
-          f"{figures}  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+          f"{figures}  {tensorboard_line(cfg, run_dir)}")
     return result
 
 

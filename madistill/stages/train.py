@@ -15,12 +15,12 @@ if TYPE_CHECKING:
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     """Train teachers for every group; save them to ``<run>/policies/teacher``."""
-    from madistill.stages.rundir import flat_hparams, open_tb
+    from madistill.stages.rundir import flat_hparams, open_tb, tensorboard_line
 
     with open_tb(cfg, run_dir) as tb:
         path = train_teachers(cfg, run_dir, tb)
         tb.hparams(flat_hparams(cfg), {"hparam/train_team_return": tb.last("charts/episodic_return")})
-    print(f"teachers: {path}\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}\n"
+    print(f"teachers: {path}\n{tensorboard_line(cfg, run_dir)}\n"
           f"evaluate: madistill evaluate eval.policy={run_dir}\n"
           f"continue: madistill train teacher.resume={run_dir / 'checkpoint'} teacher.total_agent_steps=<more>")
     return path
