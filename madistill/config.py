@@ -682,6 +682,9 @@ class PurifyConfig:
 class EvalConfig:
     policy: str | None = None  # run or policy directory (evaluate stage); pipeline fills it
     names: list[str] = field(default_factory=list)  # which policies of a run dir (empty: all)
+    # also evaluate the teacher a student was distilled from (its manifest's distill.teacher), as distill's and
+    # finetune's reports show it, with the student's retention
+    with_teacher: bool = False
     episodes: int = 100  # episodes per policy
     seed: int = EVAL_SEED  # episode seeds seed..seed+episodes-1 (madistill/seeds.py: the seed namespaces)
     deterministic: bool = True  # greedy actions (false: sampled)

@@ -4,6 +4,7 @@ saliency commands, sweeps over the distillation fields."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -134,7 +135,7 @@ def test_distill_command_saves_a_compact_student_and_evaluates_it_next_to_the_te
 
     run = tmp_path / "distill"
     rc, out, err = cli("distill", *tiny(f"distill.teacher={teacher_run}", "logger=default", "logger.progress=false",
-                                        "student.hidden_sizes=[4]"), f"hydra.run.dir={run}")
+                                        "student.hidden_sizes=[4]", "seed=3"), f"hydra.run.dir={run}")
     assert rc == 0, err
     manifest = read_manifest(run / "policies" / "student")
     t_manifest = read_manifest(teacher_run / "policies" / "teacher")
@@ -161,9 +162,17 @@ def test_distill_command_saves_a_compact_student_and_evaluates_it_next_to_the_te
         assert tag in tags, tag
     assert [s.step for s in ea.Scalars("distill/round_team_return")] == [0, 1]
     # the student is a drop-in policy for the evaluate command
-    rc, out, err = cli("evaluate", *tiny(f"eval.policy={run}", f"hydra.run.dir={tmp_path / 'ev'}"))
+    rc, out2, err = cli("evaluate", *tiny(f"eval.policy={run}", f"hydra.run.dir={tmp_path / 'ev'}"))
     assert rc == 0, err
-    assert {ln.split()[0] for ln in out.splitlines() if " team return IQM " in ln} == {"student", "random"}
+    assert {ln.split()[0] for ln in out2.splitlines() if " team return IQM " in ln} == {"student", "random"}
+    # the printed re-evaluation command repeats the stage's table: the teacher, the student and the random team
+    again = shlex.split(next(ln for ln in out.splitlines() if "re-evaluate:" in ln).split("re-evaluate:")[1])
+    assert again[:2] == ["madistill", "evaluate"] and "eval.with_teacher=true" in again
+    rc, _, err = cli(*again[1:], f"hydra.run.dir={tmp_path / 'again'}")
+    assert rc == 0, err
+    for name in ("teacher", "student", "random"):
+        first, repeat = (json.loads((d / "reports" / f"eval_{name}.json").read_text()) for d in (run, tmp_path / "again"))
+        assert first["episodes"] == repeat["episodes"] and first["summary"] == repeat["summary"], name
 
 
 def test_distill_is_deterministic_and_lambda_zero_is_plain_distillation(make_cfg, teacher_run, tmp_path):

@@ -23,13 +23,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Evaluate every saved policy under ``eval.policy`` and say where the results are."""
     from madistill.stages.faults import played_under
     from madistill.stages.monitoring import alerts_line
-    from madistill.stages.results import print_results
+    from madistill.stages.results import command_line, print_results
     from madistill.stages.rundir import open_tb
 
     with open_tb(cfg, run_dir) as tb:
         summaries = evaluate_policies(cfg, run_dir, cfg.eval.policy, tb)
     alerts = [alerts_line(run_dir / "reports")] if cfg.alerts.enabled else []
-    print_results(cfg, run_dir, summaries, Path(cfg.eval.policy), [*played_under(cfg), *alerts], _command_line())
+    print_results(cfg, run_dir, summaries, Path(cfg.eval.policy), [*played_under(cfg), *alerts], command_line())
     return summaries
 
 
@@ -67,7 +67,7 @@ def evaluate_policies(
     )
 
     device, refs, spec = studied_policies(
-        cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=False
+        cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=cfg.eval.with_teacher
     )
     ec = cfg.eval
     results: dict[str, list[tuple[str, list[EpisodeRecord]]]] = defaultdict(list)
@@ -126,15 +126,6 @@ def evaluate_policies(
                            cfg.env.grouping)
         tqdm.write(f"video: {out}")
     return summaries
-
-
-def _command_line() -> list[str]:
-    """This evaluation's settings from the command line (a fault, a purifier, ...) but the policy, to repeat it."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "eval.policy="))]
 
 
 def row_report(reports: Path, name: str) -> Path:

@@ -19,14 +19,14 @@ if TYPE_CHECKING:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Robust RL fine-tuning (SA-PPO) of the student at ``finetune.policy``; evaluate it next to its teacher."""
     from madistill.stages.evaluate import evaluate_policies
-    from madistill.stages.results import print_results, run_metrics
+    from madistill.stages.results import print_results, reevaluation, run_metrics
     from madistill.stages.rundir import flat_hparams, open_tb
 
     with open_tb(cfg, run_dir) as tb:
         teacher = finetune_students(cfg, run_dir, cfg.finetune.policy, tb)
         summaries = evaluate_policies(cfg, run_dir, [teacher, run_dir], tb)
         tb.hparams(flat_hparams(cfg), run_metrics(summaries))
-    print_results(cfg, run_dir, summaries, run_dir)
+    print_results(cfg, run_dir, summaries, run_dir, again=reevaluation(True))
     return summaries
 
 

@@ -15,7 +15,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train teachers, distil them into students, evaluate both next to a random team."""
     from madistill.stages.distill import distill_students
     from madistill.stages.evaluate import evaluate_policies
-    from madistill.stages.results import print_results, run_metrics
+    from madistill.stages.results import print_results, reevaluation, run_metrics
     from madistill.stages.rundir import flat_hparams, open_tb
     from madistill.stages.train import train_teachers
 
@@ -24,7 +24,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         _, history = distill_students(cfg, run_dir, teacher, tb)
         summaries = evaluate_policies(cfg, run_dir, run_dir, tb)
         tb.hparams(flat_hparams(cfg), run_metrics(summaries, history))
-    print_results(cfg, run_dir, summaries, run_dir)
+    print_results(cfg, run_dir, summaries, run_dir, again=reevaluation(False))
     return summaries
 
 

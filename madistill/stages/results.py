@@ -64,6 +64,27 @@ def worse_than_random(summaries: dict[str, dict]) -> list[str]:
     return out
 
 
+def command_line(prefixes: Sequence[str] = ()) -> list[str]:
+    """This run's command-line settings but the policy and Hydra's own (only those under ``prefixes`` where given),
+    for the re-evaluation command to repeat."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    task = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "eval.policy="))]
+    return [o for o in task if o.startswith(tuple(prefixes))] if prefixes else task
+
+
+def reevaluation(with_teacher: bool) -> list[str]:
+    """The settings a stage that evaluated its students (distill, finetune, pipeline) passes the re-evaluation
+    command, so that it repeats the stage's table: ``eval.with_teacher=true`` where the teacher lives in another
+    run, and the command line's settings the evaluation reads (``eval.*``, the env and its copies, which the
+    random team's shared stream depends on, the seed of the bootstrap intervals, and the presets that may set
+    them)."""
+    read = ("eval.", "+eval.", "env=", "env.", "+env.", "seed=", "+experiment=")
+    return [*(["eval.with_teacher=true"] if with_teacher else []), *command_line(read)]
+
+
 def print_results(cfg: DictConfig, run_dir: Path, summaries: dict[str, dict], policies: Path,
                   notes: Sequence[str] = (), again: Sequence[str] = ()) -> None:
     """Where the results are; ``policies`` is the run (or policy) directory that was evaluated; ``notes``: lines
