@@ -127,6 +127,7 @@ def test_finetune_command_saves_a_drop_in_student_linked_to_its_teacher(cli, stu
     assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), before.parameters()))
     md = (run / "reports" / "eval.md").read_text()
     assert "| teacher |" in md and "| student |" in md and "student    team return IQM" in out
+    assert f"re-evaluate: madistill evaluate eval.policy={run} eval.with_teacher=true " in out
 
 
 def test_finetune_errors_are_one_line(cli, student_run, tmp_path):
