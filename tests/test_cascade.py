@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -149,6 +151,30 @@ def test_a_non_reproducible_env_is_refused_in_one_line():
     with pytest.raises(MadistillError) as err:
         check_reproducible(venv_maker(bad), team, 24, 0, "unseeded")
     assert "not reproducible from its seed" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_box_twins_whose_means_differ_by_rounding_alone_are_reproducible():
+    """With Box actions the rounding of a batch row moves the sampled action itself, so the twins' rewards differ
+    in their last bits: still the same episode."""
+    from madistill.envs.factory import EnvSpec
+
+    spec = EnvSpec("mpe2.simple_speaker_listener_v4.parallel_env", {"max_cycles": 10, "continuous_actions": True},
+                   name="sl")
+    make = venv_maker(spec)
+    with make(1, 1) as venv:
+        team = mlp_team(venv, [16])
+    for group in team.groups:
+        policy, forward = team[group.name], team[group.name].forward
+        def nudged(x: torch.Tensor, f=forward) -> torch.Tensor:  # the mean of row i moved by 1e-7 * i
+            y = f(x)
+            return y + 1e-7 * torch.arange(len(x), dtype=y.dtype)[:, None]
+
+        policy.forward = nudged
+    run = check_reproducible(make, team, 3, 0, "sl")
+    assert 0 < np.nanmax(np.abs(run.reward_delta)) < 1e-5
+    with pytest.raises(MadistillError, match="not reproducible from its seed"), \
+            mock.patch("madistill.cascade.paired.ROUNDING_REWARD", 0.0):
+        check_reproducible(make, team, 3, 0, "sl")
 
 
 def test_speaker_listener_the_speaker_influences_the_listener_and_never_the_reverse():

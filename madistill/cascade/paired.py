@@ -223,16 +223,22 @@ def noise_floor(run: PairedRun, block: int, quantile: float) -> float:
 # batch row by its position, so one input gives outputs an ulp apart in different rows (a policy's logits move by
 # ~1e-7, its distributions' total variation by less).
 ROUNDING_TV = 1e-5
+# The reward difference twins can show, relative to the largest return of the replay: with Box actions that
+# rounding moves the sampled action itself, and the env's rewards follow it in their last bits.
+ROUNDING_REWARD = 1e-6
 
 
 def check_reproducible(make_venv: MakeVenv, team: TeamPolicy, episodes: int, seed: int, env_id: str,
                        deterministic: bool = False) -> PairedRun:
     """Play ``episodes`` clean episodes twice side by side; refuse, in one line, an env whose episodes are not
     reproducible from their seed (the twins must take the same rewards and episode lengths, and their action
-    distributions agree up to rounding, ``ROUNDING_TV``). Returns the replay (its lengths bound onsets)."""
+    distributions agree up to rounding, ``ROUNDING_TV``, and so do their rewards, ``ROUNDING_REWARD``). Returns the
+    replay (its lengths bound onsets)."""
     run = paired_rollouts(make_venv, team, [None], episodes, seed, deterministic)
-    diff = (np.nan_to_num(run.tv[0], nan=0.0) > ROUNDING_TV) | (np.nan_to_num(run.reward_delta[0], nan=0.0) != 0)
-    if diff.any() or (run.lengths[0] != run.lengths[1]).any() or not np.array_equal(run.returns[0], run.returns[1]):
+    atol = ROUNDING_REWARD * max(1.0, float(np.abs(run.returns).max()))
+    diff = (np.nan_to_num(run.tv[0], nan=0.0) > ROUNDING_TV) | (np.abs(np.nan_to_num(run.reward_delta[0], nan=0.0)) > atol)
+    lengths = (run.lengths[0] != run.lengths[1]).any()
+    if diff.any() or lengths or not np.allclose(run.returns[0], run.returns[1], rtol=0.0, atol=atol * run.lengths.max()):
         e, t, a = (np.argwhere(diff)[0].tolist() if diff.any() else [int(np.argmax(run.lengths[0] != run.lengths[1])), 0, 0])
         raise MadistillError(
             f"env {env_id!r} is not reproducible from its seed: episode {int(run.seeds[e])} played twice differs for "
