@@ -101,6 +101,7 @@ def run(cfg) -> object:  # noqa: ANN001 - Hydra passes a DictConfig
         with (interrupts.handled(interrupts.raise_interrupt), _LogTee(sys.stdout) as out, contextlib.redirect_stdout(out),
               interrupts.polled(sweeps.interrupted) if sweep else contextlib.nullcontext()):
             validate(cfg)
+            _check_env_file(hc.runtime.choices.get("env"), str(cfg.env.name))
             if not stages()[hc.job.name].faults_each_agent:
                 check_fault_victims(cfg, list(hc.overrides.task))
             result = stages()[hc.job.name].run(cfg, run_dir)
@@ -320,6 +321,15 @@ def _with_job_name(args: list[str], stage: str) -> list[str]:
         raise MadistillError("hydra.run.dir names one run's directory, which a sweep (-m) does not use: pass "
                              "hydra.sweep.dir=<dir> instead (each job runs in <dir>/<job number>)")
     return [*overrides, f"hydra.job.name={stage}", *flags]
+
+
+def _check_env_file(choice: str | None, name: str) -> None:
+    """Refuse an env config file whose ``env.name`` is not its own name: a saved policy finds its env's file
+    (feature groups, ``lambda_igr``, teams) by ``env.name``, so a mismatch would lose them in every later stage."""
+    if choice and choice != "custom" and choice != name:
+        raise MadistillError(f"env.name is {name!r} but its config file is {choice}.yaml: saved policies find their "
+                             f"env file by env.name, so the two must agree: rename the file to {name}.yaml or set "
+                             f"env.name: {choice} in it (another env goes in a file of its own, or env=custom)")
 
 
 def _with_saved_env(overrides: list[str], stage: str) -> list[str]:

@@ -365,6 +365,13 @@ def test_custom_env_from_the_command_line(cli, tmp_path):
     assert f"teachers: {tmp_path / 'policies' / 'teacher'}" in out + err
 
 
+def test_an_env_file_whose_env_name_is_not_its_own_is_refused(cli, tmp_path):
+    """Saved policies find their env's file by env.name: a mismatch would drop its feature groups later."""
+    rc, _, err = cli("train", "env=relay", "env.name=myrelay", *tiny(), f"hydra.run.dir={tmp_path / 'r'}")
+    assert rc == 2 and "env.name is 'myrelay' but its config file is relay.yaml" in _madistill_error(err, "train")
+    assert not (tmp_path / "r").exists()
+
+
 def test_custom_env_without_target_exits_2(cli, tmp_path):
     rc, _, err = cli("train", "env=custom", f"hydra.run.dir={tmp_path}", "logger=quiet")
     assert rc == 2 and "env.target" in _madistill_error(err, "train")
