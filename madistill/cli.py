@@ -530,6 +530,10 @@ def _beside_another_stage(overrides: list[str], stage: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """``madistill <stage> [overrides]``: run one stage; returns the exit code (0, 2 for a user error, 130 when interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # an env module beside the user (env.target=mymodule.parallel_env) imports as under `python -m madistill`;
+    # after the installed packages, so a local folder cannot shadow one
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return _main(args)
     except BrokenPipeError:  # `madistill train --help | head`: the reader left; say so once, where it can be seen

@@ -365,6 +365,20 @@ def test_custom_env_from_the_command_line(cli, tmp_path):
     assert f"teachers: {tmp_path / 'policies' / 'teacher'}" in out + err
 
 
+def test_an_env_module_in_the_working_directory_imports_as_under_python_m(cli, tmp_path, monkeypatch):
+    """The console script does not put the working directory on sys.path as ``python -m`` does: main() does."""
+    home = tmp_path / "project"
+    home.mkdir()
+    (home / "myenvmod.py").write_text("from envs.relay import parallel_env  # noqa: F401\n")
+    monkeypatch.chdir(home)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(home))])
+    rc, _, err = cli("train", "env=custom", "env.target=myenvmod.parallel_env", "env.name=mine",
+                     *tiny("teacher.total_agent_steps=200"), f"hydra.run.dir={tmp_path / 'r'}")
+    assert rc == 0, err
+    assert sys.path[-1] == str(home)
+    assert read_manifest(tmp_path / "r" / "policies" / "teacher")["env"]["target"] == "myenvmod.parallel_env"
+
+
 def test_an_env_file_whose_env_name_is_not_its_own_is_refused(cli, tmp_path):
     """Saved policies find their env's file by env.name: a mismatch would drop its feature groups later."""
     rc, _, err = cli("train", "env=relay", "env.name=myrelay", *tiny(), f"hydra.run.dir={tmp_path / 'r'}")
