@@ -44,7 +44,8 @@ class Transform:
     shared_stream: ClassVar[bool] = False
 
     def reset(self) -> None:  # noqa: B027 - optional hook; stateless transforms need not override it
-        """Forget per-episode state (called when a rollout is reset)."""
+        """Forget what an earlier rollout left (called once when a rollout is reset); per-episode state is
+        re-armed in :meth:`start_episodes`."""
 
     def start_episodes(self, copies: np.ndarray, seeds: np.ndarray) -> None:  # noqa: B027 - optional hook
         """Env copies ``copies`` have just begun the episodes with seeds ``seeds`` (after ``reset`` too): a

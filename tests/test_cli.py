@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -377,6 +378,20 @@ def test_an_env_module_in_the_working_directory_imports_as_under_python_m(cli, t
     assert rc == 0, err
     assert sys.path[-1] == str(home)
     assert read_manifest(tmp_path / "r" / "policies" / "teacher")["env"]["target"] == "myenvmod.parallel_env"
+
+
+def test_an_env_file_of_the_users_own_config_folder_and_its_re_evaluation(cli, tmp_path):
+    conf = tmp_path / "conf" / "env"
+    conf.mkdir(parents=True)
+    (conf / "myrelay.yaml").write_text("# @package _global_\nenv:\n  name: myrelay\n  target: envs.relay.parallel_env\n")
+    search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    rc, _, err = cli("train", "env=myrelay", search, *tiny("teacher.total_agent_steps=200"), f"hydra.run.dir={tmp_path / 't'}")
+    assert rc == 0, err
+    rc, out, err = cli("evaluate", f"eval.policy={tmp_path / 't'}", "env=myrelay", search, *tiny(),
+                       f"hydra.run.dir={tmp_path / 'e'}")
+    assert rc == 0, err
+    again = next(ln for ln in out.splitlines() if "re-evaluate:" in ln)
+    assert "env=myrelay" in again and search in shlex.split(again)
 
 
 def test_an_env_file_whose_env_name_is_not_its_own_is_refused(cli, tmp_path):

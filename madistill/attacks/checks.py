@@ -38,7 +38,9 @@ from madistill.policies.base import Policy
 DEGENERATE = "degenerate_attack"  # the name of a Flag that reports an attack, not the policy
 OBJECTIVE_MISSES = "objective_misses_return"  # the name of a Flag that reports the suite's objectives, not masking
 # the attacks that maximise a surrogate objective without choosing the action they cause
-UNTARGETED = ("fgsm", "pgd", "pgd_strong", "critic", "spsa", "transfer")
+# the suite's per-step attacks that push the action away from its clean choice along (estimated) gradients: every
+# variant but the uniform draw and the targeted PGDs, so a variant added to the suite joins the return-level checks
+UNTARGETED = tuple(name for name, a in variants(Attack()).items() if a.method not in ("random", "targeted"))
 TARGETED_PREFIX = "targeted_"
 UNDER_TRAINED = "under_trained"  # the name of a Flag that reports a learned attack short of the gradient attacks
 LEARNED = ("learned", "director")  # the attacks trained by RL against the frozen team

@@ -86,8 +86,12 @@ def suite_attack(name: str, ac: Any) -> Attack:
     """The Attack behind a suite name, from the ``attack`` config."""
     if name in ("learned", "director", "offsets", "targeted_lookahead"):
         raise MadistillError(f"{name!r} is not a per-step attack on observations alone: evaluate_robustness runs it")
-    return variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta,
-                           candidates=ac.target_candidates))[name]
+    suite = variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta,
+                            candidates=ac.target_candidates))
+    if name not in suite:
+        raise MadistillError(f"attack {name!r} is one of attack.methods' choices but has no entry in variants() "
+                             "(madistill/attacks/methods.py) nor a branch of its own in evaluate_robustness: add one")
+    return suite[name]
 
 
 CHECKS_NOT_RUN = "not run (attack.checks=false): gradient attacks alone can be masked; attack=suite runs the checks"

@@ -6,7 +6,8 @@ episode from its episode seed), duration (an impulse of one step, k steps, or to
 intermittency rate. A fault's randomness comes from one stream per env copy, seeded at each episode start by
 (fault seed, episode seed): an episode is faulted the same way whichever copy plays it and whatever came before.
 
-Adding a fault is one class registered here (``@register``) and one yaml in ``conf/fault/``.
+Adding a fault is one class registered here (``@register``) and one yaml in ``conf/fault/``; settings of its
+own go into ``FaultConfig`` (docs/extending.md).
 """
 
 from __future__ import annotations

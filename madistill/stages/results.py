@@ -71,7 +71,10 @@ def command_line(prefixes: Sequence[str] = ()) -> list[str]:
 
     if not HydraConfig.initialized():
         return []
-    task = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "eval.policy="))]
+    hc = HydraConfig.get()
+    # of Hydra's own settings only the config search path, without which an env file of the user's is not found
+    task = [*(o for o in hc.overrides.hydra if o.startswith("hydra.searchpath=")),
+            *(o for o in hc.overrides.task if not o.startswith(("hydra.", "eval.policy=")))]
     return [o for o in task if o.startswith(tuple(prefixes))] if prefixes else task
 
 
@@ -81,7 +84,7 @@ def reevaluation(with_teacher: bool) -> list[str]:
     run, and the command line's settings the evaluation reads (``eval.*``, the env and its copies, which the
     random team's shared stream depends on, the seed of the bootstrap intervals, and the presets that may set
     them)."""
-    read = ("eval.", "+eval.", "env=", "env.", "+env.", "seed=", "+experiment=")
+    read = ("eval.", "+eval.", "env=", "env.", "+env.", "seed=", "+experiment=", "hydra.searchpath=")
     return [*(["eval.with_teacher=true"] if with_teacher else []), *command_line(read)]
 
 
