@@ -12,7 +12,7 @@ import torch
 from cascade_helpers import copy_team, relay_spec
 from omegaconf import OmegaConf
 
-from madistill.cascade.faults import FAULTS, ActionFault, FaultEnv, make_fault
+from madistill.cascade.faults import FAULTS, ActionFault, FaultEnv, ObsFault, make_fault
 from madistill.config import FaultConfig
 from madistill.envs.features import feature_layouts
 from madistill.envs.vector import MultiAgentVecEnv
@@ -130,7 +130,9 @@ def test_every_registered_fault_has_a_yaml():
 
     yamls = {p.stem: OmegaConf.load(p).name for p in Path(config_dir(), "fault").glob("*.yaml")}
     assert set(FAULTS) <= set(yamls.values())
-    assert all(issubclass(FAULTS[n], ActionFault) == (n in ("random", "stuck", "constant", "dead", "worst")) for n in FAULTS)
+    # each fault changes either what its victims see or what they do; the project's action faults are among them
+    assert all(issubclass(f, ActionFault) != issubclass(f, ObsFault) for f in FAULTS.values())
+    assert {"random", "stuck", "constant", "dead", "worst"} <= {n for n, f in FAULTS.items() if issubclass(f, ActionFault)}
 
 
 @pytest.mark.parametrize(("kw", "message"), [

@@ -26,9 +26,10 @@ def _doc_files() -> dict[str, str]:
 @pytest.fixture
 def agents_stage(tmp_path, monkeypatch):
     """docs/extending.md's `agents` stage added as the page says: its module, its preset file in conf/ (a copy
-    of the project's) and one more entry in STAGE_MODULES."""
-    if any(m.rsplit(".", 1)[1] == "agents" for m in registry.STAGE_MODULES):
-        yield  # a checkout that added the example as the page says: the tests run that copy
+    of the project's) and one more entry in STAGE_MODULES. Yields the stage's module name."""
+    added = [m for m in registry.STAGE_MODULES if m.rsplit(".", 1)[1] == "agents"]
+    if added:
+        yield added[0]  # a checkout that added the example as the page says: the tests run that copy
         return
     files = _doc_files()
     (tmp_path / "pkg").mkdir()
@@ -41,7 +42,7 @@ def agents_stage(tmp_path, monkeypatch):
     original = registry.STAGE_MODULES
     monkeypatch.setattr(registry, "STAGE_MODULES", (*original, "agents_example"))
     stages.cache_clear()
-    yield
+    yield "agents_example"
     monkeypatch.setattr(registry, "STAGE_MODULES", original)
     stages.cache_clear()
     stages()  # the config loses the example's section again
@@ -121,7 +122,7 @@ def test_a_sections_preset_is_composed_by_default(agents_stage, monkeypatch):
     import dataclasses
     import importlib
 
-    module = importlib.import_module("agents_example")
+    module = importlib.import_module(agents_stage)
     brief = ConfigSection("agents", module.AgentsConfig, preset="brief")
     monkeypatch.setattr(module, "STAGE", dataclasses.replace(module.STAGE, adds=(brief,)))
     stages.cache_clear()
