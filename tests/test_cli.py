@@ -394,6 +394,13 @@ def test_an_env_file_of_the_users_own_config_folder_and_its_re_evaluation(cli, t
     assert "env=myrelay" in again and search in shlex.split(again)
 
 
+def test_feature_groups_the_env_lacks_are_refused_before_training(cli, tmp_path):
+    """env.features keyed by an agent id, not its group: refused by train, before any teacher records it."""
+    rc, _, err = cli("train", "env=relay", "+env.features.agent_0.first=[0]", *tiny(), f"hydra.run.dir={tmp_path / 'r'}")
+    assert rc == 2 and "env.features names groups ['agent_0'] this env lacks" in _madistill_error(err, "train")
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_env_file_whose_env_name_is_not_its_own_is_refused(cli, tmp_path):
     """Saved policies find their env's file by env.name: a mismatch would drop its feature groups later."""
     rc, _, err = cli("train", "env=relay", "env.name=myrelay", *tiny(), f"hydra.run.dir={tmp_path / 'r'}")

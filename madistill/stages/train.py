@@ -30,13 +30,18 @@ def train_teachers(cfg: DictConfig, run_dir: Path, tb: TBLogger) -> Path:
     """Train teachers for every group in one vector env; save them to ``<run>/policies/teacher``."""
     from omegaconf import OmegaConf
 
+    from madistill.envs.features import feature_layouts
     from madistill.runtime import env_spec, make_vec_env, resolve_device, seed_everything
+    from madistill.stages.policies import configured_features
     from madistill.teacher import TeacherTrainer
 
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     spec = env_spec(cfg.env)
     with make_vec_env(cfg.env, spec) as venv:
+        # the teachers' manifest records env.features for every later stage: refuse groups or indices this env
+        # lacks now rather than in the first stage that reads them
+        feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         with TeacherTrainer(cfg, venv, spec, device, tb) as trainer:
             trainer.train(run_dir)
         trainer.save_checkpoint(run_dir / "checkpoint")  # so a finished run can be continued to a longer budget
