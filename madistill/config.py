@@ -718,7 +718,7 @@ class FaultConfig:
     # listener's message: a communication fault); empty: every feature
     features: list[str] = field(default_factory=list)
     action: list[float] = field(default_factory=lambda: [0.0])  # constant: the action (Discrete: one index; Box: one value per component or one for all)
-    method: str = "pgd"  # attack: the attack suite's per-step method (random, fgsm, pgd, critic, spsa, targeted_random, targeted_lowest)
+    method: str = "pgd"  # attack: one of the attack suite's per-step attacks (FAULT_METHODS in madistill/cascade/faults.py)
     eps: float = 0.3  # attack: the l_inf budget in normalised units (attack.exclude and attack.scale apply)
     seed: int = 0  # seeds the fault's own draws (onsets, noise, random actions) together with each episode seed
 

@@ -141,7 +141,8 @@ def test_every_registered_fault_has_a_yaml():
     ({"name": "constant", "action": [0.5, 0.5]}, "has Discrete actions: set fault.action=[k]"),
     ({"name": "constant", "action": [3]}, "k in 0..2"),
     ({"name": "noise", "features": ["nope"]}, "fault.features names 'nope'"),
-    ({"name": "attack", "method": "learned"}, "not a per-step white-box attack"),
+    ({"name": "attack", "method": "learned"}, "not a per-step attack the fault can play: use one of random, fgsm, pgd, critic, spsa, targeted_random, targeted_lowest"),
+    ({"name": "attack", "method": "bogus"}, "fault.method='bogus' is not a per-step attack the fault can play"),
     ({"name": "attack", "method": "targeted_lookahead"}, "fault=worst plays the lookahead's worst action"),
 ])
 def test_bad_fault_settings_are_one_line_errors(kw, message):

@@ -57,7 +57,7 @@ def test_cascade_report_has_the_required_keys_and_null_lags_where_nothing_can_re
     (["fault.victims=[agent_9]"], "fault.victims names ['agent_9']"),
     (["fault.name=melt"], "unknown fault 'melt'"),
     (["cascade.impulse=melt"], "cascade.impulse='melt' is no fault in conf/fault/"),
-    (["cascade.impulse=noise"], "cascade.impulse='noise' changes no action in a one-step impulse"),
+    (["cascade.impulse=noise"], "cascade.impulse='noise' changes no action in a one-step impulse; influence is measured from action impulses: use one of random, constant, dead, worst"),
     (["cascade.impulse=stuck"], "cascade.impulse='stuck' changes no action in a one-step impulse"),
     (["fault.onset=12"], "onsets past the episode's end, fault.onset (latest 12): episodes of 'relay' last 12 steps"),
     (["cascade.onsets=[3,20]"], "onsets past the episode's end, cascade.onsets=[3, 20]: episodes"),

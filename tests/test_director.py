@@ -175,7 +175,7 @@ def test_attack_command_writes_the_learned_attacks_training_curves_to_tensorboar
 def test_the_attack_fault_refuses_the_director_in_one_line():
     from madistill.cascade.faults import AttackFault
 
-    with pytest.raises(MadistillError, match="fault.method='director' is not a per-step white-box attack"):
+    with pytest.raises(MadistillError, match="fault.method='director' is not a per-step attack the fault can play"):
         AttackFault(None, "director", {}, None)
 
 

@@ -89,8 +89,8 @@ def suite_attack(name: str, ac: Any) -> Attack:
     suite = variants(Attack("pgd", "kl", ac.steps, ac.restarts, ac.step_size, ac.spsa_samples, ac.spsa_delta,
                             candidates=ac.target_candidates))
     if name not in suite:
-        raise MadistillError(f"attack {name!r} is one of attack.methods' choices but has no entry in variants() "
-                             "(madistill/attacks/methods.py) nor a branch of its own in evaluate_robustness: add one")
+        raise MadistillError(f"{name!r} is no per-step attack of the suite: a new one goes into variants() "
+                             "(madistill/attacks/methods.py), a whole-episode one into a branch of evaluate_robustness")
     return suite[name]
 
 

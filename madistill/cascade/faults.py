@@ -21,7 +21,8 @@ import torch
 from torch.distributions import Distribution
 
 from madistill.attacks.budget import Budget, excluded_features, group_budgets
-from madistill.attacks.robustness import suite_attack
+from madistill.attacks.methods import Attack, variants
+from madistill.attacks.robustness import SUITE, suite_attack
 from madistill.attacks.transform import victim_slots
 from madistill.branching import ActionHistory, Branching, action_returns, value_critic
 from madistill.envs.factory import EnvSpec
@@ -34,6 +35,9 @@ from madistill.rollout import env_actions
 from madistill.transforms import ActionTransform, GroupTensors, ObsTransform, StepContext, Transform
 
 FAULTS: dict[str, type[Fault]] = {}
+
+# the suite's per-step attacks crafted on the victim's own policy (or its critic): what fault=attack can play
+FAULT_METHODS = tuple(name for name in variants(Attack()) if name in SUITE and name != "transfer")
 
 
 def register(name: str) -> Callable[[type[Fault]], type[Fault]]:
@@ -295,15 +299,10 @@ class AttackFault(ObsFault):
         super().__init__(scope)
         self.crafted_on = crafted_on
         self._views: dict[int, tuple[TeamPolicy, TeamPolicy]] = {}  # id(acting team) -> (it, its view)
-        if method in ("learned", "director", "offsets", "transfer", "targeted_lookahead"):
-            raise MadistillError(f"fault.method={method!r} is not a per-step white-box attack: use random, fgsm, pgd, "
-                                 "critic, spsa, targeted_random or targeted_lowest (fault=worst plays the lookahead's "
-                                 "worst action itself)")
-        try:
-            self.attack = suite_attack(method, attack_cfg)
-        except KeyError:
-            raise MadistillError(f"unknown fault.method {method!r}: use random, fgsm, pgd, critic, spsa, targeted_random "
-                                 "or targeted_lowest") from None
+        if method not in FAULT_METHODS:
+            raise MadistillError(f"fault.method={method!r} is not a per-step attack the fault can play: use one "
+                                 f"of {', '.join(FAULT_METHODS)} (fault=worst plays the lookahead's worst action itself)")
+        self.attack = suite_attack(method, attack_cfg)
         self.method, self.budgets = method, dict(budgets)
 
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from madistill.cascade.faults import ActionFault, Fault, FaultEnv, Holding, make_fault
+from madistill.cascade.faults import FAULTS, ActionFault, Fault, FaultEnv, Holding, make_fault
 from madistill.cascade.measures import Cascade, Influence, cascade, deviation_summary, influence
 from madistill.cascade.paired import MakeVenv, PairedRun, check_reproducible, noise_floor, paired_rollouts
 from madistill.config import FaultConfig
@@ -87,8 +87,9 @@ def impulse_faults(impulse: Any, onsets: Sequence[int], env: FaultEnv, agents: S
         for onset in onsets:
             f = make_fault(fault_config(impulse, victims=[a], onset=int(onset), onset_max=None, duration=1, rate=1.0), env)
             if not isinstance(f, ActionFault) or isinstance(f, Holding):  # a one-step stuck action is the chosen one
+                usable = [n for n, c in FAULTS.items() if issubclass(c, ActionFault) and not issubclass(c, Holding)]
                 raise MadistillError(f"cascade.impulse={impulse.name!r} changes no action in a one-step impulse; "
-                                     "influence is measured from action impulses: use random, constant or dead")
+                                     f"influence is measured from action impulses: use one of {', '.join(usable)}")
             faults.append(f)
             sources.append(a)
     return faults, sources
