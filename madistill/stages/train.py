@@ -55,7 +55,7 @@ STAGE = Stage(
     sections=("env", "teacher"),
     writes="policies/teacher, checkpoint, tb/",
     examples=("madistill train env=simple_spread_v3 seed=1",
-              "madistill train env.num_workers=1 teacher.update_mode=thread   # fastest on 2 cores",
+              "madistill train teacher.update_mode=thread   # each PPO update beside the next rollout",
               "madistill train teacher.resume=<run>/checkpoint teacher.total_agent_steps=4000000"),
     resumes=True,
 )
