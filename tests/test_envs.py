@@ -627,3 +627,14 @@ def test_project_envs_end_by_truncation_after_max_cycles(target, kwargs):
         {"a": 1}, {"a": 0.5}, {"a": False, "b": False}, {"a": False, "b": False}, {"a": {}, "b": {}})
     assert stub.agents == ["a", "b"]
     assert truncating_step(stub, {}, {}, True)[3] == {"a": True, "b": True} and stub.agents == []
+
+
+@pytest.mark.parametrize("target", ["os.system", "shutil.rmtree", "os.removedirs"])
+def test_a_target_that_is_no_env_factory_is_refused_before_it_is_called(tmp_path, target):
+    """A saved policy's manifest names its env's target and arguments: loading it calls env factories only."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    kwargs = {"command": f"touch {tmp_path / 'called'}"} if target == "os.system" else {"path": str(victim)}
+    with pytest.raises(MadistillError, match=f"env target '{target}' is no PettingZoo env factory"):
+        make_env(EnvSpec(target, kwargs))
+    assert victim.is_dir() and not (tmp_path / "called").exists()

@@ -83,6 +83,22 @@ def _nearest_modules(target: str) -> str:
     return ""
 
 
+# The names PettingZoo gives an env module's factory functions.
+FACTORY_NAMES = ("parallel_env", "env", "raw_env")
+
+
+def _check_factory(factory: Any, name: str, target: str) -> None:
+    """Refuse, before calling it, a target that is no env factory: a saved policy's manifest names its env's
+    target and keyword arguments, and loading the policy must not call any other function with them. A factory
+    is a PettingZoo env class, or a Python function under one of PettingZoo's factory names."""
+    if isinstance(factory, type) and issubclass(factory, (ParallelEnv, AECEnv)):
+        return
+    if isinstance(factory, types.FunctionType) and name in FACTORY_NAMES:
+        return
+    raise MadistillError(f"env target {target!r} is no PettingZoo env factory: point env.target at a ParallelEnv or "
+                         f"AECEnv class, or at a module's {', '.join(f'{n}()' for n in FACTORY_NAMES)} function")
+
+
 def make_env(spec: EnvSpec, render_mode: str | None = None) -> ParallelEnv:
     """Instantiate the env as a PettingZoo ParallelEnv. AEC envs, and parallel envs that PettingZoo built from
     one (``parallel_wrapper_fn``, as mpe2's are), run through :class:`AECCycleParallelEnv`: same steps, less
@@ -92,8 +108,10 @@ def make_env(spec: EnvSpec, render_mode: str | None = None) -> ParallelEnv:
         factory = getattr(obj, "parallel_env", None) or getattr(obj, "env", None)
         if factory is None:
             raise MadistillError(f"module {spec.target!r} has no parallel_env() or env(); point env.target at the factory")
+        name = "parallel_env" if getattr(obj, "parallel_env", None) is not None else "env"
     else:
-        factory = obj
+        factory, name = obj, spec.target.rpartition(".")[2]
+    _check_factory(factory, name, spec.target)
     kwargs = dict(spec.kwargs)
     if render_mode is not None:
         kwargs["render_mode"] = render_mode

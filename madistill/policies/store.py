@@ -1,7 +1,10 @@
 """Policy store: a directory with ``manifest.json`` and one ``<group>.safetensors`` per group; purifiers
 (``madistill purify``) likewise, with ``purifier.json``.
 
-Loading reads JSON and safetensors only, so a policy file can never execute code. Directory writes are
+Loading reads JSON and safetensors only, so a policy file can never execute code. The env its manifest names is
+built from an import path and keyword arguments; ``madistill.envs.factory`` calls only PettingZoo env factories
+there (an env class, or a ``parallel_env``/``env``/``raw_env`` function), so a manifest cannot have another
+function called with its arguments. Directory writes are
 atomic: everything is written into a sibling temp directory that replaces the target in one rename.
 """
 
