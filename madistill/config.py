@@ -7,6 +7,7 @@ import ast
 import difflib
 import functools
 import io
+import math
 import sys
 import tokenize
 from collections.abc import Collection, Sequence
@@ -114,6 +115,16 @@ class Checks:
         for key in keys:
             self.require(self.node[key] is None or self.node[key] > low, key, f"above {low}")
 
+    def widths(self, *keys: str) -> None:
+        """Each of ``keys`` a list of layer widths, each at least 1 (an empty list: no hidden layer)."""
+        for key in keys:
+            self.require(all(int(w) >= 1 for w in self.node[key]), key, "a list of layer widths of at least 1")
+
+    def finite(self, *keys: str) -> None:
+        """Each of ``keys`` (unset ones skipped) a finite number."""
+        for key in keys:
+            self.require(self.node[key] is None or math.isfinite(self.node[key]), key, "a finite number")
+
     def within(self, low: float, high: float, *keys: str, open_low: bool = False, open_high: bool = False) -> None:
         """Each of ``keys`` (unset ones skipped) in [low, high]; ``open_low`` / ``open_high`` leave that end out."""
         interval = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
@@ -188,6 +199,7 @@ class PPOConfig:
     def validate(c: Checks) -> None:
         c.at_least(1, "n_steps", "batch_size", "n_epochs")
         c.above(0, "learning_rate", "clip_range", "max_grad_norm")
+        c.finite("learning_rate")
         c.within(0, 1, "gamma", "gae_lambda")
         c.at_least(0, "ent_coef", "vf_coef", "target_kl")
 
@@ -262,6 +274,7 @@ class TeacherConfig:
     def validate(c: Checks) -> None:
         c.at_least(1, "total_agent_steps")
         c.at_least(0, "checkpoint_every")
+        c.widths("hidden_sizes")
 
 
 @dataclass
@@ -272,6 +285,10 @@ class StudentConfig:
     # 36x36x3 images, 1/8 of the default teacher's acting network)
     cnn: CNNConfig = field(default_factory=lambda: CNNConfig(channels=[16, 32], kernels=[8, 4], strides=[4, 2],
                                                              max_grid=4, features_dim=64))
+
+    @staticmethod
+    def validate(c: Checks) -> None:
+        c.widths("hidden_sizes")
 
 
 @dataclass
@@ -326,9 +343,10 @@ class DistillConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         # zero rounds, steps or updates would save an untrained student
-        c.at_least(1, "rounds", "agent_steps_per_round", "updates_per_round", "batch_size", "adv_steps")
+        c.at_least(1, "rounds", "agent_steps_per_round", "updates_per_round", "batch_size", "adv_steps", "topk")
         c.at_least(0, "lambda_igr", "adv_weight", "smooth_weight", "adv_eps")
-        c.above(0, "temperature")
+        c.above(0, "temperature", "learning_rate", "max_grad_norm")
+        c.finite("learning_rate")
         c.within(0, 1, "beta_start", "beta_decay", "heldout_fraction", "adv_ramp", "adv_collect")
         c.require(not c.node.adv_collect_targets or (c.node.adv_collect_objective == "targeted_lookahead"
                                                       and c.node.adv_collect > 0), "adv_collect_targets",
@@ -519,7 +537,11 @@ class AttackConfig:
         c.at_least(0, "lookahead_horizon", "objective_tolerance")
         c.within(0, 1, "lookahead_gamma")
         c.within(0, 1, "frequency")
-        c.require(all(e >= 0 for e in c.node.eps), "eps", "a list of radii at least 0")
+        c.require(len(c.node.eps) > 0 and all(0 <= e < math.inf for e in c.node.eps), "eps",
+                  "a non-empty list of finite radii at least 0")
+        c.require(len(c.node.victims) > 0, "victims", "a non-empty list of victim sets (all, each, an agent id, ...)")
+        c.require(len(c.node.methods) > 0, "methods", "a non-empty list of attacks")
+        c.at_least(0, "seed")
         c.require(all(m >= 0 for by_feature in c.node.scale.values() for m in by_feature.values()), "scale",
                   "multiples of eps at least 0")
         # one offset holds for a whole episode, so it cannot attack only some of its steps
@@ -672,6 +694,7 @@ class PurifyConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "eot_samples", "agent_steps", "epochs", "batch_size", "episodes")
+        c.widths("hidden_sizes")
         c.at_least(0, "eps", "noise")
         c.within(0, 1, "sign_share")
         c.within(0, 1, "validation", open_low=True, open_high=True)
@@ -699,6 +722,7 @@ class EvalConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "n_boot")
+        c.at_least(0, "seed")
 
 
 @dataclass
@@ -763,6 +787,7 @@ class CascadeConfig:
     @staticmethod
     def validate(c: Checks) -> None:
         c.at_least(1, "episodes", "lags", "replay_episodes", "max_copies", "n_boot")
+        c.at_least(0, "seed")
         c.require(len(c.node.onsets) > 0 and min(c.node.onsets) >= 0, "onsets", "a non-empty list of steps at least 0")
         c.at_least(0, "min_effect", "threshold", "return_loss")
         c.within(0, 1, "confidence", open_low=True, open_high=True)
@@ -858,6 +883,9 @@ def validate(cfg: Any) -> None:
     """Refuse settings no stage can use, in one line naming the setting, before any work starts: each schema's
     ``validate`` on its section, then the checks that read several sections."""
     _validate_sections(root_schema(), cfg, "")
+    root = Checks(cfg, "")
+    root.within(0, 2**32 - 1, "seed")  # numpy's and torch's seeding range
+    root.at_least(1, "torch_threads")
     if cfg.teacher.ppo.n_steps * cfg.env.num_envs < 2:  # PPO's advantages need two steps per rollout
         raise MadistillError(f"teacher.ppo.n_steps * env.num_envs must be at least 2, got "
                              f"{cfg.teacher.ppo.n_steps} * {cfg.env.num_envs}")
