@@ -494,6 +494,11 @@ def _resume_in_place(overrides: list[str], stage: str) -> list[str]:
         resume = str(ckpt)
     if not stages()[stage].resumes or not resume or ckpt.name != "checkpoint" or not ckpt.is_dir():
         return overrides
+    from madistill.policies.store import MANIFEST, finish_hint, resumes
+
+    if (ckpt / MANIFEST).is_file() and not resumes(ckpt):
+        raise MadistillError(f"{ckpt} is an interrupted fine-tune's checkpoint, which teacher.resume cannot continue: "
+                             f"{finish_hint(ckpt)}, or pass the checkpoint as a policy")
     overrides = _run_overrides(ckpt.parent, overrides)
     if any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) or o in _MULTIRUN for o in overrides):
         return overrides

@@ -54,7 +54,7 @@ from madistill.policies.sb3 import (
     sb3_policy_class,
     team_state_dim,
 )
-from madistill.policies.store import load_team, save_team
+from madistill.policies.store import CHECKPOINT, FINETUNE_CHECKPOINT, load_team, save_team
 from madistill.rollout import Rollout, Transition
 from madistill.runtime import env_teams
 from madistill.sb3_adapter import (
@@ -563,7 +563,8 @@ class TeacherTrainer:
             "bonuses": {n: b.state_dict() for n, b in self.bonuses.items()},
         }
         extra = {STATE_FILE: lambda p: torch.save(state, p)}
-        return save_team(path, self.team, self.spec, "checkpoint", extra_files=extra, training=self._progress())
+        role = FINETUNE_CHECKPOINT if self.from_start else CHECKPOINT
+        return save_team(path, self.team, self.spec, role, extra_files=extra, training=self._progress())
 
     def _restore(self, path: Path) -> None:
         team, manifest = load_team(path, self.venv.groups, device=self.device)

@@ -130,6 +130,29 @@ def test_finetune_command_saves_a_drop_in_student_linked_to_its_teacher(cli, stu
     assert f"re-evaluate: madistill evaluate eval.policy={run} eval.with_teacher=true " in out
 
 
+def test_an_interrupted_fine_tune_saves_a_checkpoint_marked_as_one_that_does_not_resume(cli, student_run, tmp_path,
+                                                                                        monkeypatch):
+    from conftest import tiny
+
+    from madistill.rollout import Rollout
+
+    calls, step = {"n": 0}, Rollout.step
+
+    def interrupt_later(self):
+        calls["n"] += 1
+        if calls["n"] == 60:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Rollout, "step", interrupt_later)
+    run = tmp_path / "ft"
+    rc, out, err = cli("finetune", *tiny(f"finetune.policy={student_run / 'student'}", "finetune.total_agent_steps=6000",
+                                       "finetune.select_every=0", "logger.progress=false"), f"hydra.run.dir={run}")
+    assert rc == 130, err
+    assert read_manifest(run / "checkpoint")["role"] == "finetune_checkpoint"
+    assert "a fine-tune starts afresh" in out + err
+
+
 def test_finetune_errors_are_one_line(cli, student_run, tmp_path):
     from conftest import tiny
 

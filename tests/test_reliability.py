@@ -327,6 +327,18 @@ def test_evaluating_an_interrupted_run_points_to_its_checkpoint(cli, crashed_run
     assert f"madistill train teacher.resume={crashed_run / 'checkpoint'}" in line
 
 
+def test_an_interrupted_fine_tunes_checkpoint_is_not_offered_to_teacher_resume(cli, crashed_run, tmp_path):
+    """A fine-tune does not resume; its checkpoint holds a student, which a teacher's resume cannot load."""
+    manifest = crashed_run / "checkpoint" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "role": "finetune_checkpoint"}))
+    rc, _, err = cli("evaluate", f"eval.policy={crashed_run}", "logger=quiet")
+    assert rc == 2 and "a fine-tune does not resume: run `madistill finetune` again" in _one_error_line(err, "evaluate")
+    rc, _, err = cli("train", f"teacher.resume={crashed_run / 'checkpoint'}", "logger=quiet")
+    assert rc == 2
+    assert "is an interrupted fine-tune's checkpoint, which teacher.resume cannot continue" in _one_error_line(err, "train")
+    assert not list(crashed_run.glob(".hydra/resumed_*"))
+
+
 def test_evaluating_a_sweep_says_which_runs_it_leaves_out(cli, crashed_run, relay_teacher, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(relay_teacher, sweep / "0")
@@ -337,7 +349,7 @@ def test_evaluating_a_sweep_says_which_runs_it_leaves_out(cli, crashed_run, rela
     assert rc == 0, err
     notes = [ln for ln in err.splitlines() if ln.startswith("madistill: note:")]
     assert notes == [f"madistill: note: skipped {sweep / '1'}: its training was interrupted before it saved policies "
-                     f"(resume it with teacher.resume={sweep / '1' / 'checkpoint'})",
+                     f"(finish the run with `madistill train teacher.resume={sweep / '1' / 'checkpoint'}`)",
                      "madistill: note: student pools 1 of 2 runs: 0 saved no student"]
 
 

@@ -164,14 +164,33 @@ def find_policy_dir(path: str | Path, name: str | None = None) -> Path:
                          + interrupted_hint(p))
 
 
+# The role of a checkpoint a teacher's training resumes from, and of one a fine-tune leaves when interrupted,
+# which does not resume (a fine-tune starts afresh) but holds the policy as it was then.
+CHECKPOINT, FINETUNE_CHECKPOINT = "checkpoint", "finetune_checkpoint"
+
+
+def resumes(ckpt: Path) -> bool:
+    """Whether the checkpoint directory ``ckpt`` continues a teacher's training (``teacher.resume``)."""
+    try:
+        return json.loads((ckpt / MANIFEST).read_text()).get("role") == CHECKPOINT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def finish_hint(ckpt: Path) -> str:
+    """How to finish the interrupted run whose checkpoint is ``ckpt``."""
+    if resumes(ckpt):
+        return f"finish the run with `madistill train teacher.resume={ckpt}`"
+    return "a fine-tune does not resume: run `madistill finetune` again"
+
+
 def interrupted_hint(run_dir: Path) -> str:
     """For a run directory without policies but with a training checkpoint (its training was interrupted): how
     to use that checkpoint, or finish the run; else an empty string."""
     ckpt = run_dir / "checkpoint"
     if not (ckpt / MANIFEST).is_file():
         return ""
-    return (f" (its training was interrupted before saving policies: pass its checkpoint {ckpt} instead, or finish "
-            f"the run with `madistill train teacher.resume={ckpt}`)")
+    return f" (its training was interrupted before saving policies: pass its checkpoint {ckpt} instead, or {finish_hint(ckpt)})"
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

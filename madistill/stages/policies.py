@@ -82,9 +82,11 @@ def _note_missing(refs: list[PolicyRef], unfinished: list[Path]) -> None:
     """Say on stderr which runs of a listed directory (``refs``: its policies) the study leaves out: those
     interrupted before they saved policies, and runs without a policy its other runs have (a pipeline stopped
     before its student)."""
+    from madistill.policies.store import finish_hint
+
     for run in unfinished:
-        print(f"madistill: note: skipped {run}: its training was interrupted before it saved policies (resume it with "
-              f"teacher.resume={run / 'checkpoint'})", file=sys.stderr)
+        print(f"madistill: note: skipped {run}: its training was interrupted before it saved policies "
+              f"({finish_hint(run / 'checkpoint')})", file=sys.stderr)
     runs = {r.run for r in refs}
     for name in sorted({r.name for r in refs}):
         lacking = sorted(runs - {r.run for r in refs if r.name == name})
