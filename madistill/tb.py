@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from madistill.common.io import atomic_write
 from madistill.names import short_name
 
 if TYPE_CHECKING:
@@ -74,8 +75,7 @@ class TBLogger:
         path = None
         if self.figure_dir is not None:
             path = self.figure_dir / f"{short_name(tag.replace('/', '_'))}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=120, bbox_inches="tight")
+            atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
         if self.writer is not None:
             self.writer.add_figure(tag, fig, step, close=False)
         pyplot().close(fig)

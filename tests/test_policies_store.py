@@ -316,3 +316,35 @@ def test_policy_labels_name_the_run_when_policies_come_from_several(tmp_path):
     # with its own run's teacher (madistill.cascade.report.baseline, experiments/summarise.py)
     mixed = [PolicyRef("teacher", tmp_path, "a"), PolicyRef("teacher", tmp_path, "b"), PolicyRef("student", tmp_path, "b")]
     assert policy_labels(mixed) == ["teacher@a", "teacher@b", "student@b"]
+
+
+def test_a_full_disk_reported_by_another_writer_is_an_oserror_and_nothing_is_left(tmp_path):
+    """safetensors reports a full disk as its own error: the store raises the OSError the CLI reports in one line."""
+    import errno
+
+    from madistill.policies.store import write_dir
+
+    class SafetensorError(Exception):
+        pass
+
+    def write(tmp: Path) -> None:
+        (tmp / "part").write_text("x")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" }) (os error 28)")
+
+    with pytest.raises(OSError) as e:
+        write_dir(tmp_path / "policy", write)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "policy")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError):  # other failures stay as they are
+        write_dir(tmp_path / "policy", lambda tmp: (_ for _ in ()).throw(ValueError("bad")))
+
+
+def test_a_figure_that_fails_to_save_leaves_no_file(tmp_path):
+    from madistill.tb import TBLogger, pyplot
+
+    fig = pyplot().figure()
+    fig.savefig = lambda fh, **kw: (fh.write(b"\x89PNG partial"), (_ for _ in ()).throw(OSError(28, "full")))
+    with TBLogger(tmp_path / "tb", tmp_path / "reports", enabled=False) as tb, pytest.raises(OSError):
+        tb.figure("eval/curve", fig)
+    assert list((tmp_path / "reports").iterdir()) == []

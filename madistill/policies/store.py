@@ -10,6 +10,7 @@ atomic: everything is written into a sibling temp directory that replaces the ta
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -121,10 +122,24 @@ def write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         _replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(e, path)
+        if full is not None:
+            raise full from e
         raise
     return path
+
+
+def _disk_full(e: BaseException, path: Path) -> OSError | None:
+    """The OSError a full disk or quota would raise, for one that a writer reported as another exception
+    (safetensors' ``SafetensorError: ... No space left on device (os error 28)``), so it is reported as one."""
+    if isinstance(e, OSError):
+        return None
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if f"os error {code})" in str(e) or os.strerror(code) in str(e):
+            return OSError(code, os.strerror(code), str(path))
+    return None
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
