@@ -359,7 +359,7 @@ def _with_saved_env(overrides: list[str], stage: str) -> list[str]:
         manifests = [read_manifest(discover_policies(p)[0].path) for p in paths]
         ids = {EnvSpec.from_dict(m["env"]).id for m in manifests}
         groupings = {m.get("config", {}).get("env", {}).get("grouping", "auto") for m in manifests}
-    except (MadistillError, OSError, ValueError, KeyError, IndexError, AttributeError):
+    except (MadistillError, OSError, ValueError, KeyError, IndexError, AttributeError, TypeError):
         return overrides  # the stage itself reports a missing or corrupt policy, in one line
     if len(ids) != 1:
         return overrides

@@ -179,6 +179,15 @@ def test_manifest_missing_fields_or_wrong_format(saved):
         load_team(path)
 
 
+def test_a_normaliser_of_the_wrong_length_is_a_corrupt_policy_not_a_broadcast(saved):
+    path, _ = saved
+    m = json.loads((path / MANIFEST).read_text())
+    m["normalizers"]["listener"]["mean"] = m["normalizers"]["listener"]["mean"][:1]
+    (path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(MadistillError, match=r"corrupt policy .*the normaliser of 'listener' has \(1,\) means"):
+        load_team(path)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "wrong_shapes", "nan"])
 def test_damaged_weights(saved, damage):
     path, _ = saved

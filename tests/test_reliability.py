@@ -435,3 +435,12 @@ def test_a_failed_resumed_run_that_replaced_its_checkpoint_keeps_what_it_wrote(t
     (run / "tb" / "more").write_text("x")
     _drop_failed_start(run, before, run / ".hydra" / "resumed_y", run / "train.log", tmp_path)
     assert not (run / "tb" / "more").exists() and (run / "tb" / "events").exists()
+
+
+def test_a_manifest_whose_env_is_no_mapping_is_refused_in_one_line(cli, relay_teacher, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(relay_teacher, run)
+    manifest = run / "policies" / "teacher" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "env": [1]}))
+    rc, _, err = cli("evaluate", f"eval.policy={run}", "logger=quiet", f"hydra.run.dir={tmp_path / 'ev'}")
+    assert rc == 2 and "Traceback" not in err and str(run) in _one_error_line(err, "evaluate")

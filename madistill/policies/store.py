@@ -221,6 +221,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise MadistillError(
             f"{p} is not a madistill policy manifest of format {FORMAT_VERSION}; re-save it with this version"
         )
+    # the fields every reader indexes into, checked here once rather than failing in each of them
+    kinds = {"env": dict, "groups": list, "networks": dict, "normalizers": dict, "config": dict}
+    bad = [k for k, kind in kinds.items() if k in manifest and not isinstance(manifest[k], kind)]
+    if "env" in manifest and not bad and not isinstance(manifest["env"].get("target"), str):
+        bad = ["env.target"]
+    if bad:
+        raise MadistillError(f"corrupt manifest {p} ({bad[0]} is not a {kinds.get(bad[0], str).__name__}): re-save "
+                             "the policy or use another run")
     return manifest
 
 
@@ -256,6 +264,9 @@ def load_team(
             policy.load_state_dict(_restore_aliases(policy, state))
             policies[g.name] = policy
             normalizers[g.name] = ObsNormalizer.from_state_dict(manifest["normalizers"][g.name])
+            if normalizers[g.name].mean.shape != (g.obs_dim,) or normalizers[g.name].var.shape != (g.obs_dim,):
+                raise ValueError(f"the normaliser of {g.name!r} has {normalizers[g.name].mean.shape} means and "
+                                 f"{normalizers[g.name].var.shape} variances for {g.obs_dim} observation features")
     except (KeyError, TypeError, ValueError) as e:
         raise MadistillError(f"corrupt policy {pdir} ({type(e).__name__}: {e}); re-save it or use another run") from e
     except (SafetensorError, FileNotFoundError, RuntimeError) as e:
