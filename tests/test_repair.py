@@ -710,3 +710,16 @@ def test_the_lookahead_experiment_summarises_recovery_shares_and_clean_gain_with
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repair_lookahead_toy_toy.json", "repair_lookahead_toy_toy.md"]
     assert "fisher's recovery as a share of full's: 0.75 [0.75, 0.75]" in text
     assert "| fisher | 5.00% | -6.00 | 0.950 [0.950, 0.950] | -8.00 | +3.00 [+3.00, +3.00] |" in text
+
+
+def test_a_sweep_of_runs_is_refused_as_one_repair_edits_one_policy(relay_teacher, cli, tmp_path):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        shutil.copytree(relay_teacher, sweep / job)
+    rc, _, err = cli("repair", "env=relay", f"repair.policy={sweep}", *REPAIR, f"hydra.run.dir={tmp_path / 'out'}",
+                     "logger=quiet")
+    assert rc == 2
+    assert f"holds the policies of 2 runs (a sweep): a repair edits one policy, so pass one run, e.g. repair.policy={sweep / '0'}" in _error(err)
+    assert not (tmp_path / "out").exists()

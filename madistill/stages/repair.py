@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import torch
     from omegaconf import DictConfig
 
+    from madistill.evaluate.evaluator import PolicyRef
     from madistill.policies.base import TeamPolicy
     from madistill.repair.plan import Repair
 
@@ -263,6 +264,19 @@ def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any,
     }
 
 
+def _repaired_policy(refs: list[PolicyRef], policy: str) -> Path:
+    """The policy directory ``repair.policy`` names: a run's teacher, else its only policy; a directory of several
+    runs (a sweep) is refused in one line, as a repair edits one policy."""
+    from madistill.errors import MadistillError
+    from madistill.policies.store import find_policy_dir
+
+    runs = sorted({str(r.path.parent.parent) for r in refs})
+    if len(runs) > 1:
+        raise MadistillError(f"repair.policy={policy} holds the policies of {len(runs)} runs (a sweep): a repair edits "
+                             f"one policy, so pass one run, e.g. repair.policy={runs[0]}")
+    return find_policy_dir(refs[0].path)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Build the failure set of the repaired group (attack or ``repair.failures``), score and choose its neurons,
     fine-tune them (and the baselines), save the masked repair as a drop-in policy with ``delta.safetensors``,
@@ -280,7 +294,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from madistill.envs.teams import several_teams, victims_team
     from madistill.errors import MadistillError
     from madistill.evaluate.report import write_markdown
-    from madistill.policies.store import find_policy_dir, load_team, save_team
+    from madistill.policies.store import load_team, save_team
     from madistill.repair.plan import repair_policy
     from madistill.runtime import make_vec_env
     from madistill.stages.policies import configured_features, studied_policies, teams_for
@@ -289,7 +303,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     rc = cfg.repair
     device, refs, spec = studied_policies(cfg, rc.policy, "no policy to repair: pass repair.policy=<run or policy "
                                           "directory>", add_teachers=False)
-    source = find_policy_dir(refs[0].path)
+    source = _repaired_policy(refs, rc.policy)
     eps = _eps(cfg)
     with make_vec_env(cfg.env, spec) as venv:
         teams = teams_for(cfg, venv, refs)
