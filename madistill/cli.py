@@ -195,7 +195,7 @@ def _drop_failed_start(run_dir: Path, before: dict[Path, int], record: Path | No
     report, remove what this job added to ``run_dir``, and the directory itself when it held only Hydra's
     record (``record``, this job's ``.hydra`` folder) and its log, with the folders above it that it leaves
     empty in the default runs folder under ``cwd`` (``runs/<stage>/<env>/``; folders elsewhere may be the
-    user's own). A resumed run's directory keeps its files."""
+    user's own). A resumed run's directory, or another run's a stage was run into, keeps the files it had."""
     saved = [p for d in ("policies", "checkpoint", "reports") for p in (run_dir / d).rglob("*")
              if before.get(p) != p.stat().st_mtime_ns]  # new, or replaced in place (a resumed run's checkpoint)
     if saved:
@@ -220,6 +220,10 @@ def _drop_failed_start(run_dir: Path, before: dict[Path, int], record: Path | No
                 p.rmdir()
         else:
             p.unlink(missing_ok=True)
+    # Hydra opens the job's log before the job starts, so it is among the files found there: an empty one is this
+    # job's (the same stage's earlier log there holds its lines, which this job appended to)
+    if log_file.is_file() and log_file.stat().st_size == 0:
+        log_file.unlink()
 
 
 _FAILED: list[str] = []

@@ -144,6 +144,16 @@ def test_a_run_interrupted_before_it_saved_anything_leaves_no_run_directory(cli,
     assert not run_dir.exists()
 
 
+def test_a_failed_stage_run_into_another_run_leaves_that_run_as_it_was(cli, relay_teacher, tmp_path):
+    """No log, record or folder of the failed job stays in the run it was pointed at."""
+    run = tmp_path / "run"
+    shutil.copytree(relay_teacher, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    rc, _, err = cli("evaluate", f"eval.policy={run}", "eval.names=[bogus]", "logger=quiet", f"hydra.run.dir={run}")
+    assert rc == 2 and "no policies named ['bogus']" in err.strip().splitlines()[-1]
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
 def test_a_full_disk_is_one_line_naming_the_file(cli, relay_teacher, tmp_path, monkeypatch):
     import errno
 
