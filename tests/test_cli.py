@@ -825,6 +825,22 @@ def test_evaluate_saves_a_gif_of_one_episode(pipeline_run, cli, tmp_path):
     assert not np.array_equal(frames[0], frames[-1])  # the agents moved
 
 
+def test_an_mp4_without_its_writer_is_refused_before_any_episode(pipeline_run, cli, tmp_path, monkeypatch):
+    import importlib.util
+
+    from madistill.stages import evaluate
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else find_spec(name, *a))
+    monkeypatch.setattr(evaluate, "setting_rows", lambda *a: pytest.fail("episodes played before the check"))
+    run_dir, _ = pipeline_run
+    rc, _, err = cli("evaluate", f"eval.policy={run_dir}", "eval.video=true", "eval.video_format=mp4", "logger=quiet",
+                     f"hydra.run.dir={tmp_path / 'ev'}")
+    assert rc == 2 and not (tmp_path / "ev").exists()
+    assert _madistill_error(err, "evaluate") == ("madistill evaluate: error: eval.video_format=mp4 needs imageio's ffmpeg plugin: pip install "
+                                                 "'madistill[video]', or use eval.video_format=gif")
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_like_ctrl_c_and_env_workers_stay_quiet(tmp_path):
     """A cluster's time limit (SIGTERM to the whole job) saves a checkpoint; the env workers print nothing."""

@@ -183,6 +183,16 @@ def saved_env(refs: Sequence[PolicyRef]) -> EnvSpec:
     return EnvSpec.from_dict(json.loads(specs.pop()))
 
 
+def check_video_writer(ec: Any) -> None:
+    """Refuse ``eval.video`` in a format no installed writer handles before any episode is played: MP4 needs
+    imageio's ffmpeg plugin (the ``video`` extra)."""
+    import importlib.util
+
+    if ec.video and ec.video_format == "mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise MadistillError("eval.video_format=mp4 needs imageio's ffmpeg plugin: pip install 'madistill[video]', "
+                             "or use eval.video_format=gif")
+
+
 def record_video(spec: EnvSpec, team: TeamPolicy, path: Path, seed: int, deterministic: bool, fmt: str,
                  grouping: str = "auto") -> Path:
     """Render one episode (seed ``seed``) from the env's ``rgb_array`` render into a GIF or MP4."""

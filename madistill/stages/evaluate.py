@@ -46,7 +46,7 @@ def evaluate_policies(
 
     from tqdm.auto import tqdm
 
-    from madistill.evaluate.evaluator import record_video, run_episodes, uniform_team
+    from madistill.evaluate.evaluator import check_video_writer, record_video, run_episodes, uniform_team
     from madistill.evaluate.report import markdown_table, write_markdown
     from madistill.runtime import make_vec_env
     from madistill.stages.faults import configured_faults, fault_label, played_under
@@ -66,10 +66,11 @@ def evaluate_policies(
         teams_for,
     )
 
+    ec = cfg.eval
+    check_video_writer(ec)
     device, refs, spec = studied_policies(
         cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=cfg.eval.with_teacher
     )
-    ec = cfg.eval
     results: dict[str, list[tuple[str, list[EpisodeRecord]]]] = defaultdict(list)
 
     def bar(label: str) -> str | None:
