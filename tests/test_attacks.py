@@ -593,7 +593,7 @@ def test_attack_command_runs_the_transfer_attack_between_a_teacher_and_its_stude
 def test_every_suite_attack_changes_the_episodes_of_a_box_team(make_cfg):
     """On speaker-listener with continuous actions, every per-step attack of the suite (FGSM included) changes
     the team's episodes, and the masking checks neither report a degenerate attack nor flag a sound one."""
-    from madistill.attacks.robustness import evaluate_robustness
+    from madistill.attacks.robustness import evaluate_robustness, evaluations
     from madistill.envs.features import feature_layouts
     from madistill.evaluate.evaluator import run_episodes
 
@@ -606,8 +606,11 @@ def test_every_suite_attack_changes_the_episodes_of_a_box_team(make_cfg):
         team = TeamPolicy(venv.groups, {g.name: MLPPolicy(g, {"hidden_sizes": [16], "activation": "tanh"}) for g in venv.groups},
                           {g.name: ObsNormalizer(g.obs_dim, enabled=False) for g in venv.groups})
         assert not any(g.discrete for g in team.groups)
-        res = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, random_return=-100.0, seed=0)
+        steps = []  # the progress bar's steps, which the stages size with evaluations()
+        res = evaluate_robustness(venv, team, feature_layouts(venv.groups), ac, random_return=-100.0, seed=0,
+                                  progress=type("Bar", (), {"update": lambda self, n: steps.append(n)})())
         clean = np.array([r.team_return for r in run_episodes(venv, team, 4, 0)])
+    assert sum(steps) == evaluations(ac, 1) == 5  # 4 attacks at 1 eps, and the stronger PGD of the checks
     for attack, by_eps in res.episodes["all"].items():
         assert not np.array_equal(by_eps[0.3], clean), attack
     assert all(p["fgsm"] > 0.5 * p["pgd"] for p in res.probes.values()), res.probes

@@ -245,6 +245,14 @@ def _agents(records: list[EpisodeRecord]) -> dict[str, float]:
     return {a: float(np.mean([e.agent_returns[a] for e in records])) for a in records[0].agent_returns}
 
 
+def evaluations(ac: Any, n_sets: int) -> int:
+    """The evaluations :func:`evaluate_robustness` plays for one policy on ``n_sets`` victim sets under the
+    ``attack`` config ``ac``, each one step of its ``progress`` bar: every attack at every eps, and with the
+    masking checks the stronger PGD and the collapse budget's."""
+    extra = (1 + bool(ac.collapse_eps)) if ac.checks else 0
+    return n_sets * (len(ac.methods) * len(ac.eps) + extra)
+
+
 def evaluate_robustness(
     venv: MultiAgentVecEnv,
     team: TeamPolicy,

@@ -27,7 +27,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
-    from madistill.attacks.robustness import NoAttackRuns, evaluate_robustness, markdown_report
+    from madistill.attacks.robustness import NoAttackRuns, evaluate_robustness, evaluations, markdown_report
     from madistill.attacks.transform import victim_sets
     from madistill.common.episodes import team_returns
     from madistill.common.io import atomic_write_text
@@ -67,7 +67,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         random_return = team_returns(random_recs)
         extra = {k: load_team(getattr(ac, k), venv.groups, device=device)[0] for k in ("critic", "transfer_from") if getattr(ac, k)}
         n_sets = len(victim_sets(list(ac.victims), [a for g in venv.groups for a in g.agents], sides))
-        per_policy = n_sets * (len(ac.methods) * len(ac.eps) + (2 if ac.checks else 0))
+        per_policy = evaluations(ac, n_sets)
 
         def partner(ref: PolicyRef, role: str) -> TeamPolicy | None:
             i = paired_policy(ref, role, refs)

@@ -105,7 +105,8 @@ def _evaluate(cfg: DictConfig, venv: Any, played: dict[str, TeamPolicy], layouts
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
-    from madistill.attacks.robustness import evaluate_robustness
+    from madistill.attacks.robustness import evaluate_robustness, evaluations
+    from madistill.attacks.transform import victim_sets
     from madistill.common.episodes import team_returns
     from madistill.envs.teams import team_means
     from madistill.evaluate.evaluator import run_episodes, uniform_team
@@ -115,15 +116,18 @@ def _evaluate(cfg: DictConfig, venv: Any, played: dict[str, TeamPolicy], layouts
     random_teams = team_means(random_recs, sides) if side is not None else None
     random_return = team_returns(random_recs) if side is None else random_teams[side]
     out = {}
-    for name, team in tqdm(played.items(), desc=progress, unit="policy", disable=progress is None):
+    n_sets = len(victim_sets(list(ac.victims), [a for g in venv.groups for a in g.agents], sides))
+    bar = tqdm(total=len(played) * evaluations(ac, n_sets), desc=progress, unit="eval", disable=progress is None)
+    for name, team in played.items():
         res = evaluate_robustness(venv, team, layouts, ac, team_returns(random_recs), ac.seed, teams=sides,
-                                  random_teams=random_teams)
+                                  random_teams=random_teams, progress=bar)
         victims, attack, ret = min((res.worst_from(v, eps, side) for v in res.episodes), key=lambda w: w[2])
         clean, clean_episodes = ((res.clean, res.clean_episodes) if side is None
                                  else (res.team_clean[side], res.team_clean_episodes[side]))
         out[name] = {"clean": clean, "worst": ret, "worst_attack": f"{attack} on {victims}", "random": random_return,
                      "clean_episodes": clean_episodes.tolist(),
                      "worst_episodes": res.cells_of(side)[victims][attack][eps].tolist()}
+    bar.close()
     return out
 
 
