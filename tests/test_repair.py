@@ -723,3 +723,15 @@ def test_a_sweep_of_runs_is_refused_as_one_repair_edits_one_policy(relay_teacher
     assert rc == 2
     assert f"holds the policies of 2 runs (a sweep): a repair edits one policy, so pass one run, e.g. repair.policy={sweep / '0'}" in _error(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failures_file_of_the_wrong_shape_is_refused_before_any_episode(relay_teacher, cli, tmp_path, monkeypatch):
+    from madistill.common import collect
+
+    monkeypatch.setattr(collect, "collect_round", lambda *a, **k: pytest.fail("episodes played before the check"))
+    group = load_team(relay_teacher)[0].groups[0]
+    np.savez(tmp_path / "bad.npz", obs=np.zeros((4, group.obs_dim + 1), np.float32), actions=np.zeros(4, np.int64))
+    group = group.name
+    rc, _, err = cli("repair", "env=relay", f"repair.policy={relay_teacher}", *REPAIR, f"repair.failures={tmp_path / 'bad.npz'}",
+                     f"repair.group={group}", f"hydra.run.dir={tmp_path / 'out'}", "logger=quiet")
+    assert rc == 2 and "obs has shape (4, " in _error(err) and "needs [N > 0, " in _error(err)

@@ -268,6 +268,22 @@ def _payload(cfg: DictConfig, group: str, failures: Any, rep: Repair, spec: Any,
     }
 
 
+def _check_failures_file(rc: Any, candidates: list, team: TeamPolicy) -> None:
+    """Refuse a ``repair.failures`` file that cannot be repaired before any episode is played: with
+    ``repair.refresh``, for several candidate groups, or unreadable or of the wrong shape for its group."""
+    from madistill.errors import MadistillError
+    from madistill.repair.failures import file_failures
+
+    if rc.refresh:
+        raise MadistillError("repair.refresh rebuilds the failures by attacking the clean observations, so it "
+                             "cannot repair a repair.failures file: set repair.refresh=0 or drop repair.failures")
+    if rc.group is None and len(candidates) > 1:
+        raise MadistillError(f"repair.failures holds one group's observations: set repair.group to one of "
+                             f"{[g.name for g in candidates]}")
+    group = candidates[0].name
+    file_failures(rc.failures, team[group], team.normalizers[group], team.device)
+
+
 def _repaired_policy(refs: list[PolicyRef], policy: str) -> Path:
     """The policy directory ``repair.policy`` names: a run's teacher, else its only policy; a directory of several
     runs (a sweep) is refused in one line, as a repair edits one policy."""
@@ -328,12 +344,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                  + (f"set repair.group to one of {discrete}" if discrete else
                                     "this env's groups all act in Box spaces, which repair does not support"))
         candidates = [g for g in candidates if g.discrete]
-        if rc.failures is not None and rc.refresh:
-            raise MadistillError("repair.refresh rebuilds the failures by attacking the clean observations, so it "
-                                 "cannot repair a repair.failures file: set repair.refresh=0 or drop repair.failures")
-        if rc.failures is not None and rc.group is None and len(candidates) > 1:
-            raise MadistillError(f"repair.failures holds one group's observations: set repair.group to one of "
-                                 f"{[g.name for g in candidates]}")
+        if rc.failures is not None:
+            _check_failures_file(rc, candidates, team)
         if rc.attack == "targeted_lookahead":
             _check_lookahead(cfg, venv, eps)
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
