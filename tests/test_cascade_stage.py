@@ -207,6 +207,17 @@ def test_evaluate_with_alerts_writes_events_detection_and_false_alarms(cli, teac
     assert "## Online alerts" in md and "| teacher | random@agent_0 |" in md
 
 
+@pytest.mark.parametrize("stage, key", [("evaluate", "eval.policy"), ("cascade", "cascade.policy")])
+def test_an_alerts_reference_that_is_no_policy_is_refused_before_any_episode(cli, teacher, tmp_path, monkeypatch,
+                                                                            stage, key):
+    from madistill.evaluate import evaluator
+
+    monkeypatch.setattr(evaluator, "run_episodes", lambda *a, **k: pytest.fail("episodes played before the check"))
+    rc, _, err = cli(stage, *tiny(*ALERTS, f"{key}={teacher}", f"alerts.reference={tmp_path / 'none'}",
+                                  "fault=random", "fault.victims=[agent_0]"), f"hydra.run.dir={tmp_path / 'out'}")
+    assert rc == 2 and f"{tmp_path / 'none'}" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
 def test_evaluate_without_a_fault_watches_clean_episodes_only(cli, teacher, tmp_path):
     out = tmp_path / "eval"
     rc, _, err = cli("evaluate", *tiny(*ALERTS, f"eval.policy={teacher}"), f"hydra.run.dir={out}")

@@ -63,13 +63,17 @@ def watch_policy(
 
 def check_alerts(cfg: DictConfig, agents: int) -> None:
     """Refuse, before anything runs, too few calibration episodes for ``alerts.false_alarm_rate`` split over
-    ``agents`` agents and the scores (one line naming the settings)."""
+    ``agents`` agents and the scores, and an ``alerts.reference`` that is no saved policy (one line naming the
+    settings)."""
     import numpy as np
 
     from madistill.cascade.alerts import conformal_threshold
+    from madistill.policies.store import find_policy_dir, read_manifest
 
     ac = cfg.alerts
     conformal_threshold(np.zeros((int(ac.calibration_episodes), 1)), float(ac.false_alarm_rate) / (agents * len(ac.scores)))
+    if ac.reference is not None:
+        read_manifest(find_policy_dir(ac.reference))
 
 
 def log_alerts(tb: TBLogger, stage: str, sections: dict[str, dict[str, Any]]) -> None:
