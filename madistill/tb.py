@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from madistill.common.io import atomic_write
 from madistill.names import short_name
 
 if TYPE_CHECKING:
@@ -75,7 +74,14 @@ class TBLogger:
         path = None
         if self.figure_dir is not None:
             path = self.figure_dir / f"{short_name(tag.replace('/', '_'))}.png"
-            atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(f".{path.name}.part")  # renamed when complete: a failed save leaves no PNG
+            try:
+                fig.savefig(part, format="png", dpi=120, bbox_inches="tight")
+                part.replace(path)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
         if self.writer is not None:
             self.writer.add_figure(tag, fig, step, close=False)
         pyplot().close(fig)

@@ -353,7 +353,7 @@ def test_a_figure_that_fails_to_save_leaves_no_file(tmp_path):
     from madistill.tb import TBLogger, pyplot
 
     fig = pyplot().figure()
-    fig.savefig = lambda fh, **kw: (fh.write(b"\x89PNG partial"), (_ for _ in ()).throw(OSError(28, "full")))
+    fig.savefig = lambda target, **kw: (Path(target).write_bytes(b"\x89PNG partial"), (_ for _ in ()).throw(OSError(28, "full")))
     with TBLogger(tmp_path / "tb", tmp_path / "reports", enabled=False) as tb, pytest.raises(OSError):
         tb.figure("eval/curve", fig)
     assert list((tmp_path / "reports").iterdir()) == []

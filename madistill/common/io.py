@@ -6,9 +6,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 
 def strict_json(obj: Any) -> str:
@@ -33,20 +32,21 @@ def _current_umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
-    """Have ``write`` fill the file ``path`` atomically and return the path.
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically and return the path.
 
-    ``write`` writes to a temporary file in the destination directory (created if missing), which is flushed,
-    fsynced and then moved over ``path`` with :func:`os.replace` (atomic on POSIX and Windows when both are on
-    the same filesystem). On error the temporary file is removed and ``path`` is left untouched. The final file
-    gets the usual ``0o666 & ~umask`` permissions.
+    The text goes to a temporary file in the destination directory (created if
+    missing), which is flushed, fsynced and then moved over ``path`` with
+    :func:`os.replace` (atomic on POSIX and Windows when both are on the same
+    filesystem). On error the temporary file is removed and ``path`` is left
+    untouched. The final file gets the usual ``0o666 & ~umask`` permissions.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
+        with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp_name, 0o666 & ~_current_umask())
@@ -58,8 +58,3 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
             pass
         raise
     return dest
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_write`) and return the path."""
-    return atomic_write(path, lambda fh: fh.write(text.encode(encoding)))
