@@ -510,3 +510,21 @@ def test_a_run_without_tensorboard_writes_none_and_says_so_instead_of_naming_a_l
     assert "TensorBoard: none written (logger.tensorboard=false)" in out
     assert "tensorboard --logdir" not in out
     assert (run / "reports" / "eval.md").is_file() and not (run / "tb").exists()
+
+
+def test_a_divergence_without_a_form_for_the_teachers_actions_is_refused_before_collection(cli, teacher_run, tmp_path,
+                                                                                         monkeypatch):
+    """docs/extending.md lets a new divergence refuse one kind of action; it says so before any DAgger round."""
+    from conftest import tiny
+
+    from madistill.common import divergences
+    from madistill.distill import trainer
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise MadistillError("reverse_kl has no form for Discrete actions here: pick another distill.divergence")
+
+    monkeypatch.setitem(divergences._DISCRETE, "reverse_kl", refuse)
+    monkeypatch.setattr(trainer.DistillTrainer, "train", lambda self: pytest.fail("distillation started"))
+    rc, _, err = cli("distill", *tiny(f"distill.teacher={teacher_run}", "distill.divergence=reverse_kl"),
+                     f"hydra.run.dir={tmp_path / 'd'}")
+    assert rc == 2 and "reverse_kl has no form for Discrete actions" in err and not (tmp_path / "d").exists()

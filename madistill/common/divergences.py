@@ -52,6 +52,15 @@ def divergence(
     return _GAUSSIAN[name](teacher, t_log_std.expand_as(teacher), student, student_log_std.expand_as(student))
 
 
+def check_divergence(name: str, discrete: bool) -> None:
+    """Run divergence ``name`` once on a pair of unit heads for Discrete (``discrete``) or Box actions, so one
+    without a form for those actions (an entry of ``_GAUSSIAN`` that refuses Box actions, docs/extending.md) says
+    so before any collection or training, not at the first update."""
+    head = torch.zeros(1, 2)
+    spread = None if discrete else head
+    divergence(name, head, head.clone(), discrete=discrete, teacher_log_std=spread, student_log_std=spread)
+
+
 def _kl_categorical(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 

@@ -55,6 +55,7 @@ def distill_students(
     saved to ``<run>/policies/student``; returns the teacher's policy dir and the per-round log."""
     from omegaconf import OmegaConf
 
+    from madistill.common.divergences import check_divergence
     from madistill.distill.trainer import DistillTrainer, student_team
     from madistill.envs.features import feature_layouts
     from madistill.envs.teams import several_teams
@@ -72,6 +73,8 @@ def distill_students(
     spec = env_for(cfg, [PolicyRef(tdir.name, tdir, "teacher")])
     with make_vec_env(cfg.env, spec) as venv:
         teacher, _ = load_team(tdir, venv.groups, device=device)
+        for discrete in {g.discrete for g in venv.groups}:
+            check_divergence(cfg.distill.divergence, discrete)
         layouts = feature_layouts(venv.groups, configured_features(cfg, spec), venv.feature_names, cfg.saliency.image_patch)
         arch = {"hidden_sizes": list(cfg.student.hidden_sizes), "activation": cfg.student.activation,
                 "cnn": OmegaConf.to_container(cfg.student.cnn)}
