@@ -857,6 +857,33 @@ def _root_schema(sections: tuple[ConfigSection, ...]) -> type:
     return root
 
 
+def schema_defaults() -> dict[str, Any]:
+    """Every setting's default in the schemas, by its dotted key (``{"teacher.ppo.learning_rate": 0.0003, ...}``),
+    a choice as its plain name: what a run's settings are compared with to find those it sets."""
+    out: dict[str, Any] = {}
+
+    def leaf(key: str, value: Any) -> None:
+        if isinstance(value, dict):  # a dict-typed setting's default entries (attack.learned_ppo.n_steps, ...)
+            for k, v in value.items():
+                leaf(f"{key}.{k}", v)
+        elif isinstance(value, list):
+            out[key] = [v.value if isinstance(v, Enum) else v for v in value]
+        else:
+            out[key] = value.value if isinstance(value, Enum) else value
+
+    def walk(schema: type, instance: Any, prefix: str) -> None:
+        for name, tp in _field_types(schema).items():
+            value = getattr(instance, name)
+            if is_dataclass(tp):
+                walk(tp, value if is_dataclass(value) else tp(), f"{prefix}{name}.")
+            else:
+                leaf(prefix + name, value)
+
+    schema = root_schema()
+    walk(schema, schema(), "")
+    return out
+
+
 def register_configs() -> None:
     """Register the typed schemas with Hydra's ConfigStore, so a bad override fails at composition. Each added
     section is a config group whose default option the root schema's own defaults list composes."""

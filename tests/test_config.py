@@ -303,3 +303,18 @@ def test_stage_help_skips_the_values_of_hydra_flags(cli):
     rc, out, err = cli("train", "--help", "--cfg", "job", "teacher.ppo.n_epochs=3")
     assert rc == 0 and err == ""
     assert "teacher.ppo.n_epochs = 3 " in out
+
+
+def test_the_hparams_tab_lists_the_settings_a_run_sets(monkeypatch):
+    """Those that differ from the schemas' defaults, and those its command line names (a sweep's varied setting
+    at its default value too), not the couple of hundred every run leaves at their defaults."""
+    from madistill.stages import rundir
+
+    cfg = compose_config(["env=relay", "teacher.ppo.learning_rate=0.001", "seed=0"])
+    monkeypatch.setattr(rundir, "_command_line_keys", lambda: ["env", "teacher.ppo.learning_rate", "seed"])
+    h = rundir.flat_hparams(cfg)
+    assert h["teacher.ppo.learning_rate"] == 0.001 and h["seed"] == 0
+    assert h["env.name"] == "relay" and h["teacher.total_agent_steps"] == 500_000 and h["env.kwargs.n_agents"] == 4
+    assert "teacher.ppo.gamma" not in h and "attack.learned_ppo.n_steps" not in h and len(h) == 10, sorted(h)
+    monkeypatch.setattr(rundir, "_command_line_keys", lambda: [])
+    assert "seed" not in rundir.flat_hparams(cfg)

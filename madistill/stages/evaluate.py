@@ -187,9 +187,9 @@ def setting_rows(refs: Sequence[PolicyRef]) -> list[str]:
     (CIs stratified by run) while a sweep over settings keeps them apart."""
     from omegaconf import OmegaConf
 
-    from madistill.stages.rundir import RUN_ONLY, flat_hparams
+    from madistill.stages.rundir import RUN_ONLY, flat_settings
 
-    configs = [flat_hparams(OmegaConf.create(r.manifest.get("config", {}))) for r in refs]
+    configs = [flat_settings(OmegaConf.create(r.manifest.get("config", {}))) for r in refs]
     rows = []
     for ref, config in zip(refs, configs):
         peers = [c for r, c in zip(refs, configs) if r.name == ref.name]

@@ -32,8 +32,9 @@ def tensorboard_line(cfg: DictConfig, run_dir: Path) -> str:
     return f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)"
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """Scalar leaves of the config (``teacher.ppo.learning_rate`` ...) for the HParams tab."""
+def flat_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Every scalar leaf of the config (``teacher.ppo.learning_rate`` ...; a list as its text) but paths and
+    layouts."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -47,3 +48,24 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 
     walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
     return {k: v for k, v in out.items() if not k.startswith(_NOT_HPARAMS)}
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The settings this run sets, for the HParams tab: those that differ from the schemas' defaults (its env
+    file's, its presets' and its command line's) and every one its command line names, so a sweep's varied
+    settings are columns for each of its runs (at a default value too), without the couple of hundred settings
+    every run leaves at their defaults."""
+    from madistill.config import schema_defaults
+
+    defaults = {k: str(v) if isinstance(v, list) else v for k, v in schema_defaults().items()}
+    named = set(_command_line_keys())
+    return {k: v for k, v in flat_settings(cfg).items() if k in named or k not in defaults or v != defaults[k]}
+
+
+def _command_line_keys() -> list[str]:
+    """The settings this job's command line names (``seed`` of ``seed=1``, a sweep job's own values included)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task if "=" in o]
