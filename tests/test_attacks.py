@@ -354,10 +354,13 @@ def _agent_rows(report: str, agents: list[str]) -> dict[tuple[str, str], tuple[s
 def test_report_and_figure_show_per_agent_returns_under_the_worst_case():
     from madistill.attacks.robustness import RobustnessResult, curves_figure, markdown_report
 
-    res = RobustnessResult(-10.0, -40.0, {"a_0": -4.0, "a_1": -6.0})
-    res.episodes = {"all": {"pgd": {0.1: np.array([-20.0, -22.0]), 1.0: np.array([-30.0, -32.0])},
+    # budgets 0.1 and 1; eps 3 is the collapse check's, where PGD alone runs: no worst case there
+    res = RobustnessResult(-10.0, -40.0, {"a_0": -4.0, "a_1": -6.0}, budgets=(0.1, 1.0))
+    res.episodes = {"all": {"pgd": {0.1: np.array([-20.0, -22.0]), 1.0: np.array([-30.0, -32.0]),
+                                    3.0: np.array([-25.0, -25.0])},
                             "fgsm": {0.1: np.array([-15.0, -15.0]), 1.0: np.array([-35.0, -35.0])}}}
-    res.agent_returns = {"all": {"pgd": {0.1: {"a_0": -12.347, "a_1": -8.652}, 1.0: {"a_0": -1.0, "a_1": -30.0}},
+    res.agent_returns = {"all": {"pgd": {0.1: {"a_0": -12.347, "a_1": -8.652}, 1.0: {"a_0": -1.0, "a_1": -30.0},
+                                         3.0: {"a_0": -5.0, "a_1": -5.0}},
                                  "fgsm": {0.1: {"a_0": -7.0, "a_1": -8.0}, 1.0: {"a_0": -20.004, "a_1": -14.996}}}}
     rows = _agent_rows(markdown_report({"teacher": res}, "env", 2), ["a_0", "a_1"])
     assert rows == {("clean", ""): ("", ["-4.00", "-6.00"]), ("all", "0.1"): ("pgd", ["-12.35", "-8.65"]),
@@ -369,6 +372,8 @@ def test_report_and_figure_show_per_agent_returns_under_the_worst_case():
     assert list(lines["a_0"].get_xdata()) == [0.0, 0.1, 1.0]
     assert list(lines["a_0"].get_ydata()) == [-4.0, -12.347, -20.004]
     assert list(lines["a_1"].get_ydata()) == [-6.0, -8.652, -14.996]
+    worst = next(ln for ln in fig.axes[0].lines if ln.get_label() == "worst case")
+    assert list(worst.get_xdata()) == [0.1, 1.0] and list(worst.get_ydata()) == [-21.0, -35.0]
 
 
 @pytest.mark.slow
@@ -403,7 +408,7 @@ def test_attack_command_reports_curves_worst_case_and_checks(cli, tmp_path):
     assert all(ln.endswith(") |  |") for ln in report.splitlines() if ln.startswith("| **worst case** |"))
     rows = _agent_rows(report, list(res["clean_agents"]))
     assert rows.pop(("clean", "")) == ("", [f"{res['clean_agents'][a]:.2f}" for a in res["clean_agents"]])
-    assert set(rows) == {(v, e) for v in ("all", "speaker_0") for e in ("0.2", "1", "3")}
+    assert set(rows) == {(v, e) for v in ("all", "speaker_0") for e in ("0.2", "1")}  # eps 3: no worst case
     for (v, e), (attack, values) in rows.items():
         key = str(float(e))
         assert attack == res["worst_case"][v][key][0]

@@ -161,6 +161,12 @@ class RobustnessResult:
         where = min(rows, key=rows.get)  # type: ignore[arg-type]
         return *where, rows[where]
 
+    def suite_eps(self, victims: str, team: str | None = None) -> list[float]:
+        """The budgets the suite ran on ``victims`` at, which have a worst case: not the collapse check's larger
+        one, where PGD alone runs (a result without ``budgets`` recorded: every budget it holds)."""
+        held = {e for r in self.returns_of(team).get(victims, {}).values() for e in r}
+        return sorted(held & set(self.budgets) if self.budgets else held)
+
     def worst(self, victims: str, eps: float, team: str | None = None) -> tuple[str, float]:
         """The worst case of :meth:`worst_from`: the attack (``<attack> on <subset>`` when it came from a
         subset of ``victims``) and its return."""
@@ -491,7 +497,7 @@ def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: 
     fig, axes = pyplot().subplots(2, len(results), figsize=(4.2 * len(results), 6.4), squeeze=False, sharey="row")
     for col, (name, res) in enumerate(results.items()):
         team_ax, agent_ax = axes[0][col], axes[1][col]
-        eps = sorted({e for r in res.returns.get(victims, {}).values() for e in r})
+        eps = res.suite_eps(victims)
         if res.teams:
             for team in res.teams:
                 worst_team = [res.worst(victims, e, team)[1] for e in eps]
@@ -569,7 +575,7 @@ def _victim_tables(res: RobustnessResult, team: str | None) -> list[str]:
     lines = []
     for vname, table in res.returns_of(team).items():
         eps_all = sorted({e for r in table.values() for e in r})
-        suite = set(res.budgets) or set(eps_all)  # a budget of the checks alone has no worst case over the suite
+        suite = res.suite_eps(vname, team)
         lines += [f"victims: **{vname}**", "", "| attack | " + " | ".join(
             f"eps {e:g}" + ("" if e in suite else " (collapse check, PGD only)") for e in eps_all) + " |",
                   "|---|" + "---|" * len(eps_all)]
@@ -593,8 +599,8 @@ def _agent_table(res: RobustnessResult) -> list[str]:
              "|---|---|---|" + "---|" * (len(agents) + len(side_col)),
              "| clean | " + "| " * (1 + len(side_col)) + "| " + " | ".join(f"{res.clean_agents[a]:.2f}" for a in agents)
              + " |"]
-    for vname, table in res.returns.items():
-        for e in sorted({e for r in table.values() for e in r}):
+    for vname in res.returns:
+        for e in res.suite_eps(vname):
             for side in sides:
                 attack, by_agent = res.worst_agents(vname, e, side)
                 lines.append("| " + " | ".join([vname, f"{e:g}", *([side] if side else []), attack,
