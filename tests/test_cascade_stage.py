@@ -51,6 +51,19 @@ def test_cascade_report_has_the_required_keys_and_null_lags_where_nothing_can_re
     assert figures == {"cascade_teacher_influence.png", "cascade_teacher_graph.png",
                        "cascade_teacher_timeline_stuck@agent_1.png"}
     assert "cascade size" in stdout and (out / "reports" / "cascade.md").read_text().startswith("# Cascade study")
+    assert report["threshold"] == 0.1 and "failure threshold" not in stdout  # above the noise floor: not raised
+
+
+def test_the_terminal_says_when_the_noise_floor_raised_the_failure_threshold(cli, teacher, tmp_path):
+    """Sampled twins differ by sampling alone: a failure must exceed that floor, and a cascade size of 0 may be
+    its doing, so the terminal says so next to the sizes."""
+    rc, said, err = cli("cascade", *tiny(*STUDY, f"cascade.policy={teacher}", "fault=stuck", "fault.victims=[agent_1]",
+                                         "cascade.threshold=0.001"), f"hydra.run.dir={tmp_path / 'study'}")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "study" / "reports" / "cascade.json").read_text())
+    assert report["threshold"] == report["noise_floor"] > 0.001
+    assert (f"  teacher  failure threshold TV > {report['threshold']:.3g}: cascade.threshold=0.001 raised to the "
+            "sampling noise floor of clean twins") in said
 
 
 @pytest.mark.parametrize(("args", "message"), [

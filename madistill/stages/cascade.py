@@ -117,6 +117,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     for label, r in results.items():
         edges = ", ".join(f"{a}->{b}" for a, b, _ in r["edges"]) or "none"
         lines.append(f"  {label:<8} lag-1 influence graph: {edges}")
+        if r["threshold"] > float(cc.threshold):  # a cascade size of 0 then may be the floor's doing, not the policy's
+            why = ("the sampling noise floor of clean twins (cascade.deterministic=true compares greedy twins, "
+                   "which have none)" if r["threshold"] == r["noise_floor"] else "the replay check's deviation")
+            lines.append(f"  {label:<8} failure threshold TV > {r['threshold']:.3g}: cascade.threshold="
+                         f"{float(cc.threshold):g} raised to {why}")
         for label_f, f in r["faults"].items():
             c = f["cascade"]
             lines.append(f"  {label:<8} {label_f}: cascade size {c['size_mean']:.2f} [{c['size_ci'][0]:.2f}, "
