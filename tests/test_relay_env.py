@@ -250,3 +250,16 @@ def test_optimal_policy_beats_random(topology, floor):
     assert abs(rnd - 1 / 3) < 0.06, rnd
     assert opt > floor, opt
     assert opt - rnd > 0.35, (opt, rnd)
+
+
+def test_a_shared_group_gets_feature_names_only_where_its_agents_name_their_features_alike():
+    """The source reads its target where the others read a neighbour: agent_0's names would mislabel the rest."""
+    from madistill.envs.factory import EnvSpec
+    from madistill.envs.vector import MultiAgentVecEnv
+
+    spec = EnvSpec("envs.relay.parallel_env", {"n_agents": 3})
+    with MultiAgentVecEnv(spec, 1, num_workers=0) as venv:
+        assert venv.feature_names == {"agent": None}
+    with MultiAgentVecEnv(spec, 1, num_workers=0, grouping="per_agent") as venv:
+        assert venv.feature_names["agent_0"] == ["target=sym0", "target=sym1", "target=sym2"]
+        assert venv.feature_names["agent_2"] == ["in:agent_1=sym0", "in:agent_1=sym1", "in:agent_1=sym2"]

@@ -476,13 +476,16 @@ def _flattener(space: Any) -> Any:
 
 
 def _feature_names(env: Any, groups: list[AgentGroup]) -> dict[str, list[str] | None]:
-    """Feature names per group where the env provides ``feature_names(agent)`` (e.g. envs.relay)."""
+    """Feature names per group where the env provides ``feature_names(agent)`` (e.g. envs.relay) and every agent
+    of the group names its features alike: where they differ (relay's source reads its target where the others
+    read a neighbour), no one agent's names say what a shared policy's input is, so the group gets none."""
     fn = getattr(env, "feature_names", None) or getattr(getattr(env, "unwrapped", None), "feature_names", None)
     out: dict[str, list[str] | None] = {}
     for g in groups:
         try:
-            names = list(fn(g.agents[0])) if callable(fn) else None
+            names = [list(fn(a)) for a in g.agents] if callable(fn) else None
         except Exception:  # an env's optional helper must not break env construction
             names = None
-        out[g.name] = names if names is not None and len(names) == g.obs_dim else None
+        same = names is not None and all(n == names[0] for n in names) and len(names[0]) == g.obs_dim
+        out[g.name] = names[0] if same else None
     return out
