@@ -206,6 +206,9 @@ def test_saliency_command_writes_maps_figures_and_agreement(cli, teacher_run, tm
     assert m.shape == (len(arrays["obs/listener"]), 5) and np.allclose(m.max(1), 1.0)
     assert (reports / "saliency_listener.png").is_file() and (reports / "saliency_speaker_per_obs.png").is_file()
     assert "| teacher | listener |" in out
+    # top-3 of the listener's 5 feature groups; the speaker's goal has 3 features, so its overlap is a top-2
+    rows = {ln.split("|")[2].strip(): ln.split("|")[4].strip() for ln in out.splitlines() if ln.startswith("| teacher |")}
+    assert rows["listener"].endswith(" (3)") and rows["speaker"].endswith(" (2)"), rows
     # the written observations can be fed back; results are reproducible
     rc, _, err = cli("saliency", *tiny(f"saliency.policy={teacher_run}", f"saliency.obs={reports / 'saliency.npz'}"),
                      f"hydra.run.dir={tmp_path / 'again'}")

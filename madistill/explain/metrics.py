@@ -21,11 +21,16 @@ def spearman(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.n
         return np.where(denom > 0, (ra * rb).sum(1) / np.where(denom > 0, denom, 1), np.nan)
 
 
+def overlap_k(k: int, groups: int) -> int:
+    """The k a top-k overlap over ``groups`` feature groups uses: ``k`` capped at one less than the number of
+    groups, since picking every group would make any two maps agree perfectly."""
+    return max(1, min(k, groups - 1))
+
+
 def topk_overlap(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, k: int) -> np.ndarray:
-    """|top-k(a) ∩ top-k(b)| / k per row; k is capped at one less than the number of groups, since
-    picking every group would make any two maps agree perfectly."""
+    """|top-k(a) ∩ top-k(b)| / k per row, k capped by :func:`overlap_k`."""
     a, b = _np(a), _np(b)
-    k = max(1, min(k, a.shape[1] - 1))
+    k = overlap_k(k, a.shape[1])
     ta = np.argsort(-a, axis=1, kind="stable")[:, :k]
     tb = np.argsort(-b, axis=1, kind="stable")[:, :k]
     hits = (ta[:, :, None] == tb[:, None, :]).any(-1).sum(1)

@@ -23,6 +23,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from madistill.common.io import atomic_write_text
+    from madistill.explain.metrics import overlap_k
     from madistill.explain.report import (
         agreement_table,
         mean_heatmap,
@@ -64,10 +65,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     }
     atomic_write_text(reports / "saliency.json", json.dumps(result, indent=2))
     save_arrays(reports / "saliency.npz", maps, raw)
-    lines = [f"| policy | group | Spearman | top-{sc.topk} | Gini |", "|---|---|---|---|---|"]
+    # top-k: k is saliency.topk, capped below a group's number of feature groups (overlap_k)
+    lines = ["| policy | group | Spearman | top-k overlap (k) | Gini |", "|---|---|---|---|---|"]
     for name, groups in table.items():
         for g, a in groups.items():
-            lines.append(f"| {name} | {g} | {a['spearman']:.3f} | {a['topk']:.3f} | {a['gini']:.3f} |")
+            k = overlap_k(int(sc.topk), len(layouts[g].names))
+            lines.append(f"| {name} | {g} | {a['spearman']:.3f} | {a['topk']:.3f} ({k}) | {a['gini']:.3f} |")
     text = "\n".join(lines)
     with open_tb(cfg, run_dir) as tb:
         tb.text("saliency/agreement", text)
