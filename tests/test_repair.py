@@ -735,3 +735,20 @@ def test_a_failures_file_of_the_wrong_shape_is_refused_before_any_episode(relay_
     rc, _, err = cli("repair", "env=relay", f"repair.policy={relay_teacher}", *REPAIR, f"repair.failures={tmp_path / 'bad.npz'}",
                      f"repair.group={group}", f"hydra.run.dir={tmp_path / 'out'}", "logger=quiet")
     assert rc == 2 and "obs has shape (4, " in _error(err) and "needs [N > 0, " in _error(err)
+
+
+def test_the_terminal_says_what_the_repair_did_and_warns_where_it_made_things_worse():
+    from madistill.stages.repair import _outcome
+
+    def payload(clean: float, worst: float) -> dict:
+        return {"original": {"evaluation": {"clean": -10.0, "worst": -20.0}},
+                "variants": {"masked": {"evaluation": {"clean": clean, "worst": worst, "worst_attack": "pgd on all"}}}}
+
+    assert _outcome(payload(-10.0, -15.0), 20) == [
+        "clean return -10.00 -> -10.00, worst case under the attack suite -20.00 -> -15.00 (pgd on all; 20 episodes "
+        "each, same seeds)"]
+    worse = _outcome(payload(-12.0, -25.0), 20)
+    assert len(worse) == 2 and worse[1].startswith(
+        "warning: the repair lowered the clean return and the worst case on these episodes")
+    assert _outcome(payload(-10.0, -25.0), 20)[1].startswith("warning: the repair lowered the worst case on")
+    assert _outcome({"original": {}, "variants": {"masked": {}}}, 20) == []  # repair.evaluate=false

@@ -398,9 +398,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 tb.scalar(f"repair/{name}/{key}_return", variant["evaluation"][key], 0)
     m = payload["variants"]["masked"]
     print(f"\nrepaired {group}: {m['changed']} parameters changed ({100 * m['changed_share']:.2f}% of the acting "
-          f"parameters), {f'{len(rep.neurons)} neurons' if rc.mask == 'neurons' else 'Fisher mask'}\n  policy: {pdir}\n  update: {pdir / 'delta.safetensors'}\n"
+          f"parameters), {f'{len(rep.neurons)} neurons' if rc.mask == 'neurons' else 'Fisher mask'}\n"
+          + "".join(f"  {line}\n" for line in _outcome(payload, int(cfg.attack.episodes)))
+          + f"  policy: {pdir}\n  update: {pdir / 'delta.safetensors'}\n"
           f"  report: {reports / 'repair.md'}\n  {tensorboard_line(cfg, run_dir)}")
     return payload
+
+
+def _outcome(payload: dict, episodes: int) -> list[str]:
+    """The lines that say what the masked repair did to the clean and the worst attacked return, against the
+    original on the same episodes, and a warning where it lowered either (no lines without an evaluation)."""
+    if "evaluation" not in payload.get("original", {}):
+        return []
+    o, m = payload["original"]["evaluation"], payload["variants"]["masked"]["evaluation"]
+    lines = [f"clean return {o['clean']:.2f} -> {m['clean']:.2f}, worst case under the attack suite {o['worst']:.2f} "
+             f"-> {m['worst']:.2f} ({m['worst_attack']}; {episodes} episodes each, same seeds)"]
+    lower = [what for what, key in (("clean return", "clean"), ("worst case", "worst")) if m[key] < o[key]]
+    if lower:
+        lines.append(f"warning: the repair lowered the {' and the '.join(lower)} on these episodes: compare the "
+                     "baselines in the report, or evaluate on more episodes (attack.episodes) before using it")
+    return lines
 
 
 STAGE = Stage(
