@@ -128,6 +128,13 @@ def test_pipeline_prints_where_things_are(pipeline_run):
     assert "teacher    team return IQM" in out and "random     team return IQM" in out
     assert "student    team return IQM" in out
     assert "of the teacher's gain over random" in out or "retention: n/a (the teacher is no better than random" in out
+    # retention comes from the means, which each line shows beside the IQM, and the report says it too
+    means = {ln.split()[0]: float(ln.rsplit("mean ", 1)[1]) for ln in out.splitlines() if " team return IQM " in ln}
+    kept = next((ln for ln in out.splitlines() if "of the teacher's gain over random" in ln), None)
+    if kept is not None:
+        share = (means["student"] - means["random"]) / (means["teacher"] - means["random"])
+        assert f"keeps {100 * share:.1f}%" in kept or abs(float(kept.split("keeps ")[1].split("%")[0]) - 100 * share) < 0.5
+        assert kept.strip()[0].upper() + kept.strip()[1:] + "." in (run_dir / "reports" / "eval.md").read_text()
 
 
 def test_pipeline_writes_hparams_and_eval_scalars(pipeline_run):

@@ -207,7 +207,7 @@ def eval_report(
     (``markdown_table(summaries)``, which TensorBoard shows too), and a warning for each student that does worse
     than the random team."""
     from madistill.envs.teams import several_teams, teams_line
-    from madistill.stages.results import worse_than_random
+    from madistill.stages.results import retention_lines, worse_than_random
 
     acting = f"{'greedy' if ec.deterministic else 'sampled'} actions" + (
         " (the random team samples uniformly)" if "random" in summaries and ec.deterministic else "")
@@ -218,7 +218,8 @@ def eval_report(
     if several_teams(teams):
         header += teams_line(teams) + "\n\n"  # type: ignore[arg-type]
     warnings = "".join(f"\n**{w}**\n" for w in worse_than_random(summaries))
-    return header + table + "\n" + warnings
+    kept = "".join(f"\n{line[0].upper()}{line[1:]}.\n" for line in retention_lines(summaries))
+    return header + table + "\n" + kept + warnings
 
 
 STAGE = Stage(

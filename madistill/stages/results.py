@@ -88,6 +88,20 @@ def reevaluation(with_teacher: bool) -> list[str]:
     return [*(["eval.with_teacher=true"] if with_teacher else []), *command_line(read)]
 
 
+def retention_lines(summaries: dict[str, dict]) -> list[str]:
+    """The share of the teacher's gain over random the student keeps, from the return means (per team where
+    there are several), where the summaries hold a teacher, a student and a random team."""
+    if not {"teacher", "student", "random"} <= set(summaries):
+        return []
+    lines = []
+    for side, kept in retentions(summaries).items():
+        whose = "team-return means" if side is None else f"return means of team {side}"
+        lines.append(f"the student keeps {100 * kept:.1f}% of the teacher's gain over random ({whose})" if kept == kept
+                     else f"retention{'' if side is None else ' of ' + side}: n/a (the teacher is no better than "
+                     "random: train it longer)")
+    return lines
+
+
 def print_results(cfg: DictConfig, run_dir: Path, summaries: dict[str, dict], policies: Path,
                   notes: Sequence[str] = (), again: Sequence[str] = ()) -> None:
     """Where the results are; ``policies`` is the run (or policy) directory that was evaluated; ``notes``: lines
@@ -101,13 +115,8 @@ def print_results(cfg: DictConfig, run_dir: Path, summaries: dict[str, dict], po
         for side in sides:
             t = side_stats(s, side)
             lines.append(f"  {name:<10} team {'' if side is None else side + ' '}return IQM {t['iqm']:.2f} "
-                         f"[{t['iqm_ci'][0]:.2f}, {t['iqm_ci'][1]:.2f}]")
-    if {"teacher", "student", "random"} <= set(summaries):
-        for side, kept in retentions(summaries).items():
-            whose = "team-return means" if side is None else f"return means of team {side}"
-            lines.append(f"  the student keeps {100 * kept:.1f}% of the teacher's gain over random ({whose})"
-                         if kept == kept else f"  retention{'' if side is None else ' of ' + side}: n/a (the "
-                         "teacher is no better than random: train it longer)")
+                         f"[{t['iqm_ci'][0]:.2f}, {t['iqm_ci'][1]:.2f}], mean {t['mean']:.2f}")
+    lines += [f"  {line}" for line in retention_lines(summaries)]
     lines += [
         *(f"  {n}" for n in notes),
         f"  report:      {run_dir / 'reports' / 'eval.md'}",
