@@ -67,7 +67,7 @@ def test_a_victim_set_is_never_reported_less_harmful_than_one_agent_alone(make_c
     assert res.worst("all", 4.0) == (name, -60.0)
     d = json.loads(json.dumps(res.to_dict()))
     assert d["worst_case"]["all"]["4.0"] == [name, -60.0] and d["worst_case_from"]["all"]["4.0"] == source
-    assert f"| **worst case** | -60.00 ({name}) |" in markdown_report({"t": res}, "miss", 2)
+    assert f"| **worst case** | -60.00 [-60.00, -60.00] ({name}) |" in markdown_report({"t": res}, "miss", 2)
     top = curves_figure({"t": res}, "all", "miss").axes[0]
     (worst,) = [ln for ln in top.lines if ln.get_label() == "worst case"]
     assert list(worst.get_ydata()) == [-60.0] and [t.get_text() for t in top.texts] == [name]

@@ -234,7 +234,7 @@ def test_the_worst_case_of_a_victim_set_is_never_above_that_of_its_evaluated_sub
     d = json.loads(json.dumps(res.to_dict()))
     assert d["worst_case"]["all"]["1.0"] == ["targeted_lowest on l", -90.0]
     assert d["worst_case_from"]["all"]["1.0"] == "l" and d["worst_case_from"]["s"]["1.0"] == "s"
-    assert "| **worst case** | -90.00 (targeted_lowest on l) |" in markdown_report({"teacher": res}, "env", 3)
+    assert "| **worst case** | -90.00 [-90.00, -90.00] (targeted_lowest on l) |" in markdown_report({"teacher": res}, "env", 3)
 
 
 def test_a_worst_case_lookup_averages_only_the_cells_it_compares(monkeypatch):

@@ -142,7 +142,8 @@ def test_robustness_gives_the_worst_case_per_team():
     assert d["teams"]["good"]["clean"] == 2.0 and d["teams"]["adversaries"]["agents"] == ["adversary_0", "adversary_1"]
     report = markdown_report({"teacher": res}, "duel", 2)
     assert "### team good: clean 2.00, random policy 0.00" in report
-    assert report.count("| **worst case** | 1.00 (fgsm) |") == 1 and report.count("| **worst case** | -3.00 (pgd) |") == 1
+    assert report.count("| **worst case** | 1.00 [0.50, 1.50] (fgsm) |") == 1
+    assert report.count("| **worst case** | -3.00 [-3.00, -3.00] (pgd) |") == 1
     assert "| all | 0.5 | good | fgsm | -1.00 | -1.00 | 1.00 | 1.00 |" in report
     # masking checks read each attacked team's return: PGD leaves the good team far more than FGSM does
     ac = SimpleNamespace(masking_tolerance=0.1, objective_tolerance=0.1, n_boot=200, collapse_eps=None)

@@ -581,10 +581,19 @@ def _victim_tables(res: RobustnessResult, team: str | None) -> list[str]:
                   "|---|" + "---|" * len(eps_all)]
         for attack, by_eps in table.items():
             lines.append(f"| {attack} | " + " | ".join(f"{by_eps[e]:.2f}" if e in by_eps else "" for e in eps_all) + " |")
-        worst = [res.worst(vname, e, team) if e in suite else None for e in eps_all]
-        lines.append("| **worst case** | " + " | ".join("" if w is None else f"{w[1]:.2f} ({w[0]})" for w in worst) + " |")
+        worst = [_worst_cell(res, vname, e, team) if e in suite else "" for e in eps_all]
+        lines.append("| **worst case** | " + " | ".join(worst) + " |")
         lines.append("")
     return lines
+
+
+def _worst_cell(res: RobustnessResult, victims: str, eps: float, team: str | None) -> str:
+    """The worst case's table cell: its mean return with a 95% bootstrap CI over the episodes (few episodes
+    leave a wide one, which a mean alone would hide) and the attack that reached it."""
+    subset, attack, ret = res.worst_from(victims, eps, team)
+    x = res.cells_of(team)[subset][attack][eps]
+    lo, hi = bootstrap_ci(x[~np.isnan(x)], np.mean, n_boot=res.n_boot, seed=res.seed)
+    return f"{ret:.2f} [{lo:.2f}, {hi:.2f}] ({_worst_name(victims, subset, attack)})"
 
 
 def _agent_table(res: RobustnessResult) -> list[str]:
