@@ -531,3 +531,11 @@ def test_a_divergence_without_a_form_for_the_teachers_actions_is_refused_before_
     rc, _, err = cli("distill", *tiny(f"distill.teacher={teacher_run}", "distill.divergence=reverse_kl"),
                      f"hydra.run.dir={tmp_path / 'd'}")
     assert rc == 2 and "reverse_kl has no form for Discrete actions" in err and not (tmp_path / "d").exists()
+
+
+def test_the_per_observation_saliency_figure_has_a_colour_scale():
+    from madistill.explain.report import METHODS, per_observation_heatmaps
+
+    maps = {"teacher": {"g": {m: np.random.default_rng(0).random((6, 4)) for m in METHODS}}}
+    fig = per_observation_heatmaps(maps, "g", FeatureLayout.build(4), 6)
+    assert len(fig.axes) == len(METHODS) + 1 and fig.axes[-1].get_ylabel() == "saliency (max of each row = 1)"

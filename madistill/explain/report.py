@@ -110,10 +110,12 @@ def per_observation_heatmaps(maps: SaliencyMaps, group: str, layout: FeatureLayo
     fig, axes = pyplot().subplots(1, len(panels), figsize=(0.4 * len(layout) * len(panels) + 1.5, 4.5), squeeze=False)
     for ax, (n, m) in zip(axes[0], panels):
         a = maps[n][group][m][:rows]
-        ax.imshow(a, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        image = ax.imshow(a, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(len(layout)), layout.names, rotation=90, fontsize=7)
         ax.set_title(f"{n} · {m}", fontsize=8)
         ax.set_ylabel("observation")
     fig.suptitle(f"{group}: saliency per observation")
     fig.tight_layout()
+    # every panel shares the 0-1 scale: each observation's map divided by its largest group's saliency
+    fig.colorbar(image, ax=list(axes[0]), label="saliency (max of each row = 1)", fraction=0.03, pad=0.02)
     return fig
