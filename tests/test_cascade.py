@@ -281,3 +281,23 @@ def test_the_others_return_delta_is_also_kept_per_team():
     assert {t: (v["agents"], v["mean"]) for t, v in by_team.items()} == {"red": (["a_1"], -2.0),
                                                                             "blue": (["b_0", "b_1"], 2.0)}
     assert "others_return_delta_by_team" not in c.summary(n_boot=50, teams={"team": ("a_0", "a_1", "b_0", "b_1")})
+
+
+def test_the_influence_graph_names_its_policy_and_ends_each_arrow_at_the_box_edge():
+    """With two agents the arrow used to end under the destination's name, hiding its direction."""
+    from types import SimpleNamespace
+
+    from madistill.cascade.report import graph
+
+    effect = np.zeros((2, 2, 1))
+    effect[0, 1, 0] = 0.5
+    study = SimpleNamespace(influence=SimpleNamespace(agents=["speaker_0", "listener_0"], effect=effect,
+                                                      edges=lambda: [("speaker_0", "listener_0", 1)]))
+    fig = graph(study, "teacher")
+    ax = fig.axes[0]
+    assert ax.get_title() == "teacher: lag-1 influence graph"
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    arrow = ax.texts[-1].arrow_patch.get_window_extent(renderer)  # display coordinates, head included
+    left, right = sorted((t.get_bbox_patch().get_window_extent(renderer) for t in ax.texts[:2]), key=lambda b: b.x0)
+    assert left.x1 - 1 <= arrow.x0 and arrow.x1 <= right.x0 + 1  # between the boxes, into neither

@@ -123,8 +123,9 @@ def comparison(compared: Mapping[str, Mapping[str, Mapping[str, Any]]], title: s
     return "\n".join(lines) + "\n"
 
 
-def heatmaps(study: CascadeStudy) -> Figure:
-    """The influence matrix (mean TV of dst's action distribution k steps after src's impulse), one panel per lag."""
+def heatmaps(study: CascadeStudy, policy: str) -> Figure:
+    """``policy``'s influence matrix (mean TV of dst's action distribution k steps after src's impulse), one panel
+    per lag."""
     inf = study.influence
     k, n = inf.lags, len(inf.agents)
     fig, axes = pyplot().subplots(1, k, figsize=(2.2 * k + 1, 2.4 + 0.15 * n), squeeze=False)
@@ -135,36 +136,40 @@ def heatmaps(study: CascadeStudy) -> Figure:
         ax.set_xticks(range(n), inf.agents, rotation=90, fontsize=7)
         ax.set_yticks(range(n), inf.agents if lag == 0 else [], fontsize=7)
     axes[0][0].set_ylabel("impulse on (src)")
-    fig.supxlabel("effect on (dst)", fontsize=9)
+    fig.supxlabel("effect on (dst)", fontsize=9, y=-0.02)
+    fig.suptitle(f"{policy}: influence of an impulse on src on dst's action distribution", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="TV")
     return fig
 
 
-def graph(study: CascadeStudy) -> Figure:
-    """The lag-1 influence graph: agents on a circle, an arrow per edge, its width by the lag-1 effect."""
+def graph(study: CascadeStudy, policy: str) -> Figure:
+    """``policy``'s lag-1 influence graph: agents on a circle, an arrow per edge from box to box (so its head is
+    never under a name), its width by the lag-1 effect."""
     inf = study.influence
     n = len(inf.agents)
     angle = 2 * np.pi * np.arange(n) / n
     pos = np.stack([np.cos(angle), np.sin(angle)], 1)
     fig, ax = pyplot().subplots(figsize=(4, 4))
     top = float(np.nanmax(inf.effect[:, :, 0], initial=0.0)) or 1.0
+    boxes = [ax.text(x, y, name, ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "fc": "w"})
+             for name, (x, y) in zip(inf.agents, pos)]
+    fig.canvas.draw()  # lays the boxes out, so the arrows can end at their edges
     for s, d, _ in inf.edges():
         i, j = inf.agents.index(s), inf.agents.index(d)
-        ax.annotate("", pos[j] * 0.85, pos[i] * 0.85,
-                    arrowprops={"arrowstyle": "-|>", "lw": 0.5 + 3 * inf.effect[i, j, 0] / top, "color": "tab:blue",
-                                "connectionstyle": "arc3,rad=0.1"})
-    for name, (x, y) in zip(inf.agents, pos):
-        ax.text(x, y, name, ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "fc": "w"})
-    ax.set_xlim(-1.3, 1.3)
-    ax.set_ylim(-1.3, 1.3)
+        ax.annotate("", pos[j], pos[i], arrowprops={
+            "arrowstyle": "-|>", "lw": 0.5 + 3 * inf.effect[i, j, 0] / top, "color": "tab:blue",
+            "connectionstyle": "arc3,rad=0.1", "patchA": boxes[i].get_bbox_patch(),
+            "patchB": boxes[j].get_bbox_patch(), "shrinkA": 2, "shrinkB": 2, "mutation_scale": 14})
+    ax.set_xlim(-1.4, 1.4)
+    ax.set_ylim(-1.4, 1.4)
     ax.set_axis_off()
-    ax.set_title("lag-1 influence graph", fontsize=9)
+    ax.set_title(f"{policy}: lag-1 influence graph", fontsize=9)
     return fig
 
 
-def timeline(study: CascadeStudy, i: int) -> Figure:
-    """Studied fault i's representative episode: each agent's TV from its clean twin over the episode, the onset
-    marked, each failure marked where it happened."""
+def timeline(study: CascadeStudy, i: int, policy: str) -> Figure:
+    """``policy``'s representative episode under studied fault i: each agent's TV from its clean twin over the
+    episode, the onset marked, each failure marked where it happened."""
     c, f = study.cascades[i], study.block(i)
     e = c.representative()
     tv = study.run.tv[f, e]  # [T, A]
@@ -178,7 +183,8 @@ def timeline(study: CascadeStudy, i: int) -> Figure:
             ax.plot(onset + c.delays[e, col], agents.index(a), "x", color="lime", ms=8)
     ax.set_yticks(range(len(agents)), [f"{a} (victim)" if a in c.victims else a for a in agents], fontsize=8)
     ax.set_xlabel("episode step")
-    ax.set_title(f"{study.faults[i].label}, episode seed {int(study.run.seeds[e])} (x: failure)", fontsize=9)
+    ax.set_title(f"{policy} under {study.faults[i].label}, episode seed {int(study.run.seeds[e])} (x: failure)",
+                 fontsize=9)
     fig.colorbar(im, ax=ax, label="TV from clean twin")
     ax.legend(loc="upper right", fontsize=7)
     return fig

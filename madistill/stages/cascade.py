@@ -152,10 +152,10 @@ def _log_study(tb: TBLogger, label: str, s: CascadeStudy, result: dict, figures:
                 if v is not None:
                     tb.scalar(f"cascade/{label}/{label_f}/tv/{agent}", v, t)
     if figures:
-        tb.figure(f"cascade/{label}/influence", heatmaps(s))
-        tb.figure(f"cascade/{label}/graph", graph(s))
+        tb.figure(f"cascade/{label}/influence", heatmaps(s, label))
+        tb.figure(f"cascade/{label}/graph", graph(s, label))
         for i, sf in enumerate(s.faults):
-            tb.figure(f"cascade/{label}/timeline_{sf.label}", timeline(s, i))
+            tb.figure(f"cascade/{label}/timeline_{sf.label}", timeline(s, i, label))
 
 
 STAGE = Stage(
