@@ -521,8 +521,8 @@ def curves_figure(results: Mapping[str, RobustnessResult], victims: str, title: 
         agent_ax.set_xlabel("eps (normalised units)")
     axes[0][0].set_ylabel("team return")
     axes[1][0].set_ylabel("agent return, worst-case attack")
-    axes[0][-1].legend(fontsize=7)
-    axes[1][-1].legend(fontsize=7)
+    for row in axes:  # beside the last panel of each row, not over its lines
+        row[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
