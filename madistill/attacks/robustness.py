@@ -164,7 +164,7 @@ class RobustnessResult:
     def suite_eps(self, victims: str, team: str | None = None) -> list[float]:
         """The budgets the suite ran on ``victims`` at, which have a worst case: not the collapse check's larger
         one, where PGD alone runs (a result without ``budgets`` recorded: every budget it holds)."""
-        held = {e for r in self.returns_of(team).get(victims, {}).values() for e in r}
+        held = {e for r in self.cells_of(team).get(victims, {}).values() for e in r}
         return sorted(held & set(self.budgets) if self.budgets else held)
 
     def worst(self, victims: str, eps: float, team: str | None = None) -> tuple[str, float]:
@@ -608,7 +608,7 @@ def _agent_table(res: RobustnessResult) -> list[str]:
              "|---|---|---|" + "---|" * (len(agents) + len(side_col)),
              "| clean | " + "| " * (1 + len(side_col)) + "| " + " | ".join(f"{res.clean_agents[a]:.2f}" for a in agents)
              + " |"]
-    for vname in res.returns:
+    for vname in res.episodes:
         for e in res.suite_eps(vname):
             for side in sides:
                 attack, by_agent = res.worst_agents(vname, e, side)

@@ -237,9 +237,9 @@ def check_reproducible(make_venv: MakeVenv, team: TeamPolicy, episodes: int, see
     run = paired_rollouts(make_venv, team, [None], episodes, seed, deterministic)
     atol = ROUNDING_REWARD * max(1.0, float(np.abs(run.returns).max()))
     diff = (np.nan_to_num(run.tv[0], nan=0.0) > ROUNDING_TV) | (np.abs(np.nan_to_num(run.reward_delta[0], nan=0.0)) > atol)
-    lengths = (run.lengths[0] != run.lengths[1]).any()
-    if diff.any() or lengths or not np.allclose(run.returns[0], run.returns[1], rtol=0.0, atol=atol * run.lengths.max()):
-        e, t, a = (np.argwhere(diff)[0].tolist() if diff.any() else [int(np.argmax(run.lengths[0] != run.lengths[1])), 0, 0])
+    lengths = run.lengths[0] != run.lengths[1]
+    if diff.any() or lengths.any() or not np.allclose(run.returns[0], run.returns[1], rtol=0.0, atol=atol * run.lengths.max()):
+        e, t, a = np.argwhere(diff)[0].tolist() if diff.any() else [int(np.argmax(lengths)), 0, 0]
         raise MadistillError(
             f"env {env_id!r} is not reproducible from its seed: episode {int(run.seeds[e])} played twice differs for "
             f"{run.agents[a]!r} at step {t}; the cascade monitor compares twins of one episode, so the env must draw "

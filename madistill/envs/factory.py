@@ -105,10 +105,10 @@ def make_env(spec: EnvSpec, render_mode: str | None = None) -> ParallelEnv:
     overhead."""
     obj = _resolve(spec.target)
     if isinstance(obj, types.ModuleType):
-        factory = getattr(obj, "parallel_env", None) or getattr(obj, "env", None)
-        if factory is None:
+        name = next((n for n in ("parallel_env", "env") if getattr(obj, n, None) is not None), None)
+        if name is None:
             raise MadistillError(f"module {spec.target!r} has no parallel_env() or env(); point env.target at the factory")
-        name = "parallel_env" if getattr(obj, "parallel_env", None) is not None else "env"
+        factory = getattr(obj, name)
     else:
         factory, name = obj, spec.target.rpartition(".")[2]
     _check_factory(factory, name, spec.target)

@@ -70,7 +70,8 @@ def distill_students(
     seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     tdir = teacher_dir(teacher_path)
-    spec = env_for(cfg, [PolicyRef(tdir.name, tdir, "teacher")])
+    refs = [PolicyRef(tdir.name, tdir, "teacher")]
+    spec = env_for(cfg, refs)
     with make_vec_env(cfg.env, spec) as venv:
         teacher, _ = load_team(tdir, venv.groups, device=device)
         for discrete in {g.discrete for g in venv.groups}:
@@ -79,7 +80,7 @@ def distill_students(
         arch = {"hidden_sizes": list(cfg.student.hidden_sizes), "activation": cfg.student.activation,
                 "cnn": OmegaConf.to_container(cfg.student.cnn)}
         student = student_team(teacher, arch)
-        sides = teams_for(cfg, venv, [PolicyRef(tdir.name, tdir, "teacher")])
+        sides = teams_for(cfg, venv, refs)
         trainer = DistillTrainer(cfg, venv, teacher, student, layouts, tb, lookahead_branching(cfg, spec, venv), sides)
         trainer.train()
     config = OmegaConf.to_container(cfg, resolve=True)

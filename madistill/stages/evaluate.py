@@ -69,7 +69,7 @@ def evaluate_policies(
     ec = cfg.eval
     check_video_writer(ec)
     device, refs, spec = studied_policies(
-        cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=cfg.eval.with_teacher
+        cfg, path, "no policy to evaluate: pass eval.policy=<run or policy directory>", add_teachers=ec.with_teacher
     )
     results: dict[str, list[tuple[str, list[EpisodeRecord]]]] = defaultdict(list)
 

@@ -25,14 +25,16 @@ from madistill.policies.store import MANIFEST, find_policy_dir, load_purifier, l
 from madistill.runtime import env_spec, env_teams, resolve_device, seed_everything
 
 
-def command_line_overrides() -> list[str]:
-    """The command line's overrides (``key=value``)."""
+def command_line_overrides(hydra_settings: Sequence[str] = ()) -> list[str]:
+    """The command line's overrides (``key=value``), after those of Hydra's own settings named in
+    ``hydra_settings`` (``hydra.searchpath``), which Hydra keeps apart."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return list(HydraConfig.get().overrides.task)
+        hc = HydraConfig.get()
     except ValueError:  # not running under Hydra (tests, library use)
         return []
+    return [*(o for o in hc.overrides.hydra if o.split("=", 1)[0] in hydra_settings), *hc.overrides.task]
 
 
 def env_for(cfg: DictConfig, refs: list[PolicyRef]) -> EnvSpec:

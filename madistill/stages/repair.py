@@ -141,12 +141,13 @@ def _one_team_candidates(sides: Any, candidates: list, groups: list) -> list:
     def one_team(gs: list) -> list:
         return [g for g in gs if victims_team(sides, g.agents) is not None]
 
-    if not one_team(candidates):
+    left = one_team(candidates)
+    if not left:
         single = [g.name for g in one_team(groups)]
         fix = f"set repair.group to one of {single}" if single else "this env has no group of one team to repair"
         raise MadistillError(f"group(s) {[g.name for g in candidates]} have agents on several teams "
                              f"({', '.join(sides)}), so their repair has no one team's return to judge it by: {fix}")
-    return one_team(candidates)
+    return left
 
 
 def _check_lookahead(cfg: DictConfig, venv: Any, eps: float) -> None:

@@ -67,14 +67,11 @@ def worse_than_random(summaries: dict[str, dict]) -> list[str]:
 def command_line(prefixes: Sequence[str] = ()) -> list[str]:
     """This run's command-line settings but the policy and Hydra's own (only those under ``prefixes`` where given),
     for the re-evaluation command to repeat."""
-    from hydra.core.hydra_config import HydraConfig
+    from madistill.stages.policies import command_line_overrides
 
-    if not HydraConfig.initialized():
-        return []
-    hc = HydraConfig.get()
     # of Hydra's own settings only the config search path, without which an env file of the user's is not found
-    task = [*(o for o in hc.overrides.hydra if o.startswith("hydra.searchpath=")),
-            *(o for o in hc.overrides.task if not o.startswith(("hydra.", "eval.policy=")))]
+    given = command_line_overrides(("hydra.searchpath",))
+    task = [o for o in given if o.startswith("hydra.searchpath=") or not o.startswith(("hydra.", "eval.policy="))]
     return [o for o in task if o.startswith(tuple(prefixes))] if prefixes else task
 
 

@@ -64,8 +64,6 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 
 def _command_line_keys() -> list[str]:
     """The settings this job's command line names (``seed`` of ``seed=1``, a sweep job's own values included)."""
-    from hydra.core.hydra_config import HydraConfig
+    from madistill.stages.policies import command_line_overrides
 
-    if not HydraConfig.initialized():
-        return []
-    return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task if "=" in o]
+    return [o.split("=", 1)[0].lstrip("+~") for o in command_line_overrides() if "=" in o]
